@@ -1,0 +1,539 @@
+"""The recipe schema: the ONLY place that reads YAML.
+
+One recipe file describes one whole run. It is validated here, completely,
+before any model is loaded: unknown keys, wrong types, out-of-range values and
+missing input files are all reported at once, each naming the key, the line of
+the recipe it came from and what to do about it.
+
+Every field carries its documentation as the docstring right under it (pydantic
+turns those into field descriptions), so `rlprm explain` can print them and the
+error for a bad value can quote what the field is for.
+
+Paths in a recipe are resolved relative to the recipe file, never the current
+directory, so a recipe behaves the same wherever it is launched from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe (or an override of it) is invalid. The message lists every problem."""
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    path = Path(os.path.expanduser(str(path)))
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return Path(os.path.normpath(path))
+
+
+def _existing_file(path: Path, info: ValidationInfo) -> Path:
+    path = _resolve(path, info)
+    if not path.exists():
+        raise ValueError(f"file not found: {path} (recipe paths are relative to the recipe file)")
+    return path
+
+
+OutputPath = Annotated[Path, AfterValidator(_resolve)]
+"""A path the run writes to; it need not exist yet."""
+
+InputPath = Annotated[Path, AfterValidator(_existing_file)]
+"""A path the run reads; it must exist when the recipe is loaded."""
+
+
+def _model_ref(value: str, info: ValidationInfo) -> str:
+    """A model is a keyword (`tiny`), a Hugging Face id (`org/name`) or a local path.
+
+    Only values that are unmistakably paths (starting with `.`, `/` or `~`) are
+    resolved against the recipe folder; they may not exist yet, because an
+    earlier stage of the same pipeline can be the one that writes them.
+    """
+    if value.startswith((".", "/", "~")):
+        return str(_resolve(Path(value), info))
+    return value
+
+
+ModelRef = Annotated[str, AfterValidator(_model_ref)]
+
+
+class Section(BaseModel):
+    # validate_default: defaults go through the same validators (paths get resolved against the recipe)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True, validate_default=True)
+
+
+def _section():
+    """Default for a nested section: an empty mapping, validated (so resolved) like a written one."""
+    return Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class RunConfig(Section):
+    name: str = "run"
+    """Name of the run: the W&B run name and a label in reports."""
+    output_dir: OutputPath = Path("../runs/run")
+    """Folder that receives everything the run writes (metrics.jsonl, the resolved recipe, checkpoints)."""
+    seed: int = Field(0, ge=0)
+    """Seed for problem generation, sampling and training."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where models run: `auto` picks CUDA when a GPU is visible, else the CPU."""
+    threads: int = Field(0, ge=0)
+    """torch CPU threads; 0 keeps torch's default (all cores)."""
+
+
+class ArithmeticConfig(Section):
+    """The embedded arithmetic task (DESIGN.md section 7)."""
+
+    min_ops: int = Field(2, ge=1, le=8)
+    """Fewest chain operations (+/-) before the final one."""
+    max_ops: int = Field(3, ge=1, le=8)
+    """Most chain operations (+/-) before the final one."""
+    operations: list[Literal["+", "-"]] = ["+", "-"]
+    """Chain operations to draw from."""
+    operand_max: int = Field(9, ge=1, le=99)
+    """Operands are drawn from 1..operand_max."""
+    start_max: int = Field(99, ge=1, le=999)
+    """The start value is drawn from 0..start_max."""
+    value_max: int = Field(99, ge=9, le=9999)
+    """Every correct intermediate value stays in 0..value_max (problems that leave it are redrawn)."""
+    final_ops: list[Literal["mod10", "last_digit", "max", "min", "none"]] = ["mod10", "last_digit", "none"]
+    """Final operations, drawn uniformly. mod10, last_digit, max and min lose information, so a wrong chain can still reach the right answer."""
+    corrupt_rate: float = Field(0.4, ge=0.0, le=1.0)
+    """Share of training solutions that carry exactly one error (later steps follow consistently from the wrong value)."""
+
+    @model_validator(mode="after")
+    def _ops_range(self) -> "ArithmeticConfig":
+        if self.min_ops > self.max_ops:
+            raise ValueError(f"min_ops ({self.min_ops}) is larger than max_ops ({self.max_ops}); make min_ops <= max_ops")
+        if self.start_max > self.value_max:
+            raise ValueError(f"start_max ({self.start_max}) exceeds value_max ({self.value_max}); lower start_max")
+        return self
+
+
+class TaskConfig(Section):
+    name: Literal["arithmetic", "math", "gsm8k"] = "arithmetic"
+    """Which problems: the embedded arithmetic task, or MATH-style / GSM8K JSONL files."""
+    arithmetic: ArithmeticConfig = _section()
+    """Settings of the embedded task (used when name is `arithmetic`)."""
+    train_path: InputPath | None = None
+    """JSONL of training problems (MATH / GSM8K tasks)."""
+    test_path: InputPath | None = None
+    """JSONL of held-out problems (MATH / GSM8K tasks)."""
+    step_separator: str = Field("\n", min_length=1)
+    """Text between solution steps; saved with every reward model, which refuses to score with another."""
+
+    @model_validator(mode="after")
+    def _files_for_real_tasks(self) -> "TaskConfig":
+        if self.name != "arithmetic" and self.test_path is None:
+            raise ValueError(f"task `{self.name}` reads problems from files: set task.test_path to a JSONL file")
+        return self
+
+
+class TinyModelConfig(Section):
+    """A small causal LM built from a config on the spot (no download)."""
+
+    architecture: Literal["llama"] = "llama"
+    """Model family of the tiny model. Only llama: transformers 5 loads the tokenizer saved beside a `qwen2` model as Qwen2Tokenizer, which replaces a char-level pre-tokenizer and silently drops spaces and newlines."""
+    hidden_size: int = Field(128, ge=8)
+    """Width of the residual stream."""
+    intermediate_size: int = Field(384, ge=8)
+    """Width of the MLP."""
+    num_layers: int = Field(4, ge=1)
+    """Transformer blocks."""
+    num_heads: int = Field(4, ge=1)
+    """Attention heads (hidden_size must be divisible by it)."""
+    max_positions: int = Field(256, ge=16)
+    """Longest sequence the model accepts."""
+    tokenizer: Literal["char", "bpe"] = "char"
+    """Char-level vocabulary of the task's symbols, or a byte-level BPE trained on task text."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) is not divisible by num_heads ({self.num_heads}); "
+                "pick a hidden_size that is a multiple of num_heads"
+            )
+        return self
+
+
+class LoraConfig(Section):
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights (merged on export)."""
+    r: int = Field(16, ge=1)
+    """LoRA rank."""
+    alpha: int = Field(32, ge=1)
+    """LoRA scaling numerator."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA path."""
+    target_modules: str | list[str] = "all-linear"
+    """Modules that get adapters (peft's `target_modules`)."""
+
+
+class ModelConfig(Section):
+    generator: ModelRef = "tiny"
+    """The policy: `tiny` builds one from `model.tiny`; otherwise a Hugging Face id or a local folder."""
+    tiny: TinyModelConfig = _section()
+    """Shape of the tiny model when `generator` (or a reward model) is `tiny`."""
+    reward_model: ModelRef | None = None
+    """A trained PRM/ORM folder (or id) for scoring; none for ground-truth rewards."""
+    dtype: Literal["float32", "bfloat16", "auto"] = "float32"
+    """Weights dtype; `auto` takes the checkpoint's own."""
+    lora: LoraConfig = _section()
+    """LoRA settings for the trained model."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub (only for models you trust)."""
+
+
+class SFTConfig(Section):
+    """Supervised fine-tuning of the generator (`rlprm prepare`)."""
+
+    num_examples: int = Field(30000, ge=1)
+    """Training solutions to generate (clean and corrupted mixed by task.arithmetic.corrupt_rate)."""
+    time_budget_s: float = Field(300.0, gt=0)
+    """Wall-clock training budget; the learning-rate schedule is laid over this time, and training stops at it."""
+    max_steps: int = Field(5000, ge=1)
+    """Upper bound on optimizer steps, whatever the budget."""
+    batch_size: int = Field(64, ge=1)
+    """Sequences per optimizer step."""
+    learning_rate: float = Field(3e-3, gt=0, le=1)
+    """Peak AdamW learning rate."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW betas."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay."""
+    warmup_steps: int = Field(30, ge=0)
+    """Linear warm-up steps."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Cosine decay ends at this fraction of the peak rate."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping norm."""
+
+
+class PrepareEvalConfig(Section):
+    """The check `rlprm prepare` runs on the generator before handing it on."""
+
+    num_problems: int = Field(500, ge=1)
+    """Held-out problems sampled once each."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature (1.0, as RL and best-of-N use)."""
+    max_new_tokens: int = Field(96, ge=1)
+    """Longest solution sampled."""
+    batch_size: int = Field(256, ge=1)
+    """Problems per generation batch."""
+    min_well_formed: float = Field(0.95, ge=0, le=1)
+    """Fail if fewer samples than this parse as a full solution."""
+    min_process_accuracy: float = Field(0.30, ge=0, le=1)
+    """Fail below this share of samples with every step right (too weak for RL to start from)."""
+    max_process_accuracy: float = Field(0.80, ge=0, le=1)
+    """Fail above this share (reward models would see too few wrong chains)."""
+    enforce_targets: bool = True
+    """Refuse to save the generator as `generator/` when a target is missed."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "PrepareEvalConfig":
+        if self.min_process_accuracy > self.max_process_accuracy:
+            raise ValueError("min_process_accuracy exceeds max_process_accuracy; swap or widen them")
+        return self
+
+
+class RewardConfig(Section):
+    mode: Literal["dense", "sparse"] = "sparse"
+    """`dense`: a reward at every step end from the PRM; `sparse`: one reward at the last token."""
+    source: Literal["prm", "orm", "ground_truth"] = "ground_truth"
+    """Who scores: the PRM, the ORM, or the grader / exact checker."""
+    dense_form: Literal["log_prob", "min_form", "delta"] = "log_prob"
+    """How step probabilities become step rewards (DESIGN.md section 5)."""
+    outcome_coef: float = Field(0.0, ge=0)
+    """Weight of an extra ground-truth outcome reward at the last token."""
+    kl_coef: float = Field(0.05, ge=0)
+    """Per-token KL penalty against the reference model."""
+    missing_answer_reward: float = -1.0
+    """Reward of a response with no final answer."""
+
+    @model_validator(mode="after")
+    def _dense_needs_prm(self) -> "RewardConfig":
+        if self.mode == "dense" and self.source != "prm":
+            raise ValueError(f"dense rewards come from a PRM, but reward.source is `{self.source}`; set reward.source: prm")
+        return self
+
+
+class RLConfig(Section):
+    algorithm: Literal["ppo", "grpo", "rejection_sampling"] = "ppo"
+    """The update rule."""
+    epochs: int = Field(3, ge=1)
+    """RL epochs; best-of-N evaluation and a checkpoint follow each."""
+    problems_per_epoch: int = Field(256, ge=1)
+    """Prompts drawn per epoch."""
+    samples_per_problem: int = Field(4, ge=1)
+    """Completions per prompt (the group size for GRPO, N for rejection sampling)."""
+    learning_rate: float = Field(1e-5, gt=0, le=1)
+    """Policy learning rate."""
+    max_new_tokens: int = Field(96, ge=1)
+    """Response length cap."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature during rollouts."""
+
+
+class EvalConfig(Section):
+    n_max: int = Field(16, ge=1)
+    """Largest N of best-of-N; curves are drawn at 1, 2, 4, ..., n_max."""
+    num_problems: int = Field(64, ge=1)
+    """Held-out problems for best-of-N."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the pool."""
+    resamples: int = Field(200, ge=1)
+    """Subsamples per N for the mean and 95% interval."""
+
+
+class TrackingConfig(Section):
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """`auto`: online when an API key is configured, else offline (sync later with `wandb sync`)."""
+    project: str = "rlprm"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user); none uses your default."""
+    group: str | None = None
+    """W&B group, so that runs to compare line up in one view."""
+    tags: list[str] = []
+    """W&B tags, e.g. `process` or `outcome`."""
+
+
+class Recipe(Section):
+    """One whole run."""
+
+    run: RunConfig = _section()
+    """Name, output folder, seed, device."""
+    task: TaskConfig = _section()
+    """Problems and the step convention."""
+    model: ModelConfig = _section()
+    """Generator, reward model, dtype, LoRA."""
+    sft: SFTConfig = _section()
+    """Generator fine-tuning (`rlprm prepare`)."""
+    prepare_eval: PrepareEvalConfig = _section()
+    """Targets the prepared generator must meet."""
+    reward: RewardConfig = _section()
+    """How rewards are formed for RL."""
+    rl: RLConfig = _section()
+    """The RL algorithm and its schedule."""
+    eval: EvalConfig = _section()
+    """Best-of-N evaluation."""
+    tracking: TrackingConfig = _section()
+    """W&B and metrics.jsonl."""
+    deepspeed: InputPath | None = None
+    """A DeepSpeed JSON config (see deepspeed_configs/); none trains without DeepSpeed."""
+
+    # Where the recipe came from; set by load_recipe, not by the YAML.
+    source: Path | None = Field(None, exclude=True)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], parsed value). Values are read as YAML scalars/lists."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r}: expected key=value, e.g. rl.learning_rate=1e-5")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"override {text!r}: the key must be dotted names such as rl.algorithm")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"override {text!r}: the value is not valid YAML ({exc.problem})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise RecipeError(f"override {text!r}: `{where}` is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """Map each key path in the YAML to its 1-based line, for error messages."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                path = prefix + (str(key_node.value),)
+                lines[path] = key_node.start_mark.line + 1
+                walk(value_node, path)
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _field_info(loc: tuple):
+    """The pydantic FieldInfo at a location, or None (for list items and the like)."""
+    cls, info = Recipe, None
+    for part in loc:
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
+            return None
+        info = cls.model_fields[part]
+        cls = _unwrap(info.annotation)
+    return info
+
+
+def _unwrap(annotation):
+    """Strip Optional/Annotated to reach a model class or a Literal."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _unwrap(args[0]) if len(args) == 1 else annotation
+    return annotation
+
+
+def _literal_choices(loc: tuple) -> list | None:
+    info = _field_info(tuple(p for p in loc if isinstance(p, str)))
+    if info is None:
+        return None
+    ann = _unwrap(info.annotation)
+    if typing.get_origin(ann) is list:
+        ann = _unwrap(typing.get_args(ann)[0])
+    if typing.get_origin(ann) is Literal:
+        return list(typing.get_args(ann))
+    return None
+
+
+_TYPE_WORDS = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "a whole number",
+    "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
+    "bool_parsing": "true or false", "string_type": "a string", "list_type": "a list",
+    "tuple_type": "a list", "model_type": "a section (a mapping of keys)", "dict_type": "a mapping",
+    "path_type": "a path",
+}
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _describe(err: dict, source: str, lines: dict[tuple, int]) -> str:
+    loc = tuple(err["loc"])
+    # errors from a model_validator are reported at the section that holds it
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    value = err.get("input")
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        parent = tuple(p for p in loc[:-1] if isinstance(p, str))
+        info = _field_info(parent) if parent else None
+        cls = _unwrap(info.annotation) if info else Recipe
+        valid = sorted(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else []
+        guess = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"Did you mean `{'.'.join(map(str, parent + (guess[0],)))}`?" if guess else ""
+        where = f"`{'.'.join(map(str, parent))}`" if parent else "the top level"
+        msg = f"unknown key. {hint} Keys allowed in {where}: {', '.join(valid)}".replace(".  ", ". ")
+    elif kind == "literal_error":
+        choices = _literal_choices(loc)
+        options = ", ".join(map(str, choices)) if choices else ctx.get("expected", "")
+        msg = f"{value!r} is not one of {options}"
+    elif kind in _BOUNDS:
+        limit = next(iter(ctx.values()))
+        msg = f"must be {_BOUNDS[kind]} {limit}, got {value!r}"
+    elif kind in _TYPE_WORDS:
+        msg = f"expected {_TYPE_WORDS[kind]}, got {value!r} ({type(value).__name__})"
+    elif kind == "missing":
+        msg = "required key is missing"
+    elif kind == "string_too_short":
+        msg = "must not be empty"
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+    line = None
+    for cut in range(len(loc), 0, -1):
+        line = lines.get(tuple(str(p) for p in loc[:cut]))
+        if line:
+            break
+    where = f"{source}:{line}" if line else source
+    text = f"{where}: {key}: {msg}"
+    info = _field_info(tuple(p for p in loc if isinstance(p, str)))
+    is_section = info is not None and isinstance(_unwrap(info.annotation), type) and issubclass(_unwrap(info.annotation), BaseModel)
+    if info is not None and info.description and kind != "extra_forbidden" and not is_section:
+        text += f"\n    ({key}: {info.description.splitlines()[0]})"
+    return text
+
+
+def validate_recipe(data: dict, base_dir: Path, source: str = "<recipe>", lines: dict | None = None) -> Recipe:
+    """Validate a recipe dict; raise RecipeError listing every problem."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a mapping of sections (run:, task:, model:, ...)")
+    try:
+        return Recipe.model_validate(data, context={"base_dir": Path(base_dir)})
+    except ValidationError as exc:
+        problems = [_describe(e, source, lines or {}) for e in exc.errors()]
+        head = f"{source}: {len(problems)} problem(s) in the recipe:" if len(problems) > 1 else "invalid recipe:"
+        raise RecipeError("\n".join([head, *problems])) from None
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file. Nothing heavy is imported."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections (run:, task:, model:, ...)")
+    data = apply_overrides(data, list(overrides or []))
+    recipe = validate_recipe(data, path.resolve().parent, str(path), _key_lines(text))
+    recipe.source = path.resolve()
+    return recipe
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (absolute paths, every default filled in)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def explain(cls: type[BaseModel] = Recipe, prefix: str = "") -> str:
+    """Every field with its type, default and docstring: the recipe reference."""
+    out = []
+    for name, info in cls.model_fields.items():
+        if info.exclude:
+            continue
+        key = f"{prefix}{name}"
+        inner = _unwrap(info.annotation)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            out.append(f"{key}:  {info.description or ''}")
+            out.append(explain(inner, key + "."))
+            continue
+        choices = typing.get_args(inner) if typing.get_origin(inner) is Literal else None
+        kind = " | ".join(map(str, choices)) if choices else getattr(inner, "__name__", str(inner))
+        default = info.default
+        out.append(f"  {key} ({kind}, default {default!r}): {info.description or ''}")
+    return "\n".join(out)

@@ -1,0 +1,147 @@
+"""Models and tokenizers: tiny ones built on the spot, real ones loaded by id or path.
+
+Nothing here downloads anything for the tiny path: the tokenizer is built with
+the `tokenizers` library and the model from a transformers config, then both
+are saved with `save_pretrained`, so every later stage (and any user) loads
+them with the ordinary `AutoTokenizer` / `AutoModelForCausalLM` calls.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlprm.config import LoraConfig, TinyModelConfig
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
+
+
+def _wrap(tok, model_max_length: int):
+    """A `tokenizers.Tokenizer` -> a transformers fast tokenizer with our special tokens."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    bos = tok.token_to_id(SPECIAL_TOKENS["bos_token"])
+    # BOS in front of every encoding, the way Llama tokenizers do it
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{SPECIAL_TOKENS['bos_token']} $A", special_tokens=[(SPECIAL_TOKENS["bos_token"], bos)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length, **SPECIAL_TOKENS)
+
+
+def build_char_tokenizer(chars, model_max_length: int = 256):
+    """One token per character of `chars` (plus <pad> <bos> <eos> <unk>)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS.values())}
+    for ch in sorted(set(chars)):
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    # every character, newline included, is its own pre-token
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return _wrap(tok, model_max_length)
+
+
+def build_bpe_tokenizer(corpus: list[str], vocab_size: int = 256, model_max_length: int = 256):
+    """A byte-level BPE trained on `corpus` (GPT-2 style pre-tokenisation)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return _wrap(tok, model_max_length)
+
+
+def build_tiny_causal_lm(cfg: TinyModelConfig, tokenizer, seed: int = 0):
+    """A small Llama-style causal LM sized for `tokenizer`, randomly initialised."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = LlamaConfig(**common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def num_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device is `cuda` but no CUDA device is visible; set run.device: cpu or auto")
+    return device
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}[name]
+
+
+def load_tokenizer(name_or_path: str | Path, padding_side: str = "left", trust_remote_code: bool = False):
+    """Any HF tokenizer by id or path, with a pad token and the given padding side."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_causal_lm(name_or_path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
+    """Any HF causal LM by id or path."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(name_or_path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+    )
+    return model.to(device)
+
+
+def apply_lora(model, cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
+    """Wrap `model` with LoRA adapters when `cfg.enabled`; otherwise return it unchanged."""
+    if not cfg.enabled:
+        return model
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules, task_type=task_type
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def save_model(model, tokenizer, path: Path) -> None:
+    """save_pretrained for both, LoRA merged first, so the folder is a plain HF checkpoint."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)

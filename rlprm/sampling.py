@@ -1,0 +1,80 @@
+"""Batched sampling from a causal LM: left padding, the KV cache, N per prompt.
+
+Used by `prepare` (the generator check), best-of-N pools and RL rollouts, so
+every stage samples the same way: pure temperature sampling (top-k and top-p
+off, unlike the transformers defaults) from a seeded generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Samples:
+    texts: list[list[str]]
+    """texts[i][j]: the j-th completion of prompt i, special tokens removed."""
+    token_ids: list[list[list[int]]]
+    """The generated ids of each completion, padding and EOS removed."""
+
+
+def sample(
+    model,
+    tokenizer,
+    prompts: list[str],
+    n: int = 1,
+    temperature: float = 1.0,
+    max_new_tokens: int = 96,
+    batch_size: int = 256,
+    seed: int = 0,
+    progress: bool = False,
+    desc: str = "sampling",
+) -> Samples:
+    """`n` completions for each prompt, generated `batch_size` sequences at a time."""
+    import torch
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    per_batch = max(1, batch_size // n)
+    texts: list[list[str]] = []
+    ids_out: list[list[list[int]]] = []
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    bar = tqdm(total=len(prompts) * n, desc=desc, disable=not progress, unit="sample")
+    try:
+        for start in range(0, len(prompts), per_batch):
+            chunk = prompts[start:start + per_batch]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+            # each batch gets its own seed from one stream: results do not depend on batch boundaries' RNG use
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            with torch.no_grad():
+                out = model.generate(
+                    **enc,
+                    do_sample=True,
+                    temperature=temperature,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=max_new_tokens,
+                    num_return_sequences=n,
+                    pad_token_id=pad,
+                    eos_token_id=eos,
+                )
+            new = out[:, enc["input_ids"].shape[1]:].tolist()
+            for i in range(len(chunk)):
+                row_ids, row_texts = [], []
+                for seq in new[i * n:(i + 1) * n]:
+                    if eos in seq:
+                        seq = seq[: seq.index(eos)]
+                    seq = [t for t in seq if t != pad]
+                    row_ids.append(seq)
+                    row_texts.append(tokenizer.decode(seq, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+                ids_out.append(row_ids)
+                texts.append(row_texts)
+            bar.update(len(chunk) * n)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return Samples(texts, ids_out)

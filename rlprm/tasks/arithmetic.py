@@ -1,0 +1,317 @@
+"""The embedded task: short chains of + and - on small integers (DESIGN.md section 7).
+
+A problem reads `93 +3 -4 -7 mod 10`; its reference solution is
+
+    93 + 3 = 96
+    96 - 4 = 92
+    92 - 7 = 85
+    85 mod 10 = 5
+    # Answer
+
+    5
+
+The checker knows the truth of every step, so process labels are exact and
+free, like the paper's large PRM supervising small models. Final operations
+that lose information (mod 10, last digit, max, min) let some wrong chains
+reach the right answer: the paper's central problem, measurable here because
+every sample gets both "answer correct" and "process correct".
+
+The sizes (operands 1-9, values kept in 0..99, 2-3 operations, compact text)
+come from the calibration in DESIGN.md section 7: a 0.86M-parameter char-level
+model learns this in about five CPU minutes; longer English prompts and bigger
+numbers it does not learn at all.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+from rlprm.config import ArithmeticConfig
+from rlprm.steps import answer_step, is_answer_step, split_steps, step_answer
+
+FINAL_TEXT = {"mod10": "mod 10", "last_digit": "last digit", "max": "max", "min": "min"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    start: int
+    ops: tuple[tuple[str, int], ...]
+    """Chain operations: ("+", 3), ("-", 4), ..."""
+    final: str = "none"
+    """mod10 | last_digit | max | min | none"""
+    final_arg: int = 0
+    """The bound of max/min."""
+
+    @property
+    def text(self) -> str:
+        parts = [str(self.start)] + [f"{op}{b}" for op, b in self.ops]
+        if self.final in ("max", "min"):
+            parts.append(f"{self.final} {self.final_arg}")
+        elif self.final != "none":
+            parts.append(FINAL_TEXT[self.final])
+        return " ".join(parts)
+
+    @property
+    def prompt(self) -> str:
+        """What the generator is given; the solution follows it."""
+        return self.text + "\n"
+
+    def plan(self) -> list[tuple[str, int]]:
+        """Every operation a full solution applies, the final one included."""
+        plan = list(self.ops)
+        if self.final != "none":
+            plan.append((self.final, self.final_arg))
+        return plan
+
+    @property
+    def answer(self) -> int:
+        value = self.start
+        for kind, arg in self.plan():
+            value = apply(kind, value, arg)
+        return value
+
+
+def apply(kind: str, a: int, b: int) -> int:
+    if kind == "+":
+        return a + b
+    if kind == "-":
+        return a - b
+    if kind in ("mod10", "last_digit"):
+        return a % 10
+    if kind == "max":
+        return max(a, b)
+    if kind == "min":
+        return min(a, b)
+    raise ValueError(f"unknown operation {kind!r}")
+
+
+def render_step(kind: str, a: int, b: int, result: int) -> str:
+    if kind in "+-":
+        return f"{a} {kind} {b} = {result}"
+    if kind == "mod10":
+        return f"{a} mod 10 = {result}"
+    if kind == "last_digit":
+        return f"last digit of {a} = {result}"
+    return f"{kind}({a}, {b}) = {result}"
+
+
+_NUM = r"(-?\d{1,6})"
+_STEP_PATTERNS = [
+    (re.compile(rf"^{_NUM} ([+-]) {_NUM} = {_NUM}$"), lambda m: (m[2], int(m[1]), int(m[3]), int(m[4]))),
+    (re.compile(rf"^{_NUM} mod 10 = {_NUM}$"), lambda m: ("mod10", int(m[1]), 10, int(m[2]))),
+    (re.compile(rf"^last digit of {_NUM} = {_NUM}$"), lambda m: ("last_digit", int(m[1]), 0, int(m[2]))),
+    (re.compile(rf"^(max|min)\({_NUM}, {_NUM}\) = {_NUM}$"), lambda m: (m[1], int(m[2]), int(m[3]), int(m[4]))),
+]
+
+
+def parse_step(step: str) -> tuple[str, int, int, int] | None:
+    """`85 mod 10 = 5` -> ("mod10", 85, 10, 5); None when the step is not one of ours."""
+    for pattern, build in _STEP_PATTERNS:
+        m = pattern.match(step.strip())
+        if m:
+            return build(m)
+    return None
+
+
+# --------------------------------------------------------------------------- problems
+
+
+def _draw_problem(cfg: ArithmeticConfig, rng: random.Random) -> Problem | None:
+    value = rng.randint(0, cfg.start_max)
+    start, ops = value, []
+    for _ in range(rng.randint(cfg.min_ops, cfg.max_ops)):
+        op, b = rng.choice(cfg.operations), rng.randint(1, cfg.operand_max)
+        value = apply(op, value, b)
+        if not 0 <= value <= cfg.value_max:
+            return None
+        ops.append((op, b))
+    final = rng.choice(cfg.final_ops)
+    final_arg = 10 if final == "mod10" else 0
+    if final in ("max", "min"):
+        final_arg = rng.randint(0, cfg.value_max)
+    return Problem(start, tuple(ops), final, final_arg)
+
+
+def make_problems(cfg: ArithmeticConfig, n: int, seed: int, exclude: set[str] | None = None) -> list[Problem]:
+    """`n` seeded problems whose correct values all stay in 0..value_max; texts in `exclude` are skipped."""
+    rng = random.Random(seed)
+    out, seen = [], set(exclude or ())
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 1000 * n + 10000:
+            raise RuntimeError(f"could not draw {n} distinct problems from {cfg}; widen the ranges")
+        problem = _draw_problem(cfg, rng)
+        if problem is None:
+            continue
+        if exclude is not None and problem.text in seen:
+            continue
+        out.append(problem)
+    return out
+
+
+def split_problems(cfg: ArithmeticConfig, n_train: int, n_test: int, seed: int) -> tuple[list[Problem], list[Problem]]:
+    """Held-out problems first, then training problems that never repeat a held-out text."""
+    test = make_problems(cfg, n_test, seed=seed * 1_000_003 + 17)
+    test_texts = {p.text for p in test}
+    train = make_problems(cfg, n_train, seed=seed * 1_000_003 + 29, exclude=test_texts)
+    return train, test
+
+
+# --------------------------------------------------------------------------- solutions
+
+
+def reference_solution(problem: Problem) -> list[str]:
+    steps, value = [], problem.start
+    for kind, arg in problem.plan():
+        result = apply(kind, value, arg)
+        steps.append(render_step(kind, value, arg, result))
+        value = result
+    steps.append(answer_step(str(value)))
+    return steps
+
+
+@dataclass
+class Corruption:
+    step: int
+    """Index of the wrong step."""
+    kind: str
+    """slip | operand | sign | skip"""
+
+
+def _slip(rng: random.Random, final: bool) -> int:
+    if not final and rng.random() < 0.75:
+        return rng.choice([-10, 10])  # a carry error, the commonest slip
+    return rng.choice([-2, -1, 1, 2])
+
+
+def corrupt_solution(problem: Problem, rng: random.Random, max_tries: int = 20) -> tuple[list[str], Corruption]:
+    """One error at one step; later steps follow correctly from the wrong value.
+
+    Errors: an arithmetic slip (a +-10 carry error 3 times in 4, else +-1 or 2),
+    an operand off by 1-2, a flipped sign, a skipped operation (chains of 3+),
+    or a slip or skip on the final mod / last-digit / max / min step.
+    """
+    plan = problem.plan()
+    has_final = problem.final != "none"
+    for _ in range(max_tries):
+        pos = rng.randrange(len(plan))
+        is_final = has_final and pos == len(plan) - 1
+        kinds = ["slip", "skip"] if is_final else ["slip", "operand", "sign"] + (["skip"] if len(plan) >= 3 else [])
+        kind = rng.choice(kinds)
+        steps, value, ok = [], problem.start, True
+        for i, (op, arg) in enumerate(plan):
+            if i == pos and kind == "skip":
+                continue
+            shown_op, shown_arg = op, arg
+            if i == pos and kind == "operand":
+                shown_arg = arg + rng.choice([-2, -1, 1, 2])
+                if shown_arg < 1:
+                    shown_arg = arg + 2
+            if i == pos and kind == "sign":
+                shown_op = "-" if op == "+" else "+"
+            result = apply(shown_op, value, shown_arg)
+            if i == pos and kind == "slip":
+                result += _slip(rng, is_final)
+            if result < 0 or (i == pos and result == apply(op, value, arg)):
+                ok = False
+                break
+            steps.append(render_step(shown_op, value, shown_arg, result))
+            value = result
+        if ok and steps:
+            steps.append(answer_step(str(value)))
+            return steps, Corruption(pos, kind)
+    raise RuntimeError(f"could not corrupt {problem.text!r} in {max_tries} tries")
+
+
+def training_solutions(problems: list[Problem], corrupt_rate: float, seed: int) -> list[tuple[Problem, list[str], bool]]:
+    """(problem, steps, is_clean) for each problem; a `corrupt_rate` share carries one error."""
+    rng = random.Random(seed)
+    out = []
+    for problem in problems:
+        if rng.random() < corrupt_rate:
+            steps, _ = corrupt_solution(problem, rng)
+            out.append((problem, steps, False))
+        else:
+            out.append((problem, reference_solution(problem), True))
+    return out
+
+
+# --------------------------------------------------------------------------- checking
+
+
+@dataclass
+class CheckResult:
+    well_formed: bool
+    """Every step parses and the text ends with an integer answer."""
+    steps: list[str]
+    step_correct: list[bool]
+    """One per step, answer step included: the step applies the problem's next operation to the previous result, with right arithmetic."""
+    first_error: int | None
+    """Index of the first wrong step (len(steps) when the answer step is missing); None when every step is right."""
+    answer: str | None
+    answer_correct: bool
+    process_correct: bool = field(init=False)
+
+    def __post_init__(self):
+        self.process_correct = self.well_formed and self.first_error is None and self.answer_correct
+
+
+def check(problem: Problem, text: str, sep: str = "\n") -> CheckResult:
+    """Exact verdict on any text a model writes; garbage is `well_formed=False`, never an exception."""
+    try:
+        steps = split_steps(text, sep)
+    except Exception:  # noqa: BLE001 -- model text is untrusted; nothing it holds may raise
+        steps = []
+    plan = problem.plan()
+    correct: list[bool] = []
+    well_formed = bool(steps) and is_answer_step(steps[-1])
+    prev: int | None = problem.start
+    answer = step_answer(steps[-1]) if steps else None
+    for i, step in enumerate(steps):
+        if i == len(steps) - 1 and is_answer_step(step):
+            ok = answer is not None and re.fullmatch(r"-?\d{1,6}", answer) is not None
+            well_formed = well_formed and ok
+            correct.append(ok and len(steps) - 1 == len(plan) and prev is not None and int(answer) == prev)
+            continue
+        parsed = parse_step(step)
+        if parsed is None:
+            well_formed = False
+            correct.append(False)
+            prev = None
+            continue
+        kind, a, b, result = parsed
+        want = plan[i] if i < len(plan) else None
+        ok = (
+            want is not None
+            and kind == want[0]
+            and (kind in ("mod10", "last_digit") or b == want[1])
+            and prev is not None
+            and a == prev
+            and result == apply(kind, a, b)
+        )
+        correct.append(ok)
+        prev = result
+    first_error = next((i for i, ok in enumerate(correct) if not ok), None)
+    if first_error is None and not (steps and is_answer_step(steps[-1])):
+        first_error = len(steps)  # the solution stops before its answer: the missing step is the error
+    answer_correct = answer is not None and answer.lstrip("-").isdigit() and int(answer) == problem.answer
+    return CheckResult(well_formed, steps, correct, first_error, answer, answer_correct)
+
+
+def summarize(results: list[CheckResult]) -> dict[str, float]:
+    """Rates over a set of checked samples."""
+    n = max(1, len(results))
+    return {
+        "num_samples": len(results),
+        "well_formed": sum(r.well_formed for r in results) / n,
+        "answer_accuracy": sum(r.answer_correct for r in results) / n,
+        "process_accuracy": sum(r.process_correct for r in results) / n,
+        "right_answer_wrong_process": sum(r.answer_correct and not r.process_correct for r in results) / n,
+    }
+
+
+CHARSET = sorted(set("0123456789 +-=(),\n#" + "mod last digit of max min Answer"))
+"""Every character the task's prompts and solutions use (for char-level tokenizers)."""

@@ -1,0 +1,115 @@
+"""Run tracking: a local metrics.jsonl beside every run, and W&B when wanted.
+
+metrics.jsonl is the source of truth that `rlprm compare` and the tests read:
+one JSON object per line with `step`, `time` and the logged values. W&B gets
+the same values; it is imported only when it is used.
+
+W&B mode `auto` runs online when an API key is configured (WANDB_API_KEY or a
+netrc entry from `wandb login`) and offline otherwise, printing how to sync.
+Tests turn it off (`tracking.wandb: disabled`, or WANDB_MODE=disabled).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from rlprm.config import Recipe, recipe_to_yaml
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def wandb_mode(setting: str) -> str:
+    """`online`, `offline` or `disabled` for a tracking.wandb setting (env WANDB_MODE wins)."""
+    env = os.environ.get("WANDB_MODE")
+    if env in ("online", "offline", "disabled"):
+        return env
+    if setting == "auto":
+        return "online" if _has_wandb_key() else "offline"
+    return setting
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class Tracker:
+    """Writes metrics.jsonl and the resolved recipe into `run_dir`; mirrors to W&B."""
+
+    def __init__(self, run_dir: Path, recipe: Recipe, job: str, tags: list[str] | None = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._file = self.metrics_path.open("a")
+        self._t0 = time.time()
+        self._wandb = None
+        cfg = recipe.tracking
+        mode = wandb_mode(cfg.wandb)
+        if mode != "disabled":
+            import wandb
+
+            self._wandb = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity,
+                group=cfg.group,
+                name=f"{recipe.run.name}-{job}",
+                job_type=job,
+                tags=sorted(set(cfg.tags + (tags or []))),
+                config=recipe.model_dump(mode="json"),
+                dir=str(self.run_dir),
+                mode=mode,
+            )
+            if mode == "offline":
+                print(f"W&B is offline; upload later with: wandb sync {self.run_dir / 'wandb'}/offline-run-*", file=sys.stderr)
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        record = {"step": step, "time": round(time.time() - self._t0, 3)}
+        record.update({k: _jsonable(v) for k, v in metrics.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def summary(self, values: dict) -> None:
+        """Final numbers: summary.json in the run folder and the W&B run summary."""
+        path = self.run_dir / "summary.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({k: _jsonable(v) for k, v in values.items()}, indent=2) + "\n")
+        tmp.replace(path)
+        if self._wandb is not None:
+            self._wandb.summary.update(values)
+
+    def finish(self) -> None:
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.finish()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

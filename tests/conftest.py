@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny tokenizers and models built in code, paths to the shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# W&B stays off in tests unless a test turns it on for itself
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def shared_file(relative: str) -> Path:
+    """A file under ../shared/data, or a skip saying it is absent."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"{path} is absent (real data lives in ../shared/data beside the project; see its SOURCES.md)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    from rlprm.models import build_char_tokenizer
+    from rlprm.tasks.arithmetic import CHARSET
+
+    return build_char_tokenizer(CHARSET)
+
+
+@pytest.fixture(scope="session")
+def arith_corpus():
+    from rlprm.config import ArithmeticConfig
+    from rlprm.steps import render_steps
+    from rlprm.tasks.arithmetic import make_problems, reference_solution
+
+    problems = make_problems(ArithmeticConfig(), 400, seed=123)
+    return [p.prompt + render_steps(reference_solution(p)) for p in problems]
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(arith_corpus):
+    from rlprm.models import build_bpe_tokenizer
+
+    return build_bpe_tokenizer(arith_corpus, vocab_size=300)

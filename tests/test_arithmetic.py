@@ -1,0 +1,128 @@
+import random
+
+import pytest
+
+from rlprm.config import ArithmeticConfig
+from rlprm.steps import answer_step, render_steps
+from rlprm.tasks.arithmetic import (
+    CHARSET,
+    Problem,
+    check,
+    corrupt_solution,
+    make_problems,
+    parse_step,
+    reference_solution,
+    split_problems,
+    summarize,
+    training_solutions,
+)
+
+CFG = ArithmeticConfig()
+
+
+def test_problem_text_and_reference_solution():
+    p = Problem(93, (("+", 3), ("-", 4), ("-", 7)), "mod10", 10)
+    assert p.text == "93 +3 -4 -7 mod 10"
+    assert reference_solution(p) == ["93 + 3 = 96", "96 - 4 = 92", "92 - 7 = 85", "85 mod 10 = 5", answer_step("5")]
+    assert p.answer == 5
+    q = Problem(12, (("+", 9),), "last_digit")
+    assert q.text == "12 +9 last digit" and reference_solution(q)[1] == "last digit of 21 = 1"
+    r = Problem(30, (("-", 2),), "max", 50)
+    assert r.text == "30 -2 max 50" and reference_solution(r)[1] == "max(28, 50) = 50" and r.answer == 50
+
+
+def test_generator_is_seeded_and_in_range():
+    a, b = make_problems(CFG, 300, seed=5), make_problems(CFG, 300, seed=5)
+    assert a == b and a != make_problems(CFG, 300, seed=6)
+    for p in a:
+        assert CFG.min_ops <= len(p.ops) <= CFG.max_ops and p.final in CFG.final_ops
+        value = p.start
+        for op, b in p.ops:
+            assert 1 <= b <= CFG.operand_max
+            value = value + b if op == "+" else value - b
+            assert 0 <= value <= CFG.value_max
+
+
+def test_held_out_problems_never_in_training():
+    train, test = split_problems(CFG, 3000, 300, seed=0)
+    assert not {p.text for p in train} & {p.text for p in test}
+
+
+def test_reference_solutions_check_fully_correct():
+    cfg = ArithmeticConfig(final_ops=["mod10", "last_digit", "max", "min", "none"])
+    for p in make_problems(cfg, 500, seed=1):
+        r = check(p, render_steps(reference_solution(p)))
+        assert r.well_formed and r.process_correct and r.answer_correct and r.first_error is None
+        assert all(r.step_correct) and len(r.step_correct) == len(p.plan()) + 1
+
+
+def test_corruptions_are_caught_at_their_step():
+    rng = random.Random(0)
+    kinds = set()
+    for p in make_problems(CFG, 2000, seed=2):
+        steps, c = corrupt_solution(p, rng)
+        kinds.add(c.kind)
+        r = check(p, render_steps(steps))
+        assert r.well_formed and not r.process_correct
+        # a skipped operation may look like skipping a later identical one; every other error shows where it is
+        assert r.first_error == c.step if c.kind != "skip" else r.first_error >= c.step
+        assert all(r.step_correct[: r.first_error])
+    assert kinds == {"slip", "operand", "sign", "skip"}
+
+
+def test_right_answer_wrong_process_is_common():
+    """The paper's central problem, by construction: lossy final steps hide errors."""
+    rng = random.Random(3)
+    problems = make_problems(CFG, 3000, seed=3)
+    results = [check(p, render_steps(corrupt_solution(p, rng)[0])) for p in problems]
+    rate = summarize(results)["right_answer_wrong_process"]
+    assert 0.05 < rate < 0.3, rate
+    # and it comes from the information-losing final steps only
+    lossless = [r for p, r in zip(problems, results) if p.final == "none"]
+    assert not any(r.answer_correct for r in lossless)
+
+
+def test_training_mix_share():
+    problems = make_problems(CFG, 2000, seed=4)
+    rows = training_solutions(problems, corrupt_rate=0.4, seed=4)
+    share = sum(not clean for _, _, clean in rows) / len(rows)
+    assert 0.35 < share < 0.45
+
+
+@pytest.mark.parametrize("text", [
+    "", "\n\n", "garbage", "# Answer", "# Answer\n\nfive", "93 + 3 = 96", "93 + 3 = 96\n# Answer\n\n96\nextra",
+    "\x00\xff\ud800", "9" * 10000, "93 + 3 = 96\n" * 500 + "# Answer\n\n1", "1 + 1 = 2 = 3\n# Answer\n\n3",
+    "# Answer\n\n# Answer\n\n5", "max(1, 2) = 2\n# Answer\n\n2", "-5 - 1 = -6\n# Answer\n\n-6",
+])
+def test_garbage_is_malformed_never_an_exception(text):
+    p = Problem(93, (("+", 3), ("-", 4)), "mod10", 10)
+    r = check(p, text)
+    assert not r.process_correct
+    assert r.first_error is not None
+
+
+def test_random_text_fuzz():
+    rng = random.Random(0)
+    p = Problem(5, (("+", 3),), "none")
+    for _ in range(2000):
+        text = "".join(rng.choice(CHARSET + ["\x00", "é"]) for _ in range(rng.randint(0, 60)))
+        check(p, text)
+
+
+def test_wrong_answer_with_right_steps_is_a_process_error():
+    p = Problem(10, (("+", 5),), "none")
+    r = check(p, "10 + 5 = 15\n# Answer\n\n16\n")
+    assert r.well_formed and not r.answer_correct and r.first_error == 1
+
+
+def test_truncated_chain_is_caught_at_the_answer():
+    p = Problem(10, (("+", 5), ("+", 1)), "none")
+    r = check(p, "10 + 5 = 15\n# Answer\n\n15\n")
+    assert r.first_error == 1 and not r.answer_correct
+
+
+def test_parse_step():
+    assert parse_step("85 mod 10 = 5") == ("mod10", 85, 10, 5)
+    assert parse_step(" 3 - 4 = -1 ") == ("-", 3, 4, -1)
+    assert parse_step("min(3, 4) = 3") == ("min", 3, 4, 3)
+    assert parse_step("3 * 4 = 12") is None

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from rlprm.config import TinyModelConfig
+from rlprm.models import build_tiny_causal_lm, num_parameters
+
+TEXT = "93 +3 -4 mod 10\n93 + 3 = 96\n# Answer\n\n2\n"
+
+
+@pytest.mark.parametrize("tok", ["char_tokenizer", "bpe_tokenizer"])
+def test_tiny_model_round_trips_through_from_pretrained(tok, request, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = request.getfixturevalue(tok)
+    cfg = TinyModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2)
+    model = build_tiny_causal_lm(cfg, tokenizer)
+    assert num_parameters(model) < 200_000
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+
+    tok2 = AutoTokenizer.from_pretrained(tmp_path)
+    model2 = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = tok2(TEXT, return_tensors="pt")
+    assert tok2.decode(ids["input_ids"][0], skip_special_tokens=True) == TEXT
+    assert ids["input_ids"][0, 0].item() == tok2.bos_token_id
+    with torch.no_grad():
+        a = model(**tokenizer(TEXT, return_tensors="pt")).logits
+        b = model2(**ids).logits
+    assert torch.allclose(a, b, atol=1e-6)
+    out = model2.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok2.pad_token_id)
+    assert out.shape[1] <= ids["input_ids"].shape[1] + 5
+
+
+def test_char_tokenizer_is_one_token_per_character(char_tokenizer):
+    ids = char_tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(TEXT)
+    assert char_tokenizer.unk_token_id not in ids
+
+
+def test_sampling_is_seeded_and_batched(char_tokenizer):
+    from rlprm.sampling import sample
+
+    cfg = TinyModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2)
+    model = build_tiny_causal_lm(cfg, char_tokenizer)
+    prompts = ["1 +2\n", "33 -4 mod 10\n", "7 +1\n"]
+    a = sample(model, char_tokenizer, prompts, n=3, max_new_tokens=8, seed=1)
+    b = sample(model, char_tokenizer, prompts, n=3, max_new_tokens=8, seed=1)
+    assert a.texts == b.texts and len(a.texts) == 3 and all(len(t) == 3 for t in a.texts)
+    assert all(len(ids) <= 8 for row in a.token_ids for ids in row)
