@@ -4,6 +4,10 @@ Every subcommand that runs a job takes a recipe, then any number of
 `key.sub=value` overrides, and validates everything before loading a model:
 
     rlprm prepare recipes/arith_prepare.yaml sft.time_budget_s=120
+    rlprm train-rm recipes/prm_train.yaml          # a process reward model
+    rlprm eval recipes/bon_eval.yaml                # best-of-N curves
+    rlprm train-rl recipes/prm_dense.yaml [--resume]  # PPO from dense PRM rewards
+    rlprm export runs/rl_prm_dense                  # latest checkpoint -> plain HF folder
     rlprm check recipes/arith_prepare.yaml          # validate only
     rlprm prepare recipes/arith_prepare.yaml --print-config
     rlprm explain                                   # every recipe key, documented
@@ -43,9 +47,35 @@ def build_parser() -> argparse.ArgumentParser:
                                    "RUN_DIR/generator only if it meets the recipe's targets (exit code 3 if not).")
     _recipe_args(p)
 
+    p = sub.add_parser("train-rm", help="train and evaluate a PRM or an ORM",
+                       description="Train a process (PRM) or outcome (ORM) reward model as the recipe's `rm` section "
+                                   "says (on generator samples of the arithmetic task labelled by its exact checker, "
+                                   "or on PRM800K), save RUN_DIR/reward_model and evaluate it on held-out data.")
+    _recipe_args(p)
+
+    p = sub.add_parser("eval", help="best-of-N evaluation: PRM vs ORM vs majority vote",
+                       description="Sample eval.n_max solutions per held-out problem once, score them with every "
+                                   "reward model in eval.reward_models, and write best-of-N curves (bon.png), a "
+                                   "table (bon.md), the sample pool (pool.jsonl) and metrics into RUN_DIR.")
+    _recipe_args(p)
+
     p = sub.add_parser("check", help="validate a recipe and exit",
                        description="Load and validate a recipe (with overrides); print nothing but errors.")
     _recipe_args(p)
+
+    p = sub.add_parser("train-rl", help="RL fine-tuning of the generator (PPO) from PRM, ORM or ground-truth rewards",
+                       description="Train the generator with PPO as the recipe's `rl` and `reward` sections say: "
+                                   "metrics.jsonl, best-of-N between epochs, a checkpoint per epoch and "
+                                   "RUN_DIR/export at the end. Same as `python rlprm/train_rl.py RECIPE`.")
+    _recipe_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run folder's latest checkpoint (weights, optimizers, epoch, RNG)")
+
+    p = sub.add_parser("export", help="export a run's latest checkpoint as a plain Hugging Face folder",
+                       description="Write RUN_DIR's latest complete checkpoint (LoRA merged) with the recipe and "
+                                   "summary to OUT (default RUN_DIR/export); it loads with from_pretrained.")
+    p.add_argument("run_dir", help="a run folder holding checkpoints/ (e.g. runs/rl_prm_dense)")
+    p.add_argument("--out", default=None, help="destination folder (default RUN_DIR/export)")
 
     sub.add_parser("explain", help="print every recipe key with its type, default and meaning")
     return parser
@@ -55,6 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "explain":
         print(explain())
+        return 0
+    if args.command == "export":
+        from rlprm.checkpoint import export
+
+        try:
+            out = export(args.run_dir, args.out)
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(f"exported to {out}")
         return 0
     try:
         recipe = load_recipe(args.recipe, args.overrides)
@@ -83,6 +123,39 @@ def main(argv: list[str] | None = None) -> int:
             f"  {rates['train_steps']} steps in {rates['train_seconds']:.0f} s, wall {rates['wall_seconds']:.0f} s"
         )
         return 0
+    if args.command == "train-rm":
+        from rlprm.data.prm800k import PRM800KError
+        from rlprm.data.processbench import ProcessBenchError
+        from rlprm.reward_models import RewardModelError
+        from rlprm.train_rm import TrainRMError, format_summary, train_rm
+
+        try:
+            summary = train_rm(recipe, progress=not args.no_progress)
+        except (TrainRMError, PRM800KError, ProcessBenchError, RewardModelError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if summary:
+            print(format_summary(summary))
+        return 0
+    if args.command == "eval":
+        from rlprm.evaluate import markdown_table, run_eval
+        from rlprm.problems import ProblemFileError
+        from rlprm.reward_models import RewardModelError
+
+        try:
+            curves = run_eval(recipe, progress=not args.no_progress)
+        except (FileNotFoundError, ProblemFileError, RewardModelError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(markdown_table(curves))
+        print(f"plot: {recipe.run.output_dir}/bon.png   pool: {recipe.run.output_dir}/pool.jsonl")
+        return 0
+    if args.command == "train-rl":
+        from rlprm.train_rl import run as train_rl
+
+        # the recipe was validated above; run() reloads it with the same overrides
+        return train_rl(argparse.Namespace(recipe=args.recipe, overrides=args.overrides, resume=args.resume,
+                                           print_config=False, no_progress=args.no_progress))
     raise AssertionError(args.command)
 
 

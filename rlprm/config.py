@@ -53,6 +53,14 @@ OutputPath = Annotated[Path, AfterValidator(_resolve)]
 InputPath = Annotated[Path, AfterValidator(_existing_file)]
 """A path the run reads; it must exist when the recipe is loaded."""
 
+DataPath = Annotated[Path, AfterValidator(_resolve)]
+"""A path the job reads, resolved against the recipe but checked only when the job starts.
+
+For data that a shipped recipe cannot contain (a user's PRM800K clone): the
+recipe holds a placeholder that validates, and the job says which file is
+missing and which key to edit.
+"""
+
 
 def _model_ref(value: str, info: ValidationInfo) -> str:
     """A model is a keyword (`tiny`), a Hugging Face id (`org/name`) or a local path.
@@ -135,6 +143,8 @@ class TaskConfig(Section):
     """JSONL of held-out problems (MATH / GSM8K tasks)."""
     step_separator: str = Field("\n", min_length=1)
     """Text between solution steps; saved with every reward model, which refuses to score with another."""
+    prompt_template: str = "{problem}\n"
+    """How a MATH / GSM8K problem becomes the generator's prompt (`{problem}` is replaced by its text)."""
 
     @model_validator(mode="after")
     def _files_for_real_tasks(self) -> "TaskConfig":
@@ -264,6 +274,8 @@ class RewardConfig(Section):
     """Per-token KL penalty against the reference model."""
     missing_answer_reward: float = -1.0
     """Reward of a response with no final answer."""
+    sparse_aggregate: Literal["prod", "min", "last", "mean"] = "prod"
+    """How a PRM's step probabilities become one sparse reward (`mode: sparse`, `source: prm`); `prod` is the paper's solution score."""
 
     @model_validator(mode="after")
     def _dense_needs_prm(self) -> "RewardConfig":
@@ -287,6 +299,40 @@ class RLConfig(Section):
     """Response length cap."""
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature during rollouts."""
+    prompts_per_iteration: int = Field(32, ge=1)
+    """(ppo) Prompts per rollout batch; each gets samples_per_problem completions, then one PPO update. An epoch is ceil(problems_per_epoch / prompts_per_iteration) iterations."""
+    ppo_epochs: int = Field(2, ge=1, le=16)
+    """(ppo) Passes over each rollout batch (typically 1-4)."""
+    minibatch_size: int = Field(32, ge=1)
+    """(ppo) Sampled responses per optimizer step within a pass (a rollout batch holds prompts_per_iteration * samples_per_problem)."""
+    clip_range: float = Field(0.2, gt=0, lt=1)
+    """(ppo) Policy ratio clip epsilon (typically 0.1-0.3)."""
+    clip_range_value: float = Field(0.2, gt=0)
+    """(ppo) How far a value prediction may move from the rollout's (in reward units; typically 0.1-1)."""
+    vf_coef: float = Field(0.5, ge=0)
+    """(ppo) Weight of the value loss in the summed loss (0.1-1)."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """(ppo) Discount per token; 1.0: rewards of a solution count fully wherever they land."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """(ppo) GAE lambda (0: one-step TD error, 1: reward-to-go minus value)."""
+    value_learning_rate: float = Field(1e-5, gt=0, le=1)
+    """(ppo) Learning rate of the value model (critic)."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """(ppo) Gradient clipping norm, applied to the policy and the value model separately."""
+    whiten_advantages: bool = True
+    """(ppo) Standardise advantages over each rollout batch (mean 0, std 1)."""
+    kl_estimator: Literal["k1", "k3", "abs", "mse"] = "k1"
+    """(ppo) Per-token estimate of KL(policy || reference) in the reward penalty (DESIGN.md section 6; k3 is never negative)."""
+    target_kl: float | None = Field(None, gt=0)
+    """(ppo) None: a fixed KL coefficient, reward.kl_coef. A number: start at reward.kl_coef and adapt it towards this per-token KL (Ziegler et al. 2019)."""
+    kl_horizon: int = Field(10000, ge=1)
+    """(ppo) Samples over which the adaptive KL coefficient reacts (with target_kl)."""
+    eval_n: int = Field(4, ge=0)
+    """Best-of-N between epochs: samples per held-out problem (N at most this; 0 skips the evaluation)."""
+    eval_problems: int = Field(32, ge=1)
+    """Best-of-N between epochs: held-out problems."""
+    value_model: ModelRef = "policy"
+    """(ppo) Initial weights of the critic: `policy` (the generator's body with a fresh 1-output head) or an HF id / local folder."""
 
 
 class EvalConfig(Section):
@@ -298,6 +344,18 @@ class EvalConfig(Section):
     """Sampling temperature of the pool."""
     resamples: int = Field(200, ge=1)
     """Subsamples per N for the mean and 95% interval."""
+    max_new_tokens: int = Field(96, ge=1)
+    """Longest sampled solution."""
+    batch_size: int = Field(256, ge=1)
+    """Sequences generated at once."""
+    reward_models: dict[str, ModelRef] = {}
+    """Reward models to select with, by name: a PRM folder yields selectors `NAME_prod`, `NAME_min`, `NAME_last`, `NAME_mean`; an ORM yields `NAME`."""
+    aggregations: list[Literal["prod", "min", "last", "mean"]] = ["prod", "min", "last", "mean"]
+    """PRM aggregations to compare (the paper uses prod)."""
+    weighted_vote_by: str | None = None
+    """Selector whose solution scores weight the reward-weighted majority vote; none picks the first PRM `_prod` (else the first selector)."""
+    log_samples: int = Field(64, ge=0)
+    """Sampled solutions, with their per-step scores, logged as a W&B table."""
 
 
 class TrackingConfig(Section):
@@ -311,6 +369,115 @@ class TrackingConfig(Section):
     """W&B group, so that runs to compare line up in one view."""
     tags: list[str] = []
     """W&B tags, e.g. `process` or `outcome`."""
+
+
+class RMDataConfig(Section):
+    """Where reward-model training and evaluation data come from (`rlprm train-rm`)."""
+
+    source: Literal["arithmetic", "prm800k"] = "arithmetic"
+    """`arithmetic`: sample model.generator on the embedded task, label steps with the exact checker; `prm800k`: human step labels from PRM800K JSONL files."""
+    train_problems: int = Field(768, ge=1)
+    """(arithmetic) Training problems; each is sampled samples_per_problem times."""
+    samples_per_problem: int = Field(4, ge=1)
+    """(arithmetic) Generator samples per training problem, at `temperature` (uniform sampling, as the paper's ORM data)."""
+    eval_problems: int = Field(128, ge=1)
+    """(arithmetic) Held-out problems for evaluation (drawn like `rlprm prepare`'s held-out set, so the generator never trained on them)."""
+    eval_samples_per_problem: int = Field(16, ge=2)
+    """(arithmetic) Samples per held-out problem; several per problem are needed to compare solutions of the same problem (blind-spot rate, best-of-N)."""
+    temperature: float = Field(1.0, gt=0)
+    """(arithmetic) Sampling temperature."""
+    max_new_tokens: int = Field(96, ge=1)
+    """(arithmetic) Longest sampled solution."""
+    sample_batch_size: int = Field(256, ge=1)
+    """(arithmetic) Sequences per generation batch."""
+    cache_dir: OutputPath | None = None
+    """(arithmetic) Folder for the labelled samples (JSONL); a re-run with the same generator and settings reuses them. None: the run folder."""
+    train_paths: list[DataPath] = []
+    """(prm800k) PRM800K JSONL files to train on (phase 1 and/or phase 2), e.g. a clone's prm800k/data/phase2_train.jsonl. Checked when the job starts."""
+    eval_paths: list[DataPath] = []
+    """(prm800k) PRM800K JSONL files to evaluate on; empty: hold out eval_fraction of the training problems."""
+    eval_fraction: float = Field(0.05, ge=0, lt=1)
+    """(prm800k) Share of training problems held out for evaluation when eval_paths is empty."""
+    neutral_as: Literal["positive", "negative", "ignore", "neutral"] = "positive"
+    """(prm800k) Rating 0: a positive label (the paper's choice), a negative one, no label, or a third class `neutral` (a 3-class PRM whose "correct" probability is P(correct) + P(neutral))."""
+    keep_quality_control: bool = False
+    """(prm800k) Keep quality-control questions (served to every labeler; dropped by default)."""
+    keep_screening: bool = False
+    """(prm800k) Keep initial-screening questions (dropped by default)."""
+    alternatives: bool = True
+    """(prm800k) Rated alternative completions of a step become extra examples: the trajectory's prefix, then the alternative, labelled at its end."""
+    on_bad_line: Literal["error", "skip"] = "error"
+    """(prm800k) A malformed line stops the job with file:line and the reason, or is skipped and counted."""
+    max_records: int = Field(0, ge=0)
+    """(prm800k) Keep at most this many training examples (0: all); for quick checks."""
+    processbench_paths: list[DataPath] = []
+    """ProcessBench JSON files (e.g. processbench/math.json) to evaluate the trained PRM on: first-error F1. Checked when the job starts."""
+    processbench_max: int = Field(0, ge=0)
+    """Evaluate on at most this many ProcessBench items per file, evenly spaced through it (0: all)."""
+
+    @model_validator(mode="after")
+    def _source_needs_files(self) -> "RMDataConfig":
+        if self.source == "prm800k" and not self.train_paths:
+            raise ValueError("rm.data.source is prm800k but rm.data.train_paths is empty; list PRM800K JSONL files there")
+        return self
+
+
+class RewardModelTrainConfig(Section):
+    """Training and evaluating a reward model (`rlprm train-rm`)."""
+
+    kind: Literal["prm", "orm"] = "prm"
+    """`prm`: a label at every step end (token classification); `orm`: one logit at the last token, trained on "final answer right" (sequence classification)."""
+    backbone: ModelRef = "generator"
+    """Starting weights: `generator` (model.generator's checkpoint), `tiny` (a fresh model shaped by model.tiny), or a Hugging Face id / local folder."""
+    prompt_template: str = "{problem}\n"
+    """How a problem becomes the text in front of the first step; `{problem}` is replaced. Saved with the model."""
+    data: RMDataConfig = _section()
+    """Training and evaluation data."""
+    epochs: float = Field(2.0, gt=0)
+    """Passes over the training examples (unless max_steps or time_budget_s stops training first)."""
+    max_steps: int = Field(0, ge=0)
+    """Stop after this many optimizer steps (0: no limit beyond epochs)."""
+    time_budget_s: float = Field(0.0, ge=0)
+    """Stop training after this many seconds (0: no limit)."""
+    batch_size: int = Field(32, ge=1)
+    """Sequences per device per micro-batch."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    learning_rate: float = Field(5e-4, gt=0, le=1)
+    """Peak AdamW learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    """Share of the optimizer steps spent warming up."""
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping norm."""
+    max_length: int = Field(0, ge=0)
+    """Longest training sequence in tokens (0: the backbone's max_position_embeddings). A longer PRM example is cut after the last step that fits; a longer ORM example is dropped. Both are counted."""
+    bf16: bool = False
+    """Train in bfloat16 mixed precision (GPU, or CPU with DeepSpeed)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    eval_batch_size: int = Field(64, ge=1)
+    """Solutions per scoring batch during evaluation."""
+    threshold: float = Field(0.5, gt=0, lt=1)
+    """A step counts as predicted wrong below this probability (step accuracy, first-error F1)."""
+    logging_steps: int = Field(10, ge=1)
+    """Optimizer steps between loss records in metrics.jsonl."""
+
+    @model_validator(mode="after")
+    def _template(self) -> "RewardModelTrainConfig":
+        try:
+            self.prompt_template.format(problem="")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(
+                f"prompt_template {self.prompt_template!r} must contain `{{problem}}` and no other `{{...}}` fields "
+                "(write a literal brace as `{{` or `}}`)"
+            ) from None
+        if "{problem}" not in self.prompt_template:
+            raise ValueError(f"prompt_template {self.prompt_template!r} does not contain `{{problem}}`; add it")
+        return self
 
 
 class Recipe(Section):
@@ -334,6 +501,8 @@ class Recipe(Section):
     """Best-of-N evaluation."""
     tracking: TrackingConfig = _section()
     """W&B and metrics.jsonl."""
+    rm: RewardModelTrainConfig = _section()
+    """Reward-model training and evaluation (`rlprm train-rm`)."""
     deepspeed: InputPath | None = None
     """A DeepSpeed JSON config (see deepspeed_configs/); none trains without DeepSpeed."""
 

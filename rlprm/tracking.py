@@ -87,6 +87,20 @@ class Tracker:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
+    def table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        """A table of examples: tables/NAME.jsonl in the run folder and a W&B Table."""
+        folder = self.run_dir / "tables"
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f"{name}.jsonl.tmp"
+        with open(tmp, "w") as f:
+            for row in rows:
+                f.write(json.dumps(dict(zip(columns, (_jsonable(v) for v in row)))) + "\n")
+        tmp.replace(folder / f"{name}.jsonl")
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({name: wandb.Table(columns=columns, data=rows)})
+
     def summary(self, values: dict) -> None:
         """Final numbers: summary.json in the run folder and the W&B run summary."""
         path = self.run_dir / "summary.json"

@@ -1,0 +1,116 @@
+"""The problem record every stage passes around, where problems come from, and how samples are graded.
+
+A `TaskProblem` is a prompt and a gold answer; for the embedded arithmetic
+task it also carries the `Problem`, so that every sample gets both verdicts
+(answer right, every step right). For MATH / GSM8K only the answer can be
+graded, through `rlprm.grading` (sandboxed workers).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlprm.config import Recipe
+from rlprm.tasks.arithmetic import Problem, check, split_problems
+
+
+class ProblemFileError(ValueError):
+    """A problems file is missing, unreadable or has a bad line (the message names file:line)."""
+
+
+@dataclass(frozen=True)
+class TaskProblem:
+    id: str
+    prompt: str
+    """What the generator is given; its solution follows directly."""
+    gold: str
+    """The final answer, as text."""
+    arith: Problem | None = None
+    """The arithmetic problem, when step truth can be checked exactly."""
+    text: str = ""
+    """The bare problem statement (reward models format it with their own prompt template)."""
+
+
+@dataclass
+class SampleGrade:
+    steps: list[str]
+    answer: str | None
+    answer_correct: bool
+    well_formed: bool
+    process_correct: bool | None
+    """Every step right (arithmetic task only; None where steps cannot be checked)."""
+    first_error: int | None = None
+    step_correct: list[bool] | None = None
+
+
+def from_arithmetic(problems: list[Problem], prefix: str = "arith") -> list[TaskProblem]:
+    return [TaskProblem(f"{prefix}-{i}", p.prompt, str(p.answer), p, p.text) for i, p in enumerate(problems)]
+
+
+def held_out_arithmetic(recipe: Recipe, n: int) -> list[TaskProblem]:
+    """The held-out arithmetic problems of this recipe's seed (never seen in generator training)."""
+    _, test = split_problems(recipe.task.arithmetic, 0, n, recipe.run.seed)
+    return from_arithmetic(test, prefix="test")
+
+
+def load_jsonl_problems(path: Path, limit: int | None = None, template: str = "{problem}\n") -> list[TaskProblem]:
+    """MATH-style (`problem`, `answer`) or GSM8K (`question`, `answer` ending in `#### n`) JSONL."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProblemFileError(f"problems file not found: {path}")
+    out: list[TaskProblem] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and len(out) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ProblemFileError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise ProblemFileError(f"{path}:{lineno}: expected a JSON object")
+            text = row.get("problem", row.get("question"))
+            answer = row.get("answer")
+            if not isinstance(text, str) or not isinstance(answer, str):
+                raise ProblemFileError(f"{path}:{lineno}: needs string fields `problem` (or `question`) and `answer`")
+            if "####" in answer:  # GSM8K: the answer field is a worked solution ending in '#### n'
+                answer = answer.rsplit("####", 1)[1].strip().replace(",", "")
+            pid = str(row.get("unique_id", row.get("id", f"{path.stem}-{lineno}")))
+            out.append(TaskProblem(pid, template.format(problem=text), answer, text=text))
+    return out
+
+
+def eval_problems(recipe: Recipe, n: int) -> list[TaskProblem]:
+    """Held-out problems for evaluation, whatever the task."""
+    if recipe.task.name == "arithmetic":
+        return held_out_arithmetic(recipe, n)
+    return load_jsonl_problems(recipe.task.test_path, limit=n, template=recipe.task.prompt_template)
+
+
+def grade_samples(problems: list[TaskProblem], texts: list[list[str]], sep: str = "\n") -> list[list[SampleGrade]]:
+    """Verdicts for texts[i][j], the j-th sample of problem i."""
+    from rlprm.steps import split_steps
+
+    grades: list[list[SampleGrade | None]] = [[None] * len(row) for row in texts]
+    pending: list[tuple[int, int, str | None, list[str]]] = []
+    for i, (problem, row) in enumerate(zip(problems, texts)):
+        for j, text in enumerate(row):
+            if problem.arith is not None:
+                r = check(problem.arith, text, sep)
+                grades[i][j] = SampleGrade(r.steps, r.answer, r.answer_correct, r.well_formed, r.process_correct,
+                                           r.first_error, r.step_correct)
+            else:
+                from rlprm.grading import extract_answer
+
+                pending.append((i, j, extract_answer(text), split_steps(text, sep)))
+    if pending:
+        from rlprm.grading import is_equiv_many
+
+        verdicts = is_equiv_many([(answer, problems[i].gold) for i, _, answer, _ in pending])
+        for (i, j, answer, steps), ok in zip(pending, verdicts):
+            grades[i][j] = SampleGrade(steps, answer, bool(ok), answer is not None, None)
+    return grades  # type: ignore[return-value]

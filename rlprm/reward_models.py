@@ -1,0 +1,499 @@
+"""Reward models: the PRM and the ORM, from training examples to single-pass scoring.
+
+- PRM: any causal-LM backbone with a token-classification head (2 classes,
+  `incorrect` / `correct`; 3 with `neutral` kept). Cross-entropy only at the
+  step-end tokens that `rlprm.steps.encode_batch` places, so training and
+  scoring read the same positions.
+- ORM: sequence classification, one logit at the last token, binary
+  cross-entropy on "final answer right".
+- `RewardModel`: one scoring object for both. `score_steps` gives, per
+  solution, the probability that each step is correct (an ORM gives only the
+  final one); `score` aggregates them (`prod`, the paper's choice; `min`,
+  `last`, `mean`). ONE forward pass per solution: a causal model's output at a
+  step end has seen only the prefix up to it, so reading every step end of the
+  full solution equals scoring each prefix on its own (`score_steps_per_prefix`
+  is that slow reference; a test and benchmarks/prm_scoring.py compare them).
+
+Padding is on the right everywhere: positions of real tokens are then the same
+as in an unpadded sequence (no position-id shift), causal attention never
+looks at the padding, and the ORM's pooling (the rightmost token that is not
+`pad_token_id`, which this module sets from the tokenizer) lands on the last
+real token.
+
+A saved reward model is a plain Hugging Face folder plus `rlprm_rm.json`: its
+kind, step separator, prompt template and label convention. Loading refuses a
+different separator, because step ends would fall on other tokens than the
+ones it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from rlprm.data.stepwise import CORRECT, INCORRECT, LABEL_NAMES, NEUTRAL, LabelledSolution
+from rlprm.steps import encode_batch, split_steps
+
+RM_FILE = "rlprm_rm.json"
+FORMAT_VERSION = 1
+AGGREGATIONS = ("prod", "min", "last", "mean")
+IGNORE_INDEX = -100
+
+
+class RewardModelError(ValueError):
+    """A reward model cannot be built, loaded or asked to score this way (the message says why)."""
+
+
+class SeparatorMismatch(RewardModelError):
+    """Scoring with a step separator other than the one the reward model was trained with."""
+
+
+@dataclass
+class Convention:
+    """Everything besides the weights that scoring must reproduce exactly; saved as rlprm_rm.json."""
+
+    kind: str
+    """`prm` or `orm`."""
+    step_separator: str
+    prompt_template: str = "{problem}\n"
+    label_names: list[str] = field(default_factory=lambda: LABEL_NAMES[:2])
+    """Class index -> name (PRM); `["answer_correct"]` for an ORM's single logit."""
+    correct_classes: list[int] = field(default_factory=lambda: [CORRECT])
+    """Classes whose probabilities sum to "this step is correct" (neutral counts as not wrong)."""
+    neutral_as: str | None = None
+    """How rating-0 steps were labelled in training (PRM800K), for the record."""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def prompt(self, problem: str) -> str:
+        return self.prompt_template.format(problem=problem)
+
+
+def make_convention(kind: str, step_separator: str, prompt_template: str = "{problem}\n",
+                    neutral_as: str | None = None) -> Convention:
+    if kind == "orm":
+        return Convention("orm", step_separator, prompt_template, ["answer_correct"], [0], None)
+    if kind != "prm":
+        raise RewardModelError(f"reward model kind must be `prm` or `orm`, got {kind!r}")
+    if neutral_as == "neutral":
+        return Convention("prm", step_separator, prompt_template, list(LABEL_NAMES), [CORRECT, NEUTRAL], neutral_as)
+    return Convention("prm", step_separator, prompt_template, LABEL_NAMES[:2], [CORRECT], neutral_as)
+
+
+def check_separator(trained: str, requested: str | None) -> None:
+    """Raise SeparatorMismatch when `requested` is given and differs from the separator a model was trained with."""
+    if requested is not None and requested != trained:
+        raise SeparatorMismatch(
+            f"this reward model was trained with step separator {trained!r} and cannot score "
+            f"with {requested!r}: its step ends would fall on other tokens. Render solutions with "
+            f"{trained!r} (task.step_separator) or train a reward model with {requested!r}."
+        )
+
+
+def aggregate(step_probs: Sequence[float], how: str = "prod") -> float:
+    """One solution score from its step probabilities. A solution with no steps scores 0."""
+    if how not in AGGREGATIONS:
+        raise RewardModelError(f"aggregate must be one of {', '.join(AGGREGATIONS)}, got {how!r}")
+    if not step_probs:
+        return 0.0
+    if how == "prod":
+        return math.prod(step_probs)
+    if how == "min":
+        return min(step_probs)
+    if how == "last":
+        return step_probs[-1]
+    return sum(step_probs) / len(step_probs)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _quiet_transformers(report: bool = True):
+    """Hides transformers' per-file progress bars and (with `report`) the load report that lists the fresh
+    head and the unused LM head, which is expected when a classifier is built on a causal LM."""
+    import contextlib
+
+    from transformers.utils import logging as hf_logging
+
+    @contextlib.contextmanager
+    def quiet():
+        old, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        if report:
+            hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(old)
+            if bars:
+                hf_logging.enable_progress_bar()
+
+    return quiet()
+
+
+def model_class(kind: str):
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    return AutoModelForTokenClassification if kind == "prm" else AutoModelForSequenceClassification
+
+
+def build_reward_model(convention: Convention, backbone: str | Path, tokenizer, dtype: str = "float32",
+                       trust_remote_code: bool = False):
+    """A PRM/ORM whose body is `backbone`'s (an HF id or folder, e.g. the generator); the head is fresh."""
+    from rlprm.models import torch_dtype
+
+    cls = model_class(convention.kind)
+    with _quiet_transformers():
+        model = cls.from_pretrained(str(backbone), num_labels=convention.num_labels, dtype=torch_dtype(dtype),
+                                    trust_remote_code=trust_remote_code)
+    _configure(model, convention, tokenizer)
+    return model
+
+
+def reward_model_from_causal_lm(convention: Convention, causal_lm, tokenizer):
+    """A PRM/ORM with the body of an in-memory causal LM (e.g. a tiny model just built) and a fresh head."""
+    import copy
+
+    config = copy.deepcopy(causal_lm.config)
+    config.num_labels = convention.num_labels
+    model = model_class(convention.kind).from_config(config)
+    body = getattr(causal_lm, causal_lm.base_model_prefix)
+    getattr(model, model.base_model_prefix).load_state_dict(body.state_dict())
+    _configure(model, convention, tokenizer)
+    return model
+
+
+def apply_lora(model, cfg, kind: str):
+    """LoRA adapters on the body when `cfg.enabled` (a `rlprm.config.LoraConfig`); the head is trained in full.
+
+    peft's `all-linear` would also put an adapter on the classification head (`score`) and then
+    fail to train it in full; the head is excluded from adapters and saved whole instead.
+    """
+    if not cfg.enabled:
+        return model
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+        exclude_modules=["score"], modules_to_save=["score"],
+        task_type="TOKEN_CLS" if kind == "prm" else "SEQ_CLS",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def _configure(model, convention: Convention, tokenizer) -> None:
+    if tokenizer.pad_token_id is None:
+        raise RewardModelError("the tokenizer has no pad token; set one (e.g. tokenizer.pad_token = tokenizer.eos_token)")
+    # the ORM pools at the rightmost token that is not pad_token_id: it must be the tokenizer's pad
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.id2label = dict(enumerate(convention.label_names))
+    model.config.label2id = {name: i for i, name in enumerate(convention.label_names)}
+
+
+# --------------------------------------------------------------------------- training examples
+
+
+def encode_examples(tokenizer, records: Sequence[LabelledSolution], convention: Convention,
+                    max_length: int) -> tuple[list[dict], dict[str, int]]:
+    """Training examples (`input_ids` + `step_ends`/`step_labels` for a PRM, `label` for an ORM) and counts.
+
+    PRM: steps after the last labelled one are cut (a causal model's labels cannot depend on them);
+    an example longer than max_length is cut after the last step end that fits. Records with no label
+    left are dropped. ORM: the whole solution (the score is read at its last token); too long, dropped;
+    unknown outcome, dropped.
+    """
+    counts = {"examples": 0, "dropped_no_label": 0, "cut_too_long": 0, "dropped_too_long": 0}
+    if convention.kind == "orm":
+        known = [r for r in records if r.answer_correct is not None]
+        counts["dropped_no_label"] = len(records) - len(known)
+        records = known
+    encoded = encode_batch(tokenizer, [convention.prompt(r.problem) for r in records], [r.steps for r in records],
+                           convention.step_separator)
+    examples = []
+    for record, enc in zip(records, encoded):
+        if convention.kind == "orm":
+            if len(enc.input_ids) > max_length:
+                counts["dropped_too_long"] += 1
+                continue
+            examples.append({"input_ids": enc.input_ids, "label": float(bool(record.answer_correct))})
+            continue
+        pairs = [(end, y) for end, y in zip(enc.step_ends, record.labels) if y is not None]
+        if not pairs:
+            counts["dropped_no_label"] += 1
+            continue
+        fitting = [(end, y) for end, y in pairs if end < max_length]
+        if len(fitting) < len(pairs):
+            counts["cut_too_long"] += 1
+            if not fitting:
+                counts["dropped_too_long"] += 1
+                continue
+        last = fitting[-1][0]
+        examples.append({
+            "input_ids": enc.input_ids[: last + 1],
+            "step_ends": [end for end, _ in fitting],
+            "step_labels": [y for _, y in fitting],
+        })
+    counts["examples"] = len(examples)
+    return examples, counts
+
+
+class Collator:
+    """Right-pads a list of examples into tensors; PRM labels are IGNORE_INDEX except at step ends.
+
+    `kind`: `prm`, `orm`, or `none` (inputs only, for scoring).
+    """
+
+    def __init__(self, pad_token_id: int, kind: str):
+        self.pad_token_id = pad_token_id
+        self.kind = kind
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.tensor(f["input_ids"], dtype=torch.long)
+            mask[i, :n] = 1
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if self.kind == "prm":
+            labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+            for i, f in enumerate(features):
+                labels[i, f["step_ends"]] = torch.tensor(f["step_labels"], dtype=torch.long)
+            batch["labels"] = labels
+        elif self.kind == "orm":
+            batch["labels"] = torch.tensor([f["label"] for f in features], dtype=torch.float)
+        return batch
+
+
+def reward_loss(kind: str, logits, labels):
+    """PRM: cross-entropy over labelled step ends; ORM: binary cross-entropy of the last-token logit."""
+    import torch.nn.functional as F
+
+    if kind == "prm":
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    return F.binary_cross_entropy_with_logits(logits.float().reshape(-1), labels.float().reshape(-1))
+
+
+def trainer_class():
+    """`transformers.Trainer` with the reward-model loss (built lazily: transformers is a heavy import)."""
+    from transformers import Trainer
+
+    class RewardModelTrainer(Trainer):
+        # compute_loss returns a per-micro-batch mean; Trainer divides it by the accumulation steps
+        loss_is_scaled_for_ga = False
+
+        def __init__(self, *args, rm_kind: str, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.rm_kind = rm_kind
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            loss = reward_loss(self.rm_kind, outputs.logits, inputs["labels"])
+            return (loss, outputs) if return_outputs else loss
+
+    return RewardModelTrainer
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+class RewardModel:
+    """Scores solutions step by step (PRM) or as a whole (ORM), one forward pass per solution."""
+
+    def __init__(self, model, tokenizer, convention: Convention):
+        if tokenizer.pad_token_id is None:
+            raise RewardModelError("the tokenizer has no pad token")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.convention = convention
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+    @property
+    def kind(self) -> str:
+        return self.convention.kind
+
+    @property
+    def step_separator(self) -> str:
+        return self.convention.step_separator
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def _check_separator(self, sep: str | None) -> None:
+        check_separator(self.step_separator, sep)
+
+    def _steps(self, solutions) -> list[list[str]]:
+        return [split_steps(s, self.step_separator) if isinstance(s, str) else list(s) for s in solutions]
+
+    def _max_positions(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def _forward(self, sequences: list[list[int]]):
+        """Logits of right-padded `sequences`: (B, T, C) for a PRM, (B, 1) for an ORM."""
+        import torch
+
+        collate = Collator(self.tokenizer.pad_token_id, "none")
+        batch = collate([{"input_ids": s} for s in sequences])
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with torch.inference_mode():
+            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+
+    def _step_probs(self, logits):
+        import torch
+
+        probs = torch.softmax(logits.float(), dim=-1)
+        return probs[..., self.convention.correct_classes].sum(-1)
+
+    def score_steps(self, problems: Sequence[str], solutions: Sequence, sep: str | None = None,
+                    batch_size: int = 32) -> list[list[float]]:
+        """Per solution, the probability that each step is correct; an ORM gives one number, for the final answer.
+
+        `problems` are problem texts (the saved prompt template formats them); `solutions` are step lists or
+        texts (split with the saved separator). `sep`, if given, must be the saved separator.
+        """
+        self._check_separator(sep)
+        if len(problems) != len(solutions):
+            raise RewardModelError(f"{len(problems)} problems but {len(solutions)} solutions")
+        steps = self._steps(solutions)
+        encoded = encode_batch(self.tokenizer, [self.convention.prompt(p) for p in problems], steps, self.step_separator)
+        limit = self._max_positions()
+        longest = max((len(e.input_ids) for e in encoded), default=0)
+        if limit and longest > limit:
+            raise RewardModelError(f"a solution is {longest} tokens long, beyond this model's {limit} positions; "
+                                   "shorten it (cap generation length) or use a backbone with more positions")
+        out: list[list[float]] = [[] for _ in encoded]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            # similar lengths together: less padding; the results go back in the callers' order
+            order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+            for start in range(0, len(order), batch_size):
+                chunk = [i for i in order[start:start + batch_size] if steps[i] or self.kind == "orm"]
+                if not chunk:
+                    continue
+                logits = self._forward([encoded[i].input_ids for i in chunk])
+                if self.kind == "orm":
+                    finals = logits.float().reshape(-1).sigmoid().tolist()
+                    for i, p in zip(chunk, finals):
+                        out[i] = [p]
+                    continue
+                probs = self._step_probs(logits).cpu()
+                for row, i in enumerate(chunk):
+                    out[i] = probs[row, encoded[i].step_ends].tolist()
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def score(self, problems: Sequence[str], solutions: Sequence, aggregate: str = "prod", sep: str | None = None,
+              batch_size: int = 32) -> list[float]:
+        """One score per solution: the step probabilities aggregated (`prod`, `min`, `last`, `mean`).
+
+        For an ORM every aggregation is its single final probability.
+        """
+        if aggregate not in AGGREGATIONS:
+            raise RewardModelError(f"aggregate must be one of {', '.join(AGGREGATIONS)}, got {aggregate!r}")
+        return [_aggregate(p, aggregate) for p in self.score_steps(problems, solutions, sep=sep, batch_size=batch_size)]
+
+    # ----------------------------------------------------------------------- save / load
+
+    def save(self, path: str | Path) -> Path:
+        """A plain HF folder (LoRA merged) plus rlprm_rm.json, written to a temporary folder and renamed."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = self.model
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        with _quiet_transformers(report=False):
+            model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        (tmp / RM_FILE).write_text(json.dumps(asdict(self.convention), indent=2) + "\n")
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", dtype: str = "float32", step_separator: str | None = None,
+             trust_remote_code: bool = False) -> "RewardModel":
+        """Load a folder written by `save`. With `step_separator`, refuse a model trained with another one."""
+        from rlprm.models import load_tokenizer, torch_dtype
+
+        path = Path(path)
+        meta = path / RM_FILE
+        if not meta.is_file():
+            raise RewardModelError(f"{path} is not an rlprm reward model: it has no {RM_FILE} "
+                                   "(train one with `rlprm train-rm`, or save a RewardModel there)")
+        data = json.loads(meta.read_text())
+        if data.get("format_version", 0) > FORMAT_VERSION:
+            raise RewardModelError(f"{meta} has format_version {data['format_version']}; this rlprm reads up to "
+                                   f"{FORMAT_VERSION}: upgrade rlprm")
+        convention = Convention(**data)
+        check_separator(convention.step_separator, step_separator)
+        tokenizer = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)
+        with _quiet_transformers(report=False):
+            model = model_class(convention.kind).from_pretrained(str(path), dtype=torch_dtype(dtype),
+                                                                 trust_remote_code=trust_remote_code)
+        if model.config.num_labels != convention.num_labels:
+            raise RewardModelError(f"{path}: the model has {model.config.num_labels} outputs but {RM_FILE} "
+                                   f"describes {convention.num_labels} ({convention.label_names})")
+        model.eval()
+        return cls(model.to(device), tokenizer, convention)
+
+
+def _aggregate(step_probs, how):
+    return aggregate(step_probs, how)
+
+
+def score_steps_per_prefix(rm: RewardModel, problems: Sequence[str], solutions: Sequence,
+                           batch_size: int = 32) -> list[list[float]]:
+    """The slow reference for a PRM: every prefix (prompt + steps[:k+1]) encoded and scored on its own.
+
+    Each prefix is a separate sequence whose last token is its step end; they are batched (right
+    padding) so that timing comparisons with `score_steps` are fair. Equal to `score_steps` up to
+    float noise, which is what makes the single pass legitimate.
+    """
+    if rm.kind != "prm":
+        raise RewardModelError("per-prefix scoring is defined for a PRM")
+    steps = rm._steps(solutions)
+    prompts, prefixes, owner = [], [], []
+    for i, (problem, s) in enumerate(zip(problems, steps)):
+        for k in range(len(s)):
+            prompts.append(rm.convention.prompt(problem))
+            prefixes.append(s[: k + 1])
+            owner.append(i)
+    encoded = encode_batch(rm.tokenizer, prompts, prefixes, rm.step_separator)
+    flat: list[float] = [0.0] * len(encoded)
+    was_training = rm.model.training
+    rm.model.eval()
+    try:
+        order = sorted(range(len(encoded)), key=lambda j: len(encoded[j].input_ids))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            logits = rm._forward([encoded[j].input_ids for j in chunk])
+            probs = rm._step_probs(logits).cpu()
+            for row, j in enumerate(chunk):
+                flat[j] = float(probs[row, len(encoded[j].input_ids) - 1])
+    finally:
+        rm.model.train(was_training)
+    out: list[list[float]] = [[] for _ in steps]
+    for j, i in enumerate(owner):
+        out[i].append(flat[j])
+    return out
+
+
+__all__ = [
+    "AGGREGATIONS", "CORRECT", "INCORRECT", "NEUTRAL", "Collator", "Convention", "RewardModel", "RewardModelError",
+    "SeparatorMismatch", "aggregate", "apply_lora", "build_reward_model", "check_separator", "encode_examples", "make_convention",
+    "reward_loss", "reward_model_from_causal_lm", "score_steps_per_prefix", "trainer_class",
+]

@@ -1,0 +1,290 @@
+"""Pure tensor math of the RL algorithms: no models, no tokenizers, no config.
+
+Shapes use B for the batch (one row per sampled response), T for response
+tokens, V for the vocabulary, G for the group size of GRPO and S for steps.
+Response tensors are `(B, T)` with a `mask` of the same shape marking the real
+response tokens (1/True) against padding (0/False). Each row's real tokens must
+be one contiguous run (right padding is the convention here; left padding also
+works); a hole in the middle would be read as the end of one episode and the
+start of another.
+
+Everything here is checked against hand-computed tensors in
+tests/test_rl_core.py; the trainers in `rl/ppo.py` and `rl/grpo.py` only wire
+these functions together.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+KL_KINDS = ("k1", "k3", "abs", "mse")
+
+
+# --------------------------------------------------------------------------- masked statistics
+
+
+def _as_weights(mask: Tensor, like: Tensor) -> Tensor:
+    return mask.to(like.dtype)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of `x` over the positions where `mask` is set.
+
+    x, mask: same shape (e.g. (B, T)). dim=None gives a scalar; an int reduces
+    that dimension only. An all-masked slice has mean 0 rather than NaN, so one
+    empty response cannot poison a batch statistic.
+    """
+    w = _as_weights(mask, x)
+    x = torch.where(w > 0, x, torch.zeros_like(x))  # padding may hold NaN/inf: never multiply it
+    if dim is None:
+        return (x * w).sum() / w.sum().clamp(min=1)
+    return (x * w).sum(dim) / w.sum(dim).clamp(min=1)
+
+
+def masked_var(x: Tensor, mask: Tensor, dim: int | None = None, unbiased: bool = True) -> Tensor:
+    """Variance of `x` over the masked positions (shapes as `masked_mean`).
+
+    `unbiased` applies Bessel's correction n/(n-1) where n > 1 (with a single
+    position the variance is 0 either way).
+    """
+    mean = masked_mean(x, mask, dim) if dim is None else masked_mean(x, mask, dim).unsqueeze(dim)
+    var = masked_mean((x - mean) ** 2, mask, dim)
+    if unbiased:
+        n = _as_weights(mask, x).sum() if dim is None else _as_weights(mask, x).sum(dim)
+        var = torch.where(n > 1, var * n / (n - 1).clamp(min=1), var)
+    return var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """`x` standardised with the mean and unbiased variance of its masked positions.
+
+    x, mask: (B, T) -> (B, T). The statistics are taken over the whole batch
+    (all masked positions together). `shift_mean=False` keeps the original mean,
+    i.e. only rescales (used for rewards, whose sign carries meaning). Padding
+    comes out as 0.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask.bool(), out, torch.zeros_like(out))
+
+
+# --------------------------------------------------------------------------- advantages
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over response tokens.
+
+    rewards, values, mask: (B, T). Returns (advantages, returns), both (B, T),
+    with returns = advantages + values, and 0 at masked positions.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t and A_t = delta_t + gamma * lam * A_{t+1},
+    where V_{t+1} and A_{t+1} count as 0 after a row's last response token: the
+    episode ends there (EOS or the length cap), so nothing is bootstrapped past
+    it. Rewards and values at masked positions are ignored, even NaN ones.
+    gamma = lam = 1 gives reward-to-go minus V_t; lam = 0 gives the one-step TD error.
+    """
+    m = mask.bool()
+    zeros = torch.zeros_like(values)
+    rewards = torch.where(m, rewards, zeros)
+    values = torch.where(m, values, zeros)
+    B, T = values.shape
+    advantages = torch.zeros_like(values)
+    next_adv = values.new_zeros(B)
+    next_value = values.new_zeros(B)
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = torch.where(m[:, t], delta + gamma * lam * next_adv, values.new_zeros(B))
+        advantages[:, t] = adv
+        # a masked position passes on zeros, which is what ends the episode at the last real token
+        next_adv = adv
+        next_value = values[:, t]
+    returns = torch.where(m, advantages + values, zeros)
+    return advantages, returns
+
+
+def group_normalize(scores: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """GRPO's group-relative advantage (Shao et al. 2024, DeepSeekMath).
+
+    scores: (B,), B = number_of_groups * G, each group being G consecutive
+    samples of one prompt. Returns (B,): (score - group mean) / (group std + eps),
+    with the unbiased std. A group whose scores are all equal gets 0 (there is
+    nothing to prefer), and so does a group of one.
+    """
+    if group_size < 1 or scores.shape[0] % group_size:
+        raise ValueError(f"{scores.shape[0]} scores cannot be split into groups of {group_size}")
+    grouped = scores.reshape(-1, group_size)
+    mean = grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
+    return ((grouped - mean) / (std + eps)).reshape(scores.shape)
+
+
+def group_normalize_steps(step_rewards: Tensor, step_mask: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """Process-supervised GRPO: step rewards normalised over all steps of a group.
+
+    step_rewards, step_mask: (B, S), the rewards of each sample's steps, padded
+    to S steps. DeepSeekMath normalises each step reward with the mean and std
+    of every step reward of every output in the group (not per position).
+    Returns (B, S), 0 at padding. Unbiased std; a group with fewer than two
+    steps in all, or all-equal rewards, gets 0.
+    """
+    B, S = step_rewards.shape
+    if group_size < 1 or B % group_size:
+        raise ValueError(f"{B} samples cannot be split into groups of {group_size}")
+    r = step_rewards.reshape(-1, group_size * S)
+    m = step_mask.reshape(-1, group_size * S)
+    mean = masked_mean(r, m, dim=1).unsqueeze(1)
+    std = masked_var(r, m, dim=1).sqrt().unsqueeze(1)
+    out = torch.where(m.bool(), (r - mean) / (std + eps), torch.zeros_like(r))
+    return out.reshape(B, S)
+
+
+def step_rewards_to_token_advantages(step_rewards_normalized: Tensor, step_end_positions: Tensor, T: int) -> Tensor:
+    """Per-token advantages from per-step rewards (process supervision, DeepSeekMath).
+
+    step_rewards_normalized: (B, S) float; step_end_positions: (B, S) long, the
+    response-token index of each step's last token, -1 for padding steps.
+    Returns (B, T): a token's advantage is the sum of the rewards of the steps
+    that end at or after it. Tokens after a row's last step end (e.g. EOS) get 0.
+    """
+    pos = step_end_positions.long()
+    valid = pos >= 0
+    if bool((pos >= T).any()):
+        raise ValueError(f"a step ends at token {int(pos.max())}, beyond the {T} response tokens")
+    placed = torch.zeros(pos.shape[0], T, dtype=step_rewards_normalized.dtype, device=step_rewards_normalized.device)
+    rewards = torch.where(valid, step_rewards_normalized, torch.zeros_like(step_rewards_normalized))
+    # scatter_add: two steps that end in one (merged) token both count there
+    placed.scatter_add_(1, pos.clamp(min=0), rewards)
+    # advantage at t = sum of placed[t:], a reverse cumulative sum
+    return placed.flip(1).cumsum(1).flip(1)
+
+
+# --------------------------------------------------------------------------- KL
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1") -> Tensor:
+    """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probs.
+
+    logprobs, ref_logprobs: (B, T) -> (B, T), with d = logprobs - ref_logprobs:
+    - k1: d (unbiased, can be negative per token)
+    - k3: exp(-d) - 1 + d (unbiased and never negative; Schulman's "approximating KL")
+    - abs: |d|
+    - mse: d^2 / 2 (Schulman's k2)
+    """
+    d = logprobs - ref_logprobs
+    if kind == "k1":
+        return d
+    if kind == "k3":
+        return torch.expm1(-d) + d
+    if kind == "abs":
+        return d.abs()
+    if kind == "mse":
+        return 0.5 * d**2
+    raise ValueError(f"kl kind must be one of {', '.join(KL_KINDS)}, got {kind!r}")
+
+
+class FixedKLController:
+    """A constant KL coefficient; `update` does nothing."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+
+class AdaptiveKLController:
+    """KL coefficient steered towards a target KL (Ziegler et al. 2019, "Fine-tuning LMs from human preferences").
+
+    After each batch: e = clip(KL / target - 1, -0.2, 0.2), and the coefficient
+    is multiplied by 1 + e * n_steps / horizon. So a KL 20% or more above target
+    raises the coefficient by 0.2 * n_steps / horizon per update; horizon sets how
+    many samples it takes to react.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"adaptive KL needs target > 0 and horizon > 0, got {target}, {horizon}")
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                clip_range: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped surrogate (Schulman et al. 2017), averaged over all response tokens.
+
+    logprobs (with grad), old_logprobs, advantages, mask: (B, T). With ratio
+    rho = exp(logprobs - old_logprobs), the per-token loss is
+    max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)). Returns (loss scalar, stats)
+    with detached scalars: `clipfrac` (share of tokens where the clipped term is
+    the larger one, i.e. whose gradient is cut), `approx_kl` (k3 estimate of
+    KL(old || new) = mean(rho - 1 - log rho)) and `ratio` (mean ratio).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(logprobs.dtype), mask),
+            "approx_kl": masked_mean(ratio - 1.0 - log_ratio, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+               clip_range_value: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss: the new value may move at most `clip_range_value` from the rollout's.
+
+    values (with grad), old_values, returns, mask: (B, T). Per token
+    0.5 * max((V - R)^2, (V_clip - R)^2), V_clip = old + clip(V - old, -c, c),
+    averaged over response tokens. Stats: `vf_clipfrac` (share of tokens where
+    the clipped error is the larger one) and `value_error` (mean (V - R)^2).
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    err = (values - returns) ** 2
+    err_clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "vf_clipfrac": masked_mean((err_clipped > err).to(values.dtype), mask),
+            "value_error": masked_mean(err, mask),
+        }
+    return loss, stats
+
+
+def entropy_from_logits(logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-token entropy of the softmax over the vocabulary.
+
+    logits: (B, T, V); mask: (B, T) or None. Returns (B, T) float32, 0 where
+    the mask is unset; `masked_mean(entropy, mask)` gives the batch figure.
+    H = logsumexp(z) - sum(softmax(z) * z), computed in float32 for bf16 logits.
+    """
+    # a -inf logit (a banned token) would give 0 * -inf = NaN below; the most negative float gives 0
+    z = logits.float().clamp(min=torch.finfo(torch.float32).min)
+    probs = torch.softmax(z, dim=-1)
+    ent = torch.logsumexp(z, dim=-1) - (probs * z).sum(-1)
+    if mask is not None:
+        ent = torch.where(mask.bool(), ent, torch.zeros_like(ent))
+    return ent
+
+
+__all__ = [
+    "AdaptiveKLController", "FixedKLController", "KL_KINDS", "entropy_from_logits", "gae", "group_normalize",
+    "group_normalize_steps", "kl_penalty", "masked_mean", "masked_var", "masked_whiten", "policy_loss",
+    "step_rewards_to_token_advantages", "value_loss",
+]

@@ -1,0 +1,443 @@
+"""PPO for a language-model policy, with dense (PRM) or sparse (ORM / ground-truth) token rewards.
+
+Our own compact loop (DESIGN.md section 6): TRL no longer ships a PPO trainer.
+Four models take part:
+- the policy (the generator, trained),
+- a frozen reference (the initial policy; the KL penalty keeps the policy near it),
+- a value model (critic): a token-classification model with one output, whose
+  body starts as the generator's, trained on the GAE returns,
+- the reward model (a PRM or an ORM; none for ground-truth rewards).
+
+Every iteration reads top to bottom in `train_ppo`: 1. generate, 2. score,
+3. rewards, 4. logprobs and values, 5. KL penalty, 6. advantages, 7. update,
+8. log; every epoch ends with 9. best-of-N and 10. a checkpoint; the run ends
+with 11. export. The math lives in `rl/core.py` and `rewards.py`; this file
+only wires models and tensors to it.
+
+Sequences are laid out as [left-padded prompt | right-padded response]: the
+prompts are padded on the left so that every response starts at the same
+column, and the response tensors (B, T) then line up with `rewards.py`'s.
+
+Resume works at epoch granularity: a checkpoint holds the policy, the value
+model, both optimizers, the KL coefficient, the counters and the RNG state, and
+the problems of epoch e depend only on (seed, e). On CPU with the same seed, a
+resumed run ends with the same metrics as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlprm.config import Recipe
+
+
+class PPOError(RuntimeError):
+    """A PPO run cannot go on (missing inputs, non-finite rewards or losses); the message says what to do."""
+
+
+class PPOInputError(PPOError):
+    """The run cannot start: a missing generator or reward model, or a run folder that needs --resume."""
+
+
+@dataclass
+class Rollout:
+    """One rollout batch; B = prompts * samples_per_problem, P = prompt columns, T = response columns."""
+
+    input_ids: "object"  # (B, P + T) long: [left-padded prompt | response, right-padded]
+    attention_mask: "object"  # (B, P + T) long
+    response_mask: "object"  # (B, T) bool: response tokens, EOS included
+    prompt_width: int
+    response_ids: list[list[int]]  # per sample, the generated ids up to and including EOS
+    texts: list[str]  # per sample, the decoded response (special tokens skipped)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def _problems_for_epoch(recipe: Recipe, epoch: int, exclude: set[str]):
+    """The training prompts of one epoch: a function of (seed, epoch) only, so that resume replays them."""
+    from rlprm.problems import from_arithmetic, load_jsonl_problems
+
+    rl = recipe.rl
+    if recipe.task.name == "arithmetic":
+        from rlprm.tasks.arithmetic import make_problems
+
+        # a seed stream apart from prepare's (seed * 1_000_003 + 17 / + 29), and held-out problems excluded
+        seed = recipe.run.seed * 1_000_003 + 1000 + epoch
+        return from_arithmetic(make_problems(recipe.task.arithmetic, rl.problems_per_epoch, seed=seed, exclude=exclude),
+                               prefix=f"rl{epoch}")
+    if recipe.task.train_path is None:
+        raise PPOInputError(f"task `{recipe.task.name}` needs task.train_path (a JSONL of training problems) for RL")
+    import random
+
+    pool = load_jsonl_problems(recipe.task.train_path, template=recipe.task.prompt_template)
+    rng = random.Random(recipe.run.seed * 7919 + epoch)
+    return [pool[rng.randrange(len(pool))] for _ in range(rl.problems_per_epoch)]
+
+
+def _generate(policy, tokenizer, prompts: list[str], n: int, temperature: float, max_new_tokens: int) -> Rollout:
+    """n samples per prompt, keeping EOS and the token ids (rlprm.sampling strips both, which RL cannot use)."""
+    import torch
+
+    device = next(policy.parameters()).device
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    was_training = policy.training
+    policy.eval()
+    try:
+        with torch.no_grad():
+            # pure temperature sampling, as everywhere in rlprm; the global torch RNG drives it (restored on resume)
+            out = policy.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                  max_new_tokens=max_new_tokens, num_return_sequences=n,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    finally:
+        policy.train(was_training)
+    return build_rollout(tokenizer, enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1]:].tolist(), n)
+
+
+def build_rollout(tokenizer, prompt_ids, prompt_mask, generated: list[list[int]], n: int) -> Rollout:
+    """Lay out left-padded prompts (one row per prompt) and n generated id lists per prompt as a `Rollout`.
+
+    Each generated list is cut after its first EOS (kept: its logprob teaches the
+    policy to stop); what follows is padding.
+    """
+    import torch
+
+    device = prompt_ids.device
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    response_ids, texts = [], []
+    for seq in generated:
+        seq = list(seq[: seq.index(eos) + 1] if eos in seq else seq)
+        response_ids.append(seq)
+        texts.append(tokenizer.decode(seq, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+    T = max(1, max(len(s) for s in response_ids))
+    resp = torch.full((len(response_ids), T), pad, dtype=torch.long)
+    for i, s in enumerate(response_ids):
+        resp[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    lengths = torch.tensor([len(s) for s in response_ids])
+    response_mask = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+    return Rollout(
+        input_ids=torch.cat([prompt_ids.repeat_interleave(n, dim=0).cpu(), resp], dim=1).to(device),
+        attention_mask=torch.cat([prompt_mask.repeat_interleave(n, dim=0).cpu(), response_mask.long()], dim=1).to(device),
+        response_mask=response_mask.to(device),
+        prompt_width=prompt_ids.shape[1],
+        response_ids=response_ids,
+        texts=texts,
+    )
+
+
+def _forward(model, input_ids, attention_mask, prompt_width: int, T: int):
+    """Logits (or values) at the positions that predict response tokens 0..T-1: shape (B, T, ...).
+
+    Position ids count real tokens only, so that a left-padded prompt sees the
+    positions it would see unpadded (as `generate` gives it).
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    # the token at column P + t is predicted by the output at column P + t - 1
+    return out.logits[:, prompt_width - 1: prompt_width - 1 + T]
+
+
+def _logprobs(logits, tokens):
+    """log p(token) under `logits`: (B, T, V), (B, T) -> (B, T), in float32."""
+    import torch
+
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _check_finite(name: str, value, run_dir: Path) -> None:
+    import torch
+
+    bad = ~torch.isfinite(value) if hasattr(value, "shape") else not math.isfinite(float(value))
+    if bool(bad.any() if hasattr(bad, "any") else bad):
+        from rlprm.checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(run_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise PPOError(f"{name} is not finite (NaN/inf); stopping before it reaches the weights. {kept}. "
+                       "Lower rl.learning_rate or reward.kl_coef, check the reward model's scores, then run again "
+                       "(with --resume to continue from the checkpoint)")
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _load_value_model(path: str, dtype: str, device: str, trust_remote_code: bool):
+    from transformers import AutoModelForTokenClassification
+
+    from rlprm.models import torch_dtype
+    from rlprm.reward_models import _quiet_transformers
+
+    # the head is new (1 output, randomly initialised from the global RNG): transformers' load report is expected noise
+    with _quiet_transformers(report=True):
+        model = AutoModelForTokenClassification.from_pretrained(str(path), num_labels=1, dtype=torch_dtype(dtype),
+                                                                trust_remote_code=trust_remote_code)
+    return model.to(device)
+
+
+def check_prerequisites(recipe: Recipe) -> None:
+    """Raise PPOError naming the command that builds a missing generator or reward model."""
+    builders = {"generator": "rlprm prepare recipes/arith_prepare.yaml",
+                "arith_prm": "rlprm train-rm recipes/prm_train.yaml",
+                "arith_orm": "rlprm train-rm recipes/orm_train.yaml"}
+    needed = [("model.generator", recipe.model.generator)]
+    if recipe.reward.source in ("prm", "orm"):
+        if recipe.model.reward_model is None:
+            raise PPOInputError(f"reward.source is {recipe.reward.source} but model.reward_model is not set; "
+                           "point it at a folder written by `rlprm train-rm`")
+        needed.append(("model.reward_model", recipe.model.reward_model))
+    for key, ref in needed:
+        if ref.startswith("/") and not Path(ref).exists():
+            hint = next((cmd for part, cmd in builders.items() if part in Path(ref).parts), None)
+            how = f"; build it first with `{hint}`" if hint else ""
+            raise PPOInputError(f"{key} {ref} does not exist{how}")
+    if recipe.model.generator == "tiny":
+        raise PPOInputError("model.generator is `tiny` (an untrained model); point it at a trained generator, e.g. "
+                       "../runs/arith/generator built by `rlprm prepare recipes/arith_prepare.yaml`")
+    if recipe.rl.algorithm != "ppo":
+        raise PPOInputError(f"rl.algorithm is {recipe.rl.algorithm!r}; only ppo is implemented by train_ppo")
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
+    """Run PPO as the recipe says; returns the final metrics (also in summary.json)."""
+    import numpy as np
+    import torch
+
+    from rlprm.checkpoint import export, latest_checkpoint, load_state, save_checkpoint
+    from rlprm.evaluate import best_of_n
+    from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
+    from rlprm.problems import eval_problems, grade_samples, held_out_arithmetic
+    from rlprm.reward_models import RewardModel
+    from rlprm.rewards import RewardError, add_kl_penalty, token_rewards
+    from rlprm.rl.core import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, masked_mean,
+                               masked_whiten, policy_loss, value_loss)
+    from rlprm.tracking import Tracker
+
+    check_prerequisites(recipe)
+    rl, rcfg, sep = recipe.rl, recipe.reward, recipe.task.step_separator
+    run_dir = Path(recipe.run.output_dir)
+    device = resolve_device(recipe.run.device)
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        print(f"--resume: {run_dir} has no complete checkpoint; starting from the beginning")
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise PPOInputError(f"{run_dir} already holds checkpoints: continue it with --resume, or set another "
+                       "run.output_dir (or delete the folder) to start over")
+    if ckpt is None and (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()  # a fresh run's log starts empty (a crashed earlier try left nothing to resume)
+    torch.manual_seed(recipe.run.seed)
+
+    # models: policy and reference from the generator; critic from `rl.value_model`; optional reward model
+    gen, dtype, trc = recipe.model.generator, recipe.model.dtype, recipe.model.trust_remote_code
+    tokenizer = load_tokenizer(gen, padding_side="left", trust_remote_code=trc)
+    reference = load_causal_lm(gen, dtype, device, trc).eval().requires_grad_(False)
+    src = ckpt / "model" if ckpt else gen
+    policy = load_causal_lm(src, dtype, device, trc)
+    value_src = ckpt / "extra" / "value" if ckpt else (gen if rl.value_model == "policy" else rl.value_model)
+    value_model = _load_value_model(value_src, dtype, device, trc)
+    reward_model = None
+    if rcfg.source in ("prm", "orm"):
+        reward_model = RewardModel.load(recipe.model.reward_model, device=device, dtype=dtype, step_separator=sep)
+        if reward_model.kind != rcfg.source:
+            raise PPOInputError(f"reward.source is {rcfg.source} but {recipe.model.reward_model} is a {reward_model.kind}")
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=rl.learning_rate)
+    value_opt = torch.optim.AdamW(value_model.parameters(), lr=rl.value_learning_rate)
+    kl_ctl = (FixedKLController(rcfg.kl_coef) if rl.target_kl is None
+              else AdaptiveKLController(rcfg.kl_coef, rl.target_kl, rl.kl_horizon))
+    start_epoch, step = 0, 0
+    if ckpt is not None:
+        state = load_state(ckpt)  # also restores the RNG: the next epoch samples what it would have
+        policy_opt.load_state_dict(state["policy_optimizer"])
+        value_opt.load_state_dict(state["value_optimizer"])
+        kl_ctl.value = state["kl_coef"]
+        start_epoch, step = state["epoch"], state["step"]
+        print(f"resuming from {ckpt} (epoch {start_epoch}, iteration {step})")
+
+    exclude = set()
+    if recipe.task.name == "arithmetic":
+        exclude = {p.text for p in held_out_arithmetic(recipe, max(recipe.prepare_eval.num_problems, rl.eval_problems))}
+    eval_set = eval_problems(recipe, rl.eval_problems) if rl.eval_n else []
+    iterations = math.ceil(rl.problems_per_epoch / rl.prompts_per_iteration)
+    n = rl.samples_per_problem
+    final: dict = {}
+
+    tracker = Tracker(run_dir, recipe, job="rl", tags=["rl", "ppo", rcfg.mode, rcfg.source])
+    threads_before = torch.get_num_threads()
+    if recipe.run.threads:
+        torch.set_num_threads(recipe.run.threads)  # restored at the end: callers (tests) keep their setting
+    try:
+        def evaluate(epoch: int) -> dict:
+            # 9. best-of-N on held-out problems, scored by the run's own reward model if it has one
+            if not rl.eval_n:
+                return {}
+            t0 = time.monotonic()
+            rms = {rcfg.source: reward_model} if reward_model is not None else {}
+            # sampling reseeds the global torch RNG (same eval samples' seed every epoch, for comparable numbers);
+            # keep the training stream apart from it, or every epoch's rollouts would reuse one stream
+            rng = torch.get_rng_state()
+            metrics, pool = best_of_n(policy, tokenizer, eval_set, rms, n_max=rl.eval_n,
+                                      temperature=recipe.eval.temperature, max_new_tokens=rl.max_new_tokens,
+                                      batch_size=recipe.eval.batch_size, resamples=min(recipe.eval.resamples, 100),
+                                      seed=recipe.run.seed, sep=sep, progress=False)
+            torch.set_rng_state(rng)
+            process = pool.process()
+            metrics.update({
+                "epoch": epoch,
+                "eval/answer_accuracy": float(pool.correct().mean()),
+                "eval/process_accuracy": None if np.isnan(process).all() else float(np.nanmean(process)),
+                "time/eval": round(time.monotonic() - t0, 2),
+            })
+            tracker.log(metrics, step=step)
+            return metrics
+
+        if ckpt is None:
+            final.update(evaluate(0))  # the starting point, for before/after comparisons
+
+        for epoch in range(start_epoch, rl.epochs):
+            problems = _problems_for_epoch(recipe, epoch, exclude)
+            for it in range(iterations):
+                batch = problems[it * rl.prompts_per_iteration:(it + 1) * rl.prompts_per_iteration]
+                if not batch:
+                    break
+                t0 = time.monotonic()
+
+                # 1. generate: n samples per prompt, EOS and token ids kept
+                ro = _generate(policy, tokenizer, [p.prompt for p in batch], n, rl.temperature, rl.max_new_tokens)
+                B, T = ro.response_mask.shape
+                sample_problems = [p for p in batch for _ in range(n)]
+                t_gen = time.monotonic() - t0
+
+                # 2. score: exact grading always (for the log and ground-truth rewards); the reward model if used
+                grades = [g for row in grade_samples(batch, [ro.texts[i * n:(i + 1) * n] for i in range(len(batch))],
+                                                     sep) for g in row]
+                outcomes = [float(g.answer_correct) for g in grades]
+                scores = None
+                if reward_model is not None:
+                    scores = reward_model.score_steps([p.text for p in sample_problems], ro.texts, sep=sep)
+                t_score = time.monotonic() - t0 - t_gen
+
+                # 3. rewards on the policy's response tokens (dense at step ends, or sparse at the last token)
+                try:
+                    tr = token_rewards(rcfg, ro.texts, ro.response_ids, scores=scores, outcomes=outcomes,
+                                       tokenizer=tokenizer, max_tokens=rl.max_new_tokens, width=T, sep=sep,
+                                       sparse_aggregate=rcfg.sparse_aggregate, device=device)
+                except RewardError as exc:
+                    raise PPOError(f"epoch {epoch + 1}, iteration {it + 1}: {exc}") from None
+                _check_finite("the rewards", tr.rewards, run_dir)
+                mask = tr.mask & ro.response_mask
+
+                # 4. logprobs and values of the rollout, before any update (the "old" policy and critic)
+                with torch.no_grad():
+                    policy.eval()
+                    logits = _forward(policy, ro.input_ids, ro.attention_mask, ro.prompt_width, T)
+                    old_logprobs = _logprobs(logits, ro.input_ids[:, ro.prompt_width:])
+                    entropy = masked_mean(entropy_from_logits(logits, mask), mask)
+                    del logits
+                    ref_logprobs = _logprobs(_forward(reference, ro.input_ids, ro.attention_mask, ro.prompt_width, T),
+                                             ro.input_ids[:, ro.prompt_width:])
+                    value_model.eval()
+                    old_values = _forward(value_model, ro.input_ids, ro.attention_mask, ro.prompt_width, T)
+                    old_values = old_values.squeeze(-1).float()
+
+                    # 5. KL penalty: every token pays for drifting from the reference
+                    shaped, kl = add_kl_penalty(tr.rewards, old_logprobs, ref_logprobs, mask, kl_ctl.value,
+                                                rl.kl_estimator)
+
+                    # 6. advantages: GAE over the shaped rewards, then whitened over the batch
+                    advantages, returns = gae(shaped, old_values, mask, rl.gamma, rl.lam)
+                    if rl.whiten_advantages:
+                        advantages = masked_whiten(advantages, mask)
+                _check_finite("the advantages", advantages, run_dir)
+
+                # 7. update: ppo_epochs passes over shuffled minibatches, clipped policy and value losses
+                policy.train()
+                value_model.train()
+                stats: dict[str, list[float]] = defaultdict(list)
+                for _ in range(rl.ppo_epochs):
+                    order = torch.randperm(B)
+                    for start in range(0, B, rl.minibatch_size):
+                        idx = order[start:start + rl.minibatch_size].to(device)
+                        ids, att, m = ro.input_ids[idx], ro.attention_mask[idx], mask[idx]
+                        new_logprobs = _logprobs(_forward(policy, ids, att, ro.prompt_width, T),
+                                                 ids[:, ro.prompt_width:])
+                        values = _forward(value_model, ids, att, ro.prompt_width, T).squeeze(-1).float()
+                        pl, pstats = policy_loss(new_logprobs, old_logprobs[idx], advantages[idx], m, rl.clip_range)
+                        vl, vstats = value_loss(values, old_values[idx], returns[idx], m, rl.clip_range_value)
+                        loss = pl + rl.vf_coef * vl
+                        _check_finite("the PPO loss", loss.detach(), run_dir)
+                        policy_opt.zero_grad(set_to_none=True)
+                        value_opt.zero_grad(set_to_none=True)
+                        loss.backward()  # the two models share no parameters: one backward fills both
+                        torch.nn.utils.clip_grad_norm_(policy.parameters(), rl.max_grad_norm)
+                        torch.nn.utils.clip_grad_norm_(value_model.parameters(), rl.max_grad_norm)
+                        policy_opt.step()
+                        value_opt.step()
+                        stats["policy_loss"].append(pl.item())
+                        stats["value_loss"].append(vl.item())
+                        for k, v in {**pstats, **vstats}.items():
+                            stats[k].append(float(v))
+                t_update = time.monotonic() - t0 - t_gen - t_score
+                step += 1
+                mean_kl = float(kl.sum(1).mean())  # per sample, summed over its tokens (kl is 0 at padding)
+                kl_ctl.update(float(masked_mean(kl, mask)), B)
+
+                # 8. log
+                process = [g.process_correct for g in grades]
+                record = {
+                    "epoch": epoch + (it + 1) / iterations,
+                    "rl/reward": float(tr.returns.mean()),
+                    "rl/shaped_return": float(shaped.sum(1).mean()),
+                    "rl/kl": mean_kl,
+                    "rl/kl_per_token": float(masked_mean(kl, mask)),
+                    "rl/kl_coef": kl_ctl.value,
+                    "rl/entropy": float(entropy),
+                    "rl/value_mean": float(masked_mean(old_values, mask)),
+                    "rl/response_length": float(mask.sum(1).float().mean()),
+                    "rl/steps_per_solution": _mean(len(g.steps) for g in grades),
+                    "rl/answer_accuracy": _mean(outcomes),
+                    "rl/process_accuracy": _mean(process) if any(p is not None for p in process) else None,
+                    "rl/well_formed": _mean(g.well_formed for g in grades),
+                    **{f"rl/{k}": _mean(v) for k, v in stats.items()},
+                    **{f"reward/{k}": v for k, v in tr.stats.items()},
+                    "time/generate": round(t_gen, 3),
+                    "time/score": round(t_score, 3),
+                    "time/update": round(t_update, 3),
+                }
+                tracker.log(record, step=step)
+                final.update(record)
+                if progress:
+                    print(f"epoch {epoch + 1}/{rl.epochs} it {it + 1}/{iterations}  reward {record['rl/reward']:+.3f}  "
+                          f"answer {record['rl/answer_accuracy']:.1%}  kl {mean_kl:.4f}  "
+                          f"gen {t_gen:.1f}s score {t_score:.1f}s update {t_update:.1f}s", flush=True)
+
+            final.update(evaluate(epoch + 1))
+
+            # 10. checkpoint: weights, optimizers, KL coefficient, counters (and the RNG, added by save_checkpoint)
+            save_checkpoint(run_dir, epoch + 1, policy, tokenizer,
+                            {"policy_optimizer": policy_opt.state_dict(), "value_optimizer": value_opt.state_dict(),
+                             "kl_coef": kl_ctl.value, "step": step},
+                            extra_models={"value": value_model})
+
+        # 11. export the final policy as a plain HF folder (summary first: export copies it)
+        if final:  # a resume of a finished run trains nothing: keep its summary
+            tracker.summary({k: v for k, v in final.items() if isinstance(v, (int, float)) or v is None})
+        else:
+            print(f"{run_dir} already finished its {rl.epochs} epochs; raise rl.epochs to train on")
+        out = export(run_dir)
+        final["export_dir"] = str(out)
+        return final
+    finally:
+        torch.set_num_threads(threads_before)
+        tracker.finish()
+
+
+__all__ = ["PPOError", "PPOInputError", "Rollout", "build_rollout", "check_prerequisites", "train_ppo"]

@@ -1,0 +1,99 @@
+"""RL entry point: `python rlprm/train_rl.py RECIPE [key=value ...] [--resume]`.
+
+Also runs under the DeepSpeed launcher (`deepspeed rlprm/train_rl.py RECIPE`),
+which puts `--local_rank=N` in front of the script's own arguments; it is
+accepted and, for now, ignored: the PPO loop trains on one process, and a
+launch with several processes (WORLD_SIZE > 1) is refused.
+`rlprm train-rl RECIPE` is the same job through the `rlprm` command.
+
+Exit codes: 0 done, 2 bad input (recipe, missing generator or reward model),
+4 the run stopped (non-finite rewards or losses; the last good checkpoint is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # run as a script path: make the repository's `rlprm` importable without an install
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 4
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train_rl.py",
+        description="Fine-tune the generator with RL (PPO) from dense PRM, sparse ORM or ground-truth rewards, "
+                    "as the recipe's `rl` and `reward` sections say. Writes metrics.jsonl, a checkpoint per epoch "
+                    "and an exported HF folder (RUN_DIR/export).",
+    )
+    parser.add_argument("recipe", help="a recipe YAML file, e.g. recipes/prm_dense.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe values, e.g. rl.epochs=1")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the run folder's latest checkpoint (weights, optimizers, epoch, RNG)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    parser.add_argument("--no-progress", action="store_true", help="print no per-iteration lines")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from rlprm.config import RecipeError, load_recipe, recipe_to_yaml
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.print_config:
+        print(recipe_to_yaml(recipe), end="")
+        return 0
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        # every process would run the whole loop and write the same run folder: refuse rather than corrupt it
+        print(f"error: {world} processes were launched (WORLD_SIZE={world}), but PPO trains on one process for "
+              "now; launch it with `deepspeed --num_gpus 1 ...` or plain `python rlprm/train_rl.py ...`",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from rlprm.rl.ppo import PPOError, PPOInputError, check_prerequisites, train_ppo
+
+    if recipe.rl.algorithm != "ppo":
+        print(f"error: rl.algorithm {recipe.rl.algorithm!r} is not implemented yet; use ppo", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        check_prerequisites(recipe)
+    except PPOError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from rlprm.reward_models import RewardModelError
+
+    try:
+        final = train_ppo(recipe, resume=args.resume, progress=not args.no_progress)
+    except (RewardModelError, PPOInputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except PPOError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_STOPPED
+    acc = final.get("eval/answer_accuracy")
+    proc = final.get("eval/process_accuracy")
+    line = f"policy exported to {final['export_dir']}"
+    if acc is not None:
+        line += f"\n  held-out answer accuracy {acc:.1%}" + (f", process accuracy {proc:.1%}" if proc is not None else "")
+    print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # intermixed: `RECIPE --resume key=value` works as well as `RECIPE key=value --resume`
+    return run(build_parser().parse_intermixed_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

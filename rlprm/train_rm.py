@@ -1,0 +1,465 @@
+"""`rlprm train-rm`: train a PRM or an ORM, save it, and evaluate it on held-out data.
+
+    rlprm train-rm recipes/prm_train.yaml                           # one process
+    deepspeed --num_gpus 8 rlprm/train_rm.py recipes/prm_train_prm800k.yaml   # many
+
+The job, top to bottom:
+
+1. check inputs (data files, the generator, the DeepSpeed config) before
+   loading anything heavy, so a typo costs seconds, not a sampling run;
+2. training arguments (this also starts DeepSpeed's process group);
+3. data: on the arithmetic task, sample the generator on training problems and
+   on held-out problems and label every step with the exact checker (cached as
+   JSONL, so a re-run skips it); or PRM800K lines and, for evaluation,
+   PRM800K's held-out lines and ProcessBench;
+4. the model: the backbone's body with a fresh token-classification (PRM) or
+   sequence-classification (ORM) head, LoRA if asked;
+5. training examples and `transformers.Trainer` with the reward-model loss;
+6. save `RUN_DIR/reward_model/` atomically (a plain HF folder + rlprm_rm.json);
+7. evaluate the saved model: step accuracy / AUROC, first-error F1, solution
+   AUROC, the blind-spot rate (on the arithmetic task), best-of-N; all to
+   metrics.jsonl, W&B and summary.json.
+
+Only the first process samples, saves and evaluates; the others train.
+"""
+
+if __name__ == "__main__":  # launched as a script: this folder must not shadow top-level modules
+    import os as _os
+    import sys as _sys
+
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
+
+import json  # noqa: E402  (the guard above must run first; hence no `from __future__` either)
+import os  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from rlprm.config import Recipe  # noqa: E402
+
+
+class TrainRMError(RuntimeError):
+    """The job cannot start or cannot go on (the message says why and what to change)."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process_distributed_env() -> None:
+    """DeepSpeed under plain `python` looks for MPI unless these are set (DESIGN.md section 9)."""
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    if "RANK" not in os.environ:
+        for key, value in defaults.items():
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """Everything that can be checked without loading a model; raises TrainRMError."""
+    rm, data = recipe.rm, recipe.rm.data
+    problems = []
+    for key, paths in (("rm.data.train_paths", data.train_paths if data.source == "prm800k" else []),
+                       ("rm.data.eval_paths", data.eval_paths if data.source == "prm800k" else []),
+                       ("rm.data.processbench_paths", data.processbench_paths)):
+        for path in paths:
+            if not Path(path).is_file():
+                problems.append(f"{key}: file not found: {path} (edit the recipe or override, e.g. {key}=[/data/file])")
+    if data.source == "arithmetic" and recipe.task.name != "arithmetic":
+        problems.append(f"rm.data.source is arithmetic but task.name is {recipe.task.name}; set task.name: arithmetic")
+    needs_generator = data.source == "arithmetic" or rm.backbone == "generator"
+    gen = recipe.model.generator
+    if needs_generator:
+        if gen == "tiny":
+            problems.append("model.generator is `tiny`, but sampling arithmetic data (and rm.backbone: generator) needs a "
+                            "trained generator: run `rlprm prepare recipes/arith_prepare.yaml` and set "
+                            "model.generator: ../runs/arith/generator (or rm.backbone: tiny for a fresh backbone)")
+        elif gen.startswith("/") and not (Path(gen) / "config.json").is_file():
+            problems.append(f"model.generator: no checkpoint at {gen} (config.json missing). Make it with "
+                            "`rlprm prepare recipes/arith_prepare.yaml`, or point model.generator at one")
+    if recipe.deepspeed is not None:
+        try:
+            stage = json.loads(Path(recipe.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
+        except (OSError, ValueError) as exc:
+            problems.append(f"deepspeed: cannot read {recipe.deepspeed}: {exc}")
+        else:
+            if stage == 3:
+                problems.append("deepspeed: ZeRO-3 is not supported by train-rm yet (the evaluation reads whole "
+                                "weights on one process); use deepspeed_configs/zero2.json")
+    if problems:
+        raise TrainRMError("cannot start:\n  " + "\n  ".join(problems))
+
+
+def _callbacks(tracker, budget_s: float, progress: bool, total_steps_hint: int):
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """A bar over optimizer steps with the loss; logs to metrics.jsonl; the time budget."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.t0 = time.monotonic()
+            self.bar = tqdm(total=state.max_steps or total_steps_hint, desc="training reward model", unit="step",
+                            disable=not progress or not state.is_world_process_zero)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.bar.update(state.global_step - self.bar.n)
+            if budget_s and time.monotonic() - self.t0 >= budget_s:
+                control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs:
+                return
+            if "loss" in logs:
+                self.bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+            if tracker is not None:
+                tracker.log({f"train/{k}": v for k, v in logs.items()}, step=state.global_step)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
+
+    return [Progress()]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def arithmetic_data(recipe: Recipe, progress: bool) -> tuple[list, list, dict]:
+    """(train records, eval records, counts): generator samples labelled by the exact checker, cached."""
+    from rlprm.data.stepwise import label_summary, load_or_sample, model_fingerprint, sample_arithmetic
+    from rlprm.tasks.arithmetic import split_problems
+
+    data, sep = recipe.rm.data, recipe.task.step_separator
+    gen_path = recipe.model.generator
+    # the held-out side is drawn like `rlprm prepare`'s (same seed): the generator never trained on it
+    train_problems, eval_problems = split_problems(recipe.task.arithmetic, data.train_problems, data.eval_problems,
+                                                   recipe.run.seed)
+    cache = Path(data.cache_dir or recipe.run.output_dir)
+    state = {}
+
+    def generator():
+        if "model" not in state:
+            from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
+            from rlprm.reward_models import _quiet_transformers
+
+            state["tokenizer"] = load_tokenizer(gen_path, padding_side="left")
+            with _quiet_transformers(report=False):
+                state["model"] = load_causal_lm(gen_path, device=resolve_device(recipe.run.device))
+        return state["model"], state["tokenizer"]
+
+    base = {"generator": str(gen_path), "fingerprint": model_fingerprint(gen_path), "seed": recipe.run.seed,
+            "temperature": data.temperature, "max_new_tokens": data.max_new_tokens, "sep": sep,
+            "task": recipe.task.arithmetic.model_dump(mode="json")}
+    out, counts = {}, {}
+    for split, problems, n, seed in (("train", train_problems, data.samples_per_problem, recipe.run.seed * 7 + 1),
+                                     ("eval", eval_problems, data.eval_samples_per_problem, recipe.run.seed * 7 + 2)):
+        meta = dict(base, split=split, problems=len(problems), samples_per_problem=n)
+
+        def make(problems=problems, n=n, seed=seed, split=split):
+            model, tokenizer = generator()
+            return sample_arithmetic(model, tokenizer, problems, n, temperature=data.temperature,
+                                     max_new_tokens=data.max_new_tokens, batch_size=data.sample_batch_size,
+                                     seed=seed, sep=sep, progress=progress, desc=f"sampling {split} solutions")
+
+        records, sample_counts, cached = load_or_sample(cache / f"rm_samples_{split}.jsonl", meta, make)
+        out[split] = records
+        counts.update({f"data/{split}_{k}": v for k, v in sample_counts.items()})
+        counts.update({f"data/{split}_{k}": v for k, v in label_summary(records).items()})
+        counts[f"data/{split}_from_cache"] = cached
+    state.clear()
+    return out["train"], out["eval"], counts
+
+
+def prm800k_data(recipe: Recipe) -> tuple[list, list, dict]:
+    """(train records, eval records, counts) from PRM800K files; eval from eval_paths or held-out problems."""
+    import zlib
+
+    from rlprm.data.prm800k import load_many
+
+    data = recipe.rm.data
+    kwargs = dict(neutral_as=data.neutral_as, keep_quality_control=data.keep_quality_control,
+                  keep_screening=data.keep_screening, alternatives=data.alternatives, on_bad_line=data.on_bad_line)
+    train, train_counts = load_many(data.train_paths, **kwargs)
+    counts = {f"data/train_{k}": v for k, v in train_counts.items()}
+    if data.eval_paths:
+        evals, eval_counts = load_many(data.eval_paths, **kwargs)
+        counts.update({f"data/eval_{k}": v for k, v in eval_counts.items()})
+    else:
+        # hold out whole problems (a stable hash of the text), never single steps of a seen trajectory
+        held = lambda r: zlib.crc32(r.problem.encode()) % 10_000 < data.eval_fraction * 10_000  # noqa: E731
+        evals = [r for r in train if held(r)]
+        train = [r for r in train if not held(r)]
+    if data.max_records and len(train) > data.max_records:
+        random.Random(recipe.run.seed).shuffle(train)
+        train = train[: data.max_records]
+    counts["data/train_records_used"] = len(train)
+    counts["data/eval_records"] = len(evals)
+    return train, evals, counts
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_reward_model(rm, records, threshold: float = 0.5, batch_size: int = 64) -> dict:
+    """Every metric the records allow (see rlprm.rm_metrics); keys without a prefix."""
+    from rlprm.data.stepwise import INCORRECT
+    from rlprm.reward_models import AGGREGATIONS, aggregate
+    from rlprm.rm_metrics import (auroc, best_of_n_accuracy, blind_spot_rate, first_error_f1, predict_first_error,
+                                  step_accuracy)
+
+    if not records:
+        return {}
+    step_probs = rm.score_steps([r.problem for r in records], [r.steps for r in records], batch_size=batch_size)
+    out: dict = {"num_solutions": len(records), "num_problems": len({r.group for r in records})}
+    aggregations = AGGREGATIONS if rm.kind == "prm" else ("last",)
+    if rm.kind == "prm":
+        probs, truth = [], []
+        for r, ps in zip(records, step_probs):
+            for p, y in zip(ps, r.labels):
+                if y is not None:
+                    probs.append(p)
+                    truth.append(y != INCORRECT)
+        out["num_labelled_steps"] = len(probs)
+        out["step_accuracy"] = step_accuracy(probs, truth, threshold)
+        out["step_auroc"] = auroc(probs, truth)
+        known = [(r, ps) for r, ps in zip(records, step_probs)
+                 if r.process_correct is True or (r.process_correct is False and r.first_error is not None)]
+        fe = first_error_f1([None if r.process_correct else r.first_error for r, _ in known],
+                            [predict_first_error(ps, threshold) for _, ps in known])
+        out.update({f"first_error_{k}": v for k, v in fe.items()})
+    for how in aggregations:
+        scores = [aggregate(ps, how) for ps in step_probs]
+        tag = "" if how == aggregations[0] else f"_{how}"  # the paper's product (PRM) is the unsuffixed one
+        with_process = [(r, s) for r, s in zip(records, scores) if r.process_correct is not None]
+        with_answer = [(r, s) for r, s in zip(records, scores) if r.answer_correct is not None]
+        out[f"solution_auroc{tag}"] = auroc([s for _, s in with_process], [r.process_correct for r, _ in with_process]) \
+            if with_process else None
+        out[f"solution_auroc_answer{tag}"] = auroc([s for _, s in with_answer], [r.answer_correct for r, _ in with_answer]) \
+            if with_answer else None
+        both = [(r, s) for r, s in zip(records, scores) if r.process_correct is not None and r.answer_correct is not None]
+        if both:
+            rate, pairs = blind_spot_rate([r.group for r, _ in both], [s for _, s in both],
+                                          [r.answer_correct for r, _ in both], [r.process_correct for r, _ in both])
+            out[f"blind_spot_rate{tag}"] = rate
+            out["blind_spot_pairs"] = pairs
+            out[f"best_of_n_process_accuracy{tag}"] = best_of_n_accuracy(
+                [r.group for r, _ in both], [s for _, s in both], [r.process_correct for r, _ in both])
+            out[f"best_of_n_answer_accuracy{tag}"] = best_of_n_accuracy(
+                [r.group for r, _ in both], [s for _, s in both], [r.answer_correct for r, _ in both])
+    return out
+
+
+def evaluate_processbench(rm, path: Path, limit: int, threshold: float, batch_size: int) -> dict:
+    """ProcessBench first-error F1 of a PRM on one file."""
+    from rlprm.data.processbench import load_processbench
+    from rlprm.rm_metrics import first_error_f1, predict_first_error
+
+    records = load_processbench(path, limit)
+    probs = rm.score_steps([r.problem for r in records], [r.steps for r in records], batch_size=batch_size)
+    fe = first_error_f1([r.first_error for r in records], [predict_first_error(p, threshold) for p in probs])
+    return {f"{k}": v for k, v in fe.items()}
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def train_rm(recipe: Recipe, progress: bool = True) -> dict:
+    """Train, save and evaluate a reward model; returns the summary (empty on processes other than the first)."""
+    t_start = time.monotonic()
+    rm_cfg, data_cfg = recipe.rm, recipe.rm.data
+    run_dir = Path(recipe.run.output_dir)
+    sep = recipe.task.step_separator
+
+    # 1. inputs checked before anything heavy is loaded
+    check_inputs(recipe)
+    if recipe.deepspeed is not None:
+        _single_process_distributed_env()
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import datasets
+    import transformers
+
+    from rlprm.data.stepwise import label_summary
+    from rlprm.models import load_tokenizer, num_parameters, resolve_device
+    from rlprm.reward_models import (Collator, RewardModel, apply_lora, build_reward_model, encode_examples,
+                                     make_convention, reward_model_from_causal_lm, trainer_class)
+    from rlprm.tracking import Tracker
+
+    datasets.disable_progress_bars()
+    if recipe.run.threads:
+        torch.set_num_threads(recipe.run.threads)
+    device = resolve_device(recipe.run.device)
+    is_main = _rank() == 0
+
+    # 2. training arguments (with DeepSpeed this starts the process group)
+    work_dir = run_dir / "rm_trainer_work"
+    args = transformers.TrainingArguments(
+        output_dir=str(work_dir),
+        per_device_train_batch_size=rm_cfg.batch_size,
+        gradient_accumulation_steps=rm_cfg.gradient_accumulation_steps,
+        num_train_epochs=rm_cfg.epochs,
+        max_steps=rm_cfg.max_steps or -1,
+        learning_rate=rm_cfg.learning_rate,
+        weight_decay=rm_cfg.weight_decay,
+        warmup_steps=rm_cfg.warmup_ratio,  # below 1: a share of the steps
+        lr_scheduler_type=rm_cfg.lr_scheduler,
+        max_grad_norm=rm_cfg.max_grad_norm,
+        bf16=rm_cfg.bf16,
+        activation_checkpointing=rm_cfg.gradient_checkpointing,
+        logging_steps=rm_cfg.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=device == "cpu",
+        seed=recipe.run.seed,
+        data_seed=recipe.run.seed,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        deepspeed=str(recipe.deepspeed) if recipe.deepspeed else None,
+        disable_tqdm=True,  # our own bar (the default one prints every log dict)
+        dataloader_num_workers=0,
+    )
+
+    tracker = Tracker(run_dir, recipe, job=f"train-{rm_cfg.kind}", tags=[rm_cfg.kind]) if is_main else None
+    try:
+        # 3. data (the first process samples and caches; the others then read the cache)
+        with args.main_process_first(desc="reward-model data", local=False):
+            if data_cfg.source == "arithmetic":
+                train_records, eval_records, counts = arithmetic_data(recipe, progress and is_main)
+            else:
+                train_records, eval_records, counts = prm800k_data(recipe)
+        if not train_records:
+            raise TrainRMError("no training records: check rm.data (all lines dropped or skipped?)")
+        t_data = time.monotonic() - t_start
+
+        # 4. the model: backbone body, fresh head, LoRA if asked
+        transformers.set_seed(recipe.run.seed)
+        convention = make_convention(rm_cfg.kind, sep, rm_cfg.prompt_template,
+                                     data_cfg.neutral_as if data_cfg.source == "prm800k" else None)
+        backbone = recipe.model.generator if rm_cfg.backbone == "generator" else rm_cfg.backbone
+        if backbone == "tiny":
+            from rlprm.models import build_tiny_causal_lm
+            from rlprm.prepare import build_tokenizer
+            from rlprm.steps import render_steps
+
+            corpus = [recipe.rm.prompt_template.format(problem=r.problem) + render_steps(r.steps, sep)
+                      for r in train_records[:2000]]
+            tokenizer = build_tokenizer(recipe, corpus)
+            causal = build_tiny_causal_lm(recipe.model.tiny, tokenizer, seed=recipe.run.seed)
+            model = reward_model_from_causal_lm(convention, causal, tokenizer)
+            del causal
+        else:
+            tokenizer = load_tokenizer(backbone, padding_side="right", trust_remote_code=recipe.model.trust_remote_code)
+            model = build_reward_model(convention, backbone, tokenizer, dtype=recipe.model.dtype,
+                                       trust_remote_code=recipe.model.trust_remote_code)
+        params = num_parameters(model)
+        model = apply_lora(model, recipe.model.lora, rm_cfg.kind)
+
+        # 5. examples and training
+        max_length = rm_cfg.max_length or getattr(model.config, "max_position_embeddings", None) or 2048
+        examples, enc_counts = encode_examples(tokenizer, train_records, convention, max_length)
+        if not examples:
+            raise TrainRMError(f"no training examples left after encoding ({enc_counts}); "
+                               "raise rm.max_length or check the labels")
+        counts.update({f"data/train_{k}": v for k, v in enc_counts.items()})
+        if tracker:
+            tracker.log({**counts, "params": params, "data_seconds": round(t_data, 1)}, step=0)
+            summary_line = label_summary(train_records)
+            print(f"{rm_cfg.kind.upper()}: backbone {backbone} ({params / 1e6:.2f}M parameters), "
+                  f"{len(examples)} training examples ({summary_line['labelled_steps']} labelled steps), "
+                  f"{len(eval_records)} held-out solutions")
+        steps_per_epoch = max(1, len(examples) // (rm_cfg.batch_size * rm_cfg.gradient_accumulation_steps))
+        trainer = trainer_class()(
+            model=model, args=args, train_dataset=examples,
+            data_collator=Collator(tokenizer.pad_token_id, rm_cfg.kind), rm_kind=rm_cfg.kind,
+            callbacks=_callbacks(tracker, rm_cfg.time_budget_s, progress, int(steps_per_epoch * rm_cfg.epochs)),
+        )
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+        t_train = time.monotonic()
+        result = trainer.train()
+        train_s = time.monotonic() - t_train
+        shutil.rmtree(work_dir, ignore_errors=True)
+        if not is_main:
+            return {}
+
+        # 6. save: a complete reward_model/ or none at all
+        ckpt = run_dir / "reward_model"
+        trained = trainer.accelerator.unwrap_model(trainer.model)
+        RewardModel(trained, tokenizer, convention).save(ckpt)
+        del trainer, trained, model
+
+        # 7. evaluate the saved model, as any later stage will load it
+        rm = RewardModel.load(ckpt, device=device, step_separator=sep)
+        summary = {"kind": rm_cfg.kind, "checkpoint": str(ckpt), "backbone": str(backbone), "params": params,
+                   "train_examples": len(examples), "train_steps": result.global_step,
+                   "train_loss": float(result.training_loss), "train_seconds": round(train_s, 1),
+                   "data_seconds": round(t_data, 1)}
+        t_eval = time.monotonic()
+        metrics = {f"eval/{k}": v for k, v in
+                   evaluate_reward_model(rm, eval_records, rm_cfg.threshold, rm_cfg.eval_batch_size).items()}
+        if rm_cfg.kind == "prm":
+            for path in data_cfg.processbench_paths:
+                pb = evaluate_processbench(rm, Path(path), data_cfg.processbench_max, rm_cfg.threshold,
+                                           rm_cfg.eval_batch_size)
+                metrics.update({f"processbench/{Path(path).stem}/{k}": v for k, v in pb.items()})
+        summary.update(metrics)
+        summary.update({k: v for k, v in counts.items() if "rate" in k or k.endswith("_samples")})
+        summary["eval_seconds"] = round(time.monotonic() - t_eval, 1)
+        summary["wall_seconds"] = round(time.monotonic() - t_start, 1)
+        tracker.log(metrics, step=result.global_step)
+        tracker.summary(summary)
+        return summary
+    finally:
+        if tracker:
+            tracker.finish()
+
+
+def format_summary(s: dict) -> str:
+    """A few lines for the terminal."""
+    def f(key, fmt="{:.3f}"):
+        v = s.get(key)
+        return "n/a" if v is None else fmt.format(v)
+
+    lines = [f"{s['kind'].upper()} saved to {s['checkpoint']}",
+             f"  held-out: {s.get('eval/num_solutions', 0)} solutions of {s.get('eval/num_problems', 0)} problems"]
+    if s["kind"] == "prm":
+        lines.append(f"  step accuracy {f('eval/step_accuracy')}  step AUROC {f('eval/step_auroc')}  "
+                     f"first-error F1 {f('eval/first_error_f1')}")
+    lines.append(f"  solution AUROC {f('eval/solution_auroc')} (fully correct)  "
+                 f"{f('eval/solution_auroc_answer')} (answer right)")
+    if "eval/blind_spot_rate" in s:
+        lines.append(f"  blind-spot rate {f('eval/blind_spot_rate')} over {s.get('eval/blind_spot_pairs')} pairs "
+                     "(right answer + wrong step scored above a fully correct solution)")
+        lines.append(f"  best-of-N: process accuracy {f('eval/best_of_n_process_accuracy')}, "
+                     f"answer accuracy {f('eval/best_of_n_answer_accuracy')}")
+    for key in s:
+        if key.startswith("processbench/") and key.endswith("/f1"):
+            lines.append(f"  {key.rsplit('/', 1)[0]} F1 {f(key)}")
+    lines.append(f"  {s['train_steps']} steps in {s['train_seconds']:.0f} s (loss {s['train_loss']:.4f}); "
+                 f"data {s['data_seconds']:.0f} s, eval {s['eval_seconds']:.0f} s, wall {s['wall_seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from rlprm.cli import main
+
+    # the deepspeed launcher passes --local_rank=N first (and sets LOCAL_RANK)
+    sys.exit(main(["train-rm", *[a for a in sys.argv[1:] if not a.startswith("--local_rank")]]))

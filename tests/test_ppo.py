@@ -1,0 +1,212 @@
+"""PPO end to end on tiny models built in code: metrics, checkpoints, export, resume, dense PRM rewards."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlprm.config import TinyModelConfig, validate_recipe
+from rlprm.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
+
+LOGGED = ["rl/reward", "rl/kl", "rl/kl_coef", "rl/entropy", "rl/clipfrac", "rl/value_loss", "rl/policy_loss",
+          "rl/response_length", "rl/steps_per_solution", "rl/answer_accuracy", "rl/process_accuracy",
+          "time/generate", "time/score", "time/update"]
+
+
+@pytest.fixture(scope="module")
+def generator_dir(tmp_path_factory, char_tokenizer):
+    from rlprm.models import build_tiny_causal_lm
+
+    path = tmp_path_factory.mktemp("gen") / "generator"
+    model = build_tiny_causal_lm(TINY, char_tokenizer, seed=0)
+    model.save_pretrained(path)
+    char_tokenizer.save_pretrained(path)
+    return path
+
+
+def make_recipe(tmp: Path, generator: Path, out: str, epochs: int = 2, **reward):
+    data = {
+        # one thread: tiny models gain nothing from two, and lose 4-8x when the 2 shared cores are busy
+        "run": {"output_dir": str(tmp / out), "device": "cpu", "seed": 3, "threads": 1},
+        "model": {"generator": str(generator)},
+        "reward": {"mode": "sparse", "source": "ground_truth", "kl_coef": 0.05, **reward},
+        "rl": {"epochs": epochs, "problems_per_epoch": 2, "prompts_per_iteration": 2, "samples_per_problem": 2,
+               "max_new_tokens": 16, "minibatch_size": 2, "ppo_epochs": 1, "learning_rate": 1e-3,
+               "value_learning_rate": 1e-3, "eval_n": 2, "eval_problems": 2},
+        "eval": {"resamples": 5},
+        "tracking": {"wandb": "disabled"},
+    }
+    return validate_recipe(data, tmp)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, generator_dir):
+    """An uninterrupted 2-epoch run (shared by the end-to-end and the resume test)."""
+    from rlprm.rl.ppo import train_ppo
+
+    tmp = tmp_path_factory.mktemp("ppo")
+    recipe = make_recipe(tmp, generator_dir, "full")
+    final = train_ppo(recipe, progress=False)
+    return tmp / "full", final
+
+
+def _comparable(records):
+    """Every value but wall-clock times, from the records after epoch 1 (what the resumed run recomputes)."""
+    return [{k: v for k, v in r.items() if k != "time" and not k.startswith("time/")}
+            for r in records if r.get("epoch", 0) > 1]
+
+
+def test_end_to_end_metrics_checkpoints_export(full_run, char_tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, final = full_run
+    records = read_metrics(run_dir / "metrics.jsonl")
+    iterations = [r for r in records if "rl/reward" in r]
+    assert len(iterations) == 2  # 2 epochs x 1 iteration
+    for key in LOGGED:
+        assert key in iterations[0], key
+    # before training the policy IS the reference: the KL of the first rollout is exactly 0
+    assert iterations[0]["rl/kl"] == 0.0
+    evals = [r for r in records if "eval/answer_accuracy" in r]
+    assert [r["epoch"] for r in evals] == [0, 1, 2]  # before training, then after each epoch
+    assert any(k.startswith("bon/") for k in evals[-1])
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
+    assert ckpts == ["epoch-0001", "epoch-0002"]
+    state = torch.load(run_dir / "checkpoints" / "epoch-0002" / "state.pt", weights_only=False)
+    assert {"policy_optimizer", "value_optimizer", "kl_coef", "step", "epoch", "rng"} <= set(state)
+    assert (run_dir / "checkpoints" / "epoch-0002" / "extra" / "value" / "config.json").exists()
+    export = Path(final["export_dir"])
+    model = AutoModelForCausalLM.from_pretrained(export)
+    tok = AutoTokenizer.from_pretrained(export)
+    enc = tok(["12 + 3\n"], return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > enc["input_ids"].shape[1]
+    assert json.loads((run_dir / "summary.json").read_text())["rl/reward"] == iterations[-1]["rl/reward"]
+
+
+def test_resume_matches_uninterrupted_run(full_run, generator_dir, tmp_path):
+    from rlprm.rl.ppo import PPOError, train_ppo
+
+    full_dir, _ = full_run
+    first = make_recipe(tmp_path, generator_dir, "resumed", epochs=1)
+    train_ppo(first, progress=False)
+    # a fresh start into a folder with checkpoints is refused rather than silently mixed
+    with pytest.raises(PPOError, match="--resume"):
+        train_ppo(first, progress=False)
+    train_ppo(make_recipe(tmp_path, generator_dir, "resumed", epochs=2), resume=True, progress=False)
+    resumed = _comparable(read_metrics(tmp_path / "resumed" / "metrics.jsonl"))
+    full = _comparable(read_metrics(full_dir / "metrics.jsonl"))
+    assert resumed and resumed == full
+
+
+def _fixed_rollouts(ppo, text):
+    """A stand-in for sampling that returns `text` for every sample (a random tiny policy never writes `# Answer`)."""
+
+    def fake_generate(policy, tokenizer, prompts, n, temperature, max_new_tokens):
+        tokenizer.padding_side = "left"
+        enc = tokenizer(prompts, return_tensors="pt", padding=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return ppo.build_rollout(tokenizer, enc["input_ids"], enc["attention_mask"], [ids] * (len(prompts) * n), n)
+
+    return fake_generate
+
+
+@pytest.mark.parametrize("kind", ["prm", "orm"])
+def test_reward_model_rewards(kind, generator_dir, char_tokenizer, tmp_path, monkeypatch):
+    """PRM: dense rewards at the step ends; ORM: one sparse reward. Rollouts are a fixed answered solution, so the
+    reward model, the reward placement, GAE and the update all run on real step structure."""
+    import rlprm.rewards as rewards_module  # train_ppo imports token_rewards when it starts: spy on the module
+    from rlprm.models import build_tiny_causal_lm
+    from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
+    from rlprm.rl import ppo
+    from rlprm.steps import answer_step, render_steps
+    from rlprm.tasks.arithmetic import render_step
+
+    lm = build_tiny_causal_lm(TINY, char_tokenizer, seed=1)
+    convention = make_convention(kind, "\n")
+    RewardModel(reward_model_from_causal_lm(convention, lm, char_tokenizer), char_tokenizer, convention).save(tmp_path / kind)
+    text = render_steps([render_step("+", 1, 2, 3), render_step("+", 3, 4, 7), answer_step("7")])
+    seen = []
+    original = rewards_module.token_rewards
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(ppo, "_generate", _fixed_rollouts(ppo, text))
+    monkeypatch.setattr(rewards_module, "token_rewards", spy)
+    reward = {"mode": "dense", "source": "prm", "dense_form": "min_form"} if kind == "prm" else {"source": "orm"}
+    recipe = make_recipe(tmp_path, generator_dir, f"run_{kind}", epochs=1, **reward)
+    recipe.model.reward_model = str(tmp_path / kind)
+    recipe.rl.eval_n = 0
+    recipe.rl.max_new_tokens = 64  # the fixed solution is longer than the other tests' cap
+    final = ppo.train_ppo(recipe, progress=False)
+    tr = seen[0]
+    nonzero = (tr.rewards != 0).sum(1).tolist()
+    if kind == "prm":
+        # 3 steps per sample, each rewarded at its end (min_form: the first step always gets p_1 > 0)
+        assert all(len(r) == 3 for r in tr.step_rewards)
+        assert all(1 <= k <= 3 for k in nonzero)
+    else:
+        # one reward, at the last response token (the EOS)
+        last = tr.mask.sum(1) - 1
+        assert nonzero == [1] * len(nonzero)
+        assert all(tr.rewards[i, last[i]] > 0 for i in range(len(nonzero)))
+    assert final["rl/steps_per_solution"] == 3
+    assert final["reward/missing_answer_frac"] == 0.0
+    assert 0.0 <= final["rl/reward"] <= 1.0
+    assert (Path(final["export_dir"]) / "config.json").exists()
+
+
+def test_entry_point_accepts_local_rank_and_names_missing_prerequisites(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  generator: ./runs/arith/generator\nrun:\n  output_dir: ./out\n")
+    script = str(ROOT / "rlprm" / "train_rl.py")
+    ok = subprocess.run([sys.executable, script, "--local_rank=0", str(recipe), "rl.epochs=1", "--print-config"],
+                        capture_output=True, text=True, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "epochs: 1" in ok.stdout
+    missing = subprocess.run([sys.executable, script, str(recipe)], capture_output=True, text=True, cwd=tmp_path)
+    assert missing.returncode == 2
+    assert "rlprm prepare recipes/arith_prepare.yaml" in missing.stderr
+    import os
+
+    two = subprocess.run([sys.executable, script, "--local_rank=1", str(recipe)], capture_output=True, text=True,
+                         cwd=tmp_path, env={**os.environ, "WORLD_SIZE": "2"})
+    assert two.returncode == 2 and "one process" in two.stderr
+
+
+def test_cli_export_without_checkpoint_exits_2(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "rlprm.cli", "export", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 2 and "no complete checkpoint" in out.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(generator_dir, tmp_path, monkeypatch):
+    from rlprm.checkpoint import latest_checkpoint
+    from rlprm.rl import core
+    from rlprm.rl.ppo import PPOError, train_ppo
+
+    calls = []
+    real = core.policy_loss
+
+    def poisoned(*args, **kwargs):  # 2 minibatches per iteration: the first epoch is clean, the second goes NaN
+        calls.append(1)
+        loss, stats = real(*args, **kwargs)
+        return (loss * float("nan") if len(calls) > 2 else loss), stats
+
+    monkeypatch.setattr(core, "policy_loss", poisoned)
+    recipe = make_recipe(tmp_path, generator_dir, "nan")
+    recipe.rl.eval_n = 0
+    with pytest.raises(PPOError, match="not finite.*epoch-0001"):
+        train_ppo(recipe, progress=False)
+    assert latest_checkpoint(tmp_path / "nan").name == "epoch-0001"
+    assert not (tmp_path / "nan" / "checkpoints" / "epoch-0002").exists()

@@ -1,0 +1,255 @@
+"""PRM/ORM building, training examples, single-pass scoring, save/load; tiny models built in code."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from rlprm.config import ArithmeticConfig, LoraConfig, TinyModelConfig
+from rlprm.data.stepwise import CORRECT, INCORRECT, NEUTRAL, LabelledSolution, labels_up_to_first_error
+from rlprm.reward_models import (IGNORE_INDEX, RM_FILE, Collator, RewardModel, RewardModelError, SeparatorMismatch,
+                                 aggregate, apply_lora, build_reward_model, encode_examples, make_convention, reward_loss,
+                                 reward_model_from_causal_lm, score_steps_per_prefix, trainer_class)
+from rlprm.tasks.arithmetic import corrupt_solution, make_problems, reference_solution
+
+TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return make_problems(ArithmeticConfig(), 12, seed=5)
+
+
+@pytest.fixture(scope="module")
+def solutions(problems):
+    rng = random.Random(0)
+    return [reference_solution(p) if i % 2 else corrupt_solution(p, rng)[0] for i, p in enumerate(problems)]
+
+
+def tiny_lm(tokenizer, seed=0):
+    from rlprm.models import build_tiny_causal_lm
+
+    return build_tiny_causal_lm(TINY, tokenizer, seed=seed)
+
+
+def tiny_rm(tokenizer, kind="prm", sep="\n", neutral_as=None, seed=0):
+    conv = make_convention(kind, sep, neutral_as=neutral_as)
+    torch.manual_seed(seed)
+    model = reward_model_from_causal_lm(conv, tiny_lm(tokenizer, seed), tokenizer)
+    # a fresh head scores everything near 0.5; spread it so that differences would show
+    with torch.no_grad():
+        model.score.weight.normal_(0, 0.3)
+    return RewardModel(model.eval(), tokenizer, conv)
+
+
+def max_diff(a, b):
+    assert [len(x) for x in a] == [len(y) for y in b]
+    return max(abs(x - y) for u, v in zip(a, b) for x, y in zip(u, v))
+
+
+# --------------------------------------------------------------------------- single pass
+
+
+@pytest.mark.parametrize("tok", ["char_tokenizer", "bpe_tokenizer"])
+def test_single_pass_equals_scoring_each_prefix(request, tok, problems, solutions):
+    tokenizer = request.getfixturevalue(tok)
+    rm = tiny_rm(tokenizer)
+    texts = [p.text for p in problems]
+    single = rm.score_steps(texts, solutions, batch_size=5)
+    batched_prefixes = score_steps_per_prefix(rm, texts, solutions, batch_size=7)
+    one_at_a_time = score_steps_per_prefix(rm, texts, solutions, batch_size=1)
+    assert max_diff(single, batched_prefixes) < 1e-5
+    assert max_diff(single, one_at_a_time) < 1e-5
+    assert [len(s) for s in single] == [len(s) for s in solutions]
+    spread = [p for ps in single for p in ps]
+    assert max(spread) - min(spread) > 0.05  # not a degenerate constant scorer
+
+
+@pytest.mark.parametrize("kind", ["prm", "orm"])
+def test_padded_batch_scores_like_one_at_a_time(char_tokenizer, problems, solutions, kind):
+    rm = tiny_rm(char_tokenizer, kind)
+    texts = [p.text for p in problems]
+    batched = rm.score_steps(texts, solutions, batch_size=len(texts))
+    alone = [rm.score_steps([t], [s])[0] for t, s in zip(texts, solutions)]
+    assert max_diff(batched, alone) < 1e-5
+    if kind == "orm":
+        assert all(len(p) == 1 for p in batched)  # an ORM scores the final answer only
+        # its logit is read at the last real token, not at padding: changing the last step changes it
+        changed = rm.score_steps([texts[0]], [solutions[0][:-1] + ["# Answer\n\n99"]])[0]
+        assert changed != batched[0]
+
+
+def test_text_solutions_are_split_with_the_saved_separator(char_tokenizer, problems, solutions):
+    from rlprm.steps import render_steps
+
+    rm = tiny_rm(char_tokenizer)
+    texts = [p.text for p in problems]
+    assert max_diff(rm.score_steps(texts, [render_steps(s) for s in solutions]), rm.score_steps(texts, solutions)) < 1e-6
+
+
+def test_aggregations(char_tokenizer, problems, solutions):
+    assert aggregate([0.5, 0.8, 0.25], "prod") == pytest.approx(0.1)
+    assert aggregate([0.5, 0.8, 0.25], "min") == 0.25
+    assert aggregate([0.5, 0.8, 0.25], "last") == 0.25
+    assert aggregate([0.5, 0.8, 0.2], "mean") == pytest.approx(0.5)
+    assert aggregate([], "prod") == 0.0  # no steps is no solution
+    with pytest.raises(RewardModelError, match="aggregate must be one of"):
+        aggregate([0.5], "max")
+    rm = tiny_rm(char_tokenizer)
+    texts = [p.text for p in problems]
+    steps = rm.score_steps(texts, solutions)
+    for how in ("prod", "min", "last", "mean"):
+        assert rm.score(texts, solutions, aggregate=how) == pytest.approx([aggregate(s, how) for s in steps])
+    orm = tiny_rm(char_tokenizer, "orm")
+    final = [p[0] for p in orm.score_steps(texts, solutions)]
+    assert orm.score(texts, solutions, "prod") == pytest.approx(final) == orm.score(texts, solutions, "min")
+
+
+def test_three_class_prm_counts_neutral_as_not_wrong(char_tokenizer, problems, solutions):
+    rm = tiny_rm(char_tokenizer, neutral_as="neutral")
+    assert rm.convention.label_names == ["incorrect", "correct", "neutral"]
+    assert rm.convention.correct_classes == [CORRECT, NEUTRAL] and rm.model.config.num_labels == 3
+    texts = [p.text for p in problems[:2]]
+    from rlprm.steps import encode_batch
+
+    enc = encode_batch(char_tokenizer, [rm.convention.prompt(t) for t in texts], solutions[:2])
+    logits = rm._forward([e.input_ids for e in enc])
+    probs = torch.softmax(logits, -1)
+    expected = [(probs[i, e.step_ends, 1] + probs[i, e.step_ends, 2]).tolist() for i, e in enumerate(enc)]
+    assert max_diff(rm.score_steps(texts, solutions[:2]), expected) < 1e-6
+
+
+def test_too_long_solution_is_refused_clearly(char_tokenizer, problems):
+    rm = tiny_rm(char_tokenizer)
+    with pytest.raises(RewardModelError, match="positions"):
+        rm.score_steps([problems[0].text], [["1 + 1 = 2"] * 200])
+
+
+# --------------------------------------------------------------------------- save / load and the separator
+
+
+def test_save_load_round_trip_and_separator_refusal(char_tokenizer, problems, solutions, tmp_path):
+    for kind in ("prm", "orm"):
+        rm = tiny_rm(char_tokenizer, kind)
+        texts = [p.text for p in problems]
+        before = rm.score_steps(texts, solutions)
+        path = rm.save(tmp_path / kind)
+        assert not (tmp_path / f"{kind}.tmp").exists()
+        meta = json.loads((path / RM_FILE).read_text())
+        assert meta["kind"] == kind and meta["step_separator"] == "\n" and meta["prompt_template"] == "{problem}\n"
+        loaded = RewardModel.load(str(path))  # a plain folder path is enough
+        assert loaded.kind == kind and loaded.step_separator == "\n"
+        assert max_diff(loaded.score_steps(texts, solutions), before) < 1e-6
+        with pytest.raises(SeparatorMismatch, match="trained with step separator '\\\\n'"):
+            RewardModel.load(path, step_separator=" ; ")
+        with pytest.raises(SeparatorMismatch):
+            loaded.score_steps(texts, solutions, sep="\n\n")
+        assert max_diff(loaded.score_steps(texts[:1], solutions[:1], sep="\n"), before[:1]) < 1e-6
+
+
+def test_plain_hf_folder_is_not_a_reward_model(char_tokenizer, tmp_path):
+    tiny_lm(char_tokenizer).save_pretrained(tmp_path)
+    with pytest.raises(RewardModelError, match="no rlprm_rm.json"):
+        RewardModel.load(tmp_path)
+
+
+def test_build_from_a_generator_folder(char_tokenizer, tmp_path, problems, solutions):
+    lm = tiny_lm(char_tokenizer, seed=3)
+    lm.save_pretrained(tmp_path / "gen")
+    char_tokenizer.save_pretrained(tmp_path / "gen")
+    for kind, cls in (("prm", "LlamaForTokenClassification"), ("orm", "LlamaForSequenceClassification")):
+        conv = make_convention(kind, "\n")
+        model = build_reward_model(conv, tmp_path / "gen", char_tokenizer)
+        assert type(model).__name__ == cls and model.config.pad_token_id == char_tokenizer.pad_token_id
+        # the body is the generator's
+        assert torch.equal(model.model.embed_tokens.weight, lm.model.embed_tokens.weight)
+
+
+# --------------------------------------------------------------------------- training examples and loss
+
+
+def records_for(problems, solutions):
+    from rlprm.tasks.arithmetic import check
+    from rlprm.steps import render_steps
+
+    out = []
+    for p, s in zip(problems, solutions):
+        result = check(p, render_steps(s))
+        out.append(LabelledSolution(p.text, result.steps, labels_up_to_first_error(len(result.steps), result.first_error),
+                                    result.answer_correct, result.process_correct, result.first_error, p.text))
+    return out
+
+
+def test_encode_examples_and_collator(char_tokenizer, problems, solutions):
+    records = records_for(problems, solutions)
+    conv = make_convention("prm", "\n")
+    examples, counts = encode_examples(char_tokenizer, records, conv, max_length=256)
+    assert counts["examples"] == len(records)
+    from rlprm.steps import encode_batch
+
+    for r, ex, enc in zip(records, examples, encode_batch(char_tokenizer, [conv.prompt(r.problem) for r in records],
+                                                          [r.steps for r in records])):
+        labelled = [(e, y) for e, y in zip(enc.step_ends, r.labels) if y is not None]
+        assert list(zip(ex["step_ends"], ex["step_labels"])) == labelled
+        # steps after the last labelled one are cut: they cannot change a causal model's labels
+        assert ex["input_ids"] == enc.input_ids[: labelled[-1][0] + 1]
+    batch = Collator(char_tokenizer.pad_token_id, "prm")(examples[:4])
+    for i, ex in enumerate(examples[:4]):
+        n = len(ex["input_ids"])
+        assert batch["attention_mask"][i].sum() == n and batch["input_ids"][i, :n].tolist() == ex["input_ids"]
+        assert (batch["input_ids"][i, n:] == char_tokenizer.pad_token_id).all()  # right padding
+        marked = (batch["labels"][i] != IGNORE_INDEX).nonzero().flatten().tolist()
+        assert marked == ex["step_ends"] and batch["labels"][i, marked].tolist() == ex["step_labels"]
+    # a short max_length cuts after the last step end that fits
+    short, counts = encode_examples(char_tokenizer, records, conv, max_length=40)
+    assert counts["cut_too_long"] > 0 and all(len(e["input_ids"]) <= 40 for e in short)
+    # ORM: the whole solution, the outcome as the label
+    orm_examples, _ = encode_examples(char_tokenizer, records, make_convention("orm", "\n"), max_length=256)
+    assert [e["label"] for e in orm_examples] == [float(r.answer_correct) for r in records]
+    assert Collator(char_tokenizer.pad_token_id, "orm")(orm_examples[:3])["labels"].dtype == torch.float
+
+
+def test_loss_is_cross_entropy_at_step_ends_only():
+    logits = torch.randn(2, 5, 2)
+    labels = torch.full((2, 5), IGNORE_INDEX)
+    labels[0, 2], labels[1, 4], labels[1, 1] = CORRECT, INCORRECT, CORRECT
+    picked = torch.stack([logits[0, 2], logits[1, 1], logits[1, 4]])
+    expected = torch.nn.functional.cross_entropy(picked, torch.tensor([CORRECT, CORRECT, INCORRECT]))
+    assert reward_loss("prm", logits, labels).item() == pytest.approx(expected.item())
+    orm_logits, y = torch.tensor([[2.0], [-1.0]]), torch.tensor([1.0, 0.0])
+    assert reward_loss("orm", orm_logits, y).item() == pytest.approx(
+        torch.nn.functional.binary_cross_entropy_with_logits(orm_logits.flatten(), y).item())
+
+
+@pytest.mark.parametrize("kind,lora", [("prm", False), ("orm", False), ("prm", True)])
+def test_trainer_learns_and_saved_model_scores_the_same(char_tokenizer, tmp_path, kind, lora):
+    """Optimizer steps on one batch of labelled arithmetic: the loss falls (it can fit it); LoRA is merged on save."""
+    from transformers import TrainingArguments
+
+    rng = random.Random(1)
+    probs = make_problems(ArithmeticConfig(), 16, seed=9)
+    sols = [reference_solution(p) if rng.random() < 0.5 else corrupt_solution(p, rng)[0] for p in probs]
+    records = records_for(probs, sols)
+    conv = make_convention(kind, "\n")
+    model = reward_model_from_causal_lm(conv, tiny_lm(char_tokenizer), char_tokenizer)
+    model = apply_lora(model, LoraConfig(enabled=lora, r=4, alpha=8, dropout=0.0), kind)
+    if lora:
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert any("lora_A" in n for n in trainable) and any("score" in n and "lora" not in n for n in trainable)
+        assert not any("embed_tokens" in n for n in trainable)  # the body itself stays frozen
+    examples, _ = encode_examples(char_tokenizer, records, conv, 256)
+    args = TrainingArguments(output_dir=str(tmp_path / "work"), per_device_train_batch_size=16, max_steps=25,
+                             learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                             remove_unused_columns=False, label_names=["labels"], disable_tqdm=True, seed=0)
+    trainer = trainer_class()(model=model, args=args, train_dataset=examples,
+                              data_collator=Collator(char_tokenizer.pad_token_id, kind), rm_kind=kind)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+    rm = RewardModel(trainer.model, char_tokenizer, conv)
+    texts = [p.text for p in probs]
+    before = rm.score_steps(texts, sols)
+    loaded = RewardModel.load(rm.save(tmp_path / "rm"))
+    assert type(loaded.model).__name__.startswith("Llama")  # merged: a plain HF model, no adapters
+    assert max_diff(loaded.score_steps(texts, sols), before) < 1e-5

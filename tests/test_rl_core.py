@@ -1,0 +1,236 @@
+"""rl/core.py against tensors worked out by hand (the arithmetic is in the comments)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlprm.rl.core import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_from_logits,
+    gae,
+    group_normalize,
+    group_normalize_steps,
+    kl_penalty,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    policy_loss,
+    step_rewards_to_token_advantages,
+    value_loss,
+)
+
+NAN = float("nan")
+
+
+def t(rows, dtype=torch.float64):
+    return torch.tensor(rows, dtype=dtype)
+
+
+def close(a, b, tol=1e-6):
+    return torch.allclose(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), atol=tol, rtol=0)
+
+
+# --------------------------------------------------------------------------- masked statistics
+
+X = t([[1, 2, 3, 4], [5, 6, 7, NAN]])
+M = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+# masked values 1, 2, 5, 6, 7: sum 21, n 5, mean 4.2; squared deviations
+# 10.24 + 4.84 + 0.64 + 3.24 + 7.84 = 26.8 -> biased 5.36, unbiased 6.7
+
+
+def test_masked_mean_whole_and_per_row_ignores_padding_even_nan():
+    assert close(masked_mean(X, M), 4.2)
+    assert close(masked_mean(X, M, dim=1), [1.5, 6.0])
+    # a float mask works the same; an all-masked row is 0, not NaN
+    assert close(masked_mean(X, M.double(), dim=1), [1.5, 6.0])
+    assert close(masked_mean(X, torch.zeros_like(M), dim=1), [0.0, 0.0])
+
+
+def test_masked_var_unbiased_and_biased():
+    assert close(masked_var(X, M), 6.7)
+    assert close(masked_var(X, M, unbiased=False), 5.36)
+    # per row: [1, 2] -> 0.5 unbiased; [5, 6, 7] -> 1.0 unbiased
+    assert close(masked_var(X, M, dim=1), [0.5, 1.0])
+    # a single position has variance 0, not NaN
+    one = torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    assert close(masked_var(X, one), 0.0)
+
+
+def test_masked_whiten():
+    w = masked_whiten(X, M)
+    expected = t([[(1 - 4.2), (2 - 4.2), 0, 0], [(5 - 4.2), (6 - 4.2), (7 - 4.2), 0]]) / math.sqrt(6.7)
+    assert close(w, expected)
+    assert close(masked_mean(w, M), 0.0) and close(masked_var(w, M), 1.0)
+    # shift_mean=False only rescales: the mean 4.2 is put back, padding stays 0
+    kept = masked_whiten(X, M, shift_mean=False)
+    assert close(kept, torch.where(M, expected + 4.2, torch.zeros_like(expected)))
+
+
+# --------------------------------------------------------------------------- GAE
+
+# row 0: 3 response tokens then padding (reward 99 and value NaN there must not leak)
+# row 1: 4 response tokens
+R = t([[1, 0, 2, 99], [0, 0, 0, 1]])
+V = t([[0.5, 1.0, 1.5, NAN], [0.1, 0.2, 0.3, 0.4]])
+GM = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+
+
+def test_gae_gamma1_lam1_is_reward_to_go_minus_value():
+    adv, ret = gae(R, V, GM, gamma=1.0, lam=1.0)
+    # reward-to-go: row 0 [3, 2, 2], row 1 [1, 1, 1, 1]
+    assert close(ret, [[3, 2, 2, 0], [1, 1, 1, 1]])
+    assert close(adv, [[2.5, 1.0, 0.5, 0], [0.9, 0.8, 0.7, 0.6]])
+
+
+def test_gae_lam0_is_one_step_td():
+    adv, ret = gae(R, V, GM, gamma=1.0, lam=0.0)
+    # delta_t = r_t + V_{t+1} - V_t, V after the last token = 0
+    # row 0: 1 + 1.0 - 0.5, 0 + 1.5 - 1.0, 2 + 0 - 1.5
+    # row 1: 0.2 - 0.1, 0.3 - 0.2, 0.4 - 0.3, 1 - 0.4
+    assert close(adv, [[1.5, 0.5, 0.5, 0], [0.1, 0.1, 0.1, 0.6]])
+    assert close(ret, [[2.0, 1.5, 2.0, 0], [0.2, 0.3, 0.4, 1.0]])
+
+
+def test_gae_general_gamma_lambda():
+    adv, _ = gae(R, V, GM, gamma=0.9, lam=0.5)
+    # row 1, gamma*lam = 0.45: deltas t3 = 1 - 0.4 = 0.6, t2 = 0.9*0.4 - 0.3 = 0.06,
+    # t1 = 0.9*0.3 - 0.2 = 0.07, t0 = 0.9*0.2 - 0.1 = 0.08
+    # A3 = 0.6, A2 = 0.06 + 0.45*0.6 = 0.33, A1 = 0.07 + 0.45*0.33 = 0.2185, A0 = 0.08 + 0.45*0.2185 = 0.178325
+    assert close(adv[1], [0.178325, 0.2185, 0.33, 0.6])
+
+
+def test_gae_padding_does_not_leak():
+    other_r, other_v = R.clone(), V.clone()
+    other_r[0, 3], other_v[0, 3] = -1000.0, 1e9
+    a1, r1 = gae(R, V, GM, 0.95, 0.9)
+    a2, r2 = gae(other_r, other_v, GM, 0.95, 0.9)
+    assert torch.equal(a1, a2) and torch.equal(r1, r2)
+    assert not torch.isnan(a1).any() and a1[0, 3] == 0 and r1[0, 3] == 0
+    # row 0 alone in a batch of its own width gives the same numbers
+    solo, _ = gae(R[:1, :3], V[:1, :3], GM[:1, :3], 0.95, 0.9)
+    assert close(a1[0, :3], solo[0])
+
+
+# --------------------------------------------------------------------------- KL
+
+
+def test_kl_penalty_kinds():
+    lp, ref = t([[-1.0, -2.0]]), t([[-1.5, -1.0]])  # d = [0.5, -1.0]
+    assert close(kl_penalty(lp, ref, "k1"), [[0.5, -1.0]])
+    assert close(kl_penalty(lp, ref, "abs"), [[0.5, 1.0]])
+    assert close(kl_penalty(lp, ref, "mse"), [[0.125, 0.5]])
+    # k3 = exp(-d) - 1 + d: exp(-0.5) - 0.5 = 0.10653066, e - 2 = 0.71828183
+    assert close(kl_penalty(lp, ref, "k3"), [[0.10653066, 0.71828183]])
+    with pytest.raises(ValueError, match="k1"):
+        kl_penalty(lp, ref, "k9")
+
+
+def test_kl_controllers():
+    fixed = FixedKLController(0.05)
+    assert fixed.update(100.0, 256) == 0.05 and fixed.value == 0.05
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    # KL 12 is 100% over target, clipped to +20%: 0.1 * (1 + 0.2 * 256 / 10000)
+    assert ctl.update(12.0, 256) == pytest.approx(0.1 * 1.00512)
+    # KL 3 is 50% under, clipped to -20%
+    ctl.value = 0.1
+    assert ctl.update(3.0, 256) == pytest.approx(0.1 * (1 - 0.00512))
+    # KL 6.6 is 10% over: not clipped, 1 + 0.1 * 1000 / 10000
+    ctl.value = 0.1
+    assert ctl.update(6.6, 1000) == pytest.approx(0.101)
+    with pytest.raises(ValueError):
+        AdaptiveKLController(0.1, target=0.0, horizon=10)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def test_policy_loss_clipping_by_hand():
+    # clip range 0.2: the clipped term wins when A > 0 and ratio > 1.2, or A < 0 and ratio < 0.8
+    ratios = t([[1.5, 0.5, 1.1, 0.7], [1.5, 0.5, 1.0, 9.0]])
+    adv = t([[1, 1, -1, -1], [-1, -1, 2, 5]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    old = torch.zeros_like(ratios)
+    logp = ratios.log().requires_grad_(True)
+    loss, stats = policy_loss(logp, old, adv, mask, clip_range=0.2)
+    # per token max(-A r, -A clip(r)):
+    # row 0: max(-1.5, -1.2) = -1.2 (clip), max(-0.5, -0.8) = -0.5, 1.1 (inside), max(0.7, 0.8) = 0.8 (clip)
+    # row 1: max(1.5, 1.2) = 1.5, max(0.5, 0.8) = 0.8 (clip), -2.0, masked
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 1.1 + 0.8 + 1.5 + 0.8 - 2.0) / 7)
+    assert stats["clipfrac"].item() == pytest.approx(3 / 7)
+    kept = [1.5, 0.5, 1.1, 0.7, 1.5, 0.5, 1.0]
+    assert stats["approx_kl"].item() == pytest.approx(sum(r - 1 - math.log(r) for r in kept) / 7)
+    assert stats["ratio"].item() == pytest.approx(sum(kept) / 7)
+    assert not stats["clipfrac"].requires_grad
+    loss.backward()
+    # d/dlogp of -A r is -A r / 7 where unclipped, 0 where clipped or masked
+    expected = t([[0, -0.5, 1.1, 0], [1.5, 0, -2.0, 0]]) / 7
+    assert close(logp.grad, expected)
+
+
+def test_value_loss_clipping_by_hand():
+    # clip 0.25; numbers chosen to be exact in binary so "which term is larger" is not a rounding question
+    old = t([[1, 1, 1, 1], [0, 0, 0, 0]])
+    values = t([[1.5, 0.875, 0.5, 1.125], [-0.5, 0.375, -0.5, 5.0]])
+    returns = t([[2, 0, 1, 1.125], [1, 0, -1, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    loss, stats = value_loss(values, old, returns, mask, clip_range_value=0.25)
+    # (V-R)^2 vs (Vclip-R)^2 per token:
+    # row 0: 0.25 vs 0.5625 (clip) | 0.765625 both | 0.25 vs 0.0625 | 0 both
+    # row 1: 2.25 vs 1.5625 | 0.140625 vs 0.0625 | 0.25 vs 0.5625 (clip) | masked
+    assert loss.item() == pytest.approx(0.5 * (0.5625 + 0.765625 + 0.25 + 0 + 2.25 + 0.140625 + 0.5625) / 7)
+    assert stats["vf_clipfrac"].item() == pytest.approx(2 / 7)
+    assert stats["value_error"].item() == pytest.approx((0.25 + 0.765625 + 0.25 + 0 + 2.25 + 0.140625 + 0.25) / 7)
+
+
+def test_entropy_from_logits():
+    logits = torch.zeros(2, 4, 3)
+    logits[0, 1] = torch.tensor([0.0, -math.inf, -math.inf])  # certain: 0, and no NaN from 0 * -inf
+    logits[0, 2] = torch.tensor([0.5, 0.25, 0.25]).log()  # 0.5 ln 2 + 2 * 0.25 ln 4 = 1.5 ln 2
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    ent = entropy_from_logits(logits, mask)
+    ln3 = math.log(3)
+    assert close(ent, [[ln3, 0, 1.5 * math.log(2), 0], [ln3, ln3, 0, 0]], tol=1e-5)
+    assert entropy_from_logits(logits).shape == (2, 4)
+    assert entropy_from_logits(logits.bfloat16(), mask).dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- GRPO
+
+
+def test_group_normalize_known_numbers():
+    eps = 1e-4
+    scores = t([1, 0, 0, 1, 2, 2, 2, 2])
+    out = group_normalize(scores, group_size=4, eps=eps)
+    # group 1: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = sqrt(1/3); group 2: all equal -> 0
+    s = math.sqrt(1 / 3)
+    assert close(out, [0.5 / (s + eps), -0.5 / (s + eps), -0.5 / (s + eps), 0.5 / (s + eps), 0, 0, 0, 0])
+    # G = 2: [3, 1] -> mean 2, std sqrt(2)
+    assert close(group_normalize(t([3, 1]), 2, eps), [1 / (math.sqrt(2) + eps), -1 / (math.sqrt(2) + eps)])
+    assert close(group_normalize(t([3, 1]), 1), [0, 0])
+    with pytest.raises(ValueError, match="groups of 3"):
+        group_normalize(scores, 3)
+
+
+def test_group_normalize_steps_pools_every_step_of_the_group():
+    eps = 1e-4
+    # one group of 2 samples: steps [1, 0] and [1, pad]; pooled 1, 0, 1: mean 2/3,
+    # unbiased var (1/9 + 4/9 + 1/9) / 2 = 1/3
+    rewards = t([[1.0, 0.0], [1.0, 99.0]])
+    smask = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
+    out = group_normalize_steps(rewards, smask, group_size=2, eps=eps)
+    s = math.sqrt(1 / 3)
+    assert close(out, [[(1 / 3) / (s + eps), (-2 / 3) / (s + eps)], [(1 / 3) / (s + eps), 0]])
+
+
+def test_step_rewards_to_token_advantages_by_hand():
+    rewards = t([[0.5, -1.0], [2.0, 99.0], [1.0, 2.0]])
+    ends = torch.tensor([[1, 4], [2, -1], [3, 3]])  # -1 is a padding step; row 2: two steps end in one token
+    adv = step_rewards_to_token_advantages(rewards, ends, T=6)
+    # a token's advantage = sum of the rewards of steps ending at or after it
+    assert close(adv, [[-0.5, -0.5, -1.0, -1.0, -1.0, 0.0], [2, 2, 2, 0, 0, 0], [3, 3, 3, 3, 0, 0]])
+    with pytest.raises(ValueError, match="beyond"):
+        step_rewards_to_token_advantages(rewards, torch.tensor([[1, 6], [2, -1], [0, 0]]), T=6)

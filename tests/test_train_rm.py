@@ -1,0 +1,178 @@
+"""`rlprm train-rm` end to end on tiny models: the shipped recipes, with small overrides."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlprm.config import load_recipe
+from rlprm.tracking import read_metrics
+
+from .conftest import shared_file
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+SMALL = ["tracking.wandb=disabled", "run.device=cpu", "rm.data.train_problems=8", "rm.data.samples_per_problem=2",
+         "rm.data.eval_problems=4", "rm.data.eval_samples_per_problem=2", "rm.data.max_new_tokens=40",
+         "rm.epochs=1", "rm.batch_size=4", "rm.logging_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory, char_tokenizer):
+    """A tiny causal LM trained for a few steps on reference solutions, saved like `rlprm prepare` saves one."""
+    import torch
+
+    from rlprm.config import ArithmeticConfig, TinyModelConfig
+    from rlprm.models import build_tiny_causal_lm
+    from rlprm.steps import render_steps
+    from rlprm.tasks.arithmetic import make_problems, reference_solution
+
+    path = tmp_path_factory.mktemp("gen") / "generator"
+    model = build_tiny_causal_lm(TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2),
+                                 char_tokenizer, seed=0)
+    texts = [p.prompt + render_steps(reference_solution(p)) + char_tokenizer.eos_token
+             for p in make_problems(ArithmeticConfig(), 64, seed=3)]
+    char_tokenizer.padding_side = "right"
+    batch = char_tokenizer(texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(30):  # enough to write step-shaped lines, not enough to be right
+        loss = model(**batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(path)
+    char_tokenizer.save_pretrained(path)
+    return path
+
+
+def run_job(recipe_name, tmp_path, generator, *extra):
+    from rlprm.train_rm import train_rm
+
+    recipe = load_recipe(RECIPES / recipe_name, [f"model.generator={generator}", f"run.output_dir={tmp_path / 'run'}",
+                                                 f"rm.data.cache_dir={tmp_path / 'cache'}", *SMALL, *extra])
+    return train_rm(recipe, progress=False)
+
+
+@pytest.mark.parametrize("recipe_name,kind", [("prm_train.yaml", "prm"), ("orm_train.yaml", "orm")])
+def test_arithmetic_job_end_to_end(tmp_path, generator, recipe_name, kind):
+    from rlprm.data.stepwise import read_records
+    from rlprm.reward_models import RewardModel, SeparatorMismatch
+
+    summary = run_job(recipe_name, tmp_path, generator)
+    run = tmp_path / "run"
+    # a checkpoint, metrics and a summary
+    rm = RewardModel.load(run / "reward_model", step_separator="\n")
+    assert rm.kind == kind and not (run / "reward_model.tmp").exists() and not (run / "rm_trainer_work").exists()
+    with pytest.raises(SeparatorMismatch):
+        RewardModel.load(run / "reward_model", step_separator="\n\n")
+    assert json.loads((run / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert summary["kind"] == kind and summary["train_steps"] >= 1
+    for key in ("eval/solution_auroc", "eval/blind_spot_rate", "eval/best_of_n_process_accuracy"):
+        assert key in summary
+    if kind == "prm":
+        for key in ("eval/step_accuracy", "eval/step_auroc", "eval/first_error_f1", "eval/solution_auroc_min"):
+            assert key in summary
+    records = read_metrics(run / "metrics.jsonl")
+    assert any("train/loss" in r for r in records) and any("eval/num_solutions" in r for r in records)
+    first = records[0]
+    assert first["data/train_samples"] == 16 and first["data/train_from_cache"] is False
+    assert first["data/eval_samples"] == 8 and summary["eval/num_solutions"] == first["data/eval_records"]
+    assert first["data/eval_records"] == 8 - first["data/eval_empty"]  # a sample with no step at all is dropped
+    # the labelled samples are cached, with the settings they were drawn with
+    meta, cached = read_records(tmp_path / "cache" / "rm_samples_train.jsonl")
+    assert meta["settings"]["samples_per_problem"] == 2 and len(cached) == first["data/train_records"]
+    assert all(len(r.labels) == len(r.steps) for r in cached)
+
+
+def test_rerun_reuses_the_sample_cache_and_resamples_on_change(tmp_path, generator):
+    run_job("prm_train.yaml", tmp_path, generator, "rm.max_steps=1")
+    run_job("prm_train.yaml", tmp_path, generator, "rm.max_steps=1")
+    starts = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "data/train_from_cache" in r]
+    assert [r["data/train_from_cache"] for r in starts] == [False, True]
+    assert starts[1]["data/eval_from_cache"] is True
+    run_job("prm_train.yaml", tmp_path, generator, "rm.max_steps=1", "rm.data.temperature=0.7")
+    last = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "data/train_from_cache" in r][-1]
+    assert last["data/train_from_cache"] is False
+
+
+def test_fresh_tiny_backbone_with_lora(tmp_path, generator):
+    summary = run_job("prm_train.yaml", tmp_path, generator, "rm.backbone=tiny", "model.tiny.hidden_size=32",
+                      "model.tiny.intermediate_size=64", "model.tiny.num_layers=2", "model.tiny.num_heads=2",
+                      "model.lora.enabled=true", "model.lora.r=4", "rm.max_steps=2")
+    assert summary["backbone"] == "tiny" and summary["train_steps"] == 2
+
+
+def test_missing_inputs_are_reported_before_any_work(tmp_path):
+    from rlprm.train_rm import TrainRMError, check_inputs
+
+    recipe = load_recipe(RECIPES / "prm_train.yaml", [f"model.generator={tmp_path / 'nope'}",
+                                                      f"run.output_dir={tmp_path}"])
+    with pytest.raises(TrainRMError, match="model.generator: no checkpoint at .*rlprm prepare"):
+        check_inputs(recipe)
+    recipe = load_recipe(RECIPES / "prm_train_prm800k.yaml",
+                         [f"rm.data.train_paths=[{tmp_path / 'phase2_train.jsonl'}]", "rm.data.processbench_paths=[]",
+                          f"rm.data.eval_paths=[{tmp_path / 'phase2_test.jsonl'}]"])
+    with pytest.raises(TrainRMError) as info:
+        check_inputs(recipe)
+    assert "rm.data.train_paths: file not found" in str(info.value) and "rm.data.eval_paths" in str(info.value)
+    zero3 = load_recipe(RECIPES / "prm_train_prm800k.yaml", [f"deepspeed={ROOT / 'deepspeed_configs' / 'zero3.json'}",
+                                                             f"rm.data.train_paths=[{RECIPES / 'prm_train.yaml'}]",
+                                                             "rm.data.eval_paths=[]", "rm.data.processbench_paths=[]"])
+    with pytest.raises(TrainRMError, match="ZeRO-3 is not supported"):
+        check_inputs(zero3)
+
+
+def test_cli_exits_2_with_the_reason(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "rlprm.cli", "train-rm", str(RECIPES / "orm_train.yaml"),
+                          f"model.generator={tmp_path / 'missing'}", f"run.output_dir={tmp_path}"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "model.generator: no checkpoint" in out.stderr
+
+
+def test_prm800k_recipe_runs_with_a_tiny_stand_in(tmp_path):
+    """recipes/prm_train_prm800k.yaml as shipped (ZeRO-2, bf16, gradient checkpointing, ProcessBench), with a
+    tiny stand-in backbone and the shared PRM800K lines: phase 1 to train, phase 2 to evaluate."""
+    phase1, phase2 = shared_file("prm800k/sample_phase1.jsonl"), shared_file("prm800k/sample_phase2.jsonl")
+    bench = shared_file("processbench/math.json")
+    from rlprm.config import TinyModelConfig
+    from rlprm.data.prm800k import load_prm800k
+    from rlprm.models import build_bpe_tokenizer, build_tiny_causal_lm
+    from rlprm.steps import render_steps
+
+    # a byte-level BPE on the lines themselves; positions enough for the longest held-out trajectory
+    records = load_prm800k(phase1)[0] + load_prm800k(phase2)[0]
+    tokenizer = build_bpe_tokenizer([r.problem + "\n\n" + render_steps(r.steps, "\n\n") for r in records], 400, 8192)
+    model = build_tiny_causal_lm(TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                                                 max_positions=8192, tokenizer="bpe"), tokenizer)
+    backbone = tmp_path / "stand_in"
+    model.save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)
+    env = dict(os.environ, WANDB_MODE="disabled", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="2")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    out = subprocess.run(
+        [sys.executable, "-m", "rlprm.cli", "train-rm", str(RECIPES / "prm_train_prm800k.yaml"),
+         f"rm.backbone={backbone}", f"run.output_dir={tmp_path / 'run'}", f"rm.data.train_paths=[{phase1}]",
+         f"rm.data.eval_paths=[{phase2}]", f"rm.data.processbench_paths=[{bench}]", "rm.data.processbench_max=12",
+         "rm.max_steps=3", "rm.batch_size=2", "rm.gradient_accumulation_steps=2", "rm.max_length=256",
+         "rm.eval_batch_size=4", "run.device=cpu", "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["train_steps"] == 3 and summary["kind"] == "prm"
+    assert summary["eval/num_solutions"] == 43  # 10 phase-2 trajectories + 33 alternatives
+    assert summary["processbench/math/f1"] is not None and summary["eval/step_auroc"] is not None
+    assert summary["processbench/math/num_error"] + summary["processbench/math/num_correct"] == 12
+    start = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    assert start["data/train_lines"] == 10 and start["data/train_null_ratings"] == 9
+    assert start["data/train_cut_too_long"] > 0  # long trajectories cut at a step end, not dropped
+    from rlprm.reward_models import RewardModel
+
+    rm = RewardModel.load(tmp_path / "run" / "reward_model", step_separator="\n\n")
+    assert rm.convention.prompt_template == "{problem}\n\n" and rm.convention.neutral_as == "positive"
+    assert "PRM saved to" in out.stdout and "processbench/math F1" in out.stdout
