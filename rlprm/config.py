@@ -433,6 +433,10 @@ class RewardModelTrainConfig(Section):
     """How a problem becomes the text in front of the first step; `{problem}` is replaced. Saved with the model."""
     data: RMDataConfig = _section()
     """Training and evaluation data."""
+    extra_layers: int = Field(0, ge=0, le=16)
+    """New transformer blocks stacked on the backbone, each starting as the identity (zeroed output projections), so the step-end token can compare what was written with what the backbone expected. 0: none."""
+    freeze_backbone: bool = False
+    """Train only the new blocks (extra_layers), the final norm and the head; the backbone's own weights stay as they are (and backward passes get cheaper)."""
     epochs: float = Field(2.0, gt=0)
     """Passes over the training examples (unless max_steps or time_budget_s stops training first)."""
     max_steps: int = Field(0, ge=0)

@@ -170,6 +170,54 @@ def reward_model_from_causal_lm(convention: Convention, causal_lm, tokenizer):
     return model
 
 
+def add_identity_layers(model, extra: int) -> None:
+    """Stack `extra` new transformer blocks on top of the body, each starting as the identity.
+
+    Why: a step-end token reads the body's last layer, which in a small backbone is busy predicting
+    the next token; whether the step just written was likely under the backbone (the information
+    that separates right steps from wrong ones) only exists at the top of the residual stream, with
+    no layer left to compare it with the tokens written. New blocks above it can. Their attention
+    and MLP output projections start at zero, so the model first computes exactly what the backbone
+    did. Works for Llama-style bodies (`layers`, `self_attn.o_proj`, `mlp.down_proj`).
+    """
+    if extra <= 0:
+        return
+    import torch
+
+    body = getattr(model, model.base_model_prefix)
+    layers = getattr(body, "layers", None)
+    first = layers[0] if layers is not None and len(layers) else None
+    if first is None or not hasattr(first, "self_attn") or not hasattr(getattr(first, "mlp", None), "down_proj"):
+        raise RewardModelError(f"rm.extra_layers needs a Llama-style body (layers with self_attn.o_proj and "
+                               f"mlp.down_proj); {type(model).__name__} has another layout: set rm.extra_layers: 0")
+    config = model.config
+    n = config.num_hidden_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types) + [config.layer_types[-1]] * extra
+    config.num_hidden_layers = n + extra
+    ref = next(first.parameters())
+    for i in range(n, n + extra):
+        layer = type(first)(config, i).to(device=ref.device, dtype=ref.dtype)
+        if hasattr(model, "_init_weights"):
+            layer.apply(model._init_weights)  # the backbone family's own initialisation
+        with torch.no_grad():
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+            for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                if getattr(proj, "bias", None) is not None:
+                    proj.bias.zero_()
+        layers.append(layer)
+
+
+def freeze_body(model, keep_from: int) -> None:
+    """Freeze the embeddings and the body's first `keep_from` layers (the backbone's own weights)."""
+    body = getattr(model, model.base_model_prefix)
+    body.get_input_embeddings().weight.requires_grad_(False)
+    for layer in body.layers[:keep_from]:
+        for param in layer.parameters():
+            param.requires_grad_(False)
+
+
 def apply_lora(model, cfg, kind: str):
     """LoRA adapters on the body when `cfg.enabled` (a `rlprm.config.LoraConfig`); the head is trained in full.
 
@@ -494,6 +542,6 @@ def score_steps_per_prefix(rm: RewardModel, problems: Sequence[str], solutions: 
 
 __all__ = [
     "AGGREGATIONS", "CORRECT", "INCORRECT", "NEUTRAL", "Collator", "Convention", "RewardModel", "RewardModelError",
-    "SeparatorMismatch", "aggregate", "apply_lora", "build_reward_model", "check_separator", "encode_examples", "make_convention",
+    "SeparatorMismatch", "add_identity_layers", "aggregate", "apply_lora", "build_reward_model", "freeze_body", "check_separator", "encode_examples", "make_convention",
     "reward_loss", "reward_model_from_causal_lm", "score_steps_per_prefix", "trainer_class",
 ]

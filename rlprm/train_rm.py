@@ -90,6 +90,9 @@ def check_inputs(recipe: Recipe) -> None:
         elif gen.startswith("/") and not (Path(gen) / "config.json").is_file():
             problems.append(f"model.generator: no checkpoint at {gen} (config.json missing). Make it with "
                             "`rlprm prepare recipes/arith_prepare.yaml`, or point model.generator at one")
+    if rm.freeze_backbone and recipe.model.lora.enabled:
+        problems.append("rm.freeze_backbone and model.lora.enabled both limit what trains; pick one "
+                        "(set model.lora.enabled: false, or rm.freeze_backbone: false)")
     if recipe.deepspeed is not None:
         try:
             stage = json.loads(Path(recipe.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
@@ -213,17 +216,35 @@ def prm800k_data(recipe: Recipe) -> tuple[list, list, dict]:
 # --------------------------------------------------------------------------- evaluation
 
 
+def _fitting(rm, records) -> tuple[list, int]:
+    """The records the model has positions for, and how many were left out."""
+    from rlprm.steps import encode_batch
+
+    limit = getattr(rm.model.config, "max_position_embeddings", None)
+    if not limit or not records:
+        return list(records), 0
+    encoded = encode_batch(rm.tokenizer, [rm.convention.prompt(r.problem) for r in records],
+                           [r.steps for r in records], rm.step_separator)
+    kept = [r for r, e in zip(records, encoded) if len(e.input_ids) <= limit]
+    return kept, len(records) - len(kept)
+
+
 def evaluate_reward_model(rm, records, threshold: float = 0.5, batch_size: int = 64) -> dict:
-    """Every metric the records allow (see rlprm.rm_metrics); keys without a prefix."""
+    """Every metric the records allow (see rlprm.rm_metrics); keys without a prefix.
+
+    Solutions longer than the model's positions are left out and counted (`num_too_long`).
+    """
     from rlprm.data.stepwise import INCORRECT
     from rlprm.reward_models import AGGREGATIONS, aggregate
     from rlprm.rm_metrics import (auroc, best_of_n_accuracy, blind_spot_rate, first_error_f1, predict_first_error,
                                   step_accuracy)
 
+    records, too_long = _fitting(rm, records)
     if not records:
-        return {}
+        return {"num_too_long": too_long}
     step_probs = rm.score_steps([r.problem for r in records], [r.steps for r in records], batch_size=batch_size)
-    out: dict = {"num_solutions": len(records), "num_problems": len({r.group for r in records})}
+    out: dict = {"num_solutions": len(records), "num_problems": len({r.group for r in records}),
+                 "num_too_long": too_long}
     aggregations = AGGREGATIONS if rm.kind == "prm" else ("last",)
     if rm.kind == "prm":
         probs, truth = [], []
@@ -267,10 +288,10 @@ def evaluate_processbench(rm, path: Path, limit: int, threshold: float, batch_si
     from rlprm.data.processbench import load_processbench
     from rlprm.rm_metrics import first_error_f1, predict_first_error
 
-    records = load_processbench(path, limit)
+    records, too_long = _fitting(rm, load_processbench(path, limit))
     probs = rm.score_steps([r.problem for r in records], [r.steps for r in records], batch_size=batch_size)
     fe = first_error_f1([r.first_error for r in records], [predict_first_error(p, threshold) for p in probs])
-    return {f"{k}": v for k, v in fe.items()}
+    return {**fe, "num_too_long": too_long}
 
 
 # --------------------------------------------------------------------------- the job
@@ -296,8 +317,9 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
 
     from rlprm.data.stepwise import label_summary
     from rlprm.models import load_tokenizer, num_parameters, resolve_device
-    from rlprm.reward_models import (Collator, RewardModel, apply_lora, build_reward_model, encode_examples,
-                                     make_convention, reward_model_from_causal_lm, trainer_class)
+    from rlprm.reward_models import (Collator, RewardModel, add_identity_layers, apply_lora, build_reward_model,
+                                     encode_examples, freeze_body, make_convention, reward_model_from_causal_lm,
+                                     trainer_class)
     from rlprm.tracking import Tracker
 
     datasets.disable_progress_bars()
@@ -366,8 +388,13 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
             tokenizer = load_tokenizer(backbone, padding_side="right", trust_remote_code=recipe.model.trust_remote_code)
             model = build_reward_model(convention, backbone, tokenizer, dtype=recipe.model.dtype,
                                        trust_remote_code=recipe.model.trust_remote_code)
+        own_layers = model.config.num_hidden_layers
+        add_identity_layers(model, rm_cfg.extra_layers)
+        if rm_cfg.freeze_backbone:
+            freeze_body(model, own_layers)
         params = num_parameters(model)
         model = apply_lora(model, recipe.model.lora, rm_cfg.kind)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
         # 5. examples and training
         max_length = rm_cfg.max_length or getattr(model.config, "max_position_embeddings", None) or 2048
@@ -377,9 +404,12 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
                                "raise rm.max_length or check the labels")
         counts.update({f"data/train_{k}": v for k, v in enc_counts.items()})
         if tracker:
-            tracker.log({**counts, "params": params, "data_seconds": round(t_data, 1)}, step=0)
+            tracker.log({**counts, "params": params, "trainable_params": trainable, "data_seconds": round(t_data, 1)},
+                        step=0)
             summary_line = label_summary(train_records)
-            print(f"{rm_cfg.kind.upper()}: backbone {backbone} ({params / 1e6:.2f}M parameters), "
+            extra = f" + {rm_cfg.extra_layers} new layers" if rm_cfg.extra_layers else ""
+            print(f"{rm_cfg.kind.upper()}: backbone {backbone}{extra} ({params / 1e6:.2f}M parameters, "
+                  f"{trainable / 1e6:.2f}M trained), "
                   f"{len(examples)} training examples ({summary_line['labelled_steps']} labelled steps), "
                   f"{len(eval_records)} held-out solutions")
         steps_per_epoch = max(1, len(examples) // (rm_cfg.batch_size * rm_cfg.gradient_accumulation_steps))
@@ -407,6 +437,7 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
         # 7. evaluate the saved model, as any later stage will load it
         rm = RewardModel.load(ckpt, device=device, step_separator=sep)
         summary = {"kind": rm_cfg.kind, "checkpoint": str(ckpt), "backbone": str(backbone), "params": params,
+                   "extra_layers": rm_cfg.extra_layers, "trainable_params": trainable,
                    "train_examples": len(examples), "train_steps": result.global_step,
                    "train_loss": float(result.training_loss), "train_seconds": round(train_s, 1),
                    "data_seconds": round(t_data, 1)}

@@ -69,6 +69,14 @@ def test_arithmetic_job_end_to_end(tmp_path, generator, recipe_name, kind):
     assert rm.kind == kind and not (run / "reward_model.tmp").exists() and not (run / "rm_trainer_work").exists()
     with pytest.raises(SeparatorMismatch):
         RewardModel.load(run / "reward_model", step_separator="\n\n")
+    # the recipe's architecture: the generator's 2 layers, frozen, and 2 new ones on top
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gen = AutoModelForCausalLM.from_pretrained(generator)
+    assert rm.model.config.num_hidden_layers == 4 and summary["extra_layers"] == 2
+    assert torch.equal(rm.model.model.layers[1].mlp.up_proj.weight, gen.model.layers[1].mlp.up_proj.weight)
+    assert not torch.equal(rm.model.model.layers[3].mlp.down_proj.weight, torch.zeros_like(gen.model.layers[1].mlp.down_proj.weight))
     assert json.loads((run / "summary.json").read_text()) == json.loads(json.dumps(summary))
     assert summary["kind"] == kind and summary["train_steps"] >= 1
     for key in ("eval/solution_auroc", "eval/blind_spot_rate", "eval/best_of_n_process_accuracy"):
@@ -102,8 +110,18 @@ def test_rerun_reuses_the_sample_cache_and_resamples_on_change(tmp_path, generat
 def test_fresh_tiny_backbone_with_lora(tmp_path, generator):
     summary = run_job("prm_train.yaml", tmp_path, generator, "rm.backbone=tiny", "model.tiny.hidden_size=32",
                       "model.tiny.intermediate_size=64", "model.tiny.num_layers=2", "model.tiny.num_heads=2",
-                      "model.lora.enabled=true", "model.lora.r=4", "rm.max_steps=2")
+                      "model.lora.enabled=true", "model.lora.r=4", "rm.max_steps=2", "rm.freeze_backbone=false",
+                      "rm.extra_layers=0")
     assert summary["backbone"] == "tiny" and summary["train_steps"] == 2
+
+
+def test_lora_and_a_frozen_backbone_are_refused_together(tmp_path, generator):
+    from rlprm.train_rm import TrainRMError, check_inputs
+
+    recipe = load_recipe(RECIPES / "prm_train.yaml", [f"model.generator={generator}", "model.lora.enabled=true",
+                                                      "rm.freeze_backbone=true"])
+    with pytest.raises(TrainRMError, match="pick one"):
+        check_inputs(recipe)
 
 
 def test_missing_inputs_are_reported_before_any_work(tmp_path):
@@ -176,3 +194,57 @@ def test_prm800k_recipe_runs_with_a_tiny_stand_in(tmp_path):
     rm = RewardModel.load(tmp_path / "run" / "reward_model", step_separator="\n\n")
     assert rm.convention.prompt_template == "{problem}\n\n" and rm.convention.neutral_as == "positive"
     assert "PRM saved to" in out.stdout and "processbench/math F1" in out.stdout
+
+
+class FakeRM:
+    """Scores from a table: the evaluation's wiring, tested without a model."""
+
+    def __init__(self, kind, table, max_positions=None):
+        from types import SimpleNamespace
+
+        self.kind, self.table = kind, table
+        self.model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=max_positions))
+
+    def score_steps(self, problems, solutions, batch_size=64):
+        return [self.table[tuple(s)] for s in solutions]
+
+
+def test_evaluation_wiring_on_hand_made_scores():
+    from rlprm.data.stepwise import LabelledSolution
+    from rlprm.train_rm import evaluate_reward_model
+
+    C, W = 1, 0
+    records = [  # problem p: one fully correct, one right answer on a wrong step, one wrong answer
+        LabelledSolution("p", ["a", "b", "ans"], [C, C, C], True, True, None, "p"),
+        LabelledSolution("p", ["a", "x", "ans"], [C, W, None], True, False, 1, "p"),
+        LabelledSolution("p", ["y", "z", "bad"], [W, None, None], False, False, 0, "p"),
+    ]
+    table = {("a", "b", "ans"): [0.9, 0.8, 0.9], ("a", "x", "ans"): [0.9, 0.3, 0.9], ("y", "z", "bad"): [0.6, 0.9, 0.9]}
+    out = evaluate_reward_model(FakeRM("prm", table), records, threshold=0.5)
+    # labelled steps: 0.9 0.8 0.9 (right) 0.9 (right) 0.3 (wrong) 0.6 (wrong): 5 of 6 on the right side of 0.5
+    assert out["num_labelled_steps"] == 6 and out["step_accuracy"] == pytest.approx(5 / 6)
+    assert out["step_auroc"] == 1.0  # every right step (0.8 and up) above both wrong ones (0.3, 0.6)
+    # first errors predicted: none (right), 1 (right), none (wrong: 0.6 passes) -> accuracies 1/2 and 1/1
+    assert out["first_error_error_accuracy"] == 0.5 and out["first_error_correct_accuracy"] == 1.0
+    # prod scores: 0.648, 0.243, 0.486 -> the lucky solution is below the correct one
+    assert out["blind_spot_rate"] == 0.0 and out["blind_spot_pairs"] == 1
+    assert out["best_of_n_process_accuracy"] == 1.0 and out["solution_auroc"] == 1.0
+    assert out["blind_spot_rate_last"] == 0.5  # `last` sees 0.9 for both: a tie counts half
+    orm = FakeRM("orm", {k: [v[-1] if k != ("a", "x", "ans") else 0.95] for k, v in table.items()})
+    out = evaluate_reward_model(orm, records)
+    assert out["blind_spot_rate"] == 1.0 and "step_accuracy" not in out  # the ORM's blind spot
+    assert out["num_too_long"] == 0
+
+
+def test_evaluation_leaves_out_too_long_solutions(char_tokenizer):
+    from rlprm.data.stepwise import LabelledSolution
+    from rlprm.train_rm import evaluate_reward_model
+
+    from .test_reward_models import tiny_rm
+
+    rm = tiny_rm(char_tokenizer)
+    rm.model.config.max_position_embeddings = 40
+    short = LabelledSolution("1 +1", ["1 + 1 = 2", "# Answer\n\n2"], [1, 1], True, True, None, "1 +1")
+    long = LabelledSolution("1 +1", ["1 + 1 = 2"] * 6 + ["# Answer\n\n2"], [1] * 7, True, False, None, "1 +1")
+    out = evaluate_reward_model(rm, [short, long])
+    assert out["num_solutions"] == 1 and out["num_too_long"] == 1
