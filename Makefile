@@ -1,6 +1,6 @@
 # rlprm: one command each on a fresh machine.
 #   make test    set up .venv if needed, then run the test suite (CPU, minutes)
-#   make demo    set up .venv if needed, then run the embedded end-to-end job
+#   make demo    set up .venv if needed, then run the process-vs-outcome demo end to end (SEEDS=3 for 3 seeds)
 #   make setup   only the set-up (idempotent: re-runs only when pyproject.toml or this file change)
 
 VENV          ?= .venv
@@ -10,6 +10,9 @@ TORCH_VERSION ?= 2.13.0
 # otherwise hand out the multi-GB CUDA build (e.g. an --extra-index-url).
 TORCH_CPU_PIP_ARGS ?=
 PYTEST_ARGS   ?=
+DEMO_OUT      ?= runs/demo
+SEEDS         ?=
+DEMO_ARGS     ?=
 
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.rlprm-setup
@@ -42,8 +45,9 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
+# make demo [SEEDS=3] [DEMO_OUT=runs/demo] [DEMO_ARGS="--force rl"]: see rlprm/demo.py
 demo: setup
-	$(BIN)/rlprm prepare recipes/arith_prepare.yaml
+	$(BIN)/rlprm demo --out $(DEMO_OUT) $(if $(SEEDS),--seeds $(SEEDS)) $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

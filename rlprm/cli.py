@@ -11,12 +11,15 @@ Every subcommand that runs a job takes a recipe, then any number of
     rlprm check recipes/arith_prepare.yaml          # validate only
     rlprm prepare recipes/arith_prepare.yaml --print-config
     rlprm explain                                   # every recipe key, documented
+    rlprm demo [--seeds 3] [--force [STAGE...]]     # the whole process-vs-outcome pipeline, small budgets
+    rlprm compare RUN_DIR... [--out DIR]            # report.md + plots across runs (seeds averaged)
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rlprm.config import RecipeError, explain, load_recipe, recipe_to_yaml
 
@@ -78,13 +81,113 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="destination folder (default RUN_DIR/export)")
 
     sub.add_parser("explain", help="print every recipe key with its type, default and meaning")
+
+    p = sub.add_parser("select", help="surface convincing wrong-answer solutions for labelling (PRM800K JSONL)",
+                       description="Score the pool (rm.data's training samples, N per problem, graded) with the current "
+                                   "PRM (active.prm) and write the top active.top_k per problem (active.convincing_fraction "
+                                   "convincing wrong-answer, the rest active.fill) as unrated PRM800K phase-2 lines to "
+                                   "active.output (default RUN_DIR/to_label.jsonl). Rate them with `rlprm label`.")
+    _recipe_args(p)
+
+    p = sub.add_parser("active-learning", help="active vs uniform selection: PRM quality against the number of labels",
+                       description="From one uniform seed set, several generations of select, label (active.labeller) and "
+                                   "retrain a fresh PRM (active.train_steps), against uniform selection at the same label "
+                                   "budget; writes active_learning.md (table + data-efficiency factor), "
+                                   "active_learning.png, labels/*.jsonl and metrics to RUN_DIR and W&B.")
+    _recipe_args(p)
+
+    p = sub.add_parser("label", help="rate every step of PRM800K lines with the exact checker or a PRM",
+                       description="Read PRM800K phase-2 lines (e.g. from `rlprm select`) and write them rated the phase-2 "
+                                   "way (+1 up to the first error, -1 there, nothing after). --with checker (default) uses "
+                                   "the arithmetic task's exact checker; --with PRM_DIR a trained PRM (a step below "
+                                   "--threshold is the error): a large PRM labelling data for a small one.")
+    p.add_argument("input", help="PRM800K JSONL to label (question.pre_generated_steps are rated)")
+    p.add_argument("--out", required=True, help="labelled JSONL to write")
+    p.add_argument("--with", dest="labeller", default="checker", metavar="checker|PRM_DIR",
+                   help="who labels: `checker` (arithmetic task) or a PRM folder written by `rlprm train-rm`")
+    p.add_argument("--threshold", type=float, default=0.5, help="(PRM) a step scored below this is wrong (default 0.5)")
+    p.add_argument("--sep", default="\n", help="step separator used to render steps for the checker (default newline)")
+
+    p = sub.add_parser("demo", help="process vs outcome supervision end to end at demo budgets (about 15 min on 2 cores)",
+                       description="Prepare the generator, train a PRM and an ORM, run PPO three ways (dense PRM, "
+                                   "sparse ORM, sparse ground truth), best-of-N before and after, and `rlprm compare` "
+                                   "into OUT/report/report.md. Each stage is skipped when its output is complete "
+                                   "(see rlprm/demo.py).")
+    p.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
+    p.add_argument("--seeds", type=int, default=1, help="repeat RL and best-of-N over seeds 0..N-1 (mean and s.d. in the report)")
+    p.add_argument("--generator", default=None, metavar="PATH",
+                   help="start from this generator folder (e.g. runs/arith/generator) instead of the prepare stage")
+    p.add_argument("--force", nargs="*", metavar="STAGE", default=None,
+                   help="redo stages even if complete: all with no name, else the named ones or a prefix (prepare, rm, rl, bon, "
+                        "rl-prm-dense-s0, ...); what depends on them is redone too")
+    p.add_argument("--set", action="append", default=[], metavar="GROUP:key=value",
+                   help="change a demo budget, e.g. prepare:sft.time_budget_s=300 (groups: prepare, rm, rl, bon)")
+    p.add_argument("--wandb", default="disabled", choices=["disabled", "auto", "online", "offline"],
+                   help="W&B mode of every stage (default disabled; runs go to group `demo`)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    p = sub.add_parser("compare", help="report.md with tables and plots across run folders (seeds averaged)",
+                       description="Read metrics.jsonl / summary.json / recipe.yaml of each RUN_DIR (RL, best-of-N or "
+                                   "other runs, any scale), or W&B runs of a group, and write OUT/report.md with "
+                                   "rl_curves.png and bon_curves.png. Runs sharing run.name are seeds: mean +- s.d.")
+    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="run folders (each holding metrics.jsonl)")
+    p.add_argument("--out", default=None, help="report folder (default: compare/ beside the first RUN_DIR)")
+    p.add_argument("--wandb-group", default=None, help="also read every W&B run of this group (needs a W&B key)")
+    p.add_argument("--wandb-project", default="rlprm", help="W&B project of --wandb-group (default rlprm)")
+    p.add_argument("--wandb-entity", default=None, help="W&B entity of --wandb-group (default: yours)")
     return parser
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse with a job's flags allowed anywhere: `rlprm train-rl RECIPE a=1 --resume b=2` as train_rl.py does."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    subparsers = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    sub = subparsers.choices.get(argv[0]) if subparsers is not None and argv else None
+    if sub is None or not any(a.dest == "overrides" for a in sub._actions):
+        return parser.parse_args(argv)  # help, unknown commands and the commands without overrides
+    args = sub.parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     if args.command == "explain":
         print(explain())
+        return 0
+    if args.command == "demo":
+        from rlprm.demo import DemoError, run_demo
+
+        try:
+            run_demo(args.out, seeds=args.seeds, force=True if args.force == [] else args.force, wandb=args.wandb,
+                     sets=args.set, progress=not args.no_progress, generator=args.generator)
+        except (DemoError, RecipeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT if isinstance(exc, RecipeError) else 1
+        return 0
+    if args.command == "compare":
+        from rlprm.compare import CompareError, main as compare_main
+
+        try:
+            report = compare_main(args.run_dirs, args.out, args.wandb_group, args.wandb_project, args.wandb_entity)
+        except CompareError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(f"report: {report}")
+        return 0
+    if args.command == "label":
+        from rlprm.label import LabelError, label_file
+        from rlprm.reward_models import RewardModelError
+
+        try:
+            counts = label_file(args.input, args.out, args.labeller, args.threshold,
+                                args.sep.encode().decode("unicode_escape"))
+        except (LabelError, RewardModelError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(f"labelled {counts['lines']} lines -> {args.out} "
+              + " ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if k != "lines"))
         return 0
     if args.command == "export":
         from rlprm.checkpoint import export
@@ -129,6 +232,16 @@ def main(argv: list[str] | None = None) -> int:
         from rlprm.reward_models import RewardModelError
         from rlprm.train_rm import TrainRMError, format_summary, train_rm
 
+        if recipe.rm.data.source == "arithmetic" or recipe.rm.backbone == "generator":
+            from rlprm.prerequisites import PrerequisiteError, ensure, find_builder
+
+            gen = recipe.model.generator
+            try:  # the generator this job samples from: built first if an embedded recipe makes it (else check_inputs says)
+                if gen.startswith("/") and find_builder(Path(gen)) is not None:
+                    ensure("model.generator", Path(gen), progress=not args.no_progress)
+            except PrerequisiteError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return EXIT_BAD_INPUT
         try:
             summary = train_rm(recipe, progress=not args.no_progress)
         except (TrainRMError, PRM800KError, ProcessBenchError, RewardModelError) as exc:
@@ -149,6 +262,25 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         print(markdown_table(curves))
         print(f"plot: {recipe.run.output_dir}/bon.png   pool: {recipe.run.output_dir}/pool.jsonl")
+        return 0
+    if args.command in ("select", "active-learning"):
+        from rlprm.active import ActiveLearningError, run_loop, select
+        from rlprm.label import LabelError
+        from rlprm.reward_models import RewardModelError
+
+        try:
+            if args.command == "select":
+                counts = select(recipe, progress=not args.no_progress)
+                print(f"{counts['lines']} solutions of {counts['problems']} problems -> {counts['output']} "
+                      f"(convincing wrong-answer {counts.get('convincing_wrong_answer', 0)}, "
+                      f"uniform {counts.get('uniform', 0)}, convincing {counts.get('convincing', 0)}); "
+                      f"rate them with: rlprm label {counts['output']} --out LABELLED.jsonl")
+            else:
+                summary = run_loop(recipe, progress=not args.no_progress)
+                print(f"table: {summary['table']}   plot: {summary['plot']}   wall {summary['wall_seconds']:.0f} s")
+        except (ActiveLearningError, LabelError, RewardModelError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         return 0
     if args.command == "train-rl":
         from rlprm.train_rl import run as train_rl

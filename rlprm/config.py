@@ -137,10 +137,10 @@ class TaskConfig(Section):
     """Which problems: the embedded arithmetic task, or MATH-style / GSM8K JSONL files."""
     arithmetic: ArithmeticConfig = _section()
     """Settings of the embedded task (used when name is `arithmetic`)."""
-    train_path: InputPath | None = None
-    """JSONL of training problems (MATH / GSM8K tasks)."""
-    test_path: InputPath | None = None
-    """JSONL of held-out problems (MATH / GSM8K tasks)."""
+    train_path: DataPath | None = None
+    """JSONL of training problems (MATH / GSM8K tasks). Checked when the job starts (so a recipe naming a user's clone validates anywhere)."""
+    test_path: DataPath | None = None
+    """JSONL of held-out problems (MATH / GSM8K tasks). Checked when the job starts."""
     step_separator: str = Field("\n", min_length=1)
     """Text between solution steps; saved with every reward model, which refuses to score with another."""
     prompt_template: str = "{problem}\n"
@@ -300,13 +300,13 @@ class RLConfig(Section):
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature during rollouts."""
     prompts_per_iteration: int = Field(32, ge=1)
-    """(ppo) Prompts per rollout batch; each gets samples_per_problem completions, then one PPO update. An epoch is ceil(problems_per_epoch / prompts_per_iteration) iterations."""
+    """(ppo, grpo) Prompts per rollout batch; each gets samples_per_problem completions, then one PPO/GRPO update. An epoch is ceil(problems_per_epoch / prompts_per_iteration) iterations."""
     ppo_epochs: int = Field(2, ge=1, le=16)
-    """(ppo) Passes over each rollout batch (typically 1-4)."""
+    """(ppo, grpo) Passes over each rollout batch (typically 1-4; GRPO's mu)."""
     minibatch_size: int = Field(32, ge=1)
-    """(ppo) Sampled responses per optimizer step within a pass (a rollout batch holds prompts_per_iteration * samples_per_problem)."""
+    """(ppo, grpo) Sampled responses per optimizer step within a pass (a rollout batch holds prompts_per_iteration * samples_per_problem)."""
     clip_range: float = Field(0.2, gt=0, lt=1)
-    """(ppo) Policy ratio clip epsilon (typically 0.1-0.3)."""
+    """(ppo, grpo) Policy ratio clip epsilon (typically 0.1-0.3)."""
     clip_range_value: float = Field(0.2, gt=0)
     """(ppo) How far a value prediction may move from the rollout's (in reward units; typically 0.1-1)."""
     vf_coef: float = Field(0.5, ge=0)
@@ -318,7 +318,7 @@ class RLConfig(Section):
     value_learning_rate: float = Field(1e-5, gt=0, le=1)
     """(ppo) Learning rate of the value model (critic)."""
     max_grad_norm: float = Field(1.0, gt=0)
-    """(ppo) Gradient clipping norm, applied to the policy and the value model separately."""
+    """(ppo, grpo) Gradient clipping norm, applied to the policy and the value model separately."""
     whiten_advantages: bool = True
     """(ppo) Standardise advantages over each rollout batch (mean 0, std 1)."""
     kl_estimator: Literal["k1", "k3", "abs", "mse"] = "k1"
@@ -333,6 +333,20 @@ class RLConfig(Section):
     """Best-of-N between epochs: held-out problems."""
     value_model: ModelRef = "policy"
     """(ppo) Initial weights of the critic: `policy` (the generator's body with a fresh 1-output head) or an HF id / local folder."""
+    beta: float = Field(0.04, ge=0)
+    """(grpo) KL coefficient in the GRPO loss (TRL's k3 estimate per token against the initial generator; DeepSeekMath used 0.04; 0 skips the reference model). GRPO takes no reward.kl_coef penalty."""
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"
+    """(grpo) How TRL averages token losses: `grpo` per sequence then over sequences (length-biased), `dapo` over all tokens of the batch, `dr_grpo` by a constant, `bnpo` over the local batch's tokens."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """(grpo, sparse rewards) Divide the group-centred rewards by the group's std (`group`, DeepSeekMath), the batch's std, or not at all (`none`, Dr. GRPO). Dense (process) rewards are always normalised over the group's steps."""
+    process_reward: Literal["score", "dense_form"] = "score"
+    """(grpo, dense rewards) The step rewards normalised over the group: `score`, the PRM's probability of each step (DeepSeekMath's process supervision); `dense_form`, reward.dense_form's shaped rewards (their telescoping sums suit PPO's returns, but normalised step by step every step after the first looks bad: it lowered accuracy on the arithmetic task)."""
+    rejection_top_k: int = Field(1, ge=1)
+    """(rejection_sampling) Samples kept per problem, distinct texts only: the k best by the reward model (reward.source prm/orm; a PRM's steps aggregated by reward.sparse_aggregate), or up to k that the grader accepts (reward.source ground_truth)."""
+    rejection_min_score: float | None = None
+    """(rejection_sampling) With a reward model: keep only samples it scores at least this (0..1); none keeps the best whatever their score."""
+    sft_epochs: int = Field(1, ge=1)
+    """(rejection_sampling) Passes of SFT (TRL's SFTTrainer, loss on the completion only) over each RL epoch's kept samples; rl.minibatch_size is its batch size, rl.learning_rate its constant rate."""
 
 
 class EvalConfig(Section):
@@ -437,6 +451,10 @@ class RewardModelTrainConfig(Section):
     """New transformer blocks stacked on the backbone, each starting as the identity (zeroed output projections), so the step-end token can compare what was written with what the backbone expected. 0: none."""
     freeze_backbone: bool = False
     """Train only the new blocks (extra_layers), the final norm and the head; the backbone's own weights stay as they are (and backward passes get cheaper)."""
+    confidence_features: bool = False
+    """After training, stack the head with the backbone language model's token confidence (the lowest token log-probability in each step; in the whole solution for an ORM) in a 3-parameter logistic regression fitted on the training labels. The backbone LM is saved beside the reward model (confidence_lm/) and scoring runs it too. See rlprm/reward_models.py for why."""
+    confidence_fit_examples: int = Field(4096, ge=1)
+    """Training solutions the confidence stacking is fitted on (the first ones)."""
     epochs: float = Field(2.0, gt=0)
     """Passes over the training examples (unless max_steps or time_budget_s stops training first)."""
     max_steps: int = Field(0, ge=0)
@@ -484,6 +502,52 @@ class RewardModelTrainConfig(Section):
         return self
 
 
+class ActiveConfig(Section):
+    """Active learning: surfacing convincing wrong-answer solutions for labelling (`rlprm select`, `rlprm active-learning`).
+
+    The pool is rm.data's training split (its samples cached like `rlprm train-rm`'s), evaluation is rm.data's
+    held-out split, and each PRM is built like `rlprm train-rm` builds one (rm.backbone, rm.extra_layers,
+    rm.freeze_backbone, rm.learning_rate, rm.batch_size, rm.threshold), but trained for a fixed number of steps.
+    """
+
+    prm: ModelRef | None = None
+    """(select) The current PRM that scores the pool; None: model.reward_model."""
+    top_k: int = Field(2, ge=1)
+    """Solutions surfaced per problem (each one is one label in the budget)."""
+    convincing_fraction: float = Field(0.8, ge=0, le=1)
+    """Share of the surfaced solutions that are the most convincing wrong-answer ones (highest PRM score among samples whose final answer is wrong); the paper used 0.8. Spread evenly over problems."""
+    fill: Literal["uniform", "convincing"] = "uniform"
+    """The other slots: `uniform` (random samples of the problem) or `convincing` (its highest-scored remaining samples, any answer: the paper's other 20%). A problem with too few wrong-answer samples fills the rest the same way."""
+    aggregate: Literal["prod", "min", "last", "mean"] = "prod"
+    """How step probabilities become the solution score that ranks candidates (the paper: prod)."""
+    select_problems: int = Field(0, ge=0)
+    """(select) Pool problems to surface solutions from (0: all of them)."""
+    generation: int = Field(1, ge=0)
+    """(select) The PRM800K `generation` number written on each surfaced line."""
+    output: OutputPath | None = None
+    """(select) The JSONL to write (PRM800K phase-2 lines, unrated); None: RUN_DIR/to_label.jsonl."""
+    seed_labels: int = Field(256, ge=1)
+    """(loop) Labelled solutions in the uniform seed set both strategies start from (generation 0 has no PRM to select with)."""
+    labels_per_generation: int = Field(256, ge=1)
+    """(loop) Solutions labelled per generation after the seed set, by each strategy (the label budget counts solutions)."""
+    generations: int = Field(3, ge=1)
+    """(loop) Select-label-retrain rounds after the seed set."""
+    seeds: list[int] = Field([0], min_length=1)
+    """(loop) Repeats of the whole comparison (problem order, uniform picks and PRM initialisation); the report gives mean and spread."""
+    train_steps: int = Field(150, ge=1)
+    """(loop) Optimizer steps per PRM training: the per-generation cost. Every PRM of both strategies gets the same number, so only the labels differ."""
+    warmup_steps: int = Field(10, ge=0)
+    """(loop) Linear warm-up steps; the learning rate then decays linearly to 10%."""
+    eval_n: int = Field(16, ge=2)
+    """(loop) N of best-of-N on the held-out pool (the first eval_n samples of each held-out problem; at most rm.data.eval_samples_per_problem)."""
+    eval_aggregate: Literal["prod", "min", "last", "mean"] = "prod"
+    """(loop) How best-of-N turns step probabilities into the score that picks a solution (the paper: prod; with a weak PRM, prod favours solutions with fewer steps, e.g. a skipped step, so min can be the fairer measure)."""
+    labeller: ModelRef = "checker"
+    """(loop) Who labels the selected solutions: `checker` (the exact checker) or a PRM folder (a large PRM supervising small ones, the paper's small-scale set-up)."""
+    quality_metric: Literal["best_of_n_process_accuracy", "best_of_n_answer_accuracy", "first_error_f1"] = "best_of_n_process_accuracy"
+    """(loop) The PRM quality the data-efficiency factor compares (labels uniform needs / labels active needs for the same value)."""
+
+
 class Recipe(Section):
     """One whole run."""
 
@@ -507,6 +571,8 @@ class Recipe(Section):
     """W&B and metrics.jsonl."""
     rm: RewardModelTrainConfig = _section()
     """Reward-model training and evaluation (`rlprm train-rm`)."""
+    active: ActiveConfig = _section()
+    """Active learning: `rlprm select` and the `rlprm active-learning` loop."""
     deepspeed: InputPath | None = None
     """A DeepSpeed JSON config (see deepspeed_configs/); none trains without DeepSpeed."""
 

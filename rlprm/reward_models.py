@@ -66,6 +66,10 @@ class Convention:
     """Classes whose probabilities sum to "this step is correct" (neutral counts as not wrong)."""
     neutral_as: str | None = None
     """How rating-0 steps were labelled in training (PRM800K), for the record."""
+    confidence: list[float] | None = None
+    """Confidence stacking, when fitted: `[a, b, c]` in `P(correct) = sigmoid(a * head_logit + b * min_logp + c)`,
+    where `min_logp` is the lowest log-probability the backbone language model (saved in `confidence_lm/`) gave
+    any token of the step (PRM) or of the whole solution (ORM). None: the head alone."""
     format_version: int = FORMAT_VERSION
 
     @property
@@ -352,18 +356,91 @@ def trainer_class():
     return RewardModelTrainer
 
 
+# --------------------------------------------------------------------------- confidence stacking
+#
+# Why: on the arithmetic task a wrong step is, almost always, one the generator found unlikely when it
+# sampled it: the lowest token log-probability of a step under the backbone language model separates right
+# steps from wrong ones with AUROC 0.997 on held-out samples, while a head trained for 3 minutes on CPU on
+# top of a frozen 4-layer body reaches 0.78 and does not check the arithmetic. Reading "was the written token
+# the one I expected" needs a product of two residual-stream vectors, which small blocks learn slowly. So a
+# reward model may keep the backbone LM beside it and stack its token confidence with the head's logit in a
+# 3-parameter logistic regression fitted on the training labels (`rm.confidence_features`). Both the PRM and
+# the ORM get the same option, so a PRM-vs-ORM comparison stays about the labels.
+
+CONFIDENCE_DIR = "confidence_lm"
+MIN_LOGP = -30.0  # floor for log-probabilities: a near-impossible token should not dominate the fit
+
+
+def token_logprobs(lm, sequences: list[list[int]], pad_token_id: int, device) -> list[list[float]]:
+    """Per sequence, log p(token_t | tokens_<t) under `lm` for every position (position 0 gets 0.0)."""
+    import torch
+
+    batch = Collator(pad_token_id, "none")([{"input_ids": s} for s in sequences])
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    with torch.inference_mode():
+        logits = lm(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    logp = torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1).clamp_min(MIN_LOGP).cpu()
+    return [logp[i, :len(s)].tolist() for i, s in enumerate(sequences)]
+
+
+def step_min_logprobs(logps: Sequence[float], prompt_len: int, step_ends: Sequence[int]) -> list[float]:
+    """The lowest token log-probability inside each step (tokens after the previous step end, up to its own)."""
+    out, start = [], prompt_len
+    for end in step_ends:
+        window = logps[start:end + 1]
+        out.append(min(window) if window else 0.0)
+        start = end + 1
+    return out
+
+
+def stack_confidence(prob: float, min_logp: float, weights: Sequence[float]) -> float:
+    """P(correct) from the head's probability and the backbone's lowest token log-probability."""
+    p = min(max(prob, 1e-7), 1 - 1e-7)
+    z = weights[0] * math.log(p / (1 - p)) + weights[1] * max(min_logp, MIN_LOGP) + weights[2]
+    return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+
+
+def fit_confidence(probs: Sequence[float], min_logps: Sequence[float], labels: Sequence[bool],
+                   l2: float = 1e-3) -> list[float]:
+    """Logistic regression of `labels` on (head logit, min log-prob, 1): the `[a, b, c]` of `stack_confidence`."""
+    import torch
+
+    if len(probs) != len(min_logps) or len(probs) != len(labels) or not probs:
+        raise RewardModelError("fit_confidence needs equally many (at least one) probabilities, features and labels")
+    p = torch.tensor(probs, dtype=torch.float64).clamp(1e-7, 1 - 1e-7)
+    x = torch.stack([torch.log(p / (1 - p)), torch.tensor(min_logps, dtype=torch.float64).clamp_min(MIN_LOGP),
+                     torch.ones_like(p)], dim=1)
+    y = torch.tensor([float(v) for v in labels], dtype=torch.float64)
+    w = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64, requires_grad=True)  # start at "the head alone"
+    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w, y) + l2 * (w[:2] ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return [round(float(v), 6) for v in w.detach()]
+
+
 # --------------------------------------------------------------------------- scoring
 
 
 class RewardModel:
     """Scores solutions step by step (PRM) or as a whole (ORM), one forward pass per solution."""
 
-    def __init__(self, model, tokenizer, convention: Convention):
+    def __init__(self, model, tokenizer, convention: Convention, confidence_lm=None):
         if tokenizer.pad_token_id is None:
             raise RewardModelError("the tokenizer has no pad token")
+        if convention.confidence is not None and confidence_lm is None:
+            raise RewardModelError("this reward model stacks the backbone's token confidence "
+                                   "(convention.confidence) but no confidence language model was given")
         self.model = model
         self.tokenizer = tokenizer
         self.convention = convention
+        self.confidence_lm = confidence_lm
         model.config.pad_token_id = tokenizer.pad_token_id
 
     @property
@@ -403,12 +480,26 @@ class RewardModel:
         probs = torch.softmax(logits.float(), dim=-1)
         return probs[..., self.convention.correct_classes].sum(-1)
 
+    def confidence_features(self, encoded: list) -> list[list[float]]:
+        """Per encoded solution, the backbone LM's lowest token log-probability in each step (PRM) or in the
+        whole solution (ORM: one number). Needs `confidence_lm`."""
+        if self.confidence_lm is None:
+            raise RewardModelError("no confidence language model: fit one with rm.confidence_features")
+        lm_device = next(self.confidence_lm.parameters()).device
+        logps = token_logprobs(self.confidence_lm, [e.input_ids for e in encoded], self.tokenizer.pad_token_id,
+                               lm_device)
+        if self.kind == "orm":
+            return [step_min_logprobs(lp, e.prompt_len, [len(e.input_ids) - 1]) for lp, e in zip(logps, encoded)]
+        return [step_min_logprobs(lp, e.prompt_len, e.step_ends) for lp, e in zip(logps, encoded)]
+
     def score_steps(self, problems: Sequence[str], solutions: Sequence, sep: str | None = None,
-                    batch_size: int = 32) -> list[list[float]]:
+                    batch_size: int = 32, head_only: bool = False) -> list[list[float]]:
         """Per solution, the probability that each step is correct; an ORM gives one number, for the final answer.
 
         `problems` are problem texts (the saved prompt template formats them); `solutions` are step lists or
-        texts (split with the saved separator). `sep`, if given, must be the saved separator.
+        texts (split with the saved separator). `sep`, if given, must be the saved separator. With confidence
+        stacking fitted, the head's probabilities are combined with the backbone's token confidence, unless
+        `head_only`.
         """
         self._check_separator(sep)
         if len(problems) != len(solutions):
@@ -435,10 +526,15 @@ class RewardModel:
                     finals = logits.float().reshape(-1).sigmoid().tolist()
                     for i, p in zip(chunk, finals):
                         out[i] = [p]
-                    continue
-                probs = self._step_probs(logits).cpu()
-                for row, i in enumerate(chunk):
-                    out[i] = probs[row, encoded[i].step_ends].tolist()
+                else:
+                    probs = self._step_probs(logits).cpu()
+                    for row, i in enumerate(chunk):
+                        out[i] = probs[row, encoded[i].step_ends].tolist()
+                weights = self.convention.confidence
+                if weights is not None and not head_only:
+                    feats = self.confidence_features([encoded[i] for i in chunk])
+                    for i, f in zip(chunk, feats):
+                        out[i] = [stack_confidence(p, m, weights) for p, m in zip(out[i], f)]
         finally:
             self.model.train(was_training)
         return out
@@ -466,6 +562,9 @@ class RewardModel:
         with _quiet_transformers(report=False):
             model.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
+        if self.convention.confidence is not None:
+            with _quiet_transformers(report=False):
+                self.confidence_lm.save_pretrained(tmp / CONFIDENCE_DIR)
         (tmp / RM_FILE).write_text(json.dumps(asdict(self.convention), indent=2) + "\n")
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
@@ -496,7 +595,17 @@ class RewardModel:
             raise RewardModelError(f"{path}: the model has {model.config.num_labels} outputs but {RM_FILE} "
                                    f"describes {convention.num_labels} ({convention.label_names})")
         model.eval()
-        return cls(model.to(device), tokenizer, convention)
+        confidence_lm = None
+        if convention.confidence is not None:
+            from transformers import AutoModelForCausalLM
+
+            if not (path / CONFIDENCE_DIR).is_dir():
+                raise RewardModelError(f"{meta} stacks token confidence but {path / CONFIDENCE_DIR} is missing")
+            with _quiet_transformers(report=False):
+                confidence_lm = AutoModelForCausalLM.from_pretrained(
+                    str(path / CONFIDENCE_DIR), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+            confidence_lm = confidence_lm.to(device).eval()
+        return cls(model.to(device), tokenizer, convention, confidence_lm)
 
 
 def _aggregate(step_probs, how):
@@ -532,6 +641,10 @@ def score_steps_per_prefix(rm: RewardModel, problems: Sequence[str], solutions: 
             probs = rm._step_probs(logits).cpu()
             for row, j in enumerate(chunk):
                 flat[j] = float(probs[row, len(encoded[j].input_ids) - 1])
+            if rm.convention.confidence is not None:
+                feats = rm.confidence_features([encoded[j] for j in chunk])
+                for j, f in zip(chunk, feats):
+                    flat[j] = stack_confidence(flat[j], f[-1], rm.convention.confidence)
     finally:
         rm.model.train(was_training)
     out: list[list[float]] = [[] for _ in steps]
@@ -542,6 +655,7 @@ def score_steps_per_prefix(rm: RewardModel, problems: Sequence[str], solutions: 
 
 __all__ = [
     "AGGREGATIONS", "CORRECT", "INCORRECT", "NEUTRAL", "Collator", "Convention", "RewardModel", "RewardModelError",
-    "SeparatorMismatch", "add_identity_layers", "aggregate", "apply_lora", "build_reward_model", "freeze_body", "check_separator", "encode_examples", "make_convention",
+    "SeparatorMismatch", "CONFIDENCE_DIR", "add_identity_layers", "fit_confidence", "stack_confidence",
+    "step_min_logprobs", "token_logprobs", "aggregate", "apply_lora", "build_reward_model", "freeze_body", "check_separator", "encode_examples", "make_convention",
     "reward_loss", "reward_model_from_causal_lm", "score_steps_per_prefix", "trainer_class",
 ]

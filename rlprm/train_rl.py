@@ -1,9 +1,14 @@
 """RL entry point: `python rlprm/train_rl.py RECIPE [key=value ...] [--resume]`.
 
-Also runs under the DeepSpeed launcher (`deepspeed rlprm/train_rl.py RECIPE`),
-which puts `--local_rank=N` in front of the script's own arguments; it is
-accepted and, for now, ignored: the PPO loop trains on one process, and a
-launch with several processes (WORLD_SIZE > 1) is refused.
+Also runs under the DeepSpeed launcher, which puts `--local_rank=N` in front
+of the script's own arguments (accepted; the rank is read from the environment):
+
+    deepspeed rlprm/train_rl.py RECIPE                  # one process: the plain torch loop
+    deepspeed --num_gpus 2 rlprm/train_rl.py RECIPE     # two data-parallel processes (CPU: gloo), ZeRO-2
+
+Several processes, or a recipe with a `deepspeed:` key, train through DeepSpeed
+engines (rlprm/rl/distributed.py); only rank 0 writes metrics, checkpoints and
+the export.
 `rlprm train-rl RECIPE` is the same job through the `rlprm` command.
 
 Exit codes: 0 done, 2 bad input (recipe, missing generator or reward model),
@@ -54,16 +59,44 @@ def run(args: argparse.Namespace) -> int:
         return 0
     import os
 
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1:
-        # every process would run the whole loop and write the same run folder: refuse rather than corrupt it
-        print(f"error: {world} processes were launched (WORLD_SIZE={world}), but PPO trains on one process for "
-              "now; launch it with `deepspeed --num_gpus 1 ...` or plain `python rlprm/train_rl.py ...`",
-              file=sys.stderr)
+    from rlprm.rl.distributed import DistributedError, launched_world_size
+
+    try:
+        world = launched_world_size()
+    except DistributedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if world > 1 and recipe.run.threads == 0:
+        # N processes each taking every core oversubscribe the machine (2x slower: DESIGN.md section 9)
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
+    from rlprm.prerequisites import PrerequisiteError, ensure_prerequisites
+
+    try:
+        # a missing generator / PRM / ORM that an embedded recipe produces is built (once) before anything else
+        ensure_prerequisites(recipe, progress=not args.no_progress)
+    except PrerequisiteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     from rlprm.rl.ppo import PPOError, PPOInputError, check_prerequisites, train_ppo
 
-    if recipe.rl.algorithm != "ppo":
+    if recipe.rl.algorithm == "rejection_sampling":
+        from rlprm.rl.rejection import run_rejection_sampling
+
+        if world > 1:  # every rank would run the whole loop into the same run folder
+            print("error: rejection_sampling trains on one process for now; launch it with plain "
+                  "`python rlprm/train_rl.py ...` or `deepspeed --num_gpus 1 ...`", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        return run_rejection_sampling(recipe, resume=args.resume, progress=not args.no_progress)
+    train = train_ppo
+    if recipe.rl.algorithm == "grpo":
+        # TRL's GRPOTrainer with our rewards (GRPOError subclasses PPOError: the same exit codes below)
+        from rlprm.rl.grpo import check_prerequisites, train_grpo as train
+
+        if world > 1:
+            print("error: GRPO trains on one process for now; launch it with plain `python rlprm/train_rl.py ...`",
+                  file=sys.stderr)
+            return EXIT_BAD_INPUT
+    elif recipe.rl.algorithm != "ppo":
         print(f"error: rl.algorithm {recipe.rl.algorithm!r} is not implemented yet; use ppo", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
@@ -74,13 +107,15 @@ def run(args: argparse.Namespace) -> int:
     from rlprm.reward_models import RewardModelError
 
     try:
-        final = train_ppo(recipe, resume=args.resume, progress=not args.no_progress)
-    except (RewardModelError, PPOInputError) as exc:
+        final = train(recipe, resume=args.resume, progress=not args.no_progress)
+    except (RewardModelError, PPOInputError, DistributedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except PPOError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_STOPPED
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return 0  # rank 0 reports for all
     acc = final.get("eval/answer_accuracy")
     proc = final.get("eval/process_accuracy")
     line = f"policy exported to {final['export_dir']}"

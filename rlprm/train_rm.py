@@ -229,10 +229,11 @@ def _fitting(rm, records) -> tuple[list, int]:
     return kept, len(records) - len(kept)
 
 
-def evaluate_reward_model(rm, records, threshold: float = 0.5, batch_size: int = 64) -> dict:
+def evaluate_reward_model(rm, records, threshold: float = 0.5, batch_size: int = 64, head_only: bool = False) -> dict:
     """Every metric the records allow (see rlprm.rm_metrics); keys without a prefix.
 
-    Solutions longer than the model's positions are left out and counted (`num_too_long`).
+    Solutions longer than the model's positions are left out and counted (`num_too_long`). `head_only`: score
+    without confidence stacking (to show what the stacking adds).
     """
     from rlprm.data.stepwise import INCORRECT
     from rlprm.reward_models import AGGREGATIONS, aggregate
@@ -242,7 +243,9 @@ def evaluate_reward_model(rm, records, threshold: float = 0.5, batch_size: int =
     records, too_long = _fitting(rm, records)
     if not records:
         return {"num_too_long": too_long}
-    step_probs = rm.score_steps([r.problem for r in records], [r.steps for r in records], batch_size=batch_size)
+    options = {"head_only": True} if head_only else {}  # any object with score_steps will do otherwise
+    step_probs = rm.score_steps([r.problem for r in records], [r.steps for r in records], batch_size=batch_size,
+                                **options)
     out: dict = {"num_solutions": len(records), "num_problems": len({r.group for r in records}),
                  "num_too_long": too_long}
     aggregations = AGGREGATIONS if rm.kind == "prm" else ("last",)
@@ -292,6 +295,37 @@ def evaluate_processbench(rm, path: Path, limit: int, threshold: float, batch_si
     probs = rm.score_steps([r.problem for r in records], [r.steps for r in records], batch_size=batch_size)
     fe = first_error_f1([r.first_error for r in records], [predict_first_error(p, threshold) for p in probs])
     return {**fe, "num_too_long": too_long}
+
+
+def fit_confidence_stacking(rm, records, limit: int, batch_size: int = 64) -> tuple[list[float], int]:
+    """Fit `rm`'s confidence stacking on the first `limit` training records; returns (weights, labels used).
+
+    PRM: every labelled step (label: not incorrect); ORM: every solution with a known final answer.
+    """
+    from rlprm.data.stepwise import INCORRECT
+    from rlprm.reward_models import fit_confidence
+    from rlprm.steps import encode_batch
+
+    records, _ = _fitting(rm, records[:limit])
+    head = rm.score_steps([r.problem for r in records], [r.steps for r in records], batch_size=batch_size,
+                          head_only=True)
+    encoded = encode_batch(rm.tokenizer, [rm.convention.prompt(r.problem) for r in records],
+                           [r.steps for r in records], rm.step_separator)
+    feats: list[list[float]] = []
+    for start in range(0, len(encoded), batch_size):
+        feats.extend(rm.confidence_features(encoded[start:start + batch_size]))
+    probs, mins, ys = [], [], []
+    for r, h, f in zip(records, head, feats):
+        if rm.kind == "orm":
+            if r.answer_correct is not None and h:
+                probs.append(h[0]); mins.append(f[0]); ys.append(bool(r.answer_correct))
+            continue
+        for p, m, y in zip(h, f, r.labels):
+            if y is not None:
+                probs.append(p); mins.append(m); ys.append(y != INCORRECT)
+    if not probs:
+        raise TrainRMError("rm.confidence_features: no labelled training examples to fit the stacking on")
+    return fit_confidence(probs, mins, ys), len(ys)
 
 
 # --------------------------------------------------------------------------- the job
@@ -383,11 +417,13 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
             tokenizer = build_tokenizer(recipe, corpus)
             causal = build_tiny_causal_lm(recipe.model.tiny, tokenizer, seed=recipe.run.seed)
             model = reward_model_from_causal_lm(convention, causal, tokenizer)
+            confidence_source = causal if rm_cfg.confidence_features else None
             del causal
         else:
             tokenizer = load_tokenizer(backbone, padding_side="right", trust_remote_code=recipe.model.trust_remote_code)
             model = build_reward_model(convention, backbone, tokenizer, dtype=recipe.model.dtype,
                                        trust_remote_code=recipe.model.trust_remote_code)
+            confidence_source = backbone if rm_cfg.confidence_features else None
         own_layers = model.config.num_hidden_layers
         add_identity_layers(model, rm_cfg.extra_layers)
         if rm_cfg.freeze_backbone:
@@ -431,7 +467,25 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
         # 6. save: a complete reward_model/ or none at all
         ckpt = run_dir / "reward_model"
         trained = trainer.accelerator.unwrap_model(trainer.model)
-        RewardModel(trained, tokenizer, convention).save(ckpt)
+        fitted: dict = {}
+        if confidence_source is not None:
+            # stack the head with the backbone LM's token confidence (see rlprm/reward_models.py for why)
+            from rlprm.models import load_causal_lm
+
+            lm = confidence_source if not isinstance(confidence_source, (str, Path)) else load_causal_lm(
+                confidence_source, recipe.model.dtype, device, recipe.model.trust_remote_code)
+            plain = RewardModel(trained, tokenizer, convention, confidence_lm=lm.eval())
+            weights, n_fit = fit_confidence_stacking(plain, train_records, rm_cfg.confidence_fit_examples,
+                                                     rm_cfg.eval_batch_size)
+            convention.confidence = weights
+            fitted = {"confidence_weights": weights, "confidence_fit_labels": n_fit}
+            if tracker:
+                print(f"confidence stacking fitted on {n_fit} labels: P = sigmoid({weights[0]:.3f} * head logit "
+                      f"{weights[1]:+.3f} * min token log-prob {weights[2]:+.3f})")
+            RewardModel(trained, tokenizer, convention, confidence_lm=lm).save(ckpt)
+            del lm, plain
+        else:
+            RewardModel(trained, tokenizer, convention).save(ckpt)
         del trainer, trained, model
 
         # 7. evaluate the saved model, as any later stage will load it
@@ -440,10 +494,13 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
                    "extra_layers": rm_cfg.extra_layers, "trainable_params": trainable,
                    "train_examples": len(examples), "train_steps": result.global_step,
                    "train_loss": float(result.training_loss), "train_seconds": round(train_s, 1),
-                   "data_seconds": round(t_data, 1)}
+                   "data_seconds": round(t_data, 1), **fitted}
         t_eval = time.monotonic()
         metrics = {f"eval/{k}": v for k, v in
                    evaluate_reward_model(rm, eval_records, rm_cfg.threshold, rm_cfg.eval_batch_size).items()}
+        if fitted:  # what the head alone scores, so the stacking's contribution is visible
+            metrics.update({f"eval_head_only/{k}": v for k, v in evaluate_reward_model(
+                rm, eval_records, rm_cfg.threshold, rm_cfg.eval_batch_size, head_only=True).items()})
         if rm_cfg.kind == "prm":
             for path in data_cfg.processbench_paths:
                 pb = evaluate_processbench(rm, Path(path), data_cfg.processbench_max, rm_cfg.threshold,

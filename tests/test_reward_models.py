@@ -291,3 +291,72 @@ def test_identity_layers_start_as_the_backbone_and_save_as_plain_hf(char_tokeniz
     # newlines: steps.py refuses it; the weights are what this test is about, so score with the original)
     loaded = RewardModel(loaded.model, char_tokenizer, loaded.convention)
     assert max_diff(loaded.score_steps(texts, solutions), changed) < 1e-6
+
+
+# --------------------------------------------------------------------------- confidence stacking
+
+
+def test_step_min_logprobs_by_hand():
+    from rlprm.reward_models import step_min_logprobs
+
+    logps = [0.0, -0.1, -0.2, -3.0, -0.5, -0.4, -7.0, -0.1]
+    # prompt = tokens 0..1; step 0 = tokens 2..4 (end 4); step 1 = tokens 5..7 (end 7)
+    assert step_min_logprobs(logps, 2, [4, 7]) == [-3.0, -7.0]
+    assert step_min_logprobs(logps, 2, [7]) == [-7.0]
+
+
+def test_token_logprobs_match_the_lm_one_sequence_at_a_time(char_tokenizer):
+    from rlprm.reward_models import token_logprobs
+
+    lm = tiny_lm(char_tokenizer, seed=1).eval()
+    seqs = [char_tokenizer("12 +3\n12 + 3 = 15\n")["input_ids"], char_tokenizer("7 -1\n")["input_ids"]]
+    batched = token_logprobs(lm, seqs, char_tokenizer.pad_token_id, "cpu")
+    for seq, got in zip(seqs, batched):
+        ids = torch.tensor([seq])
+        with torch.no_grad():
+            logp = torch.log_softmax(lm(ids).logits[0], -1)
+        want = [0.0] + [float(logp[t - 1, seq[t]]) for t in range(1, len(seq))]
+        assert len(got) == len(seq) and max(abs(a - b) for a, b in zip(got, want)) < 1e-5
+
+
+def test_fit_confidence_learns_the_informative_feature():
+    from rlprm.reward_models import fit_confidence, stack_confidence
+
+    rng = random.Random(0)
+    probs, mins, ys = [], [], []
+    for _ in range(2000):
+        wrong = rng.random() < 0.3
+        mins.append(rng.uniform(-9, -4) if wrong else rng.uniform(-2, 0))  # wrong steps hold an unlikely token
+        probs.append(rng.uniform(0.2, 0.8))                                # an uninformative head
+        ys.append(not wrong)
+    a, b, c = fit_confidence(probs, mins, ys)
+    assert b > 0.5 and abs(a) < 0.5  # the log-probability carries the signal, the head does not
+    assert stack_confidence(0.5, -0.5, [a, b, c]) > 0.9 > 0.1 > stack_confidence(0.5, -8.0, [a, b, c])
+    with pytest.raises(RewardModelError):
+        fit_confidence([], [], [])
+
+
+@pytest.mark.parametrize("kind", ["prm", "orm"])
+def test_stacked_model_single_pass_save_and_load(char_tokenizer, problems, solutions, tmp_path, kind):
+    from rlprm.reward_models import CONFIDENCE_DIR
+
+    rm = tiny_rm(char_tokenizer, kind)
+    rm.convention.confidence = [0.5, 0.8, 1.0]
+    with pytest.raises(RewardModelError, match="no confidence language model"):
+        RewardModel(rm.model, char_tokenizer, rm.convention)
+    rm.confidence_lm = tiny_lm(char_tokenizer, seed=7).eval()
+    texts = [p.text for p in problems]
+    stacked = rm.score_steps(texts, solutions, batch_size=5)
+    head = rm.score_steps(texts, solutions, batch_size=5, head_only=True)
+    assert max_diff(stacked, head) > 0.01
+    if kind == "prm":
+        assert max_diff(stacked, score_steps_per_prefix(rm, texts, solutions, batch_size=3)) < 1e-5
+    path = rm.save(tmp_path / kind)
+    assert (path / CONFIDENCE_DIR / "config.json").is_file()
+    assert json.loads((path / RM_FILE).read_text())["confidence"] == [0.5, 0.8, 1.0]
+    assert max_diff(RewardModel.load(path).score_steps(texts, solutions), stacked) < 1e-6
+    import shutil
+
+    shutil.rmtree(path / CONFIDENCE_DIR)
+    with pytest.raises(RewardModelError, match="confidence_lm"):
+        RewardModel.load(path)

@@ -248,3 +248,16 @@ def test_evaluation_leaves_out_too_long_solutions(char_tokenizer):
     long = LabelledSolution("1 +1", ["1 + 1 = 2"] * 6 + ["# Answer\n\n2"], [1] * 7, True, False, None, "1 +1")
     out = evaluate_reward_model(rm, [short, long])
     assert out["num_solutions"] == 1 and out["num_too_long"] == 1
+
+
+@pytest.mark.parametrize("recipe_name", ["prm_train.yaml", "orm_train.yaml"])
+def test_confidence_stacking_is_fitted_saved_and_reported(tmp_path, generator, recipe_name):
+    from rlprm.reward_models import CONFIDENCE_DIR, RewardModel
+
+    summary = run_job(recipe_name, tmp_path, generator, "rm.confidence_features=true", "rm.max_steps=2")
+    weights = summary["confidence_weights"]
+    assert len(weights) == 3 and summary["confidence_fit_labels"] > 0
+    rm = RewardModel.load(tmp_path / "run" / "reward_model")
+    assert rm.convention.confidence == weights and rm.confidence_lm is not None
+    assert (tmp_path / "run" / "reward_model" / CONFIDENCE_DIR / "model.safetensors").is_file()
+    assert "eval/solution_auroc" in summary and "eval_head_only/solution_auroc" in summary

@@ -18,6 +18,10 @@ Sequences are laid out as [left-padded prompt | right-padded response]: the
 prompts are padded on the left so that every response starts at the same
 column, and the response tensors (B, T) then line up with `rewards.py`'s.
 
+With several processes (or a `deepspeed:` key) the policy and critic train
+inside DeepSpeed engines (`rl/distributed.py`): each rank samples its share of
+the prompts, gradients are averaged, rank 0 alone evaluates and writes.
+
 Resume works at epoch granularity: a checkpoint holds the policy, the value
 model, both optimizers, the KL coefficient, the counters and the RNG state, and
 the problems of epoch e depend only on (seed, e). On CPU with the same seed, a
@@ -149,11 +153,18 @@ def _logprobs(logits, tokens):
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def _check_finite(name: str, value, run_dir: Path) -> None:
+def _check_finite(name: str, value, run_dir: Path, dist=None) -> None:
+    """Raise PPOError if `value` holds NaN/inf; with several ranks, on EVERY rank if any rank has one (none hangs)."""
     import torch
 
     bad = ~torch.isfinite(value) if hasattr(value, "shape") else not math.isfinite(float(value))
-    if bool(bad.any() if hasattr(bad, "any") else bad):
+    bad = bool(bad.any() if hasattr(bad, "any") else bad)
+    if dist is not None and dist.active:
+        here = bad
+        bad = dist.any_rank(bad)
+        if bad and not here:
+            name = f"{name} (on another rank)"
+    if bad:
         from rlprm.checkpoint import latest_checkpoint
 
         last = latest_checkpoint(run_dir)
@@ -202,6 +213,10 @@ def check_prerequisites(recipe: Recipe) -> None:
                        "../runs/arith/generator built by `rlprm prepare recipes/arith_prepare.yaml`")
     if recipe.rl.algorithm != "ppo":
         raise PPOInputError(f"rl.algorithm is {recipe.rl.algorithm!r}; only ppo is implemented by train_ppo")
+    if recipe.model.lora.enabled:
+        # refused rather than ignored: a run that silently trains all weights is not the run that was asked for
+        raise PPOInputError("model.lora.enabled: PPO trains all weights for now (LoRA is not supported by it yet); "
+                            "set model.lora.enabled: false, or use rl.algorithm: rejection_sampling with LoRA")
 
 
 # --------------------------------------------------------------------------- the loop
@@ -220,19 +235,29 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
     from rlprm.rewards import RewardError, add_kl_penalty, token_rewards
     from rlprm.rl.core import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, masked_mean,
                                masked_whiten, policy_loss, value_loss)
+    from rlprm.rl.distributed import (NullTracker, device_for, launched_world_size, setup, shard, trim,
+                                      weights_digest)
     from rlprm.tracking import Tracker
 
     check_prerequisites(recipe)
     rl, rcfg, sep = recipe.rl, recipe.reward, recipe.task.step_separator
     run_dir = Path(recipe.run.output_dir)
-    device = resolve_device(recipe.run.device)
+    # several processes (or a `deepspeed:` key): DeepSpeed engines, each rank with its share of the prompts and
+    # rl.minibatch_size / world samples per step, so that an optimizer step sees as many samples as on one process
+    world = launched_world_size()
+    if rl.prompts_per_iteration < world:
+        raise PPOInputError(f"rl.prompts_per_iteration ({rl.prompts_per_iteration}) is below the number of "
+                            f"processes ({world}): every rank needs at least one prompt per iteration")
+    dist = setup(recipe, micro_batch=max(1, rl.minibatch_size // world))
+    minibatch = max(1, rl.minibatch_size // dist.world)
+    device = device_for(dist, resolve_device(recipe.run.device))
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
         print(f"--resume: {run_dir} has no complete checkpoint; starting from the beginning")
     if not resume and latest_checkpoint(run_dir) is not None:
         raise PPOInputError(f"{run_dir} already holds checkpoints: continue it with --resume, or set another "
                        "run.output_dir (or delete the folder) to start over")
-    if ckpt is None and (run_dir / "metrics.jsonl").exists():
+    if ckpt is None and dist.is_main and (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()  # a fresh run's log starts empty (a crashed earlier try left nothing to resume)
     torch.manual_seed(recipe.run.seed)
 
@@ -251,13 +276,20 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
             raise PPOInputError(f"reward.source is {rcfg.source} but {recipe.model.reward_model} is a {reward_model.kind}")
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=rl.learning_rate)
     value_opt = torch.optim.AdamW(value_model.parameters(), lr=rl.value_learning_rate)
+    # the engines train (forward, backward, gradient averaging, clipping, step); `policy` and `value_model` stay
+    # the HF models inside them, used for sampling, no-grad passes, evaluation and saving
+    policy_engine, value_engine = dist.wrap(policy, policy_opt), dist.wrap(value_model, value_opt)
     kl_ctl = (FixedKLController(rcfg.kl_coef) if rl.target_kl is None
               else AdaptiveKLController(rcfg.kl_coef, rl.target_kl, rl.kl_horizon))
     start_epoch, step = 0, 0
     if ckpt is not None:
         state = load_state(ckpt)  # also restores the RNG: the next epoch samples what it would have
-        policy_opt.load_state_dict(state["policy_optimizer"])
-        value_opt.load_state_dict(state["value_optimizer"])
+        if state.get("policy_optimizer") is not None and not dist.deepspeed:
+            policy_opt.load_state_dict(state["policy_optimizer"])
+            value_opt.load_state_dict(state["value_optimizer"])
+        elif dist.is_main:
+            # ZeRO shards optimizer states across ranks, and plain torch states do not fit its flat partitions
+            print("resume: optimizer moments are not restored under DeepSpeed (or were not saved); they restart")
         kl_ctl.value = state["kl_coef"]
         start_epoch, step = state["epoch"], state["step"]
         print(f"resuming from {ckpt} (epoch {start_epoch}, iteration {step})")
@@ -270,14 +302,20 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
     n = rl.samples_per_problem
     final: dict = {}
 
-    tracker = Tracker(run_dir, recipe, job="rl", tags=["rl", "ppo", rcfg.mode, rcfg.source])
+    # only rank 0 writes (metrics.jsonl, W&B, summary); the others' numbers reach it through dist.mean_metrics
+    tracker = (Tracker(run_dir, recipe, job="rl", tags=["rl", "ppo", rcfg.mode, rcfg.source]) if dist.is_main
+               else NullTracker())
     threads_before = torch.get_num_threads()
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)  # restored at the end: callers (tests) keep their setting
     try:
         def evaluate(epoch: int) -> dict:
-            # 9. best-of-N on held-out problems, scored by the run's own reward model if it has one
+            # 9. best-of-N on held-out problems, scored by the run's own reward model if it has one;
+            # on rank 0 only (the weights are the same everywhere), while the other ranks wait at the barrier
             if not rl.eval_n:
+                return {}
+            if not dist.is_main:
+                dist.barrier()
                 return {}
             t0 = time.monotonic()
             rms = {rcfg.source: reward_model} if reward_model is not None else {}
@@ -297,6 +335,7 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
                 "time/eval": round(time.monotonic() - t0, 2),
             })
             tracker.log(metrics, step=step)
+            dist.barrier()
             return metrics
 
         if ckpt is None:
@@ -305,7 +344,10 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
         for epoch in range(start_epoch, rl.epochs):
             problems = _problems_for_epoch(recipe, epoch, exclude)
             for it in range(iterations):
-                batch = problems[it * rl.prompts_per_iteration:(it + 1) * rl.prompts_per_iteration]
+                # this rank's share; a batch is trimmed to a multiple of the world size so that every rank
+                # runs the same number of steps (identity on one process)
+                batch = shard(trim(problems[it * rl.prompts_per_iteration:(it + 1) * rl.prompts_per_iteration],
+                                   dist), dist)
                 if not batch:
                     break
                 t0 = time.monotonic()
@@ -326,13 +368,15 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
                 t_score = time.monotonic() - t0 - t_gen
 
                 # 3. rewards on the policy's response tokens (dense at step ends, or sparse at the last token)
+                reason = None
                 try:
                     tr = token_rewards(rcfg, ro.texts, ro.response_ids, scores=scores, outcomes=outcomes,
                                        tokenizer=tokenizer, max_tokens=rl.max_new_tokens, width=T, sep=sep,
                                        sparse_aggregate=rcfg.sparse_aggregate, device=device)
                 except RewardError as exc:
-                    raise PPOError(f"epoch {epoch + 1}, iteration {it + 1}: {exc}") from None
-                _check_finite("the rewards", tr.rewards, run_dir)
+                    reason = f"epoch {epoch + 1}, iteration {it + 1}: {exc}"
+                dist.stop_if_any(reason, PPOError)  # every rank stops if one cannot go on
+                _check_finite("the rewards", tr.rewards, run_dir, dist)
                 mask = tr.mask & ro.response_mask
 
                 # 4. logprobs and values of the rollout, before any update (the "old" policy and critic)
@@ -356,7 +400,7 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
                     advantages, returns = gae(shaped, old_values, mask, rl.gamma, rl.lam)
                     if rl.whiten_advantages:
                         advantages = masked_whiten(advantages, mask)
-                _check_finite("the advantages", advantages, run_dir)
+                _check_finite("the advantages", advantages, run_dir, dist)
 
                 # 7. update: ppo_epochs passes over shuffled minibatches, clipped policy and value losses
                 policy.train()
@@ -364,23 +408,31 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
                 stats: dict[str, list[float]] = defaultdict(list)
                 for _ in range(rl.ppo_epochs):
                     order = torch.randperm(B)
-                    for start in range(0, B, rl.minibatch_size):
-                        idx = order[start:start + rl.minibatch_size].to(device)
+                    for start in range(0, B, minibatch):
+                        idx = order[start:start + minibatch].to(device)
                         ids, att, m = ro.input_ids[idx], ro.attention_mask[idx], mask[idx]
-                        new_logprobs = _logprobs(_forward(policy, ids, att, ro.prompt_width, T),
+                        new_logprobs = _logprobs(_forward(policy_engine, ids, att, ro.prompt_width, T),
                                                  ids[:, ro.prompt_width:])
-                        values = _forward(value_model, ids, att, ro.prompt_width, T).squeeze(-1).float()
+                        values = _forward(value_engine, ids, att, ro.prompt_width, T).squeeze(-1).float()
                         pl, pstats = policy_loss(new_logprobs, old_logprobs[idx], advantages[idx], m, rl.clip_range)
                         vl, vstats = value_loss(values, old_values[idx], returns[idx], m, rl.clip_range_value)
                         loss = pl + rl.vf_coef * vl
-                        _check_finite("the PPO loss", loss.detach(), run_dir)
-                        policy_opt.zero_grad(set_to_none=True)
-                        value_opt.zero_grad(set_to_none=True)
-                        loss.backward()  # the two models share no parameters: one backward fills both
-                        torch.nn.utils.clip_grad_norm_(policy.parameters(), rl.max_grad_norm)
-                        torch.nn.utils.clip_grad_norm_(value_model.parameters(), rl.max_grad_norm)
-                        policy_opt.step()
-                        value_opt.step()
+                        _check_finite("the PPO loss", loss.detach(), run_dir, dist)
+                        if dist.deepspeed:
+                            # each engine averages its gradients over the ranks, clips (gradient_clipping) and
+                            # steps; the models share no parameters, so the two backwards equal one of `loss`
+                            policy_engine.backward(pl)
+                            value_engine.backward(rl.vf_coef * vl)
+                            policy_engine.step()
+                            value_engine.step()
+                        else:
+                            policy_opt.zero_grad(set_to_none=True)
+                            value_opt.zero_grad(set_to_none=True)
+                            loss.backward()  # the two models share no parameters: one backward fills both
+                            torch.nn.utils.clip_grad_norm_(policy.parameters(), rl.max_grad_norm)
+                            torch.nn.utils.clip_grad_norm_(value_model.parameters(), rl.max_grad_norm)
+                            policy_opt.step()
+                            value_opt.step()
                         stats["policy_loss"].append(pl.item())
                         stats["value_loss"].append(vl.item())
                         for k, v in {**pstats, **vstats}.items():
@@ -388,7 +440,8 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
                 t_update = time.monotonic() - t0 - t_gen - t_score
                 step += 1
                 mean_kl = float(kl.sum(1).mean())  # per sample, summed over its tokens (kl is 0 at padding)
-                kl_ctl.update(float(masked_mean(kl, mask)), B)
+                # every rank adapts the coefficient from the same (all-rank) KL, so it stays identical everywhere
+                kl_ctl.update(dist.mean(float(masked_mean(kl, mask))), B * dist.world)
 
                 # 8. log
                 process = [g.process_correct for g in grades]
@@ -412,27 +465,44 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
                     "time/score": round(t_score, 3),
                     "time/update": round(t_update, 3),
                 }
+                record = dist.mean_metrics(record)  # all-rank means (same number of samples on each)
                 tracker.log(record, step=step)
                 final.update(record)
-                if progress:
+                if progress and dist.is_main:
                     print(f"epoch {epoch + 1}/{rl.epochs} it {it + 1}/{iterations}  reward {record['rl/reward']:+.3f}  "
                           f"answer {record['rl/answer_accuracy']:.1%}  kl {mean_kl:.4f}  "
                           f"gen {t_gen:.1f}s score {t_score:.1f}s update {t_update:.1f}s", flush=True)
 
             final.update(evaluate(epoch + 1))
 
-            # 10. checkpoint: weights, optimizers, KL coefficient, counters (and the RNG, added by save_checkpoint)
-            save_checkpoint(run_dir, epoch + 1, policy, tokenizer,
-                            {"policy_optimizer": policy_opt.state_dict(), "value_optimizer": value_opt.state_dict(),
-                             "kl_coef": kl_ctl.value, "step": step},
-                            extra_models={"value": value_model})
+            # 10. checkpoint: weights, optimizers, KL coefficient, counters (and the RNG, added by save_checkpoint);
+            # rank 0 writes it (the weights are identical on every rank), the others wait for it
+            if dist.is_main:
+                optimizers = ({"policy_optimizer": None, "value_optimizer": None} if dist.deepspeed else
+                              {"policy_optimizer": policy_opt.state_dict(), "value_optimizer": value_opt.state_dict()})
+                save_checkpoint(run_dir, epoch + 1, policy, tokenizer,
+                                {**optimizers, "kl_coef": kl_ctl.value, "step": step},
+                                extra_models={"value": value_model})
+            dist.barrier()
 
         # 11. export the final policy as a plain HF folder (summary first: export copies it)
-        if final:  # a resume of a finished run trains nothing: keep its summary
-            tracker.summary({k: v for k, v in final.items() if isinstance(v, (int, float)) or v is None})
-        else:
+        trained, sync = bool(final), {}
+        if dist.deepspeed:
+            # every rank's own digest of its weights: data parallelism must leave them identical
+            sync = {"dist/world_size": dist.world,
+                    "dist/zero_stage": dist.ds_config.get("zero_optimization", {}).get("stage", 0),
+                    "dist/policy_sha256": dist.gather(weights_digest(policy)),
+                    "dist/value_sha256": dist.gather(weights_digest(value_model))}
+            final.update(sync)
+        if trained:  # a resume of a finished run trains nothing: keep its summary
+            tracker.summary({**{k: v for k, v in final.items() if isinstance(v, (int, float)) or v is None}, **sync})
+        elif dist.is_main:
             print(f"{run_dir} already finished its {rl.epochs} epochs; raise rl.epochs to train on")
-        out = export(run_dir)
+        if sync and any(len(set(sync[k])) > 1 for k in ("dist/policy_sha256", "dist/value_sha256")):
+            raise PPOError(f"the {dist.world} ranks ended with different weights ({sync}); this is a bug in the "
+                           "data-parallel setup, please report it with the recipe")
+        out = export(run_dir) if dist.is_main else run_dir / "export"
+        dist.barrier()
         final["export_dir"] = str(out)
         return final
     finally:

@@ -1,0 +1,623 @@
+"""Active learning for PRMs: surface convincing wrong-answer solutions, label them, retrain.
+
+"Let's Verify Step by Step" (section 4.1) showed labellers "convincing
+wrong-answer" solutions: those the current best PRM rates highest among
+solutions whose final answer is wrong. They fool the PRM, so their labels teach
+it the most; retraining on each generation of such labels made process
+supervision 2.6x more data-efficient than uniform sampling. The paper mixed
+them with other samples (80% convincing wrong-answer, 20% the most convincing
+of the rest).
+
+Two entry points:
+
+- `rlprm select RECIPE` (`select`): score the pool (rm.data's training
+  samples: N per problem, graded) with the current PRM and write the top K per
+  problem as PRM800K phase-2 lines, ready for labelling (`rlprm.label`);
+  `rlprm.data.prm800k` reads them back once rated.
+- `rlprm active-learning RECIPE` (`run_loop`): the whole comparison on the
+  arithmetic task. Both strategies start from the same uniform seed set; each
+  generation they label the same number of solutions of the same problems
+  (uniform picks vs the mix above), through the same files (unrated lines ->
+  labeller -> PRM800K loader), and retrain a fresh PRM with identical settings
+  and seeds. PRM quality (best-of-N at a fixed N, first-error F1) on a fixed
+  held-out pool is plotted against the number of labels, and the
+  data-efficiency factor (labels uniform needs / labels active needs for the
+  same quality) is reported.
+
+The label budget counts labelled SOLUTIONS (the paper's unit); labelled steps
+are reported beside them (a wrong solution is labelled only up to its first
+error, so active labels carry fewer steps each).
+
+The pure pieces (`convincing_slots`, `select_indices`, `data_efficiency`) are
+plain functions tested on hand-made inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Sequence
+
+from rlprm.config import Recipe
+
+CONVINCING_WRONG, CONVINCING, UNIFORM = "convincing_wrong_answer", "convincing", "uniform"
+STRATEGIES = ("uniform", "active")
+
+
+class ActiveLearningError(RuntimeError):
+    """The job cannot start or go on (the message says why and what to change)."""
+
+
+# --------------------------------------------------------------------------- selection (pure)
+
+
+def convincing_slots(num_problems: int, k: int, fraction: float) -> list[int]:
+    """How many of each problem's k slots go to convincing wrong-answer solutions.
+
+    Spread so that the total is round(num_problems * k * fraction) and problems differ by at most
+    one: with k=2 and fraction 0.8, five problems get 2, 1, 2, 1, 2 (8 of 10 slots).
+    """
+    out, done = [], 0
+    for i in range(num_problems):
+        upto = math.floor((i + 1) * k * fraction + 0.5)
+        out.append(min(k, upto - done))
+        done += out[-1]
+    return out
+
+
+def select_indices(scores: Sequence[float], answer_correct: Sequence[bool | None], k: int, n_convincing: int,
+                   fill: str, rng: random.Random, available: Sequence[bool] | None = None) -> list[tuple[int, str]]:
+    """Pick up to `k` of one problem's samples: (index, why), most convincing first.
+
+    1. `n_convincing` highest-scored samples whose answer is wrong (None counts as wrong: no usable answer);
+    2. the rest by `fill`: `convincing` (highest-scored remaining, any answer) or `uniform` (random remaining).
+    A problem with fewer wrong-answer samples than `n_convincing` fills the gap the same way.
+    Ties in score keep the sample order (stable), so results are reproducible.
+    """
+    if fill not in (UNIFORM, CONVINCING):
+        raise ValueError(f"fill must be `uniform` or `convincing`, got {fill!r}")
+    n = len(scores)
+    free = [i for i in range(n) if available is None or available[i]]
+    by_score = sorted(free, key=lambda i: -scores[i])
+    wrong = [i for i in by_score if not answer_correct[i]]
+    picked = [(i, CONVINCING_WRONG) for i in wrong[:n_convincing]]
+    taken = {i for i, _ in picked}
+    rest = [i for i in free if i not in taken]
+    need = min(k, len(free)) - len(picked)
+    if need > 0:
+        if fill == CONVINCING:
+            picked += [(i, CONVINCING) for i in sorted(rest, key=lambda i: -scores[i])[:need]]
+        else:
+            picked += [(i, UNIFORM) for i in rng.sample(rest, need)]
+    return picked
+
+
+def select_uniform(available: Sequence[bool], k: int, rng: random.Random) -> list[tuple[int, str]]:
+    """`k` random samples among the available ones (fewer if fewer are left)."""
+    free = [i for i, ok in enumerate(available) if ok]
+    return [(i, UNIFORM) for i in rng.sample(free, min(k, len(free)))]
+
+
+def data_efficiency(labels_uniform: Sequence[float], quality_uniform: Sequence[float],
+                    labels_active: Sequence[float], quality_active: Sequence[float]) -> list[dict]:
+    """Per active point: how many labels uniform selection needs for the same quality, and the ratio.
+
+    Uniform's curve is made monotone (running maximum: more labels never need to be worse) and
+    interpolated linearly. Returns, per active point, {labels, quality, uniform_labels, factor,
+    bound}: bound `exact` inside uniform's range; `lower` when the active quality is above all of
+    uniform's (uniform needs MORE than its largest budget: the factor is at least the value shown);
+    `upper` when it is at or below uniform's first point (uniform needs at most that many).
+    """
+    if len(labels_uniform) != len(quality_uniform) or len(labels_active) != len(quality_active):
+        raise ValueError("labels and quality lists must have the same lengths")
+    pairs = sorted(zip(labels_uniform, quality_uniform))
+    xs, ys, best = [], [], -math.inf
+    for x, y in pairs:
+        best = max(best, y)
+        xs.append(x)
+        ys.append(best)
+    out = []
+    for la, qa in zip(labels_active, quality_active):
+        if qa > ys[-1]:
+            need, bound = xs[-1], "lower"
+        elif qa <= ys[0]:
+            need, bound = xs[0], "upper"
+        else:
+            j = next(j for j in range(1, len(ys)) if ys[j] >= qa)
+            x0, x1, y0, y1 = xs[j - 1], xs[j], ys[j - 1], ys[j]
+            need = x0 + (x1 - x0) * (qa - y0) / (y1 - y0) if y1 > y0 else x0
+            bound = "exact"
+        out.append({"labels": la, "quality": qa, "uniform_labels": need, "factor": need / la, "bound": bound})
+    return out
+
+
+# --------------------------------------------------------------------------- data
+
+
+def group_by_problem(records) -> list[list]:
+    """Records -> lists of records of the same problem (`group`), in first-seen order."""
+    groups: dict[str, list] = {}
+    for r in records:
+        groups.setdefault(r.group or r.problem, []).append(r)
+    return list(groups.values())
+
+
+def load_pools(recipe: Recipe, progress: bool = True) -> tuple[list, list, dict]:
+    """(pool records, held-out records, info): rm.data's training and held-out samples, labelled by the checker.
+
+    A cache in rm.data.cache_dir drawn with exactly these settings (what `rlprm train-rm` wrote) is
+    read and never rewritten; otherwise the samples are drawn once and cached in RUN_DIR/pool/.
+    """
+    from rlprm.data.stepwise import load_or_sample, model_fingerprint, read_records, sample_arithmetic
+    from rlprm.tasks.arithmetic import split_problems
+
+    if recipe.task.name != "arithmetic" or recipe.rm.data.source != "arithmetic":
+        raise ActiveLearningError("active learning samples the generator on the embedded task: set task.name: "
+                                  "arithmetic and rm.data.source: arithmetic (for other data, write unrated lines "
+                                  "with rlprm.label.unlabelled_line and label them with `rlprm label --with PRM_DIR`)")
+    gen_path = recipe.model.generator
+    if gen_path == "tiny" or (gen_path.startswith("/") and not (Path(gen_path) / "config.json").is_file()):
+        raise ActiveLearningError(f"model.generator: no trained generator at {gen_path}; make one with "
+                                  "`rlprm prepare recipes/arith_prepare.yaml`")
+    data, sep = recipe.rm.data, recipe.task.step_separator
+    train_problems, eval_problems = split_problems(recipe.task.arithmetic, data.train_problems, data.eval_problems,
+                                                   recipe.run.seed)
+    # the same settings record as rlprm.train_rm.arithmetic_data, so its caches are recognised
+    base = {"generator": str(gen_path), "fingerprint": model_fingerprint(gen_path), "seed": recipe.run.seed,
+            "temperature": data.temperature, "max_new_tokens": data.max_new_tokens, "sep": sep,
+            "task": recipe.task.arithmetic.model_dump(mode="json")}
+    state: dict = {}
+    out, info = {}, {}
+    for split, problems, n, seed in (("train", train_problems, data.samples_per_problem, recipe.run.seed * 7 + 1),
+                                     ("eval", eval_problems, data.eval_samples_per_problem, recipe.run.seed * 7 + 2)):
+        meta = dict(base, split=split, problems=len(problems), samples_per_problem=n)
+        name = f"rm_samples_{split}.jsonl"
+        shared = Path(data.cache_dir) / name if data.cache_dir else None
+        if shared is not None and shared.is_file():
+            try:
+                cached_meta, records = read_records(shared)
+            except (OSError, ValueError, TypeError, KeyError):
+                cached_meta, records = {}, []
+            if cached_meta.get("settings") == meta:
+                out[split], info[f"{split}_source"] = records, str(shared)
+                continue
+
+        def make(problems=problems, n=n, seed=seed, split=split):
+            if "model" not in state:
+                from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
+                from rlprm.reward_models import _quiet_transformers
+
+                state["tokenizer"] = load_tokenizer(gen_path, padding_side="left")
+                with _quiet_transformers(report=False):
+                    state["model"] = load_causal_lm(gen_path, device=resolve_device(recipe.run.device))
+            return sample_arithmetic(state["model"], state["tokenizer"], problems, n, temperature=data.temperature,
+                                     max_new_tokens=data.max_new_tokens, batch_size=data.sample_batch_size,
+                                     seed=seed, sep=sep, progress=progress, desc=f"sampling {split} pool")
+
+        own = Path(recipe.run.output_dir) / "pool" / name
+        records, _, _ = load_or_sample(own, meta, make)
+        out[split], info[f"{split}_source"] = records, str(own)
+    state.clear()
+    return out["train"], out["eval"], info
+
+
+def answer_text(problem_text: str) -> str | None:
+    """The arithmetic problem's right answer as text (None when the text is not an arithmetic problem)."""
+    from rlprm.label import LabelError, parse_problem_text
+
+    try:
+        return str(parse_problem_text(problem_text).answer)
+    except LabelError:
+        return None
+
+
+# --------------------------------------------------------------------------- PRM training (fixed budget)
+
+
+def train_prm(recipe: Recipe, records, steps: int, seed: int, warmup_steps: int = 10, progress: bool = False,
+              desc: str = "training PRM"):
+    """A fresh PRM (built like `rlprm train-rm` builds one) trained `steps` optimizer steps on `records`.
+
+    A plain loop rather than `transformers.Trainer`: many short trainings in one process, each with
+    the same seed-determined head, new blocks and batch order.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from rlprm.models import load_tokenizer, resolve_device
+    from rlprm.reward_models import (Collator, RewardModel, add_identity_layers, build_reward_model, encode_examples,
+                                     freeze_body, make_convention, reward_loss)
+
+    rm_cfg = recipe.rm
+    backbone = recipe.model.generator if rm_cfg.backbone == "generator" else rm_cfg.backbone
+    convention = make_convention("prm", recipe.task.step_separator, rm_cfg.prompt_template)
+    # 1. the model: same seed, same fresh head and identity blocks for every strategy
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(backbone, padding_side="right", trust_remote_code=recipe.model.trust_remote_code)
+    model = build_reward_model(convention, backbone, tokenizer, dtype=recipe.model.dtype,
+                               trust_remote_code=recipe.model.trust_remote_code)
+    own_layers = model.config.num_hidden_layers
+    add_identity_layers(model, rm_cfg.extra_layers)
+    if rm_cfg.freeze_backbone:
+        freeze_body(model, own_layers)
+    model.to(resolve_device(recipe.run.device))
+    device = next(model.parameters()).device
+    # 2. examples (labels up to the first error; unlabelled records dropped)
+    max_length = rm_cfg.max_length or getattr(model.config, "max_position_embeddings", None) or 2048
+    examples, _ = encode_examples(tokenizer, records, convention, max_length)
+    if not examples:
+        raise ActiveLearningError("no labelled training examples to train a PRM on")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=rm_cfg.learning_rate, weight_decay=rm_cfg.weight_decay)
+
+    def lr_at(step):  # linear warm-up, then linear decay to 10%
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 1.0 - 0.9 * (step - warmup_steps) / max(1, steps - warmup_steps)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    collate = Collator(tokenizer.pad_token_id, "prm")
+    rng = random.Random(seed)
+    order: list[int] = []
+    model.train()
+    for _ in tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False):
+        # 3. a batch: without replacement within an epoch, reshuffled each epoch (seeded)
+        batch_ids = []
+        while len(batch_ids) < min(rm_cfg.batch_size, len(examples)):
+            if not order:
+                order = list(range(len(examples)))
+                rng.shuffle(order)
+            batch_ids.append(order.pop())
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in batch_ids]).items()}
+        # 4. loss only at step ends, clipped update
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        loss = reward_loss("prm", logits, batch["labels"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, rm_cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    return RewardModel(model, tokenizer, convention)
+
+
+def evaluate_prm(rm, eval_records, eval_n: int, threshold: float, batch_size: int) -> dict:
+    """Best-of-N (on the first `eval_n` samples of each held-out problem) and first-error F1, etc."""
+    from rlprm.train_rm import evaluate_reward_model
+
+    subset = [r for group in group_by_problem(eval_records) for r in group[:eval_n]]
+    return evaluate_reward_model(rm, subset, threshold, batch_size)
+
+
+# --------------------------------------------------------------------------- select + label, through the files
+
+
+def surface(rm, groups: list[list], problem_ids: Sequence[int], k: int, fraction: float, fill: str,
+            aggregate_how: str, rng: random.Random, available: dict | None = None, batch_size: int = 64):
+    """Score the candidates of the chosen problems and pick k each (the mix). Returns [(problem, sample, why, score)]."""
+    from rlprm.reward_models import aggregate
+
+    cands = [(p, i) for p in problem_ids for i in range(len(groups[p]))
+             if available is None or available[p][i]]
+    probs = rm.score_steps([groups[p][i].problem for p, i in cands], [groups[p][i].steps for p, i in cands],
+                           batch_size=batch_size) if cands else []
+    score = {c: aggregate(ps, aggregate_how) for c, ps in zip(cands, probs)}
+    slots = convincing_slots(len(problem_ids), k, fraction)
+    out = []
+    for p, n_conv in zip(problem_ids, slots):
+        n = len(groups[p])
+        avail = [available is None or available[p][i] for i in range(n)]
+        scores = [score.get((p, i), -math.inf) for i in range(n)]
+        for i, why in select_indices(scores, [groups[p][i].answer_correct for i in range(n)], k, n_conv, fill, rng,
+                                     avail):
+            out.append((p, i, why, scores[i]))
+    return out
+
+
+def unrated_lines(groups, picks, generation: int) -> list[dict]:
+    """PRM800K phase-2 lines (unrated) for picked (problem, sample, why, score) tuples."""
+    from rlprm.label import unlabelled_line
+
+    lines = []
+    for p, i, why, score in picks:
+        r = groups[p][i]
+        lines.append(unlabelled_line(r.problem, r.steps, verifier_score=None if score is None or math.isinf(score)
+                                     else float(score), generation=generation,
+                                     ground_truth_answer=answer_text(r.problem), selection=why))
+    return lines
+
+
+def select(recipe: Recipe, progress: bool = True) -> dict:
+    """`rlprm select`: the top K solutions per pool problem, as unrated PRM800K lines. Returns counts."""
+    from collections import Counter
+
+    from rlprm.label import write_lines
+    from rlprm.models import resolve_device
+    from rlprm.reward_models import RewardModel
+
+    cfg = recipe.active
+    prm_path = cfg.prm or recipe.model.reward_model
+    if not prm_path:
+        raise ActiveLearningError("no PRM to select with: set active.prm (or model.reward_model) to a PRM folder, "
+                                  "e.g. active.prm=runs/arith_prm/reward_model")
+    rm = RewardModel.load(prm_path, device=resolve_device(recipe.run.device), step_separator=recipe.task.step_separator)
+    if rm.kind != "prm":
+        raise ActiveLearningError(f"{prm_path} is an ORM; selection ranks by PRM step scores")
+    pool, _, info = load_pools(recipe, progress)
+    groups = group_by_problem(pool)
+    ids = list(range(len(groups) if not cfg.select_problems else min(cfg.select_problems, len(groups))))
+    rng = random.Random(recipe.run.seed)
+    picks = surface(rm, groups, ids, cfg.top_k, cfg.convincing_fraction, cfg.fill, cfg.aggregate, rng,
+                    batch_size=recipe.rm.eval_batch_size)
+    out = Path(cfg.output or Path(recipe.run.output_dir) / "to_label.jsonl")
+    write_lines(out, unrated_lines(groups, picks, cfg.generation))
+    counts = Counter(why for _, _, why, _ in picks)
+    truly_wrong = sum(not groups[p][i].answer_correct for p, i, why, _ in picks if why == CONVINCING_WRONG)
+    return {"output": str(out), "lines": len(picks), "problems": len(ids), **dict(counts),
+            "convincing_wrong_answer_checked_wrong": truly_wrong, "pool": info.get("train_source")}
+
+
+def label_records(lines: list[dict], labeller: str, sep: str, threshold: float, path: Path | None = None):
+    """Rate unrated lines (checker or PRM), optionally keep the labelled file, and read them back as records."""
+    import tempfile
+
+    from rlprm.data.prm800k import load_prm800k
+    from rlprm.label import label_lines, write_lines
+
+    labelled, _ = label_lines(lines, labeller, threshold, sep)
+    if path is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "labelled.jsonl"
+            write_lines(path, labelled)
+            records, _ = load_prm800k(path, alternatives=False)
+    else:
+        write_lines(path, labelled)
+        records, _ = load_prm800k(path, alternatives=False)
+    return records
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _mean_sd(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, sd
+
+
+def run_loop(recipe: Recipe, progress: bool = True) -> dict:
+    """`rlprm active-learning`: active vs uniform selection at equal label budgets; table, plot, factor."""
+    import torch
+
+    from rlprm.tracking import Tracker
+
+    cfg, rm_cfg, sep = recipe.active, recipe.rm, recipe.task.step_separator
+    run_dir = Path(recipe.run.output_dir)
+    if cfg.labeller != "checker" and not (Path(cfg.labeller) / "rlprm_rm.json").is_file():
+        raise ActiveLearningError(f"active.labeller: {cfg.labeller} is neither `checker` nor a PRM folder "
+                                  "(a folder written by `rlprm train-rm`)")
+    if cfg.eval_n > rm_cfg.data.eval_samples_per_problem:
+        raise ActiveLearningError(f"active.eval_n ({cfg.eval_n}) exceeds rm.data.eval_samples_per_problem "
+                                  f"({rm_cfg.data.eval_samples_per_problem}); lower it or sample more")
+    if recipe.run.threads:
+        torch.set_num_threads(recipe.run.threads)
+    t0 = time.monotonic()
+    pool, eval_records, info = load_pools(recipe, progress)
+    groups = group_by_problem(pool)
+    k = cfg.top_k
+    per_gen_problems = math.ceil(cfg.labels_per_generation / k)
+    seed_problems = math.ceil(cfg.seed_labels / k)
+    needed = seed_problems + cfg.generations * per_gen_problems
+    if needed > len(groups):
+        raise ActiveLearningError(f"the pool has {len(groups)} problems but the schedule visits {needed} "
+                                  f"(seed_labels / top_k + generations * labels_per_generation / top_k); raise "
+                                  "rm.data.train_problems or lower the budget")
+    files = run_dir / "labels"
+    tracker = Tracker(run_dir, recipe, job="active-learning", tags=["active-learning"])
+    rows: list[dict] = []
+    step = 0
+
+    def train_eval(records, seed, desc):
+        rm = train_prm(recipe, records, cfg.train_steps, seed, cfg.warmup_steps, progress, desc)
+        return rm, evaluate_prm(rm, eval_records, cfg.eval_n, rm_cfg.threshold, rm_cfg.eval_batch_size)
+
+    def record(strategy, seed, gen, labelled, metrics, seconds):
+        nonlocal step
+        tag = "" if cfg.eval_aggregate == "prod" else f"_{cfg.eval_aggregate}"  # evaluate_reward_model's key names
+        row = {"strategy": strategy, "seed": seed, "generation": gen, "labels": len(labelled),
+               "labelled_steps": sum(y is not None for r in labelled for y in r.labels),
+               "best_of_n_process_accuracy": metrics.get(f"best_of_n_process_accuracy{tag}"),
+               "best_of_n_answer_accuracy": metrics.get(f"best_of_n_answer_accuracy{tag}"),
+               "first_error_f1": metrics.get("first_error_f1"), "step_auroc": metrics.get("step_auroc"),
+               "blind_spot_rate": metrics.get(f"blind_spot_rate{tag}"), "seconds": round(seconds, 1)}
+        rows.append(row)
+        step += 1
+        tracker.log({f"{strategy}/{k_}": v for k_, v in row.items() if k_ not in ("strategy",)}, step=step)
+        print(f"  seed {seed} gen {gen} {strategy:7s} labels {row['labels']:5d}  best-of-{cfg.eval_n} "
+              f"{row['best_of_n_process_accuracy']:.3f}  first-error F1 {row['first_error_f1'] or 0:.3f}  "
+              f"({seconds:.0f} s)", flush=True)
+
+    try:
+        for seed in cfg.seeds:
+            rng = random.Random(seed)
+            order = list(range(len(groups)))
+            rng.shuffle(order)
+            # 1. the seed set: uniform picks on the first problems, shared by both strategies
+            t = time.monotonic()
+            seed_ids = order[:seed_problems]
+            avail = {p: [True] * len(groups[p]) for p in range(len(groups))}
+            picks = [(p, i, why, None) for p in seed_ids for i, why in select_uniform(avail[p], k, rng)]
+            for p, i, _, _ in picks:
+                avail[p][i] = False
+            seed_records = label_records(unrated_lines(groups, picks, 0), cfg.labeller, sep, rm_cfg.threshold,
+                                         files / f"seed{seed}_gen0.jsonl")
+            rm0, m0 = train_eval(seed_records, seed * 1000, f"seed {seed} gen 0 PRM")
+            for strategy in STRATEGIES:
+                record(strategy, seed, 0, seed_records, m0, time.monotonic() - t)
+            state = {s: {"records": list(seed_records), "rm": rm0,
+                         "avail": {p: list(v) for p, v in avail.items()},
+                         "rng": random.Random(seed * 7919 + j)} for j, s in enumerate(STRATEGIES)}
+            for gen in range(1, cfg.generations + 1):
+                # the same problems for both strategies: only the choice among their samples differs
+                start = seed_problems + (gen - 1) * per_gen_problems
+                ids = order[start:start + per_gen_problems]
+                for strategy in STRATEGIES:
+                    st = state[strategy]
+                    t = time.monotonic()
+                    # 2. select: uniform picks, or the mix ranked by this strategy's current PRM
+                    if strategy == "uniform":
+                        picks = [(p, i, why, None) for p in ids for i, why in select_uniform(st["avail"][p], k, st["rng"])]
+                    else:
+                        picks = surface(st["rm"], groups, ids, k, cfg.convincing_fraction, cfg.fill, cfg.aggregate,
+                                        st["rng"], st["avail"], rm_cfg.eval_batch_size)
+                    for p, i, _, _ in picks:
+                        st["avail"][p][i] = False
+                    # 3. label: unrated PRM800K lines -> labeller -> PRM800K loader
+                    st["records"] += label_records(unrated_lines(groups, picks, gen), cfg.labeller, sep,
+                                                   rm_cfg.threshold, files / f"seed{seed}_gen{gen}_{strategy}.jsonl")
+                    # 4. retrain a fresh PRM on everything labelled so far (same seed for both strategies)
+                    st["rm"], metrics = train_eval(st["records"], seed * 1000 + gen, f"seed {seed} gen {gen} {strategy}")
+                    record(strategy, seed, gen, st["records"], metrics, time.monotonic() - t)
+            del state, rm0
+
+        # 5. report: curves (mean over seeds), factor, table, plot
+        subset = [r for g in group_by_problem(eval_records) for r in g[:cfg.eval_n]]
+        baselines = {"random pick: all steps right": sum(bool(r.process_correct) for r in subset) / len(subset),
+                     "random pick: answer right": sum(bool(r.answer_correct) for r in subset) / len(subset)}
+        summary = report(rows, cfg, run_dir, baselines)
+        summary.update({"wall_seconds": round(time.monotonic() - t0, 1), "pool_problems": len(groups),
+                        "pool_samples": len(pool), "eval_solutions": len(eval_records), **info})
+        tracker.table("active_learning", list(rows[0]), [list(r.values()) for r in rows])
+        tracker.summary({k_: v for k_, v in summary.items() if not isinstance(v, (list, dict))})
+        wandb_run = getattr(tracker, "_wandb", None)
+        if wandb_run is not None:
+            import wandb
+
+            wandb_run.log({"active_learning/plot": wandb.Image(str(run_dir / "active_learning.png"))})
+        return summary
+    finally:
+        tracker.finish()
+
+
+METRICS = (("best_of_n_process_accuracy", "best-of-N: all steps right"),
+           ("best_of_n_answer_accuracy", "best-of-N: answer right"),
+           ("first_error_f1", "first-error F1"),
+           ("step_auroc", "step AUROC"))
+
+
+def curves(rows: list[dict]) -> dict:
+    """{strategy: {labels: {metric: (mean, sd)}}} over seeds."""
+    out: dict = {}
+    for strategy in STRATEGIES:
+        by_labels: dict = {}
+        for r in rows:
+            if r["strategy"] == strategy:
+                by_labels.setdefault(r["labels"], []).append(r)
+        out[strategy] = {
+            labels: {m: _mean_sd([r[m] for r in rs]) for m, _ in METRICS + (("labelled_steps", ""),)}
+            for labels, rs in sorted(by_labels.items())}
+    return out
+
+
+def report(rows: list[dict], cfg, run_dir: Path, baselines: dict | None = None) -> dict:
+    """Write active_learning.md (table + factor) and active_learning.png; return the summary."""
+    c = curves(rows)
+    metric = cfg.quality_metric
+    lu = sorted(c["uniform"])
+    la = sorted(c["active"])
+    eff = data_efficiency(lu, [c["uniform"][x][metric][0] for x in lu], la[1:],
+                          [c["active"][x][metric][0] for x in la[1:]])
+    seeds = sorted({r["seed"] for r in rows})
+    per_seed = {}
+    for s in seeds:
+        u = sorted((r["labels"], r[metric]) for r in rows if r["seed"] == s and r["strategy"] == "uniform")
+        a = sorted((r["labels"], r[metric]) for r in rows if r["seed"] == s and r["strategy"] == "active")[1:]
+        per_seed[s] = data_efficiency([x for x, _ in u], [y for _, y in u], [x for x, _ in a], [y for _, y in a])
+    final = eff[-1] if eff else None
+    # the same factor on every metric, for the record (the recipe's quality_metric is the headline)
+    other = {m: data_efficiency(lu, [c["uniform"][x][m][0] for x in lu], la[1:], [c["active"][x][m][0] for x in la[1:]])
+             for m, _ in METRICS if m != metric and all(c[s][x][m][0] is not None for s in STRATEGIES for x in c[s])}
+
+    def fmt(ms, pct=True):
+        m, sd = ms
+        if m is None:
+            return "n/a"
+        return f"{100 * m:.1f} ± {100 * sd:.1f}" if pct else f"{m:.0f}"
+
+    lines = [f"# Active learning vs uniform selection ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}: "
+             f"{', '.join(map(str, seeds))}; mean ± sd)", "",
+             f"Labels = labelled solutions. Active: per problem the top {cfg.top_k} by PRM score, "
+             f"{cfg.convincing_fraction:.0%} convincing wrong-answer, the rest `{cfg.fill}`. "
+             f"Each PRM: {cfg.train_steps} steps from scratch. Best-of-{cfg.eval_n} on the held-out pool, "
+             f"solutions scored by the `{cfg.eval_aggregate}` of their step probabilities."
+             + "".join(f" {name}: {100 * v:.1f}%." for name, v in (baselines or {}).items()), "",
+             "| labels | strategy | labelled steps | " + " | ".join(f"{name} (%)" for _, name in METRICS) + " |",
+             "|---|---|---|" + "---|" * len(METRICS)]
+    for labels in sorted(set(lu) | set(la)):
+        for strategy in STRATEGIES:
+            point = c[strategy].get(labels)
+            if point is None:
+                continue
+            lines.append(f"| {labels} | {strategy} | {fmt(point['labelled_steps'], pct=False)} | "
+                         + " | ".join(fmt(point[m]) for m, _ in METRICS) + " |")
+    lines += ["", f"Data-efficiency factor on `{metric}` (labels uniform needs / labels active needs for the same "
+              "value; uniform's curve made monotone and interpolated):", ""]
+    for e in eff:
+        sign = {"exact": "", "lower": ">= ", "upper": "<= "}[e["bound"]]
+        lines.append(f"- active with {e['labels']} labels reaches {100 * e['quality']:.1f}%: uniform needs "
+                     f"{sign}{e['uniform_labels']:.0f} labels, factor {sign}{e['factor']:.2f}")
+    if len(seeds) > 1:
+        lines.append("")
+        for s, es in per_seed.items():
+            lines.append(f"- seed {s}: factors " + ", ".join(
+                f"{({'exact': '', 'lower': '>=', 'upper': '<='}[e['bound']])}{e['factor']:.2f}" for e in es))
+    for m, es in other.items():
+        lines.append(f"- on `{m}`: factors " + ", ".join(
+            f"{({'exact': '', 'lower': '>=', 'upper': '<='}[e['bound']])}{e['factor']:.2f}" for e in es)
+            + f" (at {', '.join(str(e['labels']) for e in es)} labels)")
+    text = "\n".join(lines) + "\n"
+    tmp = run_dir / "active_learning.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(run_dir / "active_learning.md")
+    plot(c, cfg, run_dir / "active_learning.png")
+    print(text)
+    return {"final_factor": final["factor"] if final else None, "final_factor_bound": final["bound"] if final else None,
+            "factors": eff, "factors_other_metrics": other, "factors_per_seed": {str(s): v for s, v in per_seed.items()}, "quality_metric": metric,
+            "baselines": baselines or {}, "table": str(run_dir / "active_learning.md"), "plot": str(run_dir / "active_learning.png"),
+            **{f"{s}/{m}@{x}": c[s][x][m][0] for s in STRATEGIES for x in c[s] for m, _ in METRICS}}
+
+
+def plot(c: dict, cfg, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.8), dpi=110)
+    for ax, (metric, name) in zip(axes, METRICS):
+        for strategy, style in zip(STRATEGIES, ("--", "-")):
+            xs = sorted(c[strategy])
+            pts = [c[strategy][x][metric] for x in xs]
+            keep = [(x, m, sd) for x, (m, sd) in zip(xs, pts) if m is not None]
+            if not keep:
+                continue
+            x, m, sd = zip(*keep)
+            line, = ax.plot(x, [100 * v for v in m], style, marker="o", markersize=3, label=strategy)
+            ax.fill_between(x, [100 * (a - b) for a, b in zip(m, sd)], [100 * (a + b) for a, b in zip(m, sd)],
+                            color=line.get_color(), alpha=0.15)
+        ax.set_xlabel("labelled solutions")
+        ax.set_ylabel("%")
+        ax.set_title(name if "best" not in metric else f"{name} (N={cfg.eval_n}, {cfg.eval_aggregate})", fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:  # a metric with no value anywhere (e.g. no error-free solution) has none
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)

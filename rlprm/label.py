@@ -1,0 +1,220 @@
+"""Labelling solutions in PRM800K's phase-2 format: by the exact checker, or by any PRM.
+
+`rlprm select` writes the solutions it surfaces as PRM800K phase-2 lines that
+nobody has rated yet: `question.pre_generated_steps` (the steps, the last one
+`# Answer\\n\\n<answer>`), `pre_generated_answer`, `pre_generated_verifier_score`
+(the selecting PRM's score), `generation`, and a `label` whose steps hold each
+pre-generated step as the only completion with `rating: null`. A labeller
+(a person in PRM800K's interface, or this module) fills the ratings the way
+phase 2 does: the steps before the first error rated +1 and chosen, the first
+wrong step rated -1 and not chosen, nothing after it, and `finish_reason`
+`found_error`, `solution` (every step fine) or `give_up` (the solution stops
+before an answer). `rlprm.data.prm800k.load_prm800k` reads the result back
+as training records.
+
+Labellers:
+
+- the arithmetic task's exact checker (`--with checker`, the default): the
+  problem is parsed back from its text, every step is checked exactly (the
+  paper's small-scale "synthetic supervision", free here);
+- a PRM (`--with PRM_DIR`): a step is wrong when its probability is below the
+  threshold; the first such step is the error. This is how a large PRM
+  supervises a small one (the paper's section 4 set-up): label with the large
+  one, train the small one on the labels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+from rlprm.steps import is_answer_step, step_answer
+
+UNRATED = None
+
+
+class LabelError(ValueError):
+    """A file or a line cannot be labelled (the message names the file and line and says why)."""
+
+
+# --------------------------------------------------------------------------- arithmetic problems from text
+
+_PROBLEM = re.compile(r"^(\d+)((?: [+-]\d+)+)(?: (mod 10|last digit|max \d+|min \d+))?$")
+
+
+def parse_problem_text(text: str):
+    """`93 +3 -4 -7 mod 10` -> the arithmetic `Problem` it was rendered from (inverse of `Problem.text`)."""
+    from rlprm.tasks.arithmetic import Problem
+
+    m = _PROBLEM.match(text.strip())
+    if not m:
+        raise LabelError(f"{text!r} is not an arithmetic-task problem (like `93 +3 -4 mod 10`); "
+                         "label it with a PRM instead (--with PRM_DIR)")
+    ops = tuple((tok[0], int(tok[1:])) for tok in m[2].split())
+    final, arg = "none", 0
+    if m[3] == "mod 10":
+        final, arg = "mod10", 10
+    elif m[3] == "last digit":
+        final = "last_digit"
+    elif m[3]:
+        final, arg = m[3].split()[0], int(m[3].split()[1])
+    return Problem(int(m[1]), ops, final, arg)
+
+
+# --------------------------------------------------------------------------- PRM800K lines
+
+
+def unlabelled_line(problem: str, steps: Sequence[str], *, verifier_score: float | None, generation: int,
+                    ground_truth_answer: str | None = None, selection: str = "", extra: dict | None = None) -> dict:
+    """One PRM800K phase-2 line, ready for labelling: every step a completion with `rating: null`."""
+    steps = list(steps)
+    answer = step_answer(steps[-1]) if steps and is_answer_step(steps[-1]) else None
+    line = {
+        "labeler": None,
+        "timestamp": None,
+        "generation": generation,
+        "is_quality_control_question": False,
+        "is_initial_screening_question": False,
+        "question": {
+            "problem": problem,
+            "ground_truth_answer": ground_truth_answer,
+            "pre_generated_steps": steps,
+            "pre_generated_answer": answer,
+            "pre_generated_verifier_score": verifier_score,
+        },
+        "label": {
+            "steps": [{"completions": [{"text": s, "rating": UNRATED, "flagged": None}],
+                       "human_completion": None, "chosen_completion": None} for s in steps],
+            "total_time": None,
+            "finish_reason": None,
+        },
+        # not PRM800K: why the line was surfaced (convincing_wrong_answer, convincing, uniform)
+        "selection": selection,
+    }
+    if extra:
+        line.update(extra)
+    return line
+
+
+def ratings_from_first_error(num_steps: int, first_error: int | None) -> tuple[list[int], str]:
+    """(ratings of the steps a phase-2 labeller rates, finish_reason).
+
+    No error: every step +1, `solution`. Error at k: k steps +1 then -1 (the labeller stops
+    there), `found_error`. k >= num_steps (the solution stops before its answer): every step
+    +1, `give_up`.
+    """
+    if first_error is None:
+        return [1] * num_steps, "solution"
+    if first_error >= num_steps:
+        return [1] * num_steps, "give_up"
+    return [1] * first_error + [-1], "found_error"
+
+
+def apply_ratings(line: dict, first_error: int | None, labeler: str) -> dict:
+    """A copy of an unlabelled line with phase-2 ratings for the given first error."""
+    steps = line["question"]["pre_generated_steps"]
+    ratings, finish = ratings_from_first_error(len(steps), first_error)
+    out = json.loads(json.dumps(line))
+    out["labeler"] = labeler
+    out["label"] = {
+        "steps": [{"completions": [{"text": steps[k], "rating": r, "flagged": False}],
+                   "human_completion": None,
+                   # phase 2: a +1 step is taken; the -1 step ends the trajectory unchosen
+                   "chosen_completion": 0 if r == 1 else None} for k, r in enumerate(ratings)],
+        "total_time": None,
+        "finish_reason": finish,
+    }
+    return out
+
+
+def first_error_from_probs(step_probs: Sequence[float], threshold: float = 0.5) -> int | None:
+    """The first step a PRM scores below `threshold`; None when none is."""
+    return next((k for k, p in enumerate(step_probs) if p < threshold), None)
+
+
+def checker_first_error(problem_text: str, steps: Sequence[str], sep: str = "\n") -> int | None:
+    """The exact checker's first wrong step (len(steps) when the answer step is missing)."""
+    from rlprm.steps import render_steps
+    from rlprm.tasks.arithmetic import check
+
+    result = check(parse_problem_text(problem_text), render_steps(list(steps), sep), sep)
+    if len(result.steps) != len(steps):
+        # the steps were split differently than written: judge them one by one instead of guessing
+        raise LabelError(f"steps of {problem_text!r} do not survive rendering with separator {sep!r}")
+    return result.first_error
+
+
+# --------------------------------------------------------------------------- files
+
+
+def read_lines(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise LabelError(f"{path}: file not found")
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise LabelError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            steps = (obj.get("question") or {}).get("pre_generated_steps") if isinstance(obj, dict) else None
+            if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
+                raise LabelError(f"{path}:{lineno}: no `question.pre_generated_steps` (a list of step strings); "
+                                 "label files written by `rlprm select` or PRM800K phase-2 lines")
+            out.append(obj)
+    return out
+
+
+def write_lines(path: Path, lines: list[dict]) -> None:
+    """JSONL written to a temporary file, then renamed: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+    tmp.replace(path)
+
+
+def label_lines(lines: list[dict], labeller: str = "checker", threshold: float = 0.5, sep: str = "\n",
+                device: str = "cpu", batch_size: int = 64) -> tuple[list[dict], dict]:
+    """Labelled copies of `lines` and counts. `labeller`: `checker` or a PRM folder."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+    if labeller == "checker":
+        firsts = [checker_first_error(line["question"]["problem"], line["question"]["pre_generated_steps"], sep)
+                  for line in lines]
+        name = "checker"
+    else:
+        from rlprm.reward_models import RewardModel
+
+        rm = RewardModel.load(labeller, device=device)
+        if rm.kind != "prm":
+            raise LabelError(f"{labeller} is an ORM; labelling steps needs a PRM")
+        probs = rm.score_steps([line["question"]["problem"] for line in lines],
+                               [line["question"]["pre_generated_steps"] for line in lines], batch_size=batch_size)
+        firsts = [first_error_from_probs(p, threshold) for p in probs]
+        name = f"prm:{Path(labeller).resolve()}"
+    out = []
+    for line, first in zip(lines, firsts):
+        labelled = apply_ratings(line, first, name)
+        counts[labelled["label"]["finish_reason"]] += 1
+        out.append(labelled)
+    counts["lines"] = len(out)
+    return out, dict(counts)
+
+
+def label_file(src: Path, dst: Path, labeller: str = "checker", threshold: float = 0.5, sep: str = "\n",
+               device: str = "cpu") -> dict:
+    """`rlprm label`: read unlabelled (or labelled) PRM800K lines, rate every step, write them to `dst`."""
+    lines = read_lines(src)
+    labelled, counts = label_lines(lines, labeller, threshold, sep, device)
+    write_lines(dst, labelled)
+    return counts

@@ -1,0 +1,244 @@
+"""Build a recipe's missing prerequisites (the tiny generator, the PRM, the ORM) before the job starts.
+
+So that `deepspeed rlprm/train_rl.py recipes/prm_dense.yaml` works as the very
+first command on a fresh clone, a model path that a recipe names but that does
+not exist yet is built, if (and only if) it is the output of an embedded recipe:
+
+    runs/arith/generator         <- rlprm prepare  recipes/arith_prepare.yaml
+    runs/arith_prm/reward_model  <- rlprm train-rm recipes/prm_train.yaml
+    runs/arith_orm/reward_model  <- rlprm train-rm recipes/orm_train.yaml
+
+The mapping is a convention, not a list of hard-coded paths: each embedded
+recipe is loaded and its product is `run.output_dir / <product>`, so moving a
+recipe's output_dir moves what it can stand in for. Prerequisites chain (the
+PRM recipe needs the generator, which is built first). A product that exists
+and is complete (the files that loading needs) is reused, never rebuilt. A
+missing path that no embedded recipe produces is an error naming the key.
+
+Builds run as `python -m rlprm.cli ...` subprocesses with the distributed
+environment removed: under the DeepSpeed launcher the build must not see
+RANK/WORLD_SIZE (each stage is a one-process job). A file lock beside the
+product makes concurrent launches (several ranks, two terminals) wait for one
+build instead of racing; the builders themselves write their products
+atomically, so a crash leaves nothing half-written to be mistaken for done.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlprm.config import Recipe, RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES_DIR = ROOT / "recipes"
+"""Where the embedded recipes live (a module attribute so tests can point it at tiny stand-ins)."""
+
+_DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                    "CROSS_RANK", "CROSS_SIZE", "GROUP_RANK", "ROLE_RANK")
+
+
+class PrerequisiteError(RuntimeError):
+    """A prerequisite is missing and cannot be built, or its build failed; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Builder:
+    """An embedded recipe that produces a model folder."""
+
+    command: str
+    """The `rlprm` subcommand that runs it."""
+    recipe: str
+    """File name under RECIPES_DIR."""
+    product: str
+    """Sub-folder of the recipe's run.output_dir that it writes."""
+    required_files: tuple[str, ...]
+    """Files a complete product holds (besides weights)."""
+    minutes: float
+    """Rough wall time on 2 CPU cores, for the log line."""
+
+
+BUILDERS: tuple[Builder, ...] = (
+    Builder("prepare", "arith_prepare.yaml", "generator", ("config.json",), 5.0),
+    Builder("train-rm", "prm_train.yaml", "reward_model", ("config.json", "rlprm_rm.json"), 4.5),
+    Builder("train-rm", "orm_train.yaml", "reward_model", ("config.json", "rlprm_rm.json"), 4.5),
+)
+
+MANUAL_BUILDERS: tuple[tuple[str, str, str], ...] = (
+    ("prm_train_prm800k.yaml", "reward_model", "deepspeed --num_gpus 8 rlprm/train_rm.py recipes/prm_train_prm800k.yaml"),
+)
+"""(recipe, product, command) of embedded recipes that are never run automatically: they need a user's data and GPUs."""
+
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+            "adapter_model.safetensors", "adapter_model.bin")
+
+
+def is_complete(path: Path, required_files: tuple[str, ...] = ("config.json",)) -> bool:
+    """A model folder that loading can use: its required files and some weights."""
+    path = Path(path)
+    return (path.is_dir() and all((path / f).is_file() for f in required_files)
+            and any((path / w).is_file() for w in _WEIGHTS))
+
+
+def required_models(recipe: Recipe) -> list[tuple[str, Path]]:
+    """(recipe key, local path) of every model folder the job reads; hub ids and keywords are not paths."""
+    refs: list[tuple[str, str | None]] = [("model.generator", recipe.model.generator)]
+    if recipe.reward.source in ("prm", "orm"):
+        refs.append(("model.reward_model", recipe.model.reward_model))
+    if recipe.rl.value_model != "policy":
+        refs.append(("rl.value_model", recipe.rl.value_model))
+    return [(key, Path(ref)) for key, ref in refs if ref is not None and ref.startswith("/")]
+
+
+def _build_prerequisites(recipe: Recipe) -> list[tuple[str, Path]]:
+    """What an embedded build recipe itself reads (train-rm reads the generator it samples from)."""
+    gen = recipe.model.generator
+    return [("model.generator", Path(gen))] if gen.startswith("/") else []
+
+
+def find_builder(path: Path) -> tuple[Builder, Path, Recipe] | None:
+    """The embedded recipe whose product is `path`, with its file and loaded recipe; None if there is none."""
+    target = Path(os.path.normpath(path))
+    for builder in BUILDERS:
+        file = Path(RECIPES_DIR) / builder.recipe
+        if not file.is_file():
+            continue
+        try:
+            built = load_recipe(file)
+        except RecipeError:
+            continue  # a broken embedded recipe cannot build anything; the caller reports the path as unbuildable
+        if Path(os.path.normpath(Path(built.run.output_dir) / builder.product)) == target:
+            return builder, file, built
+    return None
+
+
+@contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock held while one process builds; others block here, then find the product built."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _unbuildable(key: str, path: Path) -> PrerequisiteError:
+    state = "is incomplete (no config.json or no weights)" if path.exists() else "does not exist"
+    for recipe_name, product, command in MANUAL_BUILDERS:
+        try:
+            out = Path(load_recipe(Path(RECIPES_DIR) / recipe_name).run.output_dir) / product
+        except RecipeError:
+            continue
+        if Path(os.path.normpath(out)) == Path(os.path.normpath(path)):
+            return PrerequisiteError(
+                f"{key}: {path} {state}. It is the output of recipes/{recipe_name}, which is not run automatically "
+                f"(it needs your data and GPUs): run `{command}` first, or point {key} at a trained model")
+    products = []
+    for builder in BUILDERS:
+        file = Path(RECIPES_DIR) / builder.recipe
+        try:
+            out = Path(load_recipe(file).run.output_dir) / builder.product
+        except RecipeError:
+            continue
+        products.append(f"`rlprm {builder.command} recipes/{builder.recipe}` -> {out}")
+    made = ("; the embedded recipes build: " + "; ".join(products)) if products else ""
+    return PrerequisiteError(
+        f"{key}: {path} {state}, and it is not the output of an embedded recipe, so it cannot be built "
+        f"automatically. Build it yourself and point {key} at it (or at a Hugging Face id){made}")
+
+
+def _run_build(builder: Builder, file: Path, progress: bool, log) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV}
+    cmd = [sys.executable, "-m", "rlprm.cli", builder.command, str(file)]
+    if not progress:
+        cmd.append("--no-progress")
+    # the child's output goes straight to this job's console and log: the build is part of this run's story
+    sys.stdout.flush()
+    sys.stderr.flush()
+    rc = subprocess.run(cmd, cwd=str(ROOT), env=env).returncode
+    if rc != 0:
+        raise PrerequisiteError(f"building with `rlprm {builder.command} {file}` failed (exit code {rc}); "
+                                "its output above says why. Fix that, or build it yourself and run again")
+
+
+def ensure(key: str, path: Path, progress: bool = True, log=print, _chain: tuple = ()) -> bool:
+    """Make sure the model folder at `path` (read through recipe key `key`) exists; returns True if it was built."""
+    path = Path(path)
+    found = find_builder(path)
+    required = found[0].required_files if found else ("config.json",)
+    if is_complete(path, required):
+        return False
+    if found is None:
+        raise _unbuildable(key, path)
+    builder, file, built = found
+    if file in _chain:
+        raise PrerequisiteError(f"{key}: the embedded recipes depend on each other in a loop: "
+                                + " -> ".join(str(f) for f in (*_chain, file)))
+    # 1. what the build itself reads comes first (the PRM samples the generator)
+    for sub_key, sub_path in _build_prerequisites(built):
+        ensure(f"{file.name}: {sub_key}", sub_path, progress, log, (*_chain, file))
+    # 2. one process builds, the others wait and find it done
+    with _file_lock(path.parent / f".{path.name}.build.lock"):
+        if is_complete(path, required):
+            log(f"[prerequisites] {key}: {path} was built by another process meanwhile; using it")
+            return False
+        log(f"[prerequisites] {key}: {path} is missing; building it with `rlprm {builder.command} "
+            f"recipes/{builder.recipe}` (about {builder.minutes:g} min on 2 CPU cores; done once, then reused)")
+        t0 = time.monotonic()
+        _run_build(builder, file, progress, log)
+        if not is_complete(path, required):
+            raise PrerequisiteError(f"{key}: `rlprm {builder.command} {file}` finished but {path} is still "
+                                    f"incomplete (expected {', '.join(required)} and weights)")
+        log(f"[prerequisites] {key}: built {path} in {time.monotonic() - t0:.0f} s")
+    return True
+
+
+def check_task_files(recipe: Recipe) -> None:
+    """The problem files of a MATH / GSM8K task exist and are not Git LFS pointer stubs; else PrerequisiteError."""
+    problems = []
+    if recipe.task.name != "arithmetic":
+        for key, path in (("task.train_path", recipe.task.train_path), ("task.test_path", recipe.task.test_path)):
+            if path is None:
+                continue
+            if not Path(path).is_file():
+                problems.append(f"{key}: file not found: {path} (recipe paths are relative to the recipe file; "
+                                f"edit the recipe or override, e.g. {key}=/data/math/train.jsonl)")
+                continue
+            with open(path, "rb") as f:
+                head = f.read(64)
+            if head.startswith(b"version https://git-lfs"):
+                problems.append(f"{key}: {path} is a Git LFS pointer stub, not the data: run `git lfs install && "
+                                "git lfs pull` in that clone")
+    if problems:
+        raise PrerequisiteError("cannot start:\n  " + "\n  ".join(problems))
+
+
+def ensure_prerequisites(recipe: Recipe, progress: bool = True, log=None) -> list[str]:
+    """Build every missing model folder the recipe reads that an embedded recipe produces; returns the keys built.
+
+    Raises PrerequisiteError for missing task files, a missing path no embedded recipe produces, or a failed build.
+    """
+    check_task_files(recipe)
+    # under a multi-process launch every rank checks (and waits for a build), but only rank 0 says "present"
+    quiet = log is None and os.environ.get("RANK", "0") not in ("", "0")
+    log = log or (lambda line: print(line, flush=True))
+    built = []
+    for key, path in required_models(recipe):
+        if ensure(key, path, progress, log):
+            built.append(key)
+        elif not quiet:
+            log(f"[prerequisites] {key}: {path} (present; not rebuilt)")
+    return built
+
+
+__all__ = ["BUILDERS", "Builder", "MANUAL_BUILDERS", "PrerequisiteError", "RECIPES_DIR", "check_task_files", "ensure",
+           "ensure_prerequisites", "find_builder", "is_complete", "required_models"]

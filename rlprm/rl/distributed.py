@@ -1,0 +1,355 @@
+"""Data-parallel RL through DeepSpeed: ranks, collectives, stop flags and engine wrapping.
+
+One process per device (`deepspeed --num_gpus N rlprm/train_rl.py RECIPE`; on a
+CPU-only machine "N GPUs" means N CPU processes talking over gloo). Every rank
+holds the whole policy and value model (ZeRO-2 shards only the optimizer
+state and gradients), samples its own share of each iteration's prompts,
+scores them locally, and DeepSpeed averages the gradients, so all ranks step
+to the same weights. Only rank 0 writes metrics, checkpoints and the export.
+
+Every collective here must be called by all ranks in the same order, or the
+run hangs: the loops that call them do the same number of iterations on every
+rank (equal shards), and a reason to stop on one rank is shared with
+`Dist.stop_if_any` before anyone raises.
+
+With one process and no `deepspeed:` key in the recipe, `Dist.single()` is
+returned and nothing here imports DeepSpeed: the plain torch path stays as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Used when several processes are launched but the recipe names no DeepSpeed
+# config: the same settings as deepspeed_configs/zero2.json, built in so that a
+# pip-installed rlprm (without the repository's folder) can still run them.
+DEFAULT_ZERO2 = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": "auto"},
+    "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
+                          "reduce_bucket_size": "auto"},
+    "zero_allow_untested_optimizer": True,
+    "steps_per_print": 1_000_000,
+    "wall_clock_breakdown": False,
+}
+
+
+class DistributedError(RuntimeError):
+    """The launch or the DeepSpeed config cannot work for RL; the message says what to change."""
+
+
+def launched_world_size() -> int:
+    """How many processes the launcher started (WORLD_SIZE; 1 under plain python)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    except ValueError:
+        raise DistributedError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
+
+
+def wants_deepspeed(recipe) -> bool:
+    """DeepSpeed engines are used when several processes run, or when the recipe names a DeepSpeed config."""
+    return launched_world_size() > 1 or recipe.deepspeed is not None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_env() -> None:
+    """Under plain `python` (no launcher) DeepSpeed looks for MPI unless these are set (DESIGN.md section 9)."""
+    if "RANK" not in os.environ:
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def read_ds_config(recipe) -> dict:
+    """The recipe's DeepSpeed JSON (or the built-in ZeRO-2 settings), checked for what RL here supports."""
+    if recipe.deepspeed is None:
+        return json.loads(json.dumps(DEFAULT_ZERO2))
+    path = Path(recipe.deepspeed)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DistributedError(f"deepspeed: cannot read {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise DistributedError(f"deepspeed: {path} must hold a JSON object")
+    zero = config.get("zero_optimization", {}) or {}
+    stage = zero.get("stage", 0)
+    if stage == 3:
+        # rollouts, best-of-N on rank 0 and rank-0 checkpoints all read whole weights from one process
+        raise DistributedError(f"deepspeed: {path} uses ZeRO-3, which PPO does not support yet (generation and "
+                               "rank-0 evaluation need whole weights on every rank); use deepspeed_configs/zero2.json")
+    if zero.get("offload_optimizer") or zero.get("offload_param"):
+        raise DistributedError(f"deepspeed: {path} offloads to the CPU, which needs DeepSpeed's own optimizer; PPO "
+                               "uses torch's AdamW: use deepspeed_configs/zero2.json")
+    if (config.get("fp16") or {}).get("enabled") not in (None, False, "auto"):
+        raise DistributedError(f"deepspeed: {path} enables fp16, which PPO does not support; use bf16 "
+                               "(model.dtype: bfloat16) or float32")
+    return config
+
+
+def fill_ds_config(config: dict, *, micro_batch: int, grad_clip: float, bf16: bool, hidden_size: int | None) -> dict:
+    """Replace the "auto" values (as HF's integration would) with the RL loop's own settings.
+
+    `micro_batch` is the per-rank minibatch; one optimizer step per minibatch
+    (no gradient accumulation), so the effective batch is micro_batch * world.
+    """
+    config = json.loads(json.dumps(config))
+    explicit = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+                "gradient_clipping": grad_clip}
+    for key, value in explicit.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+    if config.get("train_batch_size") == "auto":
+        del config["train_batch_size"]  # DeepSpeed derives it: micro * accumulation * world
+    config.setdefault("bf16", {})
+    if config["bf16"].get("enabled", "auto") == "auto":
+        config["bf16"]["enabled"] = bf16
+    if (config.get("fp16") or {}).get("enabled") in (None, False, "auto"):
+        config.pop("fp16", None)  # "auto" would mean fp16 on GPUs; read_ds_config refused an explicit `true`
+    zero = config.setdefault("zero_optimization", {})
+    # HF fills hidden^2; with a floor, because each bucket is one collective: a tiny model's 128^2 buckets meant ~50
+    # gloo calls per backward, and DeepSpeed's overhead ate the 2-process speed-up on CPU
+    h = hidden_size or 1024
+    bucket = max(h * h, 10_000_000)
+    for key, value in {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket}.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    # our optimizer is torch's AdamW (DESIGN.md section 9: DeepSpeed's own JIT-compiles for 40 s on CPU)
+    config.setdefault("zero_allow_untested_optimizer", True)
+    return config
+
+
+@dataclass
+class Dist:
+    """Where this process stands: rank, world size and whether DeepSpeed engines are in use."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    deepspeed: bool = False
+    ds_config: dict = field(default_factory=dict)
+
+    @classmethod
+    def single(cls) -> "Dist":
+        return cls()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        """Collectives are needed (more than one process)."""
+        return self.world > 1
+
+    # ------------------------------------------------------------------ collectives (no-ops on one process)
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank."""
+        if not self.active:
+            return bool(flag)
+        import torch
+        import torch.distributed as tdist
+
+        t = torch.tensor([1.0 if flag else 0.0])
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def stop_if_any(self, reason: str | None, exc_type: type[Exception]) -> None:
+        """Raise `exc_type` on EVERY rank if any rank has a reason to stop (so no rank waits forever)."""
+        if not self.active:
+            if reason:
+                raise exc_type(reason)
+            return
+        import torch.distributed as tdist
+
+        reasons = [None] * self.world
+        if self.any_rank(reason is not None):
+            tdist.all_gather_object(reasons, reason)
+            first = next((r, i) for i, r in enumerate(reasons) if r is not None)
+            where = "" if reason is not None else f" (rank {first[1]})"
+            raise exc_type(f"{first[0]}{where}")
+
+    def mean_metrics(self, record: dict) -> dict:
+        """Average every numeric value over the ranks (None and NaN ignored; equal shards make this the global mean)."""
+        if not self.active:
+            return record
+        import math
+
+        import torch
+        import torch.distributed as tdist
+
+        keys = sorted(k for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                      or v is None)
+        # every rank logs the same keys (same code path); a key missing here would be a bug worth a clear error
+        gathered = [None] * self.world
+        tdist.all_gather_object(gathered, keys)
+        if any(g != keys for g in gathered):
+            raise DistributedError(f"ranks logged different metrics: {gathered}")
+        vals = torch.tensor([float("nan") if record[k] is None else float(record[k]) for k in keys],
+                            dtype=torch.float64)
+        ok = torch.isfinite(vals)
+        sums = torch.stack([torch.where(ok, vals, torch.zeros_like(vals)), ok.double()])
+        tdist.all_reduce(sums)
+        out = dict(record)
+        for k, s, c in zip(keys, sums[0].tolist(), sums[1].tolist()):
+            if c > 0:
+                out[k] = s / c
+            elif record[k] is not None and math.isnan(float(record[k])):
+                out[k] = float("nan")
+        return out
+
+    def mean(self, value: float) -> float:
+        """The mean of a number over the ranks (the number itself on one process)."""
+        if not self.active:
+            return float(value)
+        import torch
+        import torch.distributed as tdist
+
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        tdist.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def gather(self, value) -> list:
+        """Every rank's `value` (picklable), in rank order, on every rank."""
+        if not self.active:
+            return [value]
+        import torch.distributed as tdist
+
+        out = [None] * self.world
+        tdist.all_gather_object(out, value)
+        return out
+
+    # ------------------------------------------------------------------ engines
+
+    def wrap(self, model, optimizer):
+        """A DeepSpeed engine around (model, optimizer); the plain model when DeepSpeed is off."""
+        if not self.deepspeed:
+            return model
+        import deepspeed
+
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        return engine
+
+
+def setup(recipe, micro_batch: int) -> Dist:
+    """Start the process group when DeepSpeed is wanted (several processes, or a `deepspeed:` key); else Dist.single().
+
+    `micro_batch` is the per-rank minibatch the RL loop will feed each engine.
+    """
+    if not wants_deepspeed(recipe):
+        return Dist.single()
+    import torch
+
+    cpu = not torch.cuda.is_available() or recipe.run.device == "cpu"
+    if cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks it anyway; this silences its warning
+    single_process_env()
+    config = read_ds_config(recipe)
+    import deepspeed
+
+    hidden = None
+    try:
+        from transformers import AutoConfig
+
+        hidden = getattr(AutoConfig.from_pretrained(recipe.model.generator,
+                                                    trust_remote_code=recipe.model.trust_remote_code),
+                         "hidden_size", None)
+    except Exception:  # noqa: BLE001 - only sizes the buckets; a default works everywhere
+        hidden = None
+    config = fill_ds_config(config, micro_batch=micro_batch, grad_clip=recipe.rl.max_grad_norm,
+                            bf16=recipe.model.dtype == "bfloat16", hidden_size=hidden)
+    if cpu:
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce on its first init (35-78 s on 2 cores,
+        # cached in ~/.cache/torch_extensions) that only its inference all-reduce uses; training goes through gloo
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl", auto_mpi_discovery=False)
+    import torch.distributed as tdist
+
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    if not cpu:
+        torch.cuda.set_device(local_rank)
+    if cpu and world > 1 and not recipe.run.threads:
+        # N processes on one machine each taking every core oversubscribe it (2x slower on 2 cores: DESIGN.md s. 9)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return Dist(rank=rank, world=world, local_rank=local_rank, deepspeed=True, ds_config=config)
+
+
+def device_for(dist: Dist, device: str) -> str:
+    """One GPU per rank (`cuda:LOCAL_RANK`); the CPU is shared."""
+    return f"cuda:{dist.local_rank}" if device == "cuda" and dist.deepspeed else device
+
+
+def shard(items: list, dist: Dist) -> list:
+    """This rank's share of `items`: every world-th item from its rank (all ranks get equally many).
+
+    The caller trims `items` to a multiple of the world size first (see `trim`).
+    """
+    return items[dist.rank::dist.world]
+
+
+def trim(items: list, dist: Dist) -> list:
+    """`items` cut to a multiple of the world size, so that every rank does the same number of steps."""
+    return items[: len(items) - len(items) % dist.world]
+
+
+def unwrap(model):
+    """The HF model inside a DeepSpeed engine (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def weights_digest(model) -> str:
+    """sha256 over the parameter names and float32 values of `model`'s state dict (order-independent of storage)."""
+    import torch
+
+    h = hashlib.sha256()
+    state = unwrap(model).state_dict()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+class NullTracker:
+    """What ranks other than 0 log to: nothing (rank 0 writes metrics.jsonl, W&B and summary.json)."""
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        pass
+
+    def table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        pass
+
+    def summary(self, values: dict) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+__all__ = ["DEFAULT_ZERO2", "Dist", "DistributedError", "NullTracker", "device_for", "fill_ds_config",
+           "launched_world_size", "read_ds_config", "setup", "shard", "single_process_env", "trim", "unwrap",
+           "wants_deepspeed", "weights_digest"]

@@ -1,0 +1,220 @@
+"""Active learning (`rlprm select`, `rlprm active-learning`) and labelling (`rlprm label`)."""
+
+import json
+import random
+
+import pytest
+
+from rlprm.active import (CONVINCING, CONVINCING_WRONG, UNIFORM, convincing_slots, data_efficiency, select_indices,
+                          select_uniform)
+from rlprm.config import ArithmeticConfig, RecipeError, load_recipe
+from rlprm.data.prm800k import load_prm800k
+from rlprm.data.stepwise import CORRECT, INCORRECT, label_arithmetic_sample
+from rlprm.label import (LabelError, apply_ratings, first_error_from_probs, label_lines, parse_problem_text,
+                         ratings_from_first_error, unlabelled_line, write_lines)
+from rlprm.tasks.arithmetic import corrupt_solution, make_problems, reference_solution
+
+from .test_train_rm import RECIPES, generator  # noqa: F401  (the tiny saved generator fixture)
+
+# --------------------------------------------------------------------------- selection math
+
+
+def test_convincing_slots_spread_the_fraction_evenly():
+    assert convincing_slots(5, 2, 0.8) == [2, 1, 2, 1, 2]  # 8 of 10 slots
+    assert convincing_slots(3, 2, 0.0) == [0, 0, 0]
+    assert convincing_slots(3, 2, 1.0) == [2, 2, 2]
+    assert sum(convincing_slots(64, 4, 0.8)) == round(64 * 4 * 0.8)
+
+
+def test_select_indices_ranks_wrong_answers_by_score():
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5]
+    right = [True, False, True, False, False]
+    rng = random.Random(0)
+    assert select_indices(scores, right, 2, 2, "uniform", rng) == [(1, CONVINCING_WRONG), (3, CONVINCING_WRONG)]
+    # the paper's other slots: the most convincing remaining sample, whatever its answer
+    assert select_indices(scores, right, 2, 1, "convincing", rng) == [(1, CONVINCING_WRONG), (0, CONVINCING)]
+    picked = select_indices(scores, right, 2, 1, "uniform", rng)
+    assert picked[0] == (1, CONVINCING_WRONG) and picked[1][1] == UNIFORM and picked[1][0] in (0, 2, 3, 4)
+    # already-labelled samples are never picked again
+    avail = [True, False, True, True, True]
+    assert select_indices(scores, right, 1, 1, "uniform", rng, avail) == [(3, CONVINCING_WRONG)]
+    # too few wrong answers: the gap is filled; too few samples: fewer picks
+    assert select_indices(scores, [True] * 5, 2, 2, "convincing", rng) == [(0, CONVINCING), (1, CONVINCING)]
+    assert len(select_indices(scores, right, 9, 9, "uniform", rng)) == 5
+    assert len(select_uniform([True, False, True], 5, rng)) == 2
+
+
+def test_data_efficiency_on_hand_made_curves():
+    eff = data_efficiency([100, 200, 300], [0.1, 0.2, 0.3], [100, 200], [0.2, 0.35])
+    assert eff[0]["uniform_labels"] == pytest.approx(200) and eff[0]["factor"] == pytest.approx(2.0)
+    assert eff[0]["bound"] == "exact"
+    assert eff[1]["bound"] == "lower" and eff[1]["factor"] == pytest.approx(1.5)  # beyond uniform's best
+    # uniform's curve is made monotone (0.1, 0.3, 0.3) before interpolating
+    eff = data_efficiency([100, 200, 300], [0.1, 0.3, 0.2], [150, 150], [0.2, 0.05])
+    assert eff[0]["uniform_labels"] == pytest.approx(150) and eff[0]["factor"] == pytest.approx(1.0)
+    assert eff[1]["bound"] == "upper" and eff[1]["uniform_labels"] == 100
+
+
+def test_the_active_section_is_validated():
+    recipe = load_recipe(RECIPES / "active_learning.yaml")
+    assert recipe.active.top_k == 2 and recipe.active.seeds == [0, 1, 2]
+    with pytest.raises(RecipeError, match="active.topk"):
+        load_recipe(RECIPES / "active_learning.yaml", ["active.topk=3"])
+    with pytest.raises(RecipeError, match="convincing_fraction"):
+        load_recipe(RECIPES / "active_learning.yaml", ["active.convincing_fraction=1.5"])
+
+
+# --------------------------------------------------------------------------- PRM800K lines and labelling
+
+
+def test_problem_text_round_trip():
+    cfg = ArithmeticConfig(final_ops=["mod10", "last_digit", "max", "min", "none"])
+    for p in make_problems(cfg, 200, seed=5):
+        assert parse_problem_text(p.text) == p
+    with pytest.raises(LabelError, match="not an arithmetic-task problem"):
+        parse_problem_text("What is 2 + 2?")
+
+
+def _samples(n=40):
+    """Checker-labelled records: reference solutions and corrupted ones (some still reach the right answer)."""
+    rng = random.Random(1)
+    out = []
+    for i, p in enumerate(make_problems(ArithmeticConfig(), n, seed=9)):
+        steps = reference_solution(p) if i % 3 == 0 else corrupt_solution(p, rng)[0]
+        record, status = label_arithmetic_sample(p, "\n".join(steps), "\n")
+        assert status == "ok"
+        out.append(record)
+    return out
+
+
+def test_selected_lines_round_trip_through_the_prm800k_loader(tmp_path):
+    records = _samples()
+    assert {r.process_correct for r in records} == {True, False}
+    lines = [unlabelled_line(r.problem, r.steps, verifier_score=0.25, generation=3, ground_truth_answer="7",
+                             selection=CONVINCING_WRONG) for r in records]
+    q = lines[0]["question"]
+    assert q["pre_generated_steps"] == records[0].steps and q["pre_generated_verifier_score"] == 0.25
+    assert q["pre_generated_answer"] == records[0].steps[-1].split("\n")[-1] and lines[0]["generation"] == 3
+    # unrated: the loader reads it but finds no labels
+    write_lines(tmp_path / "unrated.jsonl", lines)
+    unrated, counts = load_prm800k(tmp_path / "unrated.jsonl")
+    assert all(y is None for r in unrated for y in r.labels) and counts["null_ratings"] == len(lines)
+
+    labelled, counts = label_lines(lines, "checker")
+    assert counts["found_error"] == sum(not r.process_correct for r in records)
+    write_lines(tmp_path / "labelled.jsonl", labelled)
+    back, _ = load_prm800k(tmp_path / "labelled.jsonl")
+    assert len(back) == len(records)  # one trajectory per line, no alternatives
+    for orig, got in zip(records, back):
+        assert got.problem == orig.problem and got.first_error == orig.first_error
+        assert got.process_correct == orig.process_correct
+        # phase 2 stops at the first error: the trajectory is the labelled prefix, with the same labels
+        n = len(got.steps)
+        assert got.steps == orig.steps[:n] and got.labels == orig.labels[:n]
+        assert all(y is None for y in orig.labels[n:])
+        if orig.first_error is not None:
+            assert got.labels[-1] == INCORRECT and got.meta["finish_reason"] == "found_error"
+        else:
+            assert got.labels == [CORRECT] * len(orig.steps) and got.answer_correct
+
+
+def test_ratings_follow_phase_two():
+    assert ratings_from_first_error(4, None) == ([1, 1, 1, 1], "solution")
+    assert ratings_from_first_error(4, 2) == ([1, 1, -1], "found_error")
+    assert ratings_from_first_error(3, 3) == ([1, 1, 1], "give_up")
+    line = apply_ratings(unlabelled_line("1 +2 +3", ["1 + 2 = 3", "3 + 3 = 7", "# Answer\n\n7"], verifier_score=None,
+                                         generation=1), 1, "me")
+    steps = line["label"]["steps"]
+    assert [s["chosen_completion"] for s in steps] == [0, None] and line["labeler"] == "me"
+    assert first_error_from_probs([0.9, 0.6, 0.4, 0.2]) == 2 and first_error_from_probs([0.9], 0.5) is None
+
+
+def test_a_prm_labels_for_another_and_the_cli(tmp_path, char_tokenizer):
+    from rlprm.cli import main
+
+    from .test_reward_models import tiny_rm
+
+    rm = tiny_rm(char_tokenizer)
+    rm.save(tmp_path / "big_prm")
+    records = _samples(12)
+    lines = [unlabelled_line(r.problem, r.steps, verifier_score=None, generation=1) for r in records]
+    write_lines(tmp_path / "in.jsonl", lines)
+    assert main(["label", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "prm.jsonl"),
+                 "--with", str(tmp_path / "big_prm"), "--threshold", "0.5"]) == 0
+    probs = rm.score_steps([r.problem for r in records], [r.steps for r in records])
+    got = [json.loads(t) for t in (tmp_path / "prm.jsonl").read_text().splitlines()]
+    for line, p in zip(got, probs):
+        ratings = [s["completions"][0]["rating"] for s in line["label"]["steps"]]
+        assert ratings == ratings_from_first_error(len(p), first_error_from_probs(p))[0]
+        assert line["labeler"].startswith("prm:")
+    assert main(["label", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "checker.jsonl")]) == 0
+    back, _ = load_prm800k(tmp_path / "checker.jsonl")
+    assert [r.first_error for r in back] == [r.first_error for r in records]
+    (tmp_path / "bad.jsonl").write_text('{"question": {"problem": "x"}}\n')
+    assert main(["label", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- the jobs, tiny
+
+
+TINY = ["tracking.wandb=disabled", "run.device=cpu", "run.threads=1", "rm.data.train_problems=12",
+        "rm.data.samples_per_problem=4", "rm.data.eval_problems=4", "rm.data.eval_samples_per_problem=4",
+        "rm.data.max_new_tokens=40", "rm.batch_size=4", "active.seeds=[0]", "active.generations=2",
+        "active.seed_labels=4", "active.labels_per_generation=4", "active.train_steps=2", "active.warmup_steps=1",
+        "active.eval_n=4"]
+
+
+def test_select_and_loop_end_to_end(tmp_path, generator, char_tokenizer):  # noqa: F811
+    from rlprm.active import run_loop, select
+    from rlprm.tracking import read_metrics
+
+    from .test_reward_models import tiny_rm
+
+    recipe = load_recipe(RECIPES / "active_learning.yaml", [f"model.generator={generator}",
+                                                             f"run.output_dir={tmp_path / 'run'}",
+                                                             f"rm.data.cache_dir={tmp_path / 'cache'}", *TINY])
+    summary = run_loop(recipe, progress=False)
+    run = tmp_path / "run"
+    assert (run / "active_learning.png").stat().st_size > 0
+    table = (run / "active_learning.md").read_text()
+    assert "| 4 | uniform |" in table and "| 12 | active |" in table and "factor" in table
+    assert summary["final_factor"] is not None and len(summary["factors"]) == 2
+    rows = [json.loads(t) for t in (run / "tables" / "active_learning.jsonl").read_text().splitlines()]
+    assert [(r["strategy"], r["labels"]) for r in rows] == [("uniform", 4), ("active", 4), ("uniform", 8),
+                                                            ("active", 8), ("uniform", 12), ("active", 12)]
+    assert len(read_metrics(run / "metrics.jsonl")) == 6
+    # every generation went through PRM800K files; active picks carry their reason and the PRM score
+    active_lines = [json.loads(t) for t in (run / "labels" / "seed0_gen1_active.jsonl").read_text().splitlines()]
+    assert len(active_lines) == 4 and all(line["label"]["finish_reason"] for line in active_lines)
+    assert {line["selection"] for line in active_lines} <= {CONVINCING_WRONG, UNIFORM}
+    assert all(isinstance(line["question"]["pre_generated_verifier_score"], float) for line in active_lines)
+    # the pool was sampled once into the cache, not into the run folder
+    assert (tmp_path / "cache").exists() is False and (run / "pool" / "rm_samples_train.jsonl").is_file()
+
+    # select with a PRM: top_k per problem, convincing wrong-answer ones really have a wrong answer
+    tiny_rm(char_tokenizer).save(tmp_path / "prm")
+    recipe = load_recipe(RECIPES / "active_learning.yaml", [f"model.generator={generator}",
+                                                             f"run.output_dir={tmp_path / 'run'}",
+                                                             f"rm.data.cache_dir={tmp_path / 'run' / 'pool'}",
+                                                             f"active.prm={tmp_path / 'prm'}", *TINY])
+    counts = select(recipe, progress=False)
+    assert counts["lines"] == 12 * 2 and counts["problems"] == 12
+    assert counts["convincing_wrong_answer_checked_wrong"] == counts.get(CONVINCING_WRONG, 0)
+    lines = [json.loads(t) for t in (run / "to_label.jsonl").read_text().splitlines()]
+    by_problem = {}
+    for line in lines:
+        by_problem.setdefault(line["question"]["problem"], []).append(line)
+    for group in by_problem.values():
+        wrong = [x["question"]["pre_generated_verifier_score"] for x in group if x["selection"] == CONVINCING_WRONG]
+        assert wrong == sorted(wrong, reverse=True)
+
+
+def test_cli_select_without_a_prm_exits_2(tmp_path, capsys):
+    from rlprm.cli import main
+
+    code = main(["select", str(RECIPES / "active_learning.yaml"), f"run.output_dir={tmp_path}", "tracking.wandb=disabled"])
+    assert code == 2 and "active.prm" in capsys.readouterr().err
+    code = main(["active-learning", str(RECIPES / "active_learning.yaml"), f"run.output_dir={tmp_path}",
+                 "tracking.wandb=disabled", "active.labeller=/nonexistent"])
+    assert code == 2 and "neither `checker` nor a PRM folder" in capsys.readouterr().err

@@ -1,0 +1,283 @@
+"""GRPO: the process advantages on hand-computed tensors, TRL's private contract, and runs on tiny models."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlprm.config import TinyModelConfig, validate_recipe
+from rlprm.tracking import read_metrics
+
+TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
+LOGGED = ["rl/reward", "rl/kl", "rl/entropy", "rl/clipfrac", "rl/response_length", "rl/steps_per_solution",
+          "rl/answer_accuracy", "rl/process_accuracy", "time/generate", "time/score", "time/update"]
+
+
+@pytest.fixture(scope="module")
+def generator_dir(tmp_path_factory, char_tokenizer):
+    from rlprm.models import build_tiny_causal_lm
+
+    path = tmp_path_factory.mktemp("gen") / "generator"
+    build_tiny_causal_lm(TINY, char_tokenizer, seed=0).save_pretrained(path)
+    char_tokenizer.save_pretrained(path)
+    return path
+
+
+def make_recipe(tmp: Path, generator: Path, out: str, epochs: int = 2, reward: dict | None = None, **rl):
+    data = {
+        "run": {"output_dir": str(tmp / out), "device": "cpu", "seed": 3, "threads": 1},
+        "model": {"generator": str(generator)},
+        "reward": reward or {"mode": "sparse", "source": "ground_truth"},
+        "rl": {"algorithm": "grpo", "epochs": epochs, "problems_per_epoch": 2, "prompts_per_iteration": 2,
+               "samples_per_problem": 2, "max_new_tokens": 16, "minibatch_size": 2, "ppo_epochs": 1,
+               "learning_rate": 1e-3, "eval_n": 2, "eval_problems": 2, **rl},
+        "eval": {"resamples": 5},
+        "tracking": {"wandb": "disabled"},
+    }
+    return validate_recipe(data, tmp)
+
+
+# --------------------------------------------------------------------------- pure tensors
+
+
+def test_process_advantages_hand_computed():
+    from rlprm.rl.grpo import process_advantages
+
+    # one group of 2: sample 0 has steps ending at tokens 1 and 3 (rewards 0.9, 0.3) and EOS at token 4;
+    # sample 1 wrote no answer: the missing-answer penalty -1 sits on its last token (3), no step ends
+    rewards = torch.zeros(2, 5)
+    rewards[0, 1], rewards[0, 3], rewards[1, 3] = 0.9, 0.3, -1.0
+    adv = process_advantages(rewards, [[1, 3], []], [5, 4], group_size=2, width=6)
+    values = [0.9, 0.3, -1.0]
+    mean, std = statistics.mean(values), statistics.stdev(values)  # over all steps of the group, unbiased
+    n = [(v - mean) / (std + 1e-4) for v in values]
+    expected = torch.tensor([
+        # sample 0: tokens 0-1 see both steps; tokens 2-4 the last one, moved from token 3 to EOS (4); padding 0
+        [n[0] + n[1], n[0] + n[1], n[1], n[1], n[1], 0.0],
+        [n[2], n[2], n[2], n[2], 0.0, 0.0],
+    ])
+    assert adv.shape == (2, 6)
+    assert torch.allclose(adv, expected, atol=1e-6)
+
+
+def test_process_advantages_equal_steps_and_empty_samples_give_zero():
+    from rlprm.rl.grpo import process_advantages
+
+    rewards = torch.zeros(4, 3)
+    rewards[0, 0] = rewards[0, 2] = rewards[1, 1] = 0.5  # group 1: every step 0.5: nothing to prefer
+    adv = process_advantages(rewards, [[0, 2], [1], [], []], [3, 2, 0, 0], group_size=2, width=3)
+    assert torch.equal(adv, torch.zeros(4, 3))  # group 2: two empty samples (no tokens at all)
+
+
+def test_step_score_rewards_place_each_steps_probability():
+    from rlprm.rewards import TokenRewards
+    from rlprm.rl.grpo import step_score_rewards
+
+    # sample 0: two steps ending at tokens 1 and 3 (min_form rewards in the tensor), 5 tokens;
+    # sample 1: no answer, its -1 penalty on its last token (2) is kept as it is
+    shaped = torch.tensor([[0.0, 0.9, 0.0, -0.5, 0.0], [0.0, 0.0, -1.0, 0.0, 0.0]])
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    tr = TokenRewards(shaped, mask, [[1, 3], []], [[0.9, -0.5], []], [False, True], [False, False])
+    out = step_score_rewards(tr, [[0.9, 0.4], [0.7]], [1.0, 0.0], outcome_coef=0.0)
+    assert torch.equal(out, torch.tensor([[0.0, 0.9, 0.0, 0.4, 0.0], [0.0, 0.0, -1.0, 0.0, 0.0]]))
+    with_outcome = step_score_rewards(tr, [[0.9, 0.4], [0.7]], [1.0, 0.0], outcome_coef=0.5)
+    assert with_outcome[0].tolist() == pytest.approx([0.0, 0.9, 0.0, 0.4, 0.5])
+
+
+def test_sizes_that_do_not_fit_are_refused_with_the_keys(tmp_path, generator_dir):
+    from rlprm.rl.grpo import GRPOInputError, check_sizes
+
+    with pytest.raises(GRPOInputError, match="rl.minibatch_size"):
+        check_sizes(make_recipe(tmp_path, generator_dir, "x", minibatch_size=3))
+    with pytest.raises(GRPOInputError, match="rl.problems_per_epoch"):
+        check_sizes(make_recipe(tmp_path, generator_dir, "x", problems_per_epoch=3))
+    with pytest.raises(GRPOInputError, match="group size"):
+        check_sizes(make_recipe(tmp_path, generator_dir, "x", samples_per_problem=1, minibatch_size=2))
+
+
+# --------------------------------------------------------------------------- TRL's private contract
+
+
+def test_trl_contract_of_generate_and_score_completions(generator_dir, tmp_path):
+    """The override relies on TRL 1.16's private `_generate_and_score_completions`: the keys it returns, advantages
+    shaped (B,) in completion order, and a loss that takes (B, T) advantages. If this fails after a TRL upgrade,
+    re-read trl/trainer/grpo_trainer.py and adapt rlprm/rl/grpo.py before moving the pin in pyproject.toml."""
+    import trl
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    from rlprm.models import load_causal_lm, load_tokenizer
+    from rlprm.rl.grpo import TRL_OUTPUT_KEYS, grpo_args
+
+    assert trl.__version__.startswith("1.16."), f"rlprm's GRPO override is written against trl 1.16, got {trl.__version__}"
+    seen = {}
+
+    def reward(prompts, completions, completion_ids, **kw):
+        seen["ids"] = [list(c) for c in completion_ids]
+        return [float(len(c)) for c in completion_ids]  # distinct rewards: non-zero advantages
+
+    recipe = make_recipe(tmp_path, generator_dir, "contract", samples_per_problem=4, minibatch_size=8)
+    tokenizer = load_tokenizer(str(generator_dir), padding_side="left")
+    model = load_causal_lm(str(generator_dir), "float32", "cpu")
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=grpo_args(recipe, tmp_path / "trl", seed=0),
+                          train_dataset=Dataset.from_dict({"prompt": ["1 +2 mod 10", "3 -1 last digit"]}),
+                          processing_class=tokenizer)
+    torch.manual_seed(0)
+    inputs = [{"prompt": p} for p in ["1 +2 mod 10", "3 -1 last digit"] for _ in range(4)]
+    out = trainer._generate_and_score_completions(inputs)
+    for key in TRL_OUTPUT_KEYS:
+        assert key in out, f"TRL no longer returns {key!r}"
+    ids, mask, adv = out["completion_ids"], out["completion_mask"], out["advantages"]
+    B, C = ids.shape
+    assert B == 8 and mask.shape == (B, C) and adv.shape == (B,)
+    # the reward function saw the completions in the order of the returned tensors (EOS included, padding not)
+    assert [ids[i, : int(mask[i].sum())].tolist() for i in range(B)] == seen["ids"]
+    lengths = torch.tensor([len(s) for s in seen["ids"]], dtype=torch.float32).reshape(2, 4)
+    expected = ((lengths - lengths.mean(1, keepdim=True)) / (lengths.std(1, keepdim=True) + 1e-4)).reshape(-1)
+    assert torch.allclose(adv, expected, atol=1e-5)
+
+    # the loss takes (B, T) advantages: a constant row equals the (B,) form; another tensor changes the loss
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which this test does not run
+    loss_1d = trainer.compute_loss(trainer.model, out).item()
+    loss_2d = trainer.compute_loss(trainer.model, {**out, "advantages": adv.unsqueeze(1).expand(B, C)}).item()
+    assert loss_1d == pytest.approx(loss_2d, abs=1e-6)
+    varied = adv.unsqueeze(1) * torch.linspace(0, 2, C).unsqueeze(0)
+    assert trainer.compute_loss(trainer.model, {**out, "advantages": varied}).item() != pytest.approx(loss_1d, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope="module")
+def outcome_run(tmp_path_factory, generator_dir):
+    from rlprm.rl.grpo import train_grpo
+
+    tmp = tmp_path_factory.mktemp("grpo")
+    final = train_grpo(make_recipe(tmp, generator_dir, "full"), progress=False)
+    return tmp / "full", final
+
+
+def test_outcome_run_metrics_checkpoints_export(outcome_run):
+    from transformers import AutoModelForCausalLM
+
+    run_dir, final = outcome_run
+    records = read_metrics(run_dir / "metrics.jsonl")
+    iterations = [r for r in records if "rl/reward" in r]
+    assert len(iterations) == 2  # 2 epochs x 1 iteration
+    for key in LOGGED:
+        assert key in iterations[0], key
+    assert iterations[0]["time/generate"] > 0 and iterations[0]["time/update"] > 0
+    evals = [r for r in records if "eval/answer_accuracy" in r]
+    assert [r["epoch"] for r in evals] == [0, 1, 2]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "epoch-0002"
+    assert (run_dir / "checkpoints" / "epoch-0001" / "state.pt").exists()
+    model = AutoModelForCausalLM.from_pretrained(final["export_dir"])
+    assert model.config.num_hidden_layers == 2
+
+
+def test_resume_continues_from_the_checkpoint(generator_dir, tmp_path):
+    from rlprm.checkpoint import load_state
+    from rlprm.rl.grpo import GRPOInputError, train_grpo
+
+    first = make_recipe(tmp_path, generator_dir, "resumed", epochs=1)
+    train_grpo(first, progress=False)
+    with pytest.raises(GRPOInputError, match="--resume"):
+        train_grpo(first, progress=False)
+    before = load_state(tmp_path / "resumed" / "checkpoints" / "epoch-0001", restore_rng=False)
+    train_grpo(make_recipe(tmp_path, generator_dir, "resumed", epochs=2), resume=True, progress=False)
+    records = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["epoch"] for r in records if "rl/reward" in r] == [1.0, 2.0]  # the log goes on, not over
+    after = load_state(tmp_path / "resumed" / "checkpoints" / "epoch-0002", restore_rng=False)
+    assert before["step"] == 1 and after["step"] == 2
+    # the optimizer went on from its saved moments: Adam's step count carries over (2 minibatches per iteration)
+    step_of = lambda s: max(int(v["step"]) for v in s["policy_optimizer"]["state"].values())  # noqa: E731
+    assert (step_of(before), step_of(after)) == (2, 4)
+
+
+@pytest.mark.parametrize("process_reward", ["score", "dense_form"])
+def test_process_mode_gives_per_token_advantages(process_reward, generator_dir, char_tokenizer, tmp_path, monkeypatch):
+    """Dense PRM rewards: the advantages handed to TRL's loss are (B, T), vary along a solution, and are 0 after EOS.
+    Rollouts are fixed answered solutions (a random tiny policy never writes `# Answer`)."""
+    from trl import GRPOTrainer
+
+    from rlprm.models import build_tiny_causal_lm
+    from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
+    from rlprm.rl import grpo
+    from rlprm.steps import answer_step, render_steps
+    from rlprm.tasks.arithmetic import render_step
+
+    convention = make_convention("prm", "\n")
+    lm = build_tiny_causal_lm(TINY, char_tokenizer, seed=1)
+    RewardModel(reward_model_from_causal_lm(convention, lm, char_tokenizer), char_tokenizer, convention).save(tmp_path / "prm")
+    texts = [render_steps([render_step("+", 1, 2, 3), render_step("+", 3, 4, 7), answer_step("7")]),
+             render_steps([render_step("+", 1, 2, 4), answer_step("4")])]
+    solutions = [char_tokenizer(t, add_special_tokens=False)["input_ids"] + [char_tokenizer.eos_token_id] for t in texts]
+
+    def fixed(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        return [list(solutions[i % 2]) for i in range(len(prompt_ids))], None
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", fixed)
+    handed = []
+    real = GRPOTrainer._compute_loss
+
+    def spy(self, model, inputs):
+        handed.append((inputs["advantages"].detach().clone(), inputs["completion_mask"].clone()))
+        return real(self, model, inputs)
+
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", spy)
+    recipe = make_recipe(tmp_path, generator_dir, "dense", epochs=1, max_new_tokens=64, eval_n=0,
+                         process_reward=process_reward,
+                         reward={"mode": "dense", "source": "prm", "dense_form": "log_prob"})
+    recipe.model.reward_model = str(tmp_path / "prm")
+    final = grpo.train_grpo(recipe, progress=False)
+    assert final["rl/steps_per_solution"] == 2.5 and final["reward/missing_answer_frac"] == 0.0
+    assert handed
+    for adv, mask in handed:
+        assert adv.dim() == 2 and adv.shape == mask.shape
+        assert torch.isfinite(adv).all()
+        assert (adv[mask == 0] == 0).all()  # nothing after EOS
+        for row, m in zip(adv, mask):
+            real_tokens = row[m.bool()]
+            assert real_tokens.unique().numel() > 1  # steps end at different tokens: not one scalar per solution
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(generator_dir, tmp_path, monkeypatch):
+    from trl import GRPOTrainer
+
+    from rlprm.checkpoint import latest_checkpoint
+    from rlprm.rl.grpo import GRPOError, train_grpo
+
+    calls = []
+    real = GRPOTrainer.compute_loss
+
+    def poisoned(self, *args, **kwargs):  # 2 optimizer steps per iteration: epoch 1 is clean, epoch 2 goes NaN
+        calls.append(1)
+        loss = real(self, *args, **kwargs)
+        return loss * float("nan") if len(calls) > 2 else loss
+
+    monkeypatch.setattr(GRPOTrainer, "compute_loss", poisoned)
+    recipe = make_recipe(tmp_path, generator_dir, "nan", samples_per_problem=2, minibatch_size=2, eval_n=0)
+    with pytest.raises(GRPOError, match="not finite.*epoch-0001"):
+        train_grpo(recipe, progress=False)
+    assert latest_checkpoint(tmp_path / "nan").name == "epoch-0001"
+    assert not (tmp_path / "nan" / "checkpoints" / "epoch-0002").exists()
+
+
+def test_entry_point_dispatches_grpo(generator_dir, tmp_path):
+    """train_rl.py runs rl.algorithm grpo through rlprm/rl/grpo.py: its size check answers, with exit code 2."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model:\n  generator: {generator_dir}\nrun:\n  output_dir: ./out\n"
+                      "rl:\n  algorithm: grpo\n  samples_per_problem: 4\n  prompts_per_iteration: 2\n"
+                      "  minibatch_size: 3\ntracking:\n  wandb: disabled\n")
+    out = subprocess.run([sys.executable, str(root / "rlprm" / "train_rl.py"), str(recipe)], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "rl.minibatch_size (3) must divide" in out.stderr

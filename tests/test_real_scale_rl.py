@@ -1,0 +1,92 @@
+"""recipes/prm_dense_qwen_math.yaml as shipped (MATH prompts, dense PRM rewards, ZeRO-2, bf16), run on CPU with
+tiny stand-ins for Qwen2.5-Math and the PRM800K PRM, and tiny budgets: every key of the recipe is exercised
+except the model ids and the sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import shared_file
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "prm_dense_qwen_math.yaml"
+
+
+def test_recipe_validates_without_the_data_and_names_missing_inputs(tmp_path):
+    from rlprm.config import load_recipe
+    from rlprm.prerequisites import PrerequisiteError, check_task_files, ensure_prerequisites
+
+    recipe = load_recipe(RECIPE)
+    assert recipe.model.generator == "Qwen/Qwen2.5-Math-1.5B-Instruct" and recipe.model.dtype == "bfloat16"
+    assert recipe.deepspeed.name == "zero2.json" and recipe.reward.mode == "dense"
+    assert recipe.task.prompt_template.format(problem="P").count("\\boxed{}") == 1
+    stub = tmp_path / "train.jsonl"
+    stub.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:35dc\nsize 446564\n")
+    recipe = load_recipe(RECIPE, [f"task.train_path={stub}", f"task.test_path={tmp_path / 'absent.jsonl'}"])
+    with pytest.raises(PrerequisiteError) as info:
+        check_task_files(recipe)
+    assert "Git LFS pointer stub" in str(info.value) and "task.test_path: file not found" in str(info.value)
+    # the PRM is the output of prm_train_prm800k.yaml: never built automatically, and the message says how
+    math = shared_file("math/math500_test.jsonl")
+    recipe = load_recipe(RECIPE, [f"task.train_path={math}", f"task.test_path={math}"])
+    if not Path(recipe.model.reward_model).exists():
+        with pytest.raises(PrerequisiteError, match="prm_train_prm800k.yaml.*deepspeed --num_gpus 8"):
+            ensure_prerequisites(recipe, log=lambda _: None)
+
+
+def test_lora_is_refused_by_ppo_not_ignored(tmp_path):
+    from rlprm.config import load_recipe
+    from rlprm.rl.ppo import PPOInputError, check_prerequisites
+
+    recipe = load_recipe(RECIPE, ["model.lora.enabled=true", f"model.reward_model={tmp_path}"])
+    with pytest.raises(PPOInputError, match="LoRA"):
+        check_prerequisites(recipe)
+
+
+def test_recipe_runs_with_tiny_stand_ins(tmp_path):
+    math = shared_file("math/math500_test.jsonl")
+    from rlprm.config import TinyModelConfig, load_recipe
+    from rlprm.models import build_bpe_tokenizer, build_tiny_causal_lm
+    from rlprm.problems import load_jsonl_problems
+    from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
+
+    template = load_recipe(RECIPE).task.prompt_template
+    problems = load_jsonl_problems(math, limit=200, template=template)
+    tokenizer = build_bpe_tokenizer([p.prompt + p.gold for p in problems], 400, 4096)
+    tiny = TinyModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, max_positions=4096,
+                           tokenizer="bpe")
+    gen = tmp_path / "qwen_stand_in"
+    build_tiny_causal_lm(tiny, tokenizer, seed=0).save_pretrained(gen)
+    tokenizer.save_pretrained(gen)
+    convention = make_convention("prm", "\n\n", "{problem}\n\n")  # what prm_train_prm800k.yaml saves
+    lm = build_tiny_causal_lm(tiny, tokenizer, seed=1)
+    RewardModel(reward_model_from_causal_lm(convention, lm, tokenizer), tokenizer, convention).save(tmp_path / "prm")
+
+    env = dict(os.environ, WANDB_MODE="disabled", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "rlprm" / "train_rl.py"), str(RECIPE),
+         f"model.generator={gen}", f"model.reward_model={tmp_path / 'prm'}", f"run.output_dir={tmp_path / 'run'}",
+         f"task.train_path={math}", f"task.test_path={math}", "run.device=cpu", "run.threads=1",
+         "rl.epochs=1", "rl.problems_per_epoch=2", "rl.prompts_per_iteration=2", "rl.samples_per_problem=2",
+         "rl.minibatch_size=4", "rl.max_new_tokens=12", "rl.eval_n=2", "rl.eval_problems=2", "eval.resamples=5",
+         "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval/answer_accuracy"] is not None and "rl/reward" in summary
+    assert summary["reward/missing_answer_frac"] == 1.0  # a random tiny model writes no \boxed{} answer
+    assert summary["dist/world_size"] == 1  # the recipe's ZeRO-2 config made it train through a DeepSpeed engine
+    resolved = (run / "recipe.yaml").read_text()
+    assert "zero2.json" in resolved and "dtype: bfloat16" in resolved and "mode: dense" in resolved
+    config = json.loads((run / "export" / "config.json").read_text())
+    assert config["model_type"] == "llama"

@@ -1,0 +1,274 @@
+"""Rejection sampling: the selection rule on hand-made rows, and the loop end to end on tiny models built in code.
+
+The loop tests replace sampling with a fixed table (a random tiny policy never
+writes a final answer, so nothing would be kept): each training problem gets its
+reference solution twice, a corrupted one and an answerless one. Everything
+else (grading, the reward model, selection, SFTTrainer, checkpoints, resume,
+export) is the real code.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlprm.config import TinyModelConfig, validate_recipe
+from rlprm.rl.rejection import select_samples
+from rlprm.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = TinyModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2)
+
+
+# --------------------------------------------------------------------------- selection (pure)
+
+
+def test_select_best_distinct_eligible():
+    scores = [[0.2, 0.9, 0.9, 0.5, 0.7], [0.1, 0.3]]
+    eligible = [[True, True, True, True, False], [False, False]]
+    texts = [["a", "b", "b", "c", "d"], ["x", "y"]]
+    # problem 0: "b" (0.9) once, then "c" (0.5); "d" scores 0.7 but has no answer; problem 1: nothing eligible
+    assert select_samples(scores, eligible, texts, top_k=2) == [[1, 3], []]
+    assert select_samples(scores, eligible, texts, top_k=1) == [[1], []]
+    assert select_samples(scores, eligible, texts, top_k=5) == [[1, 3, 0], []]
+    assert select_samples(scores, eligible, texts, top_k=5, min_score=0.5) == [[1, 3], []]
+
+
+def test_select_ties_keep_sample_order():
+    # ground-truth mode: every accepted sample scores 1; the first distinct ones are kept
+    assert select_samples([[1.0, 0.0, 1.0, 1.0]], [[True, False, True, True]], [["p", "q", "r", "p"]], 2) == [[0, 2]]
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@pytest.fixture(scope="module")
+def generator_dir(tmp_path_factory, char_tokenizer):
+    from rlprm.models import build_tiny_causal_lm
+
+    path = tmp_path_factory.mktemp("gen") / "generator"
+    model = build_tiny_causal_lm(TINY, char_tokenizer, seed=0)
+    model.save_pretrained(path)
+    char_tokenizer.save_pretrained(path)
+    return path
+
+
+def _problems():
+    from rlprm.config import ArithmeticConfig
+    from rlprm.problems import from_arithmetic
+    from rlprm.tasks.arithmetic import make_problems
+
+    return from_arithmetic(make_problems(ArithmeticConfig(), 2, seed=99), prefix="fixed")
+
+
+def _table(problems):
+    import random
+
+    from rlprm.steps import render_steps
+    from rlprm.tasks.arithmetic import corrupt_solution, reference_solution
+
+    rng = random.Random(0)
+    table = {}
+    for p in problems:
+        good = render_steps(reference_solution(p.arith))
+        bad = render_steps(corrupt_solution(p.arith, rng)[0])
+        table[p.prompt] = [good, bad, "1 + 1 = 2", good]
+    return table
+
+
+@pytest.fixture
+def fixed_sampling(monkeypatch):
+    """Training problems and their samples from a table; held-out prompts get an answerless line."""
+    import rlprm.sampling
+    from rlprm.rl import ppo
+    from rlprm.sampling import Samples
+
+    problems = _problems()
+    table = _table(problems)
+
+    def fake_sample(model, tokenizer, prompts, n=1, **kwargs):
+        texts = [[table[p][j % 4] if p in table else "7 + 1 = 8" for j in range(n)] for p in prompts]
+        return Samples(texts, [[[] for _ in row] for row in texts])
+
+    monkeypatch.setattr(rlprm.sampling, "sample", fake_sample)
+    monkeypatch.setattr(ppo, "_problems_for_epoch", lambda recipe, epoch, exclude: problems)
+    return problems, table
+
+
+def make_recipe(tmp: Path, generator: Path, out: str, epochs: int = 2, **reward):
+    data = {
+        "run": {"output_dir": str(tmp / out), "device": "cpu", "seed": 3, "threads": 1},
+        "model": {"generator": str(generator)},
+        "reward": {"mode": "sparse", "source": "ground_truth", **reward},
+        "rl": {"algorithm": "rejection_sampling", "epochs": epochs, "problems_per_epoch": 2,
+               "samples_per_problem": 4, "max_new_tokens": 16, "minibatch_size": 2, "learning_rate": 3e-3,
+               "rejection_top_k": 2, "eval_n": 2, "eval_problems": 2},
+        "eval": {"resamples": 5},
+        "tracking": {"wandb": "disabled"},
+    }
+    return validate_recipe(data, tmp)
+
+
+def _completion_loss(model_dir, problems, table):
+    """Mean cross-entropy of the reference solutions' tokens given the prompts (what SFT should lower)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    losses = []
+    for p in problems:
+        prompt = tok(p.prompt)["input_ids"]
+        full = tok(p.prompt + table[p.prompt][0])["input_ids"]
+        labels = [-100] * len(prompt) + full[len(prompt):]
+        with torch.no_grad():
+            losses.append(model(input_ids=torch.tensor([full]), labels=torch.tensor([labels])).loss.item())
+    return sum(losses) / len(losses)
+
+
+def test_end_to_end_selects_trains_checkpoints_exports(fixed_sampling, generator_dir, tmp_path):
+    from rlprm.rl.rejection import train_rejection
+
+    problems, table = fixed_sampling
+    final = train_rejection(make_recipe(tmp_path, generator_dir, "run"), progress=False)
+    run_dir = tmp_path / "run"
+    records = read_metrics(run_dir / "metrics.jsonl")
+    epochs = [r for r in records if "rs/kept" in r]
+    assert len(epochs) == 2
+    first = epochs[0]
+    # 4 samples per problem: reference twice (kept once), corrupted (kept only if its answer is still right), none
+    accepted_bad = sum(1 for p in problems if table[p.prompt][1].rsplit("\n", 1)[-1].endswith(p.gold))
+    assert first["rs/kept"] == 2 + accepted_bad
+    assert first["rs/kept_answer_accuracy"] == 1.0
+    assert first["rl/answer_accuracy"] == pytest.approx((2 * 2 + accepted_bad) / 8)
+    assert first["rs/sft_steps"] == -(-first["rs/kept"] // 2)  # one pass, batch 2
+    sft = [r for r in records if "sft/loss" in r]
+    assert len(sft) == first["rs/sft_steps"] + epochs[1]["rs/sft_steps"]  # a record every SFT step
+    assert [r["step"] for r in sft] == list(range(1, len(sft) + 1))  # steps count on across epochs
+    evals = [r for r in records if "eval/answer_accuracy" in r]
+    assert [r["epoch"] for r in evals] == [0, 1, 2] and any(k.startswith("bon/") for k in evals[-1])
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == ["epoch-0001", "epoch-0002"]
+    # SFT on the kept solutions makes them likelier: the exported policy's loss on them fell
+    export = Path(final["export_dir"])
+    assert _completion_loss(export, problems, table) < _completion_loss(generator_dir, problems, table) - 0.1
+    assert json.loads((run_dir / "summary.json").read_text())["rs/kept"] == epochs[-1]["rs/kept"]
+
+
+def _comparable(records):
+    return [{k: v for k, v in r.items() if k != "time" and not k.startswith("time/")}
+            for r in records if (r.get("epoch") or 0) > 1]
+
+
+def test_resume_matches_uninterrupted_run(fixed_sampling, generator_dir, tmp_path):
+    from rlprm.rl.rejection import RejectionInputError, train_rejection
+
+    train_rejection(make_recipe(tmp_path, generator_dir, "full"), progress=False)
+    first = make_recipe(tmp_path, generator_dir, "resumed", epochs=1)
+    train_rejection(first, progress=False)
+    with pytest.raises(RejectionInputError, match="--resume"):
+        train_rejection(first, progress=False)
+    train_rejection(make_recipe(tmp_path, generator_dir, "resumed", epochs=2), resume=True, progress=False)
+    full = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    resumed = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    assert _comparable(resumed) and _comparable(resumed) == _comparable(full)
+
+
+def test_reward_model_selection_and_nan_stop(fixed_sampling, generator_dir, char_tokenizer, tmp_path, monkeypatch):
+    """A PRM ranks the samples (answerless ones never kept); a NaN loss in epoch 2 stops the run, keeping epoch 1."""
+    import rlprm.prepare
+    from rlprm.checkpoint import latest_checkpoint
+    from rlprm.models import build_tiny_causal_lm
+    from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
+    from rlprm.rl.rejection import RejectionError, train_rejection
+
+    convention = make_convention("prm", "\n")
+    lm = build_tiny_causal_lm(TINY, char_tokenizer, seed=1)
+    RewardModel(reward_model_from_causal_lm(convention, lm, char_tokenizer), char_tokenizer, convention).save(
+        tmp_path / "prm")
+    real = rlprm.prepare._lean_sft_trainer_class
+    built = []
+
+    def poisoned_class():
+        cls = real()
+        built.append(1)
+        if len(built) < 2:
+            return cls
+
+        class Poisoned(cls):  # the second epoch's trainer: every loss is NaN
+            def compute_loss(self, *args, **kwargs):
+                loss = super().compute_loss(*args, **kwargs)
+                return loss * float("nan")
+
+        return Poisoned
+
+    monkeypatch.setattr(rlprm.prepare, "_lean_sft_trainer_class", poisoned_class)
+    recipe = make_recipe(tmp_path, generator_dir, "prm_run", source="prm", sparse_aggregate="min")
+    recipe.model.reward_model = str(tmp_path / "prm")
+    recipe.rl.rejection_top_k = 1
+    recipe.rl.eval_n = 0
+    with pytest.raises(RejectionError, match="not finite.*epoch-0001"):
+        train_rejection(recipe, progress=False)
+    first = [r for r in read_metrics(tmp_path / "prm_run" / "metrics.jsonl") if "rs/kept" in r][0]
+    assert first["rs/kept"] == 2  # the PRM's best distinct answered sample of each problem
+    assert 0.0 < first["rs/kept_score_mean"] <= 1.0
+    assert latest_checkpoint(tmp_path / "prm_run").name == "epoch-0001"
+    assert not (tmp_path / "prm_run" / "checkpoints" / "epoch-0002").exists()
+
+
+def test_dense_rewards_and_deepspeed_are_refused(generator_dir, tmp_path):
+    from rlprm.rl.rejection import RejectionInputError, check_inputs
+
+    recipe = make_recipe(tmp_path, generator_dir, "x", mode="dense", source="prm")
+    recipe.model.reward_model = str(generator_dir)
+    with pytest.raises(RejectionInputError, match="reward.mode: sparse"):
+        check_inputs(recipe)
+    recipe = make_recipe(tmp_path, generator_dir, "y")
+    recipe.deepspeed = ROOT / "deepspeed_configs" / "zero2.json"
+    with pytest.raises(RejectionInputError, match="DeepSpeed"):
+        check_inputs(recipe)
+
+
+def test_shipped_recipe_validates_and_cli_takes_intermixed_flags(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "rlprm.cli", "train-rl", str(ROOT / "recipes" / "rejection_sampling.yaml"),
+                          "rl.epochs=1", "--print-config", "run.seed=5"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "algorithm: rejection_sampling" in out.stdout and "seed: 5" in out.stdout and "epochs: 1" in out.stdout
+
+
+def test_lora_adapters_checkpoint_resume_and_merge_on_export(fixed_sampling, generator_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rlprm.rl.rejection import train_rejection
+
+    recipe = make_recipe(tmp_path, generator_dir, "lora", epochs=1)
+    recipe.model.lora.enabled, recipe.model.lora.r, recipe.model.lora.target_modules = True, 4, ["q_proj", "v_proj"]
+    recipe.rl.eval_n = 0
+    train_rejection(recipe, progress=False)
+    ckpt = tmp_path / "lora" / "checkpoints" / "epoch-0001" / "model"
+    assert (ckpt / "adapter_config.json").is_file() and not (ckpt / "model.safetensors").exists()
+    recipe.rl.epochs = 2
+    final = train_rejection(recipe, resume=True, progress=False)  # adapters come back trainable and train on
+    records = [r for r in read_metrics(tmp_path / "lora" / "metrics.jsonl") if "rs/sft_steps" in r]
+    assert [r["epoch"] for r in records] == [1, 2] and records[1]["rs/sft_steps"] > 0
+    export = Path(final["export_dir"])
+    assert not (export / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(export)
+    base = AutoModelForCausalLM.from_pretrained(generator_dir)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not merged.state_dict()[q].equal(base.state_dict()[q])  # the adapters were merged into the weights
+    o = "model.layers.0.self_attn.o_proj.weight"
+    assert merged.state_dict()[o].equal(base.state_dict()[o])  # modules without adapters are untouched
+
+
+def test_several_processes_are_refused(tmp_path):
+    import os
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {generator: Qwen/any}\nrl: {algorithm: rejection_sampling}\nrun: {output_dir: ./out}\n")
+    out = subprocess.run([sys.executable, str(ROOT / "rlprm" / "train_rl.py"), "--local_rank=1", str(recipe)],
+                         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "WORLD_SIZE": "2"})
+    assert out.returncode == 2 and "rejection_sampling trains on one process" in out.stderr
