@@ -309,6 +309,38 @@ def best_of_n(model, tokenizer, problems: list[TaskProblem], reward_models: dict
     return flat_metrics(curves), pool
 
 
+def between_epochs(recipe, model, tokenizer, problems: list[TaskProblem], reward_model=None, epoch: int = 0) -> dict:
+    """The RL loops' evaluation between epochs: best-of-`rl.eval_n` on held-out `problems`, scored by the run's own
+    reward model if it has one, plus the answer and process accuracy of all samples; `{}` when rl.eval_n is 0.
+
+    Sampling reseeds the global torch RNG (the same evaluation samples' seed every epoch, so epochs compare);
+    the caller's stream is restored afterwards, or every epoch's rollouts would reuse one stream.
+    """
+    import torch
+
+    rl = recipe.rl
+    if not rl.eval_n:
+        return {}
+    t0 = time.monotonic()
+    rms = {recipe.reward.source: reward_model} if reward_model is not None else {}
+    rng = torch.get_rng_state()
+    try:
+        metrics, pool = best_of_n(model, tokenizer, problems, rms, n_max=rl.eval_n,
+                                  temperature=recipe.eval.temperature, max_new_tokens=rl.max_new_tokens,
+                                  batch_size=recipe.eval.batch_size, resamples=min(recipe.eval.resamples, 100),
+                                  seed=recipe.run.seed, sep=recipe.task.step_separator, progress=False)
+    finally:
+        torch.set_rng_state(rng)
+    process = pool.process()
+    metrics.update({
+        "epoch": epoch,
+        "eval/answer_accuracy": float(pool.correct().mean()),
+        "eval/process_accuracy": None if np.isnan(process).all() else float(np.nanmean(process)),
+        "time/eval": round(time.monotonic() - t0, 2),
+    })
+    return metrics
+
+
 def run_eval(recipe, progress: bool = True) -> dict:
     """`rlprm eval`: pool, scores, curves, table, plot, metrics; returns the curves."""
     from rlprm.models import load_causal_lm, load_tokenizer, resolve_device

@@ -343,7 +343,7 @@ def train_grpo(recipe: Recipe, resume: bool = False, progress: bool = True) -> d
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from rlprm.checkpoint import export, latest_checkpoint, load_state, save_checkpoint
-    from rlprm.evaluate import best_of_n
+    from rlprm.evaluate import between_epochs
     from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
     from rlprm.problems import eval_problems, held_out_arithmetic
     from rlprm.reward_models import RewardModel
@@ -402,24 +402,9 @@ def train_grpo(recipe: Recipe, resume: bool = False, progress: bool = True) -> d
     try:
         def evaluate(epoch: int, model) -> dict:
             # 9. best-of-N on held-out problems, scored by the run's own reward model if it has one
-            if not rl.eval_n:
-                return {}
-            t0 = time.monotonic()
-            rms = {rcfg.source: reward_model} if reward_model is not None else {}
-            rng = torch.get_rng_state()  # keep the training stream apart from the eval's fixed seed
-            metrics, pool = best_of_n(model, tokenizer, eval_set, rms, n_max=rl.eval_n,
-                                      temperature=recipe.eval.temperature, max_new_tokens=rl.max_new_tokens,
-                                      batch_size=recipe.eval.batch_size, resamples=min(recipe.eval.resamples, 100),
-                                      seed=recipe.run.seed, sep=sep, progress=False)
-            torch.set_rng_state(rng)
-            proc = pool.process()
-            metrics.update({
-                "epoch": epoch,
-                "eval/answer_accuracy": float(pool.correct().mean()),
-                "eval/process_accuracy": None if np.isnan(proc).all() else float(np.nanmean(proc)),
-                "time/eval": round(time.monotonic() - t0, 2),
-            })
-            tracker.log(metrics, step=step)
+            metrics = between_epochs(recipe, model, tokenizer, eval_set, reward_model, epoch)
+            if metrics:
+                tracker.log(metrics, step=step)
             return metrics
 
         if ckpt is None:

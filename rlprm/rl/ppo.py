@@ -224,11 +224,10 @@ def check_prerequisites(recipe: Recipe) -> None:
 
 def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
     """Run PPO as the recipe says; returns the final metrics (also in summary.json)."""
-    import numpy as np
     import torch
 
     from rlprm.checkpoint import export, latest_checkpoint, load_state, save_checkpoint
-    from rlprm.evaluate import best_of_n
+    from rlprm.evaluate import between_epochs
     from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
     from rlprm.problems import eval_problems, grade_samples, held_out_arithmetic
     from rlprm.reward_models import RewardModel
@@ -317,23 +316,7 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
             if not dist.is_main:
                 dist.barrier()
                 return {}
-            t0 = time.monotonic()
-            rms = {rcfg.source: reward_model} if reward_model is not None else {}
-            # sampling reseeds the global torch RNG (same eval samples' seed every epoch, for comparable numbers);
-            # keep the training stream apart from it, or every epoch's rollouts would reuse one stream
-            rng = torch.get_rng_state()
-            metrics, pool = best_of_n(policy, tokenizer, eval_set, rms, n_max=rl.eval_n,
-                                      temperature=recipe.eval.temperature, max_new_tokens=rl.max_new_tokens,
-                                      batch_size=recipe.eval.batch_size, resamples=min(recipe.eval.resamples, 100),
-                                      seed=recipe.run.seed, sep=sep, progress=False)
-            torch.set_rng_state(rng)
-            process = pool.process()
-            metrics.update({
-                "epoch": epoch,
-                "eval/answer_accuracy": float(pool.correct().mean()),
-                "eval/process_accuracy": None if np.isnan(process).all() else float(np.nanmean(process)),
-                "time/eval": round(time.monotonic() - t0, 2),
-            })
+            metrics = between_epochs(recipe, policy, tokenizer, eval_set, reward_model, epoch)
             tracker.log(metrics, step=step)
             dist.barrier()
             return metrics

@@ -133,14 +133,13 @@ def _load_policy(recipe: Recipe, ckpt: Path | None, device: str):
 def train_rejection(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
     """Run rejection sampling as the recipe says; returns the final metrics (also in summary.json)."""
     import datasets
-    import numpy as np
     import torch
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig
 
     from rlprm.checkpoint import export, latest_checkpoint, load_state, save_checkpoint
-    from rlprm.evaluate import best_of_n
+    from rlprm.evaluate import between_epochs
     from rlprm.models import load_tokenizer, resolve_device
     from rlprm.prepare import _lean_sft_trainer_class
     from rlprm.problems import eval_problems, grade_samples, held_out_arithmetic
@@ -198,24 +197,9 @@ def train_rejection(recipe: Recipe, resume: bool = False, progress: bool = True)
     try:
         def evaluate(epoch: int) -> dict:
             # 6. best-of-N on held-out problems, scored by the run's own reward model if it has one
-            if not rl.eval_n:
-                return {}
-            t0 = time.monotonic()
-            rms = {rcfg.source: reward_model} if reward_model is not None else {}
-            rng = torch.get_rng_state()  # best_of_n reseeds the global RNG; keep the training stream apart
-            metrics, pool = best_of_n(policy, tokenizer, eval_set, rms, n_max=rl.eval_n,
-                                      temperature=recipe.eval.temperature, max_new_tokens=rl.max_new_tokens,
-                                      batch_size=recipe.eval.batch_size, resamples=min(recipe.eval.resamples, 100),
-                                      seed=recipe.run.seed, sep=sep, progress=False)
-            torch.set_rng_state(rng)
-            process = pool.process()
-            metrics.update({
-                "epoch": epoch,
-                "eval/answer_accuracy": float(pool.correct().mean()),
-                "eval/process_accuracy": None if np.isnan(process).all() else float(np.nanmean(process)),
-                "time/eval": round(time.monotonic() - t0, 2),
-            })
-            tracker.log(metrics, step=step)
+            metrics = between_epochs(recipe, policy, tokenizer, eval_set, reward_model, epoch)
+            if metrics:
+                tracker.log(metrics, step=step)
             return metrics
 
         if ckpt is None:
