@@ -63,8 +63,10 @@ DEMO_OVERRIDES: dict[str, list[str]] = {
            "rm.data.eval_problems=48",                    # 128
            "rm.data.eval_samples_per_problem=8",          # 16
            "rm.time_budget_s=45"],                        # 170
+    # the RL recipes' own budget (3 epochs x 3 iterations x 32 prompts x 4 samples, about 90 s each): with one
+    # iteration per epoch every run was still recovering from its first updates when it ended
     "rl": ["rl.epochs=3",
-           "rl.problems_per_epoch=32",                    # 96: one PPO iteration of 32 prompts x 4 samples per epoch
+           "rl.problems_per_epoch=96",
            "rl.prompts_per_iteration=32",
            "rl.eval_problems=64",
            "rl.eval_n=4"],
