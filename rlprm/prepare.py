@@ -213,7 +213,7 @@ def prepare(recipe: Recipe, progress: bool = True) -> dict:
             # TRL's SFTConfig turns on bf16 autocast and activation recomputation by default; on CPU both
             # only cost time for a 1M-parameter model (fewer steps fit the budget)
             bf16=False if device == "cpu" else None,
-            gradient_checkpointing=False,
+            activation_checkpointing=False,
             seed=recipe.run.seed,
             data_seed=recipe.run.seed,
             completion_only_loss=True,

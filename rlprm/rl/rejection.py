@@ -253,7 +253,7 @@ def train_rejection(recipe: Recipe, resume: bool = False, progress: bool = True)
                     dataloader_num_workers=0,
                     # TRL's SFTConfig defaults both to True; on a CPU, bf16 autocast and recomputed activations
                     # only slow small models down, so they are on for GPUs only
-                    bf16=gpu_bf16, gradient_checkpointing=device != "cpu",
+                    bf16=gpu_bf16, activation_checkpointing=device != "cpu",
                 )
                 # the run's optimizer at a constant rate: a fresh trainer per epoch, the same moments throughout
                 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
