@@ -127,3 +127,28 @@ def read_metrics(path: Path) -> list[dict]:
     """The records of a metrics.jsonl file."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Drop the records a killed run wrote after its last checkpoint (step > `last_step`, and a torn last line),
+    so that a resumed run's log reads like an uninterrupted one. Rewritten atomically; returns records dropped."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the line the kill cut short
+                dropped += 1
+                continue
+            if record.get("step") is not None and record["step"] > last_step:
+                dropped += 1
+            else:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return dropped

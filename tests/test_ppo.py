@@ -31,13 +31,13 @@ def generator_dir(tmp_path_factory, char_tokenizer):
     return path
 
 
-def make_recipe(tmp: Path, generator: Path, out: str, epochs: int = 2, **reward):
+def make_recipe(tmp: Path, generator: Path, out: str, epochs: int = 2, problems_per_epoch: int = 2, **reward):
     data = {
         # one thread: tiny models gain nothing from two, and lose 4-8x when the 2 shared cores are busy
         "run": {"output_dir": str(tmp / out), "device": "cpu", "seed": 3, "threads": 1},
         "model": {"generator": str(generator)},
         "reward": {"mode": "sparse", "source": "ground_truth", "kl_coef": 0.05, **reward},
-        "rl": {"epochs": epochs, "problems_per_epoch": 2, "prompts_per_iteration": 2, "samples_per_problem": 2,
+        "rl": {"epochs": epochs, "problems_per_epoch": problems_per_epoch, "prompts_per_iteration": 2, "samples_per_problem": 2,
                "max_new_tokens": 16, "minibatch_size": 2, "ppo_epochs": 1, "learning_rate": 1e-3,
                "value_learning_rate": 1e-3, "eval_n": 2, "eval_problems": 2},
         "eval": {"resamples": 5},
@@ -105,6 +105,43 @@ def test_resume_matches_uninterrupted_run(full_run, generator_dir, tmp_path):
     resumed = _comparable(read_metrics(tmp_path / "resumed" / "metrics.jsonl"))
     full = _comparable(read_metrics(full_dir / "metrics.jsonl"))
     assert resumed and resumed == full
+
+
+KILLER = """
+import os, signal, sys
+from rlprm.tracking import Tracker
+log = Tracker.log
+def log_then_die(self, metrics, step=None):
+    log(self, metrics, step)
+    self._file.flush()
+    if step == int(sys.argv[2]):  # SIGKILL: no finally, no atexit, nothing tidied up
+        os.kill(os.getpid(), signal.SIGKILL)
+Tracker.log = log_then_die
+from rlprm.config import load_recipe
+from rlprm.rl.ppo import train_ppo
+train_ppo(load_recipe(sys.argv[1]), progress=False)
+"""
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_metrics(generator_dir, tmp_path):
+    from rlprm.config import recipe_to_yaml
+    from rlprm.rl.ppo import train_ppo
+
+    # 2 iterations per epoch: steps 1-2 are epoch 1, steps 3-4 epoch 2
+    full = make_recipe(tmp_path, generator_dir, "full", problems_per_epoch=4)
+    train_ppo(full, progress=False)
+    killed = make_recipe(tmp_path, generator_dir, "killed", problems_per_epoch=4)
+    path = tmp_path / "killed.yaml"
+    path.write_text(recipe_to_yaml(killed))
+    out = subprocess.run([sys.executable, "-c", KILLER, str(path), "3"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == -9, out.stderr[-2000:]  # killed in epoch 2, after its first iteration was logged
+    run = tmp_path / "killed"
+    assert (run / "checkpoints" / "epoch-0001").is_dir() and not (run / "checkpoints" / "epoch-0002").exists()
+    assert any(r.get("step") == 3 for r in read_metrics(run / "metrics.jsonl"))
+    train_ppo(killed, resume=True, progress=False)
+    strip = lambda records: [{k: v for k, v in r.items() if k != "time" and not k.startswith("time/")} for r in records]
+    assert strip(read_metrics(run / "metrics.jsonl")) == strip(read_metrics(tmp_path / "full" / "metrics.jsonl"))
 
 
 def _fixed_rollouts(ppo, text):

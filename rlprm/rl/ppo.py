@@ -236,7 +236,7 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
                                masked_whiten, policy_loss, value_loss)
     from rlprm.rl.distributed import (NullTracker, device_for, launched_world_size, setup, shard, trim,
                                       weights_digest)
-    from rlprm.tracking import Tracker
+    from rlprm.tracking import Tracker, truncate_metrics
 
     check_prerequisites(recipe)
     rl, rcfg, sep = recipe.rl, recipe.reward, recipe.task.step_separator
@@ -292,6 +292,8 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
         kl_ctl.value = state["kl_coef"]
         start_epoch, step = state["epoch"], state["step"]
         print(f"resuming from {ckpt} (epoch {start_epoch}, iteration {step})")
+        if dist.is_main:  # what a killed run logged after this checkpoint is recomputed now
+            truncate_metrics(run_dir / "metrics.jsonl", step)
 
     exclude = set()
     if recipe.task.name == "arithmetic":
