@@ -218,6 +218,8 @@ class SFTConfig(Section):
     """Wall-clock training budget; the learning-rate schedule is laid over this time, and training stops at it."""
     max_steps: int = Field(5000, ge=1)
     """Upper bound on optimizer steps, whatever the budget."""
+    min_steps: int = Field(0, ge=0)
+    """Train at least this many steps even when time_budget_s runs out first (a busy or slow machine): the schedule then follows the slower of time and steps. 0: the time budget alone."""
     batch_size: int = Field(64, ge=1)
     """Sequences per optimizer step."""
     learning_rate: float = Field(3e-3, gt=0, le=1)

@@ -60,3 +60,19 @@ def test_full_prepare_meets_its_targets(tmp_path):
     assert rates["well_formed"] >= 0.95
     assert 0.30 <= rates["process_accuracy"] <= 0.80
     assert (tmp_path / "generator" / "config.json").exists()
+
+
+def test_schedule_follows_the_slower_of_time_and_steps():
+    from rlprm.prepare import _schedule_progress
+
+    now = {"t": 0.0}
+    clock = lambda: now["t"]  # noqa: E731
+    time_only = _schedule_progress(clock, 300.0, 0)
+    both = _schedule_progress(clock, 300.0, 700)
+    now["t"] = 150.0
+    assert time_only(100) == 0.5 and both(100) == pytest.approx(100 / 700)  # a slow machine: steps lag behind
+    assert both(600) == 0.5                                                    # a fast one: time lags behind
+    now["t"] = 300.0
+    assert time_only(10) == 1.0 and both(699) < 1.0 and both(700) == 1.0    # the budget alone does not stop it
+    now["t"] = 900.0
+    assert both(5000) == 1.0
