@@ -81,6 +81,24 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if (path / "state.pt").is_file() else None
 
 
+def start_or_resume(run_dir: Path, resume: bool, error: type[Exception], writes: bool = True) -> Path | None:
+    """The checkpoint an RL job continues from (None: a fresh start).
+
+    A fresh start into a folder that holds checkpoints raises `error` (resuming is explicit, never a silent mix);
+    `--resume` with nothing to resume starts from the beginning. A fresh start's metrics.jsonl starts empty
+    (only where `writes`: the process that logs).
+    """
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        print(f"--resume: {run_dir} has no complete checkpoint; starting from the beginning")
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise error(f"{run_dir} already holds checkpoints: continue it with --resume, or set another "
+                    "run.output_dir (or delete the folder) to start over")
+    if ckpt is None and writes and (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()  # a crashed earlier try left nothing to resume
+    return ckpt
+
+
 def load_state(checkpoint: Path, restore_rng: bool = True) -> dict:
     import torch
 

@@ -342,7 +342,7 @@ def train_grpo(recipe: Recipe, resume: bool = False, progress: bool = True) -> d
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from rlprm.checkpoint import export, latest_checkpoint, load_state, save_checkpoint
+    from rlprm.checkpoint import export, load_state, save_checkpoint, start_or_resume
     from rlprm.evaluate import between_epochs
     from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
     from rlprm.problems import eval_problems, held_out_arithmetic
@@ -355,14 +355,7 @@ def train_grpo(recipe: Recipe, resume: bool = False, progress: bool = True) -> d
     process = rcfg.mode == "dense"
     run_dir = Path(recipe.run.output_dir)
     device = resolve_device(recipe.run.device)
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if resume and ckpt is None:
-        print(f"--resume: {run_dir} has no complete checkpoint; starting from the beginning")
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise GRPOInputError(f"{run_dir} already holds checkpoints: continue it with --resume, or set another "
-                             "run.output_dir (or delete the folder) to start over")
-    if ckpt is None and (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()  # a fresh run's log starts empty
+    ckpt = start_or_resume(run_dir, resume, GRPOInputError)
     torch.manual_seed(recipe.run.seed)
 
     # models: the policy (from the checkpoint on resume); TRL builds the frozen reference from

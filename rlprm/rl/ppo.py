@@ -226,7 +226,7 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
     """Run PPO as the recipe says; returns the final metrics (also in summary.json)."""
     import torch
 
-    from rlprm.checkpoint import export, latest_checkpoint, load_state, save_checkpoint
+    from rlprm.checkpoint import export, load_state, save_checkpoint, start_or_resume
     from rlprm.evaluate import between_epochs
     from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
     from rlprm.problems import eval_problems, grade_samples, held_out_arithmetic
@@ -250,14 +250,7 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
     dist = setup(recipe, micro_batch=max(1, rl.minibatch_size // world))
     minibatch = max(1, rl.minibatch_size // dist.world)
     device = device_for(dist, resolve_device(recipe.run.device))
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if resume and ckpt is None:
-        print(f"--resume: {run_dir} has no complete checkpoint; starting from the beginning")
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise PPOInputError(f"{run_dir} already holds checkpoints: continue it with --resume, or set another "
-                       "run.output_dir (or delete the folder) to start over")
-    if ckpt is None and dist.is_main and (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()  # a fresh run's log starts empty (a crashed earlier try left nothing to resume)
+    ckpt = start_or_resume(run_dir, resume, PPOInputError, writes=dist.is_main)
     torch.manual_seed(recipe.run.seed)
 
     # models: policy and reference from the generator; critic from `rl.value_model`; optional reward model

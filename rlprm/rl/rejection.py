@@ -138,7 +138,7 @@ def train_rejection(recipe: Recipe, resume: bool = False, progress: bool = True)
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig
 
-    from rlprm.checkpoint import export, latest_checkpoint, load_state, save_checkpoint
+    from rlprm.checkpoint import export, latest_checkpoint, load_state, save_checkpoint, start_or_resume
     from rlprm.evaluate import between_epochs
     from rlprm.models import load_tokenizer, resolve_device
     from rlprm.prepare import _lean_sft_trainer_class
@@ -153,14 +153,7 @@ def train_rejection(recipe: Recipe, resume: bool = False, progress: bool = True)
     rl, rcfg, sep = recipe.rl, recipe.reward, recipe.task.step_separator
     run_dir = Path(recipe.run.output_dir)
     device = resolve_device(recipe.run.device)
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if resume and ckpt is None:
-        print(f"--resume: {run_dir} has no complete checkpoint; starting from the beginning")
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise RejectionInputError(f"{run_dir} already holds checkpoints: continue it with --resume, or set another "
-                                  "run.output_dir (or delete the folder) to start over")
-    if ckpt is None and (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()  # a fresh run's log starts empty
+    ckpt = start_or_resume(run_dir, resume, RejectionInputError)
     torch.manual_seed(recipe.run.seed)
 
     tokenizer = load_tokenizer(recipe.model.generator, padding_side="left",
