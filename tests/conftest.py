@@ -46,3 +46,20 @@ def bpe_tokenizer(arith_corpus):
     from rlprm.models import build_bpe_tokenizer
 
     return build_bpe_tokenizer(arith_corpus, vocab_size=300)
+
+
+def save_tiny_generator(path: Path, tokenizer, config=None) -> Path:
+    """A randomly initialised tiny causal LM and its tokenizer saved like `rlprm prepare` saves a generator."""
+    from rlprm.config import TinyModelConfig
+    from rlprm.models import build_tiny_causal_lm
+
+    config = config or TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
+    build_tiny_causal_lm(config, tokenizer, seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def generator_dir(tmp_path_factory, char_tokenizer):
+    """A tiny (2 layers, width 32) random generator folder, shared by a test module (the RL tests)."""
+    return save_tiny_generator(tmp_path_factory.mktemp("gen") / "generator", char_tokenizer)

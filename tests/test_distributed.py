@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlprm.config import TinyModelConfig, validate_recipe
+from rlprm.config import validate_recipe
 from rlprm.rl.distributed import (DEFAULT_ZERO2, Dist, DistributedError, fill_ds_config, read_ds_config, shard, trim,
                                   weights_digest)
 from rlprm.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
 
 
 def _free_port() -> int:
@@ -113,17 +112,6 @@ def test_collectives_agree_across_two_processes(tmp_path):
 
 
 # --------------------------------------------------------------------------- the real launcher, 2 processes
-
-
-@pytest.fixture(scope="module")
-def generator_dir(tmp_path_factory, char_tokenizer):
-    from rlprm.models import build_tiny_causal_lm
-
-    path = tmp_path_factory.mktemp("gen") / "generator"
-    model = build_tiny_causal_lm(TINY, char_tokenizer, seed=0)
-    model.save_pretrained(path)
-    char_tokenizer.save_pretrained(path)
-    return path
 
 
 def _write_recipe(tmp: Path, generator: Path, **extra) -> Path:

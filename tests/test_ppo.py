@@ -20,17 +20,6 @@ LOGGED = ["rl/reward", "rl/kl", "rl/kl_coef", "rl/entropy", "rl/clipfrac", "rl/v
           "time/generate", "time/score", "time/update"]
 
 
-@pytest.fixture(scope="module")
-def generator_dir(tmp_path_factory, char_tokenizer):
-    from rlprm.models import build_tiny_causal_lm
-
-    path = tmp_path_factory.mktemp("gen") / "generator"
-    model = build_tiny_causal_lm(TINY, char_tokenizer, seed=0)
-    model.save_pretrained(path)
-    char_tokenizer.save_pretrained(path)
-    return path
-
-
 def make_recipe(tmp: Path, generator: Path, out: str, epochs: int = 2, problems_per_epoch: int = 2, **reward):
     data = {
         # one thread: tiny models gain nothing from two, and lose 4-8x when the 2 shared cores are busy

@@ -20,7 +20,10 @@ from rlprm.config import TinyModelConfig, validate_recipe
 from rlprm.rl.rejection import select_samples
 from rlprm.tracking import read_metrics
 
+from .conftest import save_tiny_generator
+
 ROOT = Path(__file__).resolve().parents[1]
+
 TINY = TinyModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2)
 
 
@@ -48,13 +51,7 @@ def test_select_ties_keep_sample_order():
 
 @pytest.fixture(scope="module")
 def generator_dir(tmp_path_factory, char_tokenizer):
-    from rlprm.models import build_tiny_causal_lm
-
-    path = tmp_path_factory.mktemp("gen") / "generator"
-    model = build_tiny_causal_lm(TINY, char_tokenizer, seed=0)
-    model.save_pretrained(path)
-    char_tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_generator(tmp_path_factory.mktemp("gen") / "generator", char_tokenizer, TINY)
 
 
 def _problems():
