@@ -196,7 +196,9 @@ def prepare(recipe: Recipe, progress: bool = True) -> dict:
     train_problems, test_problems = split_problems(
         recipe.task.arithmetic, sft.num_examples, recipe.prepare_eval.num_problems, recipe.run.seed
     )
-    rows = training_solutions(train_problems, recipe.task.arithmetic.corrupt_rate, seed=recipe.run.seed)
+    arith = recipe.task.arithmetic
+    rows = training_solutions(train_problems, arith.corrupt_rate, seed=recipe.run.seed,
+                              shortcut_rate=arith.shortcut_rate, shortcut_finals=arith.shortcut_finals)
     data = Dataset.from_dict({
         "prompt": [p.prompt for p, _, _ in rows],
         "completion": [render_steps(steps, sep) for _, steps, _ in rows],

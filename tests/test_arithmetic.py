@@ -126,3 +126,57 @@ def test_parse_step():
     assert parse_step(" 3 - 4 = -1 ") == ("-", 3, 4, -1)
     assert parse_step("min(3, 4) = 3") == ("min", 3, 4, 3)
     assert parse_step("3 * 4 = 12") is None
+
+
+# --------------------------------------------------------------------------- the last-digit shortcut
+
+
+def test_shortcut_solution_keeps_the_answer_and_the_checker_rejects_it():
+    from rlprm.tasks.arithmetic import Problem, shortcut_solution
+
+    p = Problem(93, (("+", 3), ("-", 4), ("-", 7)), "mod10", 10)
+    steps = shortcut_solution(p)
+    assert steps == ["93 + 3 = 6", "6 - 4 = 2", "2 - 7 = 5", "5 mod 10 = 5", "# Answer\n\n5"]
+    r = check(p, "\n".join(steps))
+    assert r.well_formed and r.answer_correct and r.shortcut
+    assert not r.process_correct and r.first_error == 0
+    # the honest chain is not a shortcut
+    honest = check(p, "\n".join(reference_solution(p)))
+    assert honest.process_correct and not honest.shortcut
+
+
+def test_shortcut_only_where_it_differs_and_the_final_keeps_last_digits():
+    from rlprm.tasks.arithmetic import Problem, shortcut_solution
+
+    assert shortcut_solution(Problem(3, (("+", 2), ("-", 1)), "last_digit", 0)) is None  # every value below 10
+    assert shortcut_solution(Problem(93, (("+", 3),), "none", 0)) is None  # the answer would be wrong
+    steps = shortcut_solution(Problem(41, (("-", 3), ("+", 5)), "last_digit", 0))
+    assert steps == ["41 - 3 = 8", "8 + 5 = 3", "last digit of 3 = 3", "# Answer\n\n3"]
+
+
+def test_training_solutions_take_the_shortcut_at_its_rate_and_slips_never_look_like_it():
+    from rlprm.tasks.arithmetic import is_shortcut_step, parse_step, shortcut_solution
+
+    problems = make_problems(ArithmeticConfig(), 4000, seed=11)
+    rows = training_solutions(problems, corrupt_rate=0.3, seed=5, shortcut_rate=0.65)
+    eligible = [(p, s) for p, s, _ in rows if shortcut_solution(p) is not None]
+    taken = sum(s == shortcut_solution(p) for p, s in eligible) / len(eligible)
+    assert 0.61 < taken < 0.69
+    for p, steps, clean in rows:
+        r = check(p, "\n".join(steps))
+        assert r.answer_correct or not r.shortcut
+        if steps != shortcut_solution(p):  # corrupted solutions never contain a shortcut step
+            assert not any(is_shortcut_step(*parse_step(s)) for s in steps[:-1] if parse_step(s))
+    none_rows = training_solutions(problems, corrupt_rate=0.3, seed=5, shortcut_rate=0.0)
+    assert not any(check(p, "\n".join(s)).shortcut for p, s, _ in none_rows)
+
+
+def test_summary_reports_trace_error_and_shortcut_rate():
+    from rlprm.tasks.arithmetic import Problem, shortcut_solution
+
+    p = Problem(93, (("+", 3), ("-", 4), ("-", 7)), "mod10", 10)
+    texts = ["\n".join(reference_solution(p)), "\n".join(shortcut_solution(p)),
+             "93 + 3 = 96\n96 - 4 = 91\n91 - 7 = 84\n84 mod 10 = 4\n# Answer\n\n4"]
+    rates = summarize([check(p, t) for t in texts])
+    assert rates["shortcut_rate"] == pytest.approx(1 / 3)
+    assert rates["trace_error"] == pytest.approx(1 / 2)  # two right answers, one on wrong steps

@@ -16,6 +16,17 @@ that lose information (mod 10, last digit, max, min) let some wrong chains
 reach the right answer: the paper's central problem, measurable here because
 every sample gets both "answer correct" and "process correct".
 
+The last-digit shortcut is the task's confident flawed reasoning: on a problem
+that ends in `mod 10` or `last digit`, a shortcut solution writes every
+intermediate value as its last digit (`93 + 3 = 6`, `6 - 4 = 2`,
+`2 - 7 = 5`, `5 mod 10 = 5`). Arithmetic mod 10 makes its answer always right
+while its steps are wrong. The generator's training data takes it at a rate
+(`shortcut_rate`), so the generator CHOOSES it, with the confidence of a
+habit, rather than slipping into it: its own token probabilities do not flag
+it, an outcome check rewards it, and only a step check catches it (the paper's
+central problem; Uesato et al. 2022 call the rate of right answers on wrong
+traces the trace error).
+
 The sizes (operands 1-9, values kept in 0..99, 2-3 operations, compact text)
 come from the calibration in DESIGN.md section 7: a 0.86M-parameter char-level
 model learns this in about five CPU minutes; longer English prompts and bigger
@@ -181,6 +192,40 @@ class Corruption:
     """slip | operand | sign | skip"""
 
 
+def shortcut_value(kind: str, a: int, b: int) -> int:
+    """What the last-digit shortcut writes for `a kind b`: the true result's last digit."""
+    return apply(kind, a, b) % 10
+
+
+def is_shortcut_step(kind: str, a: int, b: int, result: int) -> bool:
+    """`93 + 3 = 6`: a +/- step whose result is the true one's last digit where the two differ."""
+    if kind not in ("+", "-"):
+        return False
+    true = apply(kind, a, b)
+    return result != true and result == true % 10
+
+
+def shortcut_solution(problem: Problem) -> list[str] | None:
+    """The last-digit shortcut chain, or None when the problem cannot take it (its final keeps more than the
+    last digit) or when the shortcut writes the same chain as the reference (every value below 10)."""
+    if problem.final not in ("mod10", "last_digit"):
+        return None
+    steps, value, differs = [], problem.start, False
+    for kind, arg in problem.plan():
+        if kind in ("+", "-"):
+            result = shortcut_value(kind, value, arg)
+            differs = differs or result != apply(kind, value, arg)
+        else:
+            result = apply(kind, value, arg)
+        steps.append(render_step(kind, value, arg, result))
+        value = result
+    if not differs:
+        return None
+    assert value == problem.answer, "mod-10 arithmetic keeps the shortcut's answer right"
+    steps.append(answer_step(str(value)))
+    return steps
+
+
 def _slip(rng: random.Random, final: bool) -> int:
     if not final and rng.random() < 0.75:
         return rng.choice([-10, 10])  # a carry error, the commonest slip
@@ -215,7 +260,9 @@ def corrupt_solution(problem: Problem, rng: random.Random, max_tries: int = 20) 
             result = apply(shown_op, value, shown_arg)
             if i == pos and kind == "slip":
                 result += _slip(rng, is_final)
-            if result < 0 or (i == pos and result == apply(op, value, arg)):
+            # a slip that lands on the last digit would pass for the shortcut: the two must stay apart
+            shortcut_like = i == pos and kind == "slip" and is_shortcut_step(op, value, arg, result)
+            if result < 0 or shortcut_like or (i == pos and result == apply(op, value, arg)):
                 ok = False
                 break
             steps.append(render_step(shown_op, value, shown_arg, result))
@@ -226,12 +273,24 @@ def corrupt_solution(problem: Problem, rng: random.Random, max_tries: int = 20) 
     raise RuntimeError(f"could not corrupt {problem.text!r} in {max_tries} tries")
 
 
-def training_solutions(problems: list[Problem], corrupt_rate: float, seed: int) -> list[tuple[Problem, list[str], bool]]:
-    """(problem, steps, is_clean) for each problem; a `corrupt_rate` share carries one error."""
+def training_solutions(problems: list[Problem], corrupt_rate: float, seed: int, shortcut_rate: float = 0.0,
+                       shortcut_finals: tuple[str, ...] | list[str] = ("mod10", "last_digit"),
+                       ) -> list[tuple[Problem, list[str], bool]]:
+    """(problem, steps, is_clean) for each problem.
+
+    A problem whose final is in `shortcut_finals` and whose shortcut differs from its reference takes the
+    shortcut with probability `shortcut_rate`; every other solution carries one error with probability
+    `corrupt_rate`, else it is the reference.
+    """
     rng = random.Random(seed)
     out = []
     for problem in problems:
-        if rng.random() < corrupt_rate:
+        shortcut = shortcut_solution(problem) if problem.final in shortcut_finals else None
+        # one draw per problem whatever the outcome, so the corruption stream does not depend on shortcut_rate's use
+        take_shortcut = rng.random() < shortcut_rate
+        if shortcut is not None and take_shortcut:
+            out.append((problem, shortcut, False))
+        elif rng.random() < corrupt_rate:
             steps, _ = corrupt_solution(problem, rng)
             out.append((problem, steps, False))
         else:
@@ -253,6 +312,8 @@ class CheckResult:
     """Index of the first wrong step (len(steps) when the answer step is missing); None when every step is right."""
     answer: str | None
     answer_correct: bool
+    shortcut: bool = False
+    """Some step writes a +/- result as the true result's last digit (the last-digit shortcut)."""
     process_correct: bool = field(init=False)
 
     def __post_init__(self):
@@ -269,6 +330,7 @@ def check(problem: Problem, text: str, sep: str = "\n") -> CheckResult:
     correct: list[bool] = []
     well_formed = bool(steps) and is_answer_step(steps[-1])
     prev: int | None = problem.start
+    shortcut = False
     answer = step_answer(steps[-1]) if steps else None
     for i, step in enumerate(steps):
         if i == len(steps) - 1 and is_answer_step(step):
@@ -283,6 +345,7 @@ def check(problem: Problem, text: str, sep: str = "\n") -> CheckResult:
             prev = None
             continue
         kind, a, b, result = parsed
+        shortcut = shortcut or is_shortcut_step(kind, a, b, result)
         want = plan[i] if i < len(plan) else None
         ok = (
             want is not None
@@ -298,7 +361,7 @@ def check(problem: Problem, text: str, sep: str = "\n") -> CheckResult:
     if first_error is None and not (steps and is_answer_step(steps[-1])):
         first_error = len(steps)  # the solution stops before its answer: the missing step is the error
     answer_correct = answer is not None and answer.lstrip("-").isdigit() and int(answer) == problem.answer
-    return CheckResult(well_formed, steps, correct, first_error, answer, answer_correct)
+    return CheckResult(well_formed, steps, correct, first_error, answer, answer_correct, shortcut)
 
 
 def summarize(results: list[CheckResult]) -> dict[str, float]:
@@ -310,7 +373,15 @@ def summarize(results: list[CheckResult]) -> dict[str, float]:
         "answer_accuracy": sum(r.answer_correct for r in results) / n,
         "process_accuracy": sum(r.process_correct for r in results) / n,
         "right_answer_wrong_process": sum(r.answer_correct and not r.process_correct for r in results) / n,
+        "trace_error": trace_error(results),
+        "shortcut_rate": sum(r.shortcut for r in results) / n,
     }
+
+
+def trace_error(results: list[CheckResult]) -> float:
+    """Of the samples with the right final answer, the share with a wrong step (Uesato et al. 2022); 0 if none."""
+    right = [r for r in results if r.answer_correct]
+    return sum(not r.process_correct for r in right) / len(right) if right else 0.0
 
 
 CHARSET = sorted(set("0123456789 +-=(),\n#" + "mod last digit of max min Answer"))
