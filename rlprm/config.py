@@ -363,7 +363,7 @@ class EvalConfig(Section):
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature of the pool."""
     resamples: int = Field(200, ge=1)
-    """Subsamples per N for the mean and 95% interval."""
+    """Bootstrap resamples for every mean and 95% interval: each draws the problems with replacement and, within each drawn problem, N of its n_max samples; every selector is scored on the same draws (paired)."""
     max_new_tokens: int = Field(96, ge=1)
     """Longest sampled solution."""
     batch_size: int = Field(256, ge=1)
@@ -373,9 +373,26 @@ class EvalConfig(Section):
     aggregations: list[Literal["prod", "min", "last", "mean"]] = ["prod", "min", "last", "mean"]
     """PRM aggregations to compare (the paper uses prod)."""
     weighted_vote_by: str | None = None
-    """Selector whose solution scores weight the reward-weighted majority vote; none picks the first PRM `_prod` (else the first selector)."""
+    """Selector whose solution scores weight the reward-weighted majority vote; none picks the first PRM `_prod` (else the first reward-model selector; never `confidence` or `likelihood`, whose log-probabilities are no vote weights)."""
     log_samples: int = Field(64, ge=0)
     """Sampled solutions, with their per-step scores, logged as a W&B table."""
+    differences: list[str] = []
+    """Paired differences to report with their own 95% intervals, each `A-B` (selector A minus selector B, e.g. `prm_prod-orm`, `prm_prod-confidence`). Empty: the first PRM's `_prod` selector minus the first ORM, majority, confidence, likelihood and random (those present)."""
+
+    @model_validator(mode="after")
+    def _difference_names(self) -> "EvalConfig":
+        # the selector names a pool can have (kept equal to rlprm.evaluate's by a test): a reward model's kind is
+        # known only once it is loaded, so both an ORM's `NAME` and a PRM's `NAME_AGG` are accepted here
+        known = {"majority", "weighted_majority", "random", "pass@n", "confidence", "likelihood"}
+        known |= set(self.reward_models) | {f"{name}_{how}" for name in self.reward_models for how in self.aggregations}
+        for entry in self.differences:
+            splits = [(entry[:i], entry[i + 1:]) for i, ch in enumerate(entry) if ch == "-"]
+            pairs = [(a, b) for a, b in splits if a in known and b in known]
+            if len(pairs) != 1 or pairs[0][0] == pairs[0][1]:
+                raise ValueError(
+                    f"differences entry {entry!r} must be `A-B` with two different selectors; selectors here: "
+                    + ", ".join(sorted(known)))
+        return self
 
 
 class TrackingConfig(Section):

@@ -1,18 +1,27 @@
 """Best-of-N evaluation, the paper's main experiment (Lightman et al. 2023, section 3).
 
 For every test problem, sample N_max solutions ONCE (batched, KV cache,
-seeded) and keep them as a pool: grades, and per-step scores from every reward
-model, stored as JSONL so that every selector and every later reward model
-reuses the same samples. A selector then picks one solution among N; its
-accuracy at N is estimated the paper's way, by repeatedly drawing N of the
-N_max samples (here `eval.resamples` times) and averaging, with a 95%
-interval from the spread of those draws.
+seeded) and keep them as a pool: grades, per-step scores from every reward
+model, and the generator's own per-sample confidence and likelihood, stored as
+JSONL so that every selector and every later reward model reuses the same
+samples. A selector then picks one solution among N.
 
-Selectors: each reward model (a PRM under each aggregation, an ORM),
-majority vote over final answers, reward-weighted majority vote, random
-choice (= accuracy at N=1), and the oracle "any of the N is right" (pass@N).
-On the arithmetic task the process-correct rate of the chosen solutions shows
-how often a right answer was picked with wrong steps under it.
+Statistics (DESIGN 7b): a paired bootstrap over PROBLEMS. Each of
+`eval.resamples` resamples draws the P problems with replacement and, within
+each drawn problem, N of its n samples without replacement; every selector is
+scored on the same resampled problems and draws, so differences between
+selectors get intervals of their own (`bon_bootstrap`). Mean and 95% interval
+(2.5/97.5 percentiles) are over resamples. Resampling only the samples of a
+fixed set of problems would leave problem-level variance out and collapse to a
+point at N = n_max.
+
+Selectors: each reward model (a PRM under each aggregation, an ORM), the
+generator's own `confidence` (lowest token log-probability) and `likelihood`
+(total log-probability), majority vote over final answers, reward-weighted
+majority vote, random choice (= accuracy at N=1), and the oracle "any of the N
+is right" (pass@N). On the arithmetic task the process-correct rate of the
+chosen solutions shows how often a right answer was picked with wrong steps
+under it.
 
 `best_of_n(...)` is the API RL loops call between epochs; `run_eval(recipe)`
 is `rlprm eval`.
@@ -31,6 +40,11 @@ import numpy as np
 from rlprm.problems import SampleGrade, TaskProblem
 
 MAJORITY, WEIGHTED, RANDOM, ORACLE = "majority", "weighted_majority", "random", "pass@n"
+CONFIDENCE, LIKELIHOOD = "confidence", "likelihood"
+BASELINES = (CONFIDENCE, LIKELIHOOD)
+"""Per-sample scores from the generator itself (`Pool.sample_scores`), selectors beside the reward models."""
+DIFFERENCES_KEY = "differences"
+"""The top-level key of bon_curves.json that holds the paired differences (beside one key per selector)."""
 
 
 @dataclass
@@ -44,6 +58,8 @@ class Pool:
     """name -> [problem][sample] -> per-step probabilities (an ORM: one number)."""
     kinds: dict[str, str] = field(default_factory=dict)
     """name -> `prm` | `orm`."""
+    sample_scores: dict[str, list[list[float]]] = field(default_factory=dict)
+    """name -> [problem][sample] -> one number per sample that needs no reward model (`confidence`, `likelihood`)."""
 
     @property
     def n(self) -> int:
@@ -61,17 +77,98 @@ class Pool:
 # --------------------------------------------------------------------------- pool
 
 
+def response_logprobs(model, tokenizer, prompts: list[str], completions: list[list[int]], batch_size: int = 64,
+                      max_logits: int = 2**26) -> list[np.ndarray]:
+    """log p(token | prompt, earlier tokens) of every completion token, in ONE teacher-forced pass per batch.
+
+    prompts[k] is encoded as `sample` encodes it for `generate` (the tokenizer's special tokens included);
+    completions[k] are the ids that followed it (the EOS token appended by the caller when it was generated).
+    Log-probabilities come from the raw logits (temperature 1), whatever temperature the pool was sampled at:
+    the model's own belief, not the sampling distribution. Returns one float array (len(completions[k]),) each.
+
+    Left padding puts every completion at the end of its row, so only the last max-completion-length logits
+    are needed (`logits_to_keep`); rows per batch are capped so that batch x length x vocab <= `max_logits`.
+    """
+    import inspect
+
+    import torch
+
+    if not completions:
+        return []
+    device = next(model.parameters()).device
+    prompt_ids = tokenizer(prompts)["input_ids"]
+    if any(len(ids) == 0 for ids in prompt_ids):
+        raise ValueError("a prompt encodes to no tokens: its first completion token has no prediction to score")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
+    keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+    longest = max(len(c) for c in completions)
+    per_batch = max(1, min(batch_size, max_logits // max(1, (longest + 1) * vocab)))
+    # similar lengths in one batch: less padding
+    order = sorted(range(len(completions)), key=lambda k: len(prompt_ids[k]) + len(completions[k]))
+    out: list[np.ndarray] = [np.zeros(0, dtype=np.float64)] * len(completions)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), per_batch):
+            rows = order[start:start + per_batch]
+            seqs = [prompt_ids[k] + list(completions[k]) for k in rows]
+            width = max(len(q) for q in seqs)
+            tail = max(len(completions[k]) for k in rows)
+            if tail == 0:
+                continue
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, q in enumerate(seqs):
+                ids[r, width - len(q):] = torch.tensor(q, dtype=torch.long)
+                mask[r, width - len(q):] = 1
+            # positions count real tokens only, as if each row were alone (left padding shifts nothing)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+            with torch.no_grad():
+                kwargs = {"logits_to_keep": tail + 1} if keep_arg else {}
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs).logits
+                logits = logits[:, -(tail + 1):-1].float()  # (B, tail, V): the predictions of the last `tail` tokens
+                logp = torch.log_softmax(logits, -1).gather(-1, ids[:, width - tail:, None])[..., 0].cpu().double()
+            for r, k in enumerate(rows):
+                c = len(completions[k])
+                out[k] = logp[r, tail - c:].numpy().copy()
+    finally:
+        model.train(was_training)
+    return out
+
+
 def sample_pool(model, tokenizer, problems: list[TaskProblem], n: int, temperature: float = 1.0,
                 max_new_tokens: int = 96, batch_size: int = 256, seed: int = 0, sep: str = "\n",
-                progress: bool = True) -> Pool:
-    """Sample `n` solutions per problem in pooled batches and grade them."""
+                progress: bool = True, baselines: bool = True) -> Pool:
+    """Sample `n` solutions per problem in pooled batches and grade them.
+
+    With `baselines`, one batched teacher-forced pass of the sampling model also stores, per sample,
+    `confidence` (its lowest token log-probability) and `likelihood` (the sum of its token log-probabilities)
+    over the response tokens, the EOS token included when it was generated, under the raw logits (temperature
+    1, whatever `temperature` sampled the pool). A completion shorter than `max_new_tokens` ended on EOS (the
+    sampler strips it); an empty response without EOS scores 0 on both.
+    """
     from rlprm.problems import grade_samples
     from rlprm.sampling import sample
 
     out = sample(model, tokenizer, [p.prompt for p in problems], n=n, temperature=temperature,
                  max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, progress=progress,
                  desc=f"sampling {n} per problem")
-    return Pool(problems, out.texts, grade_samples(problems, out.texts, sep))
+    pool = Pool(problems, out.texts, grade_samples(problems, out.texts, sep))
+    if baselines:
+        eos = tokenizer.eos_token_id
+        prompts, completions = [], []
+        for problem, row in zip(problems, out.token_ids):
+            for ids in row:
+                prompts.append(problem.prompt)
+                completions.append(list(ids) + ([eos] if eos is not None and len(ids) < max_new_tokens else []))
+        logps = iter(response_logprobs(model, tokenizer, prompts, completions, batch_size=batch_size))
+        rows = [[next(logps) for _ in row] for row in out.token_ids]
+        pool.sample_scores[CONFIDENCE] = [[float(lp.min()) if lp.size else 0.0 for lp in row] for row in rows]
+        pool.sample_scores[LIKELIHOOD] = [[float(lp.sum()) for lp in row] for row in rows]
+    return pool
 
 
 def score_pool(pool: Pool, name: str, reward_model, sep: str = "\n", batch_size: int = 64) -> None:
@@ -89,18 +186,24 @@ def score_pool(pool: Pool, name: str, reward_model, sep: str = "\n", batch_size:
 
 
 def save_pool(pool: Pool, path: Path) -> None:
-    """JSONL, one problem a line, written to a temporary file and renamed."""
+    """JSONL, one problem a line, written to a temporary file and renamed.
+
+    Line 1: {"kinds": {rm: prm|orm}, "sample_scores": [names]}; then one line per problem whose samples hold
+    their grade (`shortcut` included), `scores` {rm: per-step scores} and `sample_scores` {name: number}.
+    """
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w") as f:
-        f.write(json.dumps({"kinds": pool.kinds}) + "\n")
+        f.write(json.dumps({"kinds": pool.kinds, "sample_scores": list(pool.sample_scores)}) + "\n")
         for i, (problem, texts, grades) in enumerate(zip(pool.problems, pool.texts, pool.grades)):
             samples = []
             for j, (text, g) in enumerate(zip(texts, grades)):
                 samples.append({
                     "text": text, "steps": g.steps, "answer": g.answer, "answer_correct": g.answer_correct,
                     "well_formed": g.well_formed, "process_correct": g.process_correct, "first_error": g.first_error,
+                    "shortcut": g.shortcut,
                     "scores": {name: s[i][j] for name, s in pool.step_scores.items()},
+                    "sample_scores": {name: s[i][j] for name, s in pool.sample_scores.items()},
                 })
             f.write(json.dumps({"id": problem.id, "prompt": problem.prompt, "text": problem.text,
                                 "gold": problem.gold, "samples": samples}) + "\n")
@@ -108,26 +211,34 @@ def save_pool(pool: Pool, path: Path) -> None:
 
 
 def load_pool(path: Path) -> Pool:
-    """Read a pool written by `save_pool` (arithmetic step checks are not re-run: the verdicts are stored)."""
+    """Read a pool written by `save_pool` (arithmetic step checks are not re-run: the verdicts are stored).
+
+    Files written before `shortcut` and `sample_scores` existed load with shortcut None and no sample scores.
+    """
     with open(path) as f:
         header = json.loads(f.readline())
-        problems, texts, grades, scores = [], [], [], {}
+        names = header.get("sample_scores", [])
+        problems, texts, grades, scores, per_sample = [], [], [], {}, {}
         for i, line in enumerate(f):
             row = json.loads(line)
             problems.append(TaskProblem(row["id"], row["prompt"], row["gold"], text=row.get("text")))
             texts.append([s["text"] for s in row["samples"]])
             grades.append([SampleGrade(s["steps"], s["answer"], s["answer_correct"], s["well_formed"],
-                                       s["process_correct"], s["first_error"]) for s in row["samples"]])
+                                       s["process_correct"], s["first_error"], shortcut=s.get("shortcut"))
+                           for s in row["samples"]])
             for name in header["kinds"]:
                 scores.setdefault(name, []).append([s["scores"][name] for s in row["samples"]])
-    return Pool(problems, texts, grades, scores, header["kinds"])
+            for name in names:
+                per_sample.setdefault(name, []).append([s["sample_scores"][name] for s in row["samples"]])
+    return Pool(problems, texts, grades, scores, header["kinds"], per_sample)
 
 
 # --------------------------------------------------------------------------- selection
 
 
 def selector_scores(pool: Pool, aggregations=("prod", "min", "last", "mean")) -> dict[str, np.ndarray]:
-    """Solution scores (P, n) for every reward-model selector: `NAME_AGG` for a PRM, `NAME` for an ORM."""
+    """Solution scores (P, n) for every score selector: `NAME_AGG` for a PRM, `NAME` for an ORM, then the
+    generator's own `confidence` and `likelihood` where the pool has them (higher is picked)."""
     from rlprm.reward_models import aggregate
 
     out = {}
@@ -137,6 +248,8 @@ def selector_scores(pool: Pool, aggregations=("prod", "min", "last", "mean")) ->
         for how in aggs:
             key = f"{name}_{how}" if pool.kinds.get(name) == "prm" else name
             out[key] = np.array([[aggregate(s, how) for s in row[:n]] for row in per_problem], dtype=float)
+    for name, per_problem in pool.sample_scores.items():
+        out[name] = np.array([row[:n] for row in per_problem], dtype=float)
     return out
 
 
@@ -165,6 +278,8 @@ def _answer_ids(pool: Pool) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _interval(values: np.ndarray) -> dict:
+    """{mean, lo, hi} over resamples: the mean and the 2.5 / 97.5 percentiles (NaN resamples left out)."""
+    values = np.asarray(values)
     values = values[~np.isnan(values)] if values.dtype.kind == "f" else values
     if values.size == 0:
         return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan")}
@@ -172,55 +287,214 @@ def _interval(values: np.ndarray) -> dict:
             "hi": float(np.percentile(values, 97.5))}
 
 
-def bon_curves(pool: Pool, scores: dict[str, np.ndarray], ns: list[int], resamples: int = 200, seed: int = 0,
+def _nanmean(x: np.ndarray, axis: int) -> np.ndarray:
+    """np.nanmean without its warning: NaN where a slice has no number."""
+    ok = ~np.isnan(x)
+    count = ok.sum(axis=axis)
+    total = np.where(ok, x, 0.0).sum(axis=axis)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def default_weighted_by(scores: dict[str, np.ndarray]) -> str | None:
+    """The selector whose scores weight the weighted vote when none is named: the first PRM `_prod`, else the
+    first reward-model selector; never a log-probability baseline (negative weights make no vote)."""
+    rm = [k for k in scores if k not in BASELINES]
+    return next((k for k in rm if k.endswith("_prod")), next(iter(rm), None))
+
+
+def default_pairs(selectors: list[str], kinds: dict[str, str]) -> list[tuple[str, str]]:
+    """The first PRM's `_prod` selector minus the first ORM, majority, confidence, likelihood and random
+    (those in `selectors`); none without a PRM."""
+    prm = next((s for s in selectors if s.endswith("_prod") and kinds.get(s[: -len("_prod")]) == "prm"), None)
+    if prm is None:
+        return []
+    orm = next((s for s in selectors if kinds.get(s) == "orm"), None)
+    return [(prm, b) for b in (orm, MAJORITY, CONFIDENCE, LIKELIHOOD, RANDOM) if b is not None and b in selectors]
+
+
+def parse_difference(entry: str, selectors: list[str]) -> tuple[str, str]:
+    """`A-B` -> (A, B), split at the one `-` that leaves a known selector on both sides (names may hold `-`)."""
+    known = set(selectors)
+    pairs = [(entry[:i], entry[i + 1:]) for i, ch in enumerate(entry) if ch == "-"]
+    pairs = [(a, b) for a, b in pairs if a in known and b in known]
+    if len(pairs) != 1:
+        raise ValueError(f"difference {entry!r} is not `A-B` of two of this pool's selectors: {', '.join(selectors)}")
+    return pairs[0]
+
+
+def _chunk(P: int, n: int, resamples: int, budget: int = 1 << 20) -> int:
+    """Resamples per chunk: each (chunk, P, n) array of a seed stays near `budget` elements (~8 MB of float64)."""
+    return max(1, min(resamples, budget // max(1, P * n)))
+
+
+def _select_metrics(pos: np.ndarray, right: np.ndarray, proc: np.ndarray | None) -> dict[str, np.ndarray]:
+    """pos (R, P): the chosen position in each draw; right, proc (R, P, N): the drawn samples' verdicts (proc
+    None where steps are not checked) -> {metric: (R,)}, one value per resample (the mean over problems)."""
+    right = np.take_along_axis(right, pos[..., None], -1)[..., 0]
+    out = {"accuracy": right.mean(axis=1)}
+    if proc is not None:
+        proc = np.take_along_axis(proc, pos[..., None], -1)[..., 0]
+        out["process_correct"] = _nanmean(proc, axis=1)
+        out["right_answer_wrong_process"] = (right & (proc == 0)).mean(axis=1)
+    return out
+
+
+def bon_bootstrap(pools: Pool | list[Pool], scores: dict[str, np.ndarray] | list[dict[str, np.ndarray]],
+                  ns: list[int], pairs: list[str | tuple[str, str]] | None = None, resamples: int = 1000,
+                  seed: int = 0, weighted_by: str | None = None) -> tuple[dict, dict]:
+    """Paired bootstrap over problems of every selector at every N, and of differences between selectors.
+
+    pools: one pool, or S pools of the SAME problems (e.g. one per training seed), each with its own
+    scores[s] {selector: (P, n_s)} (`selector_scores`). Every resample r draws P problem indices with
+    replacement, shared by all seeds; within each drawn problem each seed's pool draws N of its samples
+    without replacement (one random order per (r, problem, seed), whose first N is the draw at N, so N's
+    draws nest). Every selector is scored on those same problems and draws; a seed's value is the mean over
+    the drawn problems, and the resample's value the mean over seeds. Mean and 2.5/97.5 percentiles over
+    resamples follow. Seeds enter through their samples only: the S seeds are averaged, not resampled.
+
+    Ties in a score selector go to a random one of the tied samples (argmax takes the first best in a random
+    order); a (weighted) vote goes to the answer class with the most (weight of) votes among classes that got
+    votes, ties at random. Vote weights should be non-negative (probabilities).
+
+    pairs: differences to report, (A, B) or "A-B" (A minus B, per resample, then summarised); None or empty:
+    `default_pairs`. Returns (curves, differences):
+      curves      {selector: {N: {"accuracy": {mean, lo, hi}, "process_correct": ...,
+                                  "right_answer_wrong_process": ...}}}
+                  (process metrics only for selectors that pick one sample, where every pool's steps are checked;
+                  majority, weighted_majority and pass@n report accuracy only)
+      differences {"A_minus_B": {N: {"accuracy": {mean, lo, hi}, "process_correct": {mean, lo, hi}}}}
+                  (process_correct where both A and B have it)
+    """
+    pools = [pools] if isinstance(pools, Pool) else list(pools)
+    scores = [scores] if isinstance(scores, dict) else list(scores)
+    if not pools or len(pools) != len(scores):
+        raise ValueError(f"{len(pools)} pools and {len(scores)} score sets: give one score set per pool")
+    P = len(pools[0].problems)
+    ids0 = [p.id for p in pools[0].problems]
+    for pool in pools[1:]:
+        if [p.id for p in pool.problems] != ids0:
+            raise ValueError("pools of different problems: seeds can only be combined over the same problems, in order")
+    n_min = min(pool.n for pool in pools)
+    if P == 0 or n_min == 0:
+        raise ValueError("an empty pool: no problems or no samples")
+    if any(N < 1 or N > n_min for N in ns):
+        raise ValueError(f"every N must be in 1..{n_min} (the samples per problem), got {list(ns)}")
+    names = [k for k in scores[0] if all(k in sc for sc in scores[1:])]
+    if weighted_by is None:
+        weighted_by = default_weighted_by({k: scores[0][k] for k in names})
+    elif weighted_by not in names:
+        raise ValueError(f"weighted vote by {weighted_by!r}: not a selector of this pool "
+                         f"({', '.join(names) or 'none'})")
+    selectors = names + [RANDOM, ORACLE, MAJORITY] + ([WEIGHTED] if weighted_by else [])
+    if pairs:
+        pairs = [parse_difference(p, selectors) if isinstance(p, str) else tuple(p) for p in pairs]
+        missing = sorted({x for pair in pairs for x in pair} - set(selectors))
+        if missing:
+            raise ValueError(f"differences name unknown selectors {missing}; this pool has {', '.join(selectors)}")
+    else:
+        pairs = default_pairs(selectors, pools[0].kinds)
+
+    for pool, sc in zip(pools, scores):
+        bad = [k for k in names if sc[k].shape != (P, pool.n)]
+        if bad:
+            raise ValueError(f"scores {bad} are not (problems, samples) = {(P, pool.n)}: use selector_scores(pool)")
+    ns = sorted(set(ns))  # ascending: the draws nest, so votes at N add the samples past the previous N
+    correct = [pool.correct() for pool in pools]
+    process = [pool.process() for pool in pools]
+    checkable = all(not np.isnan(pr).all() for pr in process)
+    answers = []
+    for pool in pools:
+        ids, class_correct = _answer_ids(pool)
+        answers.append((ids, class_correct[:, : int(ids.max()) + 1]))  # only classes that exist: K <= n
+    rng = np.random.default_rng(seed)
+    # values[selector][N][metric]: per-resample values, chunk by chunk
+    values: dict[str, dict[int, dict[str, list[np.ndarray]]]] = {s: {N: {} for N in ns} for s in selectors}
+    R = _chunk(P, max(pool.n for pool in pools), resamples)
+    for r0 in range(0, resamples, R):
+        Rc = min(R, resamples - r0)
+        probs = rng.integers(0, P, size=(Rc, P))  # (Rc, P): the resampled problems, shared by every seed
+        per_seed = []  # for each seed: {selector: {N: {metric: (Rc,)}}}
+        for pool, sc, right_all, proc_all, (ids, class_correct) in zip(pools, scores, correct, process, answers):
+            n, K = pool.n, class_correct.shape[1]
+            # a random order of each drawn problem's samples; its first N is the draw at N. Everything is gathered
+            # once in that order (flat indices into the (P, n) arrays), and each N takes a prefix view of it.
+            order = np.argsort(rng.random((Rc, P, n)), axis=-1)
+            flat = probs[..., None] * n + order  # (Rc, P, n)
+            tie = rng.random((Rc, P, K))  # vote tie-breaking keys, one per answer class
+            right_o = right_all.ravel()[flat]
+            proc_o = proc_all.ravel()[flat] if checkable else None
+            scores_o = {name: sc[name].ravel()[flat] for name in names}
+            # running (weighted) votes per answer class: cell (r, p, class) of a flat (Rc * P * K) array
+            cell = ((np.arange(Rc)[:, None, None] * P + np.arange(P)[None, :, None]) * K + ids.ravel()[flat])
+            votes = {MAJORITY: np.zeros(Rc * P * K)}
+            if WEIGHTED in selectors:
+                votes[WEIGHTED] = np.zeros(Rc * P * K)
+            seed_vals: dict[str, dict[int, dict]] = {s: {} for s in selectors}
+            done = 0
+            for N in ns:
+                right = right_o[..., :N]  # (Rc, P, N)
+                proc = None if proc_o is None else proc_o[..., :N]
+                for name in names:
+                    # argmax takes the first best in a random order: ties are broken at random
+                    seed_vals[name][N] = _select_metrics(np.argmax(scores_o[name][..., :N], axis=-1), right, proc)
+                seed_vals[RANDOM][N] = _select_metrics(np.zeros((Rc, P), dtype=np.int64), right, proc)
+                seed_vals[ORACLE][N] = {"accuracy": right.any(-1).mean(axis=1)}
+                new = cell[..., done:N].ravel()
+                votes[MAJORITY] += np.bincount(new, minlength=Rc * P * K)
+                if WEIGHTED in votes:
+                    votes[WEIGHTED] += np.bincount(new, weights=scores_o[weighted_by][..., done:N].ravel(),
+                                                   minlength=Rc * P * K)
+                done = N
+                counts = votes[MAJORITY].reshape(Rc, P, K)
+                for name, v in votes.items():
+                    # only classes that got votes can win (an empty class would win a tie of zero weights)
+                    v = np.where(counts > 0, v.reshape(Rc, P, K), -np.inf)
+                    top = v == v.max(axis=-1, keepdims=True)
+                    winner = np.argmax(np.where(top, tie, -1.0), axis=-1)  # (Rc, P): a random one of the top classes
+                    seed_vals[name][N] = {"accuracy": class_correct[probs, winner].mean(axis=1)}
+            per_seed.append(seed_vals)
+        for name in selectors:
+            for N in ns:
+                for metric in per_seed[0][name][N]:
+                    stacked = np.stack([sv[name][N][metric] for sv in per_seed])  # (S, Rc)
+                    values[name][N].setdefault(metric, []).append(_nanmean(stacked, axis=0))
+    joined = {s: {N: {m: np.concatenate(v) for m, v in c.items()} for N, c in per_n.items()}
+              for s, per_n in values.items()}
+    curves = {s: {N: {m: _interval(v) for m, v in c.items()} for N, c in per_n.items()} for s, per_n in joined.items()}
+    differences = {}
+    for a, b in pairs:
+        differences[f"{a}_minus_{b}"] = {
+            N: {m: _interval(joined[a][N][m] - joined[b][N][m])
+                for m in ("accuracy", "process_correct") if m in joined[a][N] and m in joined[b][N]}
+            for N in ns}
+    return curves, differences
+
+
+def bon_curves(pool: Pool, scores: dict[str, np.ndarray], ns: list[int], resamples: int = 1000, seed: int = 0,
                weighted_by: str | None = None) -> dict:
-    """Accuracy (and process-correct rate) of every selector at every N, mean and 95% interval over resamples.
+    """Accuracy (and process-correct rate) of every selector at every N: `bon_bootstrap`'s curves for one pool.
 
     Returns {selector: {N: {"accuracy": {mean, lo, hi}, "process_correct": ..., "right_answer_wrong_process": ...}}}.
     """
-    correct, process = pool.correct(), pool.process()
-    P, n = correct.shape
-    rng = np.random.default_rng(seed)
-    # one random order of the n samples per (resample, problem); the first N of it is the draw at N
-    perm = np.argsort(rng.random((resamples, P, n)), axis=-1)
-    rows = np.arange(P)[None, :]
-    ids, class_correct = _answer_ids(pool)
-    if weighted_by is None:
-        weighted_by = next((k for k in scores if k.endswith("_prod")), next(iter(scores), None))
-    noise = rng.random((resamples, P, class_correct.shape[1])) * 1e-9  # random tie-breaking in votes
+    return bon_bootstrap(pool, scores, ns, None, resamples, seed, weighted_by)[0]
 
-    checkable = not np.isnan(process).all()
 
-    def picked(chosen):  # (R, P) chosen sample per problem -> metrics over resamples
-        right, proc = correct[rows, chosen], process[rows, chosen]
-        point = {"accuracy": _interval(right.mean(axis=1))}
-        if checkable:
-            point["process_correct"] = _interval(np.nanmean(proc, axis=1))
-            point["right_answer_wrong_process"] = _interval((right & (proc == 0)).mean(axis=1))
-        return point
+def bon_differences(pool: Pool, scores: dict[str, np.ndarray], ns: list[int],
+                    pairs: list[str | tuple[str, str]] | None = None, resamples: int = 1000, seed: int = 0,
+                    weighted_by: str | None = None) -> dict:
+    """Paired differences between selectors: `bon_bootstrap`'s differences for one pool (with the same seed,
+    the same draws as `bon_curves`).
 
-    curves: dict[str, dict[int, dict]] = {}
-    for N in ns:
-        sub = perm[..., :N]  # (R, P, N)
-        for name, s in scores.items():
-            # argmax takes the first best in a random order: ties are broken at random
-            best = np.argmax(s[rows[..., None], sub], axis=-1)
-            chosen = np.take_along_axis(sub, best[..., None], -1)[..., 0]
-            curves.setdefault(name, {})[N] = picked(chosen)
-        curves.setdefault(RANDOM, {})[N] = picked(sub[..., 0])
-        curves.setdefault(ORACLE, {})[N] = {"accuracy": _interval(correct[rows[..., None], sub].any(-1).mean(axis=1))}
-        K = class_correct.shape[1]
-        sub_ids = ids[rows[..., None], sub]  # (R, P, N)
-        flat = (np.arange(resamples)[:, None, None] * P + rows[..., None]) * K + sub_ids
-        for name, weights in [(MAJORITY, None), (WEIGHTED, scores.get(weighted_by) if weighted_by else None)]:
-            if name == WEIGHTED and weights is None:
-                continue
-            w = None if weights is None else weights[rows[..., None], sub].ravel()
-            votes = np.bincount(flat.ravel(), weights=w, minlength=resamples * P * K).reshape(resamples, P, K)
-            winner = np.argmax(votes + noise, axis=-1)
-            acc = class_correct[rows, winner].mean(axis=1)
-            curves.setdefault(name, {})[N] = {"accuracy": _interval(acc)}
-    return curves
+    Returns {"A_minus_B": {N: {"accuracy": {mean, lo, hi}, "process_correct": ...}}}.
+    """
+    return bon_bootstrap(pool, scores, ns, pairs, resamples, seed, weighted_by)[1]
+
+
+def bon_curves_seeds(pools: list[Pool], scores: list[dict[str, np.ndarray]], ns: list[int], resamples: int = 1000,
+                     seed: int = 0, weighted_by: str | None = None) -> dict:
+    """Curves of S pools of the same problems (seeds), averaged over seeds within each problem resample, so the
+    intervals cover problem and sampling variance of every seed; `bon_bootstrap(pools, ...)` gives differences too."""
+    return bon_bootstrap(pools, scores, ns, None, resamples, seed, weighted_by)[0]
 
 
 def powers_of_two(n_max: int) -> list[int]:
@@ -234,13 +508,23 @@ def powers_of_two(n_max: int) -> list[int]:
 # --------------------------------------------------------------------------- reporting
 
 
-def _fmt(point: dict | None) -> str:
+def _fmt(point: dict | None, signed: bool = False) -> str:
     if not point or math.isnan(point["mean"]):
         return "-"
-    return f"{100 * point['mean']:.1f} [{100 * point['lo']:.1f}, {100 * point['hi']:.1f}]"
+    f = "+.1f" if signed else ".1f"
+    return f"{100 * point['mean']:{f}} [{100 * point['lo']:{f}}, {100 * point['hi']:{f}}]"
 
 
-def markdown_table(curves: dict, title: str = "Best-of-N accuracy (%), mean [95% interval]") -> str:
+def _selector_curves(curves: dict) -> dict[str, dict[int, dict]]:
+    """Curves with int N keys and without the differences entry (as read back from bon_curves.json too)."""
+    return {name: {int(N): point for N, point in c.items()} for name, c in curves.items() if name != DIFFERENCES_KEY}
+
+
+def markdown_table(curves: dict, title: str = "Best-of-N accuracy (%), mean [95% interval]",
+                   differences: dict | None = None) -> str:
+    """The curves as markdown tables; with `differences` (`bon_bootstrap`'s), a table of the paired differences
+    in percentage points, mean [95% interval], accuracy at every N and process-correct rate where there is one."""
+    curves = _selector_curves(curves)
     ns = sorted({N for c in curves.values() for N in c})
     lines = [f"### {title}", "", "| selector | " + " | ".join(f"N={N}" for N in ns) + " |",
              "|---|" + "---|" * len(ns)]
@@ -254,7 +538,39 @@ def markdown_table(curves: dict, title: str = "Best-of-N accuracy (%), mean [95%
                   "| selector | process correct | right answer, wrong step |", "|---|---|---|"]
         for name, point in proc_rows:
             lines.append(f"| {name} | {_fmt(point['process_correct'])} | {_fmt(point['right_answer_wrong_process'])} |")
+    diffs = _selector_curves(differences or {})
+    for metric, what in [("accuracy", "accuracy"), ("process_correct", "process-correct rate of the chosen solutions")]:
+        rows = {name: c for name, c in diffs.items() if any(metric in point for point in c.values())}
+        if not rows:
+            continue
+        dns = sorted({N for c in rows.values() for N in c})
+        lines += ["", f"### Paired differences in {what} (points), mean [95% interval]", "",
+                  "| A minus B | " + " | ".join(f"N={N}" for N in dns) + " |", "|---|" + "---|" * len(dns)]
+        for name, c in rows.items():
+            lines.append(f"| {name.replace('_minus_', ' - ')} | "
+                         + " | ".join(_fmt(c.get(N, {}).get(metric), signed=True) for N in dns) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _save_figure(fig, path: Path) -> None:
+    """Write to a temporary file and rename, so that a reader never sees half a PNG."""
+    import matplotlib.pyplot as plt
+
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _draw_curve(ax, name: str, c: dict, color=None):
+    ns = sorted(c)
+    mean = [100 * c[N]["accuracy"]["mean"] for N in ns]
+    lo = [100 * c[N]["accuracy"]["lo"] for N in ns]
+    hi = [100 * c[N]["accuracy"]["hi"] for N in ns]
+    style = "--" if name in (ORACLE, RANDOM) else "-"
+    line, = ax.plot(ns, mean, style, marker="o", markersize=3, label=name, color=color)
+    ax.fill_between(ns, lo, hi, color=line.get_color(), alpha=0.12)
+    return line
 
 
 def plot_curves(curves: dict, path: Path, title: str = "Best-of-N") -> None:
@@ -264,14 +580,8 @@ def plot_curves(curves: dict, path: Path, title: str = "Best-of-N") -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for name, c in curves.items():
-        ns = sorted(c)
-        mean = [100 * c[N]["accuracy"]["mean"] for N in ns]
-        lo = [100 * c[N]["accuracy"]["lo"] for N in ns]
-        hi = [100 * c[N]["accuracy"]["hi"] for N in ns]
-        style = "--" if name in (ORACLE, RANDOM) else "-"
-        line, = ax.plot(ns, mean, style, marker="o", markersize=3, label=name)
-        ax.fill_between(ns, lo, hi, color=line.get_color(), alpha=0.12)
+    for name, c in _selector_curves(curves).items():
+        _draw_curve(ax, name, c)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("N = solutions per problem (log scale)")
     ax.set_ylabel("% problems solved (best-of-N)")
@@ -279,16 +589,49 @@ def plot_curves(curves: dict, path: Path, title: str = "Best-of-N") -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    _save_figure(fig, path)
+
+
+def plot_by_generator(curves_by_generator: dict[str, dict], path: Path, selectors: list[str] | None = None,
+                      title: str = "Best-of-N by generator") -> None:
+    """The paper's figure: one panel per generator (e.g. `start`, `ppo_dense_prm`), a line per selector with its
+    95% band, log2 N axis, one y scale for all panels. selectors: which, in this order (None: every one found);
+    a selector keeps its colour across panels. Curves may come straight from bon_curves.json."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = {gen: _selector_curves(c) for gen, c in curves_by_generator.items()}
+    if not panels:
+        raise ValueError("plot_by_generator: no generators to plot")
+    if selectors is None:
+        selectors = list(dict.fromkeys(name for c in panels.values() for name in c))
+    palette = plt.get_cmap("tab10" if len(selectors) <= 10 else "tab20").colors
+    colors = {name: palette[i % len(palette)] for i, name in enumerate(selectors)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.5, 4.2), dpi=110, sharey=True,
+                             squeeze=False)
+    handles = {}
+    for ax, (gen, curves) in zip(axes[0], panels.items()):
+        for name in selectors:
+            if name in curves:
+                handles[name] = _draw_curve(ax, name, curves[name], colors[name])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("N (log scale)")
+        ax.set_title(gen)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("% problems solved (best-of-N)")
+    fig.suptitle(title)
+    fig.legend([handles[k] for k in selectors if k in handles], [k for k in selectors if k in handles],
+               fontsize=7, loc="center right")
+    fig.tight_layout(rect=(0, 0, 1 - 1.4 / (4.2 * len(panels) + 1.5), 1))
+    _save_figure(fig, path)
 
 
 def flat_metrics(curves: dict, prefix: str = "bon") -> dict:
-    """{prefix/selector/N=k/accuracy: mean, ...} for metrics.jsonl and W&B."""
+    """{prefix/selector/N=k/accuracy: mean, ...} for metrics.jsonl and W&B (differences too, under another prefix)."""
     out = {}
-    for name, c in curves.items():
+    for name, c in _selector_curves(curves).items():
         for N, point in c.items():
             for metric, value in point.items():
                 out[f"{prefix}/{name}/N={N}/{metric}"] = value["mean"]
@@ -305,13 +648,15 @@ def best_of_n(model, tokenizer, problems: list[TaskProblem], reward_models: dict
     pool = sample_pool(model, tokenizer, problems, n_max, temperature, max_new_tokens, batch_size, seed, sep, progress)
     for name, rm in (reward_models or {}).items():
         score_pool(pool, name, rm, sep=sep)
-    curves = bon_curves(pool, selector_scores(pool, aggregations), powers_of_two(n_max), resamples, seed)
-    return flat_metrics(curves), pool
+    curves, differences = bon_bootstrap(pool, selector_scores(pool, aggregations), powers_of_two(n_max), None,
+                                        resamples, seed)
+    return {**flat_metrics(curves), **flat_metrics(differences, prefix="bon_diff")}, pool
 
 
 def between_epochs(recipe, model, tokenizer, problems: list[TaskProblem], reward_model=None, epoch: int = 0) -> dict:
     """The RL loops' evaluation between epochs: best-of-`rl.eval_n` on held-out `problems`, scored by the run's own
-    reward model if it has one, plus the answer and process accuracy of all samples; `{}` when rl.eval_n is 0.
+    reward model if it has one, plus `sample_rates` over all samples (answer and process accuracy, trace error,
+    shortcut rate); `{}` when rl.eval_n is 0.
 
     Sampling reseeds the global torch RNG (the same evaluation samples' seed every epoch, so epochs compare);
     the caller's stream is restored afterwards, or every epoch's rollouts would reuse one stream.
@@ -331,18 +676,33 @@ def between_epochs(recipe, model, tokenizer, problems: list[TaskProblem], reward
                                   seed=recipe.run.seed, sep=recipe.task.step_separator, progress=False)
     finally:
         torch.set_rng_state(rng)
-    process = pool.process()
-    metrics.update({
-        "epoch": epoch,
-        "eval/answer_accuracy": float(pool.correct().mean()),
-        "eval/process_accuracy": None if np.isnan(process).all() else float(np.nanmean(process)),
-        "time/eval": round(time.monotonic() - t0, 2),
-    })
+    metrics.update({"epoch": epoch, **sample_rates(pool), "time/eval": round(time.monotonic() - t0, 2)})
     return metrics
 
 
+def sample_rates(pool: Pool) -> dict:
+    """Rates over every sample of the pool: eval/answer_accuracy, eval/process_accuracy, eval/trace_error (of the
+    right-answer samples, the share with a wrong step; 0 without right answers) and eval/shortcut_rate (samples
+    that write the last-digit shortcut); the step-level ones None where steps cannot be checked."""
+    from rlprm.tasks.arithmetic import trace_error
+
+    grades = [g for row in pool.grades for g in row]
+    checked = bool(grades) and all(g.process_correct is not None for g in grades)
+    shortcuts = [g.shortcut for g in grades]
+    process = pool.process()
+    return {
+        "eval/answer_accuracy": float(pool.correct().mean()),
+        "eval/process_accuracy": None if np.isnan(process).all() else float(np.nanmean(process)),
+        "eval/trace_error": float(trace_error(grades)) if checked else None,
+        "eval/shortcut_rate": (float(np.mean(shortcuts)) if shortcuts and None not in shortcuts else None),
+    }
+
+
 def run_eval(recipe, progress: bool = True) -> dict:
-    """`rlprm eval`: pool, scores, curves, table, plot, metrics; returns the curves."""
+    """`rlprm eval`: pool, scores, curves and paired differences, table, plot, metrics; returns the curves.
+
+    bon_curves.json: {selector: {N: {metric: {mean, lo, hi}}}, ..., "differences": {"A_minus_B": {N: ...}}}.
+    """
     from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
     from rlprm.problems import eval_problems
     from rlprm.reward_models import RewardModel
@@ -379,15 +739,18 @@ def run_eval(recipe, progress: bool = True) -> dict:
             del rm
         save_pool(pool, pool_path)
 
-        # 3. selectors over subsamples of the pool
-        curves = bon_curves(pool, selector_scores(pool, ev.aggregations), powers_of_two(ev.n_max), ev.resamples,
-                            recipe.run.seed, ev.weighted_vote_by)
+        # 3. selectors: a paired bootstrap over problems and the draws of N within them
+        curves, differences = bon_bootstrap(pool, selector_scores(pool, ev.aggregations), powers_of_two(ev.n_max),
+                                            ev.differences or None, ev.resamples, recipe.run.seed,
+                                            ev.weighted_vote_by)
 
         # 4. report: table, plot, metrics, a sample table
-        (run_dir / "bon.md").write_text(markdown_table(curves))
+        (run_dir / "bon.md").write_text(markdown_table(curves, differences=differences))
         plot_curves(curves, run_dir / "bon.png", title=f"Best-of-N on {recipe.task.name} ({len(problems)} problems)")
-        (run_dir / "bon_curves.json").write_text(json.dumps(curves, indent=1))
+        # one key per selector, as before, and the paired differences beside them
+        (run_dir / "bon_curves.json").write_text(json.dumps({**curves, DIFFERENCES_KEY: differences}, indent=1))
         metrics = flat_metrics(curves)
+        metrics.update(flat_metrics(differences, prefix="bon_diff"))
         metrics.update({"eval/sample_seconds": round(t_sample, 1), "eval/seconds": round(time.monotonic() - t0, 1),
                         "eval/problems": len(problems), "eval/n_max": ev.n_max})
         tracker.log(metrics, step=0)

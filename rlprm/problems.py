@@ -43,6 +43,8 @@ class SampleGrade:
     """Every step right (arithmetic task only; None where steps cannot be checked)."""
     first_error: int | None = None
     step_correct: list[bool] | None = None
+    shortcut: bool | None = None
+    """Some step writes the last-digit shortcut (`93 + 3 = 6`; arithmetic task only, None elsewhere)."""
 
 
 def from_arithmetic(problems: list[Problem], prefix: str = "arith") -> list[TaskProblem]:
@@ -102,7 +104,7 @@ def grade_samples(problems: list[TaskProblem], texts: list[list[str]], sep: str 
             if problem.arith is not None:
                 r = check(problem.arith, text, sep)
                 grades[i][j] = SampleGrade(r.steps, r.answer, r.answer_correct, r.well_formed, r.process_correct,
-                                           r.first_error, r.step_correct)
+                                           r.first_error, r.step_correct, r.shortcut)
             else:
                 from rlprm.grading import extract_answer
 
