@@ -417,6 +417,8 @@ class RMDataConfig(Section):
     """(arithmetic) Training problems; each is sampled samples_per_problem times."""
     samples_per_problem: int = Field(4, ge=1)
     """(arithmetic) Generator samples per training problem, at `temperature` (uniform sampling, as the paper's ORM data)."""
+    synthetic_per_problem: int = Field(0, ge=0)
+    """(arithmetic) Extra solutions per training problem written by the task itself and labelled by the checker, in equal thirds: the reference solution, one with a single error, and the last-digit shortcut (another single-error one where the problem has no shortcut). Balances the generator's samples, which are mostly right or mostly one kind of wrong. 0: generator samples only."""
     eval_problems: int = Field(128, ge=1)
     """(arithmetic) Held-out problems for evaluation (drawn like `rlprm prepare`'s held-out set, so the generator never trained on them)."""
     eval_samples_per_problem: int = Field(16, ge=2)
@@ -470,6 +472,12 @@ class RewardModelTrainConfig(Section):
     """How a problem becomes the text in front of the first step; `{problem}` is replaced. Saved with the model."""
     data: RMDataConfig = _section()
     """Training and evaluation data."""
+    scorer: Literal["head", "lm"] = "head"
+    """How the reward model turns a solution into scores. `head`: a new classification head reads the hidden state at each step end (PRM) or the last token (ORM), trained with the HF Trainer (any backbone, DeepSpeed, LoRA). `lm`: the backbone stays a causal LM, trained on the labels (LM loss on positively labelled steps/solutions plus a logistic loss through its token log-probabilities), and a step's probability is sigmoid(w_min * lowest + w_mean * mean token log-probability of the step); one process, exactly rm.max_steps steps. See rlprm/rm_lm.py for why the tiny arithmetic PRM needs it."""
+    lm_coef: float = Field(1.0, ge=0)
+    """(scorer lm) Weight of the language-model loss on positively labelled tokens beside the logistic loss."""
+    head_learning_rate: float = Field(3e-2, gt=0, le=10)
+    """(scorer lm) Learning rate of the three head weights (they are few and start far from their fit)."""
     extra_layers: int = Field(0, ge=0, le=16)
     """New transformer blocks stacked on the backbone, each starting as the identity (zeroed output projections), so the step-end token can compare what was written with what the backbone expected. 0: none."""
     freeze_backbone: bool = False
@@ -513,6 +521,15 @@ class RewardModelTrainConfig(Section):
 
     @model_validator(mode="after")
     def _template(self) -> "RewardModelTrainConfig":
+        if self.scorer == "lm":
+            if not self.max_steps:
+                raise ValueError("rm.scorer `lm` trains for exactly rm.max_steps optimizer steps: set rm.max_steps (e.g. 300)")
+            clash = [k for k, on in (("extra_layers", self.extra_layers), ("freeze_backbone", self.freeze_backbone),
+                                     ("confidence_features", self.confidence_features),
+                                     ("time_budget_s", self.time_budget_s)) if on]
+            if clash:
+                raise ValueError(f"rm.scorer `lm` does not use {', '.join('rm.' + k for k in clash)}: remove them "
+                                 "(the LM scorer trains the whole backbone for rm.max_steps steps)")
         try:
             self.prompt_template.format(problem="")
         except (KeyError, IndexError, ValueError):

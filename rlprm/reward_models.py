@@ -70,6 +70,13 @@ class Convention:
     """Confidence stacking, when fitted: `[a, b, c]` in `P(correct) = sigmoid(a * head_logit + b * min_logp + c)`,
     where `min_logp` is the lowest log-probability the backbone language model (saved in `confidence_lm/`) gave
     any token of the step (PRM) or of the whole solution (ORM). None: the head alone."""
+    scorer: str = "head"
+    """`head`: a classification head reads the hidden state at each step end (PRM) or the last token (ORM).
+    `lm`: the model is a causal LM trained on the labels and a step's probability is a logistic function of
+    its own token log-probabilities (rlprm/rm_lm.py)."""
+    lm_head: list[float] | None = None
+    """(scorer `lm`) `[w_min, w_mean, b]`: P(correct) = sigmoid(w_min * min + w_mean * mean + b) over the span's
+    token log-probabilities."""
     format_version: int = FORMAT_VERSION
 
     @property
@@ -521,6 +528,14 @@ class RewardModel:
                 chunk = [i for i in order[start:start + batch_size] if steps[i] or self.kind == "orm"]
                 if not chunk:
                     continue
+                if self.convention.scorer == "lm":
+                    from rlprm.rm_lm import score_encoded
+
+                    probs = score_encoded(self.model, self.convention.lm_head, [encoded[i] for i in chunk], self.kind,
+                                          self.tokenizer.pad_token_id)
+                    for i, p in zip(chunk, probs):
+                        out[i] = p
+                    continue
                 logits = self._forward([encoded[i].input_ids for i in chunk])
                 if self.kind == "orm":
                     finals = logits.float().reshape(-1).sigmoid().tolist()
@@ -588,6 +603,15 @@ class RewardModel:
         convention = Convention(**data)
         check_separator(convention.step_separator, step_separator)
         tokenizer = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)
+        if convention.scorer == "lm":
+            from transformers import AutoModelForCausalLM
+
+            if convention.lm_head is None or len(convention.lm_head) != 3:
+                raise RewardModelError(f"{meta}: scorer `lm` needs lm_head = [w_min, w_mean, b]")
+            with _quiet_transformers(report=False):
+                model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype),
+                                                             trust_remote_code=trust_remote_code)
+            return cls(model.to(device).eval(), tokenizer, convention)
         with _quiet_transformers(report=False):
             model = model_class(convention.kind).from_pretrained(str(path), dtype=torch_dtype(dtype),
                                                                  trust_remote_code=trust_remote_code)
@@ -637,6 +661,14 @@ def score_steps_per_prefix(rm: RewardModel, problems: Sequence[str], solutions: 
         order = sorted(range(len(encoded)), key=lambda j: len(encoded[j].input_ids))
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
+            if rm.convention.scorer == "lm":
+                from rlprm.rm_lm import score_encoded
+
+                probs = score_encoded(rm.model, rm.convention.lm_head, [encoded[j] for j in chunk], "prm",
+                                      rm.tokenizer.pad_token_id)
+                for j, p in zip(chunk, probs):
+                    flat[j] = p[-1]
+                continue
             logits = rm._forward([encoded[j].input_ids for j in chunk])
             probs = rm._step_probs(logits).cpu()
             for row, j in enumerate(chunk):

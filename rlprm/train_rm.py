@@ -183,7 +183,35 @@ def arithmetic_data(recipe: Recipe, progress: bool) -> tuple[list, list, dict]:
         counts.update({f"data/{split}_{k}": v for k, v in label_summary(records).items()})
         counts[f"data/{split}_from_cache"] = cached
     state.clear()
+    if data.synthetic_per_problem:
+        synthetic = synthetic_records(train_problems, data.synthetic_per_problem, sep, seed=recipe.run.seed * 7 + 3)
+        counts.update({f"data/synthetic_{k}": v for k, v in label_summary(synthetic).items()})
+        out["train"] = out["train"] + synthetic
     return out["train"], out["eval"], counts
+
+
+def synthetic_records(problems, per_problem: int, sep: str, seed: int) -> list:
+    """The task's own solutions for each problem, in equal thirds: the reference, one single-error corruption, and
+    the last-digit shortcut (another corruption where the problem has none), labelled by the exact checker."""
+    from rlprm.data.stepwise import label_arithmetic_sample
+    from rlprm.steps import render_steps
+    from rlprm.tasks.arithmetic import corrupt_solution, reference_solution, shortcut_solution
+
+    rng = random.Random(seed)
+    records = []
+    for problem in problems:
+        for k in range(per_problem):
+            steps = None
+            if k % 3 == 0:
+                steps = reference_solution(problem)
+            elif k % 3 == 2:
+                steps = shortcut_solution(problem)
+            if steps is None:
+                steps, _ = corrupt_solution(problem, rng)
+            record, _ = label_arithmetic_sample(problem, render_steps(steps, sep), sep)
+            record.source = "arithmetic/synthetic"
+            records.append(record)
+    return records
 
 
 def prm800k_data(recipe: Recipe) -> tuple[list, list, dict]:
@@ -340,6 +368,8 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
 
     # 1. inputs checked before anything heavy is loaded
     check_inputs(recipe)
+    if rm_cfg.scorer == "lm":
+        return train_lm_scored_rm(recipe, progress, t_start)
     if recipe.deepspeed is not None:
         _single_process_distributed_env()
     import torch
@@ -489,33 +519,116 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
         del trainer, trained, model
 
         # 7. evaluate the saved model, as any later stage will load it
-        rm = RewardModel.load(ckpt, device=device, step_separator=sep)
         summary = {"kind": rm_cfg.kind, "checkpoint": str(ckpt), "backbone": str(backbone), "params": params,
                    "extra_layers": rm_cfg.extra_layers, "trainable_params": trainable,
                    "train_examples": len(examples), "train_steps": result.global_step,
                    "train_loss": float(result.training_loss), "train_seconds": round(train_s, 1),
                    "data_seconds": round(t_data, 1), **fitted}
-        t_eval = time.monotonic()
-        metrics = {f"eval/{k}": v for k, v in
-                   evaluate_reward_model(rm, eval_records, rm_cfg.threshold, rm_cfg.eval_batch_size).items()}
-        if fitted:  # what the head alone scores, so the stacking's contribution is visible
-            metrics.update({f"eval_head_only/{k}": v for k, v in evaluate_reward_model(
-                rm, eval_records, rm_cfg.threshold, rm_cfg.eval_batch_size, head_only=True).items()})
-        if rm_cfg.kind == "prm":
-            for path in data_cfg.processbench_paths:
-                pb = evaluate_processbench(rm, Path(path), data_cfg.processbench_max, rm_cfg.threshold,
-                                           rm_cfg.eval_batch_size)
-                metrics.update({f"processbench/{Path(path).stem}/{k}": v for k, v in pb.items()})
-        summary.update(metrics)
-        summary.update({k: v for k, v in counts.items() if "rate" in k or k.endswith("_samples")})
-        summary["eval_seconds"] = round(time.monotonic() - t_eval, 1)
-        summary["wall_seconds"] = round(time.monotonic() - t_start, 1)
-        tracker.log(metrics, step=result.global_step)
-        tracker.summary(summary)
-        return summary
+        return evaluate_saved(recipe, ckpt, eval_records, counts, summary, tracker, result.global_step, t_start,
+                              head_only=bool(fitted))
     finally:
         if tracker:
             tracker.finish()
+
+
+def evaluate_saved(recipe: Recipe, ckpt: Path, eval_records, counts: dict, summary: dict, tracker, step: int,
+                   t_start: float, head_only: bool = False) -> dict:
+    """Load the saved reward model as a later stage would, evaluate it, log and return the summary."""
+    from rlprm.models import resolve_device
+    from rlprm.reward_models import RewardModel
+
+    rm_cfg, data_cfg = recipe.rm, recipe.rm.data
+    rm = RewardModel.load(ckpt, device=resolve_device(recipe.run.device), step_separator=recipe.task.step_separator)
+    t_eval = time.monotonic()
+    metrics = {f"eval/{k}": v for k, v in
+               evaluate_reward_model(rm, eval_records, rm_cfg.threshold, rm_cfg.eval_batch_size).items()}
+    if head_only:  # what the head alone scores, so the stacking's contribution is visible
+        metrics.update({f"eval_head_only/{k}": v for k, v in evaluate_reward_model(
+            rm, eval_records, rm_cfg.threshold, rm_cfg.eval_batch_size, head_only=True).items()})
+    if rm_cfg.kind == "prm":
+        for path in data_cfg.processbench_paths:
+            pb = evaluate_processbench(rm, Path(path), data_cfg.processbench_max, rm_cfg.threshold,
+                                       rm_cfg.eval_batch_size)
+            metrics.update({f"processbench/{Path(path).stem}/{k}": v for k, v in pb.items()})
+    summary.update(metrics)
+    summary.update({k: v for k, v in counts.items() if "rate" in k or k.endswith("_samples")})
+    summary["eval_seconds"] = round(time.monotonic() - t_eval, 1)
+    summary["wall_seconds"] = round(time.monotonic() - t_start, 1)
+    tracker.log(metrics, step=step)
+    tracker.summary(summary)
+    return summary
+
+
+def train_lm_scored_rm(recipe: Recipe, progress: bool, t_start: float) -> dict:
+    """`rm.scorer: lm`: the backbone stays a causal LM, trained on the labels (rlprm/rm_lm.py); one process."""
+    import torch
+
+    from rlprm.models import load_causal_lm, load_tokenizer, num_parameters, resolve_device
+    from rlprm.reward_models import RewardModel, _quiet_transformers, make_convention
+    from rlprm.rm_lm import train_lm_scorer
+    from rlprm.tracking import Tracker
+
+    rm_cfg, data_cfg = recipe.rm, recipe.rm.data
+    if recipe.deepspeed is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TrainRMError("rm.scorer `lm` trains on one process without DeepSpeed; drop `deepspeed:` or use "
+                           "rm.scorer: head for multi-process training")
+    if recipe.run.threads:
+        torch.set_num_threads(recipe.run.threads)
+    torch.manual_seed(recipe.run.seed)
+    device = resolve_device(recipe.run.device)
+    run_dir = Path(recipe.run.output_dir)
+    tracker = Tracker(run_dir, recipe, job=f"train-{rm_cfg.kind}", tags=[rm_cfg.kind, "lm-scorer"])
+    try:
+        # 2. data: generator samples (+ the task's own solutions), labelled by the exact checker
+        if data_cfg.source == "arithmetic":
+            train_records, eval_records, counts = arithmetic_data(recipe, progress)
+        else:
+            train_records, eval_records, counts = prm800k_data(recipe)
+        t_data = time.monotonic() - t_start
+
+        # 3. the model: the backbone as a causal LM (the generator's weights, or a fresh tiny one)
+        convention = make_convention(rm_cfg.kind, recipe.task.step_separator, rm_cfg.prompt_template,
+                                     data_cfg.neutral_as if data_cfg.source == "prm800k" else None)
+        convention.scorer = "lm"
+        backbone = recipe.model.generator if rm_cfg.backbone == "generator" else rm_cfg.backbone
+        if backbone == "tiny":
+            from rlprm.models import build_tiny_causal_lm
+            from rlprm.prepare import build_tokenizer
+            from rlprm.steps import render_steps
+
+            corpus = [rm_cfg.prompt_template.format(problem=r.problem) + render_steps(r.steps, convention.step_separator)
+                      for r in train_records[:2000]]
+            tokenizer = build_tokenizer(recipe, corpus)
+            model = build_tiny_causal_lm(recipe.model.tiny, tokenizer, seed=recipe.run.seed).to(device)
+        else:
+            tokenizer = load_tokenizer(backbone, padding_side="right", trust_remote_code=recipe.model.trust_remote_code)
+            with _quiet_transformers(report=False):
+                model = load_causal_lm(backbone, recipe.model.dtype, device, recipe.model.trust_remote_code)
+        params = num_parameters(model)
+        max_length = rm_cfg.max_length or getattr(model.config, "max_position_embeddings", None) or 2048
+        print(f"{rm_cfg.kind.upper()} (LM scorer): backbone {backbone} ({params / 1e6:.2f}M parameters), "
+              f"{len(train_records)} training solutions, {len(eval_records)} held-out, {rm_cfg.max_steps} steps")
+        tracker.log({**counts, "params": params, "data_seconds": round(t_data, 1)}, step=0)
+
+        # 4. train exactly rm.max_steps steps
+        fit = train_lm_scorer(
+            model, tokenizer, train_records, convention, steps=rm_cfg.max_steps, batch_size=rm_cfg.batch_size,
+            learning_rate=rm_cfg.learning_rate, head_learning_rate=rm_cfg.head_learning_rate, lm_coef=rm_cfg.lm_coef,
+            weight_decay=rm_cfg.weight_decay, warmup_ratio=rm_cfg.warmup_ratio, max_grad_norm=rm_cfg.max_grad_norm,
+            max_length=max_length, seed=recipe.run.seed, log=tracker.log, logging_steps=rm_cfg.logging_steps,
+            progress=progress)
+        convention.lm_head = fit["head"]
+
+        # 5. save atomically, then evaluate the saved model as any later stage will load it
+        ckpt = RewardModel(model, tokenizer, convention).save(run_dir / "reward_model")
+        del model
+        summary = {"kind": rm_cfg.kind, "scorer": "lm", "checkpoint": str(ckpt), "backbone": str(backbone),
+                   "params": params, "trainable_params": params, "train_examples": fit["examples"],
+                   "train_steps": fit["steps"], "train_loss": fit["train_loss"], "train_seconds": fit["train_seconds"],
+                   "data_seconds": round(t_data, 1), "lm_head": fit["head"]}
+        return evaluate_saved(recipe, ckpt, eval_records, counts, summary, tracker, fit["steps"], t_start)
+    finally:
+        tracker.finish()
 
 
 def format_summary(s: dict) -> str:
