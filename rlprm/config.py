@@ -269,24 +269,31 @@ class PrepareEvalConfig(Section):
 
 class RewardConfig(Section):
     mode: Literal["dense", "sparse"] = "sparse"
-    """`dense`: a reward at every step end from the PRM; `sparse`: one reward at the last token."""
-    source: Literal["prm", "orm", "ground_truth"] = "ground_truth"
-    """Who scores: the PRM, the ORM, or the grader / exact checker."""
+    """`dense`: a reward at every step end from step scores (source prm, exact or confidence); `sparse`: one reward at the last token."""
+    source: Literal["prm", "orm", "ground_truth", "exact", "confidence"] = "ground_truth"
+    """Who scores: `prm` / `orm` a trained reward model (model.reward_model); `ground_truth` the grader's 1/0 on the final answer; `exact` the arithmetic task's exact step checker as an oracle PRM (steps score 1 up to the first wrong step, 0 from it on; sparse: 1 if every step is right; arithmetic task only); `confidence` the frozen starting generator's own token confidence at temperature 1 (per step exp of its lowest token log-prob; sparse: over the whole response; ppo only). exact and confidence load no reward model."""
     dense_form: Literal["log_prob", "min_form", "delta"] = "log_prob"
-    """How step probabilities become step rewards (DESIGN.md section 5)."""
+    """How step probabilities become step rewards (DESIGN.md section 5; rlprm/rewards.py)."""
     outcome_coef: float = Field(0.0, ge=0)
     """Weight of an extra ground-truth outcome reward at the last token."""
     kl_coef: float = Field(0.05, ge=0)
     """Per-token KL penalty against the reference model."""
     missing_answer_reward: float = -1.0
-    """Reward of a response with no final answer."""
+    """Reward of a response with no final answer, or cut at rl.max_new_tokens before its EOS. Dense rewards of an answered response never return less than this plus 0.1 (their running sum is floored there, rlprm/rewards.py), so not answering never pays."""
     sparse_aggregate: Literal["prod", "min", "last", "mean"] = "prod"
     """How a PRM's step probabilities become one sparse reward (`mode: sparse`, `source: prm`); `prod` is the paper's solution score."""
 
     @model_validator(mode="after")
-    def _dense_needs_prm(self) -> "RewardConfig":
-        if self.mode == "dense" and self.source != "prm":
-            raise ValueError(f"dense rewards come from a PRM, but reward.source is `{self.source}`; set reward.source: prm")
+    def _dense_needs_step_scores(self) -> "RewardConfig":
+        if self.mode == "dense" and self.source not in ("prm", "exact", "confidence"):
+            raise ValueError(f"dense rewards need a score per step, but reward.source is `{self.source}` (one score "
+                             "per solution); set reward.source: prm, exact or confidence, or reward.mode: sparse")
+        # log_prob returns are <= 0 and an answered return is floored at missing_answer_reward + 0.1 (rewards.py):
+        # at or above -0.1 every answered solution would return that floor, and nothing would tell them apart
+        if self.mode == "dense" and self.dense_form == "log_prob" and self.missing_answer_reward >= -0.1:
+            raise ValueError(f"dense_form log_prob returns log(prod p) <= 0, so missing_answer_reward must be below "
+                             f"-0.1 (got {self.missing_answer_reward}); answered returns are floored 0.1 above it. "
+                             "Use e.g. -1.0, or another dense_form")
         return self
 
 
@@ -618,6 +625,23 @@ class Recipe(Section):
 
     # Where the recipe came from; set by load_recipe, not by the YAML.
     source: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _reward_source_fits(self) -> "Recipe":
+        src, algo = self.reward.source, self.rl.algorithm
+        if src == "exact" and self.task.name != "arithmetic":
+            raise ValueError(f"reward.source exact is the arithmetic task's exact step checker, and task "
+                             f"`{self.task.name}` has no step checker (only final answers can be graded); use "
+                             "reward.source prm (a trained PRM) or ground_truth")
+        if src in ("exact", "confidence") and algo == "rejection_sampling":
+            raise ValueError(f"reward.source {src} is implemented for rl.algorithm ppo (and grpo for exact), not "
+                             "rejection_sampling, which would rank by the grader instead; use reward.source "
+                             "ground_truth, prm or orm there")
+        if src == "confidence" and algo == "grpo":
+            raise ValueError("reward.source confidence needs the starting generator's token log-probs inside the "
+                             "reward function, which rlprm's GRPO (TRL's trainer) does not compute yet; use "
+                             "rl.algorithm ppo for the confidence control")
+        return self
 
 
 # --------------------------------------------------------------------------- loading

@@ -4,12 +4,30 @@ This is the one place where dense and sparse supervision differ (DESIGN.md
 section 5); everything downstream (GAE, whitening, the losses) sees only a
 reward tensor and a mask.
 
-Modes (`RewardConfig.mode` / `.source`):
+Sources (`RewardConfig.source`), each giving step probabilities p_1..p_K (or one number):
+- `prm`: a trained PRM's step probabilities; `orm`: an ORM's one final probability;
+  `ground_truth`: the grader's 1/0 verdict on the final answer.
+- `exact`: the arithmetic task's exact step checker as an ORACLE PRM (the
+  paper's trusted labeller: it separates the effect of process supervision
+  from the quality of a learned PRM). p_k = 1 for every step before the first
+  wrong one and 0 from the first wrong step on (`prefix_correct_probs`;
+  PRM800K's convention: a solution is wrong from its first error on). A
+  missing answer is left to the missing-answer guard.
+- `confidence`: the frozen STARTING generator's own token confidence (the RL
+  control for "sharpening toward the start's mode"): p_k = exp(lowest token
+  log-prob within step k) under the reference model at temperature 1
+  (`step_confidence`); sparse: exp(lowest token log-prob over the whole
+  response, EOS included; `sequence_confidence`). The caller computes the
+  log-probs (PPO reuses its reference forward pass) and passes the p_k as scores.
+
+Modes (`RewardConfig.mode`):
 - sparse: one reward at the last response token: the grader's 1/0
-  (`source: ground_truth`), the ORM's probability (`orm`), or a PRM's steps
-  aggregated with `prod`, the paper's solution score (`prm`).
-- dense (`source: prm`): a reward at the last token of each step, from the
-  PRM's step probabilities p_1..p_K, in one of three forms:
+  (`ground_truth`), the ORM's probability (`orm`), a PRM's steps aggregated
+  with `sparse_aggregate` (`prod` is the paper's solution score; `prm`), 1 if
+  every step is right else 0 (`exact`), or the whole-response confidence
+  (`confidence`).
+- dense (`source: prm | exact | confidence`): a reward at the last token of
+  each step, from the step probabilities p_1..p_K, in one of three forms:
   - `log_prob`: r_k = log p_k. The return is log(p_1 * ... * p_K), the log of
     the paper's product score. Every r_k <= 0, so writing more steps can only
     lower it: padding a solution with steps cannot farm reward. p is floored at
@@ -30,19 +48,41 @@ Modes (`RewardConfig.mode` / `.source`):
     missing-answer guard on a different footing than in the other modes.
   Optionally `outcome_coef * ground_truth` is added at the last response token.
 
+Answering always pays at least as much as not answering. `log_prob` returns
+log(prod p_k), which for an unsure or wrong solution falls far below
+`missing_answer_reward` (one step scored 0 gives log(PROB_FLOOR) = -13.8), so
+the policy would learn to stop writing answers. So the running sum of an
+answered sample's dense step rewards is floored at `missing_answer_reward +
+ANSWERED_MARGIN` (`floor_running_return`): with C_k the running sum and D_k =
+max(C_k, floor) (D_0 = 0), the step rewards become D_k - D_{k-1}. The return
+is then max(sum r_k, floor): a solution better than the floor keeps its exact
+return, every worse one returns the floor, strictly above a missing answer.
+The floor keeps what made the forms safe: a non-increasing running sum stays
+non-increasing (every log_prob r_k is still <= 0, extra steps still cannot
+pay), and the penalty still lands on the step that crossed the floor (for
+`exact`, the first wrong step). min_form and delta never go below 0, so with
+a negative `missing_answer_reward` the floor leaves them unchanged. The
+outcome term (>= 0) comes on top. Recipe validation refuses `log_prob` with a
+`missing_answer_reward` at or above -ANSWERED_MARGIN, where every answered
+return would be the floor and nothing would tell solutions apart.
+
 Guards, in this order:
 - a score that is NaN or infinite raises, naming the sample (and a reward-model
   probability outside [0, 1] too): a silent NaN reward destroys a run later.
-- length cap (`max_tokens`): tokens beyond it are masked out. A response longer
-  than the cap was cut before it finished, and its answer (if any) lies in
-  tokens the policy will not be trained on, so it counts as having no final
-  answer: it gets `missing_answer_reward` at its last KEPT token (index
-  max_tokens - 1). A response exactly max_tokens long is judged as written.
+- length cap (`max_tokens`): tokens beyond it are masked out. A response that
+  was cut before it finished counts as having no final answer (it could
+  otherwise be rewarded for a half-written one): it gets
+  `missing_answer_reward` at its last KEPT token (index max_tokens - 1) and no
+  step rewards. Cut means: longer than the cap, or (given `eos_token_id`)
+  exactly max_tokens long without ending in EOS, which is how a response that
+  `generate` stopped at max_new_tokens looks (generate never returns more). A
+  response of max_tokens tokens whose last is EOS finished and is judged as
+  written; without `eos_token_id` only the first rule applies.
 - a response with no final answer (no `# Answer` step, see `steps.py`, unless
   the caller passes its own `has_answer`) gets `missing_answer_reward` at its
   last token and nothing else (step rewards and the outcome term are dropped).
-  With `log_prob`, a long bad solution can return less than that reward (log
-  of a small product); the `below_missing_answer` stat counts how often.
+  The `below_missing_answer` stat counts answered samples that returned less
+  than that anyway (0 with the floor above; a check that it holds).
 
 Step ends reach the policy's tokens through CHARACTER offsets
 (`steps.step_char_ends` on the text, `steps.token_char_ends` on the policy's
@@ -75,6 +115,7 @@ from rlprm.config import RewardConfig
 from rlprm.rl.core import kl_penalty
 from rlprm.steps import (
     DEFAULT_SEPARATOR,
+    StepTokenError,
     char_ends_to_token_ends,
     split_steps,
     step_answer,
@@ -90,6 +131,12 @@ DELTA_P0 = 0.0
 
 DENSE_FORMS = ("log_prob", "min_form", "delta")
 
+STEP_SOURCES = ("prm", "exact", "confidence")
+"""Sources that give one probability per step, so can drive dense rewards."""
+
+ANSWERED_MARGIN = 0.1
+"""An answered sample's return is at least `missing_answer_reward + ANSWERED_MARGIN` (see the module docstring)."""
+
 
 class RewardError(ValueError):
     """Scores or responses that cannot be turned into rewards (the message names the sample)."""
@@ -98,11 +145,36 @@ class RewardError(ValueError):
 # --------------------------------------------------------------------------- per-sample pieces
 
 
-def dense_step_rewards(probs: Sequence[float], form: str) -> list[float]:
+def floor_running_return(step_rewards: Sequence[float], floor: float) -> list[float]:
+    """Step rewards whose running sum never goes below `floor`: r'_k = D_k - D_{k-1}.
+
+    With C_k = r_1 + ... + r_k, D_k = max(C_k, floor) and D_0 = 0, the sum of
+    r' is max(C_K, floor). Where the running sum stays above the floor nothing
+    changes; the step that crosses it gets what is left down to the floor, the
+    steps after it get max(C_k, floor) - max(C_{k-1}, floor) (0 while below).
+    E.g. [-0.5, -2.0, -1.0] with floor -0.9 -> [-0.5, -0.4, 0.0].
+    """
+    out, prev, running = [], 0.0, 0.0
+    for r in step_rewards:
+        running += float(r)
+        now = max(running, floor)
+        out.append(now - prev)
+        prev = now
+    return out
+
+
+def dense_step_rewards(probs: Sequence[float], form: str, floor: float | None = None) -> list[float]:
     """Step probabilities p_1..p_K -> step rewards r_1..r_K (see the module docstring).
 
     Sums: `log_prob` -> log(prod p_k); `min_form` -> min p_k; `delta` -> p_K.
+    `floor` (None: none) floors the running sum (`floor_running_return`), so
+    the sum becomes max(that, floor).
     """
+    out = _dense_step_rewards(probs, form)
+    return out if floor is None else floor_running_return(out, floor)
+
+
+def _dense_step_rewards(probs: Sequence[float], form: str) -> list[float]:
     probs = [float(p) for p in probs]
     if form == "log_prob":
         return [math.log(max(p, PROB_FLOOR)) for p in probs]
@@ -117,6 +189,84 @@ def dense_step_rewards(probs: Sequence[float], form: str) -> list[float]:
         prev = [DELTA_P0] + probs[:-1]
         return [p - q for p, q in zip(probs, prev)]
     raise RewardError(f"dense form must be one of {', '.join(DENSE_FORMS)}, got {form!r}")
+
+
+def prefix_correct_probs(step_correct: Sequence[bool]) -> list[float]:
+    """The exact checker's step verdicts as an oracle PRM's step probabilities: prefix-correctness.
+
+    1.0 for each step before the first wrong one, 0.0 from the first wrong step
+    on (PRM800K's convention: the solution is wrong from its first error; a
+    right step after a wrong one builds on a wrong value). E.g. [T, F, T] ->
+    [1, 0, 0].
+    """
+    out, ok = [], True
+    for c in step_correct:
+        ok = ok and bool(c)
+        out.append(1.0 if ok else 0.0)
+    return out
+
+
+def step_confidence(logprobs: Tensor, step_ends: Tensor) -> Tensor:
+    """Per step, exp(the lowest token log-prob within the step): a model's own confidence in each step.
+
+    logprobs: (B, T) float, log p of each response token (e.g. under the frozen
+    starting generator at temperature 1). step_ends: (B, S) long, the token
+    index of each step's last token (`step_token_ends`), -1 for padding steps.
+    Returns (B, S) in [0, 1], 0 at padding. Step k covers the tokens after step
+    k-1's end up to its own end (step 1 from token 0). When two steps end in
+    one merged token, the later step's range is empty and it is read on that
+    token alone: the token that completed it, rather than no token (which
+    would read as full confidence).
+    """
+    B, T = logprobs.shape
+    ends = step_ends.long()
+    valid = ends >= 0
+    if bool((ends >= T).any()):
+        raise RewardError(f"a step ends at token {int(ends.max())}, beyond the {T} response tokens")
+    prev = torch.cat([ends.new_full((B, 1), -1), ends[:, :-1]], dim=1)
+    starts = torch.minimum(prev + 1, ends)  # an empty range (merged end) shrinks to the end token itself
+    t = torch.arange(T, device=logprobs.device).view(1, 1, T)
+    inside = (t >= starts.unsqueeze(-1)) & (t <= ends.unsqueeze(-1)) & valid.unsqueeze(-1)  # (B, S, T)
+    lowest = torch.where(inside, logprobs.unsqueeze(1), torch.full_like(logprobs.unsqueeze(1), math.inf)).amin(-1)
+    return torch.where(valid, torch.exp(lowest.clamp(max=0.0)), torch.zeros_like(lowest))
+
+
+def sequence_confidence(logprobs: Tensor, mask: Tensor) -> Tensor:
+    """exp(the lowest token log-prob over each response): the sparse `confidence` reward.
+
+    logprobs, mask: (B, T) -> (B,) in [0, 1]; every masked-in token counts
+    (EOS included). An empty response gets 0.
+    """
+    m = mask.bool()
+    lowest = torch.where(m, logprobs, torch.full_like(logprobs, math.inf)).amin(-1)
+    return torch.where(m.any(-1), torch.exp(lowest.clamp(max=0.0)), torch.zeros_like(lowest))
+
+
+def confidence_scores(texts: Sequence[str], token_ids, logprobs: Tensor, mask: Tensor, tokenizer, dense: bool,
+                      sep: str = DEFAULT_SEPARATOR) -> list[list[float]]:
+    """The `confidence` source's scores for `token_rewards`: per sample, p_k per step (dense) or one number (sparse).
+
+    texts, token_ids: as `token_rewards` takes them (ids: B lists, EOS included
+    if generated). logprobs: (B, T) log p of each response token under the
+    frozen starting generator at temperature 1; mask: (B, T) its real tokens.
+    Step ends come from `step_token_ends` on the policy's tokenizer (the policy
+    and the reference share it), the same placement the rewards then use.
+    """
+    if not dense:
+        return [[float(c)] for c in sequence_confidence(logprobs, mask).tolist()]
+    seqs = _sequences(token_ids)
+    ends = []
+    for i, (text, ids) in enumerate(zip(texts, seqs)):
+        try:
+            ends.append(step_token_ends(text, ids[: int(mask[i].sum())], tokenizer, sep))
+        except StepTokenError as exc:
+            raise RewardError(f"sample {i}: {exc}") from None
+    S = max(1, max((len(e) for e in ends), default=0))
+    padded = torch.full((len(ends), S), -1, dtype=torch.long, device=logprobs.device)
+    for i, e in enumerate(ends):
+        padded[i, : len(e)] = torch.tensor(e, dtype=torch.long)
+    conf = step_confidence(logprobs, padded).tolist()
+    return [conf[i][: len(e)] for i, e in enumerate(ends)]
 
 
 def has_final_answer(text: str, sep: str = DEFAULT_SEPARATOR) -> bool:
@@ -174,7 +324,7 @@ class TokenRewards:
     missing_answer: list[bool] = field(default_factory=list)
     """No final answer, or cut by the cap: the sample got `missing_answer_reward` (an empty response has no token to carry it)."""
     truncated: list[bool] = field(default_factory=list)
-    """The response was longer than the cap."""
+    """The response was cut by the cap: longer than it, or as long as it without ending in EOS (see the module docstring)."""
     stats: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -204,9 +354,11 @@ def _need(name: str, value, why: str):
 def _checked_scores(cfg: RewardConfig, scores, outcomes, tokenizer) -> tuple[list | None, list | None]:
     """The inputs this config needs, present and finite: (step probabilities, ground-truth verdicts)."""
     dense = cfg.mode == "dense"
-    if dense and cfg.source != "prm":
-        raise RewardError(f"dense rewards come from a PRM, but reward.source is {cfg.source!r}")
-    if dense or cfg.source in ("prm", "orm"):
+    if dense and cfg.source not in STEP_SOURCES:
+        raise RewardError(f"dense rewards need step scores ({', '.join(STEP_SOURCES)}), "
+                          f"but reward.source is {cfg.source!r}")
+    if cfg.source != "ground_truth":
+        # exact: the caller's prefix_correct_probs; confidence: the caller's confidence_scores
         _need("scores", scores, f"for reward.source {cfg.source!r}")
     if cfg.source == "ground_truth" or cfg.outcome_coef > 0:
         _need("outcomes", outcomes, "for ground-truth rewards (reward.source ground_truth or reward.outcome_coef > 0)")
@@ -215,21 +367,22 @@ def _checked_scores(cfg: RewardConfig, scores, outcomes, tokenizer) -> tuple[lis
     # every score is checked, also for samples a guard overrides later: a NaN is an upstream bug either way
     probs = None if scores is None else [_check_values(i, s, "score of step", True) for i, s in enumerate(scores)]
     truths = None if outcomes is None else [_check_values(i, [o], "outcome", False)[0] for i, o in enumerate(outcomes)]
-    if cfg.source == "orm" and probs is not None:
+    if probs is not None and (cfg.source == "orm" or (cfg.source == "confidence" and not dense)):
+        what = "an ORM gives" if cfg.source == "orm" else "sparse confidence is"
         for i, p in enumerate(probs):
             if len(p) != 1:
-                raise RewardError(f"sample {i}: an ORM gives one final probability, got {len(p)} scores")
+                raise RewardError(f"sample {i}: {what} one final probability, got {len(p)} scores")
     return probs, truths
 
 
 def _dense_row(i: int, row: list[float], text: str, ids: list[int], probs: list[float], form: str,
-               tokenizer, sep: str) -> tuple[list[int], list[float], int]:
+               tokenizer, sep: str, floor: float) -> tuple[list[int], list[float], int]:
     """Adds sample i's step rewards into `row`; returns (rewarded step ends, their rewards, unscored steps)."""
     ends = step_token_ends(text, ids, tokenizer, sep)
     if len(probs) > len(ends):
         raise RewardError(f"sample {i}: the reward model scored {len(probs)} steps but the text has {len(ends)} "
                           f"with separator {sep!r}; it split the text differently (another separator?)")
-    step_r = dense_step_rewards(probs, form)
+    step_r = dense_step_rewards(probs, form, floor)
     # += : with a merging tokenizer two step ends can share one token
     for end, r in zip(ends, step_r):
         row[end] += r
@@ -247,6 +400,7 @@ def token_rewards(
     lengths: Sequence[int] | Tensor | None = None,
     has_answer: Sequence[bool] | None = None,
     max_tokens: int | None = None,
+    eos_token_id: int | None = None,
     width: int | None = None,
     sep: str = DEFAULT_SEPARATOR,
     sparse_aggregate: str = "prod",
@@ -267,6 +421,9 @@ def token_rewards(
     has_answer: per sample, whether a final answer was written (default: detected from the
         text with the step convention).
     max_tokens: the response length cap (None: no cap).
+    eos_token_id: the policy's EOS id; with max_tokens, a response of max_tokens
+        tokens that does not end in it was stopped by the cap, so is truncated
+        (what `generate` returns at max_new_tokens). None: only longer responses are.
     width: T of the output (default: the longest kept response); at least that.
     sparse_aggregate: how a PRM's steps become one sparse reward (`prod`, the paper's).
 
@@ -294,10 +451,13 @@ def token_rewards(
     rewards = [[0.0] * T for _ in range(B)]
     ends_out: list[list[int]] = [[] for _ in range(B)]
     step_out: list[list[float]] = [[] for _ in range(B)]
-    truncated = [lens[i] > kept[i] for i in range(B)]
+    # cut by the cap: longer than it, or stopped at it by generate (as long as the cap, no EOS at the end)
+    truncated = [lens[i] > kept[i] or (eos_token_id is not None and max_tokens is not None and lens[i] == max_tokens
+                                      and seqs[i][lens[i] - 1] != eos_token_id) for i in range(B)]
     missing = [truncated[i] or not (bool(has_answer[i]) if has_answer is not None else has_final_answer(texts[i], sep))
                for i in range(B)]
     unscored = 0
+    floor = cfg.missing_answer_reward + ANSWERED_MARGIN  # answering never pays less than not answering
     for i in range(B):
         if kept[i] == 0:  # nothing generated (EOS stripped): no token can carry a reward
             continue
@@ -307,12 +467,15 @@ def token_rewards(
             continue
         if cfg.mode == "dense":
             ends_out[i], step_out[i], n = _dense_row(i, row, texts[i], seqs[i][: lens[i]], probs[i], cfg.dense_form,
-                                                     tokenizer, sep)
+                                                     tokenizer, sep, floor)
             unscored += n
         elif cfg.source == "ground_truth":
             row[last] += truths[i]
-        elif cfg.source == "orm":
+        elif cfg.source in ("orm", "confidence"):
             row[last] += probs[i][0]
+        elif cfg.source == "exact":
+            # every step right: prefix-correctness ends at 1; any wrong step (or no step scored) gives 0
+            row[last] += min(probs[i]) if probs[i] else 0.0
         else:
             row[last] += aggregate(probs[i], sparse_aggregate)
         if cfg.outcome_coef > 0:
@@ -354,6 +517,7 @@ def add_kl_penalty(rewards: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask
 
 
 __all__ = [
-    "DELTA_P0", "DENSE_FORMS", "PROB_FLOOR", "RewardError", "TokenRewards", "add_kl_penalty", "dense_step_rewards",
-    "has_final_answer", "step_token_ends", "token_rewards",
+    "ANSWERED_MARGIN", "DELTA_P0", "DENSE_FORMS", "PROB_FLOOR", "STEP_SOURCES", "RewardError", "TokenRewards",
+    "add_kl_penalty", "confidence_scores", "dense_step_rewards", "floor_running_return", "has_final_answer",
+    "prefix_correct_probs", "sequence_confidence", "step_confidence", "step_token_ends", "token_rewards",
 ]

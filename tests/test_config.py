@@ -147,3 +147,32 @@ def test_validation_imports_nothing_heavy(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_dense_rewards_from_the_exact_checker_and_the_start_confidence(tmp_path):
+    for source in ("exact", "confidence"):
+        for form in ("log_prob", "min_form", "delta"):
+            recipe = load_recipe(write(tmp_path, f"reward:\n  mode: dense\n  source: {source}\n  dense_form: {form}\n"))
+            assert recipe.reward.source == source and recipe.model.reward_model is None
+        assert load_recipe(write(tmp_path, f"reward:\n  source: {source}\n")).reward.mode == "sparse"
+    # grpo takes exact (its reward function scores steps with the checker)
+    load_recipe(write(tmp_path, "rl:\n  algorithm: grpo\nreward:\n  mode: dense\n  source: exact\n"))
+
+
+def test_reward_sources_refused_where_they_cannot_work(tmp_path):
+    math_task = "task:\n  name: math\n  test_path: test.jsonl\nreward:\n  source: exact\n"
+    msg = error_of(write(tmp_path, math_task))
+    assert "exact step checker" in msg and "task `math` has no step checker" in msg
+    msg = error_of(write(tmp_path, "rl:\n  algorithm: grpo\nreward:\n  source: confidence\n"))
+    assert "confidence" in msg and "rl.algorithm ppo" in msg
+    for source in ("exact", "confidence"):
+        msg = error_of(write(tmp_path, f"rl:\n  algorithm: rejection_sampling\nreward:\n  source: {source}\n"))
+        assert "rejection_sampling" in msg
+
+
+def test_log_prob_needs_a_missing_answer_reward_below_the_answered_floor(tmp_path):
+    msg = error_of(write(tmp_path, "reward:\n  mode: dense\n  source: exact\n  missing_answer_reward: 0.0\n"))
+    assert "missing_answer_reward must be below -0.1" in msg
+    # the other forms return at least 0 and take any missing-answer reward
+    load_recipe(write(tmp_path, "reward:\n  mode: dense\n  source: exact\n  dense_form: min_form\n"
+                                "  missing_answer_reward: 0.0\n"))

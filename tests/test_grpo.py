@@ -281,3 +281,28 @@ def test_entry_point_dispatches_grpo(generator_dir, tmp_path):
                          text=True, cwd=tmp_path)
     assert out.returncode == 2, out.stderr
     assert "rl.minibatch_size (3) must divide" in out.stderr
+
+
+def test_reward_function_scores_with_the_exact_checker(generator_dir, char_tokenizer, tmp_path):
+    """reward.source exact in GRPO: the checker's prefix-correctness as step scores, no reward model; and a
+    completion stopped at max_new_tokens without EOS is cut (missing-answer reward), not judged as written."""
+    from rlprm.problems import from_arithmetic
+    from rlprm.rl.grpo import RewardFunction
+    from rlprm.steps import answer_step, render_steps
+    from rlprm.tasks.arithmetic import Problem, render_step
+
+    problems = from_arithmetic([Problem(1, (("+", 2), ("+", 4)))])
+    right = render_steps([render_step("+", 1, 2, 3), render_step("+", 3, 4, 7), answer_step("7")])
+    wrong = render_steps([render_step("+", 1, 2, 4), render_step("+", 4, 4, 8), answer_step("8")])
+    eos = char_tokenizer.eos_token_id
+    texts = [right, wrong, right + "\n"]
+    ids = [char_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ids = [ids[0] + [eos], ids[1] + [eos], ids[2]]  # all as long as the cap; the third stopped there without EOS
+    assert len({len(i) for i in ids}) == 1
+    recipe = make_recipe(tmp_path, generator_dir, "exact", max_new_tokens=len(ids[2]),
+                         reward={"mode": "dense", "source": "exact", "dense_form": "min_form"})
+    fn = RewardFunction(recipe, problems, char_tokenizer)
+    returns = fn(["1 +2 +4\n"] * 3, texts, ids, [0, 0, 0])
+    assert fn.last["scores"] == [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
+    assert returns == pytest.approx([1.0, 0.0, -1.0])  # min_form: the lowest step score; cut: the penalty
+    assert fn.last["rewards"].truncated == [False, False, True]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ from rlprm.tracking import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
 
-LOGGED = ["rl/reward", "rl/kl", "rl/kl_coef", "rl/entropy", "rl/clipfrac", "rl/value_loss", "rl/policy_loss",
+LOGGED = ["rl/reward", "rl/kl", "rl/kl_per_sample", "rl/kl_per_token", "rl/kl_coef", "rl/entropy", "rl/clipfrac",
+          "rl/value_loss", "rl/policy_loss",
           "rl/response_length", "rl/steps_per_solution", "rl/answer_accuracy", "rl/process_accuracy",
           "time/generate", "time/score", "time/update"]
 
@@ -63,7 +65,8 @@ def test_end_to_end_metrics_checkpoints_export(full_run, char_tokenizer):
     for key in LOGGED:
         assert key in iterations[0], key
     # before training the policy IS the reference: the KL of the first rollout is exactly 0
-    assert iterations[0]["rl/kl"] == 0.0
+    assert iterations[0]["rl/kl"] == 0.0 and iterations[0]["rl/kl_per_token"] == 0.0
+    assert all(r["rl/kl_per_sample"] == r["rl/kl"] for r in iterations)
     evals = [r for r in records if "eval/answer_accuracy" in r]
     assert [r["epoch"] for r in evals] == [0, 1, 2]  # before training, then after each epoch
     assert any(k.startswith("bon/") for k in evals[-1])
@@ -237,3 +240,220 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(generator_dir, tmp_
         train_ppo(recipe, progress=False)
     assert latest_checkpoint(tmp_path / "nan").name == "epoch-0001"
     assert not (tmp_path / "nan" / "checkpoints" / "epoch-0002").exists()
+
+
+# --------------------------------------------------------------------------- temperature, truncation, oracle rewards
+
+
+def _independent_logprobs(model, ro, temperature):
+    """log softmax(logits / T) of the rollout's response tokens, computed here without rlprm's helpers."""
+    import torch
+
+    P, T = ro.prompt_width, ro.response_mask.shape[1]
+    position_ids = (ro.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=position_ids).logits
+    z = logits[:, P - 1:P - 1 + T].float() / temperature
+    return torch.log_softmax(z, -1).gather(-1, ro.input_ids[:, P:].unsqueeze(-1)).squeeze(-1)
+
+
+def test_rollout_logprobs_are_those_generate_sampled_from(generator_dir):
+    """At T = 0.5 the log-probs PPO takes as "old" are log softmax(logits / T) at the sampled tokens, exactly
+    what generate sampled from (its output_scores after the temperature warper). The raw logits used before
+    differ: every update at T != 1 was off-policy."""
+    import torch
+
+    from rlprm.models import load_causal_lm, load_tokenizer
+    from rlprm.rl.ppo import build_rollout, rollout_logprobs
+
+    tok = load_tokenizer(str(generator_dir), padding_side="left")
+    model = load_causal_lm(str(generator_dir), "float32", "cpu", False).eval()
+    enc = tok(["93 +3 -4 mod 10\n", "5 +1 last digit\n"], return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=True, temperature=0.5, top_k=0, top_p=1.0, max_new_tokens=12,
+                             output_scores=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+    P = enc["input_ids"].shape[1]
+    ro = build_rollout(tok, enc["input_ids"], enc["attention_mask"], out.sequences[:, P:].tolist(), 1)
+    T, m = ro.response_mask.shape[1], ro.response_mask
+    sampled = torch.stack([torch.log_softmax(out.scores[t].float(), -1) for t in range(T)], dim=1)
+    sampled = sampled.gather(-1, ro.input_ids[:, P:].unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        got, _ = rollout_logprobs(model, ro, 0.5)
+        raw, _ = rollout_logprobs(model, ro, 1.0)
+    assert torch.allclose(got[m], sampled[m], atol=1e-4)
+    assert not torch.allclose(raw[m], sampled[m], atol=1e-2)  # what the old code used
+
+
+def _spy(monkeypatch, module, name, seen):
+    original = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append((args, kwargs, out))
+        return out
+
+    monkeypatch.setattr(module, name, spy)
+
+
+def _solve(prompt: str) -> str:
+    """The reference solution of an arithmetic prompt such as `93 +3 -4 mod 10`."""
+    from rlprm.steps import render_steps
+    from rlprm.tasks.arithmetic import Problem, reference_solution
+
+    text, final = prompt.strip(), "none"
+    for suffix, kind in ((" mod 10", "mod10"), (" last digit", "last_digit")):
+        if text.endswith(suffix):
+            text, final = text[: -len(suffix)], kind
+    start, *ops = text.split()
+    return render_steps(reference_solution(Problem(int(start), tuple((o[0], int(o[1:])) for o in ops), final)))
+
+
+def _wrong_second_step(solution: str) -> str:
+    from rlprm.steps import render_steps, split_steps
+    from rlprm.tasks.arithmetic import parse_step, render_step
+
+    steps = split_steps(solution)
+    kind, a, b, result = parse_step(steps[1])
+    steps[1] = render_step(kind, a, b, result + 1)
+    return render_steps(steps)
+
+
+def _right_and_wrong(prompt: str) -> list[str]:
+    """Two samples per prompt: its reference solution, and the same with a wrong second step."""
+    return [_solve(prompt), _wrong_second_step(_solve(prompt))]
+
+
+def _rollouts_per_prompt(ppo, make_texts, eos: bool = True, record=None):
+    """A stand-in for sampling: for each prompt, the texts `make_texts(prompt)` (one per sample)."""
+
+    def fake_generate(policy, tokenizer, prompts, n, temperature, max_new_tokens):
+        tokenizer.padding_side = "left"
+        enc = tokenizer(prompts, return_tensors="pt", padding=True)
+        ids = []
+        for prompt in prompts:
+            texts = make_texts(prompt)
+            assert len(texts) == n
+            for text in texts:
+                seq = tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids.append((seq + [tokenizer.eos_token_id] if eos else seq)[:max_new_tokens])
+        ro = ppo.build_rollout(tokenizer, enc["input_ids"], enc["attention_mask"], ids, n)
+        if record is not None:
+            record.append(ro)
+        return ro
+
+    return fake_generate
+
+
+@pytest.mark.parametrize("mode, form", [("dense", "min_form"), ("dense", "log_prob"), ("sparse", "log_prob")])
+def test_exact_rewards_are_the_checker_as_an_oracle_prm(mode, form, generator_dir, tmp_path, monkeypatch):
+    import rlprm.rewards as rewards_module
+    from rlprm.rewards import dense_step_rewards
+    from rlprm.rl import ppo
+
+    seen = []
+    _spy(monkeypatch, rewards_module, "token_rewards", seen)
+    monkeypatch.setattr(ppo, "_generate", _rollouts_per_prompt(ppo, _right_and_wrong))
+    recipe = make_recipe(tmp_path, generator_dir, f"exact_{mode}_{form}", epochs=1, mode=mode, source="exact",
+                         dense_form=form)
+    assert recipe.model.reward_model is None  # no reward model is needed, none is loaded
+    recipe.rl.eval_n = 0
+    recipe.rl.max_new_tokens = 80
+    final = ppo.train_ppo(recipe, progress=False)
+    tr = seen[0][2]
+    # the wrong chain keeps the reference's later lines, so it lands on the right answer: an outcome reward would
+    # pay both samples alike, the oracle PRM does not
+    assert final["rl/process_accuracy"] == 0.5 and final["rl/answer_accuracy"] == 1.0
+    assert tr.missing_answer == [False] * 4 and tr.truncated == [False] * 4
+    for i in range(4):
+        n_steps = len(seen[0][0][1][i].split("\n")) - 3  # the text's steps: lines minus the blank and trailing ones
+        probs = [1.0] * n_steps if i % 2 == 0 else [1.0] + [0.0] * (n_steps - 1)
+        if mode == "dense":
+            assert tr.step_rewards[i] == pytest.approx(dense_step_rewards(probs, form, floor=-1.0 + 0.1))
+        else:
+            assert tr.returns[i].item() == (1.0 if i % 2 == 0 else 0.0)
+
+
+def test_update_and_kl_logprobs_are_at_the_sampling_temperature(generator_dir, tmp_path, monkeypatch):
+    """Fails on the old code, which took raw logits: at rl.temperature 0.5 the "old" policy log-probs and the
+    reference's, both fed to the KL and (old) to the PPO ratio, are log softmax(logits / 0.5) at the sampled tokens."""
+    import torch
+
+    import rlprm.rewards as rewards_module
+    from rlprm.models import load_causal_lm
+    from rlprm.rl import ppo
+
+    seen_kl, rollouts = [], []
+    _spy(monkeypatch, rewards_module, "add_kl_penalty", seen_kl)
+    monkeypatch.setattr(ppo, "_generate", _rollouts_per_prompt(ppo, _right_and_wrong, record=rollouts))
+    recipe = make_recipe(tmp_path, generator_dir, "temperature", epochs=1)
+    recipe.rl.eval_n = 0
+    recipe.rl.max_new_tokens = 80
+    recipe.rl.temperature = 0.5
+    ppo.train_ppo(recipe, progress=False)
+    start = load_causal_lm(str(generator_dir), "float32", "cpu", False).eval()
+    _, old, ref, mask = seen_kl[0][0][:4]  # add_kl_penalty(rewards, logprobs, ref_logprobs, mask, ...)
+    want = _independent_logprobs(start, rollouts[0], 0.5)
+    # before the first update the policy is the start, so both equal the start's tempered log-probs
+    assert torch.allclose(old[mask], want[mask], atol=1e-5) and torch.allclose(ref[mask], want[mask], atol=1e-5)
+    assert not torch.allclose(want[mask], _independent_logprobs(start, rollouts[0], 1.0)[mask], atol=1e-2)
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_confidence_rewards_read_the_frozen_start_at_t1(mode, generator_dir, tmp_path, monkeypatch):
+    """`confidence`: p_k = exp(lowest token log-prob in step k) under the start at T = 1 (sparse: over the whole
+    response, EOS included), even when rollouts are sampled at 0.5; no reward model is loaded."""
+    import rlprm.rewards as rewards_module
+    from rlprm.models import load_causal_lm
+    from rlprm.rewards import dense_step_rewards, step_token_ends
+    from rlprm.rl import ppo
+
+    seen_rewards, rollouts = [], []
+    _spy(monkeypatch, rewards_module, "token_rewards", seen_rewards)
+    monkeypatch.setattr(ppo, "_generate", _rollouts_per_prompt(ppo, _right_and_wrong, record=rollouts))
+    recipe = make_recipe(tmp_path, generator_dir, f"confidence_{mode}", epochs=1, mode=mode, source="confidence",
+                         dense_form="min_form")
+    recipe.rl.eval_n = 0
+    recipe.rl.max_new_tokens = 80
+    recipe.rl.temperature = 0.5
+    ppo.train_ppo(recipe, progress=False)
+    ro, tr = rollouts[0], seen_rewards[0][2]
+    assert recipe.model.reward_model is None
+    start = load_causal_lm(str(generator_dir), "float32", "cpu", False).eval()  # the frozen reference
+    at_t1 = _independent_logprobs(start, ro, 1.0)
+    from rlprm.models import load_tokenizer
+
+    tok = load_tokenizer(str(generator_dir), padding_side="left")
+    for i, (text, ids) in enumerate(zip(ro.texts, ro.response_ids)):
+        if mode == "sparse":
+            assert tr.returns[i].item() == pytest.approx(math.exp(at_t1[i, :len(ids)].min().item()), abs=1e-5)
+            continue
+        ends, lo, probs = step_token_ends(text, ids, tok), 0, []
+        for end in ends:
+            probs.append(math.exp(at_t1[i, lo:end + 1].min().item()))
+            lo = end + 1
+        assert tr.step_rewards[i] == pytest.approx(dense_step_rewards(probs, "min_form"), abs=1e-5)
+
+
+def test_a_response_cut_at_max_new_tokens_gets_the_missing_answer_reward(generator_dir, char_tokenizer, tmp_path,
+                                                                         monkeypatch):
+    """Fails on the old code: a response that generate stopped at max_new_tokens before its EOS, with an answer
+    written, was judged as written (here: the grader's 0 or 1) instead of as cut."""
+    import rlprm.rewards as rewards_module
+    from rlprm.rl import ppo
+
+    text = "1 + 2 = 3\n3 + 4 = 7\n# Answer\n\n7"
+    n_tokens = len(char_tokenizer(text, add_special_tokens=False)["input_ids"])
+    seen = []
+    _spy(monkeypatch, rewards_module, "token_rewards", seen)
+    monkeypatch.setattr(ppo, "_generate", _rollouts_per_prompt(ppo, lambda p: [text] * 2, eos=False))
+    recipe = make_recipe(tmp_path, generator_dir, "cut", epochs=1, missing_answer_reward=-1.0)
+    recipe.rl.eval_n = 0
+    recipe.rl.max_new_tokens = n_tokens  # the answer's last token is the cap's: no room was left for EOS
+    final = ppo.train_ppo(recipe, progress=False)
+    tr = seen[0][2]
+    assert all(len(r) == n_tokens for r in [*seen[0][0][2]])
+    assert tr.truncated == [True] * 4 and tr.missing_answer == [True] * 4
+    assert tr.returns.tolist() == [-1.0] * 4
+    assert final["reward/truncated_frac"] == 1.0 and final["rl/reward"] == -1.0

@@ -9,11 +9,17 @@ import torch
 
 from rlprm.config import RewardConfig
 from rlprm.rewards import (
+    ANSWERED_MARGIN,
     PROB_FLOOR,
     RewardError,
     add_kl_penalty,
+    confidence_scores,
     dense_step_rewards,
+    floor_running_return,
     has_final_answer,
+    prefix_correct_probs,
+    sequence_confidence,
+    step_confidence,
     step_token_ends,
     token_rewards,
 )
@@ -25,8 +31,11 @@ NO_ANSWER = "93 + 3 = 96\n96 - 4 = 92\n"
 PROBS = [0.9, 0.5, 0.8]
 
 
-def dense(form, **kw):
-    return RewardConfig(mode="dense", source="prm", dense_form=form, **kw)
+def dense(form, source="prm", **kw):
+    # far below every log_prob return of these hand-computed cases (log 0.099 = -2.3 at worst), so the floor of
+    # answered returns (missing_answer_reward + ANSWERED_MARGIN) does not bind; the floor has its own tests
+    kw.setdefault("missing_answer_reward", -20.0)
+    return RewardConfig(mode="dense", source=source, dense_form=form, **kw)
 
 
 def ids_of(tok, text, eos=True):
@@ -194,10 +203,11 @@ def test_empty_response_and_stats(char_tokenizer):
     cfg = RewardConfig(mode="sparse", source="ground_truth")
     out = token_rewards(cfg, ["", TEXT], [[], ids_of(char_tokenizer, TEXT)], outcomes=[0, 1])
     assert out.stats["empty_responses"] == 1 and out.mask[0].sum() == 0 and out.rewards[0].abs().sum() == 0
-    # log_prob can go below the missing-answer reward: the stat flags that incentive
-    bad = token_rewards(dense("log_prob"), [TEXT], [ids_of(char_tokenizer, TEXT)], scores=[[0.1, 0.1, 0.1]],
-                        tokenizer=char_tokenizer)
-    assert bad.stats["below_missing_answer"] == 1.0
+    # log_prob of an unsure solution (log 0.001 = -6.9) used to return below the missing-answer reward, an
+    # incentive to stop answering that the stat flagged (it was 1 here); the answered floor now holds it at -0.9
+    bad = token_rewards(dense("log_prob", missing_answer_reward=-1.0), [TEXT], [ids_of(char_tokenizer, TEXT)],
+                        scores=[[0.1, 0.1, 0.1]], tokenizer=char_tokenizer)
+    assert bad.stats["below_missing_answer"] == 0.0 and bad.returns.item() == pytest.approx(-0.9)
 
 
 # --------------------------------------------------------------------------- KL penalty
@@ -266,3 +276,143 @@ def test_same_rewards_whatever_the_policy_tokenizer(char_tokenizer, bpe_tokenize
         assert torch.allclose(sums[0], other, rtol=0, atol=1e-6)
     expected = [sum(dense_step_rewards(p, form)) + 0.25 * o for p, o in zip(CROSS_SCORES, [1, 0, 1])]
     assert sums[0].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- answering never pays less than not
+
+
+def test_floor_running_return_by_hand():
+    # running sums -0.5, -2.5, -3.5 -> floored -0.5, -0.9, -0.9 -> differences
+    assert floor_running_return([-0.5, -2.0, -1.0], -0.9) == pytest.approx([-0.5, -0.4, 0.0])
+    # a sum that dips below the floor and comes back: -1.0 -> -0.9, then -0.5 (the sum is max(C_K, floor))
+    assert floor_running_return([-1.0, 0.5], -0.9) == pytest.approx([-0.9, 0.4])
+    # never below the floor: unchanged (the delta form's rewards)
+    assert floor_running_return([0.9, -0.4, 0.3], -0.9) == pytest.approx([0.9, -0.4, 0.3])
+    assert dense_step_rewards([0.1, 0.1], "log_prob", floor=-0.9) == pytest.approx([-0.9, 0.0])
+
+
+@pytest.mark.parametrize("form", ["log_prob", "min_form", "delta"])
+@pytest.mark.parametrize("probs", [[0.1, 0.1, 0.1], [0.0, 1.0, 1.0], [0.9, 0.5, 0.8], [1.0, 1.0, 0.0], [0.5, 0.3, 0.2]])
+def test_an_answered_return_never_falls_below_the_missing_answer_reward(char_tokenizer, form, probs):
+    """Fails on the old code for log_prob: log(0.001) = -6.9 and log(PROB_FLOOR) = -13.8 returned below -1."""
+    cfg = dense(form, missing_answer_reward=-1.0)
+    ids = ids_of(char_tokenizer, TEXT)
+    out = token_rewards(cfg, [TEXT], [ids], scores=[probs], tokenizer=char_tokenizer)
+    assert out.returns.item() >= -1.0 + ANSWERED_MARGIN - 1e-6
+    # above the floor the return is exactly the form's aggregate; below it, the floor
+    exact = sum(dense_step_rewards(probs, form))
+    assert out.returns.item() == pytest.approx(max(exact, -1.0 + ANSWERED_MARGIN), abs=1e-6)
+    # every extra step still cannot pay: the log_prob step rewards stay <= 0
+    if form == "log_prob":
+        assert all(r <= 0 for r in out.step_rewards[0])
+    assert out.stats["below_missing_answer"] == 0.0
+
+
+def test_log_prob_floor_lands_on_the_step_that_crosses_it(char_tokenizer):
+    ids = ids_of(char_tokenizer, TEXT)
+    out = token_rewards(dense("log_prob", missing_answer_reward=-1.0), [TEXT], [ids], scores=[[0.95, 0.01, 0.9]],
+                        tokenizer=char_tokenizer)
+    # log .95 = -0.051 at step 1; step 2 would go to -4.66: it gets -0.9 - (-0.051); step 3 gets 0
+    assert out.step_rewards[0] == pytest.approx([math.log(0.95), -0.9 - math.log(0.95), 0.0])
+    assert out.rewards[0, [11, 23, 36]].tolist() == pytest.approx(out.step_rewards[0])
+
+
+# --------------------------------------------------------------------------- exact: the checker as an oracle PRM
+
+
+def test_prefix_correct_probs_by_hand():
+    assert prefix_correct_probs([True, True, True]) == [1.0, 1.0, 1.0]
+    assert prefix_correct_probs([True, False, True]) == [1.0, 0.0, 0.0]  # wrong from the first error on
+    assert prefix_correct_probs([False, True]) == [0.0, 0.0]
+    assert prefix_correct_probs([]) == []
+
+
+@pytest.mark.parametrize("form, right, wrong", [
+    # wrong = [1, 0, 0]: the second step is the first wrong one (missing_answer_reward -1, floor -0.9)
+    ("log_prob", [0.0, 0.0, 0.0], [0.0, -0.9, 0.0]),
+    ("min_form", [1.0, 0.0, 0.0], [1.0, -1.0, 0.0]),
+    ("delta", [1.0, 0.0, 0.0], [1.0, -1.0, 0.0]),
+])
+def test_exact_source_dense_by_hand(char_tokenizer, form, right, wrong):
+    ids = ids_of(char_tokenizer, TEXT)
+    cfg = RewardConfig(mode="dense", source="exact", dense_form=form, missing_answer_reward=-1.0)
+    scores = [prefix_correct_probs([True, True, True]), prefix_correct_probs([True, False, True])]
+    out = token_rewards(cfg, [TEXT, TEXT], [ids, ids], scores=scores, tokenizer=char_tokenizer)
+    assert out.rewards[0, [11, 23, 36]].tolist() == pytest.approx(right)
+    assert out.rewards[1, [11, 23, 36]].tolist() == pytest.approx(wrong)
+    assert out.rewards.abs().sum(1).tolist() == pytest.approx([sum(map(abs, right)), sum(map(abs, wrong))])
+    with pytest.raises(RewardError, match="scores"):
+        token_rewards(cfg, [TEXT], [ids], tokenizer=char_tokenizer)
+
+
+def test_exact_source_sparse_is_one_only_if_every_step_is_right(char_tokenizer):
+    ids = ids_of(char_tokenizer, TEXT)
+    cfg = RewardConfig(mode="sparse", source="exact", sparse_aggregate="mean")  # the aggregate does not apply
+    scores = [prefix_correct_probs([True, True, True]), prefix_correct_probs([True, True, False]),
+              prefix_correct_probs([True, True])]
+    out = token_rewards(cfg, [TEXT, TEXT, NO_ANSWER], [ids, ids, ids_of(char_tokenizer, NO_ANSWER)], scores=scores)
+    assert out.returns.tolist() == pytest.approx([1.0, 0.0, -1.0])  # the third has no answer: the guard
+    assert out.rewards[0, len(ids) - 1].item() == 1.0 and out.missing_answer == [False, False, True]
+
+
+# --------------------------------------------------------------------------- confidence: the start's own confidence
+
+
+def test_step_confidence_by_hand():
+    logp = torch.tensor([[-0.1, -0.5, -0.2, -1.0, -0.3, -0.05]])
+    got = step_confidence(logp, torch.tensor([[2, 4, -1]]))
+    # step 1: tokens 0..2 (lowest -0.5), step 2: tokens 3..4 (lowest -1.0), padding: 0
+    assert torch.allclose(got, torch.tensor([[math.exp(-0.5), math.exp(-1.0), 0.0]]))
+    # two steps ending in one merged token: the second is read on that token alone
+    assert torch.allclose(step_confidence(logp, torch.tensor([[2, 2, 5]])),
+                          torch.tensor([[math.exp(-0.5), math.exp(-0.2), math.exp(-1.0)]]))
+    with pytest.raises(RewardError, match="beyond"):
+        step_confidence(logp, torch.tensor([[6]]))
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    seq = sequence_confidence(torch.cat([logp, logp]), mask)
+    assert torch.allclose(seq, torch.tensor([math.exp(-0.5), 0.0]))
+
+
+@pytest.mark.parametrize("form", ["log_prob", "min_form", "delta"])
+def test_confidence_source_dense_and_sparse(char_tokenizer, form):
+    ids = ids_of(char_tokenizer, TEXT)  # 38 tokens; steps end at 11, 23, 36; EOS at 37
+    logp = torch.full((1, 38), -0.01)
+    logp[0, 5], logp[0, 20], logp[0, 30], logp[0, 37] = -0.2, -0.7, -0.4, -3.0
+    mask = torch.ones(1, 38, dtype=torch.bool)
+    dense_scores = confidence_scores([TEXT], [ids], logp, mask, char_tokenizer, dense=True)
+    assert dense_scores == [pytest.approx([math.exp(-0.2), math.exp(-0.7), math.exp(-0.4)])]
+    # sparse: the whole response, EOS included
+    sparse_scores = confidence_scores([TEXT], [ids], logp, mask, char_tokenizer, dense=False)
+    assert sparse_scores == [[pytest.approx(math.exp(-3.0))]]
+    out = token_rewards(dense(form, source="confidence"), [TEXT], [ids], scores=dense_scores,
+                        tokenizer=char_tokenizer)
+    assert out.rewards[0, [11, 23, 36]].tolist() == pytest.approx(dense_step_rewards(dense_scores[0], form))
+    sparse = token_rewards(RewardConfig(mode="sparse", source="confidence"), [TEXT], [ids], scores=[[0.3]])
+    assert sparse.rewards[0, 37].item() == pytest.approx(0.3) and sparse.returns.item() == pytest.approx(0.3)
+    with pytest.raises(RewardError, match="one final probability"):
+        token_rewards(RewardConfig(mode="sparse", source="confidence"), [TEXT], [ids], scores=dense_scores)
+
+
+# --------------------------------------------------------------------------- truncation at max_new_tokens
+
+
+def test_a_response_stopped_at_the_cap_without_eos_is_truncated(char_tokenizer):
+    """Fails on the old code: generate never returns more than max_new_tokens, so the old guard (longer than the
+    cap) never fired and a response cut at the cap was judged as written."""
+    eos = char_tokenizer.eos_token_id
+    cut = ids_of(char_tokenizer, TEXT, eos=False)  # 37 tokens, an answer, no EOS: stopped at the cap
+    done = ids_of(char_tokenizer, TEXT)  # 38 tokens, ends in EOS
+    cfg = RewardConfig(mode="sparse", source="ground_truth", missing_answer_reward=-1.0)
+    out = token_rewards(cfg, [TEXT], [cut], outcomes=[1], max_tokens=len(cut), eos_token_id=eos)
+    assert out.truncated == [True] and out.missing_answer == [True] and out.returns.item() == -1.0
+    assert out.rewards[0, len(cut) - 1].item() == -1.0 and out.stats["truncated_frac"] == 1.0
+    # the same length with EOS as its last token finished within the cap: judged as written
+    out = token_rewards(cfg, [TEXT], [done], outcomes=[1], max_tokens=len(done), eos_token_id=eos)
+    assert out.truncated == [False] and out.returns.item() == 1.0
+    # shorter than the cap without EOS (nothing cut it) is judged as written
+    out = token_rewards(cfg, [TEXT], [cut], outcomes=[1], max_tokens=len(cut) + 5, eos_token_id=eos)
+    assert out.truncated == [False] and out.returns.item() == 1.0
+    # dense: no step rewards for a truncated response, only the penalty
+    out = token_rewards(dense("min_form", missing_answer_reward=-1.0), [TEXT], [cut], scores=[PROBS],
+                        tokenizer=char_tokenizer, max_tokens=len(cut), eos_token_id=eos)
+    assert out.step_rewards == [[]] and out.rewards.abs().sum().item() == 1.0

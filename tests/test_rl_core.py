@@ -15,6 +15,7 @@ from rlprm.rl.core import (
     group_normalize,
     group_normalize_steps,
     kl_penalty,
+    logprobs_from_logits,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -234,3 +235,15 @@ def test_step_rewards_to_token_advantages_by_hand():
     assert close(adv, [[-0.5, -0.5, -1.0, -1.0, -1.0, 0.0], [2, 2, 2, 0, 0, 0], [3, 3, 3, 3, 0, 0]])
     with pytest.raises(ValueError, match="beyond"):
         step_rewards_to_token_advantages(rewards, torch.tensor([[1, 6], [2, -1], [0, 0]]), T=6)
+
+
+def test_logprobs_from_logits_divides_by_the_sampling_temperature():
+    # z = [0, log 3]: at T = 1 softmax is [1/4, 3/4]; at T = 0.5, z / T = [0, 2 log 3] gives [1/10, 9/10]
+    logits = t([[[0.0, math.log(3.0)], [0.0, math.log(3.0)]]])
+    tokens = torch.tensor([[1, 0]])
+    assert torch.allclose(logprobs_from_logits(logits, tokens), torch.tensor([[math.log(0.75), math.log(0.25)]]))
+    got = logprobs_from_logits(logits, tokens, temperature=0.5)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, torch.tensor([[math.log(0.9), math.log(0.1)]]))
+    with pytest.raises(ValueError, match="temperature"):
+        logprobs_from_logits(logits, tokens, temperature=0.0)

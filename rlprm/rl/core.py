@@ -267,6 +267,23 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     return loss, stats
 
 
+def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """log p(token) under softmax(logits / temperature), in float32.
+
+    logits: (B, T, V); tokens: (B, T) long -> (B, T). Rollouts are sampled from
+    softmax(logits / T), so the log-probs of the PPO ratio and of the KL must
+    divide by the same T: with raw logits at any T != 1 the "old" log-probs
+    are not those of the policy that sampled, and every update is silently
+    off-policy. temperature = 1 gives the model's own (raw) distribution.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    return torch.log_softmax(z, dim=-1).gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+
+
 def entropy_from_logits(logits: Tensor, mask: Tensor | None = None) -> Tensor:
     """Per-token entropy of the softmax over the vocabulary.
 
@@ -285,6 +302,6 @@ def entropy_from_logits(logits: Tensor, mask: Tensor | None = None) -> Tensor:
 
 __all__ = [
     "AdaptiveKLController", "FixedKLController", "KL_KINDS", "entropy_from_logits", "gae", "group_normalize",
-    "group_normalize_steps", "kl_penalty", "masked_mean", "masked_var", "masked_whiten", "policy_loss",
-    "step_rewards_to_token_advantages", "value_loss",
+    "group_normalize_steps", "kl_penalty", "logprobs_from_logits", "masked_mean", "masked_var", "masked_whiten",
+    "policy_loss", "step_rewards_to_token_advantages", "value_loss",
 ]

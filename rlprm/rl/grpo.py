@@ -6,10 +6,12 @@ DESIGN.md section 6. Two modes, chosen by `reward.mode`:
   from `rewards.token_rewards`), TRL normalises it within the group of
   `rl.samples_per_problem` completions of one prompt, and every token of a
   completion shares that advantage.
-- `dense` (process supervision, DeepSeekMath section 4.1.3): the PRM's step
-  rewards (`rl.process_reward`: each step's probability, or
-  `reward.dense_form`'s shaped rewards) are normalised with the mean and std of all
-  step rewards of the group (`core.group_normalize_steps`), and a token's
+- `dense` (process supervision, DeepSeekMath section 4.1.3): the step scores
+  (a PRM's, or with `reward.source: exact` the arithmetic checker's
+  prefix-correctness, an oracle PRM; `confidence` is PPO-only, refused at
+  recipe validation) give the step rewards (`rl.process_reward`: each step's
+  probability, or `reward.dense_form`'s shaped rewards), which are normalised
+  with the mean and std of all step rewards of the group (`core.group_normalize_steps`), and a token's
   advantage is the sum of the normalised rewards of the steps that end at or
   after it (`core.step_rewards_to_token_advantages`): a (B, T) tensor.
 
@@ -158,7 +160,7 @@ class RewardFunction:
 
     def __call__(self, prompts, completions, completion_ids, problem_index, **_):
         from rlprm.problems import grade_samples
-        from rlprm.rewards import RewardError, token_rewards
+        from rlprm.rewards import RewardError, prefix_correct_probs, token_rewards
         from rlprm.rl.ppo import _check_finite
 
         t0 = time.monotonic()
@@ -174,9 +176,12 @@ class RewardFunction:
         scores = None
         if self.reward_model is not None:
             scores = self.reward_model.score_steps([p.text for p in problems], texts, sep=sep)
+        elif rcfg.source == "exact":  # the exact checker as an oracle PRM (recipe validation: arithmetic only)
+            scores = [prefix_correct_probs(g.step_correct or []) for g in grades]
         try:
+            # TRL hands over each completion up to and including its EOS: one without EOS at the cap was cut
             tr = token_rewards(rcfg, texts, ids, scores=scores, outcomes=outcomes, tokenizer=self.tokenizer,
-                               max_tokens=self.recipe.rl.max_new_tokens, sep=sep,
+                               max_tokens=self.recipe.rl.max_new_tokens, eos_token_id=eos, sep=sep,
                                sparse_aggregate=rcfg.sparse_aggregate)
         except RewardError as exc:
             raise GRPOError(f"iteration {self.calls + 1}: {exc}") from None

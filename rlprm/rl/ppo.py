@@ -6,7 +6,22 @@ Four models take part:
 - a frozen reference (the initial policy; the KL penalty keeps the policy near it),
 - a value model (critic): a token-classification model with one output, whose
   body starts as the generator's, trained on the GAE returns,
-- the reward model (a PRM or an ORM; none for ground-truth rewards).
+- the reward model (a PRM or an ORM; none for `ground_truth`, `exact` and
+  `confidence` rewards: `exact` scores steps with the arithmetic checker that
+  grades every sample anyway, `confidence` reads the reference model's own
+  token log-probs at temperature 1 from the forward pass the KL needs).
+
+Temperature: rollouts are sampled from softmax(logits / rl.temperature), so
+every log-prob of the update and of the KL (policy old and new, reference)
+and the logged entropy are taken at that temperature too
+(`core.logprobs_from_logits`); raw logits at T != 1 would make every update
+off-policy. Only the `confidence` reward uses T = 1: it is the starting
+model's own confidence, whatever the sampling temperature.
+
+KL metrics per iteration, measured on the rollout (the policy after the last
+update against the reference, with `rl.kl_estimator`): `rl/kl_per_token`, the
+mean over response tokens, and `rl/kl_per_sample` (also logged as `rl/kl`),
+the mean over samples of the sum over each sample's tokens.
 
 Every iteration reads top to bottom in `train_ppo`: 1. generate, 2. score,
 3. rewards, 4. logprobs and values, 5. KL penalty, 6. advantages, 7. update,
@@ -146,11 +161,19 @@ def _forward(model, input_ids, attention_mask, prompt_width: int, T: int):
     return out.logits[:, prompt_width - 1: prompt_width - 1 + T]
 
 
-def _logprobs(logits, tokens):
-    """log p(token) under `logits`: (B, T, V), (B, T) -> (B, T), in float32."""
-    import torch
+def rollout_logprobs(model, ro: Rollout, temperature: float):
+    """(B, T) float32 log-probs of the rollout's response tokens under `model`, at `temperature`, plus the logits.
 
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    Returns (logprobs, logits (B, T, V)); logprobs are those of the
+    distribution the rollout was sampled from when `model` is the sampling
+    policy and `temperature` the sampling temperature. Padding positions hold
+    values for the pad token (mask them out).
+    """
+    from rlprm.rl.core import logprobs_from_logits
+
+    T = ro.response_mask.shape[1]
+    logits = _forward(model, ro.input_ids, ro.attention_mask, ro.prompt_width, T)
+    return logprobs_from_logits(logits, ro.input_ids[:, ro.prompt_width:], temperature), logits
 
 
 def _check_finite(name: str, value, run_dir: Path, dist=None) -> None:
@@ -198,11 +221,15 @@ def check_prerequisites(recipe: Recipe) -> None:
                 "arith_prm": "rlprm train-rm recipes/prm_train.yaml",
                 "arith_orm": "rlprm train-rm recipes/orm_train.yaml"}
     needed = [("model.generator", recipe.model.generator)]
+    # only a trained reward model needs model.reward_model; exact and confidence score without one
     if recipe.reward.source in ("prm", "orm"):
         if recipe.model.reward_model is None:
             raise PPOInputError(f"reward.source is {recipe.reward.source} but model.reward_model is not set; "
                            "point it at a folder written by `rlprm train-rm`")
         needed.append(("model.reward_model", recipe.model.reward_model))
+    if recipe.reward.source == "exact" and recipe.task.name != "arithmetic":  # recipe validation refuses it too
+        raise PPOInputError(f"reward.source exact needs the arithmetic task's step checker; task is "
+                            f"{recipe.task.name!r}")
     for key, ref in needed:
         if ref.startswith("/") and not Path(ref).exists():
             hint = next((cmd for part, cmd in builders.items() if part in Path(ref).parts), None)
@@ -231,9 +258,9 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
     from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
     from rlprm.problems import eval_problems, grade_samples, held_out_arithmetic
     from rlprm.reward_models import RewardModel
-    from rlprm.rewards import RewardError, add_kl_penalty, token_rewards
-    from rlprm.rl.core import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, masked_mean,
-                               masked_whiten, policy_loss, value_loss)
+    from rlprm.rewards import RewardError, add_kl_penalty, confidence_scores, prefix_correct_probs, token_rewards
+    from rlprm.rl.core import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae,
+                               logprobs_from_logits, masked_mean, masked_whiten, policy_loss, value_loss)
     from rlprm.rl.distributed import (NullTracker, device_for, launched_world_size, setup, shard, trim,
                                       weights_digest)
     from rlprm.tracking import Tracker, truncate_metrics
@@ -340,16 +367,30 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
                 grades = [g for row in grade_samples(batch, [ro.texts[i * n:(i + 1) * n] for i in range(len(batch))],
                                                      sep) for g in row]
                 outcomes = [float(g.answer_correct) for g in grades]
-                scores = None
+                scores, ref_logprobs, confidence_logprobs = None, None, None
                 if reward_model is not None:
                     scores = reward_model.score_steps([p.text for p in sample_problems], ro.texts, sep=sep)
+                elif rcfg.source == "exact":  # the checker as an oracle PRM: 1 up to the first wrong step, then 0
+                    scores = [prefix_correct_probs(g.step_correct or []) for g in grades]
+                elif rcfg.source == "confidence":
+                    # the frozen start's own confidence, at T = 1; the same forward pass gives the KL's log-probs
+                    with torch.no_grad():
+                        ref_logprobs, ref_logits = rollout_logprobs(reference, ro, rl.temperature)
+                        confidence_logprobs = (ref_logprobs if rl.temperature == 1.0 else
+                                               logprobs_from_logits(ref_logits, ro.input_ids[:, ro.prompt_width:], 1.0))
+                        del ref_logits
                 t_score = time.monotonic() - t0 - t_gen
 
                 # 3. rewards on the policy's response tokens (dense at step ends, or sparse at the last token)
                 reason = None
                 try:
+                    if confidence_logprobs is not None:  # per step (dense) or over the response (sparse)
+                        scores = confidence_scores(ro.texts, ro.response_ids, confidence_logprobs, ro.response_mask,
+                                                   tokenizer, rcfg.mode == "dense", sep)
+                    # eos_token_id: a response stopped at max_new_tokens without EOS is cut, not judged as written
                     tr = token_rewards(rcfg, ro.texts, ro.response_ids, scores=scores, outcomes=outcomes,
-                                       tokenizer=tokenizer, max_tokens=rl.max_new_tokens, width=T, sep=sep,
+                                       tokenizer=tokenizer, max_tokens=rl.max_new_tokens,
+                                       eos_token_id=tokenizer.eos_token_id, width=T, sep=sep,
                                        sparse_aggregate=rcfg.sparse_aggregate, device=device)
                 except RewardError as exc:
                     reason = f"epoch {epoch + 1}, iteration {it + 1}: {exc}"
@@ -357,15 +398,15 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
                 _check_finite("the rewards", tr.rewards, run_dir, dist)
                 mask = tr.mask & ro.response_mask
 
-                # 4. logprobs and values of the rollout, before any update (the "old" policy and critic)
+                # 4. logprobs and values of the rollout, before any update (the "old" policy and critic), at the
+                # sampling temperature: the distribution the rollout came from
                 with torch.no_grad():
                     policy.eval()
-                    logits = _forward(policy, ro.input_ids, ro.attention_mask, ro.prompt_width, T)
-                    old_logprobs = _logprobs(logits, ro.input_ids[:, ro.prompt_width:])
-                    entropy = masked_mean(entropy_from_logits(logits, mask), mask)
+                    old_logprobs, logits = rollout_logprobs(policy, ro, rl.temperature)
+                    entropy = masked_mean(entropy_from_logits(logits.float() / rl.temperature, mask), mask)
                     del logits
-                    ref_logprobs = _logprobs(_forward(reference, ro.input_ids, ro.attention_mask, ro.prompt_width, T),
-                                             ro.input_ids[:, ro.prompt_width:])
+                    if ref_logprobs is None:
+                        ref_logprobs, _ = rollout_logprobs(reference, ro, rl.temperature)
                     value_model.eval()
                     old_values = _forward(value_model, ro.input_ids, ro.attention_mask, ro.prompt_width, T)
                     old_values = old_values.squeeze(-1).float()
@@ -389,8 +430,8 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
                     for start in range(0, B, minibatch):
                         idx = order[start:start + minibatch].to(device)
                         ids, att, m = ro.input_ids[idx], ro.attention_mask[idx], mask[idx]
-                        new_logprobs = _logprobs(_forward(policy_engine, ids, att, ro.prompt_width, T),
-                                                 ids[:, ro.prompt_width:])
+                        new_logprobs = logprobs_from_logits(_forward(policy_engine, ids, att, ro.prompt_width, T),
+                                                            ids[:, ro.prompt_width:], rl.temperature)
                         values = _forward(value_engine, ids, att, ro.prompt_width, T).squeeze(-1).float()
                         pl, pstats = policy_loss(new_logprobs, old_logprobs[idx], advantages[idx], m, rl.clip_range)
                         vl, vstats = value_loss(values, old_values[idx], returns[idx], m, rl.clip_range_value)
@@ -428,6 +469,7 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
                     "rl/reward": float(tr.returns.mean()),
                     "rl/shaped_return": float(shaped.sum(1).mean()),
                     "rl/kl": mean_kl,
+                    "rl/kl_per_sample": mean_kl,  # the explicit name of rl/kl (kept for older readers)
                     "rl/kl_per_token": float(masked_mean(kl, mask)),
                     "rl/kl_coef": kl_ctl.value,
                     "rl/entropy": float(entropy),
@@ -488,4 +530,5 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
         tracker.finish()
 
 
-__all__ = ["PPOError", "PPOInputError", "Rollout", "build_rollout", "check_prerequisites", "train_ppo"]
+__all__ = ["PPOError", "PPOInputError", "Rollout", "build_rollout", "check_prerequisites", "rollout_logprobs",
+           "train_ppo"]
