@@ -287,6 +287,11 @@ def evaluate_reward_model(rm, records, threshold: float = 0.5, batch_size: int =
         out["num_labelled_steps"] = len(probs)
         out["step_accuracy"] = step_accuracy(probs, truth, threshold)
         out["step_auroc"] = auroc(probs, truth)
+        # the task's confident flaw on its own: the first (wrong) step of shortcut chains against every right step
+        cut = [(p, y) for r, ps in zip(records, step_probs) for p, y in zip(ps, r.labels)
+               if y is not None and (y != INCORRECT or r.meta.get("shortcut"))]
+        if any(y == INCORRECT for _, y in cut):
+            out["shortcut_step_auroc"] = auroc([p for p, _ in cut], [y != INCORRECT for _, y in cut])
         known = [(r, ps) for r, ps in zip(records, step_probs)
                  if r.process_correct is True or (r.process_correct is False and r.first_error is not None)]
         fe = first_error_f1([None if r.process_correct else r.first_error for r, _ in known],
@@ -626,7 +631,22 @@ def train_lm_scored_rm(recipe: Recipe, progress: bool, t_start: float) -> dict:
                    "params": params, "trainable_params": params, "train_examples": fit["examples"],
                    "train_steps": fit["steps"], "train_loss": fit["train_loss"], "train_seconds": fit["train_seconds"],
                    "data_seconds": round(t_data, 1), "lm_head": fit["head"]}
-        return evaluate_saved(recipe, ckpt, eval_records, counts, summary, tracker, fit["steps"], t_start)
+        summary = evaluate_saved(recipe, ckpt, eval_records, counts, summary, tracker, fit["steps"], t_start)
+        if backbone != "tiny":
+            # the baseline that could explain the result away: the untrained backbone's own token confidence,
+            # read the same way (P = sigmoid(min log-prob + 3): a step is "wrong" below p = e^-3 for its least
+            # likely token; AUROCs do not depend on that choice, first-error F1 does)
+            with _quiet_transformers(report=False):
+                base_lm = load_causal_lm(backbone, recipe.model.dtype, device, recipe.model.trust_remote_code)
+            base_conv = make_convention(rm_cfg.kind, recipe.task.step_separator, rm_cfg.prompt_template)
+            base_conv.scorer, base_conv.lm_head = "lm", [1.0, 0.0, 3.0]
+            base = RewardModel(base_lm.eval(), tokenizer, base_conv)
+            metrics = {f"baseline_confidence/{k}": v for k, v in
+                       evaluate_reward_model(base, eval_records, rm_cfg.threshold, rm_cfg.eval_batch_size).items()}
+            summary.update(metrics)
+            tracker.log(metrics, step=fit["steps"])
+            tracker.summary(summary)
+        return summary
     finally:
         tracker.finish()
 
@@ -649,6 +669,12 @@ def format_summary(s: dict) -> str:
                      "(right answer + wrong step scored above a fully correct solution)")
         lines.append(f"  best-of-N: process accuracy {f('eval/best_of_n_process_accuracy')}, "
                      f"answer accuracy {f('eval/best_of_n_answer_accuracy')}")
+    if "baseline_confidence/solution_auroc" in s:
+        lines.append(f"  baseline, the backbone's own token confidence: step AUROC {f('baseline_confidence/step_auroc')}  "
+                     f"best-of-N process accuracy {f('baseline_confidence/best_of_n_process_accuracy')}")
+    if "eval/shortcut_step_auroc" in s:
+        lines.append(f"  shortcut steps vs right steps AUROC {f('eval/shortcut_step_auroc')} "
+                     f"(backbone confidence {f('baseline_confidence/shortcut_step_auroc')})")
     for key in s:
         if key.startswith("processbench/") and key.endswith("/f1"):
             lines.append(f"  {key.rsplit('/', 1)[0]} F1 {f(key)}")

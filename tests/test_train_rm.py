@@ -57,12 +57,36 @@ def run_job(recipe_name, tmp_path, generator, *extra):
     return train_rm(recipe, progress=False)
 
 
+HEAD = ["rm.scorer=head", "rm.max_steps=0", "rm.extra_layers=2", "rm.freeze_backbone=true"]
+"""The classification-head reward model (the shipped recipes use the LM scorer)."""
+
+
+@pytest.mark.parametrize("recipe_name,kind", [("prm_train.yaml", "prm"), ("orm_train.yaml", "orm")])
+def test_shipped_lm_scored_recipes_end_to_end(tmp_path, generator, recipe_name, kind):
+    from transformers import PreTrainedModel
+
+    from rlprm.reward_models import RewardModel
+
+    summary = run_job(recipe_name, tmp_path, generator, "rm.max_steps=3", "rm.data.synthetic_per_problem=3")
+    rm = RewardModel.load(tmp_path / "run" / "reward_model", step_separator="\n")
+    assert rm.kind == kind and rm.convention.scorer == "lm" and len(rm.convention.lm_head) == 3
+    assert isinstance(rm.model, PreTrainedModel) and rm.model.config.architectures[0].endswith("ForCausalLM")
+    assert summary["scorer"] == "lm" and summary["train_steps"] == 3 and summary["lm_head"] == rm.convention.lm_head
+    # the task's own solutions join the samples: 8 problems x 3
+    first = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    assert first["data/synthetic_records"] == 24
+    # the baseline that could explain a result away is measured beside it
+    assert "baseline_confidence/solution_auroc" in summary and "eval/solution_auroc" in summary
+    if kind == "prm":
+        assert "eval/step_auroc" in summary and "baseline_confidence/step_auroc" in summary
+
+
 @pytest.mark.parametrize("recipe_name,kind", [("prm_train.yaml", "prm"), ("orm_train.yaml", "orm")])
 def test_arithmetic_job_end_to_end(tmp_path, generator, recipe_name, kind):
     from rlprm.data.stepwise import read_records
     from rlprm.reward_models import RewardModel, SeparatorMismatch
 
-    summary = run_job(recipe_name, tmp_path, generator)
+    summary = run_job(recipe_name, tmp_path, generator, *HEAD)
     run = tmp_path / "run"
     # a checkpoint, metrics and a summary
     rm = RewardModel.load(run / "reward_model", step_separator="\n")
@@ -108,7 +132,7 @@ def test_rerun_reuses_the_sample_cache_and_resamples_on_change(tmp_path, generat
 
 
 def test_fresh_tiny_backbone_with_lora(tmp_path, generator):
-    summary = run_job("prm_train.yaml", tmp_path, generator, "rm.backbone=tiny", "model.tiny.hidden_size=32",
+    summary = run_job("prm_train.yaml", tmp_path, generator, *HEAD, "rm.backbone=tiny", "model.tiny.hidden_size=32",
                       "model.tiny.intermediate_size=64", "model.tiny.num_layers=2", "model.tiny.num_heads=2",
                       "model.lora.enabled=true", "model.lora.r=4", "rm.max_steps=2", "rm.freeze_backbone=false",
                       "rm.extra_layers=0")
@@ -119,7 +143,7 @@ def test_lora_and_a_frozen_backbone_are_refused_together(tmp_path, generator):
     from rlprm.train_rm import TrainRMError, check_inputs
 
     recipe = load_recipe(RECIPES / "prm_train.yaml", [f"model.generator={generator}", "model.lora.enabled=true",
-                                                      "rm.freeze_backbone=true"])
+                                                      *HEAD])
     with pytest.raises(TrainRMError, match="pick one"):
         check_inputs(recipe)
 
@@ -254,7 +278,7 @@ def test_evaluation_leaves_out_too_long_solutions(char_tokenizer):
 def test_confidence_stacking_is_fitted_saved_and_reported(tmp_path, generator, recipe_name):
     from rlprm.reward_models import CONFIDENCE_DIR, RewardModel
 
-    summary = run_job(recipe_name, tmp_path, generator, "rm.confidence_features=true", "rm.max_steps=2")
+    summary = run_job(recipe_name, tmp_path, generator, *HEAD, "rm.confidence_features=true", "rm.max_steps=2")
     weights = summary["confidence_weights"]
     assert len(weights) == 3 and summary["confidence_fit_labels"] > 0
     rm = RewardModel.load(tmp_path / "run" / "reward_model")

@@ -132,6 +132,7 @@ def label_arithmetic_sample(problem, text: str, sep: str) -> tuple[LabelledSolut
         first_error=result.first_error,
         group=problem.text,
         source="arithmetic",
+        meta={"shortcut": result.shortcut},
     )
     return record, status
 
