@@ -12,6 +12,7 @@ TORCH_CPU_PIP_ARGS ?=
 PYTEST_ARGS   ?=
 DEMO_OUT      ?= runs/demo
 SEEDS         ?=
+LANES         ?=
 DEMO_ARGS     ?=
 
 BIN   := $(VENV)/bin
@@ -45,9 +46,9 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
-# make demo [SEEDS=3] [DEMO_OUT=runs/demo] [DEMO_ARGS="--force rl"]: see rlprm/demo.py
+# make demo [SEEDS=3] [LANES=2] [DEMO_OUT=runs/demo] [DEMO_ARGS="--force rl"]: see rlprm/demo.py
 demo: setup
-	$(BIN)/rlprm demo --out $(DEMO_OUT) $(if $(SEEDS),--seeds $(SEEDS)) $(DEMO_ARGS)
+	$(BIN)/rlprm demo --out $(DEMO_OUT) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(LANES),--lanes $(LANES)) $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

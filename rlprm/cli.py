@@ -109,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sep", default="\n", help="step separator used to render steps for the checker (default newline)")
 
     p = sub.add_parser("demo", help="process vs outcome supervision end to end at demo budgets (about 15 min on 2 cores)",
-                       description="Prepare the generator, train a PRM and an ORM, run PPO three ways (dense PRM, "
-                                   "sparse ORM, sparse ground truth), best-of-N before and after, and `rlprm compare` "
-                                   "into OUT/report/report.md. Each stage is skipped when its output is complete "
+                       description="Prepare the generator, train a PRM and an ORM, run PPO five ways (dense PRM, "
+                                   "sparse ORM, sparse ground truth, dense exact checker, dense confidence control), "
+                                   "best-of-N before (also at T=0.7) and after, and the report into "
+                                   "OUT/report/report.md and summary.json. Each stage is skipped when its output is complete "
                                    "(see rlprm/demo.py).")
     p.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
     p.add_argument("--seeds", type=int, default=1, help="repeat RL and best-of-N over seeds 0..N-1 (mean and s.d. in the report)")
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb", default="disabled", choices=["disabled", "auto", "online", "offline"],
                    help="W&B mode of every stage (default disabled; runs go to group `demo`)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--lanes", type=int, default=2,
+                   help="RL and best-of-N stages run side by side, this many at a time, each in its own process with "
+                        "one torch thread (default 2; 1 runs every stage in this process, one after another)")
 
     p = sub.add_parser("compare", help="report.md with tables and plots across run folders (seeds averaged)",
                        description="Read metrics.jsonl / summary.json / recipe.yaml of each RUN_DIR (RL, best-of-N or "
@@ -161,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             run_demo(args.out, seeds=args.seeds, force=True if args.force == [] else args.force, wandb=args.wandb,
-                     sets=args.set, progress=not args.no_progress, generator=args.generator)
+                     sets=args.set, progress=not args.no_progress, generator=args.generator,
+                     lanes=args.lanes)
         except (DemoError, RecipeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT if isinstance(exc, RecipeError) else 1

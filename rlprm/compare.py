@@ -149,6 +149,38 @@ def fmt(values: list[float], percent: bool = True, digits: int = 1) -> str:
     return text
 
 
+# two-sided 95% Student t quantiles t(0.975, df) for df = 1..30; beyond, a Cornish-Fisher expansion around z
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t975(df: int) -> float:
+    """The 97.5% quantile of Student's t with df degrees of freedom (no scipy in the project's dependencies)."""
+    if df < 1:
+        raise ValueError("t quantile needs df >= 1")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def seed_interval(values: list[float]) -> dict:
+    """{mean, lo, hi, n}: the mean over seeds and its 95% t-interval (mean +- t(0.975, n-1) s.d./sqrt(n)).
+
+    One seed gives its value as mean = lo = hi (n=1: no interval can be had); none gives NaNs and n=0."""
+    mean, sd, n = mean_spread(values)
+    if n == 0:
+        return {"mean": math.nan, "lo": math.nan, "hi": math.nan, "n": 0}
+    half = t975(n - 1) * sd / math.sqrt(n) if n > 1 else 0.0
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n}
+
+
+def paired_seed_differences(a: dict[int, float], b: dict[int, float]) -> dict:
+    """seed_interval of a[s] - b[s] over the seeds both runs have (seed -> value); n=0 when they share none."""
+    shared = sorted(s for s in a if s in b and a[s] is not None and b[s] is not None)
+    return seed_interval([a[s] - b[s] for s in shared])
+
+
 def group_runs(runs: list[RunData]) -> dict[str, list[RunData]]:
     """label -> its runs (seeds), in first-seen order."""
     groups: dict[str, list[RunData]] = {}
@@ -340,8 +372,9 @@ def compare(runs: list[RunData], out_dir: str | Path, title: str = "rlprm compar
     if by_kind["bon"]:
         groups = group_runs(by_kind["bon"])
         selectors = list(dict.fromkeys(s for runs in groups.values() for r in runs for s in bon_table(r)))
-        plot_bon(groups, selectors, out / "bon_curves.png")
-        lines += bon_section(groups, selectors) + ["![best-of-N per selector](bon_curves.png)", ""]
+        if selectors:  # best-of-N runs without curves in their summary (a run that stopped early) have no plot
+            plot_bon(groups, selectors, out / "bon_curves.png")
+            lines += bon_section(groups, selectors) + ["![best-of-N per selector](bon_curves.png)", ""]
     if by_kind["other"]:
         lines += other_section(group_runs(by_kind["other"]))
     lines += ["## Runs", "", "| run | kind | seed | source | exported generator |", "|---|---|---|---|---|"]

@@ -1,17 +1,29 @@
 """`rlprm demo` / `make demo`: process vs outcome supervision, end to end, on a CPU.
 
-The stages, each a shipped recipe run in this process with the smaller
-budgets of DEMO_OVERRIDES (same code paths as the full-size commands):
+The stages, each a shipped recipe run with the smaller budgets of DEMO_OVERRIDES (same code paths as the
+full-size commands):
 
-    prepare          recipes/arith_prepare.yaml  the tiny generator            -> OUT/prepare/generator
-    rm-prm           recipes/prm_train.yaml      samples, exact step labels, PRM -> OUT/prm/reward_model
-    rm-orm           recipes/orm_train.yaml      the same samples, answer labels -> OUT/orm/reward_model
+    prepare              recipes/arith_prepare.yaml  the tiny generator                -> OUT/prepare/generator
+    rm-prm               recipes/prm_train.yaml      samples, exact step labels, PRM   -> OUT/prm/reward_model
+    rm-orm               recipes/orm_train.yaml      the same samples, answer labels   -> OUT/orm/reward_model
     per seed S:
-    bon-start-sS     recipes/bon_eval.yaml       best-of-N of the starting generator
-    rl-*-sS          recipes/prm_dense.yaml, orm_sparse.yaml, outcome_gt.yaml: PPO three ways,
-                     same sample budget and seed                           -> OUT/seed-S/rl_*/export
-    bon-*-sS         best-of-N of each final generator
-    compare          rlprm compare over all of the above                   -> OUT/report/report.md
+    bon-start-sS         recipes/bon_eval.yaml       best-of-N of the starting generator (T=1)
+    bon-start-t07-sS     recipes/bon_eval.yaml       the same at T=0.7: what sharpening alone buys
+    rl-prm-dense-sS      recipes/prm_dense.yaml      PPO, dense learned PRM
+    rl-orm-sparse-sS     recipes/orm_sparse.yaml     PPO, sparse learned ORM
+    rl-outcome-gt-sS     recipes/outcome_gt.yaml     PPO, sparse ground truth (final answer)
+    rl-exact-dense-sS    recipes/exact_dense.yaml    PPO, dense exact checker (an oracle PRM)
+    rl-confidence-dense-sS recipes/confidence_dense.yaml  PPO, the starting generator's own confidence (control)
+                         (all five at the same sample budget and seed)      -> OUT/seed-S/rl_*/export
+    bon-<arm>-sS         best-of-N of each final generator
+    report               rlprm/demo_report.py over all of the above  -> OUT/report/report.md, summary.json
+
+Lanes (`--lanes N`, default 2): RL and best-of-N stages run with one torch thread each (`run.threads: 1`) and
+read only finished stages, so up to N of them run side by side, each in a child process of its own (spawn);
+prepare and the reward models run alone (they use every core; the RM's budget is wall-clock). A stage is the
+same seeded job whichever way it runs, so lanes change the wall time, not the numbers. `--lanes 1` runs every
+stage in this process, one after another. A failure in a lane stops the demo with that stage's name, once the
+stage running beside it has ended (and been marked complete if it succeeded).
 
 Skipping: a stage that finishes writes `.demo-stage.json` into its folder,
 last and atomically, holding a key made of its resolved recipe and the keys of
@@ -25,8 +37,9 @@ group), and what depends on them.
 Seeds: `--seeds N` repeats the RL runs and the best-of-N evaluations with
 run.seed = 0..N-1 (training problems, sampling and evaluation problems all
 follow the seed); the generator and the two reward models are shared (seed 0),
-so the spread measures RL and evaluation noise. The report then gives mean ±
-s.d. per number.
+so the spread measures RL and evaluation noise. The report gives best-of-N
+intervals from a paired bootstrap over problems of the seeds' pools together,
+and RL numbers as mean and 95% t-interval over seeds (see rlprm/demo_report.py).
 
 The generator keeps the full recipe's 300 s of SFT (less is not enough for the
 arithmetic to click); its process-accuracy target is relaxed from 0.30 to 0.10:
@@ -73,10 +86,16 @@ DEMO_OVERRIDES: dict[str, list[str]] = {
     "bon": ["eval.n_max=16",                              # 64
             "eval.num_problems=40",                       # 200
             "eval.resamples=100",
-            "eval.aggregations=[prod, min]"],
+            "eval.aggregations=[prod, min]",
+            "run.threads=1"],                             # 0: one thread per lane, the same when run alone
 }
+# the RL arms: (stage name, recipe, the reward model it reads); all at the same sample budget and seeds
 RL_RUNS = [("rl-prm-dense", "prm_dense.yaml", "prm"), ("rl-orm-sparse", "orm_sparse.yaml", "orm"),
-           ("rl-outcome-gt", "outcome_gt.yaml", None)]
+           ("rl-outcome-gt", "outcome_gt.yaml", None),
+           ("rl-exact-dense", "exact_dense.yaml", None),             # the checker as an oracle PRM
+           ("rl-confidence-dense", "confidence_dense.yaml", None)]   # the starting generator's own confidence
+# best-of-N of the STARTING generator: (stage name, sampling temperature); T=0.7 shows what sharpening alone buys
+START_BON = [("bon-start", 1.0), ("bon-start-t07", 0.7)]
 
 
 def _say(line: str) -> None:
@@ -99,6 +118,11 @@ class Stage:
     deps: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     """Files (relative to out_dir) that a complete stage has."""
+    call: tuple | None = None
+    """(module-level function, picklable arguments): how a lane runs the stage in a child process; None: the
+    stage runs `run()` in this process, alone."""
+    parallel: bool = False
+    """May run beside other parallel stages (each with one torch thread); others run alone, with every core."""
 
 
 # --------------------------------------------------------------------------- the stage runner
@@ -124,56 +148,189 @@ def _forced(name: str, force) -> bool:
     return any(name == f or name.startswith(f + "-") for f in (force or []))
 
 
-def run_stages(stages: list[Stage], root: Path, force=None, log: Callable[[str], None] = _say) -> list[dict]:
-    """Run or skip each stage in order; returns one record per stage (name, status, seconds).
+def _stage_key(st: Stage, run_ids: dict[str, str]) -> str:
+    return hashlib.sha256("\n".join([st.key, *(run_ids[d] for d in st.deps)]).encode()).hexdigest()[:16]
 
-    force: None (skip what is complete), True (redo all) or a list of stage names / name prefixes.
-    A failing stage raises DemoError after the earlier stages' markers are safely written.
-    """
-    root = Path(root).resolve()
-    run_ids: dict[str, str] = {}
-    records = []
-    for i, st in enumerate(stages, 1):
+
+def _check_layout(stages: list[Stage], root: Path) -> None:
+    """Every stage writes under root and comes after the stages it reads from (checked before anything runs)."""
+    seen: set[str] = set()
+    for st in stages:
         out = Path(st.out_dir).resolve()
         if root not in out.parents:
             raise DemoError(f"stage {st.name}: {out} is outside the demo folder {root}; refusing to write there")
-        missing_dep = [d for d in st.deps if d not in run_ids]
+        missing_dep = [d for d in st.deps if d not in seen]
         if missing_dep:
             raise DemoError(f"stage {st.name} depends on {missing_dep}, which do not come before it")
-        key = hashlib.sha256("\n".join([st.key, *(run_ids[d] for d in st.deps)]).encode()).hexdigest()[:16]
-        head = f"[{i}/{len(stages)}] {st.name}"
-        marker = read_marker(out)
-        complete = marker is not None and all((out / o).exists() for o in st.outputs)
-        if complete and marker.get("key") == key and not _forced(st.name, force):
-            run_ids[st.name] = marker["run_id"]
-            log(f"{head}: complete, skipped (took {marker.get('seconds', 0):.0f} s; `--force {st.name}` redoes it)")
-            records.append({"stage": st.name, "status": "skipped", "seconds": marker.get("seconds"), "dir": str(out)})
-            continue
-        why = ("forced" if _forced(st.name, force) else "not run yet" if marker is None
-               else "its settings or inputs changed" if complete else "its output is incomplete")
-        log(f"{head}: running ({why}) -> {out}")
-        if out.exists():
-            (out / MARKER).unlink(missing_ok=True)  # first the marker: a crash while clearing leaves no false "done"
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        t0 = time.monotonic()
-        try:
-            st.run()
-        except DemoError:
-            raise
-        except Exception as exc:
-            raise DemoError(f"stage {st.name} failed after {time.monotonic() - t0:.0f} s: {type(exc).__name__}: {exc}\n"
-                            f"Completed stages are kept; run the same command again to go on from {st.name}.") from exc
-        seconds = time.monotonic() - t0
-        missing = [o for o in st.outputs if not (out / o).exists()]
-        if missing:
-            raise DemoError(f"stage {st.name} finished but {out} lacks {', '.join(missing)}")
-        run_ids[st.name] = uuid.uuid4().hex
-        _write_marker(out, {"stage": st.name, "key": key, "run_id": run_ids[st.name], "seconds": round(seconds, 1),
-                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        log(f"{head}: done in {seconds:.0f} s")
-        records.append({"stage": st.name, "status": "ran", "seconds": round(seconds, 1), "dir": str(out)})
+        seen.add(st.name)
+
+
+def _skip_or_why(st: Stage, key: str, force) -> tuple[dict | None, str]:
+    """(the marker, "") when the stage is complete with this key and not forced; else (None, why it runs)."""
+    out = Path(st.out_dir).resolve()
+    marker = read_marker(out)
+    complete = marker is not None and all((out / o).exists() for o in st.outputs)
+    if complete and marker.get("key") == key and not _forced(st.name, force):
+        return marker, ""
+    return None, ("forced" if _forced(st.name, force) else "not run yet" if marker is None
+                  else "its settings or inputs changed" if complete else "its output is incomplete")
+
+
+def _clear(out: Path) -> None:
+    if out.exists():
+        (out / MARKER).unlink(missing_ok=True)  # first the marker: a crash while clearing leaves no false "done"
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+
+def _failed(st: Stage, seconds: float, exc: BaseException) -> DemoError:
+    return DemoError(f"stage {st.name} failed after {seconds:.0f} s: {type(exc).__name__}: {exc}\n"
+                     f"Completed stages are kept; run the same command again to go on from {st.name}.")
+
+
+def _finish(st: Stage, key: str, seconds: float, run_ids: dict[str, str]) -> None:
+    """Check the outputs, then write the marker: only now is the stage complete."""
+    out = Path(st.out_dir).resolve()
+    missing = [o for o in st.outputs if not (out / o).exists()]
+    if missing:
+        raise DemoError(f"stage {st.name} finished but {out} lacks {', '.join(missing)}")
+    run_ids[st.name] = uuid.uuid4().hex
+    _write_marker(out, {"stage": st.name, "key": key, "run_id": run_ids[st.name], "seconds": round(seconds, 1),
+                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def run_stages(stages: list[Stage], root: Path, force=None, log: Callable[[str], None] = _say, lanes: int = 1,
+               records: list[dict] | None = None) -> list[dict]:
+    """Run or skip each stage; returns one record per stage (name, status, seconds, and for a stage run in a
+    lane its start, end and peak RSS), also appended to `records` as they come, for a stage that reports on
+    the run while it is still going (the demo's report).
+
+    force: None (skip what is complete), True (redo all) or a list of stage names / name prefixes.
+    lanes: 1 runs every stage here, one after another; more run each stage in a child process of its own
+    (spawn), `parallel` stages up to `lanes` at a time, the others alone. A failing stage raises DemoError
+    after the earlier stages' markers (and those of stages running beside it, once they end) are written.
+    """
+    root = Path(root).resolve()
+    _check_layout(stages, root)
+    records = [] if records is None else records
+    if lanes > 1:
+        return _run_lanes(stages, force, log, lanes, records)
+    run_ids: dict[str, str] = {}
+    for i, st in enumerate(stages, 1):
+        records.append(_run_here(st, f"[{i}/{len(stages)}] {st.name}", force, log, run_ids))
     return records
+
+
+def _skipped(st: Stage, head: str, marker: dict, log, run_ids: dict[str, str]) -> dict:
+    run_ids[st.name] = marker["run_id"]
+    log(f"{head}: complete, skipped (took {marker.get('seconds', 0):.0f} s; `--force {st.name}` redoes it)")
+    return {"stage": st.name, "status": "skipped", "seconds": marker.get("seconds"), "dir": str(st.out_dir)}
+
+
+def _run_here(st: Stage, head: str, force, log, run_ids: dict[str, str]) -> dict:
+    """Run (or skip) one stage in this process."""
+    key = _stage_key(st, run_ids)
+    marker, why = _skip_or_why(st, key, force)
+    if marker is not None:
+        return _skipped(st, head, marker, log, run_ids)
+    out = Path(st.out_dir).resolve()
+    log(f"{head}: running ({why}) -> {out}")
+    _clear(out)
+    return _execute_here(st, key, head, log, run_ids)
+
+
+def _lane_job(call: tuple) -> dict:
+    """A stage's work in a lane's child process; returns the child's peak RSS (MiB, its own children included)."""
+    fn, args = call
+    fn(*args)
+    return {"peak_rss_mib": _peak_rss_mib()}
+
+
+def _start_next(pending: list[Stage], running: dict, run_ids: dict[str, str], records: list[dict],
+                heads: dict[str, str], force, log, lanes: int, pool) -> bool:
+    """Skip or start the first pending stage that can go (in list order, its inputs resolved: a key needs their
+    run ids); False when none can. A stage that must run alone and cannot yet holds back the ones after it, so
+    that lane stages never starve it."""
+    for st in pending:
+        if not all(d in run_ids for d in st.deps):
+            continue  # its inputs are still running
+        key = _stage_key(st, run_ids)
+        marker, why = _skip_or_why(st, key, force)
+        alone = not st.parallel or st.call is None
+        if marker is None:
+            busy = len(running) >= lanes or any(not s.parallel for s, _, _ in running.values())
+            if busy or (alone and running):
+                return False  # wait for a free lane (a stage that runs alone waits for all of them)
+        pending.remove(st)
+        if marker is not None:
+            records.append(_skipped(st, heads[st.name], marker, log, run_ids))
+            return True
+        out = Path(st.out_dir).resolve()
+        log(f"{heads[st.name]}: running ({why}) -> {out}")
+        _clear(out)
+        if st.call is None:  # a stage that must run in this process (e.g. the report): alone, here
+            records.append(_execute_here(st, key, heads[st.name], log, run_ids))
+        else:
+            running[pool.submit(_lane_job, st.call)] = (st, key, time.monotonic())
+        return True
+    return False
+
+
+def _run_lanes(stages: list[Stage], force, log, lanes: int, records: list[dict]) -> list[dict]:
+    """The lane scheduler: stages start as lanes free up (`_start_next`), each in a fresh child process.
+    Markers are written here, in the parent, once a child has returned: a stage is complete only then. Each
+    stage is the same seeded job with the same recipe (threads included) as in one lane, so the results are
+    those of a sequential run; only the order of independent stages can differ."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    run_ids: dict[str, str] = {}
+    heads = {st.name: f"[{i}/{len(stages)}] {st.name}" for i, st in enumerate(stages, 1)}
+    pending = list(stages)
+    running: dict = {}  # future -> (stage, key, start time)
+    failure: DemoError | None = None
+    # a fresh process per stage: its threads, memory and peak RSS are its own
+    with ProcessPoolExecutor(lanes, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
+        while running or (pending and failure is None):
+            while failure is None and _start_next(pending, running, run_ids, records, heads, force, log, lanes, pool):
+                pass
+            if not running:
+                break
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in done:
+                st, key, t0 = running.pop(fut)
+                seconds = time.monotonic() - t0
+                try:
+                    info = fut.result()
+                    _finish(st, key, seconds, run_ids)
+                except Exception as exc:
+                    err = exc if isinstance(exc, DemoError) else _failed(st, seconds, exc)
+                    if running:
+                        log(f"{heads[st.name]}: FAILED; waiting for {', '.join(s.name for s, _, _ in running.values())}"
+                            f" to end before stopping")
+                    failure = failure or err
+                    continue
+                log(f"{heads[st.name]}: done in {seconds:.0f} s")
+                records.append({"stage": st.name, "status": "ran", "seconds": round(seconds, 1), "dir": str(st.out_dir),
+                                "start": t0, "end": t0 + seconds, "peak_rss_mib": info["peak_rss_mib"]})
+    if failure is not None:
+        raise failure
+    return records
+
+
+def _execute_here(st: Stage, key: str, head: str, log, run_ids: dict[str, str]) -> dict:
+    """Run a cleared stage in this process, then mark it complete."""
+    t0 = time.monotonic()
+    try:
+        st.run()
+    except DemoError:
+        raise
+    except Exception as exc:
+        raise _failed(st, time.monotonic() - t0, exc) from exc
+    seconds = time.monotonic() - t0
+    _finish(st, key, seconds, run_ids)
+    log(f"{head}: done in {seconds:.0f} s")
+    return {"stage": st.name, "status": "ran", "seconds": round(seconds, 1), "dir": str(st.out_dir)}
 
 
 # --------------------------------------------------------------------------- the demo's stages
@@ -183,11 +340,20 @@ def _group_overrides(group: str, extra: dict[str, list[str]]) -> list[str]:
     return DEMO_OVERRIDES.get(group, []) + extra.get(group, [])
 
 
+def generator_name(stage_or_run: str) -> str:
+    """`rl-prm-dense`, `bon-prm-dense-s0` -> `prm_dense`; `bon-start-t07` -> `start_t07`: the report's names."""
+    name = stage_or_run.split("-", 1)[1] if stage_or_run.startswith(("rl-", "bon-")) else stage_or_run
+    head, _, tail = name.rpartition("-s")
+    return (head if tail.isdigit() else name).replace("-", "_")
+
+
 def build_stages(out: Path, seeds: int = 1, wandb: str = "disabled", extra: dict[str, list[str]] | None = None,
-                 progress: bool = True, generator: str | Path | None = None) -> list[Stage]:
+                 progress: bool = True, generator: str | Path | None = None, lanes: int = 1) -> list[Stage]:
     """The demo pipeline under `out`. Every recipe is loaded and validated here, before anything runs.
 
     generator: an existing generator folder to start from instead of the `prepare` stage.
+    lanes: with more than one, the stages that may run side by side show no progress bars (two lanes' bars
+    would overwrite each other); the stages that run alone keep theirs.
     """
     from rlprm.config import load_recipe, recipe_to_yaml
 
@@ -199,7 +365,11 @@ def build_stages(out: Path, seeds: int = 1, wandb: str = "disabled", extra: dict
         deps = [d for d in deps if d != "prepare" or generator is None]
         recipe = load_recipe(RECIPES / recipe_file,
                              overrides + _group_overrides(group, extra) + [f"run.output_dir={out_dir}"] + tracking)
-        stages.append(Stage(name, out_dir, lambda r=recipe: job(r), recipe_to_yaml(recipe) + external, deps, outputs))
+        # RL and best-of-N stages run with one torch thread and read only finished stages: lanes may pair them
+        parallel = group in ("rl", "bon")
+        bars = progress and (lanes == 1 or not parallel)
+        stages.append(Stage(name, out_dir, lambda: job(recipe, bars), recipe_to_yaml(recipe) + external, deps,
+                            outputs, call=(job, (recipe, bars)), parallel=parallel))
 
     given = generator is not None
     generator = Path(generator).resolve() if given else out / "prepare" / "generator"
@@ -212,45 +382,54 @@ def build_stages(out: Path, seeds: int = 1, wandb: str = "disabled", extra: dict
     prm, orm = out / "prm" / "reward_model", out / "orm" / "reward_model"
     samples = out / "prm" / "rm_samples"  # owned by the PRM stage: redone with it, read by the ORM stage
     if not given:
-        add("prepare", "arith_prepare.yaml", "prepare", out / "prepare", [], lambda r: _prepare(r, progress), [],
-            ["generator/config.json"])
+        add("prepare", "arith_prepare.yaml", "prepare", out / "prepare", [], _prepare, [], ["generator/config.json"])
     rm = [f"model.generator={generator}", f"rm.data.cache_dir={samples}"]
-    add("rm-prm", "prm_train.yaml", "rm", out / "prm", rm, lambda r: _train_rm(r, progress), ["prepare"],
-        ["reward_model/config.json"])
-    add("rm-orm", "orm_train.yaml", "rm", out / "orm", rm, lambda r: _train_rm(r, progress), ["prepare", "rm-prm"],
+    add("rm-prm", "prm_train.yaml", "rm", out / "prm", rm, _train_rm, ["prepare"], ["reward_model/config.json"])
+    add("rm-orm", "orm_train.yaml", "rm", out / "orm", rm, _train_rm, ["prepare", "rm-prm"],
         ["reward_model/config.json"])
     bon_rms = [f"eval.reward_models.prm={prm}", f"eval.reward_models.orm={orm}", "eval.weighted_vote_by=prm_prod"]
+    bon_outputs = ["bon_curves.json", "pool.jsonl"]  # the report bootstraps the pools (over seeds too)
     for seed in range(seeds):
         sdir = out / f"seed-{seed}"
-        add(f"bon-start-s{seed}", "bon_eval.yaml", "bon", sdir / "bon_start",
-            bon_rms + ["run.name=bon-start", f"run.seed={seed}", f"model.generator={generator}"],
-            lambda r: _bon(r, progress), ["prepare", "rm-prm", "rm-orm"], ["bon_curves.json"])
+        for name, temperature in START_BON:
+            add(f"{name}-s{seed}", "bon_eval.yaml", "bon", sdir / name.replace("-", "_"),
+                bon_rms + [f"run.name={name}", f"run.seed={seed}", f"model.generator={generator}",
+                           f"eval.temperature={temperature}"],
+                _bon, ["prepare", "rm-prm", "rm-orm"], bon_outputs)
         for name, recipe_file, rm_kind in RL_RUNS:
             rm_path = {"prm": prm, "orm": orm}.get(rm_kind)
             add(f"{name}-s{seed}", recipe_file, "rl", sdir / name.replace("-", "_"),
                 [f"run.seed={seed}", f"model.generator={generator}"]
                 + ([f"model.reward_model={rm_path}"] if rm_path else []),
-                lambda r: _rl(r, progress), ["prepare"] + ([f"rm-{rm_kind}"] if rm_kind else []),
-                ["export/config.json"])
+                _rl, ["prepare"] + ([f"rm-{rm_kind}"] if rm_kind else []), ["export/config.json"])
         for name, _, _ in RL_RUNS:
             final = name.replace("rl-", "bon-")
             add(f"{final}-s{seed}", "bon_eval.yaml", "bon", sdir / final.replace("-", "_"),
                 bon_rms + [f"run.name={final}", f"run.seed={seed}",
                            f"model.generator={sdir / name.replace('-', '_') / 'export'}"],
-                lambda r: _bon(r, progress), ["rm-prm", "rm-orm", f"{name}-s{seed}"], ["bon_curves.json"])
+                _bon, ["rm-prm", "rm-orm", f"{name}-s{seed}"], bon_outputs)
     return stages
 
 
-def compare_stage(out: Path, stages: list[Stage]) -> Stage:
-    """The report over every run folder of `stages` (generator, reward models, RL, best-of-N)."""
-    from rlprm.compare import compare, read_run
+def report_stage(out: Path, stages: list[Stage], seeds: int, runtime: Callable[[], dict]) -> Stage:
+    """The report over every run folder of `stages`: OUT/report/report.md, summary.json and the figures.
 
-    dirs = [st.out_dir for st in stages if st.name.startswith(("prepare", "rm-", "rl-", "bon-"))]
+    runtime: the demo's wall time and peak RSS so far, read when the report is written (it runs last)."""
+    from rlprm.demo_report import DemoLayout, write_demo_report
+
+    layout = DemoLayout(seeds=seeds)
+    for st in stages:
+        if st.name.startswith("rl-"):
+            layout.arms.setdefault(generator_name(st.name), []).append(st.out_dir)
+        elif st.name.startswith("bon-"):
+            layout.generators.setdefault(generator_name(st.name), []).append(st.out_dir)
+        elif st.name in ("rm-prm", "rm-orm"):
+            setattr(layout, st.name[3:], st.out_dir)
+        layout.runs.append(st.out_dir)
     report = Path(out) / "report"
-    return Stage("compare", report,
-                 lambda: compare([read_run(d) for d in dirs], report, title="Process vs outcome supervision (demo)"),
-                 key="\n".join(map(str, dirs)), deps=[st.name for st in stages if st.out_dir in dirs],
-                 outputs=["report.md"])
+    return Stage("report", report, lambda: write_demo_report(layout, report, runtime()),
+                 key="\n".join(map(str, layout.runs)), deps=[st.name for st in stages],
+                 outputs=["report.md", "summary.json", "bon_by_generator.png"])
 
 
 def _prepare(recipe, progress):
@@ -277,16 +456,39 @@ def _rl(recipe, progress):
 
 
 def _bon(recipe, progress):
+    import torch
+
     from rlprm.evaluate import run_eval
 
-    return run_eval(recipe, progress=progress)
+    # run_eval leaves torch's threads alone: set the recipe's here, so that a stage gives the same numbers
+    # whether it runs alone or in a lane
+    before = torch.get_num_threads()
+    if recipe.run.threads:
+        torch.set_num_threads(recipe.run.threads)
+    try:
+        return run_eval(recipe, progress=progress)
+    finally:
+        torch.set_num_threads(before)
 
 
-def _peak_rss_gib() -> float:
-    # ru_maxrss is KiB on Linux; children: the grading workers
+def _peak_rss_mib() -> float:
+    """This process's peak RSS, or its largest finished child's if larger (ru_maxrss is KiB on Linux)."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return round(max(own, kids) / 2**20, 2)
+    return round(max(own, kids) / 1024, 1)
+
+
+def demo_peak_rss_mib(records: list[dict]) -> float:
+    """Peak memory of the demo: this process's peak plus the largest sum of the peaks of lane stages that ran at
+    the same time (an upper bound: each child's peak need not fall at the same moment). Without lanes, the
+    largest of this process and its finished children."""
+    lane = [r for r in records if "start" in r and r.get("peak_rss_mib") is not None]
+    if not lane:
+        return _peak_rss_mib()
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # the sum of overlapping peaks is largest at some stage's start
+    together = max(sum(o["peak_rss_mib"] for o in lane if o["start"] <= r["start"] < o["end"]) for r in lane)
+    return round(own + together, 1)
 
 
 def parse_sets(items: list[str]) -> dict[str, list[str]]:
@@ -303,19 +505,26 @@ def parse_sets(items: list[str]) -> dict[str, list[str]]:
 
 def run_demo(out: str | Path = ROOT / "runs" / "demo", seeds: int = 1, force=None, wandb: str = "disabled",
              sets: list[str] | None = None, progress: bool = True, log: Callable[[str], None] = _say,
-             generator: str | Path | None = None) -> dict:
-    """The whole demo; returns (and writes to OUT/demo_summary.json) the stage timings and the report path."""
+             generator: str | Path | None = None, lanes: int = 2) -> dict:
+    """The whole demo; returns (and writes to OUT/demo_summary.json) the stage timings and the report path.
+
+    lanes: RL and best-of-N stages that may run side by side (each in its own process, one torch thread);
+    1 runs every stage in this process, one after another."""
     out = Path(out).resolve()
     if seeds < 1:
         raise DemoError("--seeds must be at least 1")
+    if lanes < 1:
+        raise DemoError("--lanes must be at least 1")
     t0 = time.monotonic()
-    stages = build_stages(out, seeds, wandb, parse_sets(sets or []), progress, generator)
-    stages.append(compare_stage(out, stages))
-    log(f"demo: {len(stages)} stages into {out} (seeds: {seeds})")
+    stages = build_stages(out, seeds, wandb, parse_sets(sets or []), progress, generator, lanes)
+    records: list[dict] = []
+    stages.append(report_stage(out, stages, seeds, lambda: {"wall_seconds": round(time.monotonic() - t0, 1),
+                                                           "peak_rss_mib": demo_peak_rss_mib(records)}))
+    log(f"demo: {len(stages)} stages into {out} (seeds: {seeds}, lanes: {lanes})")
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"out": str(out), "seeds": seeds, "argv": sys.argv[1:], "status": "running"}
+    summary = {"out": str(out), "seeds": seeds, "lanes": lanes, "argv": sys.argv[1:], "status": "running"}
     try:
-        summary["stages"] = run_stages(stages, out, force, log)
+        summary["stages"] = run_stages(stages, out, force, log, lanes=lanes, records=records)
         # the work behind the outputs, skipped stages counted at the time they took when they ran
         summary["stage_seconds_total"] = round(sum(r["seconds"] or 0 for r in summary["stages"]), 1)
         summary["status"] = "done"
@@ -323,7 +532,9 @@ def run_demo(out: str | Path = ROOT / "runs" / "demo", seeds: int = 1, force=Non
         summary.update(status="failed", error=str(exc))
         raise
     finally:
-        summary.update(wall_seconds=round(time.monotonic() - t0, 1), peak_rss_gib=_peak_rss_gib())
+        peak = demo_peak_rss_mib(records)
+        summary.update(wall_seconds=round(time.monotonic() - t0, 1), peak_rss_mib=peak,
+                       peak_rss_gib=round(peak / 1024, 2))
         tmp = out / "demo_summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=1) + "\n")
         tmp.replace(out / "demo_summary.json")

@@ -156,3 +156,150 @@ def test_wandb_group(tmp_path, monkeypatch):
     monkeypatch.setattr(Api, "runs", lambda self, path, filters=None: [])
     with pytest.raises(cmp.CompareError, match="no runs in group 'empty'"):
         cmp.main([], out=tmp_path / "w2", wandb_group="empty")
+
+
+# --------------------------------------------------------------------------- the demo's report and summary.json
+
+
+def test_seed_interval_and_paired_differences():
+    one = cmp.seed_interval([0.42])
+    assert one == {"mean": 0.42, "lo": 0.42, "hi": 0.42, "n": 1}
+    three = cmp.seed_interval([0.5, 0.6, 0.7])
+    half = 4.303 * 0.1 / 3 ** 0.5  # t(0.975, 2) s.d. / sqrt(n)
+    assert three["n"] == 3 and abs(three["mean"] - 0.6) < 1e-12
+    assert abs(three["lo"] - (0.6 - half)) < 1e-9 and abs(three["hi"] - (0.6 + half)) < 1e-9
+    assert cmp.seed_interval([])["n"] == 0
+    assert abs(cmp.t975(40) - 2.021) < 2e-3 and cmp.t975(1) == 12.706
+    d = cmp.paired_seed_differences({0: 0.5, 1: 0.6, 2: 0.7, 3: 0.9}, {0: 0.4, 1: 0.4, 2: 0.5})
+    assert d["n"] == 3 and abs(d["mean"] - 0.5 / 3) < 1e-12  # seed 3 has no partner
+
+
+def demo_rl_run(folder, name, seed, start, end):
+    """An RL run of 2 epochs: eval records at epochs 0, 1, 2 (the four metrics go start -> end linearly) and two
+    PPO updates per epoch with known KL and reward."""
+    records = []
+    for epoch in range(3):
+        if epoch:
+            for it in range(2):
+                u = 2 * (epoch - 1) + it + 1  # update 1..4
+                records.append({"step": u, "epoch": epoch - 1 + (it + 1) / 2, "rl/reward": 0.1 * u,
+                                "rl/kl": 0.01 * u, "rl/kl_per_sample": 0.01 * u, "rl/kl_per_token": 0.001 * u})
+        value = {m: start[m] + (end[m] - start[m]) * epoch / 2 for m in start}
+        records.append({"step": 2 * epoch, "epoch": epoch, **{f"eval/{m}": v for m, v in value.items()}})
+    return write_run(folder, name, seed, records, records[-1], export=True)
+
+
+def demo_pool(folder, name, seed, problems=4):
+    """A best-of-N folder whose pool has 2 samples per problem: sample 0 right (every step right), sample 1 wrong.
+    The PRM and `confidence` prefer sample 0, the ORM and `likelihood` sample 1: at N=2 every resample holds
+    both samples of every drawn problem, so prm_prod is exactly 100%, orm 0% and prm_prod - orm exactly +100."""
+    from rlprm.evaluate import Pool, save_pool
+    from rlprm.problems import SampleGrade, TaskProblem
+
+    good = SampleGrade(["1 + 1 = 2", "# Answer: 2"], "2", True, True, True, None)
+    bad = SampleGrade(["1 + 1 = 3", "# Answer: 3"], "3", False, True, False, 0)
+    pool = Pool([TaskProblem(f"test-{i}", f"p{i}\n", "2", text=f"p{i}") for i in range(problems)],
+                [["right", "wrong"]] * problems, [[good, bad] for _ in range(problems)],
+                {"prm": [[[0.9, 0.9], [0.2, 0.3]]] * problems, "orm": [[[0.1], [0.8]]] * problems},
+                {"prm": "prm", "orm": "orm"},
+                {"confidence": [[-0.1, -3.0]] * problems, "likelihood": [[-9.0, -1.0]] * problems})
+    folder.mkdir(parents=True)
+    save_pool(pool, folder / "pool.jsonl")
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/n_max": 2}) + "\n")
+    (folder / "summary.json").write_text(json.dumps({"eval/n_max": 2}))
+    (folder / "recipe.yaml").write_text(yaml.safe_dump({"run": {"name": name, "seed": seed}}))
+    return folder
+
+
+def demo_layout(root):
+    from rlprm.demo_report import DemoLayout
+
+    metrics = ["answer_accuracy", "process_accuracy", "trace_error", "shortcut_rate"]
+    start = dict(zip(metrics, [0.4, 0.3, 0.2, 0.1]))
+    layout = DemoLayout(seeds=3)
+    # exact_dense: ends 0.5, 0.6, 0.7 in answer accuracy; outcome_gt: 0.4, 0.4, 0.5; prm_dense: one seed
+    for arm, ends in [("exact_dense", [0.5, 0.6, 0.7]), ("outcome_gt", [0.4, 0.4, 0.5]), ("prm_dense", [0.55])]:
+        layout.arms[arm] = [demo_rl_run(root / f"{arm}{s}", f"rl-{arm}", s, start, {**start, "answer_accuracy": e,
+                                        "shortcut_rate": 0.1 - 0.05 * (arm == "exact_dense")})
+                            for s, e in enumerate(ends)]
+    for gen in ["start", "start_t07", "exact_dense"]:
+        layout.generators[gen] = [demo_pool(root / f"bon_{gen}{s}", f"bon-{gen}", s) for s in range(3)]
+    layout.prm = root / "prm"
+    write_run(layout.prm, "arith-prm", 0, [{"step": 1, "loss": 0.5}],
+              {"eval/step_auroc": 0.97, "eval/first_error_f1": 0.9,
+               "eval_head_only/step_auroc": 0.81, "eval_head_only/first_error_f1": 0.62})
+    layout.runs = [*layout.arms["exact_dense"], layout.prm, *layout.generators["start"]]
+    return layout
+
+
+def test_demo_summary_json_from_hand_made_runs(tmp_path):
+    from rlprm.demo_report import write_demo_report
+
+    layout = demo_layout(tmp_path)
+    report = write_demo_report(layout, tmp_path / "report", {"wall_seconds": 812.5, "peak_rss_mib": 1500.0},
+                               resamples=200)
+    s = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert (s["wall_seconds"], s["peak_rss_mib"], s["seeds"]) == (812.5, 1500.0, 3)
+    # best-of-N: every generator, every selector, the exact values the pool forces at N=2
+    assert set(s["bon"]) == {"start", "start_t07", "exact_dense"}
+    for gen in s["bon"]:
+        sel = s["bon"][gen]
+        assert {"prm_prod", "prm_min", "orm", "majority", "confidence", "likelihood", "random", "pass@n"} <= set(sel)
+        assert sel["prm_prod"]["2"]["accuracy"] == {"mean": 1.0, "lo": 1.0, "hi": 1.0}
+        assert sel["prm_prod"]["2"]["process_correct"] == {"mean": 1.0, "lo": 1.0, "hi": 1.0}
+        assert sel["orm"]["2"]["accuracy"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0}
+        assert sel["confidence"]["2"]["accuracy"]["mean"] == 1.0 and sel["likelihood"]["2"]["accuracy"]["mean"] == 0
+        assert sel["pass@n"]["2"]["accuracy"]["mean"] == 1.0
+        r1 = sel["random"]["1"]["accuracy"]  # one draw of 2 per problem, 4 problems x 3 seeds: about 50%, an interval
+        assert 0.3 < r1["mean"] < 0.7 and r1["lo"] < r1["mean"] < r1["hi"]
+        diff = s["bon_diff"][gen]
+        assert diff["prm_prod_minus_orm"]["2"]["accuracy"] == {"mean": 1.0, "lo": 1.0, "hi": 1.0}
+        assert diff["prm_prod_minus_confidence"]["2"]["accuracy"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0}
+        assert {"prm_prod_minus_majority", "prm_prod_minus_likelihood"} <= set(diff)
+    # RL: one seed gives its exact point; three seeds their mean and t-interval
+    rl = s["rl"]
+    assert set(rl) == {"exact_dense", "outcome_gt", "prm_dense"}
+    for arm in rl:
+        assert {"answer_accuracy", "process_accuracy", "trace_error", "shortcut_rate"} <= set(rl[arm])
+        assert {"start", "end"} <= set(rl[arm]["answer_accuracy"])
+    assert rl["prm_dense"]["answer_accuracy"]["end"] == {"mean": 0.55, "lo": 0.55, "hi": 0.55, "n": 1}
+    assert rl["prm_dense"]["answer_accuracy"]["start"] == {"mean": 0.4, "lo": 0.4, "hi": 0.4, "n": 1}
+    end = rl["exact_dense"]["answer_accuracy"]["end"]
+    half = 4.303 * 0.1 / 3 ** 0.5
+    assert end["n"] == 3 and abs(end["mean"] - 0.6) < 1e-9 and abs(end["hi"] - end["mean"] - half) < 1e-9
+    assert abs(rl["exact_dense"]["shortcut_rate"]["end"]["mean"] - 0.05) < 1e-9
+    assert rl["exact_dense"]["process_accuracy"]["start"]["mean"] == 0.3
+    # the KL of the last update (4) and the largest; the reward of the first and the last update
+    assert abs(rl["outcome_gt"]["kl_per_sample"]["end"]["mean"] - 0.04) < 1e-12
+    assert abs(rl["outcome_gt"]["kl_per_token"]["max"]["mean"] - 0.004) < 1e-12
+    assert abs(rl["outcome_gt"]["reward"]["first"]["mean"] - 0.1) < 1e-12
+    # paired by seed: exact_dense - outcome_gt = 0.1, 0.2, 0.2; with prm_dense only seed 0 is shared
+    d = s["rl_diff"]["exact_dense_minus_outcome_gt"]["answer_accuracy"]["end"]
+    assert d["n"] == 3 and abs(d["mean"] - 0.5 / 3) < 1e-9 and d["lo"] > 0
+    assert s["rl_diff"]["exact_dense_minus_prm_dense"]["answer_accuracy"]["end"]["n"] == 1
+    assert "prm_dense_minus_confidence_dense" not in s["rl_diff"]  # the control did not run here
+    # the PRM's own numbers: the head alone where it stacks confidence
+    assert (s["prm"]["step_auroc"], s["prm"]["first_error_f1"]) == (0.81, 0.62)
+    # the report and its figures
+    text = report.read_text()
+    assert "| exact_dense | 40.0 (n=1)" not in text and "| prm_dense | 40.0 (n=1) | 55.0 (n=1)" in text
+    assert "exact_dense - outcome_gt" in text and "told apart" in text
+    assert "## Best-of-N: start_t07" in text and "prm_prod - orm" in text
+    for png in ["bon_by_generator.png", "bon_by_selector.png", "rl_curves.png", "rl_kl.png", "all_runs/rl_curves.png"]:
+        data = (tmp_path / "report" / png).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000, png
+        assert png.startswith("all_runs") or f"]({png})" in text
+    assert not list((tmp_path / "report").glob("*.tmp*"))
+
+
+def test_demo_report_one_seed_without_pool_uses_bon_curves(tmp_path):
+    from rlprm.demo_report import bon_statistics
+
+    folder = tmp_path / "bon"
+    folder.mkdir()
+    point = {"accuracy": {"mean": 0.5, "lo": 0.4, "hi": 0.6}}
+    (folder / "bon_curves.json").write_text(json.dumps({"orm": {"1": point}, "differences": {"a_minus_b": {"1": point}}}))
+    curves, diffs, how = bon_statistics([folder])
+    assert curves == {"orm": {1: point}} and diffs == {"a_minus_b": {1: point}} and "bon_curves.json" in how
+    with pytest.raises(FileNotFoundError, match="lack pool.jsonl"):
+        bon_statistics([folder, folder])

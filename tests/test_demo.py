@@ -3,11 +3,31 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import time
 
 import pytest
 import yaml
 
 from rlprm import demo
+
+
+def lane_job(out_dir, name, seconds=0.0, fail=False):
+    """A stage's work in a lane (module level: a spawned child imports it): times, pid, then out.txt."""
+    t0 = time.time()
+    time.sleep(seconds)
+    if fail:
+        raise RuntimeError(f"boom in {name}")
+    (out_dir / "times.json").write_text(json.dumps({"start": t0, "end": time.time(), "pid": os.getpid()}))
+    (out_dir / "out.txt").write_text(name)
+
+
+def lane_stage(root, name, deps=(), seconds=0.0, fail=False, parallel=True):
+    out = root / name
+    call = (lane_job, (out, name, seconds, fail))
+    return demo.Stage(name, out, lambda: lane_job(*call[1]), "k", list(deps), ["out.txt"], call=call,
+                      parallel=parallel)
 
 
 class Recorder:
@@ -114,8 +134,11 @@ def test_parse_sets():
 def test_build_stages_validates_every_recipe_with_demo_budgets(tmp_path):
     stages = demo.build_stages(tmp_path, seeds=2, extra={"rl": ["rl.epochs=1"]})
     names = [s.name for s in stages]
-    assert names[:3] == ["prepare", "rm-prm", "rm-orm"] and len(names) == 3 + 2 * 7
-    assert "rl-outcome-gt-s1" in names and "bon-orm-sparse-s1" in names
+    arms = ["prm-dense", "orm-sparse", "outcome-gt", "exact-dense", "confidence-dense"]
+    assert names[:3] == ["prepare", "rm-prm", "rm-orm"] and len(names) == 3 + 2 * (2 + 2 * len(arms))
+    for seed in range(2):  # five RL arms, their final best-of-N, and the start at T=1 and T=0.7, per seed
+        assert {f"rl-{a}-s{seed}" for a in arms} | {f"bon-{a}-s{seed}" for a in arms} <= set(names)
+        assert {f"bon-start-s{seed}", f"bon-start-t07-s{seed}"} <= set(names)
     recipes = {s.name: yaml.safe_load(s.key) for s in stages}
     assert recipes["prepare"]["prepare_eval"]["min_process_accuracy"] == 0.10
     assert recipes["rm-prm"]["rm"]["time_budget_s"] == 45
@@ -124,9 +147,27 @@ def test_build_stages_validates_every_recipe_with_demo_budgets(tmp_path):
     assert rl["run"]["seed"] == 1 and rl["rl"]["epochs"] == 1 and rl["tracking"]["wandb"] == "disabled"
     assert rl["model"]["reward_model"] == str(tmp_path / "prm" / "reward_model")
     assert recipes["rl-outcome-gt-s0"]["model"]["reward_model"] is None
-    # same sample budget and seed for the three RL runs
-    keys = ["epochs", "problems_per_epoch", "samples_per_problem", "prompts_per_iteration", "ppo_epochs"]
+    # the oracle and the control read no reward model and are dense like the PRM run
+    for arm, source in [("rl-exact-dense-s1", "exact"), ("rl-confidence-dense-s1", "confidence")]:
+        assert recipes[arm]["reward"]["source"] == source and recipes[arm]["reward"]["mode"] == "dense"
+        assert recipes[arm]["model"]["reward_model"] is None and recipes[arm]["run"]["seed"] == 1
+        assert recipes[arm]["reward"]["dense_form"] == rl["reward"]["dense_form"]
+    # same sample budget, seed and learning settings for the five RL runs
+    keys = ["epochs", "problems_per_epoch", "samples_per_problem", "prompts_per_iteration", "ppo_epochs",
+            "learning_rate", "temperature", "eval_n", "eval_problems"]
+    assert len(demo.RL_RUNS) == 5
     assert len({tuple(recipes[f"{n}-s0"]["rl"][k] for k in keys) for n, _, _ in demo.RL_RUNS}) == 1
+    assert {recipes[f"{n}-s0"]["run"]["threads"] for n, _, _ in demo.RL_RUNS} == {1}
+    # the start at T=0.7: the starting generator, its own run name, one thread like every lane stage
+    t07, t1 = recipes["bon-start-t07-s1"], recipes["bon-start-s1"]
+    assert t07["eval"]["temperature"] == 0.7 and t1["eval"]["temperature"] == 1.0
+    assert t07["model"]["generator"] == t1["model"]["generator"] == str(tmp_path / "prepare" / "generator")
+    assert t07["run"]["name"] == "bon-start-t07" and t07["run"]["threads"] == 1
+    by_name = {s.name: s for s in stages}
+    assert by_name["rl-exact-dense-s0"].parallel and by_name["bon-start-t07-s0"].parallel
+    assert not by_name["prepare"].parallel and not by_name["rm-prm"].parallel
+    fn, args = pickle.loads(pickle.dumps(by_name["rl-confidence-dense-s0"].call))  # a lane can receive it
+    assert fn is demo._rl and args[0].reward.source == "confidence"
     bon = recipes["bon-prm-dense-s0"]
     assert bon["model"]["generator"] == str(tmp_path / "seed-0" / "rl_prm_dense" / "export")
     assert set(bon["eval"]["reward_models"]) == {"prm", "orm"}
@@ -142,14 +183,15 @@ def test_demo_end_to_end_tiny_budgets(tmp_path):
             "rm:rm.time_budget_s=5", "rl:rl.epochs=1", "rl:rl.problems_per_epoch=8", "rl:rl.prompts_per_iteration=8",
             "rl:rl.eval_problems=8", "bon:eval.num_problems=8", "bon:eval.n_max=4"]
     summary = demo.run_demo(tmp_path, sets=sets, progress=False, log=lambda _: None)
-    assert summary["status"] == "done" and [s["status"] for s in summary["stages"]] == ["ran"] * 11
+    assert summary["status"] == "done" and [s["status"] for s in summary["stages"]] == ["ran"] * 16
     report = (tmp_path / "report" / "report.md").read_text()
-    for label in ["rl-prm-dense", "rl-orm-sparse", "rl-outcome-gt", "bon-start", "bon-outcome-gt"]:
-        assert f"| {label} |" in report
-    assert (tmp_path / "report" / "rl_curves.png").is_file() and (tmp_path / "report" / "bon_curves.png").is_file()
+    for label in ["prm_dense", "orm_sparse", "outcome_gt", "exact_dense", "confidence_dense", "start_t07"]:
+        assert f"| {label} |" in report or f": {label}" in report
+    for png in ["rl_curves.png", "rl_kl.png", "bon_by_generator.png", "bon_by_selector.png"]:
+        assert (tmp_path / "report" / png).is_file()
     assert (tmp_path / "seed-0" / "rl_prm_dense" / "export" / "config.json").is_file()
     again = demo.run_demo(tmp_path, sets=sets, progress=False, log=lambda _: None)
-    assert [s["status"] for s in again["stages"]] == ["skipped"] * 11 and again["wall_seconds"] < 30
+    assert [s["status"] for s in again["stages"]] == ["skipped"] * 16 and again["wall_seconds"] < 30
     on_disk = json.loads((tmp_path / "demo_summary.json").read_text())
     assert on_disk["status"] == "done" and on_disk["peak_rss_gib"] < 6
 
@@ -173,3 +215,82 @@ def test_an_outside_generator_changed_in_place_changes_the_keys(tmp_path):
     (gen / "model.safetensors").write_text("new weights")
     after = {s.name: s.key for s in demo.build_stages(tmp_path / "demo", generator=gen)}
     assert before["rm-prm"] != after["rm-prm"] and before["rl-outcome-gt-s0"] != after["rl-outcome-gt-s0"]
+
+
+def lane_pipeline(root, fail=()):
+    """a; then b, c, d side by side (b and c 0.6 s each); e after b; f must run alone."""
+    return [lane_stage(root, "a"), lane_stage(root, "b", ["a"], 0.6, "b" in fail),
+            lane_stage(root, "c", ["a"], 0.6), lane_stage(root, "d", ["a"]), lane_stage(root, "e", ["b"]),
+            lane_stage(root, "f", ["c"], parallel=False)]
+
+
+def test_lanes_run_stages_side_by_side_in_child_processes(tmp_path):
+    records = demo.run_stages(lane_pipeline(tmp_path), tmp_path, log=lambda _: None, lanes=2)
+    assert sorted(r["stage"] for r in records) == list("abcdef") and {r["status"] for r in records} == {"ran"}
+    times = {n: json.loads((tmp_path / n / "times.json").read_text()) for n in "abcdef"}
+    assert all(t["pid"] != os.getpid() for t in times.values())           # each in a child process
+    assert len({t["pid"] for t in times.values()}) == 6                    # a fresh one per stage
+    assert times["b"]["start"] < times["c"]["end"] and times["c"]["start"] < times["b"]["end"]  # b, c together
+    assert times["e"]["start"] >= times["b"]["end"] and times["b"]["start"] >= times["a"]["end"]  # inputs first
+    others = [t for n, t in times.items() if n != "f"]
+    assert all(t["end"] <= times["f"]["start"] or t["start"] >= times["f"]["end"] for t in others)  # f alone
+    assert all(r["peak_rss_mib"] > 0 and r["end"] > r["start"] for r in records)
+    for n in "abcdef":
+        assert json.loads((tmp_path / n / demo.MARKER).read_text())["stage"] == n
+    # the same markers count whichever way they were made: a sequential re-run skips everything
+    again = demo.run_stages(lane_pipeline(tmp_path), tmp_path, log=lambda _: None, lanes=1)
+    assert [r["status"] for r in again] == ["skipped"] * 6
+
+
+def test_lanes_give_the_same_outputs_as_one_lane(tmp_path):
+    for lanes in (1, 2):
+        demo.run_stages(lane_pipeline(tmp_path / str(lanes)), tmp_path / str(lanes), log=lambda _: None, lanes=lanes)
+    assert all((tmp_path / "1" / n / "out.txt").read_text() == (tmp_path / "2" / n / "out.txt").read_text() == n
+               for n in "abcdef")
+
+
+def test_a_failure_in_a_lane_stops_the_demo_with_its_stage_name(tmp_path):
+    lines = []
+    with pytest.raises(demo.DemoError, match=r"stage b failed after \d+ s: RuntimeError: boom in b"):
+        demo.run_stages(lane_pipeline(tmp_path, fail={"b"}), tmp_path, log=lines.append, lanes=2)
+    assert (tmp_path / "c" / demo.MARKER).exists()        # the stage beside it ended and is complete
+    assert not (tmp_path / "b" / demo.MARKER).exists()
+    assert not (tmp_path / "e").exists() and not (tmp_path / "f").exists()  # nothing new started after it
+    # on again: only the failed stage and what had not run
+    records = demo.run_stages(lane_pipeline(tmp_path), tmp_path, log=lambda _: None, lanes=2)
+    ran = {r["stage"] for r in records if r["status"] == "ran"}
+    assert "b" in ran and "e" in ran and "f" in ran and "a" not in ran and "c" not in ran
+
+
+def test_report_stage_reads_every_run_and_writes_the_report(tmp_path):
+    stages = demo.build_stages(tmp_path, seeds=2)
+    st = demo.report_stage(tmp_path, stages, 2, lambda: {})
+    assert st.name == "report" and st.deps == [s.name for s in stages] and st.call is None
+    assert {"report.md", "summary.json", "bon_by_generator.png"} <= set(st.outputs)
+    assert demo.generator_name("bon-start-t07-s1") == "start_t07" and demo.generator_name("rl-exact-dense-s0") == \
+        "exact_dense"
+    with pytest.raises(demo.DemoError, match="--lanes"):
+        demo.run_demo(tmp_path, lanes=0)
+
+
+def test_demo_peak_rss_adds_lanes_that_ran_together():
+    records = [{"start": 0, "end": 10, "peak_rss_mib": 100.0}, {"start": 5, "end": 20, "peak_rss_mib": 200.0},
+               {"start": 20, "end": 30, "peak_rss_mib": 250.0}]
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    assert abs(demo.demo_peak_rss_mib(records) - (own + 300)) < 5  # 100 + 200 overlapped; 250 ran alone
+
+
+def test_a_real_stage_runs_in_a_lane_and_its_error_names_it(tmp_path):
+    """A built stage's recipe and job go to a spawned child as they are; here its generator is missing."""
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    (gen / "config.json").write_text("{}")
+    stage = next(s for s in demo.build_stages(tmp_path / "demo", generator=gen) if s.name == "bon-start-t07-s0")
+    stage.deps = []
+    (gen / "config.json").unlink()
+    gen.rmdir()
+    with pytest.raises(demo.DemoError, match=r"stage bon-start-t07-s0 failed .*FileNotFoundError: missing checkpoint"):
+        demo.run_stages([stage], tmp_path / "demo", log=lambda _: None, lanes=2)
+    assert not (stage.out_dir / demo.MARKER).exists()

@@ -83,7 +83,8 @@ def fake_build(calls):
 def test_embedded_recipes_map_to_the_shipped_rl_recipes_paths():
     """Every model path a shipped RL recipe names is the product of an embedded recipe (a fresh clone can build it)."""
     rl_recipes = [ROOT / "recipes" / name for name in
-                  ("prm_dense.yaml", "orm_sparse.yaml", "outcome_gt.yaml", "rejection_sampling.yaml")]
+                  ("prm_dense.yaml", "orm_sparse.yaml", "outcome_gt.yaml", "exact_dense.yaml", "confidence_dense.yaml",
+                   "rejection_sampling.yaml")]
     for path in rl_recipes:
         for key, model in pre.required_models(load_recipe(path)):
             found = pre.find_builder(model)

@@ -1,0 +1,385 @@
+"""The demo's report: OUT/report/report.md, summary.json and the figures, from the demo's run folders.
+
+What it reads (nothing here runs a model): the best-of-N folders of every generator (`pool.jsonl`, else
+`bon_curves.json`), the RL run folders (`metrics.jsonl`: per-epoch `eval/*` records, epoch 0 the start, and
+per-update `rl/kl_per_token`, `rl/kl_per_sample`, `rl/reward`), and the reward models' `summary.json`.
+
+Statistics (DESIGN 7b):
+- best-of-N: a paired bootstrap over problems (`evaluate.bon_bootstrap`) of each generator's pools; with several
+  seeds, the seeds' pools together (`bon_curves_seeds`): one resample draws problem indices shared by every
+  seed. The seeds' held-out problems differ (they follow run.seed), so a resampling unit is "problem i of every
+  seed"; the units are independent of each other, which is what the bootstrap needs. Differences (prm_prod
+  minus orm, majority, confidence, ...) are paired: the same resampled problems and draws for both selectors.
+- RL: mean over seeds and a 95% t-interval (`compare.seed_interval`); one seed is reported as its value with
+  n=1. Differences between arms are paired by seed (end values) and get a t-interval of their own; an interval
+  that holds 0 is "not told apart".
+
+summary.json (nested; every {mean, lo, hi} a fraction, not a percentage):
+    wall_seconds, peak_rss_mib, seeds       the whole demo, as its runner measured it when the report ran
+    bon.GEN.SEL.N.{accuracy, process_correct, right_answer_wrong_process}: {mean, lo, hi}
+    bon_diff.GEN.A_minus_B.N.{accuracy, process_correct}: {mean, lo, hi}
+    rl.ARM.METRIC.{start, end, change}: {mean, lo, hi, n}     METRIC in RL_METRICS
+    rl.ARM.{kl_per_token, kl_per_sample}.{end, max}: {mean, lo, hi, n}; rl.ARM.reward.{first, last}: ...
+    rl_diff.A_minus_B.METRIC.end: {mean, lo, hi, n}           paired by seed
+    prm.{step_auroc, first_error_f1, source}, orm.{solution_auroc, source}
+GEN is `start`, `start_t07` or an RL arm (`prm_dense`, ...); N a string key ("1", "2", ...).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RL_METRICS = ["answer_accuracy", "process_accuracy", "trace_error", "shortcut_rate"]
+# the figure's selectors, in this order (the pools also have prm_min and weighted_majority: tables and summary)
+FIGURE_SELECTORS = ["prm_prod", "orm", "majority", "confidence", "likelihood", "random", "pass@n"]
+BON_PAIRS = [("prm_prod", "orm"), ("prm_prod", "majority"), ("prm_prod", "confidence"), ("prm_prod", "likelihood"),
+             ("prm_prod", "random")]
+# paired RL differences, where both arms ran: the oracle's process reward vs its outcome reward, learned process
+# vs learned outcome, and every reward against the sharpening control
+RL_PAIRS = [("exact_dense", "outcome_gt"), ("prm_dense", "orm_sparse"), ("prm_dense", "confidence_dense"),
+            ("orm_sparse", "confidence_dense"), ("outcome_gt", "confidence_dense"), ("exact_dense", "prm_dense")]
+BON_RESAMPLES = 1000
+
+
+@dataclass
+class DemoLayout:
+    """Where the demo's runs are: folders by generator and by RL arm, one per seed, in seed order."""
+
+    seeds: int = 1
+    generators: dict[str, list[Path]] = field(default_factory=dict)
+    """best-of-N folders: `start`, `start_t07`, one per RL arm's final generator."""
+    arms: dict[str, list[Path]] = field(default_factory=dict)
+    """RL run folders by arm (`prm_dense`, ...)."""
+    prm: Path | None = None
+    orm: Path | None = None
+    runs: list[Path] = field(default_factory=list)
+    """Every run folder, for the all-runs view."""
+
+
+# --------------------------------------------------------------------------- best-of-N
+
+
+def bon_statistics(dirs: list[Path], resamples: int = BON_RESAMPLES, seed: int = 0) -> tuple[dict, dict, str]:
+    """(curves, differences, how) of one generator over its seeds' best-of-N folders.
+
+    Pools when every folder has one (a paired bootstrap over problems, seeds together); else, for one folder,
+    its own bon_curves.json (the stage's bootstrap, fewer resamples). Raises FileNotFoundError otherwise."""
+    from rlprm.evaluate import DIFFERENCES_KEY, _selector_curves, bon_bootstrap, load_pool, powers_of_two, \
+        selector_scores
+
+    pools_at = [Path(d) / "pool.jsonl" for d in dirs]
+    if dirs and all(p.is_file() for p in pools_at):
+        pools = [load_pool(p) for p in pools_at]
+        scores = [selector_scores(pool, ("prod", "min")) for pool in pools]
+        present = set(scores[0]) | {"majority", "random", "pass@n"}
+        pairs = [(a, b) for a, b in BON_PAIRS if a in present and b in present]
+        ns = powers_of_two(min(pool.n for pool in pools))
+        weighted = "prm_prod" if "prm_prod" in scores[0] else None
+        curves, diffs = bon_bootstrap(pools, scores, ns, pairs or None, resamples, seed, weighted)
+        return curves, diffs, f"paired bootstrap over problems, {len(pools)} seed pool(s), {resamples} resamples"
+    if len(dirs) == 1 and (Path(dirs[0]) / "bon_curves.json").is_file():
+        data = json.loads((Path(dirs[0]) / "bon_curves.json").read_text())
+        return _selector_curves(data), _selector_curves(data.get(DIFFERENCES_KEY, {})), "the stage's bon_curves.json"
+    raise FileNotFoundError(f"best-of-N folders {[str(d) for d in dirs]} lack pool.jsonl")
+
+
+def _point(p: dict) -> dict:
+    return {k: p[k] for k in ("mean", "lo", "hi")}
+
+
+def bon_summary(curves: dict) -> dict:
+    """{selector: {"N": {metric: {mean, lo, hi}}}} (N as a string, as JSON keys are)."""
+    return {sel: {str(N): {m: _point(v) for m, v in point.items()} for N, point in c.items()}
+            for sel, c in curves.items()}
+
+
+# --------------------------------------------------------------------------- RL
+
+
+def _runs_by_seed(dirs: list[Path]) -> dict:
+    """seed -> RunData of an arm's folders (a folder without a seed in its recipe gets its position)."""
+    from rlprm.compare import read_run
+
+    runs = [read_run(d) for d in dirs]
+    return {(r.seed if r.seed is not None else i): r for i, r in enumerate(runs)}
+
+
+def _endpoints(run, key: str) -> tuple[float | None, float | None]:
+    """(value at the first evaluated epoch, value at the last) of a per-epoch eval record key."""
+    from rlprm.compare import rl_curve
+
+    curve = rl_curve(run, key)
+    if not curve:
+        return None, None
+    return curve[min(curve)], curve[max(curve)]
+
+
+def _updates(run, key: str) -> list[float]:
+    """The per-update values of `key` (PPO's iteration records), in order."""
+    return [float(r[key]) for r in run.records if r.get(key) is not None and "eval/answer_accuracy" not in r]
+
+
+def arm_seed_values(runs: dict) -> dict:
+    """{metric: {"start"|"end"|"change": {seed: value}}}, KL and reward per update too, for one arm's runs."""
+    out: dict = {}
+    for metric in RL_METRICS:
+        ends = {s: _endpoints(r, f"eval/{metric}") for s, r in runs.items()}
+        out[metric] = {"start": {s: e[0] for s, e in ends.items() if e[0] is not None},
+                       "end": {s: e[1] for s, e in ends.items() if e[1] is not None},
+                       "change": {s: e[1] - e[0] for s, e in ends.items() if e[0] is not None and e[1] is not None}}
+    for kl in ("kl_per_token", "kl_per_sample"):
+        per = {s: _updates(r, f"rl/{kl}") for s, r in runs.items()}
+        out[kl] = {"end": {s: v[-1] for s, v in per.items() if v}, "max": {s: max(v) for s, v in per.items() if v}}
+    rewards = {s: _updates(r, "rl/reward") for s, r in runs.items()}
+    out["reward"] = {"first": {s: v[0] for s, v in rewards.items() if v}, "last": {s: v[-1] for s, v in rewards.items() if v}}
+    return out
+
+
+def rl_summary(seed_values: dict[str, dict]) -> dict:
+    """arm -> metric -> point -> seed_interval, from `arm_seed_values` of each arm."""
+    from rlprm.compare import seed_interval
+
+    return {arm: {metric: {point: seed_interval(list(vals.values())) for point, vals in points.items()}
+                  for metric, points in values.items()} for arm, values in seed_values.items()}
+
+
+def rl_differences(seed_values: dict[str, dict]) -> dict:
+    """{"A_minus_B": {metric: {"end": paired interval}}} for the RL_PAIRS whose arms both ran."""
+    from rlprm.compare import paired_seed_differences
+
+    out = {}
+    for a, b in RL_PAIRS:
+        if a in seed_values and b in seed_values:
+            out[f"{a}_minus_{b}"] = {m: {"end": paired_seed_differences(seed_values[a][m]["end"], seed_values[b][m]["end"])}
+                                     for m in RL_METRICS}
+    return out
+
+
+# --------------------------------------------------------------------------- reward models
+
+
+def rm_quality(folder: Path | None, keys: list[str]) -> dict:
+    """The reward model's own held-out numbers from its summary.json: the head alone (`eval_head_only/`) where
+    the model stacks generator confidence on it, else `eval/`; {} without a summary."""
+    path = Path(folder) / "summary.json" if folder else None
+    if path is None or not path.is_file():
+        return {}
+    summary = json.loads(path.read_text())
+    prefix = "eval_head_only" if any(k.startswith("eval_head_only/") for k in summary) else "eval"
+    return {**{k: summary.get(f"{prefix}/{k}") for k in keys}, "source": f"{path} ({prefix}/)"}
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _band(ax, xs, points, label):
+    """A mean line and, with several seeds, its 95% band."""
+    line, = ax.plot(xs, [100 * p["mean"] for p in points], marker="o", markersize=3, label=label)
+    if any(p["n"] > 1 for p in points):
+        ax.fill_between(xs, [100 * p["lo"] for p in points], [100 * p["hi"] for p in points],
+                        color=line.get_color(), alpha=0.15)
+
+
+def plot_rl_metrics(runs_by_arm: dict[str, dict], path: Path) -> None:
+    """One panel per RL_METRICS entry, a line per arm: mean over seeds per epoch with its 95% t band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlprm.compare import _save, rl_curve, seed_interval
+
+    titles = {"answer_accuracy": "answer accuracy", "process_accuracy": "process accuracy (every step right)",
+              "trace_error": "trace error (wrong step | right answer)", "shortcut_rate": "last-digit shortcut rate"}
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=100)
+    for ax, metric in zip(axes.flat, RL_METRICS):
+        for arm, runs in runs_by_arm.items():
+            curves = [rl_curve(r, f"eval/{metric}") for r in runs.values()]
+            epochs = sorted({e for c in curves for e in c})
+            if epochs:
+                _band(ax, epochs, [seed_interval([c.get(e) for c in curves]) for e in epochs], arm)
+        ax.set_title(titles[metric], fontsize=10)
+        ax.set_xlabel("RL epoch (0: start)")
+        ax.set_ylabel("% of held-out samples")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_kl(runs_by_arm: dict[str, dict], path: Path) -> None:
+    """KL to the start per update, per token and per sample, a line per arm (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlprm.compare import _save
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
+    for ax, key in zip(axes, ["kl_per_token", "kl_per_sample"]):
+        for arm, runs in runs_by_arm.items():
+            series = [_updates(r, f"rl/{key}") for r in runs.values()]
+            length = min((len(s) for s in series), default=0)
+            if length:
+                ax.plot(range(1, length + 1), [sum(s[i] for s in series) / len(series) for i in range(length)],
+                        marker="o", markersize=3, label=arm)
+        ax.set_title(f"KL to the start, {key.replace('kl_', '').replace('_', ' ')} (nats)", fontsize=10)
+        ax.set_xlabel("PPO update")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _pct(p: dict | None, signed: bool = False) -> str:
+    if not p or p.get("mean") is None or math.isnan(p["mean"]):
+        return "-"
+    f = "+.1f" if signed else ".1f"
+    if p.get("n") == 1:
+        return f"{100 * p['mean']:{f}} (n=1)"
+    return f"{100 * p['mean']:{f}} [{100 * p['lo']:{f}}, {100 * p['hi']:{f}}]"
+
+
+def _num(p: dict | None) -> str:
+    if not p or p.get("mean") is None or math.isnan(p["mean"]):
+        return "-"
+    return f"{p['mean']:.3f}" + ("" if p.get("n", 1) <= 1 else f" [{p['lo']:.3f}, {p['hi']:.3f}]")
+
+
+def _verdict(p: dict) -> str:
+    if p.get("n", 0) < 2:
+        return "one seed: no interval"
+    return "not told apart" if p["lo"] <= 0 <= p["hi"] else "told apart"
+
+
+def rl_markdown(summary: dict, diffs: dict, seeds: int) -> list[str]:
+    names = {"answer_accuracy": "answer acc.", "process_accuracy": "process acc.", "trace_error": "trace error",
+             "shortcut_rate": "shortcut rate"}
+    lines = ["## RL: start -> end", "",
+             f"Held-out samples at T=1 after each RL epoch (epoch 0: the starting generator), {seeds} seed(s): "
+             "mean [95% t-interval over seeds] in %; with one seed the value, n=1. Trace error: of the samples "
+             "with the right answer, the share with a wrong step.", "",
+             "| arm | " + " | ".join(f"{names[m]} start | {names[m]} end" for m in RL_METRICS) + " |",
+             "|---|" + "---|---|" * len(RL_METRICS)]
+    for arm, s in summary.items():
+        lines.append(f"| {arm} | " + " | ".join(f"{_pct(s[m]['start'])} | {_pct(s[m]['end'])}" for m in RL_METRICS)
+                     + " |")
+    lines += ["", "### KL to the start and training reward, per PPO update", "",
+              "| arm | reward, first update | reward, last update | KL/token, last | KL/sample, last | KL/sample, max |",
+              "|---|---|---|---|---|---|"]
+    for arm, s in summary.items():
+        lines.append(f"| {arm} | {_num(s['reward']['first'])} | {_num(s['reward']['last'])} | "
+                     f"{_num(s['kl_per_token']['end'])} | {_num(s['kl_per_sample']['end'])} | "
+                     f"{_num(s['kl_per_sample']['max'])} |")
+    if diffs:
+        lines += ["", "### Paired differences between arms at the end (points; same seeds), mean [95% t-interval]", "",
+                  "| A - B | " + " | ".join(names[m] for m in RL_METRICS) + " |", "|---|" + "---|" * len(RL_METRICS)]
+        for pair, d in diffs.items():
+            lines.append(f"| {pair.replace('_minus_', ' - ')} | "
+                         + " | ".join(f"{_pct(d[m]['end'], signed=True)} ({_verdict(d[m]['end'])})" for m in RL_METRICS)
+                         + " |")
+    return lines + ["", "![RL metrics per epoch](rl_curves.png)", "", "![KL per update](rl_kl.png)", ""]
+
+
+def bon_markdown(stats: dict[str, tuple[dict, dict, str]]) -> list[str]:
+    from rlprm.evaluate import markdown_table
+
+    lines = ["## Best-of-N", "",
+             "One panel per generator, a line per selector with its 95% band (paired bootstrap over problems; "
+             "with several seeds, the seeds' pools together).", "",
+             "![best-of-N by generator](bon_by_generator.png)", ""]
+    for gen, (curves, diffs, how) in stats.items():
+        lines += [f"## Best-of-N: {gen}", "", f"Intervals: {how}.", "",
+                  markdown_table(curves, title=f"{gen}: accuracy (%), mean [95% interval]", differences=diffs)]
+    return lines + ["Other view, one panel per selector and a line per generator:", "",
+                    "![best-of-N by selector](bon_by_selector.png)", ""]
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _finite(value):
+    """NaN -> None everywhere (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def build_summary(layout: DemoLayout, runtime: dict, bon: dict, rl_seed_values: dict) -> dict:
+    """summary.json's content (see the module docstring)."""
+    return _finite({
+        "wall_seconds": runtime.get("wall_seconds"), "peak_rss_mib": runtime.get("peak_rss_mib"),
+        "seeds": layout.seeds,
+        "bon": {gen: bon_summary(curves) for gen, (curves, _, _) in bon.items()},
+        "bon_diff": {gen: bon_summary(diffs) for gen, (_, diffs, _) in bon.items()},
+        "rl": rl_summary(rl_seed_values),
+        "rl_diff": rl_differences(rl_seed_values),
+        "prm": rm_quality(layout.prm, ["step_auroc", "first_error_f1"]),
+        "orm": rm_quality(layout.orm, ["solution_auroc", "solution_auroc_answer"]),
+    })
+
+
+def write_demo_report(layout: DemoLayout, out_dir: Path, runtime: dict, resamples: int = BON_RESAMPLES,
+                      seed: int = 0) -> Path:
+    """Write report.md, summary.json, bon_by_generator.png, bon_by_selector.png, rl_curves.png, rl_kl.png and
+    the all-runs view (all_runs/report.md, `rlprm compare` of every folder) into out_dir; returns report.md."""
+    from rlprm.compare import compare, read_run
+    from rlprm.evaluate import plot_by_generator
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bon = {gen: bon_statistics(dirs, resamples, seed) for gen, dirs in layout.generators.items()}
+    runs_by_arm = {arm: _runs_by_seed(dirs) for arm, dirs in layout.arms.items()}
+    seed_values = {arm: arm_seed_values(runs) for arm, runs in runs_by_arm.items()}
+    summary = build_summary(layout, runtime, bon, seed_values)
+
+    lines = ["# Process vs outcome supervision (demo)", "",
+             f"{layout.seeds} seed(s); wall time {runtime.get('wall_seconds')} s up to this report, peak memory "
+             f"{runtime.get('peak_rss_mib')} MiB (this process plus the lanes that ran at once, an upper bound).", ""]
+    prm, orm = summary["prm"], summary["orm"]
+    if prm or orm:
+        lines += ["## Reward models (held-out generator samples)", "",
+                  f"- PRM step AUROC {prm.get('step_auroc')}, first-error F1 {prm.get('first_error_f1')} "
+                  f"(from {prm.get('source', '-')})",
+                  f"- ORM solution AUROC {orm.get('solution_auroc')} (from {orm.get('source', '-')})", ""]
+    if bon:
+        curves = {gen: c for gen, (c, _, _) in bon.items()}
+        plot_by_generator(curves, out / "bon_by_generator.png",
+                          selectors=[s for s in FIGURE_SELECTORS if any(s in c for c in curves.values())])
+        by_selector: dict[str, dict] = {}
+        for gen, c in curves.items():
+            for sel in FIGURE_SELECTORS:
+                if sel in c:
+                    by_selector.setdefault(sel, {})[gen] = c[sel]
+        plot_by_generator(by_selector, out / "bon_by_selector.png", selectors=list(curves),
+                          title="Best-of-N by selector")
+        lines += bon_markdown(bon)
+    if runs_by_arm:
+        plot_rl_metrics(runs_by_arm, out / "rl_curves.png")
+        plot_kl(runs_by_arm, out / "rl_kl.png")
+        lines += rl_markdown(summary["rl"], summary["rl_diff"], layout.seeds)
+    runs = [read_run(d) for d in layout.runs if (Path(d) / "metrics.jsonl").is_file()]
+    if runs:
+        compare(runs, out / "all_runs", title="Every run of the demo")
+        lines += ["Every run, with its own numbers: [all_runs/report.md](all_runs/report.md)", ""]
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    report = out / "report.md"
+    _write_atomic(report, "\n".join(lines) + "\n")
+    return report
