@@ -72,10 +72,10 @@ DEMO_OVERRIDES: dict[str, list[str]] = {
     # chains with 0% process accuracy; the arithmetic clicks only after about 500-600 steps
     "prepare": ["prepare_eval.num_problems=200",          # 500
                 "prepare_eval.min_process_accuracy=0.10"],  # 0.30: two 300 s runs of ~670 steps gave 46% and 10.5%
-    "rm": ["rm.data.train_problems=192",                  # 1024 (x 8 samples each)
+    "rm": ["rm.data.train_problems=256",                  # 512 (x 4 samples + 3 of the task's own each)
            "rm.data.eval_problems=48",                    # 128
            "rm.data.eval_samples_per_problem=8",          # 16
-           "rm.time_budget_s=45"],                        # 170
+           "rm.max_steps=160"],                           # 240
     # the RL recipes' own budget (3 epochs x 3 iterations x 32 prompts x 4 samples, about 90 s each): with one
     # iteration per epoch every run was still recovering from its first updates when it ended
     "rl": ["rl.epochs=3",

@@ -141,7 +141,7 @@ def test_build_stages_validates_every_recipe_with_demo_budgets(tmp_path):
         assert {f"bon-start-s{seed}", f"bon-start-t07-s{seed}"} <= set(names)
     recipes = {s.name: yaml.safe_load(s.key) for s in stages}
     assert recipes["prepare"]["prepare_eval"]["min_process_accuracy"] == 0.10
-    assert recipes["rm-prm"]["rm"]["time_budget_s"] == 45
+    assert recipes["rm-prm"]["rm"]["max_steps"] == 160 and recipes["rm-prm"]["rm"]["scorer"] == "lm"
     assert recipes["rm-orm"]["rm"]["data"]["cache_dir"] == str(tmp_path / "prm" / "rm_samples")
     rl = recipes["rl-prm-dense-s1"]
     assert rl["run"]["seed"] == 1 and rl["rl"]["epochs"] == 1 and rl["tracking"]["wandb"] == "disabled"
