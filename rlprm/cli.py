@@ -3,7 +3,7 @@
 Every subcommand that runs a job takes a recipe, then any number of
 `key.sub=value` overrides, and validates everything before loading a model:
 
-    rlprm prepare recipes/arith_prepare.yaml sft.time_budget_s=120
+    rlprm prepare recipes/arith_prepare.yaml sft.steps=300
     rlprm train-rm recipes/prm_train.yaml          # a process reward model
     rlprm eval recipes/bon_eval.yaml                # best-of-N curves
     rlprm train-rl recipes/prm_dense.yaml [--resume]  # PPO from dense PRM rewards
@@ -30,7 +30,7 @@ EXIT_TARGETS_MISSED = 3
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="a recipe YAML file (see recipes/)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="override recipe values, e.g. run.seed=1 sft.time_budget_s=60")
+                        help="override recipe values, e.g. run.seed=1 sft.steps=300")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved recipe (defaults filled in, paths absolute) and exit")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="train the tiny generator on the arithmetic task and check it",
-                       description="Fine-tune the tiny generator with TRL's SFTTrainer on clean and corrupted "
-                                   "solutions, sample it on held-out problems at temperature 1 and save it as "
+                       description="Fine-tune the tiny generator for sft.steps optimizer steps on clean and "
+                                   "corrupted solutions, sample it on held-out problems at temperature 1 and save it as "
                                    "RUN_DIR/generator only if it meets the recipe's targets (exit code 3 if not).")
     _recipe_args(p)
 
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="redo stages even if complete: all with no name, else the named ones or a prefix (prepare, rm, rl, bon, "
                         "rl-prm-dense-s0, ...); what depends on them is redone too")
     p.add_argument("--set", action="append", default=[], metavar="GROUP:key=value",
-                   help="change a demo budget, e.g. prepare:sft.time_budget_s=300 (groups: prepare, rm, rl, bon)")
+                   help="change a demo budget, e.g. prepare:sft.steps=1000 (groups: prepare, rm, rl, bon)")
     p.add_argument("--wandb", default="disabled", choices=["disabled", "auto", "online", "offline"],
                    help="W&B mode of every stage (default disabled; runs go to group `demo`)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

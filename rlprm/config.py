@@ -218,12 +218,8 @@ class SFTConfig(Section):
 
     num_examples: int = Field(30000, ge=1)
     """Training solutions to generate (clean and corrupted mixed by task.arithmetic.corrupt_rate)."""
-    time_budget_s: float = Field(300.0, gt=0)
-    """Wall-clock training budget; the learning-rate schedule is laid over this time, and training stops at it."""
-    max_steps: int = Field(5000, ge=1)
-    """Upper bound on optimizer steps, whatever the budget."""
-    min_steps: int = Field(0, ge=0)
-    """Train at least this many steps even when time_budget_s runs out first (a busy or slow machine): the schedule then follows the slower of time and steps. 0: the time budget alone."""
+    steps: int = Field(700, ge=1)
+    """Optimizer steps: training stops here and the learning-rate schedule (warm-up, then cosine to min_lr_ratio) is laid over them, so the same recipe and seed give the same generator on any machine. Wall time is reported, never used to stop."""
     batch_size: int = Field(64, ge=1)
     """Sequences per optimizer step."""
     learning_rate: float = Field(3e-3, gt=0, le=1)
@@ -238,6 +234,8 @@ class SFTConfig(Section):
     """Cosine decay ends at this fraction of the peak rate."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping norm."""
+    logging_steps: int = Field(25, ge=1)
+    """Log the mean loss, learning rate and speed every this many steps (metrics.jsonl, W&B, the progress bar)."""
 
 
 class PrepareEvalConfig(Section):
@@ -739,6 +737,19 @@ _TYPE_WORDS = {
 }
 _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
+_STEPS_NOT_CLOCK = ("SFT is budgeted in optimizer steps now, so that the same recipe and seed give the same "
+                    "generator on any machine (a wall-clock budget gave a slower machine fewer steps, hence another "
+                    "generator)")
+# Keys that existed once: an old recipe that still sets one is told what replaced it and why, not just
+# "unknown key". Reported like every other problem (file:line, all at once).
+_REMOVED_KEYS: dict[tuple[str, ...], str] = {
+    ("sft", "time_budget_s"): f"removed: {_STEPS_NOT_CLOCK}. Use `sft.steps` instead (700 steps took 4-8 "
+                              "minutes on 2 cores)",
+    ("sft", "min_steps"): f"removed: {_STEPS_NOT_CLOCK}. Use `sft.steps` instead (set it to this value)",
+    ("sft", "max_steps"): f"removed: {_STEPS_NOT_CLOCK}. Use `sft.steps` instead (training now always runs "
+                          "exactly that many steps)",
+}
+
 
 def _describe(err: dict, source: str, lines: dict[tuple, int]) -> str:
     loc = tuple(err["loc"])
@@ -747,7 +758,10 @@ def _describe(err: dict, source: str, lines: dict[tuple, int]) -> str:
     value = err.get("input")
     kind = err["type"]
     ctx = err.get("ctx") or {}
-    if kind == "extra_forbidden":
+    removed = _REMOVED_KEYS.get(tuple(str(p) for p in loc)) if kind == "extra_forbidden" else None
+    if removed:
+        msg = removed
+    elif kind == "extra_forbidden":
         parent = tuple(p for p in loc[:-1] if isinstance(p, str))
         info = _field_info(parent) if parent else None
         cls = _unwrap(info.annotation) if info else Recipe

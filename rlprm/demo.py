@@ -41,10 +41,12 @@ so the spread measures RL and evaluation noise. The report gives best-of-N
 intervals from a paired bootstrap over problems of the seeds' pools together,
 and RL numbers as mean and 95% t-interval over seeds (see rlprm/demo_report.py).
 
-The generator keeps the full recipe's 300 s of SFT (less is not enough for the
-arithmetic to click); its process-accuracy target is relaxed from 0.30 to 0.10:
-the outcome of a wall-clock-budgeted SFT varies from run to run (two runs of
-about 670 steps each gave 46% and 10.5% on this project's 2-core machine).
+The generator keeps the full recipe's `sft.steps` (fewer are not enough for
+the arithmetic to click); its process-accuracy target is relaxed from 0.30 to
+0.10: when SFT was budgeted in wall-clock time its outcome varied from run to
+run (two runs of about 670 steps each gave 46% and 10.5% on this project's
+2-core machine). SFT now runs a fixed step count, so one seed gives one
+generator; the relaxed target stays until that count is calibrated.
 `--generator PATH` starts from an existing generator instead (no prepare stage).
 """
 
@@ -68,10 +70,10 @@ MARKER = ".demo-stage.json"
 # Budgets of the demo (2 CPU cores, under 15 minutes for one seed); keys are stage groups.
 # `rlprm demo --set GROUP:key=value` changes one for a run.
 DEMO_OVERRIDES: dict[str, list[str]] = {
-    # the generator keeps its full 300 s: at 200 s (321 steps on a busy 2-core machine) it wrote well-formed
-    # chains with 0% process accuracy; the arithmetic clicks only after about 500-600 steps
+    # the generator keeps the recipe's sft.steps: after 321 steps it wrote well-formed chains with 0% process
+    # accuracy; the arithmetic clicks only after about 500-600 steps
     "prepare": ["prepare_eval.num_problems=200",          # 500
-                "prepare_eval.min_process_accuracy=0.10"],  # 0.30: two 300 s runs of ~670 steps gave 46% and 10.5%
+                "prepare_eval.min_process_accuracy=0.10"],  # 0.30: two runs of ~670 steps gave 46% and 10.5%
     "rm": ["rm.data.train_problems=256",                  # 512 (x 4 samples + 3 of the task's own each)
            "rm.data.eval_problems=48",                    # 128
            "rm.data.eval_samples_per_problem=8",          # 16
@@ -438,8 +440,8 @@ def _prepare(recipe, progress):
     try:
         return prepare(recipe, progress=progress)
     except PrepareError as exc:
-        raise DemoError(f"stage prepare: {exc}\nGive it more time, e.g. `rlprm demo --set "
-                        f"prepare:sft.time_budget_s=400 --force prepare`") from None
+        raise DemoError(f"stage prepare: {exc}\nGive it more steps, e.g. `rlprm demo --set "
+                        f"prepare:sft.steps=1000 --force prepare`") from None
 
 
 def _train_rm(recipe, progress):
@@ -498,7 +500,7 @@ def parse_sets(items: list[str]) -> dict[str, list[str]]:
         group, sep, override = item.partition(":")
         if not sep or group not in DEMO_OVERRIDES or "=" not in override:
             raise DemoError(f"--set {item!r}: expected GROUP:key=value with GROUP one of "
-                            f"{', '.join(DEMO_OVERRIDES)}, e.g. prepare:sft.time_budget_s=300")
+                            f"{', '.join(DEMO_OVERRIDES)}, e.g. prepare:sft.steps=1000")
         out.setdefault(group, []).append(override)
     return out
 

@@ -38,4 +38,4 @@ def test_check_and_print_config():
 
 def test_explain_documents_every_key():
     out = rlprm("explain")
-    assert out.returncode == 0 and "sft.time_budget_s" in out.stdout and "reward.dense_form" in out.stdout
+    assert out.returncode == 0 and "sft.steps" in out.stdout and "reward.dense_form" in out.stdout

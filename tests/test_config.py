@@ -100,6 +100,25 @@ def test_all_problems_reported_at_once(tmp_path):
     assert "3 problem(s)" in msg
 
 
+def test_removed_sft_clock_keys_name_sft_steps_and_why(tmp_path):
+    """An old recipe budgeted in seconds fails with what replaced each key, every problem at once, file:line."""
+    path = write(tmp_path, """\
+        sft:
+          num_examples: 100
+          time_budget_s: 300
+          min_steps: 700
+          max_steps: 5000
+          batch_size: 0
+        """)
+    msg = error_of(path)
+    assert "4 problem(s)" in msg and "sft.batch_size: must be >= 1" in msg
+    for line, key in [(3, "time_budget_s"), (4, "min_steps"), (5, "max_steps")]:
+        text = next(part for part in msg.splitlines() if f"sft.{key}:" in part)
+        assert text.startswith(f"{path}:{line}: sft.{key}: removed:") and "Use `sft.steps`" in text
+        assert "same generator on any machine" in text and "unknown key" not in text
+    assert "Use `sft.steps`" in error_of(write(tmp_path, "run: {seed: 1}\n"), ["sft.time_budget_s=60"])
+
+
 def test_invalid_yaml_names_the_line(tmp_path):
     msg = error_of(write(tmp_path, "run:\n  name: [unclosed\n  seed: 1\n"))
     assert "not valid YAML" in msg and str(tmp_path / "recipe.yaml") in msg

@@ -124,8 +124,8 @@ def test_refuses_to_write_outside_the_demo_folder(tmp_path):
 
 
 def test_parse_sets():
-    assert demo.parse_sets(["rl:rl.epochs=1", "rl:rl.eval_n=2", "prepare:sft.time_budget_s=9"]) == {
-        "rl": ["rl.epochs=1", "rl.eval_n=2"], "prepare": ["sft.time_budget_s=9"]}
+    assert demo.parse_sets(["rl:rl.epochs=1", "rl:rl.eval_n=2", "prepare:sft.steps=9"]) == {
+        "rl": ["rl.epochs=1", "rl.eval_n=2"], "prepare": ["sft.steps=9"]}
     for bad in ["rl.epochs=1", "nope:rl.epochs=1", "rl:rl.epochs"]:
         with pytest.raises(demo.DemoError, match="expected GROUP:key=value"):
             demo.parse_sets([bad])
@@ -178,7 +178,7 @@ def test_build_stages_validates_every_recipe_with_demo_budgets(tmp_path):
 @pytest.mark.slow
 def test_demo_end_to_end_tiny_budgets(tmp_path):
     """The real pipeline at toy budgets (about 75 s on 2 cores), then a re-run that skips everything."""
-    sets = ["prepare:sft.time_budget_s=20", "prepare:prepare_eval.num_problems=32",
+    sets = ["prepare:sft.steps=40", "prepare:prepare_eval.num_problems=32",
             "prepare:prepare_eval.enforce_targets=false", "rm:rm.data.train_problems=32", "rm:rm.data.eval_problems=8",
             "rm:rm.time_budget_s=5", "rl:rl.epochs=1", "rl:rl.problems_per_epoch=8", "rl:rl.prompts_per_iteration=8",
             "rl:rl.eval_problems=8", "bon:eval.num_problems=8", "bon:eval.n_max=4"]

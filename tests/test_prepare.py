@@ -1,4 +1,4 @@
-"""`rlprm prepare` end to end, on a tiny budget (the full run is the slow test)."""
+"""`rlprm prepare` end to end on a tiny budget (the full run is the slow test), and its SFT loop."""
 
 import json
 from pathlib import Path
@@ -20,25 +20,26 @@ def test_prepare_saves_a_loadable_generator(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     recipe = load_recipe(ROOT / "recipes" / "arith_prepare.yaml",
-                         TINY + [f"run.output_dir={tmp_path}", "sft.time_budget_s=3", "prepare_eval.enforce_targets=false"])
+                         TINY + [f"run.output_dir={tmp_path}", "sft.steps=6", "prepare_eval.enforce_targets=false"])
     rates = prepare(recipe, progress=False)
     assert set(rates) >= {"well_formed", "answer_accuracy", "process_accuracy", "right_answer_wrong_process"}
-    assert rates["train_steps"] >= 1
+    assert rates["train_steps"] == 6 and rates["train_seconds"] > 0
     gen = tmp_path / "generator"
     tok = AutoTokenizer.from_pretrained(gen)
     model = AutoModelForCausalLM.from_pretrained(gen)
     out = model.generate(**tok("5 +3\n", return_tensors="pt"), max_new_tokens=4, do_sample=False,
                          pad_token_id=tok.pad_token_id)
     assert out.shape[1] >= 1
-    assert (tmp_path / "recipe.yaml").exists() and json.loads((tmp_path / "summary.json").read_text())["train_steps"] >= 1
+    assert (tmp_path / "recipe.yaml").exists() and json.loads((tmp_path / "summary.json").read_text())["train_steps"] == 6
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("prepare/process_accuracy" in r for r in logged)
+    assert [r["step"] for r in logged if "sft/loss" in r] == [6]  # logging_steps 25: only the last step
     assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "sft_work").exists()
 
 
 def test_prepare_refuses_a_generator_that_misses_targets(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "arith_prepare.yaml",
-                         TINY + [f"run.output_dir={tmp_path}", "sft.time_budget_s=1", "sft.max_steps=2"])
+                         TINY + [f"run.output_dir={tmp_path}", "sft.steps=2"])
     with pytest.raises(PrepareError, match="missed its targets: .*process accuracy"):
         prepare(recipe, progress=False)
     assert not (tmp_path / "generator").exists()
@@ -54,7 +55,7 @@ def test_prepare_only_builds_the_tiny_arithmetic_generator(tmp_path):
 
 @pytest.mark.slow
 def test_full_prepare_meets_its_targets(tmp_path):
-    """The real recipe: about 6 minutes on 2 cores."""
+    """The real recipe (700 steps): about 5 minutes on 2 cores."""
     recipe = load_recipe(ROOT / "recipes" / "arith_prepare.yaml", [f"run.output_dir={tmp_path}", "tracking.wandb=disabled"])
     rates = prepare(recipe, progress=False)
     assert rates["well_formed"] >= 0.95
@@ -62,17 +63,94 @@ def test_full_prepare_meets_its_targets(tmp_path):
     assert (tmp_path / "generator" / "config.json").exists()
 
 
-def test_schedule_follows_the_slower_of_time_and_steps():
-    from rlprm.prepare import _schedule_progress
+def _weights(path: Path) -> dict:
+    from safetensors.torch import load_file
 
-    now = {"t": 0.0}
-    clock = lambda: now["t"]  # noqa: E731
-    time_only = _schedule_progress(clock, 300.0, 0)
-    both = _schedule_progress(clock, 300.0, 700)
-    now["t"] = 150.0
-    assert time_only(100) == 0.5 and both(100) == pytest.approx(100 / 700)  # a slow machine: steps lag behind
-    assert both(600) == 0.5                                                    # a fast one: time lags behind
-    now["t"] = 300.0
-    assert time_only(10) == 1.0 and both(699) < 1.0 and both(700) == 1.0    # the budget alone does not stop it
-    now["t"] = 900.0
-    assert both(5000) == 1.0
+    return load_file(str(path / "generator" / "model.safetensors"))
+
+
+def test_same_seed_same_generator_other_seed_another(tmp_path):
+    """Steps, not a clock: two prepares with one seed give the same weights exactly, another seed others."""
+    import torch
+
+    runs = {}
+    for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
+        recipe = load_recipe(ROOT / "recipes" / "arith_prepare.yaml",
+                             TINY + [f"run.output_dir={tmp_path / name}", f"run.seed={seed}", "sft.steps=4",
+                                     "sft.logging_steps=2", "prepare_eval.num_problems=4",
+                                     "prepare_eval.enforce_targets=false"])
+        rates = prepare(recipe, progress=False)
+        runs[name] = (_weights(tmp_path / name), rates["train_loss"])
+    (a, loss_a), (b, loss_b), (c, _) = runs["a"], runs["b"], runs["c"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and loss_a == loss_b
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    logged = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "sft/loss" in r] == [2, 4]
+
+
+def test_schedule_warms_up_then_decays_to_min_ratio_at_the_last_step():
+    from rlprm.sft import lr_factor
+
+    factors = [lr_factor(s, 30, 700, 0.1) for s in range(700)]
+    assert factors[0] == pytest.approx(1 / 30) and factors[29] == 1.0
+    assert factors[30] == pytest.approx(1.0, abs=1e-4) and factors[-1] == pytest.approx(0.1)
+    assert all(x >= y for x, y in zip(factors[29:], factors[30:]))  # monotone after the warm-up
+    assert lr_factor(1, 5, 3, 0.1) == pytest.approx(2 / 5)             # fewer steps than warm-up: warm-up only
+
+
+def test_labels_cover_the_completion_and_end_token_only(char_tokenizer):
+    from rlprm.sft import IGNORE, encode_completions, padded_table
+
+    enc = encode_completions(char_tokenizer, ["5 +3\n", "12 -1 mod 10\n"], ["5 + 3 = 8\n# Answer: 8", "x"])
+    ids, labels, lengths = padded_table(enc, char_tokenizer.pad_token_id)
+    first = char_tokenizer("5 +3\n")["input_ids"]
+    assert enc.ids[0][: len(first)] == first and enc.prompt_lengths[0] == len(first)
+    assert enc.ids[0][-1] == char_tokenizer.eos_token_id
+    assert (labels[0, : len(first)] == IGNORE).all() and labels[0, len(first)] == ids[0, len(first)]
+    assert labels[0, lengths[0] - 1] == char_tokenizer.eos_token_id
+    assert (labels[1, lengths[1]:] == IGNORE).all() and (ids[1, lengths[1]:] == char_tokenizer.pad_token_id).all()
+
+
+def test_batches_pad_to_their_own_longest_and_match_the_one_pass_loss(char_tokenizer):
+    """Length groups change how a batch is cut, not its loss or gradient; no pass pads beyond its longest."""
+    import torch
+
+    from rlprm.config import TinyModelConfig
+    from rlprm.models import build_tiny_causal_lm
+    from rlprm.sft import batch_loss, encode_completions, padded_table
+
+    prompts = [f"{i} +{i % 7 + 1}\n" for i in range(12)]
+    completions = ["1 + 2 = 3\n" * (1 + i % 4) + "# Answer: 3" for i in range(12)]
+    enc = encode_completions(char_tokenizer, prompts, completions)
+    ids, labels, lengths = padded_table(enc, char_tokenizer.pad_token_id)
+    model = build_tiny_causal_lm(TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2),
+                                 char_tokenizer, seed=0)
+    widths = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape),
+                                    with_kwargs=True)
+    rows = torch.tensor([3, 0, 7, 11, 5, 2])
+    grads = []
+    for groups in (1, 3):
+        model.zero_grad()
+        value = batch_loss(model, ids, labels, lengths, rows, groups)
+        grads.append([p.grad.clone() for p in model.parameters()])
+        longest = int(lengths[rows].max())
+        with torch.no_grad():
+            reference = model(input_ids=ids[rows, :longest], labels=labels[rows, :longest]).loss
+        assert value == pytest.approx(reference.item(), rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    three = widths[2:5]  # the 3-group passes (after the 1-group pass and its reference)
+    assert [w[0] for w in three] == [2, 2, 2]
+    by_length = lengths[rows].sort().values
+    assert [w[1] for w in three] == [int(by_length[1]), int(by_length[3]), int(by_length[5])]
+    assert max(w[1] for w in widths) == int(lengths[rows].max())  # never the table width (the longest of all)
+
+
+def test_batch_order_is_seeded_and_sees_every_example_equally():
+    from collections import Counter
+
+    from rlprm.sft import batch_order
+
+    a = [r.tolist() for r in batch_order(10, 4, 5, seed=3)]
+    assert a == [r.tolist() for r in batch_order(10, 4, 5, seed=3)] != [r.tolist() for r in batch_order(10, 4, 5, 4)]
+    assert all(len(r) == 4 for r in a) and set(Counter(i for r in a for i in r).values()) == {2}

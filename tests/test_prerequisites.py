@@ -25,7 +25,7 @@ task: {name: arithmetic}
 model:
   generator: tiny
   tiny: {hidden_size: 64, intermediate_size: 128, num_layers: 2, num_heads: 2}
-sft: {num_examples: 64, time_budget_s: 30, max_steps: 2, batch_size: 8}
+sft: {num_examples: 64, steps: 2, batch_size: 8}
 prepare_eval: {num_problems: 4, max_new_tokens: 24, enforce_targets: false}
 tracking: {wandb: disabled}
 """

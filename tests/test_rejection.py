@@ -174,9 +174,31 @@ def test_resume_matches_uninterrupted_run(fixed_sampling, generator_dir, tmp_pat
     assert _comparable(resumed) and _comparable(resumed) == _comparable(full)
 
 
+def _poisoned_from_second_trainer():
+    """LeanSFTTrainer whose second instance (the second epoch's trainer) turns every loss into NaN."""
+    from rlprm.lean_sft import LeanSFTTrainer
+
+    return type("PoisonedFromSecond", (_Poisoned, LeanSFTTrainer), {"built": 0})
+
+
+class _Poisoned:
+    """Mixed in before LeanSFTTrainer: counts instances; from the second on, the loss is NaN."""
+
+    built = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        type(self).built += 1
+        self.poisoned = type(self).built >= 2
+
+    def compute_loss(self, *args, **kwargs):
+        loss = super().compute_loss(*args, **kwargs)
+        return loss * float("nan") if self.poisoned else loss
+
+
 def test_reward_model_selection_and_nan_stop(fixed_sampling, generator_dir, char_tokenizer, tmp_path, monkeypatch):
     """A PRM ranks the samples (answerless ones never kept); a NaN loss in epoch 2 stops the run, keeping epoch 1."""
-    import rlprm.prepare
+    import rlprm.lean_sft
     from rlprm.checkpoint import latest_checkpoint
     from rlprm.models import build_tiny_causal_lm
     from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
@@ -186,23 +208,7 @@ def test_reward_model_selection_and_nan_stop(fixed_sampling, generator_dir, char
     lm = build_tiny_causal_lm(TINY, char_tokenizer, seed=1)
     RewardModel(reward_model_from_causal_lm(convention, lm, char_tokenizer), char_tokenizer, convention).save(
         tmp_path / "prm")
-    real = rlprm.prepare._lean_sft_trainer_class
-    built = []
-
-    def poisoned_class():
-        cls = real()
-        built.append(1)
-        if len(built) < 2:
-            return cls
-
-        class Poisoned(cls):  # the second epoch's trainer: every loss is NaN
-            def compute_loss(self, *args, **kwargs):
-                loss = super().compute_loss(*args, **kwargs)
-                return loss * float("nan")
-
-        return Poisoned
-
-    monkeypatch.setattr(rlprm.prepare, "_lean_sft_trainer_class", poisoned_class)
+    monkeypatch.setattr(rlprm.lean_sft, "LeanSFTTrainer", _poisoned_from_second_trainer())
     recipe = make_recipe(tmp_path, generator_dir, "prm_run", source="prm", sparse_aggregate="min")
     recipe.model.reward_model = str(tmp_path / "prm")
     recipe.rl.rejection_top_k = 1

@@ -140,8 +140,8 @@ def train_rejection(recipe: Recipe, resume: bool = False, progress: bool = True)
 
     from rlprm.checkpoint import export, latest_checkpoint, load_state, save_checkpoint, start_or_resume
     from rlprm.evaluate import between_epochs
+    from rlprm.lean_sft import LeanSFTTrainer
     from rlprm.models import load_tokenizer, resolve_device
-    from rlprm.prepare import _lean_sft_trainer_class
     from rlprm.problems import eval_problems, grade_samples, held_out_arithmetic
     from rlprm.reward_models import RewardModel
     from rlprm.rl.ppo import _problems_for_epoch
@@ -250,9 +250,9 @@ def train_rejection(recipe: Recipe, resume: bool = False, progress: bool = True)
                 )
                 # the run's optimizer at a constant rate: a fresh trainer per epoch, the same moments throughout
                 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-                trainer = _lean_sft_trainer_class()(model=policy, args=args, train_dataset=data,
-                                                    processing_class=tokenizer, optimizers=(optimizer, scheduler),
-                                                    callbacks=[_sft_callback(tracker, step, sft_state)])
+                trainer = LeanSFTTrainer(model=policy, args=args, train_dataset=data, processing_class=tokenizer,
+                                         optimizers=(optimizer, scheduler),
+                                         callbacks=[_sft_callback(tracker, step, sft_state)])
                 trainer.remove_callback(PrinterCallback)  # logs go to metrics.jsonl, not raw dicts on stdout
                 trainer.train()
                 step += trainer.state.global_step
