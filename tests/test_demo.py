@@ -180,7 +180,7 @@ def test_demo_end_to_end_tiny_budgets(tmp_path):
     """The real pipeline at toy budgets (about 75 s on 2 cores), then a re-run that skips everything."""
     sets = ["prepare:sft.steps=40", "prepare:prepare_eval.num_problems=32",
             "prepare:prepare_eval.enforce_targets=false", "rm:rm.data.train_problems=32", "rm:rm.data.eval_problems=8",
-            "rm:rm.time_budget_s=5", "rl:rl.epochs=1", "rl:rl.problems_per_epoch=8", "rl:rl.prompts_per_iteration=8",
+            "rm:rm.max_steps=5", "rl:rl.epochs=1", "rl:rl.problems_per_epoch=8", "rl:rl.prompts_per_iteration=8",
             "rl:rl.eval_problems=8", "bon:eval.num_problems=8", "bon:eval.n_max=4"]
     summary = demo.run_demo(tmp_path, sets=sets, progress=False, log=lambda _: None)
     assert summary["status"] == "done" and [s["status"] for s in summary["stages"]] == ["ran"] * 16
