@@ -155,6 +155,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.command == "explain":
@@ -228,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
             f"  well-formed {rates['well_formed']:.1%}  answer accuracy {rates['answer_accuracy']:.1%}  "
             f"process accuracy {rates['process_accuracy']:.1%}  "
             f"(right answer, wrong step: {rates['right_answer_wrong_process']:.1%})\n"
+            f"  last-digit shortcut {rates['shortcut_rate']:.1%} of samples, trace error {rates['trace_error']:.1%}; "
+            f"the generator's own confidence tells its shortcut chains from correct ones with AUROC "
+            f"{_num(rates.get('confidence_auroc_shortcut'))} (likelihood {_num(rates.get('likelihood_auroc_shortcut'))})\n"
             f"  {rates['train_steps']} steps in {rates['train_seconds']:.0f} s, wall {rates['wall_seconds']:.0f} s"
         )
         return 0

@@ -51,7 +51,42 @@ def evaluate_generator(model, tokenizer, problems, recipe: Recipe, progress: boo
         desc="checking generator",
     )
     results = [check(p, texts[0], recipe.task.step_separator) for p, texts in zip(problems, out.texts)]
-    return summarize(results)
+    rates = summarize(results)
+    rates.update(shortcut_confidence_auroc(model, tokenizer, problems, out, results, ev.max_new_tokens))
+    return rates
+
+
+def shortcut_confidence_auroc(model, tokenizer, problems, samples, results, max_new_tokens: int) -> dict:
+    """How well the generator's OWN confidence tells its shortcut chains from its fully correct ones.
+
+    AUROC of the lowest token log-probability (and of the total log-likelihood) of each sample, fully correct
+    samples against shortcut samples: near 0.5 (or below) means the shortcut is written as confidently as the
+    right chain, so a reward model that merely measures the generator's certainty cannot catch it. Also on the
+    problems whose final op admits the shortcut alone (there the shortcut is the commoner, surer choice).
+    None where a class is missing.
+    """
+    from rlprm.evaluate import response_logprobs
+    from rlprm.rm_metrics import auroc
+
+    keep = [i for i, r in enumerate(results) if r.process_correct or r.shortcut]
+    if not keep:
+        return {"confidence_auroc_shortcut": None, "likelihood_auroc_shortcut": None,
+                "confidence_auroc_shortcut_eligible": None}
+    eos = tokenizer.eos_token_id
+    comps = []
+    for i in keep:
+        ids = list(samples.token_ids[i][0])
+        comps.append(ids + [eos] if eos is not None and len(ids) < max_new_tokens else ids)
+    lps = response_logprobs(model, tokenizer, [problems[i].prompt for i in keep], comps)
+    low = [float(lp.min()) if len(lp) else 0.0 for lp in lps]
+    total = [float(lp.sum()) for lp in lps]
+    right = [bool(results[i].process_correct) for i in keep]
+    eligible = [j for j, i in enumerate(keep) if problems[i].final in ("mod10", "last_digit")]
+    return {
+        "confidence_auroc_shortcut": auroc(low, right),
+        "likelihood_auroc_shortcut": auroc(total, right),
+        "confidence_auroc_shortcut_eligible": auroc([low[j] for j in eligible], [right[j] for j in eligible]),
+    }
 
 
 def target_failures(rates: dict, recipe: Recipe) -> list[str]:

@@ -22,7 +22,8 @@ def test_prepare_saves_a_loadable_generator(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "arith_prepare.yaml",
                          TINY + [f"run.output_dir={tmp_path}", "sft.steps=6", "prepare_eval.enforce_targets=false"])
     rates = prepare(recipe, progress=False)
-    assert set(rates) >= {"well_formed", "answer_accuracy", "process_accuracy", "right_answer_wrong_process"}
+    assert set(rates) >= {"well_formed", "answer_accuracy", "process_accuracy", "right_answer_wrong_process",
+                          "trace_error", "shortcut_rate", "confidence_auroc_shortcut", "likelihood_auroc_shortcut"}
     assert rates["train_steps"] == 6 and rates["train_seconds"] > 0
     gen = tmp_path / "generator"
     tok = AutoTokenizer.from_pretrained(gen)
