@@ -6,6 +6,7 @@ full-size commands):
     prepare              recipes/arith_prepare.yaml  the tiny generator                -> OUT/prepare/generator
     rm-prm               recipes/prm_train.yaml      samples, exact step labels, PRM   -> OUT/prm/reward_model
     rm-orm               recipes/orm_train.yaml      the same samples, answer labels   -> OUT/orm/reward_model
+                         (the two side by side, each sampling the same seeded solutions itself)
     per seed S:
     bon-start-sS         recipes/bon_eval.yaml       best-of-N of the starting generator (T=1)
     bon-start-t07-sS     recipes/bon_eval.yaml       the same at T=0.7: what sharpening alone buys
@@ -18,9 +19,9 @@ full-size commands):
     bon-<arm>-sS         best-of-N of each final generator
     report               rlprm/demo_report.py over all of the above  -> OUT/report/report.md, summary.json
 
-Lanes (`--lanes N`, default 2): RL and best-of-N stages run with one torch thread each (`run.threads: 1`) and
-read only finished stages, so up to N of them run side by side, each in a child process of its own (spawn);
-prepare and the reward models run alone (they use every core; the RM's budget is wall-clock). A stage is the
+Lanes (`--lanes N`, default 2): reward-model, RL and best-of-N stages run with one torch thread each
+(`run.threads: 1`) and read only finished stages, so up to N of them run side by side, each in a child process
+of its own (spawn); prepare runs alone. Every budget is in steps, so a stage is the
 same seeded job whichever way it runs, so lanes change the wall time, not the numbers. `--lanes 1` runs every
 stage in this process, one after another. A failure in a lane stops the demo with that stage's name, once the
 stage running beside it has ended (and been marked complete if it succeeded).
@@ -77,7 +78,8 @@ DEMO_OVERRIDES: dict[str, list[str]] = {
     "rm": ["rm.data.train_problems=256",                  # 512 (x 4 samples + 3 of the task's own each)
            "rm.data.eval_problems=48",                    # 128
            "rm.data.eval_samples_per_problem=8",          # 16
-           "rm.max_steps=160"],                           # 240
+           "rm.max_steps=160",                            # 240
+           "run.threads=1"],                              # 0: one thread per lane (PRM and ORM side by side)
     # the RL recipes' own budget (3 epochs x 3 iterations x 32 prompts x 4 samples, about 90 s each): with one
     # iteration per epoch every run was still recovering from its first updates when it ended
     "rl": ["rl.epochs=3",
@@ -368,7 +370,7 @@ def build_stages(out: Path, seeds: int = 1, wandb: str = "disabled", extra: dict
         recipe = load_recipe(RECIPES / recipe_file,
                              overrides + _group_overrides(group, extra) + [f"run.output_dir={out_dir}"] + tracking)
         # RL and best-of-N stages run with one torch thread and read only finished stages: lanes may pair them
-        parallel = group in ("rl", "bon")
+        parallel = group in ("rm", "rl", "bon")
         bars = progress and (lanes == 1 or not parallel)
         stages.append(Stage(name, out_dir, lambda: job(recipe, bars), recipe_to_yaml(recipe) + external, deps,
                             outputs, call=(job, (recipe, bars)), parallel=parallel))
@@ -382,13 +384,14 @@ def build_stages(out: Path, seeds: int = 1, wandb: str = "disabled", extra: dict
     external = "" if not given else "\n# generator files: " + ", ".join(
         f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(generator.iterdir()) if f.is_file())
     prm, orm = out / "prm" / "reward_model", out / "orm" / "reward_model"
-    samples = out / "prm" / "rm_samples"  # owned by the PRM stage: redone with it, read by the ORM stage
     if not given:
         add("prepare", "arith_prepare.yaml", "prepare", out / "prepare", [], _prepare, [], ["generator/config.json"])
-    rm = [f"model.generator={generator}", f"rm.data.cache_dir={samples}"]
-    add("rm-prm", "prm_train.yaml", "rm", out / "prm", rm, _train_rm, ["prepare"], ["reward_model/config.json"])
-    add("rm-orm", "orm_train.yaml", "rm", out / "orm", rm, _train_rm, ["prepare", "rm-prm"],
-        ["reward_model/config.json"])
+    # the PRM and the ORM run side by side, each sampling its own copy of the same seeded samples (one thread
+    # each, the same seed and settings: the same solutions), so that they differ only in their labels
+    for kind in ("prm", "orm"):
+        add(f"rm-{kind}", f"{kind}_train.yaml", "rm", out / kind,
+            [f"model.generator={generator}", f"rm.data.cache_dir={out / kind / 'rm_samples'}"], _train_rm,
+            ["prepare"], ["reward_model/config.json"])
     bon_rms = [f"eval.reward_models.prm={prm}", f"eval.reward_models.orm={orm}", "eval.weighted_vote_by=prm_prod"]
     bon_outputs = ["bon_curves.json", "pool.jsonl"]  # the report bootstraps the pools (over seeds too)
     for seed in range(seeds):

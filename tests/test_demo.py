@@ -142,7 +142,11 @@ def test_build_stages_validates_every_recipe_with_demo_budgets(tmp_path):
     recipes = {s.name: yaml.safe_load(s.key) for s in stages}
     assert recipes["prepare"]["prepare_eval"]["min_process_accuracy"] == 0.10
     assert recipes["rm-prm"]["rm"]["max_steps"] == 160 and recipes["rm-prm"]["rm"]["scorer"] == "lm"
-    assert recipes["rm-orm"]["rm"]["data"]["cache_dir"] == str(tmp_path / "prm" / "rm_samples")
+    # the PRM and the ORM sample the same seeded solutions, each into its own folder, side by side
+    assert recipes["rm-orm"]["rm"]["data"]["cache_dir"] == str(tmp_path / "orm" / "rm_samples")
+    assert {k: v for k, v in recipes["rm-orm"]["rm"]["data"].items() if k != "cache_dir"} == \
+        {k: v for k, v in recipes["rm-prm"]["rm"]["data"].items() if k != "cache_dir"}
+    assert recipes["rm-orm"]["run"]["seed"] == recipes["rm-prm"]["run"]["seed"]
     rl = recipes["rl-prm-dense-s1"]
     assert rl["run"]["seed"] == 1 and rl["rl"]["epochs"] == 1 and rl["tracking"]["wandb"] == "disabled"
     assert rl["model"]["reward_model"] == str(tmp_path / "prm" / "reward_model")
@@ -165,7 +169,8 @@ def test_build_stages_validates_every_recipe_with_demo_budgets(tmp_path):
     assert t07["run"]["name"] == "bon-start-t07" and t07["run"]["threads"] == 1
     by_name = {s.name: s for s in stages}
     assert by_name["rl-exact-dense-s0"].parallel and by_name["bon-start-t07-s0"].parallel
-    assert not by_name["prepare"].parallel and not by_name["rm-prm"].parallel
+    assert not by_name["prepare"].parallel and by_name["rm-prm"].parallel and by_name["rm-orm"].parallel
+    assert "rm-prm" not in by_name["rm-orm"].deps
     fn, args = pickle.loads(pickle.dumps(by_name["rl-confidence-dense-s0"].call))  # a lane can receive it
     assert fn is demo._rl and args[0].reward.source == "confidence"
     bon = recipes["bon-prm-dense-s0"]
