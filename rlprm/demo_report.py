@@ -133,6 +133,11 @@ def arm_seed_values(runs: dict) -> dict:
     for kl in ("kl_per_token", "kl_per_sample"):
         per = {s: _updates(r, f"rl/{kl}") for s, r in runs.items()}
         out[kl] = {"end": {s: v[-1] for s, v in per.items() if v}, "max": {s: max(v) for s, v in per.items() if v}}
+    # the arm's own objective on held-out problems (evaluate.held_out_reward): did it improve what it optimised?
+    own = {s: _endpoints(r, "eval/reward") for s, r in runs.items()}
+    out["heldout_reward"] = {"start": {s: e[0] for s, e in own.items() if e[0] is not None},
+                             "end": {s: e[1] for s, e in own.items() if e[1] is not None},
+                             "change": {s: e[1] - e[0] for s, e in own.items() if e[0] is not None and e[1] is not None}}
     rewards = {s: _updates(r, "rl/reward") for s, r in runs.items()}
     out["reward"] = {"first": {s: v[0] for s, v in rewards.items() if v}, "last": {s: v[-1] for s, v in rewards.items() if v}}
     return out
@@ -271,11 +276,17 @@ def rl_markdown(summary: dict, diffs: dict, seeds: int) -> list[str]:
     for arm, s in summary.items():
         lines.append(f"| {arm} | " + " | ".join(f"{_pct(s[m]['start'])} | {_pct(s[m]['end'])}" for m in RL_METRICS)
                      + " |")
-    lines += ["", "### KL to the start and training reward, per PPO update", "",
-              "| arm | reward, first update | reward, last update | KL/token, last | KL/sample, last | KL/sample, max |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "### Each arm's own reward on held-out problems, KL to the start and training reward", "",
+              "Own reward: the mean over held-out samples of the reward the arm optimises, without the KL term "
+              "(PRM: its min-form score; ORM: its probability; ground truth and exact: 1/0; confidence: the "
+              "starting generator's exp(lowest token log-prob)); units differ between arms.", "",
+              "| arm | own reward, start | own reward, end | own reward, change | reward, first update | "
+              "reward, last update | KL/token, last | KL/sample, last | KL/sample, max |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for arm, s in summary.items():
-        lines.append(f"| {arm} | {_num(s['reward']['first'])} | {_num(s['reward']['last'])} | "
+        own = s.get("heldout_reward", {})
+        lines.append(f"| {arm} | {_num(own.get('start'))} | {_num(own.get('end'))} | {_num(own.get('change'))} | "
+                     f"{_num(s['reward']['first'])} | {_num(s['reward']['last'])} | "
                      f"{_num(s['kl_per_token']['end'])} | {_num(s['kl_per_sample']['end'])} | "
                      f"{_num(s['kl_per_sample']['max'])} |")
     if diffs:

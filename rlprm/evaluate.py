@@ -653,7 +653,8 @@ def best_of_n(model, tokenizer, problems: list[TaskProblem], reward_models: dict
     return {**flat_metrics(curves), **flat_metrics(differences, prefix="bon_diff")}, pool
 
 
-def between_epochs(recipe, model, tokenizer, problems: list[TaskProblem], reward_model=None, epoch: int = 0) -> dict:
+def between_epochs(recipe, model, tokenizer, problems: list[TaskProblem], reward_model=None, epoch: int = 0,
+                   reference=None) -> dict:
     """The RL loops' evaluation between epochs: best-of-`rl.eval_n` on held-out `problems`, scored by the run's own
     reward model if it has one, plus `sample_rates` over all samples (answer and process accuracy, trace error,
     shortcut rate); `{}` when rl.eval_n is 0.
@@ -676,8 +677,55 @@ def between_epochs(recipe, model, tokenizer, problems: list[TaskProblem], reward
                                   seed=recipe.run.seed, sep=recipe.task.step_separator, progress=False)
     finally:
         torch.set_rng_state(rng)
-    metrics.update({"epoch": epoch, **sample_rates(pool), "time/eval": round(time.monotonic() - t0, 2)})
+    metrics.update({"epoch": epoch, **sample_rates(pool)})
+    metrics["eval/reward"] = held_out_reward(recipe, pool, tokenizer, reference)
+    metrics["time/eval"] = round(time.monotonic() - t0, 2)
     return metrics
+
+
+def held_out_reward(recipe, pool: Pool, tokenizer=None, reference=None) -> float | None:
+    """Mean over the pool's samples of the reward the run optimises (without the KL penalty), so a reader can see
+    whether each RL arm improved ITS OWN objective on held-out problems: the PRM's solution score in the form
+    the run uses (min_form: the lowest step probability; log_prob: the log of the product; delta: the last step's;
+    sparse: reward.sparse_aggregate), the ORM's probability, the grader's 1/0, the exact checker's 1/0 (every step
+    right), or the starting generator's confidence exp(lowest token log-prob), which needs `reference`. A sample
+    with no answer counts reward.missing_answer_reward. None when it cannot be computed here."""
+    from rlprm.reward_models import aggregate
+
+    reward = recipe.reward
+    grades = [g for row in pool.grades for g in row]
+    if not grades:
+        return None
+    source = reward.source
+    if source in ("prm", "orm"):
+        if source not in pool.step_scores:
+            return None
+        scores = [s for row in pool.step_scores[source] for s in row]
+        if source == "orm":
+            values = [s[0] if s else 0.0 for s in scores]
+        elif reward.mode == "dense":
+            how = {"min_form": "min", "delta": "last"}.get(reward.dense_form)
+            values = [math.log(max(aggregate(s, "prod"), 1e-6)) if how is None else aggregate(s, how) for s in scores]
+        else:
+            values = [aggregate(s, reward.sparse_aggregate) for s in scores]
+    elif source == "ground_truth":
+        values = [float(g.answer_correct) for g in grades]
+    elif source == "exact":
+        if any(g.process_correct is None for g in grades):
+            return None
+        values = [float(g.process_correct) for g in grades]
+    elif source == "confidence":
+        if reference is None or tokenizer is None:
+            return None
+        prompts = [p.prompt for p, row in zip(pool.problems, pool.texts) for _ in row]
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        comps = [tokenizer(t, add_special_tokens=False)["input_ids"] + eos for row in pool.texts for t in row]
+        lps = response_logprobs(reference, tokenizer, prompts, comps)
+        values = [math.exp(float(lp.min())) if len(lp) else 0.0 for lp in lps]
+    else:
+        return None
+    values = [v if g.answer is not None else reward.missing_answer_reward for v, g in zip(values, grades)]
+    return float(np.mean(values))
 
 
 def sample_rates(pool: Pool) -> dict:

@@ -516,3 +516,28 @@ def test_rlprm_eval_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     recipe.write_text("model: {generator: ./nope}\ntracking: {wandb: disabled}\n")
     assert main(["eval", str(recipe)]) == 2
     assert "rlprm prepare" in capsys.readouterr().err
+
+
+def test_held_out_reward_is_each_arms_own_objective():
+    """The mean reward an RL arm optimises, on the hand pool (8 samples, one without an answer)."""
+    from rlprm.config import Recipe
+    from rlprm.evaluate import held_out_reward
+
+    pool = hand_pool()
+    missing = -1.0  # sample b2 has no answer: it counts the missing-answer reward whatever it scored
+
+    def recipe(**reward):
+        return Recipe.model_validate({"reward": reward})
+
+    prm_min = [0.9, 0.2, missing, 0.3, 0.2, 0.95, missing, 0.05]
+    prm_min[2] = 0.5  # a2 answered "7"
+    assert held_out_reward(recipe(mode="dense", source="prm", dense_form="min_form"), pool) == \
+        pytest.approx(np.mean(prm_min))
+    orm = [0.1, 0.8, 0.7, 0.2, 0.6, 0.5, missing, 0.1]
+    assert held_out_reward(recipe(mode="sparse", source="orm"), pool) == pytest.approx(np.mean(orm))
+    truth = [1, 0, 0, 0, 1, 1, missing, 0]
+    assert held_out_reward(recipe(mode="sparse", source="ground_truth"), pool) == pytest.approx(np.mean(truth))
+    exact = [1, 0, 0, 0, 1, 0, missing, 0]
+    assert held_out_reward(recipe(mode="dense", source="exact"), pool) == pytest.approx(np.mean(exact))
+    # the confidence control needs the starting generator
+    assert held_out_reward(recipe(mode="dense", source="confidence"), pool) is None

@@ -338,7 +338,7 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
             if not dist.is_main:
                 dist.barrier()
                 return {}
-            metrics = between_epochs(recipe, policy, tokenizer, eval_set, reward_model, epoch)
+            metrics = between_epochs(recipe, policy, tokenizer, eval_set, reward_model, epoch, reference=reference)
             tracker.log(metrics, step=step)
             dist.barrier()
             return metrics
