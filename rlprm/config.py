@@ -220,6 +220,8 @@ class SFTConfig(Section):
     """Training solutions to generate (clean and corrupted mixed by task.arithmetic.corrupt_rate)."""
     steps: int = Field(700, ge=1)
     """Optimizer steps: training stops here and the learning-rate schedule (warm-up, then cosine to min_lr_ratio) is laid over them, so the same recipe and seed give the same generator on any machine. Wall time is reported, never used to stop."""
+    clean_steps: int = Field(0, ge=0)
+    """The first this many of sft.steps train on the reference solutions alone (same problems), the rest on the recipe's mix of clean, corrupted and shortcut solutions: the arithmetic clicks sooner from consistent examples, and the habits are learned after. 0: the mix from the start."""
     batch_size: int = Field(64, ge=1)
     """Sequences per optimizer step."""
     learning_rate: float = Field(3e-3, gt=0, le=1)

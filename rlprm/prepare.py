@@ -161,8 +161,15 @@ def prepare(recipe: Recipe, progress: bool = True) -> dict:
 
         # 3. SFT: exactly sft.steps optimizer steps
         try:
+            clean = None
+            if sft.clean_steps:
+                from rlprm.steps import render_steps
+                from rlprm.tasks.arithmetic import reference_solution
+
+                clean = encode_completions(tokenizer, prompts, [render_steps(reference_solution(p), recipe.task.step_separator)
+                                                                for p, _, _ in rows])
             result = train_sft(model, encoded, sft, tokenizer.pad_token_id, recipe.run.seed, device=device,
-                               tracker=tracker, progress=progress)
+                               tracker=tracker, progress=progress, clean=clean)
         except SFTError as exc:
             raise PrepareError(str(exc)) from None
         print(f"trained {result['steps']} steps in {result['seconds']:.0f} s "

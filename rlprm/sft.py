@@ -132,8 +132,13 @@ def batch_loss(model, ids, labels, lengths, rows, groups: int):
 
 
 def train_sft(model, encoded: Encoded, cfg, pad_id: int, seed: int, device: str = "cpu", tracker=None,
-              progress: bool = True, desc: str = "training generator", groups: int = LENGTH_GROUPS) -> dict:
+              progress: bool = True, desc: str = "training generator", groups: int = LENGTH_GROUPS,
+              clean: Encoded | None = None) -> dict:
     """Fine-tune `model` in place for `cfg.steps` optimizer steps (`cfg` is the recipe's SFTConfig).
+
+    With `clean` (the reference solutions of the same problems) and `cfg.clean_steps`, the first clean_steps
+    batches come from `clean`, the rest from `encoded`, under one optimizer and one schedule: the arithmetic is
+    learned from consistent examples first, the habits (shortcut, slips) after.
 
     Returns steps, mean training loss, the last logging window's loss, and the wall seconds it took (reported,
     never used to stop). Every `cfg.logging_steps` steps, `sft/loss`, `sft/learning_rate`, `sft/grad_norm`,
@@ -145,6 +150,11 @@ def train_sft(model, encoded: Encoded, cfg, pad_id: int, seed: int, device: str 
     torch.manual_seed(seed)
     ids, labels, lengths = padded_table(encoded, pad_id)
     ids, labels = ids.to(device), labels.to(device)
+    clean_steps = min(getattr(cfg, "clean_steps", 0), cfg.steps) if clean is not None else 0
+    if clean_steps:
+        c_ids, c_labels, c_lengths = padded_table(clean, pad_id)
+        c_ids, c_labels = c_ids.to(device), c_labels.to(device)
+        clean_batches = batch_order(len(c_ids), cfg.batch_size, clean_steps, seed + 1)
     model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -156,9 +166,13 @@ def train_sft(model, encoded: Encoded, cfg, pad_id: int, seed: int, device: str 
     total_loss, window_loss, window_steps, window_t0 = 0.0, 0.0, 0, time.monotonic()
     last_window = float("nan")
     t0 = time.monotonic()
-    for step, rows in enumerate(batch_order(len(ids), cfg.batch_size, cfg.steps, seed)):
+    mixed_batches = batch_order(len(ids), cfg.batch_size, cfg.steps - clean_steps, seed)
+    for step in range(cfg.steps):
         optimizer.zero_grad(set_to_none=True)
-        value = batch_loss(model, ids, labels, lengths, rows, groups)
+        if step < clean_steps:
+            value = batch_loss(model, c_ids, c_labels, c_lengths, next(clean_batches), groups)
+        else:
+            value = batch_loss(model, ids, labels, lengths, next(mixed_batches), groups)
         if not math.isfinite(value):
             bar.close()
             raise SFTError(f"the SFT loss is not finite (NaN/inf) at step {step + 1}; lower sft.learning_rate "

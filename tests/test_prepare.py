@@ -155,3 +155,31 @@ def test_batch_order_is_seeded_and_sees_every_example_equally():
     a = [r.tolist() for r in batch_order(10, 4, 5, seed=3)]
     assert a == [r.tolist() for r in batch_order(10, 4, 5, seed=3)] != [r.tolist() for r in batch_order(10, 4, 5, 4)]
     assert all(len(r) == 4 for r in a) and set(Counter(i for r in a for i in r).values()) == {2}
+
+
+def test_clean_steps_train_on_the_clean_table_first(char_tokenizer):
+    """sft.clean_steps = steps trains on the clean solutions alone, exactly as training on them would; with
+    clean_steps = 0 the clean table is never read."""
+    import torch
+
+    from rlprm.config import SFTConfig, TinyModelConfig
+    from rlprm.models import build_tiny_causal_lm
+    from rlprm.sft import encode_completions, train_sft
+
+    prompts = [f"{i} +{i % 7 + 1}\n" for i in range(16)]
+    mixed = encode_completions(char_tokenizer, prompts, [f"{i} + 9 = 1\n# Answer: 1" for i in range(16)])
+    clean = encode_completions(char_tokenizer, prompts, [f"{i} + {i % 7 + 1} = {i + i % 7 + 1}\n# Answer: 0"
+                                                         for i in range(16)])
+
+    def trained(encoded, seed, clean_table=None, clean_steps=0):
+        model = build_tiny_causal_lm(TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=1,
+                                                     num_heads=2), char_tokenizer, seed=0)
+        cfg = SFTConfig(steps=4, clean_steps=clean_steps, batch_size=4, warmup_steps=1)
+        train_sft(model, encoded, cfg, char_tokenizer.pad_token_id, seed, progress=False, clean=clean_table)
+        return [p.detach().clone() for p in model.parameters()]
+
+    all_clean = trained(mixed, 0, clean, clean_steps=4)
+    assert all(torch.equal(a, b) for a, b in zip(all_clean, trained(clean, 1)))  # clean batches use seed + 1
+    no_clean = trained(mixed, 0, clean, clean_steps=0)
+    assert all(torch.equal(a, b) for a, b in zip(no_clean, trained(mixed, 0)))
+    assert not all(torch.equal(a, b) for a, b in zip(no_clean, all_clean))
