@@ -268,3 +268,13 @@ def test_recipe_families_match_the_loader():
     from rlprm.config import PRMAdapter
 
     assert set(typing.get_args(PRMAdapter)) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("family", list(REFERENCES))
+def test_single_pass_equals_scoring_each_prefix(folders, family):
+    """A causal model's output at a step's read position has seen only the prefix: one pass = every prefix."""
+    from rlprm.prm_adapters.common import score_steps_per_prefix
+
+    rm = _load(folders, family)
+    assert _max_diff(rm.score_steps(PROBLEMS, SOLUTIONS, batch_size=3),
+                     score_steps_per_prefix(rm, PROBLEMS, SOLUTIONS, batch_size=5)) < TOL

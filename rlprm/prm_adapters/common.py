@@ -207,3 +207,27 @@ class HubPRM:
         from rlprm.reward_models import aggregate as combine
 
         return [combine(p, aggregate) for p in self.score_steps(problems, solutions, sep=sep, batch_size=batch_size)]
+
+
+def score_steps_per_prefix(rm: HubPRM, problems: Sequence[str], solutions: Sequence, sep: str | None = None,
+                           batch_size: int = 16) -> list[list[float]]:
+    """The slow reference: every prefix (the solution's ids cut after step k's read position) as its own
+    sequence, its last step scored. Equal to `score_steps` when one pass is legitimate; batched the same way,
+    so that timings compare the prefixes themselves (benchmarks/prm_scoring.py, tests)."""
+    encoded = rm.encode(problems, solutions, sep)
+    prefixes, owner = [], []
+    for i, e in enumerate(encoded):
+        for k, end in enumerate(e.reads):
+            cut = end if e.spans is None else max(end, e.spans[k][1])
+            prefixes.append(Encoded(e.input_ids[:cut + 1], [end], None if e.spans is None else e.spans[:k + 1]))
+            owner.append(i)
+    order = sorted(range(len(prefixes)), key=lambda j: len(prefixes[j].input_ids))
+    flat = [0.0] * len(prefixes)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        for j, probs in zip(chunk, rm.family.score_batch([prefixes[j] for j in chunk])):
+            flat[j] = probs[-1]
+    out: list[list[float]] = [[] for _ in encoded]
+    for j, i in enumerate(owner):
+        out[i].append(flat[j])
+    return out
