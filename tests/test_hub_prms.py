@@ -278,3 +278,46 @@ def test_single_pass_equals_scoring_each_prefix(folders, family):
     rm = _load(folders, family)
     assert _max_diff(rm.score_steps(PROBLEMS, SOLUTIONS, batch_size=3),
                      score_steps_per_prefix(rm, PROBLEMS, SOLUTIONS, batch_size=5)) < TOL
+
+
+@pytest.mark.parametrize("family", ["qwen_prm", "rlhflow"])
+def test_one_ppo_iteration_with_dense_rewards_from_a_public_prm(family, folders, generator_dir, tmp_path, monkeypatch):
+    """The RL reward loading goes through the loader: a public PRM (detected, or named by rm.adapter) scores the
+    policy's steps, and the rewards land on the policy's own tokens (its tokenizer is another one)."""
+    import rlprm.rewards as rewards_module
+    from rlprm.rl import ppo
+    from rlprm.steps import answer_step, render_steps
+    from rlprm.tasks.arithmetic import render_step
+
+    from .test_ppo import _fixed_rollouts, make_recipe
+
+    text = render_steps([render_step("+", 1, 2, 3), render_step("+", 3, 4, 7), answer_step("7")])
+    seen, original = [], rewards_module.token_rewards
+    monkeypatch.setattr(ppo, "_generate", _fixed_rollouts(ppo, text))
+    monkeypatch.setattr(rewards_module, "token_rewards", lambda *a, **k: seen.append(original(*a, **k)) or seen[-1])
+    recipe = make_recipe(tmp_path, generator_dir, f"ppo_{family}", epochs=1, mode="dense", source="prm",
+                         dense_form="min_form")
+    recipe.model.reward_model = str(folders[family])
+    recipe.rm.adapter = None if family == "qwen_prm" else family
+    recipe.rl.eval_n = 0
+    recipe.rl.max_new_tokens = 64
+    final = ppo.train_ppo(recipe, progress=False)
+    assert all(len(r) == 3 for r in seen[0].step_rewards)
+    assert all(1 <= k <= 3 for k in (seen[0].rewards != 0).sum(1).tolist())
+    assert final["rl/steps_per_solution"] == 3 and 0.0 <= final["rl/reward"] <= 1.0
+
+
+def test_every_family_selects_best_of_n(folders):
+    """score_pool (what `rlprm eval` calls per reward model) takes any family: one PRM selector per aggregation."""
+    from types import SimpleNamespace
+
+    from rlprm.evaluate import Pool, score_pool, selector_scores
+
+    problems = [SimpleNamespace(text=p) for p in PROBLEMS[:2]]
+    grades = [[SimpleNamespace(steps=s) for s in SOLUTIONS[:2]], [SimpleNamespace(steps=s) for s in SOLUTIONS[2:]]]
+    pool = Pool(problems, [["a", "b"], ["c", "d"]], grades)
+    for family in REFERENCES:
+        score_pool(pool, family, _load(folders, family))
+        assert [len(s) for row in pool.step_scores[family] for s in row] == [len(s) for s in SOLUTIONS]
+    scores = selector_scores(pool, ("prod", "min"))
+    assert {f"{f}_{a}" for f in REFERENCES for a in ("prod", "min")} <= set(scores)
