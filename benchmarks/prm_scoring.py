@@ -16,10 +16,19 @@ corrupted step, half each. The PRM is the generator-sized tiny Llama (0.86M
 parameters) with a fresh head, or a trained one with ``--model``. Each way is
 timed ``--repeats`` times after a warm-up; the best time counts.
 
+``--families`` adds one tiny stand-in of each public PRM family
+(rlprm/prm_adapters/standins.py: qwen_prm, math_shepherd, rlhflow, value_head,
+implicit), scored through ``load_reward_model`` both ways (the per-prefix way:
+``rlprm.prm_adapters.common.score_steps_per_prefix``, each prefix of the
+family's own token form as its own sequence). The stand-ins are far smaller
+than the generator-sized PRM (width 32, 2 layers), so their ratios say what the
+prefixes cost, not what a 7B model costs.
+
 Prints one JSON object. Usage::
 
     python benchmarks/prm_scoring.py                         # 512 solutions, about 20 s on 2 cores
     python benchmarks/prm_scoring.py --model runs/arith_prm/reward_model
+    python benchmarks/prm_scoring.py --families all --solutions 128
 """
 
 from __future__ import annotations
@@ -93,12 +102,20 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a saved PRM folder (default: a fresh generator-sized PRM)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--families", default="", help="comma-separated public PRM families to add, or `all`")
+    parser.add_argument("--skip-rlprm", action="store_true", help="time only the --families stand-ins")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    rm = build_prm(args.model)
     problems, solutions = five_step_solutions(args.solutions, args.seed)
+    families = _family_results(args, problems, solutions)
+    if args.skip_rlprm:
+        print(json.dumps({"solutions": len(solutions), "steps_per_solution": sorted({len(s) for s in solutions}),
+                          "batch_size": args.batch_size, "families": families, "torch": torch.__version__,
+                          "threads": torch.get_num_threads()}, indent=2))
+        return
+    rm = build_prm(args.model)
     single_s, single = best_time(lambda: rm.score_steps(problems, solutions, batch_size=args.batch_size), args.repeats)
     prefix_s, prefix = best_time(lambda: score_steps_per_prefix(rm, problems, solutions, batch_size=args.batch_size),
                                  args.repeats)
@@ -120,10 +137,44 @@ def main() -> None:
         "tokens_single_pass": tokens_single,
         "tokens_per_prefix": tokens_prefix,
         "max_abs_diff": diff,
+        "families": families,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
     }, indent=2))
+
+
+def _family_results(args, problems, solutions) -> dict:
+    """Per public PRM family: single pass vs per prefix on its tiny stand-in (same solutions, same batching)."""
+    import tempfile
+
+    from rlprm.models import num_parameters
+    from rlprm.prm_adapters import load_reward_model
+    from rlprm.prm_adapters.common import score_steps_per_prefix
+    from rlprm.prm_adapters.standins import save_standin
+
+    names = ["qwen_prm", "math_shepherd", "rlhflow", "value_head", "implicit"] if args.families == "all" else \
+        [n for n in args.families.split(",") if n]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            folder = save_standin(name, Path(tmp) / name)
+            extra = {"reference": folder / "reference", "beta": 0.5} if name == "implicit" else {}
+            rm = load_reward_model(folder, name, **extra)
+            single_s, single = best_time(lambda: rm.score_steps(problems, solutions, batch_size=args.batch_size),
+                                         args.repeats)
+            prefix_s, prefix = best_time(
+                lambda: score_steps_per_prefix(rm, problems, solutions, batch_size=args.batch_size), args.repeats)
+            out[name] = {
+                "params": num_parameters(rm.family.model),
+                "tokens_per_solution": round(sum(len(e.input_ids) for e in rm.encode(problems, solutions))
+                                             / len(solutions), 1),
+                "single_pass_seconds": round(single_s, 4), "per_prefix_seconds": round(prefix_s, 4),
+                "single_pass_solutions_per_s": round(len(solutions) / single_s, 1),
+                "speedup": round(prefix_s / single_s, 2),
+                "max_abs_diff": max(abs(a - b) for x, y in zip(single, prefix) for a, b in zip(x, y)),
+            }
+    return out
 
 
 def _lengths(rm, problems, solutions, prefixes: bool):

@@ -6,6 +6,7 @@ Every subcommand that runs a job takes a recipe, then any number of
     rlprm prepare recipes/arith_prepare.yaml sft.steps=300
     rlprm train-rm recipes/prm_train.yaml          # a process reward model
     rlprm eval recipes/bon_eval.yaml                # best-of-N curves
+    rlprm bench-prm recipes/bench_prm.yaml          # ProcessBench F1 per subset of any PRM (ours or public)
     rlprm train-rl recipes/prm_dense.yaml [--resume]  # PPO from dense PRM rewards
     rlprm export runs/rl_prm_dense                  # latest checkpoint -> plain HF folder
     rlprm check recipes/arith_prepare.yaml          # validate only
@@ -60,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sample eval.n_max solutions per held-out problem once, score them with every "
                                    "reward model in eval.reward_models, and write best-of-N curves (bon.png), a "
                                    "table (bon.md), the sample pool (pool.jsonl) and metrics into RUN_DIR.")
+    _recipe_args(p)
+
+    p = sub.add_parser("bench-prm", help="ProcessBench F1 per subset, step AUROC: any PRM, ours or public",
+                       description="Score every solution of bench.processbench_paths with model.reward_model (an rlprm "
+                                   "folder, or a public PRM of family rm.adapter: qwen_prm, math_shepherd, rlhflow, "
+                                   "value_head, implicit; detected where unambiguous) and write ProcessBench's error / "
+                                   "correct accuracy and F1 per subset, step AUROC and first-error accuracy to "
+                                   "RUN_DIR/bench_prm.md, bench_prm.json and bench_prm.png.")
     _recipe_args(p)
 
     p = sub.add_parser("check", help="validate a recipe and exit",
@@ -274,6 +283,19 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         print(markdown_table(curves))
         print(f"plot: {recipe.run.output_dir}/bon.png   pool: {recipe.run.output_dir}/pool.jsonl")
+        return 0
+    if args.command == "bench-prm":
+        from rlprm.bench_prm import markdown, run_bench
+        from rlprm.data.processbench import ProcessBenchError
+        from rlprm.reward_models import RewardModelError
+
+        try:
+            results = run_bench(recipe, progress=not args.no_progress)
+        except (FileNotFoundError, ProcessBenchError, RewardModelError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(markdown(results, results["model"], results["adapter"]), end="")
+        print(f"report: {recipe.run.output_dir}/bench_prm.md   json: bench_prm.json   plot: bench_prm.png")
         return 0
     if args.command in ("select", "active-learning"):
         from rlprm.active import ActiveLearningError, run_loop, select

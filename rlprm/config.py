@@ -76,6 +76,9 @@ def _model_ref(value: str, info: ValidationInfo) -> str:
 
 ModelRef = Annotated[str, AfterValidator(_model_ref)]
 
+PRMAdapter = Literal["qwen_prm", "math_shepherd", "rlhflow", "value_head", "implicit", "rlprm"]
+"""The reward-model families `rlprm.prm_adapters.load_reward_model` reads (kept equal to its FAMILIES by a test)."""
+
 
 class Section(BaseModel):
     # validate_default: defaults go through the same validators (paths get resolved against the recipe)
@@ -376,7 +379,9 @@ class EvalConfig(Section):
     batch_size: int = Field(256, ge=1)
     """Sequences generated at once."""
     reward_models: dict[str, ModelRef] = {}
-    """Reward models to select with, by name: a PRM folder yields selectors `NAME_prod`, `NAME_min`, `NAME_last`, `NAME_mean`; an ORM yields `NAME`."""
+    """Reward models to select with, by name: a PRM folder yields selectors `NAME_prod`, `NAME_min`, `NAME_last`, `NAME_mean`; an ORM yields `NAME`. rlprm folders and public PRMs (see reward_model_adapters) alike."""
+    reward_model_adapters: dict[str, PRMAdapter] = {}
+    """Family of a reward model in reward_models, by name, for public PRMs whose family cannot be detected from their files (math_shepherd, rlhflow, implicit: see rlprm/prm_adapters). Unnamed ones are detected (rlprm_rm.json, Qwen2ForProcessRewardModel, a Skywork value head). The implicit family's reference model and beta come from rm.reference_model and rm.implicit_beta."""
     aggregations: list[Literal["prod", "min", "last", "mean"]] = ["prod", "min", "last", "mean"]
     """PRM aggregations to compare (the paper uses prod)."""
     weighted_vote_by: str | None = None
@@ -388,6 +393,10 @@ class EvalConfig(Section):
 
     @model_validator(mode="after")
     def _difference_names(self) -> "EvalConfig":
+        unknown = sorted(set(self.reward_model_adapters) - set(self.reward_models))
+        if unknown:
+            raise ValueError(f"reward_model_adapters names {', '.join(unknown)}, not in eval.reward_models "
+                             f"({', '.join(sorted(self.reward_models)) or 'none'}); use the same names")
         # the selector names a pool can have (kept equal to rlprm.evaluate's by a test): a reward model's kind is
         # known only once it is loaded, so both an ORM's `NAME` and a PRM's `NAME_AGG` are accepted here
         known = {"majority", "weighted_majority", "random", "pass@n", "confidence", "likelihood"}
@@ -525,6 +534,14 @@ class RewardModelTrainConfig(Section):
     """A step counts as predicted wrong below this probability (step accuracy, first-error F1)."""
     logging_steps: int = Field(10, ge=1)
     """Optimizer steps between loss records in metrics.jsonl."""
+    adapter: PRMAdapter | None = None
+    """Family of the reward model that model.reward_model names (RL rewards, `rlprm bench-prm`): `qwen_prm` (Qwen2.5-Math-PRM, <extra_0> token classification), `math_shepherd` (+/- logits at the ки tag), `rlhflow` (+/- at each assistant turn of a chat), `value_head` (Skywork-o1-Open-PRM, sigmoid value head), `implicit` (PRIME/EurusPRM, beta*log(pi/pi_ref) per step; needs rm.reference_model), `rlprm` (our own folders). None: detected from the checkpoint where unambiguous (rlprm_rm.json, Qwen2ForProcessRewardModel, a value head), else the job fails and lists these."""
+    reference_model: ModelRef | None = None
+    """(adapter implicit) The reference LM pi_ref of an implicit PRM: a Hugging Face id or folder."""
+    implicit_beta: float = Field(0.001, gt=0)
+    """(adapter implicit) beta in beta * log(pi/pi_ref); the EurusPRM cards use 0.001."""
+    system_prompt: str | None = None
+    """(adapter qwen_prm) The system prompt of the chat template; None: the card's "Please reason step by step, and put your final answer within \\boxed{}."."""
 
     @model_validator(mode="after")
     def _template(self) -> "RewardModelTrainConfig":
@@ -595,6 +612,23 @@ class ActiveConfig(Section):
     """(loop) The PRM quality the data-efficiency factor compares (labels uniform needs / labels active needs for the same value)."""
 
 
+class BenchConfig(Section):
+    """Benchmarking a PRM the way papers report it (`rlprm bench-prm`): model.reward_model, family rm.adapter."""
+
+    processbench_paths: list[DataPath] = []
+    """ProcessBench JSON files (e.g. gsm8k.json, math.json), one subset each: error / correct accuracy and their F1 as ProcessBench defines them, step AUROC, first-error accuracy. Checked when the job starts."""
+    limit: int = Field(0, ge=0)
+    """Score at most this many items per file, evenly spaced through it (0: all); for quick checks."""
+    threshold: float = Field(0.5, gt=0, lt=1)
+    """The first step scored below this probability is the predicted error (none below: predicted error-free)."""
+    tune_threshold_on: DataPath | None = None
+    """A separate ProcessBench-format file to choose the threshold on (the one with the best F1 there, from tune_grid); None: `threshold` as given."""
+    tune_grid: list[float] = [round(0.05 * i, 2) for i in range(1, 20)]
+    """Thresholds tried when tune_threshold_on is set."""
+    batch_size: int = Field(8, ge=1)
+    """Solutions per forward pass."""
+
+
 class Recipe(Section):
     """One whole run."""
 
@@ -620,6 +654,8 @@ class Recipe(Section):
     """Reward-model training and evaluation (`rlprm train-rm`)."""
     active: ActiveConfig = _section()
     """Active learning: `rlprm select` and the `rlprm active-learning` loop."""
+    bench: BenchConfig = _section()
+    """PRM benchmarking: `rlprm bench-prm` (ProcessBench F1 per subset, step AUROC)."""
     deepspeed: InputPath | None = None
     """A DeepSpeed JSON config (see deepspeed_configs/); none trains without DeepSpeed."""
 

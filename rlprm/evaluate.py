@@ -752,8 +752,8 @@ def run_eval(recipe, progress: bool = True) -> dict:
     bon_curves.json: {selector: {N: {metric: {mean, lo, hi}}}, ..., "differences": {"A_minus_B": {N: ...}}}.
     """
     from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
+    from rlprm.prm_adapters import load_for_recipe
     from rlprm.problems import eval_problems
-    from rlprm.reward_models import RewardModel
     from rlprm.tracking import Tracker
 
     ev, sep = recipe.eval, recipe.task.step_separator
@@ -782,7 +782,8 @@ def run_eval(recipe, progress: bool = True) -> dict:
 
         # 2. every reward model scores every sample, one forward pass each
         for name, path in ev.reward_models.items():
-            rm = RewardModel.load(path, device=device, step_separator=sep)
+            # rlprm folders and public PRMs alike (family named in eval.reward_model_adapters, else detected)
+            rm = load_for_recipe(recipe, path, ev.reward_model_adapters.get(name), device=device, dtype="float32")
             score_pool(pool, name, rm, sep=sep)
             del rm
         save_pool(pool, pool_path)

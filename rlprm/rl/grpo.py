@@ -351,7 +351,7 @@ def train_grpo(recipe: Recipe, resume: bool = False, progress: bool = True) -> d
     from rlprm.evaluate import between_epochs
     from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
     from rlprm.problems import eval_problems, held_out_arithmetic
-    from rlprm.reward_models import RewardModel
+    from rlprm.prm_adapters import load_for_recipe
     from rlprm.rl.ppo import _mean, _problems_for_epoch
     from rlprm.tracking import Tracker
 
@@ -371,7 +371,7 @@ def train_grpo(recipe: Recipe, resume: bool = False, progress: bool = True) -> d
     policy.config._name_or_path = str(gen)
     reward_model = None
     if rcfg.source in ("prm", "orm"):
-        reward_model = RewardModel.load(recipe.model.reward_model, device=device, dtype=dtype, step_separator=sep)
+        reward_model = load_for_recipe(recipe, device=device, dtype=dtype)
         if reward_model.kind != rcfg.source:
             raise GRPOInputError(f"reward.source is {rcfg.source} but {recipe.model.reward_model} is a "
                                  f"{reward_model.kind}")

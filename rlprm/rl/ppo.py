@@ -257,7 +257,7 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
     from rlprm.evaluate import between_epochs
     from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
     from rlprm.problems import eval_problems, grade_samples, held_out_arithmetic
-    from rlprm.reward_models import RewardModel
+    from rlprm.prm_adapters import load_for_recipe
     from rlprm.rewards import RewardError, add_kl_penalty, confidence_scores, prefix_correct_probs, token_rewards
     from rlprm.rl.core import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae,
                                logprobs_from_logits, masked_mean, masked_whiten, policy_loss, value_loss)
@@ -290,7 +290,7 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
     value_model = _load_value_model(value_src, dtype, device, trc)
     reward_model = None
     if rcfg.source in ("prm", "orm"):
-        reward_model = RewardModel.load(recipe.model.reward_model, device=device, dtype=dtype, step_separator=sep)
+        reward_model = load_for_recipe(recipe, device=device, dtype=dtype)
         if reward_model.kind != rcfg.source:
             raise PPOInputError(f"reward.source is {rcfg.source} but {recipe.model.reward_model} is a {reward_model.kind}")
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=rl.learning_rate)

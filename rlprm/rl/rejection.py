@@ -143,7 +143,7 @@ def train_rejection(recipe: Recipe, resume: bool = False, progress: bool = True)
     from rlprm.lean_sft import LeanSFTTrainer
     from rlprm.models import load_tokenizer, resolve_device
     from rlprm.problems import eval_problems, grade_samples, held_out_arithmetic
-    from rlprm.reward_models import RewardModel
+    from rlprm.prm_adapters import load_for_recipe
     from rlprm.rl.ppo import _problems_for_epoch
     from rlprm.sampling import sample
     from rlprm.tracking import Tracker
@@ -161,8 +161,7 @@ def train_rejection(recipe: Recipe, resume: bool = False, progress: bool = True)
     policy = _load_policy(recipe, ckpt, device)
     reward_model = None
     if rcfg.source in ("prm", "orm"):
-        reward_model = RewardModel.load(recipe.model.reward_model, device=device, dtype=recipe.model.dtype,
-                                        step_separator=sep)
+        reward_model = load_for_recipe(recipe, device=device, dtype=recipe.model.dtype)
         if reward_model.kind != rcfg.source:
             raise RejectionInputError(f"reward.source is {rcfg.source} but {recipe.model.reward_model} is a "
                                       f"{reward_model.kind}")

@@ -1,0 +1,141 @@
+"""Public process reward models behind one scoring interface, and the one loader for every reward model.
+
+`load_reward_model(ref, adapter=None, ...)` is what a recipe's reward model names go through: an rlprm folder
+(with rlprm_rm.json) loads as `rlprm.reward_models.RewardModel`; any other checkpoint loads through the
+family named by `adapter`, or detected from its files where that is unambiguous; otherwise it fails with a
+message listing the families. Every result answers `kind`, `score_steps(problems, solutions, sep=None,
+batch_size=...)` (per step, P(correct); one forward pass per solution) and `score(...)`.
+
+Families (one module each; conventions and their sources in the module docstrings):
+- `qwen_prm`: token classification at `<extra_0>` after every step (Qwen2.5-Math-PRM-7B/-72B,
+  Qwen2.5-Math-7B-PRM800K) - qwen_prm.py, architecture in qwen_arch.py;
+- `math_shepherd`: `+`/`-` logits at the ` ки` step tag of a causal LM - tag_lm.py;
+- `rlhflow`: `+`/`-` logits at each assistant turn of a multi-turn chat (RLHFlow Llama3.1-8B PRMs) - tag_lm.py;
+- `value_head`: sigmoid of a scalar head at each step's "\\n" (Skywork-o1-Open-PRM-Qwen-2.5) - value_head.py;
+- `implicit`: beta * log(pi/pi_ref) summed per step, two causal LMs (PRIME / EurusPRM) - implicit.py;
+- `rlprm`: this project's own reward models (rlprm_rm.json).
+
+Detection reads only local files: rlprm_rm.json -> rlprm; config.json `architectures` naming
+Qwen2ForProcessRewardModel -> qwen_prm; a `v_head.summary.weight` tensor -> value_head. A hub id is detected
+from its config (architectures) when transformers can fetch it. math_shepherd, rlhflow and implicit checkpoints
+are plain causal LMs, told apart by nothing in their files: name them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rlprm.prm_adapters.common import AdapterError, Encoded, HubPRM
+
+FAMILIES = ("qwen_prm", "math_shepherd", "rlhflow", "value_head", "implicit", "rlprm")
+ADAPTER_FILE = "rlprm_rm.json"
+
+
+def _families_text() -> str:
+    return ("qwen_prm (Qwen2.5-Math-PRM: <extra_0> token classification), math_shepherd (+/- at the ки tag), "
+            "rlhflow (+/- at each assistant turn), value_head (Skywork-o1-Open-PRM: sigmoid value head), "
+            "implicit (PRIME/EurusPRM: beta*log(pi/pi_ref), needs rm.reference_model), rlprm (rlprm_rm.json)")
+
+
+def _architectures(ref: str) -> list[str]:
+    path = Path(ref)
+    if path.is_dir():
+        config = path / "config.json"
+        return list(json.loads(config.read_text()).get("architectures") or []) if config.is_file() else []
+    try:  # a hub id: its config only (cached or fetched by transformers)
+        from transformers import AutoConfig
+
+        return list(getattr(AutoConfig.from_pretrained(ref, trust_remote_code=False), "architectures", None) or [])
+    except Exception:  # noqa: BLE001 - no config reachable: nothing to detect from
+        return []
+
+
+def detect_family(ref: str | Path) -> str | None:
+    """The family a checkpoint's own files make unambiguous, else None."""
+    from rlprm.prm_adapters.qwen_prm import ARCHITECTURES as QWEN
+    from rlprm.prm_adapters.value_head import HEAD_WEIGHT, weight_file_with
+
+    ref = str(ref)
+    path = Path(ref)
+    if (path / ADAPTER_FILE).is_file():
+        return "rlprm"
+    if any(a in QWEN for a in _architectures(ref)):
+        return "qwen_prm"
+    if path.is_dir() and weight_file_with(path, HEAD_WEIGHT) is not None:
+        return "value_head"
+    return None
+
+
+def load_reward_model(ref: str | Path, adapter: str | None = None, device: str = "cpu", dtype: str = "float32",
+                      step_separator: str | None = None, trust_remote_code: bool = False,
+                      reference: str | Path | None = None, beta: float = 0.001, system_prompt: str | None = None):
+    """Any reward model by folder or hub id: rlprm's own, or a public PRM through its family's adapter.
+
+    `adapter`: one of FAMILIES, or None to detect. `step_separator`: for rlprm models, the separator they must
+    have been trained with (refused otherwise); for public PRMs, how solution texts are split into steps.
+    `reference` / `beta`: the implicit family's reference LM and beta. `system_prompt`: qwen_prm's (None: the
+    card's). `dtype`: float32 | bfloat16 | auto.
+    """
+    from rlprm.steps import DEFAULT_SEPARATOR
+
+    ref = str(ref)
+    if adapter is not None and adapter not in FAMILIES:
+        raise AdapterError(f"unknown PRM adapter {adapter!r}; the families are: {_families_text()}")
+    found = detect_family(ref)
+    family = adapter or found
+    if family is None:
+        where = "folder" if Path(ref).is_dir() else "model"
+        raise AdapterError(f"cannot tell which PRM family the {where} {ref} belongs to (no {ADAPTER_FILE}, no "
+                           "Qwen2ForProcessRewardModel architecture, no Skywork value head). Name it with "
+                           f"rm.adapter (or eval.reward_model_adapters.NAME): {_families_text()}")
+    if family == "rlprm":
+        from rlprm.reward_models import RewardModel
+
+        if found != "rlprm":
+            raise AdapterError(f"{ref} has no {ADAPTER_FILE}: it is not an rlprm reward model; name its family "
+                               f"instead: {_families_text()}")
+        return RewardModel.load(ref, device=device, dtype=dtype, step_separator=step_separator,
+                                trust_remote_code=trust_remote_code)
+    if found == "rlprm":
+        raise AdapterError(f"{ref} is an rlprm reward model ({ADAPTER_FILE}); drop the adapter {family!r} or set "
+                           "it to rlprm")
+    if family == "qwen_prm":
+        from rlprm.prm_adapters import qwen_prm
+
+        impl = qwen_prm.load(ref, device, dtype, system_prompt)
+    elif family in ("math_shepherd", "rlhflow"):
+        from rlprm.prm_adapters import tag_lm
+
+        impl = tag_lm.load(family, ref, device, dtype, trust_remote_code)
+    elif family == "value_head":
+        from rlprm.prm_adapters import value_head
+
+        impl = value_head.load(ref, device, dtype, trust_remote_code)
+    else:
+        from rlprm.prm_adapters import implicit
+
+        if reference is None:
+            raise AdapterError("the implicit family scores with two LMs: set rm.reference_model to the reference "
+                               "model (e.g. the PRM's base model)")
+        impl = implicit.load(ref, str(reference), device, dtype, beta, trust_remote_code)
+    return HubPRM(impl, ref, step_separator or DEFAULT_SEPARATOR)
+
+
+def load_for_recipe(recipe, ref: str | Path | None = None, adapter: str | None = None, device: str = "cpu",
+                    dtype: str | None = None):
+    """`load_reward_model` with a recipe's settings: the task's step separator, model.dtype / trust_remote_code
+    and the implicit / qwen_prm options of `rm`. With no `ref`: model.reward_model, whose family is rm.adapter;
+    another `ref` has the family `adapter` (None: detected)."""
+    rm = recipe.rm
+    if ref is None:
+        ref, adapter = recipe.model.reward_model, rm.adapter
+    if ref is None:
+        raise AdapterError("no reward model named: set model.reward_model to a folder or hub id")
+    return load_reward_model(ref, adapter, device=device,
+                             dtype=dtype or recipe.model.dtype, step_separator=recipe.task.step_separator,
+                             trust_remote_code=recipe.model.trust_remote_code, reference=rm.reference_model,
+                             beta=rm.implicit_beta, system_prompt=rm.system_prompt)
+
+
+__all__ = ["ADAPTER_FILE", "AdapterError", "Encoded", "FAMILIES", "HubPRM", "detect_family", "load_for_recipe", "load_reward_model"]

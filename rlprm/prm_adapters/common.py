@@ -1,0 +1,233 @@
+"""What every public-PRM family shares: token pieces, padding, and the scoring object.
+
+A family (qwen_prm.py, tag_lm.py, value_head.py, implicit.py) only decides two
+things: how a solution becomes token ids with a *read position* per step
+(`encode`), and how a right-padded batch of those becomes one probability of
+"correct" per read position (`score_batch`). `HubPRM` does the rest the way
+`rlprm.reward_models.RewardModel` does it: texts split into steps with the one
+step convention (`rlprm.steps.split_steps`), lengths sorted into batches, one
+forward pass per solution, results back in the caller's order.
+
+Step boundaries are marked by appending the family's marker as a token id
+(`encode_pieces(marker_id=...)`), never by pasting its text into the string:
+the pasted text can merge with its neighbours or be split differently by the
+tokenizer (QwenLM/ProcessBench PR #12 changed F1 on every subset by fixing
+exactly this), and a step that happens to contain the marker's text would
+create read positions of its own. The read positions are recorded while the
+ids are built, so they never come from searching the ids for the marker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from rlprm.reward_models import RewardModelError
+from rlprm.steps import DEFAULT_SEPARATOR, split_steps
+
+SENTINEL = "\ue000rlprm-content\ue000"
+"""A private-use marker put where a chat template writes a message, to cut the rendered text around it."""
+
+
+class AdapterError(RewardModelError):
+    """A public PRM cannot be loaded or asked to score this way (the message says why).
+
+    A RewardModelError, so every command that reports a bad reward model reports this one the same way."""
+
+
+@dataclass
+class Encoded:
+    """One solution in a family's token form."""
+
+    input_ids: list[int]
+    reads: list[int]
+    """Per step, the index whose output gives that step's score (a marker token, or the token before a verdict)."""
+    spans: list[tuple[int, int]] | None = None
+    """(implicit family) Per step, its tokens [start, end] inclusive."""
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Ids of `text` with no special tokens added; special-token text in it (template markup) is parsed."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def leading_bos(tokenizer) -> list[int]:
+    """BOS, if this tokenizer puts one in front of a plain encoding (Llama, Mistral) - as `tokenizer.encode` does."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return [bos] if probe and probe[0] == bos else []
+
+
+def single_token(tokenizer, text: str, what: str) -> int:
+    """The id that ends the encoding of `text` (a family's marker or verdict token), checked to exist."""
+    ids = encode_text(tokenizer, text)
+    if not ids:
+        raise AdapterError(f"the tokenizer encodes the {what} {text!r} to no tokens")
+    return ids[-1]
+
+
+def encode_pieces(tokenizer, head: str, pieces: Sequence[str], tail: str = "", marker_id: int | None = None,
+                  bos: bool = False) -> Encoded:
+    """`head`, then each piece (then `marker_id` after it, when given), then `tail`, each tokenized on its own.
+
+    `reads` are the marker positions, or each piece's last token without a marker; `spans` each piece's tokens
+    (marker included).
+    """
+    ids = (leading_bos(tokenizer) if bos else []) + encode_text(tokenizer, head)
+    reads, spans = [], []
+    for piece in pieces:
+        start = len(ids)
+        ids.extend(encode_text(tokenizer, piece))
+        if marker_id is not None:
+            ids.append(marker_id)
+        if len(ids) == start:
+            raise AdapterError(f"step {piece!r} encodes to no tokens")
+        reads.append(len(ids) - 1)
+        spans.append((start, len(ids) - 1))
+    ids.extend(encode_text(tokenizer, tail))
+    return Encoded(ids, reads, spans)
+
+
+def split_template(tokenizer, messages: list[dict], where: str) -> list[str]:
+    """The chat template rendered with SENTINEL as the content of some messages, cut at every SENTINEL.
+
+    Why a sentinel: the template stays the model's own (system prompt, headers, whatever it trims or adds),
+    and the cut points are exactly where a message's content goes, so the steps or verdict tokens can be put
+    there as token ids.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise AdapterError(f"the {where} family needs the tokenizer's chat template, and this tokenizer has none")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    parts = text.split(SENTINEL)
+    expected = sum(m["content"] == SENTINEL for m in messages) + 1
+    if len(parts) != expected:
+        raise AdapterError(f"the chat template of this {where} model changed the message content; cannot place "
+                           "the steps in it")
+    return parts
+
+
+def pad_right(sequences: list[list[int]], pad_id: int, device):
+    """(ids, attention_mask) right-padded: real tokens keep the positions they have unpadded."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def read_index(encoded: list[Encoded], device):
+    """(rows, cols) index tensors of every read position of a batch, solution after solution."""
+    import torch
+
+    rows = [i for i, e in enumerate(encoded) for _ in e.reads]
+    cols = [c for e in encoded for c in e.reads]
+    return torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+
+
+def unflatten(flat: list[float], encoded: list[Encoded]) -> list[list[float]]:
+    out, k = [], 0
+    for e in encoded:
+        out.append(flat[k:k + len(e.reads)])
+        k += len(e.reads)
+    return out
+
+
+def pad_id_of(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise AdapterError("the tokenizer has neither a pad nor an eos token to pad batches with")
+    return pad  # right padding behind an attention mask: its value is never read
+
+
+class HubPRM:
+    """A public PRM behind the same scoring calls as `RewardModel` (`kind`, `score_steps`, `score`).
+
+    `family` is the family object (encode / score_batch / models); this class owns batching and order.
+    """
+
+    kind = "prm"
+
+    def __init__(self, family, name: str, step_separator: str = DEFAULT_SEPARATOR):
+        self.family = family
+        self.name = name
+        self.step_separator = step_separator
+        """Only used to split solution texts into steps; the family marks the boundaries in its own tokens."""
+
+    @property
+    def adapter(self) -> str:
+        return self.family.adapter
+
+    @property
+    def tokenizer(self):
+        return self.family.tokenizer
+
+    def max_positions(self) -> int | None:
+        return getattr(self.family.config, "max_position_embeddings", None)
+
+    def _steps(self, solutions, sep: str | None) -> list[list[str]]:
+        sep = sep or self.step_separator
+        return [split_steps(s, sep) if isinstance(s, str) else list(s) for s in solutions]
+
+    def encode(self, problems: Sequence[str], solutions: Sequence, sep: str | None = None) -> list[Encoded]:
+        return [self.family.encode(p, s) for p, s in zip(problems, self._steps(solutions, sep))]
+
+    def score_steps(self, problems: Sequence[str], solutions: Sequence, sep: str | None = None,
+                    batch_size: int = 16, **_ignored) -> list[list[float]]:
+        """Per solution, P(step correct) for each step: one forward pass per solution, padded batches.
+
+        `solutions` are step lists or texts (split on `sep`, default `step_separator`). Any separator works:
+        the family marks step boundaries with its own token. Options of `RewardModel.score_steps` that do
+        not apply here (`head_only`) are accepted and ignored.
+        """
+        if len(problems) != len(solutions):
+            raise AdapterError(f"{len(problems)} problems but {len(solutions)} solutions")
+        steps = self._steps(solutions, sep)
+        encoded = [self.family.encode(p, s) if s else None for p, s in zip(problems, steps)]
+        limit = self.max_positions()
+        longest = max((len(e.input_ids) for e in encoded if e), default=0)
+        if limit and longest > limit:
+            raise AdapterError(f"a solution is {longest} tokens long, beyond this model's {limit} positions")
+        out: list[list[float]] = [[] for _ in encoded]
+        live = [i for i, e in enumerate(encoded) if e is not None]
+        order = sorted(live, key=lambda i: len(encoded[i].input_ids))  # less padding; results go back in order
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            for i, probs in zip(chunk, self.family.score_batch([encoded[i] for i in chunk])):
+                out[i] = probs
+        return out
+
+    def score(self, problems: Sequence[str], solutions: Sequence, aggregate: str = "prod", sep: str | None = None,
+              batch_size: int = 16) -> list[float]:
+        from rlprm.reward_models import aggregate as combine
+
+        return [combine(p, aggregate) for p in self.score_steps(problems, solutions, sep=sep, batch_size=batch_size)]
+
+
+def score_steps_per_prefix(rm: HubPRM, problems: Sequence[str], solutions: Sequence, sep: str | None = None,
+                           batch_size: int = 16) -> list[list[float]]:
+    """The slow reference: every prefix (the solution's ids cut after step k's read position) as its own
+    sequence, its last step scored. Equal to `score_steps` when one pass is legitimate; batched the same way,
+    so that timings compare the prefixes themselves (benchmarks/prm_scoring.py, tests)."""
+    encoded = rm.encode(problems, solutions, sep)
+    prefixes, owner = [], []
+    for i, e in enumerate(encoded):
+        for k, end in enumerate(e.reads):
+            cut = end if e.spans is None else max(end, e.spans[k][1])
+            prefixes.append(Encoded(e.input_ids[:cut + 1], [end], None if e.spans is None else e.spans[:k + 1]))
+            owner.append(i)
+    order = sorted(range(len(prefixes)), key=lambda j: len(prefixes[j].input_ids))
+    flat = [0.0] * len(prefixes)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        for j, probs in zip(chunk, rm.family.score_batch([prefixes[j] for j in chunk])):
+            flat[j] = probs[-1]
+    out: list[list[float]] = [[] for _ in encoded]
+    for j, i in enumerate(owner):
+        out[i].append(flat[j])
+    return out

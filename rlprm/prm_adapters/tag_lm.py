@@ -1,0 +1,106 @@
+"""`+`/`-` verdict tokens of a causal LM: `math_shepherd` and `rlhflow`.
+
+Both read, at one position per step, the LM's logits of the `+` and `-` token ids and take the softmax over
+those two (index 0 = `+` = correct). Only the hidden states at the read positions go through the LM head
+(a 7-8B model's vocabulary is 32k-128k wide: logits for every token would dominate memory).
+
+math_shepherd (peiyi9979/math-shepherd-mistral-7b-prm, model card): the input is `question + " " + solution`,
+the solution's steps each followed by the step tag ` ки` and separated by "\\n"
+(`Step 1: ... ки\\nStep 2: ... ки`); candidate ids are those of `+` and `-` as the card gets them
+(`tokenizer.encode("+ -")[1:]`: the tokens that follow a space), the tag id `tokenizer.encode("ки")[-1]`;
+the score of a step is read at its tag position. Here the tag is appended as its id after each step's ids.
+
+rlhflow (RLHFlow/Llama3.1-8B-PRM-Mistral-Data / -Deepseek-Data; RLHFlow/RLHF-Reward-Modeling math/README.md
+and the ProcessBench repository's run_eval_prm_rlhflow.py): a multi-turn chat, each step a user turn (the
+first prefixed by the problem), each answered by an assistant turn `+`; the probability of `+` against `-`
+is read at the position that predicts the assistant's `+` (orm_evaluate.py reads logits[-3] with Llama 3.1's
+template: the token before `+<|eot_id|>`). The problem and the first step are joined with " " as RLHFlow's
+README shows (ProcessBench's script uses "\\n\\n"; `first_joiner` changes it). The whole conversation is one
+forward pass: a causal model's output before turn k's `+` has seen only turns up to k.
+"""
+
+from __future__ import annotations
+
+from rlprm.prm_adapters.common import (SENTINEL, AdapterError, Encoded, encode_pieces, encode_text, pad_id_of,
+                                      pad_right, read_index, single_token, split_template, unflatten)
+
+STEP_TAG = " ки"
+
+
+def verdict_probs(model, tokenizer, encoded: list[Encoded], good_id: int, bad_id: int) -> list[list[float]]:
+    """softmax([logit(+), logit(-)])[0] at every read position of a right-padded batch."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids, mask = pad_right([e.input_ids for e in encoded], pad_id_of(tokenizer), device)
+    body = getattr(model, model.base_model_prefix)
+    with torch.inference_mode():
+        hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        rows, cols = read_index(encoded, device)
+        head = model.get_output_embeddings()
+        pair = torch.tensor([good_id, bad_id], device=device)
+        logits = hidden[rows, cols] @ head.weight[pair].T
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias[pair]
+    probs = torch.softmax(logits.float(), dim=-1)[:, 0]
+    return unflatten(probs.cpu().tolist(), encoded)
+
+
+class MathShepherd:
+    adapter = "math_shepherd"
+
+    def __init__(self, model, tokenizer, step_tag: str = STEP_TAG):
+        self.model, self.tokenizer, self.config = model.eval(), tokenizer, model.config
+        self.tag_id = single_token(tokenizer, step_tag, "step tag")
+        # the verdict follows the tag after a space in training data (`... ки` -> `... +`): the ids of " +"/" -"
+        self.good_id = single_token(tokenizer, " +", "verdict")
+        self.bad_id = single_token(tokenizer, " -", "verdict")
+        if len({self.tag_id, self.good_id, self.bad_id}) < 3:
+            raise AdapterError("the step tag and the +/- verdicts must be three different tokens")
+
+    def encode(self, problem: str, steps: list[str]) -> Encoded:
+        pieces = [f"{problem} {steps[0]}"] + ["\n" + s for s in steps[1:]]
+        return encode_pieces(self.tokenizer, "", pieces, marker_id=self.tag_id, bos=True)
+
+    def score_batch(self, encoded):
+        return verdict_probs(self.model, self.tokenizer, encoded, self.good_id, self.bad_id)
+
+
+class RLHFlow:
+    adapter = "rlhflow"
+
+    def __init__(self, model, tokenizer, first_joiner: str = " "):
+        self.model, self.tokenizer, self.config = model.eval(), tokenizer, model.config
+        self.good_id = single_token(tokenizer, "+", "verdict")  # RLHFlow: tokenizer.encode('+')[-1]
+        self.bad_id = single_token(tokenizer, "-", "verdict")
+        self.first_joiner = first_joiner
+
+    def encode(self, problem: str, steps: list[str]) -> Encoded:
+        messages = []
+        for k, step in enumerate(steps):
+            messages.append({"role": "user", "content": problem + self.first_joiner + step if k == 0 else step})
+            messages.append({"role": "assistant", "content": SENTINEL})
+        parts = split_template(self.tokenizer, messages, self.adapter)
+        ids, reads = [], []
+        for part in parts[:-1]:
+            ids.extend(encode_text(self.tokenizer, part))
+            reads.append(len(ids) - 1)  # the output here predicts the assistant's verdict
+            ids.append(self.good_id)
+        ids.extend(encode_text(self.tokenizer, parts[-1]))
+        return Encoded(ids, reads)
+
+    def score_batch(self, encoded):
+        return verdict_probs(self.model, self.tokenizer, encoded, self.good_id, self.bad_id)
+
+
+def load(family: str, path: str, device: str, dtype, trust_remote_code: bool = False):
+    from rlprm.models import load_tokenizer, torch_dtype
+    from rlprm.reward_models import _quiet_transformers
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)
+    with _quiet_transformers(report=False):
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype),
+                                                     trust_remote_code=trust_remote_code)
+    model = model.to(device)
+    return MathShepherd(model, tokenizer) if family == "math_shepherd" else RLHFlow(model, tokenizer)

@@ -1,0 +1,323 @@
+"""Public PRM families through one API, each checked against its model card's own way of scoring.
+
+Every family gets a tiny random stand-in (rlprm/prm_adapters/standins.py: the family's special tokens, chat
+template, head shape, label order and weight names), saved to a temporary folder and loaded by
+`load_reward_model`. The references below are written separately, the way each card's snippet scores: the
+whole conversation or text built as a string, tokenized at once, one solution at a time, the model's weights
+read back from the saved files where the card's code has its own head. `score_steps` (ids built piece by
+piece, markers appended as token ids, one padded batch) must agree to 1e-5, batched and one by one.
+"""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+import torch
+
+from rlprm.prm_adapters import FAMILIES, AdapterError, HubPRM, detect_family, load_reward_model
+from rlprm.prm_adapters.standins import save_standin
+
+PROBLEMS = [
+    "What is 12 + 5?",
+    "Janet has 16 eggs and eats 3. How many are left?",
+    "Solve 2x + 3 = 11.",
+    "Start with 7. Add 5.",
+]
+SOLUTIONS = [
+    ["Start with 12.", "Add 5 to get 17.", "# Answer\n\n17"],
+    ["Step 1: Janet has 16 eggs per day.", "Step 2: She eats 3, so 16 - 3 = 13.", "Step 3: 13 - 1 = 12.",
+     "The answer is \\boxed{12}."],
+    ["Let x be the number.", "Then 2x = 8, so x = 4."],
+    ["7 + 5 = 12", "12 mod 10 = 2", "# Answer\n\n2", "We compute the area: $\\frac{1}{2} \\cdot 6 \\cdot 4 = 12$."],
+]
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub_prms")
+    return {family: save_standin(family, root / family) for family in
+            ("qwen_prm", "math_shepherd", "rlhflow", "value_head", "implicit")}
+
+
+def _load(folders, family, **kw):
+    extra = {"reference": folders[family] / "reference", "beta": 0.5} if family == "implicit" else {}
+    return load_reward_model(folders[family], family, **extra, **kw)
+
+
+def _ids(out):
+    """apply_chat_template(tokenize=True) gives a list or a BatchEncoding, by transformers version."""
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+# --------------------------------------------------------------------------- references, from the cards
+
+
+def ref_qwen_prm(folder, problem, steps):
+    """Qwen2.5-Math-PRM card: system + user + assistant "<extra_0>".join(steps) + "<extra_0>", rendered by the
+    chat template, encoded whole; softmax of the 2-way head at <extra_0>, column 1. The head is applied by hand
+    from the saved tensors `score.0.*` / `score.2.*` (the published names), the body is a plain Qwen2Model."""
+    from transformers import AutoConfig, AutoTokenizer, Qwen2Model
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    messages = [{"role": "system", "content": "Please reason step by step, and put your final answer within \\boxed{}."},
+                {"role": "user", "content": problem},
+                {"role": "assistant", "content": "<extra_0>".join(steps) + "<extra_0>"}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    ids = torch.tensor([tok.encode(text)])
+    w = _weights(folder)
+    body = Qwen2Model(AutoConfig.from_pretrained(folder)).eval()
+    body.load_state_dict({k[len("model."):]: v for k, v in w.items() if k.startswith("model.")})
+    with torch.no_grad():
+        h = body(input_ids=ids).last_hidden_state[0]
+        inner = torch.relu(torch.nn.functional.linear(h, w["score.0.weight"], w["score.0.bias"]))
+        logits = torch.nn.functional.linear(inner, w["score.2.weight"], w["score.2.bias"])
+    probs = torch.softmax(logits, dim=-1)[:, 1]
+    sep = tok.encode("<extra_0>")[0]
+    return probs[ids[0] == sep].tolist()
+
+
+def ref_math_shepherd(folder, problem, steps):
+    """math-shepherd card: f"{question} {output}", output = steps each ending in " ки", joined by "\\n";
+    softmax over the logits of the +/- candidates at the positions of the tag id. The card takes the ids from
+    Mistral's tokenizer, whose encodings start with a space (`encode("+ -")[1:]`, `encode("ки")[-1]`): the
+    stand-in's byte-level BPE has no such prefix, so the space is written out."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    output = "\n".join(f"{s} ки" for s in steps)
+    ids = torch.tensor([tok.encode(f"{problem} {output}")])
+    candidates = tok.encode(" + -", add_special_tokens=False)
+    tag = tok.encode(" ки", add_special_tokens=False)[-1]
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        scores = model(ids).logits[0][:, candidates].softmax(dim=-1)[:, 0]
+    return scores[ids[0] == tag].tolist()
+
+
+def ref_rlhflow(folder, problem, steps):
+    """RLHFlow README / ProcessBench's run_eval_prm_rlhflow.py: the conversation up to step k (each step a user
+    turn, each answered "+"), rendered and tokenized by the chat template; P(+) against P(-) from the logits at
+    position -3 (the token before "+<|eot_id|>"), one conversation per step."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    plus, minus = tok.encode("+")[-1], tok.encode("-")[-1]
+    conversation, out = [], []
+    for k, step in enumerate(steps):
+        conversation.append({"role": "user", "content": problem + " " + step if k == 0 else step})
+        conversation.append({"role": "assistant", "content": "+"})
+        ids = torch.tensor([_ids(tok.apply_chat_template(conversation, tokenize=True))])
+        with torch.no_grad():
+            logits = model(ids).logits[0, -3, [plus, minus]]
+        out.append(float(logits.softmax(-1)[0]))
+    return out
+
+
+def ref_value_head(folder, problem, steps):
+    """Skywork prepare_input: encode(bos + problem + "\\n"), then each step's encoding + the "\\n" id, flags at
+    those; sigmoid of v_head (read from the saved tensors) over the LM's last hidden state."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    nl = tok.encode("\n")[-1]
+    ids, flags = tok.encode((tok.bos_token or "") + problem + "\n"), []
+    for step in steps:
+        ids += tok.encode(step) + [nl]
+        flags.append(len(ids) - 1)
+    w = _weights(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+        value = torch.nn.functional.linear(hidden, w["v_head.summary.weight"], w["v_head.summary.bias"])[:, 0]
+    return value.sigmoid()[flags].tolist()
+
+
+def ref_implicit(folder, problem, steps, beta=0.5):
+    """Implicit PRM: r_k = beta * (sum of log pi/pi_ref over the response tokens up to step k, minus the same up
+    to step k-1), each prefix rendered as its own chat string (steps joined by "\\n\\n"); P = sigmoid(r_k)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    pi = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ref = AutoModelForCausalLM.from_pretrained(folder / "reference").eval()
+    marker = "\ue001"
+    head = tok.apply_chat_template([{"role": "user", "content": problem}, {"role": "assistant", "content": marker}],
+                                   tokenize=False).split(marker)[0]
+    n_head = len(tok.encode(head))
+
+    def total(text):
+        ids = torch.tensor([tok.encode(text)])
+        with torch.no_grad():
+            lp = [torch.log_softmax(m(ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0] for m in (pi, ref)]
+        return float((lp[0] - lp[1])[n_head - 1:].sum())
+
+    # prefix k: the response cut after step k (its "\n\n" joiner included); the template's closing tokens
+    # after the last step belong to no step
+    sums = [0.0] + [total(head + "\n\n".join(steps[:k]) + ("\n\n" if k < len(steps) else ""))
+                    for k in range(1, len(steps) + 1)]
+    return [float(torch.sigmoid(torch.tensor(beta * (sums[k + 1] - sums[k])))) for k in range(len(steps))]
+
+
+REFERENCES = {"qwen_prm": ref_qwen_prm, "math_shepherd": ref_math_shepherd, "rlhflow": ref_rlhflow,
+              "value_head": ref_value_head, "implicit": ref_implicit}
+
+
+def _max_diff(a, b):
+    assert [len(x) for x in a] == [len(y) for y in b]
+    return max(abs(x - y) for u, v in zip(a, b) for x, y in zip(u, v))
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("family", list(REFERENCES))
+def test_family_matches_its_card_batched_and_alone(folders, family):
+    rm = _load(folders, family)
+    assert isinstance(rm, HubPRM) and rm.kind == "prm" and rm.adapter == family
+    reference = [REFERENCES[family](folders[family], p, s) for p, s in zip(PROBLEMS, SOLUTIONS)]
+    batched = rm.score_steps(PROBLEMS, SOLUTIONS, batch_size=len(PROBLEMS))  # one padded batch
+    alone = [rm.score_steps([p], [s])[0] for p, s in zip(PROBLEMS, SOLUTIONS)]
+    assert _max_diff(batched, reference) < TOL
+    assert _max_diff(alone, reference) < TOL
+    flat = [x for ps in batched for x in ps]
+    assert max(flat) - min(flat) > 1e-3, "a degenerate constant scorer would hide mistakes"
+
+
+def test_texts_are_split_with_the_step_convention(folders):
+    rm = _load(folders, "qwen_prm")
+    # the first three round-trip through text (the fourth has a step after its answer step)
+    texts = ["".join(s + "\n" for s in steps) for steps in SOLUTIONS[:3]]
+    assert _max_diff(rm.score_steps(PROBLEMS[:3], texts, sep="\n"), rm.score_steps(PROBLEMS[:3], SOLUTIONS[:3])) < TOL
+    assert rm.score(PROBLEMS[:1], SOLUTIONS[:1], aggregate="min")[0] == pytest.approx(
+        min(rm.score_steps(PROBLEMS[:1], SOLUTIONS[:1])[0]))
+
+
+def test_separator_is_a_token_id_not_text(folders):
+    """A step whose text contains "<extra_0>" still gets one score: positions come from where ids were appended."""
+    rm = _load(folders, "qwen_prm")
+    tricky = [["Write <extra_0> here.", "Then stop."]]
+    enc = rm.encode(PROBLEMS[:1], tricky)[0]
+    assert len(enc.reads) == 2 and all(enc.input_ids[r] == rm.family.step_id for r in enc.reads)
+    assert len(rm.score_steps(PROBLEMS[:1], tricky)[0]) == 2
+
+
+def test_qwen_prm_weight_names_and_lm_head_ignored(folders, tmp_path):
+    """The published names load as they are: body `model.*`, head score.0/score.2; an lm_head is ignored."""
+    from safetensors.torch import save_file
+
+    from rlprm.prm_adapters.qwen_arch import QwenProcessRewardModel
+
+    w = _weights(folders["qwen_prm"])
+    head = {k for k in w if not k.startswith("model.")}
+    assert head == {"score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias"}
+    hidden = w["model.embed_tokens.weight"].shape[1]
+    assert w["score.0.weight"].shape == (hidden, hidden) and w["score.2.weight"].shape == (2, hidden)
+    # the same tensors under a copy that also carries an lm_head, as a published checkpoint might
+    import shutil
+
+    copy = tmp_path / "with_lm_head"
+    shutil.copytree(folders["qwen_prm"], copy)
+    save_file({**w, "lm_head.weight": torch.zeros_like(w["model.embed_tokens.weight"])},
+              str(copy / "model.safetensors"), metadata={"format": "pt"})
+    model = QwenProcessRewardModel.from_pretrained(str(copy))
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in w.items())
+    assert _max_diff(load_reward_model(copy).score_steps(PROBLEMS, SOLUTIONS),
+                     _load(folders, "qwen_prm").score_steps(PROBLEMS, SOLUTIONS)) < TOL
+
+
+def test_detection_and_errors(folders, tmp_path, char_tokenizer):
+    from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
+
+    assert detect_family(folders["qwen_prm"]) == "qwen_prm"
+    assert detect_family(folders["value_head"]) == "value_head"
+    for family in ("math_shepherd", "rlhflow", "implicit"):
+        assert detect_family(folders[family]) is None
+        with pytest.raises(AdapterError, match="rm.adapter.*qwen_prm.*math_shepherd.*rlhflow.*value_head.*implicit"):
+            load_reward_model(folders[family])
+    with pytest.raises(AdapterError, match="rm.reference_model"):
+        load_reward_model(folders["implicit"], "implicit")
+    with pytest.raises(AdapterError, match="unknown PRM adapter"):
+        load_reward_model(folders["qwen_prm"], "qwen")
+    # our own folders load as RewardModel, detected or named
+    from rlprm.config import TinyModelConfig
+    from rlprm.models import build_tiny_causal_lm
+
+    conv = make_convention("prm", "\n")
+    lm = build_tiny_causal_lm(TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2),
+                              char_tokenizer)
+    RewardModel(reward_model_from_causal_lm(conv, lm, char_tokenizer), char_tokenizer, conv).save(tmp_path / "ours")
+    assert isinstance(load_reward_model(tmp_path / "ours"), RewardModel)
+    assert isinstance(load_reward_model(tmp_path / "ours", "rlprm"), RewardModel)
+    with pytest.raises(AdapterError, match="rlprm reward model"):
+        load_reward_model(tmp_path / "ours", "qwen_prm")
+    with pytest.raises(AdapterError, match="not an rlprm reward model"):
+        load_reward_model(folders["qwen_prm"], "rlprm")
+
+
+def test_recipe_families_match_the_loader():
+    from rlprm.config import PRMAdapter
+
+    assert set(typing.get_args(PRMAdapter)) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("family", list(REFERENCES))
+def test_single_pass_equals_scoring_each_prefix(folders, family):
+    """A causal model's output at a step's read position has seen only the prefix: one pass = every prefix."""
+    from rlprm.prm_adapters.common import score_steps_per_prefix
+
+    rm = _load(folders, family)
+    assert _max_diff(rm.score_steps(PROBLEMS, SOLUTIONS, batch_size=3),
+                     score_steps_per_prefix(rm, PROBLEMS, SOLUTIONS, batch_size=5)) < TOL
+
+
+@pytest.mark.parametrize("family", ["qwen_prm", "rlhflow"])
+def test_one_ppo_iteration_with_dense_rewards_from_a_public_prm(family, folders, generator_dir, tmp_path, monkeypatch):
+    """The RL reward loading goes through the loader: a public PRM (detected, or named by rm.adapter) scores the
+    policy's steps, and the rewards land on the policy's own tokens (its tokenizer is another one)."""
+    import rlprm.rewards as rewards_module
+    from rlprm.rl import ppo
+    from rlprm.steps import answer_step, render_steps
+    from rlprm.tasks.arithmetic import render_step
+
+    from .test_ppo import _fixed_rollouts, make_recipe
+
+    text = render_steps([render_step("+", 1, 2, 3), render_step("+", 3, 4, 7), answer_step("7")])
+    seen, original = [], rewards_module.token_rewards
+    monkeypatch.setattr(ppo, "_generate", _fixed_rollouts(ppo, text))
+    monkeypatch.setattr(rewards_module, "token_rewards", lambda *a, **k: seen.append(original(*a, **k)) or seen[-1])
+    recipe = make_recipe(tmp_path, generator_dir, f"ppo_{family}", epochs=1, mode="dense", source="prm",
+                         dense_form="min_form")
+    recipe.model.reward_model = str(folders[family])
+    recipe.rm.adapter = None if family == "qwen_prm" else family
+    recipe.rl.eval_n = 0
+    recipe.rl.max_new_tokens = 64
+    final = ppo.train_ppo(recipe, progress=False)
+    assert all(len(r) == 3 for r in seen[0].step_rewards)
+    assert all(1 <= k <= 3 for k in (seen[0].rewards != 0).sum(1).tolist())
+    assert final["rl/steps_per_solution"] == 3 and 0.0 <= final["rl/reward"] <= 1.0
+
+
+def test_every_family_selects_best_of_n(folders):
+    """score_pool (what `rlprm eval` calls per reward model) takes any family: one PRM selector per aggregation."""
+    from types import SimpleNamespace
+
+    from rlprm.evaluate import Pool, score_pool, selector_scores
+
+    problems = [SimpleNamespace(text=p) for p in PROBLEMS[:2]]
+    grades = [[SimpleNamespace(steps=s) for s in SOLUTIONS[:2]], [SimpleNamespace(steps=s) for s in SOLUTIONS[2:]]]
+    pool = Pool(problems, [["a", "b"], ["c", "d"]], grades)
+    for family in REFERENCES:
+        score_pool(pool, family, _load(folders, family))
+        assert [len(s) for row in pool.step_scores[family] for s in row] == [len(s) for s in SOLUTIONS]
+    scores = selector_scores(pool, ("prod", "min"))
+    assert {f"{f}_{a}" for f in REFERENCES for a in ("prod", "min")} <= set(scores)
