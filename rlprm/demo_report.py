@@ -96,6 +96,23 @@ def bon_summary(curves: dict) -> dict:
             for sel, c in curves.items()}
 
 
+def sharpening_rates(dirs_by_generator: dict[str, list[Path]], generators=("start", "start_t07")) -> dict:
+    """{generator: {metric: seed interval}}: the rates of every sample in the starting generator's best-of-N pools,
+    at T=1 and at T=0.7. The T=0.7 row is what sharpening alone (no training) buys: an RL arm that only sharpens
+    the policy toward its mode should look like it."""
+    from rlprm.compare import seed_interval
+    from rlprm.evaluate import load_pool, sample_rates
+
+    out = {}
+    for gen in generators:
+        pools = [Path(d) / "pool.jsonl" for d in dirs_by_generator.get(gen, [])]
+        rates = [sample_rates(load_pool(p)) for p in pools if p.is_file()]
+        if rates:
+            out[gen] = {m: seed_interval([r[f"eval/{m}"] for r in rates if r.get(f"eval/{m}") is not None])
+                        for m in RL_METRICS}
+    return out
+
+
 # --------------------------------------------------------------------------- RL
 
 
@@ -360,6 +377,7 @@ def write_demo_report(layout: DemoLayout, out_dir: Path, runtime: dict, resample
     runs_by_arm = {arm: _runs_by_seed(dirs) for arm, dirs in layout.arms.items()}
     seed_values = {arm: arm_seed_values(runs) for arm, runs in runs_by_arm.items()}
     summary = build_summary(layout, runtime, bon, seed_values)
+    summary["sharpening"] = sharpening_rates(layout.generators)
 
     lines = ["# Process vs outcome supervision (demo)", "",
              f"{layout.seeds} seed(s); wall time {runtime.get('wall_seconds')} s up to this report, peak memory "
@@ -386,6 +404,16 @@ def write_demo_report(layout: DemoLayout, out_dir: Path, runtime: dict, resample
         plot_rl_metrics(runs_by_arm, out / "rl_curves.png")
         plot_kl(runs_by_arm, out / "rl_kl.png")
         lines += rl_markdown(summary["rl"], summary["rl_diff"], layout.seeds)
+    if summary["sharpening"]:
+        names = {"answer_accuracy": "answer acc.", "process_accuracy": "process acc.", "trace_error": "trace error",
+                 "shortcut_rate": "shortcut rate"}
+        lines += ["### Sharpening alone: the starting generator at T=1 and T=0.7", "",
+                  "Every sample of the starting generator's best-of-N pools (%, mean [95% t-interval over seeds]): "
+                  "what a lower temperature buys with no training at all.", "",
+                  "| sampling | " + " | ".join(names[m] for m in RL_METRICS) + " |", "|---|" + "---|" * len(RL_METRICS)]
+        for gen, rates in summary["sharpening"].items():
+            lines.append(f"| {gen} | " + " | ".join(_pct(rates[m]) for m in RL_METRICS) + " |")
+        lines.append("")
     runs = [read_run(d) for d in layout.runs if (Path(d) / "metrics.jsonl").is_file()]
     if runs:
         compare(runs, out / "all_runs", title="Every run of the demo")

@@ -280,8 +280,12 @@ def test_demo_summary_json_from_hand_made_runs(tmp_path):
     assert "prm_dense_minus_confidence_dense" not in s["rl_diff"]  # the control did not run here
     # the PRM's own numbers: the head alone where it stacks confidence
     assert (s["prm"]["step_auroc"], s["prm"]["first_error_f1"]) == (0.81, 0.62)
+    # sharpening alone: every sample of the start's pools (one right, one wrong per problem), at T=1 and T=0.7
+    assert set(s["sharpening"]) == {"start", "start_t07"}
+    assert s["sharpening"]["start_t07"]["answer_accuracy"] == {"mean": 0.5, "lo": 0.5, "hi": 0.5, "n": 3}
     # the report and its figures
     text = report.read_text()
+    assert "### Sharpening alone" in text
     assert "| exact_dense | 40.0 (n=1)" not in text and "| prm_dense | 40.0 (n=1) | 55.0 (n=1)" in text
     assert "exact_dense - outcome_gt" in text and "told apart" in text
     assert "## Best-of-N: start_t07" in text and "prm_prod - orm" in text
