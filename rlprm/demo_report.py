@@ -191,7 +191,14 @@ def rm_quality(folder: Path | None, keys: list[str]) -> dict:
         return {}
     summary = json.loads(path.read_text())
     prefix = "eval_head_only" if any(k.startswith("eval_head_only/") for k in summary) else "eval"
-    return {**{k: summary.get(f"{prefix}/{k}") for k in keys}, "source": f"{path} ({prefix}/)"}
+    out = {**{k: summary.get(f"{prefix}/{k}") for k in keys}, "source": f"{path} ({prefix}/)"}
+    # the baseline that could explain it away, measured by train-rm beside the model: the generator's confidence
+    extra = ["blind_spot_rate", "shortcut_step_auroc", "best_of_n_process_accuracy"]
+    out.update({k: summary.get(f"{prefix}/{k}") for k in extra if f"{prefix}/{k}" in summary})
+    base = {k: summary.get(f"baseline_confidence/{k}") for k in keys + extra if f"baseline_confidence/{k}" in summary}
+    if base:
+        out["baseline_confidence"] = base
+    return out
 
 
 # --------------------------------------------------------------------------- figures
@@ -258,6 +265,10 @@ def plot_kl(runs_by_arm: dict[str, dict], path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- markdown
+
+
+def _f3(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _pct(p: dict | None, signed: bool = False) -> str:
@@ -359,7 +370,7 @@ def build_summary(layout: DemoLayout, runtime: dict, bon: dict, rl_seed_values: 
         "bon_diff": {gen: bon_summary(diffs) for gen, (_, diffs, _) in bon.items()},
         "rl": rl_summary(rl_seed_values),
         "rl_diff": rl_differences(rl_seed_values),
-        "prm": rm_quality(layout.prm, ["step_auroc", "first_error_f1"]),
+        "prm": rm_quality(layout.prm, ["step_auroc", "first_error_f1", "solution_auroc"]),
         "orm": rm_quality(layout.orm, ["solution_auroc", "solution_auroc_answer"]),
     })
 
@@ -385,9 +396,17 @@ def write_demo_report(layout: DemoLayout, out_dir: Path, runtime: dict, resample
     prm, orm = summary["prm"], summary["orm"]
     if prm or orm:
         lines += ["## Reward models (held-out generator samples)", "",
-                  f"- PRM step AUROC {prm.get('step_auroc')}, first-error F1 {prm.get('first_error_f1')} "
-                  f"(from {prm.get('source', '-')})",
-                  f"- ORM solution AUROC {orm.get('solution_auroc')} (from {orm.get('source', '-')})", ""]
+                  "| | step AUROC | first-error F1 | shortcut steps vs right steps AUROC | solution AUROC | "
+                  "blind-spot rate | best-of-N: every step right |", "|---|---|---|---|---|---|---|"]
+        for name, q in (("PRM", prm), ("PRM's baseline: the generator's confidence", prm.get("baseline_confidence")),
+                        ("ORM", orm), ("ORM's baseline: the generator's confidence", orm.get("baseline_confidence"))):
+            if q:
+                lines.append(f"| {name} | " + " | ".join(_f3(q.get(k)) for k in (
+                    "step_auroc", "first_error_f1", "shortcut_step_auroc", "solution_auroc", "blind_spot_rate",
+                    "best_of_n_process_accuracy")) + " |")
+        lines += ["", f"From {prm.get('source', '-')} and {orm.get('source', '-')}. Blind-spot rate: of the pairs "
+                  "(right answer on a wrong step, fully correct) of one problem, the share where the wrong one scores "
+                  "higher.", ""]
     if bon:
         curves = {gen: c for gen, (c, _, _) in bon.items()}
         plot_by_generator(curves, out / "bon_by_generator.png",
