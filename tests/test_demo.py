@@ -140,7 +140,7 @@ def test_build_stages_validates_every_recipe_with_demo_budgets(tmp_path):
         assert {f"rl-{a}-s{seed}" for a in arms} | {f"bon-{a}-s{seed}" for a in arms} <= set(names)
         assert {f"bon-start-s{seed}", f"bon-start-t07-s{seed}"} <= set(names)
     recipes = {s.name: yaml.safe_load(s.key) for s in stages}
-    assert recipes["prepare"]["prepare_eval"]["min_process_accuracy"] == 0.10
+    assert recipes["prepare"]["prepare_eval"]["min_process_accuracy"] == 0.20
     assert recipes["rm-prm"]["rm"]["max_steps"] == 160 and recipes["rm-prm"]["rm"]["scorer"] == "lm"
     # the PRM and the ORM sample the same seeded solutions, each into its own folder, side by side
     assert recipes["rm-orm"]["rm"]["data"]["cache_dir"] == str(tmp_path / "orm" / "rm_samples")
