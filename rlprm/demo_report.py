@@ -333,7 +333,9 @@ def bon_markdown(stats: dict[str, tuple[dict, dict, str]]) -> list[str]:
     lines = ["## Best-of-N", "",
              "One panel per generator, a line per selector with its 95% band (paired bootstrap over problems; "
              "with several seeds, the seeds' pools together).", "",
-             "![best-of-N by generator](bon_by_generator.png)", ""]
+             "![best-of-N by generator](bon_by_generator.png)", "",
+             "The same selections, counted as right only when every step of the chosen solution is right:", "",
+             "![best-of-N by generator, every step right](bon_by_generator_process.png)", ""]
     for gen, (curves, diffs, how) in stats.items():
         lines += [f"## Best-of-N: {gen}", "", f"Intervals: {how}.", "",
                   markdown_table(curves, title=f"{gen}: accuracy (%), mean [95% interval]", differences=diffs)]
@@ -409,8 +411,11 @@ def write_demo_report(layout: DemoLayout, out_dir: Path, runtime: dict, resample
                   "higher.", ""]
     if bon:
         curves = {gen: c for gen, (c, _, _) in bon.items()}
-        plot_by_generator(curves, out / "bon_by_generator.png",
-                          selectors=[s for s in FIGURE_SELECTORS if any(s in c for c in curves.values())])
+        present = [s for s in FIGURE_SELECTORS if any(s in c for c in curves.values())]
+        plot_by_generator(curves, out / "bon_by_generator.png", selectors=present)
+        # on this task a right answer can sit on wrong steps (the shortcut): the chosen solutions' process view
+        plot_by_generator(curves, out / "bon_by_generator_process.png", selectors=present, metric="process_correct",
+                          title="Best-of-N by generator: the chosen solution has every step right")
         by_selector: dict[str, dict] = {}
         for gen, c in curves.items():
             for sel in FIGURE_SELECTORS:

@@ -562,11 +562,13 @@ def _save_figure(fig, path: Path) -> None:
     tmp.replace(path)
 
 
-def _draw_curve(ax, name: str, c: dict, color=None):
-    ns = sorted(c)
-    mean = [100 * c[N]["accuracy"]["mean"] for N in ns]
-    lo = [100 * c[N]["accuracy"]["lo"] for N in ns]
-    hi = [100 * c[N]["accuracy"]["hi"] for N in ns]
+def _draw_curve(ax, name: str, c: dict, color=None, metric: str = "accuracy"):
+    ns = [N for N in sorted(c) if metric in c[N]]
+    if not ns:
+        return None
+    mean = [100 * c[N][metric]["mean"] for N in ns]
+    lo = [100 * c[N][metric]["lo"] for N in ns]
+    hi = [100 * c[N][metric]["hi"] for N in ns]
     style = "--" if name in (ORACLE, RANDOM) else "-"
     line, = ax.plot(ns, mean, style, marker="o", markersize=3, label=name, color=color)
     ax.fill_between(ns, lo, hi, color=line.get_color(), alpha=0.12)
@@ -593,10 +595,12 @@ def plot_curves(curves: dict, path: Path, title: str = "Best-of-N") -> None:
 
 
 def plot_by_generator(curves_by_generator: dict[str, dict], path: Path, selectors: list[str] | None = None,
-                      title: str = "Best-of-N by generator") -> None:
+                      title: str = "Best-of-N by generator", metric: str = "accuracy", columns: int = 4) -> None:
     """The paper's figure: one panel per generator (e.g. `start`, `ppo_dense_prm`), a line per selector with its
-    95% band, log2 N axis, one y scale for all panels. selectors: which, in this order (None: every one found);
-    a selector keeps its colour across panels. Curves may come straight from bon_curves.json."""
+    95% band, log2 N axis, one y scale for all panels, `columns` panels a row. selectors: which, in this order
+    (None: every one found); a selector keeps its colour across panels. metric: `accuracy` (answer right, the
+    paper's) or `process_correct` (every step of the chosen solution right; selectors without it are left out).
+    Curves may come straight from bon_curves.json."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -609,22 +613,30 @@ def plot_by_generator(curves_by_generator: dict[str, dict], path: Path, selector
         selectors = list(dict.fromkeys(name for c in panels.values() for name in c))
     palette = plt.get_cmap("tab10" if len(selectors) <= 10 else "tab20").colors
     colors = {name: palette[i % len(palette)] for i, name in enumerate(selectors)}
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.5, 4.2), dpi=110, sharey=True,
-                             squeeze=False)
+    cols = max(1, min(columns, len(panels)))
+    rows = -(-len(panels) // cols)
+    width = 4.2 * cols + 1.5
+    fig, axes = plt.subplots(rows, cols, figsize=(width, 3.8 * rows), dpi=110, sharey=True, squeeze=False)
     handles = {}
-    for ax, (gen, curves) in zip(axes[0], panels.items()):
+    for ax, (gen, curves) in zip(axes.flat, panels.items()):
         for name in selectors:
             if name in curves:
-                handles[name] = _draw_curve(ax, name, curves[name], colors[name])
+                line = _draw_curve(ax, name, curves[name], colors[name], metric)
+                if line is not None:
+                    handles[name] = line
         ax.set_xscale("log", base=2)
         ax.set_xlabel("N (log scale)")
         ax.set_title(gen)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("% problems solved (best-of-N)")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("% problems solved (best-of-N)" if metric == "accuracy"
+                          else "% chosen solutions with every step right")
     fig.suptitle(title)
     fig.legend([handles[k] for k in selectors if k in handles], [k for k in selectors if k in handles],
-               fontsize=7, loc="center right")
-    fig.tight_layout(rect=(0, 0, 1 - 1.4 / (4.2 * len(panels) + 1.5), 1))
+               fontsize=8, loc="center right")
+    fig.tight_layout(rect=(0, 0, 1 - 1.4 / width, 1))
     _save_figure(fig, path)
 
 
