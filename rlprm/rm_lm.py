@@ -159,11 +159,14 @@ def score_encoded(model, head: Sequence[float], encoded: Sequence[EncodedSolutio
 # --------------------------------------------------------------------------- training
 
 
-def span_labels(enc: EncodedSolution, labels: Sequence[int | None], kind: str, answer_correct: bool | None):
-    """The labels aligned with `scored_spans(enc, kind)`: the step labels (PRM) or [answer_correct] (ORM)."""
+def span_labels(enc: EncodedSolution, labels: Sequence[int | None], kind: str, answer_correct: bool | None,
+                correct_classes: Sequence[int] = (1,)):
+    """The 1/0/None labels aligned with `scored_spans(enc, kind)`: a step is 1 when its class is one of
+    `correct_classes` (the convention's: PRM800K's neutral counts as not wrong in a 3-class PRM), or
+    [answer_correct] for an ORM."""
     if kind == "orm":
         return [None if answer_correct is None else int(bool(answer_correct))]
-    return [None if y is None else int(y == 1) for y in labels]
+    return [None if y is None else int(y in correct_classes) for y in labels]
 
 
 def train_lm_scorer(model, tokenizer, records, convention, *, steps: int, batch_size: int, learning_rate: float,
@@ -192,7 +195,7 @@ def train_lm_scorer(model, tokenizer, records, convention, *, steps: int, batch_
         if len(e.input_ids) > max_length:
             dropped += 1
             continue
-        labels = span_labels(e, r.labels, kind, r.answer_correct)
+        labels = span_labels(e, r.labels, kind, r.answer_correct, convention.correct_classes)
         if all(y is None for y in labels):
             continue
         examples.append((e, labels))

@@ -138,8 +138,8 @@ class EncodedSolution:
     """Tokens of the prompt (BOS included)."""
 
 
-def _bos(tokenizer) -> list[int]:
-    """BOS, if this tokenizer puts one in front of its encodings."""
+def leading_bos(tokenizer) -> list[int]:
+    """BOS, if this tokenizer puts one in front of its encodings (Llama, Mistral), as `tokenizer.encode` does."""
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         return []
@@ -162,7 +162,7 @@ def encode_batch(tokenizer, prompts: list[str], solutions: list[list[str]], sep:
         raise ValueError(f"{len(prompts)} prompts but {len(solutions)} solutions")
     if not sep:
         raise ValueError("the step separator must not be empty")
-    bos = _bos(tokenizer)
+    bos = leading_bos(tokenizer)
     flat_steps = [step for steps in solutions for step in steps]
     enc = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # noqa: E731
     prompt_ids = enc(list(prompts))

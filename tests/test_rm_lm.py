@@ -131,3 +131,12 @@ def test_training_learns_to_flag_wrong_steps(char_tokenizer):
     after = separation()
     assert fit["steps"] == 150 and fit["examples"] == 400
     assert before < 0.8 and after > 0.95, (before, after)
+
+
+def test_span_labels_follow_the_conventions_correct_classes():
+    from rlprm.rm_lm import span_labels
+
+    enc = EncodedSolution(list(range(8)), [3, 5, 7], 2)
+    assert span_labels(enc, [1, 2, 0], "prm", None) == [1, 0, 0]
+    assert span_labels(enc, [1, 2, None], "prm", None, correct_classes=(1, 2)) == [1, 1, None]
+    assert span_labels(enc, [1, 1, 0], "orm", False) == [0]

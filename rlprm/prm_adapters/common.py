@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from rlprm.reward_models import RewardModelError
-from rlprm.steps import DEFAULT_SEPARATOR, split_steps
+from rlprm.steps import DEFAULT_SEPARATOR, leading_bos, split_steps
 
 SENTINEL = "\ue000rlprm-content\ue000"
 """A private-use marker put where a chat template writes a message, to cut the rendered text around it."""
@@ -49,15 +49,6 @@ class Encoded:
 def encode_text(tokenizer, text: str) -> list[int]:
     """Ids of `text` with no special tokens added; special-token text in it (template markup) is parsed."""
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-
-
-def leading_bos(tokenizer) -> list[int]:
-    """BOS, if this tokenizer puts one in front of a plain encoding (Llama, Mistral) - as `tokenizer.encode` does."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return []
-    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return [bos] if probe and probe[0] == bos else []
 
 
 def single_token(tokenizer, text: str, what: str) -> int:
