@@ -311,6 +311,8 @@ class RLConfig(Section):
     """Completions per prompt (the group size for GRPO, N for rejection sampling)."""
     learning_rate: float = Field(1e-5, gt=0, le=1)
     """Policy learning rate."""
+    warmup_steps: int = Field(0, ge=0)
+    """(ppo) The policy's learning rate rises linearly to rl.learning_rate over its first this many optimizer steps (ppo_epochs x minibatches per iteration; 0: none). Adam's first steps move every weight by about the learning rate whatever the gradient's size, and on a sparse reward's noisy first gradients that cost the tiny generator 5 points of answer accuracy in the first epoch."""
     max_new_tokens: int = Field(96, ge=1)
     """Response length cap."""
     temperature: float = Field(1.0, gt=0)

@@ -43,11 +43,9 @@ intervals from a paired bootstrap over problems of the seeds' pools together,
 and RL numbers as mean and 95% t-interval over seeds (see rlprm/demo_report.py).
 
 The generator keeps the full recipe's `sft.steps` (fewer are not enough for
-the arithmetic to click); its process-accuracy target is relaxed from 0.30 to
-0.10: when SFT was budgeted in wall-clock time its outcome varied from run to
-run (two runs of about 670 steps each gave 46% and 10.5% on this project's
-2-core machine). SFT now runs a fixed step count, so one seed gives one
-generator; the relaxed target stays until that count is calibrated.
+the arithmetic to click) and its two threads (prepare runs alone); its
+process-accuracy target is relaxed from 0.30 to 0.20 and it is evaluated on
+200 held-out problems instead of 500.
 `--generator PATH` starts from an existing generator instead (no prepare stage).
 """
 
@@ -78,7 +76,7 @@ DEMO_OVERRIDES: dict[str, list[str]] = {
     "rm": ["rm.data.train_problems=256",                  # 512 (x 4 samples + 3 of the task's own each)
            "rm.data.eval_problems=48",                    # 128
            "rm.data.eval_samples_per_problem=8",          # 16
-           "rm.max_steps=160",                            # 240
+           "rm.max_steps=64",                             # 240: at 30 steps the PRM had step AUROC 0.998, F1 0.95
            "run.threads=1"],                              # 0: one thread per lane (PRM and ORM side by side)
     # the RL recipes' own budget (3 epochs x 3 iterations x 32 prompts x 4 samples, about 90 s each): with one
     # iteration per epoch every run was still recovering from its first updates when it ended

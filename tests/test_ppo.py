@@ -457,3 +457,17 @@ def test_a_response_cut_at_max_new_tokens_gets_the_missing_answer_reward(generat
     assert tr.truncated == [True] * 4 and tr.missing_answer == [True] * 4
     assert tr.returns.tolist() == [-1.0] * 4
     assert final["reward/truncated_frac"] == 1.0 and final["rl/reward"] == -1.0
+
+
+def test_warmup_ramps_the_policy_learning_rate_across_a_resume(generator_dir, tmp_path):
+    """rl.warmup_steps counts policy optimizer steps (2 per iteration here), and a resumed run goes on counting."""
+    from rlprm.rl.ppo import train_ppo
+
+    first = make_recipe(tmp_path, generator_dir, "wu", epochs=1)
+    first.rl.warmup_steps = 8
+    train_ppo(first, progress=False)
+    more = make_recipe(tmp_path, generator_dir, "wu", epochs=2)
+    more.rl.warmup_steps = 8
+    train_ppo(more, resume=True, progress=False)
+    lrs = [r["rl/learning_rate"] for r in read_metrics(tmp_path / "wu" / "metrics.jsonl") if "rl/learning_rate" in r]
+    assert lrs == pytest.approx([1e-3 * 2 / 8, 1e-3 * 4 / 8])  # a restart of the count would log 2/8 twice

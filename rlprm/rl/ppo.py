@@ -300,7 +300,7 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
     policy_engine, value_engine = dist.wrap(policy, policy_opt), dist.wrap(value_model, value_opt)
     kl_ctl = (FixedKLController(rcfg.kl_coef) if rl.target_kl is None
               else AdaptiveKLController(rcfg.kl_coef, rl.target_kl, rl.kl_horizon))
-    start_epoch, step = 0, 0
+    start_epoch, step, opt_step = 0, 0, 0  # epochs, iterations, policy optimizer steps (for the warm-up)
     if ckpt is not None:
         state = load_state(ckpt)  # also restores the RNG: the next epoch samples what it would have
         if state.get("policy_optimizer") is not None and not dist.deepspeed:
@@ -311,6 +311,7 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
             print("resume: optimizer moments are not restored under DeepSpeed (or were not saved); they restart")
         kl_ctl.value = state["kl_coef"]
         start_epoch, step = state["epoch"], state["step"]
+        opt_step = state.get("opt_step", 0)
         print(f"resuming from {ckpt} (epoch {start_epoch}, iteration {step})")
         if dist.is_main:  # what a killed run logged after this checkpoint is recomputed now
             truncate_metrics(run_dir / "metrics.jsonl", step)
@@ -437,6 +438,10 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
                         vl, vstats = value_loss(values, old_values[idx], returns[idx], m, rl.clip_range_value)
                         loss = pl + rl.vf_coef * vl
                         _check_finite("the PPO loss", loss.detach(), run_dir, dist)
+                        opt_step += 1
+                        if rl.warmup_steps:  # linear warm-up; the engines step this same optimizer's groups
+                            for g in policy_opt.param_groups:
+                                g["lr"] = rl.learning_rate * min(1.0, opt_step / rl.warmup_steps)
                         if dist.deepspeed:
                             # each engine averages its gradients over the ranks, clips (gradient_clipping) and
                             # steps; the models share no parameters, so the two backwards equal one of `loss`
@@ -472,6 +477,7 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
                     "rl/kl_per_sample": mean_kl,  # the explicit name of rl/kl (kept for older readers)
                     "rl/kl_per_token": float(masked_mean(kl, mask)),
                     "rl/kl_coef": kl_ctl.value,
+                    "rl/learning_rate": policy_opt.param_groups[0]["lr"],
                     "rl/entropy": float(entropy),
                     "rl/value_mean": float(masked_mean(old_values, mask)),
                     "rl/response_length": float(mask.sum(1).float().mean()),
@@ -501,7 +507,7 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
                 optimizers = ({"policy_optimizer": None, "value_optimizer": None} if dist.deepspeed else
                               {"policy_optimizer": policy_opt.state_dict(), "value_optimizer": value_opt.state_dict()})
                 save_checkpoint(run_dir, epoch + 1, policy, tokenizer,
-                                {**optimizers, "kl_coef": kl_ctl.value, "step": step},
+                                {**optimizers, "kl_coef": kl_ctl.value, "step": step, "opt_step": opt_step},
                                 extra_models={"value": value_model})
             dist.barrier()
 
