@@ -234,7 +234,7 @@ def train_lm_scorer(model, tokenizer, records, convention, *, steps: int, batch_
         if step % logging_steps == 0 or step == steps:
             bar.set_postfix(loss=f"{loss.item():.3f}", bce=f"{parts['bce']:.3f}", refresh=False)
             if log is not None:
-                log({"train/loss": float(loss), "train/bce": parts["bce"], "train/lm_nll": parts["lm_nll"],
+                log({"train/loss": float(loss.detach()), "train/bce": parts["bce"], "train/lm_nll": parts["lm_nll"],
                      "train/learning_rate": optimizer.param_groups[0]["lr"],
                      "train/head_w_min": float(head[0]), "train/head_w_mean": float(head[1]),
                      "train/head_b": float(head[2])}, step)

@@ -49,13 +49,15 @@ def encode_completions(tokenizer, prompts: list[str], completions: list[str]) ->
     the model on a prompt it never sees at inference (TRL does the same).
     """
     eos = tokenizer.eos_token
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    texts = [p + (c if c.endswith(eos) else c + eos) for p, c in zip(prompts, completions)]
+    # special tokens as at sampling time (our tokenizers put BOS in front); one batched call each (Rust, in
+    # parallel): one call per solution took 4 s of the 30,000-solution set-up
+    fulls = tokenizer(texts)["input_ids"] if texts else []
+    alones = tokenizer(list(prompts))["input_ids"] if texts else []
     ids, starts = [], []
-    for prompt, completion in zip(prompts, completions, strict=True):
-        if not completion.endswith(eos):
-            completion = completion + eos
-        # special tokens as at sampling time (our tokenizers put BOS in front)
-        full = tokenizer(prompt + completion)["input_ids"]
-        alone = tokenizer(prompt)["input_ids"]
+    for full, alone in zip(fulls, alones):
         start = 0
         while start < min(len(full), len(alone)) and full[start] == alone[start]:
             start += 1

@@ -141,7 +141,7 @@ def test_build_stages_validates_every_recipe_with_demo_budgets(tmp_path):
         assert {f"bon-start-s{seed}", f"bon-start-t07-s{seed}"} <= set(names)
     recipes = {s.name: yaml.safe_load(s.key) for s in stages}
     assert recipes["prepare"]["prepare_eval"]["min_process_accuracy"] == 0.20
-    assert recipes["rm-prm"]["rm"]["max_steps"] == 64 and recipes["rm-prm"]["rm"]["scorer"] == "lm"
+    assert recipes["rm-prm"]["rm"]["max_steps"] == 48 and recipes["rm-prm"]["rm"]["scorer"] == "lm"
     # the PRM and the ORM sample the same seeded solutions, each into its own folder, side by side
     assert recipes["rm-orm"]["rm"]["data"]["cache_dir"] == str(tmp_path / "orm" / "rm_samples")
     assert {k: v for k, v in recipes["rm-orm"]["rm"]["data"].items() if k != "cache_dir"} == \
