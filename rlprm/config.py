@@ -351,6 +351,8 @@ class RLConfig(Section):
     """Best-of-N between epochs: held-out problems."""
     value_model: ModelRef = "policy"
     """(ppo) Initial weights of the critic: `policy` (the generator's body with a fresh 1-output head) or an HF id / local folder."""
+    value_layers: int = Field(0, ge=0)
+    """(ppo) Keep only the first this many transformer layers of the critic's body (0: all). The critic's forward and backward are nearly half of a PPO update; half its layers made the embedded demo's updates about a fifth cheaper."""
     beta: float = Field(0.04, ge=0)
     """(grpo) KL coefficient in the GRPO loss (TRL's k3 estimate per token against the initial generator; DeepSeekMath used 0.04; 0 skips the reference model). GRPO takes no reward.kl_coef penalty."""
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"

@@ -471,3 +471,24 @@ def test_warmup_ramps_the_policy_learning_rate_across_a_resume(generator_dir, tm
     train_ppo(more, resume=True, progress=False)
     lrs = [r["rl/learning_rate"] for r in read_metrics(tmp_path / "wu" / "metrics.jsonl") if "rl/learning_rate" in r]
     assert lrs == pytest.approx([1e-3 * 2 / 8, 1e-3 * 4 / 8])  # a restart of the count would log 2/8 twice
+
+
+def test_value_layers_truncates_the_critic_and_a_checkpoint_reloads_in_its_shape(generator_dir, tmp_path):
+    from rlprm.rl.ppo import _load_value_model
+
+    full = _load_value_model(str(generator_dir), "float32", "cpu", False)
+    n = full.config.num_hidden_layers
+    assert n >= 2
+    small = _load_value_model(str(generator_dir), "float32", "cpu", False, layers=1)
+    assert len(small.base_model.layers) == 1 and small.config.num_hidden_layers == 1
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in full.parameters())
+    import torch
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert small(input_ids=ids).logits.shape == (1, 4, 1)
+    small.save_pretrained(tmp_path / "v")
+    again = _load_value_model(str(tmp_path / "v"), "float32", "cpu", False, layers=1)  # as a resume loads it
+    assert len(again.base_model.layers) == 1
+    assert torch.equal(again(input_ids=ids).logits, small(input_ids=ids).logits)
+    # more layers than the body has: unchanged
+    assert len(_load_value_model(str(generator_dir), "float32", "cpu", False, layers=n + 3).base_model.layers) == n

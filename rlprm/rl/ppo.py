@@ -202,7 +202,7 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def _load_value_model(path: str, dtype: str, device: str, trust_remote_code: bool):
+def _load_value_model(path: str, dtype: str, device: str, trust_remote_code: bool, layers: int = 0):
     from transformers import AutoModelForTokenClassification
 
     from rlprm.models import torch_dtype
@@ -212,7 +212,26 @@ def _load_value_model(path: str, dtype: str, device: str, trust_remote_code: boo
     with _quiet_transformers(report=True):
         model = AutoModelForTokenClassification.from_pretrained(str(path), num_labels=1, dtype=torch_dtype(dtype),
                                                                 trust_remote_code=trust_remote_code)
+    if layers:
+        truncate_layers(model, layers)
     return model.to(device)
+
+
+def truncate_layers(model, keep: int) -> None:
+    """Keep the first `keep` decoder layers of a transformers model in place (config included, so that a saved
+    checkpoint reloads with the same shape); a no-op when it has no more. Raises PPOInputError for a model
+    whose body keeps its layers under another name than `layers`."""
+    body = model.base_model
+    blocks = getattr(body, "layers", None)
+    if blocks is None:
+        raise PPOInputError(f"rl.value_layers: {type(model).__name__} keeps no `layers` list in its body; "
+                            "set rl.value_layers: 0 for this critic")
+    if keep >= len(blocks):
+        return
+    body.layers = blocks[:keep]
+    model.config.num_hidden_layers = keep
+    if isinstance(getattr(model.config, "layer_types", None), list):  # per-layer attention kinds (Qwen2, Llama 4)
+        model.config.layer_types = model.config.layer_types[:keep]
 
 
 def check_prerequisites(recipe: Recipe) -> None:
@@ -287,7 +306,7 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
     src = ckpt / "model" if ckpt else gen
     policy = load_causal_lm(src, dtype, device, trc)
     value_src = ckpt / "extra" / "value" if ckpt else (gen if rl.value_model == "policy" else rl.value_model)
-    value_model = _load_value_model(value_src, dtype, device, trc)
+    value_model = _load_value_model(value_src, dtype, device, trc, rl.value_layers)
     reward_model = None
     if rcfg.source in ("prm", "orm"):
         reward_model = load_for_recipe(recipe, device=device, dtype=dtype)
