@@ -19,13 +19,8 @@ from pathlib import Path
 import pytest
 
 from rlprm import grading
-from rlprm.grading import (
-    Grader,
-    GraderError,
-    equivalent_forms,
-    extract_answer,
-    near_misses,
-)
+from rlprm.grading import Grader, GraderError, extract_answer
+from tests.grading_forms import equivalent_forms, near_misses
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CASES = Path(__file__).resolve().parent / "data" / "grading_cases.jsonl"
