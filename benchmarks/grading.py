@@ -1,8 +1,8 @@
 """Grading speed: rlprm.grading (sandboxed pool) against math-verify called directly.
 
 Pairs: every MATH500 gold against itself, its rewritten equivalent forms and its
-near misses (``rlprm.grading.equivalent_forms`` / ``near_misses``). The same
-pairs are graded, in the same run, by
+near misses (``equivalent_forms`` / ``near_misses`` from ``tests/grading_forms.py``).
+The same pairs are graded, in the same run, by
 
 * ``math_verify``: ``verify(parse("$\\boxed{gold}$"), parse("$\\boxed{pred}$"))``
   one pair after another (its recommended use; its alarms on), in a fresh
@@ -40,8 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rlprm.grading import (  # noqa: E402
-    _WARMUP_PAIRS, Grader, _decide_local, _normalize, equivalent_forms, near_misses)
+from rlprm.grading import _WARMUP_PAIRS, Grader, _decide_local, _normalize  # noqa: E402
+from tests.grading_forms import equivalent_forms, near_misses  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "math" / "math500_test.jsonl"
 HOSTILE = [

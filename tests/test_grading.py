@@ -7,6 +7,7 @@ tests/data/grading_cases.jsonl (category, pred, gold, expected).
 
 from __future__ import annotations
 
+import ast
 import collections
 import json
 import os
@@ -19,13 +20,8 @@ from pathlib import Path
 import pytest
 
 from rlprm import grading
-from rlprm.grading import (
-    Grader,
-    GraderError,
-    equivalent_forms,
-    extract_answer,
-    near_misses,
-)
+from rlprm.grading import Grader, GraderError, extract_answer
+from tests.grading_forms import equivalent_forms, near_misses
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CASES = Path(__file__).resolve().parent / "data" / "grading_cases.jsonl"
@@ -253,6 +249,31 @@ def test_payloads_reach_math_verify_without_running(tmp_path):
     assert not marker.exists()
 
 
+def test_worker_refuses_code_payloads_sent_past_screening(tmp_path):
+    """A worker screens again: payloads written straight down its pipe, skipping the
+    caller's screening and normalisation, are False and never run."""
+    from rlprm.grading.pool import BOOT_TIMEOUT, _Worker
+
+    marker = tmp_path / "pwned"
+    payloads = _payloads(marker)
+    w = _Worker(grading.DEFAULT_MEMORY_MB, debug=False)
+    try:
+        assert w.rx.poll(BOOT_TIMEOUT), "the worker did not start"
+        assert json.loads(w.rx.recv_bytes())["ready"] is True
+        w.tx.send_bytes(json.dumps({"items": [[p, "0"] for p in payloads], "alarm": 2}).encode())
+        got = []
+        for _ in payloads:
+            assert w.rx.poll(30), "the worker stopped answering"
+            got.append(json.loads(w.rx.recv_bytes()))
+        assert w.proc.poll() is None  # still alive: refused, not crashed
+    finally:
+        w.kill()
+    assert [m["k"] for m in got] == list(range(len(payloads)))
+    assert [m["ok"] for m in got] == [False] * len(payloads)
+    assert [m["err"] for m in got] == [None] * len(payloads)
+    assert not marker.exists()
+
+
 HOSTILE = [
     "10^{10^{10^{10}}}",
     "9^{9^9}",
@@ -418,6 +439,61 @@ def test_memory_cap_applies():
     assert out[0] == "capped"
     if os.geteuid() != 0:  # root ignores RLIMIT_NPROC
         assert out[-1] == "no fork"
+
+
+GRADING_DIR = Path(grading.__file__).resolve().parent
+
+
+def _imports(path: Path, top_level_only: bool = False) -> list[tuple[int, str]]:
+    """``(level, module)`` of every import in a file, or of its top-level ones."""
+    tree = ast.parse(path.read_text())
+    out = []
+    for node in tree.body if top_level_only else ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(0, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            out.append((node.level, node.module or ""))
+    return out
+
+
+def _stdlib(module: str) -> bool:
+    return module.split(".")[0] in sys.stdlib_module_names
+
+
+def test_rules_module_imports_only_the_standard_library():
+    """rules.py runs in the sandboxed worker and on model text in the caller: the
+    standard library only, anywhere in the file, and nothing relative."""
+    found = _imports(GRADING_DIR / "rules.py")
+    assert (0, "re") in found  # the walk saw the imports
+    assert [(level, m) for level, m in found if level or not _stdlib(m)] == []
+
+
+def test_worker_module_imports_only_rules_and_the_standard_library():
+    """At import the worker needs its sibling rules.py and the standard library;
+    math-verify is imported inside functions, on first use."""
+    path = GRADING_DIR / "worker.py"
+    top = _imports(path, top_level_only=True)
+    assert (1, "rules") in top
+    assert [(level, m) for level, m in top if (level and m != "rules") or (not level and not _stdlib(m))] == []
+    lazy = [(level, m) for level, m in _imports(path) if (level, m) not in top]
+    assert [(level, m) for level, m in lazy if level or not (_stdlib(m) or m == "math_verify")] == []
+
+
+def test_worker_boot_loads_neither_the_package_nor_site_packages():
+    """The worker's boot code, run up to its serving loop without site-packages: it
+    loads worker.py and rules.py as a bare package, and nothing outside the
+    standard library (not ``rlprm``, not this package's ``__init__``)."""
+    import subprocess
+
+    boot = grading.pool._BOOT.replace("._worker_main(cfg)", "")
+    assert boot != grading.pool._BOOT
+    code = boot + ("print(json.dumps(sorted(m for m in sys.modules if m not in ('__main__', '__mp_main__')\n"
+                   "                        and m.split('.')[0] not in sys.stdlib_module_names)))\n")
+    cfg = json.dumps({"path": [], "package": str(GRADING_DIR)})
+    out = subprocess.run([sys.executable, "-E", "-S", "-c", code, cfg], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == ["_rlprm_grading", "_rlprm_grading.rules", "_rlprm_grading.worker"]
 
 
 def test_closed_grader_refuses_work():
