@@ -577,7 +577,9 @@ class ActiveConfig(Section):
     """
 
     prm: ModelRef | None = None
-    """(select) The current PRM that scores the pool; None: model.reward_model."""
+    """(select) The current PRM that scores the pool: an rlprm folder or any public PRM (see rm.adapter); None: model.reward_model."""
+    prm_adapter: PRMAdapter | None = None
+    """(select) Family of active.prm (the families of rm.adapter); None: rm.adapter when active.prm is unset (the PRM is then model.reward_model), else detected from the checkpoint where unambiguous."""
     top_k: int = Field(2, ge=1)
     """Solutions surfaced per problem (each one is one label in the budget)."""
     convincing_fraction: float = Field(0.8, ge=0, le=1)
@@ -609,7 +611,9 @@ class ActiveConfig(Section):
     eval_aggregate: Literal["prod", "min", "last", "mean"] = "prod"
     """(loop) How best-of-N turns step probabilities into the score that picks a solution (the paper: prod; with a weak PRM, prod favours solutions with fewer steps, e.g. a skipped step, so min can be the fairer measure)."""
     labeller: ModelRef = "checker"
-    """(loop) Who labels the selected solutions: `checker` (the exact checker) or a PRM folder (a large PRM supervising small ones, the paper's small-scale set-up)."""
+    """(loop) Who labels the selected solutions: `checker` (the exact checker) or a PRM, an rlprm folder or any public PRM (a large PRM supervising small ones, the paper's small-scale set-up); loaded once per run."""
+    labeller_adapter: PRMAdapter | None = None
+    """(loop) Family of a PRM labeller (the families of rm.adapter); None: detected from the checkpoint where unambiguous. The implicit family takes rm.reference_model and rm.implicit_beta."""
     quality_metric: Literal["best_of_n_process_accuracy", "best_of_n_answer_accuracy", "first_error_f1"] = "best_of_n_process_accuracy"
     """(loop) The PRM quality the data-efficiency factor compares (labels uniform needs / labels active needs for the same value)."""
 

@@ -90,6 +90,9 @@ def load_reward_model(ref: str | Path, adapter: str | None = None, device: str =
                            "Qwen2ForProcessRewardModel architecture, no Skywork value head). Name it with "
                            f"rm.adapter (or eval.reward_model_adapters.NAME): {_families_text()}")
     if family == "rlprm":
+    if ref.startswith((".", "/", "~")) and not Path(ref).expanduser().exists():
+        # unmistakably a path (as recipes read model references), so not a hub id to try fetching
+        raise AdapterError(f"reward model folder not found: {ref}")
         from rlprm.reward_models import RewardModel
 
         if found != "rlprm":
