@@ -321,3 +321,53 @@ def test_every_family_selects_best_of_n(folders):
         assert [len(s) for row in pool.step_scores[family] for s in row] == [len(s) for s in SOLUTIONS]
     scores = selector_scores(pool, ("prod", "min"))
     assert {f"{f}_{a}" for f in REFERENCES for a in ("prod", "min")} <= set(scores)
+
+
+@pytest.mark.parametrize("family", ["value_head", "math_shepherd"])
+def test_one_grpo_iteration_with_dense_rewards_from_a_public_prm(family, folders, generator_dir, char_tokenizer,
+                                                                 tmp_path, monkeypatch):
+    """GRPO's process rewards from a public PRM (detected, or named by rm.adapter): the policy's completions are
+    scored by the stand-in through the loader, its step scores become the token rewards, and TRL's loss gets
+    per-token advantages. Rollouts are fixed answered solutions (a random tiny policy never writes `# Answer`)."""
+    from trl import GRPOTrainer
+
+    import rlprm.rewards as rewards_module
+    from rlprm.rl import grpo
+    from rlprm.steps import answer_step, render_steps
+    from rlprm.tasks.arithmetic import render_step
+
+    from .test_grpo import make_recipe
+
+    texts = [render_steps([render_step("+", 1, 2, 3), render_step("+", 3, 4, 7), answer_step("7")]),
+             render_steps([render_step("+", 1, 2, 4), answer_step("4")])]
+    rollouts = [char_tokenizer(t, add_special_tokens=False)["input_ids"] + [char_tokenizer.eos_token_id] for t in texts]
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn",
+                        lambda self, prompt_ids, *a, **k: ([list(rollouts[i % 2]) for i in range(len(prompt_ids))], None))
+    scored, rewarded, handed = [], [], []
+    real_score, real_rewards, real_loss = HubPRM.score_steps, rewards_module.token_rewards, GRPOTrainer._compute_loss
+
+    def score_spy(self, problems, solutions, *a, **k):
+        scored.append((self.adapter, list(problems), list(solutions), real_score(self, problems, solutions, *a, **k)))
+        return scored[-1][-1]
+
+    monkeypatch.setattr(HubPRM, "score_steps", score_spy)
+    monkeypatch.setattr(rewards_module, "token_rewards",
+                        lambda *a, **k: rewarded.append((k["scores"], real_rewards(*a, **k))) or rewarded[-1][1])
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss",
+                        lambda self, model, inputs: handed.append(inputs["advantages"].detach().clone())
+                        or real_loss(self, model, inputs))
+    recipe = make_recipe(tmp_path, generator_dir, f"grpo_{family}", epochs=1, max_new_tokens=64, eval_n=0,
+                         reward={"mode": "dense", "source": "prm", "dense_form": "log_prob"})
+    recipe.model.reward_model = str(folders[family])
+    recipe.rm.adapter = None if family == "value_head" else family
+    final = grpo.train_grpo(recipe, progress=False)
+
+    assert scored and all(adapter == family for adapter, *_ in scored)
+    adapter, problems, solutions, probs = scored[0]
+    assert sorted({len(p) for p in probs}) == [2, 3]  # one score per step of each completion
+    fresh = _load(folders, family).score_steps(problems, solutions, sep="\n")
+    assert _max_diff(probs, fresh) < TOL  # the stand-in's own scores, as loaded by any command
+    scores, tr = rewarded[0]
+    assert scores is probs and [len(r) for r in tr.step_rewards] == [len(p) for p in probs]
+    assert handed and all(adv.dim() == 2 and torch.isfinite(adv).all() for adv in handed)
+    assert final["rl/steps_per_solution"] == 2.5 and final["reward/missing_answer_frac"] == 0.0
