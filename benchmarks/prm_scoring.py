@@ -167,11 +167,14 @@ def _family_results(args, problems, solutions) -> dict:
                 lambda: score_steps_per_prefix(rm, problems, solutions, batch_size=args.batch_size), args.repeats)
             out[name] = {
                 "params": num_parameters(rm.family.model),
+            # the token form alone: a fixed cost both ways share (the per-prefix way cuts the same encodings)
+            encode_s, _ = best_time(lambda: rm.encode(problems, solutions), args.repeats)
                 "tokens_per_solution": round(sum(len(e.input_ids) for e in rm.encode(problems, solutions))
                                              / len(solutions), 1),
                 "single_pass_seconds": round(single_s, 4), "per_prefix_seconds": round(prefix_s, 4),
                 "single_pass_solutions_per_s": round(len(solutions) / single_s, 1),
                 "speedup": round(prefix_s / single_s, 2),
+                "encode_seconds": round(encode_s, 4),
                 "max_abs_diff": max(abs(a - b) for x, y in zip(single, prefix) for a, b in zip(x, y)),
             }
     return out
