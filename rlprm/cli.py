@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
 
     p = sub.add_parser("bench-prm", help="ProcessBench F1 per subset, step AUROC: any PRM, ours or public",
-                       description="Score every solution of bench.processbench_paths with model.reward_model (an rlprm "
+                       description="Score every solution of bench.processbench_paths, bench.prm800k_paths (PRM800K "
+                                   "JSONL, e.g. phase2_test) and, with bench.arithmetic_problems, model.generator's "
+                                   "samples on held-out arithmetic problems labelled by the exact checker, with "
+                                   "model.reward_model (an rlprm "
                                    "folder, or a public PRM of family rm.adapter: qwen_prm, math_shepherd, rlhflow, "
                                    "value_head, implicit; detected where unambiguous) and write ProcessBench's error / "
                                    "correct accuracy and F1 per subset, step AUROC and first-error accuracy to "
@@ -298,13 +301,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plot: {recipe.run.output_dir}/bon.png   pool: {recipe.run.output_dir}/pool.jsonl")
         return 0
     if args.command == "bench-prm":
-        from rlprm.bench_prm import markdown, run_bench
+        from rlprm.bench_prm import BenchError, markdown, run_bench
+        from rlprm.data.prm800k import PRM800KError
         from rlprm.data.processbench import ProcessBenchError
         from rlprm.reward_models import RewardModelError
 
         try:
             results = run_bench(recipe, progress=not args.no_progress)
-        except (FileNotFoundError, ProcessBenchError, RewardModelError) as exc:
+        except (BenchError, FileNotFoundError, PRM800KError, ProcessBenchError, RewardModelError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
         print(markdown(results, results["model"], results["adapter"]), end="")

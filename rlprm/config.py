@@ -623,6 +623,12 @@ class BenchConfig(Section):
 
     processbench_paths: list[DataPath] = []
     """ProcessBench JSON files (e.g. gsm8k.json, math.json), one subset each: error / correct accuracy and their F1 as ProcessBench defines them, step AUROC, first-error accuracy. Checked when the job starts."""
+    prm800k_paths: list[DataPath] = []
+    """PRM800K JSONL files, one subset each (e.g. a clone's prm800k/data/phase2_test.jsonl, the paper's test split): each line's trajectory, without alternatives, labelled from its ratings (rm.data.neutral_as decides a 0; quality-control and screening questions are dropped unless rm.data keeps them); its gold first error is its first step labelled wrong. Lines that settle no answer to that (no wrong step, and not a finished `solution` with every step rated) are left out and counted. Checked when the job starts."""
+    arithmetic_problems: int = Field(0, ge=0)
+    """Held-out arithmetic problems (drawn like `rlprm prepare`'s held-out set: the generator never trained on them) on which model.generator is sampled and every step labelled by the exact checker: the subset `arithmetic`. Samples that stop before their answer step are left out and counted. 0: no such subset."""
+    arithmetic_samples_per_problem: int = Field(4, ge=1)
+    """Generator samples per held-out arithmetic problem, drawn at rm.data.temperature with rm.data.max_new_tokens and rm.data.sample_batch_size; cached in RUN_DIR/bench_samples_arithmetic.jsonl (reused while the generator and these settings stay the same)."""
     limit: int = Field(0, ge=0)
     """Score at most this many items per file, evenly spaced through it (0: all); for quick checks."""
     threshold: float = Field(0.5, gt=0, lt=1)
