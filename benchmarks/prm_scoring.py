@@ -17,8 +17,8 @@ parameters) with a fresh head, or a trained one with ``--model``. Each way is
 timed ``--repeats`` times after a warm-up; the best time counts.
 
 ``--families`` adds one tiny stand-in of each public PRM family
-(rlprm/prm_adapters/standins.py: qwen_prm, math_shepherd, rlhflow, value_head,
-implicit), scored through ``load_reward_model`` both ways (the per-prefix way:
+(rlprm/prm_adapters/standins.py: qwen_prm, pure_prm, math_shepherd, rlhflow,
+value_head, implicit), scored through ``load_reward_model`` both ways (the per-prefix way:
 ``rlprm.prm_adapters.common.score_steps_per_prefix``, each prefix of the
 family's own token form as its own sequence). The stand-ins are far smaller
 than the generator-sized PRM (width 32, 2 layers), so their ratios say what the
@@ -153,7 +153,9 @@ def _family_results(args, problems, solutions) -> dict:
     from rlprm.prm_adapters.common import score_steps_per_prefix
     from rlprm.prm_adapters.standins import save_standin
 
-    names = ["qwen_prm", "math_shepherd", "rlhflow", "value_head", "implicit"] if args.families == "all" else \
+    from rlprm.prm_adapters import FAMILIES
+
+    names = [f for f in FAMILIES if f != "rlprm"] if args.families == "all" else \
         [n for n in args.families.split(",") if n]
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,16 +167,16 @@ def _family_results(args, problems, solutions) -> dict:
                                          args.repeats)
             prefix_s, prefix = best_time(
                 lambda: score_steps_per_prefix(rm, problems, solutions, batch_size=args.batch_size), args.repeats)
-            out[name] = {
-                "params": num_parameters(rm.family.model),
             # the token form alone: a fixed cost both ways share (the per-prefix way cuts the same encodings)
             encode_s, _ = best_time(lambda: rm.encode(problems, solutions), args.repeats)
+            out[name] = {
+                "params": num_parameters(rm.family.model),
                 "tokens_per_solution": round(sum(len(e.input_ids) for e in rm.encode(problems, solutions))
                                              / len(solutions), 1),
                 "single_pass_seconds": round(single_s, 4), "per_prefix_seconds": round(prefix_s, 4),
+                "encode_seconds": round(encode_s, 4),
                 "single_pass_solutions_per_s": round(len(solutions) / single_s, 1),
                 "speedup": round(prefix_s / single_s, 2),
-                "encode_seconds": round(encode_s, 4),
                 "max_abs_diff": max(abs(a - b) for x, y in zip(single, prefix) for a, b in zip(x, y)),
             }
     return out

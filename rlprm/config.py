@@ -76,7 +76,7 @@ def _model_ref(value: str, info: ValidationInfo) -> str:
 
 ModelRef = Annotated[str, AfterValidator(_model_ref)]
 
-PRMAdapter = Literal["qwen_prm", "math_shepherd", "rlhflow", "value_head", "implicit", "rlprm"]
+PRMAdapter = Literal["qwen_prm", "pure_prm", "math_shepherd", "rlhflow", "value_head", "implicit", "rlprm"]
 """The reward-model families `rlprm.prm_adapters.load_reward_model` reads (kept equal to its FAMILIES by a test)."""
 
 
@@ -537,7 +537,7 @@ class RewardModelTrainConfig(Section):
     logging_steps: int = Field(10, ge=1)
     """Optimizer steps between loss records in metrics.jsonl."""
     adapter: PRMAdapter | None = None
-    """Family of the reward model that model.reward_model names (RL rewards, `rlprm bench-prm`): `qwen_prm` (Qwen2.5-Math-PRM, <extra_0> token classification), `math_shepherd` (+/- logits at the ки tag), `rlhflow` (+/- at each assistant turn of a chat), `value_head` (Skywork-o1-Open-PRM, sigmoid value head), `implicit` (PRIME/EurusPRM, beta*log(pi/pi_ref) per step; needs rm.reference_model), `rlprm` (our own folders). None: detected from the checkpoint where unambiguous (rlprm_rm.json, Qwen2ForProcessRewardModel, a value head), else the job fails and lists these."""
+    """Family of the reward model that model.reward_model names (RL rewards, `rlprm bench-prm`): `qwen_prm` (Qwen2.5-Math-PRM, <extra_0> token classification), `pure_prm` (PURE-PRM-7B and TRL PRMTrainer models: token classification at the "\\n" after each step, no chat template), `math_shepherd` (+/- logits at the ки tag), `rlhflow` (+/- at each assistant turn of a chat), `value_head` (Skywork-o1-Open-PRM, sigmoid value head), `implicit` (PRIME/EurusPRM, beta*log(pi/pi_ref) per step; needs rm.reference_model), `rlprm` (our own folders). None: detected from the checkpoint where unambiguous (rlprm_rm.json, Qwen2ForProcessRewardModel, *ForTokenClassification, a value head), else the job fails and lists these."""
     reference_model: ModelRef | None = None
     """(adapter implicit) The reference LM pi_ref of an implicit PRM: a Hugging Face id or folder."""
     implicit_beta: float = Field(0.001, gt=0)

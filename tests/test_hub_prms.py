@@ -38,7 +38,7 @@ TOL = 1e-5
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub_prms")
     return {family: save_standin(family, root / family) for family in
-            ("qwen_prm", "math_shepherd", "rlhflow", "value_head", "implicit")}
+            ("qwen_prm", "pure_prm", "math_shepherd", "rlhflow", "value_head", "implicit")}
 
 
 def _load(folders, family, **kw):
@@ -82,6 +82,27 @@ def ref_qwen_prm(folder, problem, steps):
     probs = torch.softmax(logits, dim=-1)[:, 1]
     sep = tok.encode("<extra_0>")[0]
     return probs[ids[0] == sep].tolist()
+
+
+def ref_pure_prm(folder, problem, steps):
+    """PURE-PRM-7B was trained by TRL's PRMTrainer, whose tokenize_row builds: BOS when the tokenizer has one, the
+    prompt's ids, then each completion's ids followed by the ids of the separator "\\n", labelled at its last
+    token. The card's step reward is p(+) - p(-) of AutoModelForTokenClassification's softmax; the adapter's
+    probability is p(+) = (1 + reward) / 2."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    sep = tok.encode("\n", add_special_tokens=False)
+    ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok(problem, add_special_tokens=False)["input_ids"]
+    reads = []
+    for step in steps:
+        ids += tok(step, add_special_tokens=False)["input_ids"] + sep
+        reads.append(len(ids) - 1)
+    model = AutoModelForTokenClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        probs = model(torch.tensor([ids])).logits[0].softmax(-1)
+    reward = probs[:, 1] - probs[:, 0]
+    return ((1 + reward[reads]) / 2).tolist()
 
 
 def ref_math_shepherd(folder, problem, steps):
@@ -167,7 +188,7 @@ def ref_implicit(folder, problem, steps, beta=0.5):
     return [float(torch.sigmoid(torch.tensor(beta * (sums[k + 1] - sums[k])))) for k in range(len(steps))]
 
 
-REFERENCES = {"qwen_prm": ref_qwen_prm, "math_shepherd": ref_math_shepherd, "rlhflow": ref_rlhflow,
+REFERENCES = {"qwen_prm": ref_qwen_prm, "pure_prm": ref_pure_prm, "math_shepherd": ref_math_shepherd, "rlhflow": ref_rlhflow,
               "value_head": ref_value_head, "implicit": ref_implicit}
 
 
@@ -240,6 +261,7 @@ def test_detection_and_errors(folders, tmp_path, char_tokenizer):
 
     assert detect_family(folders["qwen_prm"]) == "qwen_prm"
     assert detect_family(folders["value_head"]) == "value_head"
+    assert detect_family(folders["pure_prm"]) == "pure_prm"  # transformers' own *ForTokenClassification
     for family in ("math_shepherd", "rlhflow", "implicit"):
         assert detect_family(folders[family]) is None
         with pytest.raises(AdapterError, match="rm.adapter.*qwen_prm.*math_shepherd.*rlhflow.*value_head.*implicit"):
