@@ -17,12 +17,18 @@ parameters) with a fresh head, or a trained one with ``--model``. Each way is
 timed ``--repeats`` times after a warm-up; the best time counts.
 
 ``--families`` adds one tiny stand-in of each public PRM family
-(rlprm/prm_adapters/standins.py: qwen_prm, math_shepherd, rlhflow, value_head,
-implicit), scored through ``load_reward_model`` both ways (the per-prefix way:
+(rlprm/prm_adapters/standins.py: qwen_prm, pure_prm, math_shepherd, rlhflow,
+value_head, implicit), scored through ``load_reward_model`` both ways (the per-prefix way:
 ``rlprm.prm_adapters.common.score_steps_per_prefix``, each prefix of the
 family's own token form as its own sequence). The stand-ins are far smaller
-than the generator-sized PRM (width 32, 2 layers), so their ratios say what the
-prefixes cost, not what a 7B model costs.
+than the generator-sized PRM (width 32, 2 layers; ``--standin-hidden 128
+--standin-layers 4`` gives them the generator's shape). At width 32 a forward
+pass costs little more than its per-operation overhead and the CPU attention
+with a padding mask, which grows with sequence length, so the shorter
+prefixes are cheap per token; the ratio then stays below the token ratio
+(``tokens_per_prefix_ratio``, 3.5-4x on these 5-step solutions), which is what
+it approaches once the linear layers dominate. ``encode_seconds`` is the token
+form alone, a cost both ways share.
 
 Prints one JSON object. Usage::
 
@@ -104,6 +110,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--families", default="", help="comma-separated public PRM families to add, or `all`")
     parser.add_argument("--skip-rlprm", action="store_true", help="time only the --families stand-ins")
+    parser.add_argument("--standin-hidden", type=int, default=32, help="width of the --families stand-ins")
+    parser.add_argument("--standin-layers", type=int, default=2, help="layers of the --families stand-ins")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,7 +120,8 @@ def main() -> None:
     families = _family_results(args, problems, solutions)
     if args.skip_rlprm:
         print(json.dumps({"solutions": len(solutions), "steps_per_solution": sorted({len(s) for s in solutions}),
-                          "batch_size": args.batch_size, "families": families, "torch": torch.__version__,
+                          "batch_size": args.batch_size, "standin_shape": [args.standin_hidden, args.standin_layers],
+                          "families": families, "torch": torch.__version__,
                           "threads": torch.get_num_threads()}, indent=2))
         return
     rm = build_prm(args.model)
@@ -137,6 +146,7 @@ def main() -> None:
         "tokens_single_pass": tokens_single,
         "tokens_per_prefix": tokens_prefix,
         "max_abs_diff": diff,
+        "standin_shape": [args.standin_hidden, args.standin_layers],
         "families": families,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -153,28 +163,40 @@ def _family_results(args, problems, solutions) -> dict:
     from rlprm.prm_adapters.common import score_steps_per_prefix
     from rlprm.prm_adapters.standins import save_standin
 
-    names = ["qwen_prm", "math_shepherd", "rlhflow", "value_head", "implicit"] if args.families == "all" else \
+    from rlprm.prm_adapters import FAMILIES
+
+    names = [f for f in FAMILIES if f != "rlprm"] if args.families == "all" else \
         [n for n in args.families.split(",") if n]
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            folder = save_standin(name, Path(tmp) / name)
+            folder = save_standin(name, Path(tmp) / name, hidden=args.standin_hidden, layers=args.standin_layers)
             extra = {"reference": folder / "reference", "beta": 0.5} if name == "implicit" else {}
             rm = load_reward_model(folder, name, **extra)
             single_s, single = best_time(lambda: rm.score_steps(problems, solutions, batch_size=args.batch_size),
                                          args.repeats)
             prefix_s, prefix = best_time(
                 lambda: score_steps_per_prefix(rm, problems, solutions, batch_size=args.batch_size), args.repeats)
+            # the token form alone: a fixed cost both ways share (the per-prefix way cuts the same encodings)
+            encode_s, _ = best_time(lambda: rm.encode(problems, solutions), args.repeats)
             out[name] = {
                 "params": num_parameters(rm.family.model),
                 "tokens_per_solution": round(sum(len(e.input_ids) for e in rm.encode(problems, solutions))
                                              / len(solutions), 1),
                 "single_pass_seconds": round(single_s, 4), "per_prefix_seconds": round(prefix_s, 4),
+                "encode_seconds": round(encode_s, 4),
+                "tokens_per_prefix_ratio": round(_prefix_tokens(rm, problems, solutions) /
+                                                 sum(len(e.input_ids) for e in rm.encode(problems, solutions)), 2),
                 "single_pass_solutions_per_s": round(len(solutions) / single_s, 1),
                 "speedup": round(prefix_s / single_s, 2),
                 "max_abs_diff": max(abs(a - b) for x, y in zip(single, prefix) for a, b in zip(x, y)),
             }
     return out
+
+
+def _prefix_tokens(rm, problems, solutions) -> int:
+    """Tokens the per-prefix way scores: each prefix runs to its step's read position (or span end)."""
+    return sum(max(r, e.spans[k][1]) + 1 for e in rm.encode(problems, solutions) for k, r in enumerate(e.reads))
 
 
 def _lengths(rm, problems, solutions, prefixes: bool):

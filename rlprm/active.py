@@ -335,14 +335,16 @@ def select(recipe: Recipe, progress: bool = True) -> dict:
 
     from rlprm.label import write_lines
     from rlprm.models import resolve_device
-    from rlprm.reward_models import RewardModel
+    from rlprm.prm_adapters import load_for_recipe
 
     cfg = recipe.active
     prm_path = cfg.prm or recipe.model.reward_model
     if not prm_path:
-        raise ActiveLearningError("no PRM to select with: set active.prm (or model.reward_model) to a PRM folder, "
-                                  "e.g. active.prm=runs/arith_prm/reward_model")
-    rm = RewardModel.load(prm_path, device=resolve_device(recipe.run.device), step_separator=recipe.task.step_separator)
+        raise ActiveLearningError("no PRM to select with: set active.prm (or model.reward_model) to a PRM folder or "
+                                  "hub id, e.g. active.prm=runs/arith_prm/reward_model")
+    # the one loader of every named reward model: rlprm folders and public PRMs alike
+    adapter = cfg.prm_adapter if cfg.prm or cfg.prm_adapter else recipe.rm.adapter
+    rm = load_for_recipe(recipe, prm_path, adapter, device=resolve_device(recipe.run.device))
     if rm.kind != "prm":
         raise ActiveLearningError(f"{prm_path} is an ORM; selection ranks by PRM step scores")
     pool, _, info = load_pools(recipe, progress)
@@ -359,8 +361,9 @@ def select(recipe: Recipe, progress: bool = True) -> dict:
             "convincing_wrong_answer_checked_wrong": truly_wrong, "pool": info.get("train_source")}
 
 
-def label_records(lines: list[dict], labeller: str, sep: str, threshold: float, path: Path | None = None):
-    """Rate unrated lines (checker or PRM), optionally keep the labelled file, and read them back as records."""
+def label_records(lines: list[dict], labeller, sep: str, threshold: float, path: Path | None = None):
+    """Rate unrated lines (`checker`, or a loaded PRM: see `load_loop_labeller`), optionally keep the labelled
+    file, and read them back as records."""
     import tempfile
 
     from rlprm.data.prm800k import load_prm800k
@@ -381,6 +384,28 @@ def label_records(lines: list[dict], labeller: str, sep: str, threshold: float, 
 # --------------------------------------------------------------------------- the loop
 
 
+def load_loop_labeller(recipe: Recipe):
+    """`checker`, or active.labeller loaded once (family active.labeller_adapter, else detected) for every file.
+
+    Any PRM loads through the one loader of named reward models (`rlprm.prm_adapters.load_for_recipe`), so a
+    public PRM can label for small ones as an rlprm folder can."""
+    from rlprm.models import resolve_device
+    from rlprm.prm_adapters import load_for_recipe
+    from rlprm.reward_models import RewardModelError
+
+    cfg = recipe.active
+    if cfg.labeller == "checker":
+        return "checker"
+    try:
+        rm = load_for_recipe(recipe, cfg.labeller, cfg.labeller_adapter, device=resolve_device(recipe.run.device))
+    except (RewardModelError, OSError) as exc:
+        raise ActiveLearningError(f"active.labeller: {cfg.labeller} is neither `checker` nor a PRM that loads "
+                                  f"(an rlprm folder, or a public PRM's folder or hub id): {exc}") from None
+    if rm.kind != "prm":
+        raise ActiveLearningError(f"active.labeller: {cfg.labeller} is an ORM; labelling steps needs a PRM")
+    return rm
+
+
 def _mean_sd(values):
     values = [v for v in values if v is not None]
     if not values:
@@ -398,12 +423,10 @@ def run_loop(recipe: Recipe, progress: bool = True) -> dict:
 
     cfg, rm_cfg, sep = recipe.active, recipe.rm, recipe.task.step_separator
     run_dir = Path(recipe.run.output_dir)
-    if cfg.labeller != "checker" and not (Path(cfg.labeller) / "rlprm_rm.json").is_file():
-        raise ActiveLearningError(f"active.labeller: {cfg.labeller} is neither `checker` nor a PRM folder "
-                                  "(a folder written by `rlprm train-rm`)")
     if cfg.eval_n > rm_cfg.data.eval_samples_per_problem:
         raise ActiveLearningError(f"active.eval_n ({cfg.eval_n}) exceeds rm.data.eval_samples_per_problem "
                                   f"({rm_cfg.data.eval_samples_per_problem}); lower it or sample more")
+    labeller = load_loop_labeller(recipe)  # before the pool is sampled: a bad labeller fails fast
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)
     t0 = time.monotonic()
@@ -454,7 +477,7 @@ def run_loop(recipe: Recipe, progress: bool = True) -> dict:
             picks = [(p, i, why, None) for p in seed_ids for i, why in select_uniform(avail[p], k, rng)]
             for p, i, _, _ in picks:
                 avail[p][i] = False
-            seed_records = label_records(unrated_lines(groups, picks, 0), cfg.labeller, sep, rm_cfg.threshold,
+            seed_records = label_records(unrated_lines(groups, picks, 0), labeller, sep, rm_cfg.threshold,
                                          files / f"seed{seed}_gen0.jsonl")
             rm0, m0 = train_eval(seed_records, seed * 1000, f"seed {seed} gen 0 PRM")
             for strategy in STRATEGIES:
@@ -478,7 +501,7 @@ def run_loop(recipe: Recipe, progress: bool = True) -> dict:
                     for p, i, _, _ in picks:
                         st["avail"][p][i] = False
                     # 3. label: unrated PRM800K lines -> labeller -> PRM800K loader
-                    st["records"] += label_records(unrated_lines(groups, picks, gen), cfg.labeller, sep,
+                    st["records"] += label_records(unrated_lines(groups, picks, gen), labeller, sep,
                                                    rm_cfg.threshold, files / f"seed{seed}_gen{gen}_{strategy}.jsonl")
                     # 4. retrain a fresh PRM on everything labelled so far (same seed for both strategies)
                     st["rm"], metrics = train_eval(st["records"], seed * 1000 + gen, f"seed {seed} gen {gen} {strategy}")

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from pathlib import Path
 
-from rlprm.config import RecipeError, explain, load_recipe, recipe_to_yaml
+from rlprm.config import PRMAdapter, RecipeError, explain, load_recipe, recipe_to_yaml
 
 EXIT_BAD_INPUT = 2
 EXIT_TARGETS_MISSED = 3
@@ -64,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
 
     p = sub.add_parser("bench-prm", help="ProcessBench F1 per subset, step AUROC: any PRM, ours or public",
-                       description="Score every solution of bench.processbench_paths with model.reward_model (an rlprm "
+                       description="Score every solution of bench.processbench_paths, bench.prm800k_paths (PRM800K "
+                                   "JSONL, e.g. phase2_test) and, with bench.arithmetic_problems, model.generator's "
+                                   "samples on held-out arithmetic problems labelled by the exact checker, with "
+                                   "model.reward_model (an rlprm "
                                    "folder, or a public PRM of family rm.adapter: qwen_prm, math_shepherd, rlhflow, "
                                    "value_head, implicit; detected where unambiguous) and write ProcessBench's error / "
                                    "correct accuracy and F1 per subset, step AUROC and first-error accuracy to "
@@ -108,12 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("label", help="rate every step of PRM800K lines with the exact checker or a PRM",
                        description="Read PRM800K phase-2 lines (e.g. from `rlprm select`) and write them rated the phase-2 "
                                    "way (+1 up to the first error, -1 there, nothing after). --with checker (default) uses "
-                                   "the arithmetic task's exact checker; --with PRM_DIR a trained PRM (a step below "
-                                   "--threshold is the error): a large PRM labelling data for a small one.")
+                                   "the arithmetic task's exact checker; --with PRM a PRM (a step below --threshold is "
+                                   "the error): a large PRM labelling data for a small one. The PRM is an rlprm folder "
+                                   "or any public PRM (folder or hub id; --adapter names its family where its files "
+                                   "do not say it).")
     p.add_argument("input", help="PRM800K JSONL to label (question.pre_generated_steps are rated)")
     p.add_argument("--out", required=True, help="labelled JSONL to write")
-    p.add_argument("--with", dest="labeller", default="checker", metavar="checker|PRM_DIR",
-                   help="who labels: `checker` (arithmetic task) or a PRM folder written by `rlprm train-rm`")
+    p.add_argument("--with", dest="labeller", default="checker", metavar="checker|PRM",
+                   help="who labels: `checker` (arithmetic task), or a PRM: a folder written by `rlprm train-rm`, or a "
+                        "public PRM's folder or hub id")
+    p.add_argument("--adapter", default=None, choices=typing.get_args(PRMAdapter),
+                   help="(PRM) its family, as rm.adapter in a recipe (default: detected from its files)")
+    p.add_argument("--reference-model", default=None,
+                   help="(PRM, --adapter implicit) the reference LM, as rm.reference_model")
+    p.add_argument("--implicit-beta", type=float, default=0.001, help="(PRM, --adapter implicit) beta (default 0.001)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                   help="(PRM) weights dtype (default float32)")
+    p.add_argument("--device", default="cpu", help="(PRM) torch device, e.g. cuda (default cpu)")
     p.add_argument("--threshold", type=float, default=0.5, help="(PRM) a step scored below this is wrong (default 0.5)")
     p.add_argument("--sep", default="\n", help="step separator used to render steps for the checker (default newline)")
 
@@ -200,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             counts = label_file(args.input, args.out, args.labeller, args.threshold,
-                                args.sep.encode().decode("unicode_escape"))
+                                args.sep.encode().decode("unicode_escape"), device=args.device, adapter=args.adapter,
+                                reference=args.reference_model, beta=args.implicit_beta, dtype=args.dtype)
         except (LabelError, RewardModelError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -285,13 +301,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plot: {recipe.run.output_dir}/bon.png   pool: {recipe.run.output_dir}/pool.jsonl")
         return 0
     if args.command == "bench-prm":
-        from rlprm.bench_prm import markdown, run_bench
+        from rlprm.bench_prm import BenchError, markdown, run_bench
+        from rlprm.data.prm800k import PRM800KError
         from rlprm.data.processbench import ProcessBenchError
         from rlprm.reward_models import RewardModelError
 
         try:
             results = run_bench(recipe, progress=not args.no_progress)
-        except (FileNotFoundError, ProcessBenchError, RewardModelError) as exc:
+        except (BenchError, FileNotFoundError, PRM800KError, ProcessBenchError, RewardModelError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
         print(markdown(results, results["model"], results["adapter"]), end="")

@@ -76,7 +76,7 @@ def _model_ref(value: str, info: ValidationInfo) -> str:
 
 ModelRef = Annotated[str, AfterValidator(_model_ref)]
 
-PRMAdapter = Literal["qwen_prm", "math_shepherd", "rlhflow", "value_head", "implicit", "rlprm"]
+PRMAdapter = Literal["qwen_prm", "pure_prm", "math_shepherd", "rlhflow", "value_head", "implicit", "rlprm"]
 """The reward-model families `rlprm.prm_adapters.load_reward_model` reads (kept equal to its FAMILIES by a test)."""
 
 
@@ -539,7 +539,7 @@ class RewardModelTrainConfig(Section):
     logging_steps: int = Field(10, ge=1)
     """Optimizer steps between loss records in metrics.jsonl."""
     adapter: PRMAdapter | None = None
-    """Family of the reward model that model.reward_model names (RL rewards, `rlprm bench-prm`): `qwen_prm` (Qwen2.5-Math-PRM, <extra_0> token classification), `math_shepherd` (+/- logits at the ки tag), `rlhflow` (+/- at each assistant turn of a chat), `value_head` (Skywork-o1-Open-PRM, sigmoid value head), `implicit` (PRIME/EurusPRM, beta*log(pi/pi_ref) per step; needs rm.reference_model), `rlprm` (our own folders). None: detected from the checkpoint where unambiguous (rlprm_rm.json, Qwen2ForProcessRewardModel, a value head), else the job fails and lists these."""
+    """Family of the reward model that model.reward_model names (RL rewards, `rlprm bench-prm`): `qwen_prm` (Qwen2.5-Math-PRM, <extra_0> token classification), `pure_prm` (PURE-PRM-7B and TRL PRMTrainer models: token classification at the "\\n" after each step, no chat template), `math_shepherd` (+/- logits at the ки tag), `rlhflow` (+/- at each assistant turn of a chat), `value_head` (Skywork-o1-Open-PRM, sigmoid value head), `implicit` (PRIME/EurusPRM, beta*log(pi/pi_ref) per step; needs rm.reference_model), `rlprm` (our own folders). None: detected from the checkpoint where unambiguous (rlprm_rm.json, Qwen2ForProcessRewardModel, *ForTokenClassification, a value head), else the job fails and lists these."""
     reference_model: ModelRef | None = None
     """(adapter implicit) The reference LM pi_ref of an implicit PRM: a Hugging Face id or folder."""
     implicit_beta: float = Field(0.001, gt=0)
@@ -579,7 +579,9 @@ class ActiveConfig(Section):
     """
 
     prm: ModelRef | None = None
-    """(select) The current PRM that scores the pool; None: model.reward_model."""
+    """(select) The current PRM that scores the pool: an rlprm folder or any public PRM (see rm.adapter); None: model.reward_model."""
+    prm_adapter: PRMAdapter | None = None
+    """(select) Family of active.prm (the families of rm.adapter); None: rm.adapter when active.prm is unset (the PRM is then model.reward_model), else detected from the checkpoint where unambiguous."""
     top_k: int = Field(2, ge=1)
     """Solutions surfaced per problem (each one is one label in the budget)."""
     convincing_fraction: float = Field(0.8, ge=0, le=1)
@@ -611,7 +613,9 @@ class ActiveConfig(Section):
     eval_aggregate: Literal["prod", "min", "last", "mean"] = "prod"
     """(loop) How best-of-N turns step probabilities into the score that picks a solution (the paper: prod; with a weak PRM, prod favours solutions with fewer steps, e.g. a skipped step, so min can be the fairer measure)."""
     labeller: ModelRef = "checker"
-    """(loop) Who labels the selected solutions: `checker` (the exact checker) or a PRM folder (a large PRM supervising small ones, the paper's small-scale set-up)."""
+    """(loop) Who labels the selected solutions: `checker` (the exact checker) or a PRM, an rlprm folder or any public PRM (a large PRM supervising small ones, the paper's small-scale set-up); loaded once per run."""
+    labeller_adapter: PRMAdapter | None = None
+    """(loop) Family of a PRM labeller (the families of rm.adapter); None: detected from the checkpoint where unambiguous. The implicit family takes rm.reference_model and rm.implicit_beta."""
     quality_metric: Literal["best_of_n_process_accuracy", "best_of_n_answer_accuracy", "first_error_f1"] = "best_of_n_process_accuracy"
     """(loop) The PRM quality the data-efficiency factor compares (labels uniform needs / labels active needs for the same value)."""
 
@@ -621,6 +625,12 @@ class BenchConfig(Section):
 
     processbench_paths: list[DataPath] = []
     """ProcessBench JSON files (e.g. gsm8k.json, math.json), one subset each: error / correct accuracy and their F1 as ProcessBench defines them, step AUROC, first-error accuracy. Checked when the job starts."""
+    prm800k_paths: list[DataPath] = []
+    """PRM800K JSONL files, one subset each (e.g. a clone's prm800k/data/phase2_test.jsonl, the paper's test split): each line's trajectory, without alternatives, labelled from its ratings (rm.data.neutral_as decides a 0; quality-control and screening questions are dropped unless rm.data keeps them); its gold first error is its first step labelled wrong. Lines that settle no answer to that (no wrong step, and not a finished `solution` with every step rated) are left out and counted. Checked when the job starts."""
+    arithmetic_problems: int = Field(0, ge=0)
+    """Held-out arithmetic problems (drawn like `rlprm prepare`'s held-out set: the generator never trained on them) on which model.generator is sampled and every step labelled by the exact checker: the subset `arithmetic`. Samples that stop before their answer step are left out and counted. 0: no such subset."""
+    arithmetic_samples_per_problem: int = Field(4, ge=1)
+    """Generator samples per held-out arithmetic problem, drawn at rm.data.temperature with rm.data.max_new_tokens and rm.data.sample_batch_size; cached in RUN_DIR/bench_samples_arithmetic.jsonl (reused while the generator and these settings stay the same)."""
     limit: int = Field(0, ge=0)
     """Score at most this many items per file, evenly spaced through it (0: all); for quick checks."""
     threshold: float = Field(0.5, gt=0, lt=1)

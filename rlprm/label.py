@@ -17,10 +17,13 @@ Labellers:
 - the arithmetic task's exact checker (`--with checker`, the default): the
   problem is parsed back from its text, every step is checked exactly (the
   paper's small-scale "synthetic supervision", free here);
-- a PRM (`--with PRM_DIR`): a step is wrong when its probability is below the
+- a PRM (`--with PRM`): a step is wrong when its probability is below the
   threshold; the first such step is the error. This is how a large PRM
   supervises a small one (the paper's section 4 set-up): label with the large
-  one, train the small one on the labels.
+  one, train the small one on the labels. The PRM is an rlprm folder or any
+  public PRM (a folder or hub id, `--adapter FAMILY` where its files do not
+  say it): it loads through `rlprm.prm_adapters.load_reward_model`, the one
+  loader of every command that names a reward model.
 """
 
 from __future__ import annotations
@@ -182,26 +185,52 @@ def write_lines(path: Path, lines: list[dict]) -> None:
     tmp.replace(path)
 
 
-def label_lines(lines: list[dict], labeller: str = "checker", threshold: float = 0.5, sep: str = "\n",
-                device: str = "cpu", batch_size: int = 64) -> tuple[list[dict], dict]:
-    """Labelled copies of `lines` and counts. `labeller`: `checker` or a PRM folder."""
+def load_labeller(labeller: str, adapter: str | None = None, device: str = "cpu", **options):
+    """The PRM named by `labeller` (a folder or hub id, family `adapter` or detected), refused if it is an ORM.
+
+    `options` go to `load_reward_model` (reference / beta for the implicit family, system_prompt, dtype).
+    """
+    from rlprm.prm_adapters import load_reward_model
+
+    rm = load_reward_model(labeller, adapter, device=device, **options)
+    if rm.kind != "prm":
+        raise LabelError(f"{labeller} is an ORM; labelling steps needs a PRM")
+    return rm
+
+
+def labeller_name(labeller) -> str:
+    """What goes into a labelled line's `labeler` field: `checker`, or `prm:` + the folder (resolved) or hub id."""
+    if labeller == "checker":
+        return "checker"
+    if hasattr(labeller, "score_steps"):  # a loaded model: a public PRM keeps its name, ours its config's path
+        ref = str(getattr(labeller, "name", None) or labeller.model.config.name_or_path)
+    else:
+        ref = str(labeller)
+    return f"prm:{Path(ref).resolve() if Path(ref).exists() else ref}"
+
+
+def label_lines(lines: list[dict], labeller="checker", threshold: float = 0.5, sep: str = "\n",
+                device: str = "cpu", batch_size: int = 64, adapter: str | None = None,
+                **load_options) -> tuple[list[dict], dict]:
+    """Labelled copies of `lines` and counts.
+
+    `labeller`: `checker`; a PRM by folder or hub id (loaded with `load_labeller(labeller, adapter, device,
+    **load_options)`); or a reward model already loaded (anything with `score_steps`, e.g. when a loop labels
+    many files with the same PRM).
+    """
     from collections import Counter
 
     counts: Counter = Counter()
+    name = labeller_name(labeller)
     if labeller == "checker":
         firsts = [checker_first_error(line["question"]["problem"], line["question"]["pre_generated_steps"], sep)
                   for line in lines]
-        name = "checker"
     else:
-        from rlprm.reward_models import RewardModel
-
-        rm = RewardModel.load(labeller, device=device)
-        if rm.kind != "prm":
-            raise LabelError(f"{labeller} is an ORM; labelling steps needs a PRM")
+        rm = labeller if hasattr(labeller, "score_steps") else load_labeller(labeller, adapter, device,
+                                                                               **load_options)
         probs = rm.score_steps([line["question"]["problem"] for line in lines],
                                [line["question"]["pre_generated_steps"] for line in lines], batch_size=batch_size)
         firsts = [first_error_from_probs(p, threshold) for p in probs]
-        name = f"prm:{Path(labeller).resolve()}"
     out = []
     for line, first in zip(lines, firsts):
         labelled = apply_ratings(line, first, name)
@@ -212,9 +241,11 @@ def label_lines(lines: list[dict], labeller: str = "checker", threshold: float =
 
 
 def label_file(src: Path, dst: Path, labeller: str = "checker", threshold: float = 0.5, sep: str = "\n",
-               device: str = "cpu") -> dict:
-    """`rlprm label`: read unlabelled (or labelled) PRM800K lines, rate every step, write them to `dst`."""
+               device: str = "cpu", adapter: str | None = None, **load_options) -> dict:
+    """`rlprm label`: read unlabelled (or labelled) PRM800K lines, rate every step, write them to `dst`.
+
+    `adapter` / `load_options`: how a PRM labeller loads (see `load_labeller`)."""
     lines = read_lines(src)
-    labelled, counts = label_lines(lines, labeller, threshold, sep, device)
+    labelled, counts = label_lines(lines, labeller, threshold, sep, device, adapter=adapter, **load_options)
     write_lines(dst, labelled)
     return counts

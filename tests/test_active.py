@@ -155,6 +155,50 @@ def test_a_prm_labels_for_another_and_the_cli(tmp_path, char_tokenizer):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_a_public_prm_labels_through_the_loader(tmp_path, capsys):
+    """`rlprm label --with` and the loop's labeller load any PRM the way every command does: a stand-in hub PRM
+    (its family detected, or named with --adapter / active.labeller_adapter) rates the lines by its own scores."""
+    from rlprm.active import label_records, load_loop_labeller
+    from rlprm.cli import main
+    from rlprm.prm_adapters import HubPRM, load_reward_model
+    from rlprm.prm_adapters.standins import save_standin
+
+    records = _samples(8)
+    lines = [unlabelled_line(r.problem, r.steps, verifier_score=None, generation=1) for r in records]
+    write_lines(tmp_path / "in.jsonl", lines)
+    problems, steps = [r.problem for r in records], [r.steps for r in records]
+    for family, extra in (("qwen_prm", []), ("math_shepherd", ["--adapter", "math_shepherd"])):
+        folder = save_standin(family, tmp_path / family)
+        out = tmp_path / f"{family}.jsonl"
+        probs = load_reward_model(folder, family).score_steps(problems, steps)
+        # a random stand-in's probabilities sit in a narrow band: a threshold inside it makes the ratings differ
+        threshold = sorted(x for p in probs for x in p)[sum(map(len, probs)) // 3]
+        assert main(["label", str(tmp_path / "in.jsonl"), "--out", str(out), "--with", str(folder), *extra,
+                     "--threshold", repr(threshold)]) == 0
+        got = [json.loads(t) for t in out.read_text().splitlines()]
+        firsts = [first_error_from_probs(p, threshold) for p in probs]
+        assert len(set(firsts)) > 1, "the stand-in must not rate every line alike"
+        for line, first, p in zip(got, firsts, probs):
+            assert [s["completions"][0]["rating"] for s in line["label"]["steps"]] == \
+                ratings_from_first_error(len(p), first)[0]
+            assert line["labeler"] == f"prm:{folder.resolve()}"
+    # math_shepherd's files do not name their family: without --adapter the command says so
+    assert main(["label", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "x.jsonl"),
+                 "--with", str(tmp_path / "math_shepherd")]) == 2
+    assert "math_shepherd" in capsys.readouterr().err and not (tmp_path / "x.jsonl").exists()
+
+    # the loop's labeller: loaded once, through load_for_recipe
+    recipe = load_recipe(RECIPES / "active_learning.yaml", [f"active.labeller={tmp_path / 'math_shepherd'}",
+                                                             "active.labeller_adapter=math_shepherd", "run.device=cpu"])
+    labeller = load_loop_labeller(recipe)
+    assert isinstance(labeller, HubPRM) and labeller.adapter == "math_shepherd"
+    probs = load_reward_model(tmp_path / "math_shepherd", "math_shepherd").score_steps(problems, steps)
+    threshold = sorted(x for p in probs for x in p)[sum(map(len, probs)) // 3]
+    back = label_records(lines, labeller, "\n", threshold)
+    assert [r.first_error for r in back] == [first_error_from_probs(p, threshold) for p in probs]
+    assert len({r.first_error for r in back}) > 1
+
+
 # --------------------------------------------------------------------------- the jobs, tiny
 
 
@@ -209,6 +253,26 @@ def test_select_and_loop_end_to_end(tmp_path, generator, char_tokenizer):  # noq
         wrong = [x["question"]["pre_generated_verifier_score"] for x in group if x["selection"] == CONVINCING_WRONG]
         assert wrong == sorted(wrong, reverse=True)
 
+    # select with a public PRM (a stand-in; its family detected, then named): it ranks by its own scores
+    from rlprm.prm_adapters import load_reward_model
+    from rlprm.prm_adapters.standins import save_standin
+    from rlprm.reward_models import aggregate
+
+    for family, how in (("qwen_prm", []), ("rlhflow", ["active.prm_adapter=rlhflow"])):
+        folder = save_standin(family, tmp_path / family)
+        recipe = load_recipe(RECIPES / "active_learning.yaml", [
+            f"model.generator={generator}", f"run.output_dir={tmp_path / 'run'}",
+            f"rm.data.cache_dir={tmp_path / 'run' / 'pool'}", f"active.prm={folder}", *how,
+            f"active.output={tmp_path / family}.jsonl", *TINY])
+        counts = select(recipe, progress=False)
+        assert counts["lines"] == 12 * 2
+        lines = [json.loads(t) for t in (tmp_path / f"{family}.jsonl").read_text().splitlines()]
+        rm = load_reward_model(folder, family)
+        got = [x["question"]["pre_generated_verifier_score"] for x in lines]
+        want = [aggregate(p, "prod") for p in rm.score_steps([x["question"]["problem"] for x in lines],
+                                                             [x["question"]["pre_generated_steps"] for x in lines])]
+        assert got == pytest.approx(want, abs=1e-5)
+
 
 def test_cli_select_without_a_prm_exits_2(tmp_path, capsys):
     from rlprm.cli import main
@@ -217,4 +281,5 @@ def test_cli_select_without_a_prm_exits_2(tmp_path, capsys):
     assert code == 2 and "active.prm" in capsys.readouterr().err
     code = main(["active-learning", str(RECIPES / "active_learning.yaml"), f"run.output_dir={tmp_path}",
                  "tracking.wandb=disabled", "active.labeller=/nonexistent"])
-    assert code == 2 and "neither `checker` nor a PRM folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "neither `checker` nor a PRM" in err and "not found: /nonexistent" in err

@@ -1,4 +1,5 @@
-"""`rlprm bench-prm`: ProcessBench's metric on hand-made cases, and the command end to end with a stand-in."""
+"""`rlprm bench-prm`: ProcessBench's metric on hand-made cases, and the command end to end with a stand-in on
+ProcessBench files, PRM800K lines and the arithmetic task's held-out generator samples."""
 
 from __future__ import annotations
 
@@ -9,6 +10,39 @@ import pytest
 
 from rlprm.bench_prm import processbench_scores, tune_threshold
 from .conftest import shared_file
+
+HELD_OUT = 6  # bench.arithmetic_problems in the arithmetic test
+
+
+@pytest.fixture(scope="module")
+def held_out_generator(tmp_path_factory, char_tokenizer):
+    """A tiny generator that has memorised the reference solutions of the recipe's first held-out problems (seed 0,
+    default task): sampled at temperature 1 it writes right solutions and slips, so both labels occur. (A
+    generator that never saw them writes garbage at this size: every first error at step 0.)"""
+    import torch
+
+    from rlprm.config import ArithmeticConfig, TinyModelConfig
+    from rlprm.models import build_tiny_causal_lm
+    from rlprm.steps import render_steps
+    from rlprm.tasks.arithmetic import reference_solution, split_problems
+
+    path = tmp_path_factory.mktemp("gen") / "generator"
+    model = build_tiny_causal_lm(TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2),
+                                 char_tokenizer, seed=0)
+    problems = split_problems(ArithmeticConfig(), 0, HELD_OUT, 0)[1]
+    texts = [p.prompt + render_steps(reference_solution(p)) + char_tokenizer.eos_token for p in problems]
+    char_tokenizer.padding_side = "right"
+    batch = char_tokenizer(texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(120):
+        loss = model(**batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(path)
+    char_tokenizer.save_pretrained(path)
+    return path
 
 
 def test_half_right_on_each_side_gives_f1_50():
@@ -58,17 +92,17 @@ ITEMS = [
 ]
 
 
-def _recipe(tmp_path, model, adapter, files, extra=""):
+def _recipe(tmp_path, model, adapter, files, extra="", key="processbench_paths", model_extra="", rm_extra=""):
     path = tmp_path / "bench.yaml"
     lines = "\n".join(f"    - {f}" for f in files)
     path.write_text(textwrap.dedent(f"""\
         run: {{output_dir: {tmp_path / 'run'}, device: cpu}}
         tracking: {{wandb: disabled}}
-        model: {{reward_model: {model}}}
-        rm: {{adapter: {adapter}}}
+        model: {{reward_model: {model}{model_extra}}}
+        rm: {{adapter: {adapter}{rm_extra}}}
         bench:
           batch_size: 3
-          processbench_paths:
+          {key}:{'' if files else ' []'}
         """) + lines + "\n" + extra)
     return path
 
@@ -126,3 +160,99 @@ def test_bench_prm_errors(tmp_path, capsys):
     recipe = _recipe(tmp_path, model, "null", [data])
     assert main(["bench-prm", str(recipe), "--no-progress"]) == 2  # an undetectable family, not named
     assert "rm.adapter" in capsys.readouterr().err
+
+
+def test_step_auroc_reads_given_step_truth():
+    # no label on step 1 (a PRM800K rating read as `ignore`): only steps 0 and 2 count
+    r = processbench_scores([2, -1], [[0.7, 0.1, 0.2], [0.6, 0.3]], 0.5, [[True, None, False], [True, True]])
+    assert r["step_auroc"] == 1.0  # 0.7, 0.6, 0.3 right above the wrong 0.2; the unlabelled 0.1 left out
+
+
+def test_bench_prm_on_prm800k_test_lines(tmp_path, capsys):
+    """PRM800K lines as subsets: phase 2's gold first error is the step rated -1 where the labeller stopped;
+    phase 1's finished solutions are error-free, and its `give_up` line settles no label (left out, counted)."""
+    from rlprm.cli import main
+    from rlprm.data.prm800k import load_prm800k
+    from rlprm.prm_adapters import load_reward_model
+    from rlprm.prm_adapters.standins import save_standin
+
+    files = [shared_file("prm800k/sample_phase2.jsonl"), shared_file("prm800k/sample_phase1.jsonl")]
+    model = save_standin("qwen_prm", tmp_path / "qwen")
+    recipe = _recipe(tmp_path, model, "null", files, key="prm800k_paths")
+    assert main(["bench-prm", str(recipe), "--no-progress"]) == 0
+    assert "| sample_phase2 | prm800k |" in capsys.readouterr().out
+    results = json.loads((tmp_path / "run" / "bench_prm.json").read_text())
+    assert results["adapter"] == "qwen_prm" and set(results["subsets"]) == {"sample_phase1", "sample_phase2"}
+    rm = load_reward_model(model)
+    for path in files:
+        raw = [json.loads(t) for t in path.read_text().splitlines() if t.strip()]
+        finished = [o["label"]["finish_reason"] in ("found_error", "solution") for o in raw]
+        # written from the raw lines: the step where a phase-2 labeller stopped is the error; `solution`: none
+        labels = [len(o["label"]["steps"]) - 1 if o["label"]["finish_reason"] == "found_error" else -1
+                  for o, f in zip(raw, finished) if f]
+        records = [r for r, f in zip(load_prm800k(path, alternatives=False)[0], finished) if f]
+        probs = rm.score_steps([r.problem for r in records], [r.steps for r in records])
+        expected = processbench_scores(labels, probs, 0.5)
+        got = results["subsets"][path.stem]
+        assert got["source"] == "prm800k" and got["num_no_label"] == len(raw) - len(labels)
+        assert got["num_error"] + got["num_correct"] == len(labels)
+        for key in ("error_acc", "correct_acc", "f1", "step_auroc", "first_error_acc"):
+            assert (got[key] is None and expected[key] is None) or got[key] == pytest.approx(expected[key], abs=1e-6)
+    assert results["subsets"]["sample_phase2"]["num_error"] == 10
+    assert results["subsets"]["sample_phase1"]["num_no_label"] == 1
+
+
+def test_bench_prm_on_held_out_arithmetic_samples(tmp_path, held_out_generator, capsys):
+    """The recipe's generator sampled on held-out problems, every step labelled by the exact checker: the subset
+    `arithmetic`, with ProcessBench's metric, step AUROC and first-error accuracy, in the same report."""
+    from rlprm.cli import main
+    from rlprm.config import load_recipe
+    from rlprm.data.stepwise import read_records
+    from rlprm.prm_adapters import load_reward_model
+    from rlprm.prm_adapters.standins import save_standin
+    from rlprm.steps import render_steps
+    from rlprm.tasks.arithmetic import check, split_problems
+
+    model = save_standin("rlhflow", tmp_path / "rlhflow")
+    extra = f"  arithmetic_problems: {HELD_OUT}\n  arithmetic_samples_per_problem: 4\n"
+    recipe = _recipe(tmp_path, model, "rlhflow", [], extra, model_extra=f", generator: {held_out_generator}",
+                     rm_extra=", data: {max_new_tokens: 60}")
+    assert main(["bench-prm", str(recipe), "--no-progress"]) == 0
+    assert "| arithmetic | arithmetic |" in capsys.readouterr().out
+    run = tmp_path / "run"
+    results = json.loads((run / "bench_prm.json").read_text())
+    got = results["subsets"]["arithmetic"]
+    assert got["source"] == "arithmetic" and results["arithmetic_sampling"]["samples"] == 24
+
+    # the samples: held-out problems, labelled by the exact checker
+    cfg = load_recipe(recipe)
+    held_out = {p.text: p for p in split_problems(cfg.task.arithmetic, 0, HELD_OUT, cfg.run.seed)[1]}
+    _, records = read_records(run / "bench_samples_arithmetic.jsonl")
+    assert records and {r.problem for r in records} <= set(held_out)
+    labels, kept = [], []
+    for r in records:
+        result = check(held_out[r.problem], render_steps(r.steps), "\n")
+        assert result.first_error == r.first_error
+        if result.first_error is None or result.first_error < len(r.steps):
+            labels.append(-1 if result.first_error is None else result.first_error)
+            kept.append(r)
+    assert {y == -1 for y in labels} == {True, False}, "the generator should write right and wrong solutions"
+    probs = load_reward_model(model, "rlhflow").score_steps([r.problem for r in kept], [r.steps for r in kept])
+    expected = processbench_scores(labels, probs, 0.5)
+    assert got["num_no_label"] == len(records) - len(kept)
+    for key in ("error_acc", "correct_acc", "f1", "step_auroc", "first_error_acc"):
+        assert (got[key] is None and expected[key] is None) or got[key] == pytest.approx(expected[key], abs=1e-6)
+    md = (run / "bench_prm.md").read_text()
+    assert "| arithmetic | arithmetic |" in md and (run / "bench_prm.png").stat().st_size > 0
+
+
+def test_bench_prm_says_what_is_missing(tmp_path, capsys):
+    from rlprm.cli import main
+    from rlprm.prm_adapters.standins import save_standin
+
+    model = save_standin("value_head", tmp_path / "vh")
+    assert main(["bench-prm", str(_recipe(tmp_path, model, "value_head", [])), "--no-progress"]) == 2
+    assert "bench.prm800k_paths" in capsys.readouterr().err
+    recipe = _recipe(tmp_path, model, "value_head", [], "  arithmetic_problems: 2\n")
+    assert main(["bench-prm", str(recipe), "--no-progress"]) == 2  # model.generator is `tiny`
+    assert "model.generator" in capsys.readouterr().err

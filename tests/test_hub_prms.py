@@ -38,7 +38,7 @@ TOL = 1e-5
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub_prms")
     return {family: save_standin(family, root / family) for family in
-            ("qwen_prm", "math_shepherd", "rlhflow", "value_head", "implicit")}
+            ("qwen_prm", "pure_prm", "math_shepherd", "rlhflow", "value_head", "implicit")}
 
 
 def _load(folders, family, **kw):
@@ -82,6 +82,27 @@ def ref_qwen_prm(folder, problem, steps):
     probs = torch.softmax(logits, dim=-1)[:, 1]
     sep = tok.encode("<extra_0>")[0]
     return probs[ids[0] == sep].tolist()
+
+
+def ref_pure_prm(folder, problem, steps):
+    """PURE-PRM-7B was trained by TRL's PRMTrainer, whose tokenize_row builds: BOS when the tokenizer has one, the
+    prompt's ids, then each completion's ids followed by the ids of the separator "\\n", labelled at its last
+    token. The card's step reward is p(+) - p(-) of AutoModelForTokenClassification's softmax; the adapter's
+    probability is p(+) = (1 + reward) / 2."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    sep = tok.encode("\n", add_special_tokens=False)
+    ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok(problem, add_special_tokens=False)["input_ids"]
+    reads = []
+    for step in steps:
+        ids += tok(step, add_special_tokens=False)["input_ids"] + sep
+        reads.append(len(ids) - 1)
+    model = AutoModelForTokenClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        probs = model(torch.tensor([ids])).logits[0].softmax(-1)
+    reward = probs[:, 1] - probs[:, 0]
+    return ((1 + reward[reads]) / 2).tolist()
 
 
 def ref_math_shepherd(folder, problem, steps):
@@ -167,7 +188,7 @@ def ref_implicit(folder, problem, steps, beta=0.5):
     return [float(torch.sigmoid(torch.tensor(beta * (sums[k + 1] - sums[k])))) for k in range(len(steps))]
 
 
-REFERENCES = {"qwen_prm": ref_qwen_prm, "math_shepherd": ref_math_shepherd, "rlhflow": ref_rlhflow,
+REFERENCES = {"qwen_prm": ref_qwen_prm, "pure_prm": ref_pure_prm, "math_shepherd": ref_math_shepherd, "rlhflow": ref_rlhflow,
               "value_head": ref_value_head, "implicit": ref_implicit}
 
 
@@ -240,6 +261,7 @@ def test_detection_and_errors(folders, tmp_path, char_tokenizer):
 
     assert detect_family(folders["qwen_prm"]) == "qwen_prm"
     assert detect_family(folders["value_head"]) == "value_head"
+    assert detect_family(folders["pure_prm"]) == "pure_prm"  # transformers' own *ForTokenClassification
     for family in ("math_shepherd", "rlhflow", "implicit"):
         assert detect_family(folders[family]) is None
         with pytest.raises(AdapterError, match="rm.adapter.*qwen_prm.*math_shepherd.*rlhflow.*value_head.*implicit"):
@@ -321,3 +343,53 @@ def test_every_family_selects_best_of_n(folders):
         assert [len(s) for row in pool.step_scores[family] for s in row] == [len(s) for s in SOLUTIONS]
     scores = selector_scores(pool, ("prod", "min"))
     assert {f"{f}_{a}" for f in REFERENCES for a in ("prod", "min")} <= set(scores)
+
+
+@pytest.mark.parametrize("family", ["value_head", "math_shepherd"])
+def test_one_grpo_iteration_with_dense_rewards_from_a_public_prm(family, folders, generator_dir, char_tokenizer,
+                                                                 tmp_path, monkeypatch):
+    """GRPO's process rewards from a public PRM (detected, or named by rm.adapter): the policy's completions are
+    scored by the stand-in through the loader, its step scores become the token rewards, and TRL's loss gets
+    per-token advantages. Rollouts are fixed answered solutions (a random tiny policy never writes `# Answer`)."""
+    from trl import GRPOTrainer
+
+    import rlprm.rewards as rewards_module
+    from rlprm.rl import grpo
+    from rlprm.steps import answer_step, render_steps
+    from rlprm.tasks.arithmetic import render_step
+
+    from .test_grpo import make_recipe
+
+    texts = [render_steps([render_step("+", 1, 2, 3), render_step("+", 3, 4, 7), answer_step("7")]),
+             render_steps([render_step("+", 1, 2, 4), answer_step("4")])]
+    rollouts = [char_tokenizer(t, add_special_tokens=False)["input_ids"] + [char_tokenizer.eos_token_id] for t in texts]
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn",
+                        lambda self, prompt_ids, *a, **k: ([list(rollouts[i % 2]) for i in range(len(prompt_ids))], None))
+    scored, rewarded, handed = [], [], []
+    real_score, real_rewards, real_loss = HubPRM.score_steps, rewards_module.token_rewards, GRPOTrainer._compute_loss
+
+    def score_spy(self, problems, solutions, *a, **k):
+        scored.append((self.adapter, list(problems), list(solutions), real_score(self, problems, solutions, *a, **k)))
+        return scored[-1][-1]
+
+    monkeypatch.setattr(HubPRM, "score_steps", score_spy)
+    monkeypatch.setattr(rewards_module, "token_rewards",
+                        lambda *a, **k: rewarded.append((k["scores"], real_rewards(*a, **k))) or rewarded[-1][1])
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss",
+                        lambda self, model, inputs: handed.append(inputs["advantages"].detach().clone())
+                        or real_loss(self, model, inputs))
+    recipe = make_recipe(tmp_path, generator_dir, f"grpo_{family}", epochs=1, max_new_tokens=64, eval_n=0,
+                         reward={"mode": "dense", "source": "prm", "dense_form": "log_prob"})
+    recipe.model.reward_model = str(folders[family])
+    recipe.rm.adapter = None if family == "value_head" else family
+    final = grpo.train_grpo(recipe, progress=False)
+
+    assert scored and all(adapter == family for adapter, *_ in scored)
+    adapter, problems, solutions, probs = scored[0]
+    assert sorted({len(p) for p in probs}) == [2, 3]  # one score per step of each completion
+    fresh = _load(folders, family).score_steps(problems, solutions, sep="\n")
+    assert _max_diff(probs, fresh) < TOL  # the stand-in's own scores, as loaded by any command
+    scores, tr = rewarded[0]
+    assert scores is probs and [len(r) for r in tr.step_rewards] == [len(p) for p in probs]
+    assert handed and all(adv.dim() == 2 and torch.isfinite(adv).all() for adv in handed)
+    assert final["rl/steps_per_solution"] == 2.5 and final["reward/missing_answer_frac"] == 0.0

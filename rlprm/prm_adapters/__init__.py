@@ -9,6 +9,8 @@ batch_size=...)` (per step, P(correct); one forward pass per solution) and `scor
 Families (one module each; conventions and their sources in the module docstrings):
 - `qwen_prm`: token classification at `<extra_0>` after every step (Qwen2.5-Math-PRM-7B/-72B,
   Qwen2.5-Math-7B-PRM800K) - qwen_prm.py, architecture in qwen_arch.py;
+- `pure_prm`: token classification at the "\\n" after every step, TRL PRMTrainer's layout, no chat template
+  (PURE-PRM-7B) - token_cls.py;
 - `math_shepherd`: `+`/`-` logits at the ` ки` step tag of a causal LM - tag_lm.py;
 - `rlhflow`: `+`/`-` logits at each assistant turn of a multi-turn chat (RLHFlow Llama3.1-8B PRMs) - tag_lm.py;
 - `value_head`: sigmoid of a scalar head at each step's "\\n" (Skywork-o1-Open-PRM-Qwen-2.5) - value_head.py;
@@ -16,7 +18,8 @@ Families (one module each; conventions and their sources in the module docstring
 - `rlprm`: this project's own reward models (rlprm_rm.json).
 
 Detection reads only local files: rlprm_rm.json -> rlprm; config.json `architectures` naming
-Qwen2ForProcessRewardModel -> qwen_prm; a `v_head.summary.weight` tensor -> value_head. A hub id is detected
+Qwen2ForProcessRewardModel -> qwen_prm, a `*ForTokenClassification` -> pure_prm; a `v_head.summary.weight`
+tensor -> value_head. A hub id is detected
 from its config (architectures) when transformers can fetch it. math_shepherd, rlhflow and implicit checkpoints
 are plain causal LMs, told apart by nothing in their files: name them.
 """
@@ -28,12 +31,13 @@ from pathlib import Path
 
 from rlprm.prm_adapters.common import AdapterError, Encoded, HubPRM
 
-FAMILIES = ("qwen_prm", "math_shepherd", "rlhflow", "value_head", "implicit", "rlprm")
+FAMILIES = ("qwen_prm", "pure_prm", "math_shepherd", "rlhflow", "value_head", "implicit", "rlprm")
 ADAPTER_FILE = "rlprm_rm.json"
 
 
 def _families_text() -> str:
-    return ("qwen_prm (Qwen2.5-Math-PRM: <extra_0> token classification), math_shepherd (+/- at the ки tag), "
+    return ("qwen_prm (Qwen2.5-Math-PRM: <extra_0> token classification), pure_prm (PURE-PRM-7B / TRL PRMTrainer: "
+            "token classification at the \\n after each step), math_shepherd (+/- at the ки tag), "
             "rlhflow (+/- at each assistant turn), value_head (Skywork-o1-Open-PRM: sigmoid value head), "
             "implicit (PRIME/EurusPRM: beta*log(pi/pi_ref), needs rm.reference_model), rlprm (rlprm_rm.json)")
 
@@ -54,14 +58,18 @@ def _architectures(ref: str) -> list[str]:
 def detect_family(ref: str | Path) -> str | None:
     """The family a checkpoint's own files make unambiguous, else None."""
     from rlprm.prm_adapters.qwen_prm import ARCHITECTURES as QWEN
+    from rlprm.prm_adapters.token_cls import is_token_classification
     from rlprm.prm_adapters.value_head import HEAD_WEIGHT, weight_file_with
 
     ref = str(ref)
     path = Path(ref)
     if (path / ADAPTER_FILE).is_file():
         return "rlprm"
-    if any(a in QWEN for a in _architectures(ref)):
+    architectures = _architectures(ref)
+    if any(a in QWEN for a in architectures):
         return "qwen_prm"
+    if is_token_classification(architectures):
+        return "pure_prm"
     if path.is_dir() and weight_file_with(path, HEAD_WEIGHT) is not None:
         return "value_head"
     return None
@@ -82,12 +90,16 @@ def load_reward_model(ref: str | Path, adapter: str | None = None, device: str =
     ref = str(ref)
     if adapter is not None and adapter not in FAMILIES:
         raise AdapterError(f"unknown PRM adapter {adapter!r}; the families are: {_families_text()}")
+    if ref.startswith((".", "/", "~")) and not Path(ref).expanduser().exists():
+        # unmistakably a path (as recipes read model references), so not a hub id to try fetching
+        raise AdapterError(f"reward model folder not found: {ref}")
     found = detect_family(ref)
     family = adapter or found
     if family is None:
         where = "folder" if Path(ref).is_dir() else "model"
         raise AdapterError(f"cannot tell which PRM family the {where} {ref} belongs to (no {ADAPTER_FILE}, no "
-                           "Qwen2ForProcessRewardModel architecture, no Skywork value head). Name it with "
+                           "Qwen2ForProcessRewardModel or *ForTokenClassification architecture, no Skywork value "
+                           "head). Name it with "
                            f"rm.adapter (or eval.reward_model_adapters.NAME): {_families_text()}")
     if family == "rlprm":
         from rlprm.reward_models import RewardModel
@@ -104,6 +116,10 @@ def load_reward_model(ref: str | Path, adapter: str | None = None, device: str =
         from rlprm.prm_adapters import qwen_prm
 
         impl = qwen_prm.load(ref, device, dtype, system_prompt)
+    elif family == "pure_prm":
+        from rlprm.prm_adapters import token_cls
+
+        impl = token_cls.load(ref, device, dtype, trust_remote_code)
     elif family in ("math_shepherd", "rlhflow"):
         from rlprm.prm_adapters import tag_lm
 

@@ -1,15 +1,18 @@
 """What every public-PRM family shares: token pieces, padding, and the scoring object.
 
 A family (qwen_prm.py, tag_lm.py, value_head.py, implicit.py) only decides two
-things: how a solution becomes token ids with a *read position* per step
-(`encode`), and how a right-padded batch of those becomes one probability of
-"correct" per read position (`score_batch`). `HubPRM` does the rest the way
+things: how a solution is laid out as text pieces and marker token ids with a
+*read position* per step (`plan`, a `Plan`), and how a right-padded batch of
+the resulting ids becomes one probability of "correct" per read position
+(`score_batch`). `HubPRM` does the rest the way
 `rlprm.reward_models.RewardModel` does it: texts split into steps with the one
-step convention (`rlprm.steps.split_steps`), lengths sorted into batches, one
+step convention (`rlprm.steps.split_steps`), every piece of every solution
+tokenized in one batched tokenizer call (`realize`; one call per piece costs
+more than a tiny model's forward pass), lengths sorted into batches, one
 forward pass per solution, results back in the caller's order.
 
 Step boundaries are marked by appending the family's marker as a token id
-(`encode_pieces(marker_id=...)`), never by pasting its text into the string:
+(`Plan.marker_id`), never by pasting its text into the string:
 the pasted text can merge with its neighbours or be split differently by the
 tokenizer (QwenLM/ProcessBench PR #12 changed F1 on every subset by fixing
 exactly this), and a step that happens to contain the marker's text would
@@ -19,7 +22,7 @@ ids are built, so they never come from searching the ids for the marker.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from rlprm.reward_models import RewardModelError
@@ -59,26 +62,48 @@ def single_token(tokenizer, text: str, what: str) -> int:
     return ids[-1]
 
 
-def encode_pieces(tokenizer, head: str, pieces: Sequence[str], tail: str = "", marker_id: int | None = None,
-                  bos: bool = False) -> Encoded:
-    """`head`, then each piece (then `marker_id` after it, when given), then `tail`, each tokenized on its own.
+@dataclass
+class Plan:
+    """One solution before tokenization: `bos` ids, `head`, each piece (then `marker_id`, when given), `tail`.
 
-    `reads` are the marker positions, or each piece's last token without a marker; `spans` each piece's tokens
-    (marker included).
+    Each text is tokenized on its own (so a piece never merges with its neighbours); `realize` turns plans into
+    `Encoded`. The read position of a step is its marker, or, with `read_marker=False` or no marker, the piece's
+    last token (rlhflow reads the token that predicts the verdict it appends).
     """
-    ids = (leading_bos(tokenizer) if bos else []) + encode_text(tokenizer, head)
-    reads, spans = [], []
-    for piece in pieces:
-        start = len(ids)
-        ids.extend(encode_text(tokenizer, piece))
-        if marker_id is not None:
-            ids.append(marker_id)
-        if len(ids) == start:
-            raise AdapterError(f"step {piece!r} encodes to no tokens")
-        reads.append(len(ids) - 1)
-        spans.append((start, len(ids) - 1))
-    ids.extend(encode_text(tokenizer, tail))
-    return Encoded(ids, reads, spans)
+
+    head: str
+    pieces: list[str]
+    tail: str = ""
+    marker_id: int | None = None
+    bos: list[int] = field(default_factory=list)
+    read_marker: bool = True
+
+
+def realize(tokenizer, plans: Sequence[Plan]) -> list[Encoded]:
+    """The token form of many plans, with ONE batched tokenizer call over their distinct texts.
+
+    `reads` per the plan's rule; `spans` each piece's tokens (marker included).
+    """
+    texts = sorted({t for p in plans for t in (p.head, p.tail, *p.pieces) if t})
+    ids_of = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else {}
+    ids_of[""] = []
+    out = []
+    for plan in plans:
+        ids = list(plan.bos) + ids_of[plan.head]
+        reads, spans = [], []
+        for piece in plan.pieces:
+            start = len(ids)
+            ids.extend(ids_of[piece])
+            text_end = len(ids) - 1
+            if plan.marker_id is not None:
+                ids.append(plan.marker_id)
+            if len(ids) == start or (not plan.read_marker and text_end < start):
+                raise AdapterError(f"step {piece!r} encodes to no tokens")
+            reads.append(len(ids) - 1 if plan.read_marker else text_end)
+            spans.append((start, len(ids) - 1))
+        ids.extend(ids_of[plan.tail])
+        out.append(Encoded(ids, reads, spans))
+    return out
 
 
 def split_template(tokenizer, messages: list[dict], where: str) -> list[str]:
@@ -104,12 +129,9 @@ def pad_right(sequences: list[list[int]], pad_id: int, device):
     import torch
 
     width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
-    return ids.to(device), mask.to(device)
+    ids = torch.tensor([list(s) + [pad_id] * (width - len(s)) for s in sequences], dtype=torch.long)
+    mask = torch.arange(width)[None, :] < torch.tensor([len(s) for s in sequences])[:, None]
+    return ids.to(device), mask.long().to(device)
 
 
 def read_index(encoded: list[Encoded], device):
@@ -166,7 +188,7 @@ class HubPRM:
         return [split_steps(s, sep) if isinstance(s, str) else list(s) for s in solutions]
 
     def encode(self, problems: Sequence[str], solutions: Sequence, sep: str | None = None) -> list[Encoded]:
-        return [self.family.encode(p, s) for p, s in zip(problems, self._steps(solutions, sep))]
+        return realize(self.tokenizer, [self.family.plan(p, s) for p, s in zip(problems, self._steps(solutions, sep))])
 
     def score_steps(self, problems: Sequence[str], solutions: Sequence, sep: str | None = None,
                     batch_size: int = 16, **_ignored) -> list[list[float]]:
@@ -179,13 +201,15 @@ class HubPRM:
         if len(problems) != len(solutions):
             raise AdapterError(f"{len(problems)} problems but {len(solutions)} solutions")
         steps = self._steps(solutions, sep)
-        encoded = [self.family.encode(p, s) if s else None for p, s in zip(problems, steps)]
+        live = [i for i, s in enumerate(steps) if s]  # a solution without steps has nothing to score
+        encoded: list[Encoded | None] = [None] * len(steps)
+        for i, e in zip(live, realize(self.tokenizer, [self.family.plan(problems[i], steps[i]) for i in live])):
+            encoded[i] = e
         limit = self.max_positions()
         longest = max((len(e.input_ids) for e in encoded if e), default=0)
         if limit and longest > limit:
             raise AdapterError(f"a solution is {longest} tokens long, beyond this model's {limit} positions")
         out: list[list[float]] = [[] for _ in encoded]
-        live = [i for i, e in enumerate(encoded) if e is not None]
         order = sorted(live, key=lambda i: len(encoded[i].input_ids))  # less padding; results go back in order
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]

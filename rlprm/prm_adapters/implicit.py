@@ -12,7 +12,7 @@ Each step's tokens (its joiner included) are encoded on their own; one forward p
 
 from __future__ import annotations
 
-from rlprm.prm_adapters.common import SENTINEL, encode_pieces, pad_id_of, pad_right, split_template
+from rlprm.prm_adapters.common import SENTINEL, Plan, pad_id_of, pad_right, split_template
 
 JOINER = "\n\n"
 
@@ -35,24 +35,31 @@ class ImplicitPRM:
         self.tokenizer, self.config = tokenizer, model.config
         self.beta, self.cumulative = beta, cumulative
 
-    def encode(self, problem: str, steps: list[str]):
+    def plan(self, problem: str, steps: list[str]) -> Plan:
         messages = [{"role": "user", "content": problem}, {"role": "assistant", "content": SENTINEL}]
         head, tail = split_template(self.tokenizer, messages, self.adapter)
-        pieces = [s + JOINER for s in steps[:-1]] + steps[-1:]
-        return encode_pieces(self.tokenizer, head, pieces, tail)
+        return Plan(head, [s + JOINER for s in steps[:-1]] + steps[-1:], tail)
 
     def score_batch(self, encoded):
+        import torch
+
         device = next(self.model.parameters()).device
         ids, mask = pad_right([e.input_ids for e in encoded], pad_id_of(self.tokenizer), device)
         ratio = token_logps(self.model, ids, mask)
         ref_device = next(self.reference.parameters()).device
         ratio = ratio - token_logps(self.reference, ids.to(ref_device), mask.to(ref_device)).to(device)
-        ratio = (self.beta * ratio).cpu()
-        out = []
-        for row, e in enumerate(encoded):
-            sums = [float(ratio[row, a:b + 1].sum()) for a, b in e.spans]
+        # every step's sum at once: a running sum read at each span's end minus the one before its start
+        running = torch.nn.functional.pad((self.beta * ratio).double().cumsum(1), (1, 0)).cpu()
+        rows = torch.tensor([row for row, e in enumerate(encoded) for _ in e.spans])
+        starts = torch.tensor([a for e in encoded for a, _ in e.spans])
+        ends = torch.tensor([b + 1 for e in encoded for _, b in e.spans])
+        flat = (running[rows, ends] - running[rows, starts]).tolist()
+        out, k = [], 0
+        for e in encoded:
+            sums = flat[k:k + len(e.spans)]
+            k += len(e.spans)
             if self.cumulative:
-                sums = [sum(sums[:k + 1]) for k in range(len(sums))]
+                sums = [sum(sums[:j + 1]) for j in range(len(sums))]
             out.append([_sigmoid(r) for r in sums])
         return out
 

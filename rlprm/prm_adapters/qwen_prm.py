@@ -13,8 +13,8 @@ Architecture: qwen_arch.py (our own, on transformers' Qwen2 classes, under the p
 
 from __future__ import annotations
 
-from rlprm.prm_adapters.common import (SENTINEL, AdapterError, encode_pieces, pad_id_of, pad_right, read_index,
-                                      split_template, unflatten)
+from rlprm.prm_adapters.common import (SENTINEL, AdapterError, Plan, pad_id_of, pad_right, read_index, split_template,
+                                      unflatten)
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 STEP_TOKEN = "<extra_0>"
@@ -38,21 +38,23 @@ class QwenPRM:
                                "every step; is this a Qwen2.5-Math-PRM checkpoint?")
         self.step_id = step_id
 
-    def encode(self, problem: str, steps: list[str]):
+    def plan(self, problem: str, steps: list[str]) -> Plan:
         messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
             {"role": "user", "content": problem}, {"role": "assistant", "content": SENTINEL}]
         head, tail = split_template(self.tokenizer, messages, self.adapter)
-        return encode_pieces(self.tokenizer, head, steps, tail, marker_id=self.step_id)
+        return Plan(head, list(steps), tail, marker_id=self.step_id)
 
     def score_batch(self, encoded):
         import torch
 
         device = next(self.model.parameters()).device
         ids, mask = pad_right([e.input_ids for e in encoded], pad_id_of(self.tokenizer), device)
-        with torch.inference_mode():
-            logits = self.model(input_ids=ids, attention_mask=mask).logits
         rows, cols = read_index(encoded, device)
-        probs = torch.softmax(logits[rows, cols].float(), dim=-1)[:, 1]  # column 1: the positive class (card)
+        with torch.inference_mode():
+            hidden = self.model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            # the head (hidden x hidden, then 2) only where a step is read, not at every token
+            logits = self.model.score(hidden[rows, cols])
+        probs = torch.softmax(logits.float(), dim=-1)[:, 1]  # column 1: the positive class (card)
         return unflatten(probs.cpu().tolist(), encoded)
 
 

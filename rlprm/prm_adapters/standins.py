@@ -7,6 +7,7 @@ then loads it exactly as it would load the published checkpoint.
 
 - qwen_prm: Qwen2 config, `QwenProcessRewardModel` (body `model.*`, head `score.0/score.2`), `<extra_0>`,
   Qwen's `<|im_start|>`/`<|im_end|>` template;
+- pure_prm: transformers' `Qwen2ForTokenClassification` (2 labels, head `score`), the Qwen tokenizer (no BOS);
 - value_head: a Qwen2 causal LM plus `v_head.summary.weight/bias` in its safetensors file;
 - implicit: two Qwen2 causal LMs (the PRM and `reference/` beside it);
 - math_shepherd: a Llama causal LM whose tokenizer adds BOS and has ` ки`, ` +`, ` -` as single tokens;
@@ -139,6 +140,17 @@ def save_standin(family: str, folder: str | Path, seed: int = 0, **shape) -> Pat
             model.score[2].weight.normal_(0, 1.0)
         model.save_pretrained(folder)
         _set_architectures(folder, ["Qwen2ForProcessRewardModel"])
+    elif family == "pure_prm":
+        from transformers import Qwen2ForTokenClassification
+
+        tok = build_tokenizer("qwen")
+        config = _qwen_config(tok, **shape)
+        config.num_labels = 2
+        torch.manual_seed(seed)
+        model = Qwen2ForTokenClassification(config)
+        with torch.no_grad():
+            model.score.weight.normal_(0, 1.0)
+        model.save_pretrained(folder)
     elif family in ("value_head", "implicit"):
         tok = build_tokenizer("qwen")
         torch.manual_seed(seed)

@@ -21,8 +21,9 @@ forward pass: a causal model's output before turn k's `+` has seen only turns up
 
 from __future__ import annotations
 
-from rlprm.prm_adapters.common import (SENTINEL, AdapterError, Encoded, encode_pieces, encode_text, pad_id_of,
-                                      pad_right, read_index, single_token, split_template, unflatten)
+from rlprm.prm_adapters.common import (SENTINEL, AdapterError, Encoded, Plan, pad_id_of, pad_right, read_index,
+                                      single_token, split_template, unflatten)
+from rlprm.steps import leading_bos
 
 STEP_TAG = " ки"
 
@@ -52,15 +53,16 @@ class MathShepherd:
     def __init__(self, model, tokenizer, step_tag: str = STEP_TAG):
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, model.config
         self.tag_id = single_token(tokenizer, step_tag, "step tag")
+        self.bos = leading_bos(tokenizer)  # the card encodes with special tokens: Mistral's <s> comes first
         # the verdict follows the tag after a space in training data (`... ки` -> `... +`): the ids of " +"/" -"
         self.good_id = single_token(tokenizer, " +", "verdict")
         self.bad_id = single_token(tokenizer, " -", "verdict")
         if len({self.tag_id, self.good_id, self.bad_id}) < 3:
             raise AdapterError("the step tag and the +/- verdicts must be three different tokens")
 
-    def encode(self, problem: str, steps: list[str]) -> Encoded:
+    def plan(self, problem: str, steps: list[str]) -> Plan:
         pieces = [f"{problem} {steps[0]}"] + ["\n" + s for s in steps[1:]]
-        return encode_pieces(self.tokenizer, "", pieces, marker_id=self.tag_id, bos=True)
+        return Plan("", pieces, marker_id=self.tag_id, bos=self.bos)
 
     def score_batch(self, encoded):
         return verdict_probs(self.model, self.tokenizer, encoded, self.good_id, self.bad_id)
@@ -75,19 +77,14 @@ class RLHFlow:
         self.bad_id = single_token(tokenizer, "-", "verdict")
         self.first_joiner = first_joiner
 
-    def encode(self, problem: str, steps: list[str]) -> Encoded:
+    def plan(self, problem: str, steps: list[str]) -> Plan:
         messages = []
         for k, step in enumerate(steps):
             messages.append({"role": "user", "content": problem + self.first_joiner + step if k == 0 else step})
             messages.append({"role": "assistant", "content": SENTINEL})
         parts = split_template(self.tokenizer, messages, self.adapter)
-        ids, reads = [], []
-        for part in parts[:-1]:
-            ids.extend(encode_text(self.tokenizer, part))
-            reads.append(len(ids) - 1)  # the output here predicts the assistant's verdict
-            ids.append(self.good_id)
-        ids.extend(encode_text(self.tokenizer, parts[-1]))
-        return Encoded(ids, reads)
+        # each turn's text, then the verdict `+` as its id; read where the output predicts that verdict
+        return Plan("", parts[:-1], parts[-1], marker_id=self.good_id, read_marker=False)
 
     def score_batch(self, encoded):
         return verdict_probs(self.model, self.tokenizer, encoded, self.good_id, self.bad_id)

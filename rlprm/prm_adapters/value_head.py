@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlprm.prm_adapters.common import (AdapterError, encode_pieces, pad_id_of, pad_right, read_index, single_token,
-                                      unflatten)
+from rlprm.prm_adapters.common import AdapterError, Plan, pad_id_of, pad_right, read_index, single_token, unflatten
 
 HEAD_WEIGHT, HEAD_BIAS = "v_head.summary.weight", "v_head.summary.bias"
 
@@ -41,9 +40,9 @@ class ValueHeadPRM:
         self.model, self.head, self.tokenizer, self.config = body.eval(), head.eval(), tokenizer, body.config
         self.step_id = single_token(tokenizer, step_token, "step token")
 
-    def encode(self, problem: str, steps: list[str]):
+    def plan(self, problem: str, steps: list[str]) -> Plan:
         head = (self.tokenizer.bos_token or "") + problem + "\n"
-        return encode_pieces(self.tokenizer, head, steps, marker_id=self.step_id)
+        return Plan(head, list(steps), marker_id=self.step_id)
 
     def score_batch(self, encoded):
         import torch
