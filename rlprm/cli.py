@@ -79,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load and validate a recipe (with overrides); print nothing but errors.")
     _recipe_args(p)
 
-    p = sub.add_parser("train-rl", help="RL fine-tuning of the generator (PPO) from PRM, ORM or ground-truth rewards",
-                       description="Train the generator with PPO as the recipe's `rl` and `reward` sections say: "
+    p = sub.add_parser("train-rl", help="RL fine-tuning of the generator (PPO, GRPO or rejection sampling: "
+                                        "rl.algorithm) from PRM, ORM, exact or ground-truth rewards",
+                       description="Train the generator with rl.algorithm (ppo, grpo or rejection_sampling) as the "
+                                   "recipe's `rl` and `reward` sections say: "
                                    "metrics.jsonl, best-of-N between epochs, a checkpoint per epoch and "
                                    "RUN_DIR/export at the end. Same as `python rlprm/train_rl.py RECIPE`.")
     _recipe_args(p)

@@ -96,9 +96,6 @@ def run(args: argparse.Namespace) -> int:
             print("error: GRPO trains on one process for now; launch it with plain `python rlprm/train_rl.py ...`",
                   file=sys.stderr)
             return EXIT_BAD_INPUT
-    elif recipe.rl.algorithm != "ppo":
-        print(f"error: rl.algorithm {recipe.rl.algorithm!r} is not implemented yet; use ppo", file=sys.stderr)
-        return EXIT_BAD_INPUT
     try:
         check_prerequisites(recipe)
     except PPOError as exc:
