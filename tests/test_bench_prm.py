@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from rlprm.bench_prm import processbench_scores, tune_threshold
-from .conftest import shared_file
+from .conftest import shared_file, train_tiny_generator
 
 HELD_OUT = 6  # bench.arithmetic_problems in the arithmetic test
 
@@ -19,30 +19,11 @@ def held_out_generator(tmp_path_factory, char_tokenizer):
     """A tiny generator that has memorised the reference solutions of the recipe's first held-out problems (seed 0,
     default task): sampled at temperature 1 it writes right solutions and slips, so both labels occur. (A
     generator that never saw them writes garbage at this size: every first error at step 0.)"""
-    import torch
+    from rlprm.config import ArithmeticConfig
+    from rlprm.tasks.arithmetic import split_problems
 
-    from rlprm.config import ArithmeticConfig, TinyModelConfig
-    from rlprm.models import build_tiny_causal_lm
-    from rlprm.steps import render_steps
-    from rlprm.tasks.arithmetic import reference_solution, split_problems
-
-    path = tmp_path_factory.mktemp("gen") / "generator"
-    model = build_tiny_causal_lm(TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2),
-                                 char_tokenizer, seed=0)
     problems = split_problems(ArithmeticConfig(), 0, HELD_OUT, 0)[1]
-    texts = [p.prompt + render_steps(reference_solution(p)) + char_tokenizer.eos_token for p in problems]
-    char_tokenizer.padding_side = "right"
-    batch = char_tokenizer(texts, return_tensors="pt", padding=True)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(120):
-        loss = model(**batch, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.save_pretrained(path)
-    char_tokenizer.save_pretrained(path)
-    return path
+    return train_tiny_generator(tmp_path_factory.mktemp("gen") / "generator", char_tokenizer, problems, steps=120)
 
 
 def test_half_right_on_each_side_gives_f1_50():

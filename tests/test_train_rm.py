@@ -11,7 +11,7 @@ import pytest
 from rlprm.config import load_recipe
 from rlprm.tracking import read_metrics
 
-from .conftest import shared_file
+from .conftest import shared_file, train_tiny_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -23,30 +23,12 @@ SMALL = ["tracking.wandb=disabled", "run.device=cpu", "rm.data.train_problems=8"
 @pytest.fixture(scope="module")
 def generator(tmp_path_factory, char_tokenizer):
     """A tiny causal LM trained for a few steps on reference solutions, saved like `rlprm prepare` saves one."""
-    import torch
+    from rlprm.config import ArithmeticConfig
+    from rlprm.tasks.arithmetic import make_problems
 
-    from rlprm.config import ArithmeticConfig, TinyModelConfig
-    from rlprm.models import build_tiny_causal_lm
-    from rlprm.steps import render_steps
-    from rlprm.tasks.arithmetic import make_problems, reference_solution
-
-    path = tmp_path_factory.mktemp("gen") / "generator"
-    model = build_tiny_causal_lm(TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2),
-                                 char_tokenizer, seed=0)
-    texts = [p.prompt + render_steps(reference_solution(p)) + char_tokenizer.eos_token
-             for p in make_problems(ArithmeticConfig(), 64, seed=3)]
-    char_tokenizer.padding_side = "right"
-    batch = char_tokenizer(texts, return_tensors="pt", padding=True)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(30):  # enough to write step-shaped lines, not enough to be right
-        loss = model(**batch, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.save_pretrained(path)
-    char_tokenizer.save_pretrained(path)
-    return path
+    # 30 steps: enough to write step-shaped lines, not enough to be right
+    return train_tiny_generator(tmp_path_factory.mktemp("gen") / "generator", char_tokenizer,
+                                make_problems(ArithmeticConfig(), 64, seed=3), steps=30)
 
 
 def run_job(recipe_name, tmp_path, generator, *extra):
