@@ -453,10 +453,9 @@ def _train_rm(recipe, progress):
 
 
 def _rl(recipe, progress):
-    from rlprm.rl.ppo import check_prerequisites, train_ppo
+    from rlprm.rl import train
 
-    check_prerequisites(recipe)
-    return train_ppo(recipe, resume=False, progress=progress)
+    return train(recipe, resume=False, progress=progress)
 
 
 def _bon(recipe, progress):

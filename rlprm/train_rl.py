@@ -32,7 +32,8 @@ EXIT_STOPPED = 4
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train_rl.py",
-        description="Fine-tune the generator with RL (PPO) from dense PRM, sparse ORM or ground-truth rewards, "
+        description="Fine-tune the generator with RL (rl.algorithm: ppo, grpo or rejection_sampling) from dense PRM, "
+                    "sparse ORM or ground-truth rewards, "
                     "as the recipe's `rl` and `reward` sections say. Writes metrics.jsonl, a checkpoint per epoch "
                     "and an exported HF folder (RUN_DIR/export).",
     )
@@ -77,40 +78,18 @@ def run(args: argparse.Namespace) -> int:
     except PrerequisiteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from rlprm.rl.ppo import PPOError, PPOInputError, check_prerequisites, train_ppo
-
-    if recipe.rl.algorithm == "rejection_sampling":
-        from rlprm.rl.rejection import run_rejection_sampling
-
-        if world > 1:  # every rank would run the whole loop into the same run folder
-            print("error: rejection_sampling trains on one process for now; launch it with plain "
-                  "`python rlprm/train_rl.py ...` or `deepspeed --num_gpus 1 ...`", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        return run_rejection_sampling(recipe, resume=args.resume, progress=not args.no_progress)
-    train = train_ppo
-    if recipe.rl.algorithm == "grpo":
-        # TRL's GRPOTrainer with our rewards (GRPOError subclasses PPOError: the same exit codes below)
-        from rlprm.rl.grpo import check_prerequisites, train_grpo as train
-
-        if world > 1:
-            print("error: GRPO trains on one process for now; launch it with plain `python rlprm/train_rl.py ...`",
-                  file=sys.stderr)
-            return EXIT_BAD_INPUT
-    try:
-        check_prerequisites(recipe)
-    except PPOError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     from rlprm.reward_models import RewardModelError
+    from rlprm.rl import train
+    from rlprm.rl.run import RLError
 
     try:
         final = train(recipe, resume=args.resume, progress=not args.no_progress)
-    except (RewardModelError, PPOInputError, DistributedError) as exc:
+    except (RewardModelError, DistributedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except PPOError as exc:
+    except RLError as exc:  # RLInputError: 2 (the run could not start), RLError: 4 (it stopped)
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_STOPPED
+        return exc.exit_code
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return 0  # rank 0 reports for all
     acc = final.get("eval/answer_accuracy")

@@ -188,11 +188,11 @@ def test_real_builds_through_the_rl_entry_point(tiny_recipes):
 def test_sources_without_a_reward_model_need_none(tmp_path, source):
     """exact (the checker) and confidence (the start's own log-probs) load no reward model: a stale or missing
     model.reward_model is not read, not built, and not required by PPO's own check."""
-    from rlprm.rl.ppo import check_prerequisites
+    from rlprm.rl.ppo import PPO
 
     recipe = rl_recipe(tmp_path, source)
     assert [key for key, _ in pre.required_models(recipe)] == ["model.generator"]
     recipe.model.reward_model = None
     gen = tmp_path / "runs" / "arith" / "generator"
     gen.mkdir(parents=True)
-    check_prerequisites(recipe)  # raises if it wanted a reward model
+    PPO().check(recipe)  # raises if it wanted a reward model

@@ -42,11 +42,12 @@ def test_recipe_validates_without_the_data_and_names_missing_inputs(tmp_path):
 
 def test_lora_is_refused_by_ppo_not_ignored(tmp_path):
     from rlprm.config import load_recipe
-    from rlprm.rl.ppo import PPOInputError, check_prerequisites
+    from rlprm.rl.ppo import PPO
+    from rlprm.rl.run import RLInputError
 
     recipe = load_recipe(RECIPE, ["model.lora.enabled=true", f"model.reward_model={tmp_path}"])
-    with pytest.raises(PPOInputError, match="LoRA"):
-        check_prerequisites(recipe)
+    with pytest.raises(RLInputError, match="LoRA"):
+        PPO().check(recipe)
 
 
 def test_recipe_runs_with_tiny_stand_ins(tmp_path):
