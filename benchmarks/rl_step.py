@@ -41,7 +41,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 def _recipe(name: str, out: Path, iterations: int):
     from rlprm.config import load_recipe
 
-    recipe = load_recipe(ROOT / "recipes" / name, [f"run.output_dir={out}", "rl.epochs=1", "rl.eval_n=0",
+    recipe = load_recipe(ROOT / "recipes" / name, [f"run.output_dir={out}", "rl.epochs=1", "rl.eval_n_max=0",
                                                    "tracking.wandb=disabled"])
     recipe.rl.problems_per_epoch = iterations * recipe.rl.prompts_per_iteration
     from rlprm.prerequisites import ensure_prerequisites
@@ -87,7 +87,7 @@ def run_trl_plain(tmp: Path, iterations: int) -> dict:
 
     recipe = _recipe("grpo_outcome.yaml", tmp / "trl_plain", iterations)
     rl = recipe.rl
-    exclude = {p.text for p in held_out_arithmetic(recipe, max(recipe.prepare_eval.num_problems, rl.eval_problems))}
+    exclude = {p.text for p in held_out_arithmetic(recipe, max(recipe.prepare_eval.num_problems, rl.eval_num_problems))}
     problems = epoch_problems(recipe, 0, exclude)
     tokenizer = load_tokenizer(recipe.model.generator, padding_side="left")
     torch.manual_seed(recipe.run.seed)

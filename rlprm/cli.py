@@ -11,7 +11,7 @@ Every subcommand that runs a job takes a recipe, then any number of
     rlprm export runs/rl_prm_dense                  # latest checkpoint -> plain HF folder
     rlprm check recipes/arith_prepare.yaml          # validate only
     rlprm prepare recipes/arith_prepare.yaml --print-config
-    rlprm explain                                   # every recipe key, documented
+    rlprm explain [RECIPE | --algorithm grpo]       # every recipe key, documented (rl: that algorithm's)
     rlprm demo [--seeds 3] [--force [STAGE...]]     # the whole process-vs-outcome pipeline, small budgets
     rlprm compare RUN_DIR... [--out DIR]            # report.md + plots across runs (seeds averaged)
 """
@@ -95,7 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run folder holding checkpoints/ (e.g. runs/rl_prm_dense)")
     p.add_argument("--out", default=None, help="destination folder (default RUN_DIR/export)")
 
-    sub.add_parser("explain", help="print every recipe key with its type, default and meaning")
+    p = sub.add_parser("explain", help="print every recipe key with its type, default and meaning",
+                       description="Every recipe key with its type, default and meaning. The `rl` section depends on "
+                                   "rl.algorithm: give a RECIPE (its algorithm) or --algorithm to see only the keys "
+                                   "that apply; without either, the shared keys and then each algorithm's own.")
+    p.add_argument("recipe", nargs="?", default=None, help="a recipe YAML file: explain the keys of its rl.algorithm")
+    p.add_argument("--algorithm", choices=["ppo", "grpo", "rejection_sampling"], default=None,
+                   help="explain the `rl` keys of this algorithm")
 
     p = sub.add_parser("select", help="surface convincing wrong-answer solutions for labelling (PRM800K JSONL)",
                        description="Score the pool (rm.data's training samples, N per problem, graded) with the current "
@@ -188,7 +194,14 @@ def _num(value) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.command == "explain":
-        print(explain())
+        algorithm = args.algorithm
+        if algorithm is None and args.recipe is not None:
+            try:
+                algorithm = load_recipe(args.recipe).rl.algorithm
+            except RecipeError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return EXIT_BAD_INPUT
+        print(explain(algorithm=algorithm))
         return 0
     if args.command == "demo":
         from rlprm.demo import DemoError, run_demo

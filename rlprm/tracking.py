@@ -80,7 +80,9 @@ class Tracker:
             id_file = self.run_dir / "wandb_run_id"
             run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
             if run_id is None:
-                run_id = wandb.util.generate_id()
+                import secrets
+
+                run_id = secrets.token_hex(4)  # not from `random`: the run's own RNG streams stay untouched
                 id_file.write_text(run_id + "\n")
             self._wandb = wandb.init(
                 id=run_id,

@@ -33,7 +33,7 @@ def make_recipe(tmp: Path, generator: Path, out: str, epochs: int = 2, reward: d
         "reward": reward or {"mode": "sparse", "source": "ground_truth"},
         "rl": {"algorithm": "grpo", "epochs": epochs, "problems_per_epoch": 2, "prompts_per_iteration": 2,
                "samples_per_problem": 2, "max_new_tokens": 16, "minibatch_size": 2, "ppo_epochs": 1,
-               "learning_rate": 1e-3, "eval_n": 2, "eval_problems": 2, **rl},
+               "learning_rate": 1e-3, "eval_n_max": 2, "eval_num_problems": 2, **rl},
         "eval": {"resamples": 5},
         "tracking": {"wandb": "disabled"},
     }
@@ -200,8 +200,8 @@ def test_resume_continues_from_the_checkpoint(generator_dir, tmp_path):
     assert (step_of(before), step_of(after)) == (2, 4)
 
 
-@pytest.mark.parametrize("process_reward", ["score", "dense_form"])
-def test_process_mode_gives_per_token_advantages(process_reward, generator_dir, char_tokenizer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dense_form", ["score", "log_prob"])
+def test_process_mode_gives_per_token_advantages(dense_form, generator_dir, char_tokenizer, tmp_path, monkeypatch):
     """Dense PRM rewards: the advantages handed to TRL's loss are (B, T), vary along a solution, and are 0 after EOS.
     Rollouts are fixed answered solutions (a random tiny policy never writes `# Answer`)."""
     from trl import GRPOTrainer
@@ -231,9 +231,8 @@ def test_process_mode_gives_per_token_advantages(process_reward, generator_dir, 
         return real(self, model, inputs)
 
     monkeypatch.setattr(GRPOTrainer, "_compute_loss", spy)
-    recipe = make_recipe(tmp_path, generator_dir, "dense", epochs=1, max_new_tokens=64, eval_n=0,
-                         process_reward=process_reward,
-                         reward={"mode": "dense", "source": "prm", "dense_form": "log_prob"})
+    recipe = make_recipe(tmp_path, generator_dir, "dense", epochs=1, max_new_tokens=64, eval_n_max=0,
+                         reward={"mode": "dense", "source": "prm", "dense_form": dense_form})
     recipe.model.reward_model = str(tmp_path / "prm")
     final = train(recipe, progress=False)
     assert final["rl/steps_per_solution"] == 2.5 and final["reward/missing_answer_frac"] == 0.0
@@ -263,7 +262,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(generator_dir, tmp_
         return loss * float("nan") if len(calls) > 2 else loss
 
     monkeypatch.setattr(GRPOTrainer, "compute_loss", poisoned)
-    recipe = make_recipe(tmp_path, generator_dir, "nan", samples_per_problem=2, minibatch_size=2, eval_n=0)
+    recipe = make_recipe(tmp_path, generator_dir, "nan", samples_per_problem=2, minibatch_size=2, eval_n_max=0)
     with pytest.raises(RLError, match="not finite.*epoch-0001"):
         train(recipe, progress=False)
     assert latest_checkpoint(tmp_path / "nan").name == "epoch-0001"

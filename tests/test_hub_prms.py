@@ -321,7 +321,7 @@ def test_one_ppo_iteration_with_dense_rewards_from_a_public_prm(family, folders,
                          dense_form="min_form")
     recipe.model.reward_model = str(folders[family])
     recipe.rm.adapter = None if family == "qwen_prm" else family
-    recipe.rl.eval_n = 0
+    recipe.rl.eval_n_max = 0
     recipe.rl.max_new_tokens = 64
     final = train(recipe, progress=False)
     assert all(len(r) == 3 for r in seen[0].step_rewards)
@@ -378,7 +378,7 @@ def test_one_grpo_iteration_with_dense_rewards_from_a_public_prm(family, folders
     monkeypatch.setattr(GRPOTrainer, "_compute_loss",
                         lambda self, model, inputs: handed.append(inputs["advantages"].detach().clone())
                         or real_loss(self, model, inputs))
-    recipe = make_recipe(tmp_path, generator_dir, f"grpo_{family}", epochs=1, max_new_tokens=64, eval_n=0,
+    recipe = make_recipe(tmp_path, generator_dir, f"grpo_{family}", epochs=1, max_new_tokens=64, eval_n_max=0,
                          reward={"mode": "dense", "source": "prm", "dense_form": "log_prob"})
     recipe.model.reward_model = str(folders[family])
     recipe.rm.adapter = None if family == "value_head" else family

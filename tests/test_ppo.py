@@ -27,10 +27,10 @@ def make_recipe(tmp: Path, generator: Path, out: str, epochs: int = 2, problems_
         # one thread: tiny models gain nothing from two, and lose 4-8x when the 2 shared cores are busy
         "run": {"output_dir": str(tmp / out), "device": "cpu", "seed": 3, "threads": 1},
         "model": {"generator": str(generator)},
-        "reward": {"mode": "sparse", "source": "ground_truth", "kl_coef": 0.05, **reward},
+        "reward": {"mode": "sparse", "source": "ground_truth", **reward},
         "rl": {"epochs": epochs, "problems_per_epoch": problems_per_epoch, "prompts_per_iteration": 2, "samples_per_problem": 2,
-               "max_new_tokens": 16, "minibatch_size": 2, "ppo_epochs": 1, "learning_rate": 1e-3,
-               "value_learning_rate": 1e-3, "eval_n": 2, "eval_problems": 2},
+               "max_new_tokens": 16, "minibatch_size": 2, "ppo_epochs": 1, "learning_rate": 1e-3, "kl_coef": 0.05,
+               "value_learning_rate": 1e-3, "eval_n_max": 2, "eval_num_problems": 2},
         "eval": {"resamples": 5},
         "tracking": {"wandb": "disabled"},
     }
@@ -177,7 +177,7 @@ def test_reward_model_rewards(kind, generator_dir, char_tokenizer, tmp_path, mon
     reward = {"mode": "dense", "source": "prm", "dense_form": "min_form"} if kind == "prm" else {"source": "orm"}
     recipe = make_recipe(tmp_path, generator_dir, f"run_{kind}", epochs=1, **reward)
     recipe.model.reward_model = str(tmp_path / kind)
-    recipe.rl.eval_n = 0
+    recipe.rl.eval_n_max = 0
     recipe.rl.max_new_tokens = 64  # the fixed solution is longer than the other tests' cap
     final = train(recipe, progress=False)
     tr = seen[0]
@@ -237,7 +237,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(generator_dir, tmp_
 
     monkeypatch.setattr(core, "policy_loss", poisoned)
     recipe = make_recipe(tmp_path, generator_dir, "nan")
-    recipe.rl.eval_n = 0
+    recipe.rl.eval_n_max = 0
     with pytest.raises(RLError, match="not finite.*epoch-0001"):
         train(recipe, progress=False)
     assert latest_checkpoint(tmp_path / "nan").name == "epoch-0001"
@@ -360,7 +360,7 @@ def test_exact_rewards_are_the_checker_as_an_oracle_prm(mode, form, generator_di
     recipe = make_recipe(tmp_path, generator_dir, f"exact_{mode}_{form}", epochs=1, mode=mode, source="exact",
                          dense_form=form)
     assert recipe.model.reward_model is None  # no reward model is needed, none is loaded
-    recipe.rl.eval_n = 0
+    recipe.rl.eval_n_max = 0
     recipe.rl.max_new_tokens = 80
     final = train(recipe, progress=False)
     tr = seen[0][2]
@@ -390,7 +390,7 @@ def test_update_and_kl_logprobs_are_at_the_sampling_temperature(generator_dir, t
     _spy(monkeypatch, rewards_module, "add_kl_penalty", seen_kl)
     monkeypatch.setattr(ppo, "_generate", _rollouts_per_prompt(ppo, _right_and_wrong, record=rollouts))
     recipe = make_recipe(tmp_path, generator_dir, "temperature", epochs=1)
-    recipe.rl.eval_n = 0
+    recipe.rl.eval_n_max = 0
     recipe.rl.max_new_tokens = 80
     recipe.rl.temperature = 0.5
     train(recipe, progress=False)
@@ -416,7 +416,7 @@ def test_confidence_rewards_read_the_frozen_start_at_t1(mode, generator_dir, tmp
     monkeypatch.setattr(ppo, "_generate", _rollouts_per_prompt(ppo, _right_and_wrong, record=rollouts))
     recipe = make_recipe(tmp_path, generator_dir, f"confidence_{mode}", epochs=1, mode=mode, source="confidence",
                          dense_form="min_form")
-    recipe.rl.eval_n = 0
+    recipe.rl.eval_n_max = 0
     recipe.rl.max_new_tokens = 80
     recipe.rl.temperature = 0.5
     train(recipe, progress=False)
@@ -451,7 +451,7 @@ def test_a_response_cut_at_max_new_tokens_gets_the_missing_answer_reward(generat
     _spy(monkeypatch, rewards_module, "token_rewards", seen)
     monkeypatch.setattr(ppo, "_generate", _rollouts_per_prompt(ppo, lambda p: [text] * 2, eos=False))
     recipe = make_recipe(tmp_path, generator_dir, "cut", epochs=1, missing_answer_reward=-1.0)
-    recipe.rl.eval_n = 0
+    recipe.rl.eval_n_max = 0
     recipe.rl.max_new_tokens = n_tokens  # the answer's last token is the cap's: no room was left for EOS
     final = train(recipe, progress=False)
     tr = seen[0][2]

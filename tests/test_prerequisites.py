@@ -164,7 +164,7 @@ def test_real_builds_through_the_rl_entry_point(tiny_recipes):
         "model: {generator: ../runs/arith/generator, reward_model: ../runs/arith_prm/reward_model}\n"
         "reward: {mode: sparse, source: prm}\n"
         "rl: {algorithm: rejection_sampling, epochs: 1, problems_per_epoch: 2, samples_per_problem: 2,\n"
-        "     max_new_tokens: 16, eval_n: 0}\n"
+        "     max_new_tokens: 16, eval_n_max: 0}\n"
         "tracking: {wandb: disabled}\n")
     code = ("import sys; from rlprm import prerequisites as p; from pathlib import Path; "
             f"p.RECIPES_DIR = Path({str(tiny_recipes / 'recipes')!r}); "

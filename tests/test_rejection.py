@@ -102,8 +102,8 @@ def make_recipe(tmp: Path, generator: Path, out: str, epochs: int = 2, **reward)
         "model": {"generator": str(generator)},
         "reward": {"mode": "sparse", "source": "ground_truth", **reward},
         "rl": {"algorithm": "rejection_sampling", "epochs": epochs, "problems_per_epoch": 2,
-               "samples_per_problem": 4, "max_new_tokens": 16, "minibatch_size": 2, "learning_rate": 3e-3,
-               "rejection_top_k": 2, "eval_n": 2, "eval_problems": 2},
+               "samples_per_problem": 4, "max_new_tokens": 16, "sft_batch_size": 2, "learning_rate": 3e-3,
+               "rejection_top_k": 2, "eval_n_max": 2, "eval_num_problems": 2},
         "eval": {"resamples": 5},
         "tracking": {"wandb": "disabled"},
     }
@@ -214,7 +214,7 @@ def test_reward_model_selection_and_nan_stop(fixed_sampling, generator_dir, char
     recipe = make_recipe(tmp_path, generator_dir, "prm_run", source="prm", sparse_aggregate="min")
     recipe.model.reward_model = str(tmp_path / "prm")
     recipe.rl.rejection_top_k = 1
-    recipe.rl.eval_n = 0
+    recipe.rl.eval_n_max = 0
     with pytest.raises(RLError, match="not finite.*epoch-0001"):
         train(recipe, progress=False)
     first = [r for r in read_metrics(tmp_path / "prm_run" / "metrics.jsonl") if "rs/kept" in r][0]
@@ -252,7 +252,7 @@ def test_lora_adapters_checkpoint_resume_and_merge_on_export(fixed_sampling, gen
 
     recipe = make_recipe(tmp_path, generator_dir, "lora", epochs=1)
     recipe.model.lora.enabled, recipe.model.lora.r, recipe.model.lora.target_modules = True, 4, ["q_proj", "v_proj"]
-    recipe.rl.eval_n = 0
+    recipe.rl.eval_n_max = 0
     train(recipe, progress=False)
     ckpt = tmp_path / "lora" / "checkpoints" / "epoch-0001" / "model"
     assert (ckpt / "adapter_config.json").is_file() and not (ckpt / "model.safetensors").exists()

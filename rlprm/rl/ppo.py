@@ -227,7 +227,7 @@ class PPO:
         # `self.value_model` stay the HF models inside them, used for sampling, no-grad passes, evaluation and saving
         self.policy_engine = run.dist.wrap(run.policy, self.policy_opt)
         self.value_engine = run.dist.wrap(self.value_model, self.value_opt)
-        kl = recipe.reward.kl_coef
+        kl = rl.kl_coef
         self.kl_ctl = FixedKLController(kl) if rl.target_kl is None else AdaptiveKLController(kl, rl.target_kl,
                                                                                               rl.kl_horizon)
         self.opt_step = 0  # policy optimizer steps (for the warm-up)

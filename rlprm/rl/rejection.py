@@ -125,7 +125,7 @@ class RejectionSampling:
 
         # 1. generate: N per problem, seeded by (seed, epoch) so that a resumed run samples the same
         out = sample(policy, run.tokenizer, [p.prompt for p in problems], n=n, temperature=rl.temperature,
-                     max_new_tokens=rl.max_new_tokens, batch_size=rl.prompts_per_iteration * n,
+                     max_new_tokens=rl.max_new_tokens, batch_size=rl.sample_batch_size,
                      seed=recipe.run.seed * 1_000_003 + 2000 + epoch, progress=run.progress,
                      desc=f"epoch {epoch + 1}/{rl.epochs}: sampling {n} per problem")
         texts = out.texts
@@ -160,7 +160,7 @@ class RejectionSampling:
                                       "completion": [texts[i][j] for i, j in kept]})
             args = SFTConfig(
                 output_dir=str(run_dir / "sft_work"), num_train_epochs=rl.sft_epochs,
-                per_device_train_batch_size=rl.minibatch_size, learning_rate=rl.learning_rate,
+                per_device_train_batch_size=rl.sft_batch_size, learning_rate=rl.learning_rate,
                 max_grad_norm=rl.max_grad_norm, logging_steps=1, save_strategy="no", report_to=[],
                 use_cpu=device == "cpu", seed=recipe.run.seed + epoch, data_seed=recipe.run.seed + epoch,
                 completion_only_loss=True, max_length=None, dataset_num_proc=None, disable_tqdm=not run.progress,

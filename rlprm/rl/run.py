@@ -205,7 +205,7 @@ class Run:
         # (the weights are the same everywhere), while the other ranks wait at the barrier
         from rlprm.evaluate import between_epochs
 
-        if not self.recipe.rl.eval_n:
+        if not self.recipe.rl.eval_n_max:
             return
         if self.dist.is_main:
             metrics = between_epochs(self.recipe, self.policy, self.tokenizer, self.eval_set, self.reward_model,
@@ -272,8 +272,8 @@ def setup(recipe: Recipe, algorithm: Algorithm, resume: bool, progress: bool) ->
 
     if recipe.task.name == "arithmetic":
         run.exclude = {p.text for p in held_out_arithmetic(recipe, max(recipe.prepare_eval.num_problems,
-                                                                       rl.eval_problems))}
-    run.eval_set = eval_problems(recipe, rl.eval_problems) if rl.eval_n else []
+                                                                       rl.eval_num_problems))}
+    run.eval_set = eval_problems(recipe, rl.eval_num_problems) if rl.eval_n_max else []
     # only rank 0 writes (metrics.jsonl, W&B, summary); the others' numbers reach it through dist.mean_metrics
     run.tracker = (Tracker(run_dir, recipe, job="rl", tags=["rl", rl.algorithm, rcfg.mode, rcfg.source],
                            resume=ckpt is not None, wandb_seen_step=seen)
