@@ -130,3 +130,37 @@ def test_wandb_resume_continues_the_run_and_skips_the_steps_it_has(monkeypatch, 
     second.finish()
     assert sent == [1, 2, 3, 4]
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+SUMMARY_KILLER = """
+import os, signal, sys
+from rlprm.tracking import Tracker
+Tracker.summary = lambda self, values: os.kill(os.getpid(), signal.SIGKILL)  # after the last checkpoint
+from rlprm.config import load_recipe
+from rlprm.rl import train
+train(load_recipe(sys.argv[1]), progress=False)
+"""
+
+
+def test_a_run_killed_after_its_last_checkpoint_resumes_to_its_summary_and_export(generator_dir, tmp_path):
+    """Fails on the old code: a resume that found every epoch done trained nothing and wrote no summary."""
+    import json
+
+    from rlprm.config import recipe_to_yaml
+    from rlprm.rl import train
+
+    final = train(make_recipe(tmp_path, generator_dir, "full", "ppo"), progress=False)
+    killed = make_recipe(tmp_path, generator_dir, "killed", "ppo")
+    path = tmp_path / "killed.yaml"
+    path.write_text(recipe_to_yaml(killed))
+    out = subprocess.run([sys.executable, "-c", SUMMARY_KILLER, str(path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == -9, out.stderr[-2000:]
+    run = tmp_path / "killed"
+    assert (run / "checkpoints" / "epoch-0002").is_dir() and not (run / "summary.json").exists()
+    resumed = train(killed, resume=True, progress=False)
+    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("time/") and k != "export_dir"}  # noqa: E731
+    assert strip(resumed) == strip(final) and resumed["rl/reward"] is not None
+    assert strip(json.loads((run / "summary.json").read_text())) == strip(
+        json.loads((tmp_path / "full" / "summary.json").read_text()))
+    assert (run / "export" / "config.json").is_file()

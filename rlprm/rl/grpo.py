@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 from rlprm.config import Recipe
-from rlprm.rl.run import RLError, RLInputError, Run, check_finite, check_models, mean, one_process
+from rlprm.rl.run import RLError, RLInputError, Run, all_weights_only, check_finite, check_models, one_process
 
 # the keys (and, for advantages, the leading dimension) that `_generate_and_score_completions` of TRL 1.16
 # returns and that the override and the loss rely on; tests/test_grpo.py fails loudly if TRL changes them
@@ -279,17 +279,11 @@ class GRPO:
 
     def check(self, recipe: Recipe) -> None:
         check_models(recipe)
-        one_process("GRPO")
         check_sizes(recipe)
-        if recipe.model.lora.enabled:
-            # refused rather than ignored: a run that silently trains all weights is not the run that was asked for
-            raise RLInputError("model.lora.enabled: rlprm's GRPO trains all weights for now; set "
-                               "model.lora.enabled: false, or use rl.algorithm: rejection_sampling with LoRA")
+        all_weights_only(recipe, "GRPO")
 
     def distributed(self, recipe: Recipe):
-        from rlprm.rl.distributed import Dist
-
-        return Dist.single()
+        return one_process("GRPO")
 
     def setup(self, run: Run) -> None:
         import torch

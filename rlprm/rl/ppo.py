@@ -50,10 +50,9 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 from rlprm.config import Recipe
-from rlprm.rl.run import RLError, RLInputError, Run, check_finite, check_models, mean
+from rlprm.rl.run import RLError, RLInputError, Run, all_weights_only, check_finite, check_models, mean
 
 
 @dataclass
@@ -194,10 +193,7 @@ class PPO:
 
     def check(self, recipe: Recipe) -> None:
         check_models(recipe)
-        if recipe.model.lora.enabled:
-            # refused rather than ignored: a run that silently trains all weights is not the run that was asked for
-            raise RLInputError("model.lora.enabled: PPO trains all weights for now (LoRA is not supported by it "
-                               "yet); set model.lora.enabled: false, or use rl.algorithm: rejection_sampling with LoRA")
+        all_weights_only(recipe, "PPO")
 
     def distributed(self, recipe: Recipe):
         # several processes (or a `deepspeed:` key): DeepSpeed engines, each rank with its share of the prompts and

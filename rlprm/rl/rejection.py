@@ -82,12 +82,9 @@ class RejectionSampling:
 
     def check(self, recipe: Recipe) -> None:
         check_inputs(recipe)
-        one_process("rejection_sampling")
 
     def distributed(self, recipe: Recipe):
-        from rlprm.rl.distributed import Dist
-
-        return Dist.single()
+        return one_process("rejection_sampling")
 
     def setup(self, run: Run) -> None:
         import datasets

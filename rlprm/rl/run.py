@@ -20,9 +20,10 @@ three algorithms share lives here, once:
 
 Resume is one code path for every algorithm: a checkpoint holds the
 algorithm's state, the counters, the RNG (restored by `load_state`) and the
-length of metrics.jsonl when it was written, so what a killed run logged after
-it is cut off (`tracking.cut_metrics`) and recomputed, and W&B is told to skip
-the steps it already has. On CPU with the same seed a run killed at any point
+length of metrics.jsonl when it was written and the summary so far, so what a
+killed run logged after it is cut off (`tracking.cut_metrics`) and recomputed,
+W&B is told to skip the steps it already has, and a run killed after its last
+checkpoint still ends with its summary. On CPU with the same seed a run killed at any point
 and resumed ends with the metrics of an uninterrupted one (tests/test_rl_run.py).
 """
 
@@ -111,13 +112,24 @@ def check_models(recipe: Recipe) -> None:
             raise RLInputError(f"{key} {ref} does not exist{how}")
 
 
-def one_process(algorithm: str) -> None:
-    """Raise RLInputError under a multi-process launch: `algorithm` trains on one process for now."""
-    from rlprm.rl.distributed import launched_world_size
+def one_process(algorithm: str):
+    """`Dist.single()` for an algorithm that trains on one process for now; RLInputError under a multi-process launch."""
+    from rlprm.rl.distributed import Dist, launched_world_size
 
     if launched_world_size() > 1:  # every rank would run the whole loop into the same run folder
         raise RLInputError(f"{algorithm} trains on one process for now; launch it with plain "
                            "`python rlprm/train_rl.py ...` or `deepspeed --num_gpus 1 ...`")
+    return Dist.single()
+
+
+def all_weights_only(recipe: Recipe, algorithm: str) -> None:
+    """Raise RLInputError for model.lora.enabled: `algorithm` trains all weights for now.
+
+    Refused rather than ignored: a run that silently trains all weights is not the run that was asked for.
+    """
+    if recipe.model.lora.enabled:
+        raise RLInputError(f"model.lora.enabled: {algorithm} trains all weights for now (LoRA is not supported by it "
+                           "yet); set model.lora.enabled: false, or use rl.algorithm: rejection_sampling with LoRA")
 
 
 def load_policy(recipe: Recipe, ckpt: Path | None, device: str):
@@ -222,7 +234,8 @@ class Run:
         if self.dist.is_main:
             size = self.tracker.metrics_path.stat().st_size if self.tracker.metrics_path.exists() else 0
             save_checkpoint(self.run_dir, epoch, self.policy, self.tokenizer,
-                            {**algorithm.state_dict(), "step": self.step, "metrics_bytes": size},
+                            {**algorithm.state_dict(), "step": self.step, "metrics_bytes": size,
+                             "final": dict(self.final)},
                             extra_models=algorithm.extra_models())
         self.dist.barrier()
 
@@ -266,6 +279,7 @@ def setup(recipe: Recipe, algorithm: Algorithm, resume: bool, progress: bool) ->
         run.state = load_state(ckpt)  # also restores the RNG: the next epoch samples what it would have
         algorithm.load_state_dict(run.state)
         run.start_epoch, run.step = run.state["epoch"], run.state["step"]
+        run.final = dict(run.state.get("final", {}))  # the summary so far: a resumed run's equals an uninterrupted one's
         print(f"resuming from {ckpt} (epoch {run.start_epoch}, step {run.step})")
         if dist.is_main:  # what a killed run logged after this checkpoint is recomputed now
             seen = cut_metrics(run_dir / "metrics.jsonl", run.step, run.state.get("metrics_bytes"))
@@ -287,7 +301,7 @@ def cleanup(run: Run, algorithm: Algorithm) -> dict:
     from rlprm.rl.distributed import weights_digest
 
     dist, final = run.dist, run.final
-    trained, sync = bool(final), {}
+    sync = {}
     if dist.deepspeed:
         # every rank's own digest of its weights: data parallelism must leave them identical
         sync = {"dist/world_size": dist.world,
@@ -296,9 +310,10 @@ def cleanup(run: Run, algorithm: Algorithm) -> dict:
                 **{f"dist/{name}_sha256": dist.gather(weights_digest(model))
                    for name, model in algorithm.extra_models().items()}}
         final.update(sync)
-    if trained:  # a resume of a finished run trains nothing: keep its summary
+    # also when a resume found nothing left to train: a run killed after its last checkpoint has no summary yet
+    if final:
         run.tracker.summary({**{k: v for k, v in final.items() if isinstance(v, (int, float)) or v is None}, **sync})
-    elif dist.is_main:
+    if run.start_epoch >= run.recipe.rl.epochs and dist.is_main:
         print(f"{run.run_dir} already finished its {run.recipe.rl.epochs} epochs; raise rl.epochs to train on")
     digests = {k: v for k, v in sync.items() if k.endswith("_sha256")}
     if any(len(set(v)) > 1 for v in digests.values()):
@@ -365,4 +380,4 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
 
 
 __all__ = ["Algorithm", "RLError", "RLInputError", "Run", "algorithm_for", "check_finite", "check_models", "cleanup",
-           "last_good", "load_policy", "mean", "one_process", "run_algorithm", "setup", "train"]
+           "last_good", "load_policy", "mean", "one_process", "all_weights_only", "run_algorithm", "setup", "train"]
