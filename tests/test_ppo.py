@@ -153,7 +153,7 @@ def _fixed_rollouts(ppo, text):
 def test_reward_model_rewards(kind, generator_dir, char_tokenizer, tmp_path, monkeypatch):
     """PRM: dense rewards at the step ends; ORM: one sparse reward. Rollouts are a fixed answered solution, so the
     reward model, the reward placement, GAE and the update all run on real step structure."""
-    import rlprm.rewards as rewards_module  # train_ppo imports token_rewards when it starts: spy on the module
+    import rlprm.rewards as rewards_module  # the PPO update imports token_rewards when it runs: spy on the module
     from rlprm.models import build_tiny_causal_lm
     from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
     from rlprm.rl import ppo, train
