@@ -455,7 +455,7 @@ def token_rewards(
     eos_token_id: int | None = None,
     width: int | None = None,
     sep: str = DEFAULT_SEPARATOR,
-    sparse_aggregate: str = "prod",
+    sparse_aggregate: str | None = None,
     dense_form: str | None = None,
     last_event_at_eos: bool = False,
     dtype: torch.dtype = torch.float32,
@@ -479,7 +479,8 @@ def token_rewards(
         tokens that does not end in it was stopped by the cap, so is truncated
         (what `generate` returns at max_new_tokens). None: only longer responses are.
     width: T of the output (default: the longest kept response); at least that.
-    sparse_aggregate: how a PRM's steps become one sparse reward (`prod`, the paper's).
+    sparse_aggregate: how a PRM's steps become one sparse reward (`prod`, the paper's); overrides
+        `cfg.sparse_aggregate` (None: the config's).
     dense_form: one of DENSE_FORMS; overrides `cfg.dense_form` (None: the config's).
     last_event_at_eos: dense mode: the last step's reward lands on the sample's last kept
         token (its EOS) instead of the step's end, so the final step's reward also teaches
@@ -543,7 +544,7 @@ def token_rewards(
             # every step right: prefix-correctness ends at 1; any wrong step (or no step scored) gives 0
             event_pos[i], event_val[i] = [last], [min(probs[i]) if probs[i] else 0.0]
         else:
-            event_pos[i], event_val[i] = [last], [aggregate(probs[i], sparse_aggregate)]
+            event_pos[i], event_val[i] = [last], [aggregate(probs[i], sparse_aggregate or cfg.sparse_aggregate)]
         if not missing[i] and cfg.outcome_coef > 0:
             outcome_out[i] = cfg.outcome_coef * truths[i]
         # += : with a merging tokenizer two step ends can share one token (and the outcome shares the last)
