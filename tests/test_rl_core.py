@@ -347,6 +347,27 @@ def test_the_issue_example_more_steps_do_not_pay_under_min_and_mean(form):
     assert (round(summed[0, 0].item(), 2), round(summed[1, 0].item(), 2)) == (2.44, 1.46)
 
 
+@pytest.mark.parametrize("form", ["min", "mean", "sum"])
+def test_process_not_answering_never_pays_more_than_answering_except_under_sum(form):
+    # one group of 4: A answered in 16 unsure steps (0.1 each), B wrote no answer (its -1 penalty alone),
+    # C two sure steps, D one
+    S, width = 16, 20
+    values, positions = torch.zeros(4, S, dtype=torch.float64), torch.full((4, S), -1)
+    values[0], positions[0] = 0.1, torch.arange(S)
+    values[1, 0], positions[1, 0] = -1.0, 3
+    values[2, :2], positions[2, :2] = 1.0, torch.tensor([1, 3])
+    values[3, 0], positions[3, 0] = 1.0, 2
+    with warnings_if(form == "sum"):
+        first = process_token_advantages(values, positions, group_size=4, width=width, form=form, eps=EPS)[:, 0]
+    if form == "sum":
+        # 16 steps each normalised below the pool's mean add up below the missing answer's single -1:
+        # with sum, a long unsure answer pays less than not answering (the floor of rewards.py does not hold)
+        assert first[0] < first[1]
+    else:
+        # min / mean: the answered solution's value (.1) stays above the penalty (-1), whatever its step count
+        assert first[1] < first[0] < first[3] == pytest.approx(first[2].item())
+
+
 def test_process_advantages_refuse_bad_input():
     with pytest.raises(ValueError, match="form"):
         process_token_advantages(EV, EP, 2, 6, form="max")

@@ -211,8 +211,10 @@ def process_token_advantages(event_values: Tensor, event_positions: Tensor, grou
       every step whose reward is above the group's mean adds to every earlier
       token's advantage, so more, smaller steps pay: an all-correct 5-step
       solution outranks an all-correct 3-step one (the reward hacking PURE
-      documents). Kept for comparison with DeepSeekMath; it warns
-      (`FARMABLE_PROCESS_FORMS`).
+      documents); and a long, unsure answered solution can end below a
+      missing answer's single penalty, so not answering can pay (the floor
+      of rewards.py does not survive the sum). Kept for comparison with
+      DeepSeekMath; it warns (`FARMABLE_PROCESS_FORMS`).
     """
     if form not in PROCESS_FORMS:
         raise ValueError(f"process advantage form must be one of {', '.join(PROCESS_FORMS)}, got {form!r}")
