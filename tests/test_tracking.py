@@ -35,7 +35,7 @@ def test_wandb_offline_run_carries_group_and_tags(monkeypatch, tmp_path):
         {"run": {"name": "t"}, "tracking": {"group": "g1", "tags": ["process"]}}, context={"base_dir": tmp_path}
     )
     tracker = Tracker(tmp_path / "run", recipe, job="test", tags=["unit"])
-    run = tracker._wandb
+    run = tracker.wandb_run
     assert run is not None and run.group == "g1" and set(run.tags) == {"process", "unit"}
     tracker.log({"x": 1.0}, step=0)
     tracker.finish()
