@@ -248,7 +248,6 @@ def plot_kl(runs_by_arm: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
     for ax, key in zip(axes, ["kl_per_token", "kl_per_sample"]):
         for arm, runs in runs_by_arm.items():

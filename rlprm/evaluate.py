@@ -29,6 +29,7 @@ is `rlprm eval`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -192,20 +193,21 @@ def save_pool(pool: Pool, path: Path) -> None:
     Line 1: {"kinds": {rm: prm|orm}, "sample_scores": [names]}; then one line per problem whose samples hold
     their grade (`shortcut` included), `scores` {rm: per-step scores} and `sample_scores` {name: number}.
     """
-    def problem_line(i: int, problem, texts, grades) -> dict:
-        samples = [{
-            "text": text, "steps": g.steps, "answer": g.answer, "answer_correct": g.answer_correct,
-            "well_formed": g.well_formed, "process_correct": g.process_correct, "first_error": g.first_error,
-            "shortcut": g.shortcut,
-            "scores": {name: s[i][j] for name, s in pool.step_scores.items()},
-            "sample_scores": {name: s[i][j] for name, s in pool.sample_scores.items()},
-        } for j, (text, g) in enumerate(zip(texts, grades))]
-        return {"id": problem.id, "prompt": problem.prompt, "text": problem.text, "gold": problem.gold,
-                "samples": samples}
-
     header = {"kinds": pool.kinds, "sample_scores": list(pool.sample_scores)}
-    atomic_write_jsonl(path, [header, *(problem_line(i, *row) for i, row in
-                                        enumerate(zip(pool.problems, pool.texts, pool.grades)))])
+    atomic_write_jsonl(path, itertools.chain([header], (_pool_line(pool, i) for i in range(len(pool.problems)))))
+
+
+def _pool_line(pool: Pool, i: int) -> dict:
+    """Problem i of the pool and its graded, scored samples, as save_pool writes it."""
+    problem = pool.problems[i]
+    samples = [{
+        "text": text, "steps": g.steps, "answer": g.answer, "answer_correct": g.answer_correct,
+        "well_formed": g.well_formed, "process_correct": g.process_correct, "first_error": g.first_error,
+        "shortcut": g.shortcut,
+        "scores": {name: s[i][j] for name, s in pool.step_scores.items()},
+        "sample_scores": {name: s[i][j] for name, s in pool.sample_scores.items()},
+    } for j, (text, g) in enumerate(zip(pool.texts[i], pool.grades[i]))]
+    return {"id": problem.id, "prompt": problem.prompt, "text": problem.text, "gold": problem.gold, "samples": samples}
 
 
 def load_pool(path: Path) -> Pool:
@@ -762,12 +764,12 @@ def run_eval(recipe, progress: bool = True) -> dict:
     missing = [p for p in [recipe.model.generator, *ev.reward_models.values()]
                if p.startswith("/") and not Path(p).exists()]
     if missing:
-        from rlprm.prerequisites import builder_hint
+        from rlprm.prerequisites import builder_hint, embedded_products
 
-        hints = [(p, builder_hint(p)) for p in missing]
-        raise FileNotFoundError("missing checkpoint(s): " + "; ".join(
-            f"{p} (build it with `{hint}`)" if hint else f"{p} (no embedded recipe builds it: train it, or fix the path)"
-            for p, hint in hints))
+        how = {p: builder_hint(p) for p in missing}
+        others = "" if all(how.values()) else ". The embedded recipes build: " + "; ".join(embedded_products())
+        raise FileNotFoundError("missing checkpoint(s): " + ", ".join(
+            f"{p} (build it with `{how[p]}`)" if how[p] else p for p in missing) + others)
     t0 = time.monotonic()
     tracker = Tracker(run_dir, recipe, job="eval", tags=["eval"])
     try:

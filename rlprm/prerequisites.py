@@ -132,6 +132,18 @@ def builder_hint(path: str | Path) -> str | None:
     return found[0].cli if found else None
 
 
+def embedded_products() -> list[str]:
+    """`rlprm CMD recipes/FILE` -> PRODUCT for every embedded recipe that loads, for an error message."""
+    products = []
+    for builder in BUILDERS:
+        try:
+            out = Path(load_recipe(Path(RECIPES_DIR) / builder.recipe).run.output_dir) / builder.product
+        except RecipeError:
+            continue
+        products.append(f"`{builder.cli}` -> {out}")
+    return products
+
+
 def generator_hint() -> str:
     """How to get a trained generator, for an error message: the embedded recipe that makes one, and where."""
     builder = next(b for b in BUILDERS if b.product == "generator")
@@ -167,14 +179,7 @@ def _unbuildable(key: str, path: Path) -> PrerequisiteError:
             return PrerequisiteError(
                 f"{key}: {path} {state}. It is the output of recipes/{recipe_name}, which is not run automatically "
                 f"(it needs your data and GPUs): run `{command}` first, or point {key} at a trained model")
-    products = []
-    for builder in BUILDERS:
-        file = Path(RECIPES_DIR) / builder.recipe
-        try:
-            out = Path(load_recipe(file).run.output_dir) / builder.product
-        except RecipeError:
-            continue
-        products.append(f"`{builder.cli}` -> {out}")
+    products = embedded_products()
     made = ("; the embedded recipes build: " + "; ".join(products)) if products else ""
     return PrerequisiteError(
         f"{key}: {path} {state}, and it is not the output of an embedded recipe, so it cannot be built "
@@ -266,5 +271,6 @@ def ensure_prerequisites(recipe: Recipe, progress: bool = True, log=None) -> lis
 
 
 __all__ = ["BUILDERS", "Builder", "MANUAL_BUILDERS", "PrerequisiteError", "RECIPES_DIR", "builder_hint",
-           "check_task_files", "ensure", "ensure_prerequisites", "find_builder", "generator_hint", "is_complete",
+           "check_task_files", "embedded_products", "ensure", "ensure_prerequisites", "find_builder", "generator_hint",
+           "is_complete",
            "required_models"]

@@ -10,8 +10,9 @@ from rlprm.active import (CONVINCING, CONVINCING_WRONG, UNIFORM, convincing_slot
 from rlprm.config import ArithmeticConfig, RecipeError, load_recipe
 from rlprm.data.prm800k import load_prm800k
 from rlprm.data.stepwise import CORRECT, INCORRECT, label_arithmetic_sample
+from rlprm.files import atomic_write_jsonl as write_lines
 from rlprm.label import (LabelError, apply_ratings, first_error_from_probs, label_lines, parse_problem_text,
-                         ratings_from_first_error, unlabelled_line, write_lines)
+                         ratings_from_first_error, unlabelled_line)
 from rlprm.tasks.arithmetic import corrupt_solution, make_problems, reference_solution
 
 from .test_train_rm import RECIPES, generator  # noqa: F401  (the tiny saved generator fixture)
