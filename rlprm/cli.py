@@ -230,7 +230,7 @@ def _compare(args: argparse.Namespace) -> None:
 class Command:
     help: str
     run: Callable[..., int | None]
-    """(recipe, args) when `arguments` is a recipe's, else (args)."""
+    """Called with (recipe, args) when `loads_recipe`, else with (args); returns the exit code (None: 0) or raises."""
     arguments: Callable[[argparse.ArgumentParser], None] | None = _recipe_args
     description: str | None = None
     loads_recipe: bool = True
@@ -314,9 +314,9 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     parser = argparse.ArgumentParser(
         prog="rlprm",
         description="Process (PRM) and outcome (ORM) reward models and RL for math reasoning.",
-        epilog="Run `rlprm explain` for every recipe key with its meaning and default. Exit codes: 0 done, 2 bad input, "
-               "3 `prepare` missed its targets, 4 the RL run stopped (its last good checkpoint is kept), 1 anything "
-               "else.",
+        epilog="Run `rlprm explain` for every recipe key with its meaning and default. Exit codes: 0 done, "
+               "2 bad input, 3 `prepare` missed its targets, 4 the RL run stopped (its last good checkpoint is kept), "
+               "1 anything else.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parsers = {}

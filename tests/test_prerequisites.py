@@ -99,7 +99,8 @@ def test_error_hints_name_the_builder_from_the_table(tiny_recipes, monkeypatch):
     assert pre.builder_hint(runs / "arith" / "generator") == "rlprm prepare recipes/arith_prepare.yaml"
     assert pre.builder_hint(runs / "arith_orm" / "reward_model") == "rlprm train-rm recipes/orm_train.yaml"
     assert pre.builder_hint(runs / "elsewhere") is None
-    assert pre.generator_hint() == f"`rlprm prepare recipes/arith_prepare.yaml` (it writes {runs / 'arith' / 'generator'})"
+    generator = runs / "arith" / "generator"
+    assert pre.generator_hint() == f"`rlprm prepare recipes/arith_prepare.yaml` (it writes {generator})"
     # the table is the one source: a renamed builder recipe changes every hint
     renamed = pre.Builder("prepare", "gen.yaml", "generator", ("config.json",), 5.0)
     (tiny_recipes / "recipes" / "gen.yaml").write_text(TINY_PREPARE)
