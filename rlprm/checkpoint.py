@@ -7,9 +7,10 @@ Layout of a run folder:
     checkpoints/latest        the name of the newest COMPLETE checkpoint
 
 A checkpoint is written into `epoch-NNNN.tmp/` and renamed when complete;
-`latest` is rewritten (temporary file + rename) only after that. A crash at
-any moment therefore leaves the previous `latest` intact and loadable, and a
-stale `.tmp` folder is simply overwritten next time.
+`latest` is rewritten (temporary file + rename) only after that
+(rlprm/files.py). A crash at any moment therefore leaves the previous
+`latest` intact and loadable, and a stale `.tmp` folder is simply
+overwritten next time.
 """
 
 from __future__ import annotations
@@ -19,14 +20,11 @@ import random
 import shutil
 from pathlib import Path
 
+from rlprm.files import atomic_dir, atomic_write_text
+from rlprm.launch import unwrap
+
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def rng_state() -> dict:
@@ -45,11 +43,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def _unwrap(model):
-    """The HF model inside a DeepSpeed engine or a DDP wrapper."""
-    return getattr(model, "module", model)
-
-
 def save_checkpoint(run_dir: Path, epoch: int, model, tokenizer, state: dict, extra_models: dict | None = None) -> Path:
     """Write checkpoints/epoch-NNNN atomically and point `latest` at it. `state` is torch-saveable."""
     import torch
@@ -57,18 +50,14 @@ def save_checkpoint(run_dir: Path, epoch: int, model, tokenizer, state: dict, ex
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     name = f"epoch-{epoch:04d}"
-    tmp = root / f"{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    _unwrap(model).save_pretrained(tmp / "model")
-    tokenizer.save_pretrained(tmp / "model")
-    for key, extra in (extra_models or {}).items():
-        _unwrap(extra).save_pretrained(tmp / "extra" / key)
-    torch.save({**state, "epoch": epoch, "rng": rng_state()}, tmp / "state.pt")
-    final = root / name
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    _atomic_write_text(root / LATEST, name + "\n")
-    return final
+    with atomic_dir(root / name) as tmp:
+        unwrap(model).save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        for key, extra in (extra_models or {}).items():
+            unwrap(extra).save_pretrained(tmp / "extra" / key)
+        torch.save({**state, "epoch": epoch, "rng": rng_state()}, tmp / "state.pt")
+    atomic_write_text(root / LATEST, name + "\n")
+    return root / name
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -117,8 +106,6 @@ def export(run_dir: Path, out_dir: Path | None = None) -> Path:
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to export ({CHECKPOINTS}/{LATEST} is missing)")
     out_dir = Path(out_dir) if out_dir else run_dir / "export"
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     src = ckpt / "model"
     if (src / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
@@ -126,12 +113,11 @@ def export(run_dir: Path, out_dir: Path | None = None) -> Path:
         model = AutoPeftModelForCausalLM.from_pretrained(src).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(src)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
-    for name in ("recipe.yaml", "summary.json"):
-        if (run_dir / name).exists():
-            shutil.copy(run_dir / name, tmp / name)
-    (tmp / "rlprm_export.json").write_text(json.dumps({"from": str(ckpt)}, indent=1) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+        for name in ("recipe.yaml", "summary.json"):
+            if (run_dir / name).exists():
+                shutil.copy(run_dir / name, tmp / name)
+        (tmp / "rlprm_export.json").write_text(json.dumps({"from": str(ckpt)}, indent=1) + "\n")
     return out_dir

@@ -38,9 +38,11 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from rlprm.config import Recipe  # noqa: E402
+from rlprm.errors import InputError  # noqa: E402
+from rlprm.launch import single_process_env  # noqa: E402
 
 
-class TrainRMError(RuntimeError):
+class TrainRMError(InputError, RuntimeError):
     """The job cannot start or cannot go on (the message says why and what to change)."""
 
 
@@ -49,23 +51,6 @@ class TrainRMError(RuntimeError):
 
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _single_process_distributed_env() -> None:
-    """DeepSpeed under plain `python` looks for MPI unless these are set (DESIGN.md section 9)."""
-    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-    if "RANK" not in os.environ:
-        for key, value in defaults.items():
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
 def check_inputs(recipe: Recipe) -> None:
@@ -83,13 +68,15 @@ def check_inputs(recipe: Recipe) -> None:
     needs_generator = data.source == "arithmetic" or rm.backbone == "generator"
     gen = recipe.model.generator
     if needs_generator:
+        from rlprm.prerequisites import generator_hint
+
         if gen == "tiny":
             problems.append("model.generator is `tiny`, but sampling arithmetic data (and rm.backbone: generator) needs a "
-                            "trained generator: run `rlprm prepare recipes/arith_prepare.yaml` and set "
-                            "model.generator: ../runs/arith/generator (or rm.backbone: tiny for a fresh backbone)")
+                            f"trained generator: make one with {generator_hint()} and point model.generator at it "
+                            "(or rm.backbone: tiny for a fresh backbone)")
         elif gen.startswith("/") and not (Path(gen) / "config.json").is_file():
             problems.append(f"model.generator: no checkpoint at {gen} (config.json missing). Make it with "
-                            "`rlprm prepare recipes/arith_prepare.yaml`, or point model.generator at one")
+                            f"{generator_hint()}, or point model.generator at one")
     if rm.freeze_backbone and recipe.model.lora.enabled:
         problems.append("rm.freeze_backbone and model.lora.enabled both limit what trains; pick one "
                         "(set model.lora.enabled: false, or rm.freeze_backbone: false)")
@@ -376,7 +363,7 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
     if rm_cfg.scorer == "lm":
         return train_lm_scored_rm(recipe, progress, t_start)
     if recipe.deepspeed is not None:
-        _single_process_distributed_env()
+        single_process_env()
     import torch
 
     if not torch.cuda.is_available():

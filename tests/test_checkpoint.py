@@ -56,3 +56,22 @@ def test_half_written_checkpoint_is_ignored(tmp_path, char_tokenizer):
 def test_export_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         export(tmp_path)
+
+
+def test_a_save_that_fails_midway_keeps_the_previous_checkpoint_and_export(tmp_path, char_tokenizer):
+    model = build_tiny_causal_lm(TINY, char_tokenizer)
+    save_checkpoint(tmp_path, 1, model, char_tokenizer, {"step": 1})
+    export(tmp_path)
+
+    class Broken:  # the value model's save dies halfway (disk full, a kill): nothing of epoch 2 may count
+        def save_pretrained(self, path):
+            path.mkdir(parents=True)
+            (path / "config.json").write_text("{")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, 2, model, char_tokenizer, {"step": 2}, extra_models={"value": Broken()})
+    root = tmp_path / "checkpoints"
+    assert latest_checkpoint(tmp_path).name == "epoch-0001" and load_state(latest_checkpoint(tmp_path))["step"] == 1
+    assert sorted(p.name for p in root.iterdir()) == ["epoch-0001", "latest"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "export"]

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from rlprm.files import atomic_write_jsonl
 
 INCORRECT, CORRECT, NEUTRAL = 0, 1, 2
 LABEL_NAMES = ["incorrect", "correct", "neutral"]
@@ -70,14 +71,7 @@ def labels_up_to_first_error(num_steps: int, first_error: int | None) -> list[in
 
 def write_records(path: Path, records: list[LabelledSolution], meta: dict) -> None:
     """First line `{"meta": ...}`, then one record per line; written to a temporary file, then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with tmp.open("w") as f:
-        f.write(json.dumps({"meta": meta}) + "\n")
-        for record in records:
-            f.write(json.dumps(record.to_dict()) + "\n")
-    tmp.replace(path)
+    atomic_write_jsonl(path, [{"meta": meta}, *(record.to_dict() for record in records)])
 
 
 def read_records(path: Path) -> tuple[dict, list[LabelledSolution]]:

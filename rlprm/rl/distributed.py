@@ -21,9 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from rlprm.errors import InputError
+from rlprm.launch import single_process_env, unwrap
+from rlprm.tracking import NullTracker  # noqa: F401  (re-exported until rl/ imports it from rlprm.tracking)
 
 # Used when several processes are launched but the recipe names no DeepSpeed
 # config: the same settings as deepspeed_configs/zero2.json, built in so that a
@@ -41,7 +44,7 @@ DEFAULT_ZERO2 = {
 }
 
 
-class DistributedError(RuntimeError):
+class DistributedError(InputError, RuntimeError):
     """The launch or the DeepSpeed config cannot work for RL; the message says what to change."""
 
 
@@ -56,20 +59,6 @@ def launched_world_size() -> int:
 def wants_deepspeed(recipe) -> bool:
     """DeepSpeed engines are used when several processes run, or when the recipe names a DeepSpeed config."""
     return launched_world_size() > 1 or recipe.deepspeed is not None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def single_process_env() -> None:
-    """Under plain `python` (no launcher) DeepSpeed looks for MPI unless these are set (DESIGN.md section 9)."""
-    if "RANK" not in os.environ:
-        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
 def read_ds_config(recipe) -> dict:
@@ -315,11 +304,6 @@ def trim(items: list, dist: Dist) -> list:
     return items[: len(items) - len(items) % dist.world]
 
 
-def unwrap(model):
-    """The HF model inside a DeepSpeed engine (or the model itself)."""
-    return getattr(model, "module", model)
-
-
 def weights_digest(model) -> str:
     """sha256 over the parameter names and float32 values of `model`'s state dict (order-independent of storage)."""
     import torch
@@ -332,22 +316,6 @@ def weights_digest(model) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()
-
-
-class NullTracker:
-    """What ranks other than 0 log to: nothing (rank 0 writes metrics.jsonl, W&B and summary.json)."""
-
-    def log(self, metrics: dict, step: int | None = None) -> None:
-        pass
-
-    def table(self, name: str, columns: list[str], rows: list[list]) -> None:
-        pass
-
-    def summary(self, values: dict) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
 
 
 __all__ = ["DEFAULT_ZERO2", "Dist", "DistributedError", "NullTracker", "device_for", "fill_ds_config",
