@@ -297,3 +297,56 @@ def test_deepspeed_two_processes_end_with_identical_weights(tmp_path, generator_
     assert len([r for r in records if "rl/reward" in r]) == 2
     assert [r["epoch"] for r in records if "eval/answer_accuracy" in r] == [0, 1]
     assert proc.stdout.count("policy exported to") == 1  # rank 0 reports for all
+
+
+FAILING_EVALUATION = '''
+import os, sys, time
+sys.path.insert(0, os.getcwd())
+import rlprm.evaluate
+import rlprm.tracking
+
+def between_epochs(*args, **kwargs):
+    raise ValueError("planted failure in evaluation")
+
+def finish(self):
+    time.sleep(600)  # a slow teardown (a W&B upload, a stuck worker pool): rank 0 stays alive after its failure
+
+if os.environ["RANK"] == "0":  # only rank 0 evaluates; only it has a Tracker
+    rlprm.evaluate.between_epochs = between_epochs
+    rlprm.tracking.Tracker.finish = finish
+from rlprm.train_rl import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.slow  # about 30 s: a real launch of two PPO processes
+def test_a_rank_failing_in_evaluation_stops_every_rank_within_two_minutes(tmp_path, generator_dir):
+    """The real launcher and PPO loop: rank 0 raises while evaluating, rank 1 waits at the barrier after it."""
+    import re
+    import signal
+    import time
+
+    recipe = _write_recipe(tmp_path, generator_dir)
+    script = tmp_path / "failing_evaluation.py"
+    script.write_text(FAILING_EVALUATION)
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), str(script), str(recipe),
+           "--no-progress"]
+    env = {**_env(), "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")}
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+        out, _ = proc.communicate()
+        pytest.fail("the ranks were still running 2 minutes after rank 0 failed:\n" + out[-3000:])
+    assert time.monotonic() - t0 < 120
+    assert proc.returncode != 0, out[-3000:]
+    # rank 1 names the failing rank and its error (the launcher names the last-spawned command, rank 1's)
+    assert "rank 0 failed: ValueError: planted failure in evaluation (rank 1 stops too)" in out, out[-3000:]
+    pids = [int(p) for p in re.findall(r"process (\d+) spawned", out)]
+    assert len(pids) == 2
+    for pid in pids:  # both ranks are gone: none is left waiting or uploading
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
