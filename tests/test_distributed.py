@@ -319,7 +319,6 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
-@pytest.mark.slow  # about 30 s: a real launch of two PPO processes
 def test_a_rank_failing_in_evaluation_stops_every_rank_within_two_minutes(tmp_path, generator_dir):
     """The real launcher and PPO loop: rank 0 raises while evaluating, rank 1 waits at the barrier after it."""
     import re
