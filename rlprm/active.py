@@ -152,8 +152,8 @@ def load_pools(recipe: Recipe, progress: bool = True) -> tuple[list, list, dict]
     A cache in rm.data.cache_dir drawn with exactly these settings (what `rlprm train-rm` wrote) is
     read and never rewritten; otherwise the samples are drawn once and cached in RUN_DIR/pool/.
     """
-    from rlprm.data.stepwise import load_or_sample, model_fingerprint, read_records, sample_arithmetic
-    from rlprm.tasks.arithmetic import split_problems
+    from rlprm.data.stepwise import load_or_sample, model_fingerprint, problems_digest, read_records, sample_arithmetic
+    from rlprm.problems import reward_model_arithmetic
 
     if recipe.task.name != "arithmetic" or recipe.rm.data.source != "arithmetic":
         raise ActiveLearningError("active learning samples the generator on the embedded task: set task.name: "
@@ -166,8 +166,7 @@ def load_pools(recipe: Recipe, progress: bool = True) -> tuple[list, list, dict]
         raise ActiveLearningError(f"model.generator: no trained generator at {gen_path}; make one with "
                                   f"{generator_hint()}")
     data, sep = recipe.rm.data, recipe.task.step_separator
-    train_problems, eval_problems = split_problems(recipe.task.arithmetic, data.train_problems, data.eval_problems,
-                                                   recipe.run.seed)
+    train_problems, eval_problems = reward_model_arithmetic(recipe)
     # the same settings record as rlprm.train_rm.arithmetic_data, so its caches are recognised
     base = {"generator": str(gen_path), "fingerprint": model_fingerprint(gen_path), "seed": recipe.run.seed,
             "temperature": data.temperature, "max_new_tokens": data.max_new_tokens, "sep": sep,
@@ -176,7 +175,8 @@ def load_pools(recipe: Recipe, progress: bool = True) -> tuple[list, list, dict]
     out, info = {}, {}
     for split, problems, n, seed in (("train", train_problems, data.samples_per_problem, recipe.run.seed * 7 + 1),
                                      ("eval", eval_problems, data.eval_samples_per_problem, recipe.run.seed * 7 + 2)):
-        meta = dict(base, split=split, problems=len(problems), samples_per_problem=n)
+        meta = dict(base, split=split, problems=len(problems), problems_sha256=problems_digest(problems),
+                    samples_per_problem=n)
         name = f"rm_samples_{split}.jsonl"
         shared = Path(data.cache_dir) / name if data.cache_dir else None
         if shared is not None and shared.is_file():

@@ -11,6 +11,13 @@ A checkpoint is written into `epoch-NNNN.tmp/` and renamed when complete;
 (rlprm/files.py). A crash at any moment therefore leaves the previous
 `latest` intact and loadable, and a stale `.tmp` folder is simply
 overwritten next time.
+
+RNG states: python, numpy, torch and (when CUDA is available) every CUDA
+device's. With several ranks, rank 0 writes the checkpoint but every rank has
+its own sampling stream (`rl.distributed.Dist.split_streams`): the ranks'
+states are gathered to rank 0 and saved together in state.pt (`rank_rng`), so
+that they land in the same atomic folder as the weights, and each rank
+restores its own (`load_state(rank=)`).
 """
 
 from __future__ import annotations
@@ -28,23 +35,37 @@ LATEST = "latest"
 
 
 def rng_state() -> dict:
+    """This process's random number generators: python, numpy, torch's CPU one and every CUDA device's."""
     import numpy as np
     import torch
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        # sampling on a GPU draws from the device's generator: without it a resumed run would not replay
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned. CUDA states are restored where CUDA is available (one per device
+    that is present: a resume on fewer devices restores the first ones), and skipped on a CPU-only machine."""
     import numpy as np
     import torch
 
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(cuda)[: torch.cuda.device_count()])
 
 
-def save_checkpoint(run_dir: Path, epoch: int, model, tokenizer, state: dict, extra_models: dict | None = None) -> Path:
-    """Write checkpoints/epoch-NNNN atomically and point `latest` at it. `state` is torch-saveable."""
+def save_checkpoint(run_dir: Path, epoch: int, model, tokenizer, state: dict, extra_models: dict | None = None,
+                    rank_rng: list[dict] | None = None) -> Path:
+    """Write checkpoints/epoch-NNNN atomically and point `latest` at it. `state` is torch-saveable.
+
+    `rank_rng`: with several ranks, every rank's `rng_state()` in rank order (gathered to the writing rank).
+    """
     import torch
 
     root = Path(run_dir) / CHECKPOINTS
@@ -55,7 +76,8 @@ def save_checkpoint(run_dir: Path, epoch: int, model, tokenizer, state: dict, ex
         tokenizer.save_pretrained(tmp / "model")
         for key, extra in (extra_models or {}).items():
             unwrap(extra).save_pretrained(tmp / "extra" / key)
-        torch.save({**state, "epoch": epoch, "rng": rng_state()}, tmp / "state.pt")
+        ranks = {"rank_rng": list(rank_rng)} if rank_rng else {}
+        torch.save({**state, "epoch": epoch, "rng": rng_state(), **ranks}, tmp / "state.pt")
     atomic_write_text(root / LATEST, name + "\n")
     return root / name
 
@@ -88,12 +110,24 @@ def start_or_resume(run_dir: Path, resume: bool, error: type[Exception], writes:
     return ckpt
 
 
-def load_state(checkpoint: Path, restore_rng: bool = True) -> dict:
+def load_state(checkpoint: Path, restore_rng: bool = True, rank: int = 0) -> dict:
+    """The checkpoint's state.pt; with `restore_rng`, rank `rank`'s RNG streams restored as they were saved.
+
+    A rank the checkpoint holds no stream for (one written by fewer ranks, or before per-rank streams were
+    saved) keeps its current stream, rank 0 excepted: it restores the writer's own.
+    """
     import torch
 
     state = torch.load(Path(checkpoint) / "state.pt", weights_only=False)
     if restore_rng:
-        set_rng_state(state["rng"])
+        saved = state.get("rank_rng") or []
+        if rank < len(saved):
+            set_rng_state(saved[rank])
+        elif rank == 0:
+            set_rng_state(state["rng"])
+        else:
+            print(f"resume: {checkpoint} holds no RNG state for rank {rank} (written by {max(1, len(saved))} "
+                  "rank(s)); this rank keeps a fresh stream, so the run will not replay exactly")
     return state
 
 

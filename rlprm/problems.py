@@ -58,6 +58,19 @@ def held_out_arithmetic(recipe: Recipe, n: int) -> list[TaskProblem]:
     return from_arithmetic(test, prefix="test")
 
 
+def reward_model_arithmetic(recipe: Recipe) -> tuple[list[Problem], list[Problem]]:
+    """The reward model's (training, held-out) arithmetic problems for `rm.data`: none the generator trained on.
+
+    The generator's SFT problems are named by this recipe's `sft.num_examples` and `prepare_eval.num_problems`
+    with its seed; their defaults are recipes/arith_prepare.yaml's (see tasks.arithmetic.reward_model_problems).
+    """
+    from rlprm.tasks.arithmetic import reward_model_problems
+
+    data = recipe.rm.data
+    return reward_model_problems(recipe.task.arithmetic, data.train_problems, data.eval_problems, recipe.run.seed,
+                                 sft_examples=recipe.sft.num_examples, sft_held_out=recipe.prepare_eval.num_problems)
+
+
 def load_jsonl_problems(path: Path, limit: int | None = None, template: str = "{problem}\n") -> list[TaskProblem]:
     """MATH-style (`problem`, `answer`) or GSM8K (`question`, `answer` ending in `#### n`) JSONL."""
     path = Path(path)

@@ -129,14 +129,15 @@ def _callbacks(tracker, budget_s: float, progress: bool, total_steps_hint: int):
 
 def arithmetic_data(recipe: Recipe, progress: bool) -> tuple[list, list, dict]:
     """(train records, eval records, counts): generator samples labelled by the exact checker, cached."""
-    from rlprm.data.stepwise import label_summary, load_or_sample, model_fingerprint, sample_arithmetic
-    from rlprm.tasks.arithmetic import split_problems
+    from rlprm.data.stepwise import (label_summary, load_or_sample, model_fingerprint, problems_digest,
+                                     sample_arithmetic)
+    from rlprm.problems import reward_model_arithmetic
 
     data, sep = recipe.rm.data, recipe.task.step_separator
     gen_path = recipe.model.generator
-    # the held-out side is drawn like `rlprm prepare`'s (same seed): the generator never trained on it
-    train_problems, eval_problems = split_problems(recipe.task.arithmetic, data.train_problems, data.eval_problems,
-                                                   recipe.run.seed)
+    # the held-out side is drawn like `rlprm prepare`'s (same seed): the generator never trained on it; the
+    # training side skips the generator's SFT problems
+    train_problems, eval_problems = reward_model_arithmetic(recipe)
     cache = Path(data.cache_dir or recipe.run.output_dir)
     state = {}
 
@@ -156,7 +157,8 @@ def arithmetic_data(recipe: Recipe, progress: bool) -> tuple[list, list, dict]:
     out, counts = {}, {}
     for split, problems, n, seed in (("train", train_problems, data.samples_per_problem, recipe.run.seed * 7 + 1),
                                      ("eval", eval_problems, data.eval_samples_per_problem, recipe.run.seed * 7 + 2)):
-        meta = dict(base, split=split, problems=len(problems), samples_per_problem=n)
+        meta = dict(base, split=split, problems=len(problems), problems_sha256=problems_digest(problems),
+                    samples_per_problem=n)
 
         def make(problems=problems, n=n, seed=seed, split=split):
             model, tokenizer = generator()

@@ -150,6 +150,11 @@ def sample_arithmetic(model, tokenizer, problems, n: int, *, temperature: float,
     return records, counts
 
 
+def problems_digest(problems) -> str:
+    """A short sha256 of the problems' texts, in order: a cache of samples records which problems it holds."""
+    return hashlib.sha256("\n".join(p.text for p in problems).encode()).hexdigest()[:16]
+
+
 def load_or_sample(path: Path, meta: dict, make) -> tuple[list[LabelledSolution], dict, bool]:
     """Records cached at `path` when they were drawn with exactly `meta`; else `make()` -> (records, counts), cached.
 

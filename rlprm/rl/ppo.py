@@ -272,14 +272,14 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
     """Run PPO as the recipe says; returns the final metrics (also in summary.json)."""
     import torch
 
-    from rlprm.checkpoint import export, load_state, save_checkpoint, start_or_resume
+    from rlprm.checkpoint import export, load_state, rng_state, save_checkpoint, start_or_resume
     from rlprm.evaluate import between_epochs
     from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
     from rlprm.problems import eval_problems, grade_samples, held_out_arithmetic
     from rlprm.prm_adapters import load_for_recipe
     from rlprm.rewards import RewardError, add_kl_penalty, confidence_scores, prefix_correct_probs, token_rewards
     from rlprm.rl.core import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae,
-                               logprobs_from_logits, masked_mean, masked_whiten, policy_loss, value_loss)
+                               logprobs_from_logits, masked_mean, policy_loss, value_loss)
     from rlprm.rl.distributed import (NullTracker, device_for, launched_world_size, setup, shard, trim,
                                       weights_digest)
     from rlprm.tracking import Tracker, truncate_metrics
@@ -297,7 +297,7 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
     minibatch = max(1, rl.minibatch_size // dist.world)
     device = device_for(dist, resolve_device(recipe.run.device))
     ckpt = start_or_resume(run_dir, resume, PPOInputError, writes=dist.is_main)
-    torch.manual_seed(recipe.run.seed)
+    dist.seed_everything(recipe.run.seed)  # the same on every rank: the value head starts identical everywhere
 
     # models: policy and reference from the generator; critic from `rl.value_model`; optional reward model
     gen, dtype, trc = recipe.model.generator, recipe.model.dtype, recipe.model.trust_remote_code
@@ -317,11 +317,12 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
     # the engines train (forward, backward, gradient averaging, clipping, step); `policy` and `value_model` stay
     # the HF models inside them, used for sampling, no-grad passes, evaluation and saving
     policy_engine, value_engine = dist.wrap(policy, policy_opt), dist.wrap(value_model, value_opt)
+    dist.split_streams(recipe.run.seed)  # from here each rank draws its own sampling noise (rank 0: unchanged)
     kl_ctl = (FixedKLController(rcfg.kl_coef) if rl.target_kl is None
               else AdaptiveKLController(rcfg.kl_coef, rl.target_kl, rl.kl_horizon))
     start_epoch, step, opt_step = 0, 0, 0  # epochs, iterations, policy optimizer steps (for the warm-up)
     if ckpt is not None:
-        state = load_state(ckpt)  # also restores the RNG: the next epoch samples what it would have
+        state = load_state(ckpt, rank=dist.rank)  # also restores this rank's RNG: the next epoch replays
         if state.get("policy_optimizer") is not None and not dist.deepspeed:
             policy_opt.load_state_dict(state["policy_optimizer"])
             value_opt.load_state_dict(state["value_optimizer"])
@@ -438,7 +439,7 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
                     # 6. advantages: GAE over the shaped rewards, then whitened over the batch
                     advantages, returns = gae(shaped, old_values, mask, rl.gamma, rl.lam)
                     if rl.whiten_advantages:
-                        advantages = masked_whiten(advantages, mask)
+                        advantages = dist.masked_whiten(advantages, mask)  # all ranks' statistics
                 _check_finite("the advantages", advantages, run_dir, dist)
 
                 # 7. update: ppo_epochs passes over shuffled minibatches, clipped policy and value losses
@@ -522,12 +523,13 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
 
             # 10. checkpoint: weights, optimizers, KL coefficient, counters (and the RNG, added by save_checkpoint);
             # rank 0 writes it (the weights are identical on every rank), the others wait for it
+            rank_rng = dist.gather(rng_state()) if dist.active else None  # every rank's own sampling stream
             if dist.is_main:
                 optimizers = ({"policy_optimizer": None, "value_optimizer": None} if dist.deepspeed else
                               {"policy_optimizer": policy_opt.state_dict(), "value_optimizer": value_opt.state_dict()})
                 save_checkpoint(run_dir, epoch + 1, policy, tokenizer,
                                 {**optimizers, "kl_coef": kl_ctl.value, "step": step, "opt_step": opt_step},
-                                extra_models={"value": value_model})
+                                extra_models={"value": value_model}, rank_rng=rank_rng)
             dist.barrier()
 
         # 11. export the final policy as a plain HF folder (summary first: export copies it)
@@ -550,6 +552,9 @@ def train_ppo(recipe: Recipe, resume: bool = False, progress: bool = True) -> di
         dist.barrier()
         final["export_dir"] = str(out)
         return final
+    except BaseException as exc:
+        dist.announce_failure(exc)  # the ranks waiting at a barrier stop now, naming this rank
+        raise
     finally:
         torch.set_num_threads(threads_before)
         tracker.finish()

@@ -186,6 +186,25 @@ def split_problems(cfg: ArithmeticConfig, n_train: int, n_test: int, seed: int) 
     return train, test
 
 
+def reward_model_problems(cfg: ArithmeticConfig, n_train: int, n_test: int, seed: int, sft_examples: int,
+                          sft_held_out: int) -> tuple[list[Problem], list[Problem]]:
+    """The reward model's (training, held-out) problems, apart from everything the generator trained on.
+
+    Held-out: `split_problems`' held-out side (the generator never saw it).
+    Training: a seed stream of its own that skips the generator's SFT
+    problems (`split_problems(cfg, sft_examples, sft_held_out, seed)`'s
+    training side) and every held-out problem up to max(n_test,
+    sft_held_out), the problems RL evaluates on: a reward model fitted on the
+    very problems the generator memorised, or on the evaluation problems,
+    would be judged on what it saw.
+    """
+    sft, _ = split_problems(cfg, sft_examples, sft_held_out, seed)  # exactly `rlprm prepare`'s training problems
+    _, held_out = split_problems(cfg, 0, max(n_test, sft_held_out), seed)
+    exclude = {p.text for p in sft} | {p.text for p in held_out}
+    train = make_problems(cfg, n_train, seed=seed * 1_000_003 + 41, exclude=exclude)
+    return train, held_out[:n_test]
+
+
 # --------------------------------------------------------------------------- solutions
 
 
