@@ -41,12 +41,14 @@ from pathlib import Path
 from typing import Sequence
 
 from rlprm.config import Recipe
+from rlprm.errors import InputError
+from rlprm.files import atomic_write_jsonl, atomic_write_text, save_figure
 
 CONVINCING_WRONG, CONVINCING, UNIFORM = "convincing_wrong_answer", "convincing", "uniform"
 STRATEGIES = ("uniform", "active")
 
 
-class ActiveLearningError(RuntimeError):
+class ActiveLearningError(InputError, RuntimeError):
     """The job cannot start or go on (the message says why and what to change)."""
 
 
@@ -150,8 +152,8 @@ def load_pools(recipe: Recipe, progress: bool = True) -> tuple[list, list, dict]
     A cache in rm.data.cache_dir drawn with exactly these settings (what `rlprm train-rm` wrote) is
     read and never rewritten; otherwise the samples are drawn once and cached in RUN_DIR/pool/.
     """
-    from rlprm.data.stepwise import load_or_sample, model_fingerprint, read_records, sample_arithmetic
-    from rlprm.tasks.arithmetic import split_problems
+    from rlprm.data.stepwise import load_or_sample, model_fingerprint, problems_digest, read_records, sample_arithmetic
+    from rlprm.problems import reward_model_arithmetic
 
     if recipe.task.name != "arithmetic" or recipe.rm.data.source != "arithmetic":
         raise ActiveLearningError("active learning samples the generator on the embedded task: set task.name: "
@@ -159,11 +161,12 @@ def load_pools(recipe: Recipe, progress: bool = True) -> tuple[list, list, dict]
                                   "with rlprm.label.unlabelled_line and label them with `rlprm label --with PRM_DIR`)")
     gen_path = recipe.model.generator
     if gen_path == "tiny" or (gen_path.startswith("/") and not (Path(gen_path) / "config.json").is_file()):
+        from rlprm.prerequisites import generator_hint
+
         raise ActiveLearningError(f"model.generator: no trained generator at {gen_path}; make one with "
-                                  "`rlprm prepare recipes/arith_prepare.yaml`")
+                                  f"{generator_hint()}")
     data, sep = recipe.rm.data, recipe.task.step_separator
-    train_problems, eval_problems = split_problems(recipe.task.arithmetic, data.train_problems, data.eval_problems,
-                                                   recipe.run.seed)
+    train_problems, eval_problems = reward_model_arithmetic(recipe)
     # the same settings record as rlprm.train_rm.arithmetic_data, so its caches are recognised
     base = {"generator": str(gen_path), "fingerprint": model_fingerprint(gen_path), "seed": recipe.run.seed,
             "temperature": data.temperature, "max_new_tokens": data.max_new_tokens, "sep": sep,
@@ -172,7 +175,8 @@ def load_pools(recipe: Recipe, progress: bool = True) -> tuple[list, list, dict]
     out, info = {}, {}
     for split, problems, n, seed in (("train", train_problems, data.samples_per_problem, recipe.run.seed * 7 + 1),
                                      ("eval", eval_problems, data.eval_samples_per_problem, recipe.run.seed * 7 + 2)):
-        meta = dict(base, split=split, problems=len(problems), samples_per_problem=n)
+        meta = dict(base, split=split, problems=len(problems), problems_sha256=problems_digest(problems),
+                    samples_per_problem=n)
         name = f"rm_samples_{split}.jsonl"
         shared = Path(data.cache_dir) / name if data.cache_dir else None
         if shared is not None and shared.is_file():
@@ -205,11 +209,11 @@ def load_pools(recipe: Recipe, progress: bool = True) -> tuple[list, list, dict]
 
 def answer_text(problem_text: str) -> str | None:
     """The arithmetic problem's right answer as text (None when the text is not an arithmetic problem)."""
-    from rlprm.label import LabelError, parse_problem_text
+    from rlprm.tasks.arithmetic import Problem
 
     try:
-        return str(parse_problem_text(problem_text).answer)
-    except LabelError:
+        return str(Problem.parse(problem_text).answer)
+    except ValueError:
         return None
 
 
@@ -333,7 +337,6 @@ def select(recipe: Recipe, progress: bool = True) -> dict:
     """`rlprm select`: the top K solutions per pool problem, as unrated PRM800K lines. Returns counts."""
     from collections import Counter
 
-    from rlprm.label import write_lines
     from rlprm.models import resolve_device
     from rlprm.prm_adapters import load_for_recipe
 
@@ -354,7 +357,7 @@ def select(recipe: Recipe, progress: bool = True) -> dict:
     picks = surface(rm, groups, ids, cfg.top_k, cfg.convincing_fraction, cfg.fill, cfg.aggregate, rng,
                     batch_size=recipe.rm.eval_batch_size)
     out = Path(cfg.output or Path(recipe.run.output_dir) / "to_label.jsonl")
-    write_lines(out, unrated_lines(groups, picks, cfg.generation))
+    atomic_write_jsonl(out, unrated_lines(groups, picks, cfg.generation))
     counts = Counter(why for _, _, why, _ in picks)
     truly_wrong = sum(not groups[p][i].answer_correct for p, i, why, _ in picks if why == CONVINCING_WRONG)
     return {"output": str(out), "lines": len(picks), "problems": len(ids), **dict(counts),
@@ -367,16 +370,16 @@ def label_records(lines: list[dict], labeller, sep: str, threshold: float, path:
     import tempfile
 
     from rlprm.data.prm800k import load_prm800k
-    from rlprm.label import label_lines, write_lines
+    from rlprm.label import label_lines
 
     labelled, _ = label_lines(lines, labeller, threshold, sep)
     if path is None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "labelled.jsonl"
-            write_lines(path, labelled)
+            atomic_write_jsonl(path, labelled)
             records, _ = load_prm800k(path, alternatives=False)
     else:
-        write_lines(path, labelled)
+        atomic_write_jsonl(path, labelled)
         records, _ = load_prm800k(path, alternatives=False)
     return records
 
@@ -517,11 +520,7 @@ def run_loop(recipe: Recipe, progress: bool = True) -> dict:
                         "pool_samples": len(pool), "eval_solutions": len(eval_records), **info})
         tracker.table("active_learning", list(rows[0]), [list(r.values()) for r in rows])
         tracker.summary({k_: v for k_, v in summary.items() if not isinstance(v, (list, dict))})
-        wandb_run = getattr(tracker, "_wandb", None)
-        if wandb_run is not None:
-            import wandb
-
-            wandb_run.log({"active_learning/plot": wandb.Image(str(run_dir / "active_learning.png"))})
+        tracker.image("active_learning/plot", run_dir / "active_learning.png")
         return summary
     finally:
         tracker.finish()
@@ -604,9 +603,7 @@ def report(rows: list[dict], cfg, run_dir: Path, baselines: dict | None = None) 
             f"{({'exact': '', 'lower': '>=', 'upper': '<='}[e['bound']])}{e['factor']:.2f}" for e in es)
             + f" (at {', '.join(str(e['labels']) for e in es)} labels)")
     text = "\n".join(lines) + "\n"
-    tmp = run_dir / "active_learning.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(run_dir / "active_learning.md")
+    atomic_write_text(run_dir / "active_learning.md", text)
     plot(c, cfg, run_dir / "active_learning.png")
     print(text)
     return {"final_factor": final["factor"] if final else None, "final_factor_bound": final["bound"] if final else None,
@@ -640,7 +637,4 @@ def plot(c: dict, cfg, path: Path) -> None:
         if ax.get_legend_handles_labels()[0]:  # a metric with no value anywhere (e.g. no error-free solution) has none
             ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)

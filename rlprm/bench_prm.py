@@ -25,15 +25,16 @@ bench_prm.png (grouped bars per subset), and the numbers to metrics.jsonl / W&B 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Sequence
 
+from rlprm.errors import InputError
+from rlprm.files import atomic_write_json, atomic_write_text, save_figure
 from rlprm.rm_metrics import auroc, first_error_f1, predict_first_error
 
 
-class BenchError(ValueError):
+class BenchError(InputError, ValueError):
     """The benchmark cannot run as the recipe says (the message names the key to change)."""
 
 
@@ -251,8 +252,7 @@ def plot(results: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_bench(recipe, progress: bool = True) -> dict:
@@ -299,8 +299,8 @@ def run_bench(recipe, progress: bool = True) -> dict:
                "average_f1": sum(f1s) / len(f1s) if f1s else None, "seconds": round(time.monotonic() - t0, 1)}
     if sampling:
         results["arithmetic_sampling"] = {"generator": str(recipe.model.generator), **sampling}
-    (run_dir / "bench_prm.json").write_text(json.dumps(results, indent=1) + "\n")
-    (run_dir / "bench_prm.md").write_text(markdown(results, results["model"], adapter))
+    atomic_write_json(run_dir / "bench_prm.json", results)
+    atomic_write_text(run_dir / "bench_prm.md", markdown(results, results["model"], adapter))
     plot(results, run_dir / "bench_prm.png")
     metrics = {f"processbench/{name}/{k}": v for name, r in subsets.items() for k, v in r.items()
                if k not in ("threshold", "source")}

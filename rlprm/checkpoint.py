@@ -7,9 +7,17 @@ Layout of a run folder:
     checkpoints/latest        the name of the newest COMPLETE checkpoint
 
 A checkpoint is written into `epoch-NNNN.tmp/` and renamed when complete;
-`latest` is rewritten (temporary file + rename) only after that. A crash at
-any moment therefore leaves the previous `latest` intact and loadable, and a
-stale `.tmp` folder is simply overwritten next time.
+`latest` is rewritten (temporary file + rename) only after that
+(rlprm/files.py). A crash at any moment therefore leaves the previous
+`latest` intact and loadable, and a stale `.tmp` folder is simply
+overwritten next time.
+
+RNG states: python, numpy, torch and (when CUDA is available) every CUDA
+device's. With several ranks, rank 0 writes the checkpoint but every rank has
+its own sampling stream (`rl.distributed.Dist.split_streams`): the ranks'
+states are gathered to rank 0 and saved together in state.pt (`rank_rng`), so
+that they land in the same atomic folder as the weights, and each rank
+restores its own (`load_state(rank=)`).
 """
 
 from __future__ import annotations
@@ -19,56 +27,59 @@ import random
 import shutil
 from pathlib import Path
 
+from rlprm.files import atomic_dir, atomic_write_text
+from rlprm.launch import unwrap
+
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def rng_state() -> dict:
+    """This process's random number generators: python, numpy, torch's CPU one and every CUDA device's."""
     import numpy as np
     import torch
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        # sampling on a GPU draws from the device's generator: without it a resumed run would not replay
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned. CUDA states are restored where CUDA is available (one per device
+    that is present: a resume on fewer devices restores the first ones), and skipped on a CPU-only machine."""
     import numpy as np
     import torch
 
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(cuda)[: torch.cuda.device_count()])
 
 
-def _unwrap(model):
-    """The HF model inside a DeepSpeed engine or a DDP wrapper."""
-    return getattr(model, "module", model)
+def save_checkpoint(run_dir: Path, epoch: int, model, tokenizer, state: dict, extra_models: dict | None = None,
+                    rank_rng: list[dict] | None = None) -> Path:
+    """Write checkpoints/epoch-NNNN atomically and point `latest` at it. `state` is torch-saveable.
 
-
-def save_checkpoint(run_dir: Path, epoch: int, model, tokenizer, state: dict, extra_models: dict | None = None) -> Path:
-    """Write checkpoints/epoch-NNNN atomically and point `latest` at it. `state` is torch-saveable."""
+    `rank_rng`: with several ranks, every rank's `rng_state()` in rank order (gathered to the writing rank).
+    """
     import torch
 
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     name = f"epoch-{epoch:04d}"
-    tmp = root / f"{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    _unwrap(model).save_pretrained(tmp / "model")
-    tokenizer.save_pretrained(tmp / "model")
-    for key, extra in (extra_models or {}).items():
-        _unwrap(extra).save_pretrained(tmp / "extra" / key)
-    torch.save({**state, "epoch": epoch, "rng": rng_state()}, tmp / "state.pt")
-    final = root / name
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    _atomic_write_text(root / LATEST, name + "\n")
-    return final
+    with atomic_dir(root / name) as tmp:
+        unwrap(model).save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        for key, extra in (extra_models or {}).items():
+            unwrap(extra).save_pretrained(tmp / "extra" / key)
+        ranks = {"rank_rng": list(rank_rng)} if rank_rng else {}
+        torch.save({**state, "epoch": epoch, "rng": rng_state(), **ranks}, tmp / "state.pt")
+    atomic_write_text(root / LATEST, name + "\n")
+    return root / name
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -99,12 +110,24 @@ def start_or_resume(run_dir: Path, resume: bool, error: type[Exception], writes:
     return ckpt
 
 
-def load_state(checkpoint: Path, restore_rng: bool = True) -> dict:
+def load_state(checkpoint: Path, restore_rng: bool = True, rank: int = 0) -> dict:
+    """The checkpoint's state.pt; with `restore_rng`, rank `rank`'s RNG streams restored as they were saved.
+
+    A rank the checkpoint holds no stream for (one written by fewer ranks, or before per-rank streams were
+    saved) keeps its current stream, rank 0 excepted: it restores the writer's own.
+    """
     import torch
 
     state = torch.load(Path(checkpoint) / "state.pt", weights_only=False)
     if restore_rng:
-        set_rng_state(state["rng"])
+        saved = state.get("rank_rng") or []
+        if rank < len(saved):
+            set_rng_state(saved[rank])
+        elif rank == 0:
+            set_rng_state(state["rng"])
+        else:
+            print(f"resume: {checkpoint} holds no RNG state for rank {rank} (written by {max(1, len(saved))} "
+                  "rank(s)); this rank keeps a fresh stream, so the run will not replay exactly")
     return state
 
 
@@ -117,8 +140,6 @@ def export(run_dir: Path, out_dir: Path | None = None) -> Path:
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to export ({CHECKPOINTS}/{LATEST} is missing)")
     out_dir = Path(out_dir) if out_dir else run_dir / "export"
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     src = ckpt / "model"
     if (src / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
@@ -126,12 +147,11 @@ def export(run_dir: Path, out_dir: Path | None = None) -> Path:
         model = AutoPeftModelForCausalLM.from_pretrained(src).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(src)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
-    for name in ("recipe.yaml", "summary.json"):
-        if (run_dir / name).exists():
-            shutil.copy(run_dir / name, tmp / name)
-    (tmp / "rlprm_export.json").write_text(json.dumps({"from": str(ckpt)}, indent=1) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+        for name in ("recipe.yaml", "summary.json"):
+            if (run_dir / name).exists():
+                shutil.copy(run_dir / name, tmp / name)
+        (tmp / "rlprm_export.json").write_text(json.dumps({"from": str(ckpt)}, indent=1) + "\n")
     return out_dir

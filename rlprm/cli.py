@@ -14,6 +14,13 @@ Every subcommand that runs a job takes a recipe, then any number of
     rlprm explain [RECIPE | --algorithm grpo]       # every recipe key, documented (rl: that algorithm's)
     rlprm demo [--seeds 3] [--force [STAGE...]]     # the whole process-vs-outcome pipeline, small budgets
     rlprm compare RUN_DIR... [--out DIR]            # report.md + plots across runs (seeds averaged)
+
+Each command is one row of COMMANDS: its help, its arguments and a handler.
+Handlers raise; one wrapper (rlprm/errors.py) turns an error into `error:
+MESSAGE` on stderr and its exit code: 2 bad input (a recipe, file or model;
+the package's `InputError`s and FileNotFoundError), 3 `prepare` missed its
+targets, 4 the RL run stopped, 1 a demo stage failed. Anything else is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -21,12 +28,15 @@ from __future__ import annotations
 import argparse
 import sys
 import typing
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from rlprm.config import PRMAdapter, RecipeError, explain, load_recipe, recipe_to_yaml
+from rlprm.config import PRMAdapter, Recipe, explain, load_recipe, recipe_to_yaml
+from rlprm.errors import run_reporting_errors
 
-EXIT_BAD_INPUT = 2
-EXIT_TARGETS_MISSED = 3
+
+# --------------------------------------------------------------------------- arguments
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -38,92 +48,25 @@ def _recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rlprm",
-        description="Process (PRM) and outcome (ORM) reward models and RL for math reasoning.",
-        epilog="Run `rlprm explain` for every recipe key with its meaning and default.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _train_rl_args(parser: argparse.ArgumentParser) -> None:
+    _recipe_args(parser)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the run folder's latest checkpoint (weights, optimizers, epoch, RNG)")
 
-    p = sub.add_parser("prepare", help="train the tiny generator on the arithmetic task and check it",
-                       description="Fine-tune the tiny generator for sft.steps optimizer steps on clean and "
-                                   "corrupted solutions, sample it on held-out problems at temperature 1 and save it as "
-                                   "RUN_DIR/generator only if it meets the recipe's targets (exit code 3 if not).")
-    _recipe_args(p)
 
-    p = sub.add_parser("train-rm", help="train and evaluate a PRM or an ORM",
-                       description="Train a process (PRM) or outcome (ORM) reward model as the recipe's `rm` section "
-                                   "says (on generator samples of the arithmetic task labelled by its exact checker, "
-                                   "or on PRM800K), save RUN_DIR/reward_model and evaluate it on held-out data.")
-    _recipe_args(p)
+def _explain_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", nargs="?", default=None, help="a recipe YAML file: explain the keys of its rl.algorithm")
+    parser.add_argument("--algorithm", choices=["ppo", "grpo", "rejection_sampling"], default=None,
+                        help="explain the `rl` keys of this algorithm")
 
-    p = sub.add_parser("eval", help="best-of-N evaluation: PRM vs ORM vs majority vote",
-                       description="Sample eval.n_max solutions per held-out problem once, score them with every "
-                                   "reward model in eval.reward_models, and write best-of-N curves (bon.png), a "
-                                   "table (bon.md), the sample pool (pool.jsonl) and metrics into RUN_DIR.")
-    _recipe_args(p)
 
-    p = sub.add_parser("bench-prm", help="ProcessBench F1 per subset, step AUROC: any PRM, ours or public",
-                       description="Score every solution of bench.processbench_paths, bench.prm800k_paths (PRM800K "
-                                   "JSONL, e.g. phase2_test) and, with bench.arithmetic_problems, model.generator's "
-                                   "samples on held-out arithmetic problems labelled by the exact checker, with "
-                                   "model.reward_model (an rlprm "
-                                   "folder, or a public PRM of family rm.adapter: qwen_prm, math_shepherd, rlhflow, "
-                                   "value_head, implicit; detected where unambiguous) and write ProcessBench's error / "
-                                   "correct accuracy and F1 per subset, step AUROC and first-error accuracy to "
-                                   "RUN_DIR/bench_prm.md, bench_prm.json and bench_prm.png.")
-    _recipe_args(p)
+def _export_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run folder holding checkpoints/ (e.g. runs/rl_prm_dense)")
+    parser.add_argument("--out", default=None, help="destination folder (default RUN_DIR/export)")
 
-    p = sub.add_parser("check", help="validate a recipe and exit",
-                       description="Load and validate a recipe (with overrides); print nothing but errors.")
-    _recipe_args(p)
 
-    p = sub.add_parser("train-rl", help="RL fine-tuning of the generator (PPO, GRPO or rejection sampling: "
-                                        "rl.algorithm) from PRM, ORM, exact or ground-truth rewards",
-                       description="Train the generator with rl.algorithm (ppo, grpo or rejection_sampling) as the "
-                                   "recipe's `rl` and `reward` sections say: "
-                                   "metrics.jsonl, best-of-N between epochs, a checkpoint per epoch and "
-                                   "RUN_DIR/export at the end. Same as `python rlprm/train_rl.py RECIPE`.")
-    _recipe_args(p)
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the run folder's latest checkpoint (weights, optimizers, epoch, RNG)")
-
-    p = sub.add_parser("export", help="export a run's latest checkpoint as a plain Hugging Face folder",
-                       description="Write RUN_DIR's latest complete checkpoint (LoRA merged) with the recipe and "
-                                   "summary to OUT (default RUN_DIR/export); it loads with from_pretrained.")
-    p.add_argument("run_dir", help="a run folder holding checkpoints/ (e.g. runs/rl_prm_dense)")
-    p.add_argument("--out", default=None, help="destination folder (default RUN_DIR/export)")
-
-    p = sub.add_parser("explain", help="print every recipe key with its type, default and meaning",
-                       description="Every recipe key with its type, default and meaning. The `rl` section depends on "
-                                   "rl.algorithm: give a RECIPE (its algorithm) or --algorithm to see only the keys "
-                                   "that apply; without either, the shared keys and then each algorithm's own.")
-    p.add_argument("recipe", nargs="?", default=None, help="a recipe YAML file: explain the keys of its rl.algorithm")
-    p.add_argument("--algorithm", choices=["ppo", "grpo", "rejection_sampling"], default=None,
-                   help="explain the `rl` keys of this algorithm")
-
-    p = sub.add_parser("select", help="surface convincing wrong-answer solutions for labelling (PRM800K JSONL)",
-                       description="Score the pool (rm.data's training samples, N per problem, graded) with the current "
-                                   "PRM (active.prm) and write the top active.top_k per problem (active.convincing_fraction "
-                                   "convincing wrong-answer, the rest active.fill) as unrated PRM800K phase-2 lines to "
-                                   "active.output (default RUN_DIR/to_label.jsonl). Rate them with `rlprm label`.")
-    _recipe_args(p)
-
-    p = sub.add_parser("active-learning", help="active vs uniform selection: PRM quality against the number of labels",
-                       description="From one uniform seed set, several generations of select, label (active.labeller) and "
-                                   "retrain a fresh PRM (active.train_steps), against uniform selection at the same label "
-                                   "budget; writes active_learning.md (table + data-efficiency factor), "
-                                   "active_learning.png, labels/*.jsonl and metrics to RUN_DIR and W&B.")
-    _recipe_args(p)
-
-    p = sub.add_parser("label", help="rate every step of PRM800K lines with the exact checker or a PRM",
-                       description="Read PRM800K phase-2 lines (e.g. from `rlprm select`) and write them rated the phase-2 "
-                                   "way (+1 up to the first error, -1 there, nothing after). --with checker (default) uses "
-                                   "the arithmetic task's exact checker; --with PRM a PRM (a step below --threshold is "
-                                   "the error): a large PRM labelling data for a small one. The PRM is an rlprm folder "
-                                   "or any public PRM (folder or hub id; --adapter names its family where its files "
-                                   "do not say it).")
+def _label_args(parser: argparse.ArgumentParser) -> None:
+    p = parser
     p.add_argument("input", help="PRM800K JSONL to label (question.pre_generated_steps are rated)")
     p.add_argument("--out", required=True, help="labelled JSONL to write")
     p.add_argument("--with", dest="labeller", default="checker", metavar="checker|PRM",
@@ -140,12 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5, help="(PRM) a step scored below this is wrong (default 0.5)")
     p.add_argument("--sep", default="\n", help="step separator used to render steps for the checker (default newline)")
 
-    p = sub.add_parser("demo", help="process vs outcome supervision end to end at demo budgets (about 15 min on 2 cores)",
-                       description="Prepare the generator, train a PRM and an ORM, run PPO five ways (dense PRM, "
-                                   "sparse ORM, sparse ground truth, dense exact checker, dense confidence control), "
-                                   "best-of-N before (also at T=0.7) and after, and the report into "
-                                   "OUT/report/report.md and summary.json. Each stage is skipped when its output is complete "
-                                   "(see rlprm/demo.py).")
+
+def _demo_args(parser: argparse.ArgumentParser) -> None:
+    p = parser
     p.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
     p.add_argument("--seeds", type=int, default=1, help="repeat RL and best-of-N over seeds 0..N-1 (mean and s.d. in the report)")
     p.add_argument("--generator", default=None, metavar="PATH",
@@ -162,199 +102,272 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RL and best-of-N stages run side by side, this many at a time, each in its own process with "
                         "one torch thread (default 2; 1 runs every stage in this process, one after another)")
 
-    p = sub.add_parser("compare", help="report.md with tables and plots across run folders (seeds averaged)",
-                       description="Read metrics.jsonl / summary.json / recipe.yaml of each RUN_DIR (RL, best-of-N or "
-                                   "other runs, any scale), or W&B runs of a group, and write OUT/report.md with "
-                                   "rl_curves.png and bon_curves.png. Runs sharing run.name are seeds: mean +- s.d.")
+
+def _compare_args(parser: argparse.ArgumentParser) -> None:
+    p = parser
     p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="run folders (each holding metrics.jsonl)")
     p.add_argument("--out", default=None, help="report folder (default: compare/ beside the first RUN_DIR)")
     p.add_argument("--wandb-group", default=None, help="also read every W&B run of this group (needs a W&B key)")
     p.add_argument("--wandb-project", default="rlprm", help="W&B project of --wandb-group (default rlprm)")
     p.add_argument("--wandb-entity", default=None, help="W&B entity of --wandb-group (default: yours)")
-    return parser
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    """Parse with a job's flags allowed anywhere: `rlprm train-rl RECIPE a=1 --resume b=2` as train_rl.py does."""
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    subparsers = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-    sub = subparsers.choices.get(argv[0]) if subparsers is not None and argv else None
-    if sub is None or not any(a.dest == "overrides" for a in sub._actions):
-        return parser.parse_args(argv)  # help, unknown commands and the commands without overrides
-    args = sub.parse_intermixed_args(argv[1:])
-    args.command = argv[0]
-    return args
+# --------------------------------------------------------------------------- handlers
+# A recipe command's handler gets the validated recipe; the others get the parsed arguments only.
 
 
 def _num(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
-    if args.command == "explain":
-        algorithm = args.algorithm
-        if algorithm is None and args.recipe is not None:
-            try:
-                algorithm = load_recipe(args.recipe).rl.algorithm
-            except RecipeError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return EXIT_BAD_INPUT
-        print(explain(algorithm=algorithm))
-        return 0
-    if args.command == "demo":
-        from rlprm.demo import DemoError, run_demo
+def _prepare(recipe: Recipe, args: argparse.Namespace) -> None:
+    from rlprm.prepare import prepare
 
-        try:
-            run_demo(args.out, seeds=args.seeds, force=True if args.force == [] else args.force, wandb=args.wandb,
-                     sets=args.set, progress=not args.no_progress, generator=args.generator,
-                     lanes=args.lanes)
-        except (DemoError, RecipeError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT if isinstance(exc, RecipeError) else 1
-        return 0
-    if args.command == "compare":
-        from rlprm.compare import CompareError, main as compare_main
+    rates = prepare(recipe, progress=not args.no_progress)
+    print(
+        f"generator saved to {recipe.run.output_dir}/generator\n"
+        f"  well-formed {rates['well_formed']:.1%}  answer accuracy {rates['answer_accuracy']:.1%}  "
+        f"process accuracy {rates['process_accuracy']:.1%}  "
+        f"(right answer, wrong step: {rates['right_answer_wrong_process']:.1%})\n"
+        f"  last-digit shortcut {rates['shortcut_rate']:.1%} of samples, trace error {rates['trace_error']:.1%}; "
+        f"the generator's own confidence tells its shortcut chains from correct ones with AUROC "
+        f"{_num(rates.get('confidence_auroc_shortcut'))} (likelihood {_num(rates.get('likelihood_auroc_shortcut'))})\n"
+        f"  {rates['train_steps']} steps in {rates['train_seconds']:.0f} s, wall {rates['wall_seconds']:.0f} s"
+    )
 
-        try:
-            report = compare_main(args.run_dirs, args.out, args.wandb_group, args.wandb_project, args.wandb_entity)
-        except CompareError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        print(f"report: {report}")
-        return 0
-    if args.command == "label":
-        from rlprm.label import LabelError, label_file
-        from rlprm.reward_models import RewardModelError
 
-        try:
-            counts = label_file(args.input, args.out, args.labeller, args.threshold,
-                                args.sep.encode().decode("unicode_escape"), device=args.device, adapter=args.adapter,
-                                reference=args.reference_model, beta=args.implicit_beta, dtype=args.dtype)
-        except (LabelError, RewardModelError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        print(f"labelled {counts['lines']} lines -> {args.out} "
-              + " ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if k != "lines"))
-        return 0
-    if args.command == "export":
-        from rlprm.checkpoint import export
+def _train_rm(recipe: Recipe, args: argparse.Namespace) -> None:
+    from rlprm.train_rm import format_summary, train_rm
 
-        try:
-            out = export(args.run_dir, args.out)
-        except FileNotFoundError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        print(f"exported to {out}")
-        return 0
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    if recipe.rm.data.source == "arithmetic" or recipe.rm.backbone == "generator":
+        from rlprm.prerequisites import ensure, find_builder
+
+        gen = recipe.model.generator
+        # the generator this job samples from: built first if an embedded recipe makes it (else check_inputs says)
+        if gen.startswith("/") and find_builder(Path(gen)) is not None:
+            ensure("model.generator", Path(gen), progress=not args.no_progress)
+    summary = train_rm(recipe, progress=not args.no_progress)
+    if summary:
+        print(format_summary(summary))
+
+
+def _eval(recipe: Recipe, args: argparse.Namespace) -> None:
+    from rlprm.evaluate import markdown_table, run_eval
+
+    curves = run_eval(recipe, progress=not args.no_progress)
+    print(markdown_table(curves))
+    print(f"plot: {recipe.run.output_dir}/bon.png   pool: {recipe.run.output_dir}/pool.jsonl")
+
+
+def _bench_prm(recipe: Recipe, args: argparse.Namespace) -> None:
+    from rlprm.bench_prm import markdown, run_bench
+
+    results = run_bench(recipe, progress=not args.no_progress)
+    print(markdown(results, results["model"], results["adapter"]), end="")
+    print(f"report: {recipe.run.output_dir}/bench_prm.md   json: bench_prm.json   plot: bench_prm.png")
+
+
+def _check(recipe: Recipe, args: argparse.Namespace) -> None:
+    print(f"{args.recipe}: ok")
+
+
+def _select(recipe: Recipe, args: argparse.Namespace) -> None:
+    from rlprm.active import select
+
+    counts = select(recipe, progress=not args.no_progress)
+    print(f"{counts['lines']} solutions of {counts['problems']} problems -> {counts['output']} "
+          f"(convincing wrong-answer {counts.get('convincing_wrong_answer', 0)}, "
+          f"uniform {counts.get('uniform', 0)}, convincing {counts.get('convincing', 0)}); "
+          f"rate them with: rlprm label {counts['output']} --out LABELLED.jsonl")
+
+
+def _active_learning(recipe: Recipe, args: argparse.Namespace) -> None:
+    from rlprm.active import run_loop
+
+    summary = run_loop(recipe, progress=not args.no_progress)
+    print(f"table: {summary['table']}   plot: {summary['plot']}   wall {summary['wall_seconds']:.0f} s")
+
+
+def _train_rl(args: argparse.Namespace) -> int:
+    from rlprm.train_rl import run
+
+    # rlprm/train_rl.py loads and validates the recipe itself (and under the DeepSpeed launcher, without this file)
+    return run(args)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from rlprm.checkpoint import export
+
+    print(f"exported to {export(args.run_dir, args.out)}")
+
+
+def _explain(args: argparse.Namespace) -> None:
+    # the `rl` keys depend on rl.algorithm: a recipe's own, or the one named (a RecipeError exits 2)
+    algorithm = args.algorithm or (load_recipe(args.recipe).rl.algorithm if args.recipe else None)
+    print(explain(algorithm=algorithm))
+
+
+def _label(args: argparse.Namespace) -> None:
+    from rlprm.label import label_file
+
+    counts = label_file(args.input, args.out, args.labeller, args.threshold,
+                        args.sep.encode().decode("unicode_escape"), device=args.device, adapter=args.adapter,
+                        reference=args.reference_model, beta=args.implicit_beta, dtype=args.dtype)
+    print(f"labelled {counts['lines']} lines -> {args.out} "
+          + " ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if k != "lines"))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from rlprm.demo import run_demo
+
+    run_demo(args.out, seeds=args.seeds, force=True if args.force == [] else args.force, wandb=args.wandb,
+             sets=args.set, progress=not args.no_progress, generator=args.generator, lanes=args.lanes)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from rlprm.compare import main as compare_main
+
+    report = compare_main(args.run_dirs, args.out, args.wandb_group, args.wandb_project, args.wandb_entity)
+    print(f"report: {report}")
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    run: Callable[..., int | None]
+    """Called with (recipe, args) when `loads_recipe`, else with (args); returns the exit code (None: 0) or raises."""
+    arguments: Callable[[argparse.ArgumentParser], None] | None = _recipe_args
+    description: str | None = None
+    loads_recipe: bool = True
+    """The recipe is loaded (overrides applied, validated, --print-config answered) before `run` sees it."""
+
+
+COMMANDS: dict[str, Command] = {
+    "prepare": Command(
+        "train the tiny generator on the arithmetic task and check it", _prepare,
+        description="Fine-tune the tiny generator for sft.steps optimizer steps on clean and corrupted solutions, "
+                    "sample it on held-out problems at temperature 1 and save it as RUN_DIR/generator only if it "
+                    "meets the recipe's targets (exit code 3 if not)."),
+    "train-rm": Command(
+        "train and evaluate a PRM or an ORM", _train_rm,
+        description="Train a process (PRM) or outcome (ORM) reward model as the recipe's `rm` section says (on "
+                    "generator samples of the arithmetic task labelled by its exact checker, or on PRM800K), save "
+                    "RUN_DIR/reward_model and evaluate it on held-out data."),
+    "eval": Command(
+        "best-of-N evaluation: PRM vs ORM vs majority vote", _eval,
+        description="Sample eval.n_max solutions per held-out problem once, score them with every reward model in "
+                    "eval.reward_models, and write best-of-N curves (bon.png), a table (bon.md), the sample pool "
+                    "(pool.jsonl) and metrics into RUN_DIR."),
+    "bench-prm": Command(
+        "ProcessBench F1 per subset, step AUROC: any PRM, ours or public", _bench_prm,
+        description="Score every solution of bench.processbench_paths, bench.prm800k_paths (PRM800K JSONL, e.g. "
+                    "phase2_test) and, with bench.arithmetic_problems, model.generator's samples on held-out "
+                    "arithmetic problems labelled by the exact checker, with model.reward_model (an rlprm folder, or "
+                    "a public PRM of family rm.adapter: qwen_prm, math_shepherd, rlhflow, value_head, implicit; "
+                    "detected where unambiguous) and write ProcessBench's error / correct accuracy and F1 per subset, "
+                    "step AUROC and first-error accuracy to RUN_DIR/bench_prm.md, bench_prm.json and bench_prm.png."),
+    "check": Command(
+        "validate a recipe and exit", _check,
+        description="Load and validate a recipe (with overrides); print nothing but errors."),
+    "train-rl": Command(
+        "RL fine-tuning of the generator (PPO, GRPO or rejection sampling: rl.algorithm) from PRM, ORM, exact or "
+        "ground-truth rewards", _train_rl, _train_rl_args, loads_recipe=False,
+        description="Train the generator with rl.algorithm (ppo, grpo or rejection_sampling) as the recipe's `rl` and "
+                    "`reward` sections say: metrics.jsonl, best-of-N between epochs, a checkpoint per epoch and "
+                    "RUN_DIR/export at the end. Same as `python rlprm/train_rl.py RECIPE`."),
+    "export": Command(
+        "export a run's latest checkpoint as a plain Hugging Face folder", _export, _export_args, loads_recipe=False,
+        description="Write RUN_DIR's latest complete checkpoint (LoRA merged) with the recipe and summary to OUT "
+                    "(default RUN_DIR/export); it loads with from_pretrained."),
+    "explain": Command(
+        "print every recipe key with its type, default and meaning", _explain, _explain_args, loads_recipe=False,
+        description="Every recipe key with its type, default and meaning. The `rl` section depends on rl.algorithm: "
+                    "give a RECIPE (its algorithm) or --algorithm to see only the keys that apply; without either, "
+                    "the shared keys and then each algorithm's own."),
+    "select": Command(
+        "surface convincing wrong-answer solutions for labelling (PRM800K JSONL)", _select,
+        description="Score the pool (rm.data's training samples, N per problem, graded) with the current PRM "
+                    "(active.prm) and write the top active.top_k per problem (active.convincing_fraction convincing "
+                    "wrong-answer, the rest active.fill) as unrated PRM800K phase-2 lines to active.output (default "
+                    "RUN_DIR/to_label.jsonl). Rate them with `rlprm label`."),
+    "active-learning": Command(
+        "active vs uniform selection: PRM quality against the number of labels", _active_learning,
+        description="From one uniform seed set, several generations of select, label (active.labeller) and retrain a "
+                    "fresh PRM (active.train_steps), against uniform selection at the same label budget; writes "
+                    "active_learning.md (table + data-efficiency factor), active_learning.png, labels/*.jsonl and "
+                    "metrics to RUN_DIR and W&B."),
+    "label": Command(
+        "rate every step of PRM800K lines with the exact checker or a PRM", _label, _label_args, loads_recipe=False,
+        description="Read PRM800K phase-2 lines (e.g. from `rlprm select`) and write them rated the phase-2 way (+1 "
+                    "up to the first error, -1 there, nothing after). --with checker (default) uses the arithmetic "
+                    "task's exact checker; --with PRM a PRM (a step below --threshold is the error): a large PRM "
+                    "labelling data for a small one. The PRM is an rlprm folder or any public PRM (folder or hub id; "
+                    "--adapter names its family where its files do not say it)."),
+    "demo": Command(
+        "process vs outcome supervision end to end at demo budgets (about 15 min on 2 cores)", _demo, _demo_args,
+        loads_recipe=False,
+        description="Prepare the generator, train a PRM and an ORM, run PPO five ways (dense PRM, sparse ORM, sparse "
+                    "ground truth, dense exact checker, dense confidence control), best-of-N before (also at T=0.7) "
+                    "and after, and the report into OUT/report/report.md and summary.json. Each stage is skipped when "
+                    "its output is complete (see rlprm/demo.py)."),
+    "compare": Command(
+        "report.md with tables and plots across run folders (seeds averaged)", _compare, _compare_args,
+        loads_recipe=False,
+        description="Read metrics.jsonl / summary.json / recipe.yaml of each RUN_DIR (RL, best-of-N or other runs, any "
+                    "scale), or W&B runs of a group, and write OUT/report.md with rl_curves.png and bon_curves.png. "
+                    "Runs sharing run.name are seeds: mean +- s.d."),
+}
+
+
+def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(
+        prog="rlprm",
+        description="Process (PRM) and outcome (ORM) reward models and RL for math reasoning.",
+        epilog="Run `rlprm explain` for every recipe key with its meaning and default. Exit codes: 0 done, "
+               "2 bad input, 3 `prepare` missed its targets, 4 the RL run stopped (its last good checkpoint is kept), "
+               "1 anything else.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parsers = {}
+    for name, command in COMMANDS.items():
+        parsers[name] = sub.add_parser(name, help=command.help, description=command.description)
+        if command.arguments is not None:
+            command.arguments(parsers[name])
+    return parser, parsers
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return _build()[0]
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse with a command's flags allowed anywhere: `rlprm train-rl RECIPE a=1 --resume b=2` as train_rl.py does."""
+    parser, parsers = _build()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in parsers:
+        return parser.parse_args(argv)  # help and unknown commands
+    # argparse cannot intermix through subparsers: the command's own parser reads the rest
+    args = parsers[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
+
+
+def _run(command: Command, args: argparse.Namespace) -> int | None:
+    if not command.loads_recipe:
+        return command.run(args)
+    recipe = load_recipe(args.recipe, args.overrides)
     if args.print_config:
         print(recipe_to_yaml(recipe), end="")
         return 0
-    if args.command == "check":
-        print(f"{args.recipe}: ok")
-        return 0
-    if args.command == "prepare":
-        from rlprm.prepare import PrepareError, prepare
+    return command.run(recipe, args)
 
-        try:
-            rates = prepare(recipe, progress=not args.no_progress)
-        except PrepareError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_TARGETS_MISSED
-        print(
-            f"generator saved to {recipe.run.output_dir}/generator\n"
-            f"  well-formed {rates['well_formed']:.1%}  answer accuracy {rates['answer_accuracy']:.1%}  "
-            f"process accuracy {rates['process_accuracy']:.1%}  "
-            f"(right answer, wrong step: {rates['right_answer_wrong_process']:.1%})\n"
-            f"  last-digit shortcut {rates['shortcut_rate']:.1%} of samples, trace error {rates['trace_error']:.1%}; "
-            f"the generator's own confidence tells its shortcut chains from correct ones with AUROC "
-            f"{_num(rates.get('confidence_auroc_shortcut'))} (likelihood {_num(rates.get('likelihood_auroc_shortcut'))})\n"
-            f"  {rates['train_steps']} steps in {rates['train_seconds']:.0f} s, wall {rates['wall_seconds']:.0f} s"
-        )
-        return 0
-    if args.command == "train-rm":
-        from rlprm.data.prm800k import PRM800KError
-        from rlprm.data.processbench import ProcessBenchError
-        from rlprm.reward_models import RewardModelError
-        from rlprm.train_rm import TrainRMError, format_summary, train_rm
 
-        if recipe.rm.data.source == "arithmetic" or recipe.rm.backbone == "generator":
-            from rlprm.prerequisites import PrerequisiteError, ensure, find_builder
-
-            gen = recipe.model.generator
-            try:  # the generator this job samples from: built first if an embedded recipe makes it (else check_inputs says)
-                if gen.startswith("/") and find_builder(Path(gen)) is not None:
-                    ensure("model.generator", Path(gen), progress=not args.no_progress)
-            except PrerequisiteError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return EXIT_BAD_INPUT
-        try:
-            summary = train_rm(recipe, progress=not args.no_progress)
-        except (TrainRMError, PRM800KError, ProcessBenchError, RewardModelError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        if summary:
-            print(format_summary(summary))
-        return 0
-    if args.command == "eval":
-        from rlprm.evaluate import markdown_table, run_eval
-        from rlprm.problems import ProblemFileError
-        from rlprm.reward_models import RewardModelError
-
-        try:
-            curves = run_eval(recipe, progress=not args.no_progress)
-        except (FileNotFoundError, ProblemFileError, RewardModelError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        print(markdown_table(curves))
-        print(f"plot: {recipe.run.output_dir}/bon.png   pool: {recipe.run.output_dir}/pool.jsonl")
-        return 0
-    if args.command == "bench-prm":
-        from rlprm.bench_prm import BenchError, markdown, run_bench
-        from rlprm.data.prm800k import PRM800KError
-        from rlprm.data.processbench import ProcessBenchError
-        from rlprm.reward_models import RewardModelError
-
-        try:
-            results = run_bench(recipe, progress=not args.no_progress)
-        except (BenchError, FileNotFoundError, PRM800KError, ProcessBenchError, RewardModelError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        print(markdown(results, results["model"], results["adapter"]), end="")
-        print(f"report: {recipe.run.output_dir}/bench_prm.md   json: bench_prm.json   plot: bench_prm.png")
-        return 0
-    if args.command in ("select", "active-learning"):
-        from rlprm.active import ActiveLearningError, run_loop, select
-        from rlprm.label import LabelError
-        from rlprm.reward_models import RewardModelError
-
-        try:
-            if args.command == "select":
-                counts = select(recipe, progress=not args.no_progress)
-                print(f"{counts['lines']} solutions of {counts['problems']} problems -> {counts['output']} "
-                      f"(convincing wrong-answer {counts.get('convincing_wrong_answer', 0)}, "
-                      f"uniform {counts.get('uniform', 0)}, convincing {counts.get('convincing', 0)}); "
-                      f"rate them with: rlprm label {counts['output']} --out LABELLED.jsonl")
-            else:
-                summary = run_loop(recipe, progress=not args.no_progress)
-                print(f"table: {summary['table']}   plot: {summary['plot']}   wall {summary['wall_seconds']:.0f} s")
-        except (ActiveLearningError, LabelError, RewardModelError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        return 0
-    if args.command == "train-rl":
-        from rlprm.train_rl import run as train_rl
-
-        # the recipe was validated above; run() reloads it with the same overrides
-        return train_rl(argparse.Namespace(recipe=args.recipe, overrides=args.overrides, resume=args.resume,
-                                           print_config=False, no_progress=args.no_progress))
-    raise AssertionError(args.command)
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    return run_reporting_errors(_run, COMMANDS[args.command], args)
 
 
 if __name__ == "__main__":

@@ -34,13 +34,16 @@ from pathlib import Path
 
 import yaml
 
+from rlprm.errors import InputError
+from rlprm.files import atomic_write_text, save_figure
+
 BON_KEY = re.compile(r"^bon/(?P<selector>.+)/N=(?P<n>\d+)/(?P<metric>[a-z_]+)$")
 # headline numbers of non-RL, non-best-of-N runs (prepare, train-rm), shown when present
 OTHER_KEYS = ["process_accuracy", "answer_accuracy", "well_formed", "right_answer_wrong_process",
               "eval/step_auroc", "eval/solution_auroc", "eval/first_error_f1", "eval/blind_spot_rate"]
 
 
-class CompareError(ValueError):
+class CompareError(InputError, ValueError):
     """No usable run, or a folder that is not a run (the message names it)."""
 
 
@@ -211,15 +214,6 @@ def bon_table(run: RunData, metric: str = "accuracy") -> dict[str, dict[int, flo
 # --------------------------------------------------------------------------- plots
 
 
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)  # never a half-written PNG
-
-
 def plot_rl(groups: dict[str, list[RunData]], path: Path) -> None:
     import matplotlib
 
@@ -247,7 +241,7 @@ def plot_rl(groups: dict[str, list[RunData]], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_bon(groups: dict[str, list[RunData]], selectors: list[str], path: Path) -> None:
@@ -279,7 +273,7 @@ def plot_bon(groups: dict[str, list[RunData]], selectors: list[str], path: Path)
         ax.set_visible(False)
     axes.flat[0].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- report
@@ -382,9 +376,7 @@ def compare(runs: list[RunData], out_dir: str | Path, title: str = "rlprm compar
         lines.append(f"| {run.label} | {run.kind} | {run.seed if run.seed is not None else '-'} | `{run.source}` | "
                      f"{'`' + run.export + '`' if run.export else '-'} |")
     report = out / "report.md"
-    tmp = report.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(report)
+    atomic_write_text(report, "\n".join(lines) + "\n")
     return report
 
 

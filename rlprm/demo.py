@@ -62,6 +62,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from rlprm.errors import EXIT_FAILED
+from rlprm.files import atomic_write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 MARKER = ".demo-stage.json"
@@ -108,6 +111,8 @@ def _say(line: str) -> None:
 class DemoError(RuntimeError):
     """A stage failed or produced incomplete output (the message names the stage and how to go on)."""
 
+    exit_code = EXIT_FAILED
+
 
 @dataclass
 class Stage:
@@ -139,10 +144,7 @@ def read_marker(out_dir: Path) -> dict | None:
 
 
 def _write_marker(out_dir: Path, record: dict) -> None:
-    path = Path(out_dir) / MARKER
-    tmp = path.with_name(MARKER + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)  # the marker appears whole, and only after everything else
+    atomic_write_json(Path(out_dir) / MARKER, record)  # the marker appears whole, and only after everything else
 
 
 def _forced(name: str, force) -> bool:
@@ -538,9 +540,7 @@ def run_demo(out: str | Path = ROOT / "runs" / "demo", seeds: int = 1, force=Non
         peak = demo_peak_rss_mib(records)
         summary.update(wall_seconds=round(time.monotonic() - t0, 1), peak_rss_mib=peak,
                        peak_rss_gib=round(peak / 1024, 2))
-        tmp = out / "demo_summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1) + "\n")
-        tmp.replace(out / "demo_summary.json")
+        atomic_write_json(out / "demo_summary.json", summary)
     report = out / "report" / "report.md"
     summary["report"] = str(report)
     exports = [str(st.out_dir / "export") for st in stages if st.name.startswith("rl-")]

@@ -32,6 +32,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlprm.files import atomic_write_json, atomic_write_text, save_figure
+
 RL_METRICS = ["answer_accuracy", "process_accuracy", "trace_error", "shortcut_rate"]
 # the figure's selectors, in this order (the pools also have prm_min and weighted_majority: tables and summary)
 FIGURE_SELECTORS = ["prm_prod", "orm", "majority", "confidence", "likelihood", "random", "pass@n"]
@@ -219,7 +221,7 @@ def plot_rl_metrics(runs_by_arm: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rlprm.compare import _save, rl_curve, seed_interval
+    from rlprm.compare import rl_curve, seed_interval
 
     titles = {"answer_accuracy": "answer accuracy", "process_accuracy": "process accuracy (every step right)",
               "trace_error": "trace error (wrong step | right answer)", "shortcut_rate": "last-digit shortcut rate"}
@@ -236,7 +238,7 @@ def plot_rl_metrics(runs_by_arm: dict[str, dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_kl(runs_by_arm: dict[str, dict], path: Path) -> None:
@@ -245,8 +247,6 @@ def plot_kl(runs_by_arm: dict[str, dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from rlprm.compare import _save
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
     for ax, key in zip(axes, ["kl_per_token", "kl_per_sample"]):
@@ -261,7 +261,7 @@ def plot_kl(runs_by_arm: dict[str, dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- markdown
@@ -357,12 +357,6 @@ def _finite(value):
     return value
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def build_summary(layout: DemoLayout, runtime: dict, bon: dict, rl_seed_values: dict) -> dict:
     """summary.json's content (see the module docstring)."""
     return _finite({
@@ -442,7 +436,7 @@ def write_demo_report(layout: DemoLayout, out_dir: Path, runtime: dict, resample
     if runs:
         compare(runs, out / "all_runs", title="Every run of the demo")
         lines += ["Every run, with its own numbers: [all_runs/report.md](all_runs/report.md)", ""]
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_json(out / "summary.json", summary)
     report = out / "report.md"
-    _write_atomic(report, "\n".join(lines) + "\n")
+    atomic_write_text(report, "\n".join(lines) + "\n")
     return report

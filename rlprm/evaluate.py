@@ -29,6 +29,7 @@ is `rlprm eval`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rlprm.files import atomic_write_json, atomic_write_jsonl, atomic_write_text, save_figure
 from rlprm.problems import SampleGrade, TaskProblem
 
 MAJORITY, WEIGHTED, RANDOM, ORACLE = "majority", "weighted_majority", "random", "pass@n"
@@ -191,23 +193,21 @@ def save_pool(pool: Pool, path: Path) -> None:
     Line 1: {"kinds": {rm: prm|orm}, "sample_scores": [names]}; then one line per problem whose samples hold
     their grade (`shortcut` included), `scores` {rm: per-step scores} and `sample_scores` {name: number}.
     """
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps({"kinds": pool.kinds, "sample_scores": list(pool.sample_scores)}) + "\n")
-        for i, (problem, texts, grades) in enumerate(zip(pool.problems, pool.texts, pool.grades)):
-            samples = []
-            for j, (text, g) in enumerate(zip(texts, grades)):
-                samples.append({
-                    "text": text, "steps": g.steps, "answer": g.answer, "answer_correct": g.answer_correct,
-                    "well_formed": g.well_formed, "process_correct": g.process_correct, "first_error": g.first_error,
-                    "shortcut": g.shortcut,
-                    "scores": {name: s[i][j] for name, s in pool.step_scores.items()},
-                    "sample_scores": {name: s[i][j] for name, s in pool.sample_scores.items()},
-                })
-            f.write(json.dumps({"id": problem.id, "prompt": problem.prompt, "text": problem.text,
-                                "gold": problem.gold, "samples": samples}) + "\n")
-    tmp.replace(path)
+    header = {"kinds": pool.kinds, "sample_scores": list(pool.sample_scores)}
+    atomic_write_jsonl(path, itertools.chain([header], (_pool_line(pool, i) for i in range(len(pool.problems)))))
+
+
+def _pool_line(pool: Pool, i: int) -> dict:
+    """Problem i of the pool and its graded, scored samples, as save_pool writes it."""
+    problem = pool.problems[i]
+    samples = [{
+        "text": text, "steps": g.steps, "answer": g.answer, "answer_correct": g.answer_correct,
+        "well_formed": g.well_formed, "process_correct": g.process_correct, "first_error": g.first_error,
+        "shortcut": g.shortcut,
+        "scores": {name: s[i][j] for name, s in pool.step_scores.items()},
+        "sample_scores": {name: s[i][j] for name, s in pool.sample_scores.items()},
+    } for j, (text, g) in enumerate(zip(pool.texts[i], pool.grades[i]))]
+    return {"id": problem.id, "prompt": problem.prompt, "text": problem.text, "gold": problem.gold, "samples": samples}
 
 
 def load_pool(path: Path) -> Pool:
@@ -552,16 +552,6 @@ def markdown_table(curves: dict, title: str = "Best-of-N accuracy (%), mean [95%
     return "\n".join(lines) + "\n"
 
 
-def _save_figure(fig, path: Path) -> None:
-    """Write to a temporary file and rename, so that a reader never sees half a PNG."""
-    import matplotlib.pyplot as plt
-
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-
-
 def _draw_curve(ax, name: str, c: dict, color=None, metric: str = "accuracy"):
     ns = [N for N in sorted(c) if metric in c[N]]
     if not ns:
@@ -591,7 +581,7 @@ def plot_curves(curves: dict, path: Path, title: str = "Best-of-N") -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_by_generator(curves_by_generator: dict[str, dict], path: Path, selectors: list[str] | None = None,
@@ -637,7 +627,7 @@ def plot_by_generator(curves_by_generator: dict[str, dict], path: Path, selector
     fig.legend([handles[k] for k in selectors if k in handles], [k for k in selectors if k in handles],
                fontsize=8, loc="center right")
     fig.tight_layout(rect=(0, 0, 1 - 1.4 / width, 1))
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def flat_metrics(curves: dict, prefix: str = "bon") -> dict:
@@ -771,13 +761,15 @@ def run_eval(recipe, progress: bool = True) -> dict:
     ev, sep = recipe.eval, recipe.task.step_separator
     run_dir = Path(recipe.run.output_dir)
     device = resolve_device(recipe.run.device)
-    missing = [str(p) for p in [recipe.model.generator, *ev.reward_models.values()]
+    missing = [p for p in [recipe.model.generator, *ev.reward_models.values()]
                if p.startswith("/") and not Path(p).exists()]
     if missing:
-        raise FileNotFoundError(
-            "missing checkpoint(s): " + ", ".join(missing) + ". Build them first: `rlprm prepare "
-            "recipes/arith_prepare.yaml` for the generator, `rlprm train-rm recipes/prm_train.yaml` and "
-            "`recipes/orm_train.yaml` for the reward models.")
+        from rlprm.prerequisites import builder_hint, embedded_products
+
+        how = {p: builder_hint(p) for p in missing}
+        others = "" if all(how.values()) else ". The embedded recipes build: " + "; ".join(embedded_products())
+        raise FileNotFoundError("missing checkpoint(s): " + ", ".join(
+            f"{p} (build it with `{how[p]}`)" if how[p] else p for p in missing) + others)
     t0 = time.monotonic()
     tracker = Tracker(run_dir, recipe, job="eval", tags=["eval"])
     try:
@@ -806,10 +798,10 @@ def run_eval(recipe, progress: bool = True) -> dict:
                                             ev.weighted_vote_by)
 
         # 4. report: table, plot, metrics, a sample table
-        (run_dir / "bon.md").write_text(markdown_table(curves, differences=differences))
+        atomic_write_text(run_dir / "bon.md", markdown_table(curves, differences=differences))
         plot_curves(curves, run_dir / "bon.png", title=f"Best-of-N on {recipe.task.name} ({len(problems)} problems)")
         # one key per selector, as before, and the paired differences beside them
-        (run_dir / "bon_curves.json").write_text(json.dumps({**curves, DIFFERENCES_KEY: differences}, indent=1))
+        atomic_write_json(run_dir / "bon_curves.json", {**curves, DIFFERENCES_KEY: differences})
         metrics = flat_metrics(curves)
         metrics.update(flat_metrics(differences, prefix="bon_diff"))
         metrics.update({"eval/sample_seconds": round(t_sample, 1), "eval/seconds": round(time.monotonic() - t0, 1),

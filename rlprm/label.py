@@ -29,42 +29,31 @@ Labellers:
 from __future__ import annotations
 
 import json
-import os
-import re
 from pathlib import Path
 from typing import Sequence
 
+from rlprm.errors import InputError
+from rlprm.files import atomic_write_jsonl, read_jsonl
 from rlprm.steps import is_answer_step, step_answer
 
 UNRATED = None
 
 
-class LabelError(ValueError):
+class LabelError(InputError, ValueError):
     """A file or a line cannot be labelled (the message names the file and line and says why)."""
 
 
 # --------------------------------------------------------------------------- arithmetic problems from text
 
-_PROBLEM = re.compile(r"^(\d+)((?: [+-]\d+)+)(?: (mod 10|last digit|max \d+|min \d+))?$")
-
 
 def parse_problem_text(text: str):
-    """`93 +3 -4 -7 mod 10` -> the arithmetic `Problem` it was rendered from (inverse of `Problem.text`)."""
+    """`93 +3 -4 -7 mod 10` -> the arithmetic `Problem` (tasks/arithmetic.py owns the format); else LabelError."""
     from rlprm.tasks.arithmetic import Problem
 
-    m = _PROBLEM.match(text.strip())
-    if not m:
-        raise LabelError(f"{text!r} is not an arithmetic-task problem (like `93 +3 -4 mod 10`); "
-                         "label it with a PRM instead (--with PRM_DIR)")
-    ops = tuple((tok[0], int(tok[1:])) for tok in m[2].split())
-    final, arg = "none", 0
-    if m[3] == "mod 10":
-        final, arg = "mod10", 10
-    elif m[3] == "last digit":
-        final = "last_digit"
-    elif m[3]:
-        final, arg = m[3].split()[0], int(m[3].split()[1])
-    return Problem(int(m[1]), ops, final, arg)
+    try:
+        return Problem.parse(text)
+    except ValueError as exc:
+        raise LabelError(f"{exc}; label it with a PRM instead (--with PRM_DIR)") from None
 
 
 # --------------------------------------------------------------------------- PRM800K lines
@@ -154,35 +143,14 @@ def checker_first_error(problem_text: str, steps: Sequence[str], sep: str = "\n"
 
 
 def read_lines(path: Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise LabelError(f"{path}: file not found")
     out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise LabelError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            steps = (obj.get("question") or {}).get("pre_generated_steps") if isinstance(obj, dict) else None
-            if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
-                raise LabelError(f"{path}:{lineno}: no `question.pre_generated_steps` (a list of step strings); "
-                                 "label files written by `rlprm select` or PRM800K phase-2 lines")
-            out.append(obj)
+    for lineno, obj in read_jsonl(path, LabelError):
+        steps = (obj.get("question") or {}).get("pre_generated_steps") if isinstance(obj, dict) else None
+        if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
+            raise LabelError(f"{path}:{lineno}: no `question.pre_generated_steps` (a list of step strings); "
+                             "label files written by `rlprm select` or PRM800K phase-2 lines")
+        out.append(obj)
     return out
-
-
-def write_lines(path: Path, lines: list[dict]) -> None:
-    """JSONL written to a temporary file, then renamed: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(json.dumps(line) + "\n")
-    tmp.replace(path)
 
 
 def load_labeller(labeller: str, adapter: str | None = None, device: str = "cpu", **options):
@@ -247,5 +215,5 @@ def label_file(src: Path, dst: Path, labeller: str = "checker", threshold: float
     `adapter` / `load_options`: how a PRM labeller loads (see `load_labeller`)."""
     lines = read_lines(src)
     labelled, counts = label_lines(lines, labeller, threshold, sep, device, adapter=adapter, **load_options)
-    write_lines(dst, labelled)
+    atomic_write_jsonl(dst, labelled)
     return counts

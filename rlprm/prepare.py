@@ -23,10 +23,14 @@ import time
 from pathlib import Path
 
 from rlprm.config import Recipe
+from rlprm.errors import EXIT_TARGETS_MISSED
+from rlprm.files import atomic_dir
 
 
 class PrepareError(RuntimeError):
     """The generator missed its targets (the message says which and what to try)."""
+
+    exit_code = EXIT_TARGETS_MISSED
 
 
 def build_tokenizer(recipe: Recipe, corpus: list[str]):
@@ -189,13 +193,10 @@ def prepare(recipe: Recipe, progress: bool = True) -> dict:
         # 5. save atomically: a complete `generator/` or none at all
         enforce = recipe.prepare_eval.enforce_targets
         dest = run_dir / ("generator.rejected" if failures and enforce else "generator")
-        tmp = run_dir / (dest.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         model.generation_config.do_sample = True
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
+        with atomic_dir(dest) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         if failures and enforce:
             shutil.rmtree(final_dir, ignore_errors=True)
             raise PrepareError(

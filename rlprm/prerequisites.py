@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlprm.config import Recipe, RecipeError, load_recipe
+from rlprm.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = ROOT / "recipes"
@@ -43,7 +44,7 @@ _DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MAS
                     "CROSS_RANK", "CROSS_SIZE", "GROUP_RANK", "ROLE_RANK")
 
 
-class PrerequisiteError(RuntimeError):
+class PrerequisiteError(InputError, RuntimeError):
     """A prerequisite is missing and cannot be built, or its build failed; the message names the key."""
 
 
@@ -61,6 +62,11 @@ class Builder:
     """Files a complete product holds (besides weights)."""
     minutes: float
     """Rough wall time on 2 CPU cores, for the log line."""
+
+    @property
+    def cli(self) -> str:
+        """The command a person types to run it, e.g. `rlprm prepare recipes/arith_prepare.yaml`."""
+        return f"rlprm {self.command} recipes/{self.recipe}"
 
 
 BUILDERS: tuple[Builder, ...] = (
@@ -120,6 +126,35 @@ def find_builder(path: Path) -> tuple[Builder, Path, Recipe] | None:
     return None
 
 
+def builder_hint(path: str | Path) -> str | None:
+    """The command that builds the model folder at `path` (e.g. `rlprm prepare recipes/arith_prepare.yaml`), for an
+    error message; None when no embedded recipe produces it."""
+    found = find_builder(Path(path))
+    return found[0].cli if found else None
+
+
+def embedded_products() -> list[str]:
+    """`rlprm CMD recipes/FILE` -> PRODUCT for every embedded recipe that loads, for an error message."""
+    products = []
+    for builder in BUILDERS:
+        try:
+            out = Path(load_recipe(Path(RECIPES_DIR) / builder.recipe).run.output_dir) / builder.product
+        except RecipeError:
+            continue
+        products.append(f"`{builder.cli}` -> {out}")
+    return products
+
+
+def generator_hint() -> str:
+    """How to get a trained generator, for an error message: the embedded recipe that makes one, and where."""
+    builder = next(b for b in BUILDERS if b.product == "generator")
+    try:
+        out = Path(load_recipe(Path(RECIPES_DIR) / builder.recipe).run.output_dir) / builder.product
+    except (RecipeError, OSError):
+        return f"`{builder.cli}`"
+    return f"`{builder.cli}` (it writes {out})"
+
+
 @contextmanager
 def _file_lock(path: Path):
     """An exclusive lock held while one process builds; others block here, then find the product built."""
@@ -145,14 +180,7 @@ def _unbuildable(key: str, path: Path) -> PrerequisiteError:
             return PrerequisiteError(
                 f"{key}: {path} {state}. It is the output of recipes/{recipe_name}, which is not run automatically "
                 f"(it needs your data and GPUs): run `{command}` first, or point {key} at a trained model")
-    products = []
-    for builder in BUILDERS:
-        file = Path(RECIPES_DIR) / builder.recipe
-        try:
-            out = Path(load_recipe(file).run.output_dir) / builder.product
-        except RecipeError:
-            continue
-        products.append(f"`rlprm {builder.command} recipes/{builder.recipe}` -> {out}")
+    products = embedded_products()
     made = ("; the embedded recipes build: " + "; ".join(products)) if products else ""
     return PrerequisiteError(
         f"{key}: {path} {state}, and it is not the output of an embedded recipe, so it cannot be built "
@@ -194,8 +222,8 @@ def ensure(key: str, path: Path, progress: bool = True, log=print, _chain: tuple
         if is_complete(path, required):
             log(f"[prerequisites] {key}: {path} was built by another process meanwhile; using it")
             return False
-        log(f"[prerequisites] {key}: {path} is missing; building it with `rlprm {builder.command} "
-            f"recipes/{builder.recipe}` (about {builder.minutes:g} min on 2 CPU cores; done once, then reused)")
+        log(f"[prerequisites] {key}: {path} is missing; building it with `{builder.cli}` "
+            f"(about {builder.minutes:g} min on 2 CPU cores; done once, then reused)")
         t0 = time.monotonic()
         _run_build(builder, file, progress, log)
         if not is_complete(path, required):
@@ -243,5 +271,7 @@ def ensure_prerequisites(recipe: Recipe, progress: bool = True, log=None) -> lis
     return built
 
 
-__all__ = ["BUILDERS", "Builder", "MANUAL_BUILDERS", "PrerequisiteError", "RECIPES_DIR", "check_task_files", "ensure",
-           "ensure_prerequisites", "find_builder", "is_complete", "required_models"]
+__all__ = ["BUILDERS", "Builder", "MANUAL_BUILDERS", "PrerequisiteError", "RECIPES_DIR", "builder_hint",
+           "check_task_files", "embedded_products", "ensure", "ensure_prerequisites", "find_builder", "generator_hint",
+           "is_complete",
+           "required_models"]

@@ -8,15 +8,16 @@ graded, through `rlprm.grading` (sandboxed workers).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from rlprm.config import Recipe
+from rlprm.errors import InputError
+from rlprm.files import read_jsonl
 from rlprm.tasks.arithmetic import Problem, check, split_problems
 
 
-class ProblemFileError(ValueError):
+class ProblemFileError(InputError, ValueError):
     """A problems file is missing, unreadable or has a bad line (the message names file:line)."""
 
 
@@ -57,32 +58,36 @@ def held_out_arithmetic(recipe: Recipe, n: int) -> list[TaskProblem]:
     return from_arithmetic(test, prefix="test")
 
 
+def reward_model_arithmetic(recipe: Recipe) -> tuple[list[Problem], list[Problem]]:
+    """The reward model's (training, held-out) arithmetic problems for `rm.data`: none the generator trained on.
+
+    The generator's SFT problems are named by this recipe's `sft.num_examples` and `prepare_eval.num_problems`
+    with its seed; their defaults are recipes/arith_prepare.yaml's (see tasks.arithmetic.reward_model_problems).
+    """
+    from rlprm.tasks.arithmetic import reward_model_problems
+
+    data = recipe.rm.data
+    return reward_model_problems(recipe.task.arithmetic, data.train_problems, data.eval_problems, recipe.run.seed,
+                                 sft_examples=recipe.sft.num_examples, sft_held_out=recipe.prepare_eval.num_problems)
+
+
 def load_jsonl_problems(path: Path, limit: int | None = None, template: str = "{problem}\n") -> list[TaskProblem]:
     """MATH-style (`problem`, `answer`) or GSM8K (`question`, `answer` ending in `#### n`) JSONL."""
     path = Path(path)
-    if not path.is_file():
-        raise ProblemFileError(f"problems file not found: {path}")
     out: list[TaskProblem] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(out) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ProblemFileError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ProblemFileError(f"{path}:{lineno}: expected a JSON object")
-            text = row.get("problem", row.get("question"))
-            answer = row.get("answer")
-            if not isinstance(text, str) or not isinstance(answer, str):
-                raise ProblemFileError(f"{path}:{lineno}: needs string fields `problem` (or `question`) and `answer`")
-            if "####" in answer:  # GSM8K: the answer field is a worked solution ending in '#### n'
-                answer = answer.rsplit("####", 1)[1].strip().replace(",", "")
-            pid = str(row.get("unique_id", row.get("id", f"{path.stem}-{lineno}")))
-            out.append(TaskProblem(pid, template.format(problem=text), answer, text=text))
+    for lineno, row in read_jsonl(path, ProblemFileError):
+        if limit is not None and len(out) >= limit:
+            break
+        if not isinstance(row, dict):
+            raise ProblemFileError(f"{path}:{lineno}: expected a JSON object")
+        text = row.get("problem", row.get("question"))
+        answer = row.get("answer")
+        if not isinstance(text, str) or not isinstance(answer, str):
+            raise ProblemFileError(f"{path}:{lineno}: needs string fields `problem` (or `question`) and `answer`")
+        if "####" in answer:  # GSM8K: the answer field is a worked solution ending in '#### n'
+            answer = answer.rsplit("####", 1)[1].strip().replace(",", "")
+        pid = str(row.get("unique_id", row.get("id", f"{path.stem}-{lineno}")))
+        out.append(TaskProblem(pid, template.format(problem=text), answer, text=text))
     return out
 
 

@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from rlprm.data.stepwise import CORRECT, INCORRECT, LABEL_NAMES, NEUTRAL, LabelledSolution
+from rlprm.errors import InputError
+from rlprm.files import atomic_dir
 from rlprm.steps import encode_batch, split_steps
 
 RM_FILE = "rlprm_rm.json"
@@ -44,7 +45,7 @@ AGGREGATIONS = ("prod", "min", "last", "mean")
 IGNORE_INDEX = -100
 
 
-class RewardModelError(ValueError):
+class RewardModelError(InputError, ValueError):
     """A reward model cannot be built, loaded or asked to score this way (the message says why)."""
 
 
@@ -569,20 +570,17 @@ class RewardModel:
     def save(self, path: str | Path) -> Path:
         """A plain HF folder (LoRA merged) plus rlprm_rm.json, written to a temporary folder and renamed."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         model = self.model
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
-        with _quiet_transformers(report=False):
-            model.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        if self.convention.confidence is not None:
+        with atomic_dir(path) as tmp:
             with _quiet_transformers(report=False):
-                self.confidence_lm.save_pretrained(tmp / CONFIDENCE_DIR)
-        (tmp / RM_FILE).write_text(json.dumps(asdict(self.convention), indent=2) + "\n")
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
+                model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            if self.convention.confidence is not None:
+                with _quiet_transformers(report=False):
+                    self.confidence_lm.save_pretrained(tmp / CONFIDENCE_DIR)
+            (tmp / RM_FILE).write_text(json.dumps(asdict(self.convention), indent=2) + "\n")
         return path
 
     @classmethod

@@ -27,7 +27,8 @@ Modes (`RewardConfig.mode`):
   every step is right else 0 (`exact`), or the whole-response confidence
   (`confidence`).
 - dense (`source: prm | exact | confidence`): a reward at the last token of
-  each step, from the step probabilities p_1..p_K, in one of three forms:
+  each step, from the step probabilities p_1..p_K, in one of four forms
+  (`RewardConfig.dense_form`, or `token_rewards(dense_form=...)`):
   - `log_prob`: r_k = log p_k. The return is log(p_1 * ... * p_K), the log of
     the paper's product score. Every r_k <= 0, so writing more steps can only
     lower it: padding a solution with steps cannot farm reward. p is floored at
@@ -46,6 +47,15 @@ Modes (`RewardConfig.mode`):
     rather than 0.5 so that the return is the score itself, not an offset one;
     the offset would change nothing for PPO's critic but would put the
     missing-answer guard on a different footing than in the other modes.
+  - `score`: r_k = p_k, each step's probability at its end (DeepSeekMath's
+    process reward). The step rewards are VALUES of the steps, not
+    differences, so GRPO's process advantages (`rl.core.process_token_advantages`)
+    can take their min or mean from each token on. Summed, as PPO's return
+    does, they give sum p_k, which grows with every step: under PPO this form
+    pays for padding a solution with sure steps (tests/test_reward_hacking.py
+    pins that), so it is GRPO's form, not PPO's. `log_prob` is the other
+    value form (`VALUE_FORMS`); min_form and delta are differences that only
+    mean something summed to a return.
   Optionally `outcome_coef * ground_truth` is added at the last response token.
 
 Answering always pays at least as much as not answering. `log_prob` returns
@@ -60,8 +70,8 @@ return, every worse one returns the floor, strictly above a missing answer.
 The floor keeps what made the forms safe: a non-increasing running sum stays
 non-increasing (every log_prob r_k is still <= 0, extra steps still cannot
 pay), and the penalty still lands on the step that crossed the floor (for
-`exact`, the first wrong step). min_form and delta never go below 0, so with
-a negative `missing_answer_reward` the floor leaves them unchanged. The
+`exact`, the first wrong step). min_form, delta and score never go below 0, so
+with a negative `missing_answer_reward` the floor leaves them unchanged. The
 outcome term (>= 0) comes on top. Recipe validation refuses `log_prob` with a
 `missing_answer_reward` at or above -ANSWERED_MARGIN, where every answered
 return would be the floor and nothing would tell solutions apart.
@@ -99,7 +109,19 @@ different separator) and raises.
 The EOS token belongs in the response ids when the policy generated one: it
 is then the last response token, where sparse rewards land and the policy
 learns to stop. Dense step rewards land on the text tokens, never on EOS
-(EOS decodes to nothing, so no step ends in it).
+(EOS decodes to nothing, so no step ends in it), unless `last_event_at_eos`:
+then the last step's reward moves to the last kept token (EOS when there is
+one), so the final step's reward also teaches stopping there (what GRPO's
+process supervision does). The return is the same either way.
+
+Reward events. Besides the (B, T) tensor, `TokenRewards` lists each sample's
+reward events, so that no consumer re-derives them from the tensor: the
+positions and values of what was placed (`event_positions`, `event_values`:
+the dense step rewards; a sparse reward; a missing answer's penalty, alone)
+and the outcome term apart (`outcome_rewards`), because GRPO's process
+advantages add it to a solution's value rather than treat it as a step. The
+rewards tensor is exactly the events plus the outcome term at the last kept
+token; `event_tensors()` pads them for `rl.core.process_token_advantages`.
 """
 
 from __future__ import annotations
@@ -129,7 +151,11 @@ PROB_FLOOR = 1e-6
 DELTA_P0 = 0.0
 """The score before the first step in the `delta` form."""
 
-DENSE_FORMS = ("log_prob", "min_form", "delta")
+DENSE_FORMS = ("log_prob", "min_form", "delta", "score")
+
+VALUE_FORMS = ("log_prob", "score")
+"""Dense forms whose step rewards are values of the steps (monotone in p_k), not differences: the ones whose
+min or mean over steps means something (GRPO's process advantages, `rl.core.process_token_advantages`)."""
 
 STEP_SOURCES = ("prm", "exact", "confidence")
 """Sources that give one probability per step, so can drive dense rewards."""
@@ -166,7 +192,8 @@ def floor_running_return(step_rewards: Sequence[float], floor: float) -> list[fl
 def dense_step_rewards(probs: Sequence[float], form: str, floor: float | None = None) -> list[float]:
     """Step probabilities p_1..p_K -> step rewards r_1..r_K (see the module docstring).
 
-    Sums: `log_prob` -> log(prod p_k); `min_form` -> min p_k; `delta` -> p_K.
+    Sums: `log_prob` -> log(prod p_k); `min_form` -> min p_k; `delta` -> p_K;
+    `score` -> sum p_k (it grows with every step: see the module docstring).
     `floor` (None: none) floors the running sum (`floor_running_return`), so
     the sum becomes max(that, floor).
     """
@@ -188,6 +215,8 @@ def _dense_step_rewards(probs: Sequence[float], form: str) -> list[float]:
     if form == "delta":
         prev = [DELTA_P0] + probs[:-1]
         return [p - q for p, q in zip(probs, prev)]
+    if form == "score":
+        return probs
     raise RewardError(f"dense form must be one of {', '.join(DENSE_FORMS)}, got {form!r}")
 
 
@@ -326,11 +355,38 @@ class TokenRewards:
     truncated: list[bool] = field(default_factory=list)
     """The response was cut by the cap: longer than it, or as long as it without ending in EOS (see the module docstring)."""
     stats: dict[str, float] = field(default_factory=dict)
+    event_positions: list[list[int]] = field(default_factory=list)
+    """Per sample, the token index of each reward event, in step order: the dense step rewards where they were
+    placed (the last one on the last kept token with `last_event_at_eos`), or the last kept token alone (a sparse
+    reward, or a missing answer's penalty); [] for an empty response."""
+    event_values: list[list[float]] = field(default_factory=list)
+    """Per sample, the reward of each event (`event_positions`); the outcome term is not among them."""
+    outcome_rewards: list[float] = field(default_factory=list)
+    """Per sample, the outcome term `outcome_coef * outcome` at the last kept token (0 when there is none,
+    and for a missing answer or an empty response). rewards[i] = the events + this, placed."""
 
     @property
     def returns(self) -> Tensor:
         """(B,) undiscounted return of each sample: its rewards summed."""
         return self.rewards.sum(dim=1)
+
+    def event_tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The events padded for `rl.core.process_token_advantages`: (values (B, S), positions (B, S), outcome (B,)).
+
+        S = the most events of a sample (at least 1); padding events have position -1 and value 0. On the
+        rewards' device and dtype.
+        """
+        B = len(self.event_positions)
+        S = max(1, max((len(e) for e in self.event_positions), default=0))
+        kw = {"device": self.rewards.device}
+        values = torch.zeros(B, S, dtype=self.rewards.dtype, **kw)
+        positions = torch.full((B, S), -1, dtype=torch.long, **kw)
+        for i, (pos, val) in enumerate(zip(self.event_positions, self.event_values)):
+            if pos:
+                positions[i, : len(pos)] = torch.tensor(pos, dtype=torch.long, **kw)
+                values[i, : len(val)] = torch.tensor(val, dtype=self.rewards.dtype, **kw)
+        outcome = torch.tensor(self.outcome_rewards, dtype=self.rewards.dtype, **kw).reshape(B)
+        return values, positions, outcome
 
 
 def _lengths(token_ids, lengths) -> list[int]:
@@ -375,18 +431,14 @@ def _checked_scores(cfg: RewardConfig, scores, outcomes, tokenizer) -> tuple[lis
     return probs, truths
 
 
-def _dense_row(i: int, row: list[float], text: str, ids: list[int], probs: list[float], form: str,
-               tokenizer, sep: str, floor: float) -> tuple[list[int], list[float], int]:
-    """Adds sample i's step rewards into `row`; returns (rewarded step ends, their rewards, unscored steps)."""
+def _dense_steps(i: int, text: str, ids: list[int], probs: list[float], form: str, tokenizer, sep: str,
+                 floor: float) -> tuple[list[int], list[float], int]:
+    """Sample i's (rewarded step ends, their rewards, unscored steps)."""
     ends = step_token_ends(text, ids, tokenizer, sep)
     if len(probs) > len(ends):
         raise RewardError(f"sample {i}: the reward model scored {len(probs)} steps but the text has {len(ends)} "
                           f"with separator {sep!r}; it split the text differently (another separator?)")
-    step_r = dense_step_rewards(probs, form, floor)
-    # += : with a merging tokenizer two step ends can share one token
-    for end, r in zip(ends, step_r):
-        row[end] += r
-    return ends[: len(probs)], step_r, len(ends) - len(probs)
+    return ends[: len(probs)], dense_step_rewards(probs, form, floor), len(ends) - len(probs)
 
 
 def token_rewards(
@@ -403,7 +455,9 @@ def token_rewards(
     eos_token_id: int | None = None,
     width: int | None = None,
     sep: str = DEFAULT_SEPARATOR,
-    sparse_aggregate: str = "prod",
+    sparse_aggregate: str | None = None,
+    dense_form: str | None = None,
+    last_event_at_eos: bool = False,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> TokenRewards:
@@ -425,9 +479,14 @@ def token_rewards(
         tokens that does not end in it was stopped by the cap, so is truncated
         (what `generate` returns at max_new_tokens). None: only longer responses are.
     width: T of the output (default: the longest kept response); at least that.
-    sparse_aggregate: how a PRM's steps become one sparse reward (`prod`, the paper's).
+    sparse_aggregate: how a PRM's steps become one sparse reward (`prod`, the paper's); overrides
+        `cfg.sparse_aggregate` (None: the config's).
+    dense_form: one of DENSE_FORMS; overrides `cfg.dense_form` (None: the config's).
+    last_event_at_eos: dense mode: the last step's reward lands on the sample's last kept
+        token (its EOS) instead of the step's end, so the final step's reward also teaches
+        stopping; the return does not change.
 
-    Returns `TokenRewards` with rewards and mask shaped (B, T).
+    Returns `TokenRewards` with rewards and mask shaped (B, T), and each sample's reward events.
     """
     from rlprm.reward_models import aggregate
 
@@ -440,6 +499,9 @@ def token_rewards(
             raise RewardError(f"{B} texts but {len(seq)} {name}")
     if max_tokens is not None and max_tokens < 1:
         raise RewardError(f"max_tokens must be at least 1, got {max_tokens}")
+    form = cfg.dense_form if dense_form is None else dense_form
+    if form not in DENSE_FORMS:
+        raise RewardError(f"dense_form must be one of {', '.join(DENSE_FORMS)}, got {form!r}")
     probs, truths = _checked_scores(cfg, scores, outcomes, tokenizer)
 
     kept = [n if max_tokens is None else min(n, max_tokens) for n in lens]
@@ -451,6 +513,9 @@ def token_rewards(
     rewards = [[0.0] * T for _ in range(B)]
     ends_out: list[list[int]] = [[] for _ in range(B)]
     step_out: list[list[float]] = [[] for _ in range(B)]
+    event_pos: list[list[int]] = [[] for _ in range(B)]
+    event_val: list[list[float]] = [[] for _ in range(B)]
+    outcome_out = [0.0] * B
     # cut by the cap: longer than it, or stopped at it by generate (as long as the cap, no EOS at the end)
     truncated = [lens[i] > kept[i] or (eos_token_id is not None and max_tokens is not None and lens[i] == max_tokens
                                       and seqs[i][lens[i] - 1] != eos_token_id) for i in range(B)]
@@ -463,27 +528,34 @@ def token_rewards(
             continue
         row, last = rewards[i], kept[i] - 1
         if missing[i]:
-            row[last] = cfg.missing_answer_reward
-            continue
-        if cfg.mode == "dense":
-            ends_out[i], step_out[i], n = _dense_row(i, row, texts[i], seqs[i][: lens[i]], probs[i], cfg.dense_form,
-                                                     tokenizer, sep, floor)
+            event_pos[i], event_val[i] = [last], [cfg.missing_answer_reward]
+        elif cfg.mode == "dense":
+            ends_out[i], step_out[i], n = _dense_steps(i, texts[i], seqs[i][: lens[i]], probs[i], form, tokenizer,
+                                                       sep, floor)
             unscored += n
+            event_pos[i], event_val[i] = list(ends_out[i]), list(step_out[i])
+            if last_event_at_eos and event_pos[i]:
+                event_pos[i][-1] = last
         elif cfg.source == "ground_truth":
-            row[last] += truths[i]
+            event_pos[i], event_val[i] = [last], [truths[i]]
         elif cfg.source in ("orm", "confidence"):
-            row[last] += probs[i][0]
+            event_pos[i], event_val[i] = [last], [probs[i][0]]
         elif cfg.source == "exact":
             # every step right: prefix-correctness ends at 1; any wrong step (or no step scored) gives 0
-            row[last] += min(probs[i]) if probs[i] else 0.0
+            event_pos[i], event_val[i] = [last], [min(probs[i]) if probs[i] else 0.0]
         else:
-            row[last] += aggregate(probs[i], sparse_aggregate)
-        if cfg.outcome_coef > 0:
-            row[last] += cfg.outcome_coef * truths[i]
+            event_pos[i], event_val[i] = [last], [aggregate(probs[i], sparse_aggregate or cfg.sparse_aggregate)]
+        if not missing[i] and cfg.outcome_coef > 0:
+            outcome_out[i] = cfg.outcome_coef * truths[i]
+        # += : with a merging tokenizer two step ends can share one token (and the outcome shares the last)
+        for p, r in zip(event_pos[i], event_val[i]):
+            row[p] += r
+        row[last] += outcome_out[i]
 
     reward_t = torch.tensor(rewards, dtype=dtype, device=device).reshape(B, T)
     mask = torch.arange(T, device=device).unsqueeze(0) < torch.tensor(kept, dtype=torch.long, device=device).reshape(B, 1)
-    out = TokenRewards(reward_t, mask, ends_out, step_out, missing, truncated)
+    out = TokenRewards(reward_t, mask, ends_out, step_out, missing, truncated, event_positions=event_pos,
+                       event_values=event_val, outcome_rewards=outcome_out)
     returns = out.returns
     answered = torch.tensor([not m for m in missing], dtype=torch.bool, device=device)
     n = max(B, 1)
@@ -517,7 +589,8 @@ def add_kl_penalty(rewards: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask
 
 
 __all__ = [
-    "ANSWERED_MARGIN", "DELTA_P0", "DENSE_FORMS", "PROB_FLOOR", "STEP_SOURCES", "RewardError", "TokenRewards",
+    "ANSWERED_MARGIN", "DELTA_P0", "DENSE_FORMS", "PROB_FLOOR", "STEP_SOURCES", "VALUE_FORMS", "RewardError",
+    "TokenRewards",
     "add_kl_penalty", "confidence_scores", "dense_step_rewards", "floor_running_return", "has_final_answer",
     "prefix_correct_probs", "sequence_confidence", "step_confidence", "step_token_ends", "token_rewards",
 ]

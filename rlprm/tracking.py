@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from rlprm.config import Recipe, recipe_to_yaml
+from rlprm.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
 
 
 def _has_wandb_key() -> bool:
@@ -66,7 +67,7 @@ class Tracker:
         has (from a killed earlier try), not sent again."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        atomic_write_text(self.run_dir / "recipe.yaml", recipe_to_yaml(recipe))
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._file = self.metrics_path.open("a")
         self._t0 = time.time()
@@ -83,7 +84,7 @@ class Tracker:
                 import secrets
 
                 run_id = secrets.token_hex(4)  # not from `random`: the run's own RNG streams stay untouched
-                id_file.write_text(run_id + "\n")
+                atomic_write_text(id_file, run_id + "\n")
             self._wandb = wandb.init(
                 id=run_id,
                 resume="allow",
@@ -111,13 +112,8 @@ class Tracker:
 
     def table(self, name: str, columns: list[str], rows: list[list]) -> None:
         """A table of examples: tables/NAME.jsonl in the run folder and a W&B Table."""
-        folder = self.run_dir / "tables"
-        folder.mkdir(exist_ok=True)
-        tmp = folder / f"{name}.jsonl.tmp"
-        with open(tmp, "w") as f:
-            for row in rows:
-                f.write(json.dumps(dict(zip(columns, (_jsonable(v) for v in row)))) + "\n")
-        tmp.replace(folder / f"{name}.jsonl")
+        atomic_write_jsonl(self.run_dir / "tables" / f"{name}.jsonl",
+                           (dict(zip(columns, (_jsonable(v) for v in row))) for row in rows))
         if self._wandb is not None:
             import wandb
 
@@ -125,18 +121,55 @@ class Tracker:
 
     def summary(self, values: dict) -> None:
         """Final numbers: summary.json in the run folder and the W&B run summary."""
-        path = self.run_dir / "summary.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({k: _jsonable(v) for k, v in values.items()}, indent=2) + "\n")
-        tmp.replace(path)
+        atomic_write_json(self.run_dir / "summary.json", {k: _jsonable(v) for k, v in values.items()}, indent=2)
         if self._wandb is not None:
             self._wandb.summary.update(values)
+
+    def image(self, name: str, path: Path) -> None:
+        """A picture already saved in the run folder (the local record), shown in W&B under `name`."""
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({name: wandb.Image(str(path))})
+
+    @property
+    def wandb_run(self):
+        """The W&B run this tracker mirrors to; None when W&B is off."""
+        return self._wandb
 
     def finish(self) -> None:
         self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.finish()
+
+
+class NullTracker:
+    """A Tracker that records nothing: what ranks other than 0 log to (rank 0 writes metrics.jsonl, W&B and
+    summary.json), and what a job given no tracker uses."""
+
+    wandb_run = None
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        pass
+
+    def table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        pass
+
+    def summary(self, values: dict) -> None:
+        pass
+
+    def image(self, name: str, path: Path) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
 
     def __enter__(self):
         return self
@@ -196,7 +229,5 @@ def truncate_metrics(path: Path, last_step: int) -> int:
             else:
                 kept.append(line if line.endswith("\n") else line + "\n")
     if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(kept))
     return dropped

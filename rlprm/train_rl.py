@@ -11,8 +11,9 @@ engines (rlprm/rl/distributed.py); only rank 0 writes metrics, checkpoints and
 the export.
 `rlprm train-rl RECIPE` is the same job through the `rlprm` command.
 
-Exit codes: 0 done, 2 bad input (recipe, missing generator or reward model),
-4 the run stopped (non-finite rewards or losses; the last good checkpoint is kept).
+Exit codes (rlprm/errors.py): 0 done, 2 bad input (recipe, missing generator or
+reward model), 4 the run stopped (non-finite rewards or losses; the last good
+checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -24,10 +25,6 @@ from pathlib import Path
 if __package__ in (None, ""):
     # run as a script path: make the repository's `rlprm` importable without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-EXIT_BAD_INPUT = 2
-EXIT_STOPPED = 4
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -48,48 +45,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlprm.config import RecipeError, load_recipe, recipe_to_yaml
+    """The job; raises what it cannot do (each error's `exit_code` says what it means: rlprm/errors.py)."""
+    import os
 
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    from rlprm.config import load_recipe, recipe_to_yaml
+
+    recipe = load_recipe(args.recipe, args.overrides)
     if args.print_config:
         print(recipe_to_yaml(recipe), end="")
         return 0
-    import os
+    from rlprm.rl.distributed import launched_world_size
 
-    from rlprm.rl.distributed import DistributedError, launched_world_size
-
-    try:
-        world = launched_world_size()
-    except DistributedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    world = launched_world_size()
     if world > 1 and recipe.run.threads == 0:
         # N processes each taking every core oversubscribe the machine (2x slower: DESIGN.md section 9)
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
-    from rlprm.prerequisites import PrerequisiteError, ensure_prerequisites
+    from rlprm.prerequisites import ensure_prerequisites
 
-    try:
-        # a missing generator / PRM / ORM that an embedded recipe produces is built (once) before anything else
-        ensure_prerequisites(recipe, progress=not args.no_progress)
-    except PrerequisiteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    from rlprm.reward_models import RewardModelError
+    # a missing generator / PRM / ORM that an embedded recipe produces is built (once) before anything else
+    ensure_prerequisites(recipe, progress=not args.no_progress)
     from rlprm.rl import train
-    from rlprm.rl.run import RLError
 
-    try:
-        final = train(recipe, resume=args.resume, progress=not args.no_progress)
-    except (RewardModelError, DistributedError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except RLError as exc:  # RLInputError: 2 (the run could not start), RLError: 4 (it stopped)
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    final = train(recipe, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return 0  # rank 0 reports for all
     acc = final.get("eval/answer_accuracy")
@@ -102,8 +79,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rlprm.errors import run_reporting_errors
+
     # intermixed: `RECIPE --resume key=value` works as well as `RECIPE key=value --resume`
-    return run(build_parser().parse_intermixed_args(argv))
+    return run_reporting_errors(run, build_parser().parse_intermixed_args(argv))
 
 
 if __name__ == "__main__":

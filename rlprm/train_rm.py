@@ -38,9 +38,11 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from rlprm.config import Recipe  # noqa: E402
+from rlprm.errors import InputError  # noqa: E402
+from rlprm.launch import single_process_env  # noqa: E402
 
 
-class TrainRMError(RuntimeError):
+class TrainRMError(InputError, RuntimeError):
     """The job cannot start or cannot go on (the message says why and what to change)."""
 
 
@@ -49,23 +51,6 @@ class TrainRMError(RuntimeError):
 
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _single_process_distributed_env() -> None:
-    """DeepSpeed under plain `python` looks for MPI unless these are set (DESIGN.md section 9)."""
-    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-    if "RANK" not in os.environ:
-        for key, value in defaults.items():
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
 def check_inputs(recipe: Recipe) -> None:
@@ -83,13 +68,15 @@ def check_inputs(recipe: Recipe) -> None:
     needs_generator = data.source == "arithmetic" or rm.backbone == "generator"
     gen = recipe.model.generator
     if needs_generator:
+        from rlprm.prerequisites import generator_hint
+
         if gen == "tiny":
             problems.append("model.generator is `tiny`, but sampling arithmetic data (and rm.backbone: generator) needs a "
-                            "trained generator: run `rlprm prepare recipes/arith_prepare.yaml` and set "
-                            "model.generator: ../runs/arith/generator (or rm.backbone: tiny for a fresh backbone)")
+                            f"trained generator: make one with {generator_hint()} and point model.generator at it "
+                            "(or rm.backbone: tiny for a fresh backbone)")
         elif gen.startswith("/") and not (Path(gen) / "config.json").is_file():
             problems.append(f"model.generator: no checkpoint at {gen} (config.json missing). Make it with "
-                            "`rlprm prepare recipes/arith_prepare.yaml`, or point model.generator at one")
+                            f"{generator_hint()}, or point model.generator at one")
     if rm.freeze_backbone and recipe.model.lora.enabled:
         problems.append("rm.freeze_backbone and model.lora.enabled both limit what trains; pick one "
                         "(set model.lora.enabled: false, or rm.freeze_backbone: false)")
@@ -142,14 +129,15 @@ def _callbacks(tracker, budget_s: float, progress: bool, total_steps_hint: int):
 
 def arithmetic_data(recipe: Recipe, progress: bool) -> tuple[list, list, dict]:
     """(train records, eval records, counts): generator samples labelled by the exact checker, cached."""
-    from rlprm.data.stepwise import label_summary, load_or_sample, model_fingerprint, sample_arithmetic
-    from rlprm.tasks.arithmetic import split_problems
+    from rlprm.data.stepwise import (label_summary, load_or_sample, model_fingerprint, problems_digest,
+                                     sample_arithmetic)
+    from rlprm.problems import reward_model_arithmetic
 
     data, sep = recipe.rm.data, recipe.task.step_separator
     gen_path = recipe.model.generator
-    # the held-out side is drawn like `rlprm prepare`'s (same seed): the generator never trained on it
-    train_problems, eval_problems = split_problems(recipe.task.arithmetic, data.train_problems, data.eval_problems,
-                                                   recipe.run.seed)
+    # the held-out side is drawn like `rlprm prepare`'s (same seed): the generator never trained on it; the
+    # training side skips the generator's SFT problems
+    train_problems, eval_problems = reward_model_arithmetic(recipe)
     cache = Path(data.cache_dir or recipe.run.output_dir)
     state = {}
 
@@ -169,7 +157,8 @@ def arithmetic_data(recipe: Recipe, progress: bool) -> tuple[list, list, dict]:
     out, counts = {}, {}
     for split, problems, n, seed in (("train", train_problems, data.samples_per_problem, recipe.run.seed * 7 + 1),
                                      ("eval", eval_problems, data.eval_samples_per_problem, recipe.run.seed * 7 + 2)):
-        meta = dict(base, split=split, problems=len(problems), samples_per_problem=n)
+        meta = dict(base, split=split, problems=len(problems), problems_sha256=problems_digest(problems),
+                    samples_per_problem=n)
 
         def make(problems=problems, n=n, seed=seed, split=split):
             model, tokenizer = generator()
@@ -376,7 +365,7 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
     if rm_cfg.scorer == "lm":
         return train_lm_scored_rm(recipe, progress, t_start)
     if recipe.deepspeed is not None:
-        _single_process_distributed_env()
+        single_process_env()
     import torch
 
     if not torch.cuda.is_available():

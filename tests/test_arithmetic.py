@@ -31,6 +31,22 @@ def test_problem_text_and_reference_solution():
     assert r.text == "30 -2 max 50" and reference_solution(r)[1] == "max(28, 50) = 50" and r.answer == 50
 
 
+def test_problem_text_parses_back_to_the_problem():
+    cfg = ArithmeticConfig(final_ops=["mod10", "last_digit", "max", "min", "none"])
+    problems = make_problems(cfg, 300, seed=5)
+    assert {p.final for p in problems} == {"mod10", "last_digit", "max", "min", "none"}
+    for p in problems:
+        assert Problem.parse(p.text) == p and Problem.parse(f"  {p.prompt}") == p
+    assert Problem.parse("0 -1 min 0") == Problem(0, (("-", 1),), "min", 0)
+
+
+@pytest.mark.parametrize("text", ["What is 2 + 2?", "93", "93 +3 max", "93 +3 mod 10 5", "93 +3 last digit 4",
+                                  "93 *3", "93 +3 mod 9", "-93 +3"])
+def test_problem_parse_refuses_other_text(text):
+    with pytest.raises(ValueError, match="not an arithmetic-task problem"):
+        Problem.parse(text)
+
+
 def test_generator_is_seeded_and_in_range():
     a, b = make_problems(CFG, 300, seed=5), make_problems(CFG, 300, seed=5)
     assert a == b and a != make_problems(CFG, 300, seed=6)

@@ -2,6 +2,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "arith_prepare.yaml"
 
@@ -39,3 +41,50 @@ def test_check_and_print_config():
 def test_explain_documents_every_key():
     out = rlprm("explain")
     assert out.returncode == 0 and "sft.steps" in out.stdout and "reward.dense_form" in out.stdout
+
+
+# --------------------------------------------------------------------------- in process: the table and the wrapper
+
+
+def test_flags_anywhere_and_print_config_for_recipe_commands(capsys):
+    from rlprm.cli import main
+
+    assert main(["prepare", str(RECIPE), "--print-config", "run.seed=9", "--no-progress"]) == 0
+    assert "seed: 9" in capsys.readouterr().out
+    # train-rl delegates to rlprm/train_rl.py's run, which loads the recipe itself
+    assert main(["train-rl", str(ROOT / "recipes" / "prm_dense.yaml"), "--print-config", "run.seed=7"]) == 0
+    assert "seed: 7" in capsys.readouterr().out
+
+
+def test_errors_become_exit_codes_and_one_line_on_stderr(capsys):
+    from rlprm.demo import DemoError
+    from rlprm.errors import run_reporting_errors
+    from rlprm.prepare import PrepareError
+    from rlprm.prerequisites import PrerequisiteError
+    from rlprm.reward_models import RewardModelError
+    from rlprm.rl.distributed import DistributedError
+    from rlprm.rl.run import RLError, RLInputError
+
+    class Stopped(RuntimeError):
+        exit_code = 4
+
+    def raising(exc):
+        raise exc
+
+    cases = [(PrerequisiteError("model.generator: missing"), 2), (RewardModelError("an ORM"), 2),
+             (DistributedError("WORLD_SIZE"), 2), (FileNotFoundError("no checkpoint"), 2),
+             (PrepareError("targets missed"), 3), (Stopped("non-finite loss"), 4), (DemoError("stage x failed"), 1),
+             (RLInputError("needs --resume"), 2), (RLError("the PPO loss is not finite"), 4)]
+    for exc, code in cases:
+        assert run_reporting_errors(raising, exc) == code
+        assert capsys.readouterr().err == f"error: {exc}\n"
+    assert run_reporting_errors(lambda: None) == 0 and run_reporting_errors(lambda: 5) == 5
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        run_reporting_errors(lambda: 1 / 0)
+
+
+def test_export_without_a_checkpoint_exits_2(tmp_path, capsys):
+    from rlprm.cli import main
+
+    assert main(["export", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path} has no complete checkpoint")

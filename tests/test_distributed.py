@@ -111,6 +111,136 @@ def test_collectives_agree_across_two_processes(tmp_path):
     assert r0["stopped"] == "reward is NaN (rank 1)"
 
 
+def _init_gloo(rank: int, world: int, port: int):
+    import torch
+    import torch.distributed as tdist
+
+    from rlprm.rl.distributed import Dist
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    return Dist(rank=rank, world=world)
+
+
+def _seeding_worker(rank: int, world: int, port: int, out: str) -> None:
+    import random
+
+    import torch
+    import torch.distributed as tdist
+
+    d = _init_gloo(rank, world, port)
+    d.seed_everything(7)
+    init = torch.nn.Linear(8, 8).weight.detach().flatten().tolist()  # a new head's weights, drawn from the seed
+    d.split_streams(7)
+    draws = {"torch": torch.rand(4).tolist(), "python": random.random()}  # sampling noise, minibatch order
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"init": init, "draws": draws}))
+    tdist.destroy_process_group()
+
+
+def test_ranks_start_from_the_same_weights_but_sample_their_own_noise(tmp_path):
+    import random
+
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(_seeding_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["init"] == r1["init"]  # identical initialisation: data parallelism starts from one model
+    assert r0["draws"]["torch"] != r1["draws"]["torch"]  # each rank its own sampling stream
+    assert r0["draws"]["python"] != r1["draws"]["python"]
+    # rank 0 draws what one process draws: a single-process run is unchanged by the split
+    d = Dist()
+    d.seed_everything(7)
+    torch.nn.Linear(8, 8)
+    d.split_streams(7)
+    assert torch.rand(4).tolist() == r0["draws"]["torch"] and random.random() == r0["draws"]["python"]
+
+
+def _whiten_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch
+    import torch.distributed as tdist
+
+    d = _init_gloo(rank, world, port)
+    # different row counts per rank; padding holds garbage that must not count
+    x = {0: torch.tensor([[1.0, 2.0, float("nan")]]),
+         1: torch.tensor([[10.0, 20.0, 30.0], [9.0, 5.0, 6.0]])}[rank]
+    mask = {0: torch.tensor([[True, True, False]]), 1: torch.tensor([[True, True, True], [True, False, False]])}[rank]
+    result = {"whitened": d.masked_whiten(x, mask).tolist(),
+              "rescaled": d.masked_whiten(x, mask, shift_mean=False).tolist()}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    tdist.destroy_process_group()
+
+
+def test_advantages_are_whitened_with_every_ranks_statistics(tmp_path):
+    import torch
+    import torch.multiprocessing as mp
+
+    from rlprm.rl.core import masked_whiten
+
+    mp.spawn(_whiten_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    # the reference: one process whitening the whole batch (rank 0's row, then rank 1's two)
+    x = torch.tensor([[1.0, 2.0, 0.0], [10.0, 20.0, 30.0], [9.0, 5.0, 6.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True], [True, False, False]])
+    whole = masked_whiten(x, mask)
+    torch.testing.assert_close(torch.tensor(r0["whitened"]), whole[:1])
+    torch.testing.assert_close(torch.tensor(r1["whitened"]), whole[1:])
+    # by hand: 6 values, mean 72 / 6 = 12, unbiased variance (121 + 100 + 4 + 64 + 324 + 9) / 5 = 124.4
+    assert r0["whitened"][0][0] == pytest.approx((1 - 12) / 124.4 ** 0.5, abs=1e-6) and r0["whitened"][0][2] == 0.0
+    # per-rank statistics (what PPO did) put rank 0's advantages on another scale
+    assert masked_whiten(x[:1], mask[:1])[0, 0].item() == pytest.approx(-0.7071, abs=1e-4) != r0["whitened"][0][0]
+    rescaled = masked_whiten(x, mask, shift_mean=False)
+    torch.testing.assert_close(torch.tensor(r1["rescaled"]), rescaled[1:])
+    # one process: exactly core's function
+    assert torch.equal(Dist().masked_whiten(x, mask), whole)
+
+
+def _failure_worker(rank: int, world: int, port: int, out: str, how: str) -> None:
+    import os
+    import time
+
+    import torch.distributed as tdist
+
+    from rlprm.rl.distributed import RankFailedError
+
+    d = _init_gloo(rank, world, port)
+    d.barrier()  # a normal barrier first: both pass
+    t0 = time.monotonic()
+    if rank == 0:
+        if how == "dies":  # a hard death (killed, segfault): no handler runs, the store it hosts goes with it
+            os._exit(0)
+        try:
+            with d.fail_together():
+                raise ValueError("planted failure in evaluation")
+        except ValueError:
+            pass
+        # this process stays alive a while (a W&B upload, a stuck worker pool): rank 1 must not wait for it
+        while not Path(out, "rank1.json").exists() and time.monotonic() - t0 < 30:
+            time.sleep(0.1)
+        return
+    try:
+        d.barrier()
+        message = None
+    except RankFailedError as exc:
+        message = str(exc)
+    Path(out, "rank1.json").write_text(json.dumps({"message": message, "waited_s": time.monotonic() - t0}))
+    if how == "raises":
+        tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("how", ["raises", "dies"])
+def test_a_failing_rank_stops_the_ranks_at_a_barrier_at_once(tmp_path, how):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_failure_worker, args=(2, _free_port(), str(tmp_path), how), nprocs=2, join=True)
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r1["waited_s"] < 10  # not the process group's 30 minutes, nor rank 0's exit
+    if how == "raises":
+        assert r1["message"] == "rank 0 failed: ValueError: planted failure in evaluation (rank 1 stops too)"
+    else:
+        assert "rank 1 lost the rendezvous store" in r1["message"] and "died" in r1["message"]
+
+
 # --------------------------------------------------------------------------- the real launcher, 2 processes
 
 
@@ -167,3 +297,55 @@ def test_deepspeed_two_processes_end_with_identical_weights(tmp_path, generator_
     assert len([r for r in records if "rl/reward" in r]) == 2
     assert [r["epoch"] for r in records if "eval/answer_accuracy" in r] == [0, 1]
     assert proc.stdout.count("policy exported to") == 1  # rank 0 reports for all
+
+
+FAILING_EVALUATION = '''
+import os, sys, time
+sys.path.insert(0, os.getcwd())
+import rlprm.evaluate
+import rlprm.tracking
+
+def between_epochs(*args, **kwargs):
+    raise ValueError("planted failure in evaluation")
+
+def finish(self):
+    time.sleep(600)  # a slow teardown (a W&B upload, a stuck worker pool): rank 0 stays alive after its failure
+
+if os.environ["RANK"] == "0":  # only rank 0 evaluates; only it has a Tracker
+    rlprm.evaluate.between_epochs = between_epochs
+    rlprm.tracking.Tracker.finish = finish
+from rlprm.train_rl import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_a_rank_failing_in_evaluation_stops_every_rank_within_two_minutes(tmp_path, generator_dir):
+    """The real launcher and PPO loop: rank 0 raises while evaluating, rank 1 waits at the barrier after it."""
+    import re
+    import signal
+    import time
+
+    recipe = _write_recipe(tmp_path, generator_dir)
+    script = tmp_path / "failing_evaluation.py"
+    script.write_text(FAILING_EVALUATION)
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), str(script), str(recipe),
+           "--no-progress"]
+    env = {**_env(), "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")}
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+        out, _ = proc.communicate()
+        pytest.fail("the ranks were still running 2 minutes after rank 0 failed:\n" + out[-3000:])
+    assert time.monotonic() - t0 < 120
+    assert proc.returncode != 0, out[-3000:]
+    # rank 1 names the failing rank and its error (the launcher names the last-spawned command, rank 1's)
+    assert "rank 0 failed: ValueError: planted failure in evaluation (rank 1 stops too)" in out, out[-3000:]
+    pids = [int(p) for p in re.findall(r"process (\d+) spawned", out)]
+    assert len(pids) == 2
+    for pid in pids:  # both ranks are gone: none is left waiting or uploading
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()

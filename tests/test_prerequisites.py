@@ -94,6 +94,35 @@ def test_embedded_recipes_map_to_the_shipped_rl_recipes_paths():
     assert pre.find_builder(ROOT / "runs" / "arith" / "elsewhere") is None
 
 
+def test_error_hints_name_the_builder_from_the_table(tiny_recipes, monkeypatch):
+    runs = tiny_recipes / "runs"
+    assert pre.builder_hint(runs / "arith" / "generator") == "rlprm prepare recipes/arith_prepare.yaml"
+    assert pre.builder_hint(runs / "arith_orm" / "reward_model") == "rlprm train-rm recipes/orm_train.yaml"
+    assert pre.builder_hint(runs / "elsewhere") is None
+    generator = runs / "arith" / "generator"
+    assert pre.generator_hint() == f"`rlprm prepare recipes/arith_prepare.yaml` (it writes {generator})"
+    # the table is the one source: a renamed builder recipe changes every hint
+    renamed = pre.Builder("prepare", "gen.yaml", "generator", ("config.json",), 5.0)
+    (tiny_recipes / "recipes" / "gen.yaml").write_text(TINY_PREPARE)
+    monkeypatch.setattr(pre, "BUILDERS", (renamed, *pre.BUILDERS[1:]))
+    assert pre.builder_hint(runs / "arith" / "generator") == "rlprm prepare recipes/gen.yaml"
+    assert pre.generator_hint().startswith("`rlprm prepare recipes/gen.yaml`")
+
+
+def test_train_rm_and_active_learning_take_their_hints_from_the_table(tiny_recipes, monkeypatch):
+    from rlprm.active import ActiveLearningError, load_pools
+    from rlprm.train_rm import TrainRMError, check_inputs
+
+    renamed = pre.Builder("prepare", "gen.yaml", "generator", ("config.json",), 5.0)
+    (tiny_recipes / "recipes" / "gen.yaml").write_text(TINY_PREPARE)
+    monkeypatch.setattr(pre, "BUILDERS", (renamed, *pre.BUILDERS[1:]))
+    recipe = load_recipe(tiny_recipes / "recipes" / "prm_train.yaml")
+    with pytest.raises(TrainRMError, match="Make it with `rlprm prepare recipes/gen.yaml`"):
+        check_inputs(recipe)
+    with pytest.raises(ActiveLearningError, match="make one with `rlprm prepare recipes/gen.yaml`"):
+        load_pools(recipe)
+
+
 def test_missing_chain_is_built_in_order_then_reused(tiny_recipes, monkeypatch):
     calls, lines = [], []
     monkeypatch.setattr(pre, "_run_build", fake_build(calls))

@@ -58,6 +58,9 @@ def test_dense_forms_by_hand():
     assert de == pytest.approx([0.9, -0.4, 0.3]) and sum(de) == pytest.approx(PROBS[-1])
     # p = 0 is floored, not -inf
     assert dense_step_rewards([0.0], "log_prob") == [math.log(PROB_FLOOR)]
+    # score: each step's probability itself (DeepSeekMath's process reward); the sum grows with every step
+    sc = dense_step_rewards(PROBS, "score")
+    assert sc == pytest.approx(PROBS) and sum(sc) == pytest.approx(2.2)
     with pytest.raises(RewardError, match="log_prob"):
         dense_step_rewards(PROBS, "sum")
 
@@ -67,6 +70,7 @@ def test_returns_equal_their_aggregates_and_extra_steps_never_pay(probs):
     assert sum(dense_step_rewards(probs, "log_prob")) == pytest.approx(math.log(math.prod(probs)))
     assert sum(dense_step_rewards(probs, "min_form")) == pytest.approx(min(probs))
     assert sum(dense_step_rewards(probs, "delta")) == pytest.approx(probs[-1])
+    assert sum(dense_step_rewards(probs, "score")) == pytest.approx(sum(probs))
     for extra in (0.0, 0.5, 1.0):
         for form in ("log_prob", "min_form"):
             assert sum(dense_step_rewards(probs + [extra], form)) <= sum(dense_step_rewards(probs, form)) + 1e-12
@@ -254,13 +258,14 @@ CROSS_TEXTS = [
 CROSS_SCORES = [PROBS, [0.95, 0.4, 0.7, 0.6], [0.2, 0.99, 0.5]]
 
 
-@pytest.mark.parametrize("form", ["log_prob", "min_form", "delta"])
+@pytest.mark.parametrize("form", ["log_prob", "min_form", "delta", "score"])
 def test_same_rewards_whatever_the_policy_tokenizer(char_tokenizer, bpe_tokenizer, merging_bpe, form):
-    cfg = dense(form, outcome_coef=0.25)
+    cfg = dense("min_form", outcome_coef=0.25)
     sums, merged_seen = [], False
     for tok in (char_tokenizer, bpe_tokenizer, merging_bpe):
         ids = [ids_of(tok, text) for text in CROSS_TEXTS]
-        out = token_rewards(cfg, CROSS_TEXTS, ids, scores=CROSS_SCORES, outcomes=[1, 0, 1], tokenizer=tok)
+        out = token_rewards(cfg, CROSS_TEXTS, ids, scores=CROSS_SCORES, outcomes=[1, 0, 1], tokenizer=tok,
+                            dense_form=form)
         for text, seq, ends in zip(CROSS_TEXTS, ids, out.step_token_ends):
             tok_ends = token_char_ends(tok, seq)
             for char_end, t in zip(step_char_ends(text), ends):
@@ -291,19 +296,22 @@ def test_floor_running_return_by_hand():
     assert dense_step_rewards([0.1, 0.1], "log_prob", floor=-0.9) == pytest.approx([-0.9, 0.0])
 
 
-@pytest.mark.parametrize("form", ["log_prob", "min_form", "delta"])
+@pytest.mark.parametrize("missing", [-1.0, 0.5])
+@pytest.mark.parametrize("form", ["log_prob", "min_form", "delta", "score"])
 @pytest.mark.parametrize("probs", [[0.1, 0.1, 0.1], [0.0, 1.0, 1.0], [0.9, 0.5, 0.8], [1.0, 1.0, 0.0], [0.5, 0.3, 0.2]])
-def test_an_answered_return_never_falls_below_the_missing_answer_reward(char_tokenizer, form, probs):
-    """Fails on the old code for log_prob: log(0.001) = -6.9 and log(PROB_FLOOR) = -13.8 returned below -1."""
-    cfg = dense(form, missing_answer_reward=-1.0)
+def test_an_answered_return_never_falls_below_the_missing_answer_reward(char_tokenizer, form, probs, missing):
+    """Fails on the old code for log_prob: log(0.001) = -6.9 and log(PROB_FLOOR) = -13.8 returned below -1.
+    A positive missing-answer reward (0.5) floors every form, score and min_form included."""
+    cfg = dense("min_form", missing_answer_reward=missing)
     ids = ids_of(char_tokenizer, TEXT)
-    out = token_rewards(cfg, [TEXT], [ids], scores=[probs], tokenizer=char_tokenizer)
-    assert out.returns.item() >= -1.0 + ANSWERED_MARGIN - 1e-6
+    out = token_rewards(cfg, [TEXT], [ids], scores=[probs], tokenizer=char_tokenizer, dense_form=form)
+    assert out.returns.item() >= missing + ANSWERED_MARGIN - 1e-6
     # above the floor the return is exactly the form's aggregate; below it, the floor
     exact = sum(dense_step_rewards(probs, form))
-    assert out.returns.item() == pytest.approx(max(exact, -1.0 + ANSWERED_MARGIN), abs=1e-6)
-    # every extra step still cannot pay: the log_prob step rewards stay <= 0
-    if form == "log_prob":
+    assert out.returns.item() == pytest.approx(max(exact, missing + ANSWERED_MARGIN), abs=1e-6)
+    # every extra step still cannot pay: the log_prob step rewards stay <= 0 (with a floor below 0: recipe
+    # validation refuses log_prob with a missing-answer reward at or above -0.1)
+    if form == "log_prob" and missing < 0:
         assert all(r <= 0 for r in out.step_rewards[0])
     assert out.stats["below_missing_answer"] == 0.0
 
@@ -416,3 +424,63 @@ def test_a_response_stopped_at_the_cap_without_eos_is_truncated(char_tokenizer):
     out = token_rewards(dense("min_form", missing_answer_reward=-1.0), [TEXT], [cut], scores=[PROBS],
                         tokenizer=char_tokenizer, max_tokens=len(cut), eos_token_id=eos)
     assert out.step_rewards == [[]] and out.rewards.abs().sum().item() == 1.0
+
+
+# --------------------------------------------------------------------------- one placement for every consumer
+
+
+def test_score_form_and_the_dense_form_argument(char_tokenizer):
+    ids = ids_of(char_tokenizer, TEXT)
+    # the config says log_prob; the argument overrides it with score: each p_k at its step's end
+    out = token_rewards(dense("log_prob"), [TEXT], [ids], scores=[PROBS], tokenizer=char_tokenizer, dense_form="score")
+    assert out.rewards[0, [11, 23, 36]].tolist() == pytest.approx(PROBS)
+    assert out.rewards[0].abs().sum().item() == pytest.approx(2.2) and out.returns.item() == pytest.approx(2.2)
+    with pytest.raises(RewardError, match="dense_form must be one of log_prob, min_form, delta, score"):
+        token_rewards(dense("log_prob"), [TEXT], [ids], scores=[PROBS], tokenizer=char_tokenizer, dense_form="sum")
+
+
+@pytest.mark.parametrize("form", ["log_prob", "min_form", "delta", "score"])
+def test_last_event_at_eos_moves_the_last_step_reward_and_keeps_the_return(char_tokenizer, form):
+    ids = ids_of(char_tokenizer, TEXT)  # steps end at 11, 23, 36; EOS at 37
+    cfg = dense("min_form", outcome_coef=0.5)
+    at_ends = token_rewards(cfg, [TEXT], [ids], scores=[PROBS], outcomes=[1], tokenizer=char_tokenizer,
+                            dense_form=form)
+    at_eos = token_rewards(cfg, [TEXT], [ids], scores=[PROBS], outcomes=[1], tokenizer=char_tokenizer,
+                           dense_form=form, last_event_at_eos=True)
+    r = dense_step_rewards(PROBS, form)
+    assert at_eos.rewards[0, 36].item() == 0.0
+    assert at_eos.rewards[0, [11, 23, 37]].tolist() == pytest.approx([r[0], r[1], r[2] + 0.5])
+    assert at_eos.returns.item() == pytest.approx(at_ends.returns.item())
+    assert at_eos.step_token_ends == at_ends.step_token_ends == [[11, 23, 36]]  # where the steps end
+    assert at_eos.event_positions == [[11, 23, 37]] and at_ends.event_positions == [[11, 23, 36]]
+    assert at_eos.event_values == [pytest.approx(r)] and at_eos.outcome_rewards == [0.5]
+
+
+def test_events_and_outcome_rebuild_the_reward_tensor(char_tokenizer):
+    eos = char_tokenizer.eos_token_id
+    texts = [TEXT, NO_ANSWER, "", TEXT]
+    ids = [ids_of(char_tokenizer, TEXT), ids_of(char_tokenizer, NO_ANSWER), [eos], ids_of(char_tokenizer, TEXT)]
+    cfg = dense("min_form", outcome_coef=0.5, missing_answer_reward=-1.0)
+    out = token_rewards(cfg, texts, ids, scores=[PROBS, [0.9, 0.9], [], [0.2, 0.2, 0.2]], outcomes=[1, 0, 0, 0],
+                        tokenizer=char_tokenizer, dense_form="score", last_event_at_eos=True)
+    # answered: its steps (the last moved to EOS, 37); no answer / an EOS alone: the penalty alone at the last token
+    assert out.event_positions == [[11, 23, 37], [24], [0], [11, 23, 37]]
+    assert out.event_values == [pytest.approx(PROBS), [-1.0], [-1.0], pytest.approx([0.2, 0.2, 0.2])]
+    assert out.outcome_rewards == [0.5, 0.0, 0.0, 0.0]  # the outcome term of a wrong answer is 0
+    values, positions, outcome = out.event_tensors()
+    assert values.shape == positions.shape == (4, 3) and outcome.tolist() == [0.5, 0.0, 0.0, 0.0]
+    assert positions.tolist() == [[11, 23, 37], [24, -1, -1], [0, -1, -1], [11, 23, 37]]
+    assert values[1].tolist() == [-1.0, 0.0, 0.0]
+    rebuilt = torch.zeros_like(out.rewards)
+    rebuilt.scatter_add_(1, positions.clamp(min=0), torch.where(positions >= 0, values, torch.zeros_like(values)))
+    last = out.mask.sum(1) - 1
+    rebuilt[torch.arange(4), last] += outcome
+    assert torch.allclose(rebuilt, out.rewards)
+    # sparse: one event at the last token, the outcome apart
+    sparse = token_rewards(RewardConfig(mode="sparse", source="orm", outcome_coef=0.5), [TEXT], [ids[0]],
+                           scores=[[0.7]], outcomes=[1])
+    assert sparse.event_positions == [[37]] and sparse.event_values == [[pytest.approx(0.7)]]
+    assert sparse.outcome_rewards == [0.5] and sparse.returns.item() == pytest.approx(1.2)
+    # an empty response (EOS stripped) has no token and no event
+    empty = token_rewards(RewardConfig(), [""], [[]], outcomes=[0])
+    assert empty.event_positions == [[]] and empty.event_tensors()[1].tolist() == [[-1]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from rlprm.rl.core import (
     masked_var,
     masked_whiten,
     policy_loss,
+    process_token_advantages,
     step_rewards_to_token_advantages,
     value_loss,
 )
@@ -235,6 +237,144 @@ def test_step_rewards_to_token_advantages_by_hand():
     assert close(adv, [[-0.5, -0.5, -1.0, -1.0, -1.0, 0.0], [2, 2, 2, 0, 0, 0], [3, 3, 3, 3, 0, 0]])
     with pytest.raises(ValueError, match="beyond"):
         step_rewards_to_token_advantages(rewards, torch.tensor([[1, 6], [2, -1], [0, 0]]), T=6)
+
+
+# --------------------------------------------------------------------------- GRPO's process advantages
+
+# one group of 2: sample 0 has steps ending at tokens 1, 3, 4 (rewards 0.8, 0.5, 0.9), sample 1 one step at token 2
+EV = t([[0.8, 0.5, 0.9], [0.6, 7.0, 7.0]])  # 7.0 sits at padding events: never read
+EP = torch.tensor([[1, 3, 4], [2, -1, -1]])
+EPS = 1e-4
+
+
+def z(pool):
+    """x -> (x - mean) / (unbiased std + eps) over `pool`: the group statistics of process_token_advantages."""
+    mean, std = statistics.mean(pool), statistics.stdev(pool)
+    return lambda x: (x - mean) / (std + EPS)
+
+
+def test_process_min_by_hand():
+    adv = process_token_advantages(EV, EP, group_size=2, width=6, form="min", eps=EPS)
+    # returns at the events: sample 0 min(.8,.5,.9) = .5, min(.5,.9) = .5, .9; sample 1 .6
+    # pool {.5, .5, .9, .6}: mean .625, unbiased var (.015625 * 2 + .075625 + .000625) / 3 = .0358333
+    n = z([0.5, 0.5, 0.9, 0.6])
+    assert statistics.mean([0.5, 0.5, 0.9, 0.6]) == pytest.approx(0.625)
+    assert statistics.variance([0.5, 0.5, 0.9, 0.6]) == pytest.approx(0.1075 / 3)
+    # a token takes the return of the first event at or after it; after the last event: 0
+    assert close(adv, [[n(0.5), n(0.5), n(0.5), n(0.5), n(0.9), 0], [n(0.6), n(0.6), n(0.6), 0, 0, 0]])
+
+
+def test_process_min_adds_the_outcome_to_every_return():
+    adv = process_token_advantages(EV, EP, group_size=2, width=6, form="min", outcome=t([0.5, 0.0]), eps=EPS)
+    # sample 0's returns +.5: pool {1.0, 1.0, 1.4, .6}
+    n = z([1.0, 1.0, 1.4, 0.6])
+    assert close(adv, [[n(1.0), n(1.0), n(1.0), n(1.0), n(1.4), 0], [n(0.6), n(0.6), n(0.6), 0, 0, 0]])
+
+
+def test_process_mean_by_hand():
+    adv = process_token_advantages(EV, EP, group_size=2, width=6, form="mean", eps=EPS)
+    # returns: sample 0 mean(.8,.5,.9) = 2.2/3, mean(.5,.9) = .7, .9; sample 1 .6
+    pool = [2.2 / 3, 0.7, 0.9, 0.6]
+    n = z(pool)
+    assert close(adv, [[n(2.2 / 3), n(2.2 / 3), n(0.7), n(0.7), n(0.9), 0], [n(0.6), n(0.6), n(0.6), 0, 0, 0]])
+
+
+def test_process_sum_is_deepseekmath_and_warns():
+    with pytest.warns(UserWarning, match="pay for more steps"):
+        adv = process_token_advantages(EV, EP, group_size=2, width=6, form="sum", eps=EPS)
+    # each step reward normalised over the group's step rewards {.8, .5, .9, .6}, summed from the token on
+    n = z([0.8, 0.5, 0.9, 0.6])
+    s0 = n(0.8) + n(0.5) + n(0.9)
+    assert close(adv, [[s0, s0, n(0.5) + n(0.9), n(0.5) + n(0.9), n(0.9), 0], [n(0.6), n(0.6), n(0.6), 0, 0, 0]])
+    # the same as the two DeepSeekMath pieces it is built of
+    legacy = step_rewards_to_token_advantages(group_normalize_steps(EV, EP >= 0, 2, EPS), EP, 6)
+    assert close(adv, legacy)
+    # a nonzero outcome is one more event, at the sample's last event (token 4); a zero one adds none
+    with pytest.warns(UserWarning):
+        with_outcome = process_token_advantages(EV, EP, 2, 6, form="sum", outcome=t([0.5, 0.0]), eps=EPS)
+    n = z([0.8, 0.5, 0.9, 0.5, 0.6])
+    s4 = n(0.9) + n(0.5)
+    assert close(with_outcome[0], [n(0.8) + n(0.5) + s4, n(0.8) + n(0.5) + s4, n(0.5) + s4, n(0.5) + s4, s4, 0])
+
+
+def test_process_events_in_any_order_and_sharing_a_token():
+    # sample 0's events listed out of order give the same advantages
+    shuffled = process_token_advantages(t([[0.9, 0.8, 0.5], [0.6, 0, 0]]), torch.tensor([[4, 1, 3], [2, -1, -1]]),
+                                        2, 6, form="min", eps=EPS)
+    assert close(shuffled, process_token_advantages(EV, EP, 2, 6, form="min", eps=EPS))
+    # two steps ending in one (merged) token: the token sees both, so its min is the lower one
+    adv = process_token_advantages(t([[0.9, 0.3], [0.6, 0]]), torch.tensor([[2, 2], [1, -1]]), 2, 4, "min", eps=EPS)
+    n = z([0.3, 0.3, 0.6])  # sample 0's returns at its two events are min(.9, .3) and .3
+    assert close(adv, [[n(0.3), n(0.3), n(0.3), 0], [n(0.6), n(0.6), 0, 0]])
+
+
+@pytest.mark.parametrize("form", ["min", "mean", "sum"])
+def test_process_groups_are_normalised_apart_and_empty_samples_get_zero(form):
+    values = torch.cat([EV, t([[1.0, 0, 0], [0.0, 0, 0], [0.3, 0, 0], [0.0, 0, 0]])])
+    positions = torch.cat([EP, torch.tensor([[0, -1, -1], [1, -1, -1], [0, -1, -1], [-1, -1, -1]])])
+    with warnings_if(form == "sum"):
+        adv = process_token_advantages(values, positions, group_size=2, width=6, form=form, eps=EPS)
+        alone = process_token_advantages(EV, EP, group_size=2, width=6, form=form, eps=EPS)
+    # group 1 is what it is alone; group 2: returns {1, 0}: mean .5, std sqrt(.5)
+    assert close(adv[:2], alone)
+    h = 0.5 / (math.sqrt(0.5) + EPS)
+    assert close(adv[2:4], [[h, 0, 0, 0, 0, 0], [-h, -h, 0, 0, 0, 0]])
+    # group 3: one event in all (its std is 0) and a sample with no events at all: 0 everywhere
+    assert close(adv[4:], torch.zeros(2, 6))
+
+
+def warnings_if(sum_form: bool):
+    import contextlib
+
+    return pytest.warns(UserWarning) if sum_form else contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("form", ["min", "mean"])
+def test_the_issue_example_more_steps_do_not_pay_under_min_and_mean(form):
+    """Fails on the old code (only the sum existed): a 5-step all-correct sample got 2.43 at its first token
+    and a 3-step all-correct one 1.46 in the same group."""
+    # one group of 4: A five steps scored 1, B three steps scored 1, two wrong samples [1, 1, 1, 1, 0, 0]
+    values = t([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0]])
+    positions = torch.tensor([[1, 3, 5, 7, 9, -1], [1, 3, 5, -1, -1, -1], [0, 2, 4, 6, 8, 9], [0, 2, 4, 6, 8, 9]])
+    adv = process_token_advantages(values, positions, group_size=4, width=10, form=form, eps=EPS)
+    assert adv[0, 0] == pytest.approx(adv[1, 0].item(), abs=1e-9) and adv[0, 0] > 0
+    assert adv[2, 0] < adv[0, 0]  # the wrong samples are below the all-correct ones
+    with pytest.warns(UserWarning, match="more steps"):
+        summed = process_token_advantages(values, positions, group_size=4, width=10, form="sum", eps=EPS)
+    # why sum is not the default: pool of 16 ones and 4 zeros, (1 - .8) / (std .4104 + eps) = .487 per step
+    per_step = z([1.0] * 16 + [0.0] * 4)(1.0)
+    assert summed[0, 0].item() == pytest.approx(5 * per_step) and summed[1, 0].item() == pytest.approx(3 * per_step)
+    assert (round(summed[0, 0].item(), 2), round(summed[1, 0].item(), 2)) == (2.44, 1.46)
+
+
+@pytest.mark.parametrize("form", ["min", "mean", "sum"])
+def test_process_not_answering_never_pays_more_than_answering_except_under_sum(form):
+    # one group of 4: A answered in 16 unsure steps (0.1 each), B wrote no answer (its -1 penalty alone),
+    # C two sure steps, D one
+    S, width = 16, 20
+    values, positions = torch.zeros(4, S, dtype=torch.float64), torch.full((4, S), -1)
+    values[0], positions[0] = 0.1, torch.arange(S)
+    values[1, 0], positions[1, 0] = -1.0, 3
+    values[2, :2], positions[2, :2] = 1.0, torch.tensor([1, 3])
+    values[3, 0], positions[3, 0] = 1.0, 2
+    with warnings_if(form == "sum"):
+        first = process_token_advantages(values, positions, group_size=4, width=width, form=form, eps=EPS)[:, 0]
+    if form == "sum":
+        # 16 steps each normalised below the pool's mean add up below the missing answer's single -1:
+        # with sum, a long unsure answer pays less than not answering (the floor of rewards.py does not hold)
+        assert first[0] < first[1]
+    else:
+        # min / mean: the answered solution's value (.1) stays above the penalty (-1), whatever its step count
+        assert first[1] < first[0] < first[3] == pytest.approx(first[2].item())
+
+
+def test_process_advantages_refuse_bad_input():
+    with pytest.raises(ValueError, match="form"):
+        process_token_advantages(EV, EP, 2, 6, form="max")
+    with pytest.raises(ValueError, match="groups of 3"):
+        process_token_advantages(EV, EP, 3, 6)
+    with pytest.raises(ValueError, match="beyond"):
+        process_token_advantages(EV, EP, 2, 4)
 
 
 def test_logprobs_from_logits_divides_by_the_sampling_temperature():

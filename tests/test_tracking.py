@@ -1,7 +1,7 @@
 import json
 
 from rlprm.config import Recipe
-from rlprm.tracking import Tracker, read_metrics, wandb_mode
+from rlprm.tracking import NullTracker, Tracker, read_metrics, wandb_mode
 
 
 def test_metrics_and_recipe_are_written(tmp_path):
@@ -35,8 +35,33 @@ def test_wandb_offline_run_carries_group_and_tags(monkeypatch, tmp_path):
         {"run": {"name": "t"}, "tracking": {"group": "g1", "tags": ["process"]}}, context={"base_dir": tmp_path}
     )
     tracker = Tracker(tmp_path / "run", recipe, job="test", tags=["unit"])
-    run = tracker._wandb
+    run = tracker.wandb_run
     assert run is not None and run.group == "g1" and set(run.tags) == {"process", "unit"}
     tracker.log({"x": 1.0}, step=0)
     tracker.finish()
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_null_tracker_answers_everything_a_tracker_does(tmp_path):
+    public = {name for name in vars(Tracker) if not name.startswith("_")} | {"__enter__", "__exit__"}
+    assert public <= set(dir(NullTracker))  # a rank other than 0 never meets a missing method
+    with NullTracker() as null:
+        null.log({"x": 1}, step=0)
+        null.image("plot", tmp_path / "p.png")
+        assert null.wandb_run is None
+
+
+def test_image_goes_to_wandb_only_when_wandb_is_on(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    logged = []
+    fake = types.SimpleNamespace(Image=lambda path: ("image", path))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    recipe = Recipe.model_validate({"tracking": {"wandb": "disabled"}}, context={"base_dir": tmp_path})
+    with Tracker(tmp_path / "run", recipe, job="test") as tracker:
+        tracker.image("active_learning/plot", tmp_path / "a.png")  # W&B off: nothing to do, nothing imported
+        assert tracker.wandb_run is None
+        tracker._wandb = types.SimpleNamespace(log=logged.append, finish=lambda: None)  # stands in for wandb.init
+        tracker.image("active_learning/plot", tmp_path / "a.png")
+    assert logged == [{"active_learning/plot": ("image", str(tmp_path / "a.png"))}]

@@ -113,6 +113,36 @@ def test_rerun_reuses_the_sample_cache_and_resamples_on_change(tmp_path, generat
     assert last["data/train_from_cache"] is False
 
 
+def test_reward_model_trains_on_no_problem_the_generator_trained_on(tmp_path, generator, monkeypatch):
+    """`rlprm train-rm`'s problems vs `rlprm prepare`'s, with the shipped recipes' sizes (the sampler stubbed)."""
+    import rlprm.data.stepwise as stepwise
+    from rlprm.prepare import training_data
+    from rlprm.train_rm import arithmetic_data
+
+    sampled = {}
+
+    def sample(model, tokenizer, problems, n, **kwargs):
+        sampled[kwargs["desc"]] = problems
+        return [], {}
+
+    monkeypatch.setattr(stepwise, "sample_arithmetic", sample)
+    recipe = load_recipe(RECIPES / "prm_train.yaml", [f"model.generator={generator}", "tracking.wandb=disabled",
+                                                      f"run.output_dir={tmp_path / 'run'}",
+                                                      f"rm.data.cache_dir={tmp_path / 'cache'}"])
+    arithmetic_data(recipe, progress=False)
+    train, held_out = sampled["sampling train solutions"], sampled["sampling eval solutions"]
+    _, _, rows, generator_held_out = training_data(load_recipe(RECIPES / "arith_prepare.yaml"))
+    sft = {problem.text for problem, _, _ in rows}
+    assert len(train) == recipe.rm.data.train_problems == 512 and len(sft) > 25_000
+    assert not sft & {p.text for p in train}  # the generator memorised its SFT problems: none of them here
+    # held out: the generator's own held-out problems, which RL evaluates on and the reward model never trains on
+    assert [p.text for p in held_out] == [p.text for p in generator_held_out[:128]]
+    assert not {p.text for p in generator_held_out} & {p.text for p in train}
+    # the cache names its problems: samples cached for the problems drawn before this change are not reused
+    meta, _ = stepwise.read_records(tmp_path / "cache" / "rm_samples_train.jsonl")
+    assert meta["settings"]["problems_sha256"] == stepwise.problems_digest(train)
+
+
 def test_fresh_tiny_backbone_with_lora(tmp_path, generator):
     summary = run_job("prm_train.yaml", tmp_path, generator, *HEAD, "rm.backbone=tiny", "model.tiny.hidden_size=32",
                       "model.tiny.intermediate_size=64", "model.tiny.num_layers=2", "model.tiny.num_heads=2",

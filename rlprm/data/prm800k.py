@@ -34,12 +34,13 @@ from collections import Counter
 from pathlib import Path
 
 from rlprm.data.stepwise import CORRECT, INCORRECT, NEUTRAL, LabelledSolution
+from rlprm.errors import InputError
 
 LFS_MARK = "version https://git-lfs.github.com/spec/v1"
 NEUTRAL_CHOICES = ("positive", "negative", "ignore", "neutral")
 
 
-class PRM800KError(ValueError):
+class PRM800KError(InputError, ValueError):
     """The file is not usable PRM800K data (the message says where and why)."""
 
 

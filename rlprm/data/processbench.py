@@ -14,9 +14,10 @@ import json
 from pathlib import Path
 
 from rlprm.data.stepwise import LabelledSolution, labels_up_to_first_error
+from rlprm.errors import InputError
 
 
-class ProcessBenchError(ValueError):
+class ProcessBenchError(InputError, ValueError):
     """The file is not ProcessBench data (the message says where and why)."""
 
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from rlprm.files import atomic_write_jsonl
 
 INCORRECT, CORRECT, NEUTRAL = 0, 1, 2
 LABEL_NAMES = ["incorrect", "correct", "neutral"]
@@ -70,14 +71,7 @@ def labels_up_to_first_error(num_steps: int, first_error: int | None) -> list[in
 
 def write_records(path: Path, records: list[LabelledSolution], meta: dict) -> None:
     """First line `{"meta": ...}`, then one record per line; written to a temporary file, then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with tmp.open("w") as f:
-        f.write(json.dumps({"meta": meta}) + "\n")
-        for record in records:
-            f.write(json.dumps(record.to_dict()) + "\n")
-    tmp.replace(path)
+    atomic_write_jsonl(path, [{"meta": meta}, *(record.to_dict() for record in records)])
 
 
 def read_records(path: Path) -> tuple[dict, list[LabelledSolution]]:
@@ -154,6 +148,11 @@ def sample_arithmetic(model, tokenizer, problems, n: int, *, temperature: float,
             if record is not None:
                 records.append(record)
     return records, counts
+
+
+def problems_digest(problems) -> str:
+    """A short sha256 of the problems' texts, in order: a cache of samples records which problems it holds."""
+    return hashlib.sha256("\n".join(p.text for p in problems).encode()).hexdigest()[:16]
 
 
 def load_or_sample(path: Path, meta: dict, make) -> tuple[list[LabelledSolution], dict, bool]:

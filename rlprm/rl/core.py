@@ -15,10 +15,18 @@ these functions together.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
 KL_KINDS = ("k1", "k3", "abs", "mse")
+
+PROCESS_FORMS = ("min", "mean", "sum")
+"""How GRPO's process advantages aggregate the step rewards from a token on (`process_token_advantages`)."""
+
+FARMABLE_PROCESS_FORMS = ("sum",)
+"""Process forms that pay for more steps: a sample raises its advantage by padding with sure steps."""
 
 
 # --------------------------------------------------------------------------- masked statistics
@@ -149,6 +157,7 @@ def step_rewards_to_token_advantages(step_rewards_normalized: Tensor, step_end_p
     response-token index of each step's last token, -1 for padding steps.
     Returns (B, T): a token's advantage is the sum of the rewards of the steps
     that end at or after it. Tokens after a row's last step end (e.g. EOS) get 0.
+    This sum pays for more steps: see `process_token_advantages` (its `sum` form).
     """
     pos = step_end_positions.long()
     valid = pos >= 0
@@ -160,6 +169,96 @@ def step_rewards_to_token_advantages(step_rewards_normalized: Tensor, step_end_p
     placed.scatter_add_(1, pos.clamp(min=0), rewards)
     # advantage at t = sum of placed[t:], a reverse cumulative sum
     return placed.flip(1).cumsum(1).flip(1)
+
+
+def process_token_advantages(event_values: Tensor, event_positions: Tensor, group_size: int, width: int,
+                             form: str = "min", outcome: Tensor | None = None, eps: float = 1e-4) -> Tensor:
+    """Process-supervised GRPO: per-token advantages from each sample's step rewards, normalised in its group.
+
+    event_values: (B, S) float, each sample's reward events (its step rewards,
+    e.g. PRM probabilities; a missing answer's penalty as its only event);
+    event_positions: (B, S) long, the response-token index of each event, -1
+    for padding (any order; two events may share a token). outcome: (B,) float
+    or None, a whole-solution term (`outcome_coef * verdict`; 0 where none).
+    B = number_of_groups * group_size, each group being consecutive samples of
+    one prompt. Returns (B, width) float: 0 at tokens after a sample's last
+    event, and everywhere for a sample with no events.
+
+    `rewards.TokenRewards.event_tensors()` gives the three inputs.
+
+    `min` (the default) and `mean`: a token's return is the min (or the mean)
+    of the rewards of the events at or after it, plus the sample's outcome:
+    G(t) = agg{v_k : pos_k >= t} + outcome. The returns at every event of every
+    sample of a group (each sample's G at each of its events) are pooled, and
+    A(t) = (G(t) - mean) / (unbiased std + eps) with that pool's statistics
+    (DeepSeekMath pools the step rewards of the group in the same way). Every
+    G(t) is a member of the pool, so |A| stays bounded when a group's values
+    are nearly equal; a group with one event, or all-equal returns, gets 0.
+    The first token's G is the solution's value: its worst step (`min`) or its
+    average step (`mean`), plus the outcome.
+    - `min` cannot be farmed by step count: an extra step can only lower the
+      min, so padding with sure steps or repeating a step never raises a
+      solution's value, and an all-correct 5-step and 3-step solution get the
+      same advantage (PURE's min-form credit assignment, Cheng et al. 2025).
+    - `mean` gives equal step counts of equal steps equal advantages, but it
+      can be farmed by dilution: a solution with a weak step raises its mean by
+      adding sure steps (tests/test_reward_hacking.py pins this).
+    - `sum`: DeepSeekMath's process supervision: each event reward is
+      normalised with the mean and std of all event rewards of the group
+      (`group_normalize_steps`) and a token's advantage is the sum of the
+      normalised rewards at or after it (`step_rewards_to_token_advantages`);
+      a nonzero outcome is one more event at the sample's last event. WARNING:
+      every step whose reward is above the group's mean adds to every earlier
+      token's advantage, so more, smaller steps pay: an all-correct 5-step
+      solution outranks an all-correct 3-step one (the reward hacking PURE
+      documents); and a long, unsure answered solution can end below a
+      missing answer's single penalty, so not answering can pay (the floor
+      of rewards.py does not survive the sum). Kept for comparison with
+      DeepSeekMath; it warns (`FARMABLE_PROCESS_FORMS`).
+    """
+    if form not in PROCESS_FORMS:
+        raise ValueError(f"process advantage form must be one of {', '.join(PROCESS_FORMS)}, got {form!r}")
+    B, S = event_values.shape
+    if group_size < 1 or B % group_size:
+        raise ValueError(f"{B} samples cannot be split into groups of {group_size}")
+    pos = event_positions.long()
+    valid = pos >= 0
+    if bool((pos >= width).any()):
+        raise ValueError(f"an event sits at token {int(pos.max())}, beyond the {width} response tokens")
+    values = torch.where(valid, event_values, torch.zeros_like(event_values))
+    outcome = values.new_zeros(B) if outcome is None else outcome.to(values.dtype)
+    if form == "sum":
+        warnings.warn("GRPO process advantages with form `sum` (DeepSeekMath) pay for more steps: padding a "
+                      "solution with sure steps raises its advantage; `min` cannot be farmed that way",
+                      stacklevel=2)
+        last = torch.where(valid, pos, torch.full_like(pos, -1)).amax(dim=1)
+        extra = torch.where(valid.any(dim=1) & (outcome != 0), last, torch.full_like(last, -1))
+        values = torch.cat([values, outcome.unsqueeze(1)], dim=1)
+        pos = torch.cat([pos, extra.unsqueeze(1)], dim=1)
+        return step_rewards_to_token_advantages(group_normalize_steps(values, pos >= 0, group_size, eps), pos, width)
+
+    # events in token order, padding last (a stable sort keeps step order within a shared token)
+    order = torch.where(valid, pos, torch.full_like(pos, width)).argsort(dim=1, stable=True)
+    pos, values, valid = pos.gather(1, order), values.gather(1, order), valid.gather(1, order)
+    if form == "min":
+        inf = torch.full_like(values, float("inf"))
+        suffix = torch.where(valid, values, inf).flip(1).cummin(dim=1).values.flip(1)
+    else:
+        total = values.flip(1).cumsum(dim=1).flip(1)  # padding values are 0
+        count = valid.to(values.dtype).flip(1).cumsum(dim=1).flip(1)
+        suffix = total / count.clamp(min=1)
+    returns = torch.where(valid, suffix + outcome.unsqueeze(1), torch.zeros_like(values))  # (B, S)
+
+    pooled, pool_mask = returns.reshape(-1, group_size * S), valid.reshape(-1, group_size * S)
+    mean = masked_mean(pooled, pool_mask, dim=1).unsqueeze(1)
+    std = masked_var(pooled, pool_mask, dim=1).sqrt().unsqueeze(1)
+    normalized = torch.where(pool_mask, (pooled - mean) / (std + eps), torch.zeros_like(pooled)).reshape(B, S)
+
+    # token t takes the return of the first event at or after it: the number of events before t indexes it
+    t = torch.arange(width, device=pos.device).view(1, 1, width)
+    first = (valid.unsqueeze(-1) & (pos.unsqueeze(-1) < t)).sum(dim=1)  # (B, width)
+    adv = normalized.gather(1, first.clamp(max=S - 1))
+    return torch.where(first < valid.sum(dim=1, keepdim=True), adv, torch.zeros_like(adv))
 
 
 # --------------------------------------------------------------------------- KL
@@ -301,7 +400,8 @@ def entropy_from_logits(logits: Tensor, mask: Tensor | None = None) -> Tensor:
 
 
 __all__ = [
-    "AdaptiveKLController", "FixedKLController", "KL_KINDS", "entropy_from_logits", "gae", "group_normalize",
-    "group_normalize_steps", "kl_penalty", "logprobs_from_logits", "masked_mean", "masked_var", "masked_whiten",
-    "policy_loss", "step_rewards_to_token_advantages", "value_loss",
+    "AdaptiveKLController", "FARMABLE_PROCESS_FORMS", "FixedKLController", "KL_KINDS", "PROCESS_FORMS",
+    "entropy_from_logits", "gae", "group_normalize", "group_normalize_steps", "kl_penalty", "logprobs_from_logits",
+    "masked_mean", "masked_var", "masked_whiten", "policy_loss", "process_token_advantages",
+    "step_rewards_to_token_advantages", "value_loss",
 ]

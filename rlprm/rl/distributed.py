@@ -21,9 +21,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from rlprm.errors import EXIT_STOPPED, InputError
+from rlprm.launch import single_process_env, unwrap
+from rlprm.tracking import NullTracker  # noqa: F401  (re-exported until rl/ imports it from rlprm.tracking)
 
 # Used when several processes are launched but the recipe names no DeepSpeed
 # config: the same settings as deepspeed_configs/zero2.json, built in so that a
@@ -41,8 +47,22 @@ DEFAULT_ZERO2 = {
 }
 
 
-class DistributedError(RuntimeError):
+class DistributedError(InputError, RuntimeError):
     """The launch or the DeepSpeed config cannot work for RL; the message says what to change."""
+
+
+class RankFailedError(DistributedError):
+    """Another rank failed (it announced it, or the rendezvous store it hosted is gone): this rank stops too."""
+
+    exit_code = EXIT_STOPPED  # the run stopped; not a bad input
+
+
+# store keys (under the default process group's store); ranks differ only in what they add
+FAILURE_KEY = "rlprm/failure"  # the first failing rank's message
+FAILURES_KEY = "rlprm/failures"  # how many ranks announced a failure (the first one writes FAILURE_KEY)
+SEEN_KEY = "rlprm/failure_seen"  # how many waiting ranks read it (the failing rank waits for them, briefly)
+BARRIER_POLL_S = 0.5  # the longest pause between two looks at a barrier: a failure is seen within it
+ACK_WAIT_S = 5.0  # how long a failing rank waits for the others to read its message before it exits
 
 
 def launched_world_size() -> int:
@@ -56,20 +76,6 @@ def launched_world_size() -> int:
 def wants_deepspeed(recipe) -> bool:
     """DeepSpeed engines are used when several processes run, or when the recipe names a DeepSpeed config."""
     return launched_world_size() > 1 or recipe.deepspeed is not None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def single_process_env() -> None:
-    """Under plain `python` (no launcher) DeepSpeed looks for MPI unless these are set (DESIGN.md section 9)."""
-    if "RANK" not in os.environ:
-        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
 def read_ds_config(recipe) -> dict:
@@ -139,6 +145,7 @@ class Dist:
     local_rank: int = 0
     deepspeed: bool = False
     ds_config: dict = field(default_factory=dict)
+    barriers: int = field(default=0, repr=False)  # barriers passed so far: the same count on every rank
 
     @classmethod
     def single(cls) -> "Dist":
@@ -156,10 +163,136 @@ class Dist:
     # ------------------------------------------------------------------ collectives (no-ops on one process)
 
     def barrier(self) -> None:
-        if self.active:
-            import torch.distributed as tdist
+        """Wait until every rank is here, or raise RankFailedError as soon as another rank has failed.
 
-            tdist.barrier()
+        No timeout: rank 0 may evaluate for hours while the others wait. A
+        counter in the rendezvous store replaces `torch.distributed.barrier`,
+        which could only give up at the process group's timeout.
+        """
+        if not self.active:
+            return
+        self.barriers += 1
+        key = f"rlprm/barrier/{self.barriers}"
+        try:
+            store = _store()
+            store.add(f"{key}/in", 1)
+            self._wait_for_all(store, f"{key}/in")
+            store.add(f"{key}/out", 1)
+            if self.rank == 0:
+                # it hosts the store: were it to exit (the run's last barrier) before the others have read the
+                # count, they would find the store gone and take it for a crash
+                self._wait_for_all(store, f"{key}/out")
+        except RankFailedError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the store's host is gone: torch raises several kinds for it
+            raise RankFailedError(f"rank {self.rank} lost the rendezvous store at {_store_address()} (hosted by rank "
+                                  f"0 under the DeepSpeed launcher): a rank has most likely died; see its log "
+                                  f"above ({type(exc).__name__}: {exc})") from None
+
+    def _wait_for_all(self, store, key: str) -> None:
+        """Until the counter `key` reaches the world size; RankFailedError if a rank announces a failure meanwhile."""
+        pause = 0.005
+        while store.add(key, 0) < self.world:
+            if store.check([FAILURE_KEY]):
+                store.add(SEEN_KEY, 1)
+                failure = store.get(FAILURE_KEY).decode()
+                raise RankFailedError(f"{failure} (rank {self.rank} stops too)")
+            time.sleep(pause)
+            pause = min(2 * pause, BARRIER_POLL_S)
+
+    def announce_failure(self, exc: BaseException) -> None:
+        """Tell every rank that this one fails with `exc` (call it from an exception handler, then re-raise).
+
+        The ranks waiting in `barrier` raise RankFailedError with this rank's
+        message. The first failure's message is kept; a RankFailedError (a
+        consequence of another rank's failure) is not announced again. Waits up
+        to ACK_WAIT_S for the others to read it, so that a launcher that kills
+        the siblings when this process exits does not cut their message short.
+        Never raises: the original exception is what matters.
+        """
+        if not self.active or isinstance(exc, RankFailedError):
+            return
+        message = f"rank {self.rank} failed: {type(exc).__name__}: {exc}"
+        print(f"[rlprm] {message}; telling the other ranks", file=sys.stderr, flush=True)
+        try:
+            store = _store()
+            if store.add(FAILURES_KEY, 1) == 1:
+                store.set(FAILURE_KEY, message)
+            deadline = time.monotonic() + ACK_WAIT_S
+            while store.add(SEEN_KEY, 0) < self.world - 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        except Exception:  # noqa: BLE001 - best effort: the store may be gone with its host
+            pass
+
+    @contextmanager
+    def fail_together(self):
+        """Run a block whose exception every other rank hears of at its next `barrier` (then re-raise it here)."""
+        try:
+            yield
+        except BaseException as exc:
+            self.announce_failure(exc)
+            raise
+
+    # ------------------------------------------------------------------ random numbers
+
+    def seed_everything(self, seed: int) -> None:
+        """Seed python, numpy and torch (every CUDA device too) with `seed`, the same on EVERY rank.
+
+        What is drawn next, a new value head's initial weights, is then
+        identical on every rank. Call `split_streams` once the models are built.
+        """
+        import random
+
+        import numpy as np
+        import torch
+
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)  # seeds every CUDA device as well
+
+    def split_streams(self, seed: int) -> None:
+        """From here on each rank draws its own random numbers (sampling noise, minibatch order).
+
+        Rank 0 keeps the stream `seed_everything` started, so that one process
+        runs exactly as before; rank r > 0 is reseeded from (seed, r). Without
+        this, ranks sampling their own prompts would all draw the same noise.
+        """
+        if self.rank == 0:
+            return
+        self.seed_everything(rank_seed(seed, self.rank))
+
+    def masked_whiten(self, x, mask, shift_mean: bool = True, eps: float = 1e-8):
+        """`x` standardised with the mean and unbiased variance of the masked positions of EVERY rank.
+
+        x, mask: (B, T) on each rank (B and T may differ between ranks) -> (B, T).
+        The same result as `core.masked_whiten` over all ranks' rows stacked
+        (that function, exactly, on one process): every rank's advantages are
+        on one scale, as if one process had whitened the whole batch. Two
+        all-reduces of float64 sums (sum and count, then the squared
+        deviations) keep it as exact as the one-process two-pass formula.
+        Padding comes out as 0.
+        """
+        from rlprm.rl.core import masked_whiten
+
+        if not self.active:
+            return masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
+        import torch
+        import torch.distributed as tdist
+
+        m = mask.bool()
+        xs = torch.where(m, x, torch.zeros_like(x)).double()  # padding may hold NaN/inf: never add it
+        sums = torch.stack([xs.sum(), m.sum().double()])
+        tdist.all_reduce(sums)
+        n = sums[1].clamp(min=1)
+        mean = sums[0] / n
+        sq = torch.where(m, (xs - mean) ** 2, torch.zeros_like(xs)).sum().reshape(1)
+        tdist.all_reduce(sq)
+        var = sq[0] / n
+        var = torch.where(sums[1] > 1, var * sums[1] / (sums[1] - 1).clamp(min=1), var)  # Bessel, as core's
+        out = (x.double() - mean) * torch.rsqrt(var + eps)
+        if not shift_mean:
+            out = out + mean
+        return torch.where(m, out, torch.zeros_like(out)).to(x.dtype)
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on any rank."""
@@ -297,6 +430,22 @@ def setup(recipe, micro_batch: int) -> Dist:
     return Dist(rank=rank, world=world, local_rank=local_rank, deepspeed=True, ds_config=config)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """Rank `rank`'s own seed from the run's: distinct for every rank; rank 0's is the run's own."""
+    return seed + 1_000_000_007 * rank
+
+
+def _store():
+    """The default process group's key-value store (torch has no public getter for it)."""
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    return _get_default_store()
+
+
+def _store_address() -> str:
+    return f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+
+
 def device_for(dist: Dist, device: str) -> str:
     """One GPU per rank (`cuda:LOCAL_RANK`); the CPU is shared."""
     return f"cuda:{dist.local_rank}" if device == "cuda" and dist.deepspeed else device
@@ -315,11 +464,6 @@ def trim(items: list, dist: Dist) -> list:
     return items[: len(items) - len(items) % dist.world]
 
 
-def unwrap(model):
-    """The HF model inside a DeepSpeed engine (or the model itself)."""
-    return getattr(model, "module", model)
-
-
 def weights_digest(model) -> str:
     """sha256 over the parameter names and float32 values of `model`'s state dict (order-independent of storage)."""
     import torch
@@ -334,22 +478,6 @@ def weights_digest(model) -> str:
     return h.hexdigest()
 
 
-class NullTracker:
-    """What ranks other than 0 log to: nothing (rank 0 writes metrics.jsonl, W&B and summary.json)."""
-
-    def log(self, metrics: dict, step: int | None = None) -> None:
-        pass
-
-    def table(self, name: str, columns: list[str], rows: list[list]) -> None:
-        pass
-
-    def summary(self, values: dict) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-
-__all__ = ["DEFAULT_ZERO2", "Dist", "DistributedError", "NullTracker", "device_for", "fill_ds_config",
-           "launched_world_size", "read_ds_config", "setup", "shard", "single_process_env", "trim", "unwrap",
-           "wants_deepspeed", "weights_digest"]
+__all__ = ["DEFAULT_ZERO2", "Dist", "DistributedError", "NullTracker", "RankFailedError", "device_for",
+           "fill_ds_config", "launched_world_size", "rank_seed", "read_ds_config", "setup", "shard",
+           "single_process_env", "trim", "unwrap", "wants_deepspeed", "weights_digest"]

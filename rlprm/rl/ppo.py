@@ -252,8 +252,7 @@ class PPO:
 
         from rlprm.problems import grade_samples
         from rlprm.rewards import RewardError, add_kl_penalty, confidence_scores, prefix_correct_probs, token_rewards
-        from rlprm.rl.core import (entropy_from_logits, gae, logprobs_from_logits, masked_mean, masked_whiten,
-                                   policy_loss, value_loss)
+        from rlprm.rl.core import entropy_from_logits, gae, logprobs_from_logits, masked_mean, policy_loss, value_loss
         from rlprm.rl.distributed import shard, trim
 
         recipe, rl, rcfg, dist = run.recipe, run.recipe.rl, run.recipe.reward, run.dist
@@ -333,7 +332,7 @@ class PPO:
                 # 6. advantages: GAE over the shaped rewards, then whitened over the batch
                 advantages, returns = gae(shaped, old_values, mask, rl.gamma, rl.lam)
                 if rl.whiten_advantages:
-                    advantages = masked_whiten(advantages, mask)
+                    advantages = dist.masked_whiten(advantages, mask)  # all ranks' statistics
             check_finite("the advantages", advantages, run_dir, dist)
 
             # 7. update: ppo_epochs passes over shuffled minibatches, clipped policy and value losses

@@ -35,18 +35,19 @@ from pathlib import Path
 from typing import Protocol
 
 from rlprm.config import Recipe
+from rlprm.errors import EXIT_BAD_INPUT, EXIT_STOPPED, InputError
 
 
 class RLError(RuntimeError):
     """An RL run cannot go on (non-finite rewards or losses, a broken contract); the message says what to do."""
 
-    exit_code = 4  # the run stopped; the last good checkpoint is kept
+    exit_code = EXIT_STOPPED  # 4: the run stopped; the last good checkpoint is kept
 
 
-class RLInputError(RLError):
+class RLInputError(RLError, InputError):
     """An RL run cannot start: a missing generator or reward model, sizes that do not fit, a folder that needs --resume."""
 
-    exit_code = 2  # bad input
+    exit_code = EXIT_BAD_INPUT  # 2
 
 
 # --------------------------------------------------------------------------- shared small pieces
@@ -89,11 +90,11 @@ def check_models(recipe: Recipe) -> None:
     The commands come from `prerequisites.BUILDERS` (the embedded recipes that produce them): the entry point
     builds such a model itself; this check speaks when a caller skipped that step.
     """
-    from rlprm.prerequisites import find_builder
+    from rlprm.prerequisites import builder_hint, generator_hint
 
     if recipe.model.generator == "tiny":
         raise RLInputError("model.generator is `tiny` (an untrained model); point it at a trained generator, e.g. "
-                           "../runs/arith/generator built by `rlprm prepare recipes/arith_prepare.yaml`")
+                           f"the one {generator_hint()} builds")
     needed = [("model.generator", recipe.model.generator)]
     # only a trained reward model needs model.reward_model; exact and confidence score without one
     if recipe.reward.source in ("prm", "orm"):
@@ -107,9 +108,8 @@ def check_models(recipe: Recipe) -> None:
         raise RLInputError(f"task `{recipe.task.name}` needs task.train_path (a JSONL of training problems) for RL")
     for key, ref in needed:
         if ref.startswith("/") and not Path(ref).exists():
-            found = find_builder(Path(ref))
-            how = f"; build it first with `rlprm {found[0].command} recipes/{found[0].recipe}`" if found else ""
-            raise RLInputError(f"{key} {ref} does not exist{how}")
+            hint = builder_hint(ref)
+            raise RLInputError(f"{key} {ref} does not exist" + (f"; build it first with `{hint}`" if hint else ""))
 
 
 def one_process(algorithm: str):
@@ -229,26 +229,25 @@ class Run:
     def checkpoint(self, epoch: int, algorithm: Algorithm) -> None:
         # weights, the algorithm's state, counters, metrics.jsonl's length (and the RNG, added by save_checkpoint);
         # rank 0 writes it (the weights are identical on every rank), the others wait for it
-        from rlprm.checkpoint import save_checkpoint
+        from rlprm.checkpoint import rng_state, save_checkpoint
 
+        rank_rng = self.dist.gather(rng_state()) if self.dist.active else None  # every rank's own sampling stream
         if self.dist.is_main:
             size = self.tracker.metrics_path.stat().st_size if self.tracker.metrics_path.exists() else 0
             save_checkpoint(self.run_dir, epoch, self.policy, self.tokenizer,
                             {**algorithm.state_dict(), "step": self.step, "metrics_bytes": size,
                              "final": dict(self.final)},
-                            extra_models=algorithm.extra_models())
+                            extra_models=algorithm.extra_models(), rank_rng=rank_rng)
         self.dist.barrier()
 
 
 def setup(recipe: Recipe, algorithm: Algorithm, resume: bool, progress: bool) -> Run:
     """Build the run: processes, run folder, models, checkpoint state, held-out sets, tracker."""
-    import torch
-
     from rlprm.checkpoint import load_state, start_or_resume
     from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
     from rlprm.problems import eval_problems, held_out_arithmetic
-    from rlprm.rl.distributed import NullTracker, device_for
-    from rlprm.tracking import Tracker, cut_metrics
+    from rlprm.rl.distributed import device_for
+    from rlprm.tracking import NullTracker, Tracker, cut_metrics
 
     algorithm.check(recipe)
     rl, rcfg = recipe.rl, recipe.reward
@@ -257,7 +256,7 @@ def setup(recipe: Recipe, algorithm: Algorithm, resume: bool, progress: bool) ->
     device = device_for(dist, resolve_device(recipe.run.device))
     ckpt = start_or_resume(run_dir, resume, RLInputError, writes=dist.is_main)
     run = Run(recipe, progress, run_dir, dist, device, ckpt)
-    torch.manual_seed(recipe.run.seed)
+    dist.seed_everything(recipe.run.seed)  # the same on every rank: a new value head starts identical everywhere
 
     # models: the policy (from the checkpoint on resume), the frozen reference (the generator), the reward model
     gen, dtype, trc = recipe.model.generator, recipe.model.dtype, recipe.model.trust_remote_code
@@ -273,10 +272,11 @@ def setup(recipe: Recipe, algorithm: Algorithm, resume: bool, progress: bool) ->
             raise RLInputError(f"reward.source is {rcfg.source} but {recipe.model.reward_model} is a "
                                f"{run.reward_model.kind}")
     algorithm.setup(run)
+    dist.split_streams(recipe.run.seed)  # from here each rank draws its own sampling noise (rank 0: unchanged)
 
     seen = None  # the last step W&B already has (a killed run's steps after the checkpoint included)
     if ckpt is not None:
-        run.state = load_state(ckpt)  # also restores the RNG: the next epoch samples what it would have
+        run.state = load_state(ckpt, rank=dist.rank)  # also restores this rank's RNG: the next epoch replays
         algorithm.load_state_dict(run.state)
         run.start_epoch, run.step = run.state["epoch"], run.state["step"]
         run.final = dict(run.state.get("final", {}))  # the summary so far: a resumed run's equals an uninterrupted one's
@@ -350,6 +350,10 @@ def run_algorithm(recipe: Recipe, algorithm: Algorithm, resume: bool = False, pr
             # 4. checkpoint
             run.checkpoint(epoch + 1, algorithm)
         return cleanup(run, algorithm)
+    except BaseException as exc:
+        if run is not None:
+            run.dist.announce_failure(exc)  # the ranks waiting at a barrier stop now, naming this rank
+        raise
     finally:
         torch.set_num_threads(threads_before)
         if run is not None and run.tracker is not None:

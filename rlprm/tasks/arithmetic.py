@@ -43,6 +43,12 @@ from rlprm.config import ArithmeticConfig
 from rlprm.steps import answer_step, is_answer_step, split_steps, step_answer
 
 FINAL_TEXT = {"mod10": "mod 10", "last_digit": "last digit", "max": "max", "min": "min"}
+BOUNDED = ("max", "min")
+"""Final operations whose text shows their argument (`max 40`)."""
+FINAL_ARG = {"mod10": 10}
+"""The argument of an unbounded final operation (its text does not show it; absent: 0)."""
+_FINAL_KIND = {text: kind for kind, text in FINAL_TEXT.items()}
+_PROBLEM_TEXT = re.compile(r"^(\d+)((?: [+-]\d+)+)(?: (%s)(?: (\d+))?)?$" % "|".join(map(re.escape, _FINAL_KIND)))
 
 
 @dataclass(frozen=True)
@@ -58,11 +64,22 @@ class Problem:
     @property
     def text(self) -> str:
         parts = [str(self.start)] + [f"{op}{b}" for op, b in self.ops]
-        if self.final in ("max", "min"):
-            parts.append(f"{self.final} {self.final_arg}")
+        if self.final in BOUNDED:
+            parts.append(f"{FINAL_TEXT[self.final]} {self.final_arg}")
         elif self.final != "none":
             parts.append(FINAL_TEXT[self.final])
         return " ".join(parts)
+
+    @classmethod
+    def parse(cls, text: str) -> "Problem":
+        """`93 +3 -4 -7 mod 10` -> the problem whose `text` it is; ValueError for any other text."""
+        m = _PROBLEM_TEXT.match(text.strip())
+        kind = _FINAL_KIND.get(m[3], "none") if m else "none"
+        if m is None or (kind in BOUNDED) != (m[4] is not None):
+            raise ValueError(f"{text!r} is not an arithmetic-task problem (like `93 +3 -4 mod 10`)")
+        ops = tuple((tok[0], int(tok[1:])) for tok in m[2].split())
+        arg = int(m[4]) if m[4] is not None else FINAL_ARG.get(kind, 0)
+        return cls(int(m[1]), ops, kind, arg)
 
     @property
     def prompt(self) -> str:
@@ -139,9 +156,7 @@ def _draw_problem(cfg: ArithmeticConfig, rng: random.Random) -> Problem | None:
             return None
         ops.append((op, b))
     final = rng.choice(cfg.final_ops)
-    final_arg = 10 if final == "mod10" else 0
-    if final in ("max", "min"):
-        final_arg = rng.randint(0, cfg.value_max)
+    final_arg = rng.randint(0, cfg.value_max) if final in BOUNDED else FINAL_ARG.get(final, 0)
     return Problem(start, tuple(ops), final, final_arg)
 
 
@@ -169,6 +184,25 @@ def split_problems(cfg: ArithmeticConfig, n_train: int, n_test: int, seed: int) 
     test_texts = {p.text for p in test}
     train = make_problems(cfg, n_train, seed=seed * 1_000_003 + 29, exclude=test_texts)
     return train, test
+
+
+def reward_model_problems(cfg: ArithmeticConfig, n_train: int, n_test: int, seed: int, sft_examples: int,
+                          sft_held_out: int) -> tuple[list[Problem], list[Problem]]:
+    """The reward model's (training, held-out) problems, apart from everything the generator trained on.
+
+    Held-out: `split_problems`' held-out side (the generator never saw it).
+    Training: a seed stream of its own that skips the generator's SFT
+    problems (`split_problems(cfg, sft_examples, sft_held_out, seed)`'s
+    training side) and every held-out problem up to max(n_test,
+    sft_held_out), the problems RL evaluates on: a reward model fitted on the
+    very problems the generator memorised, or on the evaluation problems,
+    would be judged on what it saw.
+    """
+    sft, _ = split_problems(cfg, sft_examples, sft_held_out, seed)  # exactly `rlprm prepare`'s training problems
+    _, held_out = split_problems(cfg, 0, max(n_test, sft_held_out), seed)
+    exclude = {p.text for p in sft} | {p.text for p in held_out}
+    train = make_problems(cfg, n_train, seed=seed * 1_000_003 + 41, exclude=exclude)
+    return train, held_out[:n_test]
 
 
 # --------------------------------------------------------------------------- solutions

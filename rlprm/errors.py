@@ -1,0 +1,50 @@
+"""What an error means to the command line: its exit code, and the one wrapper that reports it.
+
+`rlprm` (rlprm/cli.py) and `python rlprm/train_rl.py` run every job through
+`run_reporting_errors`: an error whose class carries `exit_code` is printed as
+`error: MESSAGE` on stderr and the process exits with that code; any other
+exception is a bug and keeps its traceback. The package's errors about what a
+user gave (a recipe, a file, a model) inherit `InputError` and exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_TARGETS_MISSED = 3
+EXIT_STOPPED = 4
+
+
+class InputError(Exception):
+    """Mixed into an error class: the input (a recipe, a file, a model) cannot be used as given; exit 2."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The exit code that `exc` stands for; None for an error that is a bug."""
+    code = getattr(type(exc), "exit_code", None)
+    if code is not None:
+        return code
+    from rlprm.config import RecipeError  # to go once RecipeError inherits InputError
+
+    return EXIT_BAD_INPUT if isinstance(exc, (FileNotFoundError, RecipeError)) else None
+
+
+def run_reporting_errors(handler: Callable[..., int | None], *args) -> int:
+    """`handler(*args)`'s exit code (None counts as 0); an error with an exit code prints `error: MESSAGE` instead."""
+    try:
+        return handler(*args) or 0
+    except Exception as exc:
+        code = exit_code(exc)
+        if code is None:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return code
+
+
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_STOPPED", "EXIT_TARGETS_MISSED", "InputError", "exit_code",
+           "run_reporting_errors"]
