@@ -52,6 +52,21 @@ train(load_recipe(sys.argv[1]), progress=False)
 """
 
 
+def _full_and_killed(tmp_path, generator_dir, algorithm: str, killer: str):
+    """An uninterrupted run (its final metrics) and the recipe of a second run that `killer` SIGKILLed."""
+    from rlprm.config import recipe_to_yaml
+    from rlprm.rl import train
+
+    final = train(make_recipe(tmp_path, generator_dir, "full", algorithm), progress=False)
+    killed = make_recipe(tmp_path, generator_dir, "killed", algorithm)
+    path = tmp_path / "killed.yaml"
+    path.write_text(recipe_to_yaml(killed))
+    out = subprocess.run([sys.executable, "-c", killer, str(path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == -9, out.stderr[-2000:]
+    return final, killed
+
+
 def _strip(records):
     return [{k: v for k, v in r.items() if k != "time" and not k.startswith("time/")} for r in records]
 
@@ -60,16 +75,9 @@ def _strip(records):
 def test_a_killed_run_resumes_to_the_uninterrupted_log(algorithm, generator_dir, tmp_path):
     """Fails on the old code for grpo (its resumed trainer was seeded with seed + start_epoch, and the killed
     run's records after the checkpoint stayed in metrics.jsonl) and rejection_sampling (duplicate records)."""
-    from rlprm.config import recipe_to_yaml
     from rlprm.rl import train
 
-    train(make_recipe(tmp_path, generator_dir, "full", algorithm), progress=False)
-    killed = make_recipe(tmp_path, generator_dir, "killed", algorithm)
-    path = tmp_path / "killed.yaml"
-    path.write_text(recipe_to_yaml(killed))
-    out = subprocess.run([sys.executable, "-c", KILLER, str(path)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == -9, out.stderr[-2000:]
+    _, killed = _full_and_killed(tmp_path, generator_dir, algorithm, KILLER)
     run = tmp_path / "killed"
     assert (run / "checkpoints" / "epoch-0001").is_dir() and not (run / "checkpoints" / "epoch-0002").exists()
     assert any((r.get("epoch") or 0) > 1 for r in read_metrics(run / "metrics.jsonl"))  # epoch 2 had begun
@@ -146,16 +154,9 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_its_summary_and_expor
     """Fails on the old code: a resume that found every epoch done trained nothing and wrote no summary."""
     import json
 
-    from rlprm.config import recipe_to_yaml
     from rlprm.rl import train
 
-    final = train(make_recipe(tmp_path, generator_dir, "full", "ppo"), progress=False)
-    killed = make_recipe(tmp_path, generator_dir, "killed", "ppo")
-    path = tmp_path / "killed.yaml"
-    path.write_text(recipe_to_yaml(killed))
-    out = subprocess.run([sys.executable, "-c", SUMMARY_KILLER, str(path)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == -9, out.stderr[-2000:]
+    final, killed = _full_and_killed(tmp_path, generator_dir, "ppo", SUMMARY_KILLER)
     run = tmp_path / "killed"
     assert (run / "checkpoints" / "epoch-0002").is_dir() and not (run / "summary.json").exists()
     resumed = train(killed, resume=True, progress=False)
