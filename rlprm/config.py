@@ -399,7 +399,7 @@ class GRPOConfig(PolicyGradientBase):
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """(sparse rewards) Divide the group-centred rewards by the group's std (`group`, DeepSeekMath), the batch's std, or not at all (`none`, Dr. GRPO). Dense (process) rewards are always normalised over the group's steps."""
     process_advantage: Literal["min", "mean", "sum"] = "min"
-    """(dense rewards) How the group-normalised step rewards become token advantages: `min`, a token's advantage is the lowest normalised step reward from its step on; `mean`, their mean; `sum`, their sum (DeepSeekMath's, which a policy can farm by writing more, smaller steps). Validated but not read yet: until the min and mean forms land, the advantages are computed as `sum`."""
+    """(dense rewards) How each sample's step rewards become token advantages (`core.process_token_advantages`): `min`, a token's return is the lowest step reward from its step on, `mean` their mean, each normalised with the group's statistics; `sum`, the group-normalised step rewards summed from the token on (DeepSeekMath's, which a policy can farm by writing more, smaller steps: it warns). `min` cannot be farmed by step count (PURE, Cheng et al. 2025)."""
 
 
 class RejectionSamplingConfig(RLBase):
@@ -763,9 +763,19 @@ class Recipe(Section):
                              "rejection_sampling, which would rank by the grader instead; use reward.source "
                              "ground_truth, prm or orm there")
         if self.reward.mode == "dense" and self.reward.dense_form == "score" and algo == "ppo":
-            # TODO(lead): rewards.token_rewards' `score` form (h-rewards) lifts this; GRPO maps it to its step scores
-            raise ValueError("reward.dense_form score (r_k = p_k) is implemented for rl.algorithm grpo for now; for "
-                             "PPO use log_prob, min_form or delta")
+            # PPO's return is the sum of the step rewards: with r_k = p_k every extra sure step adds to it
+            raise ValueError("reward.dense_form score (r_k = p_k) makes PPO's return the SUM of the step "
+                             "probabilities, which pays for padding a solution with sure steps "
+                             "(tests/test_reward_hacking.py); for PPO use min_form (the return is the lowest step "
+                             "probability) or log_prob; score is for GRPO, whose rl.process_advantage reads step values")
+        if (self.reward.mode == "dense" and algo == "grpo" and self.rl.process_advantage in ("min", "mean")
+                and self.reward.dense_form in ("min_form", "delta")):
+            # min_form / delta rewards are increments of a running score, not values of the steps: their min or mean
+            # means nothing (a shortcut chain can then rank above the reference: tests/test_reward_hacking.py)
+            raise ValueError(f"rl.process_advantage {self.rl.process_advantage} takes the {self.rl.process_advantage} "
+                             f"of step values, but reward.dense_form {self.reward.dense_form} gives increments of a "
+                             "running score; use reward.dense_form score (the step probabilities) or log_prob, or "
+                             "rl.process_advantage sum")
         if src == "confidence" and algo == "grpo":
             raise ValueError("reward.source confidence needs the starting generator's token log-probs inside the "
                              "reward function, which rlprm's GRPO (TRL's trainer) does not compute yet; use "

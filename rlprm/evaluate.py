@@ -689,6 +689,7 @@ def held_out_reward(recipe, pool: Pool, tokenizer=None, reference=None) -> float
     """Mean over the pool's samples of the reward the run optimises (without the KL penalty), so a reader can see
     whether each RL arm improved ITS OWN objective on held-out problems: the PRM's solution score in the form
     the run uses (min_form: the lowest step probability; log_prob: the log of the product; delta: the last step's;
+    score (GRPO): rl.process_advantage's min, mean or sum of the step probabilities;
     sparse: reward.sparse_aggregate), the ORM's probability, the grader's 1/0, the exact checker's 1/0 (every step
     right), or the starting generator's confidence exp(lowest token log-prob), which needs `reference`. A sample
     with no answer counts reward.missing_answer_reward. None when it cannot be computed here."""
@@ -705,6 +706,10 @@ def held_out_reward(recipe, pool: Pool, tokenizer=None, reference=None) -> float
         scores = [s for row in pool.step_scores[source] for s in row]
         if source == "orm":
             values = [s[0] if s else 0.0 for s in scores]
+        elif reward.mode == "dense" and reward.dense_form == "score":
+            # GRPO only (config): its rl.process_advantage aggregates the step probabilities themselves
+            how = getattr(recipe.rl, "process_advantage", "min")
+            values = [float(sum(s)) if how == "sum" else aggregate(s, how) for s in scores]
         elif reward.mode == "dense":
             how = {"min_form": "min", "delta": "last"}.get(reward.dense_form)
             values = [math.log(max(aggregate(s, "prod"), 1e-6)) if how is None else aggregate(s, how) for s in scores]

@@ -43,48 +43,47 @@ def make_recipe(tmp: Path, generator: Path, out: str, epochs: int = 2, reward: d
 # --------------------------------------------------------------------------- pure tensors
 
 
-def test_process_advantages_hand_computed():
-    from rlprm.rl.grpo import process_advantages
-
-    # one group of 2: sample 0 has steps ending at tokens 1 and 3 (rewards 0.9, 0.3) and EOS at token 4;
-    # sample 1 wrote no answer: the missing-answer penalty -1 sits on its last token (3), no step ends
-    rewards = torch.zeros(2, 5)
-    rewards[0, 1], rewards[0, 3], rewards[1, 3] = 0.9, 0.3, -1.0
-    adv = process_advantages(rewards, [[1, 3], []], [5, 4], group_size=2, width=6)
-    values = [0.9, 0.3, -1.0]
-    mean, std = statistics.mean(values), statistics.stdev(values)  # over all steps of the group, unbiased
-    n = [(v - mean) / (std + 1e-4) for v in values]
-    expected = torch.tensor([
-        # sample 0: tokens 0-1 see both steps; tokens 2-4 the last one, moved from token 3 to EOS (4); padding 0
-        [n[0] + n[1], n[0] + n[1], n[1], n[1], n[1], 0.0],
-        [n[2], n[2], n[2], n[2], 0.0, 0.0],
-    ])
-    assert adv.shape == (2, 6)
-    assert torch.allclose(adv, expected, atol=1e-6)
-
-
-def test_process_advantages_equal_steps_and_empty_samples_give_zero():
-    from rlprm.rl.grpo import process_advantages
-
-    rewards = torch.zeros(4, 3)
-    rewards[0, 0] = rewards[0, 2] = rewards[1, 1] = 0.5  # group 1: every step 0.5: nothing to prefer
-    adv = process_advantages(rewards, [[0, 2], [1], [], []], [3, 2, 0, 0], group_size=2, width=3)
-    assert torch.equal(adv, torch.zeros(4, 3))  # group 2: two empty samples (no tokens at all)
-
-
-def test_step_score_rewards_place_each_steps_probability():
+@pytest.mark.parametrize("form", ["min", "sum"])
+def test_grpo_advantages_read_the_placed_events_and_normalise_over_the_group(form, tmp_path, generator_dir):
+    """GRPO only normalises: the events come from rewards.token_rewards (the one placement), the last step's on EOS."""
     from rlprm.rewards import TokenRewards
-    from rlprm.rl.grpo import step_score_rewards
+    from rlprm.rl.grpo import grpo_advantages
 
-    # sample 0: two steps ending at tokens 1 and 3 (min_form rewards in the tensor), 5 tokens;
-    # sample 1: no answer, its -1 penalty on its last token (2) is kept as it is
-    shaped = torch.tensor([[0.0, 0.9, 0.0, -0.5, 0.0], [0.0, 0.0, -1.0, 0.0, 0.0]])
-    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
-    tr = TokenRewards(shaped, mask, [[1, 3], []], [[0.9, -0.5], []], [False, True], [False, False])
-    out = step_score_rewards(tr, [[0.9, 0.4], [0.7]], [1.0, 0.0], outcome_coef=0.0)
-    assert torch.equal(out, torch.tensor([[0.0, 0.9, 0.0, 0.4, 0.0], [0.0, 0.0, -1.0, 0.0, 0.0]]))
-    with_outcome = step_score_rewards(tr, [[0.9, 0.4], [0.7]], [1.0, 0.0], outcome_coef=0.5)
-    assert with_outcome[0].tolist() == pytest.approx([0.0, 0.9, 0.0, 0.4, 0.5])
+    # one group of 2: sample 0 has steps ending at tokens 1 and 3 (scores 0.9, 0.3), the last moved to EOS (4);
+    # sample 1 wrote no answer: the missing-answer penalty -1 on its last token (3)
+    rewards = torch.zeros(2, 5)
+    rewards[0, 1], rewards[0, 4], rewards[1, 3] = 0.9, 0.3, -1.0
+    mask = torch.tensor([[True] * 5, [True] * 4 + [False]])
+    tr = TokenRewards(rewards, mask, [[1, 3], []], [[0.9, 0.3], []], [False, True], [False, False],
+                      event_positions=[[1, 4], [3]], event_values=[[0.9, 0.3], [-1.0]], outcome_rewards=[0.0, 0.0])
+    recipe = make_recipe(tmp_path, generator_dir, "x", reward={"mode": "dense", "source": "exact",
+                                                                "dense_form": "score"}, process_advantage=form)
+    if form == "sum":
+        with pytest.warns(UserWarning, match="pay for more steps"):
+            adv = grpo_advantages(recipe, {"rewards": tr}, group_size=2, width=6)
+        values = [0.9, 0.3, -1.0]  # DeepSeekMath: every step reward of the group normalised, then summed onwards
+        mean, std = statistics.mean(values), statistics.stdev(values)
+        n = [(v - mean) / (std + 1e-4) for v in values]
+        expected = [[n[0] + n[1], n[0] + n[1], n[1], n[1], n[1], 0.0], [n[2]] * 4 + [0.0, 0.0]]
+    else:
+        # min: sample 0's return is min(0.9, 0.3) = 0.3 at both its events, sample 1's -1; pooled over the group
+        pool = [0.3, 0.3, -1.0]
+        mean, std = statistics.mean(pool), statistics.stdev(pool)
+        a0, a1 = (0.3 - mean) / (std + 1e-4), (-1.0 - mean) / (std + 1e-4)
+        expected = [[a0] * 5 + [0.0], [a1] * 4 + [0.0, 0.0]]
+        adv = grpo_advantages(recipe, {"rewards": tr}, group_size=2, width=6)
+    assert adv.shape == (2, 6)
+    assert torch.allclose(adv, torch.tensor(expected), atol=1e-6)
+
+
+def test_process_advantage_min_needs_step_values(tmp_path, generator_dir):
+    from rlprm.config import RecipeError
+
+    for form in ("min_form", "delta"):
+        with pytest.raises((RecipeError, ValueError), match="increments of a running score"):
+            make_recipe(tmp_path, generator_dir, "x", reward={"mode": "dense", "source": "exact", "dense_form": form})
+    make_recipe(tmp_path, generator_dir, "x", reward={"mode": "dense", "source": "exact", "dense_form": "min_form"},
+                process_advantage="sum")  # DeepSeekMath's sum takes any step rewards
 
 
 def test_sizes_that_do_not_fit_are_refused_with_the_keys(tmp_path, generator_dir):
@@ -302,7 +301,8 @@ def test_reward_function_scores_with_the_exact_checker(generator_dir, char_token
     ids = [ids[0] + [eos], ids[1] + [eos], ids[2]]  # all as long as the cap; the third stopped there without EOS
     assert len({len(i) for i in ids}) == 1
     recipe = make_recipe(tmp_path, generator_dir, "exact", max_new_tokens=len(ids[2]),
-                         reward={"mode": "dense", "source": "exact", "dense_form": "min_form"})
+                         reward={"mode": "dense", "source": "exact", "dense_form": "min_form"},
+                         process_advantage="sum")
     fn = RewardFunction(recipe, problems, char_tokenizer)
     returns = fn(["1 +2 +4\n"] * 3, texts, ids, [0, 0, 0])
     assert fn.last["scores"] == [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]

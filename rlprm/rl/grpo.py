@@ -9,11 +9,14 @@ DESIGN.md section 6. Two modes, chosen by `reward.mode`:
 - `dense` (process supervision, DeepSeekMath section 4.1.3): the step scores
   (a PRM's, or with `reward.source: exact` the arithmetic checker's
   prefix-correctness, an oracle PRM; `confidence` is PPO-only, refused at
-  recipe validation) give the step rewards (`reward.dense_form`: `score`, each
-  step's probability, or another form's shaped rewards), which are normalised
-  with the mean and std of all step rewards of the group (`core.group_normalize_steps`), and a token's
-  advantage is the sum of the normalised rewards of the steps that end at or
-  after it (`core.step_rewards_to_token_advantages`): a (B, T) tensor.
+  recipe validation) become step rewards in `rewards.token_rewards`, the one
+  placement (`reward.dense_form`: `score`, each step's probability, or
+  `log_prob`; the last step's reward sits on EOS so that it also teaches
+  stopping). `grpo_advantages` only normalises them over the group and spreads
+  them over the tokens as `rl.process_advantage` says
+  (`core.process_token_advantages`): `min` (the default: a token's return is the
+  worst step from it on, which writing more steps cannot raise), `mean`, or
+  DeepSeekMath's `sum` (farmable by step count; it warns). A (B, T) tensor.
 
 The hook: `_generate_and_score_completions` is the private method of
 `GRPOTrainer` that samples, scores and returns a dict whose "advantages" entry
@@ -52,79 +55,6 @@ TRL_OUTPUT_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_ma
 
 
 # --------------------------------------------------------------------------- pure pieces
-
-
-def process_advantages(token_rewards, step_ends: list[list[int]], lengths: list[int], group_size: int, width: int):
-    """Per-token advantages of process-supervised GRPO from the reward tensor of `rewards.token_rewards`.
-
-    token_rewards: (B, T') float, the rewards on each completion's tokens (a PRM
-    step reward at each step's last token; a missing answer's penalty, or the
-    outcome term, at the last token). step_ends: per sample, the token index
-    of each rewarded step's end. lengths: per sample, the response tokens kept.
-    Returns (B, width).
-
-    Each sample's reward events are its step ends plus its last token (when
-    that token carries a reward that is not a step's: a missing answer or
-    reward.outcome_coef). The event values are read from `token_rewards`, so
-    two steps ending in one token count once with their sum. The last event of
-    a sample is moved to its last token (EOS): the final step's reward then
-    also teaches the policy to stop there, instead of leaving EOS with no
-    signal. Events are normalised over the group (`group_normalize_steps`)
-    and summed from each token to the end (`step_rewards_to_token_advantages`).
-    A sample with no tokens gets 0 everywhere.
-    """
-    import torch
-
-    from rlprm.rl.core import group_normalize_steps, step_rewards_to_token_advantages
-
-    B = token_rewards.shape[0]
-    events: list[list[int]] = []
-    for i in range(B):
-        if lengths[i] == 0:
-            events.append([])
-            continue
-        last = lengths[i] - 1
-        pos = sorted(set(step_ends[i]))
-        if float(token_rewards[i, last]) != 0.0 and last not in pos:
-            pos.append(last)  # a missing answer's penalty or the outcome term
-        if not pos:  # an answered sample whose rewards all sit nowhere (cannot happen with token_rewards): 0
-            events.append([])
-            continue
-        events.append(pos)
-    S = max(1, max(len(e) for e in events))
-    values = torch.zeros(B, S, dtype=torch.float32)
-    positions = torch.full((B, S), -1, dtype=torch.long)
-    for i, pos in enumerate(events):
-        for k, p in enumerate(pos):
-            values[i, k] = float(token_rewards[i, p])
-            positions[i, k] = p
-        if pos:
-            positions[i, len(pos) - 1] = lengths[i] - 1  # the last event moves to EOS (see above)
-    normalized = group_normalize_steps(values, positions >= 0, group_size)
-    return step_rewards_to_token_advantages(normalized, positions, width)
-
-
-def step_score_rewards(tr, scores, outcomes, outcome_coef: float):
-    """(B, T') rewards with each step's PRM probability p_k at its end (DeepSeekMath's step rewards).
-
-    tr: the `TokenRewards` of the same completions (its step ends, lengths and
-    missing-answer decisions are reused; a sample without an answer keeps its
-    penalty at the last token). scores: per sample, the PRM's step
-    probabilities. outcome_coef > 0 adds outcome_coef * outcome at the last token.
-    """
-    import torch
-
-    out = torch.zeros_like(tr.rewards)
-    lengths = tr.mask.sum(1).tolist()
-    for i, ends in enumerate(tr.step_token_ends):
-        if tr.missing_answer[i] or not ends:
-            out[i] = tr.rewards[i]
-            continue
-        for end, p in zip(ends, scores[i]):
-            out[i, end] += float(p)  # += : two steps may end in one token
-        if outcome_coef > 0:
-            out[i, int(lengths[i]) - 1] += outcome_coef * float(outcomes[i])
-    return out
 
 
 # --------------------------------------------------------------------------- the reward function
@@ -169,15 +99,11 @@ class RewardFunction:
             scores = self.reward_model.score_steps([p.text for p in problems], texts, sep=sep)
         elif rcfg.source == "exact":  # the exact checker as an oracle PRM (recipe validation: arithmetic only)
             scores = [prefix_correct_probs(g.step_correct or []) for g in grades]
-        if rcfg.dense_form == "score":
-            # TODO(lead): rewards.token_rewards' own `score` form replaces this stand-in: the step rewards of
-            # `score` are placed by step_score_rewards (grpo_advantages); min_form only gives the logged return
-            rcfg = rcfg.model_copy(update={"dense_form": "min_form"})
         try:
             # TRL hands over each completion up to and including its EOS: one without EOS at the cap was cut
             tr = token_rewards(rcfg, texts, ids, scores=scores, outcomes=outcomes, tokenizer=self.tokenizer,
                                max_tokens=self.recipe.rl.max_new_tokens, eos_token_id=eos, sep=sep,
-                               sparse_aggregate=rcfg.sparse_aggregate)
+                               sparse_aggregate=rcfg.sparse_aggregate, last_event_at_eos=True)
         except RewardError as exc:
             raise RLError(f"iteration {self.calls + 1}: {exc}") from None
         check_finite("the rewards", tr.rewards, self.run_dir)
@@ -231,18 +157,17 @@ def grpo_args(recipe: Recipe, output_dir: Path, seed: int, progress: bool = Fals
 def grpo_advantages(recipe: Recipe, last: dict, group_size: int, width: int):
     """(B, width) per-token process advantages of one generation batch: the one call the trainer makes.
 
-    last: what `RewardFunction` kept for the batch (its `TokenRewards`, step scores, outcomes, lengths).
-    The step rewards are reward.dense_form's shaped rewards, or with `score` each step's probability p_k
-    (`step_score_rewards`, DeepSeekMath's process supervision); `process_advantages` normalises them over the
-    group and turns them into token advantages.
+    last: what `RewardFunction` kept for the batch; its `TokenRewards` holds every sample's reward events (the
+    step rewards of reward.dense_form, the last one on EOS; a missing answer's penalty) and outcome term, placed
+    by `rewards.token_rewards`, the one placement. Here they are only normalised over each group of
+    `group_size` samples and spread over the tokens as rl.process_advantage says
+    (`core.process_token_advantages`).
     """
-    tr = last["rewards"]
-    step_rewards = tr.rewards
-    if recipe.reward.dense_form == "score":
-        step_rewards = step_score_rewards(tr, last["scores"], last["outcomes"], recipe.reward.outcome_coef)
-    # TODO(lead): rl.process_advantage ("min" | "mean" | "sum") chooses how step rewards become token advantages;
-    # process_advantages below is today's "sum" (DeepSeekMath's); the rewritten core.py functions plug in here
-    return process_advantages(step_rewards, tr.step_token_ends, last["lengths"], group_size, width)
+    from rlprm.rl.core import process_token_advantages
+
+    values, positions, outcome = last["rewards"].event_tensors()
+    return process_token_advantages(values, positions, group_size, width, form=recipe.rl.process_advantage,
+                                    outcome=outcome)
 
 
 def check_sizes(recipe: Recipe) -> None:
@@ -334,5 +259,4 @@ class GRPO:
         shutil.rmtree(run.run_dir / "trl", ignore_errors=True)
 
 
-__all__ = ["GRPO", "RewardFunction", "TRL_OUTPUT_KEYS", "check_sizes", "grpo_advantages", "grpo_args",
-           "process_advantages", "step_score_rewards"]
+__all__ = ["GRPO", "RewardFunction", "TRL_OUTPUT_KEYS", "check_sizes", "grpo_advantages", "grpo_args"]
