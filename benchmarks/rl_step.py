@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/rl_step.py --iterations 2 --skip-trl            # quicker
 
 Needs the prepared generator, PRM and ORM (runs/arith/generator, runs/arith_prm/reward_model,
-runs/arith_orm/reward_model; see the recipes' headers). Three comparisons, all in this one process:
+runs/arith_orm/reward_model; see the recipes' headers): built first when missing, as `rlprm train-rl`
+builds them (`rlprm.prerequisites.ensure_prerequisites`). Three comparisons, all in this one process:
 
 1. PPO (rlprm/rl/ppo.py) with dense PRM rewards (recipes/prm_dense.yaml) against sparse outcome
    rewards, both from the ORM (recipes/orm_sparse.yaml: the same model cost, only the reward placement
@@ -40,9 +41,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 def _recipe(name: str, out: Path, iterations: int):
     from rlprm.config import load_recipe
 
-    recipe = load_recipe(ROOT / "recipes" / name, [f"run.output_dir={out}", "rl.epochs=1", "rl.eval_n=0",
+    recipe = load_recipe(ROOT / "recipes" / name, [f"run.output_dir={out}", "rl.epochs=1", "rl.eval_n_max=0",
                                                    "tracking.wandb=disabled"])
     recipe.rl.problems_per_epoch = iterations * recipe.rl.prompts_per_iteration
+    from rlprm.prerequisites import ensure_prerequisites
+
+    ensure_prerequisites(recipe)  # a clean clone has no ORM yet (the main job builds only what its recipe reads)
     return recipe
 
 
@@ -58,13 +62,11 @@ def _phases(records: list[dict]) -> dict:
 
 
 def run_loop(name: str, tmp: Path, iterations: int) -> dict:
-    from rlprm.rl.grpo import train_grpo
-    from rlprm.rl.ppo import train_ppo
+    from rlprm.rl import train
     from rlprm.tracking import read_metrics
 
     out = tmp / name.replace(".yaml", "")
     recipe = _recipe(name, out, iterations)
-    train = train_grpo if recipe.rl.algorithm == "grpo" else train_ppo
     train(recipe, progress=False)
     res = _phases(read_metrics(out / "metrics.jsonl"))
     res["batch"] = recipe.rl.prompts_per_iteration * recipe.rl.samples_per_problem
@@ -80,14 +82,13 @@ def run_trl_plain(tmp: Path, iterations: int) -> dict:
     from trl import GRPOTrainer
 
     from rlprm.models import load_causal_lm, load_tokenizer
-    from rlprm.problems import held_out_arithmetic
+    from rlprm.problems import epoch_problems, held_out_arithmetic
     from rlprm.rl.grpo import RewardFunction, grpo_args
-    from rlprm.rl.ppo import _problems_for_epoch
 
     recipe = _recipe("grpo_outcome.yaml", tmp / "trl_plain", iterations)
     rl = recipe.rl
-    exclude = {p.text for p in held_out_arithmetic(recipe, max(recipe.prepare_eval.num_problems, rl.eval_problems))}
-    problems = _problems_for_epoch(recipe, 0, exclude)
+    exclude = {p.text for p in held_out_arithmetic(recipe, max(recipe.prepare_eval.num_problems, rl.eval_num_problems))}
+    problems = epoch_problems(recipe, 0, exclude)
     tokenizer = load_tokenizer(recipe.model.generator, padding_side="left")
     torch.manual_seed(recipe.run.seed)
     threads = torch.get_num_threads()

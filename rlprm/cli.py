@@ -11,7 +11,7 @@ Every subcommand that runs a job takes a recipe, then any number of
     rlprm export runs/rl_prm_dense                  # latest checkpoint -> plain HF folder
     rlprm check recipes/arith_prepare.yaml          # validate only
     rlprm prepare recipes/arith_prepare.yaml --print-config
-    rlprm explain                                   # every recipe key, documented
+    rlprm explain [RECIPE | --algorithm grpo]       # every recipe key, documented (rl: that algorithm's)
     rlprm demo [--seeds 3] [--force [STAGE...]]     # the whole process-vs-outcome pipeline, small budgets
     rlprm compare RUN_DIR... [--out DIR]            # report.md + plots across runs (seeds averaged)
 
@@ -52,6 +52,12 @@ def _train_rl_args(parser: argparse.ArgumentParser) -> None:
     _recipe_args(parser)
     parser.add_argument("--resume", action="store_true",
                         help="continue from the run folder's latest checkpoint (weights, optimizers, epoch, RNG)")
+
+
+def _explain_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", nargs="?", default=None, help="a recipe YAML file: explain the keys of its rl.algorithm")
+    parser.add_argument("--algorithm", choices=["ppo", "grpo", "rejection_sampling"], default=None,
+                        help="explain the `rl` keys of this algorithm")
 
 
 def _export_args(parser: argparse.ArgumentParser) -> None:
@@ -196,7 +202,9 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _explain(args: argparse.Namespace) -> None:
-    print(explain())
+    # the `rl` keys depend on rl.algorithm: a recipe's own, or the one named (a RecipeError exits 2)
+    algorithm = args.algorithm or (load_recipe(args.recipe).rl.algorithm if args.recipe else None)
+    print(explain(algorithm=algorithm))
 
 
 def _label(args: argparse.Namespace) -> None:
@@ -276,7 +284,11 @@ COMMANDS: dict[str, Command] = {
         "export a run's latest checkpoint as a plain Hugging Face folder", _export, _export_args, loads_recipe=False,
         description="Write RUN_DIR's latest complete checkpoint (LoRA merged) with the recipe and summary to OUT "
                     "(default RUN_DIR/export); it loads with from_pretrained."),
-    "explain": Command("print every recipe key with its type, default and meaning", _explain, None, loads_recipe=False),
+    "explain": Command(
+        "print every recipe key with its type, default and meaning", _explain, _explain_args, loads_recipe=False,
+        description="Every recipe key with its type, default and meaning. The `rl` section depends on rl.algorithm: "
+                    "give a RECIPE (its algorithm) or --algorithm to see only the keys that apply; without either, "
+                    "the shared keys and then each algorithm's own."),
     "select": Command(
         "surface convincing wrong-answer solutions for labelling (PRM800K JSONL)", _select,
         description="Score the pool (rm.data's training samples, N per problem, graded) with the current PRM "

@@ -11,6 +11,20 @@ error for a bad value can quote what the field is for.
 
 Paths in a recipe are resolved relative to the recipe file, never the current
 directory, so a recipe behaves the same wherever it is launched from.
+
+The `rl` section has one schema per algorithm (PPOConfig, GRPOConfig,
+RejectionSamplingConfig), a pydantic union discriminated by `rl.algorithm`,
+flat rather than nested (`rl.kl_coef`, not `rl.ppo.kl_coef`): a recipe names
+one algorithm, so a nested section would only add a level to every key and
+override; flat, a key of another algorithm is an unknown key of this one, and
+the error says which algorithm it belongs to. Shared keys live in `RLBase`
+(and PPO's and GRPO's common ones in `PolicyGradientBase`), one name per
+concept: `rl.kl_coef` is the KL coefficient of both PPO and GRPO,
+`rl.minibatch_size` is PPO's and GRPO's optimizer batch and
+`rl.sft_batch_size` rejection sampling's, and the between-epoch evaluation is
+`rl.eval_n_max` / `rl.eval_num_problems`, spelled like `eval.n_max` /
+`eval.num_problems`. Keys that were renamed or removed are in
+`_REMOVED_KEYS`: an old recipe fails with the new key named.
 """
 
 from __future__ import annotations
@@ -19,10 +33,11 @@ import difflib
 import os
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo,
+                      model_validator)
 
 
 class RecipeError(ValueError):
@@ -275,12 +290,10 @@ class RewardConfig(Section):
     """`dense`: a reward at every step end from step scores (source prm, exact or confidence); `sparse`: one reward at the last token."""
     source: Literal["prm", "orm", "ground_truth", "exact", "confidence"] = "ground_truth"
     """Who scores: `prm` / `orm` a trained reward model (model.reward_model); `ground_truth` the grader's 1/0 on the final answer; `exact` the arithmetic task's exact step checker as an oracle PRM (steps score 1 up to the first wrong step, 0 from it on; sparse: 1 if every step is right; arithmetic task only); `confidence` the frozen starting generator's own token confidence at temperature 1 (per step exp of its lowest token log-prob; sparse: over the whole response; ppo only). exact and confidence load no reward model."""
-    dense_form: Literal["log_prob", "min_form", "delta"] = "log_prob"
-    """How step probabilities become step rewards (DESIGN.md section 5; rlprm/rewards.py)."""
+    dense_form: Literal["log_prob", "min_form", "delta", "score"] = "log_prob"
+    """How step probabilities p_k become step rewards r_k (DESIGN.md section 5; rlprm/rewards.py): `log_prob` r_k = log p_k, `min_form` and `delta` shaped so that the return is the lowest p_k or the last one, `score` r_k = p_k (DeepSeekMath's process supervision; GRPO only for now)."""
     outcome_coef: float = Field(0.0, ge=0)
     """Weight of an extra ground-truth outcome reward at the last token."""
-    kl_coef: float = Field(0.05, ge=0)
-    """Per-token KL penalty against the reference model."""
     missing_answer_reward: float = -1.0
     """Reward of a response with no final answer, or cut at rl.max_new_tokens before its EOS. Dense rewards of an answered response never return less than this plus 0.1 (their running sum is floored there, rlprm/rewards.py), so not answering never pays."""
     sparse_aggregate: Literal["prod", "min", "last", "mean"] = "prod"
@@ -300,9 +313,14 @@ class RewardConfig(Section):
         return self
 
 
-class RLConfig(Section):
+ALGORITHMS = ("ppo", "grpo", "rejection_sampling")
+
+
+class RLBase(Section):
+    """What every RL algorithm reads: the schedule, sampling, the policy's optimizer, and best-of-N between epochs."""
+
     algorithm: Literal["ppo", "grpo", "rejection_sampling"] = "ppo"
-    """The update rule."""
+    """The update rule; it decides which other `rl` keys exist (`rlprm explain --algorithm NAME` lists them)."""
     epochs: int = Field(3, ge=1)
     """RL epochs; best-of-N evaluation and a checkpoint follow each."""
     problems_per_epoch: int = Field(256, ge=1)
@@ -311,62 +329,119 @@ class RLConfig(Section):
     """Completions per prompt (the group size for GRPO, N for rejection sampling)."""
     learning_rate: float = Field(1e-5, gt=0, le=1)
     """Policy learning rate."""
-    warmup_steps: int = Field(0, ge=0)
-    """(ppo) The policy's learning rate rises linearly to rl.learning_rate over its first this many optimizer steps (ppo_epochs x minibatches per iteration; 0: none). Adam's first steps move every weight by about the learning rate whatever the gradient's size, and on a sparse reward's noisy first gradients that cost the tiny generator 5 points of answer accuracy in the first epoch."""
     max_new_tokens: int = Field(96, ge=1)
     """Response length cap."""
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature during rollouts."""
-    prompts_per_iteration: int = Field(32, ge=1)
-    """(ppo, grpo) Prompts per rollout batch; each gets samples_per_problem completions, then one PPO/GRPO update. An epoch is ceil(problems_per_epoch / prompts_per_iteration) iterations."""
-    ppo_epochs: int = Field(2, ge=1, le=16)
-    """(ppo, grpo) Passes over each rollout batch (typically 1-4; GRPO's mu)."""
-    minibatch_size: int = Field(32, ge=1)
-    """(ppo, grpo) Sampled responses per optimizer step within a pass (a rollout batch holds prompts_per_iteration * samples_per_problem)."""
-    clip_range: float = Field(0.2, gt=0, lt=1)
-    """(ppo, grpo) Policy ratio clip epsilon (typically 0.1-0.3)."""
-    clip_range_value: float = Field(0.2, gt=0)
-    """(ppo) How far a value prediction may move from the rollout's (in reward units; typically 0.1-1)."""
-    vf_coef: float = Field(0.5, ge=0)
-    """(ppo) Weight of the value loss in the summed loss (0.1-1)."""
-    gamma: float = Field(1.0, ge=0, le=1)
-    """(ppo) Discount per token; 1.0: rewards of a solution count fully wherever they land."""
-    lam: float = Field(0.95, ge=0, le=1)
-    """(ppo) GAE lambda (0: one-step TD error, 1: reward-to-go minus value)."""
-    value_learning_rate: float = Field(1e-5, gt=0, le=1)
-    """(ppo) Learning rate of the value model (critic)."""
     max_grad_norm: float = Field(1.0, gt=0)
-    """(ppo, grpo) Gradient clipping norm, applied to the policy and the value model separately."""
-    whiten_advantages: bool = True
-    """(ppo) Standardise advantages over each rollout batch (mean 0, std 1)."""
+    """Gradient clipping norm (PPO: the policy and the value model separately)."""
+    eval_n_max: int = Field(4, ge=0)
+    """Best-of-N between epochs: samples per held-out problem (N at most this, as eval.n_max; 0 skips the evaluation)."""
+    eval_num_problems: int = Field(32, ge=1)
+    """Best-of-N between epochs: held-out problems (as eval.num_problems)."""
+
+
+class PolicyGradientBase(RLBase):
+    """What PPO and GRPO share: rollout batches, passes over them in minibatches, the clipped ratio, the KL term."""
+
+    prompts_per_iteration: int = Field(32, ge=1)
+    """Prompts per rollout batch; each gets samples_per_problem completions, then one update. An epoch is ceil(problems_per_epoch / prompts_per_iteration) iterations."""
+    ppo_epochs: int = Field(2, ge=1, le=16)
+    """Passes over each rollout batch (typically 1-4; GRPO's mu)."""
+    minibatch_size: int = Field(32, ge=1)
+    """Sampled responses per optimizer step within a pass (a rollout batch holds prompts_per_iteration * samples_per_problem)."""
+    clip_range: float = Field(0.2, gt=0, lt=1)
+    """Policy ratio clip epsilon (typically 0.1-0.3)."""
+
+
+class PPOConfig(PolicyGradientBase):
+    """PPO (rl/ppo.py): a critic, GAE, and a KL penalty in the reward."""
+
+    algorithm: Literal["ppo"] = "ppo"
+    """The update rule; it decides which other `rl` keys exist (`rlprm explain --algorithm NAME` lists them)."""
+    kl_coef: float = Field(0.05, ge=0)
+    """KL coefficient: every response token's reward pays kl_coef times its KL estimate (rl.kl_estimator) against the reference model (the starting generator)."""
     kl_estimator: Literal["k1", "k3", "abs", "mse"] = "k1"
-    """(ppo) Per-token estimate of KL(policy || reference) in the reward penalty (DESIGN.md section 6; k3 is never negative)."""
+    """Per-token estimate of KL(policy || reference) in the reward penalty (DESIGN.md section 6; k3 is never negative)."""
     target_kl: float | None = Field(None, gt=0)
-    """(ppo) None: a fixed KL coefficient, reward.kl_coef. A number: start at reward.kl_coef and adapt it towards this per-token KL (Ziegler et al. 2019)."""
+    """None: a fixed KL coefficient, rl.kl_coef. A number: start at rl.kl_coef and adapt it towards this per-token KL (Ziegler et al. 2019)."""
     kl_horizon: int = Field(10000, ge=1)
-    """(ppo) Samples over which the adaptive KL coefficient reacts (with target_kl)."""
-    eval_n: int = Field(4, ge=0)
-    """Best-of-N between epochs: samples per held-out problem (N at most this; 0 skips the evaluation)."""
-    eval_problems: int = Field(32, ge=1)
-    """Best-of-N between epochs: held-out problems."""
+    """Samples over which the adaptive KL coefficient reacts (with target_kl)."""
+    warmup_steps: int = Field(0, ge=0)
+    """The policy's learning rate rises linearly to rl.learning_rate over its first this many optimizer steps (ppo_epochs x minibatches per iteration; 0: none). Adam's first steps move every weight by about the learning rate whatever the gradient's size, and on a sparse reward's noisy first gradients that cost the tiny generator 5 points of answer accuracy in the first epoch."""
+    clip_range_value: float = Field(0.2, gt=0)
+    """How far a value prediction may move from the rollout's (in reward units; typically 0.1-1)."""
+    vf_coef: float = Field(0.5, ge=0)
+    """Weight of the value loss in the summed loss (0.1-1)."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount per token; 1.0: rewards of a solution count fully wherever they land."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda (0: one-step TD error, 1: reward-to-go minus value)."""
+    value_learning_rate: float = Field(1e-5, gt=0, le=1)
+    """Learning rate of the value model (critic)."""
+    whiten_advantages: bool = True
+    """Standardise advantages over each rollout batch (mean 0, std 1)."""
     value_model: ModelRef = "policy"
-    """(ppo) Initial weights of the critic: `policy` (the generator's body with a fresh 1-output head) or an HF id / local folder."""
+    """Initial weights of the critic: `policy` (the generator's body with a fresh 1-output head) or an HF id / local folder."""
     value_layers: int = Field(0, ge=0)
-    """(ppo) Keep only the first this many transformer layers of the critic's body (0: all). The critic's forward and backward are nearly half of a PPO update; half its layers made the embedded demo's updates about a fifth cheaper."""
-    beta: float = Field(0.04, ge=0)
-    """(grpo) KL coefficient in the GRPO loss (TRL's k3 estimate per token against the initial generator; DeepSeekMath used 0.04; 0 skips the reference model). GRPO takes no reward.kl_coef penalty."""
+    """Keep only the first this many transformer layers of the critic's body (0: all). The critic's forward and backward are nearly half of a PPO update; half its layers made the embedded demo's updates about a fifth cheaper."""
+
+
+class GRPOConfig(PolicyGradientBase):
+    """GRPO (rl/grpo.py on TRL's GRPOTrainer): group-relative advantages, no critic, a KL term in the loss."""
+
+    algorithm: Literal["grpo"] = "grpo"
+    """The update rule; it decides which other `rl` keys exist (`rlprm explain --algorithm NAME` lists them)."""
+    kl_coef: float = Field(0.04, ge=0)
+    """KL coefficient: weight of the KL term in the GRPO loss (TRL's beta: its k3 estimate per token against the starting generator; DeepSeekMath used 0.04; 0 skips the reference model)."""
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"
-    """(grpo) How TRL averages token losses: `grpo` per sequence then over sequences (length-biased), `dapo` over all tokens of the batch, `dr_grpo` by a constant, `bnpo` over the local batch's tokens."""
+    """How TRL averages token losses: `grpo` per sequence then over sequences (length-biased), `dapo` over all tokens of the batch, `dr_grpo` by a constant, `bnpo` over the local batch's tokens."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
-    """(grpo, sparse rewards) Divide the group-centred rewards by the group's std (`group`, DeepSeekMath), the batch's std, or not at all (`none`, Dr. GRPO). Dense (process) rewards are always normalised over the group's steps."""
-    process_reward: Literal["score", "dense_form"] = "score"
-    """(grpo, dense rewards) The step rewards normalised over the group: `score`, the PRM's probability of each step (DeepSeekMath's process supervision); `dense_form`, reward.dense_form's shaped rewards (their telescoping sums suit PPO's returns, but normalised step by step every step after the first looks bad: it lowered accuracy on the arithmetic task)."""
+    """(sparse rewards) Divide the group-centred rewards by the group's std (`group`, DeepSeekMath), the batch's std, or not at all (`none`, Dr. GRPO). Dense (process) rewards are always normalised over the group's steps."""
+    process_advantage: Literal["min", "mean", "sum"] = "min"
+    """(dense rewards) How the group-normalised step rewards become token advantages: `min`, a token's advantage is the lowest normalised step reward from its step on; `mean`, their mean; `sum`, their sum (DeepSeekMath's, which a policy can farm by writing more, smaller steps). Validated but not read yet: until the min and mean forms land, the advantages are computed as `sum`."""
+
+
+class RejectionSamplingConfig(RLBase):
+    """Rejection sampling (rl/rejection.py): sample N per problem, keep the best, one SFT pass over them."""
+
+    algorithm: Literal["rejection_sampling"] = "rejection_sampling"
+    """The update rule; it decides which other `rl` keys exist (`rlprm explain --algorithm NAME` lists them)."""
     rejection_top_k: int = Field(1, ge=1)
-    """(rejection_sampling) Samples kept per problem, distinct texts only: the k best by the reward model (reward.source prm/orm; a PRM's steps aggregated by reward.sparse_aggregate), or up to k that the grader accepts (reward.source ground_truth)."""
+    """Samples kept per problem, distinct texts only: the k best by the reward model (reward.source prm/orm; a PRM's steps aggregated by reward.sparse_aggregate), or up to k that the grader accepts (reward.source ground_truth)."""
     rejection_min_score: float | None = None
-    """(rejection_sampling) With a reward model: keep only samples it scores at least this (0..1); none keeps the best whatever their score."""
+    """With a reward model: keep only samples it scores at least this (0..1); none keeps the best whatever their score."""
+    sample_batch_size: int = Field(128, ge=1)
+    """Sequences generated at once while sampling the N per problem."""
     sft_epochs: int = Field(1, ge=1)
-    """(rejection_sampling) Passes of SFT (TRL's SFTTrainer, loss on the completion only) over each RL epoch's kept samples; rl.minibatch_size is its batch size, rl.learning_rate its constant rate."""
+    """Passes of SFT (TRL's SFTTrainer, loss on the completion only) over each RL epoch's kept samples, at rl.learning_rate (constant)."""
+    sft_batch_size: int = Field(32, ge=1)
+    """Kept samples per SFT optimizer step."""
+
+
+RL_SECTIONS: dict[str, type[RLBase]] = {"ppo": PPOConfig, "grpo": GRPOConfig, "rejection_sampling": RejectionSamplingConfig}
+"""The `rl` section's schema per rl.algorithm."""
+
+
+class _UnknownAlgorithm(RLBase):
+    """An `rl` section whose algorithm is none of ALGORITHMS: validated against the shared keys only (the algorithm's
+    own cannot be judged), so that its other problems are still reported with the bad algorithm, all at once."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+def _algorithm_of(value) -> str:
+    """The tag of an `rl` mapping (ppo when unset) or section, for the discriminated union."""
+    name = value.get("algorithm", "ppo") if isinstance(value, dict) else getattr(value, "algorithm", "ppo")
+    return name if name in RL_SECTIONS else "unknown"
+
+
+RLConfig = Annotated[
+    Union[Annotated[PPOConfig, Tag("ppo")], Annotated[GRPOConfig, Tag("grpo")],
+          Annotated[RejectionSamplingConfig, Tag("rejection_sampling")], Annotated[_UnknownAlgorithm, Tag("unknown")]],
+    Discriminator(_algorithm_of),
+]
+"""The `rl` section: one schema per rl.algorithm, so a key of another algorithm is an unknown key."""
 
 
 class EvalConfig(Section):
@@ -689,6 +764,10 @@ class Recipe(Section):
             raise ValueError(f"reward.source {src} is implemented for rl.algorithm ppo (and grpo for exact), not "
                              "rejection_sampling, which would rank by the grader instead; use reward.source "
                              "ground_truth, prm or orm there")
+        if self.reward.mode == "dense" and self.reward.dense_form == "score" and algo == "ppo":
+            # TODO(lead): rewards.token_rewards' `score` form (h-rewards) lifts this; GRPO maps it to its step scores
+            raise ValueError("reward.dense_form score (r_k = p_k) is implemented for rl.algorithm grpo for now; for "
+                             "PPO use log_prob, min_form or delta")
         if src == "confidence" and algo == "grpo":
             raise ValueError("reward.source confidence needs the starting generator's token log-probs inside the "
                              "reward function, which rlprm's GRPO (TRL's trainer) does not compute yet; use "
@@ -748,14 +827,15 @@ def _key_lines(text: str) -> dict[tuple, int]:
     return lines
 
 
-def _field_info(loc: tuple):
-    """The pydantic FieldInfo at a location, or None (for list items and the like)."""
+def _field_info(loc: tuple, algorithm: str | None = None):
+    """The pydantic FieldInfo at a location, or None (for list items and the like); `rl` is `algorithm`'s section."""
     cls, info = Recipe, None
     for part in loc:
         if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
             return None
         info = cls.model_fields[part]
-        cls = _unwrap(info.annotation)
+        cls = (RL_SECTIONS.get(algorithm or "ppo", RLBase) if (cls is Recipe and part == "rl")
+               else _unwrap(info.annotation))
     return info
 
 
@@ -770,8 +850,8 @@ def _unwrap(annotation):
     return annotation
 
 
-def _literal_choices(loc: tuple) -> list | None:
-    info = _field_info(tuple(p for p in loc if isinstance(p, str)))
+def _literal_choices(loc: tuple, algorithm: str | None = None) -> list | None:
+    info = _field_info(tuple(p for p in loc if isinstance(p, str)), algorithm)
     if info is None:
         return None
     ann = _unwrap(info.annotation)
@@ -802,22 +882,57 @@ _REMOVED_KEYS: dict[tuple[str, ...], str] = {
     ("sft", "min_steps"): f"removed: {_STEPS_NOT_CLOCK}. Use `sft.steps` instead (set it to this value)",
     ("sft", "max_steps"): f"removed: {_STEPS_NOT_CLOCK}. Use `sft.steps` instead (training now always runs "
                           "exactly that many steps)",
+    # the rl section became one schema per algorithm, with one name per concept (issue 13)
+    ("reward", "kl_coef"): "moved: the KL coefficient is `rl.kl_coef` now, one name for PPO's reward penalty and "
+                           "GRPO's loss term (set it there; rejection sampling has none)",
+    ("rl", "beta"): "renamed: GRPO's KL coefficient is `rl.kl_coef` now (the same name as PPO's)",
+    ("rl", "process_reward"): "removed: one key says what the step reward is, `reward.dense_form`: write "
+                              "`reward.dense_form: score` for `process_reward: score` (each step's probability), and "
+                              "keep the dense_form for `process_reward: dense_form`",
+    ("rl", "eval_n"): "renamed: `rl.eval_n_max` (spelled like eval.n_max)",
+    ("rl", "eval_problems"): "renamed: `rl.eval_num_problems` (spelled like eval.num_problems)",
+    ("rl", "minibatch_size"): {"rejection_sampling": "renamed for rejection sampling: `rl.sft_batch_size` (kept "
+                                                     "samples per SFT step; rl.minibatch_size is PPO's and GRPO's)"},
+    ("rl", "prompts_per_iteration"): {"rejection_sampling": "renamed for rejection sampling: `rl.sample_batch_size`, "
+                                                            "counted in sequences (the old value x "
+                                                            "rl.samples_per_problem)"},
 }
+"""Keys that existed once -> what to write instead; a dict maps rl.algorithm -> message for keys that moved in one
+algorithm's section only."""
+
+
+def _removed(loc: tuple, algorithm: str | None) -> str | None:
+    entry = _REMOVED_KEYS.get(tuple(str(p) for p in loc))
+    return entry.get(algorithm or "ppo") if isinstance(entry, dict) else entry
 
 
 def _describe(err: dict, source: str, lines: dict[tuple, int]) -> str:
     loc = tuple(err["loc"])
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    # inside `rl`, pydantic names the union member (the algorithm) after "rl"; the recipe does not
+    algorithm = None
+    if len(loc) >= 2 and loc[0] == "rl" and (loc[1] in RL_SECTIONS or loc[1] == "unknown"):
+        algorithm, loc = loc[1], (loc[0],) + loc[2:]
     # errors from a model_validator are reported at the section that holds it
     key = ".".join(str(p) for p in loc) or "(top level)"
     value = err.get("input")
-    kind = err["type"]
-    ctx = err.get("ctx") or {}
-    removed = _REMOVED_KEYS.get(tuple(str(p) for p in loc)) if kind == "extra_forbidden" else None
+    removed = _removed(loc, algorithm) if kind == "extra_forbidden" else None
     if removed:
         msg = removed
+    elif kind == "extra_forbidden" and loc[:1] == ("rl",) and len(loc) == 2 and algorithm:
+        owners = [a for a, section in RL_SECTIONS.items() if loc[1] in section.model_fields]
+        valid = sorted(RL_SECTIONS[algorithm].model_fields)
+        if owners:
+            msg = (f"not a key of rl.algorithm {algorithm}: it belongs to {' and '.join(owners)}. Remove it, or set "
+                   f"rl.algorithm: {owners[0]}. Keys allowed in `rl` for {algorithm}: {', '.join(valid)}")
+        else:
+            guess = difflib.get_close_matches(str(loc[1]), valid, n=1)
+            hint = f"Did you mean `rl.{guess[0]}`? " if guess else ""
+            msg = f"unknown key. {hint}Keys allowed in `rl` for {algorithm}: {', '.join(valid)}"
     elif kind == "extra_forbidden":
         parent = tuple(p for p in loc[:-1] if isinstance(p, str))
-        info = _field_info(parent) if parent else None
+        info = _field_info(parent, algorithm) if parent else None
         cls = _unwrap(info.annotation) if info else Recipe
         valid = sorted(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else []
         guess = difflib.get_close_matches(str(loc[-1]), valid, n=1)
@@ -825,7 +940,7 @@ def _describe(err: dict, source: str, lines: dict[tuple, int]) -> str:
         where = f"`{'.'.join(map(str, parent))}`" if parent else "the top level"
         msg = f"unknown key. {hint} Keys allowed in {where}: {', '.join(valid)}".replace(".  ", ". ")
     elif kind == "literal_error":
-        choices = _literal_choices(loc)
+        choices = _literal_choices(loc, algorithm)
         options = ", ".join(map(str, choices)) if choices else ctx.get("expected", "")
         msg = f"{value!r} is not one of {options}"
     elif kind in _BOUNDS:
@@ -846,8 +961,9 @@ def _describe(err: dict, source: str, lines: dict[tuple, int]) -> str:
             break
     where = f"{source}:{line}" if line else source
     text = f"{where}: {key}: {msg}"
-    info = _field_info(tuple(p for p in loc if isinstance(p, str)))
-    is_section = info is not None and isinstance(_unwrap(info.annotation), type) and issubclass(_unwrap(info.annotation), BaseModel)
+    info = _field_info(tuple(p for p in loc if isinstance(p, str)), algorithm)
+    is_section = info is not None and (key == "rl" or isinstance(_unwrap(info.annotation), type)
+                                       and issubclass(_unwrap(info.annotation), BaseModel))
     if info is not None and info.description and kind != "extra_forbidden" and not is_section:
         text += f"\n    ({key}: {info.description.splitlines()[0]})"
     return text
@@ -891,20 +1007,46 @@ def recipe_to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
-def explain(cls: type[BaseModel] = Recipe, prefix: str = "") -> str:
-    """Every field with its type, default and docstring: the recipe reference."""
+def explain(cls: type[BaseModel] = Recipe, prefix: str = "", algorithm: str | None = None) -> str:
+    """Every field with its type, default and docstring: the recipe reference.
+
+    The `rl` section is `algorithm`'s (ppo, grpo or rejection_sampling); None lists the keys every algorithm
+    reads, then each algorithm's own.
+    """
     out = []
     for name, info in cls.model_fields.items():
         if info.exclude:
             continue
         key = f"{prefix}{name}"
+        if cls is Recipe and name == "rl":
+            out.append(_explain_rl(key, info.description or "", algorithm))
+            continue
         inner = _unwrap(info.annotation)
         if isinstance(inner, type) and issubclass(inner, BaseModel):
             out.append(f"{key}:  {info.description or ''}")
             out.append(explain(inner, key + "."))
             continue
-        choices = typing.get_args(inner) if typing.get_origin(inner) is Literal else None
-        kind = " | ".join(map(str, choices)) if choices else getattr(inner, "__name__", str(inner))
-        default = info.default
-        out.append(f"  {key} ({kind}, default {default!r}): {info.description or ''}")
+        out.append(_explain_field(key, info))
+    return "\n".join(out)
+
+
+def _explain_field(key: str, info) -> str:
+    inner = _unwrap(info.annotation)
+    choices = typing.get_args(inner) if typing.get_origin(inner) is Literal else None
+    kind = " | ".join(map(str, choices)) if choices else getattr(inner, "__name__", str(inner))
+    return f"  {key} ({kind}, default {info.default!r}): {info.description or ''}"
+
+
+def _explain_rl(key: str, description: str, algorithm: str | None) -> str:
+    if algorithm is not None:
+        section = RL_SECTIONS[algorithm]
+        return "\n".join([f"{key}:  {description} For rl.algorithm {algorithm}: {section.__doc__}",
+                          explain(section, key + ".")])
+    shared = RLBase.model_fields
+    out = [f"{key}:  {description} Every algorithm reads these; `rlprm explain --algorithm NAME` (or "
+           "`rlprm explain RECIPE`) shows one algorithm's keys only.", explain(RLBase, key + ".")]
+    for name, section in RL_SECTIONS.items():
+        out.append(f"{key} (rl.algorithm {name}):  {section.__doc__}")
+        out.extend(_explain_field(f"{key}.{field}", info) for field, info in section.model_fields.items()
+                   if field not in shared)
     return "\n".join(out)

@@ -87,8 +87,8 @@ DEMO_OVERRIDES: dict[str, list[str]] = {
     "rl": ["rl.epochs=3",
            "rl.problems_per_epoch=96",
            "rl.prompts_per_iteration=32",
-           "rl.eval_problems=64",
-           "rl.eval_n=4"],
+           "rl.eval_num_problems=64",
+           "rl.eval_n_max=4"],
     "bon": ["eval.n_max=16",                              # 64
             "eval.num_problems=32",                       # 200
             "eval.resamples=100",
@@ -455,10 +455,9 @@ def _train_rm(recipe, progress):
 
 
 def _rl(recipe, progress):
-    from rlprm.rl.ppo import check_prerequisites, train_ppo
+    from rlprm.rl import train
 
-    check_prerequisites(recipe)
-    return train_ppo(recipe, resume=False, progress=progress)
+    return train(recipe, resume=False, progress=progress)
 
 
 def _bon(recipe, progress):

@@ -657,9 +657,9 @@ def best_of_n(model, tokenizer, problems: list[TaskProblem], reward_models: dict
 
 def between_epochs(recipe, model, tokenizer, problems: list[TaskProblem], reward_model=None, epoch: int = 0,
                    reference=None) -> dict:
-    """The RL loops' evaluation between epochs: best-of-`rl.eval_n` on held-out `problems`, scored by the run's own
+    """The RL loops' evaluation between epochs: best-of-`rl.eval_n_max` on held-out `problems`, scored by the run's own
     reward model if it has one, plus `sample_rates` over all samples (answer and process accuracy, trace error,
-    shortcut rate); `{}` when rl.eval_n is 0.
+    shortcut rate); `{}` when rl.eval_n_max is 0.
 
     Sampling reseeds the global torch RNG (the same evaluation samples' seed every epoch, so epochs compare);
     the caller's stream is restored afterwards, or every epoch's rollouts would reuse one stream.
@@ -667,13 +667,13 @@ def between_epochs(recipe, model, tokenizer, problems: list[TaskProblem], reward
     import torch
 
     rl = recipe.rl
-    if not rl.eval_n:
+    if not rl.eval_n_max:
         return {}
     t0 = time.monotonic()
     rms = {recipe.reward.source: reward_model} if reward_model is not None else {}
     rng = torch.get_rng_state()
     try:
-        metrics, pool = best_of_n(model, tokenizer, problems, rms, n_max=rl.eval_n,
+        metrics, pool = best_of_n(model, tokenizer, problems, rms, n_max=rl.eval_n_max,
                                   temperature=recipe.eval.temperature, max_new_tokens=rl.max_new_tokens,
                                   batch_size=recipe.eval.batch_size, resamples=min(recipe.eval.resamples, 100),
                                   seed=recipe.run.seed, sep=recipe.task.step_separator, progress=False)

@@ -98,8 +98,9 @@ def required_models(recipe: Recipe) -> list[tuple[str, Path]]:
     # log-probs) load no reward model, so a model.reward_model left in such a recipe is neither read nor built
     if recipe.reward.source in ("prm", "orm"):
         refs.append(("model.reward_model", recipe.model.reward_model))
-    if recipe.rl.value_model != "policy":
-        refs.append(("rl.value_model", recipe.rl.value_model))
+    value_model = getattr(recipe.rl, "value_model", "policy")  # PPO's critic; the other algorithms have none
+    if value_model != "policy":
+        refs.append(("rl.value_model", value_model))
     return [(key, Path(ref)) for key, ref in refs if ref is not None and ref.startswith("/")]
 
 

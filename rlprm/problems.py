@@ -98,6 +98,29 @@ def eval_problems(recipe: Recipe, n: int) -> list[TaskProblem]:
     return load_jsonl_problems(recipe.task.test_path, limit=n, template=recipe.task.prompt_template)
 
 
+def epoch_problems(recipe: Recipe, epoch: int, exclude: set[str]) -> list[TaskProblem]:
+    """The RL training prompts of one epoch: a function of (seed, epoch) only, so that a resumed run replays them.
+
+    Arithmetic: rl.problems_per_epoch fresh problems from a seed stream apart from prepare's
+    (seed * 1_000_003 + 17 / + 29), the held-out ones (`exclude`, problem texts) left out. MATH / GSM8K:
+    rl.problems_per_epoch draws (with replacement) from task.train_path.
+    """
+    rl = recipe.rl
+    if recipe.task.name == "arithmetic":
+        from rlprm.tasks.arithmetic import make_problems
+
+        seed = recipe.run.seed * 1_000_003 + 1000 + epoch
+        return from_arithmetic(make_problems(recipe.task.arithmetic, rl.problems_per_epoch, seed=seed, exclude=exclude),
+                               prefix=f"rl{epoch}")
+    if recipe.task.train_path is None:
+        raise ProblemFileError(f"task `{recipe.task.name}` needs task.train_path (a JSONL of training problems) for RL")
+    import random
+
+    pool = load_jsonl_problems(recipe.task.train_path, template=recipe.task.prompt_template)
+    rng = random.Random(recipe.run.seed * 7919 + epoch)
+    return [pool[rng.randrange(len(pool))] for _ in range(rl.problems_per_epoch)]
+
+
 def grade_samples(problems: list[TaskProblem], texts: list[list[str]], sep: str = "\n") -> list[list[SampleGrade]]:
     """Verdicts for texts[i][j], the j-th sample of problem i."""
     from rlprm.steps import split_steps

@@ -7,6 +7,14 @@ the same values; it is imported only when it is used.
 W&B mode `auto` runs online when an API key is configured (WANDB_API_KEY or a
 netrc entry from `wandb login`) and offline otherwise, printing how to sync.
 Tests turn it off (`tracking.wandb: disabled`, or WANDB_MODE=disabled).
+
+Resume: the W&B run id is kept in RUN_DIR/wandb_run_id, so a resumed job
+continues the same W&B run (online or offline). A run killed after its last
+checkpoint had already sent W&B some steps that the resumed job recomputes;
+W&B keeps a run's history append-only (steps must increase), so those steps are
+not sent again (`wandb_seen_step`): W&B keeps the killed run's values for them
+(equal on CPU with the same seed), while metrics.jsonl, the source of truth, is
+cut back to the checkpoint (`cut_metrics`) and holds the resumed job's values.
 """
 
 from __future__ import annotations
@@ -53,7 +61,10 @@ def _jsonable(value):
 class Tracker:
     """Writes metrics.jsonl and the resolved recipe into `run_dir`; mirrors to W&B."""
 
-    def __init__(self, run_dir: Path, recipe: Recipe, job: str, tags: list[str] | None = None):
+    def __init__(self, run_dir: Path, recipe: Recipe, job: str, tags: list[str] | None = None, resume: bool = False,
+                 wandb_seen_step: int | None = None):
+        """`resume`: continue the W&B run of RUN_DIR/wandb_run_id; `wandb_seen_step`: the last step W&B already
+        has (from a killed earlier try), not sent again."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / "recipe.yaml", recipe_to_yaml(recipe))
@@ -61,12 +72,22 @@ class Tracker:
         self._file = self.metrics_path.open("a")
         self._t0 = time.time()
         self._wandb = None
+        self._wandb_seen = wandb_seen_step
         cfg = recipe.tracking
         mode = wandb_mode(cfg.wandb)
         if mode != "disabled":
             import wandb
 
+            id_file = self.run_dir / "wandb_run_id"
+            run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
+            if run_id is None:
+                import secrets
+
+                run_id = secrets.token_hex(4)  # not from `random`: the run's own RNG streams stay untouched
+                atomic_write_text(id_file, run_id + "\n")
             self._wandb = wandb.init(
+                id=run_id,
+                resume="allow",
                 project=cfg.project,
                 entity=cfg.entity,
                 group=cfg.group,
@@ -85,7 +106,8 @@ class Tracker:
         record.update({k: _jsonable(v) for k, v in metrics.items()})
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._wandb is not None:
+        if self._wandb is not None and not (step is not None and self._wandb_seen is not None
+                                                and step <= self._wandb_seen):
             self._wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
     def table(self, name: str, columns: list[str], rows: list[list]) -> None:
@@ -160,6 +182,32 @@ def read_metrics(path: Path) -> list[dict]:
     """The records of a metrics.jsonl file."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def cut_metrics(path: Path, last_step: int, size: int | None = None) -> int | None:
+    """Cut metrics.jsonl back to what it held when a checkpoint was written; returns the last step it held before.
+
+    `size`: the file's length in bytes at the checkpoint (exact, whatever the algorithm logs at which step);
+    None (a checkpoint from before rlprm stored it): drop the records after `last_step` (`truncate_metrics`).
+    The returned step is the last one a killed run logged (and sent to W&B); None for an empty or missing file.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    steps = []
+    with open(path) as f:
+        for line in f:
+            try:
+                steps.append(json.loads(line).get("step"))
+            except json.JSONDecodeError:
+                pass
+    seen = max((s for s in steps if s is not None), default=None)
+    if size is None:
+        truncate_metrics(path, last_step)
+    elif path.stat().st_size > size:
+        with open(path, "r+b") as f:
+            f.truncate(size)
+    return seen
 
 
 def truncate_metrics(path: Path, last_step: int) -> int:

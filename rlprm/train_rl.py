@@ -11,8 +11,9 @@ engines (rlprm/rl/distributed.py); only rank 0 writes metrics, checkpoints and
 the export.
 `rlprm train-rl RECIPE` is the same job through the `rlprm` command.
 
-Exit codes: 0 done, 2 bad input (recipe, missing generator or reward model),
-4 the run stopped (non-finite rewards or losses; the last good checkpoint is kept).
+Exit codes (rlprm/errors.py): 0 done, 2 bad input (recipe, missing generator or
+reward model), 4 the run stopped (non-finite rewards or losses; the last good
+checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -25,14 +26,11 @@ if __package__ in (None, ""):
     # run as a script path: make the repository's `rlprm` importable without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-EXIT_BAD_INPUT = 2
-EXIT_STOPPED = 4
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train_rl.py",
-        description="Fine-tune the generator with RL (PPO) from dense PRM, sparse ORM or ground-truth rewards, "
+        description="Fine-tune the generator with RL (rl.algorithm: ppo, grpo or rejection_sampling) from dense PRM, "
+                    "sparse ORM or ground-truth rewards, "
                     "as the recipe's `rl` and `reward` sections say. Writes metrics.jsonl, a checkpoint per epoch "
                     "and an exported HF folder (RUN_DIR/export).",
     )
@@ -47,70 +45,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlprm.config import RecipeError, load_recipe, recipe_to_yaml
+    """The job; raises what it cannot do (each error's `exit_code` says what it means: rlprm/errors.py)."""
+    import os
 
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    from rlprm.config import load_recipe, recipe_to_yaml
+
+    recipe = load_recipe(args.recipe, args.overrides)
     if args.print_config:
         print(recipe_to_yaml(recipe), end="")
         return 0
-    import os
+    from rlprm.rl.distributed import launched_world_size
 
-    from rlprm.rl.distributed import DistributedError, launched_world_size
-
-    try:
-        world = launched_world_size()
-    except DistributedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    world = launched_world_size()
     if world > 1 and recipe.run.threads == 0:
         # N processes each taking every core oversubscribe the machine (2x slower: DESIGN.md section 9)
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
-    from rlprm.prerequisites import PrerequisiteError, ensure_prerequisites
+    from rlprm.prerequisites import ensure_prerequisites
 
-    try:
-        # a missing generator / PRM / ORM that an embedded recipe produces is built (once) before anything else
-        ensure_prerequisites(recipe, progress=not args.no_progress)
-    except PrerequisiteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    from rlprm.rl.ppo import PPOError, PPOInputError, check_prerequisites, train_ppo
+    # a missing generator / PRM / ORM that an embedded recipe produces is built (once) before anything else
+    ensure_prerequisites(recipe, progress=not args.no_progress)
+    from rlprm.rl import train
 
-    if recipe.rl.algorithm == "rejection_sampling":
-        from rlprm.rl.rejection import run_rejection_sampling
-
-        if world > 1:  # every rank would run the whole loop into the same run folder
-            print("error: rejection_sampling trains on one process for now; launch it with plain "
-                  "`python rlprm/train_rl.py ...` or `deepspeed --num_gpus 1 ...`", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        return run_rejection_sampling(recipe, resume=args.resume, progress=not args.no_progress)
-    train = train_ppo
-    if recipe.rl.algorithm == "grpo":
-        # TRL's GRPOTrainer with our rewards (GRPOError subclasses PPOError: the same exit codes below)
-        from rlprm.rl.grpo import check_prerequisites, train_grpo as train
-
-        if world > 1:
-            print("error: GRPO trains on one process for now; launch it with plain `python rlprm/train_rl.py ...`",
-                  file=sys.stderr)
-            return EXIT_BAD_INPUT
-    try:
-        check_prerequisites(recipe)
-    except PPOError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    from rlprm.reward_models import RewardModelError
-
-    try:
-        final = train(recipe, resume=args.resume, progress=not args.no_progress)
-    except (RewardModelError, PPOInputError, DistributedError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except PPOError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_STOPPED
+    final = train(recipe, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return 0  # rank 0 reports for all
     acc = final.get("eval/answer_accuracy")
@@ -123,8 +79,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rlprm.errors import run_reporting_errors
+
     # intermixed: `RECIPE --resume key=value` works as well as `RECIPE key=value --resume`
-    return run(build_parser().parse_intermixed_args(argv))
+    return run_reporting_errors(run, build_parser().parse_intermixed_args(argv))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ def test_errors_become_exit_codes_and_one_line_on_stderr(capsys):
     from rlprm.prerequisites import PrerequisiteError
     from rlprm.reward_models import RewardModelError
     from rlprm.rl.distributed import DistributedError
+    from rlprm.rl.run import RLError, RLInputError
 
     class Stopped(RuntimeError):
         exit_code = 4
@@ -72,7 +73,8 @@ def test_errors_become_exit_codes_and_one_line_on_stderr(capsys):
 
     cases = [(PrerequisiteError("model.generator: missing"), 2), (RewardModelError("an ORM"), 2),
              (DistributedError("WORLD_SIZE"), 2), (FileNotFoundError("no checkpoint"), 2),
-             (PrepareError("targets missed"), 3), (Stopped("non-finite loss"), 4), (DemoError("stage x failed"), 1)]
+             (PrepareError("targets missed"), 3), (Stopped("non-finite loss"), 4), (DemoError("stage x failed"), 1),
+             (RLInputError("needs --resume"), 2), (RLError("the PPO loss is not finite"), 4)]
     for exc, code in cases:
         assert run_reporting_errors(raising, exc) == code
         assert capsys.readouterr().err == f"error: {exc}\n"

@@ -124,8 +124,8 @@ def test_refuses_to_write_outside_the_demo_folder(tmp_path):
 
 
 def test_parse_sets():
-    assert demo.parse_sets(["rl:rl.epochs=1", "rl:rl.eval_n=2", "prepare:sft.steps=9"]) == {
-        "rl": ["rl.epochs=1", "rl.eval_n=2"], "prepare": ["sft.steps=9"]}
+    assert demo.parse_sets(["rl:rl.epochs=1", "rl:rl.eval_n_max=2", "prepare:sft.steps=9"]) == {
+        "rl": ["rl.epochs=1", "rl.eval_n_max=2"], "prepare": ["sft.steps=9"]}
     for bad in ["rl.epochs=1", "nope:rl.epochs=1", "rl:rl.epochs"]:
         with pytest.raises(demo.DemoError, match="expected GROUP:key=value"):
             demo.parse_sets([bad])
@@ -158,7 +158,7 @@ def test_build_stages_validates_every_recipe_with_demo_budgets(tmp_path):
         assert recipes[arm]["reward"]["dense_form"] == rl["reward"]["dense_form"]
     # same sample budget, seed and learning settings for the five RL runs
     keys = ["epochs", "problems_per_epoch", "samples_per_problem", "prompts_per_iteration", "ppo_epochs",
-            "learning_rate", "temperature", "eval_n", "eval_problems"]
+            "learning_rate", "temperature", "eval_n_max", "eval_num_problems"]
     assert len(demo.RL_RUNS) == 5
     assert len({tuple(recipes[f"{n}-s0"]["rl"][k] for k in keys) for n, _, _ in demo.RL_RUNS}) == 1
     assert {recipes[f"{n}-s0"]["run"]["threads"] for n, _, _ in demo.RL_RUNS} == {1}
@@ -186,7 +186,7 @@ def test_demo_end_to_end_tiny_budgets(tmp_path):
     sets = ["prepare:sft.steps=40", "prepare:prepare_eval.num_problems=32",
             "prepare:prepare_eval.enforce_targets=false", "rm:rm.data.train_problems=32", "rm:rm.data.eval_problems=8",
             "rm:rm.max_steps=5", "rl:rl.epochs=1", "rl:rl.problems_per_epoch=8", "rl:rl.prompts_per_iteration=8",
-            "rl:rl.eval_problems=8", "bon:eval.num_problems=8", "bon:eval.n_max=4"]
+            "rl:rl.eval_num_problems=8", "bon:eval.num_problems=8", "bon:eval.n_max=4"]
     summary = demo.run_demo(tmp_path, sets=sets, progress=False, log=lambda _: None)
     assert summary["status"] == "done" and [s["status"] for s in summary["stages"]] == ["ran"] * 16
     report = (tmp_path / "report" / "report.md").read_text()

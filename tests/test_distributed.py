@@ -248,11 +248,11 @@ def _write_recipe(tmp: Path, generator: Path, **extra) -> Path:
     data = {
         "run": {"output_dir": str(tmp / "run"), "device": "cpu", "seed": 3, "threads": 1},
         "model": {"generator": str(generator)},
-        "reward": {"mode": "sparse", "source": "ground_truth", "kl_coef": 0.05},
+        "reward": {"mode": "sparse", "source": "ground_truth"},
         # 2 iterations of 4 prompts: 2 prompts x 2 samples per rank; minibatch 4 = 2 per rank
         "rl": {"epochs": 1, "problems_per_epoch": 8, "prompts_per_iteration": 4, "samples_per_problem": 2,
-               "max_new_tokens": 12, "minibatch_size": 4, "ppo_epochs": 1, "learning_rate": 1e-3,
-               "value_learning_rate": 1e-3, "eval_n": 2, "eval_problems": 2},
+               "max_new_tokens": 12, "minibatch_size": 4, "ppo_epochs": 1, "learning_rate": 1e-3, "kl_coef": 0.05,
+               "value_learning_rate": 1e-3, "eval_n_max": 2, "eval_num_problems": 2},
         "eval": {"resamples": 5},
         "tracking": {"wandb": "disabled"},
         **extra,

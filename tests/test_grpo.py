@@ -33,7 +33,7 @@ def make_recipe(tmp: Path, generator: Path, out: str, epochs: int = 2, reward: d
         "reward": reward or {"mode": "sparse", "source": "ground_truth"},
         "rl": {"algorithm": "grpo", "epochs": epochs, "problems_per_epoch": 2, "prompts_per_iteration": 2,
                "samples_per_problem": 2, "max_new_tokens": 16, "minibatch_size": 2, "ppo_epochs": 1,
-               "learning_rate": 1e-3, "eval_n": 2, "eval_problems": 2, **rl},
+               "learning_rate": 1e-3, "eval_n_max": 2, "eval_num_problems": 2, **rl},
         "eval": {"resamples": 5},
         "tracking": {"wandb": "disabled"},
     }
@@ -88,13 +88,14 @@ def test_step_score_rewards_place_each_steps_probability():
 
 
 def test_sizes_that_do_not_fit_are_refused_with_the_keys(tmp_path, generator_dir):
-    from rlprm.rl.grpo import GRPOInputError, check_sizes
+    from rlprm.rl.grpo import check_sizes
+    from rlprm.rl.run import RLInputError
 
-    with pytest.raises(GRPOInputError, match="rl.minibatch_size"):
+    with pytest.raises(RLInputError, match="rl.minibatch_size"):
         check_sizes(make_recipe(tmp_path, generator_dir, "x", minibatch_size=3))
-    with pytest.raises(GRPOInputError, match="rl.problems_per_epoch"):
+    with pytest.raises(RLInputError, match="rl.problems_per_epoch"):
         check_sizes(make_recipe(tmp_path, generator_dir, "x", problems_per_epoch=3))
-    with pytest.raises(GRPOInputError, match="group size"):
+    with pytest.raises(RLInputError, match="group size"):
         check_sizes(make_recipe(tmp_path, generator_dir, "x", samples_per_problem=1, minibatch_size=2))
 
 
@@ -154,10 +155,10 @@ def test_trl_contract_of_generate_and_score_completions(generator_dir, tmp_path)
 
 @pytest.fixture(scope="module")
 def outcome_run(tmp_path_factory, generator_dir):
-    from rlprm.rl.grpo import train_grpo
+    from rlprm.rl import train
 
     tmp = tmp_path_factory.mktemp("grpo")
-    final = train_grpo(make_recipe(tmp, generator_dir, "full"), progress=False)
+    final = train(make_recipe(tmp, generator_dir, "full"), progress=False)
     return tmp / "full", final
 
 
@@ -181,14 +182,15 @@ def test_outcome_run_metrics_checkpoints_export(outcome_run):
 
 def test_resume_continues_from_the_checkpoint(generator_dir, tmp_path):
     from rlprm.checkpoint import load_state
-    from rlprm.rl.grpo import GRPOInputError, train_grpo
+    from rlprm.rl import train
+    from rlprm.rl.run import RLInputError
 
     first = make_recipe(tmp_path, generator_dir, "resumed", epochs=1)
-    train_grpo(first, progress=False)
-    with pytest.raises(GRPOInputError, match="--resume"):
-        train_grpo(first, progress=False)
+    train(first, progress=False)
+    with pytest.raises(RLInputError, match="--resume"):
+        train(first, progress=False)
     before = load_state(tmp_path / "resumed" / "checkpoints" / "epoch-0001", restore_rng=False)
-    train_grpo(make_recipe(tmp_path, generator_dir, "resumed", epochs=2), resume=True, progress=False)
+    train(make_recipe(tmp_path, generator_dir, "resumed", epochs=2), resume=True, progress=False)
     records = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
     assert [r["epoch"] for r in records if "rl/reward" in r] == [1.0, 2.0]  # the log goes on, not over
     after = load_state(tmp_path / "resumed" / "checkpoints" / "epoch-0002", restore_rng=False)
@@ -198,15 +200,15 @@ def test_resume_continues_from_the_checkpoint(generator_dir, tmp_path):
     assert (step_of(before), step_of(after)) == (2, 4)
 
 
-@pytest.mark.parametrize("process_reward", ["score", "dense_form"])
-def test_process_mode_gives_per_token_advantages(process_reward, generator_dir, char_tokenizer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dense_form", ["score", "log_prob"])
+def test_process_mode_gives_per_token_advantages(dense_form, generator_dir, char_tokenizer, tmp_path, monkeypatch):
     """Dense PRM rewards: the advantages handed to TRL's loss are (B, T), vary along a solution, and are 0 after EOS.
     Rollouts are fixed answered solutions (a random tiny policy never writes `# Answer`)."""
     from trl import GRPOTrainer
 
     from rlprm.models import build_tiny_causal_lm
     from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
-    from rlprm.rl import grpo
+    from rlprm.rl import grpo, train
     from rlprm.steps import answer_step, render_steps
     from rlprm.tasks.arithmetic import render_step
 
@@ -229,11 +231,10 @@ def test_process_mode_gives_per_token_advantages(process_reward, generator_dir, 
         return real(self, model, inputs)
 
     monkeypatch.setattr(GRPOTrainer, "_compute_loss", spy)
-    recipe = make_recipe(tmp_path, generator_dir, "dense", epochs=1, max_new_tokens=64, eval_n=0,
-                         process_reward=process_reward,
-                         reward={"mode": "dense", "source": "prm", "dense_form": "log_prob"})
+    recipe = make_recipe(tmp_path, generator_dir, "dense", epochs=1, max_new_tokens=64, eval_n_max=0,
+                         reward={"mode": "dense", "source": "prm", "dense_form": dense_form})
     recipe.model.reward_model = str(tmp_path / "prm")
-    final = grpo.train_grpo(recipe, progress=False)
+    final = train(recipe, progress=False)
     assert final["rl/steps_per_solution"] == 2.5 and final["reward/missing_answer_frac"] == 0.0
     assert handed
     for adv, mask in handed:
@@ -249,7 +250,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(generator_dir, tmp_
     from trl import GRPOTrainer
 
     from rlprm.checkpoint import latest_checkpoint
-    from rlprm.rl.grpo import GRPOError, train_grpo
+    from rlprm.rl import train
+    from rlprm.rl.run import RLError
 
     calls = []
     real = GRPOTrainer.compute_loss
@@ -260,9 +262,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(generator_dir, tmp_
         return loss * float("nan") if len(calls) > 2 else loss
 
     monkeypatch.setattr(GRPOTrainer, "compute_loss", poisoned)
-    recipe = make_recipe(tmp_path, generator_dir, "nan", samples_per_problem=2, minibatch_size=2, eval_n=0)
-    with pytest.raises(GRPOError, match="not finite.*epoch-0001"):
-        train_grpo(recipe, progress=False)
+    recipe = make_recipe(tmp_path, generator_dir, "nan", samples_per_problem=2, minibatch_size=2, eval_n_max=0)
+    with pytest.raises(RLError, match="not finite.*epoch-0001"):
+        train(recipe, progress=False)
     assert latest_checkpoint(tmp_path / "nan").name == "epoch-0001"
     assert not (tmp_path / "nan" / "checkpoints" / "epoch-0002").exists()
 

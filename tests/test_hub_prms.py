@@ -361,7 +361,7 @@ def test_one_ppo_iteration_with_dense_rewards_from_a_public_prm(family, folders,
     """The RL reward loading goes through the loader: a public PRM (detected, or named by rm.adapter) scores the
     policy's steps, and the rewards land on the policy's own tokens (its tokenizer is another one)."""
     import rlprm.rewards as rewards_module
-    from rlprm.rl import ppo
+    from rlprm.rl import ppo, train
     from rlprm.steps import answer_step, render_steps
     from rlprm.tasks.arithmetic import render_step
 
@@ -375,9 +375,9 @@ def test_one_ppo_iteration_with_dense_rewards_from_a_public_prm(family, folders,
                          dense_form="min_form")
     recipe.model.reward_model = str(folders[family])
     recipe.rm.adapter = None if family == "qwen_prm" else family
-    recipe.rl.eval_n = 0
+    recipe.rl.eval_n_max = 0
     recipe.rl.max_new_tokens = 64
-    final = ppo.train_ppo(recipe, progress=False)
+    final = train(recipe, progress=False)
     assert all(len(r) == 3 for r in seen[0].step_rewards)
     assert all(1 <= k <= 3 for k in (seen[0].rewards != 0).sum(1).tolist())
     assert final["rl/steps_per_solution"] == 3 and 0.0 <= final["rl/reward"] <= 1.0
@@ -408,7 +408,7 @@ def test_one_grpo_iteration_with_dense_rewards_from_a_public_prm(family, folders
     from trl import GRPOTrainer
 
     import rlprm.rewards as rewards_module
-    from rlprm.rl import grpo
+    from rlprm.rl import grpo, train
     from rlprm.steps import answer_step, render_steps
     from rlprm.tasks.arithmetic import render_step
 
@@ -432,11 +432,11 @@ def test_one_grpo_iteration_with_dense_rewards_from_a_public_prm(family, folders
     monkeypatch.setattr(GRPOTrainer, "_compute_loss",
                         lambda self, model, inputs: handed.append(inputs["advantages"].detach().clone())
                         or real_loss(self, model, inputs))
-    recipe = make_recipe(tmp_path, generator_dir, f"grpo_{family}", epochs=1, max_new_tokens=64, eval_n=0,
+    recipe = make_recipe(tmp_path, generator_dir, f"grpo_{family}", epochs=1, max_new_tokens=64, eval_n_max=0,
                          reward={"mode": "dense", "source": "prm", "dense_form": "log_prob"})
     recipe.model.reward_model = str(folders[family])
     recipe.rm.adapter = None if family == "value_head" else family
-    final = grpo.train_grpo(recipe, progress=False)
+    final = train(recipe, progress=False)
 
     assert scored and all(adapter == family for adapter, *_ in scored)
     adapter, problems, solutions, probs = scored[0]

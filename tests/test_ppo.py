@@ -27,10 +27,10 @@ def make_recipe(tmp: Path, generator: Path, out: str, epochs: int = 2, problems_
         # one thread: tiny models gain nothing from two, and lose 4-8x when the 2 shared cores are busy
         "run": {"output_dir": str(tmp / out), "device": "cpu", "seed": 3, "threads": 1},
         "model": {"generator": str(generator)},
-        "reward": {"mode": "sparse", "source": "ground_truth", "kl_coef": 0.05, **reward},
+        "reward": {"mode": "sparse", "source": "ground_truth", **reward},
         "rl": {"epochs": epochs, "problems_per_epoch": problems_per_epoch, "prompts_per_iteration": 2, "samples_per_problem": 2,
-               "max_new_tokens": 16, "minibatch_size": 2, "ppo_epochs": 1, "learning_rate": 1e-3,
-               "value_learning_rate": 1e-3, "eval_n": 2, "eval_problems": 2},
+               "max_new_tokens": 16, "minibatch_size": 2, "ppo_epochs": 1, "learning_rate": 1e-3, "kl_coef": 0.05,
+               "value_learning_rate": 1e-3, "eval_n_max": 2, "eval_num_problems": 2},
         "eval": {"resamples": 5},
         "tracking": {"wandb": "disabled"},
     }
@@ -40,11 +40,11 @@ def make_recipe(tmp: Path, generator: Path, out: str, epochs: int = 2, problems_
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, generator_dir):
     """An uninterrupted 2-epoch run (shared by the end-to-end and the resume test)."""
-    from rlprm.rl.ppo import train_ppo
+    from rlprm.rl import train
 
     tmp = tmp_path_factory.mktemp("ppo")
     recipe = make_recipe(tmp, generator_dir, "full")
-    final = train_ppo(recipe, progress=False)
+    final = train(recipe, progress=False)
     return tmp / "full", final
 
 
@@ -85,15 +85,16 @@ def test_end_to_end_metrics_checkpoints_export(full_run, char_tokenizer):
 
 
 def test_resume_matches_uninterrupted_run(full_run, generator_dir, tmp_path):
-    from rlprm.rl.ppo import PPOError, train_ppo
+    from rlprm.rl import train
+    from rlprm.rl.run import RLError
 
     full_dir, _ = full_run
     first = make_recipe(tmp_path, generator_dir, "resumed", epochs=1)
-    train_ppo(first, progress=False)
+    train(first, progress=False)
     # a fresh start into a folder with checkpoints is refused rather than silently mixed
-    with pytest.raises(PPOError, match="--resume"):
-        train_ppo(first, progress=False)
-    train_ppo(make_recipe(tmp_path, generator_dir, "resumed", epochs=2), resume=True, progress=False)
+    with pytest.raises(RLError, match="--resume"):
+        train(first, progress=False)
+    train(make_recipe(tmp_path, generator_dir, "resumed", epochs=2), resume=True, progress=False)
     resumed = _comparable(read_metrics(tmp_path / "resumed" / "metrics.jsonl"))
     full = _comparable(read_metrics(full_dir / "metrics.jsonl"))
     assert resumed and resumed == full
@@ -110,18 +111,18 @@ def log_then_die(self, metrics, step=None):
         os.kill(os.getpid(), signal.SIGKILL)
 Tracker.log = log_then_die
 from rlprm.config import load_recipe
-from rlprm.rl.ppo import train_ppo
-train_ppo(load_recipe(sys.argv[1]), progress=False)
+from rlprm.rl import train
+train(load_recipe(sys.argv[1]), progress=False)
 """
 
 
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_metrics(generator_dir, tmp_path):
     from rlprm.config import recipe_to_yaml
-    from rlprm.rl.ppo import train_ppo
+    from rlprm.rl import train
 
     # 2 iterations per epoch: steps 1-2 are epoch 1, steps 3-4 epoch 2
     full = make_recipe(tmp_path, generator_dir, "full", problems_per_epoch=4)
-    train_ppo(full, progress=False)
+    train(full, progress=False)
     killed = make_recipe(tmp_path, generator_dir, "killed", problems_per_epoch=4)
     path = tmp_path / "killed.yaml"
     path.write_text(recipe_to_yaml(killed))
@@ -131,7 +132,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_metrics(generator_d
     run = tmp_path / "killed"
     assert (run / "checkpoints" / "epoch-0001").is_dir() and not (run / "checkpoints" / "epoch-0002").exists()
     assert any(r.get("step") == 3 for r in read_metrics(run / "metrics.jsonl"))
-    train_ppo(killed, resume=True, progress=False)
+    train(killed, resume=True, progress=False)
     strip = lambda records: [{k: v for k, v in r.items() if k != "time" and not k.startswith("time/")} for r in records]
     assert strip(read_metrics(run / "metrics.jsonl")) == strip(read_metrics(tmp_path / "full" / "metrics.jsonl"))
 
@@ -152,10 +153,10 @@ def _fixed_rollouts(ppo, text):
 def test_reward_model_rewards(kind, generator_dir, char_tokenizer, tmp_path, monkeypatch):
     """PRM: dense rewards at the step ends; ORM: one sparse reward. Rollouts are a fixed answered solution, so the
     reward model, the reward placement, GAE and the update all run on real step structure."""
-    import rlprm.rewards as rewards_module  # train_ppo imports token_rewards when it starts: spy on the module
+    import rlprm.rewards as rewards_module  # the PPO update imports token_rewards when it runs: spy on the module
     from rlprm.models import build_tiny_causal_lm
     from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
-    from rlprm.rl import ppo
+    from rlprm.rl import ppo, train
     from rlprm.steps import answer_step, render_steps
     from rlprm.tasks.arithmetic import render_step
 
@@ -176,9 +177,9 @@ def test_reward_model_rewards(kind, generator_dir, char_tokenizer, tmp_path, mon
     reward = {"mode": "dense", "source": "prm", "dense_form": "min_form"} if kind == "prm" else {"source": "orm"}
     recipe = make_recipe(tmp_path, generator_dir, f"run_{kind}", epochs=1, **reward)
     recipe.model.reward_model = str(tmp_path / kind)
-    recipe.rl.eval_n = 0
+    recipe.rl.eval_n_max = 0
     recipe.rl.max_new_tokens = 64  # the fixed solution is longer than the other tests' cap
-    final = ppo.train_ppo(recipe, progress=False)
+    final = train(recipe, progress=False)
     tr = seen[0]
     nonzero = (tr.rewards != 0).sum(1).tolist()
     if kind == "prm":
@@ -223,7 +224,8 @@ def test_cli_export_without_checkpoint_exits_2(tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(generator_dir, tmp_path, monkeypatch):
     from rlprm.checkpoint import latest_checkpoint
     from rlprm.rl import core
-    from rlprm.rl.ppo import PPOError, train_ppo
+    from rlprm.rl import train
+    from rlprm.rl.run import RLError
 
     calls = []
     real = core.policy_loss
@@ -235,9 +237,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(generator_dir, tmp_
 
     monkeypatch.setattr(core, "policy_loss", poisoned)
     recipe = make_recipe(tmp_path, generator_dir, "nan")
-    recipe.rl.eval_n = 0
-    with pytest.raises(PPOError, match="not finite.*epoch-0001"):
-        train_ppo(recipe, progress=False)
+    recipe.rl.eval_n_max = 0
+    with pytest.raises(RLError, match="not finite.*epoch-0001"):
+        train(recipe, progress=False)
     assert latest_checkpoint(tmp_path / "nan").name == "epoch-0001"
     assert not (tmp_path / "nan" / "checkpoints" / "epoch-0002").exists()
 
@@ -350,7 +352,7 @@ def _rollouts_per_prompt(ppo, make_texts, eos: bool = True, record=None):
 def test_exact_rewards_are_the_checker_as_an_oracle_prm(mode, form, generator_dir, tmp_path, monkeypatch):
     import rlprm.rewards as rewards_module
     from rlprm.rewards import dense_step_rewards
-    from rlprm.rl import ppo
+    from rlprm.rl import ppo, train
 
     seen = []
     _spy(monkeypatch, rewards_module, "token_rewards", seen)
@@ -358,9 +360,9 @@ def test_exact_rewards_are_the_checker_as_an_oracle_prm(mode, form, generator_di
     recipe = make_recipe(tmp_path, generator_dir, f"exact_{mode}_{form}", epochs=1, mode=mode, source="exact",
                          dense_form=form)
     assert recipe.model.reward_model is None  # no reward model is needed, none is loaded
-    recipe.rl.eval_n = 0
+    recipe.rl.eval_n_max = 0
     recipe.rl.max_new_tokens = 80
-    final = ppo.train_ppo(recipe, progress=False)
+    final = train(recipe, progress=False)
     tr = seen[0][2]
     # the wrong chain keeps the reference's later lines, so it lands on the right answer: an outcome reward would
     # pay both samples alike, the oracle PRM does not
@@ -382,16 +384,16 @@ def test_update_and_kl_logprobs_are_at_the_sampling_temperature(generator_dir, t
 
     import rlprm.rewards as rewards_module
     from rlprm.models import load_causal_lm
-    from rlprm.rl import ppo
+    from rlprm.rl import ppo, train
 
     seen_kl, rollouts = [], []
     _spy(monkeypatch, rewards_module, "add_kl_penalty", seen_kl)
     monkeypatch.setattr(ppo, "_generate", _rollouts_per_prompt(ppo, _right_and_wrong, record=rollouts))
     recipe = make_recipe(tmp_path, generator_dir, "temperature", epochs=1)
-    recipe.rl.eval_n = 0
+    recipe.rl.eval_n_max = 0
     recipe.rl.max_new_tokens = 80
     recipe.rl.temperature = 0.5
-    ppo.train_ppo(recipe, progress=False)
+    train(recipe, progress=False)
     start = load_causal_lm(str(generator_dir), "float32", "cpu", False).eval()
     _, old, ref, mask = seen_kl[0][0][:4]  # add_kl_penalty(rewards, logprobs, ref_logprobs, mask, ...)
     want = _independent_logprobs(start, rollouts[0], 0.5)
@@ -407,17 +409,17 @@ def test_confidence_rewards_read_the_frozen_start_at_t1(mode, generator_dir, tmp
     import rlprm.rewards as rewards_module
     from rlprm.models import load_causal_lm
     from rlprm.rewards import dense_step_rewards, step_token_ends
-    from rlprm.rl import ppo
+    from rlprm.rl import ppo, train
 
     seen_rewards, rollouts = [], []
     _spy(monkeypatch, rewards_module, "token_rewards", seen_rewards)
     monkeypatch.setattr(ppo, "_generate", _rollouts_per_prompt(ppo, _right_and_wrong, record=rollouts))
     recipe = make_recipe(tmp_path, generator_dir, f"confidence_{mode}", epochs=1, mode=mode, source="confidence",
                          dense_form="min_form")
-    recipe.rl.eval_n = 0
+    recipe.rl.eval_n_max = 0
     recipe.rl.max_new_tokens = 80
     recipe.rl.temperature = 0.5
-    ppo.train_ppo(recipe, progress=False)
+    train(recipe, progress=False)
     ro, tr = rollouts[0], seen_rewards[0][2]
     assert recipe.model.reward_model is None
     start = load_causal_lm(str(generator_dir), "float32", "cpu", False).eval()  # the frozen reference
@@ -441,7 +443,7 @@ def test_a_response_cut_at_max_new_tokens_gets_the_missing_answer_reward(generat
     """Fails on the old code: a response that generate stopped at max_new_tokens before its EOS, with an answer
     written, was judged as written (here: the grader's 0 or 1) instead of as cut."""
     import rlprm.rewards as rewards_module
-    from rlprm.rl import ppo
+    from rlprm.rl import ppo, train
 
     text = "1 + 2 = 3\n3 + 4 = 7\n# Answer\n\n7"
     n_tokens = len(char_tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -449,9 +451,9 @@ def test_a_response_cut_at_max_new_tokens_gets_the_missing_answer_reward(generat
     _spy(monkeypatch, rewards_module, "token_rewards", seen)
     monkeypatch.setattr(ppo, "_generate", _rollouts_per_prompt(ppo, lambda p: [text] * 2, eos=False))
     recipe = make_recipe(tmp_path, generator_dir, "cut", epochs=1, missing_answer_reward=-1.0)
-    recipe.rl.eval_n = 0
+    recipe.rl.eval_n_max = 0
     recipe.rl.max_new_tokens = n_tokens  # the answer's last token is the cap's: no room was left for EOS
-    final = ppo.train_ppo(recipe, progress=False)
+    final = train(recipe, progress=False)
     tr = seen[0][2]
     assert all(len(r) == n_tokens for r in [*seen[0][0][2]])
     assert tr.truncated == [True] * 4 and tr.missing_answer == [True] * 4
@@ -461,14 +463,14 @@ def test_a_response_cut_at_max_new_tokens_gets_the_missing_answer_reward(generat
 
 def test_warmup_ramps_the_policy_learning_rate_across_a_resume(generator_dir, tmp_path):
     """rl.warmup_steps counts policy optimizer steps (2 per iteration here), and a resumed run goes on counting."""
-    from rlprm.rl.ppo import train_ppo
+    from rlprm.rl import train
 
     first = make_recipe(tmp_path, generator_dir, "wu", epochs=1)
     first.rl.warmup_steps = 8
-    train_ppo(first, progress=False)
+    train(first, progress=False)
     more = make_recipe(tmp_path, generator_dir, "wu", epochs=2)
     more.rl.warmup_steps = 8
-    train_ppo(more, resume=True, progress=False)
+    train(more, resume=True, progress=False)
     lrs = [r["rl/learning_rate"] for r in read_metrics(tmp_path / "wu" / "metrics.jsonl") if "rl/learning_rate" in r]
     assert lrs == pytest.approx([1e-3 * 2 / 8, 1e-3 * 4 / 8])  # a restart of the count would log 2/8 twice
 

@@ -193,7 +193,7 @@ def test_real_builds_through_the_rl_entry_point(tiny_recipes):
         "model: {generator: ../runs/arith/generator, reward_model: ../runs/arith_prm/reward_model}\n"
         "reward: {mode: sparse, source: prm}\n"
         "rl: {algorithm: rejection_sampling, epochs: 1, problems_per_epoch: 2, samples_per_problem: 2,\n"
-        "     max_new_tokens: 16, eval_n: 0}\n"
+        "     max_new_tokens: 16, eval_n_max: 0}\n"
         "tracking: {wandb: disabled}\n")
     code = ("import sys; from rlprm import prerequisites as p; from pathlib import Path; "
             f"p.RECIPES_DIR = Path({str(tiny_recipes / 'recipes')!r}); "
@@ -217,11 +217,11 @@ def test_real_builds_through_the_rl_entry_point(tiny_recipes):
 def test_sources_without_a_reward_model_need_none(tmp_path, source):
     """exact (the checker) and confidence (the start's own log-probs) load no reward model: a stale or missing
     model.reward_model is not read, not built, and not required by PPO's own check."""
-    from rlprm.rl.ppo import check_prerequisites
+    from rlprm.rl.ppo import PPO
 
     recipe = rl_recipe(tmp_path, source)
     assert [key for key, _ in pre.required_models(recipe)] == ["model.generator"]
     recipe.model.reward_model = None
     gen = tmp_path / "runs" / "arith" / "generator"
     gen.mkdir(parents=True)
-    check_prerequisites(recipe)  # raises if it wanted a reward model
+    PPO().check(recipe)  # raises if it wanted a reward model

@@ -42,11 +42,12 @@ def test_recipe_validates_without_the_data_and_names_missing_inputs(tmp_path):
 
 def test_lora_is_refused_by_ppo_not_ignored(tmp_path):
     from rlprm.config import load_recipe
-    from rlprm.rl.ppo import PPOInputError, check_prerequisites
+    from rlprm.rl.ppo import PPO
+    from rlprm.rl.run import RLInputError
 
     recipe = load_recipe(RECIPE, ["model.lora.enabled=true", f"model.reward_model={tmp_path}"])
-    with pytest.raises(PPOInputError, match="LoRA"):
-        check_prerequisites(recipe)
+    with pytest.raises(RLInputError, match="LoRA"):
+        PPO().check(recipe)
 
 
 def test_recipe_runs_with_tiny_stand_ins(tmp_path):
@@ -76,7 +77,7 @@ def test_recipe_runs_with_tiny_stand_ins(tmp_path):
          f"model.generator={gen}", f"model.reward_model={tmp_path / 'prm'}", f"run.output_dir={tmp_path / 'run'}",
          f"task.train_path={math}", f"task.test_path={math}", "run.device=cpu", "run.threads=1",
          "rl.epochs=1", "rl.problems_per_epoch=2", "rl.prompts_per_iteration=2", "rl.samples_per_problem=2",
-         "rl.minibatch_size=4", "rl.max_new_tokens=12", "rl.eval_n=2", "rl.eval_problems=2", "eval.resamples=5",
+         "rl.minibatch_size=4", "rl.max_new_tokens=12", "rl.eval_n_max=2", "rl.eval_num_problems=2", "eval.resamples=5",
          "--no-progress"],
         capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path,
     )

@@ -80,8 +80,8 @@ def _table(problems):
 @pytest.fixture
 def fixed_sampling(monkeypatch):
     """Training problems and their samples from a table; held-out prompts get an answerless line."""
+    import rlprm.problems
     import rlprm.sampling
-    from rlprm.rl import ppo
     from rlprm.sampling import Samples
 
     problems = _problems()
@@ -92,7 +92,7 @@ def fixed_sampling(monkeypatch):
         return Samples(texts, [[[] for _ in row] for row in texts])
 
     monkeypatch.setattr(rlprm.sampling, "sample", fake_sample)
-    monkeypatch.setattr(ppo, "_problems_for_epoch", lambda recipe, epoch, exclude: problems)
+    monkeypatch.setattr(rlprm.problems, "epoch_problems", lambda recipe, epoch, exclude: problems)
     return problems, table
 
 
@@ -102,8 +102,8 @@ def make_recipe(tmp: Path, generator: Path, out: str, epochs: int = 2, **reward)
         "model": {"generator": str(generator)},
         "reward": {"mode": "sparse", "source": "ground_truth", **reward},
         "rl": {"algorithm": "rejection_sampling", "epochs": epochs, "problems_per_epoch": 2,
-               "samples_per_problem": 4, "max_new_tokens": 16, "minibatch_size": 2, "learning_rate": 3e-3,
-               "rejection_top_k": 2, "eval_n": 2, "eval_problems": 2},
+               "samples_per_problem": 4, "max_new_tokens": 16, "sft_batch_size": 2, "learning_rate": 3e-3,
+               "rejection_top_k": 2, "eval_n_max": 2, "eval_num_problems": 2},
         "eval": {"resamples": 5},
         "tracking": {"wandb": "disabled"},
     }
@@ -128,10 +128,10 @@ def _completion_loss(model_dir, problems, table):
 
 
 def test_end_to_end_selects_trains_checkpoints_exports(fixed_sampling, generator_dir, tmp_path):
-    from rlprm.rl.rejection import train_rejection
+    from rlprm.rl import train
 
     problems, table = fixed_sampling
-    final = train_rejection(make_recipe(tmp_path, generator_dir, "run"), progress=False)
+    final = train(make_recipe(tmp_path, generator_dir, "run"), progress=False)
     run_dir = tmp_path / "run"
     records = read_metrics(run_dir / "metrics.jsonl")
     epochs = [r for r in records if "rs/kept" in r]
@@ -161,14 +161,15 @@ def _comparable(records):
 
 
 def test_resume_matches_uninterrupted_run(fixed_sampling, generator_dir, tmp_path):
-    from rlprm.rl.rejection import RejectionInputError, train_rejection
+    from rlprm.rl import train
+    from rlprm.rl.run import RLInputError
 
-    train_rejection(make_recipe(tmp_path, generator_dir, "full"), progress=False)
+    train(make_recipe(tmp_path, generator_dir, "full"), progress=False)
     first = make_recipe(tmp_path, generator_dir, "resumed", epochs=1)
-    train_rejection(first, progress=False)
-    with pytest.raises(RejectionInputError, match="--resume"):
-        train_rejection(first, progress=False)
-    train_rejection(make_recipe(tmp_path, generator_dir, "resumed", epochs=2), resume=True, progress=False)
+    train(first, progress=False)
+    with pytest.raises(RLInputError, match="--resume"):
+        train(first, progress=False)
+    train(make_recipe(tmp_path, generator_dir, "resumed", epochs=2), resume=True, progress=False)
     full = read_metrics(tmp_path / "full" / "metrics.jsonl")
     resumed = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
     assert _comparable(resumed) and _comparable(resumed) == _comparable(full)
@@ -202,7 +203,8 @@ def test_reward_model_selection_and_nan_stop(fixed_sampling, generator_dir, char
     from rlprm.checkpoint import latest_checkpoint
     from rlprm.models import build_tiny_causal_lm
     from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
-    from rlprm.rl.rejection import RejectionError, train_rejection
+    from rlprm.rl import train
+    from rlprm.rl.run import RLError
 
     convention = make_convention("prm", "\n")
     lm = build_tiny_causal_lm(TINY, char_tokenizer, seed=1)
@@ -212,9 +214,9 @@ def test_reward_model_selection_and_nan_stop(fixed_sampling, generator_dir, char
     recipe = make_recipe(tmp_path, generator_dir, "prm_run", source="prm", sparse_aggregate="min")
     recipe.model.reward_model = str(tmp_path / "prm")
     recipe.rl.rejection_top_k = 1
-    recipe.rl.eval_n = 0
-    with pytest.raises(RejectionError, match="not finite.*epoch-0001"):
-        train_rejection(recipe, progress=False)
+    recipe.rl.eval_n_max = 0
+    with pytest.raises(RLError, match="not finite.*epoch-0001"):
+        train(recipe, progress=False)
     first = [r for r in read_metrics(tmp_path / "prm_run" / "metrics.jsonl") if "rs/kept" in r][0]
     assert first["rs/kept"] == 2  # the PRM's best distinct answered sample of each problem
     assert 0.0 < first["rs/kept_score_mean"] <= 1.0
@@ -223,15 +225,16 @@ def test_reward_model_selection_and_nan_stop(fixed_sampling, generator_dir, char
 
 
 def test_dense_rewards_and_deepspeed_are_refused(generator_dir, tmp_path):
-    from rlprm.rl.rejection import RejectionInputError, check_inputs
+    from rlprm.rl.rejection import check_inputs
+    from rlprm.rl.run import RLInputError
 
     recipe = make_recipe(tmp_path, generator_dir, "x", mode="dense", source="prm")
     recipe.model.reward_model = str(generator_dir)
-    with pytest.raises(RejectionInputError, match="reward.mode: sparse"):
+    with pytest.raises(RLInputError, match="reward.mode: sparse"):
         check_inputs(recipe)
     recipe = make_recipe(tmp_path, generator_dir, "y")
     recipe.deepspeed = ROOT / "deepspeed_configs" / "zero2.json"
-    with pytest.raises(RejectionInputError, match="DeepSpeed"):
+    with pytest.raises(RLInputError, match="DeepSpeed"):
         check_inputs(recipe)
 
 
@@ -245,16 +248,16 @@ def test_shipped_recipe_validates_and_cli_takes_intermixed_flags(tmp_path):
 def test_lora_adapters_checkpoint_resume_and_merge_on_export(fixed_sampling, generator_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from rlprm.rl.rejection import train_rejection
+    from rlprm.rl import train
 
     recipe = make_recipe(tmp_path, generator_dir, "lora", epochs=1)
     recipe.model.lora.enabled, recipe.model.lora.r, recipe.model.lora.target_modules = True, 4, ["q_proj", "v_proj"]
-    recipe.rl.eval_n = 0
-    train_rejection(recipe, progress=False)
+    recipe.rl.eval_n_max = 0
+    train(recipe, progress=False)
     ckpt = tmp_path / "lora" / "checkpoints" / "epoch-0001" / "model"
     assert (ckpt / "adapter_config.json").is_file() and not (ckpt / "model.safetensors").exists()
     recipe.rl.epochs = 2
-    final = train_rejection(recipe, resume=True, progress=False)  # adapters come back trainable and train on
+    final = train(recipe, resume=True, progress=False)  # adapters come back trainable and train on
     records = [r for r in read_metrics(tmp_path / "lora" / "metrics.jsonl") if "rs/sft_steps" in r]
     assert [r["epoch"] for r in records] == [1, 2] and records[1]["rs/sft_steps"] > 0
     export = Path(final["export_dir"])

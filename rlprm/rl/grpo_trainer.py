@@ -1,0 +1,134 @@
+"""TRL's `GRPOTrainer` with rlprm's process advantages, phase timings and NaN guard, and the per-iteration log.
+
+This module imports TRL when it is imported: import it inside the function
+that trains (rl/grpo.py does), so that `rlprm check` and friends stay fast.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+from trl import GRPOTrainer
+
+from rlprm.rl.grpo import TRL_OUTPUT_KEYS, RewardFunction, grpo_advantages
+from rlprm.rl.run import RLError, Run, check_finite, mean
+
+
+class RlprmGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer with process-supervised advantages (dense rewards), phase timings and a NaN guard.
+
+    reward: the `RewardFunction` it was built with (also in reward_funcs);
+    process: hand the loss (B, T) process advantages (`grpo.grpo_advantages`);
+    run_dir: where the last good checkpoint is named from when a loss is not
+    finite; times: seconds spent generating and scoring, summed over an
+    iteration (the `IterationLog` callback reads and clears it).
+    """
+
+    def __init__(self, *args, reward: RewardFunction, process: bool, run_dir: Path, times: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rlprm_reward, self.rlprm_process, self.rlprm_run_dir, self.rlprm_times = reward, process, run_dir, times
+
+    def _generate(self, prompts):
+        t0 = time.monotonic()
+        out = super()._generate(prompts)
+        self.rlprm_times["generate"] = self.rlprm_times.get("generate", 0.0) + time.monotonic() - t0
+        return out
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        last = self.rlprm_reward.last
+        self.rlprm_times["score"] = self.rlprm_times.get("score", 0.0) + last.get("time_score", 0.0)
+        if not self.rlprm_process or not self.model.training:
+            return output
+        t0 = time.monotonic()
+        missing = [k for k in TRL_OUTPUT_KEYS if k not in output]
+        if missing:
+            raise RLError(f"TRL's _generate_and_score_completions no longer returns {missing}; rlprm's GRPO "
+                          "override needs trl 1.16.x (see pyproject.toml)")
+        if self.accelerator.num_processes > 1:
+            raise RLError("process-supervised GRPO runs on one process for now (a group's steps must be "
+                          "normalised together)")
+        completion_ids = output["completion_ids"]
+        B, C = completion_ids.shape
+        if len(last.get("ids", [])) != B:
+            raise RLError(f"the reward function scored {len(last.get('ids', []))} completions but TRL returned "
+                          f"{B}; the TRL contract changed (rlprm needs trl 1.16.x)")
+        # the reward function saw the completions in this order: check it is the same batch
+        for i in range(B):
+            n = int(output["completion_mask"][i].sum())
+            if completion_ids[i, :n].tolist() != last["ids"][i][:n]:
+                raise RLError(f"completion {i} differs from the one the reward function scored; the TRL "
+                              "contract changed (rlprm needs trl 1.16.x)")
+        adv = grpo_advantages(self.rlprm_reward.recipe, last, self.num_generations, C)
+        output["advantages"] = adv.to(output["advantages"].device, output["advantages"].dtype)
+        check_finite("the advantages", output["advantages"], self.rlprm_run_dir)
+        self.rlprm_times["score"] += time.monotonic() - t0
+        return output
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        value = loss[0] if isinstance(loss, tuple) else loss
+        check_finite("the GRPO loss", value.detach(), self.rlprm_run_dir)
+        return loss
+
+
+class IterationLog(TrainerCallback):
+    """Step 8 of the rlprm loop around TRL's steps: one record per iteration (generation batch) through `run.log`.
+
+    TRL logs once per iteration (logging_steps = optimizer steps per iteration); the record joins TRL's
+    loss-side statistics with ours from the reward function (grades, rewards, timings).
+    """
+
+    def __init__(self, run: Run, reward: RewardFunction, times: dict, epoch: int, iterations: int,
+                 steps_per_iteration: int):
+        self.run, self.reward, self.times, self.epoch = run, reward, times, epoch
+        self.iterations, self.steps_per_iteration = iterations, steps_per_iteration
+        self.t_iter = time.monotonic()
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step % self.steps_per_iteration == 0:
+            self.t_iter = time.monotonic()
+            self.times.clear()
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = logs or {}
+        if "train_runtime" in logs or state.global_step % self.steps_per_iteration:
+            return
+        run, rl = self.run, self.run.recipe.rl
+        it = state.global_step // self.steps_per_iteration  # within this epoch, 1-based
+        last = self.reward.last
+        total = time.monotonic() - self.t_iter
+        t_gen, t_score = self.times.get("generate", 0.0), self.times.get("score", 0.0)
+        grades, tr = last["grades"], last["rewards"]
+        run.step += 1
+        record = {
+            "epoch": self.epoch + it / self.iterations,
+            "rl/reward": float(tr.returns.mean()),
+            "rl/reward_std": logs.get("reward_std"),
+            "rl/frac_reward_zero_std": logs.get("frac_reward_zero_std"),
+            "rl/kl": logs.get("kl"),  # TRL's k3 estimate per token (only with a KL coefficient > 0)
+            "rl/entropy": logs.get("entropy"),
+            "rl/clipfrac": logs.get("clip_ratio/region_mean"),
+            "rl/loss": logs.get("loss"),
+            "rl/grad_norm": logs.get("grad_norm"),
+            "rl/response_length": mean(last["lengths"]),
+            "rl/steps_per_solution": mean(len(g.steps) for g in grades),
+            "rl/answer_accuracy": mean(last["outcomes"]),
+            "rl/process_accuracy": mean(g.process_correct for g in grades),
+            "rl/well_formed": mean(g.well_formed for g in grades),
+            **{f"reward/{k}": v for k, v in tr.stats.items()},
+            "time/generate": round(t_gen, 3),
+            "time/score": round(t_score, 3),
+            "time/update": round(total - t_gen - t_score, 3),
+        }
+        run.log(record)
+        if run.progress:
+            print(f"epoch {self.epoch + 1}/{rl.epochs} it {it}/{self.iterations}  reward {record['rl/reward']:+.3f}  "
+                  f"answer {record['rl/answer_accuracy']:.1%}  gen {t_gen:.1f}s score {t_score:.1f}s "
+                  f"update {record['time/update']:.1f}s", flush=True)
+        self.t_iter = time.monotonic()
+
+
+__all__ = ["IterationLog", "RlprmGRPOTrainer"]

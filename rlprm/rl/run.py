@@ -1,0 +1,387 @@
+"""The one RL run skeleton: setup, the epoch loop, cleanup. PPO, GRPO and rejection sampling plug into it.
+
+torchtune's recipe shape (setup / train / cleanup), with composition: an
+`Algorithm` supplies only what is its own (its checks, its extra models and
+optimizers, its update for one epoch, its checkpoint state); everything the
+three algorithms share lives here, once:
+
+    setup     input checks; processes (DeepSpeed data parallel for PPO); the run
+              folder (fresh start or --resume); tokenizer, policy, frozen
+              reference (PPO), reward model (a PRM/ORM, checked against
+              reward.source); the checkpoint's counters, RNG and algorithm
+              state; the held-out `exclude` set and the evaluation set; the
+              tracker (rank 0 only); torch threads
+    train     the starting point's best-of-N (fresh runs), then per epoch:
+              1. the epoch's problems (a function of (seed, epoch): resume replays them)
+              2. the algorithm's update for that epoch (logs one record per iteration)
+              3. best-of-N on held-out problems (rank 0; the others wait)
+              4. a checkpoint (rank 0 writes; the others wait)
+    cleanup   summary, weight digests compared across ranks, export, threads restored
+
+Resume is one code path for every algorithm: a checkpoint holds the
+algorithm's state, the counters, the RNG (restored by `load_state`) and the
+length of metrics.jsonl when it was written and the summary so far, so what a
+killed run logged after it is cut off (`tracking.cut_metrics`) and recomputed,
+W&B is told to skip the steps it already has, and a run killed after its last
+checkpoint still ends with its summary. On CPU with the same seed a run killed at any point
+and resumed ends with the metrics of an uninterrupted one (tests/test_rl_run.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from rlprm.config import Recipe
+from rlprm.errors import EXIT_BAD_INPUT, EXIT_STOPPED, InputError
+
+
+class RLError(RuntimeError):
+    """An RL run cannot go on (non-finite rewards or losses, a broken contract); the message says what to do."""
+
+    exit_code = EXIT_STOPPED  # 4: the run stopped; the last good checkpoint is kept
+
+
+class RLInputError(RLError, InputError):
+    """An RL run cannot start: a missing generator or reward model, sizes that do not fit, a folder that needs --resume."""
+
+    exit_code = EXIT_BAD_INPUT  # 2
+
+
+# --------------------------------------------------------------------------- shared small pieces
+
+
+def mean(values) -> float | None:
+    """The mean of the values that are not None; None when there are none (logged as null, never as NaN)."""
+    values = [float(v) for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def check_finite(name: str, value, run_dir: Path, dist=None) -> None:
+    """Raise RLError if `value` holds NaN/inf; with several ranks, on EVERY rank if any rank has one (none hangs)."""
+    import torch
+
+    bad = ~torch.isfinite(value) if hasattr(value, "shape") else not math.isfinite(float(value))
+    bad = bool(bad.any() if hasattr(bad, "any") else bad)
+    if dist is not None and dist.active:
+        here = bad
+        bad = dist.any_rank(bad)
+        if bad and not here:
+            name = f"{name} (on another rank)"
+    if bad:
+        raise RLError(f"{name} is not finite (NaN/inf); stopping before it reaches the weights. "
+                      f"{last_good(run_dir)}. Lower rl.learning_rate (or the KL coefficient), check the reward "
+                      "model's scores, then run again (with --resume to continue from the checkpoint)")
+
+
+def last_good(run_dir: Path) -> str:
+    """`the last good checkpoint is ...` (or that there is none yet), for the messages of a stopped run."""
+    from rlprm.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(run_dir)
+    return f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+
+
+def check_models(recipe: Recipe) -> None:
+    """Raise RLInputError for a missing generator or reward model, naming the command that builds it.
+
+    The commands come from `prerequisites.BUILDERS` (the embedded recipes that produce them): the entry point
+    builds such a model itself; this check speaks when a caller skipped that step.
+    """
+    from rlprm.prerequisites import builder_hint, generator_hint
+
+    if recipe.model.generator == "tiny":
+        raise RLInputError("model.generator is `tiny` (an untrained model); point it at a trained generator, e.g. "
+                           f"the one {generator_hint()} builds")
+    needed = [("model.generator", recipe.model.generator)]
+    # only a trained reward model needs model.reward_model; exact and confidence score without one
+    if recipe.reward.source in ("prm", "orm"):
+        if recipe.model.reward_model is None:
+            raise RLInputError(f"reward.source is {recipe.reward.source} but model.reward_model is not set; "
+                               "point it at a folder written by `rlprm train-rm`")
+        needed.append(("model.reward_model", recipe.model.reward_model))
+    if recipe.reward.source == "exact" and recipe.task.name != "arithmetic":  # recipe validation refuses it too
+        raise RLInputError(f"reward.source exact needs the arithmetic task's step checker; task is {recipe.task.name!r}")
+    if recipe.task.name != "arithmetic" and recipe.task.train_path is None:
+        raise RLInputError(f"task `{recipe.task.name}` needs task.train_path (a JSONL of training problems) for RL")
+    for key, ref in needed:
+        if ref.startswith("/") and not Path(ref).exists():
+            hint = builder_hint(ref)
+            raise RLInputError(f"{key} {ref} does not exist" + (f"; build it first with `{hint}`" if hint else ""))
+
+
+def one_process(algorithm: str):
+    """`Dist.single()` for an algorithm that trains on one process for now; RLInputError under a multi-process launch."""
+    from rlprm.rl.distributed import Dist, launched_world_size
+
+    if launched_world_size() > 1:  # every rank would run the whole loop into the same run folder
+        raise RLInputError(f"{algorithm} trains on one process for now; launch it with plain "
+                           "`python rlprm/train_rl.py ...` or `deepspeed --num_gpus 1 ...`")
+    return Dist.single()
+
+
+def all_weights_only(recipe: Recipe, algorithm: str) -> None:
+    """Raise RLInputError for model.lora.enabled: `algorithm` trains all weights for now.
+
+    Refused rather than ignored: a run that silently trains all weights is not the run that was asked for.
+    """
+    if recipe.model.lora.enabled:
+        raise RLInputError(f"model.lora.enabled: {algorithm} trains all weights for now (LoRA is not supported by it "
+                           "yet); set model.lora.enabled: false, or use rl.algorithm: rejection_sampling with LoRA")
+
+
+def load_policy(recipe: Recipe, ckpt: Path | None, device: str):
+    """The trained model: the generator (LoRA adapters added when model.lora.enabled), or a checkpoint's."""
+    from rlprm.models import apply_lora, load_causal_lm
+
+    gen, dtype, trc = recipe.model.generator, recipe.model.dtype, recipe.model.trust_remote_code
+    if ckpt is not None and (ckpt / "model" / "adapter_config.json").is_file():
+        # a LoRA run checkpoints its adapters only: the base is the generator, the adapters come back trainable
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(load_causal_lm(gen, dtype, device, trc), str(ckpt / "model"),
+                                         is_trainable=True).to(device)
+    policy = load_causal_lm(ckpt / "model" if ckpt is not None else gen, dtype, device, trc)
+    return policy if ckpt is not None else apply_lora(policy, recipe.model.lora)
+
+
+# --------------------------------------------------------------------------- the algorithm's part
+
+
+class Algorithm(Protocol):
+    """What one RL algorithm supplies to the skeleton (rl/ppo.py, rl/grpo.py, rl/rejection.py)."""
+
+    name: str
+    needs_reference: bool
+    """The skeleton loads a frozen copy of the generator as `run.reference` (PPO's KL and confidence rewards)."""
+
+    def check(self, recipe: Recipe) -> None:
+        """Raise RLInputError for what can be refused before any model is loaded."""
+
+    def distributed(self, recipe: Recipe):
+        """The `rl.distributed.Dist` this algorithm runs under (one process unless it supports more)."""
+
+    def setup(self, run: "Run") -> None:
+        """Build what is the algorithm's own (critic, optimizers, trainer), after the shared models."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take back what `state_dict` saved (the RNG and counters are the skeleton's)."""
+
+    def state_dict(self) -> dict:
+        """The algorithm's part of a checkpoint (torch-saveable)."""
+
+    def extra_models(self) -> dict:
+        """Models saved beside the policy in a checkpoint (checkpoints/epoch-N/extra/NAME), e.g. the critic."""
+
+    def train_epoch(self, run: "Run", epoch: int, problems: list) -> None:
+        """One epoch's update on `problems`; logs each iteration through `run.log` (advancing `run.step`)."""
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Run:
+    """Everything an epoch update reads: built once by `setup`, shared by every algorithm."""
+
+    recipe: Recipe
+    progress: bool
+    run_dir: Path
+    dist: object
+    device: str
+    ckpt: Path | None
+    tokenizer: object = None
+    policy: object = None
+    reference: object = None
+    reward_model: object = None
+    tracker: object = None
+    state: dict | None = None
+    """The checkpoint's state.pt (None on a fresh start)."""
+    start_epoch: int = 0
+    step: int = 0
+    """The logging step: iterations (PPO, GRPO) or SFT steps (rejection sampling); every record is logged at it."""
+    exclude: set = field(default_factory=set)
+    eval_set: list = field(default_factory=list)
+    final: dict = field(default_factory=dict)
+    """The last value of every metric logged (the summary)."""
+
+    def log(self, record: dict) -> None:
+        """One record at the current step: metrics.jsonl and W&B (rank 0), and the summary's latest values."""
+        self.tracker.log(record, step=self.step)
+        self.final.update(record)
+
+    def evaluate(self, epoch: int) -> None:
+        # best-of-N on held-out problems, scored by the run's own reward model if it has one; on rank 0 only
+        # (the weights are the same everywhere), while the other ranks wait at the barrier
+        from rlprm.evaluate import between_epochs
+
+        if not self.recipe.rl.eval_n_max:
+            return
+        if self.dist.is_main:
+            metrics = between_epochs(self.recipe, self.policy, self.tokenizer, self.eval_set, self.reward_model,
+                                     epoch, reference=self.reference)
+            if metrics:
+                self.log(metrics)
+        self.dist.barrier()
+
+    def checkpoint(self, epoch: int, algorithm: Algorithm) -> None:
+        # weights, the algorithm's state, counters, metrics.jsonl's length (and the RNG, added by save_checkpoint);
+        # rank 0 writes it (the weights are identical on every rank), the others wait for it
+        from rlprm.checkpoint import rng_state, save_checkpoint
+
+        rank_rng = self.dist.gather(rng_state()) if self.dist.active else None  # every rank's own sampling stream
+        if self.dist.is_main:
+            size = self.tracker.metrics_path.stat().st_size if self.tracker.metrics_path.exists() else 0
+            save_checkpoint(self.run_dir, epoch, self.policy, self.tokenizer,
+                            {**algorithm.state_dict(), "step": self.step, "metrics_bytes": size,
+                             "final": dict(self.final)},
+                            extra_models=algorithm.extra_models(), rank_rng=rank_rng)
+        self.dist.barrier()
+
+
+def setup(recipe: Recipe, algorithm: Algorithm, resume: bool, progress: bool) -> Run:
+    """Build the run: processes, run folder, models, checkpoint state, held-out sets, tracker."""
+    from rlprm.checkpoint import load_state, start_or_resume
+    from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
+    from rlprm.problems import eval_problems, held_out_arithmetic
+    from rlprm.rl.distributed import device_for
+    from rlprm.tracking import NullTracker, Tracker, cut_metrics
+
+    algorithm.check(recipe)
+    rl, rcfg = recipe.rl, recipe.reward
+    dist = algorithm.distributed(recipe)
+    run_dir = Path(recipe.run.output_dir)
+    device = device_for(dist, resolve_device(recipe.run.device))
+    ckpt = start_or_resume(run_dir, resume, RLInputError, writes=dist.is_main)
+    run = Run(recipe, progress, run_dir, dist, device, ckpt)
+    dist.seed_everything(recipe.run.seed)  # the same on every rank: a new value head starts identical everywhere
+
+    # models: the policy (from the checkpoint on resume), the frozen reference (the generator), the reward model
+    gen, dtype, trc = recipe.model.generator, recipe.model.dtype, recipe.model.trust_remote_code
+    run.tokenizer = load_tokenizer(gen, padding_side="left", trust_remote_code=trc)
+    if algorithm.needs_reference:
+        run.reference = load_causal_lm(gen, dtype, device, trc).eval().requires_grad_(False)
+    run.policy = load_policy(recipe, ckpt, device)
+    if rcfg.source in ("prm", "orm"):
+        from rlprm.prm_adapters import load_for_recipe
+
+        run.reward_model = load_for_recipe(recipe, device=device, dtype=dtype)
+        if run.reward_model.kind != rcfg.source:
+            raise RLInputError(f"reward.source is {rcfg.source} but {recipe.model.reward_model} is a "
+                               f"{run.reward_model.kind}")
+    algorithm.setup(run)
+    dist.split_streams(recipe.run.seed)  # from here each rank draws its own sampling noise (rank 0: unchanged)
+
+    seen = None  # the last step W&B already has (a killed run's steps after the checkpoint included)
+    if ckpt is not None:
+        run.state = load_state(ckpt, rank=dist.rank)  # also restores this rank's RNG: the next epoch replays
+        algorithm.load_state_dict(run.state)
+        run.start_epoch, run.step = run.state["epoch"], run.state["step"]
+        run.final = dict(run.state.get("final", {}))  # the summary so far: a resumed run's equals an uninterrupted one's
+        print(f"resuming from {ckpt} (epoch {run.start_epoch}, step {run.step})")
+        if dist.is_main:  # what a killed run logged after this checkpoint is recomputed now
+            seen = cut_metrics(run_dir / "metrics.jsonl", run.step, run.state.get("metrics_bytes"))
+
+    if recipe.task.name == "arithmetic":
+        run.exclude = {p.text for p in held_out_arithmetic(recipe, max(recipe.prepare_eval.num_problems,
+                                                                       rl.eval_num_problems))}
+    run.eval_set = eval_problems(recipe, rl.eval_num_problems) if rl.eval_n_max else []
+    # only rank 0 writes (metrics.jsonl, W&B, summary); the others' numbers reach it through dist.mean_metrics
+    run.tracker = (Tracker(run_dir, recipe, job="rl", tags=["rl", rl.algorithm, rcfg.mode, rcfg.source],
+                           resume=ckpt is not None, wandb_seen_step=seen)
+                   if dist.is_main else NullTracker())
+    return run
+
+
+def cleanup(run: Run, algorithm: Algorithm) -> dict:
+    """Summary, the ranks' weight digests compared, and the export; returns the final metrics."""
+    from rlprm.checkpoint import export
+    from rlprm.rl.distributed import weights_digest
+
+    dist, final = run.dist, run.final
+    sync = {}
+    if dist.deepspeed:
+        # every rank's own digest of its weights: data parallelism must leave them identical
+        sync = {"dist/world_size": dist.world,
+                "dist/zero_stage": dist.ds_config.get("zero_optimization", {}).get("stage", 0),
+                "dist/policy_sha256": dist.gather(weights_digest(run.policy)),
+                **{f"dist/{name}_sha256": dist.gather(weights_digest(model))
+                   for name, model in algorithm.extra_models().items()}}
+        final.update(sync)
+    # also when a resume found nothing left to train: a run killed after its last checkpoint has no summary yet
+    if final:
+        run.tracker.summary({**{k: v for k, v in final.items() if isinstance(v, (int, float)) or v is None}, **sync})
+    if run.start_epoch >= run.recipe.rl.epochs and dist.is_main:
+        print(f"{run.run_dir} already finished its {run.recipe.rl.epochs} epochs; raise rl.epochs to train on")
+    digests = {k: v for k, v in sync.items() if k.endswith("_sha256")}
+    if any(len(set(v)) > 1 for v in digests.values()):
+        raise RLError(f"the {dist.world} ranks ended with different weights ({sync}); this is a bug in the "
+                      "data-parallel setup, please report it with the recipe")
+    # the final policy as a plain HF folder (LoRA merged; the summary first: export copies it)
+    out = export(run.run_dir) if dist.is_main else run.run_dir / "export"
+    dist.barrier()
+    final["export_dir"] = str(out)
+    return final
+
+
+def run_algorithm(recipe: Recipe, algorithm: Algorithm, resume: bool = False, progress: bool = True) -> dict:
+    """setup, then per epoch 1. problems 2. update 3. best-of-N 4. checkpoint, then cleanup."""
+    import torch
+
+    from rlprm.problems import epoch_problems
+
+    threads_before = torch.get_num_threads()
+    if recipe.run.threads:
+        torch.set_num_threads(recipe.run.threads)  # restored at the end: callers (tests) keep their setting
+    run = None
+    try:
+        run = setup(recipe, algorithm, resume, progress)
+        if run.ckpt is None:
+            run.evaluate(0)  # the starting point, for before/after comparisons
+        for epoch in range(run.start_epoch, recipe.rl.epochs):
+            # 1. the epoch's problems: a function of (seed, epoch) only, so that a resumed run replays them
+            problems = epoch_problems(recipe, epoch, run.exclude)
+            # 2. the algorithm's update (one record per iteration, logged as it goes)
+            algorithm.train_epoch(run, epoch, problems)
+            # 3. best-of-N on held-out problems
+            run.evaluate(epoch + 1)
+            # 4. checkpoint
+            run.checkpoint(epoch + 1, algorithm)
+        return cleanup(run, algorithm)
+    except BaseException as exc:
+        if run is not None:
+            run.dist.announce_failure(exc)  # the ranks waiting at a barrier stop now, naming this rank
+        raise
+    finally:
+        torch.set_num_threads(threads_before)
+        if run is not None and run.tracker is not None:
+            run.tracker.finish()
+
+
+def algorithm_for(recipe: Recipe) -> Algorithm:
+    """The `Algorithm` of `rl.algorithm`."""
+    name = recipe.rl.algorithm
+    if name == "ppo":
+        from rlprm.rl.ppo import PPO
+
+        return PPO()
+    if name == "grpo":
+        from rlprm.rl.grpo import GRPO
+
+        return GRPO()
+    if name == "rejection_sampling":
+        from rlprm.rl.rejection import RejectionSampling
+
+        return RejectionSampling()
+    raise RLInputError(f"rl.algorithm {name!r} is not one of ppo, grpo, rejection_sampling")
+
+
+def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
+    """Run the recipe's RL algorithm (`rl.algorithm`); returns the final metrics (also in summary.json)."""
+    return run_algorithm(recipe, algorithm_for(recipe), resume=resume, progress=progress)
+
+
+__all__ = ["Algorithm", "RLError", "RLInputError", "Run", "algorithm_for", "check_finite", "check_models", "cleanup",
+           "last_good", "load_policy", "mean", "one_process", "all_weights_only", "run_algorithm", "setup", "train"]

@@ -1,0 +1,167 @@
+"""The RL run skeleton (rlprm/rl/run.py): one resume path for every algorithm, and W&B continued, not duplicated."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlprm.config import validate_recipe
+from rlprm.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# the sizes of each algorithm's own tests: 2 epochs of 2 iterations (rejection sampling: one record per epoch)
+RL = {
+    "ppo": {"prompts_per_iteration": 2, "minibatch_size": 2, "ppo_epochs": 1, "value_learning_rate": 1e-3},
+    "grpo": {"prompts_per_iteration": 2, "minibatch_size": 2, "ppo_epochs": 1},
+    "rejection_sampling": {"sft_batch_size": 2, "samples_per_problem": 4},
+}
+
+
+def make_recipe(tmp: Path, generator: Path, out: str, algorithm: str):
+    data = {
+        "run": {"output_dir": str(tmp / out), "device": "cpu", "seed": 3, "threads": 1},
+        "model": {"generator": str(generator)},
+        "reward": {"mode": "sparse", "source": "ground_truth"},
+        "rl": {"algorithm": algorithm, "epochs": 2, "problems_per_epoch": 4, "samples_per_problem": 2, "max_new_tokens": 16, "learning_rate": 1e-3, "eval_n_max": 2,
+               "eval_num_problems": 2, **RL[algorithm]},
+        "eval": {"resamples": 5},
+        "tracking": {"wandb": "disabled"},
+    }
+    return validate_recipe(data, tmp)
+
+
+# SIGKILL (no finally, no atexit, nothing tidied up) right after the first training record of epoch 2 is
+# written: after checkpoint 1, before checkpoint 2, with more of epoch 2 still to come
+KILLER = """
+import os, signal, sys
+from rlprm.tracking import Tracker
+log = Tracker.log
+def log_then_die(self, metrics, step=None):
+    log(self, metrics, step)
+    if metrics.get("epoch", 0) > 1 and not any(k.startswith("eval/") for k in metrics):
+        self._file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+Tracker.log = log_then_die
+from rlprm.config import load_recipe
+from rlprm.rl import train
+train(load_recipe(sys.argv[1]), progress=False)
+"""
+
+
+def _full_and_killed(tmp_path, generator_dir, algorithm: str, killer: str):
+    """An uninterrupted run (its final metrics) and the recipe of a second run that `killer` SIGKILLed."""
+    from rlprm.config import recipe_to_yaml
+    from rlprm.rl import train
+
+    final = train(make_recipe(tmp_path, generator_dir, "full", algorithm), progress=False)
+    killed = make_recipe(tmp_path, generator_dir, "killed", algorithm)
+    path = tmp_path / "killed.yaml"
+    path.write_text(recipe_to_yaml(killed))
+    out = subprocess.run([sys.executable, "-c", killer, str(path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == -9, out.stderr[-2000:]
+    return final, killed
+
+
+def _strip(records):
+    return [{k: v for k, v in r.items() if k != "time" and not k.startswith("time/")} for r in records]
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rejection_sampling"])
+def test_a_killed_run_resumes_to_the_uninterrupted_log(algorithm, generator_dir, tmp_path):
+    """Fails on the old code for grpo (its resumed trainer was seeded with seed + start_epoch, and the killed
+    run's records after the checkpoint stayed in metrics.jsonl) and rejection_sampling (duplicate records)."""
+    from rlprm.rl import train
+
+    _, killed = _full_and_killed(tmp_path, generator_dir, algorithm, KILLER)
+    run = tmp_path / "killed"
+    assert (run / "checkpoints" / "epoch-0001").is_dir() and not (run / "checkpoints" / "epoch-0002").exists()
+    assert any((r.get("epoch") or 0) > 1 for r in read_metrics(run / "metrics.jsonl"))  # epoch 2 had begun
+    train(killed, resume=True, progress=False)
+    full, resumed = _strip(read_metrics(tmp_path / "full" / "metrics.jsonl")), _strip(read_metrics(run / "metrics.jsonl"))
+    assert resumed == full  # the same values, each record once, in the same order
+    assert (run / "checkpoints" / "latest").read_text().strip() == "epoch-0002"
+
+
+def test_cut_metrics_goes_back_to_the_checkpoints_length(tmp_path):
+    """A checkpoint stores metrics.jsonl's length: records logged after it go, whatever their step (rejection
+    sampling logs an epoch that trained nothing at the checkpoint's own step); a torn last line goes too."""
+    from rlprm.tracking import cut_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "epoch": 0}\n{"step": 2, "epoch": 1}\n')
+    size = path.stat().st_size
+    with open(path, "a") as f:
+        f.write('{"step": 2, "epoch": 2}\n{"step": 5, "sft/loss": 1.0}\n{"step": 6, "sft/lo')
+    assert cut_metrics(path, 2, size) == 5  # the last step W&B was sent
+    assert read_metrics(path) == [{"step": 0, "epoch": 0}, {"step": 2, "epoch": 1}]
+    assert cut_metrics(path, 2, size) == 2  # nothing more to cut
+
+
+def test_wandb_resume_continues_the_run_and_skips_the_steps_it_has(monkeypatch, tmp_path):
+    """Offline, no key: a resumed Tracker reopens the same W&B run (its id kept in RUN_DIR/wandb_run_id) and does not
+    send the steps the killed try already sent (W&B's history only grows: they would be duplicates or refused).
+    Fails on the old code, which started a new W&B run on every resume and sent every step again."""
+    from rlprm.config import Recipe
+    from rlprm.tracking import Tracker, cut_metrics
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    recipe = Recipe.model_validate({"run": {"name": "t"}}, context={"base_dir": tmp_path})
+    sent: list[int] = []
+
+    def spy(tracker):
+        real = tracker._wandb.log
+
+        def log(values, step=None, **kw):
+            sent.append(step)
+            return real(values, step=step, **kw)
+
+        tracker._wandb.log = log
+        return tracker
+
+    first = spy(Tracker(tmp_path / "run", recipe, job="rl"))
+    first_id = first._wandb.id
+    for step in (1, 2, 3):  # the checkpoint was written after step 1; steps 2 and 3 came before the kill
+        first.log({"x": float(step)}, step=step)
+    first.finish()
+    seen = cut_metrics(tmp_path / "run" / "metrics.jsonl", 1)
+    assert seen == 3
+    second = spy(Tracker(tmp_path / "run", recipe, job="rl", resume=True, wandb_seen_step=seen))
+    assert second._wandb.id == first_id
+    for step in (2, 3, 4):
+        second.log({"x": float(step)}, step=step)
+    second.finish()
+    assert sent == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+SUMMARY_KILLER = """
+import os, signal, sys
+from rlprm.tracking import Tracker
+Tracker.summary = lambda self, values: os.kill(os.getpid(), signal.SIGKILL)  # after the last checkpoint
+from rlprm.config import load_recipe
+from rlprm.rl import train
+train(load_recipe(sys.argv[1]), progress=False)
+"""
+
+
+def test_a_run_killed_after_its_last_checkpoint_resumes_to_its_summary_and_export(generator_dir, tmp_path):
+    """Fails on the old code: a resume that found every epoch done trained nothing and wrote no summary."""
+    import json
+
+    from rlprm.rl import train
+
+    final, killed = _full_and_killed(tmp_path, generator_dir, "ppo", SUMMARY_KILLER)
+    run = tmp_path / "killed"
+    assert (run / "checkpoints" / "epoch-0002").is_dir() and not (run / "summary.json").exists()
+    resumed = train(killed, resume=True, progress=False)
+    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("time/") and k != "export_dir"}  # noqa: E731
+    assert strip(resumed) == strip(final) and resumed["rl/reward"] is not None
+    assert strip(json.loads((run / "summary.json").read_text())) == strip(
+        json.loads((tmp_path / "full" / "summary.json").read_text()))
+    assert (run / "export" / "config.json").is_file()
