@@ -14,21 +14,38 @@ solutions are the embedded task's 5-step solutions (3 chain operations, a final
 mod 10 / last digit, the answer step): a reference solution or one with a single
 corrupted step, half each. The PRM is the generator-sized tiny Llama (0.86M
 parameters) with a fresh head, or a trained one with ``--model``. Each way is
-timed ``--repeats`` times after a warm-up; the best time counts.
+timed ``--repeats`` times after a warm-up, the runs of both ways interleaved; the best time counts.
 
 ``--families`` adds one tiny stand-in of each public PRM family
 (rlprm/prm_adapters/standins.py: qwen_prm, pure_prm, math_shepherd, rlhflow,
-value_head, implicit), scored through ``load_reward_model`` both ways (the per-prefix way:
-``rlprm.prm_adapters.common.score_steps_per_prefix``, each prefix of the
-family's own token form as its own sequence). The stand-ins are far smaller
-than the generator-sized PRM (width 32, 2 layers; ``--standin-hidden 128
---standin-layers 4`` gives them the generator's shape). At width 32 a forward
-pass costs little more than its per-operation overhead and the CPU attention
-with a padding mask, which grows with sequence length, so the shorter
-prefixes are cheap per token; the ratio then stays below the token ratio
-(``tokens_per_prefix_ratio``, 3.5-4x on these 5-step solutions), which is what
-it approaches once the linear layers dominate. ``encode_seconds`` is the token
-form alone, a cost both ways share.
+value_head, implicit), scored through ``load_reward_model`` both ways. How
+each side computes, per family:
+
+* both: the solutions' token form (``HubPRM.encode``, one batched tokenizer
+  call) is built once; ``encode_seconds`` times it alone, and
+  ``forward_speedup`` is the ratio with it taken out of both sides;
+* single pass (``HubPRM.score_steps``): each solution cut after its last read
+  position, one forward pass of the body, the head only where a step is read
+  (qwen_prm / pure_prm / value_head: their head at the read positions;
+  math_shepherd / rlhflow: the ``+``/``-`` rows of the output embedding at the
+  read positions; implicit: both LMs' heads at every step token, chunked
+  logsumexp, never the full B x T x vocab);
+* per prefix (``rlprm.prm_adapters.common.score_steps_per_prefix``): each
+  prefix is the same token form cut after step k's read position, run as its
+  own sequence, and reads only step k (the head at one position, or for
+  implicit at step k's tokens alone): the head work equals the single pass's,
+  so the ratio measures the body's repeated prefixes, not a head trick.
+
+``tokens_single_pass`` / ``tokens_per_prefix`` are the tokens each side runs
+through the body, and ``tokens_per_prefix_ratio`` their ratio (3.5-4x on these
+5-step solutions): the ceiling the speedup approaches once the linear layers
+dominate. The stand-ins are far smaller than the generator-sized PRM (width
+32, 2 layers; ``--standin-hidden 128 --standin-layers 4`` gives them the
+generator's shape). At width 32 a forward pass costs little more than its
+per-operation overhead and attention with 8-wide heads, and the shared token
+form is a quarter of the single pass, so the ratio stays below the token ratio
+(measured, two runs of 10 repeats on a shared 2-core machine: 2.6-2.9x at
+width 32, 3.2-4.3x at the generator's shape).
 
 Prints one JSON object. Usage::
 
@@ -85,14 +102,17 @@ def build_prm(model_path: str | None):
     return RewardModel(reward_model_from_causal_lm(convention, lm, tokenizer).eval(), tokenizer, convention)
 
 
-def best_time(fn, repeats: int) -> tuple[float, object]:
-    fn()  # warm-up
-    best, out = float("inf"), None
+def best_times(fns, repeats: int) -> list[tuple[float, object]]:
+    """(best seconds, last result) of each function, their runs interleaved after one warm-up each: on a shared,
+    noisy machine a burst of load then slows every side alike instead of one side's whole series."""
+    outs = [fn() for fn in fns]  # warm-up
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+        for k, fn in enumerate(fns):
+            t = time.perf_counter()
+            outs[k] = fn()
+            best[k] = min(best[k], time.perf_counter() - t)
+    return list(zip(best, outs))
 
 
 def main() -> None:
@@ -104,7 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--solutions", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model", default=None, help="a saved PRM folder (default: a fresh generator-sized PRM)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
@@ -125,9 +145,9 @@ def main() -> None:
                           "threads": torch.get_num_threads()}, indent=2))
         return
     rm = build_prm(args.model)
-    single_s, single = best_time(lambda: rm.score_steps(problems, solutions, batch_size=args.batch_size), args.repeats)
-    prefix_s, prefix = best_time(lambda: score_steps_per_prefix(rm, problems, solutions, batch_size=args.batch_size),
-                                 args.repeats)
+    (single_s, single), (prefix_s, prefix) = best_times(
+        [lambda: rm.score_steps(problems, solutions, batch_size=args.batch_size),
+         lambda: score_steps_per_prefix(rm, problems, solutions, batch_size=args.batch_size)], args.repeats)
     diff = max(abs(a - b) for x, y in zip(single, prefix) for a, b in zip(x, y))
     tokens_single = sum(len(ids) for ids in _lengths(rm, problems, solutions, prefixes=False))
     tokens_prefix = sum(len(ids) for ids in _lengths(rm, problems, solutions, prefixes=True))
@@ -173,30 +193,26 @@ def _family_results(args, problems, solutions) -> dict:
             folder = save_standin(name, Path(tmp) / name, hidden=args.standin_hidden, layers=args.standin_layers)
             extra = {"reference": folder / "reference", "beta": 0.5} if name == "implicit" else {}
             rm = load_reward_model(folder, name, **extra)
-            single_s, single = best_time(lambda: rm.score_steps(problems, solutions, batch_size=args.batch_size),
-                                         args.repeats)
-            prefix_s, prefix = best_time(
-                lambda: score_steps_per_prefix(rm, problems, solutions, batch_size=args.batch_size), args.repeats)
             # the token form alone: a fixed cost both ways share (the per-prefix way cuts the same encodings)
-            encode_s, _ = best_time(lambda: rm.encode(problems, solutions), args.repeats)
+            (single_s, single), (prefix_s, prefix), (encode_s, _) = best_times(
+                [lambda: rm.score_steps(problems, solutions, batch_size=args.batch_size),
+                 lambda: score_steps_per_prefix(rm, problems, solutions, batch_size=args.batch_size),
+                 lambda: rm.encode(problems, solutions)], args.repeats)
+            encoded = rm.encode(problems, solutions)
+            tokens_single = sum(e.reads[-1] + 1 for e in encoded)  # cut after the last read, as score_steps does
+            tokens_prefix = sum(r + 1 for e in encoded for r in e.reads)  # each prefix runs to its step's read
             out[name] = {
                 "params": num_parameters(rm.family.model),
-                "tokens_per_solution": round(sum(len(e.input_ids) for e in rm.encode(problems, solutions))
-                                             / len(solutions), 1),
+                "tokens_single_pass": tokens_single, "tokens_per_prefix": tokens_prefix,
+                "tokens_per_prefix_ratio": round(tokens_prefix / tokens_single, 2),
                 "single_pass_seconds": round(single_s, 4), "per_prefix_seconds": round(prefix_s, 4),
                 "encode_seconds": round(encode_s, 4),
-                "tokens_per_prefix_ratio": round(_prefix_tokens(rm, problems, solutions) /
-                                                 sum(len(e.input_ids) for e in rm.encode(problems, solutions)), 2),
                 "single_pass_solutions_per_s": round(len(solutions) / single_s, 1),
                 "speedup": round(prefix_s / single_s, 2),
+                "forward_speedup": round((prefix_s - encode_s) / (single_s - encode_s), 2),
                 "max_abs_diff": max(abs(a - b) for x, y in zip(single, prefix) for a, b in zip(x, y)),
             }
     return out
-
-
-def _prefix_tokens(rm, problems, solutions) -> int:
-    """Tokens the per-prefix way scores: each prefix runs to its step's read position (or span end)."""
-    return sum(max(r, e.spans[k][1]) + 1 for e in rm.encode(problems, solutions) for k, r in enumerate(e.reads))
 
 
 def _lengths(rm, problems, solutions, prefixes: bool):

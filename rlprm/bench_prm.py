@@ -79,19 +79,44 @@ def tune_threshold(labels: Sequence[int], step_probs: Sequence[Sequence[float]],
     return best
 
 
-def fitting(rm, records) -> tuple[list, int]:
-    """The records the model has positions for, and how many were left out (counted, never silently)."""
+def token_forms(rm, records) -> list[list[int]]:
+    """Each record's token ids as the model reads them (an rlprm model's convention, or a family's plan)."""
     from rlprm.reward_models import RewardModel
-    from rlprm.train_rm import _fitting
+    from rlprm.steps import encode_batch
 
+    if not records:
+        return []
     if isinstance(rm, RewardModel):
-        return _fitting(rm, records)
-    limit = rm.max_positions()
-    if not limit:
-        return list(records), 0
-    encoded = rm.encode([r.problem for r in records], [r.steps for r in records])
-    kept = [r for r, e in zip(records, encoded) if len(e.input_ids) <= limit]
-    return kept, len(records) - len(kept)
+        encoded = encode_batch(rm.tokenizer, [rm.convention.prompt(r.problem) for r in records],
+                               [r.steps for r in records], rm.step_separator)
+    else:
+        encoded = rm.encode([r.problem for r in records], [r.steps for r in records])
+    return [e.input_ids for e in encoded]
+
+
+def model_config(rm):
+    from rlprm.reward_models import RewardModel
+
+    return rm.model.config if isinstance(rm, RewardModel) else rm.family.config
+
+
+def rotary(config) -> bool:
+    """Whether the model's positions are rotary (computed for any index), not a learned table."""
+    return any(getattr(config, key, None) for key in ("rope_parameters", "rope_theta", "rope_scaling"))
+
+
+def fitting(rm, records, forms: list[list[int]], too_long: str = "skip") -> tuple[list, int, int]:
+    """(records to score, left out as too long, scored past the model's positions): counted, never silent.
+
+    A record longer than max_position_embeddings is left out with `too_long="skip"`, and scored anyway with
+    `"extend"` when the positions are rotary (bench.too_long); a learned position table cannot extend.
+    """
+    config = model_config(rm)
+    limit = getattr(config, "max_position_embeddings", None)
+    long = [bool(limit) and len(ids) > limit for ids in forms]
+    if too_long == "extend" and rotary(config):
+        return list(records), 0, sum(long)
+    return [r for r, x in zip(records, long) if not x], sum(long), 0
 
 
 def gold(record) -> tuple[int, list[bool | None]] | None:
@@ -117,25 +142,35 @@ def evenly(items: list, limit: int) -> list:
     return [items[i * len(items) // limit] for i in range(limit)] if 0 < limit < len(items) else list(items)
 
 
-def score_records(rm, records, batch_size: int) -> dict:
+def score_records(rm, records, batch_size: int, too_long: str = "skip") -> dict:
     """Labels, step truth and step probabilities of the records that settle a gold label and fit the model.
 
-    Returns {labels, truth, probs, num_too_long, num_no_label}; what is left out is counted, never dropped
-    silently.
+    Returns {labels, truth, probs, num_too_long, num_beyond_positions, num_no_label, unknown_token_share}; what
+    is left out is counted, never dropped silently. `unknown_token_share`: of the scored tokens, the share the
+    tokenizer maps to its unknown token (text the model cannot even read; None for tokenizers without one).
     """
     settled = [(r, g) for r, g in ((r, gold(r)) for r in records) if g is not None]
-    kept, too_long = fitting(rm, [r for r, _ in settled])
+    forms = token_forms(rm, [r for r, _ in settled])
+    kept, num_too_long, beyond = fitting(rm, [r for r, _ in settled], forms, too_long)
     by_id = {id(r): g for r, g in settled}
-    probs = rm.score_steps([r.problem for r in kept], [r.steps for r in kept], batch_size=batch_size) if kept else []
+    kept_ids = {id(r) for r in kept}
+    scored_forms = [ids for (r, _), ids in zip(settled, forms) if id(r) in kept_ids]
+    unk = getattr(rm.tokenizer, "unk_token_id", None)
+    total = sum(len(ids) for ids in scored_forms)
+    unknown = None if unk is None or not total else sum(ids.count(unk) for ids in scored_forms) / total
+    probs = rm.score_steps([r.problem for r in kept], [r.steps for r in kept], batch_size=batch_size,
+                           beyond_positions=beyond > 0) if kept else []
     return {"labels": [by_id[id(r)][0] for r in kept], "truth": [by_id[id(r)][1] for r in kept], "probs": probs,
-            "num_too_long": too_long, "num_no_label": len(records) - len(settled)}
+            "num_too_long": num_too_long, "num_beyond_positions": beyond, "num_no_label": len(records) - len(settled),
+            "unknown_token_share": unknown}
 
 
-def score_file(rm, path: Path, limit: int, batch_size: int) -> tuple[list[int], list[list[float]], int]:
+def score_file(rm, path: Path, limit: int, batch_size: int, too_long: str = "skip"
+               ) -> tuple[list[int], list[list[float]], int]:
     """(labels, step probabilities, left out as too long) of one ProcessBench-format file."""
     from rlprm.data.processbench import load_processbench
 
-    scored = score_records(rm, load_processbench(path, limit), batch_size)
+    scored = score_records(rm, load_processbench(path, limit), batch_size, too_long)
     return scored["labels"], scored["probs"], scored["num_too_long"]
 
 
@@ -219,16 +254,25 @@ def markdown(results: dict, model: str, adapter: str) -> str:
     lines = [f"# PRM benchmark: {model} ({adapter})", "",
              f"ProcessBench's metric; threshold {results['threshold']:g} ({results['threshold_source']})", "",
              "| subset | source | error acc | correct acc | F1 | step AUROC | first-error acc | n error | n correct "
-             "| too long | no label |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| past positions | too long | no label | unknown tokens |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["subsets"].items():
         lines.append(f"| {name} | {r.get('source', 'processbench')} | {f(r['error_acc'])} | {f(r['correct_acc'])} | "
                      f"{f(r['f1'])} | {f(r['step_auroc'], '{:.3f}')} | {f(r['first_error_acc'])} | {r['num_error']} | "
-                     f"{r['num_correct']} | {r['num_too_long']} | {r.get('num_no_label', 0)} |")
+                     f"{r['num_correct']} | {r.get('num_beyond_positions', 0)} | {r['num_too_long']} | "
+                     f"{r.get('num_no_label', 0)} | {f(r.get('unknown_token_share'), '{:.1%}')} |")
     if results.get("average_f1") is not None:
         lines += ["", f"average F1 over subsets: {results['average_f1']:.1f}"]
-    lines += ["", "too long: beyond the model's positions; no label: the data settles no first error (PRM800K "
-              "lines with unrated steps or no finished solution, arithmetic samples without an answer step)."]
+    limit = results.get("max_positions")
+    lines += ["", f"past positions: scored although longer than the model's {limit} positions (bench.too_long: "
+              "extend; rotary positions are computed for any index, and the quality past the trained length is the "
+              "model's own); too long: left out, beyond the model's positions; no label: the data settles no first "
+              "error (PRM800K lines with unrated steps or no finished solution, arithmetic samples without an answer "
+              "step); unknown tokens: the share of scored tokens the tokenizer maps to its unknown token."]
+    if adapter == "rlprm" and any(r.get("source") != "arithmetic" for r in results["subsets"].values()):
+        lines += ["", "An rlprm PRM knows only the data it was trained on (the embedded one: the arithmetic task's "
+                  "chains, in its 39-symbol character vocabulary). On ProcessBench or PRM800K it is out of its "
+                  "domain: these numbers measure how far it transfers, not what a PRM of its kind can do."]
     return "\n".join(lines) + "\n"
 
 
@@ -273,7 +317,7 @@ def run_bench(recipe, progress: bool = True) -> dict:
     adapter = getattr(rm, "adapter", "rlprm")
     threshold, source = cfg.threshold, "bench.threshold"
     if cfg.tune_threshold_on is not None:
-        labels, probs, _ = score_file(rm, Path(cfg.tune_threshold_on), cfg.limit, cfg.batch_size)
+        labels, probs, _ = score_file(rm, Path(cfg.tune_threshold_on), cfg.limit, cfg.batch_size, cfg.too_long)
         threshold = tune_threshold(labels, probs, cfg.tune_grid)
         source = f"best F1 on {Path(cfg.tune_threshold_on).name}"
     subsets, sampling = {}, {}
@@ -284,18 +328,21 @@ def run_bench(recipe, progress: bool = True) -> dict:
             records = prm800k_records(recipe, Path(where))
         else:
             records, sampling = arithmetic_records(recipe, progress)
-        scored = score_records(rm, records, cfg.batch_size)
+        scored = score_records(rm, records, cfg.batch_size, cfg.too_long)
         subsets[name] = {**processbench_scores(scored["labels"], scored["probs"], threshold, scored["truth"]),
-                         "source": kind, "num_too_long": scored["num_too_long"],
-                         "num_no_label": scored["num_no_label"]}
+                         "source": kind, "num_scored": len(scored["labels"]),
+                         **{k: scored[k] for k in ("num_too_long", "num_beyond_positions", "num_no_label",
+                                                   "unknown_token_share")}}
         if progress:
             r = subsets[name]
             print(f"{name} ({kind}): F1 {r['f1'] if r['f1'] is None else round(r['f1'], 1)} "
-                  f"({len(scored['labels'])} solutions, {r['num_too_long']} too long, {r['num_no_label']} without "
-                  "a label)", flush=True)
+                  f"({len(scored['labels'])} solutions, {r['num_beyond_positions']} of them past the model's "
+                  f"positions, {r['num_too_long']} too long, {r['num_no_label']} without a label)", flush=True)
     f1s = [r["f1"] for r in subsets.values() if r["f1"] is not None]
     results = {"model": str(recipe.model.reward_model), "adapter": adapter, "threshold": threshold,
-               "threshold_source": source, "subsets": subsets,
+               "threshold_source": source, "too_long": cfg.too_long,
+               "max_positions": getattr(model_config(rm), "max_position_embeddings", None),
+               "rotary_positions": rotary(model_config(rm)), "subsets": subsets,
                "average_f1": sum(f1s) / len(f1s) if f1s else None, "seconds": round(time.monotonic() - t0, 1)}
     if sampling:
         results["arithmetic_sampling"] = {"generator": str(recipe.model.generator), **sampling}
@@ -303,7 +350,7 @@ def run_bench(recipe, progress: bool = True) -> dict:
     atomic_write_text(run_dir / "bench_prm.md", markdown(results, results["model"], adapter))
     plot(results, run_dir / "bench_prm.png")
     metrics = {f"processbench/{name}/{k}": v for name, r in subsets.items() for k, v in r.items()
-               if k not in ("threshold", "source")}
+               if k not in ("threshold", "source") and v is not None}
     metrics.update({"processbench/average_f1": results["average_f1"], "processbench/threshold": threshold})
     with Tracker(run_dir, recipe, job="bench-prm", tags=["bench-prm"]) as tracker:
         tracker.log(metrics, step=0)

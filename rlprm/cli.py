@@ -268,7 +268,9 @@ COMMANDS: dict[str, Command] = {
                     "arithmetic problems labelled by the exact checker, with model.reward_model (an rlprm folder, or "
                     "a public PRM of family rm.adapter: qwen_prm, math_shepherd, rlhflow, value_head, implicit; "
                     "detected where unambiguous) and write ProcessBench's error / correct accuracy and F1 per subset, "
-                    "step AUROC and first-error accuracy to RUN_DIR/bench_prm.md, bench_prm.json and bench_prm.png."),
+                    "step AUROC and first-error accuracy to RUN_DIR/bench_prm.md, bench_prm.json and bench_prm.png. "
+                    "Solutions longer than the PRM's positions are scored past them when its positions are rotary "
+                    "(bench.too_long=extend, counted in the report) or left out (bench.too_long=skip)."),
     "check": Command(
         "validate a recipe and exit", _check,
         description="Load and validate a recipe (with overrides); print nothing but errors."),

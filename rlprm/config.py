@@ -716,6 +716,8 @@ class BenchConfig(Section):
     """Thresholds tried when tune_threshold_on is set."""
     batch_size: int = Field(8, ge=1)
     """Solutions per forward pass."""
+    too_long: Literal["skip", "extend"] = "extend"
+    """A solution longer than the PRM's max_position_embeddings: `extend` scores it anyway when the model's positions are rotary (RoPE computes them for any index; the quality past the trained length is the model's own, and the report counts these items), `skip` leaves it out and counts it (also what `extend` does for a model with learned positions)."""
 
 
 class Recipe(Section):

@@ -501,20 +501,22 @@ class RewardModel:
         return [step_min_logprobs(lp, e.prompt_len, e.step_ends) for lp, e in zip(logps, encoded)]
 
     def score_steps(self, problems: Sequence[str], solutions: Sequence, sep: str | None = None,
-                    batch_size: int = 32, head_only: bool = False) -> list[list[float]]:
+                    batch_size: int = 32, head_only: bool = False,
+                    beyond_positions: bool = False) -> list[list[float]]:
         """Per solution, the probability that each step is correct; an ORM gives one number, for the final answer.
 
         `problems` are problem texts (the saved prompt template formats them); `solutions` are step lists or
         texts (split with the saved separator). `sep`, if given, must be the saved separator. With confidence
         stacking fitted, the head's probabilities are combined with the backbone's token confidence, unless
-        `head_only`.
+        `head_only`. `beyond_positions`: score solutions longer than max_position_embeddings instead of failing
+        (only for rotary positions, which are computed for any index: `rlprm bench-prm`'s bench.too_long).
         """
         self._check_separator(sep)
         if len(problems) != len(solutions):
             raise RewardModelError(f"{len(problems)} problems but {len(solutions)} solutions")
         steps = self._steps(solutions)
         encoded = encode_batch(self.tokenizer, [self.convention.prompt(p) for p in problems], steps, self.step_separator)
-        limit = self._max_positions()
+        limit = None if beyond_positions else self._max_positions()
         longest = max((len(e.input_ids) for e in encoded), default=0)
         if limit and longest > limit:
             raise RewardModelError(f"a solution is {longest} tokens long, beyond this model's {limit} positions; "

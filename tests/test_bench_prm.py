@@ -237,3 +237,64 @@ def test_bench_prm_says_what_is_missing(tmp_path, capsys):
     recipe = _recipe(tmp_path, model, "value_head", [], "  arithmetic_problems: 2\n")
     assert main(["bench-prm", str(recipe), "--no-progress"]) == 2  # model.generator is `tiny`
     assert "model.generator" in capsys.readouterr().err
+
+
+def _embedded_prm(path, char_tokenizer, max_positions: int):
+    """An rlprm PRM like the embedded one (char tokenizer, Llama with rotary positions), with few positions."""
+    from rlprm.config import TinyModelConfig
+    from rlprm.models import build_tiny_causal_lm
+    from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
+
+    config = TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                             max_positions=max_positions)
+    convention = make_convention("prm", "\n")
+    lm = build_tiny_causal_lm(config, char_tokenizer, seed=0)
+    rm = RewardModel(reward_model_from_causal_lm(convention, lm, char_tokenizer).eval(), char_tokenizer, convention)
+    return rm.save(path)
+
+
+@pytest.mark.parametrize("too_long", ["extend", "skip"])
+def test_bench_prm_scores_past_the_positions_of_a_rotary_prm(tmp_path, char_tokenizer, too_long):
+    """Every toy item is longer than the PRM's 16 positions. `extend` scores them all (rotary positions exist for
+    any index) and counts them; its numbers are the model's own scores, computed without the position check.
+    `skip` leaves them out (the old behaviour). The report says the model is out of its domain and how much of
+    the text its tokenizer cannot read."""
+    from rlprm.cli import main
+    from rlprm.reward_models import RewardModel
+
+    model = _embedded_prm(tmp_path / "prm", char_tokenizer, max_positions=16)
+    data = tmp_path / "toy.json"
+    data.write_text(json.dumps(ITEMS))
+    recipe = _recipe(tmp_path, model, "rlprm", [data], f"  too_long: {too_long}\n")
+    assert main(["bench-prm", str(recipe), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    results = json.loads((run / "bench_prm.json").read_text())
+    got = results["subsets"]["toy"]
+    assert results["max_positions"] == 16 and results["rotary_positions"] and results["too_long"] == too_long
+    md = (run / "bench_prm.md").read_text()
+    assert "out of its domain" in md
+    if too_long == "skip":
+        assert got["num_too_long"] == len(ITEMS) and got["num_scored"] == 0 and got["f1"] is None
+        return
+    assert got["num_beyond_positions"] == len(ITEMS) and got["num_scored"] == len(ITEMS) and got["num_too_long"] == 0
+    rm = RewardModel.load(model)
+    with pytest.raises(Exception, match="beyond this model's 16 positions"):
+        rm.score_steps([i["problem"] for i in ITEMS], [i["steps"] for i in ITEMS])
+    probs = rm.score_steps([i["problem"] for i in ITEMS], [i["steps"] for i in ITEMS], beyond_positions=True)
+    expected = processbench_scores([i["label"] for i in ITEMS], probs, 0.5)
+    for key in ("error_acc", "correct_acc", "f1", "step_auroc", "first_error_acc"):
+        assert (got[key] is None and expected[key] is None) or got[key] == pytest.approx(expected[key], abs=1e-6)
+    assert got["f1"] is not None
+    # "What is", "Solve", "x" and "*" are outside the arithmetic task's characters: <unk> for the char tokenizer
+    ids = [t for i in ITEMS for t in char_tokenizer(i["problem"] + "\n" + "\n".join(i["steps"]) + "\n",
+                                                     add_special_tokens=False)["input_ids"]]
+    assert 0 < got["unknown_token_share"] < 1
+    assert char_tokenizer.unk_token_id in ids
+
+
+def test_learned_positions_cannot_be_extended():
+    from transformers import GPT2Config, LlamaConfig
+
+    from rlprm.bench_prm import rotary
+
+    assert rotary(LlamaConfig()) and not rotary(GPT2Config())

@@ -302,6 +302,60 @@ def test_single_pass_equals_scoring_each_prefix(folders, family):
                      score_steps_per_prefix(rm, PROBLEMS, SOLUTIONS, batch_size=5)) < TOL
 
 
+def test_implicit_single_pass_equals_each_prefix_cumulative_too(folders):
+    """The per-prefix reference reads only step k's tokens (or, cumulative, every token up to it)."""
+    from rlprm.prm_adapters.common import score_steps_per_prefix
+
+    rm = _load(folders, "implicit")
+    rm.family.cumulative = True
+    assert _max_diff(rm.score_steps(PROBLEMS, SOLUTIONS, batch_size=3),
+                     score_steps_per_prefix(rm, PROBLEMS, SOLUTIONS, batch_size=5)) < TOL
+
+
+@pytest.mark.parametrize("family", ["math_shepherd", "rlhflow", "implicit"])
+def test_lm_families_never_materialise_full_vocabulary_logits(folders, family, monkeypatch):
+    """The body runs once and the LM head only where read: the `+`/`-` rows at read positions (tag families), or
+    chunks of positions (implicit, here 3 at a time); never (B x T x vocab). Scores stay the card's."""
+    import rlprm.prm_adapters.implicit as implicit
+
+    rm = _load(folders, family)
+    models = [rm.family.model] + ([rm.family.reference] if family == "implicit" else [])
+    vocab = models[0].get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(implicit, "HEAD_CHUNK_ELEMENTS", 3 * vocab, raising=False)
+    shapes = []
+    hooks = [m.get_output_embeddings().register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.shape)))
+             for m in models]
+    try:
+        scores = rm.score_steps(PROBLEMS, SOLUTIONS, batch_size=len(PROBLEMS))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all(len(shape) == 2 and shape[0] <= 3 for shape in shapes), shapes
+    assert bool(shapes) == (family == "implicit")
+    reference = [REFERENCES[family](folders[family], p, s) for p, s in zip(PROBLEMS, SOLUTIONS)]
+    assert _max_diff(scores, reference) < TOL
+
+
+def test_single_pass_stops_at_the_last_read_position(folders, monkeypatch):
+    """rlhflow's last verdict and the template's closing tokens follow the last read: they are not run."""
+    rm = _load(folders, "rlhflow")
+    full = rm.encode(PROBLEMS, SOLUTIONS)
+    assert all(len(e.input_ids) > e.reads[-1] + 1 for e in full)
+    seen = []
+    score_batch = rm.family.score_batch
+    monkeypatch.setattr(rm.family, "score_batch", lambda batch: seen.extend(batch) or score_batch(batch))
+    rm.score_steps(PROBLEMS, SOLUTIONS)
+    assert sorted(len(e.input_ids) for e in seen) == sorted(e.reads[-1] + 1 for e in full)
+
+
+def test_a_model_that_transforms_its_logits_is_refused(folders):
+    """Applying the LM head alone at read positions would skip a logit soft-cap: refused, not silently wrong."""
+    rm = _load(folders, "math_shepherd")
+    rm.family.model.config.final_logit_softcapping = 30.0
+    with pytest.raises(AdapterError, match="final_logit_softcapping"):
+        rm.score_steps(PROBLEMS, SOLUTIONS)
+
+
 @pytest.mark.parametrize("family", ["qwen_prm", "rlhflow"])
 def test_one_ppo_iteration_with_dense_rewards_from_a_public_prm(family, folders, generator_dir, tmp_path, monkeypatch):
     """The RL reward loading goes through the loader: a public PRM (detected, or named by rm.adapter) scores the

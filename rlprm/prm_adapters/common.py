@@ -85,7 +85,9 @@ def realize(tokenizer, plans: Sequence[Plan]) -> list[Encoded]:
     `reads` per the plan's rule; `spans` each piece's tokens (marker included).
     """
     texts = sorted({t for p in plans for t in (p.head, p.tail, *p.pieces) if t})
-    ids_of = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else {}
+    # ids only: the masks a tokenizer call builds by default cost a quarter of the call and are never read
+    ids_of = dict(zip(texts, tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                                       return_token_type_ids=False)["input_ids"])) if texts else {}
     ids_of[""] = []
     out = []
     for plan in plans:
@@ -132,6 +134,29 @@ def pad_right(sequences: list[list[int]], pad_id: int, device):
     ids = torch.tensor([list(s) + [pad_id] * (width - len(s)) for s in sequences], dtype=torch.long)
     mask = torch.arange(width)[None, :] < torch.tensor([len(s) for s in sequences])[:, None]
     return ids.to(device), mask.long().to(device)
+
+
+HEAD_CHUNK_ELEMENTS = 1 << 24
+"""Logits materialised at once when an LM head runs over many positions (64 MiB in fp32): a 128k vocabulary
+over every token of a batch would be gigabytes, so the positions go through the head in chunks."""
+
+
+def last_hidden(model, ids, mask):
+    """(B, T, H) final hidden states of a causal LM's body: its head is left to the caller, who applies it only
+    at the positions and vocabulary rows it reads (`output_head`)."""
+    body = getattr(model, model.base_model_prefix)
+    return body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+def output_head(model):
+    """The LM head module, applied by hand at read positions; refuses models whose forward transforms the head's
+    output (soft-capping, scaling), since applying the head alone would then give other logits."""
+    for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        value = getattr(model.config, key, None)
+        if value not in (None, 1, 1.0):
+            raise AdapterError(f"this model's config sets {key}={value}: its logits are transformed after the LM "
+                               "head, which the adapters (applying the head only at read positions) do not do")
+    return model.get_output_embeddings()
 
 
 def read_index(encoded: list[Encoded], device):
@@ -191,12 +216,13 @@ class HubPRM:
         return realize(self.tokenizer, [self.family.plan(p, s) for p, s in zip(problems, self._steps(solutions, sep))])
 
     def score_steps(self, problems: Sequence[str], solutions: Sequence, sep: str | None = None,
-                    batch_size: int = 16, **_ignored) -> list[list[float]]:
+                    batch_size: int = 16, beyond_positions: bool = False, **_ignored) -> list[list[float]]:
         """Per solution, P(step correct) for each step: one forward pass per solution, padded batches.
 
         `solutions` are step lists or texts (split on `sep`, default `step_separator`). Any separator works:
-        the family marks step boundaries with its own token. Options of `RewardModel.score_steps` that do
-        not apply here (`head_only`) are accepted and ignored.
+        the family marks step boundaries with its own token. `beyond_positions`: score solutions longer than
+        max_position_embeddings instead of failing (rotary positions only; `rlprm bench-prm`'s bench.too_long).
+        Options of `RewardModel.score_steps` that do not apply here (`head_only`) are accepted and ignored.
         """
         if len(problems) != len(solutions):
             raise AdapterError(f"{len(problems)} problems but {len(solutions)} solutions")
@@ -204,8 +230,10 @@ class HubPRM:
         live = [i for i, s in enumerate(steps) if s]  # a solution without steps has nothing to score
         encoded: list[Encoded | None] = [None] * len(steps)
         for i, e in zip(live, realize(self.tokenizer, [self.family.plan(problems[i], steps[i]) for i in live])):
-            encoded[i] = e
-        limit = self.max_positions()
+            # what follows the last read position (a template's closing tokens, rlhflow's last verdict) cannot
+            # change a causal model's output before it: not run
+            encoded[i] = Encoded(e.input_ids[:e.reads[-1] + 1], e.reads, e.spans)
+        limit = None if beyond_positions else self.max_positions()
         longest = max((len(e.input_ids) for e in encoded if e), default=0)
         if limit and longest > limit:
             raise AdapterError(f"a solution is {longest} tokens long, beyond this model's {limit} positions")
@@ -228,13 +256,14 @@ def score_steps_per_prefix(rm: HubPRM, problems: Sequence[str], solutions: Seque
                            batch_size: int = 16) -> list[list[float]]:
     """The slow reference: every prefix (the solution's ids cut after step k's read position) as its own
     sequence, its last step scored. Equal to `score_steps` when one pass is legitimate; batched the same way,
-    so that timings compare the prefixes themselves (benchmarks/prm_scoring.py, tests)."""
+    and each prefix's head applied only where its own step is read (the family's `prefix`, for the implicit
+    family's token spans), so that timings compare the prefixes themselves (benchmarks/prm_scoring.py, tests)."""
     encoded = rm.encode(problems, solutions, sep)
     prefixes, owner = [], []
+    cut_prefix = getattr(rm.family, "prefix", None)  # a family whose reads span tokens says which ones step k needs
     for i, e in enumerate(encoded):
         for k, end in enumerate(e.reads):
-            cut = end if e.spans is None else max(end, e.spans[k][1])
-            prefixes.append(Encoded(e.input_ids[:cut + 1], [end], None if e.spans is None else e.spans[:k + 1]))
+            prefixes.append(cut_prefix(e, k) if cut_prefix else Encoded(e.input_ids[:end + 1], [end]))
             owner.append(i)
     order = sorted(range(len(prefixes)), key=lambda j: len(prefixes[j].input_ids))
     flat = [0.0] * len(prefixes)

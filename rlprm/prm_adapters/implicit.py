@@ -7,24 +7,38 @@ tokens; here P(step correct) = sigmoid(step reward). The input is the chat templ
 user turn and the steps, joined by "\\n\\n", as the assistant turn. beta: 0.001 in the cards' example (not
 checked against the card text here: set rm.implicit_beta). `cumulative=True` gives instead the running sum up
 to the step's end (the Q value q^t of the paper), which is what the cards' snippet prints per step.
-Each step's tokens (its joiner included) are encoded on their own; one forward pass of each LM per solution.
+Each step's tokens (its joiner included) are encoded on their own; one forward pass of each LM's body per solution,
+its head only at the step tokens' predictions (`token_logps`).
 """
 
 from __future__ import annotations
 
-from rlprm.prm_adapters.common import SENTINEL, Plan, pad_id_of, pad_right, split_template
+from rlprm.prm_adapters.common import (HEAD_CHUNK_ELEMENTS, SENTINEL, Encoded, Plan, last_hidden, output_head,
+                                      pad_id_of, pad_right, split_template)
 
 JOINER = "\n\n"
 
 
-def token_logps(model, ids, mask):
-    """(B, T) log p(ids[:, t] | ids[:, :t]); column 0 is 0."""
+def token_logps(model, ids, mask, rows, cols):
+    """(N,) log p(ids[rows, cols] | ids[rows, :cols]) for N positions (cols >= 1) of a right-padded batch.
+
+    The body runs once over the batch; the head runs only at the N outputs that predict the read tokens, in
+    chunks of HEAD_CHUNK_ELEMENTS logits, each reduced at once to the token's logit minus the logsumexp: the
+    same numbers as log_softmax over (B x T x vocab), never materialised (a 152k vocabulary x 8 x 2k tokens
+    would be 10 GB in fp32).
+    """
     import torch
 
+    head = output_head(model)
+    step = max(1, HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
     with torch.inference_mode():
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-    lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-    return torch.nn.functional.pad(lp, (1, 0))
+        hidden = last_hidden(model, ids, mask)[rows, cols - 1]
+        targets = ids[rows, cols]
+        out = []
+        for a in range(0, len(targets), step):
+            logits = head(hidden[a:a + step]).float()
+            out.append(logits.gather(-1, targets[a:a + step, None])[:, 0] - logits.logsumexp(-1))
+    return torch.cat(out) if out else torch.zeros(0, device=ids.device)
 
 
 class ImplicitPRM:
@@ -40,20 +54,30 @@ class ImplicitPRM:
         head, tail = split_template(self.tokenizer, messages, self.adapter)
         return Plan(head, [s + JOINER for s in steps[:-1]] + steps[-1:], tail)
 
+    def prefix(self, e: Encoded, k: int) -> Encoded:
+        """Step k's prefix as `score_steps_per_prefix` scores it: cut after the step, and only what step k's
+        score reads (its own span, or with `cumulative` every token from the first step to it): the head then
+        runs over the same tokens as in the single pass."""
+        first, (start, end) = e.spans[0][0], e.spans[k]
+        return Encoded(e.input_ids[:end + 1], [e.reads[k]], [(first if self.cumulative else start, end)])
+
     def score_batch(self, encoded):
         import torch
 
         device = next(self.model.parameters()).device
         ids, mask = pad_right([e.input_ids for e in encoded], pad_id_of(self.tokenizer), device)
-        ratio = token_logps(self.model, ids, mask)
+        # every token of every step (position 0 has no prediction: it stays out, as log p = 0 did before)
+        spans = [(row, a, b) for row, e in enumerate(encoded) for a, b in e.spans]
+        tokens = [(row, t, j) for j, (row, a, b) in enumerate(spans) for t in range(max(a, 1), b + 1)]
+        rows = torch.tensor([r for r, _, _ in tokens], dtype=torch.long, device=device)
+        cols = torch.tensor([t for _, t, _ in tokens], dtype=torch.long, device=device)
+        ratio = token_logps(self.model, ids, mask, rows, cols)
         ref_device = next(self.reference.parameters()).device
-        ratio = ratio - token_logps(self.reference, ids.to(ref_device), mask.to(ref_device)).to(device)
-        # every step's sum at once: a running sum read at each span's end minus the one before its start
-        running = torch.nn.functional.pad((self.beta * ratio).double().cumsum(1), (1, 0)).cpu()
-        rows = torch.tensor([row for row, e in enumerate(encoded) for _ in e.spans])
-        starts = torch.tensor([a for e in encoded for a, _ in e.spans])
-        ends = torch.tensor([b + 1 for e in encoded for _, b in e.spans])
-        flat = (running[rows, ends] - running[rows, starts]).tolist()
+        ratio = ratio - token_logps(self.reference, ids.to(ref_device), mask.to(ref_device), rows.to(ref_device),
+                                    cols.to(ref_device)).to(device)
+        owner = torch.tensor([j for _, _, j in tokens], dtype=torch.long)
+        flat = torch.zeros(len(spans), dtype=torch.float64).index_add_(0, owner, (self.beta * ratio).double().cpu())
+        flat = flat.tolist()
         out, k = [], 0
         for e in encoded:
             sums = flat[k:k + len(e.spans)]

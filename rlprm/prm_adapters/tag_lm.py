@@ -21,24 +21,27 @@ forward pass: a causal model's output before turn k's `+` has seen only turns up
 
 from __future__ import annotations
 
-from rlprm.prm_adapters.common import (SENTINEL, AdapterError, Encoded, Plan, pad_id_of, pad_right, read_index,
-                                      single_token, split_template, unflatten)
+from rlprm.prm_adapters.common import (SENTINEL, AdapterError, Encoded, Plan, last_hidden, output_head, pad_id_of,
+                                      pad_right, read_index, single_token, split_template, unflatten)
 from rlprm.steps import leading_bos
 
 STEP_TAG = " ки"
 
 
 def verdict_probs(model, tokenizer, encoded: list[Encoded], good_id: int, bad_id: int) -> list[list[float]]:
-    """softmax([logit(+), logit(-)])[0] at every read position of a right-padded batch."""
+    """softmax([logit(+), logit(-)])[0] at every read position of a right-padded batch.
+
+    The body runs once; the head runs only where it is read, and only its `+`/`-` rows: (reads x 2) logits
+    instead of (B x T x vocab), which for Llama 3's 128k vocabulary over 8 x 2k tokens would be 8 GB in fp32.
+    """
     import torch
 
     device = next(model.parameters()).device
     ids, mask = pad_right([e.input_ids for e in encoded], pad_id_of(tokenizer), device)
-    body = getattr(model, model.base_model_prefix)
+    head = output_head(model)
     with torch.inference_mode():
-        hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        hidden = last_hidden(model, ids, mask)
         rows, cols = read_index(encoded, device)
-        head = model.get_output_embeddings()
         pair = torch.tensor([good_id, bad_id], device=device)
         logits = hidden[rows, cols] @ head.weight[pair].T
         if getattr(head, "bias", None) is not None:
