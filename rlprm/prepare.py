@@ -56,18 +56,20 @@ def evaluate_generator(model, tokenizer, problems, recipe: Recipe, progress: boo
     )
     results = [check(p, texts[0], recipe.task.step_separator) for p, texts in zip(problems, out.texts)]
     rates = summarize(results)
-    rates.update(shortcut_confidence_auroc(model, tokenizer, problems, out, results, ev.max_new_tokens))
+    rates.update(shortcut_confidence_auroc(model, tokenizer, problems, out, results, ev.max_new_tokens,
+                                           finals=tuple(recipe.task.arithmetic.shortcut_finals)))
     return rates
 
 
-def shortcut_confidence_auroc(model, tokenizer, problems, samples, results, max_new_tokens: int) -> dict:
+def shortcut_confidence_auroc(model, tokenizer, problems, samples, results, max_new_tokens: int,
+                              finals: tuple[str, ...] = ("mod10", "last_digit")) -> dict:
     """How well the generator's OWN confidence tells its shortcut chains from its fully correct ones.
 
     AUROC of the lowest token log-probability (and of the total log-likelihood) of each sample, fully correct
     samples against shortcut samples: near 0.5 (or below) means the shortcut is written as confidently as the
     right chain, so a reward model that merely measures the generator's certainty cannot catch it. Also on the
-    problems whose final op admits the shortcut alone (there the shortcut is the commoner, surer choice).
-    None where a class is missing.
+    problems whose final op is one the training data takes the shortcut on (`finals`, the recipe's
+    task.arithmetic.shortcut_finals: there the shortcut is the commoner, surer choice). None where a class is missing.
     """
     from rlprm.evaluate import response_logprobs
     from rlprm.rm_metrics import auroc
@@ -85,7 +87,7 @@ def shortcut_confidence_auroc(model, tokenizer, problems, samples, results, max_
     low = [float(lp.min()) if len(lp) else 0.0 for lp in lps]
     total = [float(lp.sum()) for lp in lps]
     right = [bool(results[i].process_correct) for i in keep]
-    eligible = [j for j, i in enumerate(keep) if problems[i].final in ("mod10", "last_digit")]
+    eligible = [j for j, i in enumerate(keep) if problems[i].final in finals]
     return {
         "confidence_auroc_shortcut": auroc(low, right),
         "likelihood_auroc_shortcut": auroc(total, right),

@@ -183,3 +183,33 @@ def test_clean_steps_train_on_the_clean_table_first(char_tokenizer):
     no_clean = trained(mixed, 0, clean, clean_steps=0)
     assert all(torch.equal(a, b) for a, b in zip(no_clean, trained(mixed, 0)))
     assert not all(torch.equal(a, b) for a, b in zip(no_clean, all_clean))
+
+
+def test_eligible_confidence_auroc_reads_the_recipes_shortcut_finals(char_tokenizer):
+    """The eligible AUROC is taken on the problems of `finals` only: with the shortcut trained on mod 10 alone,
+    a correct last-digit chain is not an eligible one (here that leaves mod 10 with one class: None)."""
+    from types import SimpleNamespace
+
+    from rlprm.config import TinyModelConfig
+    from rlprm.models import build_tiny_causal_lm
+    from rlprm.prepare import shortcut_confidence_auroc
+    from rlprm.steps import render_steps
+    from rlprm.tasks.arithmetic import Problem, check, reference_solution, shortcut_solution
+
+    mod10 = [Problem(93, (("+", 3), ("-", 4)), "mod10"), Problem(57, (("+", 8), ("-", 1)), "mod10")]
+    last = [Problem(84, (("+", 5), ("-", 2)), "last_digit"), Problem(66, (("-", 3), ("+", 9)), "last_digit")]
+    problems = mod10 + last
+    texts = [render_steps(shortcut_solution(p), "\n") for p in mod10] + [render_steps(reference_solution(p), "\n")
+                                                                         for p in last]
+    results = [check(p, t) for p, t in zip(problems, texts)]
+    assert [r.shortcut for r in results] == [True, True, False, False]
+    assert [r.process_correct for r in results] == [False, False, True, True]
+    samples = SimpleNamespace(token_ids=[[char_tokenizer(t, add_special_tokens=False)["input_ids"]] for t in texts])
+    model = build_tiny_causal_lm(TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2),
+                                 char_tokenizer, seed=0)
+
+    both = shortcut_confidence_auroc(model, char_tokenizer, problems, samples, results, 200)
+    only_mod10 = shortcut_confidence_auroc(model, char_tokenizer, problems, samples, results, 200, finals=("mod10",))
+    assert both["confidence_auroc_shortcut_eligible"] is not None
+    assert only_mod10["confidence_auroc_shortcut_eligible"] is None
+    assert only_mod10["confidence_auroc_shortcut"] == both["confidence_auroc_shortcut"] is not None
