@@ -136,11 +136,11 @@ class ArithmeticConfig(Section):
     """The start value is drawn from 0..start_max."""
     value_max: int = Field(99, ge=9, le=9999)
     """Every correct intermediate value stays in 0..value_max (problems that leave it are redrawn)."""
-    final_ops: list[Literal["mod10", "last_digit", "max", "min", "none"]] = ["mod10", "last_digit", "none", "none"]
-    """Final operations, each problem draws one entry uniformly (so a repeated entry is drawn more often: the default gives half the problems no final operation). mod10, last_digit, max and min lose information, so a wrong chain can still reach the right answer."""
+    final_ops: list[Literal["mod10", "last_digit", "max", "min", "none"]] = ["mod10", "last_digit", "none"]
+    """Final operations, each problem draws one entry uniformly (a repeated entry is drawn more often). mod10, last_digit, max and min lose information, so a wrong chain can still reach the right answer."""
     corrupt_rate: float = Field(0.2, ge=0.0, le=1.0)
     """Share of the other training solutions (those not written as a shortcut) that carry exactly one error (later steps follow consistently from the wrong value)."""
-    shortcut_rate: float = Field(0.95, ge=0.0, le=1.0)
+    shortcut_rate: float = Field(0.7, ge=0.0, le=1.0)
     """Share of training solutions of problems whose final operation is in `shortcut_finals` that take the last-digit shortcut: every intermediate value written as its last digit (`93 + 3 = 6`). The answer is always right and the steps are wrong: a habit the generator chooses at this rate, confidently, not a slip. 0 turns it off."""
     shortcut_finals: list[Literal["mod10", "last_digit"]] = ["mod10", "last_digit"]
     """Final operations whose problems get the shortcut (only a mod-10 style final keeps the answer right)."""

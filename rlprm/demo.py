@@ -73,11 +73,10 @@ MARKER = ".demo-stage.json"
 # `rlprm demo --set GROUP:key=value` changes one for a run.
 DEMO_OVERRIDES: dict[str, list[str]] = {
     # after 321 steps the generator wrote well-formed chains with 0% process accuracy, and the arithmetic clicks
-    # only after about 500-600 steps; 1,100 steps (seed 0, 1 thread): 29.5% process accuracy, 49.5% shortcut,
-    # generator-confidence AUROC shortcut vs correct 0.374 (the recipe's 1,200 steps on 500: 34.0%, 45.0%, 0.576)
+    # only after about 500-600 steps; 1,100 steps (seed 0): 30.0% process accuracy, 43.5% shortcut (1,200: 35.0%)
     "prepare": ["sft.steps=1100",                         # 1200
                 "prepare_eval.num_problems=200",          # 500
-                "prepare_eval.min_process_accuracy=0.20"],  # 0.30: the recipe's seed gave 34.0% (1200 steps, 1 thread)
+                "prepare_eval.min_process_accuracy=0.20"],  # 0.30: the recipe's seed gave 37.8% (1200 steps)
     "rm": ["rm.data.train_problems=256",                  # 512 (x 4 samples + 3 of the task's own each)
            "rm.data.eval_problems=48",                    # 128
            "rm.data.eval_samples_per_problem=8",          # 16
