@@ -44,9 +44,14 @@ def _recipe(name: str, out: Path, iterations: int):
     recipe = load_recipe(ROOT / "recipes" / name, [f"run.output_dir={out}", "rl.epochs=1", "rl.eval_n_max=0",
                                                    "tracking.wandb=disabled"])
     recipe.rl.problems_per_epoch = iterations * recipe.rl.prompts_per_iteration
+    from contextlib import redirect_stdout
+
     from rlprm.prerequisites import ensure_prerequisites
 
-    ensure_prerequisites(recipe)  # a clean clone has no ORM yet (the main job builds only what its recipe reads)
+    # a clean clone has no ORM yet (the main job builds only what its recipe reads); its lines go to stderr so
+    # that stdout stays one JSON document
+    with redirect_stdout(sys.stderr):
+        ensure_prerequisites(recipe)
     return recipe
 
 
