@@ -197,6 +197,8 @@ class Run:
     reference: object = None
     reward_model: object = None
     tracker: object = None
+    sampler: object = None
+    """Who samples for the between-epoch best-of-N (rlprm/rollout.py, set by the algorithm); None: HF generate."""
     state: dict | None = None
     """The checkpoint's state.pt (None on a fresh start)."""
     start_epoch: int = 0
@@ -221,7 +223,7 @@ class Run:
             return
         if self.dist.is_main:
             metrics = between_epochs(self.recipe, self.policy, self.tokenizer, self.eval_set, self.reward_model,
-                                     epoch, reference=self.reference)
+                                     epoch, reference=self.reference, sampler=self.sampler)
             if metrics:
                 self.log(metrics)
         self.dist.barrier()
