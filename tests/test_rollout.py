@@ -40,10 +40,11 @@ class Recorder:
 
 
 class FakeLLM:
-    """A `vllm.LLM` stand-in: every completion is `completion` (ids, EOS included) with log-prob `logprob` per token;
+    """A `vllm.LLM` stand-in: every completion is `completion` (ids, EOS included; or a function of the prompt's
+    ids giving them) with log-prob `logprob` per token;
     the engine model is a `Recorder` at the attribute path vLLM's colocated engine has."""
 
-    def __init__(self, completion: list[int], logprob: float = -1.0):
+    def __init__(self, completion, logprob: float = -1.0):
         self.model = Recorder()
         self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(
             driver_worker=SimpleNamespace(model_runner=SimpleNamespace(model=self.model))))
@@ -55,7 +56,8 @@ class FakeLLM:
         out = []
         for prompt, params in zip(prompts, sampling_params):
             self.requests.append((prompt["prompt_token_ids"], params))
-            ids = self.completion[:params.max_tokens]
+            full = self.completion(prompt["prompt_token_ids"]) if callable(self.completion) else self.completion
+            ids = full[:params.max_tokens]
             lps = [{t: SimpleNamespace(logprob=self.logprob)} for t in ids]
             out.append(SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(ids), logprobs=lps, finish_reason="stop",
                                                                 stop_reason=None) for _ in range(params.n)]))
@@ -237,6 +239,34 @@ def test_ppo_samples_with_the_engine_refreshes_it_and_logs_the_gap(vllm_allowed,
     assert all(params.temperature == recipe.rl.temperature and params.logprobs == 0 for _, params in llm.requests)
 
 
+def test_rejection_sampling_samples_with_the_engine_and_refreshes_it_after_sft(vllm_allowed, generator_dir,
+                                                                              char_tokenizer, tmp_path, monkeypatch):
+    import rlprm.rollout as rollout
+    from rlprm.rl import train
+
+    from .test_ppo import _solve
+    from .test_rejection import make_recipe
+
+    def solve(prompt_ids):  # the engine writes each problem's reference solution: the grader accepts them
+        text = _solve(char_tokenizer.decode(prompt_ids, skip_special_tokens=True))
+        return char_tokenizer(text, add_special_tokens=False)["input_ids"] + [char_tokenizer.eos_token_id]
+
+    llm = FakeLLM(solve)
+    monkeypatch.setattr(rollout, "build_engine", lambda *a, **k: llm)
+    monkeypatch.setattr(rollout, "sampling_params", lambda **kw: SimpleNamespace(**kw))
+    recipe = make_recipe(tmp_path, generator_dir, "rs_vllm", epochs=1)
+    recipe.rl.rollout = "vllm"
+    recipe.rl.max_new_tokens = 96
+    final = train(recipe, progress=False)
+    assert final["rl/answer_accuracy"] == 1.0 and final["rs/kept"] == recipe.rl.problems_per_epoch  # one text each
+    assert final["eval/answer_accuracy"] == 1.0  # the best-of-N pools came from the engine too
+    assert len(llm.model.calls) == 2  # when built, and after the SFT pass
+    from transformers import AutoModelForCausalLM
+
+    exported = dict(AutoModelForCausalLM.from_pretrained(final["export_dir"]).named_parameters())
+    assert all(torch.allclose(t, exported[n]) for n, t in llm.model.calls[-1])
+
+
 def test_grpo_builds_one_engine_for_all_epochs(vllm_allowed, generator_dir, char_tokenizer, tmp_path, monkeypatch):
     """GRPO builds a TRL trainer per epoch and TRL a colocated engine per trainer; rlprm hands later trainers the
     first engine (a second would take another share of the GPU), and TRL syncs it from the policy each time."""
@@ -311,3 +341,28 @@ def test_real_vllm_engine_samples_and_takes_refreshed_weights(tmp_path, char_tok
     assert len(pools.texts) == 3 and all(len(row) == 2 for row in pools.texts)
     args = grpo_args(validate_recipe({"rl": {"algorithm": "grpo", "rollout": "vllm"}}, tmp_path), tmp_path, seed=0)
     assert args.use_vllm and args.vllm_mode == "colocate"
+
+
+def test_rlprm_eval_samples_its_pool_with_an_engine_from_the_generator_folder(vllm_allowed, generator_dir,
+                                                                              char_tokenizer, tmp_path, monkeypatch):
+    import rlprm.rollout as rollout
+    from rlprm.evaluate import run_eval
+
+    from .test_ppo import _solve
+
+    def solve(prompt_ids):
+        text = _solve(char_tokenizer.decode(prompt_ids, skip_special_tokens=True))
+        return char_tokenizer(text, add_special_tokens=False)["input_ids"] + [char_tokenizer.eos_token_id]
+
+    llm, built = FakeLLM(solve), []
+    monkeypatch.setattr(rollout, "build_engine", lambda *a, **k: built.append(a) or llm)
+    monkeypatch.setattr(rollout, "sampling_params", lambda **kw: SimpleNamespace(**kw))
+    recipe = validate_recipe({"run": {"output_dir": str(tmp_path / "out"), "device": "cpu"},
+                              "model": {"generator": str(generator_dir)}, "tracking": {"wandb": "disabled"},
+                              "eval": {"n_max": 2, "num_problems": 3, "resamples": 5, "max_new_tokens": 96,
+                                       "rollout": "vllm", "vllm_gpu_memory_utilization": 0.4}}, tmp_path)
+    curves = run_eval(recipe, progress=False)
+    assert built == [(str(generator_dir), "float32", 0.4, 0, False)]  # the generator's folder, the eval share
+    assert not llm.model.calls  # nothing to refresh: the engine's weights are the folder's
+    assert len(llm.requests) == 3 and all(params.n == 2 for _, params in llm.requests)
+    assert curves["pass@n"][2]["accuracy"]["mean"] == 1.0  # every pooled sample is the engine's (right) solution
