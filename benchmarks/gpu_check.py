@@ -61,9 +61,9 @@ def build_tokenizer(vocab_size: int):
     from rlprm.tasks.arithmetic import CHARSET
 
     chars = list(dict.fromkeys(CHARSET))
-    code = 0x100
+    code = 0x100  # above the task's (ASCII) characters
     while len(chars) < vocab_size - len(SPECIAL_TOKENS):
-        if not 0xD800 <= code <= 0xDFFF and chr(code) not in chars:
+        if not 0xD800 <= code <= 0xDFFF:
             chars.append(chr(code))
         code += 1
     return build_char_tokenizer(chars, model_max_length=4096)
@@ -178,6 +178,15 @@ def vllm_missing(device: str) -> str | None:
     return None
 
 
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def judged(value: float | None, target: float, at_least: bool) -> dict:
     ok = None if value is None else (value >= target if at_least else value <= target)
     return {"value": None if value is None else round(value, 3), "target": f"{'>=' if at_least else '<='} {target}",
@@ -218,7 +227,7 @@ def measure(args) -> dict:
     shape = TINY if args.tiny else QWEN2_05B
     result: dict = {
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-        "dtype": dtype, "torch": torch.__version__, "model_shape": shape,
+        "dtype": dtype, "torch": torch.__version__, "vllm": _version("vllm"), "model_shape": shape,
         "batch": {"prompts": args.prompts, "samples_per_prompt": args.samples,
                   "sequences": args.prompts * args.samples, "max_new_tokens": args.max_new_tokens,
                   "minibatch": args.minibatch},

@@ -366,3 +366,20 @@ def test_rlprm_eval_samples_its_pool_with_an_engine_from_the_generator_folder(vl
     assert not llm.model.calls  # nothing to refresh: the engine's weights are the folder's
     assert len(llm.requests) == 3 and all(params.n == 2 for _, params in llm.requests)
     assert curves["pass@n"][2]["accuracy"]["mean"] == 1.0  # every pooled sample is the engine's (right) solution
+
+
+def test_vllm_rollouts_under_zero3_are_refused_before_any_model_loads(vllm_allowed, generator_dir, tmp_path,
+                                                                       monkeypatch):
+    import rlprm.rollout as rollout
+    from rlprm.rl import train
+    from rlprm.rl.run import RLInputError
+
+    from .test_ppo import make_recipe
+
+    monkeypatch.setattr(rollout, "build_engine", lambda *a, **k: pytest.fail("no engine may be built"))
+    recipe = make_recipe(tmp_path, generator_dir, "zero3", epochs=1)
+    recipe.deepspeed = ROOT / "deepspeed_configs" / "zero3.json"
+    recipe.rl.rollout = "vllm"
+    with pytest.raises(RLInputError, match="rl.rollout vllm with ZeRO-3"):
+        train(recipe, progress=False)
+    assert not (tmp_path / "zero3" / "metrics.jsonl").exists()

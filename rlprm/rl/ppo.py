@@ -249,10 +249,10 @@ class PPO:
         import torch
 
         from rlprm.problems import grade_samples
-        from rlprm.rollout import logprob_gap
         from rlprm.rewards import RewardError, add_kl_penalty, confidence_scores, prefix_correct_probs, token_rewards
         from rlprm.rl.core import entropy_from_logits, gae, logprobs_from_logits, masked_mean, policy_loss, value_loss
         from rlprm.rl.distributed import shard, trim
+        from rlprm.rollout import logprob_gap
 
         recipe, rl, rcfg, dist = run.recipe, run.recipe.rl, run.recipe.reward, run.dist
         sep, tokenizer, device, run_dir = recipe.task.step_separator, run.tokenizer, run.device, run.run_dir
