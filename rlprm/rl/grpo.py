@@ -25,7 +25,8 @@ accepts (B, T). `GRPOTrainer` maintainers recommend overriding it for custom
 advantages. Being private, its contract can change in any minor release:
 pyproject pins trl to 1.16.x and tests/test_grpo.py checks the keys and shapes.
 
-What TRL runs and what we add: TRL does the sampling (`generate`, no vLLM), the
+What TRL runs and what we add: TRL does the sampling (`generate`, or with
+`rl.rollout: vllm` its own colocated vLLM engine, `use_vllm`), the
 reference and old log-probs, the clipped loss with its KL term (`rl.kl_coef`) and
 the optimizer steps. `GRPO` is this algorithm's part of the run skeleton
 (`rl/run.py`: the problems of each epoch, shared with PPO, best-of-N after
@@ -121,7 +122,11 @@ def grpo_args(recipe: Recipe, output_dir: Path, seed: int, progress: bool = Fals
 
     rl = recipe.rl
     B = rl.prompts_per_iteration * rl.samples_per_problem
+    # rl.rollout vllm: TRL's own colocated engine (weights synced from the policy after every optimizer step)
+    vllm = ({"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": rl.vllm_gpu_memory_utilization}
+            if rl.rollout == "vllm" else {})
     return GRPOConfig(
+        **vllm,
         output_dir=str(output_dir),
         use_cpu=resolve_device(recipe.run.device) == "cpu",
         bf16=recipe.model.dtype == "bfloat16",
@@ -240,6 +245,7 @@ class GRPO:
         steps_per_iteration = rl.prompts_per_iteration * rl.samples_per_problem // rl.minibatch_size * rl.ppo_epochs
         reward_fn = RewardFunction(recipe, problems, run.tokenizer, run.reward_model, run.run_dir)
         times: dict = {}
+        engine = getattr(self, "vllm_generation", None)  # rl.rollout vllm: the first epoch's engine serves them all
         # 1.-7. generate, score, advantages, update: TRL's loop with our reward function and advantages; 8. log
         trainer = RlprmGRPOTrainer(
             model=run.policy,
@@ -251,7 +257,9 @@ class GRPO:
             callbacks=[IterationLog(run, reward_fn, times, epoch, iterations, steps_per_iteration)],
             optimizers=(self.optimizer, None),
             reward=reward_fn, process=recipe.reward.mode == "dense", run_dir=run.run_dir, times=times,
+            vllm_generation=engine,
         )
+        self.vllm_generation = getattr(trainer, "vllm_generation", None)
         # IterationLog prints one line per iteration; transformers' own printer/progress bar would repeat it as dicts
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)

@@ -23,11 +23,25 @@ class RlprmGRPOTrainer(GRPOTrainer):
     process: hand the loss (B, T) process advantages (`grpo.grpo_advantages`);
     run_dir: where the last good checkpoint is named from when a loss is not
     finite; times: seconds spent generating and scoring, summed over an
-    iteration (the `IterationLog` callback reads and clears it).
+    iteration (the `IterationLog` callback reads and clears it); vllm_generation: with `use_vllm`, an
+    engine an earlier trainer built (TRL's `VLLMGeneration`), used instead of building another.
     """
 
-    def __init__(self, *args, reward: RewardFunction, process: bool, run_dir: Path, times: dict, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, reward: RewardFunction, process: bool, run_dir: Path, times: dict,
+                 vllm_generation=None, **kwargs):
+        if vllm_generation is None:
+            super().__init__(*args, **kwargs)
+        else:
+            # rlprm builds a trainer per epoch and TRL a colocated engine per trainer: a second engine would take
+            # another rl.vllm_gpu_memory_utilization of the GPU, so TRL's constructor is handed the first one
+            import trl.trainer.grpo_trainer as trl_grpo
+
+            build = trl_grpo.VLLMGeneration
+            trl_grpo.VLLMGeneration = lambda **_: vllm_generation
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                trl_grpo.VLLMGeneration = build
         self.rlprm_reward, self.rlprm_process, self.rlprm_run_dir, self.rlprm_times = reward, process, run_dir, times
 
     def _generate(self, prompts):

@@ -94,6 +94,10 @@ class RejectionSampling:
         # one optimizer for the whole run (constant rate): its moments carry over from epoch to epoch
         self.optimizer = torch.optim.AdamW([p for p in run.policy.parameters() if p.requires_grad],
                                            lr=run.recipe.rl.learning_rate)
+        # who samples (rl.rollout): HF generate on the policy, or a colocated vLLM engine refreshed after each SFT pass
+        from rlprm.rollout import sampler_for
+
+        self.sampler = run.sampler = sampler_for(run.recipe, run.policy, run.tokenizer)
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -112,7 +116,6 @@ class RejectionSampling:
 
         import rlprm.lean_sft as lean_sft
         from rlprm.problems import grade_samples
-        from rlprm.sampling import sample
 
         recipe, rl, rcfg = run.recipe, run.recipe.rl, run.recipe.reward
         sep, policy, reward_model, run_dir, device = (recipe.task.step_separator, run.policy, run.reward_model,
@@ -121,10 +124,10 @@ class RejectionSampling:
         t0 = time.monotonic()
 
         # 1. generate: N per problem, seeded by (seed, epoch) so that a resumed run samples the same
-        out = sample(policy, run.tokenizer, [p.prompt for p in problems], n=n, temperature=rl.temperature,
-                     max_new_tokens=rl.max_new_tokens, batch_size=rl.sample_batch_size,
-                     seed=recipe.run.seed * 1_000_003 + 2000 + epoch, progress=run.progress,
-                     desc=f"epoch {epoch + 1}/{rl.epochs}: sampling {n} per problem")
+        out = self.sampler.sample([p.prompt for p in problems], n=n, temperature=rl.temperature,
+                                  max_new_tokens=rl.max_new_tokens, batch_size=rl.sample_batch_size,
+                                  seed=recipe.run.seed * 1_000_003 + 2000 + epoch, progress=run.progress,
+                                  desc=f"epoch {epoch + 1}/{rl.epochs}: sampling {n} per problem")
         texts = out.texts
         t_gen = time.monotonic() - t0
 
@@ -180,6 +183,7 @@ class RejectionSampling:
                               f"reached a checkpoint. {last_good(run_dir)}. Lower rl.learning_rate, then run again "
                               "(with --resume to continue from the checkpoint)")
             policy.to(device)
+            self.sampler.refresh()  # a vLLM engine samples the next epoch (and the best-of-N) with the new weights
         else:
             print(f"epoch {epoch + 1}: no sample was kept (none "
                   f"{'reached an answer' if reward_model else 'was accepted by the grader'}); skipping SFT this epoch")

@@ -112,6 +112,23 @@ def check_models(recipe: Recipe) -> None:
             raise RLInputError(f"{key} {ref} does not exist" + (f"; build it first with `{hint}`" if hint else ""))
 
 
+def check_rollout(recipe: Recipe) -> None:
+    """Raise RLInputError for rl.rollout vllm under ZeRO-3 (PPO, rejection sampling): refreshing the engine reads
+    whole weights, which ZeRO-3 partitions across the ranks (GRPO's TRL engine gathers them itself)."""
+    import json
+
+    if recipe.rl.rollout != "vllm" or recipe.rl.algorithm == "grpo" or recipe.deepspeed is None:
+        return
+    try:
+        stage = (json.loads(Path(recipe.deepspeed).read_text()).get("zero_optimization") or {}).get("stage", 0)
+    except (OSError, ValueError, AttributeError):
+        return  # an unreadable config is reported where it is read (rl/distributed.py)
+    if stage == 3:
+        raise RLInputError(f"rl.rollout vllm with ZeRO-3 ({recipe.deepspeed}) is not supported yet for "
+                           f"{recipe.rl.algorithm}: refreshing the engine needs whole weights; use "
+                           "deepspeed_configs/zero2.json or rl.rollout: hf")
+
+
 def one_process(algorithm: str):
     """`Dist.single()` for an algorithm that trains on one process for now; RLInputError under a multi-process launch."""
     from rlprm.rl.distributed import Dist, launched_world_size
@@ -197,6 +214,8 @@ class Run:
     reference: object = None
     reward_model: object = None
     tracker: object = None
+    sampler: object = None
+    """Who samples for the between-epoch best-of-N (rlprm/rollout.py, set by the algorithm); None: HF generate."""
     state: dict | None = None
     """The checkpoint's state.pt (None on a fresh start)."""
     start_epoch: int = 0
@@ -221,7 +240,7 @@ class Run:
             return
         if self.dist.is_main:
             metrics = between_epochs(self.recipe, self.policy, self.tokenizer, self.eval_set, self.reward_model,
-                                     epoch, reference=self.reference)
+                                     epoch, reference=self.reference, sampler=self.sampler)
             if metrics:
                 self.log(metrics)
         self.dist.barrier()
@@ -250,6 +269,7 @@ def setup(recipe: Recipe, algorithm: Algorithm, resume: bool, progress: bool) ->
     from rlprm.tracking import NullTracker, Tracker, cut_metrics
 
     algorithm.check(recipe)
+    check_rollout(recipe)
     rl, rcfg = recipe.rl, recipe.reward
     dist = algorithm.distributed(recipe)
     run_dir = Path(recipe.run.output_dir)
@@ -383,5 +403,6 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
     return run_algorithm(recipe, algorithm_for(recipe), resume=resume, progress=progress)
 
 
-__all__ = ["Algorithm", "RLError", "RLInputError", "Run", "algorithm_for", "check_finite", "check_models", "cleanup",
+__all__ = ["Algorithm", "RLError", "RLInputError", "Run", "algorithm_for", "check_finite", "check_models",
+           "check_rollout", "cleanup",
            "last_good", "load_policy", "mean", "one_process", "all_weights_only", "run_algorithm", "setup", "train"]
