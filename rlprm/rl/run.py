@@ -5,7 +5,8 @@ torchtune's recipe shape (setup / train / cleanup), with composition: an
 optimizers, its update for one epoch, its checkpoint state); everything the
 three algorithms share lives here, once:
 
-    setup     input checks; processes (DeepSpeed data parallel for PPO); the run
+    setup     input checks; processes (DeepSpeed engines for PPO, the trainers' DDP for GRPO and
+              rejection sampling); the run
               folder (fresh start or --resume); tokenizer, policy, frozen
               reference (PPO), reward model (a PRM/ORM, checked against
               reward.source); the checkpoint's counters, RNG and algorithm
@@ -110,16 +111,6 @@ def check_models(recipe: Recipe) -> None:
         if ref.startswith("/") and not Path(ref).exists():
             hint = builder_hint(ref)
             raise RLInputError(f"{key} {ref} does not exist" + (f"; build it first with `{hint}`" if hint else ""))
-
-
-def one_process(algorithm: str):
-    """`Dist.single()` for an algorithm that trains on one process for now; RLInputError under a multi-process launch."""
-    from rlprm.rl.distributed import Dist, launched_world_size
-
-    if launched_world_size() > 1:  # every rank would run the whole loop into the same run folder
-        raise RLInputError(f"{algorithm} trains on one process for now; launch it with plain "
-                           "`python rlprm/train_rl.py ...` or `deepspeed --num_gpus 1 ...`")
-    return Dist.single()
 
 
 def all_weights_only(recipe: Recipe, algorithm: str) -> None:
@@ -302,7 +293,7 @@ def cleanup(run: Run, algorithm: Algorithm) -> dict:
 
     dist, final = run.dist, run.final
     sync = {}
-    if dist.deepspeed:
+    if dist.deepspeed or dist.active:
         # every rank's own digest of its weights: data parallelism must leave them identical
         sync = {"dist/world_size": dist.world,
                 "dist/zero_stage": dist.ds_config.get("zero_optimization", {}).get("stage", 0),
@@ -384,4 +375,4 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
 
 
 __all__ = ["Algorithm", "RLError", "RLInputError", "Run", "algorithm_for", "check_finite", "check_models", "cleanup",
-           "last_good", "load_policy", "mean", "one_process", "all_weights_only", "run_algorithm", "setup", "train"]
+           "last_good", "load_policy", "mean", "all_weights_only", "run_algorithm", "setup", "train"]
