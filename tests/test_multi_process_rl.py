@@ -319,6 +319,39 @@ def test_grpo_on_two_processes(tmp_path, generator_dir):
     assert not (run_dir / "trl").exists()
 
 
+def test_grpo_under_accelerate_launch(tmp_path, generator_dir):
+    """`accelerate launch --multi_gpu --num_processes 2` (torchrun underneath; gloo on a CPU-only machine), outcome
+    rewards (TRL's own group normalisation over the gathered rewards): the same weights on both ranks, one writer."""
+    from transformers import AutoModelForCausalLM
+
+    from rlprm.rl.distributed import weights_digest
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "run": {"output_dir": str(tmp_path / "run"), "device": "cpu", "seed": 3, "threads": 1},
+        "model": {"generator": str(generator_dir)},
+        "reward": {"mode": "sparse", "source": "ground_truth"},
+        "rl": {"algorithm": "grpo", "epochs": 1, "problems_per_epoch": 4, "prompts_per_iteration": 2,
+               "samples_per_problem": 2, "max_new_tokens": 16, "minibatch_size": 2, "ppo_epochs": 1,
+               "learning_rate": 1e-3, "eval_n_max": 2, "eval_num_problems": 2},
+        "eval": {"resamples": 5},
+        "tracking": {"wandb": "disabled"},
+    }))
+    accelerate = Path(sys.executable).with_name("accelerate")
+    proc = _launch([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
+                    str(free_port()), "rlprm/train_rl.py", str(recipe), "--no-progress"], _env())
+    out = _wait([proc], 300)[0]
+    assert proc.returncode == 0, out[-4000:]
+    run_dir = tmp_path / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["dist/world_size"] == 2
+    digests = summary["dist/policy_sha256"]
+    assert digests[0] == digests[1] != weights_digest(AutoModelForCausalLM.from_pretrained(generator_dir))
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert len([r for r in records if "rl/reward" in r]) == 2  # 2 iterations of 2 prompts, logged once each
+    assert out.count("policy exported to") == 1
+
+
 # --------------------------------------------------------------------------- rejection sampling on 2 "nodes"
 
 
