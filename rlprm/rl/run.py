@@ -246,6 +246,10 @@ def setup(recipe: Recipe, algorithm: Algorithm, resume: bool, progress: bool) ->
     run_dir = Path(recipe.run.output_dir)
     device = device_for(dist, resolve_device(recipe.run.device))
     ckpt = start_or_resume(run_dir, resume, RLInputError, writes=dist.is_main)
+    seen_by_rank = dist.gather(ckpt.name if ckpt is not None else None)
+    if len(set(seen_by_rank)) > 1:  # several nodes, each with its own disk: they would train from different weights
+        raise RLInputError(f"the ranks see different checkpoints in {run_dir} ({seen_by_rank}, in rank order): put "
+                           "run.output_dir on a file system every node shares to resume a multi-node run")
     run = Run(recipe, progress, run_dir, dist, device, ckpt)
     dist.seed_everything(recipe.run.seed)  # the same on every rank: a new value head starts identical everywhere
 
