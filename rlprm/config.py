@@ -368,11 +368,11 @@ class PolicyGradientBase(RLBase):
     """What PPO and GRPO share: rollout batches, passes over them in minibatches, the clipped ratio, the KL term."""
 
     prompts_per_iteration: int = Field(32, ge=1)
-    """Prompts per rollout batch; each gets samples_per_problem completions, then one update. An epoch is ceil(problems_per_epoch / prompts_per_iteration) iterations."""
+    """Prompts per rollout batch; each gets samples_per_problem completions, then one update. An epoch is ceil(problems_per_epoch / prompts_per_iteration) iterations. On several processes a total over them (each rank samples its share)."""
     ppo_epochs: int = Field(2, ge=1, le=16)
     """Passes over each rollout batch (typically 1-4; GRPO's mu)."""
     minibatch_size: int = Field(32, ge=1)
-    """Sampled responses per optimizer step within a pass (a rollout batch holds prompts_per_iteration * samples_per_problem)."""
+    """Sampled responses per optimizer step within a pass (a rollout batch holds prompts_per_iteration * samples_per_problem). On several processes a total over them (each rank takes minibatch_size / world; GRPO needs it to divide)."""
     clip_range: float = Field(0.2, gt=0, lt=1)
     """Policy ratio clip epsilon (typically 0.1-0.3)."""
 
@@ -439,7 +439,7 @@ class RejectionSamplingConfig(RLBase):
     sft_epochs: int = Field(1, ge=1)
     """Passes of SFT (TRL's SFTTrainer, loss on the completion only) over each RL epoch's kept samples, at rl.learning_rate (constant)."""
     sft_batch_size: int = Field(32, ge=1)
-    """Kept samples per SFT optimizer step."""
+    """Kept samples per SFT optimizer step; on several processes a total over them (must divide by their number)."""
 
 
 RL_SECTIONS: dict[str, type[RLBase]] = {"ppo": PPOConfig, "grpo": GRPOConfig, "rejection_sampling": RejectionSamplingConfig}

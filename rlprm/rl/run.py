@@ -5,7 +5,8 @@ torchtune's recipe shape (setup / train / cleanup), with composition: an
 optimizers, its update for one epoch, its checkpoint state); everything the
 three algorithms share lives here, once:
 
-    setup     input checks; processes (DeepSpeed data parallel for PPO); the run
+    setup     input checks; processes (DeepSpeed engines for PPO, the trainers' DDP for GRPO and
+              rejection sampling); the run
               folder (fresh start or --resume); tokenizer, policy, frozen
               reference (PPO), reward model (a PRM/ORM, checked against
               reward.source); the checkpoint's counters, RNG and algorithm
@@ -127,16 +128,6 @@ def check_rollout(recipe: Recipe) -> None:
         raise RLInputError(f"rl.rollout vllm with ZeRO-3 ({recipe.deepspeed}) is not supported yet for "
                            f"{recipe.rl.algorithm}: refreshing the engine needs whole weights; use "
                            "deepspeed_configs/zero2.json or rl.rollout: hf")
-
-
-def one_process(algorithm: str):
-    """`Dist.single()` for an algorithm that trains on one process for now; RLInputError under a multi-process launch."""
-    from rlprm.rl.distributed import Dist, launched_world_size
-
-    if launched_world_size() > 1:  # every rank would run the whole loop into the same run folder
-        raise RLInputError(f"{algorithm} trains on one process for now; launch it with plain "
-                           "`python rlprm/train_rl.py ...` or `deepspeed --num_gpus 1 ...`")
-    return Dist.single()
 
 
 def all_weights_only(recipe: Recipe, algorithm: str) -> None:
@@ -275,6 +266,10 @@ def setup(recipe: Recipe, algorithm: Algorithm, resume: bool, progress: bool) ->
     run_dir = Path(recipe.run.output_dir)
     device = device_for(dist, resolve_device(recipe.run.device))
     ckpt = start_or_resume(run_dir, resume, RLInputError, writes=dist.is_main)
+    seen_by_rank = dist.gather(ckpt.name if ckpt is not None else None)
+    if len(set(seen_by_rank)) > 1:  # several nodes, each with its own disk: they would train from different weights
+        raise RLInputError(f"the ranks see different checkpoints in {run_dir} ({seen_by_rank}, in rank order): put "
+                           "run.output_dir on a file system every node shares to resume a multi-node run")
     run = Run(recipe, progress, run_dir, dist, device, ckpt)
     dist.seed_everything(recipe.run.seed)  # the same on every rank: a new value head starts identical everywhere
 
@@ -322,7 +317,7 @@ def cleanup(run: Run, algorithm: Algorithm) -> dict:
 
     dist, final = run.dist, run.final
     sync = {}
-    if dist.deepspeed:
+    if dist.deepspeed or dist.active:
         # every rank's own digest of its weights: data parallelism must leave them identical
         sync = {"dist/world_size": dist.world,
                 "dist/zero_stage": dist.ds_config.get("zero_optimization", {}).get("stage", 0),
@@ -404,5 +399,5 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
 
 
 __all__ = ["Algorithm", "RLError", "RLInputError", "Run", "algorithm_for", "check_finite", "check_models",
-           "check_rollout", "cleanup",
-           "last_good", "load_policy", "mean", "one_process", "all_weights_only", "run_algorithm", "setup", "train"]
+           "check_rollout", "cleanup", "last_good", "load_policy", "mean", "all_weights_only", "run_algorithm", "setup",
+           "train"]
