@@ -59,7 +59,7 @@ import time
 from pathlib import Path
 
 from rlprm.config import Recipe
-from rlprm.rl.run import RLError, RLInputError, Run, all_weights_only, check_finite, check_models
+from rlprm.rl.run import RLError, RLInputError, Run, check_finite, check_models
 
 # the keys (and, for advantages, the leading dimension) that `_generate_and_score_completions` of TRL 1.16
 # returns and that the override and the loss rely on; tests/test_grpo.py fails loudly if TRL changes them
@@ -264,10 +264,12 @@ class GRPO:
 
         check_models(recipe)
         check_sizes(recipe, launched_world_size())
-        all_weights_only(recipe, "GRPO")
         if recipe.deepspeed is not None:
+            # each epoch builds a new TRL trainer around the same policy and optimizer; a ZeRO-wrapped optimizer
+            # belongs to the engine of the trainer that built it and would not carry over to the next epoch's
             raise RLInputError("rl.algorithm grpo does not take a `deepspeed:` config: TRL's trainer runs data "
-                               "parallel (DDP) on the processes the launcher starts; remove the key")
+                               "parallel (DDP) on the processes the launcher starts; remove the key (LoRA, "
+                               "model.lora.enabled, keeps the memory small)")
 
     def distributed(self, recipe: Recipe):
         # one process: Dist.single(); several: a process group that TRL's accelerate state adopts (DDP)
@@ -279,9 +281,15 @@ class GRPO:
         import torch
 
         # TRL builds the frozen reference from `config._name_or_path`: it must stay the initial generator, also
-        # when the policy comes from a checkpoint
+        # when the policy comes from a checkpoint (a LoRA policy has none: its reference is the base, adapters off)
         run.policy.config._name_or_path = str(run.recipe.model.generator)
-        self.optimizer = torch.optim.AdamW(run.policy.parameters(), lr=run.recipe.rl.learning_rate, weight_decay=0.01)
+        trainable = [p for p in run.policy.parameters() if p.requires_grad]  # LoRA: the adapters only
+        if run.recipe.model.dtype == "bfloat16":
+            # master weights in float32, computed in bf16 by TRL's autocast: AdamW steps of rl.learning_rate ~1e-6
+            # are below bf16's resolution of a weight (~0.4%) and would round away (peft's adapters already are)
+            for p in trainable:
+                p.data = p.data.float()
+        self.optimizer = torch.optim.AdamW(trainable, lr=run.recipe.rl.learning_rate, weight_decay=0.01)
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["policy_optimizer"])

@@ -49,6 +49,12 @@ class RlprmGRPOTrainer(GRPOTrainer):
                 super().__init__(*args, **kwargs)
             finally:
                 trl_grpo.VLLMGeneration = build
+        if "ref" in getattr(self.model, "peft_config", {}):
+            # a LoRA policy with a KL term: TRL copied the adapters as they are now into a "ref" adapter to serve
+            # as the reference. rlprm's reference is the initial generator, which is the base with the adapters
+            # disabled (TRL's choice when there is no "ref" adapter); with a trainer per epoch the copy would also
+            # move the reference every epoch, and the next epoch's trainer could not add "ref" again
+            self.model.delete_adapter("ref")
         self.rlprm_reward, self.rlprm_process, self.rlprm_run_dir, self.rlprm_times = reward, process, run_dir, times
         self.rlprm_dist = dist
         if dist is not None and self.accelerator.num_processes != dist.world:
