@@ -51,6 +51,18 @@ then keeps the rank's slice; the process advantages do the same
 (`rank_process_advantages`: every rank's reward events gathered, normalised
 over whole groups, this rank's rows cut out). Rank 0 alone evaluates and
 writes; the ranks end with the same weights (DDP averages the gradients).
+
+LoRA (`model.lora.enabled`): TRL gets the peft model `rl.run.load_policy` builds
+(adapters trainable, base frozen; from an adapter checkpoint on resume), the
+optimizer holds the adapters only, and the KL reference is the base with the
+adapters disabled (the generator: no second copy of the weights). Checkpoints
+hold the adapters; the export merges them into a plain HF folder.
+
+Precision: with `model.dtype: bfloat16` the trained weights (all of them, or
+the adapters) are kept in float32 and TRL computes in bf16 (autocast), as
+DeepSpeed's bf16 does for PPO: an AdamW step of ~1e-6 on a bf16 weight would
+round away. No `deepspeed:` key (ZeRO): each epoch builds a new TRL trainer
+around the same optimizer, which a ZeRO engine would own.
 """
 
 from __future__ import annotations
@@ -257,7 +269,8 @@ class GRPO:
     """
 
     name = "grpo"
-    needs_reference = False  # TRL builds its own from `config._name_or_path` (the generator) when the KL is on
+    # TRL builds its own from `config._name_or_path` (the generator) when the KL is on; LoRA: the base, adapters off
+    needs_reference = False
 
     def check(self, recipe: Recipe) -> None:
         from rlprm.rl.distributed import launched_world_size

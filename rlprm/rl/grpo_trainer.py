@@ -28,6 +28,8 @@ class RlprmGRPOTrainer(GRPOTrainer):
     engine an earlier trainer built (TRL's `VLLMGeneration`), used instead of building another; dist: the run's
     `rl.distributed.Dist` (a NaN on one rank stops every rank).
 
+    A LoRA policy (a peft model) with a KL term: the reference log-probs are the base's, adapters disabled.
+
     Several processes: this rank's `output` holds its own slice of the
     generation batch; its process advantages come from every rank's reward
     events (`grpo.rank_process_advantages`), as TRL's scalar advantages come

@@ -1,0 +1,94 @@
+"""recipes/grpo_prm_dense_qwen_math.yaml (all weights) and recipes/grpo_prm_dense_qwen_math_lora.yaml (LoRA) as
+shipped (MATH prompts, dense PRM process rewards, DDP, bf16), run on CPU with tiny stand-ins for Qwen2.5-Math and
+the PRM800K PRM and tiny budgets, as tests/test_real_scale_rl.py does for the PPO recipe: every key of the recipes is
+exercised except the model ids and the sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import shared_file
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = {"full": ROOT / "recipes" / "grpo_prm_dense_qwen_math.yaml",
+           "lora": ROOT / "recipes" / "grpo_prm_dense_qwen_math_lora.yaml"}
+
+
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_recipe_validates_and_its_sizes_fit_eight_processes(variant, tmp_path):
+    from rlprm.config import load_recipe
+    from rlprm.rl.grpo import GRPO, check_sizes, grpo_args
+
+    recipe = load_recipe(RECIPES[variant])
+    assert recipe.model.generator == "Qwen/Qwen2.5-Math-1.5B-Instruct" and recipe.model.dtype == "bfloat16"
+    assert recipe.rl.algorithm == "grpo" and recipe.reward.mode == "dense" and recipe.reward.source == "prm"
+    assert recipe.deepspeed is None and recipe.model.lora.enabled is (variant == "lora")
+    assert Path(recipe.model.reward_model).parts[-2:] == ("prm800k_prm", "reward_model")  # prm_train_prm800k.yaml's
+    assert recipe.task.prompt_template.format(problem="P").count("\\boxed{}") == 1
+    assert 8 <= recipe.rl.samples_per_problem <= 16
+    for world in (1, 2, 4, 8):
+        check_sizes(recipe, world)
+    args = grpo_args(recipe, tmp_path, seed=0, world=8)
+    assert args.per_device_train_batch_size == 8 and args.bf16 and args.num_generations == recipe.rl.samples_per_problem
+    # the whole check but the models' presence (the PRM is built by prm_train_prm800k.yaml, never automatically)
+    recipe.model.reward_model = str(tmp_path)
+    GRPO().check(recipe)
+
+
+def _stand_ins(tmp_path: Path, math: Path, template: str) -> tuple[Path, Path]:
+    """A tiny Llama-shaped generator and PRM (width 64, 2 layers) on a BPE tokenizer fitted to MATH text."""
+    from rlprm.config import TinyModelConfig
+    from rlprm.models import build_bpe_tokenizer, build_tiny_causal_lm
+    from rlprm.problems import load_jsonl_problems
+    from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
+
+    problems = load_jsonl_problems(math, limit=200, template=template)
+    tokenizer = build_bpe_tokenizer([p.prompt + p.gold for p in problems], 400, 4096)
+    tiny = TinyModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, max_positions=4096,
+                           tokenizer="bpe")
+    gen = tmp_path / "qwen_stand_in"
+    build_tiny_causal_lm(tiny, tokenizer, seed=0).save_pretrained(gen)
+    tokenizer.save_pretrained(gen)
+    convention = make_convention("prm", "\n\n", "{problem}\n\n")  # what prm_train_prm800k.yaml saves
+    lm = build_tiny_causal_lm(tiny, tokenizer, seed=1)
+    RewardModel(reward_model_from_causal_lm(convention, lm, tokenizer), tokenizer, convention).save(tmp_path / "prm")
+    return gen, tmp_path / "prm"
+
+
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_recipe_runs_with_tiny_stand_ins(variant, tmp_path):
+    from rlprm.config import load_recipe
+
+    math = shared_file("math/math500_test.jsonl")
+    recipe_path = RECIPES[variant]
+    gen, prm = _stand_ins(tmp_path, math, load_recipe(recipe_path).task.prompt_template)
+    env = dict(os.environ, WANDB_MODE="disabled", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "rlprm" / "train_rl.py"), str(recipe_path),
+         f"model.generator={gen}", f"model.reward_model={prm}", f"run.output_dir={tmp_path / 'run'}",
+         f"task.train_path={math}", f"task.test_path={math}", "run.device=cpu", "run.threads=1",
+         "rl.epochs=1", "rl.problems_per_epoch=2", "rl.prompts_per_iteration=2", "rl.samples_per_problem=2",
+         "rl.minibatch_size=4", "rl.max_new_tokens=12", "rl.eval_n_max=2", "rl.eval_num_problems=2", "eval.resamples=5",
+         "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval/answer_accuracy"] is not None and "rl/reward" in summary and "rl/kl" in summary
+    assert summary["reward/missing_answer_frac"] == 1.0  # a random tiny model writes no \boxed{} answer
+    resolved = (run / "recipe.yaml").read_text()
+    assert "algorithm: grpo" in resolved and "dtype: bfloat16" in resolved and "mode: dense" in resolved
+    model = run / "checkpoints" / "epoch-0001" / "model"
+    assert (model / "adapter_config.json").is_file() is (variant == "lora")  # LoRA checkpoints hold the adapters
+    export = run / "export"
+    assert json.loads((export / "config.json").read_text())["model_type"] == "llama"
+    assert not (export / "adapter_config.json").exists()  # merged: a plain HF folder either way
