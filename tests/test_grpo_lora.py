@@ -240,3 +240,29 @@ def test_grpo_lora_on_two_processes(models, tmp_path):
     assert summary["rl/kl"] > 0  # epoch 2 against the base
     assert out.count("policy exported to") == 1
 
+
+
+def test_bf16_full_weights_resume_keeps_the_float32_masters(models, char_tokenizer, tmp_path, monkeypatch):
+    """model.dtype bfloat16, all weights: the checkpoint holds the float32 masters, and a resumed run reads them back
+    as written (not rounded to bf16, which would drop most of an epoch's 1e-6-sized steps), so it ends exactly
+    where the uninterrupted run does."""
+    from trl import GRPOTrainer
+
+    from rlprm.rl import train
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", fixed_generation(char_tokenizer))
+
+    def recipe(out: str, epochs: int):
+        data = lora_recipe(tmp_path / out, models, epochs)
+        data["model"]["lora"]["enabled"] = False
+        data["model"]["dtype"] = "bfloat16"
+        data["rl"]["learning_rate"] = 1e-5
+        return validate_recipe(data, tmp_path)
+
+    whole = train(recipe("whole", 2), progress=False)
+    train(recipe("resumed", 1), progress=False)
+    resumed = train(recipe("resumed", 2), resume=True, progress=False)
+    a, b = merged_weights(Path(whole["export_dir"])), merged_weights(Path(resumed["export_dir"]))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert a[q].dtype == torch.float32 and not a[q].equal(merged_weights(models[0])[q])
+    assert all(a[k].equal(b[k]) for k in a)

@@ -151,8 +151,10 @@ def load_policy(recipe: Recipe, ckpt: Path | None, device: str):
 
         return PeftModel.from_pretrained(load_causal_lm(gen, dtype, device, trc), str(ckpt / "model"),
                                          is_trainable=True).to(device)
-    policy = load_causal_lm(ckpt / "model" if ckpt is not None else gen, dtype, device, trc)
-    return policy if ckpt is not None else apply_lora(policy, recipe.model.lora)
+    if ckpt is not None:
+        # in the dtype it was written in: GRPO's float32 master weights of a bf16 recipe come back unrounded
+        return load_causal_lm(ckpt / "model", "auto", device, trc)
+    return apply_lora(load_causal_lm(gen, dtype, device, trc), recipe.model.lora)
 
 
 # --------------------------------------------------------------------------- the algorithm's part
