@@ -205,13 +205,13 @@ class TinyModelConfig(Section):
 
 class LoraConfig(Section):
     enabled: bool = False
-    """Train LoRA adapters instead of all weights (merged on export)."""
+    """Train LoRA adapters instead of all weights. Checkpoints hold the adapters only; the export merges them into a plain HF folder. Under PPO the frozen reference is the base with its adapters off (no second copy of the weights)."""
     r: int = Field(16, ge=1)
     """LoRA rank."""
     alpha: int = Field(32, ge=1)
     """LoRA scaling numerator."""
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    """Dropout on the LoRA path."""
+    """Dropout on the LoRA path (PPO: 0 keeps the first minibatch's ratio at exactly 1, as for full weights)."""
     target_modules: str | list[str] = "all-linear"
     """Modules that get adapters (peft's `target_modules`)."""
 
@@ -382,7 +382,7 @@ class PPOConfig(PolicyGradientBase):
     whiten_advantages: bool = True
     """Standardise advantages over each rollout batch (mean 0, std 1)."""
     value_model: ModelRef = "policy"
-    """Initial weights of the critic: `policy` (the generator's body with a fresh 1-output head) or an HF id / local folder."""
+    """Initial weights of the critic: `policy` (the generator's body with a fresh 1-output head) or an HF id / local folder. The critic is a separate model trained in all its weights, with or without model.lora.enabled (adapters go on the policy only): a LoRA critic on the policy's own base would share one set of frozen weights between two engines; make it small with rl.value_layers instead."""
     value_layers: int = Field(0, ge=0)
     """Keep only the first this many transformer layers of the critic's body (0: all). The critic's forward and backward are nearly half of a PPO update; half its layers made the embedded demo's updates about a fifth cheaper."""
 
