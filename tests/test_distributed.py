@@ -340,12 +340,15 @@ def test_zero3_two_processes_train_as_zero2_and_export_whole_weights(tmp_path, g
     assert [r["epoch"] for r in records if "eval/answer_accuracy" in r] == [0, 1]  # rank 0 evaluated, gathered
 
 
-def test_ppo_lora_two_processes_end_with_identical_weights_and_a_plain_export(tmp_path, generator_dir):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_ppo_lora_two_processes_end_with_identical_weights_and_a_plain_export(tmp_path, generator_dir, stage):
     from transformers import AutoModelForCausalLM
 
     lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
-    proc, run_dir = _launch_two(tmp_path, generator_dir, model={"generator": str(generator_dir), "lora": lora})
+    proc, run_dir = _launch_two(tmp_path, generator_dir, model={"generator": str(generator_dir), "lora": lora},
+                                deepspeed=str(ROOT / "deepspeed_configs" / f"zero{stage}.json"))
     summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["dist/zero_stage"] == stage
     digests = summary["dist/policy_sha256"]  # base + adapters, each rank its own
     assert len(digests) == 2 and digests[0] == digests[1] and len(set(summary["dist/value_sha256"])) == 1
     assert (run_dir / "checkpoints" / "epoch-0001" / "model" / "adapter_config.json").is_file()
