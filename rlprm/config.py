@@ -95,6 +95,19 @@ PRMAdapter = Literal["qwen_prm", "pure_prm", "math_shepherd", "rlhflow", "value_
 """The reward-model families `rlprm.prm_adapters.load_reward_model` reads (kept equal to its FAMILIES by a test)."""
 
 
+VLLM_EXTRA = 'pip install -e ".[vllm]"'
+"""The command that installs the optional vLLM rollouts (pyproject's `vllm` extra: the range TRL 1.16 supports)."""
+
+
+def require_vllm(key: str) -> None:
+    """Raise ValueError naming the extra when `key` chooses vllm and vllm is not installed (nothing is imported)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError(f"{key}: vllm is not installed on this machine; install the extra with `{VLLM_EXTRA}` "
+                         f"(a GPU machine), or set {key}: hf")
+
+
 class Section(BaseModel):
     # validate_default: defaults go through the same validators (paths get resolved against the recipe)
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True, validate_default=True)
@@ -339,17 +352,27 @@ class RLBase(Section):
     """Best-of-N between epochs: samples per held-out problem (N at most this, as eval.n_max; 0 skips the evaluation)."""
     eval_num_problems: int = Field(32, ge=1)
     """Best-of-N between epochs: held-out problems (as eval.num_problems)."""
+    rollout: Literal["hf", "vllm"] = "hf"
+    """Who samples the rollouts (rlprm/rollout.py): `hf`, Hugging Face `generate` on the policy itself; `vllm`, a colocated vLLM engine on the same GPU (`pip install -e ".[vllm]"`), whose weights are refreshed from the policy after every update (LoRA adapters merged into a copy first). PPO recomputes every log-prob of its ratio with the policy (never the sampler's) and logs the gap as rollout/logprob_gap; GRPO uses TRL's own `use_vllm` in colocate mode. The between-epoch best-of-N samples with the same engine (GRPO: with `generate`)."""
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, lt=1)
+    """(rl.rollout vllm) Share of the GPU's memory the colocated vLLM engine takes for its weights and KV cache (TRL's vllm_gpu_memory_utilization); the policy, its optimizer and the other models share the rest."""
+
+    @model_validator(mode="after")
+    def _rollout_installed(self):
+        if self.rollout == "vllm":
+            require_vllm("rl.rollout")
+        return self
 
 
 class PolicyGradientBase(RLBase):
     """What PPO and GRPO share: rollout batches, passes over them in minibatches, the clipped ratio, the KL term."""
 
     prompts_per_iteration: int = Field(32, ge=1)
-    """Prompts per rollout batch; each gets samples_per_problem completions, then one update. An epoch is ceil(problems_per_epoch / prompts_per_iteration) iterations."""
+    """Prompts per rollout batch; each gets samples_per_problem completions, then one update. An epoch is ceil(problems_per_epoch / prompts_per_iteration) iterations. On several processes a total over them (each rank samples its share)."""
     ppo_epochs: int = Field(2, ge=1, le=16)
     """Passes over each rollout batch (typically 1-4; GRPO's mu)."""
     minibatch_size: int = Field(32, ge=1)
-    """Sampled responses per optimizer step within a pass (a rollout batch holds prompts_per_iteration * samples_per_problem)."""
+    """Sampled responses per optimizer step within a pass (a rollout batch holds prompts_per_iteration * samples_per_problem). On several processes a total over them (each rank takes minibatch_size / world; GRPO needs it to divide)."""
     clip_range: float = Field(0.2, gt=0, lt=1)
     """Policy ratio clip epsilon (typically 0.1-0.3)."""
 
@@ -416,7 +439,7 @@ class RejectionSamplingConfig(RLBase):
     sft_epochs: int = Field(1, ge=1)
     """Passes of SFT (TRL's SFTTrainer, loss on the completion only) over each RL epoch's kept samples, at rl.learning_rate (constant)."""
     sft_batch_size: int = Field(32, ge=1)
-    """Kept samples per SFT optimizer step."""
+    """Kept samples per SFT optimizer step; on several processes a total over them (must divide by their number)."""
 
 
 RL_SECTIONS: dict[str, type[RLBase]] = {"ppo": PPOConfig, "grpo": GRPOConfig, "rejection_sampling": RejectionSamplingConfig}
@@ -467,11 +490,17 @@ class EvalConfig(Section):
     """Selector whose solution scores weight the reward-weighted majority vote; none picks the first PRM `_prod` (else the first reward-model selector; never `confidence` or `likelihood`, whose log-probabilities are no vote weights)."""
     log_samples: int = Field(64, ge=0)
     """Sampled solutions, with their per-step scores, logged as a W&B table."""
+    rollout: Literal["hf", "vllm"] = "hf"
+    """Who samples the pool (rlprm/rollout.py): `hf`, Hugging Face `generate`; `vllm`, a vLLM engine loaded from model.generator (`pip install -e ".[vllm]"`). The confidence and likelihood baselines are always read by the HF model's teacher-forced pass."""
+    vllm_gpu_memory_utilization: float = Field(0.5, gt=0, lt=1)
+    """(eval.rollout vllm) Share of the GPU's memory the vLLM engine takes; the HF model (for the baselines) and the reward models share the rest."""
     differences: list[str] = []
     """Paired differences to report with their own 95% intervals, each `A-B` (selector A minus selector B, e.g. `prm_prod-orm`, `prm_prod-confidence`). Empty: the first PRM's `_prod` selector minus the first ORM, majority, confidence, likelihood and random (those present)."""
 
     @model_validator(mode="after")
     def _difference_names(self) -> "EvalConfig":
+        if self.rollout == "vllm":
+            require_vllm("eval.rollout")
         unknown = sorted(set(self.reward_model_adapters) - set(self.reward_models))
         if unknown:
             raise ValueError(f"reward_model_adapters names {', '.join(unknown)}, not in eval.reward_models "

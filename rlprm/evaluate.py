@@ -143,8 +143,10 @@ def response_logprobs(model, tokenizer, prompts: list[str], completions: list[li
 
 def sample_pool(model, tokenizer, problems: list[TaskProblem], n: int, temperature: float = 1.0,
                 max_new_tokens: int = 96, batch_size: int = 256, seed: int = 0, sep: str = "\n",
-                progress: bool = True, baselines: bool = True) -> Pool:
+                progress: bool = True, baselines: bool = True, sampler=None) -> Pool:
     """Sample `n` solutions per problem in pooled batches and grade them.
+
+    sampler: who samples (rlprm/rollout.py; None: HF `generate` on `model`); `model` reads the baselines.
 
     With `baselines`, one batched teacher-forced pass of the sampling model also stores, per sample,
     `confidence` (its lowest token log-probability) and `likelihood` (the sum of its token log-probabilities)
@@ -153,11 +155,11 @@ def sample_pool(model, tokenizer, problems: list[TaskProblem], n: int, temperatu
     sampler strips it); an empty response without EOS scores 0 on both.
     """
     from rlprm.problems import grade_samples
-    from rlprm.sampling import sample
+    from rlprm.rollout import HFSampler
 
-    out = sample(model, tokenizer, [p.prompt for p in problems], n=n, temperature=temperature,
-                 max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, progress=progress,
-                 desc=f"sampling {n} per problem")
+    sampler = sampler or HFSampler(model, tokenizer)
+    out = sampler.sample([p.prompt for p in problems], n=n, temperature=temperature, max_new_tokens=max_new_tokens,
+                         batch_size=batch_size, seed=seed, progress=progress, desc=f"sampling {n} per problem")
     pool = Pool(problems, out.texts, grade_samples(problems, out.texts, sep))
     if baselines:
         eos = tokenizer.eos_token_id
@@ -645,9 +647,12 @@ def flat_metrics(curves: dict, prefix: str = "bon") -> dict:
 
 def best_of_n(model, tokenizer, problems: list[TaskProblem], reward_models: dict | None = None, n_max: int = 8,
               temperature: float = 1.0, max_new_tokens: int = 96, batch_size: int = 256, resamples: int = 100,
-              seed: int = 0, sep: str = "\n", aggregations=("prod",), progress: bool = False) -> tuple[dict, Pool]:
-    """Sample, score and select; returns (flat metrics, the pool). For RL loops between epochs."""
-    pool = sample_pool(model, tokenizer, problems, n_max, temperature, max_new_tokens, batch_size, seed, sep, progress)
+              seed: int = 0, sep: str = "\n", aggregations=("prod",), progress: bool = False,
+              sampler=None) -> tuple[dict, Pool]:
+    """Sample (with `sampler`, default HF `generate` on `model`), score and select; returns (flat metrics, the
+    pool). For RL loops between epochs."""
+    pool = sample_pool(model, tokenizer, problems, n_max, temperature, max_new_tokens, batch_size, seed, sep, progress,
+                       sampler=sampler)
     for name, rm in (reward_models or {}).items():
         score_pool(pool, name, rm, sep=sep)
     curves, differences = bon_bootstrap(pool, selector_scores(pool, aggregations), powers_of_two(n_max), None,
@@ -656,10 +661,10 @@ def best_of_n(model, tokenizer, problems: list[TaskProblem], reward_models: dict
 
 
 def between_epochs(recipe, model, tokenizer, problems: list[TaskProblem], reward_model=None, epoch: int = 0,
-                   reference=None) -> dict:
+                   reference=None, sampler=None) -> dict:
     """The RL loops' evaluation between epochs: best-of-`rl.eval_n_max` on held-out `problems`, scored by the run's own
     reward model if it has one, plus `sample_rates` over all samples (answer and process accuracy, trace error,
-    shortcut rate); `{}` when rl.eval_n_max is 0.
+    shortcut rate); `{}` when rl.eval_n_max is 0. sampler: the run's (rl.rollout); None: HF `generate` on `model`.
 
     Sampling reseeds the global torch RNG (the same evaluation samples' seed every epoch, so epochs compare);
     the caller's stream is restored afterwards, or every epoch's rollouts would reuse one stream.
@@ -676,7 +681,8 @@ def between_epochs(recipe, model, tokenizer, problems: list[TaskProblem], reward
         metrics, pool = best_of_n(model, tokenizer, problems, rms, n_max=rl.eval_n_max,
                                   temperature=recipe.eval.temperature, max_new_tokens=rl.max_new_tokens,
                                   batch_size=recipe.eval.batch_size, resamples=min(recipe.eval.resamples, 100),
-                                  seed=recipe.run.seed, sep=recipe.task.step_separator, progress=False)
+                                  seed=recipe.run.seed, sep=recipe.task.step_separator, progress=False,
+                                  sampler=sampler)
     finally:
         torch.set_rng_state(rng)
     metrics.update({"epoch": epoch, **sample_rates(pool)})
@@ -761,6 +767,7 @@ def run_eval(recipe, progress: bool = True) -> dict:
     from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
     from rlprm.prm_adapters import load_for_recipe
     from rlprm.problems import eval_problems
+    from rlprm.rollout import sampler_for
     from rlprm.tracking import Tracker
 
     ev, sep = recipe.eval, recipe.task.step_separator
@@ -784,8 +791,10 @@ def run_eval(recipe, progress: bool = True) -> dict:
         tokenizer = load_tokenizer(recipe.model.generator, padding_side="left",
                                    trust_remote_code=recipe.model.trust_remote_code)
         model = load_causal_lm(recipe.model.generator, recipe.model.dtype, device, recipe.model.trust_remote_code)
+        # eval.rollout: HF generate on `model`, or a vLLM engine loaded from the same folder (nothing to refresh)
+        sampler = sampler_for(recipe, None, tokenizer, section="eval") if ev.rollout == "vllm" else None
         pool = sample_pool(model, tokenizer, problems, ev.n_max, ev.temperature, ev.max_new_tokens, ev.batch_size,
-                           recipe.run.seed, sep, progress)
+                           recipe.run.seed, sep, progress, sampler=sampler)
         del model
         t_sample = time.monotonic() - t0
 

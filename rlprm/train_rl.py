@@ -5,10 +5,13 @@ of the script's own arguments (accepted; the rank is read from the environment):
 
     deepspeed rlprm/train_rl.py RECIPE                  # one process: the plain torch loop
     deepspeed --num_gpus 2 rlprm/train_rl.py RECIPE     # two data-parallel processes (CPU: gloo), ZeRO-2
+    deepspeed --hostfile hostfile --num_nodes 2 rlprm/train_rl.py RECIPE   # several nodes (README)
 
-Several processes, or a recipe with a `deepspeed:` key, train through DeepSpeed
-engines (rlprm/rl/distributed.py); only rank 0 writes metrics, checkpoints and
-the export.
+PPO on several processes, or with a `deepspeed:` key, trains through DeepSpeed
+engines (rlprm/rl/distributed.py); GRPO and rejection sampling train through
+their TRL trainer's DDP in the same process group, which also lets them start
+under `torchrun` or `accelerate launch --multi_gpu`. Only the global rank 0
+(RANK, not LOCAL_RANK) writes metrics, checkpoints and the export.
 `rlprm train-rl RECIPE` is the same job through the `rlprm` command.
 
 Exit codes (rlprm/errors.py): 0 done, 2 bad input (recipe, missing generator or

@@ -270,11 +270,13 @@ def test_lora_adapters_checkpoint_resume_and_merge_on_export(fixed_sampling, gen
     assert merged.state_dict()[o].equal(base.state_dict()[o])  # modules without adapters are untouched
 
 
-def test_several_processes_are_refused(tmp_path):
+def test_several_processes_check_the_totals_naming_the_key(tmp_path):
     import os
 
+    # several processes are no longer refused (tests/test_multi_process_rl.py runs two); the totals must split
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: {generator: Qwen/any}\nrl: {algorithm: rejection_sampling}\nrun: {output_dir: ./out}\n")
+    recipe.write_text("model: {generator: Qwen/any}\nrun: {output_dir: ./out}\n"
+                      "rl: {algorithm: rejection_sampling, sft_batch_size: 3}\n")
     out = subprocess.run([sys.executable, str(ROOT / "rlprm" / "train_rl.py"), "--local_rank=1", str(recipe)],
                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "WORLD_SIZE": "2"})
-    assert out.returncode == 2 and "rejection_sampling trains on one process" in out.stderr
+    assert out.returncode == 2 and "rl.sft_batch_size (3) is a total over the 2 processes" in out.stderr

@@ -13,11 +13,11 @@ stay whole on every rank). A forward pass through a sharded model gathers each
 layer from every rank, so it is a collective: training steps and the no-grad
 passes of the loop run on every rank in step. What reads the weights outside
 that lockstep goes through `Dist.whole_weights`, which gathers the whole model
-on every rank for the block and takes DeepSpeed's hooks off (DeepSpeed's own
-`unwrap_model_for_generation`): generation, where ranks stop at different
-lengths and would otherwise wait for each other's forward passes, rank 0's
-evaluation, the checkpoints (whole weights, written by rank 0) and the weight
-digests.
+on every rank for the block and takes DeepSpeed's hooks off (as DeepSpeed's
+own `unwrap_model_for_generation` does, and one hook more): generation, where
+ranks stop at different lengths and would otherwise wait for each other's
+forward passes, rank 0's evaluation, the checkpoints (whole weights, written
+by rank 0) and the weight digests.
 
 Every collective here must be called by all ranks in the same order, or the
 run hangs: the loops that call them do the same number of iterations on every
@@ -500,6 +500,53 @@ def _zero3_hooks_off(engine):
         del parameter_offload.FWD_MODULE_STACK[stack_depth:]  # which pushed the module once more
 
 
+def launch_env() -> tuple[int, int, int]:
+    """(global rank, local rank, world size) as the launcher set them: RANK, LOCAL_RANK, WORLD_SIZE (0, 0, 1 without).
+
+    RANK is the rank over every node; LOCAL_RANK only picks this node's device. On the second node of a
+    `deepspeed --hostfile hostfile --num_nodes 2` launch with 2 slots each, the first process has RANK=2 and
+    LOCAL_RANK=0: it is not the writer (`Dist.is_main` is the global rank 0 alone).
+    """
+    try:
+        return (int(os.environ.get("RANK", "0") or 0), int(os.environ.get("LOCAL_RANK", "0") or 0),
+                launched_world_size())
+    except ValueError:
+        raise DistributedError(f"RANK={os.environ.get('RANK')!r} / LOCAL_RANK={os.environ.get('LOCAL_RANK')!r} "
+                               "are not numbers; launch with `deepspeed`, `torchrun` or `accelerate launch`") from None
+
+
+def setup_process_group(recipe) -> Dist:
+    """Join the launcher's processes WITHOUT DeepSpeed engines; Dist.single() on one process.
+
+    For the algorithms that train through a transformers/TRL `Trainer` (GRPO,
+    rejection sampling): the process group started here (gloo on CPU, NCCL on
+    GPUs, from the launcher's RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT)
+    is the one accelerate's state adopts when the trainer is built (it only
+    starts its own when none exists), so the trainer's DDP all-reduce, TRL's
+    gathers and our barriers share one world. Any launcher that sets those
+    variables works: `deepspeed`, `torchrun`, `accelerate launch --multi_gpu`.
+    """
+    rank, local_rank, world = launch_env()
+    if world == 1:
+        return Dist.single()
+    import torch
+    import torch.distributed as tdist
+
+    cpu = not torch.cuda.is_available() or recipe.run.device == "cpu"
+    if not cpu:
+        torch.cuda.set_device(local_rank)
+    if not tdist.is_initialized():
+        tdist.init_process_group("gloo" if cpu else "nccl", rank=rank, world_size=world)
+    if tdist.get_rank() != rank or tdist.get_world_size() != world:
+        raise DistributedError(f"the process group has rank {tdist.get_rank()} of {tdist.get_world_size()} but the "
+                               f"launcher said RANK={rank} WORLD_SIZE={world}")
+    if cpu and not recipe.run.threads:
+        # N processes on one machine each taking every core oversubscribe it (2x slower on 2 cores: DESIGN.md s. 9)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)) or world)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return Dist(rank=rank, world=world, local_rank=local_rank)
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """Rank `rank`'s own seed from the run's: distinct for every rank; rank 0's is the run's own."""
     return seed + 1_000_000_007 * rank
@@ -518,7 +565,7 @@ def _store_address() -> str:
 
 def device_for(dist: Dist, device: str) -> str:
     """One GPU per rank (`cuda:LOCAL_RANK`); the CPU is shared."""
-    return f"cuda:{dist.local_rank}" if device == "cuda" and dist.deepspeed else device
+    return f"cuda:{dist.local_rank}" if device == "cuda" and (dist.deepspeed or dist.active) else device
 
 
 def shard(items: list, dist: Dist) -> list:
@@ -549,5 +596,6 @@ def weights_digest(model) -> str:
 
 
 __all__ = ["DEFAULT_ZERO2", "Dist", "DistributedError", "NullTracker", "RankFailedError", "device_for",
-           "fill_ds_config", "launched_world_size", "rank_seed", "read_ds_config", "setup", "shard",
-           "single_process_env", "trim", "unwrap", "wants_deepspeed", "weights_digest"]
+           "fill_ds_config", "launch_env", "launched_world_size", "rank_seed", "read_ds_config", "setup",
+           "setup_process_group", "shard", "single_process_env", "trim", "unwrap", "wants_deepspeed",
+           "weights_digest"]

@@ -25,7 +25,8 @@ accepts (B, T). `GRPOTrainer` maintainers recommend overriding it for custom
 advantages. Being private, its contract can change in any minor release:
 pyproject pins trl to 1.16.x and tests/test_grpo.py checks the keys and shapes.
 
-What TRL runs and what we add: TRL does the sampling (`generate`, no vLLM), the
+What TRL runs and what we add: TRL does the sampling (`generate`, or with
+`rl.rollout: vllm` its own colocated vLLM engine, `use_vllm`), the
 reference and old log-probs, the clipped loss with its KL term (`rl.kl_coef`) and
 the optimizer steps. `GRPO` is this algorithm's part of the run skeleton
 (`rl/run.py`: the problems of each epoch, shared with PPO, best-of-N after
@@ -37,8 +38,19 @@ record per iteration.
 One iteration = one generation batch: `rl.prompts_per_iteration` prompts x
 `rl.samples_per_problem` completions, then `rl.ppo_epochs` passes (GRPO's mu)
 over it in minibatches of `rl.minibatch_size` completions, one optimizer step
-each. The whole generation batch lives on one process, so a group's
-completions are always together when they are normalised.
+each.
+
+Several processes (`deepspeed --num_gpus N rlprm/train_rl.py RECIPE`, or
+`torchrun` / `accelerate launch --multi_gpu`): `rl.prompts_per_iteration` and
+`rl.minibatch_size` stay totals over the ranks, as in PPO. TRL's trainer runs
+data parallel (DDP) in the process group `distributed.setup_process_group`
+starts; its sampler hands rank r the r-th contiguous slice of each generation
+batch (B / N completions), so a group of `rl.samples_per_problem` may straddle
+two ranks. TRL gathers the scalar rewards and normalises each group whole,
+then keeps the rank's slice; the process advantages do the same
+(`rank_process_advantages`: every rank's reward events gathered, normalised
+over whole groups, this rank's rows cut out). Rank 0 alone evaluates and
+writes; the ranks end with the same weights (DDP averages the gradients).
 """
 
 from __future__ import annotations
@@ -47,7 +59,7 @@ import time
 from pathlib import Path
 
 from rlprm.config import Recipe
-from rlprm.rl.run import RLError, RLInputError, Run, all_weights_only, check_finite, check_models, one_process
+from rlprm.rl.run import RLError, RLInputError, Run, all_weights_only, check_finite, check_models
 
 # the keys (and, for advantages, the leading dimension) that `_generate_and_score_completions` of TRL 1.16
 # returns and that the override and the loss rely on; tests/test_grpo.py fails loudly if TRL changes them
@@ -74,8 +86,13 @@ class RewardFunction:
 
     __name__ = "rlprm_reward"  # TRL names the reward column after it
 
-    def __init__(self, recipe: Recipe, problems: list, tokenizer, reward_model=None, run_dir: Path | None = None):
+    def __init__(self, recipe: Recipe, problems: list, tokenizer, reward_model=None, run_dir: Path | None = None,
+                 dist=None):
+        from rlprm.rl.distributed import Dist
+
         self.recipe, self.problems, self.tokenizer, self.reward_model = recipe, problems, tokenizer, reward_model
+        # several ranks: a reason to stop on one stops them all (the others would wait in TRL's gather for ever)
+        self.dist = dist or Dist.single()
         self.run_dir = Path(run_dir) if run_dir else Path(recipe.run.output_dir)
         self.last: dict = {}
         self.calls = 0
@@ -99,33 +116,45 @@ class RewardFunction:
             scores = self.reward_model.score_steps([p.text for p in problems], texts, sep=sep)
         elif rcfg.source == "exact":  # the exact checker as an oracle PRM (recipe validation: arithmetic only)
             scores = [prefix_correct_probs(g.step_correct or []) for g in grades]
+        reason = None
         try:
             # TRL hands over each completion up to and including its EOS: one without EOS at the cap was cut
             tr = token_rewards(rcfg, texts, ids, scores=scores, outcomes=outcomes, tokenizer=self.tokenizer,
                                max_tokens=self.recipe.rl.max_new_tokens, eos_token_id=eos, sep=sep,
                                sparse_aggregate=rcfg.sparse_aggregate, last_event_at_eos=True)
         except RewardError as exc:
-            raise RLError(f"iteration {self.calls + 1}: {exc}") from None
-        check_finite("the rewards", tr.rewards, self.run_dir)
+            reason = f"iteration {self.calls + 1}: {exc}"
+        self.dist.stop_if_any(reason, RLError)
+        check_finite("the rewards", tr.rewards, self.run_dir, self.dist)
         self.calls += 1
         self.last = {"texts": texts, "ids": ids, "rewards": tr, "scores": scores, "grades": grades, "outcomes": outcomes,
                      "lengths": [int(n) for n in tr.mask.sum(1).tolist()], "time_score": time.monotonic() - t0}
         return [float(r) for r in tr.returns]
 
 
-def grpo_args(recipe: Recipe, output_dir: Path, seed: int, progress: bool = False, plain: bool = False):
-    """TRL's `GRPOConfig` for a recipe (also used by benchmarks/rl_step.py for TRL's plain trainer)."""
+def grpo_args(recipe: Recipe, output_dir: Path, seed: int, progress: bool = False, plain: bool = False,
+              world: int = 1):
+    """TRL's `GRPOConfig` for a recipe (also used by benchmarks/rl_step.py for TRL's plain trainer).
+
+    world: the number of processes; rl.minibatch_size is a total over them (`check_sizes` checks it divides),
+    so each rank takes minibatch_size / world completions per optimizer step, and an iteration is as many
+    optimizer steps of as many completions as on one process.
+    """
     from trl import GRPOConfig
 
     from rlprm.models import resolve_device
 
     rl = recipe.rl
     B = rl.prompts_per_iteration * rl.samples_per_problem
+    # rl.rollout vllm: TRL's own colocated engine (weights synced from the policy after every optimizer step)
+    vllm = ({"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": rl.vllm_gpu_memory_utilization}
+            if rl.rollout == "vllm" else {})
     return GRPOConfig(
+        **vllm,
         output_dir=str(output_dir),
         use_cpu=resolve_device(recipe.run.device) == "cpu",
         bf16=recipe.model.dtype == "bfloat16",
-        per_device_train_batch_size=rl.minibatch_size,
+        per_device_train_batch_size=rl.minibatch_size // world,
         steps_per_generation=B // rl.minibatch_size,  # one optimizer step per minibatch, as in our PPO loop
         gradient_accumulation_steps=1,
         num_generations=rl.samples_per_problem,
@@ -163,15 +192,39 @@ def grpo_advantages(recipe: Recipe, last: dict, group_size: int, width: int):
     `group_size` samples and spread over the tokens as rl.process_advantage says
     (`core.process_token_advantages`).
     """
+    values, positions, outcome = last["rewards"].event_tensors()
+    return rank_process_advantages(recipe, [(values, positions, outcome, width)], 0, group_size)
+
+
+def rank_process_advantages(recipe: Recipe, parts: list, rank: int, group_size: int):
+    """(B_r, T_r) process advantages of rank `rank`'s completions, each group normalised whole, wherever its members are.
+
+    parts: every rank's (event values (B_q, S_q), event positions (B_q, S_q), outcome (B_q,), width T_q), in rank
+    order: `TokenRewards.event_tensors()` of that rank's completions and their padded width. TRL gives rank q
+    the q-th contiguous slice of a generation batch made of consecutive groups of `group_size`, so the rows
+    stacked in rank order are the whole batch in TRL's order (as TRL's own `gather` of the scalar rewards), and
+    a group may straddle two ranks. The advantages of the whole batch (`core.process_token_advantages`, width
+    max T_q) are cut to this rank's rows and its width T_r; nothing is lost: a sample's events, and so its
+    non-zero advantages, lie within its own completion. One process: parts = [its own], rank 0.
+    """
+    import torch
+
     from rlprm.rl.core import process_token_advantages
 
-    values, positions, outcome = last["rewards"].event_tensors()
-    return process_token_advantages(values, positions, group_size, width, form=recipe.rl.process_advantage,
-                                    outcome=outcome)
+    S = max(v.shape[1] for v, _, _, _ in parts)
+    values = torch.cat([torch.nn.functional.pad(v, (0, S - v.shape[1]), value=0.0) for v, _, _, _ in parts])
+    positions = torch.cat([torch.nn.functional.pad(p, (0, S - p.shape[1]), value=-1) for _, p, _, _ in parts])
+    outcome = torch.cat([o.reshape(-1) for _, _, o, _ in parts])
+    width = max(int(w) for _, _, _, w in parts)
+    whole = process_token_advantages(values, positions, group_size, width, form=recipe.rl.process_advantage,
+                                     outcome=outcome)
+    start = sum(v.shape[0] for v, _, _, _ in parts[:rank])
+    rows, own_width = parts[rank][0].shape[0], int(parts[rank][3])
+    return whole[start:start + rows, :own_width]
 
 
-def check_sizes(recipe: Recipe) -> None:
-    """Raise RLInputError when the batch sizes do not fit GRPO's batching."""
+def check_sizes(recipe: Recipe, world: int = 1) -> None:
+    """Raise RLInputError when the batch sizes do not fit GRPO's batching on `world` processes."""
     rl = recipe.rl
     B = rl.prompts_per_iteration * rl.samples_per_problem
     if rl.samples_per_problem < 2:
@@ -183,6 +236,10 @@ def check_sizes(recipe: Recipe) -> None:
     if rl.problems_per_epoch % rl.prompts_per_iteration:
         raise RLInputError(f"rl.problems_per_epoch ({rl.problems_per_epoch}) must be a multiple of "
                              f"rl.prompts_per_iteration ({rl.prompts_per_iteration}) for GRPO")
+    if rl.minibatch_size % world:
+        raise RLInputError(f"rl.minibatch_size ({rl.minibatch_size}) is a total over the {world} processes and must "
+                           f"be a multiple of {world} for GRPO (each rank takes minibatch_size / {world} completions "
+                           "per optimizer step); set it to a multiple, or launch a number of processes that divides it")
 
 
 
@@ -203,12 +260,20 @@ class GRPO:
     needs_reference = False  # TRL builds its own from `config._name_or_path` (the generator) when the KL is on
 
     def check(self, recipe: Recipe) -> None:
+        from rlprm.rl.distributed import launched_world_size
+
         check_models(recipe)
-        check_sizes(recipe)
+        check_sizes(recipe, launched_world_size())
         all_weights_only(recipe, "GRPO")
+        if recipe.deepspeed is not None:
+            raise RLInputError("rl.algorithm grpo does not take a `deepspeed:` config: TRL's trainer runs data "
+                               "parallel (DDP) on the processes the launcher starts; remove the key")
 
     def distributed(self, recipe: Recipe):
-        return one_process("GRPO")
+        # one process: Dist.single(); several: a process group that TRL's accelerate state adopts (DDP)
+        from rlprm.rl.distributed import setup_process_group
+
+        return setup_process_group(recipe)
 
     def setup(self, run: Run) -> None:
         import torch
@@ -238,25 +303,33 @@ class GRPO:
         recipe, rl = run.recipe, run.recipe.rl
         iterations = rl.problems_per_epoch // rl.prompts_per_iteration
         steps_per_iteration = rl.prompts_per_iteration * rl.samples_per_problem // rl.minibatch_size * rl.ppo_epochs
-        reward_fn = RewardFunction(recipe, problems, run.tokenizer, run.reward_model, run.run_dir)
+        reward_fn = RewardFunction(recipe, problems, run.tokenizer, run.reward_model, run.run_dir, run.dist)
         times: dict = {}
+        engine = getattr(self, "vllm_generation", None)  # rl.rollout vllm: the first epoch's engine serves them all
         # 1.-7. generate, score, advantages, update: TRL's loop with our reward function and advantages; 8. log
         trainer = RlprmGRPOTrainer(
             model=run.policy,
             reward_funcs=[reward_fn],
-            args=grpo_args(recipe, run.run_dir / "trl", seed=recipe.run.seed * 1_000_003 + 3000 + epoch),
+            args=grpo_args(recipe, run.run_dir / "trl", seed=recipe.run.seed * 1_000_003 + 3000 + epoch,
+                           world=run.dist.world),
             train_dataset=Dataset.from_dict({"prompt": [p.prompt for p in problems],
                                              "problem_index": list(range(len(problems)))}),
             processing_class=run.tokenizer,
             callbacks=[IterationLog(run, reward_fn, times, epoch, iterations, steps_per_iteration)],
             optimizers=(self.optimizer, None),
             reward=reward_fn, process=recipe.reward.mode == "dense", run_dir=run.run_dir, times=times,
+            vllm_generation=engine,
+            dist=run.dist,
         )
+        self.vllm_generation = getattr(trainer, "vllm_generation", None)
         # IterationLog prints one line per iteration; transformers' own printer/progress bar would repeat it as dicts
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
         trainer.train()
-        shutil.rmtree(run.run_dir / "trl", ignore_errors=True)
+        run.dist.barrier()  # every rank is done with the folder before rank 0 removes it
+        if run.dist.is_main:
+            shutil.rmtree(run.run_dir / "trl", ignore_errors=True)
 
 
-__all__ = ["GRPO", "RewardFunction", "TRL_OUTPUT_KEYS", "check_sizes", "grpo_advantages", "grpo_args"]
+__all__ = ["GRPO", "RewardFunction", "TRL_OUTPUT_KEYS", "check_sizes", "grpo_advantages", "grpo_args",
+           "rank_process_advantages"]

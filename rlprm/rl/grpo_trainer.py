@@ -9,10 +9,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from accelerate.utils import gather_object
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
-from rlprm.rl.grpo import TRL_OUTPUT_KEYS, RewardFunction, grpo_advantages
+from rlprm.rl.grpo import TRL_OUTPUT_KEYS, RewardFunction, rank_process_advantages
 from rlprm.rl.run import RLError, Run, check_finite, mean
 
 
@@ -23,12 +24,36 @@ class RlprmGRPOTrainer(GRPOTrainer):
     process: hand the loss (B, T) process advantages (`grpo.grpo_advantages`);
     run_dir: where the last good checkpoint is named from when a loss is not
     finite; times: seconds spent generating and scoring, summed over an
-    iteration (the `IterationLog` callback reads and clears it).
+    iteration (the `IterationLog` callback reads and clears it); vllm_generation: with `use_vllm`, an
+    engine an earlier trainer built (TRL's `VLLMGeneration`), used instead of building another; dist: the run's
+    `rl.distributed.Dist` (a NaN on one rank stops every rank).
+
+    Several processes: this rank's `output` holds its own slice of the
+    generation batch; its process advantages come from every rank's reward
+    events (`grpo.rank_process_advantages`), as TRL's scalar advantages come
+    from every rank's rewards.
     """
 
-    def __init__(self, *args, reward: RewardFunction, process: bool, run_dir: Path, times: dict, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, reward: RewardFunction, process: bool, run_dir: Path, times: dict,
+                 vllm_generation=None, dist=None, **kwargs):
+        if vllm_generation is None:
+            super().__init__(*args, **kwargs)
+        else:
+            # rlprm builds a trainer per epoch and TRL a colocated engine per trainer: a second engine would take
+            # another rl.vllm_gpu_memory_utilization of the GPU, so TRL's constructor is handed the first one
+            import trl.trainer.grpo_trainer as trl_grpo
+
+            build = trl_grpo.VLLMGeneration
+            trl_grpo.VLLMGeneration = lambda **_: vllm_generation
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                trl_grpo.VLLMGeneration = build
         self.rlprm_reward, self.rlprm_process, self.rlprm_run_dir, self.rlprm_times = reward, process, run_dir, times
+        self.rlprm_dist = dist
+        if dist is not None and self.accelerator.num_processes != dist.world:
+            raise RLError(f"TRL's accelerator sees {self.accelerator.num_processes} processes but the run has "
+                          f"{dist.world}: the trainer did not join the launcher's process group")
 
     def _generate(self, prompts):
         t0 = time.monotonic()
@@ -47,9 +72,6 @@ class RlprmGRPOTrainer(GRPOTrainer):
         if missing:
             raise RLError(f"TRL's _generate_and_score_completions no longer returns {missing}; rlprm's GRPO "
                           "override needs trl 1.16.x (see pyproject.toml)")
-        if self.accelerator.num_processes > 1:
-            raise RLError("process-supervised GRPO runs on one process for now (a group's steps must be "
-                          "normalised together)")
         completion_ids = output["completion_ids"]
         B, C = completion_ids.shape
         if len(last.get("ids", [])) != B:
@@ -61,16 +83,21 @@ class RlprmGRPOTrainer(GRPOTrainer):
             if completion_ids[i, :n].tolist() != last["ids"][i][:n]:
                 raise RLError(f"completion {i} differs from the one the reward function scored; the TRL "
                               "contract changed (rlprm needs trl 1.16.x)")
-        adv = grpo_advantages(self.rlprm_reward.recipe, last, self.num_generations, C)
+        # every rank's reward events (one rank: its own), so that a group straddling two ranks is normalised whole
+        values, positions, outcome = last["rewards"].event_tensors()
+        mine = (values.cpu(), positions.cpu(), outcome.cpu(), C)
+        parts = gather_object([mine]) if self.accelerator.num_processes > 1 else [mine]
+        adv = rank_process_advantages(self.rlprm_reward.recipe, parts, self.accelerator.process_index,
+                                      self.num_generations)
         output["advantages"] = adv.to(output["advantages"].device, output["advantages"].dtype)
-        check_finite("the advantages", output["advantages"], self.rlprm_run_dir)
+        check_finite("the advantages", output["advantages"], self.rlprm_run_dir, self.rlprm_dist)
         self.rlprm_times["score"] += time.monotonic() - t0
         return output
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         value = loss[0] if isinstance(loss, tuple) else loss
-        check_finite("the GRPO loss", value.detach(), self.rlprm_run_dir)
+        check_finite("the GRPO loss", value.detach(), self.rlprm_run_dir, self.rlprm_dist)
         return loss
 
 
@@ -123,8 +150,10 @@ class IterationLog(TrainerCallback):
             "time/score": round(t_score, 3),
             "time/update": round(total - t_gen - t_score, 3),
         }
+        # ours are this rank's; TRL's (loss, kl, reward_std) are already over every rank: the all-rank mean
+        record = run.dist.mean_metrics(record)
         run.log(record)
-        if run.progress:
+        if run.progress and run.dist.is_main:
             print(f"epoch {self.epoch + 1}/{rl.epochs} it {it}/{self.iterations}  reward {record['rl/reward']:+.3f}  "
                   f"answer {record['rl/answer_accuracy']:.1%}  gen {t_gen:.1f}s score {t_score:.1f}s "
                   f"update {record['time/update']:.1f}s", flush=True)

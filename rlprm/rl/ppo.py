@@ -71,29 +71,23 @@ class Rollout:
     prompt_width: int
     response_ids: list[list[int]]  # per sample, the generated ids up to and including EOS
     texts: list[str]  # per sample, the decoded response (special tokens skipped)
+    sampler_logprobs: "object" = None  # (B, T) float: a vLLM sampler's own log-probs (NaN unknown); the gap's only
 
 
 # --------------------------------------------------------------------------- pieces
 
 
-def _generate(policy, tokenizer, prompts: list[str], n: int, temperature: float, max_new_tokens: int) -> Rollout:
-    """n samples per prompt, keeping EOS and the token ids (rlprm.sampling strips both, which RL cannot use)."""
-    import torch
+def _generate(sampler, tokenizer, prompts: list[str], n: int, temperature: float, max_new_tokens: int) -> Rollout:
+    """n samples per prompt from `sampler` (rlprm/rollout.py: HF `generate` on the policy, or a vLLM engine),
+    keeping EOS and the token ids (rlprm.sampling strips both, which RL cannot use)."""
+    from rlprm.rollout import sampler_logprob_tensor
 
-    device = next(policy.parameters()).device
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-    was_training = policy.training
-    policy.eval()
-    try:
-        with torch.no_grad():
-            # pure temperature sampling, as everywhere in rlprm; the global torch RNG drives it (restored on resume)
-            out = policy.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                  max_new_tokens=max_new_tokens, num_return_sequences=n,
-                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    finally:
-        policy.train(was_training)
-    return build_rollout(tokenizer, enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1]:].tolist(), n)
+    g = sampler.generate(prompts, n, temperature, max_new_tokens)
+    ro = build_rollout(tokenizer, g.prompt_ids, g.prompt_mask, g.completions, n)
+    if g.logprobs is not None:  # for the logged sampler-vs-trainer gap only, never for the ratio
+        ro.sampler_logprobs = sampler_logprob_tensor(g.logprobs, [len(s) for s in ro.response_ids],
+                                                     ro.response_mask.shape[1]).to(ro.response_mask.device)
+    return ro
 
 
 def build_rollout(tokenizer, prompt_ids, prompt_mask, generated: list[list[int]], n: int) -> Rollout:
@@ -230,6 +224,10 @@ class PPO:
         # `self.value_model` stay the HF models inside them, used for sampling, no-grad passes, evaluation and saving
         self.policy_engine = run.dist.wrap(run.policy, self.policy_opt)
         self.value_engine = run.dist.wrap(self.value_model, self.value_opt)
+        # who samples (rl.rollout): HF generate on the policy, or a colocated vLLM engine refreshed after each update
+        from rlprm.rollout import sampler_for
+
+        self.sampler = run.sampler = sampler_for(recipe, run.policy, run.tokenizer)
         kl = rl.kl_coef
         self.kl_ctl = FixedKLController(kl) if rl.target_kl is None else AdaptiveKLController(kl, rl.target_kl,
                                                                                               rl.kl_horizon)
@@ -261,6 +259,7 @@ class PPO:
         from rlprm.rewards import RewardError, add_kl_penalty, confidence_scores, prefix_correct_probs, token_rewards
         from rlprm.rl.core import entropy_from_logits, gae, logprobs_from_logits, masked_mean, policy_loss, value_loss
         from rlprm.rl.distributed import shard, trim
+        from rlprm.rollout import logprob_gap
 
         recipe, rl, rcfg, dist = run.recipe, run.recipe.rl, run.recipe.reward, run.dist
         sep, tokenizer, device, run_dir = recipe.task.step_separator, run.tokenizer, run.device, run.run_dir
@@ -278,9 +277,10 @@ class PPO:
                 break
             t0 = time.monotonic()
 
-            # 1. generate: n samples per prompt, EOS and token ids kept (ZeRO-3: from the gathered weights)
+            # 1. generate: n samples per prompt, EOS and token ids kept (rl.rollout: HF generate or vLLM; ZeRO-3:
+            # the policy gathered whole on every rank, so that ranks stopping at different lengths never wait)
             with dist.whole_weights(policy):
-                ro = _generate(policy, tokenizer, [p.prompt for p in batch], n, rl.temperature, rl.max_new_tokens)
+                ro = _generate(self.sampler, tokenizer, [p.prompt for p in batch], n, rl.temperature, rl.max_new_tokens)
             B, T = ro.response_mask.shape
             sample_problems = [p for p in batch for _ in range(n)]
             t_gen = time.monotonic() - t0
@@ -327,6 +327,9 @@ class PPO:
                 old_logprobs, logits = rollout_logprobs(policy, ro, rl.temperature)
                 entropy = masked_mean(entropy_from_logits(logits.float() / rl.temperature, mask), mask)
                 del logits
+                # the ratio's old log-probs are the policy's own (above); a vLLM sampler's only measure the mismatch
+                gap = None if ro.sampler_logprobs is None else logprob_gap(ro.sampler_logprobs, old_logprobs,
+                                                                           ro.response_mask)
                 if ref_logprobs is None:
                     ref_logprobs, _ = rollout_logprobs(reference, ro, rl.temperature)
                 value_model.eval()
@@ -382,6 +385,7 @@ class PPO:
                     stats["value_loss"].append(vl.item())
                     for k, v in {**pstats, **vstats}.items():
                         stats[k].append(float(v))
+            self.sampler.refresh()  # a vLLM engine samples the next rollout with the updated weights
             t_update = time.monotonic() - t0 - t_gen - t_score
             run.step += 1
             mean_kl = float(kl.sum(1).mean())  # per sample, summed over its tokens (kl is 0 at padding)
@@ -411,6 +415,8 @@ class PPO:
                 "time/generate": round(t_gen, 3),
                 "time/score": round(t_score, 3),
                 "time/update": round(t_update, 3),
+                # vLLM sampler only (None: no token with a known sampler log-prob); the HF sampler IS the policy
+                **({} if ro.sampler_logprobs is None else {"rollout/logprob_gap": gap}),
             }
             record = dist.mean_metrics(record)  # all-rank means (same number of samples on each)
             run.log(record)

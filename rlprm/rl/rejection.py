@@ -14,6 +14,16 @@ ground-truth rewards, up to `rl.rejection_top_k` distinct samples the grader
 accepts. Identical texts are kept once: a solution sampled many times (the
 usual case for a right one) would otherwise be trained on many times.
 
+Several processes (`deepspeed --num_gpus N rlprm/train_rl.py RECIPE`, or
+`torchrun` / `accelerate launch --multi_gpu`): each rank samples and scores
+every N-th problem of the epoch, the ranks' samples, scores and selections are
+gathered back into the problems' order (`gather_rows`), so every rank holds
+the same kept set, the one a single process would keep from those samples;
+the SFT pass then runs data parallel (TRL's trainer over the launcher's
+process group: DDP shards the kept set and averages the gradients;
+`rl.sft_batch_size` is a total over the ranks). The ranks end with the same
+weights; rank 0 alone evaluates and writes.
+
 The policy's optimizer lives across epochs (each epoch builds a new trainer
 around the same model and optimizer), and the checkpoint holds it, so a resumed
 run continues where it stopped. The problems and the sampling seed of epoch e
@@ -28,7 +38,7 @@ import shutil
 import time
 
 from rlprm.config import Recipe
-from rlprm.rl.run import RLError, RLInputError, Run, check_models, last_good, mean, one_process
+from rlprm.rl.run import RLError, RLInputError, Run, check_models, last_good, mean
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -58,9 +68,37 @@ def select_samples(scores: list[list[float]], eligible: list[list[bool]], texts:
     return keep
 
 
+def gather_rows(parts: list[list[tuple[int, object]]]) -> list:
+    """Every rank's (problem index, row) pairs back in the problems' order: [rank][k] -> [problem].
+
+    Rank r holds the rows of problems r, r + N, r + 2N, ... (`distributed.shard`); the result is what one
+    process would have built over all the problems.
+    """
+    rows = sorted((index, row) for part in parts for index, row in part)
+    if [index for index, _ in rows] != list(range(len(rows))):
+        raise RLError(f"the ranks returned problems {[index for index, _ in rows]}; expected each of "
+                      f"0..{len(rows) - 1} once (a bug in the sharding)")
+    return [row for _, row in rows]
+
+
+def check_world(recipe: Recipe, world: int) -> None:
+    """Raise RLInputError when the sizes do not split over `world` processes (the key named)."""
+    rl = recipe.rl
+    if rl.sft_batch_size % world:
+        raise RLInputError(f"rl.sft_batch_size ({rl.sft_batch_size}) is a total over the {world} processes and must "
+                           f"be a multiple of {world} (each rank takes sft_batch_size / {world} samples per SFT "
+                           "step); set it to a multiple, or launch a number of processes that divides it")
+    if rl.problems_per_epoch < world:
+        raise RLInputError(f"rl.problems_per_epoch ({rl.problems_per_epoch}) is below the number of processes "
+                           f"({world}): every rank needs at least one problem to sample")
+
+
 def check_inputs(recipe: Recipe) -> None:
     """What can be checked before a model is loaded; raises RLInputError."""
+    from rlprm.rl.distributed import launched_world_size
+
     check_models(recipe)
+    check_world(recipe, launched_world_size())
     if recipe.reward.mode == "dense":
         raise RLInputError("reward.mode is dense, but rejection sampling ranks whole solutions: set "
                            "reward.mode: sparse (a PRM's step scores are aggregated by reward.sparse_aggregate)")
@@ -84,7 +122,10 @@ class RejectionSampling:
         check_inputs(recipe)
 
     def distributed(self, recipe: Recipe):
-        return one_process("rejection_sampling")
+        # one process: Dist.single(); several: a process group that the SFT trainer's accelerate state adopts (DDP)
+        from rlprm.rl.distributed import setup_process_group
+
+        return setup_process_group(recipe)
 
     def setup(self, run: Run) -> None:
         import datasets
@@ -94,6 +135,10 @@ class RejectionSampling:
         # one optimizer for the whole run (constant rate): its moments carry over from epoch to epoch
         self.optimizer = torch.optim.AdamW([p for p in run.policy.parameters() if p.requires_grad],
                                            lr=run.recipe.rl.learning_rate)
+        # who samples (rl.rollout): HF generate on the policy, or a colocated vLLM engine refreshed after each SFT pass
+        from rlprm.rollout import sampler_for
+
+        self.sampler = run.sampler = sampler_for(run.recipe, run.policy, run.tokenizer)
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -112,41 +157,52 @@ class RejectionSampling:
 
         import rlprm.lean_sft as lean_sft
         from rlprm.problems import grade_samples
-        from rlprm.sampling import sample
+        from rlprm.rl.distributed import rank_seed, shard
 
-        recipe, rl, rcfg = run.recipe, run.recipe.rl, run.recipe.reward
+        recipe, rl, rcfg, dist = run.recipe, run.recipe.rl, run.recipe.reward, run.dist
         sep, policy, reward_model, run_dir, device = (recipe.task.step_separator, run.policy, run.reward_model,
                                                       run.run_dir, run.device)
         n = rl.samples_per_problem
         t0 = time.monotonic()
+        # this rank's problems: every world-th one (all of them on one process)
+        indices = shard(list(range(len(problems))), dist)
+        mine = [problems[i] for i in indices]
 
-        # 1. generate: N per problem, seeded by (seed, epoch) so that a resumed run samples the same
-        out = sample(policy, run.tokenizer, [p.prompt for p in problems], n=n, temperature=rl.temperature,
-                     max_new_tokens=rl.max_new_tokens, batch_size=rl.sample_batch_size,
-                     seed=recipe.run.seed * 1_000_003 + 2000 + epoch, progress=run.progress,
-                     desc=f"epoch {epoch + 1}/{rl.epochs}: sampling {n} per problem")
+        # 1. generate: N per problem, seeded by (seed, epoch) so that a resumed run samples the same (and by the
+        #    rank: each rank its own noise; rank 0's seed is the one-process seed)
+        out = self.sampler.sample([p.prompt for p in mine], n=n, temperature=rl.temperature,
+                                  max_new_tokens=rl.max_new_tokens, batch_size=rl.sample_batch_size,
+                                  seed=rank_seed(recipe.run.seed * 1_000_003 + 2000 + epoch, dist.rank),
+                                  progress=run.progress and dist.is_main,
+                                  desc=f"epoch {epoch + 1}/{rl.epochs}: sampling {n} per problem")
         texts = out.texts
         t_gen = time.monotonic() - t0
 
         # 2. score: the grader always (for the log, and ground-truth selection); the reward model if used
-        grades = grade_samples(problems, texts, sep)
+        grades = grade_samples(mine, texts, sep)
+        reason = None
         if reward_model is not None:
-            flat = reward_model.score([p.text for p in problems for _ in range(n)],
+            flat = reward_model.score([p.text for p in mine for _ in range(n)],
                                       [t for row in texts for t in row], aggregate=rcfg.sparse_aggregate, sep=sep)
             if not all(math.isfinite(s) for s in flat):
-                raise RLError(f"epoch {epoch + 1}: the reward model gave non-finite scores (NaN/inf); "
-                              f"check {recipe.model.reward_model}")
-            scores = [flat[i * n:(i + 1) * n] for i in range(len(problems))]
+                reason = (f"epoch {epoch + 1}: the reward model gave non-finite scores (NaN/inf); "
+                          f"check {recipe.model.reward_model}")
+            scores = [flat[i * n:(i + 1) * n] for i in range(len(mine))]
             # a solution with no final answer is never worth imitating, however the RM scores its steps
             eligible = [[g.answer is not None for g in row] for row in grades]
         else:
             scores = [[float(g.answer_correct) for g in row] for row in grades]
             eligible = [[g.answer_correct for g in row] for row in grades]
+        dist.stop_if_any(reason, RLError)  # every rank stops (the others would wait in the gather below)
         t_score = time.monotonic() - t0 - t_gen
 
-        # 3. select: the best distinct samples of each problem
+        # 3. select: the best distinct samples of each problem; every rank's rows gathered in the problems'
+        #    order, so that every rank holds the same kept set (the one a single process would keep)
         keep = select_samples(scores, eligible, texts, rl.rejection_top_k,
                               rl.rejection_min_score if reward_model is not None else None)
+        if dist.active:
+            rows = gather_rows(dist.gather(list(zip(indices, zip(texts, grades, scores, keep)))))
+            texts, grades, scores, keep = ([row[k] for row in rows] for k in range(4))
         kept = [(i, j) for i, row in enumerate(keep) for j in row]
 
         # 4. SFT: one pass (rl.sft_epochs) over the kept samples, completion-only loss, the run's optimizer
@@ -157,14 +213,16 @@ class RejectionSampling:
                                       "completion": [texts[i][j] for i, j in kept]})
             args = SFTConfig(
                 output_dir=str(run_dir / "sft_work"), num_train_epochs=rl.sft_epochs,
-                per_device_train_batch_size=rl.sft_batch_size, learning_rate=rl.learning_rate,
+                per_device_train_batch_size=rl.sft_batch_size // dist.world, learning_rate=rl.learning_rate,
                 max_grad_norm=rl.max_grad_norm, logging_steps=1, save_strategy="no", report_to=[],
                 use_cpu=device == "cpu", seed=recipe.run.seed + epoch, data_seed=recipe.run.seed + epoch,
                 completion_only_loss=True, max_length=None, dataset_num_proc=None, disable_tqdm=not run.progress,
                 dataloader_num_workers=0,
                 # TRL's SFTConfig defaults both to True; on a CPU, bf16 autocast and recomputed activations
                 # only slow small models down, so they are on for GPUs only
-                bf16=device == "cuda" and torch.cuda.is_bf16_supported(), activation_checkpointing=device != "cpu",
+                bf16=device.startswith("cuda") and torch.cuda.is_bf16_supported(),
+                activation_checkpointing=not device.startswith("cpu"),
+                ddp_find_unused_parameters=False,  # several ranks: every trainable weight gets a gradient
             )
             # the run's optimizer at a constant rate: a fresh trainer per epoch, the same moments throughout
             scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
@@ -172,15 +230,21 @@ class RejectionSampling:
                                               processing_class=run.tokenizer, optimizers=(self.optimizer, scheduler),
                                               callbacks=[lean_sft.SFTStepLog(run.tracker, run.step, sft_state)])
             trainer.remove_callback(PrinterCallback)  # logs go to metrics.jsonl, not raw dicts on stdout
+            if trainer.accelerator.num_processes != dist.world:
+                raise RLError(f"the SFT trainer sees {trainer.accelerator.num_processes} processes but the run has "
+                              f"{dist.world}: it did not join the launcher's process group")
             trainer.train()
             run.step += trainer.state.global_step
-            shutil.rmtree(run_dir / "sft_work", ignore_errors=True)
+            dist.barrier()  # every rank is done with the folder before rank 0 removes it
+            if dist.is_main:
+                shutil.rmtree(run_dir / "sft_work", ignore_errors=True)
             if "bad" in sft_state:
                 raise RLError(f"epoch {epoch + 1}: {sft_state['bad']} is not finite (NaN/inf); stopped before it "
                               f"reached a checkpoint. {last_good(run_dir)}. Lower rl.learning_rate, then run again "
                               "(with --resume to continue from the checkpoint)")
             policy.to(device)
-        else:
+            self.sampler.refresh()  # a vLLM engine samples the next epoch (and the best-of-N) with the new weights
+        elif dist.is_main:
             print(f"epoch {epoch + 1}: no sample was kept (none "
                   f"{'reached an answer' if reward_model else 'was accepted by the grader'}); skipping SFT this epoch")
         t_sft = time.monotonic() - t0 - t_gen - t_score
@@ -206,11 +270,11 @@ class RejectionSampling:
             "time/sft": round(t_sft, 3),
         }
         run.log(record)
-        if run.progress:
+        if run.progress and dist.is_main:
             ka = record["rs/kept_answer_accuracy"]
             print(f"epoch {epoch + 1}/{rl.epochs}: sampled answer {record['rl/answer_accuracy']:.1%}, kept "
                   f"{len(kept)} ({'-' if ka is None else f'{ka:.1%}'} right), {run.step - steps_before} SFT steps  "
                   f"gen {t_gen:.1f}s score {t_score:.1f}s sft {t_sft:.1f}s", flush=True)
 
 
-__all__ = ["RejectionSampling", "check_inputs", "select_samples"]
+__all__ = ["RejectionSampling", "check_inputs", "check_world", "gather_rows", "select_samples"]

@@ -5,7 +5,8 @@ torchtune's recipe shape (setup / train / cleanup), with composition: an
 optimizers, its update for one epoch, its checkpoint state); everything the
 three algorithms share lives here, once:
 
-    setup     input checks; processes (DeepSpeed data parallel for PPO); the run
+    setup     input checks; processes (DeepSpeed engines for PPO, the trainers' DDP for GRPO and
+              rejection sampling); the run
               folder (fresh start or --resume); tokenizer, policy, frozen
               reference (PPO; with LoRA the policy's base, adapters off),
               reward model (a PRM/ORM, checked against
@@ -113,14 +114,21 @@ def check_models(recipe: Recipe) -> None:
             raise RLInputError(f"{key} {ref} does not exist" + (f"; build it first with `{hint}`" if hint else ""))
 
 
-def one_process(algorithm: str):
-    """`Dist.single()` for an algorithm that trains on one process for now; RLInputError under a multi-process launch."""
-    from rlprm.rl.distributed import Dist, launched_world_size
+def check_rollout(recipe: Recipe) -> None:
+    """Raise RLInputError for rl.rollout vllm under ZeRO-3 (PPO, rejection sampling): refreshing the engine reads
+    whole weights, which ZeRO-3 partitions across the ranks (GRPO's TRL engine gathers them itself)."""
+    import json
 
-    if launched_world_size() > 1:  # every rank would run the whole loop into the same run folder
-        raise RLInputError(f"{algorithm} trains on one process for now; launch it with plain "
-                           "`python rlprm/train_rl.py ...` or `deepspeed --num_gpus 1 ...`")
-    return Dist.single()
+    if recipe.rl.rollout != "vllm" or recipe.rl.algorithm == "grpo" or recipe.deepspeed is None:
+        return
+    try:
+        stage = (json.loads(Path(recipe.deepspeed).read_text()).get("zero_optimization") or {}).get("stage", 0)
+    except (OSError, ValueError, AttributeError):
+        return  # an unreadable config is reported where it is read (rl/distributed.py)
+    if stage == 3:
+        raise RLInputError(f"rl.rollout vllm with ZeRO-3 ({recipe.deepspeed}) is not supported yet for "
+                           f"{recipe.rl.algorithm}: refreshing the engine needs whole weights; use "
+                           "deepspeed_configs/zero2.json or rl.rollout: hf")
 
 
 def all_weights_only(recipe: Recipe, algorithm: str) -> None:
@@ -199,6 +207,8 @@ class Run:
     reference: object = None
     reward_model: object = None
     tracker: object = None
+    sampler: object = None
+    """Who samples for the between-epoch best-of-N (rlprm/rollout.py, set by the algorithm); None: HF generate."""
     state: dict | None = None
     """The checkpoint's state.pt (None on a fresh start)."""
     start_epoch: int = 0
@@ -225,7 +235,7 @@ class Run:
         with self.dist.whole_weights(self.policy):
             if self.dist.is_main:
                 metrics = between_epochs(self.recipe, self.policy, self.tokenizer, self.eval_set, self.reward_model,
-                                         epoch, reference=self.reference)
+                                         epoch, reference=self.reference, sampler=self.sampler)
                 if metrics:
                     self.log(metrics)
         self.dist.barrier()
@@ -257,11 +267,16 @@ def setup(recipe: Recipe, algorithm: Algorithm, resume: bool, progress: bool) ->
     from rlprm.tracking import NullTracker, Tracker, cut_metrics
 
     algorithm.check(recipe)
+    check_rollout(recipe)
     rl, rcfg = recipe.rl, recipe.reward
     dist = algorithm.distributed(recipe)
     run_dir = Path(recipe.run.output_dir)
     device = device_for(dist, resolve_device(recipe.run.device))
     ckpt = start_or_resume(run_dir, resume, RLInputError, writes=dist.is_main)
+    seen_by_rank = dist.gather(ckpt.name if ckpt is not None else None)
+    if len(set(seen_by_rank)) > 1:  # several nodes, each with its own disk: they would train from different weights
+        raise RLInputError(f"the ranks see different checkpoints in {run_dir} ({seen_by_rank}, in rank order): put "
+                           "run.output_dir on a file system every node shares to resume a multi-node run")
     run = Run(recipe, progress, run_dir, dist, device, ckpt)
     dist.seed_everything(recipe.run.seed)  # the same on every rank: a new value head starts identical everywhere
 
@@ -309,7 +324,7 @@ def cleanup(run: Run, algorithm: Algorithm) -> dict:
 
     dist, final = run.dist, run.final
     sync = {}
-    if dist.deepspeed:
+    if dist.deepspeed or dist.active:
         # every rank's own digest of its weights: data parallelism must leave them identical (ZeRO-3: the
         # gathered weights, so that a digest covers every parameter, not this rank's shard)
         models = {"policy": run.policy, **algorithm.extra_models()}
@@ -391,5 +406,6 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
     return run_algorithm(recipe, algorithm_for(recipe), resume=resume, progress=progress)
 
 
-__all__ = ["Algorithm", "RLError", "RLInputError", "Run", "algorithm_for", "check_finite", "check_models", "cleanup",
-           "last_good", "load_policy", "mean", "one_process", "all_weights_only", "run_algorithm", "setup", "train"]
+__all__ = ["Algorithm", "RLError", "RLInputError", "Run", "algorithm_for", "check_finite", "check_models",
+           "check_rollout", "cleanup", "last_good", "load_policy", "mean", "all_weights_only", "run_algorithm", "setup",
+           "train"]
