@@ -777,7 +777,7 @@ class Recipe(Section):
     bench: BenchConfig = _section()
     """PRM benchmarking: `rlprm bench-prm` (ProcessBench F1 per subset, step AUROC)."""
     deepspeed: InputPath | None = None
-    """A DeepSpeed JSON config (see deepspeed_configs/); none trains without DeepSpeed."""
+    """A DeepSpeed JSON config (see deepspeed_configs/); none trains without DeepSpeed. PPO runs ZeRO-2 and ZeRO-3 (zero3.json shards the policy's and critic's weights, gathered whole to generate, evaluate and save); CPU offload is refused (it needs DeepSpeed's own optimizer)."""
 
     # Where the recipe came from; set by load_recipe, not by the YAML.
     source: Path | None = Field(None, exclude=True)

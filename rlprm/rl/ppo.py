@@ -46,8 +46,9 @@ ZeRO-3 the policy is gathered whole on every rank for generation
 for each other's forward passes; every other pass runs on all ranks in step.
 
 Resume works at epoch granularity: a checkpoint holds the policy (its
-adapters only, with LoRA), the value model, both optimizers, the KL coefficient and the optimizer step count (for
-the warm-up), beside the skeleton's counters and RNG state.
+adapters only, with LoRA), the value model, both optimizers, the KL
+coefficient and the optimizer step count (for the warm-up), beside the
+skeleton's counters and RNG state.
 """
 
 from __future__ import annotations
