@@ -185,7 +185,8 @@ def _active_learning(recipe: Recipe, args: argparse.Namespace) -> None:
     from rlprm.active import run_loop
 
     summary = run_loop(recipe, progress=not args.no_progress)
-    print(f"table: {summary['table']}   plot: {summary['plot']}   wall {summary['wall_seconds']:.0f} s")
+    print(f"report: {summary['report']}   plot: {summary['plot']}   summary: {recipe.run.output_dir}/summary.json   "
+          f"wall {summary['wall_seconds']:.0f} s")
 
 
 def _train_rl(args: argparse.Namespace) -> int:
@@ -297,10 +298,15 @@ COMMANDS: dict[str, Command] = {
                     "RUN_DIR/to_label.jsonl). Rate them with `rlprm label`."),
     "active-learning": Command(
         "active vs uniform selection: PRM quality against the number of labels", _active_learning,
-        description="From one uniform seed set, several generations of select, label (active.labeller) and retrain a "
-                    "fresh PRM (active.train_steps), against uniform selection at the same label budget; writes "
-                    "active_learning.md (table + data-efficiency factor), active_learning.png, labels/*.jsonl and "
-                    "metrics to RUN_DIR and W&B."),
+        description="From one uniform seed set, up each label budget of active.budgets (labelled solutions): select, "
+                    "label (active.labeller: the checker or a PRM folder) and retrain a fresh PRM (active.train_steps "
+                    "steps, the rm settings of the default PRM), once with uniform picks and once per "
+                    "active.convincing_shares (the share of convincing wrong-answer solutions in each active set), "
+                    "over active.seeds. Writes RUN_DIR/report.md (quality per budget and arm: best-of-N process "
+                    "and answer accuracy, step AUROC, first-error F1 at a validation-chosen threshold; the "
+                    "data-efficiency factor per metric and share with a bootstrap interval over seeds), "
+                    "active_learning.png (curves with bands), summary.json (factor.METRIC.{mean,lo,hi}), "
+                    "labels/*.jsonl and metrics.jsonl."),
     "label": Command(
         "rate every step of PRM800K lines with the exact checker or a PRM", _label, _label_args, loads_recipe=False,
         description="Read PRM800K phase-2 lines (e.g. from `rlprm select`) and write them rated the phase-2 way (+1 "

@@ -677,12 +677,24 @@ class ActiveConfig(Section):
     """(loop) Solutions labelled per generation after the seed set, by each strategy (the label budget counts solutions)."""
     generations: int = Field(3, ge=1)
     """(loop) Select-label-retrain rounds after the seed set."""
+    budgets: list[int] = []
+    """(loop) The label budgets, cumulative, in labelled SOLUTIONS (one solution sent to the labeller is one label, whatever its steps; labelled steps are reported beside): the first is the uniform seed set every arm shares, each later one adds that many minus the previous, exactly. Empty: seed_labels + g * labels_per_generation for g = 0..generations."""
+    convincing_shares: list[float] = [0.0, 0.4, 0.8, 1.0]
+    """(loop) One active arm per share: the share of each generation's labels that are convincing wrong-answer solutions (the rest `fill`), the paper's phase-2 ablation; uniform selection is always run beside them. The factor's headline arm is convincing_fraction's share when listed, else the last one."""
     seeds: list[int] = Field([0], min_length=1)
-    """(loop) Repeats of the whole comparison (problem order, uniform picks and PRM initialisation); the report gives mean and spread."""
+    """(loop) Repeats of the whole comparison (problem order, uniform picks and PRM initialisation); the report gives mean and a bootstrap interval over seeds."""
     train_steps: int = Field(150, ge=1)
-    """(loop) Optimizer steps per PRM training: the per-generation cost. Every PRM of both strategies gets the same number, so only the labels differ."""
+    """(loop) Optimizer steps per PRM training: the per-generation budget, in steps. Every PRM of every arm gets the same number, so only the labels differ. With rm.scorer lm each PRM is trained as `rlprm train-rm` trains the default PRM (rm.learning_rate, rm.head_learning_rate, rm.lm_coef, rm.batch_size, rm.warmup_ratio), from labels alone."""
     warmup_steps: int = Field(10, ge=0)
-    """(loop) Linear warm-up steps; the learning rate then decays linearly to 10%."""
+    """(loop, rm.scorer head only) Linear warm-up steps; the learning rate then decays linearly to 10%."""
+    validation_share: float = Field(0.25, gt=0, lt=1)
+    """(loop) Share of the held-out problems (the first ones) that only choose the first-error threshold (the one with the best first-error F1 there, from threshold_grid); every reported quality is on the other problems."""
+    threshold_grid: list[float] = Field([round(0.05 * i, 2) for i in range(1, 20)], min_length=1)
+    """(loop) Thresholds tried on the validation problems for first-error F1."""
+    factor_level_share: float = Field(0.9, gt=0, le=1)
+    """(loop) The quality at which the data-efficiency factor is read: uniform's first point + this share of the way to uniform's best (seed-mean curves); see rlprm/efficiency.py."""
+    bootstrap_resamples: int = Field(2000, ge=100)
+    """(loop) Resamples of the bootstrap over seeds (curve bands and factor intervals)."""
     eval_n: int = Field(16, ge=2)
     """(loop) N of best-of-N on the held-out pool (the first eval_n samples of each held-out problem; at most rm.data.eval_samples_per_problem)."""
     eval_aggregate: Literal["prod", "min", "last", "mean"] = "prod"
@@ -691,8 +703,19 @@ class ActiveConfig(Section):
     """(loop) Who labels the selected solutions: `checker` (the exact checker) or a PRM, an rlprm folder or any public PRM (a large PRM supervising small ones, the paper's small-scale set-up); loaded once per run."""
     labeller_adapter: PRMAdapter | None = None
     """(loop) Family of a PRM labeller (the families of rm.adapter); None: detected from the checkpoint where unambiguous. The implicit family takes rm.reference_model and rm.implicit_beta."""
-    quality_metric: Literal["best_of_n_process_accuracy", "best_of_n_answer_accuracy", "first_error_f1"] = "best_of_n_process_accuracy"
-    """(loop) The PRM quality the data-efficiency factor compares (labels uniform needs / labels active needs for the same value)."""
+    quality_metric: Literal["best_of_n_process_accuracy", "best_of_n_answer_accuracy", "first_error_f1", "step_auroc"] = "best_of_n_process_accuracy"
+    """(loop) The headline PRM quality of the report (factors are computed for every metric)."""
+
+    @model_validator(mode="after")
+    def _budgets(self) -> "ActiveConfig":
+        if self.budgets and (self.budgets[0] < 1 or any(b <= a for a, b in zip(self.budgets, self.budgets[1:]))):
+            raise ValueError(f"active.budgets {self.budgets} must be positive and strictly increasing (cumulative "
+                             "labelled solutions, e.g. [32, 64, 128, 256])")
+        bad = [s for s in self.convincing_shares if not 0 <= s <= 1]
+        if bad or not self.convincing_shares:
+            raise ValueError(f"active.convincing_shares {self.convincing_shares} must be a non-empty list of shares "
+                             "in [0, 1], e.g. [0, 0.4, 0.8, 1.0]")
+        return self
 
 
 class BenchConfig(Section):

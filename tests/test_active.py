@@ -204,9 +204,8 @@ def test_a_public_prm_labels_through_the_loader(tmp_path, capsys):
 
 TINY = ["tracking.wandb=disabled", "run.device=cpu", "run.threads=1", "rm.data.train_problems=12",
         "rm.data.samples_per_problem=4", "rm.data.eval_problems=4", "rm.data.eval_samples_per_problem=4",
-        "rm.data.max_new_tokens=40", "rm.batch_size=4", "active.seeds=[0]", "active.generations=2",
-        "active.seed_labels=4", "active.labels_per_generation=4", "active.train_steps=2", "active.warmup_steps=1",
-        "active.eval_n=4"]
+        "rm.data.max_new_tokens=40", "rm.batch_size=4", "active.seeds=[0]", "active.budgets=[4,8,12]",
+        "active.convincing_shares=[0.8]", "active.train_steps=2", "active.eval_n=4", "active.bootstrap_resamples=100"]
 
 
 def test_select_and_loop_end_to_end(tmp_path, generator, char_tokenizer):  # noqa: F811
@@ -221,17 +220,17 @@ def test_select_and_loop_end_to_end(tmp_path, generator, char_tokenizer):  # noq
     summary = run_loop(recipe, progress=False)
     run = tmp_path / "run"
     assert (run / "active_learning.png").stat().st_size > 0
-    table = (run / "active_learning.md").read_text()
-    assert "| 4 | uniform |" in table and "| 12 | active |" in table and "factor" in table
-    assert summary["final_factor"] is not None and len(summary["factors"]) == 2
+    table = (run / "report.md").read_text()
+    assert "| 4 | uniform |" in table and "| 12 | active@0.8 |" in table and "factor" in table
+    assert set(summary["factor"]["best_of_n_process_accuracy"]["by_share"]) == {"0.8"}
     rows = [json.loads(t) for t in (run / "tables" / "active_learning.jsonl").read_text().splitlines()]
-    assert [(r["strategy"], r["labels"]) for r in rows] == [("uniform", 4), ("active", 4), ("uniform", 8),
-                                                            ("active", 8), ("uniform", 12), ("active", 12)]
+    assert [(r["strategy"], r["labels"]) for r in rows] == [("uniform", 4), ("active@0.8", 4), ("uniform", 8),
+                                                            ("active@0.8", 8), ("uniform", 12), ("active@0.8", 12)]
     assert len(read_metrics(run / "metrics.jsonl")) == 6
     # every generation went through PRM800K files; active picks carry their reason and the PRM score
-    active_lines = [json.loads(t) for t in (run / "labels" / "seed0_gen1_active.jsonl").read_text().splitlines()]
+    active_lines = [json.loads(t) for t in (run / "labels" / "seed0_gen1_active@0.8.jsonl").read_text().splitlines()]
     assert len(active_lines) == 4 and all(line["label"]["finish_reason"] for line in active_lines)
-    assert {line["selection"] for line in active_lines} <= {CONVINCING_WRONG, UNIFORM}
+    assert {line["selection"] for line in active_lines} <= {CONVINCING_WRONG, CONVINCING}  # fill: convincing
     assert all(isinstance(line["question"]["pre_generated_verifier_score"], float) for line in active_lines)
     # the pool was sampled once into the cache, not into the run folder
     assert (tmp_path / "cache").exists() is False and (run / "pool" / "rm_samples_train.jsonl").is_file()
