@@ -68,7 +68,7 @@ def mix_slots(quotas: Sequence[int], share: float) -> list[int]:
     """Convincing wrong-answer slots per problem when problem i is labelled `quotas[i]` times.
 
     The total is round(sum(quotas) * share) (half up), spread in order so that the running total follows
-    share * the running quota: quotas [2, 2, 1] at 0.4 give [1, 0, 1] (2 of 5).
+    share * the running quota: quotas [2, 2, 1] at 0.4 give [1, 1, 0] (2 of 5).
     """
     out, done, cum = [], 0, 0
     for q in quotas:
