@@ -718,6 +718,41 @@ class ActiveConfig(Section):
         return self
 
 
+LABELLINGS = ("process_large_prm", "outcome_large_prm", "outcome_grader", "process_checker")
+"""The labellings `rlprm synthetic-supervision` can train small reward models on (see SyntheticConfig.labellings)."""
+
+
+class SyntheticConfig(Section):
+    """Synthetic supervision (`rlprm synthetic-supervision`): a large PRM labels fresh generator samples; small reward
+    models train on the same samples with different labels (the paper's small-scale section).
+
+    The samples are rm.data's training pool (cached like `rlprm train-rm`'s); evaluation is best-of-N on rm.data's
+    held-out samples with the exact checker as the reference. Every reward model is built like the default one
+    (rm.scorer lm, the rm.* settings)."""
+
+    large_prm: ModelRef | None = None
+    """The large PRM that labels: an rlprm folder (e.g. runs/arith_prm/reward_model, what `rlprm train-rm recipes/prm_train.yaml` writes) or any public PRM (family large_prm_adapter). None: trained in this command on the checker-labelled samples of the first large_problems pool problems (plus rm.data.synthetic_per_problem task-written solutions each) for rm.max_steps steps, the default PRM's budget."""
+    large_prm_adapter: PRMAdapter | None = None
+    """Family of large_prm (the families of rm.adapter); None: detected where unambiguous."""
+    large_problems: int = Field(512, ge=0)
+    """The first pool problems, kept for the large PRM (its training set when trained here; with rm.data.train_problems >= 512 and the same seed they are also recipes/prm_train.yaml's 512 training problems); the fresh samples come from the problems after them."""
+    problems: int = Field(256, ge=1)
+    """Fresh pool problems whose samples (rm.data.samples_per_problem each) the large PRM labels and the small reward models train on."""
+    labellings: list[Literal["process_large_prm", "outcome_large_prm", "outcome_grader", "process_checker"]] = \
+        ["process_large_prm", "outcome_large_prm", "outcome_grader"]
+    """Small reward models to train, one per labelling of the same samples: `process_large_prm` (a PRM on the large PRM's step labels, up to its first judged error), `outcome_large_prm` (an ORM: a solution is right iff the large PRM judges every step right), `outcome_grader` (an ORM on the final-answer grader's verdict), `process_checker` (a PRM on the exact checker's step labels: the ceiling)."""
+    train_steps: int = Field(48, ge=1)
+    """Optimizer steps of each small reward model (the same for all: only the labels differ)."""
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    """Training seeds of the small reward models (batch order); best-of-N pools their scores in one paired bootstrap."""
+    aggregate: Literal["prod", "min", "last", "mean"] = "prod"
+    """How a PRM's step probabilities become the solution score best-of-N picks by."""
+    eval_n: int = Field(0, ge=0)
+    """Samples per held-out problem in the best-of-N pool (problems with fewer are left out); 0: rm.data.eval_samples_per_problem."""
+    resamples: int = Field(1000, ge=100)
+    """Resamples of the paired bootstrap over problems (rlprm.evaluate.bon_bootstrap)."""
+
+
 class BenchConfig(Section):
     """Benchmarking a PRM the way papers report it (`rlprm bench-prm`): model.reward_model, family rm.adapter."""
 
@@ -768,6 +803,8 @@ class Recipe(Section):
     """Reward-model training and evaluation (`rlprm train-rm`)."""
     active: ActiveConfig = _section()
     """Active learning: `rlprm select` and the `rlprm active-learning` loop."""
+    synthetic: SyntheticConfig = _section()
+    """Synthetic supervision: `rlprm synthetic-supervision` (a large PRM labels for small reward models)."""
     bench: BenchConfig = _section()
     """PRM benchmarking: `rlprm bench-prm` (ProcessBench F1 per subset, step AUROC)."""
     deepspeed: InputPath | None = None
