@@ -15,21 +15,29 @@ Two entry points:
   problem as PRM800K phase-2 lines, ready for labelling (`rlprm.label`);
   `rlprm.data.prm800k` reads them back once rated.
 - `rlprm active-learning RECIPE` (`run_loop`): the whole comparison on the
-  arithmetic task. Both strategies start from the same uniform seed set; each
-  generation they label the same number of solutions of the same problems
-  (uniform picks vs the mix above), through the same files (unrated lines ->
-  labeller -> PRM800K loader), and retrain a fresh PRM with identical settings
-  and seeds. PRM quality (best-of-N at a fixed N, first-error F1) on a fixed
-  held-out pool is plotted against the number of labels, and the
-  data-efficiency factor (labels uniform needs / labels active needs for the
-  same quality) is reported.
+  arithmetic task. Every arm starts from the same uniform seed set; at each
+  label budget (active.budgets) every arm labels exactly the same number of
+  solutions of the same problems (uniform picks, or one active arm per
+  convincing share: the paper's phase-2 ablation), through the same files
+  (unrated lines -> labeller -> PRM800K loader), and retrains a fresh PRM the
+  way `rlprm train-rm` trains the default one (rm.scorer lm, from labels alone)
+  for active.train_steps steps with identical seeds. PRM quality on held-out
+  test problems (best-of-N process-correct and answer accuracy, step AUROC,
+  first-error F1 at a threshold chosen on held-out validation problems) is
+  plotted against the number of labels, and the data-efficiency factor
+  (labels uniform needs / labels active needs for the same quality,
+  rlprm/efficiency.py) is reported with a bootstrap interval over seeds
+  (rlprm/active_report.py).
 
-The label budget counts labelled SOLUTIONS (the paper's unit); labelled steps
-are reported beside them (a wrong solution is labelled only up to its first
-error, so active labels carry fewer steps each).
+The label budget counts labelled SOLUTIONS (the paper's unit: one solution
+sent to the labeller is one label, whatever its steps); labelled steps are
+reported beside them (a wrong solution is labelled only up to its first
+error, so active labels carry fewer steps each). `plan_generation` makes
+every budget exact.
 
-The pure pieces (`convincing_slots`, `select_indices`, `data_efficiency`) are
-plain functions tested on hand-made inputs.
+The pure pieces (`convincing_slots`, `mix_slots`, `plan_generation`,
+`select_indices`, `data_efficiency`, `prm_quality`) are plain functions tested
+on hand-made inputs.
 """
 
 from __future__ import annotations
@@ -45,7 +53,6 @@ from rlprm.errors import InputError
 from rlprm.files import atomic_write_jsonl, atomic_write_text, save_figure
 
 CONVINCING_WRONG, CONVINCING, UNIFORM = "convincing_wrong_answer", "convincing", "uniform"
-STRATEGIES = ("uniform", "active")
 
 
 class ActiveLearningError(InputError, RuntimeError):
@@ -252,7 +259,8 @@ def answer_text(problem_text: str) -> str | None:
 
 def train_prm(recipe: Recipe, records, steps: int, seed: int, warmup_steps: int = 10, progress: bool = False,
               desc: str = "training PRM"):
-    """A fresh PRM (built like `rlprm train-rm` builds one) trained `steps` optimizer steps on `records`.
+    """(rm.scorer head) A fresh PRM (built like `rlprm train-rm` builds one) trained `steps` optimizer steps on
+    `records`. The LM-scored default PRM trains through rlprm.rm_fit instead.
 
     A plain loop rather than `transformers.Trainer`: many short trainings in one process, each with
     the same seed-determined head, new blocks and batch order.

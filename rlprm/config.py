@@ -649,8 +649,9 @@ class ActiveConfig(Section):
     """Active learning: surfacing convincing wrong-answer solutions for labelling (`rlprm select`, `rlprm active-learning`).
 
     The pool is rm.data's training split (its samples cached like `rlprm train-rm`'s), evaluation is rm.data's
-    held-out split, and each PRM is built like `rlprm train-rm` builds one (rm.backbone, rm.extra_layers,
-    rm.freeze_backbone, rm.learning_rate, rm.batch_size, rm.threshold), but trained for a fixed number of steps.
+    held-out split (a validation share chooses the first-error threshold, the rest is the test set), and each PRM
+    is built like `rlprm train-rm` builds one from the rm settings (rm.scorer lm: the default PRM, from labels
+    alone; rm.scorer head: rm.extra_layers, rm.freeze_backbone, ...), but trained for active.train_steps steps.
     """
 
     prm: ModelRef | None = None

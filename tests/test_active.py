@@ -106,6 +106,34 @@ def test_threshold_chosen_on_validation():
     assert choose_threshold([[0.9]], [None], [0.3, 0.5]) == (0.5, None)  # no erroneous solution: no F1
 
 
+def test_prm_quality_on_hand_made_probabilities():
+    """Best-of-N and step AUROC on the test problems, first-error F1 at the threshold the validation ones choose."""
+    from rlprm.active import prm_quality
+    from rlprm.data.stepwise import LabelledSolution
+
+    def rec(group, first_error, n=3, answer=True):
+        labels = [CORRECT] * n if first_error is None else [CORRECT] * first_error + [INCORRECT] + [None] * (n - first_error - 1)
+        return LabelledSolution(problem=group, steps=[f"s{k}" for k in range(n)], labels=labels, answer_correct=answer,
+                                process_correct=first_error is None and answer, first_error=first_error, group=group)
+
+    # validation: errors score 0.3, right steps 0.4+: the grid's 0.35 is the only perfect threshold
+    val = [rec("v", 1), rec("v", None)]
+    val_p = [[0.9, 0.3, 0.2], [0.4, 0.9, 0.8]]
+    # test: a1 and b0 have errors (b0 a right answer on a wrong step); b2 is past eval_n = 2
+    test = [rec("a", None), rec("a", 0, answer=False), rec("b", 2), rec("b", None), rec("b", None)]
+    test_p = [[0.9, 0.9, 0.9], [0.32, 0.5, 0.5], [0.99, 0.99, 0.33], [0.45, 0.45, 0.45], [0.9, 0.9, 0.9]]
+    q = prm_quality(val, val_p, test, test_p, eval_n=2, aggregate_how="min", grid=[0.2, 0.35, 0.5])
+    assert q["threshold"] == 0.35 and q["validation_f1"] == 1.0
+    assert q["best_of_n_process_accuracy"] == 1.0 and q["best_of_n_answer_accuracy"] == 1.0  # min picks a0, b1
+    # at 0.35 every first error is found and nothing else; at 0.5, b1 (0.45) is flagged too: F1 2 * 1 * 2/3 / (5/3)
+    assert q["first_error_f1"] == 1.0 and q["first_error_f1_at_0.5"] == pytest.approx(0.8)
+    # prod picks b0 (0.32 > 0.09): right answer, wrong step; b2 (prod 0.73) would have won had it been in the N
+    q = prm_quality(val, val_p, test, test_p, eval_n=2, aggregate_how="prod", grid=[0.2, 0.35, 0.5])
+    assert q["best_of_n_process_accuracy"] == 0.5 and q["best_of_n_answer_accuracy"] == 1.0
+    # step AUROC over the labelled test steps: wrong ones 0.32, 0.33; right ones 0.45 and up
+    assert q["step_auroc"] == 1.0
+
+
 def test_selection_mix_exact_counts():
     """An active set of `need` labels holds exactly round(need * share) convincing wrong-answer solutions, the
     highest-scored wrong ones of each problem, the rest filled as the recipe says."""
@@ -441,3 +469,24 @@ def test_cli_select_without_a_prm_exits_2(tmp_path, capsys):
                  "tracking.wandb=disabled", "active.labeller=/nonexistent"])
     err = capsys.readouterr().err
     assert code == 2 and "neither `checker` nor a PRM" in err and "not found: /nonexistent" in err
+
+
+@pytest.mark.slow
+def test_active_learning_cli_every_share_three_seeds(tmp_path, generator):  # noqa: F811
+    """The shipped recipe's shape (3 seeds, the four convincing shares) at toy budgets, through the command."""
+    from rlprm.cli import main
+
+    run = tmp_path / "run"
+    overrides = [o for o in TINY if not o.startswith(("active.seeds", "active.convincing_shares"))]
+    assert main(["active-learning", str(RECIPES / "active_learning.yaml"), f"model.generator={generator}",
+                 f"run.output_dir={run}", f"rm.data.cache_dir={tmp_path / 'cache'}", "--no-progress", *overrides,
+                 "active.seeds=[0,1,2]"]) == 0
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["arms"] == ["uniform", "active@0", "active@0.4", "active@0.8", "active@1"]
+    assert saved["seeds"] == [0, 1, 2] and saved["headline_share"] == 0.8
+    for metric in ("best_of_n_process_accuracy", "best_of_n_answer_accuracy", "step_auroc", "first_error_f1"):
+        assert set(saved["factor"][metric]["by_share"]) == {"0", "0.4", "0.8", "1"}
+    # every arm of a seed labels the same count; the mix follows the share exactly (5 then 4 new labels)
+    mix = saved["mix"]
+    assert [mix[f"active@{s}"]["8"]["convincing_wrong_answer"] for s in ("0", "0.4", "0.8", "1")] == [0, 6, 12, 15]
+    assert all(mix[arm]["8"]["new_labels"] == 15 for arm in mix)

@@ -114,3 +114,20 @@ def test_a_given_large_prm_labels_and_an_orm_is_refused(tmp_path, generator, cha
                  f"run.output_dir={tmp_path / 'run'}", f"rm.data.cache_dir={tmp_path / 'cache'}", "--no-progress",
                  *TINY, f"synthetic.large_prm={tmp_path / 'orm'}"])
     assert code == 2 and "is an ORM" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_synthetic_supervision_with_the_checker_ceiling(tmp_path, generator):  # noqa: F811
+    """The shipped recipe's shape (3 seeds) with the optional checker-labelled PRM, through the command."""
+    from rlprm.cli import main
+
+    run = tmp_path / "run"
+    overrides = [o for o in TINY if not o.startswith("synthetic.seeds")]
+    assert main(["synthetic-supervision", str(RECIPES / "synthetic_supervision.yaml"), f"model.generator={generator}",
+                 f"run.output_dir={run}", f"rm.data.cache_dir={tmp_path / 'cache'}", "--no-progress", *overrides,
+                 "synthetic.seeds=[0,1,2]", f"synthetic.labellings=[{PROCESS_LARGE},{OUTCOME_LARGE},{OUTCOME_GRADER},"
+                 f"{PROCESS_CHECKER}]"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["synthetic"]) == {PROCESS_LARGE, OUTCOME_LARGE, OUTCOME_GRADER, PROCESS_CHECKER}
+    assert summary["label_errors"][PROCESS_CHECKER]["vs_process"] == 0.0 and summary["seeds"] == [0, 1, 2]
+    assert f"{PROCESS_CHECKER}_minus_{PROCESS_LARGE}" in summary["synthetic_diff"]
