@@ -50,7 +50,7 @@ from typing import Sequence
 
 from rlprm.config import Recipe
 from rlprm.errors import InputError
-from rlprm.files import atomic_write_jsonl, atomic_write_text, save_figure
+from rlprm.files import atomic_write_jsonl
 
 CONVINCING_WRONG, CONVINCING, UNIFORM = "convincing_wrong_answer", "convincing", "uniform"
 

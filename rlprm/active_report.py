@@ -136,8 +136,8 @@ def markdown(rows, cfg, budgets, c: dict, f: dict, baselines: dict, mix: dict) -
     lines += ["", f"## Data-efficiency factor (labels uniform needs / labels active needs for the same quality)", "",
               f"Read at the quality uniform's seed-mean curve reaches {cfg.factor_level_share:.0%} of the way from "
               "its first point to its best; curves made monotone and interpolated, never extrapolated. "
-              "Mean [95% bootstrap interval over seeds]; `inf`: in some resamples uniform never reaches the level "
-              f"within its budgets. Headline arm: `active@{h}`.", "",
+              "Mean [95% bootstrap interval over seeds; a resample where active never reaches the level counts "
+              f"as 0]. Headline arm: `active@{h}`.", "",
               "| metric | " + " | ".join(f"active@{s}" for s in f[METRICS[0][0]]) + " |",
               "|---|" + "---|" * len(f[METRICS[0][0]])]
     for metric, label in METRICS:

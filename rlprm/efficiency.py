@@ -22,10 +22,12 @@ labels)), `neither`. Nothing is extrapolated past the budgets.
 Intervals are a bootstrap over SEEDS: each resample draws the seeds with
 replacement (the same draw for both strategies: a seed shares its seed set,
 problem order and pool), averages each curve over the drawn seeds and recomputes
-LEVEL and the factor. A resample where uniform never reaches LEVEL counts as an
-infinite factor and one where active never does as zero, so the percentiles
-stay honest about them (an interval with `hi = inf` says "unbounded within
-these budgets"); resamples where neither does are left out and counted.
+LEVEL and the factor. LEVEL comes from uniform's own resampled curve, so
+uniform always reaches it; a resample where active does not counts as a factor
+of zero (and `efficiency_factor` at any other level counts uniform never
+reaching it as infinite), so the percentiles stay honest about such resamples
+instead of dropping them; resamples where neither curve does are left out and
+counted (`resolved`).
 """
 
 from __future__ import annotations
