@@ -549,6 +549,9 @@ def run_loop(recipe: Recipe, progress: bool = True) -> dict:
     groups = group_by_problem(pool)
     sizes = [len(g) for g in groups]
     k = cfg.top_k
+    cursor = 0  # fail before any training when the pool cannot hold the schedule (each seed only reorders it)
+    for need in [budgets[0]] + [b - a for a, b in zip(budgets, budgets[1:])]:
+        _, _, cursor = plan_generation(range(len(groups)), cursor, sizes, k, need)
     files = run_dir / "labels"
     backbone = BackboneCache(recipe) if rm_cfg.scorer == "lm" else None
     tracker = Tracker(run_dir, recipe, job="active-learning", tags=["active-learning"])

@@ -490,3 +490,15 @@ def test_active_learning_cli_every_share_three_seeds(tmp_path, generator):  # no
     mix = saved["mix"]
     assert [mix[f"active@{s}"]["8"]["convincing_wrong_answer"] for s in ("0", "0.4", "0.8", "1")] == [0, 6, 12, 15]
     assert all(mix[arm]["8"]["new_labels"] == 15 for arm in mix)
+
+
+def test_a_schedule_larger_than_the_pool_fails_before_training(tmp_path, generator):  # noqa: F811
+    from rlprm.active import ActiveLearningError, run_loop
+
+    recipe = load_recipe(RECIPES / "active_learning.yaml", [f"model.generator={generator}",
+                                                             f"run.output_dir={tmp_path / 'run'}",
+                                                             f"rm.data.cache_dir={tmp_path / 'cache'}", *TINY,
+                                                             "active.budgets=[4,40]"])
+    with pytest.raises(ActiveLearningError, match="runs out of problems"):
+        run_loop(recipe, progress=False)
+    assert not (tmp_path / "run" / "labels").exists()  # nothing labelled, nothing trained
