@@ -15,21 +15,29 @@ Two entry points:
   problem as PRM800K phase-2 lines, ready for labelling (`rlprm.label`);
   `rlprm.data.prm800k` reads them back once rated.
 - `rlprm active-learning RECIPE` (`run_loop`): the whole comparison on the
-  arithmetic task. Both strategies start from the same uniform seed set; each
-  generation they label the same number of solutions of the same problems
-  (uniform picks vs the mix above), through the same files (unrated lines ->
-  labeller -> PRM800K loader), and retrain a fresh PRM with identical settings
-  and seeds. PRM quality (best-of-N at a fixed N, first-error F1) on a fixed
-  held-out pool is plotted against the number of labels, and the
-  data-efficiency factor (labels uniform needs / labels active needs for the
-  same quality) is reported.
+  arithmetic task. Every arm starts from the same uniform seed set; at each
+  label budget (active.budgets) every arm labels exactly the same number of
+  solutions of the same problems (uniform picks, or one active arm per
+  convincing share: the paper's phase-2 ablation), through the same files
+  (unrated lines -> labeller -> PRM800K loader), and retrains a fresh PRM the
+  way `rlprm train-rm` trains the default one (rm.scorer lm, from labels alone)
+  for active.train_steps steps with identical seeds. PRM quality on held-out
+  test problems (best-of-N process-correct and answer accuracy, step AUROC,
+  first-error F1 at a threshold chosen on held-out validation problems) is
+  plotted against the number of labels, and the data-efficiency factor
+  (labels uniform needs / labels active needs for the same quality,
+  rlprm/efficiency.py) is reported with a bootstrap interval over seeds
+  (rlprm/active_report.py).
 
-The label budget counts labelled SOLUTIONS (the paper's unit); labelled steps
-are reported beside them (a wrong solution is labelled only up to its first
-error, so active labels carry fewer steps each).
+The label budget counts labelled SOLUTIONS (the paper's unit: one solution
+sent to the labeller is one label, whatever its steps); labelled steps are
+reported beside them (a wrong solution is labelled only up to its first
+error, so active labels carry fewer steps each). `plan_generation` makes
+every budget exact.
 
-The pure pieces (`convincing_slots`, `select_indices`, `data_efficiency`) are
-plain functions tested on hand-made inputs.
+The pure pieces (`convincing_slots`, `mix_slots`, `plan_generation`,
+`select_indices`, `data_efficiency`, `prm_quality`) are plain functions tested
+on hand-made inputs.
 """
 
 from __future__ import annotations
@@ -42,10 +50,9 @@ from typing import Sequence
 
 from rlprm.config import Recipe
 from rlprm.errors import InputError
-from rlprm.files import atomic_write_jsonl, atomic_write_text, save_figure
+from rlprm.files import atomic_write_jsonl
 
 CONVINCING_WRONG, CONVINCING, UNIFORM = "convincing_wrong_answer", "convincing", "uniform"
-STRATEGIES = ("uniform", "active")
 
 
 class ActiveLearningError(InputError, RuntimeError):
@@ -61,12 +68,42 @@ def convincing_slots(num_problems: int, k: int, fraction: float) -> list[int]:
     Spread so that the total is round(num_problems * k * fraction) and problems differ by at most
     one: with k=2 and fraction 0.8, five problems get 2, 1, 2, 1, 2 (8 of 10 slots).
     """
-    out, done = [], 0
-    for i in range(num_problems):
-        upto = math.floor((i + 1) * k * fraction + 0.5)
-        out.append(min(k, upto - done))
+    return mix_slots([k] * num_problems, fraction)
+
+
+def mix_slots(quotas: Sequence[int], share: float) -> list[int]:
+    """Convincing wrong-answer slots per problem when problem i is labelled `quotas[i]` times.
+
+    The total is round(sum(quotas) * share) (half up), spread in order so that the running total follows
+    share * the running quota: quotas [2, 2, 1] at 0.4 give [1, 1, 0] (2 of 5).
+    """
+    out, done, cum = [], 0, 0
+    for q in quotas:
+        cum += q
+        upto = math.floor(cum * share + 0.5)
+        out.append(min(q, upto - done))
         done += out[-1]
     return out
+
+
+def plan_generation(order: Sequence[int], start: int, sizes: Sequence[int], k: int,
+                    need: int) -> tuple[list[int], list[int], int]:
+    """(problems, quotas, next start): the next problems of `order` from `start` and how many of each to label,
+    so that the quotas add up to exactly `need` labelled solutions (k per problem, fewer where a problem has
+    fewer samples, the last one cut). Raises ActiveLearningError when the order runs out first."""
+    ids, quotas, got = [], [], 0
+    j = start
+    while got < need:
+        if j >= len(order):
+            raise ActiveLearningError(f"the pool runs out of problems after {got} of {need} labels in a generation: "
+                                      "raise rm.data.train_problems or lower active.budgets")
+        q = min(k, sizes[order[j]], need - got)
+        if q > 0:
+            ids.append(order[j])
+            quotas.append(q)
+            got += q
+        j += 1
+    return ids, quotas, j
 
 
 def select_indices(scores: Sequence[float], answer_correct: Sequence[bool | None], k: int, n_convincing: int,
@@ -222,7 +259,8 @@ def answer_text(problem_text: str) -> str | None:
 
 def train_prm(recipe: Recipe, records, steps: int, seed: int, warmup_steps: int = 10, progress: bool = False,
               desc: str = "training PRM"):
-    """A fresh PRM (built like `rlprm train-rm` builds one) trained `steps` optimizer steps on `records`.
+    """(rm.scorer head) A fresh PRM (built like `rlprm train-rm` builds one) trained `steps` optimizer steps on
+    `records`. The LM-scored default PRM trains through rlprm.rm_fit instead.
 
     A plain loop rather than `transformers.Trainer`: many short trainings in one process, each with
     the same seed-determined head, new blocks and batch order.
@@ -287,20 +325,80 @@ def train_prm(recipe: Recipe, records, steps: int, seed: int, warmup_steps: int 
     return RewardModel(model, tokenizer, convention)
 
 
-def evaluate_prm(rm, eval_records, eval_n: int, threshold: float, batch_size: int) -> dict:
-    """Best-of-N (on the first `eval_n` samples of each held-out problem) and first-error F1, etc."""
-    from rlprm.train_rm import evaluate_reward_model
+def first_error_gold(record) -> tuple[bool, int | None]:
+    """(known, gold first error) of a checker-labelled record: None for an error-free solution; unknown when
+    the record does not say (no process verdict, or wrong without a located error)."""
+    if record.process_correct is True:
+        return True, None
+    if record.process_correct is False and record.first_error is not None:
+        return True, record.first_error
+    return False, None
 
-    subset = [r for group in group_by_problem(eval_records) for r in group[:eval_n]]
-    return evaluate_reward_model(rm, subset, threshold, batch_size)
+
+def prm_quality(val_records, val_probs, test_records, test_probs, eval_n: int, aggregate_how: str,
+                grid: Sequence[float]) -> dict:
+    """The loop's PRM quality from step probabilities (pure): on the TEST problems, best-of-`eval_n` process-correct
+    and answer accuracy (the first eval_n samples of each problem, solutions scored by `aggregate_how`), step
+    AUROC (threshold-free) and first-error F1 at the threshold with the best F1 on the VALIDATION problems
+    (`grid`); F1 at 0.5 beside it for reference."""
+    from rlprm.data.stepwise import INCORRECT
+    from rlprm.efficiency import choose_threshold
+    from rlprm.reward_models import aggregate
+    from rlprm.rm_metrics import auroc, best_of_n_accuracy, first_error_f1, predict_first_error
+
+    def gold_pairs(records, probs):
+        pairs = [(first_error_gold(r), p) for r, p in zip(records, probs)]
+        return [g for (known, g), _ in pairs if known], [p for (known, _), p in pairs if known]
+
+    val_gold, val_scored = gold_pairs(val_records, val_probs)
+    threshold, val_f1 = choose_threshold(val_scored, val_gold, grid)
+    gold, probs = gold_pairs(test_records, test_probs)
+    steps = [(p, y != INCORRECT) for r, ps in zip(test_records, test_probs) for p, y in zip(ps, r.labels)
+             if y is not None]
+    seen: dict = {}
+    bon = []
+    for r, ps in zip(test_records, test_probs):
+        seen[r.group] = seen.get(r.group, 0) + 1
+        if seen[r.group] <= eval_n and r.process_correct is not None and r.answer_correct is not None:
+            bon.append((r, aggregate(ps, aggregate_how)))
+    groups, scores = [r.group for r, _ in bon], [s for _, s in bon]
+    return {
+        "best_of_n_process_accuracy": best_of_n_accuracy(groups, scores, [bool(r.process_correct) for r, _ in bon]),
+        "best_of_n_answer_accuracy": best_of_n_accuracy(groups, scores, [bool(r.answer_correct) for r, _ in bon]),
+        "step_auroc": auroc([p for p, _ in steps], [y for _, y in steps]) if steps else None,
+        "first_error_f1": first_error_f1(gold, [predict_first_error(p, threshold) for p in probs])["f1"],
+        "first_error_f1_at_0.5": first_error_f1(gold, [predict_first_error(p, 0.5) for p in probs])["f1"],
+        "threshold": threshold, "validation_f1": val_f1,
+    }
+
+
+def split_validation(eval_records, share: float) -> tuple[list, list]:
+    """(validation, test) records: the first ceil(share * problems) held-out problems choose the threshold."""
+    groups = group_by_problem(eval_records)
+    n_val = math.ceil(share * len(groups))
+    if n_val >= len(groups):
+        raise ActiveLearningError(f"active.validation_share {share} leaves no held-out problem to test on "
+                                  f"({len(groups)} problems): lower it or raise rm.data.eval_problems")
+    return [r for g in groups[:n_val] for r in g], [r for g in groups[n_val:] for r in g]
+
+
+def evaluate_prm(rm, val_records, test_records, cfg, batch_size: int) -> dict:
+    """`prm_quality` of a reward model (anything with score_steps) on the held-out validation / test split."""
+    n = len(val_records)
+    probs = rm.score_steps([r.problem for r in val_records + test_records],
+                           [r.steps for r in val_records + test_records], batch_size=batch_size)
+    return prm_quality(val_records, probs[:n], test_records, probs[n:], cfg.eval_n, cfg.eval_aggregate,
+                       cfg.threshold_grid)
 
 
 # --------------------------------------------------------------------------- select + label, through the files
 
 
 def surface(rm, groups: list[list], problem_ids: Sequence[int], k: int, fraction: float, fill: str,
-            aggregate_how: str, rng: random.Random, available: dict | None = None, batch_size: int = 64):
-    """Score the candidates of the chosen problems and pick k each (the mix). Returns [(problem, sample, why, score)]."""
+            aggregate_how: str, rng: random.Random, available: dict | None = None, batch_size: int = 64,
+            quotas: Sequence[int] | None = None):
+    """Score the candidates of the chosen problems and pick k each (or quotas[i] of problem i), round(total *
+    fraction) of them convincing wrong-answer ones (`mix_slots`). Returns [(problem, sample, why, score)]."""
     from rlprm.reward_models import aggregate
 
     cands = [(p, i) for p in problem_ids for i in range(len(groups[p]))
@@ -308,13 +406,14 @@ def surface(rm, groups: list[list], problem_ids: Sequence[int], k: int, fraction
     probs = rm.score_steps([groups[p][i].problem for p, i in cands], [groups[p][i].steps for p, i in cands],
                            batch_size=batch_size) if cands else []
     score = {c: aggregate(ps, aggregate_how) for c, ps in zip(cands, probs)}
-    slots = convincing_slots(len(problem_ids), k, fraction)
+    quotas = list(quotas) if quotas is not None else [k] * len(problem_ids)
+    slots = mix_slots(quotas, fraction)
     out = []
-    for p, n_conv in zip(problem_ids, slots):
+    for p, q, n_conv in zip(problem_ids, quotas, slots):
         n = len(groups[p])
         avail = [available is None or available[p][i] for i in range(n)]
         scores = [score.get((p, i), -math.inf) for i in range(n)]
-        for i, why in select_indices(scores, [groups[p][i].answer_correct for i in range(n)], k, n_conv, fill, rng,
+        for i, why in select_indices(scores, [groups[p][i].answer_correct for i in range(n)], q, n_conv, fill, rng,
                                      avail):
             out.append((p, i, why, scores[i]))
     return out
@@ -409,19 +508,29 @@ def load_loop_labeller(recipe: Recipe):
     return rm
 
 
-def _mean_sd(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return m, sd
+def arm_name(share: float) -> str:
+    """The loop's name of the active arm whose set is `share` convincing wrong-answer solutions."""
+    return f"active@{share:g}"
+
+
+def label_budgets(cfg) -> list[int]:
+    """The cumulative label budgets (labelled solutions): active.budgets, else seed_labels + g * labels_per_generation."""
+    if cfg.budgets:
+        return list(cfg.budgets)
+    return [cfg.seed_labels + g * cfg.labels_per_generation for g in range(cfg.generations + 1)]
 
 
 def run_loop(recipe: Recipe, progress: bool = True) -> dict:
-    """`rlprm active-learning`: active vs uniform selection at equal label budgets; table, plot, factor."""
+    """`rlprm active-learning`: uniform selection and one active arm per convincing share, at equal label budgets.
+
+    Label budget unit: labelled SOLUTIONS (a solution sent to the labeller is one label, whatever its number of
+    steps; the labelled steps are counted beside it). Every arm of a seed starts from the same uniform seed set
+    and, at each later budget, labels exactly the same number of solutions of the same problems.
+    """
     import torch
 
+    from rlprm.active_report import write_report
+    from rlprm.rm_fit import BackboneCache
     from rlprm.tracking import Tracker
 
     cfg, rm_cfg, sep = recipe.active, recipe.rm, recipe.task.step_separator
@@ -429,212 +538,114 @@ def run_loop(recipe: Recipe, progress: bool = True) -> dict:
     if cfg.eval_n > rm_cfg.data.eval_samples_per_problem:
         raise ActiveLearningError(f"active.eval_n ({cfg.eval_n}) exceeds rm.data.eval_samples_per_problem "
                                   f"({rm_cfg.data.eval_samples_per_problem}); lower it or sample more")
+    budgets = label_budgets(cfg)
+    arms = ["uniform"] + [arm_name(s) for s in cfg.convincing_shares]
     labeller = load_loop_labeller(recipe)  # before the pool is sampled: a bad labeller fails fast
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)
     t0 = time.monotonic()
     pool, eval_records, info = load_pools(recipe, progress)
+    val_records, test_records = split_validation(eval_records, cfg.validation_share)
     groups = group_by_problem(pool)
+    sizes = [len(g) for g in groups]
     k = cfg.top_k
-    per_gen_problems = math.ceil(cfg.labels_per_generation / k)
-    seed_problems = math.ceil(cfg.seed_labels / k)
-    needed = seed_problems + cfg.generations * per_gen_problems
-    if needed > len(groups):
-        raise ActiveLearningError(f"the pool has {len(groups)} problems but the schedule visits {needed} "
-                                  f"(seed_labels / top_k + generations * labels_per_generation / top_k); raise "
-                                  "rm.data.train_problems or lower the budget")
+    cursor = 0  # fail before any training when the pool cannot hold the schedule (each seed only reorders it)
+    for need in [budgets[0]] + [b - a for a, b in zip(budgets, budgets[1:])]:
+        _, _, cursor = plan_generation(range(len(groups)), cursor, sizes, k, need)
     files = run_dir / "labels"
+    backbone = BackboneCache(recipe) if rm_cfg.scorer == "lm" else None
     tracker = Tracker(run_dir, recipe, job="active-learning", tags=["active-learning"])
     rows: list[dict] = []
-    step = 0
 
     def train_eval(records, seed, desc):
-        rm = train_prm(recipe, records, cfg.train_steps, seed, cfg.warmup_steps, progress, desc)
-        return rm, evaluate_prm(rm, eval_records, cfg.eval_n, rm_cfg.threshold, rm_cfg.eval_batch_size)
+        if backbone is not None:
+            from rlprm.rm_fit import fit_lm_reward_model
 
-    def record(strategy, seed, gen, labelled, metrics, seconds):
-        nonlocal step
-        tag = "" if cfg.eval_aggregate == "prod" else f"_{cfg.eval_aggregate}"  # evaluate_reward_model's key names
-        row = {"strategy": strategy, "seed": seed, "generation": gen, "labels": len(labelled),
+            rm = fit_lm_reward_model(recipe, backbone, records, "prm", cfg.train_steps, seed, progress)
+        else:
+            rm = train_prm(recipe, records, cfg.train_steps, seed, cfg.warmup_steps, progress, desc)
+        return rm, evaluate_prm(rm, val_records, test_records, cfg, rm_cfg.eval_batch_size)
+
+    def record(arm, seed, gen, labelled, picks, metrics, seconds):
+        why = [w for _, _, w, _ in picks]
+        row = {"strategy": arm, "seed": seed, "generation": gen, "labels": len(labelled),
                "labelled_steps": sum(y is not None for r in labelled for y in r.labels),
-               "best_of_n_process_accuracy": metrics.get(f"best_of_n_process_accuracy{tag}"),
-               "best_of_n_answer_accuracy": metrics.get(f"best_of_n_answer_accuracy{tag}"),
-               "first_error_f1": metrics.get("first_error_f1"), "step_auroc": metrics.get("step_auroc"),
-               "blind_spot_rate": metrics.get(f"blind_spot_rate{tag}"), "seconds": round(seconds, 1)}
+               "new_labels": len(picks), "new_convincing_wrong_answer": why.count(CONVINCING_WRONG),
+               **metrics, "seconds": round(seconds, 1)}
         rows.append(row)
-        step += 1
-        tracker.log({f"{strategy}/{k_}": v for k_, v in row.items() if k_ not in ("strategy",)}, step=step)
-        print(f"  seed {seed} gen {gen} {strategy:7s} labels {row['labels']:5d}  best-of-{cfg.eval_n} "
-              f"{row['best_of_n_process_accuracy']:.3f}  first-error F1 {row['first_error_f1'] or 0:.3f}  "
-              f"({seconds:.0f} s)", flush=True)
+        tracker.log({f"{arm}/{k_}": v for k_, v in row.items() if k_ != "strategy"}, step=len(rows))
+        auroc = metrics["step_auroc"]
+        print(f"  seed {seed} labels {row['labels']:5d} {arm:12s} best-of-{cfg.eval_n} "
+              f"{metrics['best_of_n_process_accuracy'] or 0:.3f}  step AUROC {auroc or 0:.3f}  first-error F1 "
+              f"{metrics['first_error_f1'] or 0:.3f}  ({seconds:.0f} s)", flush=True)
 
     try:
         for seed in cfg.seeds:
             rng = random.Random(seed)
             order = list(range(len(groups)))
             rng.shuffle(order)
-            # 1. the seed set: uniform picks on the first problems, shared by both strategies
+            # 1. the seed set: uniform picks, shared by every arm
             t = time.monotonic()
-            seed_ids = order[:seed_problems]
+            ids, quotas, cursor = plan_generation(order, 0, sizes, k, budgets[0])
             avail = {p: [True] * len(groups[p]) for p in range(len(groups))}
-            picks = [(p, i, why, None) for p in seed_ids for i, why in select_uniform(avail[p], k, rng)]
+            picks = [(p, i, why, None) for p, q in zip(ids, quotas) for i, why in select_uniform(avail[p], q, rng)]
             for p, i, _, _ in picks:
                 avail[p][i] = False
             seed_records = label_records(unrated_lines(groups, picks, 0), labeller, sep, rm_cfg.threshold,
                                          files / f"seed{seed}_gen0.jsonl")
             rm0, m0 = train_eval(seed_records, seed * 1000, f"seed {seed} gen 0 PRM")
-            for strategy in STRATEGIES:
-                record(strategy, seed, 0, seed_records, m0, time.monotonic() - t)
-            state = {s: {"records": list(seed_records), "rm": rm0,
-                         "avail": {p: list(v) for p, v in avail.items()},
-                         "rng": random.Random(seed * 7919 + j)} for j, s in enumerate(STRATEGIES)}
-            for gen in range(1, cfg.generations + 1):
-                # the same problems for both strategies: only the choice among their samples differs
-                start = seed_problems + (gen - 1) * per_gen_problems
-                ids = order[start:start + per_gen_problems]
-                for strategy in STRATEGIES:
-                    st = state[strategy]
+            for arm in arms:
+                record(arm, seed, 0, seed_records, picks, m0, time.monotonic() - t)
+            state = {arm: {"records": list(seed_records), "rm": rm0, "avail": {p: list(v) for p, v in avail.items()},
+                           "rng": random.Random(seed * 7919 + j)} for j, arm in enumerate(arms)}
+            for gen, budget in enumerate(budgets[1:], 1):
+                # the same problems and counts for every arm: only the choice among their samples differs
+                ids, quotas, cursor = plan_generation(order, cursor, sizes, k, budget - budgets[gen - 1])
+                for arm, share in zip(arms, [None] + list(cfg.convincing_shares)):
+                    st = state[arm]
                     t = time.monotonic()
-                    # 2. select: uniform picks, or the mix ranked by this strategy's current PRM
-                    if strategy == "uniform":
-                        picks = [(p, i, why, None) for p in ids for i, why in select_uniform(st["avail"][p], k, st["rng"])]
+                    # 2. select: uniform picks, or the mix ranked by this arm's current PRM
+                    if share is None:
+                        picks = [(p, i, why, None) for p, q in zip(ids, quotas)
+                                 for i, why in select_uniform(st["avail"][p], q, st["rng"])]
                     else:
-                        picks = surface(st["rm"], groups, ids, k, cfg.convincing_fraction, cfg.fill, cfg.aggregate,
-                                        st["rng"], st["avail"], rm_cfg.eval_batch_size)
+                        picks = surface(st["rm"], groups, ids, k, share, cfg.fill, cfg.aggregate, st["rng"],
+                                        st["avail"], rm_cfg.eval_batch_size, quotas)
                     for p, i, _, _ in picks:
                         st["avail"][p][i] = False
                     # 3. label: unrated PRM800K lines -> labeller -> PRM800K loader
                     st["records"] += label_records(unrated_lines(groups, picks, gen), labeller, sep,
-                                                   rm_cfg.threshold, files / f"seed{seed}_gen{gen}_{strategy}.jsonl")
-                    # 4. retrain a fresh PRM on everything labelled so far (same seed for both strategies)
-                    st["rm"], metrics = train_eval(st["records"], seed * 1000 + gen, f"seed {seed} gen {gen} {strategy}")
-                    record(strategy, seed, gen, st["records"], metrics, time.monotonic() - t)
+                                                   rm_cfg.threshold, files / f"seed{seed}_gen{gen}_{arm}.jsonl")
+                    # 4. retrain a fresh PRM on everything labelled so far (the same seed for every arm)
+                    st["rm"], metrics = train_eval(st["records"], seed * 1000 + gen, f"seed {seed} gen {gen} {arm}")
+                    record(arm, seed, gen, st["records"], picks, metrics, time.monotonic() - t)
             del state, rm0
 
-        # 5. report: curves (mean over seeds), factor, table, plot
-        subset = [r for g in group_by_problem(eval_records) for r in g[:cfg.eval_n]]
-        baselines = {"random pick: all steps right": sum(bool(r.process_correct) for r in subset) / len(subset),
-                     "random pick: answer right": sum(bool(r.answer_correct) for r in subset) / len(subset)}
-        summary = report(rows, cfg, run_dir, baselines)
-        summary.update({"wall_seconds": round(time.monotonic() - t0, 1), "pool_problems": len(groups),
-                        "pool_samples": len(pool), "eval_solutions": len(eval_records), **info})
+        # 5. baselines on the same test split, then the report: table, curves with bands, factors, summary.json
+        baselines = {}
+        if backbone is not None:
+            baselines["confidence"] = evaluate_prm(backbone.confidence_model(), val_records, test_records, cfg,
+                                                   rm_cfg.eval_batch_size)
+        baselines["random"] = random_pick_quality(test_records, cfg.eval_n)
         tracker.table("active_learning", list(rows[0]), [list(r.values()) for r in rows])
-        tracker.summary({k_: v for k_, v in summary.items() if not isinstance(v, (list, dict))})
+        summary = write_report(rows, cfg, budgets, run_dir, baselines)
+        summary.update({"wall_seconds": round(time.monotonic() - t0, 1), "pool_problems": len(groups),
+                        "pool_samples": len(pool), "validation_solutions": len(val_records),
+                        "test_solutions": len(test_records), **info})
+        tracker.summary(summary)
         tracker.image("active_learning/plot", run_dir / "active_learning.png")
         return summary
     finally:
         tracker.finish()
 
 
-METRICS = (("best_of_n_process_accuracy", "best-of-N: all steps right"),
-           ("best_of_n_answer_accuracy", "best-of-N: answer right"),
-           ("first_error_f1", "first-error F1"),
-           ("step_auroc", "step AUROC"))
-
-
-def curves(rows: list[dict]) -> dict:
-    """{strategy: {labels: {metric: (mean, sd)}}} over seeds."""
-    out: dict = {}
-    for strategy in STRATEGIES:
-        by_labels: dict = {}
-        for r in rows:
-            if r["strategy"] == strategy:
-                by_labels.setdefault(r["labels"], []).append(r)
-        out[strategy] = {
-            labels: {m: _mean_sd([r[m] for r in rs]) for m, _ in METRICS + (("labelled_steps", ""),)}
-            for labels, rs in sorted(by_labels.items())}
-    return out
-
-
-def report(rows: list[dict], cfg, run_dir: Path, baselines: dict | None = None) -> dict:
-    """Write active_learning.md (table + factor) and active_learning.png; return the summary."""
-    c = curves(rows)
-    metric = cfg.quality_metric
-    lu = sorted(c["uniform"])
-    la = sorted(c["active"])
-    eff = data_efficiency(lu, [c["uniform"][x][metric][0] for x in lu], la[1:],
-                          [c["active"][x][metric][0] for x in la[1:]])
-    seeds = sorted({r["seed"] for r in rows})
-    per_seed = {}
-    for s in seeds:
-        u = sorted((r["labels"], r[metric]) for r in rows if r["seed"] == s and r["strategy"] == "uniform")
-        a = sorted((r["labels"], r[metric]) for r in rows if r["seed"] == s and r["strategy"] == "active")[1:]
-        per_seed[s] = data_efficiency([x for x, _ in u], [y for _, y in u], [x for x, _ in a], [y for _, y in a])
-    final = eff[-1] if eff else None
-    # the same factor on every metric, for the record (the recipe's quality_metric is the headline)
-    other = {m: data_efficiency(lu, [c["uniform"][x][m][0] for x in lu], la[1:], [c["active"][x][m][0] for x in la[1:]])
-             for m, _ in METRICS if m != metric and all(c[s][x][m][0] is not None for s in STRATEGIES for x in c[s])}
-
-    def fmt(ms, pct=True):
-        m, sd = ms
-        if m is None:
-            return "n/a"
-        return f"{100 * m:.1f} ± {100 * sd:.1f}" if pct else f"{m:.0f}"
-
-    lines = [f"# Active learning vs uniform selection ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}: "
-             f"{', '.join(map(str, seeds))}; mean ± sd)", "",
-             f"Labels = labelled solutions. Active: per problem the top {cfg.top_k} by PRM score, "
-             f"{cfg.convincing_fraction:.0%} convincing wrong-answer, the rest `{cfg.fill}`. "
-             f"Each PRM: {cfg.train_steps} steps from scratch. Best-of-{cfg.eval_n} on the held-out pool, "
-             f"solutions scored by the `{cfg.eval_aggregate}` of their step probabilities."
-             + "".join(f" {name}: {100 * v:.1f}%." for name, v in (baselines or {}).items()), "",
-             "| labels | strategy | labelled steps | " + " | ".join(f"{name} (%)" for _, name in METRICS) + " |",
-             "|---|---|---|" + "---|" * len(METRICS)]
-    for labels in sorted(set(lu) | set(la)):
-        for strategy in STRATEGIES:
-            point = c[strategy].get(labels)
-            if point is None:
-                continue
-            lines.append(f"| {labels} | {strategy} | {fmt(point['labelled_steps'], pct=False)} | "
-                         + " | ".join(fmt(point[m]) for m, _ in METRICS) + " |")
-    lines += ["", f"Data-efficiency factor on `{metric}` (labels uniform needs / labels active needs for the same "
-              "value; uniform's curve made monotone and interpolated):", ""]
-    for e in eff:
-        sign = {"exact": "", "lower": ">= ", "upper": "<= "}[e["bound"]]
-        lines.append(f"- active with {e['labels']} labels reaches {100 * e['quality']:.1f}%: uniform needs "
-                     f"{sign}{e['uniform_labels']:.0f} labels, factor {sign}{e['factor']:.2f}")
-    if len(seeds) > 1:
-        lines.append("")
-        for s, es in per_seed.items():
-            lines.append(f"- seed {s}: factors " + ", ".join(
-                f"{({'exact': '', 'lower': '>=', 'upper': '<='}[e['bound']])}{e['factor']:.2f}" for e in es))
-    for m, es in other.items():
-        lines.append(f"- on `{m}`: factors " + ", ".join(
-            f"{({'exact': '', 'lower': '>=', 'upper': '<='}[e['bound']])}{e['factor']:.2f}" for e in es)
-            + f" (at {', '.join(str(e['labels']) for e in es)} labels)")
-    text = "\n".join(lines) + "\n"
-    atomic_write_text(run_dir / "active_learning.md", text)
-    plot(c, cfg, run_dir / "active_learning.png")
-    print(text)
-    return {"final_factor": final["factor"] if final else None, "final_factor_bound": final["bound"] if final else None,
-            "factors": eff, "factors_other_metrics": other, "factors_per_seed": {str(s): v for s, v in per_seed.items()}, "quality_metric": metric,
-            "baselines": baselines or {}, "table": str(run_dir / "active_learning.md"), "plot": str(run_dir / "active_learning.png"),
-            **{f"{s}/{m}@{x}": c[s][x][m][0] for s in STRATEGIES for x in c[s] for m, _ in METRICS}}
-
-
-def plot(c: dict, cfg, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.8), dpi=110)
-    for ax, (metric, name) in zip(axes, METRICS):
-        for strategy, style in zip(STRATEGIES, ("--", "-")):
-            xs = sorted(c[strategy])
-            pts = [c[strategy][x][metric] for x in xs]
-            keep = [(x, m, sd) for x, (m, sd) in zip(xs, pts) if m is not None]
-            if not keep:
-                continue
-            x, m, sd = zip(*keep)
-            line, = ax.plot(x, [100 * v for v in m], style, marker="o", markersize=3, label=strategy)
-            ax.fill_between(x, [100 * (a - b) for a, b in zip(m, sd)], [100 * (a + b) for a, b in zip(m, sd)],
-                            color=line.get_color(), alpha=0.15)
-        ax.set_xlabel("labelled solutions")
-        ax.set_ylabel("%")
-        ax.set_title(name if "best" not in metric else f"{name} (N={cfg.eval_n}, {cfg.eval_aggregate})", fontsize=9)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:  # a metric with no value anywhere (e.g. no error-free solution) has none
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
+def random_pick_quality(test_records, eval_n: int) -> dict:
+    """Best-of-N of a random pick (the expected value: the mean over each problem's first eval_n samples)."""
+    seen: dict = {}
+    subset = []
+    for r in test_records:
+        seen[r.group] = seen.get(r.group, 0) + 1
+        if seen[r.group] <= eval_n and r.process_correct is not None:
+            subset.append(r)
+    return {"best_of_n_process_accuracy": sum(bool(r.process_correct) for r in subset) / max(1, len(subset)),
+            "best_of_n_answer_accuracy": sum(bool(r.answer_correct) for r in subset) / max(1, len(subset))}

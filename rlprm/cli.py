@@ -14,6 +14,8 @@ Every subcommand that runs a job takes a recipe, then any number of
     rlprm explain [RECIPE | --algorithm grpo]       # every recipe key, documented (rl: that algorithm's)
     rlprm demo [--seeds 3] [--force [STAGE...]]     # the whole process-vs-outcome pipeline, small budgets
     rlprm compare RUN_DIR... [--out DIR]            # report.md + plots across runs (seeds averaged)
+    rlprm active-learning recipes/active_learning.yaml          # active vs uniform labelling: data efficiency
+    rlprm synthetic-supervision recipes/synthetic_supervision.yaml  # a large PRM labels for small PRMs / ORMs
 
 Each command is one row of COMMANDS: its help, its arguments and a handler.
 Handlers raise; one wrapper (rlprm/errors.py) turns an error into `error:
@@ -185,7 +187,16 @@ def _active_learning(recipe: Recipe, args: argparse.Namespace) -> None:
     from rlprm.active import run_loop
 
     summary = run_loop(recipe, progress=not args.no_progress)
-    print(f"table: {summary['table']}   plot: {summary['plot']}   wall {summary['wall_seconds']:.0f} s")
+    print(f"report: {summary['report']}   plot: {summary['plot']}   summary: {recipe.run.output_dir}/summary.json   "
+          f"wall {summary['wall_seconds']:.0f} s")
+
+
+def _synthetic_supervision(recipe: Recipe, args: argparse.Namespace) -> None:
+    from rlprm.synthetic import run_synthetic
+
+    summary = run_synthetic(recipe, progress=not args.no_progress)
+    print(f"report: {summary['report']}   plot: {summary['plot']}   summary: {recipe.run.output_dir}/summary.json   "
+          f"wall {summary['wall_seconds']:.0f} s")
 
 
 def _train_rl(args: argparse.Namespace) -> int:
@@ -297,10 +308,28 @@ COMMANDS: dict[str, Command] = {
                     "RUN_DIR/to_label.jsonl). Rate them with `rlprm label`."),
     "active-learning": Command(
         "active vs uniform selection: PRM quality against the number of labels", _active_learning,
-        description="From one uniform seed set, several generations of select, label (active.labeller) and retrain a "
-                    "fresh PRM (active.train_steps), against uniform selection at the same label budget; writes "
-                    "active_learning.md (table + data-efficiency factor), active_learning.png, labels/*.jsonl and "
-                    "metrics to RUN_DIR and W&B."),
+        description="From one uniform seed set, up each label budget of active.budgets (labelled solutions): select, "
+                    "label (active.labeller: the checker or a PRM folder) and retrain a fresh PRM (active.train_steps "
+                    "steps, the rm settings of the default PRM), once with uniform picks and once per "
+                    "active.convincing_shares (the share of convincing wrong-answer solutions in each active set), "
+                    "over active.seeds. Writes RUN_DIR/report.md (quality per budget and arm: best-of-N process "
+                    "and answer accuracy, step AUROC, first-error F1 at a validation-chosen threshold; the "
+                    "data-efficiency factor per metric and share with a bootstrap interval over seeds), "
+                    "active_learning.png (curves with bands), summary.json (factor.METRIC.{mean,lo,hi}), "
+                    "labels/*.jsonl and metrics.jsonl."),
+    "synthetic-supervision": Command(
+        "a large PRM labels fresh samples; small PRMs / ORMs trained on its process or outcome labels, or the grader's",
+        _synthetic_supervision,
+        description="The paper's small-scale experiment. A large PRM (synthetic.large_prm, or one trained here for "
+                    "rm.max_steps steps on the checker-labelled samples of the first synthetic.large_problems pool "
+                    "problems) labels the generator samples of the next synthetic.problems problems through the "
+                    "`rlprm label --with` machinery. Small reward models train on exactly those samples, one per "
+                    "synthetic.labellings: a PRM on the large PRM's step labels, an ORM on its all-steps-right "
+                    "verdict, an ORM on the final-answer grader's verdict (and optionally a PRM on the exact "
+                    "checker's labels). Writes RUN_DIR/report.md (how often each labelling is wrong against the "
+                    "exact checker; best-of-N tables with paired-bootstrap intervals over problems and the "
+                    "differences between labellings), synthetic_supervision.png (best-of-N curves with bands) and "
+                    "summary.json (synthetic.LABELLING.N.{accuracy,process_correct}.{mean,lo,hi})."),
     "label": Command(
         "rate every step of PRM800K lines with the exact checker or a PRM", _label, _label_args, loads_recipe=False,
         description="Read PRM800K phase-2 lines (e.g. from `rlprm select`) and write them rated the phase-2 way (+1 "

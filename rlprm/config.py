@@ -218,13 +218,13 @@ class TinyModelConfig(Section):
 
 class LoraConfig(Section):
     enabled: bool = False
-    """Train LoRA adapters instead of all weights (merged on export)."""
+    """Train LoRA adapters instead of all weights. Checkpoints hold the adapters only; the export merges them into a plain HF folder. Under PPO the frozen reference is the base with its adapters off (no second copy of the weights)."""
     r: int = Field(16, ge=1)
     """LoRA rank."""
     alpha: int = Field(32, ge=1)
     """LoRA scaling numerator."""
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    """Dropout on the LoRA path."""
+    """Dropout on the LoRA path (PPO: 0 keeps the first minibatch's ratio at exactly 1, as for full weights)."""
     target_modules: str | list[str] = "all-linear"
     """Modules that get adapters (peft's `target_modules`)."""
 
@@ -405,7 +405,7 @@ class PPOConfig(PolicyGradientBase):
     whiten_advantages: bool = True
     """Standardise advantages over each rollout batch (mean 0, std 1)."""
     value_model: ModelRef = "policy"
-    """Initial weights of the critic: `policy` (the generator's body with a fresh 1-output head) or an HF id / local folder."""
+    """Initial weights of the critic: `policy` (the generator's body with a fresh 1-output head) or an HF id / local folder. The critic is a separate model trained in all its weights, with or without model.lora.enabled (adapters go on the policy only): a LoRA critic on the policy's own base would share one set of frozen weights between two engines; make it small with rl.value_layers instead."""
     value_layers: int = Field(0, ge=0)
     """Keep only the first this many transformer layers of the critic's body (0: all). The critic's forward and backward are nearly half of a PPO update; half its layers made the embedded demo's updates about a fifth cheaper."""
 
@@ -678,8 +678,9 @@ class ActiveConfig(Section):
     """Active learning: surfacing convincing wrong-answer solutions for labelling (`rlprm select`, `rlprm active-learning`).
 
     The pool is rm.data's training split (its samples cached like `rlprm train-rm`'s), evaluation is rm.data's
-    held-out split, and each PRM is built like `rlprm train-rm` builds one (rm.backbone, rm.extra_layers,
-    rm.freeze_backbone, rm.learning_rate, rm.batch_size, rm.threshold), but trained for a fixed number of steps.
+    held-out split (a validation share chooses the first-error threshold, the rest is the test set), and each PRM
+    is built like `rlprm train-rm` builds one from the rm settings (rm.scorer lm: the default PRM, from labels
+    alone; rm.scorer head: rm.extra_layers, rm.freeze_backbone, ...), but trained for active.train_steps steps.
     """
 
     prm: ModelRef | None = None
@@ -706,12 +707,24 @@ class ActiveConfig(Section):
     """(loop) Solutions labelled per generation after the seed set, by each strategy (the label budget counts solutions)."""
     generations: int = Field(3, ge=1)
     """(loop) Select-label-retrain rounds after the seed set."""
+    budgets: list[int] = []
+    """(loop) The label budgets, cumulative, in labelled SOLUTIONS (one solution sent to the labeller is one label, whatever its steps; labelled steps are reported beside): the first is the uniform seed set every arm shares, each later one adds that many minus the previous, exactly. Empty: seed_labels + g * labels_per_generation for g = 0..generations."""
+    convincing_shares: list[float] = [0.0, 0.4, 0.8, 1.0]
+    """(loop) One active arm per share: the share of each generation's labels that are convincing wrong-answer solutions (the rest `fill`), the paper's phase-2 ablation; uniform selection is always run beside them. The factor's headline arm is convincing_fraction's share when listed, else the last one."""
     seeds: list[int] = Field([0], min_length=1)
-    """(loop) Repeats of the whole comparison (problem order, uniform picks and PRM initialisation); the report gives mean and spread."""
+    """(loop) Repeats of the whole comparison (problem order, uniform picks and PRM initialisation); the report gives mean and a bootstrap interval over seeds."""
     train_steps: int = Field(150, ge=1)
-    """(loop) Optimizer steps per PRM training: the per-generation cost. Every PRM of both strategies gets the same number, so only the labels differ."""
+    """(loop) Optimizer steps per PRM training: the per-generation budget, in steps. Every PRM of every arm gets the same number, so only the labels differ. With rm.scorer lm each PRM is trained as `rlprm train-rm` trains the default PRM (rm.learning_rate, rm.head_learning_rate, rm.lm_coef, rm.batch_size, rm.warmup_ratio), from labels alone."""
     warmup_steps: int = Field(10, ge=0)
-    """(loop) Linear warm-up steps; the learning rate then decays linearly to 10%."""
+    """(loop, rm.scorer head only) Linear warm-up steps; the learning rate then decays linearly to 10%."""
+    validation_share: float = Field(0.25, gt=0, lt=1)
+    """(loop) Share of the held-out problems (the first ones) that only choose the first-error threshold (the one with the best first-error F1 there, from threshold_grid); every reported quality is on the other problems."""
+    threshold_grid: list[float] = Field([round(0.05 * i, 2) for i in range(1, 20)], min_length=1)
+    """(loop) Thresholds tried on the validation problems for first-error F1."""
+    factor_level_share: float = Field(0.9, gt=0, le=1)
+    """(loop) The quality at which the data-efficiency factor is read: uniform's first point + this share of the way to uniform's best (seed-mean curves); see rlprm/efficiency.py."""
+    bootstrap_resamples: int = Field(2000, ge=100)
+    """(loop) Resamples of the bootstrap over seeds (curve bands and factor intervals)."""
     eval_n: int = Field(16, ge=2)
     """(loop) N of best-of-N on the held-out pool (the first eval_n samples of each held-out problem; at most rm.data.eval_samples_per_problem)."""
     eval_aggregate: Literal["prod", "min", "last", "mean"] = "prod"
@@ -720,8 +733,54 @@ class ActiveConfig(Section):
     """(loop) Who labels the selected solutions: `checker` (the exact checker) or a PRM, an rlprm folder or any public PRM (a large PRM supervising small ones, the paper's small-scale set-up); loaded once per run."""
     labeller_adapter: PRMAdapter | None = None
     """(loop) Family of a PRM labeller (the families of rm.adapter); None: detected from the checkpoint where unambiguous. The implicit family takes rm.reference_model and rm.implicit_beta."""
-    quality_metric: Literal["best_of_n_process_accuracy", "best_of_n_answer_accuracy", "first_error_f1"] = "best_of_n_process_accuracy"
-    """(loop) The PRM quality the data-efficiency factor compares (labels uniform needs / labels active needs for the same value)."""
+    quality_metric: Literal["best_of_n_process_accuracy", "best_of_n_answer_accuracy", "first_error_f1", "step_auroc"] = "best_of_n_process_accuracy"
+    """(loop) The headline PRM quality of the report (factors are computed for every metric)."""
+
+    @model_validator(mode="after")
+    def _budgets(self) -> "ActiveConfig":
+        if self.budgets and (self.budgets[0] < 1 or any(b <= a for a, b in zip(self.budgets, self.budgets[1:]))):
+            raise ValueError(f"active.budgets {self.budgets} must be positive and strictly increasing (cumulative "
+                             "labelled solutions, e.g. [32, 64, 128, 256])")
+        bad = [s for s in self.convincing_shares if not 0 <= s <= 1]
+        if bad or not self.convincing_shares:
+            raise ValueError(f"active.convincing_shares {self.convincing_shares} must be a non-empty list of shares "
+                             "in [0, 1], e.g. [0, 0.4, 0.8, 1.0]")
+        return self
+
+
+LABELLINGS = ("process_large_prm", "outcome_large_prm", "outcome_grader", "process_checker")
+"""The labellings `rlprm synthetic-supervision` can train small reward models on (see SyntheticConfig.labellings)."""
+
+
+class SyntheticConfig(Section):
+    """Synthetic supervision (`rlprm synthetic-supervision`): a large PRM labels fresh generator samples; small reward
+    models train on the same samples with different labels (the paper's small-scale section).
+
+    The samples are rm.data's training pool (cached like `rlprm train-rm`'s); evaluation is best-of-N on rm.data's
+    held-out samples with the exact checker as the reference. Every reward model is built like the default one
+    (rm.scorer lm, the rm.* settings)."""
+
+    large_prm: ModelRef | None = None
+    """The large PRM that labels: an rlprm folder (e.g. runs/arith_prm/reward_model, what `rlprm train-rm recipes/prm_train.yaml` writes) or any public PRM (family large_prm_adapter). None: trained in this command on the checker-labelled samples of the first large_problems pool problems (plus rm.data.synthetic_per_problem task-written solutions each) for rm.max_steps steps, the default PRM's budget."""
+    large_prm_adapter: PRMAdapter | None = None
+    """Family of large_prm (the families of rm.adapter); None: detected where unambiguous."""
+    large_problems: int = Field(512, ge=0)
+    """The first pool problems, kept for the large PRM (its training set when trained here; with rm.data.train_problems >= 512 and the same seed they are also recipes/prm_train.yaml's 512 training problems); the fresh samples come from the problems after them."""
+    problems: int = Field(256, ge=1)
+    """Fresh pool problems whose samples (rm.data.samples_per_problem each) the large PRM labels and the small reward models train on."""
+    labellings: list[Literal["process_large_prm", "outcome_large_prm", "outcome_grader", "process_checker"]] = \
+        ["process_large_prm", "outcome_large_prm", "outcome_grader"]
+    """Small reward models to train, one per labelling of the same samples: `process_large_prm` (a PRM on the large PRM's step labels, up to its first judged error), `outcome_large_prm` (an ORM: a solution is right iff the large PRM judges every step right), `outcome_grader` (an ORM on the final-answer grader's verdict), `process_checker` (a PRM on the exact checker's step labels: the ceiling)."""
+    train_steps: int = Field(48, ge=1)
+    """Optimizer steps of each small reward model (the same for all: only the labels differ)."""
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    """Training seeds of the small reward models (batch order); best-of-N pools their scores in one paired bootstrap."""
+    aggregate: Literal["prod", "min", "last", "mean"] = "prod"
+    """How a PRM's step probabilities become the solution score best-of-N picks by."""
+    eval_n: int = Field(0, ge=0)
+    """Samples per held-out problem in the best-of-N pool (problems with fewer are left out); 0: rm.data.eval_samples_per_problem."""
+    resamples: int = Field(1000, ge=100)
+    """Resamples of the paired bootstrap over problems (rlprm.evaluate.bon_bootstrap)."""
 
 
 class BenchConfig(Section):
@@ -774,10 +833,12 @@ class Recipe(Section):
     """Reward-model training and evaluation (`rlprm train-rm`)."""
     active: ActiveConfig = _section()
     """Active learning: `rlprm select` and the `rlprm active-learning` loop."""
+    synthetic: SyntheticConfig = _section()
+    """Synthetic supervision: `rlprm synthetic-supervision` (a large PRM labels for small reward models)."""
     bench: BenchConfig = _section()
     """PRM benchmarking: `rlprm bench-prm` (ProcessBench F1 per subset, step AUROC)."""
     deepspeed: InputPath | None = None
-    """A DeepSpeed JSON config (see deepspeed_configs/); none trains without DeepSpeed."""
+    """A DeepSpeed JSON config (see deepspeed_configs/); none trains without DeepSpeed. PPO runs ZeRO-2 and ZeRO-3 (zero3.json shards the policy's and critic's weights, gathered whole to generate, evaluate and save); CPU offload is refused (it needs DeepSpeed's own optimizer)."""
 
     # Where the recipe came from; set by load_recipe, not by the YAML.
     source: Path | None = Field(None, exclude=True)

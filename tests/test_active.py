@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from rlprm.active import (CONVINCING, CONVINCING_WRONG, UNIFORM, convincing_slots, data_efficiency, select_indices,
-                          select_uniform)
+from rlprm.active import (CONVINCING, CONVINCING_WRONG, UNIFORM, convincing_slots, data_efficiency, mix_slots,
+                          plan_generation, select_indices, select_uniform, surface)
 from rlprm.config import ArithmeticConfig, RecipeError, load_recipe
 from rlprm.data.prm800k import load_prm800k
 from rlprm.data.stepwise import CORRECT, INCORRECT, label_arithmetic_sample
@@ -54,6 +54,138 @@ def test_data_efficiency_on_hand_made_curves():
     eff = data_efficiency([100, 200, 300], [0.1, 0.3, 0.2], [150, 150], [0.2, 0.05])
     assert eff[0]["uniform_labels"] == pytest.approx(150) and eff[0]["factor"] == pytest.approx(1.0)
     assert eff[1]["bound"] == "upper" and eff[1]["uniform_labels"] == 100
+
+
+def test_efficiency_factor_on_hand_made_curves():
+    from rlprm.efficiency import (ACTIVE_NEVER, EXACT, NEITHER, UNIFORM_NEVER, efficiency_factor, factor_level,
+                                  labels_to_reach)
+
+    labels = [100, 200, 400]
+    uniform, active = [0.2, 0.4, 0.6], [0.2, 0.6, 0.7]
+    # active reaches uniform's best (0.6, at 400 labels) with 200: twice as data-efficient
+    f = efficiency_factor(labels, uniform, labels, active, 0.6)
+    assert f["status"] == EXACT and f["factor"] == pytest.approx(2.0)
+    assert (f["uniform_labels"], f["active_labels"]) == (pytest.approx(400), pytest.approx(200))
+    # interpolated between budgets: 0.5 is uniform's midpoint of 200..400 and 3/4 of active's way from 100 to 200
+    assert efficiency_factor(labels, uniform, labels, active, 0.5)["factor"] == pytest.approx(300 / 175)
+    # a curve that never reaches the level: no number, only what the budgets show
+    f = efficiency_factor(labels, uniform, labels, active, 0.65)
+    assert f["status"] == UNIFORM_NEVER and f["factor"] is None and f["bound"] == pytest.approx(400 / 300)
+    f = efficiency_factor(labels, active, labels, uniform, 0.65)
+    assert f["status"] == ACTIVE_NEVER and f["factor"] is None and f["bound"] == pytest.approx(300 / 400)
+    assert efficiency_factor(labels, uniform, labels, active, 0.9)["status"] == NEITHER
+    assert labels_to_reach(labels, [0.5, 0.4, 0.3], 0.45) == (100, "first_point")  # made monotone: 0.5 throughout
+    assert factor_level(labels, uniform, 0.9) == pytest.approx(0.56)
+
+
+def test_factor_interval_over_seeds():
+    from rlprm.efficiency import ACTIVE_NEVER, EXACT, factor_interval
+
+    budgets = [100, 200, 400, 800]
+    # every seed: active at b labels is where uniform is at 2b (shifted per seed), so the factor is 2 in every resample
+    uniform = [[0.2 + d, 0.4 + d, 0.6 + d, 0.8 + d] for d in (0.0, 0.01, -0.02)]
+    active = [[0.2 + d, 0.6 + d, 0.8 + d, 0.8 + d] for d in (0.0, 0.01, -0.02)]
+    f = factor_interval(budgets, uniform, budgets, active, level_share=0.9, resamples=200)
+    assert f["status"] == EXACT and f["mean"] == pytest.approx(2.0) and f["seeds"] == 3
+    assert f["lo"] == pytest.approx(2.0) and f["hi"] == pytest.approx(2.0) and f["resolved"] == 1.0
+    # an active curve that stays below uniform's level: said so, with the bound the budgets give
+    f = factor_interval(budgets, uniform, budgets, [[0.2, 0.3, 0.3, 0.3]] * 3, resamples=200)
+    assert f["status"] == ACTIVE_NEVER and f["mean"] is None and f["hi"] == 0.0
+    with pytest.raises(ValueError, match="missing"):
+        factor_interval(budgets, uniform, budgets, [[0.2, float("nan"), 0.3, 0.3]] * 3)
+
+
+def test_threshold_chosen_on_validation():
+    from rlprm.efficiency import choose_threshold
+
+    # errors sit at p 0.3; right steps at 0.4 and up: only a threshold in (0.3, 0.4] finds them and spares the rest
+    probs = [[0.9, 0.3, 0.2], [0.4, 0.9], [0.95, 0.45, 0.3]]
+    gold = [1, None, 2]
+    t, f1 = choose_threshold(probs, gold, [0.1, 0.35, 0.5, 0.9])
+    assert t == 0.35 and f1 == 1.0
+    assert choose_threshold([[0.9]], [None], [0.3, 0.5]) == (0.5, None)  # no erroneous solution: no F1
+
+
+def test_prm_quality_on_hand_made_probabilities():
+    """Best-of-N and step AUROC on the test problems, first-error F1 at the threshold the validation ones choose."""
+    from rlprm.active import prm_quality
+    from rlprm.data.stepwise import LabelledSolution
+
+    def rec(group, first_error, n=3, answer=True):
+        labels = [CORRECT] * n if first_error is None else [CORRECT] * first_error + [INCORRECT] + [None] * (n - first_error - 1)
+        return LabelledSolution(problem=group, steps=[f"s{k}" for k in range(n)], labels=labels, answer_correct=answer,
+                                process_correct=first_error is None and answer, first_error=first_error, group=group)
+
+    # validation: errors score 0.3, right steps 0.4+: the grid's 0.35 is the only perfect threshold
+    val = [rec("v", 1), rec("v", None)]
+    val_p = [[0.9, 0.3, 0.2], [0.4, 0.9, 0.8]]
+    # test: a1 and b0 have errors (b0 a right answer on a wrong step); b2 is past eval_n = 2
+    test = [rec("a", None), rec("a", 0, answer=False), rec("b", 2), rec("b", None), rec("b", None)]
+    test_p = [[0.9, 0.9, 0.9], [0.32, 0.5, 0.5], [0.99, 0.99, 0.33], [0.45, 0.45, 0.45], [0.9, 0.9, 0.9]]
+    q = prm_quality(val, val_p, test, test_p, eval_n=2, aggregate_how="min", grid=[0.2, 0.35, 0.5])
+    assert q["threshold"] == 0.35 and q["validation_f1"] == 1.0
+    assert q["best_of_n_process_accuracy"] == 1.0 and q["best_of_n_answer_accuracy"] == 1.0  # min picks a0, b1
+    # at 0.35 every first error is found and nothing else; at 0.5, b1 (0.45) is flagged too: F1 2 * 1 * 2/3 / (5/3)
+    assert q["first_error_f1"] == 1.0 and q["first_error_f1_at_0.5"] == pytest.approx(0.8)
+    # prod picks b0 (0.32 > 0.09): right answer, wrong step; b2 (prod 0.73) would have won had it been in the N
+    q = prm_quality(val, val_p, test, test_p, eval_n=2, aggregate_how="prod", grid=[0.2, 0.35, 0.5])
+    assert q["best_of_n_process_accuracy"] == 0.5 and q["best_of_n_answer_accuracy"] == 1.0
+    # step AUROC over the labelled test steps: wrong ones 0.32, 0.33; right ones 0.45 and up
+    assert q["step_auroc"] == 1.0
+
+
+def test_selection_mix_exact_counts():
+    """An active set of `need` labels holds exactly round(need * share) convincing wrong-answer solutions, the
+    highest-scored wrong ones of each problem, the rest filled as the recipe says."""
+    from types import SimpleNamespace
+
+    assert mix_slots([2, 2, 1], 0.4) == [1, 1, 0] and mix_slots([2, 2, 2, 2, 1], 0.4) == [1, 1, 0, 1, 1]
+    assert mix_slots([2] * 5, 0.8) == convincing_slots(5, 2, 0.8)
+    # 5 problems x 4 samples; sample j of problem p scores (p + 1) * 10 + j; samples 0 and 2 have wrong answers
+    groups = [[SimpleNamespace(problem=f"p{p}", steps=[f"{p}.{j}"], answer_correct=j % 2 == 1, score=(p + 1) * 10 + j)
+               for j in range(4)] for p in range(5)]
+    by_text = {r.steps[0]: r.score / 100 for g in groups for r in g}
+
+    class FakePRM:
+        def score_steps(self, problems, steps, batch_size=64):
+            return [[by_text[s[0]]] for s in steps]
+
+    quotas = [2, 2, 2, 2, 1]  # 9 labels: the last problem cut to one
+    for share, fill, n_wrong in ((0.0, "convincing", 0), (0.4, "convincing", 4), (0.8, "uniform", 7), (1.0, "convincing", 9)):
+        picks = surface(FakePRM(), groups, range(5), 2, share, fill, "prod", random.Random(0), quotas=quotas)
+        whys = [why for _, _, why, _ in picks]
+        assert len(picks) == 9 and [sum(p == q for p, *_ in picks) for q in range(5)] == quotas
+        assert whys.count(CONVINCING_WRONG) == n_wrong
+        assert whys.count(CONVINCING if fill == "convincing" else UNIFORM) == 9 - n_wrong
+        for p, i, why, _ in picks:
+            if why == CONVINCING_WRONG:  # the highest-scored wrong answer first: sample 2, then 0
+                assert not groups[p][i].answer_correct
+        assert all(i == 2 for p, i, why, _ in picks if why == CONVINCING_WRONG and quotas[p] == 2
+                   and mix_slots(quotas, share)[p] == 1)
+    # share 0 with fill convincing: each problem's top-scored samples whatever their answer (3 and 2)
+    picks = surface(FakePRM(), groups, range(5), 2, 0.0, "convincing", "prod", random.Random(0), quotas=quotas)
+    assert sorted(i for p, i, *_ in picks if p == 0) == [2, 3]
+
+
+def test_label_budget_counts_solutions_exactly():
+    """plan_generation: the quotas of a generation add up to exactly the labels it may spend, k per problem,
+    fewer where a problem has fewer samples; problems without samples are skipped; running out is an error."""
+    from rlprm.active import ActiveLearningError, label_budgets
+
+    ids, quotas, nxt = plan_generation([3, 0, 1, 2, 4], 0, [2, 0, 1, 2, 2], 2, 4)
+    assert (ids, quotas, nxt) == ([3, 0], [2, 2], 2)
+    # problem 1 has no sample (skipped), problem 2 one; the last one is cut to what is left
+    ids, quotas, nxt = plan_generation([3, 0, 1, 2, 4], 2, [2, 0, 1, 2, 2], 2, 2)
+    assert (ids, quotas, nxt) == ([2, 4], [1, 1], 5)
+    with pytest.raises(ActiveLearningError, match="runs out"):
+        plan_generation([0, 1], 0, [2, 2], 2, 5)
+    recipe = load_recipe(RECIPES / "active_learning.yaml")
+    assert label_budgets(recipe.active) == [16, 32, 64, 128, 256, 512]
+    recipe = load_recipe(RECIPES / "active_learning.yaml", ["active.budgets=[]", "active.seed_labels=8",
+                                                             "active.labels_per_generation=4", "active.generations=2"])
+    assert label_budgets(recipe.active) == [8, 12, 16]
+    with pytest.raises(RecipeError, match="strictly increasing"):
+        load_recipe(RECIPES / "active_learning.yaml", ["active.budgets=[8,8]"])
 
 
 def test_the_active_section_is_validated():
@@ -204,9 +336,8 @@ def test_a_public_prm_labels_through_the_loader(tmp_path, capsys):
 
 TINY = ["tracking.wandb=disabled", "run.device=cpu", "run.threads=1", "rm.data.train_problems=12",
         "rm.data.samples_per_problem=4", "rm.data.eval_problems=4", "rm.data.eval_samples_per_problem=4",
-        "rm.data.max_new_tokens=40", "rm.batch_size=4", "active.seeds=[0]", "active.generations=2",
-        "active.seed_labels=4", "active.labels_per_generation=4", "active.train_steps=2", "active.warmup_steps=1",
-        "active.eval_n=4"]
+        "rm.data.max_new_tokens=40", "rm.batch_size=4", "active.seeds=[0]", "active.budgets=[3,8,12]",
+        "active.convincing_shares=[0.8]", "active.train_steps=2", "active.eval_n=4", "active.bootstrap_resamples=100"]
 
 
 def test_select_and_loop_end_to_end(tmp_path, generator, char_tokenizer):  # noqa: F811
@@ -221,17 +352,35 @@ def test_select_and_loop_end_to_end(tmp_path, generator, char_tokenizer):  # noq
     summary = run_loop(recipe, progress=False)
     run = tmp_path / "run"
     assert (run / "active_learning.png").stat().st_size > 0
-    table = (run / "active_learning.md").read_text()
-    assert "| 4 | uniform |" in table and "| 12 | active |" in table and "factor" in table
-    assert summary["final_factor"] is not None and len(summary["factors"]) == 2
+    table = (run / "report.md").read_text()
+    assert "| 3 | uniform |" in table and "| 12 | active@0.8 |" in table and "factor" in table
     rows = [json.loads(t) for t in (run / "tables" / "active_learning.jsonl").read_text().splitlines()]
-    assert [(r["strategy"], r["labels"]) for r in rows] == [("uniform", 4), ("active", 4), ("uniform", 8),
-                                                            ("active", 8), ("uniform", 12), ("active", 12)]
+    assert [(r["strategy"], r["labels"]) for r in rows] == [("uniform", 3), ("active@0.8", 3), ("uniform", 8),
+                                                            ("active@0.8", 8), ("uniform", 12), ("active@0.8", 12)]
     assert len(read_metrics(run / "metrics.jsonl")) == 6
+    # the budget is counted in labelled solutions, exactly: one labelled line per label, cumulative per arm
+    for arm in ("uniform", "active@0.8"):
+        files = [run / "labels" / "seed0_gen0.jsonl"] + [run / "labels" / f"seed0_gen{g}_{arm}.jsonl" for g in (1, 2)]
+        lines = [[json.loads(t) for t in f.read_text().splitlines()] for f in files]
+        assert [len(x) for x in lines] == [3, 5, 4]
+        steps = [sum(len(line["label"]["steps"]) for line in x) for x in lines]
+        got = [r for r in rows if r["strategy"] == arm]
+        assert [r["labelled_steps"] for r in got] == [steps[0], steps[0] + steps[1], sum(steps)]
+        assert [r["new_labels"] for r in got] == [3, 5, 4]
+    assert [r["new_convincing_wrong_answer"] for r in rows if r["strategy"] == "active@0.8"][1:] == [4, 3]  # round(.8 * 5), round(.8 * 4)
+    # summary.json: the factor per metric (headline share) and per share, curves with bands, baselines
+    saved = json.loads((run / "summary.json").read_text())
+    for metric in ("best_of_n_process_accuracy", "best_of_n_answer_accuracy", "step_auroc", "first_error_f1"):
+        assert {"mean", "lo", "hi", "status"} <= set(saved["factor"][metric])
+        assert set(saved["factor"][metric]["by_share"]) == {"0.8"}
+        assert {"mean", "lo", "hi"} <= set(saved["factor"][metric]["by_share"]["0.8"])
+        assert set(saved["curves"]["uniform"]["12"][metric]) == {"mean", "lo", "hi"}
+    assert saved["label_unit"] == "solutions" and saved["budgets"] == [3, 8, 12]
+    assert set(saved["baselines"]) == {"confidence", "random"} and summary["factor"] == saved["factor"]
     # every generation went through PRM800K files; active picks carry their reason and the PRM score
-    active_lines = [json.loads(t) for t in (run / "labels" / "seed0_gen1_active.jsonl").read_text().splitlines()]
-    assert len(active_lines) == 4 and all(line["label"]["finish_reason"] for line in active_lines)
-    assert {line["selection"] for line in active_lines} <= {CONVINCING_WRONG, UNIFORM}
+    active_lines = [json.loads(t) for t in (run / "labels" / "seed0_gen1_active@0.8.jsonl").read_text().splitlines()]
+    assert len(active_lines) == 5 and all(line["label"]["finish_reason"] for line in active_lines)
+    assert {line["selection"] for line in active_lines} <= {CONVINCING_WRONG, CONVINCING}  # fill: convincing
     assert all(isinstance(line["question"]["pre_generated_verifier_score"], float) for line in active_lines)
     # the pool was sampled once into the cache, not into the run folder
     assert (tmp_path / "cache").exists() is False and (run / "pool" / "rm_samples_train.jsonl").is_file()
@@ -274,6 +423,43 @@ def test_select_and_loop_end_to_end(tmp_path, generator, char_tokenizer):  # noq
         assert got == pytest.approx(want, abs=1e-5)
 
 
+def test_a_prm_labels_inside_the_loop(tmp_path, generator, char_tokenizer):  # noqa: F811
+    """active.labeller: PRM_DIR: every file of the loop is rated by that PRM (the `label --with` machinery), not by
+    the checker, and the PRMs of the loop train on those labels."""
+    from rlprm.active import run_loop
+    from rlprm.data.prm800k import load_prm800k
+    from rlprm.label import first_error_from_probs
+
+    from .test_reward_models import tiny_rm
+
+    big = tiny_rm(char_tokenizer, seed=3)
+    big.save(tmp_path / "big_prm")
+    # a random PRM's probabilities sit in a narrow band: a threshold inside it makes its verdicts differ
+    some = _samples(40)
+    probs = sorted(x for p in big.score_steps([r.problem for r in some], [r.steps for r in some]) for x in p)
+    recipe = load_recipe(RECIPES / "active_learning.yaml", [
+        f"model.generator={generator}", f"run.output_dir={tmp_path / 'run'}", f"rm.data.cache_dir={tmp_path / 'c'}",
+        *TINY, "active.budgets=[4,8]", "active.convincing_shares=[1.0]", f"active.labeller={tmp_path / 'big_prm'}",
+        f"rm.threshold={probs[len(probs) // 4]!r}"])
+    run_loop(recipe, progress=False)
+    files = sorted((tmp_path / "run" / "labels").glob("*.jsonl"))
+    assert [f.name for f in files] == ["seed0_gen0.jsonl", "seed0_gen1_active@1.jsonl", "seed0_gen1_uniform.jsonl"]
+    lines = [json.loads(t) for f in files for t in f.read_text().splitlines()]
+    assert len(lines) == 12 and {line["labeler"] for line in lines} == {f"prm:{(tmp_path / 'big_prm').resolve()}"}
+    probs = big.score_steps([x["question"]["problem"] for x in lines], [x["question"]["pre_generated_steps"] for x in lines])
+    firsts = [first_error_from_probs(p, recipe.rm.threshold) for p in probs]
+    checker = [json.loads(t) for t in (tmp_path / "run" / "pool" / "rm_samples_train.jsonl").read_text().splitlines()[1:]]
+    truth = {(r["problem"], tuple(r["steps"])): r["first_error"] for r in checker}
+    assert len(set(firsts)) > 1 and firsts != [truth[(x["question"]["problem"], tuple(x["question"]["pre_generated_steps"]))]
+                                             for x in lines]  # the PRM's verdicts, not the checker's
+    for f in files:
+        back, _ = load_prm800k(f, alternatives=False)
+        got = [next((k for k, y in enumerate(r.labels) if y == INCORRECT), None) for r in back]
+        want = [first_error_from_probs(p, recipe.rm.threshold) for p in big.score_steps(
+            [r.problem for r in back], [json.loads(t)["question"]["pre_generated_steps"] for t in f.read_text().splitlines()])]
+        assert got == want
+
+
 def test_cli_select_without_a_prm_exits_2(tmp_path, capsys):
     from rlprm.cli import main
 
@@ -283,3 +469,36 @@ def test_cli_select_without_a_prm_exits_2(tmp_path, capsys):
                  "tracking.wandb=disabled", "active.labeller=/nonexistent"])
     err = capsys.readouterr().err
     assert code == 2 and "neither `checker` nor a PRM" in err and "not found: /nonexistent" in err
+
+
+@pytest.mark.slow
+def test_active_learning_cli_every_share_three_seeds(tmp_path, generator):  # noqa: F811
+    """The shipped recipe's shape (3 seeds, the four convincing shares) at toy budgets, through the command."""
+    from rlprm.cli import main
+
+    run = tmp_path / "run"
+    overrides = [o for o in TINY if not o.startswith(("active.seeds", "active.convincing_shares"))]
+    assert main(["active-learning", str(RECIPES / "active_learning.yaml"), f"model.generator={generator}",
+                 f"run.output_dir={run}", f"rm.data.cache_dir={tmp_path / 'cache'}", "--no-progress", *overrides,
+                 "active.seeds=[0,1,2]"]) == 0
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["arms"] == ["uniform", "active@0", "active@0.4", "active@0.8", "active@1"]
+    assert saved["seeds"] == [0, 1, 2] and saved["headline_share"] == 0.8
+    for metric in ("best_of_n_process_accuracy", "best_of_n_answer_accuracy", "step_auroc", "first_error_f1"):
+        assert set(saved["factor"][metric]["by_share"]) == {"0", "0.4", "0.8", "1"}
+    # every arm of a seed labels the same count; the mix follows the share exactly (5 then 4 new labels)
+    mix = saved["mix"]
+    assert [mix[f"active@{s}"]["8"]["convincing_wrong_answer"] for s in ("0", "0.4", "0.8", "1")] == [0, 6, 12, 15]
+    assert all(mix[arm]["8"]["new_labels"] == 15 for arm in mix)
+
+
+def test_a_schedule_larger_than_the_pool_fails_before_training(tmp_path, generator):  # noqa: F811
+    from rlprm.active import ActiveLearningError, run_loop
+
+    recipe = load_recipe(RECIPES / "active_learning.yaml", [f"model.generator={generator}",
+                                                             f"run.output_dir={tmp_path / 'run'}",
+                                                             f"rm.data.cache_dir={tmp_path / 'cache'}", *TINY,
+                                                             "active.budgets=[4,40]"])
+    with pytest.raises(ActiveLearningError, match="runs out of problems"):
+        run_loop(recipe, progress=False)
+    assert not (tmp_path / "run" / "labels").exists()  # nothing labelled, nothing trained

@@ -59,8 +59,14 @@ def _recipe_with_ds(tmp_path, ds: str):
 def test_read_ds_config_refuses_what_ppo_cannot_run(tmp_path):
     assert read_ds_config(_recipe_with_ds(tmp_path, str(ROOT / "deepspeed_configs" / "zero2.json")))[
         "zero_optimization"]["stage"] == 2
-    with pytest.raises(DistributedError, match="ZeRO-3.*zero2.json"):
-        read_ds_config(_recipe_with_ds(tmp_path, str(ROOT / "deepspeed_configs" / "zero3.json")))
+    zero3 = read_ds_config(_recipe_with_ds(tmp_path, str(ROOT / "deepspeed_configs" / "zero3.json")))
+    assert zero3["zero_optimization"]["stage"] == 3  # accepted now
+    filled = fill_ds_config(zero3, micro_batch=2, grad_clip=1.0, bf16=False, hidden_size=64)
+    assert filled["zero_optimization"]["stage3_param_persistence_threshold"] == 640  # HF's 10 h
+    assert "auto" not in json.dumps(filled)
+    # offloading is still refused, and the message says why and what to use instead
+    with pytest.raises(DistributedError, match="offloads to the CPU.*DeepSpeed's own optimizer.*zero3.json"):
+        read_ds_config(_recipe_with_ds(tmp_path, str(ROOT / "deepspeed_configs" / "zero3_offload.json")))
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(DistributedError, match="bad.json"):
@@ -270,10 +276,9 @@ def _env():
     return env
 
 
-def test_deepspeed_two_processes_end_with_identical_weights(tmp_path, generator_dir):
-    from transformers import AutoModelForCausalLM
-
-    recipe = _write_recipe(tmp_path, generator_dir)
+def _launch_two(tmp_path: Path, generator: Path, **extra) -> tuple[subprocess.CompletedProcess, Path]:
+    """`deepspeed --num_gpus 2 rlprm/train_rl.py` on `_write_recipe(tmp_path, generator, **extra)`; the run folder."""
+    recipe = _write_recipe(tmp_path, generator, **extra)
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()),
            "rlprm/train_rl.py", str(recipe), "--no-progress"]
@@ -282,8 +287,19 @@ def test_deepspeed_two_processes_end_with_identical_weights(tmp_path, generator_
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "built successfully" not in proc.stdout + proc.stderr
+    return proc, tmp_path / "run"
 
-    run_dir = tmp_path / "run"
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory, generator_dir):
+    """The 2-process ZeRO-2 run (the built-in default), shared with the ZeRO-3 test that compares against it."""
+    return _launch_two(tmp_path_factory.mktemp("zero2"), generator_dir)
+
+
+def test_deepspeed_two_processes_end_with_identical_weights(zero2_run, generator_dir):
+    from transformers import AutoModelForCausalLM
+
+    proc, run_dir = zero2_run
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["dist/world_size"] == 2 and summary["dist/zero_stage"] == 2  # the built-in ZeRO-2 default
     digests = summary["dist/policy_sha256"]  # each rank hashed its own weights
@@ -297,6 +313,49 @@ def test_deepspeed_two_processes_end_with_identical_weights(tmp_path, generator_
     assert len([r for r in records if "rl/reward" in r]) == 2
     assert [r["epoch"] for r in records if "eval/answer_accuracy" in r] == [0, 1]
     assert proc.stdout.count("policy exported to") == 1  # rank 0 reports for all
+
+
+def test_zero3_two_processes_train_as_zero2_and_export_whole_weights(tmp_path, generator_dir, zero2_run):
+    """ZeRO-3 shards the policy's and the critic's parameters: generation, evaluation, checkpoints and the export
+    read them gathered, and the run ends where the ZeRO-2 run ends (the same algorithm, sharded differently)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    proc, run_dir = _launch_two(tmp_path, generator_dir, deepspeed=str(ROOT / "deepspeed_configs" / "zero3.json"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["dist/zero_stage"] == 3
+    digests = summary["dist/policy_sha256"]  # of the gathered weights: whole, not each rank's shard
+    assert len(digests) == 2 and digests[0] == digests[1] and len(set(summary["dist/value_sha256"])) == 1
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "export")  # plain transformers: whole weights
+    assert weights_digest(exported) == digests[0]
+    start = AutoModelForCausalLM.from_pretrained(generator_dir).state_dict()
+    zero2 = AutoModelForCausalLM.from_pretrained(zero2_run[1] / "export").state_dict()
+    got = exported.state_dict()
+    moved = max((got[k] - start[k]).abs().max().item() for k in got)
+    apart = max((got[k] - zero2[k]).abs().max().item() for k in got)
+    # the same samples and updates; only the order of float sums differs between the two reductions
+    assert moved > 1e-3 and apart < 1e-5, (moved, apart)
+    assert all(torch.isfinite(v).all() for v in got.values())
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in records if "eval/answer_accuracy" in r] == [0, 1]  # rank 0 evaluated, gathered
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_ppo_lora_two_processes_end_with_identical_weights_and_a_plain_export(tmp_path, generator_dir, stage):
+    from transformers import AutoModelForCausalLM
+
+    lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
+    proc, run_dir = _launch_two(tmp_path, generator_dir, model={"generator": str(generator_dir), "lora": lora},
+                                deepspeed=str(ROOT / "deepspeed_configs" / f"zero{stage}.json"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["dist/zero_stage"] == stage
+    digests = summary["dist/policy_sha256"]  # base + adapters, each rank its own
+    assert len(digests) == 2 and digests[0] == digests[1] and len(set(summary["dist/value_sha256"])) == 1
+    assert (run_dir / "checkpoints" / "epoch-0001" / "model" / "adapter_config.json").is_file()
+    export = run_dir / "export"
+    assert not (export / "adapter_config.json").exists()  # merged
+    merged = AutoModelForCausalLM.from_pretrained(export)
+    assert weights_digest(merged) != weights_digest(AutoModelForCausalLM.from_pretrained(generator_dir))
 
 
 FAILING_EVALUATION = '''

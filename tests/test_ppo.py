@@ -494,3 +494,123 @@ def test_value_layers_truncates_the_critic_and_a_checkpoint_reloads_in_its_shape
     assert torch.equal(again(input_ids=ids).logits, small(input_ids=ids).logits)
     # more layers than the body has: unchanged
     assert len(_load_value_model(str(generator_dir), "float32", "cpu", False, layers=n + 3).base_model.layers) == n
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def _lora_recipe(tmp_path, generator_dir, out, **kw):
+    recipe = make_recipe(tmp_path, generator_dir, out, **kw)
+    recipe.model.lora.enabled, recipe.model.lora.r, recipe.model.lora.alpha = True, 4, 8
+    recipe.model.lora.dropout = 0.0
+    return recipe
+
+
+def test_lora_reference_is_the_base_with_its_adapters_off(generator_dir, tmp_path):
+    """The reference of a LoRA policy is the policy's own base: its log-probs (PPO's KL, and the held-out
+    confidence of the evaluation) equal the plain generator's, however far the adapters have moved."""
+    import torch
+
+    from rlprm.evaluate import response_logprobs
+    from rlprm.models import load_causal_lm, load_tokenizer
+    from rlprm.rl.ppo import build_rollout, rollout_logprobs
+    from rlprm.rl.reference import AdaptersOff, load_reference
+    from rlprm.rl.run import load_policy
+
+    recipe = _lora_recipe(tmp_path, generator_dir, "unit")
+    policy = load_policy(recipe, None, "cpu")
+    with torch.no_grad():  # adapters that change the model (lora_B starts at 0)
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    policy.train()
+    reference = load_reference(recipe, policy, "cpu")
+    assert isinstance(reference, AdaptersOff) and reference.model is policy  # no second copy of the weights
+    base = load_causal_lm(str(generator_dir), "float32", "cpu", False).eval()
+    tok = load_tokenizer(str(generator_dir), padding_side="left")
+    enc = tok(["93 +3 -4 mod 10\n", "5 +1 last digit\n"], return_tensors="pt", padding=True)
+    ids = [tok("1 + 2 = 3\n", add_special_tokens=False)["input_ids"], tok("7\n", add_special_tokens=False)["input_ids"]]
+    ro = build_rollout(tok, enc["input_ids"], enc["attention_mask"], ids, 1)
+    m = ro.response_mask
+    got, _ = rollout_logprobs(reference, ro, 0.7)
+    want = _independent_logprobs(base, ro, 0.7)
+    assert torch.allclose(got[m], want[m], atol=1e-6)
+    assert policy.training and not got.requires_grad  # the policy's mode is restored; no graph is kept
+    policy.eval()
+    with torch.no_grad():
+        adapted, _ = rollout_logprobs(policy, ro, 0.7)
+    assert not torch.allclose(adapted[m], want[m], atol=1e-2)  # the adapters do change the policy
+    prompts = ["93 +3 -4 mod 10\n", "5 +1 last digit\n"]
+    for a, b in zip(response_logprobs(reference, tok, prompts, ids), response_logprobs(base, tok, prompts, ids)):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_ppo_with_lora_trains_adapters_only_and_exports_a_plain_model(generator_dir, tmp_path, monkeypatch):
+    """PPO + LoRA with `confidence` rewards (which read the reference): one load of the generator's weights, the
+    reference stays the start after the adapters moved, checkpoints hold adapters, the export is plain HF."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import rlprm.models as models_module
+    import rlprm.rewards as rewards_module
+    from rlprm.models import load_causal_lm
+    from rlprm.rl import ppo, train
+    from rlprm.rl.run import load_policy
+
+    loads, seen_rewards, seen_kl, rollouts = [], [], [], []
+    _spy(monkeypatch, models_module, "load_causal_lm", loads)
+    _spy(monkeypatch, rewards_module, "token_rewards", seen_rewards)
+    _spy(monkeypatch, rewards_module, "add_kl_penalty", seen_kl)
+    monkeypatch.setattr(ppo, "_generate", _rollouts_per_prompt(ppo, _right_and_wrong, record=rollouts))
+    # 2 iterations: the second one's rollouts are scored after the adapters' first update
+    recipe = _lora_recipe(tmp_path, generator_dir, "lora", epochs=1, problems_per_epoch=4, mode="sparse",
+                          source="confidence")
+    recipe.rl.max_new_tokens = 80
+    final = train(recipe, progress=False)
+    assert len(loads) == 1  # the policy's base; the reference is that base, not a second copy
+
+    start = load_causal_lm(str(generator_dir), "float32", "cpu", False).eval()
+    kl = [args[0][1:4] for args in seen_kl]  # (old logprobs, ref logprobs, mask) per iteration
+    old, ref, mask = kl[1]
+    assert not torch.allclose(old[mask], ref[mask], atol=1e-4)  # the policy moved away from its reference ...
+    assert torch.allclose(ref[mask], _independent_logprobs(start, rollouts[1], 1.0)[mask], atol=1e-5)  # ... the start
+    at_t1 = _independent_logprobs(start, rollouts[1], 1.0)
+    tr = seen_rewards[1][2]
+    for i, ids in enumerate(rollouts[1].response_ids):  # the start's confidence, not the adapted policy's
+        assert tr.returns[i].item() == pytest.approx(math.exp(at_t1[i, :len(ids)].min().item()), abs=1e-5)
+    assert final["eval/reward"] is not None  # the held-out confidence, read through the same reference
+
+    ckpt = tmp_path / "lora" / "checkpoints" / "epoch-0001"
+    assert (ckpt / "model" / "adapter_config.json").is_file() and not (ckpt / "model" / "model.safetensors").exists()
+    trained = load_policy(recipe, ckpt, "cpu").eval()
+    base = dict(start.named_parameters())
+    changed = []
+    for name, p in trained.named_parameters():
+        if "lora_" in name:
+            changed.append(bool(p.abs().sum() > 0) if "lora_B" in name else True)
+        else:  # every base weight is the generator's, bit for bit
+            plain = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
+            assert torch.equal(p, base[plain]), name
+    assert changed and all(changed)  # every lora_B left 0
+    export = Path(final["export_dir"])
+    assert not (export / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(export).eval()  # plain transformers, no peft
+    ro = rollouts[1]
+    pos = (ro.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = trained(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=pos).logits
+        got = merged(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=pos).logits
+        before = start(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=pos).logits
+    assert torch.allclose(got, want, atol=1e-4) and not torch.allclose(got, before, atol=1e-4)
+
+
+def test_ppo_with_lora_resumes_to_the_uninterrupted_metrics(generator_dir, tmp_path):
+    from rlprm.rl import train
+
+    train(_lora_recipe(tmp_path, generator_dir, "full"), progress=False)
+    train(_lora_recipe(tmp_path, generator_dir, "resumed", epochs=1), progress=False)
+    train(_lora_recipe(tmp_path, generator_dir, "resumed"), resume=True, progress=False)  # adapters + optimizer back
+    resumed = _comparable(read_metrics(tmp_path / "resumed" / "metrics.jsonl"))
+    full = _comparable(read_metrics(tmp_path / "full" / "metrics.jsonl"))
+    assert resumed and resumed == full
+    assert resumed[0]["rl/kl"] != 0.0  # epoch 2 starts from trained adapters, not from fresh ones

@@ -1,6 +1,7 @@
-"""recipes/prm_dense_qwen_math.yaml as shipped (MATH prompts, dense PRM rewards, ZeRO-2, bf16), run on CPU with
-tiny stand-ins for Qwen2.5-Math and the PRM800K PRM, and tiny budgets: every key of the recipe is exercised
-except the model ids and the sizes."""
+"""recipes/prm_dense_qwen_math.yaml as shipped (MATH prompts, dense PRM rewards, ZeRO-2, bf16) and its LoRA
+(prm_dense_qwen_math_lora.yaml) and ZeRO-3 (prm_dense_qwen_math_zero3.yaml) variants, run on CPU with tiny
+stand-ins for Qwen2.5-Math and the PRM800K PRM, and tiny budgets: every key of the recipes is exercised except the
+model ids and the sizes."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from tests.conftest import shared_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "prm_dense_qwen_math.yaml"
+LORA = ROOT / "recipes" / "prm_dense_qwen_math_lora.yaml"
+ZERO3 = ROOT / "recipes" / "prm_dense_qwen_math_zero3.yaml"
 
 
 def test_recipe_validates_without_the_data_and_names_missing_inputs(tmp_path):
@@ -40,24 +43,36 @@ def test_recipe_validates_without_the_data_and_names_missing_inputs(tmp_path):
             ensure_prerequisites(recipe, log=lambda _: None)
 
 
-def test_lora_is_refused_by_ppo_not_ignored(tmp_path):
+def test_lora_and_zero3_variants_are_the_same_run_with_lora_or_zero3(tmp_path):
+    """PPO accepts LoRA (it refused it before) and ZeRO-3; the variants differ from the ZeRO-2 recipe only there."""
     from rlprm.config import load_recipe
+    from rlprm.rl.distributed import read_ds_config
     from rlprm.rl.ppo import PPO
-    from rlprm.rl.run import RLInputError
 
-    recipe = load_recipe(RECIPE, ["model.lora.enabled=true", f"model.reward_model={tmp_path}"])
-    with pytest.raises(RLInputError, match="LoRA"):
-        PPO().check(recipe)
+    base, lora, zero3 = (load_recipe(r, [f"model.reward_model={tmp_path}"]) for r in (RECIPE, LORA, ZERO3))
+    PPO().check(lora)  # no RLInputError: LoRA is trained, not refused
+    assert lora.model.lora.enabled and 16 <= lora.model.lora.r <= 64 and lora.model.lora.dropout == 0.0
+    assert lora.deepspeed.name == "zero2.json" and lora.rl.learning_rate == pytest.approx(10 * base.rl.learning_rate)
+    assert not zero3.model.lora.enabled and read_ds_config(zero3)["zero_optimization"]["stage"] == 3
+    base, lora, zero3 = (r.model_dump(exclude={"run", "tracking", "deepspeed"}) for r in (base, lora, zero3))
+    assert zero3 == base  # the same run, sharded
+    for settings in (base, lora):  # what LoRA changes: the adapters, their learning rate, a smaller critic
+        settings["model"].pop("lora"), settings["rl"].pop("learning_rate"), settings["rl"].pop("value_layers")
+    assert lora == base
+    for path in (LORA, ZERO3):
+        assert f"deepspeed --num_gpus 8 rlprm/train_rl.py recipes/{path.name}" in path.read_text()
+        assert "UNTESTED ON GPUs" in path.read_text()
 
 
-def test_recipe_runs_with_tiny_stand_ins(tmp_path):
+@pytest.mark.parametrize("recipe_path", [RECIPE, LORA, ZERO3], ids=["zero2", "lora", "zero3"])
+def test_recipe_runs_with_tiny_stand_ins(tmp_path, recipe_path):
     math = shared_file("math/math500_test.jsonl")
     from rlprm.config import TinyModelConfig, load_recipe
     from rlprm.models import build_bpe_tokenizer, build_tiny_causal_lm
     from rlprm.problems import load_jsonl_problems
     from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
 
-    template = load_recipe(RECIPE).task.prompt_template
+    template = load_recipe(recipe_path).task.prompt_template
     problems = load_jsonl_problems(math, limit=200, template=template)
     tokenizer = build_bpe_tokenizer([p.prompt + p.gold for p in problems], 400, 4096)
     tiny = TinyModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, max_positions=4096,
@@ -73,7 +88,7 @@ def test_recipe_runs_with_tiny_stand_ins(tmp_path):
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     out = subprocess.run(
-        [sys.executable, str(ROOT / "rlprm" / "train_rl.py"), str(RECIPE),
+        [sys.executable, str(ROOT / "rlprm" / "train_rl.py"), str(recipe_path),
          f"model.generator={gen}", f"model.reward_model={tmp_path / 'prm'}", f"run.output_dir={tmp_path / 'run'}",
          f"task.train_path={math}", f"task.test_path={math}", "run.device=cpu", "run.threads=1",
          "rl.epochs=1", "rl.problems_per_epoch=2", "rl.prompts_per_iteration=2", "rl.samples_per_problem=2",
@@ -86,8 +101,13 @@ def test_recipe_runs_with_tiny_stand_ins(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["eval/answer_accuracy"] is not None and "rl/reward" in summary
     assert summary["reward/missing_answer_frac"] == 1.0  # a random tiny model writes no \boxed{} answer
-    assert summary["dist/world_size"] == 1  # the recipe's ZeRO-2 config made it train through a DeepSpeed engine
+    assert summary["dist/world_size"] == 1  # the recipe's DeepSpeed config made it train through an engine
+    stage = 3 if recipe_path == ZERO3 else 2
+    assert summary["dist/zero_stage"] == stage
     resolved = (run / "recipe.yaml").read_text()
-    assert "zero2.json" in resolved and "dtype: bfloat16" in resolved and "mode: dense" in resolved
+    assert f"zero{stage}.json" in resolved and "dtype: bfloat16" in resolved and "mode: dense" in resolved
     config = json.loads((run / "export" / "config.json").read_text())
     assert config["model_type"] == "llama"
+    assert not (run / "export" / "adapter_config.json").exists()  # LoRA merged: a plain HF folder
+    adapters = (run / "checkpoints" / "epoch-0001" / "model" / "adapter_config.json").exists()
+    assert adapters == (recipe_path == LORA)

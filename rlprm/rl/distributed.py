@@ -7,6 +7,18 @@ state and gradients), samples its own share of each iteration's prompts,
 scores them locally, and DeepSpeed averages the gradients, so all ranks step
 to the same weights. Only rank 0 writes metrics, checkpoints and the export.
 
+ZeRO-3 also shards the parameters of the trained models (the policy and the
+critic; the reference and the reward model are never wrapped in an engine and
+stay whole on every rank). A forward pass through a sharded model gathers each
+layer from every rank, so it is a collective: training steps and the no-grad
+passes of the loop run on every rank in step. What reads the weights outside
+that lockstep goes through `Dist.whole_weights`, which gathers the whole model
+on every rank for the block and takes DeepSpeed's hooks off (as DeepSpeed's
+own `unwrap_model_for_generation` does, and one hook more): generation, where
+ranks stop at different lengths and would otherwise wait for each other's
+forward passes, rank 0's evaluation, the checkpoints (whole weights, written
+by rank 0) and the weight digests.
+
 Every collective here must be called by all ranks in the same order, or the
 run hangs: the loops that call them do the same number of iterations on every
 rank (equal shards), and a reason to stop on one rank is shared with
@@ -90,14 +102,10 @@ def read_ds_config(recipe) -> dict:
     if not isinstance(config, dict):
         raise DistributedError(f"deepspeed: {path} must hold a JSON object")
     zero = config.get("zero_optimization", {}) or {}
-    stage = zero.get("stage", 0)
-    if stage == 3:
-        # rollouts, best-of-N on rank 0 and rank-0 checkpoints all read whole weights from one process
-        raise DistributedError(f"deepspeed: {path} uses ZeRO-3, which PPO does not support yet (generation and "
-                               "rank-0 evaluation need whole weights on every rank); use deepspeed_configs/zero2.json")
     if zero.get("offload_optimizer") or zero.get("offload_param"):
-        raise DistributedError(f"deepspeed: {path} offloads to the CPU, which needs DeepSpeed's own optimizer; PPO "
-                               "uses torch's AdamW: use deepspeed_configs/zero2.json")
+        raise DistributedError(f"deepspeed: {path} offloads to the CPU, which needs DeepSpeed's own optimizer "
+                               "(DeepSpeedCPUAdam, JIT-compiled); PPO uses torch's AdamW: use "
+                               "deepspeed_configs/zero3.json (or zero2.json)")
     if (config.get("fp16") or {}).get("enabled") not in (None, False, "auto"):
         raise DistributedError(f"deepspeed: {path} enables fp16, which PPO does not support; use bf16 "
                                "(model.dtype: bfloat16) or float32")
@@ -128,7 +136,10 @@ def fill_ds_config(config: dict, *, micro_batch: int, grad_clip: float, bf16: bo
     # gloo calls per backward, and DeepSpeed's overhead ate the 2-process speed-up on CPU
     h = hidden_size or 1024
     bucket = max(h * h, 10_000_000)
-    for key, value in {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket}.items():
+    # ZeRO-3 (HF's values): gather buckets of 0.9 h^2, and parameters under 10 h elements (norms, biases) kept
+    # whole on every rank, where gathering them would cost more than it saves
+    stage3 = {"stage3_prefetch_bucket_size": int(0.9 * h * h), "stage3_param_persistence_threshold": 10 * h}
+    for key, value in {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket, **stage3}.items():
         if zero.get(key) == "auto":
             zero[key] = value
     # our optimizer is torch's AdamW (DESIGN.md section 9: DeepSpeed's own JIT-compiles for 40 s on CPU)
@@ -146,6 +157,7 @@ class Dist:
     deepspeed: bool = False
     ds_config: dict = field(default_factory=dict)
     barriers: int = field(default=0, repr=False)  # barriers passed so far: the same count on every rank
+    engines: dict = field(default_factory=dict, repr=False)  # id(model) -> the DeepSpeed engine `wrap` built for it
 
     @classmethod
     def single(cls) -> "Dist":
@@ -159,6 +171,11 @@ class Dist:
     def active(self) -> bool:
         """Collectives are needed (more than one process)."""
         return self.world > 1
+
+    @property
+    def zero_stage(self) -> int:
+        """The ZeRO stage of the engines (0 without DeepSpeed)."""
+        return int((self.ds_config.get("zero_optimization") or {}).get("stage", 0)) if self.deepspeed else 0
 
     # ------------------------------------------------------------------ collectives (no-ops on one process)
 
@@ -379,7 +396,36 @@ class Dist:
         import deepspeed
 
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        self.engines[id(model)] = engine
         return engine
+
+    @contextmanager
+    def whole_weights(self, *models):
+        """Every parameter of `models` whole on this rank for the block, each rank on its own.
+
+        Under ZeRO-3 a model that `wrap` put in an engine holds only its shard:
+        this gathers it on every rank (a collective: call it on EVERY rank, with
+        the same models in the same order) and takes the engine's hooks off, so
+        that forward passes inside the block need no other rank (generation,
+        rank 0's evaluation), and `state_dict` holds whole tensors (checkpoints,
+        digests). The shards come back on exit; weights changed inside the
+        block are not kept. Costs a whole copy of each model per rank while it
+        lasts. A no-op for models that are whole already (no DeepSpeed, ZeRO-1/2,
+        the reference, the reward model).
+        """
+        engines = [self.engines[id(m)] for m in models if id(m) in self.engines] if self.zero_stage == 3 else []
+        if not engines:
+            yield
+            return
+        from contextlib import ExitStack
+
+        import deepspeed
+
+        with ExitStack() as stack:
+            for engine in engines:
+                stack.enter_context(deepspeed.zero.GatheredParameters(list(engine.module.parameters())))
+                stack.enter_context(_zero3_hooks_off(engine))
+            yield
 
 
 def setup(recipe, micro_batch: int) -> Dist:
@@ -428,6 +474,30 @@ def setup(recipe, micro_batch: int) -> Dist:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return Dist(rank=rank, world=world, local_rank=local_rank, deepspeed=True, ds_config=config)
+
+
+@contextmanager
+def _zero3_hooks_off(engine):
+    """A ZeRO-3 engine's module with none of DeepSpeed's hooks for the block, then with them back.
+
+    Every forward of a ZeRO-3 module runs hooks that gather layers and check the order of the
+    gathers with the other ranks (both collectives). On gathered weights they are not needed, and
+    ranks running different numbers of forward passes (generation) would wait for each other in them.
+    DeepSpeed's own `stage3.unwrap_model_for_generation` removes the per-layer hooks but not the
+    start-of-forward one, which still checks with the other ranks: hence this one (the internals of
+    DeepSpeed 0.19, which pyproject.toml pins).
+    """
+    from deepspeed.runtime.zero import parameter_offload
+
+    offload = engine.optimizer.parameter_offload
+    stack_depth = len(parameter_offload.FWD_MODULE_STACK)
+    offload._remove_module_hooks()  # the per-layer forward / backward hooks and the start-of-forward one
+    offload.forward_hooks, offload.backward_hooks = [], []
+    try:
+        yield
+    finally:
+        offload.setup_zero_stage3_hooks()  # all three back; the gather order is recorded afresh
+        del parameter_offload.FWD_MODULE_STACK[stack_depth:]  # which pushed the module once more
 
 
 def launch_env() -> tuple[int, int, int]:

@@ -3,9 +3,12 @@
 Our own compact loop (DESIGN.md section 6): TRL no longer ships a PPO trainer.
 Four models take part:
 - the policy (the generator, trained),
-- a frozen reference (the initial policy; the KL penalty keeps the policy near it),
+- a frozen reference (the initial policy; the KL penalty keeps the policy near it):
+  with LoRA (model.lora.enabled) the policy's own base with its adapters off,
+  not a second copy of the weights (`rl/reference.py`),
 - a value model (critic): a token-classification model with one output, whose
-  body starts as the generator's, trained on the GAE returns,
+  body starts as the generator's, trained on the GAE returns (all its
+  weights, LoRA or not: `rl.value_layers` keeps it small),
 - the reward model (a PRM or an ORM; none for `ground_truth`, `exact` and
   `confidence` rewards: `exact` scores steps with the arithmetic checker that
   grades every sample anyway, `confidence` reads the reference model's own
@@ -37,11 +40,15 @@ column, and the response tensors (B, T) then line up with `rewards.py`'s.
 
 With several processes (or a `deepspeed:` key) the policy and critic train
 inside DeepSpeed engines (`rl/distributed.py`): each rank samples its share of
-the prompts, gradients are averaged, rank 0 alone evaluates and writes.
+the prompts, gradients are averaged, rank 0 alone evaluates and writes. Under
+ZeRO-3 the policy is gathered whole on every rank for generation
+(`Dist.whole_weights`), so that ranks stopping at different lengths never wait
+for each other's forward passes; every other pass runs on all ranks in step.
 
-Resume works at epoch granularity: a checkpoint holds the policy, the value
-model, both optimizers, the KL coefficient and the optimizer step count (for
-the warm-up), beside the skeleton's counters and RNG state.
+Resume works at epoch granularity: a checkpoint holds the policy (its
+adapters only, with LoRA), the value model, both optimizers, the KL
+coefficient and the optimizer step count (for the warm-up), beside the
+skeleton's counters and RNG state.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from rlprm.config import Recipe
-from rlprm.rl.run import RLError, RLInputError, Run, all_weights_only, check_finite, check_models, mean
+from rlprm.rl.run import RLError, RLInputError, Run, check_finite, check_models, mean
 
 
 @dataclass
@@ -186,8 +193,7 @@ class PPO:
     needs_reference = True
 
     def check(self, recipe: Recipe) -> None:
-        check_models(recipe)
-        all_weights_only(recipe, "PPO")
+        check_models(recipe)  # LoRA is supported: adapters train, the reference is the base with them off
 
     def distributed(self, recipe: Recipe):
         # several processes (or a `deepspeed:` key): DeepSpeed engines, each rank with its share of the prompts and
@@ -211,7 +217,9 @@ class PPO:
         ckpt = run.ckpt
         value_src = ckpt / "extra" / "value" if ckpt else (m.generator if rl.value_model == "policy" else rl.value_model)
         self.value_model = _load_value_model(value_src, m.dtype, run.device, m.trust_remote_code, rl.value_layers)
-        self.policy_opt = torch.optim.AdamW(run.policy.parameters(), lr=rl.learning_rate)
+        # the trainable weights only: all of them, or LoRA's adapters (the frozen base needs no Adam moments)
+        self.policy_opt = torch.optim.AdamW([p for p in run.policy.parameters() if p.requires_grad],
+                                            lr=rl.learning_rate)
         self.value_opt = torch.optim.AdamW(self.value_model.parameters(), lr=rl.value_learning_rate)
         # the engines train (forward, backward, gradient averaging, clipping, step); `run.policy` and
         # `self.value_model` stay the HF models inside them, used for sampling, no-grad passes, evaluation and saving
@@ -270,8 +278,10 @@ class PPO:
                 break
             t0 = time.monotonic()
 
-            # 1. generate: n samples per prompt, EOS and token ids kept (rl.rollout: HF generate or vLLM)
-            ro = _generate(self.sampler, tokenizer, [p.prompt for p in batch], n, rl.temperature, rl.max_new_tokens)
+            # 1. generate: n samples per prompt, EOS and token ids kept (rl.rollout: HF generate or vLLM; ZeRO-3:
+            # the policy gathered whole on every rank, so that ranks stopping at different lengths never wait)
+            with dist.whole_weights(policy):
+                ro = _generate(self.sampler, tokenizer, [p.prompt for p in batch], n, rl.temperature, rl.max_new_tokens)
             B, T = ro.response_mask.shape
             sample_problems = [p for p in batch for _ in range(n)]
             t_gen = time.monotonic() - t0

@@ -8,7 +8,8 @@ three algorithms share lives here, once:
     setup     input checks; processes (DeepSpeed engines for PPO, the trainers' DDP for GRPO and
               rejection sampling); the run
               folder (fresh start or --resume); tokenizer, policy, frozen
-              reference (PPO), reward model (a PRM/ORM, checked against
+              reference (PPO; with LoRA the policy's base, adapters off),
+              reward model (a PRM/ORM, checked against
               reward.source); the checkpoint's counters, RNG and algorithm
               state; the held-out `exclude` set and the evaluation set; the
               tracker (rank 0 only); torch threads
@@ -16,7 +17,7 @@ three algorithms share lives here, once:
               1. the epoch's problems (a function of (seed, epoch): resume replays them)
               2. the algorithm's update for that epoch (logs one record per iteration)
               3. best-of-N on held-out problems (rank 0; the others wait)
-              4. a checkpoint (rank 0 writes; the others wait)
+              4. a checkpoint (rank 0 writes whole weights; the others wait)
     cleanup   summary, weight digests compared across ranks, export, threads restored
 
 Resume is one code path for every algorithm: a checkpoint holds the
@@ -165,7 +166,8 @@ class Algorithm(Protocol):
 
     name: str
     needs_reference: bool
-    """The skeleton loads a frozen copy of the generator as `run.reference` (PPO's KL and confidence rewards)."""
+    """The skeleton sets `run.reference` (PPO's KL and confidence rewards): a frozen copy of the generator, or
+    with LoRA the policy's own base with its adapters off (`rl/reference.py`)."""
 
     def check(self, recipe: Recipe) -> None:
         """Raise RLInputError for what can be refused before any model is loaded."""
@@ -231,11 +233,13 @@ class Run:
 
         if not self.recipe.rl.eval_n_max:
             return
-        if self.dist.is_main:
-            metrics = between_epochs(self.recipe, self.policy, self.tokenizer, self.eval_set, self.reward_model,
-                                     epoch, reference=self.reference, sampler=self.sampler)
-            if metrics:
-                self.log(metrics)
+        # under ZeRO-3 every rank gathers the policy (a collective), so that rank 0 alone can run it
+        with self.dist.whole_weights(self.policy):
+            if self.dist.is_main:
+                metrics = between_epochs(self.recipe, self.policy, self.tokenizer, self.eval_set, self.reward_model,
+                                         epoch, reference=self.reference, sampler=self.sampler)
+                if metrics:
+                    self.log(metrics)
         self.dist.barrier()
 
     def checkpoint(self, epoch: int, algorithm: Algorithm) -> None:
@@ -244,21 +248,24 @@ class Run:
         from rlprm.checkpoint import rng_state, save_checkpoint
 
         rank_rng = self.dist.gather(rng_state()) if self.dist.active else None  # every rank's own sampling stream
-        if self.dist.is_main:
-            size = self.tracker.metrics_path.stat().st_size if self.tracker.metrics_path.exists() else 0
-            save_checkpoint(self.run_dir, epoch, self.policy, self.tokenizer,
-                            {**algorithm.state_dict(), "step": self.step, "metrics_bytes": size,
-                             "final": dict(self.final)},
-                            extra_models=algorithm.extra_models(), rank_rng=rank_rng)
+        extra = algorithm.extra_models()
+        with self.dist.whole_weights(self.policy, *extra.values()):  # ZeRO-3: whole weights, never shards
+            if self.dist.is_main:
+                size = self.tracker.metrics_path.stat().st_size if self.tracker.metrics_path.exists() else 0
+                save_checkpoint(self.run_dir, epoch, self.policy, self.tokenizer,
+                                {**algorithm.state_dict(), "step": self.step, "metrics_bytes": size,
+                                 "final": dict(self.final)},
+                                extra_models=extra, rank_rng=rank_rng)
         self.dist.barrier()
 
 
 def setup(recipe: Recipe, algorithm: Algorithm, resume: bool, progress: bool) -> Run:
     """Build the run: processes, run folder, models, checkpoint state, held-out sets, tracker."""
     from rlprm.checkpoint import load_state, start_or_resume
-    from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
+    from rlprm.models import load_tokenizer, resolve_device
     from rlprm.problems import eval_problems, held_out_arithmetic
     from rlprm.rl.distributed import device_for
+    from rlprm.rl.reference import load_reference
     from rlprm.tracking import NullTracker, Tracker, cut_metrics
 
     algorithm.check(recipe)
@@ -278,9 +285,9 @@ def setup(recipe: Recipe, algorithm: Algorithm, resume: bool, progress: bool) ->
     # models: the policy (from the checkpoint on resume), the frozen reference (the generator), the reward model
     gen, dtype, trc = recipe.model.generator, recipe.model.dtype, recipe.model.trust_remote_code
     run.tokenizer = load_tokenizer(gen, padding_side="left", trust_remote_code=trc)
-    if algorithm.needs_reference:
-        run.reference = load_causal_lm(gen, dtype, device, trc).eval().requires_grad_(False)
     run.policy = load_policy(recipe, ckpt, device)
+    if algorithm.needs_reference:  # with LoRA the policy's own base (adapters off), else a copy of the generator
+        run.reference = load_reference(recipe, run.policy, device)
     if rcfg.source in ("prm", "orm"):
         from rlprm.prm_adapters import load_for_recipe
 
@@ -320,12 +327,13 @@ def cleanup(run: Run, algorithm: Algorithm) -> dict:
     dist, final = run.dist, run.final
     sync = {}
     if dist.deepspeed or dist.active:
-        # every rank's own digest of its weights: data parallelism must leave them identical
-        sync = {"dist/world_size": dist.world,
-                "dist/zero_stage": dist.ds_config.get("zero_optimization", {}).get("stage", 0),
-                "dist/policy_sha256": dist.gather(weights_digest(run.policy)),
-                **{f"dist/{name}_sha256": dist.gather(weights_digest(model))
-                   for name, model in algorithm.extra_models().items()}}
+        # every rank's own digest of its weights: data parallelism must leave them identical (ZeRO-3: the
+        # gathered weights, so that a digest covers every parameter, not this rank's shard)
+        models = {"policy": run.policy, **algorithm.extra_models()}
+        with dist.whole_weights(*models.values()):
+            digests = {name: weights_digest(model) for name, model in models.items()}
+        sync = {"dist/world_size": dist.world, "dist/zero_stage": dist.zero_stage,
+                **{f"dist/{name}_sha256": dist.gather(digest) for name, digest in digests.items()}}
         final.update(sync)
     # also when a resume found nothing left to train: a run killed after its last checkpoint has no summary yet
     if final:

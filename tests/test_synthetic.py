@@ -1,0 +1,133 @@
+"""Synthetic supervision (`rlprm synthetic-supervision`): labellings, their error rates, the job end to end (tiny)."""
+
+import json
+import random
+
+import pytest
+
+from rlprm.config import ArithmeticConfig, RecipeError, load_recipe
+from rlprm.data.stepwise import CORRECT, INCORRECT, LabelledSolution, label_arithmetic_sample
+from rlprm.synthetic import (OUTCOME_GRADER, OUTCOME_LARGE, PROCESS_CHECKER, PROCESS_LARGE, judged_all_correct,
+                             label_errors, training_sets)
+from rlprm.tasks.arithmetic import corrupt_solution, make_problems, reference_solution, shortcut_solution
+
+from .test_train_rm import RECIPES, generator  # noqa: F401  (the tiny saved generator fixture)
+
+
+def _checked(problem, steps):
+    record, status = label_arithmetic_sample(problem, "\n".join(steps), "\n")
+    assert status == "ok"
+    return record
+
+
+def _prm_says(record, first_error):
+    """The record as a PRM labeller returns it (phase 2: up to its first judged error)."""
+    n = len(record.steps) if first_error is None else first_error + 1
+    labels = [CORRECT] * n if first_error is None else [CORRECT] * first_error + [INCORRECT]
+    return LabelledSolution(problem=record.problem, steps=record.steps[:n], labels=labels)
+
+
+def test_labellings_and_their_errors_against_the_checker():
+    """Four solutions, hand-judged: a right one, a shortcut chain (right answer, every step wrong), a slip the
+    PRM misses, a right one the PRM wrongly flags at step 1."""
+    problems = [p for p in make_problems(ArithmeticConfig(), 200, seed=4) if shortcut_solution(p) is not None][:4]
+    rng = random.Random(0)
+    right = _checked(problems[0], reference_solution(problems[0]))
+    shortcut = _checked(problems[1], shortcut_solution(problems[1]))
+    slip = _checked(problems[2], corrupt_solution(problems[2], rng)[0])
+    flagged = _checked(problems[3], reference_solution(problems[3]))
+    assert right.process_correct and flagged.process_correct and not shortcut.process_correct
+    assert shortcut.answer_correct and not slip.process_correct
+    samples = [right, shortcut, slip, flagged]
+    prm = [_prm_says(right, None), _prm_says(shortcut, shortcut.first_error), _prm_says(slip, None),
+           _prm_says(flagged, 1)]
+    assert [judged_all_correct(p, len(s.steps)) for p, s in zip(prm, samples)] == [True, False, True, False]
+
+    errors = label_errors(samples, prm)
+    # process labels: first errors differ on the slip and the flagged one
+    assert errors[PROCESS_LARGE]["vs_process"] == pytest.approx(2 / 4)
+    # step labels both give: the slip's steps up to its first error, the flagged one's first two
+    both = (slip.first_error + 1) + 2 + len(right.steps) + (shortcut.first_error + 1)
+    assert errors[PROCESS_LARGE]["steps"] == both and errors[PROCESS_LARGE]["step_error"] == pytest.approx(2 / both)
+    # outcome from the large PRM: wrong on the slip (judged right) and the flagged one (judged wrong)
+    assert errors[OUTCOME_LARGE]["vs_process"] == pytest.approx(2 / 4)
+    # the grader is right about every answer but calls the shortcut chain good
+    assert errors[OUTCOME_GRADER]["vs_process"] == pytest.approx((1 + slip.answer_correct) / 4)
+    assert errors[OUTCOME_GRADER]["vs_answer"] == 0.0
+
+    sets = training_sets(samples, prm, [PROCESS_LARGE, OUTCOME_LARGE, OUTCOME_GRADER, PROCESS_CHECKER])
+    assert sets[PROCESS_LARGE] == prm and sets[PROCESS_CHECKER] == samples
+    assert [r.answer_correct for r in sets[OUTCOME_LARGE]] == [True, False, True, False]
+    assert [r.answer_correct for r in sets[OUTCOME_GRADER]] == [r.answer_correct for r in samples]
+    for name in (OUTCOME_LARGE, OUTCOME_GRADER):  # the same whole solutions, no step labels
+        assert [r.steps for r in sets[name]] == [r.steps for r in samples]
+        assert all(y is None for r in sets[name] for y in r.labels)
+
+
+def test_the_synthetic_section_is_validated():
+    recipe = load_recipe(RECIPES / "synthetic_supervision.yaml")
+    assert recipe.synthetic.labellings == [PROCESS_LARGE, OUTCOME_LARGE, OUTCOME_GRADER]
+    assert recipe.rm.scorer == "lm" and recipe.synthetic.large_prm is None
+    with pytest.raises(RecipeError, match="labellings"):
+        load_recipe(RECIPES / "synthetic_supervision.yaml", ["synthetic.labellings=[process_oracle]"])
+
+
+TINY = ["tracking.wandb=disabled", "run.device=cpu", "run.threads=1", "rm.data.train_problems=8",
+        "rm.data.samples_per_problem=2", "rm.data.synthetic_per_problem=3", "rm.data.eval_problems=4",
+        "rm.data.eval_samples_per_problem=4", "rm.data.max_new_tokens=40", "rm.batch_size=4", "rm.max_steps=2",
+        "synthetic.large_problems=4", "synthetic.problems=4", "synthetic.train_steps=2", "synthetic.seeds=[0,1]",
+        "synthetic.eval_n=4", "synthetic.resamples=100"]
+
+
+def test_synthetic_supervision_end_to_end(tmp_path, generator):  # noqa: F811
+    from rlprm.cli import main
+
+    run = tmp_path / "run"
+    code = main(["synthetic-supervision", str(RECIPES / "synthetic_supervision.yaml"), f"model.generator={generator}",
+                 f"run.output_dir={run}", f"rm.data.cache_dir={tmp_path / 'cache'}", "--no-progress", *TINY])
+    assert code == 0
+    summary = json.loads((run / "summary.json").read_text())
+    for name in (PROCESS_LARGE, OUTCOME_LARGE, OUTCOME_GRADER):
+        assert set(summary["synthetic"][name]) == {"1", "2", "4"}
+        for N in ("1", "2", "4"):
+            point = summary["synthetic"][name][N]
+            assert set(point) >= {"accuracy", "process_correct"}
+            assert set(point["accuracy"]) == {"mean", "lo", "hi"} and set(point["process_correct"]) == {"mean", "lo", "hi"}
+        assert set(summary["label_errors"][name]) >= {"vs_process", "vs_answer", "step_error"}
+    assert {"large_prm", "confidence", "majority", "random"} <= set(summary["bon"])
+    assert f"{PROCESS_LARGE}_minus_{OUTCOME_GRADER}" in summary["synthetic_diff"]
+    # the large PRM was trained here, saved, and labelled the fresh samples through the label files
+    lines = [json.loads(t) for t in (run / "labels" / "large_prm_labels.jsonl").read_text().splitlines()]
+    assert lines and {x["labeler"] for x in lines} == {f"prm:{(run / 'large_prm').resolve()}"}
+    assert (run / "large_prm" / "rlprm_rm.json").is_file() and (run / "synthetic_supervision.png").stat().st_size > 0
+    report = (run / "report.md").read_text()
+    assert "How often each labelling is wrong" in report and "Paired differences" in report
+
+
+def test_a_given_large_prm_labels_and_an_orm_is_refused(tmp_path, generator, char_tokenizer, capsys):  # noqa: F811
+    from rlprm.cli import main
+
+    from .test_reward_models import tiny_rm
+
+    tiny_rm(char_tokenizer, kind="orm").save(tmp_path / "orm")
+    code = main(["synthetic-supervision", str(RECIPES / "synthetic_supervision.yaml"), f"model.generator={generator}",
+                 f"run.output_dir={tmp_path / 'run'}", f"rm.data.cache_dir={tmp_path / 'cache'}", "--no-progress",
+                 *TINY, f"synthetic.large_prm={tmp_path / 'orm'}"])
+    assert code == 2 and "is an ORM" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_synthetic_supervision_with_the_checker_ceiling(tmp_path, generator):  # noqa: F811
+    """The shipped recipe's shape (3 seeds) with the optional checker-labelled PRM, through the command."""
+    from rlprm.cli import main
+
+    run = tmp_path / "run"
+    overrides = [o for o in TINY if not o.startswith("synthetic.seeds")]
+    assert main(["synthetic-supervision", str(RECIPES / "synthetic_supervision.yaml"), f"model.generator={generator}",
+                 f"run.output_dir={run}", f"rm.data.cache_dir={tmp_path / 'cache'}", "--no-progress", *overrides,
+                 "synthetic.seeds=[0,1,2]", f"synthetic.labellings=[{PROCESS_LARGE},{OUTCOME_LARGE},{OUTCOME_GRADER},"
+                 f"{PROCESS_CHECKER}]"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["synthetic"]) == {PROCESS_LARGE, OUTCOME_LARGE, OUTCOME_GRADER, PROCESS_CHECKER}
+    assert summary["label_errors"][PROCESS_CHECKER]["vs_process"] == 0.0 and summary["seeds"] == [0, 1, 2]
+    assert f"{PROCESS_CHECKER}_minus_{PROCESS_LARGE}" in summary["synthetic_diff"]
