@@ -19,6 +19,7 @@ Runs, in this order (vLLM last: its colocated engine keeps its memory until the 
 - `ppo_full`: PPO, all weights, HF `generate` rollouts; also HF's rollout tokens/s;
 - `grpo_full`: GRPO (TRL's GRPOTrainer), all weights, at the same batch;
 - `ppo_lora`: PPO with LoRA adapters ({"skipped": the refusal} where PPO does not take LoRA yet);
+- `grpo_lora`: GRPO with LoRA adapters (the KL reference is the base with the adapters off);
 - `ppo_full_vllm`: PPO with `rl.rollout: vllm`; vLLM's rollout tokens/s at the same batch, and the logged
   sampler-vs-trainer log-prob gap ({"skipped": why} without vLLM or a GPU).
 Rollout tokens/s = sampled tokens (EOS included) / the generate phase's seconds, in the same PPO loop.
@@ -241,6 +242,7 @@ def measure(args) -> dict:
             "ppo_full": run(recipe_for(folder, "ppo_full", "ppo", args, device, dtype), device),
             "grpo_full": run(recipe_for(folder, "grpo_full", "grpo", args, device, dtype), device),
             "ppo_lora": run(recipe_for(folder, "ppo_lora", "ppo", args, device, dtype, lora=True), device),
+            "grpo_lora": run(recipe_for(folder, "grpo_lora", "grpo", args, device, dtype, lora=True), device),
         }
         why = vllm_missing(device)
         runs["ppo_full_vllm"] = ({"skipped": why} if why else

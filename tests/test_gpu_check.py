@@ -21,7 +21,7 @@ def test_gpu_check_tiny_prints_one_json_document_with_every_measure():
     assert result["batch"]["sequences"] == result["batch"]["prompts"] * result["batch"]["samples_per_prompt"] > 0
     assert result["policy_parameters"] > 0 and result["prm_parameters"] > 0
     runs = result["runs"]
-    for name in ("ppo_full", "grpo_full"):
+    for name in ("ppo_full", "grpo_full", "grpo_lora"):
         run = runs[name]
         assert "error" not in run and "skipped" not in run, run
         for key in ("generate", "score", "update", "total", "rollout_tokens_per_s", "response_length"):
