@@ -838,7 +838,7 @@ class Recipe(Section):
     bench: BenchConfig = _section()
     """PRM benchmarking: `rlprm bench-prm` (ProcessBench F1 per subset, step AUROC)."""
     deepspeed: InputPath | None = None
-    """A DeepSpeed JSON config (see deepspeed_configs/); none trains without DeepSpeed. PPO runs ZeRO-2 and ZeRO-3 (zero3.json shards the policy's and critic's weights, gathered whole to generate, evaluate and save); CPU offload is refused (it needs DeepSpeed's own optimizer)."""
+    """A DeepSpeed JSON config (see deepspeed_configs/); none trains without DeepSpeed. PPO runs ZeRO-2 and ZeRO-3 (zero3.json shards the policy's and critic's weights, gathered whole to generate, evaluate and save); CPU offload is refused (it needs DeepSpeed's own optimizer). GRPO and rejection sampling take none: they run data parallel (DDP) with a new TRL trainer per epoch around one optimizer, which a ZeRO engine would own; LoRA (model.lora) keeps their memory small."""
 
     # Where the recipe came from; set by load_recipe, not by the YAML.
     source: Path | None = Field(None, exclude=True)
