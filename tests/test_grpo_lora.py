@@ -77,6 +77,12 @@ def merged_weights(folder: Path) -> dict:
     return AutoModelForCausalLM.from_pretrained(folder).state_dict()
 
 
+def _plain(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, models, char_tokenizer):
     """A 2-epoch GRPO+LoRA run on one process; (run folder, final metrics, the policy as it ended)."""
@@ -132,12 +138,6 @@ def test_only_the_adapters_train_and_the_export_is_merged(uninterrupted, models)
     with torch.no_grad():
         ids = torch.tensor([[5, 9, 13, 2, 7]])
         torch.testing.assert_close(policy(input_ids=ids).logits, _plain(export)(input_ids=ids).logits)
-
-
-def _plain(folder: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
 def test_the_kl_reference_is_the_base_with_adapters_disabled(uninterrupted):
