@@ -131,16 +131,6 @@ def check_rollout(recipe: Recipe) -> None:
                            "deepspeed_configs/zero2.json or rl.rollout: hf")
 
 
-def all_weights_only(recipe: Recipe, algorithm: str) -> None:
-    """Raise RLInputError for model.lora.enabled: `algorithm` trains all weights for now.
-
-    Refused rather than ignored: a run that silently trains all weights is not the run that was asked for.
-    """
-    if recipe.model.lora.enabled:
-        raise RLInputError(f"model.lora.enabled: {algorithm} trains all weights for now (LoRA is not supported by it "
-                           "yet); set model.lora.enabled: false, or use rl.algorithm: rejection_sampling with LoRA")
-
-
 def load_policy(recipe: Recipe, ckpt: Path | None, device: str):
     """The trained model: the generator (LoRA adapters added when model.lora.enabled), or a checkpoint's."""
     from rlprm.models import apply_lora, load_causal_lm
@@ -409,5 +399,5 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
 
 
 __all__ = ["Algorithm", "RLError", "RLInputError", "Run", "algorithm_for", "check_finite", "check_models",
-           "check_rollout", "cleanup", "last_good", "load_policy", "mean", "all_weights_only", "run_algorithm", "setup",
+           "check_rollout", "cleanup", "last_good", "load_policy", "mean", "run_algorithm", "setup",
            "train"]
