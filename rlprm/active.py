@@ -228,10 +228,10 @@ def load_pools(recipe: Recipe, progress: bool = True) -> tuple[list, list, dict]
         def make(problems=problems, n=n, seed=seed, split=split):
             if "model" not in state:
                 from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
-                from rlprm.reward_models import _quiet_transformers
+                from rlprm.reward_models import quiet_transformers
 
                 state["tokenizer"] = load_tokenizer(gen_path, padding_side="left")
-                with _quiet_transformers(report=False):
+                with quiet_transformers(report=False):
                     state["model"] = load_causal_lm(gen_path, device=resolve_device(recipe.run.device))
             return sample_arithmetic(state["model"], state["tokenizer"], problems, n, temperature=data.temperature,
                                      max_new_tokens=data.max_new_tokens, batch_size=data.sample_batch_size,

@@ -192,7 +192,7 @@ def arithmetic_records(recipe, progress: bool = True) -> tuple[list, dict]:
     """
     from rlprm.data.stepwise import load_or_sample, model_fingerprint, sample_arithmetic
     from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
-    from rlprm.reward_models import _quiet_transformers
+    from rlprm.reward_models import quiet_transformers
     from rlprm.tasks.arithmetic import split_problems
 
     cfg, data, sep = recipe.bench, recipe.rm.data, recipe.task.step_separator
@@ -205,7 +205,7 @@ def arithmetic_records(recipe, progress: bool = True) -> tuple[list, dict]:
 
     def make():
         tokenizer = load_tokenizer(gen, padding_side="left", trust_remote_code=recipe.model.trust_remote_code)
-        with _quiet_transformers(report=False):
+        with quiet_transformers(report=False):
             model = load_causal_lm(gen, device=resolve_device(recipe.run.device),
                                    trust_remote_code=recipe.model.trust_remote_code)
         return sample_arithmetic(model, tokenizer, problems, cfg.arithmetic_samples_per_problem,

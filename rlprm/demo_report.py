@@ -69,7 +69,7 @@ def bon_statistics(dirs: list[Path], resamples: int = BON_RESAMPLES, seed: int =
 
     Pools when every folder has one (a paired bootstrap over problems, seeds together); else, for one folder,
     its own bon_curves.json (the stage's bootstrap, fewer resamples). Raises FileNotFoundError otherwise."""
-    from rlprm.evaluate import DIFFERENCES_KEY, _selector_curves, bon_bootstrap, load_pool, powers_of_two, \
+    from rlprm.evaluate import DIFFERENCES_KEY, selector_curves, bon_bootstrap, load_pool, powers_of_two, \
         selector_scores
 
     pools_at = [Path(d) / "pool.jsonl" for d in dirs]
@@ -84,7 +84,7 @@ def bon_statistics(dirs: list[Path], resamples: int = BON_RESAMPLES, seed: int =
         return curves, diffs, f"paired bootstrap over problems, {len(pools)} seed pool(s), {resamples} resamples"
     if len(dirs) == 1 and (Path(dirs[0]) / "bon_curves.json").is_file():
         data = json.loads((Path(dirs[0]) / "bon_curves.json").read_text())
-        return _selector_curves(data), _selector_curves(data.get(DIFFERENCES_KEY, {})), "the stage's bon_curves.json"
+        return selector_curves(data), selector_curves(data.get(DIFFERENCES_KEY, {})), "the stage's bon_curves.json"
     raise FileNotFoundError(f"best-of-N folders {[str(d) for d in dirs]} lack pool.jsonl")
 
 

@@ -517,7 +517,7 @@ def _fmt(point: dict | None, signed: bool = False) -> str:
     return f"{100 * point['mean']:{f}} [{100 * point['lo']:{f}}, {100 * point['hi']:{f}}]"
 
 
-def _selector_curves(curves: dict) -> dict[str, dict[int, dict]]:
+def selector_curves(curves: dict) -> dict[str, dict[int, dict]]:
     """Curves with int N keys and without the differences entry (as read back from bon_curves.json too)."""
     return {name: {int(N): point for N, point in c.items()} for name, c in curves.items() if name != DIFFERENCES_KEY}
 
@@ -526,7 +526,7 @@ def markdown_table(curves: dict, title: str = "Best-of-N accuracy (%), mean [95%
                    differences: dict | None = None) -> str:
     """The curves as markdown tables; with `differences` (`bon_bootstrap`'s), a table of the paired differences
     in percentage points, mean [95% interval], accuracy at every N and process-correct rate where there is one."""
-    curves = _selector_curves(curves)
+    curves = selector_curves(curves)
     ns = sorted({N for c in curves.values() for N in c})
     lines = [f"### {title}", "", "| selector | " + " | ".join(f"N={N}" for N in ns) + " |",
              "|---|" + "---|" * len(ns)]
@@ -540,7 +540,7 @@ def markdown_table(curves: dict, title: str = "Best-of-N accuracy (%), mean [95%
                   "| selector | process correct | right answer, wrong step |", "|---|---|---|"]
         for name, point in proc_rows:
             lines.append(f"| {name} | {_fmt(point['process_correct'])} | {_fmt(point['right_answer_wrong_process'])} |")
-    diffs = _selector_curves(differences or {})
+    diffs = selector_curves(differences or {})
     for metric, what in [("accuracy", "accuracy"), ("process_correct", "process-correct rate of the chosen solutions")]:
         rows = {name: c for name, c in diffs.items() if any(metric in point for point in c.values())}
         if not rows:
@@ -574,7 +574,7 @@ def plot_curves(curves: dict, path: Path, title: str = "Best-of-N") -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for name, c in _selector_curves(curves).items():
+    for name, c in selector_curves(curves).items():
         _draw_curve(ax, name, c)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("N = solutions per problem (log scale)")
@@ -598,7 +598,7 @@ def plot_by_generator(curves_by_generator: dict[str, dict], path: Path, selector
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = {gen: _selector_curves(c) for gen, c in curves_by_generator.items()}
+    panels = {gen: selector_curves(c) for gen, c in curves_by_generator.items()}
     if not panels:
         raise ValueError("plot_by_generator: no generators to plot")
     if selectors is None:
@@ -635,7 +635,7 @@ def plot_by_generator(curves_by_generator: dict[str, dict], path: Path, selector
 def flat_metrics(curves: dict, prefix: str = "bon") -> dict:
     """{prefix/selector/N=k/accuracy: mean, ...} for metrics.jsonl and W&B (differences too, under another prefix)."""
     out = {}
-    for name, c in _selector_curves(curves).items():
+    for name, c in selector_curves(curves).items():
         for N, point in c.items():
             for metric, value in point.items():
                 out[f"{prefix}/{name}/N={N}/{metric}"] = value["mean"]

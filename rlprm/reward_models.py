@@ -127,7 +127,7 @@ def aggregate(step_probs: Sequence[float], how: str = "prod") -> float:
 # --------------------------------------------------------------------------- building
 
 
-def _quiet_transformers(report: bool = True):
+def quiet_transformers(report: bool = True):
     """Hides transformers' per-file progress bars and (with `report`) the load report that lists the fresh
     head and the unused LM head, which is expected when a classifier is built on a causal LM."""
     import contextlib
@@ -162,7 +162,7 @@ def build_reward_model(convention: Convention, backbone: str | Path, tokenizer, 
     from rlprm.models import torch_dtype
 
     cls = model_class(convention.kind)
-    with _quiet_transformers():
+    with quiet_transformers():
         model = cls.from_pretrained(str(backbone), num_labels=convention.num_labels, dtype=torch_dtype(dtype),
                                     trust_remote_code=trust_remote_code)
     _configure(model, convention, tokenizer)
@@ -576,11 +576,11 @@ class RewardModel:
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
         with atomic_dir(path) as tmp:
-            with _quiet_transformers(report=False):
+            with quiet_transformers(report=False):
                 model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             if self.convention.confidence is not None:
-                with _quiet_transformers(report=False):
+                with quiet_transformers(report=False):
                     self.confidence_lm.save_pretrained(tmp / CONFIDENCE_DIR)
             (tmp / RM_FILE).write_text(json.dumps(asdict(self.convention), indent=2) + "\n")
         return path
@@ -608,11 +608,11 @@ class RewardModel:
 
             if convention.lm_head is None or len(convention.lm_head) != 3:
                 raise RewardModelError(f"{meta}: scorer `lm` needs lm_head = [w_min, w_mean, b]")
-            with _quiet_transformers(report=False):
+            with quiet_transformers(report=False):
                 model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype),
                                                              trust_remote_code=trust_remote_code)
             return cls(model.to(device).eval(), tokenizer, convention)
-        with _quiet_transformers(report=False):
+        with quiet_transformers(report=False):
             model = model_class(convention.kind).from_pretrained(str(path), dtype=torch_dtype(dtype),
                                                                  trust_remote_code=trust_remote_code)
         if model.config.num_labels != convention.num_labels:
@@ -625,7 +625,7 @@ class RewardModel:
 
             if not (path / CONFIDENCE_DIR).is_dir():
                 raise RewardModelError(f"{meta} stacks token confidence but {path / CONFIDENCE_DIR} is missing")
-            with _quiet_transformers(report=False):
+            with quiet_transformers(report=False):
                 confidence_lm = AutoModelForCausalLM.from_pretrained(
                     str(path / CONFIDENCE_DIR), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
             confidence_lm = confidence_lm.to(device).eval()

@@ -27,12 +27,12 @@ class BackboneCache:
 
     def _load(self):
         from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
-        from rlprm.reward_models import _quiet_transformers
+        from rlprm.reward_models import quiet_transformers
 
         recipe = self.recipe
         backbone = recipe.model.generator if recipe.rm.backbone == "generator" else recipe.rm.backbone
         self._tokenizer = load_tokenizer(backbone, padding_side="right", trust_remote_code=recipe.model.trust_remote_code)
-        with _quiet_transformers(report=False):
+        with quiet_transformers(report=False):
             self._model = load_causal_lm(backbone, recipe.model.dtype, resolve_device(recipe.run.device),
                                          recipe.model.trust_remote_code)
 

@@ -144,10 +144,10 @@ def arithmetic_data(recipe: Recipe, progress: bool) -> tuple[list, list, dict]:
     def generator():
         if "model" not in state:
             from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
-            from rlprm.reward_models import _quiet_transformers
+            from rlprm.reward_models import quiet_transformers
 
             state["tokenizer"] = load_tokenizer(gen_path, padding_side="left")
-            with _quiet_transformers(report=False):
+            with quiet_transformers(report=False):
                 state["model"] = load_causal_lm(gen_path, device=resolve_device(recipe.run.device))
         return state["model"], state["tokenizer"]
 
@@ -558,7 +558,7 @@ def train_lm_scored_rm(recipe: Recipe, progress: bool, t_start: float) -> dict:
     import torch
 
     from rlprm.models import load_causal_lm, load_tokenizer, num_parameters, resolve_device
-    from rlprm.reward_models import RewardModel, _quiet_transformers, make_convention
+    from rlprm.reward_models import RewardModel, quiet_transformers, make_convention
     from rlprm.rm_lm import train_lm_scorer
     from rlprm.tracking import Tracker
 
@@ -596,7 +596,7 @@ def train_lm_scored_rm(recipe: Recipe, progress: bool, t_start: float) -> dict:
             model = build_tiny_causal_lm(recipe.model.tiny, tokenizer, seed=recipe.run.seed).to(device)
         else:
             tokenizer = load_tokenizer(backbone, padding_side="right", trust_remote_code=recipe.model.trust_remote_code)
-            with _quiet_transformers(report=False):
+            with quiet_transformers(report=False):
                 model = load_causal_lm(backbone, recipe.model.dtype, device, recipe.model.trust_remote_code)
         params = num_parameters(model)
         max_length = rm_cfg.max_length or getattr(model.config, "max_position_embeddings", None) or 2048
@@ -625,7 +625,7 @@ def train_lm_scored_rm(recipe: Recipe, progress: bool, t_start: float) -> dict:
             # the baseline that could explain the result away: the untrained backbone's own token confidence,
             # read the same way (P = sigmoid(min log-prob + 3): a step is "wrong" below p = e^-3 for its least
             # likely token; AUROCs do not depend on that choice, first-error F1 does)
-            with _quiet_transformers(report=False):
+            with quiet_transformers(report=False):
                 base_lm = load_causal_lm(backbone, recipe.model.dtype, device, recipe.model.trust_remote_code)
             base_conv = make_convention(rm_cfg.kind, recipe.task.step_separator, rm_cfg.prompt_template)
             base_conv.scorer, base_conv.lm_head = "lm", [1.0, 0.0, 3.0]

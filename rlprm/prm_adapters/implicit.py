@@ -96,10 +96,10 @@ def _sigmoid(x: float) -> float:
 
 def load(path: str, reference: str, device: str, dtype, beta: float, trust_remote_code: bool = False):
     from rlprm.models import load_causal_lm, load_tokenizer
-    from rlprm.reward_models import _quiet_transformers
+    from rlprm.reward_models import quiet_transformers
 
     tokenizer = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)
-    with _quiet_transformers(report=False):
+    with quiet_transformers(report=False):
         model = load_causal_lm(path, dtype, device, trust_remote_code)
         ref = load_causal_lm(reference, dtype, device, trust_remote_code)
     return ImplicitPRM(model, ref, tokenizer, beta)

@@ -95,11 +95,11 @@ class RLHFlow:
 
 def load(family: str, path: str, device: str, dtype, trust_remote_code: bool = False):
     from rlprm.models import load_tokenizer, torch_dtype
-    from rlprm.reward_models import _quiet_transformers
+    from rlprm.reward_models import quiet_transformers
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)
-    with _quiet_transformers(report=False):
+    with quiet_transformers(report=False):
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype),
                                                      trust_remote_code=trust_remote_code)
     model = model.to(device)

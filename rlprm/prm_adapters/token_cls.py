@@ -73,10 +73,10 @@ def load(path: str, device: str, dtype, trust_remote_code: bool = False):
     from transformers import AutoModelForTokenClassification
 
     from rlprm.models import load_tokenizer, torch_dtype
-    from rlprm.reward_models import _quiet_transformers
+    from rlprm.reward_models import quiet_transformers
 
     tokenizer = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)
-    with _quiet_transformers(report=False):
+    with quiet_transformers(report=False):
         model = AutoModelForTokenClassification.from_pretrained(str(path), dtype=torch_dtype(dtype),
                                                                 trust_remote_code=trust_remote_code)
     return TokenClassificationPRM(model.to(device), tokenizer)

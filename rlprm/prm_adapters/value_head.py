@@ -62,7 +62,7 @@ def load(path: str, device: str, dtype, trust_remote_code: bool = False):
     from transformers import AutoModel
 
     from rlprm.models import load_tokenizer, torch_dtype
-    from rlprm.reward_models import _quiet_transformers
+    from rlprm.reward_models import quiet_transformers
 
     folder = Path(path)
     file = weight_file_with(folder, HEAD_WEIGHT) if folder.is_dir() else None
@@ -78,7 +78,7 @@ def load(path: str, device: str, dtype, trust_remote_code: bool = False):
         if bias is not None:
             head.bias.copy_(bias)
     tokenizer = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)
-    with _quiet_transformers():  # the v_head tensors are "unexpected" to the body: expected here
+    with quiet_transformers():  # the v_head tensors are "unexpected" to the body: expected here
         body = AutoModel.from_pretrained(str(path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
     # the head stays in float32: Skywork's ValueHead upcasts its input the same way
     return ValueHeadPRM(body.to(device), head.to(device), tokenizer)

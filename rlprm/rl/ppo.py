@@ -153,10 +153,10 @@ def _load_value_model(path: str, dtype: str, device: str, trust_remote_code: boo
     from transformers import AutoModelForTokenClassification
 
     from rlprm.models import torch_dtype
-    from rlprm.reward_models import _quiet_transformers
+    from rlprm.reward_models import quiet_transformers
 
     # the head is new (1 output, randomly initialised from the global RNG): transformers' load report is expected noise
-    with _quiet_transformers(report=True):
+    with quiet_transformers(report=True):
         model = AutoModelForTokenClassification.from_pretrained(str(path), num_labels=1, dtype=torch_dtype(dtype),
                                                                 trust_remote_code=trust_remote_code)
     if layers:
