@@ -34,4 +34,13 @@ def test_gpu_check_tiny_prints_one_json_document_with_every_measure():
     assert result["rollout_tokens_per_s"] == {"hf": runs["ppo_full"]["rollout_tokens_per_s"], "vllm": None}
     speedup, ratio = result["targets"]["vllm_over_hf_tokens_per_s"], result["targets"]["ppo_over_grpo_iteration_s"]
     assert speedup == {"value": None, "target": ">= 3.0", "pass": None}  # not measured: no verdict
-    assert ratio["value"] > 0 and ratio["pass"] is (ratio["value"] <= 1.3)
+    assert ratio["value"] > 0 and ratio["pass"] is None and "--tiny" in ratio["no_verdict"]  # a tiny ratio: no verdict
+
+
+def test_targets_are_judged_only_without_a_reason_not_to():
+    from benchmarks.gpu_check import judged
+
+    assert judged(1.2, 1.3, at_least=False)["pass"] is True and judged(3.5, 3.0, at_least=True)["pass"] is True
+    assert judged(1.4, 1.3, at_least=False)["pass"] is False
+    assert judged(1.4, 1.3, at_least=False, verdict="cpu") == {"value": 1.4, "target": "<= 1.3", "pass": None,
+                                                                "no_verdict": "cpu"}
