@@ -19,7 +19,7 @@ import yaml
 from rlprm.config import TinyModelConfig, validate_recipe
 from rlprm.launch import free_port
 from rlprm.tracking import read_metrics
-from tests.test_multi_process_rl import LAUNCHER, _env, _launch, _wait
+from tests.test_multi_process_rl import LAUNCHER, _env, _launch, _same_weights_on_two_ranks, _wait
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = TinyModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2)
@@ -229,10 +229,7 @@ def test_grpo_lora_on_two_processes(models, tmp_path):
     out = _wait([proc], 300)[0]
     assert proc.returncode == 0, out[-4000:]
     run_dir = tmp_path / "run"
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["dist/world_size"] == 2
-    digests = summary["dist/policy_sha256"]
-    assert len(digests) == 2 and digests[0] == digests[1]
+    summary, _ = _same_weights_on_two_ranks(run_dir)
     assert (run_dir / "checkpoints" / "epoch-0002" / "model" / "adapter_config.json").is_file()
     generator, merged = merged_weights(models[0]), merged_weights(run_dir / "export")
     q = "model.layers.1.self_attn.v_proj.weight"

@@ -60,6 +60,15 @@ def _launch(cmd: list[str], env: dict) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def _same_weights_on_two_ranks(run_dir: Path) -> tuple[dict, str]:
+    """The run's summary and its one policy digest, asserting that 2 ranks each hashed the same final weights."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["dist/world_size"] == 2
+    digests = summary["dist/policy_sha256"]
+    assert len(digests) == 2 and digests[0] == digests[1]  # each rank hashed its own weights
+    return summary, digests[0]
+
+
 # --------------------------------------------------------------------------- groups over ranks (pure tensors)
 
 
@@ -305,12 +314,9 @@ def test_grpo_on_two_processes(tmp_path, generator_dir):
             torch.testing.assert_close(d[r]["advantages"], whole[3 * r:3 * r + 3, :d[r]["width"]])
 
     run_dir = tmp_path / "run"
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["dist/world_size"] == 2
-    digests = summary["dist/policy_sha256"]
-    assert len(digests) == 2 and digests[0] == digests[1]  # each rank hashed its own weights
-    assert digests[0] != weights_digest(AutoModelForCausalLM.from_pretrained(generator_dir))  # it trained
-    assert weights_digest(AutoModelForCausalLM.from_pretrained(run_dir / "export")) == digests[0]
+    summary, digest = _same_weights_on_two_ranks(run_dir)
+    assert digest != weights_digest(AutoModelForCausalLM.from_pretrained(generator_dir))  # it trained
+    assert weights_digest(AutoModelForCausalLM.from_pretrained(run_dir / "export")) == digest
     # rank 0 alone wrote: one record per iteration, best-of-N before and after the epoch, one report
     records = read_metrics(run_dir / "metrics.jsonl")
     assert len([r for r in records if "rl/reward" in r]) == 2
@@ -343,10 +349,8 @@ def test_grpo_under_accelerate_launch(tmp_path, generator_dir):
     out = _wait([proc], 300)[0]
     assert proc.returncode == 0, out[-4000:]
     run_dir = tmp_path / "run"
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["dist/world_size"] == 2
-    digests = summary["dist/policy_sha256"]
-    assert digests[0] == digests[1] != weights_digest(AutoModelForCausalLM.from_pretrained(generator_dir))
+    summary, digest = _same_weights_on_two_ranks(run_dir)
+    assert digest != weights_digest(AutoModelForCausalLM.from_pretrained(generator_dir))
     records = read_metrics(run_dir / "metrics.jsonl")
     assert len([r for r in records if "rl/reward" in r]) == 2  # 2 iterations of 2 prompts, logged once each
     assert out.count("policy exported to") == 1
@@ -441,12 +445,9 @@ def test_rejection_sampling_on_two_nodes(tmp_path, generator_dir):
     assert sft[0]["per_device"] == 1  # rl.sft_batch_size 2 is the total over the 2 ranks
 
     run_dir = tmp_path / "run"
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["dist/world_size"] == 2
-    digests = summary["dist/policy_sha256"]
-    assert len(digests) == 2 and digests[0] == digests[1]
-    assert digests[0] != weights_digest(AutoModelForCausalLM.from_pretrained(generator_dir))  # it trained
-    assert weights_digest(AutoModelForCausalLM.from_pretrained(run_dir / "export")) == digests[0]
+    summary, digest = _same_weights_on_two_ranks(run_dir)
+    assert digest != weights_digest(AutoModelForCausalLM.from_pretrained(generator_dir))  # it trained
+    assert weights_digest(AutoModelForCausalLM.from_pretrained(run_dir / "export")) == digest
     records = read_metrics(run_dir / "metrics.jsonl")
     epoch_records = [r for r in records if "rs/kept" in r]
     assert len(epoch_records) == 1 and epoch_records[0]["rs/kept"] == 5  # every rank's selections counted once
