@@ -37,6 +37,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from transformers import TrainerCallback  # noqa: E402  (a benchmark script: the import cost does not matter)
+
 
 def _recipe(name: str, out: Path, iterations: int):
     from rlprm.config import load_recipe
@@ -78,11 +80,30 @@ def run_loop(name: str, tmp: Path, iterations: int) -> dict:
     return res
 
 
+class IterationTimer(TrainerCallback):
+    """Wall seconds of each GRPO iteration (`steps_per_iteration` optimizer steps) of TRL's trainer, and the mean
+    completion length the reward function saw in it."""
+
+    def __init__(self, steps_per_iteration: int, reward):
+        self.steps_per_iteration, self.reward = steps_per_iteration, reward
+        self.start = 0.0
+        self.walls: list[float] = []
+        self.lengths: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step % self.steps_per_iteration == 0:
+            self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step % self.steps_per_iteration == 0:
+            self.walls.append(time.monotonic() - self.start)
+            self.lengths.append(statistics.mean(len(c) for c in self.reward.last["ids"]))
+
+
 def run_trl_plain(tmp: Path, iterations: int) -> dict:
     """TRL's own GRPOTrainer on recipes/grpo_outcome.yaml's model, batch, config and our reward function."""
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import GRPOTrainer
 
@@ -100,27 +121,14 @@ def run_trl_plain(tmp: Path, iterations: int) -> dict:
     torch.set_num_threads(recipe.run.threads)
     policy = load_causal_lm(recipe.model.generator, "float32", "cpu")
     steps_per_iteration = rl.prompts_per_iteration * rl.samples_per_problem // rl.minibatch_size * rl.ppo_epochs
-    walls: list[float] = []
-    lengths: list[float] = []
-
-    class IterationTimer(TrainerCallback):
-        start = None
-
-        def on_step_begin(self, args, state, control, **kw):
-            if state.global_step % steps_per_iteration == 0:
-                self.start = time.monotonic()
-
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step % steps_per_iteration == 0:
-                walls.append(time.monotonic() - self.start)
-                lengths.append(statistics.mean(len(c) for c in reward.last["ids"]))
 
     reward = RewardFunction(recipe, problems, tokenizer)
+    timer = IterationTimer(steps_per_iteration, reward)
     trainer = GRPOTrainer(model=policy, reward_funcs=[reward],
                           args=grpo_args(recipe, tmp / "trl_plain", seed=recipe.run.seed),
                           train_dataset=Dataset.from_dict({"prompt": [p.prompt for p in problems],
                                                            "problem_index": list(range(len(problems)))}),
-                          processing_class=tokenizer, callbacks=[IterationTimer()],
+                          processing_class=tokenizer, callbacks=[timer],
                           optimizers=(torch.optim.AdamW(policy.parameters(), lr=rl.learning_rate, weight_decay=0.01),
                                       None))
     trainer.remove_callback(PrinterCallback)
@@ -129,6 +137,7 @@ def run_trl_plain(tmp: Path, iterations: int) -> dict:
         trainer.train()
     finally:
         torch.set_num_threads(threads)
+    walls, lengths = timer.walls, timer.lengths
     timed = walls[1:] if len(walls) > 1 else walls
     kept = lengths[1:] if len(lengths) > 1 else lengths
     return {"total": round(statistics.mean(timed), 3), "iterations_timed": len(timed),

@@ -344,26 +344,6 @@ def reward_loss(kind: str, logits, labels):
     return F.binary_cross_entropy_with_logits(logits.float().reshape(-1), labels.float().reshape(-1))
 
 
-def trainer_class():
-    """`transformers.Trainer` with the reward-model loss (built lazily: transformers is a heavy import)."""
-    from transformers import Trainer
-
-    class RewardModelTrainer(Trainer):
-        # compute_loss returns a per-micro-batch mean; Trainer divides it by the accumulation steps
-        loss_is_scaled_for_ga = False
-
-        def __init__(self, *args, rm_kind: str, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.rm_kind = rm_kind
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-            loss = reward_loss(self.rm_kind, outputs.logits, inputs["labels"])
-            return (loss, outputs) if return_outputs else loss
-
-    return RewardModelTrainer
-
-
 # --------------------------------------------------------------------------- confidence stacking
 #
 # Why: on the arithmetic task a wrong step is, almost always, one the generator found unlikely when it
@@ -689,5 +669,5 @@ __all__ = [
     "AGGREGATIONS", "CORRECT", "INCORRECT", "NEUTRAL", "Collator", "Convention", "RewardModel", "RewardModelError",
     "SeparatorMismatch", "CONFIDENCE_DIR", "add_identity_layers", "fit_confidence", "stack_confidence",
     "step_min_logprobs", "token_logprobs", "aggregate", "apply_lora", "build_reward_model", "freeze_body", "check_separator", "encode_examples", "make_convention",
-    "reward_loss", "reward_model_from_causal_lm", "score_steps_per_prefix", "trainer_class",
+    "reward_loss", "reward_model_from_causal_lm", "score_steps_per_prefix",
 ]

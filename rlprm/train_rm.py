@@ -93,37 +93,6 @@ def check_inputs(recipe: Recipe) -> None:
         raise TrainRMError("cannot start:\n  " + "\n  ".join(problems))
 
 
-def _callbacks(tracker, budget_s: float, progress: bool, total_steps_hint: int):
-    from tqdm.auto import tqdm
-    from transformers import TrainerCallback
-
-    class Progress(TrainerCallback):
-        """A bar over optimizer steps with the loss; logs to metrics.jsonl; the time budget."""
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.t0 = time.monotonic()
-            self.bar = tqdm(total=state.max_steps or total_steps_hint, desc="training reward model", unit="step",
-                            disable=not progress or not state.is_world_process_zero)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.bar.update(state.global_step - self.bar.n)
-            if budget_s and time.monotonic() - self.t0 >= budget_s:
-                control.should_training_stop = True
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs:
-                return
-            if "loss" in logs:
-                self.bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
-            if tracker is not None:
-                tracker.log({f"train/{k}": v for k, v in logs.items()}, step=state.global_step)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.bar.close()
-
-    return [Progress()]
-
-
 # --------------------------------------------------------------------------- data
 
 
@@ -376,8 +345,8 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
     from rlprm.data.stepwise import label_summary
     from rlprm.models import load_tokenizer, num_parameters, resolve_device
     from rlprm.reward_models import (Collator, RewardModel, add_identity_layers, apply_lora, build_reward_model,
-                                     encode_examples, freeze_body, make_convention, reward_model_from_causal_lm,
-                                     trainer_class)
+                                     encode_examples, freeze_body, make_convention, reward_model_from_causal_lm)
+    from rlprm.rm_trainer import RewardModelTrainer, TrainProgress
     from rlprm.tracking import Tracker
 
     datasets.disable_progress_bars()
@@ -473,10 +442,10 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
                   f"{len(examples)} training examples ({summary_line['labelled_steps']} labelled steps), "
                   f"{len(eval_records)} held-out solutions")
         steps_per_epoch = max(1, len(examples) // (rm_cfg.batch_size * rm_cfg.gradient_accumulation_steps))
-        trainer = trainer_class()(
+        trainer = RewardModelTrainer(
             model=model, args=args, train_dataset=examples,
             data_collator=Collator(tokenizer.pad_token_id, rm_cfg.kind), rm_kind=rm_cfg.kind,
-            callbacks=_callbacks(tracker, rm_cfg.time_budget_s, progress, int(steps_per_epoch * rm_cfg.epochs)),
+            callbacks=[TrainProgress(tracker, rm_cfg.time_budget_s, progress, int(steps_per_epoch * rm_cfg.epochs))],
         )
         from transformers.trainer_callback import PrinterCallback
 

@@ -10,7 +10,8 @@ from rlprm.config import ArithmeticConfig, LoraConfig, TinyModelConfig
 from rlprm.data.stepwise import CORRECT, INCORRECT, NEUTRAL, LabelledSolution, labels_up_to_first_error
 from rlprm.reward_models import (IGNORE_INDEX, RM_FILE, Collator, RewardModel, RewardModelError, SeparatorMismatch,
                                  aggregate, apply_lora, build_reward_model, encode_examples, make_convention, reward_loss,
-                                 reward_model_from_causal_lm, score_steps_per_prefix, trainer_class)
+                                 reward_model_from_causal_lm, score_steps_per_prefix)
+from rlprm.rm_trainer import RewardModelTrainer
 from rlprm.tasks.arithmetic import corrupt_solution, make_problems, reference_solution
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
@@ -242,8 +243,8 @@ def test_trainer_learns_and_saved_model_scores_the_same(char_tokenizer, tmp_path
     args = TrainingArguments(output_dir=str(tmp_path / "work"), per_device_train_batch_size=16, max_steps=25,
                              learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
                              remove_unused_columns=False, label_names=["labels"], disable_tqdm=True, seed=0)
-    trainer = trainer_class()(model=model, args=args, train_dataset=examples,
-                              data_collator=Collator(char_tokenizer.pad_token_id, kind), rm_kind=kind)
+    trainer = RewardModelTrainer(model=model, args=args, train_dataset=examples,
+                                 data_collator=Collator(char_tokenizer.pad_token_id, kind), rm_kind=kind)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
