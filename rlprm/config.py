@@ -392,6 +392,8 @@ class PPOConfig(PolicyGradientBase):
     """Samples over which the adaptive KL coefficient reacts (with target_kl)."""
     warmup_steps: int = Field(0, ge=0)
     """The policy's learning rate rises linearly to rl.learning_rate over its first this many optimizer steps (ppo_epochs x minibatches per iteration; 0: none). Adam's first steps move every weight by about the learning rate whatever the gradient's size, and on a sparse reward's noisy first gradients that cost the tiny generator 5 points of answer accuracy in the first epoch."""
+    critic_warmup_passes: int = Field(0, ge=0)
+    """PPO: before a fresh run's first policy update, this many passes of value-only updates (minibatches of rl.minibatch_size, plain squared error, no clipping) fit the critic to the first rollout's reward-to-go; the advantages are then computed with the fitted critic. A new value head predicts about 0 everywhere, so without this the first iterations' advantages are mostly its token-to-token noise, whitened to the size of the signal. No extra samples (the first rollout serves both); 0: none."""
     clip_range_value: float = Field(0.2, gt=0)
     """How far a value prediction may move from the rollout's (in reward units; typically 0.1-1)."""
     vf_coef: float = Field(0.5, ge=0)

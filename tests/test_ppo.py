@@ -475,6 +475,24 @@ def test_warmup_ramps_the_policy_learning_rate_across_a_resume(generator_dir, tm
     assert lrs == pytest.approx([1e-3 * 2 / 8, 1e-3 * 4 / 8])  # a restart of the count would log 2/8 twice
 
 
+def test_critic_warmup_fits_the_new_critic_to_the_first_returns_before_the_first_update(generator_dir, tmp_path):
+    """rl.critic_warmup_passes: the first iteration's advantages use a critic already fitted to that rollout's
+    reward-to-go (logged as rl/value_mean, the critic's mean over the response tokens), from the same rollout."""
+    from rlprm.rl import train
+
+    first = {}
+    for passes in (0, 40):
+        recipe = make_recipe(tmp_path, generator_dir, f"cw{passes}", epochs=1, problems_per_epoch=2)
+        recipe.rl.critic_warmup_passes = passes
+        recipe.rl.value_learning_rate = 1e-2
+        train(recipe, progress=False)
+        first[passes] = next(r for r in read_metrics(tmp_path / f"cw{passes}" / "metrics.jsonl") if "rl/reward" in r)
+    assert first[0]["rl/reward"] == first[40]["rl/reward"]  # the same first rollout
+    target = first[0]["rl/reward"]  # sparse and KL 0 at the start: the reward-to-go of every token is the return
+    assert abs(target) >= 0.3, "the check needs a return away from a new head's ~0"
+    assert abs(first[40]["rl/value_mean"] - target) < 0.5 * abs(first[0]["rl/value_mean"] - target)
+
+
 def test_value_layers_truncates_the_critic_and_a_checkpoint_reloads_in_its_shape(generator_dir, tmp_path):
     from rlprm.rl.ppo import _load_value_model
 

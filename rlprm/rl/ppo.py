@@ -253,6 +253,35 @@ class PPO:
     def extra_models(self) -> dict:
         return {"value": self.value_model}
 
+    def warm_critic(self, rl, ro: Rollout, shaped, mask, dist) -> None:
+        """rl.critic_warmup_passes passes of value-only updates towards the reward-to-go of `shaped` (B, T).
+
+        Plain squared error without the PPO value clip: the clip bounds a step away from a critic's own earlier
+        predictions, and a new head's predictions are not worth staying near."""
+        import torch
+
+        from rlprm.rl.core import gae, masked_mean
+
+        targets, _ = gae(shaped, torch.zeros_like(shaped), mask, rl.gamma, 1.0)  # V = 0, lam = 1: reward-to-go
+        B, T = mask.shape
+        minibatch = max(1, rl.minibatch_size // dist.world)
+        self.value_model.train()
+        for _ in range(rl.critic_warmup_passes):
+            order = torch.randperm(B)
+            for start in range(0, B, minibatch):
+                idx = order[start:start + minibatch].to(mask.device)
+                values = _forward(self.value_engine, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_width,
+                                  T).squeeze(-1).float()
+                loss = 0.5 * masked_mean((values - targets[idx]) ** 2, mask[idx])
+                if dist.deepspeed:
+                    self.value_engine.backward(loss)
+                    self.value_engine.step()
+                else:
+                    self.value_opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), rl.max_grad_norm)
+                    self.value_opt.step()
+
     def train_epoch(self, run: Run, epoch: int, problems: list) -> None:
         import torch
 
@@ -341,6 +370,14 @@ class PPO:
                 shaped, kl = add_kl_penalty(tr.rewards, old_logprobs, ref_logprobs, mask, kl_ctl.value,
                                             rl.kl_estimator)
 
+            if run.step == 0 and rl.critic_warmup_passes:  # a fresh run's first rollout: fit the new critic first
+                self.warm_critic(rl, ro, shaped, mask, dist)
+                with torch.no_grad():
+                    value_model.eval()
+                    old_values = _forward(value_model, ro.input_ids, ro.attention_mask, ro.prompt_width, T)
+                    old_values = old_values.squeeze(-1).float()
+
+            with torch.no_grad():
                 # 6. advantages: GAE over the shaped rewards, then whitened over the batch
                 advantages, returns = gae(shaped, old_values, mask, rl.gamma, rl.lam)
                 if rl.whiten_advantages:
