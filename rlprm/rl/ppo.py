@@ -134,6 +134,12 @@ def _forward(model, input_ids, attention_mask, prompt_width: int, T: int):
     return out.logits[:, prompt_width - 1: prompt_width - 1 + T]
 
 
+def _rollout_values(value_model, ro: Rollout, T: int):
+    """The critic's value at every response position of the rollout, (B, T) float32 (call under no_grad)."""
+    value_model.eval()
+    return _forward(value_model, ro.input_ids, ro.attention_mask, ro.prompt_width, T).squeeze(-1).float()
+
+
 def rollout_logprobs(model, ro: Rollout, temperature: float):
     """(B, T) float32 log-probs of the rollout's response tokens under `model`, at `temperature`, plus the logits.
 
@@ -362,9 +368,7 @@ class PPO:
                                                                            ro.response_mask)
                 if ref_logprobs is None:
                     ref_logprobs, _ = rollout_logprobs(reference, ro, rl.temperature)
-                value_model.eval()
-                old_values = _forward(value_model, ro.input_ids, ro.attention_mask, ro.prompt_width, T)
-                old_values = old_values.squeeze(-1).float()
+                old_values = _rollout_values(value_model, ro, T)
 
                 # 5. KL penalty: every token pays for drifting from the reference
                 shaped, kl = add_kl_penalty(tr.rewards, old_logprobs, ref_logprobs, mask, kl_ctl.value,
@@ -373,9 +377,7 @@ class PPO:
             if run.step == 0 and rl.critic_warmup_passes:  # a fresh run's first rollout: fit the new critic first
                 self.warm_critic(rl, ro, shaped, mask, dist)
                 with torch.no_grad():
-                    value_model.eval()
-                    old_values = _forward(value_model, ro.input_ids, ro.attention_mask, ro.prompt_width, T)
-                    old_values = old_values.squeeze(-1).float()
+                    old_values = _rollout_values(value_model, ro, T)
 
             with torch.no_grad():
                 # 6. advantages: GAE over the shaped rewards, then whitened over the batch
