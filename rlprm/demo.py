@@ -433,6 +433,8 @@ def report_stage(out: Path, stages: list[Stage], seeds: int, runtime: Callable[[
             layout.generators.setdefault(generator_name(st.name), []).append(st.out_dir)
         elif st.name in ("rm-prm", "rm-orm"):
             setattr(layout, st.name[3:], st.out_dir)
+        elif st.name == "prepare":
+            layout.generator = st.out_dir
         layout.runs.append(st.out_dir)
     report = Path(out) / "report"
     return Stage("report", report, lambda: write_demo_report(layout, report, runtime()),

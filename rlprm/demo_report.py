@@ -2,7 +2,8 @@
 
 What it reads (nothing here runs a model): the best-of-N folders of every generator (`pool.jsonl`, else
 `bon_curves.json`), the RL run folders (`metrics.jsonl`: per-epoch `eval/*` records, epoch 0 the start, and
-per-update `rl/kl_per_token`, `rl/kl_per_sample`, `rl/reward`), and the reward models' `summary.json`.
+per-update `rl/kl_per_token`, `rl/kl_per_sample`, `rl/reward`), the reward models' `summary.json`, and the
+generator's (prepare's) `summary.json`.
 
 Statistics (DESIGN 7b):
 - best-of-N: a paired bootstrap over problems (`evaluate.bon_bootstrap`) of each generator's pools; with several
@@ -22,6 +23,7 @@ summary.json (nested; every {mean, lo, hi} a fraction, not a percentage):
     rl.ARM.{kl_per_token, kl_per_sample}.{end, max}: {mean, lo, hi, n}; rl.ARM.reward.{first, last}: ...
     rl_diff.A_minus_B.METRIC.end: {mean, lo, hi, n}           paired by seed
     prm.{step_auroc, first_error_f1, source}, orm.{solution_auroc, source}
+    generator.{num_samples, shortcut_rate, trace_error, confidence_auroc_shortcut, ...}   prepare's held-out check
 GEN is `start`, `start_t07` or an RL arm (`prm_dense`, ...); N a string key ("1", "2", ...).
 """
 
@@ -57,6 +59,8 @@ class DemoLayout:
     """RL run folders by arm (`prm_dense`, ...)."""
     prm: Path | None = None
     orm: Path | None = None
+    generator: Path | None = None
+    """The prepare folder (its summary.json: the starting generator's held-out check)."""
     runs: list[Path] = field(default_factory=list)
     """Every run folder, for the all-runs view."""
 
@@ -201,6 +205,42 @@ def rm_quality(folder: Path | None, keys: list[str]) -> dict:
     if base:
         out["baseline_confidence"] = base
     return out
+
+
+GENERATOR_KEYS = ["num_samples", "well_formed", "answer_accuracy", "process_accuracy", "shortcut_rate", "trace_error",
+                  "confidence_auroc_shortcut", "confidence_auroc_shortcut_eligible", "likelihood_auroc_shortcut"]
+
+
+def generator_quality(folder: Path | None) -> dict:
+    """The starting generator's held-out check from prepare's summary.json (GENERATOR_KEYS that it has; {} without
+    one): how often it takes the shortcut, the trace error, and how well its own confidence tells its shortcut
+    chains from its fully correct ones (all problems pooled, and only those that admit the shortcut)."""
+    path = Path(folder) / "summary.json" if folder else None
+    if path is None or not path.is_file():
+        return {}
+    summary = json.loads(path.read_text())
+    return {**{k: summary[k] for k in GENERATOR_KEYS if k in summary}, "source": str(path)}
+
+
+def generator_markdown(g: dict) -> list[str]:
+    """The report's section on the starting generator (empty without prepare's numbers)."""
+    if not g:
+        return []
+
+    def pct(key):
+        return "-" if g.get(key) is None else f"{100 * g[key]:.1f}"
+
+    return ["## The starting generator (held-out samples at T=1)", "",
+            f"{g.get('num_samples', '?')} samples, one per held-out problem, from {g['source']}.", "",
+            "| well formed | answer right | every step right | last-digit shortcut | trace error (wrong step, "
+            "right answer) |", "|---|---|---|---|---|",
+            f"| {pct('well_formed')} | {pct('answer_accuracy')} | {pct('process_accuracy')} | {pct('shortcut_rate')} "
+            f"| {pct('trace_error')} |", "",
+            "Its own confidence, shortcut chains vs fully correct ones (AUROC; 0.5 is chance, below 0.5 it prefers "
+            f"the shortcut): lowest token log-prob {_f3(g.get('confidence_auroc_shortcut'))} on all problems, "
+            f"{_f3(g.get('confidence_auroc_shortcut_eligible'))} on the problems that admit the shortcut (where a "
+            f"best-of-N pick or an RL advantage compares samples of one problem); total log-likelihood "
+            f"{_f3(g.get('likelihood_auroc_shortcut'))}.", ""]
 
 
 # --------------------------------------------------------------------------- figures
@@ -368,6 +408,7 @@ def build_summary(layout: DemoLayout, runtime: dict, bon: dict, rl_seed_values: 
         "rl_diff": rl_differences(rl_seed_values),
         "prm": rm_quality(layout.prm, ["step_auroc", "first_error_f1", "solution_auroc"]),
         "orm": rm_quality(layout.orm, ["solution_auroc", "solution_auroc_answer"]),
+        "generator": generator_quality(layout.generator),
     })
 
 
@@ -389,6 +430,7 @@ def write_demo_report(layout: DemoLayout, out_dir: Path, runtime: dict, resample
     lines = ["# Process vs outcome supervision (demo)", "",
              f"{layout.seeds} seed(s); wall time {runtime.get('wall_seconds')} s up to this report, peak memory "
              f"{runtime.get('peak_rss_mib')} MiB (this process plus the lanes that ran at once, an upper bound).", ""]
+    lines += generator_markdown(summary["generator"])
     prm, orm = summary["prm"], summary["orm"]
     if prm or orm:
         lines += ["## Reward models (held-out generator samples)", "",

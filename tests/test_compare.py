@@ -228,6 +228,12 @@ def demo_layout(root):
     write_run(layout.prm, "arith-prm", 0, [{"step": 1, "loss": 0.5}],
               {"eval/step_auroc": 0.97, "eval/first_error_f1": 0.9,
                "eval_head_only/step_auroc": 0.81, "eval_head_only/first_error_f1": 0.62})
+    layout.generator = root / "prepare"
+    layout.generator.mkdir()
+    (layout.generator / "summary.json").write_text(json.dumps(
+        {"num_samples": 200, "well_formed": 1.0, "answer_accuracy": 0.805, "process_accuracy": 0.36,
+         "shortcut_rate": 0.46, "trace_error": 0.55, "confidence_auroc_shortcut": 0.668,
+         "confidence_auroc_shortcut_eligible": 0.298, "likelihood_auroc_shortcut": 0.587, "train_steps": 1100}))
     layout.runs = [*layout.arms["exact_dense"], layout.prm, *layout.generators["start"]]
     return layout
 
@@ -283,8 +289,14 @@ def test_demo_summary_json_from_hand_made_runs(tmp_path):
     # sharpening alone: every sample of the start's pools (one right, one wrong per problem), at T=1 and T=0.7
     assert set(s["sharpening"]) == {"start", "start_t07"}
     assert s["sharpening"]["start_t07"]["answer_accuracy"] == {"mean": 0.5, "lo": 0.5, "hi": 0.5, "n": 3}
+    # the starting generator's held-out check, from prepare's summary.json
+    g = s["generator"]
+    assert (g["shortcut_rate"], g["confidence_auroc_shortcut"], g["confidence_auroc_shortcut_eligible"]) == \
+        (0.46, 0.668, 0.298) and "train_steps" not in g
     # the report and its figures
     text = report.read_text()
+    assert "## The starting generator" in text and "| 100.0 | 80.5 | 36.0 | 46.0 | 55.0 |" in text
+    assert "lowest token log-prob 0.668 on all problems, 0.298 on the problems that admit the shortcut" in text
     assert "### Sharpening alone" in text
     assert "| exact_dense | 40.0 (n=1)" not in text and "| prm_dense | 40.0 (n=1) | 55.0 (n=1)" in text
     assert "exact_dense - outcome_gt" in text and "told apart" in text
