@@ -36,8 +36,8 @@ error, so active labels carry fewer steps each). `plan_generation` makes
 every budget exact.
 
 The pure pieces (`convincing_slots`, `mix_slots`, `plan_generation`,
-`select_indices`, `data_efficiency`, `prm_quality`) are plain functions tested
-on hand-made inputs.
+`select_indices`, `prm_quality`; the factor in rlprm/efficiency.py) are plain
+functions tested on hand-made inputs.
 """
 
 from __future__ import annotations
@@ -137,39 +137,6 @@ def select_uniform(available: Sequence[bool], k: int, rng: random.Random) -> lis
     """`k` random samples among the available ones (fewer if fewer are left)."""
     free = [i for i, ok in enumerate(available) if ok]
     return [(i, UNIFORM) for i in rng.sample(free, min(k, len(free)))]
-
-
-def data_efficiency(labels_uniform: Sequence[float], quality_uniform: Sequence[float],
-                    labels_active: Sequence[float], quality_active: Sequence[float]) -> list[dict]:
-    """Per active point: how many labels uniform selection needs for the same quality, and the ratio.
-
-    Uniform's curve is made monotone (running maximum: more labels never need to be worse) and
-    interpolated linearly. Returns, per active point, {labels, quality, uniform_labels, factor,
-    bound}: bound `exact` inside uniform's range; `lower` when the active quality is above all of
-    uniform's (uniform needs MORE than its largest budget: the factor is at least the value shown);
-    `upper` when it is at or below uniform's first point (uniform needs at most that many).
-    """
-    if len(labels_uniform) != len(quality_uniform) or len(labels_active) != len(quality_active):
-        raise ValueError("labels and quality lists must have the same lengths")
-    pairs = sorted(zip(labels_uniform, quality_uniform))
-    xs, ys, best = [], [], -math.inf
-    for x, y in pairs:
-        best = max(best, y)
-        xs.append(x)
-        ys.append(best)
-    out = []
-    for la, qa in zip(labels_active, quality_active):
-        if qa > ys[-1]:
-            need, bound = xs[-1], "lower"
-        elif qa <= ys[0]:
-            need, bound = xs[0], "upper"
-        else:
-            j = next(j for j in range(1, len(ys)) if ys[j] >= qa)
-            x0, x1, y0, y1 = xs[j - 1], xs[j], ys[j - 1], ys[j]
-            need = x0 + (x1 - x0) * (qa - y0) / (y1 - y0) if y1 > y0 else x0
-            bound = "exact"
-        out.append({"labels": la, "quality": qa, "uniform_labels": need, "factor": need / la, "bound": bound})
-    return out
 
 
 # --------------------------------------------------------------------------- data

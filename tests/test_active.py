@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from rlprm.active import (CONVINCING, CONVINCING_WRONG, UNIFORM, convincing_slots, data_efficiency, mix_slots,
+from rlprm.active import (CONVINCING, CONVINCING_WRONG, UNIFORM, convincing_slots, mix_slots,
                           plan_generation, select_indices, select_uniform, surface)
 from rlprm.config import ArithmeticConfig, RecipeError, load_recipe
 from rlprm.data.prm800k import load_prm800k
@@ -46,14 +46,19 @@ def test_select_indices_ranks_wrong_answers_by_score():
 
 
 def test_data_efficiency_on_hand_made_curves():
-    eff = data_efficiency([100, 200, 300], [0.1, 0.2, 0.3], [100, 200], [0.2, 0.35])
-    assert eff[0]["uniform_labels"] == pytest.approx(200) and eff[0]["factor"] == pytest.approx(2.0)
-    assert eff[0]["bound"] == "exact"
-    assert eff[1]["bound"] == "lower" and eff[1]["factor"] == pytest.approx(1.5)  # beyond uniform's best
+    from rlprm.efficiency import EXACT, FIRST_POINT, REACHED, UNIFORM_NEVER, efficiency_factor, labels_to_reach
+
+    uniform = ([100, 200, 300], [0.1, 0.2, 0.3])
+    eff = efficiency_factor(*uniform, [100], [0.2], level=0.2)
+    assert eff["uniform_labels"] == pytest.approx(200) and eff["factor"] == pytest.approx(2.0)
+    assert eff["status"] == EXACT
+    eff = efficiency_factor(*uniform, [200], [0.35], level=0.35)  # beyond uniform's best: the factor is at least
+    assert eff["status"] == UNIFORM_NEVER and eff["bound"] == pytest.approx(1.5)
     # uniform's curve is made monotone (0.1, 0.3, 0.3) before interpolating
-    eff = data_efficiency([100, 200, 300], [0.1, 0.3, 0.2], [150, 150], [0.2, 0.05])
-    assert eff[0]["uniform_labels"] == pytest.approx(150) and eff[0]["factor"] == pytest.approx(1.0)
-    assert eff[1]["bound"] == "upper" and eff[1]["uniform_labels"] == 100
+    wiggly = ([100, 200, 300], [0.1, 0.3, 0.2])
+    assert labels_to_reach(*wiggly, 0.2) == (pytest.approx(150), REACHED)
+    assert efficiency_factor(*wiggly, [150], [0.2], level=0.2)["factor"] == pytest.approx(1.0)
+    assert labels_to_reach(*wiggly, 0.05) == (100, FIRST_POINT)  # at or below uniform's first point
 
 
 def test_efficiency_factor_on_hand_made_curves():
