@@ -9,10 +9,13 @@ DESIGN.md section 6. Two modes, chosen by `reward.mode`:
 - `dense` (process supervision, DeepSeekMath section 4.1.3): the step scores
   (a PRM's, or with `reward.source: exact` the arithmetic checker's
   prefix-correctness, an oracle PRM; `confidence` is PPO-only, refused at
-  recipe validation) become step rewards in `rewards.token_rewards`, the one
+  recipe validation) become step values in `rewards.token_rewards`, the one
   placement (`reward.dense_form`: `score`, each step's probability, or
-  `log_prob`; the last step's reward sits on EOS so that it also teaches
-  stopping). `grpo_advantages` only normalises them over the group and spreads
+  `log_prob`, its log; each step's OWN value, floored one by one at
+  missing_answer_reward + 0.1, never PPO's floored running sum, which made
+  the steps after a bad one look perfect; min_form and delta, increments of a
+  running score, are refused at validation; the last step's value sits on EOS
+  so that it also teaches stopping). `grpo_advantages` only normalises them over the group and spreads
   them over the tokens as `rl.process_advantage` says
   (`core.process_token_advantages`): `min` (the default: a token's return is the
   worst step from it on, which writing more steps cannot raise), `mean`, or
@@ -90,8 +93,10 @@ class RewardFunction:
     TRL calls it with the prompts, the decoded completions, the completion ids
     and the dataset's other columns (here `problem_index`, an index into
     `problems`). It returns one scalar per completion: the return of
-    `rewards.token_rewards` (for sparse rewards the reward itself; for dense
-    rewards the sum of the step rewards, used by TRL only for its log). The
+    `rewards.token_rewards`, each completion's value under the training objective
+    (`TokenRewards.objective`: for sparse rewards the reward itself; for dense
+    rewards rl.process_advantage's min, mean or sum of the step values plus the
+    outcome, used by TRL only for its log). The
     full `TokenRewards`, the grades and the scoring time stay in `self.last`
     for the process advantages and the metrics.
     """
@@ -134,7 +139,8 @@ class RewardFunction:
             tr = token_rewards(rcfg, texts, ids, scores=scores, outcomes=outcomes,
                                has_answer=[g.answered for g in grades], tokenizer=self.tokenizer,
                                max_tokens=self.recipe.rl.max_new_tokens, eos_token_id=eos, sep=sep,
-                               sparse_aggregate=rcfg.sparse_aggregate, last_event_at_eos=True)
+                               sparse_aggregate=rcfg.sparse_aggregate, last_event_at_eos=True,
+                               process_form=self.recipe.rl.process_advantage)
         except RewardError as exc:
             reason = f"iteration {self.calls + 1}: {exc}"
         self.dist.stop_if_any(reason, RLError)
@@ -142,7 +148,7 @@ class RewardFunction:
         self.calls += 1
         self.last = {"texts": texts, "ids": ids, "rewards": tr, "scores": scores, "grades": grades, "outcomes": outcomes,
                      "lengths": [int(n) for n in tr.mask.sum(1).tolist()], "time_score": time.monotonic() - t0}
-        return [float(r) for r in tr.returns]
+        return [float(r) for r in tr.objective]
 
 
 def grpo_args(recipe: Recipe, output_dir: Path, seed: int, progress: bool = False, plain: bool = False,
