@@ -308,7 +308,8 @@ def test_reward_function_scores_with_the_exact_checker(generator_dir, char_token
                          reward={"mode": "dense", "source": "exact", "dense_form": "score"})
     fn = RewardFunction(recipe, problems, char_tokenizer)
     returns = fn(["1 +2 +4\n"] * 3, texts, ids, [0, 0, 0])
-    assert fn.last["scores"] == [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
+    # the checker's prefix-correctness as step values (score form: p_k); the cut one gets the penalty alone
+    assert fn.last["rewards"].event_values == [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [-1.0]]
     assert returns == pytest.approx([1.0, 0.0, -1.0])  # process min: the lowest step score; cut: the penalty
     assert fn.last["rewards"].truncated == [False, False, True]
 
@@ -429,8 +430,7 @@ def test_exact_checker_wrong_steps_never_look_perfect(tmp_path, generator_dir, c
                          reward={"mode": "dense", "source": "exact", "dense_form": "log_prob"})
     fn = RewardFunction(recipe, problems, char_tokenizer)
     fn(["1 +2 +4 +1\n"] * 2, [right, wrong], ids, [0, 0])
-    assert fn.last["scores"] == [[1.0] * 4, [1.0, 0.0, 0.0, 0.0]]
-    tr = fn.last["rewards"]
+    tr = fn.last["rewards"]  # the checker's prefix-correctness [1, 1, 1, 1] and [1, 0, 0, 0], as log_prob values
     assert tr.event_values == [pytest.approx([0.0] * 4), pytest.approx([0.0, -0.9, -0.9, -0.9])]
     adv = grpo_advantages(recipe, fn.last, group_size=2, width=max(map(len, ids)))
     ends = tr.event_positions[1]

@@ -116,11 +116,10 @@ class RewardFunction:
 
     def __call__(self, prompts, completions, completion_ids, problem_index, **_):
         from rlprm.problems import grade_samples
-        from rlprm.rewards import RewardError, prefix_correct_probs, token_rewards
+        from rlprm.rewards import RewardError, training_rewards
 
         t0 = time.monotonic()
-        rcfg, sep = self.recipe.reward, self.recipe.task.step_separator
-        eos = self.tokenizer.eos_token_id
+        sep, eos = self.recipe.task.step_separator, self.tokenizer.eos_token_id
         ids = [list(c) for c in completion_ids]
         # decode ourselves: step ends are found through character offsets of exactly this decoding (rewards.py)
         texts = [self.tokenizer.decode([t for t in c if t != eos], skip_special_tokens=True,
@@ -131,16 +130,11 @@ class RewardFunction:
         scores = None
         if self.reward_model is not None:
             scores = self.reward_model.score_steps([p.text for p in problems], texts, sep=sep)
-        elif rcfg.source == "exact":  # the exact checker as an oracle PRM (recipe validation: arithmetic only)
-            scores = [prefix_correct_probs(g.step_correct or []) for g in grades]
         reason = None
         try:
-            # TRL hands over each completion up to and including its EOS: one without EOS at the cap was cut
-            tr = token_rewards(rcfg, texts, ids, scores=scores, outcomes=outcomes,
-                               has_answer=[g.answered for g in grades], tokenizer=self.tokenizer,
-                               max_tokens=self.recipe.rl.max_new_tokens, eos_token_id=eos, sep=sep,
-                               sparse_aggregate=rcfg.sparse_aggregate, last_event_at_eos=True,
-                               process_form=self.recipe.rl.process_advantage)
+            # TRL hands over each completion up to and including its EOS: one without EOS at the cap was cut;
+            # exact: the checker as an oracle PRM (recipe validation: arithmetic only)
+            tr = training_rewards(self.recipe, texts, ids, grades, scores=scores, tokenizer=self.tokenizer)
         except RewardError as exc:
             reason = f"iteration {self.calls + 1}: {exc}"
         self.dist.stop_if_any(reason, RLError)
