@@ -591,3 +591,22 @@ def test_token_rewards_with_a_process_form_places_step_values(char_tokenizer):
     assert torch.allclose(ppo.objective, ppo.returns, atol=1e-6)
     with pytest.raises(RewardError, match="increments"):
         token_rewards(dense("min_form"), [TEXT], [ids], scores=[PROBS], tokenizer=char_tokenizer, process_form="sum")
+
+
+def test_arithmetic_answered_is_unchanged_on_random_texts():
+    """The demo's behaviour is kept: on texts in the arithmetic task's alphabet (and fragments of its `# Answer`
+    step), `SampleGrade.answered` is exactly the rule rewards.py used to apply: the last step of `split_steps` is
+    an answer step with a non-empty answer."""
+    import random
+
+    from rlprm.problems import from_arithmetic, grade_samples
+    from rlprm.steps import split_steps, step_answer
+    from rlprm.tasks.arithmetic import CHARSET, Problem
+
+    rng = random.Random(0)
+    pieces = CHARSET + ["# Answer", "# Answer\n\n", "\n# Answer\n\n5\n", "#### 5", "\n\n", "# Answer:", " 7"]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))) for _ in range(1000)]
+    grades = grade_samples(from_arithmetic([Problem(93, (("+", 3),))]), [texts], "\n")[0]
+    old = [bool(split_steps(t, "\n")) and step_answer(split_steps(t, "\n")[-1]) is not None for t in texts]
+    assert [g.answered for g in grades] == old
+    assert 0.1 < sum(old) / len(old) < 0.9  # both kinds are well represented
