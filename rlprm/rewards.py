@@ -624,17 +624,17 @@ def token_rewards(
                              dtype=dtype, device=device).reshape(B)
     out = TokenRewards(reward_t, mask, ends_out, step_out, missing, truncated, event_positions=event_pos,
                        event_values=event_val, outcome_rewards=outcome_out, objective=objective)
-    returns = out.objective
+    values = out.objective  # the return, or GRPO's min / mean value
     answered = torch.tensor([not m for m in missing], dtype=torch.bool, device=device)
     n = max(B, 1)
     out.stats = {
-        "return_mean": float(returns.mean()) if B else 0.0,  # the objective's value: the return but for GRPO min/mean
+        "return_mean": float(values.mean()) if B else 0.0,
         "missing_answer_frac": sum(missing) / n,
         "truncated_frac": sum(truncated) / n,
         "empty_responses": float(sum(k == 0 for k in kept)),
         "unscored_steps": float(unscored),
         # answered samples that returned less than a missing answer would: an incentive to stop answering
-        "below_missing_answer": float((answered & (returns < cfg.missing_answer_reward)).sum()),
+        "below_missing_answer": float((answered & (values < cfg.missing_answer_reward)).sum()),
     }
     return out
 
