@@ -15,20 +15,33 @@ from rlprm.rewards import (
     add_kl_penalty,
     confidence_scores,
     dense_step_rewards,
+    dense_step_values,
     floor_running_return,
-    has_final_answer,
     prefix_correct_probs,
     sequence_confidence,
+    solution_value,
     step_confidence,
     step_token_ends,
-    token_rewards,
 )
+from rlprm.rewards import token_rewards as _token_rewards
 from rlprm.steps import step_char_ends, token_char_ends
 
 TEXT = "93 + 3 = 96\n96 - 4 = 92\n# Answer\n\n92\n"
 # steps end (exclusive, separator included) at chars 12, 24 and 37 = len(TEXT)
 NO_ANSWER = "93 + 3 = 96\n96 - 4 = 92\n"
 PROBS = [0.9, 0.5, 0.8]
+
+
+def token_rewards(cfg, texts, *args, **kw):
+    """`rewards.token_rewards`, told which texts answered the way the arithmetic checker reads its `# Answer` step
+    (`SampleGrade.answered`): every text of these cases is in the arithmetic task's format."""
+    from rlprm.problems import from_arithmetic, grade_samples
+    from rlprm.tasks.arithmetic import Problem
+
+    if "has_answer" not in kw:
+        arith = from_arithmetic([Problem(93, (("+", 3), ("-", 4)))])
+        kw["has_answer"] = [g.answered for g in grade_samples(arith, [list(texts)], kw.get("sep", "\n"))[0]]
+    return _token_rewards(cfg, texts, *args, **kw)
 
 
 def dense(form, source="prm", **kw):
@@ -140,7 +153,6 @@ def test_padded_tensor_input_with_lengths_and_fixed_width(char_tokenizer):
 
 def test_missing_answer_replaces_every_other_reward(char_tokenizer):
     ids = ids_of(char_tokenizer, NO_ANSWER)
-    assert not has_final_answer(NO_ANSWER) and has_final_answer(TEXT)
     cfg = dense("log_prob", outcome_coef=1.0, missing_answer_reward=-2.0)
     out = token_rewards(cfg, [NO_ANSWER], [ids], scores=[[0.9, 0.9]], outcomes=[0], tokenizer=char_tokenizer)
     assert out.rewards[0, -1].item() == -2.0 and out.rewards.abs().sum().item() == 2.0
@@ -484,3 +496,117 @@ def test_events_and_outcome_rebuild_the_reward_tensor(char_tokenizer):
     # an empty response (EOS stripped) has no token and no event
     empty = token_rewards(RewardConfig(), [""], [[]], outcomes=[0])
     assert empty.event_positions == [[]] and empty.event_tensors()[1].tolist() == [[-1]]
+
+
+# --------------------------------------------------------------------------- "answered": the task's own answer reading
+
+MATH_TEXT = "We compute 2+3.\n\nThat gives 5.\n\nThe final answer is $\\boxed{5}$."
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer():
+    """A byte-level BPE: any text (LaTeX, unicode) encodes and decodes back exactly."""
+    from rlprm.models import build_bpe_tokenizer
+
+    return build_bpe_tokenizer([MATH_TEXT, TEXT, "\\frac{1}{2} \\boxed{x} # Answer"], vocab_size=280,
+                               model_max_length=4096)
+
+
+def test_a_boxed_math_answer_is_answered_on_the_reward_path(byte_tokenizer):
+    """Issue 23 finding 1: a MATH response that writes `\\boxed{5}` was rewarded as "missing answer" (-1)."""
+    from rlprm.problems import TaskProblem, grade_samples
+
+    grade = grade_samples([TaskProblem("p", "What is 2+3?\n", "5")], [[MATH_TEXT]], "\n\n")[0][0]
+    assert grade.answer == "5" and grade.answered and grade.answer_correct
+    ids = ids_of(byte_tokenizer, MATH_TEXT)
+    kw = dict(outcomes=[float(grade.answer_correct)], has_answer=[grade.answered], tokenizer=byte_tokenizer,
+              sep="\n\n", eos_token_id=byte_tokenizer.eos_token_id)
+    out = token_rewards(dense("min_form", missing_answer_reward=-1.0), [MATH_TEXT], [ids], scores=[[.9, .8, .95]],
+                        **kw)
+    assert out.missing_answer == [False] and out.returns.item() == pytest.approx(0.8)
+    out = token_rewards(RewardConfig(mode="sparse", source="ground_truth"), [MATH_TEXT], [ids], **kw)
+    assert out.missing_answer == [False] and out.returns.item() == 1.0
+    # no second rule hides in rewards.py: whether a response answered is the caller's (the grade's) to say
+    with pytest.raises(RewardError, match="has_answer"):
+        _token_rewards(RewardConfig(mode="sparse", source="ground_truth"), [MATH_TEXT], [ids], outcomes=[1.0])
+
+
+def test_answered_is_the_tasks_own_reading():
+    """One definition: `SampleGrade.answered`, the answer the task reads (arithmetic: its `# Answer` step, as the
+    demo's checker always read it; MATH / GSM8K / PRM800K: `grading.extract_answer`)."""
+    from rlprm.problems import TaskProblem, from_arithmetic, grade_samples
+    from rlprm.tasks.arithmetic import Problem
+
+    arith = from_arithmetic([Problem(93, (("+", 3), ("-", 4)))])[0]
+    texts = [TEXT, NO_ANSWER, "93 + 3 = 96\n# Answer\n\n", "#### 92\n", "93 + 3 = 96\n\\boxed{92}\n"]
+    assert [g.answered for g in grade_samples([arith], [texts], "\n")[0]] == [True, False, False, False, False]
+    math = TaskProblem("m", "?\n", "92")
+    texts = [MATH_TEXT, "# Answer\n\n92", "so\n#### 92", "We compute 2+3.\n\nThat gives 5.", "\\boxed{5"]
+    assert [g.answered for g in grade_samples([math], [texts], "\n\n")[0]] == [True, True, True, False, False]
+
+
+# --------------------------------------------------------------------------- GRPO: each step's own value
+
+
+def test_step_values_are_each_steps_own_not_a_floored_running_sum():
+    """Issue 23 finding 2, by hand (missing -1, floor -0.9): the floored running sum (PPO's) gives [.6, .1, .1] and
+    [.6, .5, .5] the same rewards [-0.511, -0.389, 0.0]; the values tell them apart."""
+    floor = -1.0 + ANSWERED_MARGIN
+    ppo = [dense_step_rewards(p, "log_prob", floor) for p in ([.6, .1, .1], [.6, .5, .5])]
+    assert ppo[0] == pytest.approx(ppo[1]) and ppo[0] == pytest.approx([math.log(.6), -0.9 - math.log(.6), 0.0])
+    assert dense_step_values([.6, .1, .1], "log_prob", floor) == pytest.approx([math.log(.6), -0.9, -0.9])
+    assert dense_step_values([.6, .5, .5], "log_prob", floor) == pytest.approx([math.log(.6), math.log(.5),
+                                                                                math.log(.5)])
+    # the exact checker's [1, 0, 0, 0]: every step from the first wrong one on is worth the floor, not 0
+    assert dense_step_rewards([1, 0, 0, 0], "log_prob", floor) == pytest.approx([0.0, -0.9, 0.0, 0.0])
+    assert dense_step_values([1, 0, 0, 0], "log_prob", floor) == pytest.approx([0.0, -0.9, -0.9, -0.9])
+    assert dense_step_values([.6, .1], "score", floor) == pytest.approx([.6, .1])  # p >= 0: the floor never binds
+    assert dense_step_values([.6, .1], "log_prob") == pytest.approx([math.log(.6), math.log(.1)])
+    for form in ("min_form", "delta"):
+        with pytest.raises(RewardError, match="increments"):
+            dense_step_values([.6, .1], form, floor)
+
+
+def test_solution_value_is_the_objective_of_each_process_form():
+    assert solution_value([-0.5, -0.9, -0.2], 0.5, "min") == pytest.approx(-0.4)
+    assert solution_value([-0.5, -0.9, -0.2], 0.5, "mean") == pytest.approx(-1.6 / 3 + 0.5)
+    assert solution_value([-0.5, -0.9, -0.2], 0.5, "sum") == solution_value([-0.5, -0.9, -0.2], 0.5, None) \
+        == pytest.approx(-1.1)
+    assert solution_value([], 0.0, "min") == 0.0
+
+
+def test_token_rewards_with_a_process_form_places_step_values(char_tokenizer):
+    ids = ids_of(char_tokenizer, TEXT)
+    cfg = dense("log_prob", missing_answer_reward=-1.0)
+    probs = [[.6, .1, .1], [.6, .5, .5]]
+    out = token_rewards(cfg, [TEXT, TEXT], [ids, ids], scores=probs, tokenizer=char_tokenizer, process_form="min",
+                        last_event_at_eos=True)
+    assert out.event_values == [pytest.approx([math.log(.6), -0.9, -0.9]),
+                                pytest.approx([math.log(.6), math.log(.5), math.log(.5)])]
+    assert out.objective.tolist() == pytest.approx([-0.9, math.log(.5)])
+    assert out.event_positions[0] == [11, 23, 37]  # the last value on EOS
+    # without a process form: PPO's return, whose running sum is floored (unchanged): log(.6 * .5 * .5) < -0.9
+    ppo = token_rewards(cfg, [TEXT, TEXT], [ids, ids], scores=probs, tokenizer=char_tokenizer)
+    assert ppo.returns.tolist() == pytest.approx([-0.9, -0.9])
+    assert torch.allclose(ppo.objective, ppo.returns, atol=1e-6)
+    with pytest.raises(RewardError, match="increments"):
+        token_rewards(dense("min_form"), [TEXT], [ids], scores=[PROBS], tokenizer=char_tokenizer, process_form="sum")
+
+
+def test_arithmetic_answered_is_unchanged_on_random_texts():
+    """The demo's behaviour is kept: on texts in the arithmetic task's alphabet (and fragments of its `# Answer`
+    step), `SampleGrade.answered` is exactly the rule rewards.py used to apply: the last step of `split_steps` is
+    an answer step with a non-empty answer."""
+    import random
+
+    from rlprm.problems import from_arithmetic, grade_samples
+    from rlprm.steps import split_steps, step_answer
+    from rlprm.tasks.arithmetic import CHARSET, Problem
+
+    rng = random.Random(0)
+    pieces = CHARSET + ["# Answer", "# Answer\n\n", "\n# Answer\n\n5\n", "#### 5", "\n\n", "# Answer:", " 7"]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))) for _ in range(1000)]
+    grades = grade_samples(from_arithmetic([Problem(93, (("+", 3),))]), [texts], "\n")[0]
+    old = [bool(split_steps(t, "\n")) and step_answer(split_steps(t, "\n")[-1]) is not None for t in texts]
+    assert [g.answered for g in grades] == old
+    assert 0.1 < sum(old) / len(old) < 0.9  # both kinds are well represented
