@@ -30,7 +30,9 @@ concept: `rl.kl_coef` is the KL coefficient of both PPO and GRPO,
 from __future__ import annotations
 
 import difflib
+import json
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -77,16 +79,35 @@ missing and which key to edit.
 """
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+"""What a Hugging Face repo id looks like: `org/name`, one slash."""
+
+
 def _model_ref(value: str, info: ValidationInfo) -> str:
     """A model is a keyword (`tiny`), a Hugging Face id (`org/name`) or a local path.
 
-    Only values that are unmistakably paths (starting with `.`, `/` or `~`) are
+    Values that are unmistakably paths (starting with `.`, `/` or `~`) are
     resolved against the recipe folder; they may not exist yet, because an
-    earlier stage of the same pipeline can be the one that writes them.
+    earlier stage of the same pipeline can be the one that writes them. Any
+    other value with a path separator is a folder if it exists (against the
+    recipe folder, then the current directory); if not, it must have the shape
+    of a hub id, or it is a mistyped folder and refused here: the hub would
+    only answer with a traceback about repo ids, or minutes of retries.
     """
     if value.startswith((".", "/", "~")):
         return str(_resolve(Path(value), info))
-    return value
+    if "/" not in value and "\\" not in value:
+        return value  # a keyword, or a hub id without an organisation (gpt2)
+    base = (info.context or {}).get("base_dir")
+    for folder in ([Path(base)] if base is not None else []) + [Path.cwd()]:
+        if (folder / value).exists():
+            return os.path.normpath(folder / value)
+    if HUB_ID.match(value):
+        return value
+    where = f"the recipe folder ({base}) or" if base is not None else ""
+    raise ValueError(f"{value} is neither a folder nor a hub id: there is no such folder in {where} the current "
+                     f"directory ({Path.cwd()}), and a hub id is `org/name` with one slash. Fix the path (write it "
+                     "as ./PATH or /abs/PATH for a folder an earlier stage will write)")
 
 
 ModelRef = Annotated[str, AfterValidator(_model_ref)]
