@@ -70,6 +70,33 @@ OutputPath = Annotated[Path, AfterValidator(_resolve)]
 InputPath = Annotated[Path, AfterValidator(_existing_file)]
 """A path the run reads; it must exist when the recipe is loaded."""
 
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def _deepspeed_config(path: Path, info: ValidationInfo) -> Path:
+    """An existing DeepSpeed JSON whose ZeRO stage DeepSpeed knows (it would fail later, inside every rank)."""
+    path = _existing_file(path, info)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    zero = config.get("zero_optimization", {}) if isinstance(config, dict) else None
+    if not isinstance(zero, dict):
+        raise ValueError(f"{path}: expected a JSON object with an optional `zero_optimization` object "
+                         "(see deepspeed_configs/)")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in ZERO_STAGES:
+        raise ValueError(f"{path}: zero_optimization.stage is {stage!r}; DeepSpeed's ZeRO stages are "
+                         f"{', '.join(map(str, ZERO_STAGES))} (deepspeed_configs/zero2.json and zero3.json are ready "
+                         "to use)")
+    return path
+
+
+DeepSpeedPath = Annotated[Path, AfterValidator(_deepspeed_config)]
+"""A DeepSpeed JSON config the run reads: it must exist and name a ZeRO stage DeepSpeed has."""
+
 DataPath = Annotated[Path, AfterValidator(_resolve)]
 """A path the job reads, resolved against the recipe but checked only when the job starts.
 
@@ -860,7 +887,7 @@ class Recipe(Section):
     """Synthetic supervision: `rlprm synthetic-supervision` (a large PRM labels for small reward models)."""
     bench: BenchConfig = _section()
     """PRM benchmarking: `rlprm bench-prm` (ProcessBench F1 per subset, step AUROC)."""
-    deepspeed: InputPath | None = None
+    deepspeed: DeepSpeedPath | None = None
     """A DeepSpeed JSON config (see deepspeed_configs/); none trains without DeepSpeed. PPO runs ZeRO-2 and ZeRO-3 (zero3.json shards the policy's and critic's weights, gathered whole to generate, evaluate and save); CPU offload is refused (it needs DeepSpeed's own optimizer). GRPO and rejection sampling take none: they run data parallel (DDP) with a new TRL trainer per epoch around one optimizer, which a ZeRO engine would own; LoRA (model.lora) keeps their memory small."""
 
     # Where the recipe came from; set by load_recipe, not by the YAML.
