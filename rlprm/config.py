@@ -161,6 +161,20 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True, validate_default=True)
 
 
+def check_prompt_template(key: str, template: str) -> None:
+    """Raise ValueError unless `template` formats with `problem` alone and uses it (else every prompt would lose
+    the problem text, silently)."""
+    try:
+        template.format(problem="")
+    except (KeyError, IndexError, ValueError):
+        raise ValueError(f"{key} {template!r} must contain `{{problem}}` and no other `{{...}}` fields (the only "
+                         "placeholder is {problem}; write a literal brace as `{{` or `}}`, e.g. "
+                         "\\boxed{{}})") from None
+    if "{problem}" not in template.replace("{{", "").replace("}}", ""):
+        raise ValueError(f"{key} {template!r} does not contain `{{problem}}`, so the problem text would be dropped "
+                         "from every prompt; add {problem} where the problem goes")
+
+
 def _section():
     """Default for a nested section: an empty mapping, validated (so resolved) like a written one."""
     return Field(default_factory=dict)
@@ -233,6 +247,7 @@ class TaskConfig(Section):
     def _files_for_real_tasks(self) -> "TaskConfig":
         if self.name != "arithmetic" and self.test_path is None:
             raise ValueError(f"task `{self.name}` reads problems from files: set task.test_path to a JSONL file")
+        check_prompt_template("task.prompt_template", self.prompt_template)
         return self
 
 
@@ -712,15 +727,7 @@ class RewardModelTrainConfig(Section):
             if clash:
                 raise ValueError(f"rm.scorer `lm` does not use {', '.join('rm.' + k for k in clash)}: remove them "
                                  "(the LM scorer trains the whole backbone for rm.max_steps steps)")
-        try:
-            self.prompt_template.format(problem="")
-        except (KeyError, IndexError, ValueError):
-            raise ValueError(
-                f"prompt_template {self.prompt_template!r} must contain `{{problem}}` and no other `{{...}}` fields "
-                "(write a literal brace as `{{` or `}}`)"
-            ) from None
-        if "{problem}" not in self.prompt_template:
-            raise ValueError(f"prompt_template {self.prompt_template!r} does not contain `{{problem}}`; add it")
+        check_prompt_template("prompt_template", self.prompt_template)
         return self
 
 
