@@ -489,6 +489,15 @@ class GRPOConfig(PolicyGradientBase):
     process_advantage: Literal["min", "mean", "sum"] = "min"
     """(dense rewards) How each sample's step rewards become token advantages (`core.process_token_advantages`): `min`, a token's return is the lowest step reward from its step on, `mean` their mean, each normalised with the group's statistics; `sum`, the group-normalised step rewards summed from the token on (DeepSeekMath's, which a policy can farm by writing more, smaller steps: it warns). `min` cannot be farmed by step count (PURE, Cheng et al. 2025)."""
 
+    @model_validator(mode="after")
+    def _group_of_two(self) -> "GRPOConfig":
+        # a group of one is its own mean: every advantage would be 0 and nothing would train
+        if self.samples_per_problem < 2:
+            raise ValueError(f"rl.samples_per_problem is GRPO's group size and must be at least 2 (got "
+                             f"{self.samples_per_problem}): each completion's advantage is relative to the other "
+                             "completions of its group")
+        return self
+
 
 class RejectionSamplingConfig(RLBase):
     """Rejection sampling (rl/rejection.py): sample N per problem, keep the best, one SFT pass over them."""
