@@ -1072,7 +1072,7 @@ def _removed(loc: tuple, algorithm: str | None) -> str | None:
     return entry.get(algorithm or "ppo") if isinstance(entry, dict) else entry
 
 
-def _describe(err: dict, source: str, lines: dict[tuple, int]) -> str:
+def _describe(err: dict, source: str, lines: dict[tuple, int], overrides: dict[tuple, str] | None = None) -> str:
     loc = tuple(err["loc"])
     kind = err["type"]
     ctx = err.get("ctx") or {}
@@ -1126,6 +1126,17 @@ def _describe(err: dict, source: str, lines: dict[tuple, int]) -> str:
         if line:
             break
     where = f"{source}:{line}" if line else source
+    # a value from the command line has no line in the file: name the override that set it (or, for a problem
+    # found across a section, the overrides inside it beside the section's line)
+    path = tuple(str(p) for p in loc)
+    given = {k: v for k, v in (overrides or {}).items() if path[:len(k)] == k}
+    inside = {k: v for k, v in (overrides or {}).items() if k[:len(path)] == path and len(k) > len(path)}
+    if given:
+        where = f"command-line override `{given[max(given, key=len)]}`"
+    elif inside and path not in lines:  # the file does not have this key: the overrides alone made it
+        where = "command-line override " + ", ".join(f"`{v}`" for v in inside.values())
+    elif inside:
+        where += " (with command-line override " + ", ".join(f"`{v}`" for v in inside.values()) + ")"
     text = f"{where}: {key}: {msg}"
     info = _field_info(tuple(p for p in loc if isinstance(p, str)), algorithm)
     is_section = info is not None and (key == "rl" or isinstance(_unwrap(info.annotation), type)
@@ -1135,16 +1146,20 @@ def _describe(err: dict, source: str, lines: dict[tuple, int]) -> str:
     return text
 
 
-def validate_recipe(data: dict, base_dir: Path, source: str = "<recipe>", lines: dict | None = None) -> Recipe:
-    """Validate a recipe dict; raise RecipeError listing every problem."""
+def validate_recipe(data: dict, base_dir: Path, source: str = "<recipe>", lines: dict | None = None,
+                    overrides: list[str] | None = None) -> Recipe:
+    """Validate a recipe dict; raise RecipeError listing every problem (at the file's line, or at the command-line
+    override that gave the value)."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a mapping of sections (run:, task:, model:, ...)")
     try:
         return Recipe.model_validate(data, context={"base_dir": Path(base_dir)})
     except ValidationError as exc:
-        problems = [_describe(e, source, lines or {}) for e in exc.errors()]
-        head = f"{source}: {len(problems)} problem(s) in the recipe:" if len(problems) > 1 else "invalid recipe:"
-        raise RecipeError("\n".join([head, *problems])) from None
+        given = {tuple(parse_override(text)[0]): text for text in overrides or []}
+        problems = [_describe(e, source, lines or {}, given) for e in exc.errors()]
+        # one problem is its own first line (file:line, key); several get a count above them
+        head = [f"{source}: {len(problems)} problem(s) in the recipe:"] if len(problems) > 1 else []
+        raise RecipeError("\n".join([*head, *problems])) from None
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
@@ -1158,12 +1173,16 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise RecipeError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        # an unclosed bracket or quote is noticed where the file ends: name the line that opened it too
+        opened = getattr(exc, "context_mark", None)
+        start = (f" ({getattr(exc, 'context', None) or 'opened'} at line {opened.line + 1})"
+                 if opened and mark and opened.line != mark.line else "")
+        raise RecipeError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}{start}") from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of sections (run:, task:, model:, ...)")
     data = apply_overrides(data, list(overrides or []))
-    recipe = validate_recipe(data, path.resolve().parent, str(path), _key_lines(text))
+    recipe = validate_recipe(data, path.resolve().parent, str(path), _key_lines(text), list(overrides or []))
     recipe.source = path.resolve()
     return recipe
 
