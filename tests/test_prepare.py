@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from rlprm.config import load_recipe
-from rlprm.prepare import PrepareError, prepare
+from rlprm.prepare import PrepareError, PrepareInputError, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -50,7 +50,8 @@ def test_prepare_refuses_a_generator_that_misses_targets(tmp_path):
 
 def test_prepare_only_builds_the_tiny_arithmetic_generator(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "arith_prepare.yaml", [f"run.output_dir={tmp_path}", "model.generator=org/model"])
-    with pytest.raises(PrepareError, match="model.generator: tiny"):
+    # bad input (exit 2), not a missed target (exit 3): nothing was trained
+    with pytest.raises(PrepareInputError, match="model.generator is org/model, .*model.generator: tiny"):
         prepare(recipe, progress=False)
 
 
