@@ -53,7 +53,11 @@ def _recipe_args(parser: argparse.ArgumentParser) -> None:
 def _train_rl_args(parser: argparse.ArgumentParser) -> None:
     _recipe_args(parser)
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the run folder's latest checkpoint (weights, optimizers, epoch, RNG)")
+                        help="continue from the run folder's latest checkpoint (weights, optimizers, epoch, RNG); "
+                             "a folder without one is an error")
+    parser.add_argument("--resume-or-start", action="store_true",
+                        help="resume when the run folder holds a checkpoint, else start from the beginning (for job "
+                             "scripts that rerun the same command)")
 
 
 def _explain_args(parser: argparse.ArgumentParser) -> None:
@@ -219,8 +223,13 @@ def _explain(args: argparse.Namespace) -> None:
 
 
 def _label(args: argparse.Namespace) -> None:
+    from rlprm.inputs import JobInputError, ref_problem
     from rlprm.label import label_file
 
+    if args.labeller != "checker":
+        problem = ref_problem("--with", args.labeller)  # before the PRM's libraries load (seconds)
+        if problem:
+            raise JobInputError(problem)
     counts = label_file(args.input, args.out, args.labeller, args.threshold,
                         args.sep.encode().decode("unicode_escape"), device=args.device, adapter=args.adapter,
                         reference=args.reference_model, beta=args.implicit_beta, dtype=args.dtype)
@@ -393,6 +402,10 @@ def _run(command: Command, args: argparse.Namespace) -> int | None:
     if args.print_config:
         print(recipe_to_yaml(recipe), end="")
         return 0
+    from rlprm.inputs import check_job
+
+    # what the recipe points at (model folders, hub ids, data files) is judged before the job writes anything
+    check_job(recipe, args.command)
     return command.run(recipe, args)
 
 
