@@ -319,6 +319,15 @@ def fit_confidence_stacking(rm, records, limit: int, batch_size: int = 64) -> tu
     return fit_confidence(probs, mins, ys), len(ys)
 
 
+def prm800k_records(recipe: Recipe) -> tuple[list, list, dict]:
+    """`prm800k_data`, refusing a set with no training records (every line dropped or skipped)."""
+    train_records, eval_records, counts = prm800k_data(recipe)
+    if not train_records:
+        raise TrainRMError("rm.data.train_paths: no training records (every line dropped or skipped?); check "
+                           "rm.data.train_paths, rm.data.on_bad_line and rm.data.keep_*")
+    return train_records, eval_records, counts
+
+
 # --------------------------------------------------------------------------- the job
 
 
@@ -383,6 +392,8 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
         dataloader_num_workers=0,
     )
 
+    # PRM800K files are read (a bad line refused) before the run folder gets its recipe.yaml and metrics.jsonl
+    labelled = prm800k_records(recipe) if data_cfg.source == "prm800k" else None
     tracker = Tracker(run_dir, recipe, job=f"train-{rm_cfg.kind}", tags=[rm_cfg.kind]) if is_main else None
     try:
         # 3. data (the first process samples and caches; the others then read the cache)
@@ -390,7 +401,7 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
             if data_cfg.source == "arithmetic":
                 train_records, eval_records, counts = arithmetic_data(recipe, progress and is_main)
             else:
-                train_records, eval_records, counts = prm800k_data(recipe)
+                train_records, eval_records, counts = labelled
         if not train_records:
             raise TrainRMError("no training records: check rm.data (all lines dropped or skipped?)")
         t_data = time.monotonic() - t_start
@@ -540,13 +551,14 @@ def train_lm_scored_rm(recipe: Recipe, progress: bool, t_start: float) -> dict:
     torch.manual_seed(recipe.run.seed)
     device = resolve_device(recipe.run.device)
     run_dir = Path(recipe.run.output_dir)
+    labelled = prm800k_records(recipe) if data_cfg.source == "prm800k" else None  # read before anything is written
     tracker = Tracker(run_dir, recipe, job=f"train-{rm_cfg.kind}", tags=[rm_cfg.kind, "lm-scorer"])
     try:
         # 2. data: generator samples (+ the task's own solutions), labelled by the exact checker
         if data_cfg.source == "arithmetic":
             train_records, eval_records, counts = arithmetic_data(recipe, progress)
         else:
-            train_records, eval_records, counts = prm800k_data(recipe)
+            train_records, eval_records, counts = labelled
         t_data = time.monotonic() - t_start
 
         # 3. the model: the backbone as a causal LM (the generator's weights, or a fresh tiny one)
