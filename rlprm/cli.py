@@ -211,7 +211,13 @@ def _train_rl(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from rlprm.checkpoint import export
+    from rlprm.checkpoint import export, latest_checkpoint
+
+    # judged before export imports transformers (seconds): a mistyped folder is refused at once
+    if latest_checkpoint(Path(args.run_dir)) is None:
+        state = "does not exist" if not Path(args.run_dir).exists() else "has no complete checkpoint"
+        raise FileNotFoundError(f"{args.run_dir} {state} (checkpoints/latest is missing): give the run folder of a "
+                                "`rlprm train-rl` run (its run.output_dir) that finished at least one epoch")
 
     print(f"exported to {export(args.run_dir, args.out)}")
 
