@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from rlprm.errors import EXIT_FAILED
+from rlprm.errors import EXIT_FAILED, InputError
 from rlprm.files import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +114,10 @@ class DemoError(RuntimeError):
     """A stage failed or produced incomplete output (the message names the stage and how to go on)."""
 
     exit_code = EXIT_FAILED
+
+
+class DemoInputError(InputError, ValueError):
+    """A demo argument cannot be used as given (exit 2: bad input, no stage ran)."""
 
 
 @dataclass
@@ -506,7 +510,7 @@ def parse_sets(items: list[str]) -> dict[str, list[str]]:
     for item in items or []:
         group, sep, override = item.partition(":")
         if not sep or group not in DEMO_OVERRIDES or "=" not in override:
-            raise DemoError(f"--set {item!r}: expected GROUP:key=value with GROUP one of "
+            raise DemoInputError(f"--set {item!r}: expected GROUP:key=value with GROUP one of "
                             f"{', '.join(DEMO_OVERRIDES)}, e.g. prepare:sft.steps=1000")
         out.setdefault(group, []).append(override)
     return out
