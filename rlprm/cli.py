@@ -140,6 +140,11 @@ def _prepare(recipe: Recipe, args: argparse.Namespace) -> None:
         f"{_num(rates.get('confidence_auroc_shortcut'))} (likelihood {_num(rates.get('likelihood_auroc_shortcut'))})\n"
         f"  {rates['train_steps']} steps in {rates['train_seconds']:.0f} s, wall {rates['wall_seconds']:.0f} s"
     )
+    missed = rates.get("targets_missed") or []
+    if missed:
+        # prepare_eval.enforce_targets false saved it anyway: the user must not mistake it for a generator that passed
+        print("  WARNING: targets missed (saved anyway, prepare_eval.enforce_targets is false): " + "; ".join(missed),
+              file=sys.stderr)
 
 
 def _train_rm(recipe: Recipe, args: argparse.Namespace) -> None:

@@ -200,6 +200,7 @@ def prepare(recipe: Recipe, progress: bool = True) -> dict:
         rates["targets_met"] = not failures
         tracker.log({f"prepare/{k}": v for k, v in rates.items()}, step=result["steps"])
         tracker.summary(rates)
+        rates["targets_missed"] = list(failures)  # saved anyway (enforce_targets false): the terminal says which
 
         # 5. save atomically: a complete `generator/` or none at all
         enforce = recipe.prepare_eval.enforce_targets
