@@ -156,7 +156,7 @@ def _train_rm(recipe: Recipe, args: argparse.Namespace) -> None:
         gen = recipe.model.generator
         # the generator this job samples from: built first if an embedded recipe makes it (else check_inputs says)
         if gen.startswith("/") and find_builder(Path(gen)) is not None:
-            ensure("model.generator", Path(gen), progress=not args.no_progress)
+            ensure("model.generator", Path(gen), progress=not args.no_progress, wandb=recipe.tracking.wandb)
     summary = train_rm(recipe, progress=not args.no_progress)
     if summary:
         print(format_summary(summary))

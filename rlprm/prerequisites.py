@@ -187,9 +187,11 @@ def _unbuildable(key: str, path: Path) -> PrerequisiteError:
         f"automatically. Build it yourself and point {key} at it (or at a Hugging Face id){made}")
 
 
-def _run_build(builder: Builder, file: Path, progress: bool, log) -> None:
+def _run_build(builder: Builder, file: Path, progress: bool, log, wandb: str | None = None) -> None:
     env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV}
     cmd = [sys.executable, "-m", "rlprm.cli", builder.command, str(file)]
+    if wandb is not None:
+        cmd.append(f"tracking.wandb={wandb}")  # the job's own setting: `tracking.wandb=disabled` means no W&B run at all
     if not progress:
         cmd.append("--no-progress")
     # the child's output goes straight to this job's console and log: the build is part of this run's story
@@ -201,8 +203,10 @@ def _run_build(builder: Builder, file: Path, progress: bool, log) -> None:
                                 "its output above says why. Fix that, or build it yourself and run again")
 
 
-def ensure(key: str, path: Path, progress: bool = True, log=print, _chain: tuple = ()) -> bool:
-    """Make sure the model folder at `path` (read through recipe key `key`) exists; returns True if it was built."""
+def ensure(key: str, path: Path, progress: bool = True, log=print, _chain: tuple = (), wandb: str | None = None) -> bool:
+    """Make sure the model folder at `path` (read through recipe key `key`) exists; returns True if it was built.
+
+    `wandb`: the tracking.wandb setting the build runs with (the job's own; None: the embedded recipe's)."""
     path = Path(path)
     found = find_builder(path)
     required = found[0].required_files if found else ("config.json",)
@@ -216,7 +220,7 @@ def ensure(key: str, path: Path, progress: bool = True, log=print, _chain: tuple
                                 + " -> ".join(str(f) for f in (*_chain, file)))
     # 1. what the build itself reads comes first (the PRM samples the generator)
     for sub_key, sub_path in _build_prerequisites(built):
-        ensure(f"{file.name}: {sub_key}", sub_path, progress, log, (*_chain, file))
+        ensure(f"{file.name}: {sub_key}", sub_path, progress, log, (*_chain, file), wandb=wandb)
     # 2. one process builds, the others wait and find it done
     with _file_lock(path.parent / f".{path.name}.build.lock"):
         if is_complete(path, required):
@@ -225,7 +229,7 @@ def ensure(key: str, path: Path, progress: bool = True, log=print, _chain: tuple
         log(f"[prerequisites] {key}: {path} is missing; building it with `{builder.cli}` "
             f"(about {builder.minutes:g} min on 2 CPU cores; done once, then reused)")
         t0 = time.monotonic()
-        _run_build(builder, file, progress, log)
+        _run_build(builder, file, progress, log, wandb=wandb)
         if not is_complete(path, required):
             raise PrerequisiteError(f"{key}: `rlprm {builder.command} {file}` finished but {path} is still "
                                     f"incomplete (expected {', '.join(required)} and weights)")
@@ -264,7 +268,7 @@ def ensure_prerequisites(recipe: Recipe, progress: bool = True, log=None) -> lis
     log = log or (lambda line: print(line, flush=True))
     built = []
     for key, path in required_models(recipe):
-        if ensure(key, path, progress, log):
+        if ensure(key, path, progress, log, wandb=recipe.tracking.wandb):
             built.append(key)
         elif not quiet:
             log(f"[prerequisites] {key}: {path} (present; not rebuilt)")

@@ -67,7 +67,7 @@ def rl_recipe(tmp: Path, source: str = "prm", **model):
 def fake_build(calls):
     """Writes what a complete product holds, and records which recipe would have run."""
 
-    def build(builder, file, progress, log):
+    def build(builder, file, progress, log, wandb=None):
         built = load_recipe(file)
         out = Path(built.run.output_dir) / builder.product
         if builder.command == "train-rm":  # it reads the generator: that must have been built first
@@ -153,14 +153,14 @@ def test_incomplete_product_is_rebuilt_and_failed_build_is_reported(tiny_recipes
 
     shutil.rmtree(gen)
 
-    def failing(builder, file, progress, log):
+    def failing(builder, file, progress, log, wandb=None):
         raise pre.PrerequisiteError(f"building with `rlprm {builder.command} {file}` failed (exit code 3)")
 
     monkeypatch.setattr(pre, "_run_build", failing)
     with pytest.raises(pre.PrerequisiteError, match="arith_prepare.yaml` failed"):
         pre.ensure_prerequisites(rl_recipe(tiny_recipes, "ground_truth"), log=lambda _: None)
 
-    def silent(builder, file, progress, log):  # exits 0 but writes nothing
+    def silent(builder, file, progress, log, wandb=None):  # exits 0 but writes nothing
         pass
 
     monkeypatch.setattr(pre, "_run_build", silent)
@@ -226,3 +226,27 @@ def test_sources_without_a_reward_model_need_none(tmp_path, source):
     gen = tmp_path / "runs" / "arith" / "generator"
     gen.mkdir(parents=True)
     PPO().check(recipe)  # raises if it wanted a reward model
+
+
+def test_a_build_runs_with_the_jobs_tracking_setting(tiny_recipes, monkeypatch):
+    """Issue 24 row 14: a generator built for `train-rl ... tracking.wandb=disabled` still created a W&B offline run
+    (the embedded recipe's own setting). The build's command line carries the job's setting."""
+    from types import SimpleNamespace
+
+    commands = []
+
+    def fake_run(cmd, cwd=None, env=None):  # the child `rlprm CMD RECIPE ...`: writes what a complete product holds
+        commands.append(cmd)
+        builder = next(b for b in pre.BUILDERS if b.recipe == Path(cmd[4]).name)
+        out = Path(load_recipe(cmd[4]).run.output_dir) / builder.product
+        out.mkdir(parents=True)
+        for name in (*builder.required_files, "model.safetensors"):
+            (out / name).write_text("{}")
+        return SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(pre.subprocess, "run", fake_run)
+    recipe = rl_recipe(tiny_recipes, "prm")
+    recipe.tracking.wandb = "disabled"
+    pre.ensure_prerequisites(recipe, log=lambda _: None)
+    assert [Path(cmd[4]).name for cmd in commands] == ["arith_prepare.yaml", "prm_train.yaml"]
+    assert all("tracking.wandb=disabled" in cmd for cmd in commands)
