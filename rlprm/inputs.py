@@ -76,6 +76,7 @@ def models_read(recipe: Recipe, command: str) -> list[tuple[str, str, bool]]:
         refs.append(("model.generator", m.generator, True))
         refs.append(("active.prm", recipe.active.prm, False) if recipe.active.prm is not None
                     else ("model.reward_model", m.reward_model, False))
+        implicit = (recipe.active.prm_adapter or rm.adapter) == "implicit"
     elif command == "active-learning":
         refs += [("model.generator", m.generator, True), ("active.labeller", recipe.active.labeller, False)]
         implicit = recipe.active.labeller_adapter == "implicit"
@@ -168,6 +169,9 @@ def model_problems(recipe: Recipe, command: str) -> list[str]:
     from rlprm.prerequisites import builder_hint, embedded_products, find_builder
 
     problems = []
+    if command == "select" and recipe.active.prm is None and recipe.model.reward_model is None:
+        problems.append("active.prm: not set, and model.reward_model neither: `rlprm select` scores the pool with a "
+                        "PRM; set active.prm (or model.reward_model) to a PRM folder or hub id")
     for key, ref, policy in models_read(recipe, command):
         if not ref.startswith("/"):
             problem = hub_problem(key, ref)
@@ -182,10 +186,12 @@ def model_problems(recipe: Recipe, command: str) -> list[str]:
                 hint = builder_hint(path)
                 if hint:
                     problem += f"; build it first with `{hint}`"
-                else:
+                elif key in ("model.generator", "model.reward_model"):
                     products = embedded_products()
                     problem += (" (a typo?), and no embedded recipe builds it" + (
                         f" (they build: {'; '.join(products)})" if products else ""))
+                else:
+                    problem += " (a typo?)"
         if problem:
             problems.append(problem)
     return problems
