@@ -151,12 +151,13 @@ def _train_rm(recipe: Recipe, args: argparse.Namespace) -> None:
     from rlprm.train_rm import format_summary, train_rm
 
     if recipe.rm.data.source == "arithmetic" or recipe.rm.backbone == "generator":
-        from rlprm.prerequisites import ensure, find_builder
+        from rlprm.prerequisites import ensure, find_builder, recipe_folder
 
-        gen = recipe.model.generator
+        gen, near = recipe.model.generator, recipe_folder(recipe)
         # the generator this job samples from: built first if an embedded recipe makes it (else check_inputs says)
-        if gen.startswith("/") and find_builder(Path(gen)) is not None:
-            ensure("model.generator", Path(gen), progress=not args.no_progress, wandb=recipe.tracking.wandb)
+        if gen.startswith("/") and find_builder(Path(gen), near) is not None:
+            ensure("model.generator", Path(gen), progress=not args.no_progress, wandb=recipe.tracking.wandb,
+                   near=near)
     summary = train_rm(recipe, progress=not args.no_progress)
     if summary:
         print(format_summary(summary))

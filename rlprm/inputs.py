@@ -166,7 +166,9 @@ def ref_problem(key: str, ref: str, policy: bool = False) -> str | None:
 def model_problems(recipe: Recipe, command: str) -> list[str]:
     """One line per model `command` reads that cannot be loaded; a missing folder that an embedded recipe builds is
     fine for the commands that build it first (train-rl, and train-rm for its generator)."""
-    from rlprm.prerequisites import builder_hint, embedded_products, find_builder
+    from rlprm.prerequisites import builder_hint, embedded_products, find_builder, recipe_folder
+
+    near = recipe_folder(recipe)
 
     problems = []
     if command == "select" and recipe.active.prm is None and recipe.model.reward_model is None:
@@ -179,11 +181,11 @@ def model_problems(recipe: Recipe, command: str) -> list[str]:
             path = Path(ref)
             builds = command == "train-rl" or (command == "train-rm" and key == "model.generator")
             if (builds and not path.is_file() and folder_problem(key, path, False) is not None
-                    and find_builder(path) is not None):
+                    and find_builder(path, near) is not None):
                 continue  # missing or incomplete, and an embedded recipe (re)builds it before the job
             problem = folder_problem(key, path, policy)
             if problem and not path.exists():
-                hint = builder_hint(path)
+                hint = builder_hint(path, near)
                 if hint:
                     problem += f"; build it first with `{hint}`"
                 elif key in ("model.generator", "model.reward_model"):

@@ -250,3 +250,25 @@ def test_a_build_runs_with_the_jobs_tracking_setting(tiny_recipes, monkeypatch):
     pre.ensure_prerequisites(recipe, log=lambda _: None)
     assert [Path(cmd[4]).name for cmd in commands] == ["arith_prepare.yaml", "prm_train.yaml"]
     assert all("tracking.wandb=disabled" in cmd for cmd in commands)
+
+
+def test_embedded_recipes_are_found_beside_the_recipe_passed_in(tmp_path, monkeypatch):
+    """Issue 24 row 15: the embedded recipes were looked up beside the installed package only, so a second checkout
+    sharing the first one's virtualenv (or a wheel, with no recipes/ beside the package) could not build its own
+    prerequisites. Here the package's recipes are the first checkout's; the job's recipe is the second's."""
+    for checkout in ("first", "second"):
+        recipes = tmp_path / checkout / "recipes"
+        recipes.mkdir(parents=True)
+        (recipes / "arith_prepare.yaml").write_text(TINY_PREPARE)
+        for kind in ("prm", "orm"):
+            (recipes / f"{kind}_train.yaml").write_text(TINY_RM.replace("KIND", kind))
+    monkeypatch.setattr(pre, "RECIPES_DIR", tmp_path / "first" / "recipes")
+    calls = []
+    monkeypatch.setattr(pre, "_run_build", fake_build(calls))
+    job = tmp_path / "second" / "recipes" / "rl.yaml"
+    job.write_text("run: {output_dir: ../runs/rl}\nmodel: {generator: ../runs/arith/generator, "
+                   "reward_model: ../runs/arith_prm/reward_model}\nreward: {source: prm}\n")
+    assert pre.ensure_prerequisites(load_recipe(job), log=lambda _: None) == ["model.generator", "model.reward_model"]
+    assert calls == ["arith_prepare.yaml", "prm_train.yaml"]
+    assert pre.is_complete(tmp_path / "second" / "runs" / "arith_prm" / "reward_model")
+    assert not (tmp_path / "first" / "runs").exists()  # nothing built into the other checkout
