@@ -9,6 +9,7 @@ user gave (a recipe, a file, a model) inherit `InputError` and exit 2.
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Callable
 
@@ -34,8 +35,36 @@ def exit_code(exc: BaseException) -> int | None:
     return EXIT_BAD_INPUT if isinstance(exc, (FileNotFoundError, RecipeError)) else None
 
 
+NOISE: dict[str, tuple[str, ...]] = {
+    # DeepSpeed guesses its accelerator at import and warns on every CPU job, though CPU is what rlprm asked for
+    "DeepSpeed": ("Setting accelerator to CPU",),
+}
+"""Logger name -> starts of messages from dependencies that tell an rlprm user nothing (dropped)."""
+
+
+class _DropNoise(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def quiet_dependencies() -> None:
+    """Drop the NOISE messages. The filter sits on the logger object itself, so it holds whether or not the library
+    has been imported yet (its own set-up adds handlers and a level, never removes filters). Idempotent."""
+    for name, starts in NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise(starts))
+
+
 def run_reporting_errors(handler: Callable[..., int | None], *args) -> int:
-    """`handler(*args)`'s exit code (None counts as 0); an error with an exit code prints `error: MESSAGE` instead."""
+    """`handler(*args)`'s exit code (None counts as 0); an error with an exit code prints `error: MESSAGE` instead.
+
+    Dependencies' noise (NOISE) is dropped for the job's duration and after."""
+    quiet_dependencies()
     try:
         return handler(*args) or 0
     except Exception as exc:
@@ -46,5 +75,5 @@ def run_reporting_errors(handler: Callable[..., int | None], *args) -> int:
         return code
 
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_STOPPED", "EXIT_TARGETS_MISSED", "InputError", "exit_code",
-           "run_reporting_errors"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_STOPPED", "EXIT_TARGETS_MISSED", "InputError", "NOISE", "exit_code",
+           "quiet_dependencies", "run_reporting_errors"]

@@ -88,3 +88,30 @@ def test_export_without_a_checkpoint_exits_2(tmp_path, capsys):
 
     assert main(["export", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path} has no complete checkpoint")
+
+
+def test_dependency_noise_is_dropped_and_their_other_warnings_kept():
+    """Issue 24: every job printed DeepSpeed's 'Setting accelerator to CPU' warning (DeepSpeed guesses its
+    accelerator at import; CPU is what the job runs on). The job's wrapper drops it; DeepSpeed's other warnings stay."""
+    import logging
+
+    from rlprm.errors import run_reporting_errors
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger("DeepSpeed")
+    keep = Keep()
+    logger.addHandler(keep)
+    try:
+        def job():
+            logger.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+            logger.warning("ZeRO-3 is gathering the weights")
+
+        assert run_reporting_errors(job) == 0
+    finally:
+        logger.removeHandler(keep)
+    assert seen == ["ZeRO-3 is gathering the weights"]
