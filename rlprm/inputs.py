@@ -107,8 +107,13 @@ def folder_problem(key: str, path: Path, policy: bool) -> str | None:
 
 
 def hub_reachable(endpoint: str | None = None, timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the hub's host opens within `timeout` seconds (name lookup included)."""
-    url = urlparse(endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    """Whether a TCP connection to the hub's host (or the HTTPS proxy that reaches it) opens within `timeout`
+    seconds, name lookup included."""
+    proxy = next((os.environ[v] for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(v)),
+                 None)
+    # behind a proxy the hub's own host may not resolve at all: the proxy is what must answer
+    url = urlparse(proxy if proxy and "://" in proxy else f"http://{proxy}" if proxy
+                   else endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
     result = []
 

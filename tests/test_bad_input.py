@@ -332,3 +332,23 @@ def test_the_suite_covers_every_command():
     commands = {argv[0] for argv, _ in cases.values()}
     assert commands >= set(cli.COMMANDS) - {"check"} | {"check"}
     assert len(cases) + 2 >= 40
+
+
+def test_the_hub_probe_asks_the_endpoint_or_the_proxy_never_the_network_here(monkeypatch):
+    """The probe behind row 3, on local sockets only: a closed endpoint is unreachable; behind a proxy, the proxy is
+    what must answer (the hub's own name may not resolve there)."""
+    import socket
+
+    from rlprm import inputs
+
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as listening, socket.socket() as closed:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        open_port, closed_port = listening.getsockname()[1], closed.getsockname()[1]
+        assert inputs.hub_reachable(f"http://127.0.0.1:{open_port}", timeout=2)
+        assert not inputs.hub_reachable(f"http://127.0.0.1:{closed_port}", timeout=2)
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{open_port}")
+        assert inputs.hub_reachable(f"http://127.0.0.1:{closed_port}", timeout=2)
