@@ -305,6 +305,9 @@ STATE_CASES = {
                            None),
     "demo_set_typo": (["demo", "--out", "{out}", "--set", "prepare:sft.stepz=1"],
                       ["command-line override `sft.stepz=1`: sft.stepz: unknown key"], None),
+    "demo_no_seeds": (["demo", "--out", "{out}", "--seeds", "0"], ["--seeds must be at least 1"], None),
+    "demo_generator_not_a_model": (["demo", "--out", "{out}", "--generator", "{empty}"],
+                                   ["--generator {empty}: not a model folder"], None),
     "explain_missing_recipe": (["explain", "nope.yaml"], ["recipe not found: nope.yaml"], None),
 }
 
