@@ -340,8 +340,10 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
 
     # 1. inputs checked before anything heavy is loaded
     check_inputs(recipe)
+    # PRM800K lines are read (a bad one refused) before torch loads and before the run folder gets anything
+    labelled = prm800k_records(recipe) if data_cfg.source == "prm800k" else None
     if rm_cfg.scorer == "lm":
-        return train_lm_scored_rm(recipe, progress, t_start)
+        return train_lm_scored_rm(recipe, progress, t_start, labelled)
     if recipe.deepspeed is not None:
         single_process_env()
     import torch
@@ -392,8 +394,6 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
         dataloader_num_workers=0,
     )
 
-    # PRM800K files are read (a bad line refused) before the run folder gets its recipe.yaml and metrics.jsonl
-    labelled = prm800k_records(recipe) if data_cfg.source == "prm800k" else None
     tracker = Tracker(run_dir, recipe, job=f"train-{rm_cfg.kind}", tags=[rm_cfg.kind]) if is_main else None
     try:
         # 3. data (the first process samples and caches; the others then read the cache)
@@ -533,7 +533,7 @@ def evaluate_saved(recipe: Recipe, ckpt: Path, eval_records, counts: dict, summa
     return summary
 
 
-def train_lm_scored_rm(recipe: Recipe, progress: bool, t_start: float) -> dict:
+def train_lm_scored_rm(recipe: Recipe, progress: bool, t_start: float, labelled: tuple | None = None) -> dict:
     """`rm.scorer: lm`: the backbone stays a causal LM, trained on the labels (rlprm/rm_lm.py); one process."""
     import torch
 
@@ -551,7 +551,8 @@ def train_lm_scored_rm(recipe: Recipe, progress: bool, t_start: float) -> dict:
     torch.manual_seed(recipe.run.seed)
     device = resolve_device(recipe.run.device)
     run_dir = Path(recipe.run.output_dir)
-    labelled = prm800k_records(recipe) if data_cfg.source == "prm800k" else None  # read before anything is written
+    if labelled is None and data_cfg.source == "prm800k":  # read before anything is written
+        labelled = prm800k_records(recipe)
     tracker = Tracker(run_dir, recipe, job=f"train-{rm_cfg.kind}", tags=[rm_cfg.kind, "lm-scorer"])
     try:
         # 2. data: generator samples (+ the task's own solutions), labelled by the exact checker
