@@ -268,6 +268,47 @@ def data_problems(recipe: Recipe, command: str) -> list[str]:
     return problems
 
 
+# --------------------------------------------------------------------------- the RL algorithm's sizes
+
+
+def rl_problems(recipe: Recipe) -> list[str]:
+    """What the RL algorithm would refuse about its sizes and rollout on the processes launched, before any model
+    loads (its own check runs again in the job); judged here so that no prerequisite is built for a job that
+    cannot run."""
+    from rlprm.rl.distributed import launched_world_size
+    from rlprm.rl.run import RLInputError, check_rollout
+
+    world = launched_world_size()
+    algo = recipe.rl.algorithm
+    problems = []
+    if algo == "rejection_sampling" and recipe.reward.mode == "dense":
+        problems.append("reward.mode is dense, but rejection sampling ranks whole solutions: set reward.mode: sparse "
+                        "(a PRM's step scores are aggregated by reward.sparse_aggregate)")
+    if algo in ("grpo", "rejection_sampling") and recipe.deepspeed is not None:
+        # each epoch builds a new TRL trainer around one optimizer, which a ZeRO engine would own
+        problems.append(f"deepspeed: rl.algorithm {algo} takes no `deepspeed:` config: its TRL trainer runs data "
+                        "parallel (DDP) on the processes the launcher starts; remove the key (LoRA, "
+                        "model.lora.enabled, keeps the memory small)")
+    checks = [lambda: check_rollout(recipe)]
+    if algo == "grpo":
+        from rlprm.rl.grpo import check_sizes
+
+        checks.append(lambda: check_sizes(recipe, world))
+    elif algo == "rejection_sampling":
+        from rlprm.rl.rejection import check_world
+
+        checks.append(lambda: check_world(recipe, world))
+    elif recipe.rl.prompts_per_iteration < world:
+        problems.append(f"rl.prompts_per_iteration ({recipe.rl.prompts_per_iteration}) is below the number of "
+                        f"processes ({world}): every rank needs at least one prompt per iteration")
+    for check in checks:
+        try:
+            check()
+        except RLInputError as exc:
+            problems.append(str(exc))
+    return problems
+
+
 # --------------------------------------------------------------------------- resume
 
 
@@ -303,6 +344,8 @@ def check_job(recipe: Recipe, command: str, resume: bool | None = None, resume_o
         problem = resume_problem(recipe, resume, resume_or_start)
         if problem:
             problems.append(problem)
+    if command == "train-rl":
+        problems += rl_problems(recipe)
     problems += model_problems(recipe, command)
     problems += data_problems(recipe, command)
     if problems:
@@ -310,4 +353,5 @@ def check_job(recipe: Recipe, command: str, resume: bool | None = None, resume_o
 
 
 __all__ = ["JobInputError", "KEYWORDS", "TOKENIZER_FILES", "check_job", "data_problems", "folder_problem",
-           "hub_problem", "hub_reachable", "model_problems", "models_read", "ref_problem", "resume_problem"]
+           "hub_problem", "hub_reachable", "model_problems", "models_read", "ref_problem", "resume_problem",
+           "rl_problems"]

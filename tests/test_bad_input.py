@@ -68,6 +68,7 @@ def world(tmp_path, monkeypatch):
         "problems_good.jsonl": '{"problem": "1+1", "answer": "2"}\n',
         "lfs_stub.jsonl": "version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 12\n",
         "ds_stage7.json": json.dumps({"zero_optimization": {"stage": 7}}),
+        "ds_zero2.json": json.dumps({"zero_optimization": {"stage": 2}}),
         "ds_not_json.json": "{stage: 2",
         "prm800k_bad.jsonl": json.dumps(PRM800K_LINE) + "\n" + '{"question": {}}\n',
         "prm800k_good.jsonl": json.dumps(PRM800K_LINE) + "\n",
@@ -198,6 +199,14 @@ MODEL_CASES = {
                             ["model.generator: {a_file} is a file, not a model folder"]),
     "generator_without_weights": ([*RL, "model.generator={gen_no_weights}", "model.reward_model={prm}"],
                                   ["model.generator: {gen_no_weights} has a config.json but no weights"]),
+    # row 16: the algorithm's own refusals came after the prerequisites were built (minutes)
+    "grpo_minibatch_does_not_divide": (["train-rl", ROOT / "recipes" / "grpo_outcome.yaml", "run.output_dir={out}",
+                                        "rl.minibatch_size=3"],
+                                       ["rl.minibatch_size (3) must divide rl.prompts_per_iteration x"]),
+    "rejection_sampling_dense": (["train-rl", ROOT / "recipes" / "rejection_sampling.yaml", "run.output_dir={out}",
+                                  "reward.mode=dense"], ["reward.mode is dense, but rejection sampling ranks whole"]),
+    "grpo_with_deepspeed": (["train-rl", ROOT / "recipes" / "grpo_outcome.yaml", "run.output_dir={out}",
+                             "deepspeed={ds_zero2}"], ["deepspeed: rl.algorithm grpo takes no"]),
     "value_model_missing": ([*RL, "model.generator={gen}", "model.reward_model={prm}", "rl.value_model=./critic"],
                             ["rl.value_model: {tmp}/critic does not exist (a typo?)"]),
     # row 3: 74 s of retries, then an OSError traceback
