@@ -1130,7 +1130,8 @@ def _describe(err: dict, source: str, lines: dict[tuple, int], overrides: dict[t
     # found across a section, the overrides inside it beside the section's line)
     path = tuple(str(p) for p in loc)
     given = {k: v for k, v in (overrides or {}).items() if path[:len(k)] == k}
-    inside = {k: v for k, v in (overrides or {}).items() if k[:len(path)] == path and len(k) > len(path)}
+    # (a whole-recipe check names its keys itself: every override is "inside" the top level, so none is named)
+    inside = {k: v for k, v in (overrides or {}).items() if path and k[:len(path)] == path and len(k) > len(path)}
     if given:
         where = f"command-line override `{given[max(given, key=len)]}`"
     elif inside and path not in lines:  # the file does not have this key: the overrides alone made it
