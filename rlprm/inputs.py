@@ -20,6 +20,7 @@ the key and the file, so the first line already says what to fix.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -99,6 +100,17 @@ def folder_problem(key: str, path: Path, policy: bool) -> str | None:
                 f"point {key} at a folder written by save_pretrained, or at a hub id")
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         return f"{key}: {path} has a config.json but no weights ({', '.join(WEIGHT_FILES[:3])}, ...)"
+    # a truncated or hand-edited file fails deep inside transformers (a KeyError traceback): judged here
+    for name, needs in (("config.json", "model_type"), ("tokenizer.json", None)):
+        if not (path / name).is_file():
+            continue
+        try:
+            content = json.loads((path / name).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return f"{key}: {path / name} is not valid JSON ({exc}; a truncated copy?)"
+        if needs and not (isinstance(content, dict) and needs in content):
+            return (f"{key}: {path / name} has no `{needs}`, so transformers cannot tell the architecture (a "
+                    "truncated or hand-written file?); copy it again from the model it came from")
     if policy and not any((path / name).is_file() for name in TOKENIZER_FILES):
         return (f"{key}: {path} has weights but no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): save the "
                 f"tokenizer beside the weights (tokenizer.save_pretrained(\"{path}\")), or copy those files from the "

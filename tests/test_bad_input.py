@@ -32,9 +32,10 @@ PRM800K_LINE = {"question": {"problem": "1 + 1", "pre_generated_steps": ["1 + 1 
 def _model_folder(path: Path, config=True, weights=True, tokenizer=True) -> Path:
     """The files a loader looks for (their contents are never read: every case fails before a model loads)."""
     path.mkdir(parents=True)
-    for name, on in (("config.json", config), ("model.safetensors", weights), ("tokenizer.json", tokenizer)):
+    for name, on, text in (("config.json", config, '{"model_type": "llama"}'), ("model.safetensors", weights, "{}"),
+                           ("tokenizer.json", tokenizer, '{"model": {}}')):
         if on:
-            (path / name).write_text("{}")
+            (path / name).write_text(text)
     return path
 
 
@@ -53,7 +54,10 @@ def world(tmp_path, monkeypatch):
          "gen": _model_folder(t / "gen"), "prm": _model_folder(t / "prm", tokenizer=False),
          "gen_no_tokenizer": _model_folder(t / "gen_no_tok", tokenizer=False),
          "gen_no_weights": _model_folder(t / "gen_no_weights", weights=False),
+         "gen_bad_config": _model_folder(t / "gen_bad_config"), "gen_bad_tokenizer": _model_folder(t / "gen_bad_tok"),
          "empty": t / "empty", "a_file": t / "a_file.bin"}
+    (w["gen_bad_config"] / "config.json").write_text("{}")
+    (w["gen_bad_tokenizer"] / "tokenizer.json").write_text('{"model": {"vocab": {"a"')
     w["base"].write_text(yaml.safe_dump(BASE))
     w["empty"].mkdir()
     w["a_file"].write_text("x")
@@ -207,6 +211,10 @@ MODEL_CASES = {
                                   "reward.mode=dense"], ["reward.mode is dense, but rejection sampling ranks whole"]),
     "grpo_with_deepspeed": (["train-rl", ROOT / "recipes" / "grpo_outcome.yaml", "run.output_dir={out}",
                              "deepspeed={ds_zero2}"], ["deepspeed: rl.algorithm grpo takes no"]),
+    "generator_config_without_model_type": ([*RL, "model.generator={gen_bad_config}", "model.reward_model={prm}"],
+                                            ["model.generator: {gen_bad_config}/config.json has no `model_type`"]),
+    "generator_tokenizer_truncated": ([*RL, "model.generator={gen_bad_tokenizer}", "model.reward_model={prm}"],
+                                      ["model.generator: {gen_bad_tokenizer}/tokenizer.json is not valid JSON"]),
     "value_model_missing": ([*RL, "model.generator={gen}", "model.reward_model={prm}", "rl.value_model=./critic"],
                             ["rl.value_model: {tmp}/critic does not exist (a typo?)"]),
     # row 3: 74 s of retries, then an OSError traceback

@@ -171,7 +171,7 @@ def test_incomplete_product_is_rebuilt_and_failed_build_is_reported(tiny_recipes
 def test_missing_path_that_no_recipe_builds_exits_2_naming_the_key(tmp_path):
     gen = tmp_path / "gen"
     gen.mkdir()
-    (gen / "config.json").write_text("{}")
+    (gen / "config.json").write_text('{"model_type": "llama"}')
     (gen / "model.safetensors").write_text("{}")
     (gen / "tokenizer.json").write_text("{}")
     recipe = tmp_path / "r.yaml"

@@ -278,8 +278,8 @@ def test_several_processes_check_the_totals_naming_the_key(tmp_path):
     # network before that (rlprm/inputs.py)
     gen = tmp_path / "gen"
     gen.mkdir()
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        (gen / name).write_text("{}")
+    for name, text in (("config.json", '{"model_type": "llama"}'), ("model.safetensors", ""), ("tokenizer.json", "{}")):
+        (gen / name).write_text(text)
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {generator: ./gen}\nrun: {output_dir: ./out}\n"
                       "rl: {algorithm: rejection_sampling, sft_batch_size: 3}\n")
