@@ -11,6 +11,7 @@ is never contacted: HF_HUB_OFFLINE is set, and the unreachable-hub case replaces
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -115,8 +116,9 @@ def fails(capsys, world, argv, code=2, first=(), out=None, limit=20.0):
     err = capsys.readouterr().err
     line = err.strip().splitlines()[0] if err.strip() else ""
     TIMES.append((" ".join(argv[:1]), rc, seconds, line[:160]))
-    print(f"\n[{rc}] {seconds:5.2f} s  rlprm {' '.join(a.replace(str(world['tmp']), 'TMP') for a in argv)}\n      "
-          f"{line.replace(str(world['tmp']), 'TMP')[:200]}")
+    case = os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[-1].split(" ")[0]
+    print(f"\n[{rc}] {seconds:5.2f} s  {case}  rlprm {' '.join(a.replace(str(world['tmp']), 'TMP') for a in argv)}"
+          f"\n      {line.replace(str(world['tmp']), 'TMP')[:240]}")
     assert rc == code, err
     assert line.startswith("error: "), err
     for text in first:
