@@ -96,8 +96,9 @@ def folder_problem(key: str, path: Path, policy: bool) -> str | None:
     if not path.is_dir():
         return f"{key}: {path} is a file, not a model folder (point {key} at the folder holding config.json)"
     if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
-        return (f"{key}: {path} is not a model folder (no config.json){' and is empty' if not any(path.iterdir()) else ''}; "
-                f"point {key} at a folder written by save_pretrained, or at a hub id")
+        empty = "" if any(path.iterdir()) else " and is empty"
+        return (f"{key}: {path} is not a model folder (no config.json){empty}; point {key} at a folder written by "
+                "save_pretrained, or at a hub id")
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         return f"{key}: {path} has a config.json but no weights ({', '.join(WEIGHT_FILES[:3])}, ...)"
     # a truncated or hand-edited file fails deep inside transformers (a KeyError traceback): judged here

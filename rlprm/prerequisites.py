@@ -205,7 +205,7 @@ def _run_build(builder: Builder, file: Path, progress: bool, log, wandb: str | N
     env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV}
     cmd = [sys.executable, "-m", "rlprm.cli", builder.command, str(file)]
     if wandb is not None:
-        cmd.append(f"tracking.wandb={wandb}")  # the job's own setting: `tracking.wandb=disabled` means no W&B run at all
+        cmd.append(f"tracking.wandb={wandb}")  # the job's own: `tracking.wandb=disabled` means no W&B run at all
     if not progress:
         cmd.append("--no-progress")
     # the child's output goes straight to this job's console and log: the build is part of this run's story
