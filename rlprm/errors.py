@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from typing import Callable
 
 EXIT_FAILED = 1
@@ -41,6 +42,13 @@ NOISE: dict[str, tuple[str, ...]] = {
 }
 """Logger name -> starts of messages from dependencies that tell an rlprm user nothing (dropped)."""
 
+WARNING_NOISE: tuple[str, ...] = (
+    # transformers 5 renamed gradient checkpointing; TRL's trainers (and the TrainingArguments field) still call the
+    # old names, and a user can do nothing about it
+    r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated",
+)
+"""Regexes of FutureWarnings from dependencies that tell an rlprm user nothing (ignored)."""
+
 
 class _DropNoise(logging.Filter):
     def __init__(self, starts: tuple[str, ...]):
@@ -58,6 +66,8 @@ def quiet_dependencies() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):
             logger.addFilter(_DropNoise(starts))
+    for pattern in WARNING_NOISE:
+        warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)  # replaces its own duplicate
 
 
 def run_reporting_errors(handler: Callable[..., int | None], *args) -> int:
@@ -75,5 +85,5 @@ def run_reporting_errors(handler: Callable[..., int | None], *args) -> int:
         return code
 
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_STOPPED", "EXIT_TARGETS_MISSED", "InputError", "NOISE", "exit_code",
-           "quiet_dependencies", "run_reporting_errors"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_STOPPED", "EXIT_TARGETS_MISSED", "InputError", "NOISE", "WARNING_NOISE",
+           "exit_code", "quiet_dependencies", "run_reporting_errors"]

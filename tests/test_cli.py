@@ -115,3 +115,22 @@ def test_dependency_noise_is_dropped_and_their_other_warnings_kept():
     finally:
         logger.removeHandler(keep)
     assert seen == ["ZeRO-3 is gathering the weights"]
+
+
+def test_dependency_deprecation_noise_is_ignored_and_other_future_warnings_kept():
+    """Issue 24: GRPO jobs printed transformers' FutureWarnings about gradient checkpointing's new name, raised by
+    TRL's own calls; the job's wrapper ignores those, and keeps every other FutureWarning."""
+    import warnings
+
+    from rlprm.errors import run_reporting_errors
+
+    def job():
+        warnings.warn("`gradient_checkpointing_enable` is deprecated and will be removed in v6. Use "
+                      "`activation_checkpointing_enable` instead.", FutureWarning)
+        warnings.warn("`gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("`max_length` is deprecated", FutureWarning)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run_reporting_errors(job) == 0
+    assert [str(w.message) for w in caught] == ["`max_length` is deprecated"]
