@@ -192,6 +192,11 @@ def model_problems(recipe: Recipe, command: str) -> list[str]:
     if command == "select" and recipe.active.prm is None and recipe.model.reward_model is None:
         problems.append("active.prm: not set, and model.reward_model neither: `rlprm select` scores the pool with a "
                         "PRM; set active.prm (or model.reward_model) to a PRM folder or hub id")
+    if command == "bench-prm" and recipe.model.reward_model is None:
+        problems.append("model.reward_model: not set: `rlprm bench-prm` benchmarks a PRM; set it to a folder or hub id")
+    if command == "train-rl" and recipe.reward.source in ("prm", "orm") and recipe.model.reward_model is None:
+        problems.append(f"model.reward_model: not set, but reward.source is {recipe.reward.source}: point it at a "
+                        "folder written by `rlprm train-rm` (or a public PRM's folder or hub id)")
     for key, ref, policy in models_read(recipe, command):
         if not ref.startswith("/"):
             problem = hub_problem(key, ref)
