@@ -1168,7 +1168,11 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset "
+                          f"{exc.start}): a recipe is a YAML text file") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -60,6 +60,10 @@ def world(tmp_path, monkeypatch):
     (w["gen_bad_config"] / "config.json").write_text("{}")
     (w["gen_bad_tokenizer"] / "tokenizer.json").write_text('{"model": {"vocab": {"a"')
     w["base"].write_text(yaml.safe_dump(BASE))
+    w["binary"] = t / "data.jsonl.gz"  # a compressed file given where text is read
+    w["binary"].write_bytes(b"\x1f\x8b\x08\x00\xff\xfe binary")
+    w["recipe_latin1"] = t / "latin1.yaml"
+    w["recipe_latin1"].write_bytes("run:\n  name: caf\xe9\n".encode("latin-1"))
     w["empty"].mkdir()
     w["a_file"].write_text("x")
     files = {
@@ -134,6 +138,7 @@ RECIPE_CASES = {
     "recipe_missing": (["check", "{tmp}/nope.yaml"], ["recipe not found: {tmp}/nope.yaml"]),
     "yaml_syntax": (["check", "{bad_yaml}"], ["{bad_yaml}:3: not valid YAML", "at line 2"]),
     "recipe_a_list": (["check", "{a_list}"], ["{a_list}: a recipe must be a mapping"]),
+    "recipe_not_utf8": (["check", "{recipe_latin1}"], ["{recipe_latin1}: not UTF-8 text"]),
     "unknown_key_in_file": (["check", "{typo}"], ["{typo}:3: run.seeed: unknown key. Did you mean `run.seed`?"]),
     "two_problems_at_once": (["check", "{two_errors}"], ["{two_errors}: 2 problem(s)"]),
     "override_typo": (["check", "{base}", "run.seeed=1"], ["command-line override `run.seeed=1`: run.seeed: unknown"]),
@@ -280,6 +285,13 @@ DATA_CASES = {
                                 ["task.test_path: {problems_bad_json}:2: not valid JSON"]),
     "eval_test_file_no_answer": ([*MATH, "task.test_path={problems_no_answer}"],
                                  ["task.test_path: {problems_no_answer}:1: needs string fields"]),
+    "eval_test_file_compressed": ([*MATH, "task.test_path={binary}"], ["task.test_path: {binary}:1: not UTF-8 text"]),
+    "label_input_compressed": (["label", "{binary}", "--out", "{out}/x.jsonl"], ["{binary}:1: not UTF-8 text"]),
+    "bench_processbench_compressed": (["bench-prm", "{base}", "model.reward_model={prm}",
+                                       "bench.processbench_paths=[{binary}]"],
+                                      ["bench.processbench_paths: {binary}: not UTF-8 text"]),
+    "train_rm_prm800k_compressed": (["train-rm", "{base}", "rm.data.source=prm800k", "rm.backbone=tiny",
+                                     "rm.data.train_paths=[{binary}]"], ["{binary}:1: not UTF-8 text"]),
     "eval_test_file_missing": ([*MATH, "task.test_path=./test.jsonl"], ["task.test_path: file not found: {tmp}/test.jsonl"]),
     "rl_train_file_lfs_stub": (["train-rl", "{base}", "task.name=math", "model.generator={gen}",
                                 "task.test_path={problems_good}", "task.train_path={lfs_stub}"],
