@@ -148,8 +148,9 @@ def _prepare(recipe: Recipe, args: argparse.Namespace) -> None:
 
 
 def _train_rm(recipe: Recipe, args: argparse.Namespace) -> None:
-    from rlprm.train_rm import format_summary, train_rm
+    from rlprm.train_rm import check_inputs, format_summary, train_rm
 
+    check_inputs(recipe, generator_built_first=True)  # all of it before a generator build takes minutes
     if recipe.rm.data.source == "arithmetic" or recipe.rm.backbone == "generator":
         from rlprm.prerequisites import ensure, find_builder, recipe_folder
 

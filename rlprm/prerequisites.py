@@ -275,7 +275,7 @@ def check_task_files(recipe: Recipe) -> None:
                 problems.append(f"{key}: {path} is a Git LFS pointer stub, not the data: run `git lfs install && "
                                 "git lfs pull` in that clone")
     if problems:
-        raise PrerequisiteError("cannot start:\n  " + "\n  ".join(problems))
+        raise PrerequisiteError("\n".join(problems))  # one line each, key first: the first line says what to fix
 
 
 def ensure_prerequisites(recipe: Recipe, progress: bool = True, log=None) -> list[str]:

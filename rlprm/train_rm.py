@@ -53,8 +53,11 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def check_inputs(recipe: Recipe) -> None:
-    """Everything that can be checked without loading a model; raises TrainRMError."""
+def check_inputs(recipe: Recipe, generator_built_first: bool = False) -> None:
+    """Everything that can be checked without loading a model; raises TrainRMError.
+
+    `generator_built_first`: a missing model.generator that an embedded recipe builds is not a problem (`rlprm
+    train-rm` checks everything else before that build, then builds it)."""
     rm, data = recipe.rm, recipe.rm.data
     problems = []
     for key, paths in (("rm.data.train_paths", data.train_paths if data.source == "prm800k" else []),
@@ -68,13 +71,14 @@ def check_inputs(recipe: Recipe) -> None:
     needs_generator = data.source == "arithmetic" or rm.backbone == "generator"
     gen = recipe.model.generator
     if needs_generator:
-        from rlprm.prerequisites import generator_hint
+        from rlprm.prerequisites import builder_hint, generator_hint, recipe_folder
 
         if gen == "tiny":
             problems.append("model.generator is `tiny`, but sampling arithmetic data (and rm.backbone: generator) needs a "
                             f"trained generator: make one with {generator_hint()} and point model.generator at it "
                             "(or rm.backbone: tiny for a fresh backbone)")
-        elif gen.startswith("/") and not (Path(gen) / "config.json").is_file():
+        elif gen.startswith("/") and not (Path(gen) / "config.json").is_file() and not (
+                generator_built_first and builder_hint(gen, recipe_folder(recipe))):
             problems.append(f"model.generator: no checkpoint at {gen} (config.json missing). Make it with "
                             f"{generator_hint()}, or point model.generator at one")
     if rm.freeze_backbone and recipe.model.lora.enabled:
@@ -90,7 +94,7 @@ def check_inputs(recipe: Recipe) -> None:
                 problems.append("deepspeed: ZeRO-3 is not supported by train-rm yet (the evaluation reads whole "
                                 "weights on one process); use deepspeed_configs/zero2.json")
     if problems:
-        raise TrainRMError("cannot start:\n  " + "\n  ".join(problems))
+        raise TrainRMError("\n".join(problems))  # one line each, key first: the first line says what to fix
 
 
 # --------------------------------------------------------------------------- data

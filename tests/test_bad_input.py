@@ -296,6 +296,10 @@ DATA_CASES = {
     "rl_train_file_lfs_stub": (["train-rl", "{base}", "task.name=math", "model.generator={gen}",
                                 "task.test_path={problems_good}", "task.train_path={lfs_stub}"],
                                ["task.train_path: {lfs_stub} is a Git LFS pointer stub"]),
+    # row 16 for train-rm: its own refusals came after its generator was built
+    "train_rm_lora_and_frozen_backbone": (["train-rm", ROOT / "recipes" / "prm_train.yaml", "run.output_dir={out}",
+                                           "rm.scorer=head", "rm.freeze_backbone=true", "model.lora.enabled=true"],
+                                          ["rm.freeze_backbone and model.lora.enabled both limit what trains"]),
     "train_rm_processbench_bad_json": (["train-rm", "{base}", "rm.data.source=prm800k", "rm.backbone=tiny",
                                         "rm.data.train_paths=[{prm800k_good}]",
                                         "rm.data.processbench_paths=[{processbench_bad}]"],
