@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from rlprm.config import PRMAdapter, Recipe, explain, load_recipe, recipe_to_yaml
-from rlprm.errors import run_reporting_errors
+from rlprm.errors import ArgumentParser, run_reporting_errors
 
 
 # --------------------------------------------------------------------------- arguments
@@ -376,7 +376,7 @@ COMMANDS: dict[str, Command] = {
 
 
 def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="rlprm",
         description="Process (PRM) and outcome (ORM) reward models and RL for math reasoning.",
         epilog="Run `rlprm explain` for every recipe key with its meaning and default. Exit codes: 0 done, "

@@ -9,7 +9,10 @@ user gave (a recipe, a file, a model) inherit `InputError` and exit 2.
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import logging
+import re
 import sys
 import warnings
 from typing import Callable
@@ -70,6 +73,18 @@ def quiet_dependencies() -> None:
         warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)  # replaces its own duplicate
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors read like the others: `error: ...` on the first line (argparse prints the usage
+    first), a guess for a mistyped choice, then the usage; exit 2. Subparsers inherit the class."""
+
+    def error(self, message: str):
+        found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if found:
+            guess = difflib.get_close_matches(found.group(1), re.findall(r"'([^']*)'", found.group(2)), n=1)
+            message += f". Did you mean `{guess[0]}`?" if guess else ""
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message}\n{self.format_usage()}")
+
+
 def run_reporting_errors(handler: Callable[..., int | None], *args) -> int:
     """`handler(*args)`'s exit code (None counts as 0); an error with an exit code prints `error: MESSAGE` instead.
 
@@ -85,5 +100,5 @@ def run_reporting_errors(handler: Callable[..., int | None], *args) -> int:
         return code
 
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_STOPPED", "EXIT_TARGETS_MISSED", "InputError", "NOISE", "WARNING_NOISE",
+__all__ = ["ArgumentParser", "EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_STOPPED", "EXIT_TARGETS_MISSED", "InputError", "NOISE", "WARNING_NOISE",
            "exit_code", "quiet_dependencies", "run_reporting_errors"]

@@ -30,7 +30,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from rlprm.errors import ArgumentParser
+
+    parser = ArgumentParser(
         prog="train_rl.py",
         description="Fine-tune the generator with RL (rl.algorithm: ppo, grpo or rejection_sampling) from dense PRM, "
                     "sparse ORM or ground-truth rewards, "

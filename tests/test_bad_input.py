@@ -352,6 +352,15 @@ STATE_CASES = {
     "demo_generator_not_a_model": (["demo", "--out", "{out}", "--generator", "{empty}"],
                                    ["--generator {empty}: not a model folder"], None),
     "explain_missing_recipe": (["explain", "nope.yaml"], ["recipe not found: nope.yaml"], None),
+    # argparse printed its usage first and the error last; now the error is the first line, with a guess
+    "unknown_command": (["trainrl", "{base}"], ["error: rlprm: argument COMMAND: invalid choice: 'trainrl'",
+                                                "Did you mean `train-rl`?"], None),
+    "explain_unknown_algorithm": (["explain", "--algorithm", "gpro"],
+                                  ["rlprm explain: argument --algorithm: invalid choice: 'gpro'", "`grpo`"], None),
+    "label_without_out": (["label", "{label_good}"], ["rlprm label: the following arguments are required: --out"],
+                          None),
+    "demo_seeds_not_a_number": (["demo", "--out", "{out}", "--seeds", "x"],
+                                ["rlprm demo: argument --seeds: invalid int value: 'x'"], None),
 }
 
 
