@@ -309,11 +309,11 @@ def run_bench(recipe, progress: bool = True) -> dict:
     cfg = recipe.bench
     sources = check_sources(recipe)
     run_dir = Path(recipe.run.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     rm = load_for_recipe(recipe, device=resolve_device(recipe.run.device))
     if rm.kind != "prm":
         raise AdapterError(f"{recipe.model.reward_model} is an {rm.kind}: ProcessBench needs step scores (a PRM)")
+    run_dir.mkdir(parents=True, exist_ok=True)  # once the model is known to fit: a refused one leaves no folder
     adapter = getattr(rm, "adapter", "rlprm")
     threshold, source = cfg.threshold, "bench.threshold"
     if cfg.tune_threshold_on is not None:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from rlprm.config import PRMAdapter, Recipe, explain, load_recipe, recipe_to_yaml
-from rlprm.errors import run_reporting_errors
+from rlprm.errors import ArgumentParser, run_reporting_errors
 
 
 # --------------------------------------------------------------------------- arguments
@@ -53,7 +53,11 @@ def _recipe_args(parser: argparse.ArgumentParser) -> None:
 def _train_rl_args(parser: argparse.ArgumentParser) -> None:
     _recipe_args(parser)
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the run folder's latest checkpoint (weights, optimizers, epoch, RNG)")
+                        help="continue from the run folder's latest checkpoint (weights, optimizers, epoch, RNG); "
+                             "a folder without one is an error")
+    parser.add_argument("--resume-or-start", action="store_true",
+                        help="resume when the run folder holds a checkpoint, else start from the beginning (for job "
+                             "scripts that rerun the same command)")
 
 
 def _explain_args(parser: argparse.ArgumentParser) -> None:
@@ -136,18 +140,25 @@ def _prepare(recipe: Recipe, args: argparse.Namespace) -> None:
         f"{_num(rates.get('confidence_auroc_shortcut'))} (likelihood {_num(rates.get('likelihood_auroc_shortcut'))})\n"
         f"  {rates['train_steps']} steps in {rates['train_seconds']:.0f} s, wall {rates['wall_seconds']:.0f} s"
     )
+    missed = rates.get("targets_missed") or []
+    if missed:
+        # prepare_eval.enforce_targets false saved it anyway: the user must not mistake it for a generator that passed
+        print("  WARNING: targets missed (saved anyway, prepare_eval.enforce_targets is false): " + "; ".join(missed),
+              file=sys.stderr)
 
 
 def _train_rm(recipe: Recipe, args: argparse.Namespace) -> None:
-    from rlprm.train_rm import format_summary, train_rm
+    from rlprm.train_rm import check_inputs, format_summary, train_rm
 
+    check_inputs(recipe, generator_built_first=True)  # all of it before a generator build takes minutes
     if recipe.rm.data.source == "arithmetic" or recipe.rm.backbone == "generator":
-        from rlprm.prerequisites import ensure, find_builder
+        from rlprm.prerequisites import ensure, find_builder, recipe_folder
 
-        gen = recipe.model.generator
+        gen, near = recipe.model.generator, recipe_folder(recipe)
         # the generator this job samples from: built first if an embedded recipe makes it (else check_inputs says)
-        if gen.startswith("/") and find_builder(Path(gen)) is not None:
-            ensure("model.generator", Path(gen), progress=not args.no_progress)
+        if gen.startswith("/") and find_builder(Path(gen), near) is not None:
+            ensure("model.generator", Path(gen), progress=not args.no_progress, wandb=recipe.tracking.wandb,
+                   near=near)
     summary = train_rm(recipe, progress=not args.no_progress)
     if summary:
         print(format_summary(summary))
@@ -207,7 +218,13 @@ def _train_rl(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from rlprm.checkpoint import export
+    from rlprm.checkpoint import export, latest_checkpoint
+
+    # judged before export imports transformers (seconds): a mistyped folder is refused at once
+    if latest_checkpoint(Path(args.run_dir)) is None:
+        state = "does not exist" if not Path(args.run_dir).exists() else "has no complete checkpoint"
+        raise FileNotFoundError(f"{args.run_dir} {state} (checkpoints/latest is missing): give the run folder of a "
+                                "`rlprm train-rl` run (its run.output_dir) that finished at least one epoch")
 
     print(f"exported to {export(args.run_dir, args.out)}")
 
@@ -219,8 +236,13 @@ def _explain(args: argparse.Namespace) -> None:
 
 
 def _label(args: argparse.Namespace) -> None:
+    from rlprm.inputs import JobInputError, ref_problem
     from rlprm.label import label_file
 
+    if args.labeller != "checker":
+        problem = ref_problem("--with", args.labeller)  # before the PRM's libraries load (seconds)
+        if problem:
+            raise JobInputError(problem)
     counts = label_file(args.input, args.out, args.labeller, args.threshold,
                         args.sep.encode().decode("unicode_escape"), device=args.device, adapter=args.adapter,
                         reference=args.reference_model, beta=args.implicit_beta, dtype=args.dtype)
@@ -354,7 +376,7 @@ COMMANDS: dict[str, Command] = {
 
 
 def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="rlprm",
         description="Process (PRM) and outcome (ORM) reward models and RL for math reasoning.",
         epilog="Run `rlprm explain` for every recipe key with its meaning and default. Exit codes: 0 done, "
@@ -393,6 +415,10 @@ def _run(command: Command, args: argparse.Namespace) -> int | None:
     if args.print_config:
         print(recipe_to_yaml(recipe), end="")
         return 0
+    from rlprm.inputs import check_job
+
+    # what the recipe points at (model folders, hub ids, data files) is judged before the job writes anything
+    check_job(recipe, args.command)
     return command.run(recipe, args)
 
 

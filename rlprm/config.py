@@ -30,7 +30,9 @@ concept: `rl.kl_coef` is the KL coefficient of both PPO and GRPO,
 from __future__ import annotations
 
 import difflib
+import json
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -68,6 +70,33 @@ OutputPath = Annotated[Path, AfterValidator(_resolve)]
 InputPath = Annotated[Path, AfterValidator(_existing_file)]
 """A path the run reads; it must exist when the recipe is loaded."""
 
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def _deepspeed_config(path: Path, info: ValidationInfo) -> Path:
+    """An existing DeepSpeed JSON whose ZeRO stage DeepSpeed knows (it would fail later, inside every rank)."""
+    path = _existing_file(path, info)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    zero = config.get("zero_optimization", {}) if isinstance(config, dict) else None
+    if not isinstance(zero, dict):
+        raise ValueError(f"{path}: expected a JSON object with an optional `zero_optimization` object "
+                         "(see deepspeed_configs/)")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in ZERO_STAGES:
+        raise ValueError(f"{path}: zero_optimization.stage is {stage!r}; DeepSpeed's ZeRO stages are "
+                         f"{', '.join(map(str, ZERO_STAGES))} (deepspeed_configs/zero2.json and zero3.json are ready "
+                         "to use)")
+    return path
+
+
+DeepSpeedPath = Annotated[Path, AfterValidator(_deepspeed_config)]
+"""A DeepSpeed JSON config the run reads: it must exist and name a ZeRO stage DeepSpeed has."""
+
 DataPath = Annotated[Path, AfterValidator(_resolve)]
 """A path the job reads, resolved against the recipe but checked only when the job starts.
 
@@ -77,16 +106,35 @@ missing and which key to edit.
 """
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+"""What a Hugging Face repo id looks like: `org/name`, one slash."""
+
+
 def _model_ref(value: str, info: ValidationInfo) -> str:
     """A model is a keyword (`tiny`), a Hugging Face id (`org/name`) or a local path.
 
-    Only values that are unmistakably paths (starting with `.`, `/` or `~`) are
+    Values that are unmistakably paths (starting with `.`, `/` or `~`) are
     resolved against the recipe folder; they may not exist yet, because an
-    earlier stage of the same pipeline can be the one that writes them.
+    earlier stage of the same pipeline can be the one that writes them. Any
+    other value with a path separator is a folder if it exists (against the
+    recipe folder, then the current directory); if not, it must have the shape
+    of a hub id, or it is a mistyped folder and refused here: the hub would
+    only answer with a traceback about repo ids, or minutes of retries.
     """
     if value.startswith((".", "/", "~")):
         return str(_resolve(Path(value), info))
-    return value
+    if "/" not in value and "\\" not in value:
+        return value  # a keyword, or a hub id without an organisation (gpt2)
+    base = (info.context or {}).get("base_dir")
+    for folder in ([Path(base)] if base is not None else []) + [Path.cwd()]:
+        if (folder / value).exists():
+            return os.path.normpath(folder / value)
+    if HUB_ID.match(value):
+        return value
+    where = f"the recipe folder ({base}) or" if base is not None else ""
+    raise ValueError(f"{value} is neither a folder nor a hub id: there is no such folder in {where} the current "
+                     f"directory ({Path.cwd()}), and a hub id is `org/name` with one slash. Fix the path (write it "
+                     "as ./PATH or /abs/PATH for a folder an earlier stage will write)")
 
 
 ModelRef = Annotated[str, AfterValidator(_model_ref)]
@@ -111,6 +159,20 @@ def require_vllm(key: str) -> None:
 class Section(BaseModel):
     # validate_default: defaults go through the same validators (paths get resolved against the recipe)
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True, validate_default=True)
+
+
+def check_prompt_template(key: str, template: str) -> None:
+    """Raise ValueError unless `template` formats with `problem` alone and uses it (else every prompt would lose
+    the problem text, silently)."""
+    try:
+        template.format(problem="")
+    except (KeyError, IndexError, ValueError):
+        raise ValueError(f"{key} {template!r} must contain `{{problem}}` and no other `{{...}}` fields (the only "
+                         "placeholder is {problem}; write a literal brace as `{{` or `}}`, e.g. "
+                         "\\boxed{{}})") from None
+    if "{problem}" not in template.replace("{{", "").replace("}}", ""):
+        raise ValueError(f"{key} {template!r} does not contain `{{problem}}`, so the problem text would be dropped "
+                         "from every prompt; add {problem} where the problem goes")
 
 
 def _section():
@@ -185,6 +247,7 @@ class TaskConfig(Section):
     def _files_for_real_tasks(self) -> "TaskConfig":
         if self.name != "arithmetic" and self.test_path is None:
             raise ValueError(f"task `{self.name}` reads problems from files: set task.test_path to a JSONL file")
+        check_prompt_template("task.prompt_template", self.prompt_template)
         return self
 
 
@@ -426,6 +489,15 @@ class GRPOConfig(PolicyGradientBase):
     process_advantage: Literal["min", "mean", "sum"] = "min"
     """(dense rewards) How each sample's step rewards become token advantages (`core.process_token_advantages`): `min`, a token's return is the lowest step reward from its step on, `mean` their mean, each normalised with the group's statistics; `sum`, the group-normalised step rewards summed from the token on (DeepSeekMath's, which a policy can farm by writing more, smaller steps: it warns). `min` cannot be farmed by step count (PURE, Cheng et al. 2025)."""
 
+    @model_validator(mode="after")
+    def _group_of_two(self) -> "GRPOConfig":
+        # a group of one is its own mean: every advantage would be 0 and nothing would train
+        if self.samples_per_problem < 2:
+            raise ValueError(f"rl.samples_per_problem is GRPO's group size and must be at least 2 (got "
+                             f"{self.samples_per_problem}): each completion's advantage is relative to the other "
+                             "completions of its group")
+        return self
+
 
 class RejectionSamplingConfig(RLBase):
     """Rejection sampling (rl/rejection.py): sample N per problem, keep the best, one SFT pass over them."""
@@ -664,15 +736,7 @@ class RewardModelTrainConfig(Section):
             if clash:
                 raise ValueError(f"rm.scorer `lm` does not use {', '.join('rm.' + k for k in clash)}: remove them "
                                  "(the LM scorer trains the whole backbone for rm.max_steps steps)")
-        try:
-            self.prompt_template.format(problem="")
-        except (KeyError, IndexError, ValueError):
-            raise ValueError(
-                f"prompt_template {self.prompt_template!r} must contain `{{problem}}` and no other `{{...}}` fields "
-                "(write a literal brace as `{{` or `}}`)"
-            ) from None
-        if "{problem}" not in self.prompt_template:
-            raise ValueError(f"prompt_template {self.prompt_template!r} does not contain `{{problem}}`; add it")
+        check_prompt_template("prompt_template", self.prompt_template)
         return self
 
 
@@ -839,7 +903,7 @@ class Recipe(Section):
     """Synthetic supervision: `rlprm synthetic-supervision` (a large PRM labels for small reward models)."""
     bench: BenchConfig = _section()
     """PRM benchmarking: `rlprm bench-prm` (ProcessBench F1 per subset, step AUROC)."""
-    deepspeed: InputPath | None = None
+    deepspeed: DeepSpeedPath | None = None
     """A DeepSpeed JSON config (see deepspeed_configs/); none trains without DeepSpeed. PPO runs ZeRO-2 and ZeRO-3 (zero3.json shards the policy's and critic's weights, gathered whole to generate, evaluate and save); CPU offload is refused (it needs DeepSpeed's own optimizer). GRPO and rejection sampling take none: they run data parallel (DDP) with a new TRL trainer per epoch around one optimizer, which a ZeRO engine would own; LoRA (model.lora) keeps their memory small."""
 
     # Where the recipe came from; set by load_recipe, not by the YAML.
@@ -1007,7 +1071,7 @@ def _removed(loc: tuple, algorithm: str | None) -> str | None:
     return entry.get(algorithm or "ppo") if isinstance(entry, dict) else entry
 
 
-def _describe(err: dict, source: str, lines: dict[tuple, int]) -> str:
+def _describe(err: dict, source: str, lines: dict[tuple, int], overrides: dict[tuple, str] | None = None) -> str:
     loc = tuple(err["loc"])
     kind = err["type"]
     ctx = err.get("ctx") or {}
@@ -1061,6 +1125,18 @@ def _describe(err: dict, source: str, lines: dict[tuple, int]) -> str:
         if line:
             break
     where = f"{source}:{line}" if line else source
+    # a value from the command line has no line in the file: name the override that set it (or, for a problem
+    # found across a section, the overrides inside it beside the section's line)
+    path = tuple(str(p) for p in loc)
+    given = {k: v for k, v in (overrides or {}).items() if path[:len(k)] == k}
+    # (a whole-recipe check names its keys itself: every override is "inside" the top level, so none is named)
+    inside = {k: v for k, v in (overrides or {}).items() if path and k[:len(path)] == path and len(k) > len(path)}
+    if given:
+        where = f"command-line override `{given[max(given, key=len)]}`"
+    elif inside and path not in lines:  # the file does not have this key: the overrides alone made it
+        where = "command-line override " + ", ".join(f"`{v}`" for v in inside.values())
+    elif inside:
+        where += " (with command-line override " + ", ".join(f"`{v}`" for v in inside.values()) + ")"
     text = f"{where}: {key}: {msg}"
     info = _field_info(tuple(p for p in loc if isinstance(p, str)), algorithm)
     is_section = info is not None and (key == "rl" or isinstance(_unwrap(info.annotation), type)
@@ -1070,16 +1146,20 @@ def _describe(err: dict, source: str, lines: dict[tuple, int]) -> str:
     return text
 
 
-def validate_recipe(data: dict, base_dir: Path, source: str = "<recipe>", lines: dict | None = None) -> Recipe:
-    """Validate a recipe dict; raise RecipeError listing every problem."""
+def validate_recipe(data: dict, base_dir: Path, source: str = "<recipe>", lines: dict | None = None,
+                    overrides: list[str] | None = None) -> Recipe:
+    """Validate a recipe dict; raise RecipeError listing every problem (at the file's line, or at the command-line
+    override that gave the value)."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a mapping of sections (run:, task:, model:, ...)")
     try:
         return Recipe.model_validate(data, context={"base_dir": Path(base_dir)})
     except ValidationError as exc:
-        problems = [_describe(e, source, lines or {}) for e in exc.errors()]
-        head = f"{source}: {len(problems)} problem(s) in the recipe:" if len(problems) > 1 else "invalid recipe:"
-        raise RecipeError("\n".join([head, *problems])) from None
+        given = {tuple(parse_override(text)[0]): text for text in overrides or []}
+        problems = [_describe(e, source, lines or {}, given) for e in exc.errors()]
+        # one problem is its own first line (file:line, key); several get a count above them
+        head = [f"{source}: {len(problems)} problem(s) in the recipe:"] if len(problems) > 1 else []
+        raise RecipeError("\n".join([*head, *problems])) from None
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
@@ -1087,18 +1167,26 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset "
+                          f"{exc.start}): a recipe is a YAML text file") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise RecipeError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        # an unclosed bracket or quote is noticed where the file ends: name the line that opened it too
+        opened = getattr(exc, "context_mark", None)
+        start = (f" ({getattr(exc, 'context', None) or 'opened'} at line {opened.line + 1})"
+                 if opened and mark and opened.line != mark.line else "")
+        raise RecipeError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}{start}") from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of sections (run:, task:, model:, ...)")
     data = apply_overrides(data, list(overrides or []))
-    recipe = validate_recipe(data, path.resolve().parent, str(path), _key_lines(text))
+    recipe = validate_recipe(data, path.resolve().parent, str(path), _key_lines(text), list(overrides or []))
     recipe.source = path.resolve()
     return recipe
 

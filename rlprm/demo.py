@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from rlprm.errors import EXIT_FAILED
+from rlprm.errors import EXIT_FAILED, InputError
 from rlprm.files import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +114,10 @@ class DemoError(RuntimeError):
     """A stage failed or produced incomplete output (the message names the stage and how to go on)."""
 
     exit_code = EXIT_FAILED
+
+
+class DemoInputError(InputError, DemoError):
+    """A demo argument cannot be used as given (exit 2: bad input, no stage ran)."""
 
 
 @dataclass
@@ -381,7 +385,7 @@ def build_stages(out: Path, seeds: int = 1, wandb: str = "disabled", extra: dict
     given = generator is not None
     generator = Path(generator).resolve() if given else out / "prepare" / "generator"
     if given and not (generator / "config.json").is_file():
-        raise DemoError(f"--generator {generator}: not a model folder (no config.json)")
+        raise DemoInputError(f"--generator {generator}: not a model folder (no config.json)")
     # an outside generator is no stage: its files' sizes and times stand in for a marker, so that
     # retraining it in place redoes everything that read it
     external = "" if not given else "\n# generator files: " + ", ".join(
@@ -506,7 +510,7 @@ def parse_sets(items: list[str]) -> dict[str, list[str]]:
     for item in items or []:
         group, sep, override = item.partition(":")
         if not sep or group not in DEMO_OVERRIDES or "=" not in override:
-            raise DemoError(f"--set {item!r}: expected GROUP:key=value with GROUP one of "
+            raise DemoInputError(f"--set {item!r}: expected GROUP:key=value with GROUP one of "
                             f"{', '.join(DEMO_OVERRIDES)}, e.g. prepare:sft.steps=1000")
         out.setdefault(group, []).append(override)
     return out
@@ -521,9 +525,9 @@ def run_demo(out: str | Path = ROOT / "runs" / "demo", seeds: int = 1, force=Non
     1 runs every stage in this process, one after another."""
     out = Path(out).resolve()
     if seeds < 1:
-        raise DemoError("--seeds must be at least 1")
+        raise DemoInputError("--seeds must be at least 1")
     if lanes < 1:
-        raise DemoError("--lanes must be at least 1")
+        raise DemoInputError("--lanes must be at least 1")
     t0 = time.monotonic()
     stages = build_stages(out, seeds, wandb, parse_sets(sets or []), progress, generator, lanes)
     records: list[dict] = []

@@ -9,7 +9,12 @@ user gave (a recipe, a file, a model) inherit `InputError` and exit 2.
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import logging
+import re
 import sys
+import warnings
 from typing import Callable
 
 EXIT_FAILED = 1
@@ -34,8 +39,57 @@ def exit_code(exc: BaseException) -> int | None:
     return EXIT_BAD_INPUT if isinstance(exc, (FileNotFoundError, RecipeError)) else None
 
 
+NOISE: dict[str, tuple[str, ...]] = {
+    # DeepSpeed guesses its accelerator at import and warns on every CPU job, though CPU is what rlprm asked for
+    "DeepSpeed": ("Setting accelerator to CPU",),
+}
+"""Logger name -> starts of messages from dependencies that tell an rlprm user nothing (dropped)."""
+
+WARNING_NOISE: tuple[str, ...] = (
+    # transformers 5 renamed gradient checkpointing; TRL's trainers (and the TrainingArguments field) still call the
+    # old names, and a user can do nothing about it
+    r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated",
+)
+"""Regexes of FutureWarnings from dependencies that tell an rlprm user nothing (ignored)."""
+
+
+class _DropNoise(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def quiet_dependencies() -> None:
+    """Drop the NOISE messages. The filter sits on the logger object itself, so it holds whether or not the library
+    has been imported yet (its own set-up adds handlers and a level, never removes filters). Idempotent."""
+    for name, starts in NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise(starts))
+    for pattern in WARNING_NOISE:
+        warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)  # replaces its own duplicate
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors read like the others: `error: ...` on the first line (argparse prints the usage
+    first), a guess for a mistyped choice, then the usage; exit 2. Subparsers inherit the class."""
+
+    def error(self, message: str):
+        found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if found:
+            guess = difflib.get_close_matches(found.group(1), re.findall(r"'([^']*)'", found.group(2)), n=1)
+            message += f". Did you mean `{guess[0]}`?" if guess else ""
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message}\n{self.format_usage()}")
+
+
 def run_reporting_errors(handler: Callable[..., int | None], *args) -> int:
-    """`handler(*args)`'s exit code (None counts as 0); an error with an exit code prints `error: MESSAGE` instead."""
+    """`handler(*args)`'s exit code (None counts as 0); an error with an exit code prints `error: MESSAGE` instead.
+
+    Dependencies' noise (NOISE) is dropped for the job's duration and after."""
+    quiet_dependencies()
     try:
         return handler(*args) or 0
     except Exception as exc:
@@ -46,5 +100,5 @@ def run_reporting_errors(handler: Callable[..., int | None], *args) -> int:
         return code
 
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_STOPPED", "EXIT_TARGETS_MISSED", "InputError", "exit_code",
-           "run_reporting_errors"]
+__all__ = ["ArgumentParser", "EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_STOPPED", "EXIT_TARGETS_MISSED", "InputError", "NOISE", "WARNING_NOISE",
+           "exit_code", "quiet_dependencies", "run_reporting_errors"]

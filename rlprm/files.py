@@ -100,8 +100,12 @@ def read_jsonl(path: str | Path, error: type[Exception]) -> Iterator[tuple[int, 
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: file not found")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # decoded line by line, so that a binary file's error names its line
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise error(f"{path}:{lineno}: {not_text(exc)}") from None
             if not line.strip():
                 continue
             try:
@@ -111,5 +115,11 @@ def read_jsonl(path: str | Path, error: type[Exception]) -> Iterator[tuple[int, 
             yield lineno, value
 
 
-__all__ = ["atomic_dir", "atomic_file", "atomic_write_json", "atomic_write_jsonl", "atomic_write_text", "read_jsonl",
-           "save_figure"]
+def not_text(exc: UnicodeDecodeError) -> str:
+    """What a UnicodeDecodeError means for a file a user named: it is not text (a compressed or binary file)."""
+    return (f"not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset {exc.start}): a compressed or "
+            "binary file? Give the uncompressed JSON / JSONL / YAML text file")
+
+
+__all__ = ["atomic_dir", "atomic_file", "atomic_write_json", "atomic_write_jsonl", "atomic_write_text", "not_text",
+           "read_jsonl", "save_figure"]

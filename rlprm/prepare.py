@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from rlprm.config import Recipe
-from rlprm.errors import EXIT_TARGETS_MISSED
+from rlprm.errors import EXIT_TARGETS_MISSED, InputError
 from rlprm.files import atomic_dir
 
 
@@ -31,6 +31,11 @@ class PrepareError(RuntimeError):
     """The generator missed its targets (the message says which and what to try)."""
 
     exit_code = EXIT_TARGETS_MISSED
+
+
+class PrepareInputError(InputError, ValueError):
+    """The recipe cannot be prepared as given (another command's recipe, a model too small for the task); exit 2,
+    not 3: no target was missed, nothing was trained."""
 
 
 def build_tokenizer(recipe: Recipe, corpus: list[str]):
@@ -127,15 +132,19 @@ def training_data(recipe: Recipe):
 
 def prepare(recipe: Recipe, progress: bool = True) -> dict:
     """Train, check and save the generator; returns the rates. Raises PrepareError on missed targets."""
+    if recipe.task.name != "arithmetic" or recipe.model.generator != "tiny":
+        wrong = [f"{k} is {v}" for k, v, want in (("task.name", recipe.task.name, "arithmetic"),
+                                                  ("model.generator", recipe.model.generator, "tiny")) if v != want]
+        raise PrepareInputError(f"{recipe.source or 'the recipe'}: {' and '.join(wrong)}, but `rlprm prepare` builds "
+                                "the tiny generator for the arithmetic task (task.name: arithmetic, model.generator: "
+                                "tiny). Is this another command's recipe? (an RL recipe runs with `rlprm train-rl`, a "
+                                "reward model's with `rlprm train-rm`, recipes/arith_prepare.yaml is prepare's)")
     import torch
 
     from rlprm.models import build_tiny_causal_lm, num_parameters, resolve_device
     from rlprm.sft import SFTError, encode_completions, train_sft
     from rlprm.tracking import Tracker
 
-    if recipe.task.name != "arithmetic" or recipe.model.generator != "tiny":
-        raise PrepareError("`rlprm prepare` builds the tiny generator for the arithmetic task: "
-                           "set task.name: arithmetic and model.generator: tiny")
     t_start = time.monotonic()
     run_dir = Path(recipe.run.output_dir)
     final_dir = run_dir / "generator"
@@ -154,7 +163,7 @@ def prepare(recipe: Recipe, progress: bool = True) -> dict:
     longest = max(len(ids) for ids in encoded.ids)
     if longest > recipe.model.tiny.max_positions:
         # a cut solution would lose its end token, and the generator would never learn to stop
-        raise PrepareError(f"a training solution is {longest} tokens, more than model.tiny.max_positions "
+        raise PrepareInputError(f"a training solution is {longest} tokens, more than model.tiny.max_positions "
                            f"({recipe.model.tiny.max_positions}); raise it or make task.arithmetic smaller")
 
     tracker = Tracker(run_dir, recipe, job="prepare", tags=["prepare"])
@@ -191,6 +200,7 @@ def prepare(recipe: Recipe, progress: bool = True) -> dict:
         rates["targets_met"] = not failures
         tracker.log({f"prepare/{k}": v for k, v in rates.items()}, step=result["steps"])
         tracker.summary(rates)
+        rates["targets_missed"] = list(failures)  # saved anyway (enforce_targets false): the terminal says which
 
         # 5. save atomically: a complete `generator/` or none at all
         enforce = recipe.prepare_eval.enforce_targets

@@ -110,27 +110,41 @@ def _build_prerequisites(recipe: Recipe) -> list[tuple[str, Path]]:
     return [("model.generator", Path(gen))] if gen.startswith("/") else []
 
 
-def find_builder(path: Path) -> tuple[Builder, Path, Recipe] | None:
-    """The embedded recipe whose product is `path`, with its file and loaded recipe; None if there is none."""
+def recipe_dirs(near: Path | None = None) -> list[Path]:
+    """Where embedded recipes are looked for: beside the recipe the user passed (`near`, its folder), then the
+    package's RECIPES_DIR. A second checkout sharing a virtualenv installed from the first one builds into its
+    own runs/, and an installed wheel (no recipes/ beside the package) finds the clone's recipes."""
+    dirs = [Path(near)] if near is not None and any((Path(near) / b.recipe).is_file() for b in BUILDERS) else []
+    return dirs + [Path(d) for d in [RECIPES_DIR] if Path(d) not in dirs]
+
+
+def find_builder(path: Path, near: Path | None = None) -> tuple[Builder, Path, Recipe] | None:
+    """The embedded recipe whose product is `path`, with its file and loaded recipe; None if there is none.
+
+    `near`: the folder of the recipe being run, searched before the package's (see `recipe_dirs`)."""
     target = Path(os.path.normpath(path))
-    for builder in BUILDERS:
-        file = Path(RECIPES_DIR) / builder.recipe
-        if not file.is_file():
-            continue
-        try:
-            built = load_recipe(file)
-        except RecipeError:
-            continue  # a broken embedded recipe cannot build anything; the caller reports the path as unbuildable
-        if Path(os.path.normpath(Path(built.run.output_dir) / builder.product)) == target:
-            return builder, file, built
+    for folder in recipe_dirs(near):
+        for builder in BUILDERS:
+            file = folder / builder.recipe
+            if not file.is_file():
+                continue
+            try:
+                built = load_recipe(file)
+            except RecipeError:
+                continue  # a broken embedded recipe cannot build anything; the caller reports the path as unbuildable
+            if Path(os.path.normpath(Path(built.run.output_dir) / builder.product)) == target:
+                return builder, file, built
     return None
 
 
-def builder_hint(path: str | Path) -> str | None:
+def builder_hint(path: str | Path, near: Path | None = None) -> str | None:
     """The command that builds the model folder at `path` (e.g. `rlprm prepare recipes/arith_prepare.yaml`), for an
     error message; None when no embedded recipe produces it."""
-    found = find_builder(Path(path))
-    return found[0].cli if found else None
+    found = find_builder(Path(path), near)
+    if not found:
+        return None
+    builder, file, _ = found
+    return builder.cli if file.parent == Path(RECIPES_DIR) else f"rlprm {builder.command} {file}"
 
 
 def embedded_products() -> list[str]:
@@ -187,9 +201,11 @@ def _unbuildable(key: str, path: Path) -> PrerequisiteError:
         f"automatically. Build it yourself and point {key} at it (or at a Hugging Face id){made}")
 
 
-def _run_build(builder: Builder, file: Path, progress: bool, log) -> None:
+def _run_build(builder: Builder, file: Path, progress: bool, log, wandb: str | None = None) -> None:
     env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV}
     cmd = [sys.executable, "-m", "rlprm.cli", builder.command, str(file)]
+    if wandb is not None:
+        cmd.append(f"tracking.wandb={wandb}")  # the job's own: `tracking.wandb=disabled` means no W&B run at all
     if not progress:
         cmd.append("--no-progress")
     # the child's output goes straight to this job's console and log: the build is part of this run's story
@@ -201,10 +217,14 @@ def _run_build(builder: Builder, file: Path, progress: bool, log) -> None:
                                 "its output above says why. Fix that, or build it yourself and run again")
 
 
-def ensure(key: str, path: Path, progress: bool = True, log=print, _chain: tuple = ()) -> bool:
-    """Make sure the model folder at `path` (read through recipe key `key`) exists; returns True if it was built."""
+def ensure(key: str, path: Path, progress: bool = True, log=print, _chain: tuple = (), wandb: str | None = None,
+           near: Path | None = None) -> bool:
+    """Make sure the model folder at `path` (read through recipe key `key`) exists; returns True if it was built.
+
+    `wandb`: the tracking.wandb setting the build runs with (the job's own; None: the embedded recipe's).
+    `near`: the folder of the job's recipe, where embedded recipes are looked for first (`recipe_dirs`)."""
     path = Path(path)
-    found = find_builder(path)
+    found = find_builder(path, near)
     required = found[0].required_files if found else ("config.json",)
     if is_complete(path, required):
         return False
@@ -216,7 +236,7 @@ def ensure(key: str, path: Path, progress: bool = True, log=print, _chain: tuple
                                 + " -> ".join(str(f) for f in (*_chain, file)))
     # 1. what the build itself reads comes first (the PRM samples the generator)
     for sub_key, sub_path in _build_prerequisites(built):
-        ensure(f"{file.name}: {sub_key}", sub_path, progress, log, (*_chain, file))
+        ensure(f"{file.name}: {sub_key}", sub_path, progress, log, (*_chain, file), wandb=wandb, near=file.parent)
     # 2. one process builds, the others wait and find it done
     with _file_lock(path.parent / f".{path.name}.build.lock"):
         if is_complete(path, required):
@@ -225,12 +245,17 @@ def ensure(key: str, path: Path, progress: bool = True, log=print, _chain: tuple
         log(f"[prerequisites] {key}: {path} is missing; building it with `{builder.cli}` "
             f"(about {builder.minutes:g} min on 2 CPU cores; done once, then reused)")
         t0 = time.monotonic()
-        _run_build(builder, file, progress, log)
+        _run_build(builder, file, progress, log, wandb=wandb)
         if not is_complete(path, required):
             raise PrerequisiteError(f"{key}: `rlprm {builder.command} {file}` finished but {path} is still "
                                     f"incomplete (expected {', '.join(required)} and weights)")
         log(f"[prerequisites] {key}: built {path} in {time.monotonic() - t0:.0f} s")
     return True
+
+
+def recipe_folder(recipe: Recipe) -> Path | None:
+    """The folder of the file `recipe` was loaded from (None for one built in code)."""
+    return Path(recipe.source).parent if recipe.source is not None else None
 
 
 def check_task_files(recipe: Recipe) -> None:
@@ -250,7 +275,7 @@ def check_task_files(recipe: Recipe) -> None:
                 problems.append(f"{key}: {path} is a Git LFS pointer stub, not the data: run `git lfs install && "
                                 "git lfs pull` in that clone")
     if problems:
-        raise PrerequisiteError("cannot start:\n  " + "\n  ".join(problems))
+        raise PrerequisiteError("\n".join(problems))  # one line each, key first: the first line says what to fix
 
 
 def ensure_prerequisites(recipe: Recipe, progress: bool = True, log=None) -> list[str]:
@@ -264,7 +289,7 @@ def ensure_prerequisites(recipe: Recipe, progress: bool = True, log=None) -> lis
     log = log or (lambda line: print(line, flush=True))
     built = []
     for key, path in required_models(recipe):
-        if ensure(key, path, progress, log):
+        if ensure(key, path, progress, log, wandb=recipe.tracking.wandb, near=recipe_folder(recipe)):
             built.append(key)
         elif not quiet:
             log(f"[prerequisites] {key}: {path} (present; not rebuilt)")
@@ -274,4 +299,4 @@ def ensure_prerequisites(recipe: Recipe, progress: bool = True, log=None) -> lis
 __all__ = ["BUILDERS", "Builder", "MANUAL_BUILDERS", "PrerequisiteError", "RECIPES_DIR", "builder_hint",
            "check_task_files", "embedded_products", "ensure", "ensure_prerequisites", "find_builder", "generator_hint",
            "is_complete",
-           "required_models"]
+           "recipe_dirs", "recipe_folder", "required_models"]

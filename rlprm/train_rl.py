@@ -30,7 +30,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from rlprm.errors import ArgumentParser
+
+    parser = ArgumentParser(
         prog="train_rl.py",
         description="Fine-tune the generator with RL (rl.algorithm: ppo, grpo or rejection_sampling) from dense PRM, "
                     "sparse ORM or ground-truth rewards, "
@@ -41,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe values, e.g. rl.epochs=1")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the run folder's latest checkpoint (weights, optimizers, epoch, RNG)")
+    parser.add_argument("--resume-or-start", action="store_true",
+                        help="resume when run.output_dir holds a checkpoint, else start (for job scripts that rerun "
+                             "the same command); --resume alone refuses a folder without one")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     parser.add_argument("--no-progress", action="store_true", help="print no per-iteration lines")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -63,13 +68,17 @@ def run(args: argparse.Namespace) -> int:
     if world > 1 and recipe.run.threads == 0:
         # N processes each taking every core oversubscribe the machine (2x slower: DESIGN.md section 9)
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
+    from rlprm.inputs import check_job
     from rlprm.prerequisites import ensure_prerequisites
 
+    resume_or_start = getattr(args, "resume_or_start", False)
+    # every input (paths, hub ids, data files, the resume state) is judged before a prerequisite build takes minutes
+    check_job(recipe, "train-rl", resume=args.resume, resume_or_start=resume_or_start)
     # a missing generator / PRM / ORM that an embedded recipe produces is built (once) before anything else
     ensure_prerequisites(recipe, progress=not args.no_progress)
     from rlprm.rl import train
 
-    final = train(recipe, resume=args.resume, progress=not args.no_progress)
+    final = train(recipe, resume=args.resume or resume_or_start, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return 0  # rank 0 reports for all
     acc = final.get("eval/answer_accuracy")

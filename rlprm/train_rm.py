@@ -53,8 +53,11 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def check_inputs(recipe: Recipe) -> None:
-    """Everything that can be checked without loading a model; raises TrainRMError."""
+def check_inputs(recipe: Recipe, generator_built_first: bool = False) -> None:
+    """Everything that can be checked without loading a model; raises TrainRMError.
+
+    `generator_built_first`: a missing model.generator that an embedded recipe builds is not a problem (`rlprm
+    train-rm` checks everything else before that build, then builds it)."""
     rm, data = recipe.rm, recipe.rm.data
     problems = []
     for key, paths in (("rm.data.train_paths", data.train_paths if data.source == "prm800k" else []),
@@ -68,13 +71,14 @@ def check_inputs(recipe: Recipe) -> None:
     needs_generator = data.source == "arithmetic" or rm.backbone == "generator"
     gen = recipe.model.generator
     if needs_generator:
-        from rlprm.prerequisites import generator_hint
+        from rlprm.prerequisites import builder_hint, generator_hint, recipe_folder
 
         if gen == "tiny":
             problems.append("model.generator is `tiny`, but sampling arithmetic data (and rm.backbone: generator) needs a "
                             f"trained generator: make one with {generator_hint()} and point model.generator at it "
                             "(or rm.backbone: tiny for a fresh backbone)")
-        elif gen.startswith("/") and not (Path(gen) / "config.json").is_file():
+        elif gen.startswith("/") and not (Path(gen) / "config.json").is_file() and not (
+                generator_built_first and builder_hint(gen, recipe_folder(recipe))):
             problems.append(f"model.generator: no checkpoint at {gen} (config.json missing). Make it with "
                             f"{generator_hint()}, or point model.generator at one")
     if rm.freeze_backbone and recipe.model.lora.enabled:
@@ -90,7 +94,7 @@ def check_inputs(recipe: Recipe) -> None:
                 problems.append("deepspeed: ZeRO-3 is not supported by train-rm yet (the evaluation reads whole "
                                 "weights on one process); use deepspeed_configs/zero2.json")
     if problems:
-        raise TrainRMError("cannot start:\n  " + "\n  ".join(problems))
+        raise TrainRMError("\n".join(problems))  # one line each, key first: the first line says what to fix
 
 
 # --------------------------------------------------------------------------- data
@@ -319,6 +323,15 @@ def fit_confidence_stacking(rm, records, limit: int, batch_size: int = 64) -> tu
     return fit_confidence(probs, mins, ys), len(ys)
 
 
+def prm800k_records(recipe: Recipe) -> tuple[list, list, dict]:
+    """`prm800k_data`, refusing a set with no training records (every line dropped or skipped)."""
+    train_records, eval_records, counts = prm800k_data(recipe)
+    if not train_records:
+        raise TrainRMError("rm.data.train_paths: no training records (every line dropped or skipped?); check "
+                           "rm.data.train_paths, rm.data.on_bad_line and rm.data.keep_*")
+    return train_records, eval_records, counts
+
+
 # --------------------------------------------------------------------------- the job
 
 
@@ -331,8 +344,10 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
 
     # 1. inputs checked before anything heavy is loaded
     check_inputs(recipe)
+    # PRM800K lines are read (a bad one refused) before torch loads and before the run folder gets anything
+    labelled = prm800k_records(recipe) if data_cfg.source == "prm800k" else None
     if rm_cfg.scorer == "lm":
-        return train_lm_scored_rm(recipe, progress, t_start)
+        return train_lm_scored_rm(recipe, progress, t_start, labelled)
     if recipe.deepspeed is not None:
         single_process_env()
     import torch
@@ -390,7 +405,7 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
             if data_cfg.source == "arithmetic":
                 train_records, eval_records, counts = arithmetic_data(recipe, progress and is_main)
             else:
-                train_records, eval_records, counts = prm800k_data(recipe)
+                train_records, eval_records, counts = labelled
         if not train_records:
             raise TrainRMError("no training records: check rm.data (all lines dropped or skipped?)")
         t_data = time.monotonic() - t_start
@@ -522,7 +537,7 @@ def evaluate_saved(recipe: Recipe, ckpt: Path, eval_records, counts: dict, summa
     return summary
 
 
-def train_lm_scored_rm(recipe: Recipe, progress: bool, t_start: float) -> dict:
+def train_lm_scored_rm(recipe: Recipe, progress: bool, t_start: float, labelled: tuple | None = None) -> dict:
     """`rm.scorer: lm`: the backbone stays a causal LM, trained on the labels (rlprm/rm_lm.py); one process."""
     import torch
 
@@ -540,13 +555,15 @@ def train_lm_scored_rm(recipe: Recipe, progress: bool, t_start: float) -> dict:
     torch.manual_seed(recipe.run.seed)
     device = resolve_device(recipe.run.device)
     run_dir = Path(recipe.run.output_dir)
+    if labelled is None and data_cfg.source == "prm800k":  # read before anything is written
+        labelled = prm800k_records(recipe)
     tracker = Tracker(run_dir, recipe, job=f"train-{rm_cfg.kind}", tags=[rm_cfg.kind, "lm-scorer"])
     try:
         # 2. data: generator samples (+ the task's own solutions), labelled by the exact checker
         if data_cfg.source == "arithmetic":
             train_records, eval_records, counts = arithmetic_data(recipe, progress)
         else:
-            train_records, eval_records, counts = prm800k_data(recipe)
+            train_records, eval_records, counts = labelled
         t_data = time.monotonic() - t_start
 
         # 3. the model: the backbone as a causal LM (the generator's weights, or a fresh tiny one)

@@ -88,3 +88,49 @@ def test_export_without_a_checkpoint_exits_2(tmp_path, capsys):
 
     assert main(["export", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path} has no complete checkpoint")
+
+
+def test_dependency_noise_is_dropped_and_their_other_warnings_kept():
+    """Issue 24: every job printed DeepSpeed's 'Setting accelerator to CPU' warning (DeepSpeed guesses its
+    accelerator at import; CPU is what the job runs on). The job's wrapper drops it; DeepSpeed's other warnings stay."""
+    import logging
+
+    from rlprm.errors import run_reporting_errors
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger("DeepSpeed")
+    keep = Keep()
+    logger.addHandler(keep)
+    try:
+        def job():
+            logger.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+            logger.warning("ZeRO-3 is gathering the weights")
+
+        assert run_reporting_errors(job) == 0
+    finally:
+        logger.removeHandler(keep)
+    assert seen == ["ZeRO-3 is gathering the weights"]
+
+
+def test_dependency_deprecation_noise_is_ignored_and_other_future_warnings_kept():
+    """Issue 24: GRPO jobs printed transformers' FutureWarnings about gradient checkpointing's new name, raised by
+    TRL's own calls; the job's wrapper ignores those, and keeps every other FutureWarning."""
+    import warnings
+
+    from rlprm.errors import run_reporting_errors
+
+    def job():
+        warnings.warn("`gradient_checkpointing_enable` is deprecated and will be removed in v6. Use "
+                      "`activation_checkpointing_enable` instead.", FutureWarning)
+        warnings.warn("`gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("`max_length` is deprecated", FutureWarning)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run_reporting_errors(job) == 0
+    assert [str(w.message) for w in caught] == ["`max_length` is deprecated"]

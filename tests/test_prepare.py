@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from rlprm.config import load_recipe
-from rlprm.prepare import PrepareError, prepare
+from rlprm.prepare import PrepareError, PrepareInputError, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -50,7 +50,8 @@ def test_prepare_refuses_a_generator_that_misses_targets(tmp_path):
 
 def test_prepare_only_builds_the_tiny_arithmetic_generator(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "arith_prepare.yaml", [f"run.output_dir={tmp_path}", "model.generator=org/model"])
-    with pytest.raises(PrepareError, match="model.generator: tiny"):
+    # bad input (exit 2), not a missed target (exit 3): nothing was trained
+    with pytest.raises(PrepareInputError, match="model.generator is org/model, .*model.generator: tiny"):
         prepare(recipe, progress=False)
 
 
@@ -213,3 +214,16 @@ def test_eligible_confidence_auroc_reads_the_recipes_shortcut_finals(char_tokeni
     assert both["confidence_auroc_shortcut_eligible"] is not None
     assert only_mod10["confidence_auroc_shortcut_eligible"] is None
     assert only_mod10["confidence_auroc_shortcut"] == both["confidence_auroc_shortcut"] is not None
+
+
+def test_a_generator_saved_despite_missed_targets_says_which_on_the_terminal(tmp_path, capsys):
+    """Issue 24 row 13: with prepare_eval.enforce_targets false the terminal said "generator saved" and nothing else;
+    the misses were only in summary.json as targets_met: false."""
+    from rlprm.cli import main
+
+    rc = main(["prepare", str(ROOT / "recipes" / "arith_prepare.yaml"), *TINY, f"run.output_dir={tmp_path}",
+               "sft.steps=2", "prepare_eval.enforce_targets=false", "--no-progress"])
+    out = capsys.readouterr()
+    assert rc == 0 and "generator saved" in out.out
+    assert "targets missed" in out.err and "process accuracy" in out.err  # 2 steps: far below the targets
+    assert (tmp_path / "generator" / "config.json").exists()

@@ -67,7 +67,7 @@ def rl_recipe(tmp: Path, source: str = "prm", **model):
 def fake_build(calls):
     """Writes what a complete product holds, and records which recipe would have run."""
 
-    def build(builder, file, progress, log):
+    def build(builder, file, progress, log, wandb=None):
         built = load_recipe(file)
         out = Path(built.run.output_dir) / builder.product
         if builder.command == "train-rm":  # it reads the generator: that must have been built first
@@ -153,14 +153,14 @@ def test_incomplete_product_is_rebuilt_and_failed_build_is_reported(tiny_recipes
 
     shutil.rmtree(gen)
 
-    def failing(builder, file, progress, log):
+    def failing(builder, file, progress, log, wandb=None):
         raise pre.PrerequisiteError(f"building with `rlprm {builder.command} {file}` failed (exit code 3)")
 
     monkeypatch.setattr(pre, "_run_build", failing)
     with pytest.raises(pre.PrerequisiteError, match="arith_prepare.yaml` failed"):
         pre.ensure_prerequisites(rl_recipe(tiny_recipes, "ground_truth"), log=lambda _: None)
 
-    def silent(builder, file, progress, log):  # exits 0 but writes nothing
+    def silent(builder, file, progress, log, wandb=None):  # exits 0 but writes nothing
         pass
 
     monkeypatch.setattr(pre, "_run_build", silent)
@@ -171,8 +171,9 @@ def test_incomplete_product_is_rebuilt_and_failed_build_is_reported(tiny_recipes
 def test_missing_path_that_no_recipe_builds_exits_2_naming_the_key(tmp_path):
     gen = tmp_path / "gen"
     gen.mkdir()
-    (gen / "config.json").write_text("{}")
+    (gen / "config.json").write_text('{"model_type": "llama"}')
     (gen / "model.safetensors").write_text("{}")
+    (gen / "tokenizer.json").write_text("{}")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model:\n  generator: {gen}\n  reward_model: ./nowhere/prm\nreward:\n  source: prm\n"
                       "run:\n  output_dir: ./out\n")
@@ -181,7 +182,7 @@ def test_missing_path_that_no_recipe_builds_exits_2_naming_the_key(tmp_path):
     assert out.returncode == 2
     assert f"model.reward_model: {tmp_path / 'nowhere' / 'prm'} does not exist" in out.stderr
     assert "rlprm train-rm recipes/prm_train.yaml" in out.stderr  # says how it could be made
-    assert "[prerequisites] model.generator" in out.stdout and "not rebuilt" in out.stdout
+    assert out.stdout == ""  # refused before the prerequisites are even looked at (rlprm/inputs.py)
 
 
 @pytest.mark.slow
@@ -225,3 +226,49 @@ def test_sources_without_a_reward_model_need_none(tmp_path, source):
     gen = tmp_path / "runs" / "arith" / "generator"
     gen.mkdir(parents=True)
     PPO().check(recipe)  # raises if it wanted a reward model
+
+
+def test_a_build_runs_with_the_jobs_tracking_setting(tiny_recipes, monkeypatch):
+    """Issue 24 row 14: a generator built for `train-rl ... tracking.wandb=disabled` still created a W&B offline run
+    (the embedded recipe's own setting). The build's command line carries the job's setting."""
+    from types import SimpleNamespace
+
+    commands = []
+
+    def fake_run(cmd, cwd=None, env=None):  # the child `rlprm CMD RECIPE ...`: writes what a complete product holds
+        commands.append(cmd)
+        builder = next(b for b in pre.BUILDERS if b.recipe == Path(cmd[4]).name)
+        out = Path(load_recipe(cmd[4]).run.output_dir) / builder.product
+        out.mkdir(parents=True)
+        for name in (*builder.required_files, "model.safetensors"):
+            (out / name).write_text("{}")
+        return SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(pre.subprocess, "run", fake_run)
+    recipe = rl_recipe(tiny_recipes, "prm")
+    recipe.tracking.wandb = "disabled"
+    pre.ensure_prerequisites(recipe, log=lambda _: None)
+    assert [Path(cmd[4]).name for cmd in commands] == ["arith_prepare.yaml", "prm_train.yaml"]
+    assert all("tracking.wandb=disabled" in cmd for cmd in commands)
+
+
+def test_embedded_recipes_are_found_beside_the_recipe_passed_in(tmp_path, monkeypatch):
+    """Issue 24 row 15: the embedded recipes were looked up beside the installed package only, so a second checkout
+    sharing the first one's virtualenv (or a wheel, with no recipes/ beside the package) could not build its own
+    prerequisites. Here the package's recipes are the first checkout's; the job's recipe is the second's."""
+    for checkout in ("first", "second"):
+        recipes = tmp_path / checkout / "recipes"
+        recipes.mkdir(parents=True)
+        (recipes / "arith_prepare.yaml").write_text(TINY_PREPARE)
+        for kind in ("prm", "orm"):
+            (recipes / f"{kind}_train.yaml").write_text(TINY_RM.replace("KIND", kind))
+    monkeypatch.setattr(pre, "RECIPES_DIR", tmp_path / "first" / "recipes")
+    calls = []
+    monkeypatch.setattr(pre, "_run_build", fake_build(calls))
+    job = tmp_path / "second" / "recipes" / "rl.yaml"
+    job.write_text("run: {output_dir: ../runs/rl}\nmodel: {generator: ../runs/arith/generator, "
+                   "reward_model: ../runs/arith_prm/reward_model}\nreward: {source: prm}\n")
+    assert pre.ensure_prerequisites(load_recipe(job), log=lambda _: None) == ["model.generator", "model.reward_model"]
+    assert calls == ["arith_prepare.yaml", "prm_train.yaml"]
+    assert pre.is_complete(tmp_path / "second" / "runs" / "arith_prm" / "reward_model")
+    assert not (tmp_path / "first" / "runs").exists()  # nothing built into the other checkout

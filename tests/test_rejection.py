@@ -274,8 +274,14 @@ def test_several_processes_check_the_totals_naming_the_key(tmp_path):
     import os
 
     # several processes are no longer refused (tests/test_multi_process_rl.py runs two); the totals must split
+    # a generator folder's files (never loaded: the sizes are refused first); a hub id would be judged against the
+    # network before that (rlprm/inputs.py)
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    for name, text in (("config.json", '{"model_type": "llama"}'), ("model.safetensors", ""), ("tokenizer.json", "{}")):
+        (gen / name).write_text(text)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: {generator: Qwen/any}\nrun: {output_dir: ./out}\n"
+    recipe.write_text("model: {generator: ./gen}\nrun: {output_dir: ./out}\n"
                       "rl: {algorithm: rejection_sampling, sft_batch_size: 3}\n")
     out = subprocess.run([sys.executable, str(ROOT / "rlprm" / "train_rl.py"), "--local_rank=1", str(recipe)],
                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "WORLD_SIZE": "2"})

@@ -165,3 +165,34 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_its_summary_and_expor
     assert strip(json.loads((run / "summary.json").read_text())) == strip(
         json.loads((tmp_path / "full" / "summary.json").read_text()))
     assert (run / "export" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("algorithm, reward, scale", [
+    ("ppo", {"mode": "dense", "source": "prm", "dense_form": "min_form"}, "PRM, lowest step probability, 0..1"),
+    ("grpo", {"mode": "dense", "source": "prm", "dense_form": "score"}, "PRM, min of the step probabilities"),
+    ("rejection_sampling", {"mode": "sparse", "source": "ground_truth"}, "answer right 1, wrong 0"),
+])
+def test_every_algorithm_prints_an_epoch_line_with_process_accuracy_and_the_rewards_scale(
+        tmp_path, monkeypatch, capsys, algorithm, reward, scale):
+    """Issue 24: the progress lines showed answer accuracy and KL but not process accuracy, and GRPO's reward was on
+    another scale than PPO's (+3.1 vs +0.29) without saying so. After each held-out evaluation every algorithm prints
+    one line with the process accuracy, trace error, shortcut rate and the held-out reward with its scale."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    import rlprm.evaluate
+    from rlprm.rl.run import Run
+
+    recipe = validate_recipe({"model": {"generator": "tiny", "reward_model": "org/prm"}, "reward": reward,
+                              "rl": {"algorithm": algorithm, "epochs": 3}}, tmp_path)
+    metrics = {"eval/answer_accuracy": 0.5, "eval/process_accuracy": 0.25, "eval/trace_error": 0.5,
+               "eval/shortcut_rate": 0.125, "eval/reward": 0.29}
+    monkeypatch.setattr(rlprm.evaluate, "between_epochs", lambda *a, **k: dict(metrics))
+    dist = SimpleNamespace(is_main=True, whole_weights=lambda *m: nullcontext(), barrier=lambda: None)
+    logged = []
+    run = Run(recipe, True, tmp_path, dist, "cpu", None, tracker=SimpleNamespace(log=lambda r, step: logged.append(r)))
+    run.evaluate(1)
+    line = capsys.readouterr().out.strip()
+    assert line == (f"epoch 1/3 held-out: answer 50.0%  process 25.0%  trace error 50.0%  shortcut 12.5%  "
+                    f"reward +0.290 ({scale}; no answer -1)")
+    assert logged == [metrics]

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from rlprm.data.stepwise import CORRECT, INCORRECT, NEUTRAL, LabelledSolution
 from rlprm.errors import InputError
+from rlprm.files import not_text
 
 LFS_MARK = "version https://git-lfs.github.com/spec/v1"
 NEUTRAL_CHOICES = ("positive", "negative", "ignore", "neutral")
@@ -223,8 +224,12 @@ def load_prm800k(
     check_not_lfs_stub(path)
     counts: Counter = Counter()
     records: list[LabelledSolution] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # decoded line by line, so that a binary file's error names its line
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise PRM800KError(f"{path}:{lineno}: {not_text(exc)}") from None
             if not line.strip():
                 continue
             counts["lines"] += 1

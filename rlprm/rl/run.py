@@ -86,6 +86,40 @@ def last_good(run_dir: Path) -> str:
     return f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
 
 
+def reward_scale(recipe: Recipe) -> str:
+    """What eval/reward (evaluate.held_out_reward) measures and on which scale, in words, for the epoch line: the
+    per-iteration reward of each algorithm is its own (PPO's return with the KL penalty, TRL's summed rewards), so
+    only this one compares across algorithms."""
+    r = recipe.reward
+    if r.source == "prm" and r.mode == "dense":
+        form = {"log_prob": "log of the product of the step probabilities, <= 0",
+                "min_form": "lowest step probability, 0..1", "delta": "last step's probability, 0..1",
+                "score": f"{getattr(recipe.rl, 'process_advantage', 'min')} of the step probabilities"}[r.dense_form]
+        what = f"PRM, {form}"
+    else:
+        what = {"prm": f"PRM, {r.sparse_aggregate} of the step probabilities, 0..1", "orm": "ORM probability, 0..1",
+                "ground_truth": "answer right 1, wrong 0", "exact": "every step right 1, else 0",
+                "confidence": "the start's exp(lowest token log-prob), 0..1"}[r.source]
+    return f"{what}; no answer {r.missing_answer_reward:g}"
+
+
+def epoch_line(recipe: Recipe, metrics: dict, epoch: int) -> str:
+    """One line per held-out evaluation: answer and process accuracy (process: where the task has a checker), trace
+    error and shortcut rate, and the run's reward with its scale, the same for every algorithm."""
+    def pct(key):
+        value = metrics.get(key)
+        return "n/a" if value is None else f"{value:.1%}"
+
+    line = (f"epoch {epoch}/{recipe.rl.epochs} held-out: answer {pct('eval/answer_accuracy')}")
+    if metrics.get("eval/process_accuracy") is not None:
+        line += (f"  process {pct('eval/process_accuracy')}  trace error {pct('eval/trace_error')}  "
+                 f"shortcut {pct('eval/shortcut_rate')}")
+    reward = metrics.get("eval/reward")
+    if reward is not None:
+        line += f"  reward {reward:+.3f} ({reward_scale(recipe)})"
+    return line
+
+
 def check_models(recipe: Recipe) -> None:
     """Raise RLInputError for a missing generator or reward model, naming the command that builds it.
 
@@ -230,6 +264,8 @@ class Run:
                                          epoch, reference=self.reference, sampler=self.sampler)
                 if metrics:
                     self.log(metrics)
+                    if self.progress:
+                        print(epoch_line(self.recipe, metrics, epoch), flush=True)
         self.dist.barrier()
 
     def checkpoint(self, epoch: int, algorithm: Algorithm) -> None:
@@ -399,5 +435,5 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
 
 
 __all__ = ["Algorithm", "RLError", "RLInputError", "Run", "algorithm_for", "check_finite", "check_models",
-           "check_rollout", "cleanup", "last_good", "load_policy", "mean", "run_algorithm", "setup",
-           "train"]
+           "check_rollout", "cleanup", "epoch_line", "last_good", "load_policy", "mean", "reward_scale",
+           "run_algorithm", "setup", "train"]
