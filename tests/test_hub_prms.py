@@ -144,48 +144,19 @@ def ref_rlhflow(folder, problem, steps):
 
 
 def ref_value_head(folder, problem, steps):
-    """Skywork prepare_input: encode(bos + problem + "\\n"), then each step's encoding + the "\\n" id, flags at
-    those; sigmoid of v_head (read from the saved tensors) over the LM's last hidden state."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Skywork's prepare_input, as written in tests/test_hub_parity.py from its card (every line of a step is a
+    piece of its own, followed by the "\\n" id; a step's score is at the end of its last line)."""
+    from .test_hub_parity import card_value_head
 
-    tok = AutoTokenizer.from_pretrained(folder)
-    nl = tok.encode("\n")[-1]
-    ids, flags = tok.encode((tok.bos_token or "") + problem + "\n"), []
-    for step in steps:
-        ids += tok.encode(step) + [nl]
-        flags.append(len(ids) - 1)
-    w = _weights(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    with torch.no_grad():
-        hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
-        value = torch.nn.functional.linear(hidden, w["v_head.summary.weight"], w["v_head.summary.bias"])[:, 0]
-    return value.sigmoid()[flags].tolist()
+    return card_value_head(folder)(problem, steps)[2]
 
 
 def ref_implicit(folder, problem, steps, beta=0.5):
-    """Implicit PRM: r_k = beta * (sum of log pi/pi_ref over the response tokens up to step k, minus the same up
-    to step k-1), each prefix rendered as its own chat string (steps joined by "\\n\\n"); P = sigmoid(r_k)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """EurusPRM's card snippet, as written in tests/test_hub_parity.py: the whole conversation encoded at once, the
+    step boundaries from the card's step_last_tokens; P = sigmoid(q_k - q_(k-1))."""
+    from .test_hub_parity import card_implicit
 
-    tok = AutoTokenizer.from_pretrained(folder)
-    pi = AutoModelForCausalLM.from_pretrained(folder).eval()
-    ref = AutoModelForCausalLM.from_pretrained(folder / "reference").eval()
-    marker = "\ue001"
-    head = tok.apply_chat_template([{"role": "user", "content": problem}, {"role": "assistant", "content": marker}],
-                                   tokenize=False).split(marker)[0]
-    n_head = len(tok.encode(head))
-
-    def total(text):
-        ids = torch.tensor([tok.encode(text)])
-        with torch.no_grad():
-            lp = [torch.log_softmax(m(ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0] for m in (pi, ref)]
-        return float((lp[0] - lp[1])[n_head - 1:].sum())
-
-    # prefix k: the response cut after step k (its "\n\n" joiner included); the template's closing tokens
-    # after the last step belong to no step
-    sums = [0.0] + [total(head + "\n\n".join(steps[:k]) + ("\n\n" if k < len(steps) else ""))
-                    for k in range(1, len(steps) + 1)]
-    return [float(torch.sigmoid(torch.tensor(beta * (sums[k + 1] - sums[k])))) for k in range(len(steps))]
+    return card_implicit(folder, beta=beta)(problem, steps)[2]
 
 
 REFERENCES = {"qwen_prm": ref_qwen_prm, "pure_prm": ref_pure_prm, "math_shepherd": ref_math_shepherd, "rlhflow": ref_rlhflow,
