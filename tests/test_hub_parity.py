@@ -399,3 +399,14 @@ def test_a_marker_inside_step_text_adds_no_read(standins):
         rm = _load(standins(family), family)
         e = rm.encode(["Q?"], [[step, "Then stop."]])[0]
         assert len(e.reads) == 2 and len(rm.score_steps(["Q?"], [[step, "Then stop."]])[0]) == 2
+
+
+def test_qwen_prm_first_step_is_encoded_with_the_template_text(standins):
+    """The card encodes the whole conversation, which the tokenizer splits only at special tokens: the text after
+    `<|im_start|>` ("assistant\\n") and the first step are one piece, so a step starting with a newline merges
+    with it ("\\n\\n" is one token), as it must for the ids to be the card's."""
+    folder = standins("qwen_prm")
+    steps = ["\nLet x = 2.", " Then x + 1 = 3."]
+    ids, reads, _ = card_qwen_prm(folder)("What is x + 1?", steps, score=False)
+    e = _load(folder, "qwen_prm").encode(["What is x + 1?"], [steps])[0]
+    assert (e.input_ids, e.reads) == (ids, reads)

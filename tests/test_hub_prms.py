@@ -418,3 +418,70 @@ def test_one_grpo_iteration_with_dense_rewards_from_a_public_prm(family, folders
     assert scores is probs and [len(r) for r in tr.step_rewards] == [len(p) for p in probs]
     assert handed and all(adv.dim() == 2 and torch.isfinite(adv).all() for adv in handed)
     assert final["rl/steps_per_solution"] == 2.5 and final["reward/missing_answer_frac"] == 0.0
+
+
+# --------------------------------------------------------------------------- strict loading (issue 23 finding 8)
+
+
+def _copy_with(folder, tmp_path, name, edit=None, architectures=None):
+    """A copy of a stand-in folder with its weights edited (`edit(tensors) -> tensors`) and/or another
+    `architectures` in config.json."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / name
+    shutil.copytree(folder, copy)
+    if edit is not None:
+        for f in copy.rglob("model.safetensors"):
+            save_file(edit(load_file(str(f))), str(f), metadata={"format": "pt"})
+    if architectures is not None:
+        config = json.loads((copy / "config.json").read_text())
+        config["architectures"] = architectures
+        (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+def test_qwen_prm_refuses_a_token_classification_checkpoint(folders):
+    """Finding 8: a checkpoint whose head is one `score` Linear (TRL PRMTrainer / PURE), named as qwen_prm, loaded
+    with score.0 / score.2 random and scored noise."""
+    with pytest.raises(AdapterError, match=r"cannot be loaded as qwen_prm: it lacks 4 weight\(s\).*score\.0\.bias, "
+                                           r"score\.0\.weight.*declares architectures \['Qwen2ForTokenClassification'\]"):
+        load_reward_model(folders["pure_prm"], "qwen_prm")
+
+
+def test_qwen_prm_refuses_a_head_of_another_shape(folders, tmp_path):
+    copy = _copy_with(folders["qwen_prm"], tmp_path, "three_labels",
+                      lambda w: {**w, "score.2.weight": torch.zeros(3, w["score.2.weight"].shape[1]),
+                                 "score.2.bias": torch.zeros(3)})
+    with pytest.raises(AdapterError, match=r"score\.2\.bias is \(3,\) in the checkpoint, \(2,\) in the qwen_prm model"):
+        load_reward_model(copy, "qwen_prm")
+
+
+def test_pure_prm_refuses_a_causal_lm(folders):
+    with pytest.raises(AdapterError, match=r"as pure_prm: it lacks .*score\.weight.*\['LlamaForCausalLM'\]"):
+        load_reward_model(folders["math_shepherd"], "pure_prm")
+
+
+@pytest.mark.parametrize("family", ["math_shepherd", "rlhflow"])
+def test_tag_families_refuse_a_checkpoint_without_an_lm_head(family, folders):
+    """The +/- verdicts are read from the LM head; a token classifier has none (it would be random)."""
+    with pytest.raises(AdapterError, match=rf"as {family}: it lacks .*lm_head\.weight.*Qwen2ForTokenClassification"):
+        load_reward_model(folders["pure_prm"], family)
+
+
+def test_value_head_refuses_a_missing_body_weight_or_a_wrong_head(folders, tmp_path):
+    holed = _copy_with(folders["value_head"], tmp_path, "holed",
+                       lambda w: {k: v for k, v in w.items() if "layers.1.mlp.down_proj" not in k})
+    with pytest.raises(AdapterError, match=r"as value_head: it lacks .*layers\.1\.mlp\.down_proj\.weight"):
+        load_reward_model(holed, "value_head")
+    wide = _copy_with(folders["value_head"], tmp_path, "wide",
+                      lambda w: {**w, "v_head.summary.weight": torch.zeros(2, w["v_head.summary.weight"].shape[1])})
+    with pytest.raises(AdapterError, match=r"v_head\.summary\.weight is \(2, 32\) in the checkpoint, \(1, 32\)"):
+        load_reward_model(wide, "value_head")
+
+
+def test_implicit_refuses_a_reference_without_an_lm_head(folders, tmp_path):
+    with pytest.raises(AdapterError, match=r"as implicit \(reference LM\): it lacks .*lm_head\.weight"):
+        load_reward_model(folders["implicit"], "implicit", reference=folders["pure_prm"])

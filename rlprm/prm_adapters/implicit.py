@@ -124,11 +124,14 @@ def _sigmoid(x: float) -> float:
 
 
 def load(path: str, reference: str, device: str, dtype, beta: float, trust_remote_code: bool = False):
-    from rlprm.models import load_causal_lm, load_tokenizer
-    from rlprm.reward_models import quiet_transformers
+    from transformers import AutoModelForCausalLM
+
+    from rlprm.models import load_tokenizer, torch_dtype
+    from rlprm.reward_models import load_checked
 
     tokenizer = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)
-    with quiet_transformers(report=False):
-        model = load_causal_lm(path, dtype, device, trust_remote_code)
-        ref = load_causal_lm(reference, dtype, device, trust_remote_code)
+    # both LMs' heads are read (log-probabilities of the step tokens): a checkpoint without one is refused
+    model, ref = (load_checked(AutoModelForCausalLM, where, f"implicit ({role})", AdapterError,
+                               dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code).to(device)
+                  for where, role in ((path, "PRM"), (reference, "reference LM")))
     return ImplicitPRM(model, ref, tokenizer, beta)

@@ -67,9 +67,9 @@ class QwenPRM:
 def load(path: str, device: str, dtype, system_prompt: str | None = None):
     from rlprm.models import load_tokenizer, torch_dtype
     from rlprm.prm_adapters.qwen_arch import QwenProcessRewardModel
-    from rlprm.reward_models import quiet_transformers
+    from rlprm.reward_models import load_checked
 
     tokenizer = load_tokenizer(path, padding_side="right")
-    with quiet_transformers(report=False):
-        model = QwenProcessRewardModel.from_pretrained(str(path), dtype=torch_dtype(dtype))
+    # refuses a checkpoint without the score.0/score.2 head (e.g. a single-Linear token classifier)
+    model = load_checked(QwenProcessRewardModel, path, "qwen_prm", AdapterError, dtype=torch_dtype(dtype))
     return QwenPRM(model.to(device), tokenizer, system_prompt)

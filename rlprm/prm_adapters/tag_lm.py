@@ -123,12 +123,12 @@ class RLHFlow:
 
 def load(family: str, path: str, device: str, dtype, trust_remote_code: bool = False):
     from rlprm.models import load_tokenizer, torch_dtype
-    from rlprm.reward_models import quiet_transformers
+    from rlprm.reward_models import load_checked
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)
-    with quiet_transformers(report=False):
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype),
-                                                     trust_remote_code=trust_remote_code)
+    # the verdicts are read from the LM head: a checkpoint without one (a classifier) is refused
+    model = load_checked(AutoModelForCausalLM, path, family, AdapterError, dtype=torch_dtype(dtype),
+                         trust_remote_code=trust_remote_code)
     model = model.to(device)
     return MathShepherd(model, tokenizer) if family == "math_shepherd" else RLHFlow(model, tokenizer)

@@ -80,10 +80,9 @@ def load(path: str, device: str, dtype, trust_remote_code: bool = False):
     from transformers import AutoModelForTokenClassification
 
     from rlprm.models import load_tokenizer, torch_dtype
-    from rlprm.reward_models import quiet_transformers
+    from rlprm.reward_models import load_checked
 
     tokenizer = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)
-    with quiet_transformers(report=False):
-        model = AutoModelForTokenClassification.from_pretrained(str(path), dtype=torch_dtype(dtype),
-                                                                trust_remote_code=trust_remote_code)
+    model = load_checked(AutoModelForTokenClassification, path, "pure_prm", AdapterError, dtype=torch_dtype(dtype),
+                         trust_remote_code=trust_remote_code)
     return TokenClassificationPRM(model.to(device), tokenizer)

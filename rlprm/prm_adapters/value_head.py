@@ -75,7 +75,7 @@ def load(path: str, device: str, dtype, trust_remote_code: bool = False):
     from transformers import AutoModel
 
     from rlprm.models import load_tokenizer, torch_dtype
-    from rlprm.reward_models import quiet_transformers
+    from rlprm.reward_models import load_checked
 
     folder = Path(path)
     file = weight_file_with(folder, HEAD_WEIGHT) if folder.is_dir() else None
@@ -85,13 +85,21 @@ def load(path: str, device: str, dtype, trust_remote_code: bool = False):
     with safe_open(str(file), "pt") as f:
         weight = f.get_tensor(HEAD_WEIGHT)
         bias = f.get_tensor(HEAD_BIAS) if HEAD_BIAS in f.keys() else None
-    head = torch.nn.Linear(weight.shape[1], 1, bias=bias is not None)
+    tokenizer = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)
+    # the v_head tensors are "unexpected" to the body (fine); a missing body weight is refused
+    body = load_checked(AutoModel, path, "value_head", AdapterError, dtype=torch_dtype(dtype),
+                        trust_remote_code=trust_remote_code)
+    hidden = getattr(body.config, "hidden_size", None)
+    wrong = [f"{key} is {tuple(t.shape)} in the checkpoint, {want} in the value_head model"
+             for key, t, want in ((HEAD_WEIGHT, weight, (1, hidden)), (HEAD_BIAS, bias, (1,)))
+             if t is not None and tuple(t.shape) != want]
+    if wrong:  # one value from the body's hidden state
+        raise AdapterError(f"{path} cannot be loaded as value_head: {'; '.join(wrong)}. The checkpoint declares "
+                           f"architectures {list(getattr(body.config, 'architectures', None) or []) or ['none']}.")
+    head = torch.nn.Linear(hidden, 1, bias=bias is not None)
     with torch.no_grad():
         head.weight.copy_(weight)
         if bias is not None:
             head.bias.copy_(bias)
-    tokenizer = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)
-    with quiet_transformers():  # the v_head tensors are "unexpected" to the body: expected here
-        body = AutoModel.from_pretrained(str(path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
     # the head stays in float32: Skywork's ValueHead upcasts its input the same way
     return ValueHeadPRM(body.to(device), head.to(device), tokenizer)
