@@ -13,7 +13,8 @@ separator tokenized on its own where the card tokenizes it inside a string, a sp
 piece encoded alone) is scored off-distribution and at shifted positions. So each family builds its input the
 way its card does: pieces encoded one by one and marker ids appended where the card does that (`Plan`,
 `realize`: Qwen2.5-Math-PRM, PURE, Skywork), one string encoded whole where the card does that (`Marked`,
-`realize_marked`: Math-Shepherd, RLHFlow). Read positions are never found by searching the ids for a marker
+`realize_marked`: Math-Shepherd, RLHFlow; the implicit family derives its step spans the card's way in
+implicit.py). Read positions are never found by searching the ids for a marker
 id: they are recorded while the ids are built, or located by character offsets of the markers the family
 wrote, and checked to be the marker's token (a step whose own text contains the marker's text therefore adds
 no read position). Where the card's text would not tokenize a marker as its own token, the family refuses
@@ -142,8 +143,13 @@ def realize_marked(tokenizer, items: Sequence[Marked], what: str) -> list[Encode
         chosen = [i for i, m in enumerate(items) if m.add_special_tokens == special]
         if not chosen:
             continue
-        enc = tokenizer([items[i].text for i in chosen], add_special_tokens=special, return_offsets_mapping=True,
-                        return_attention_mask=False, return_token_type_ids=False)
+        try:
+            enc = tokenizer([items[i].text for i in chosen], add_special_tokens=special, return_offsets_mapping=True,
+                            return_attention_mask=False, return_token_type_ids=False)
+        except NotImplementedError as err:  # Python ("slow") tokenizers have no character offsets
+            raise AdapterError(f"the {what} family locates its markers by character offsets, which this tokenizer "
+                               f"({type(tokenizer).__name__}) does not give: load the checkpoint's fast tokenizer "
+                               "(tokenizer.json)") from err
         for i, ids, offsets in zip(chosen, enc["input_ids"], enc["offset_mapping"]):
             at = {tuple(o): j for j, o in enumerate(offsets) if o[1] > o[0]}
             reads, spans, start = [], [], 0
