@@ -330,8 +330,8 @@ def _cases(family, solutions):
     return _no_trailing_space(solutions) if family == "math_shepherd" else solutions
 
 
-SCORED_EVERY = {"implicit": 16}
-"""Scores are compared on every 4th solution in the default run (every 16th for the implicit family, whose two
+SCORED_EVERY = {"implicit": 24}
+"""Scores are compared on every 4th solution in the default run (every 24th for the implicit family, whose two
 LMs put a 152k-vocabulary head over every token: the cost); ids and read positions on all of them. The `slow`
 test compares the scores on all of them."""
 
