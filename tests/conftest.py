@@ -90,3 +90,22 @@ def train_tiny_generator(path: Path, tokenizer, problems, steps: int) -> Path:
 def generator_dir(tmp_path_factory, char_tokenizer):
     """A tiny (2 layers, width 32) random generator folder, shared by a test module (the RL tests)."""
     return save_tiny_generator(tmp_path_factory.mktemp("gen") / "generator", char_tokenizer)
+
+
+# the run seed of the RL tests' recipes: the answering generator has seen their first training prompts
+RL_SEED = 3
+
+
+@pytest.fixture(scope="session")
+def answering_generator(tmp_path_factory, char_tokenizer):
+    """A tiny generator (width 32) fitted for 120 steps (~6 s) on 32 reference solutions, half of them those of the
+    first 8 training prompts of epochs 1 and 2 of a seed-3 RL run: it writes `# Answer` solutions, some right, some
+    wrong, some unanswered or cut. A random tiny model writes none, so every reward is the same -1, every advantage
+    0, rejection sampling keeps nothing, and a resume that lost its optimizer state or weights looks identical."""
+    from rlprm.config import ArithmeticConfig
+    from rlprm.tasks.arithmetic import make_problems
+
+    cfg = ArithmeticConfig()
+    rl_prompts = [p for epoch in (0, 1) for p in make_problems(cfg, 8, seed=RL_SEED * 1_000_003 + 1000 + epoch)]
+    problems = rl_prompts + make_problems(cfg, 16, seed=123)
+    return train_tiny_generator(tmp_path_factory.mktemp("gen") / "answering", char_tokenizer, problems, steps=120)
