@@ -408,3 +408,74 @@ def test_a_rank_failing_in_evaluation_stops_every_rank_within_two_minutes(tmp_pa
     assert len(pids) == 2
     for pid in pids:  # both ranks are gone: none is left waiting or uploading
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+# --------------------------------------------------------------------------- DeepSpeed resume: the optimizer shards
+
+
+DS_RESUME = '''
+import shutil, sys
+from pathlib import Path
+from rlprm.config import load_recipe
+from rlprm.rl import train
+import rlprm.rl.ppo as ppo
+
+recipe_path, out = sys.argv[1], Path(sys.argv[2])
+
+def recipe(name, epochs):
+    r = load_recipe(recipe_path)
+    r.run.output_dir, r.rl.epochs = out / name, epochs
+    return r
+
+train(recipe("full", 2), progress=False)
+train(recipe("resumed", 1), progress=False)  # stopped after its epoch-1 checkpoint
+shutil.copytree(out / "resumed", out / "forgetful")
+train(recipe("resumed", 2), resume=True, progress=False)
+# the fault the check must see: the shards are on disk but not loaded (what every DeepSpeed resume did before)
+ppo.PPO._load_rank_state = lambda self, part, ranks_written: print("FAULT: optimizer shards not loaded")
+train(recipe("forgetful", 2), resume=True, progress=False)
+'''
+
+
+def _checkpoint_digests(run_dir: Path) -> dict:
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    ckpt = run_dir / "checkpoints" / "epoch-0002"
+    return {"policy": weights_digest(AutoModelForCausalLM.from_pretrained(ckpt / "model")),
+            "value": weights_digest(AutoModelForTokenClassification.from_pretrained(ckpt / "extra" / "value"))}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_resume_restores_the_optimizer_shards(tmp_path, answering_generator, stage):
+    """PPO under DeepSpeed (one process, ZeRO-`stage`) stopped after epoch 1 and resumed ends bit for bit where the
+    uninterrupted run ends, policy and critic; the same resume without the ZeRO optimizer shards does not (before
+    they were written into the checkpoint, every DeepSpeed resume restarted Adam's moments)."""
+    from rlprm.tracking import read_metrics
+
+    recipe = _write_recipe(tmp_path, answering_generator,
+                           deepspeed=str(ROOT / "deepspeed_configs" / f"zero{stage}.json"),
+                           rl={"epochs": 2, "problems_per_epoch": 4, "prompts_per_iteration": 2,
+                               "samples_per_problem": 2, "max_new_tokens": 64, "minibatch_size": 2, "ppo_epochs": 1,
+                               "learning_rate": 1e-3, "value_learning_rate": 1e-3, "eval_n_max": 0})
+    script = tmp_path / "ds_resume.py"
+    script.write_text(DS_RESUME)
+    env = {**_env(), "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions"), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(script), str(recipe), str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("FAULT: optimizer shards not loaded") == 1
+    shards = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints" / "epoch-0001" / "ranks").iterdir())
+    assert shards == ["rank0.pt"]
+
+    full = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    its = [r for r in full if "rl/reward" in r]
+    assert len(its) == 4  # the rewards told samples apart (some answered and some not, or some right)
+    assert any(0 < r["reward/missing_answer_frac"] < 1 or 0 < r["rl/answer_accuracy"] < 1 for r in its), its
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "time" and not k.startswith("time/")}  # noqa: E731
+                        for r in rs]
+    expected = _checkpoint_digests(tmp_path / "full")
+    assert _checkpoint_digests(tmp_path / "resumed") == expected
+    assert strip(read_metrics(tmp_path / "resumed" / "metrics.jsonl")) == strip(full)
+    forgetful = _checkpoint_digests(tmp_path / "forgetful")
+    assert forgetful["policy"] != expected["policy"] and forgetful["value"] != expected["value"]
+    assert strip(read_metrics(tmp_path / "forgetful" / "metrics.jsonl")) != strip(full)
