@@ -479,3 +479,69 @@ def test_deepspeed_resume_restores_the_optimizer_shards(tmp_path, answering_gene
     forgetful = _checkpoint_digests(tmp_path / "forgetful")
     assert forgetful["policy"] != expected["policy"] and forgetful["value"] != expected["value"]
     assert strip(read_metrics(tmp_path / "forgetful" / "metrics.jsonl")) != strip(full)
+
+
+KILL_IN_EPOCH_TWO = '''
+import os, signal, sys
+sys.path.insert(0, os.getcwd())
+from rlprm.tracking import Tracker
+
+log = Tracker.log
+
+def log_then_die(self, metrics, step=None):  # rank 0 alone has a Tracker; the launcher then stops rank 1
+    log(self, metrics, step)
+    if metrics.get("epoch", 0) > 1:
+        self._file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+Tracker.log = log_then_die
+from rlprm.train_rl import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_process_deepspeed_run_killed_in_epoch_two_resumes_to_the_uninterrupted_weights(tmp_path,
+                                                                                          answering_generator, stage):
+    """`deepspeed --num_gpus 2`, ZeRO-`stage`: rank 0 is SIGKILLed after epoch 2's first record (the launcher
+    stops rank 1), and `--resume` on 2 processes ends bit for bit where an uninterrupted 2-process run ends: both
+    ranks' optimizer shards came back (each rank its own, sent to rank 0 and written in the atomic checkpoint)."""
+    from rlprm.tracking import read_metrics
+
+    rl = {"epochs": 2, "problems_per_epoch": 8, "prompts_per_iteration": 4, "samples_per_problem": 2,
+          "max_new_tokens": 64, "minibatch_size": 4, "ppo_epochs": 1, "learning_rate": 1e-3,
+          "value_learning_rate": 1e-3, "eval_n_max": 0}
+    ds = str(ROOT / "deepspeed_configs" / f"zero{stage}.json")
+    launcher = Path(sys.executable).with_name("deepspeed")
+    env = {**_env(), "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")}
+    runs = {}
+    for name, script, flags in [("full", "rlprm/train_rl.py", []), ("killed", None, []),
+                                ("killed", "rlprm/train_rl.py", ["--resume"])]:
+        folder = tmp_path / name
+        folder.mkdir(exist_ok=True)
+        recipe = _write_recipe(folder, answering_generator, deepspeed=ds, rl=rl)
+        if script is None:
+            script = str(folder / "kill_in_epoch_two.py")
+            Path(script).write_text(KILL_IN_EPOCH_TWO)
+        proc = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), script,
+                               str(recipe), "--no-progress", *flags], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+        if script.endswith("kill_in_epoch_two.py"):
+            assert proc.returncode != 0
+            ckpts = folder / "run" / "checkpoints"
+            assert (ckpts / "epoch-0001" / "ranks").is_dir() and not (ckpts / "epoch-0002").exists()
+            assert sorted(p.name for p in (ckpts / "epoch-0001" / "ranks").iterdir()) == ["rank0.pt", "rank1.pt"]
+        else:
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            assert "moments restart" not in proc.stdout + proc.stderr
+        runs[name] = folder / "run"
+
+    its = [r for r in read_metrics(runs["full"] / "metrics.jsonl") if "rl/reward" in r]
+    assert any(0 < r["reward/missing_answer_frac"] < 1 or 0 < r["rl/answer_accuracy"] < 1 for r in its), its
+    full = json.loads((runs["full"] / "summary.json").read_text())
+    resumed = json.loads((runs["killed"] / "summary.json").read_text())
+    assert len(set(resumed["dist/policy_sha256"])) == 1
+    assert resumed["dist/policy_sha256"] == full["dist/policy_sha256"]
+    assert resumed["dist/value_sha256"] == full["dist/value_sha256"]
+    assert _checkpoint_digests(runs["killed"]) == _checkpoint_digests(runs["full"])
