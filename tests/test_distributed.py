@@ -247,6 +247,41 @@ def test_a_failing_rank_stops_the_ranks_at_a_barrier_at_once(tmp_path, how):
         assert "rank 1 lost the rendezvous store" in r1["message"] and "died" in r1["message"]
 
 
+def _shards_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch
+    import torch.distributed as tdist
+
+    from rlprm.checkpoint import latest_checkpoint, load_state, save_checkpoint
+    from rlprm.config import TinyModelConfig
+    from rlprm.models import build_char_tokenizer, build_tiny_causal_lm
+    from rlprm.tasks.arithmetic import CHARSET
+
+    d = _init_gloo(rank, world, port)
+    own = {"rank": rank, "exp_avg": torch.arange(4.0) + 10 * rank}  # what only this rank holds
+    if d.is_main:
+        tok = build_char_tokenizer(CHARSET)
+        model = build_tiny_causal_lm(TinyModelConfig(hidden_size=16, intermediate_size=32, num_layers=1,
+                                                     num_heads=2), tok)
+        save_checkpoint(Path(out), 1, model, tok, {"step": 1}, rank_states=d.from_every_rank(own))
+    else:
+        d.send_to_main(own)
+    d.barrier()
+    state = load_state(latest_checkpoint(Path(out)), restore_rng=False, rank=rank)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"rank": state["rank_state"]["rank"],
+                                                         "exp_avg": state["rank_state"]["exp_avg"].tolist(),
+                                                         "written": state["ranks_written"]}))
+    tdist.destroy_process_group()
+
+
+def test_every_ranks_shard_reaches_the_one_writer_and_comes_back_to_its_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_shards_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got == {"rank": rank, "exp_avg": [10.0 * rank + i for i in range(4)], "written": 2}
+
+
 # --------------------------------------------------------------------------- the real launcher, 2 processes
 
 
