@@ -607,11 +607,13 @@ def trim(items: list, dist: Dist) -> list:
 
 
 def to_cpu(obj):
-    """`obj` with every tensor in it (nested in dicts, lists, tuples) copied to the CPU; other values as they are."""
+    """`obj` with every tensor in it (nested in dicts, lists, tuples) on the CPU; other values as they are.
+
+    Tensors already there are not copied: a rank's optimizer shard is as large as its share of the model, thrice."""
     import torch
 
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return obj.detach().to("cpu")
     if isinstance(obj, dict):
         return type(obj)((k, to_cpu(v)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
