@@ -3,7 +3,8 @@
 Layout of a run folder:
 
     checkpoints/epoch-0001/   model/ (HF folder), extra/ (more HF folders, e.g. the value model),
-                              state.pt (optimizer, scheduler, RNG states, counters)
+                              state.pt (optimizer, scheduler, RNG states, counters),
+                              ranks/rankR.pt (what each rank alone holds: its ZeRO shard of the optimizers)
     checkpoints/latest        the name of the newest COMPLETE checkpoint
 
 A checkpoint is written into `epoch-NNNN.tmp/` and renamed when complete;
@@ -18,6 +19,13 @@ its own sampling stream (`rl.distributed.Dist.split_streams`): the ranks'
 states are gathered to rank 0 and saved together in state.pt (`rank_rng`), so
 that they land in the same atomic folder as the weights, and each rank
 restores its own (`load_state(rank=)`).
+
+ZeRO partitions the optimizer states (and fp32 master weights) over the
+ranks: no rank holds them whole. Each rank's shard is sent to rank 0, one
+after the other, and written into the same temporary folder as the weights
+(`ranks/rankR.pt`), so they are renamed in together, the single writer kept;
+on resume each rank reads back its own (`load_state(rank=)` puts it in
+`state["rank_state"]`).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from rlprm.files import atomic_dir, atomic_write_text
@@ -32,6 +41,7 @@ from rlprm.launch import unwrap
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+RANKS = "ranks"
 
 
 def rng_state() -> dict:
@@ -61,10 +71,12 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, epoch: int, model, tokenizer, state: dict, extra_models: dict | None = None,
-                    rank_rng: list[dict] | None = None) -> Path:
+                    rank_rng: list[dict] | None = None, rank_states: Iterable | None = None) -> Path:
     """Write checkpoints/epoch-NNNN atomically and point `latest` at it. `state` is torch-saveable.
 
     `rank_rng`: with several ranks, every rank's `rng_state()` in rank order (gathered to the writing rank).
+    `rank_states`: every rank's own torch-saveable state in rank order (ZeRO shards), e.g. the generator
+    `Dist.from_every_rank`, which receives each while the previous one is on disk.
     """
     import torch
 
@@ -72,6 +84,12 @@ def save_checkpoint(run_dir: Path, epoch: int, model, tokenizer, state: dict, ex
     root.mkdir(parents=True, exist_ok=True)
     name = f"epoch-{epoch:04d}"
     with atomic_dir(root / name) as tmp:
+        if rank_states is not None:
+            # first: the other ranks wait in their send until this loop takes their shard
+            (tmp / RANKS).mkdir()
+            for rank, part in enumerate(rank_states):
+                torch.save(part, tmp / RANKS / f"rank{rank}.pt")
+                del part  # the next rank's shard arrives in its place, not beside it
         unwrap(model).save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
         for key, extra in (extra_models or {}).items():
@@ -115,10 +133,16 @@ def load_state(checkpoint: Path, restore_rng: bool = True, rank: int = 0) -> dic
 
     A rank the checkpoint holds no stream for (one written by fewer ranks, or before per-rank streams were
     saved) keeps its current stream, rank 0 excepted: it restores the writer's own.
+    `state["rank_state"]` is what `save_checkpoint(rank_states=)` wrote for rank `rank` (on the CPU; None if
+    nothing), and `state["ranks_written"]` how many ranks wrote one.
     """
     import torch
 
     state = torch.load(Path(checkpoint) / "state.pt", weights_only=False)
+    shards = Path(checkpoint) / RANKS
+    own = shards / f"rank{rank}.pt"
+    state["rank_state"] = torch.load(own, map_location="cpu", weights_only=False) if own.is_file() else None
+    state["ranks_written"] = len(list(shards.glob("rank*.pt"))) if shards.is_dir() else 0
     if restore_rng:
         saved = state.get("rank_rng") or []
         if rank < len(saved):

@@ -90,3 +90,24 @@ def train_tiny_generator(path: Path, tokenizer, problems, steps: int) -> Path:
 def generator_dir(tmp_path_factory, char_tokenizer):
     """A tiny (2 layers, width 32) random generator folder, shared by a test module (the RL tests)."""
     return save_tiny_generator(tmp_path_factory.mktemp("gen") / "generator", char_tokenizer)
+
+
+# the run seed of the RL tests' recipes: the answering generator has seen their first training prompts
+RL_SEED = 3
+
+
+@pytest.fixture(scope="session")
+def answering_generator(tmp_path_factory, char_tokenizer):
+    """A tiny generator (width 32) that has memorised the reference solutions of the first 8 training prompts of
+    epochs 1 and 2 of a seed-`RL_SEED` RL run (250 full-batch steps, ~10-20 s on 2 cores): sampled at temperature 1
+    it writes `# Answer` solutions, most right, some with slips, some unanswered or cut. A random tiny model writes
+    none, so every reward is the same -1, every advantage 0, rejection sampling keeps nothing, and a resume that
+    lost its optimizer state or weights looks identical. (At 120-200 steps it writes the format but not yet the
+    prompt's numbers: every exact step score is 0.)"""
+    from rlprm.config import ArithmeticConfig
+    from rlprm.tasks.arithmetic import make_problems
+
+    # epoch_problems' seed stream (rlprm/problems.py); its first 8 are the prefix of any rl.problems_per_epoch <= 8
+    problems = [p for epoch in (0, 1)
+                for p in make_problems(ArithmeticConfig(), 8, seed=RL_SEED * 1_000_003 + 1000 + epoch)]
+    return train_tiny_generator(tmp_path_factory.mktemp("gen") / "answering", char_tokenizer, problems, steps=250)

@@ -130,3 +130,29 @@ def test_every_rank_restores_its_own_stream(tmp_path, char_tokenizer):
     torch.manual_seed(5)
     load_state(latest_checkpoint(tmp_path), rank=2)
     assert torch.rand(3).tolist() == own
+
+
+def test_each_rank_gets_back_its_own_shard_and_a_shard_lost_midway_keeps_the_previous_checkpoint(tmp_path,
+                                                                                                  char_tokenizer):
+    """ZeRO partitions the optimizer states: each rank's shard is written in the checkpoint's temporary folder and
+    renamed in with the weights, or not at all; each rank reads back its own."""
+    model = build_tiny_causal_lm(TINY, char_tokenizer)
+    shards = [{"exp_avg": torch.full((3,), float(r))} for r in range(2)]
+    save_checkpoint(tmp_path, 1, model, char_tokenizer, {"step": 1}, rank_states=iter(shards))
+    for rank in (0, 1):
+        state = load_state(latest_checkpoint(tmp_path), restore_rng=False, rank=rank)
+        assert torch.equal(state["rank_state"]["exp_avg"], shards[rank]["exp_avg"]) and state["ranks_written"] == 2
+    assert load_state(latest_checkpoint(tmp_path), restore_rng=False, rank=2)["rank_state"] is None
+
+    def second_rank_dies():  # rank 1's shard never arrives (it died, the link broke)
+        yield shards[0]
+        raise ConnectionError("rank 1 is gone")
+
+    with pytest.raises(ConnectionError):
+        save_checkpoint(tmp_path, 2, model, char_tokenizer, {"step": 2}, rank_states=second_rank_dies())
+    assert latest_checkpoint(tmp_path).name == "epoch-0001"
+    assert not (tmp_path / "checkpoints" / "epoch-0002").exists()
+    # a checkpoint written without shards (one process, no DeepSpeed) has none to give
+    save_checkpoint(tmp_path, 3, model, char_tokenizer, {"step": 3})
+    state = load_state(latest_checkpoint(tmp_path), restore_rng=False)
+    assert state["rank_state"] is None and state["ranks_written"] == 0

@@ -76,6 +76,13 @@ def test_read_ds_config_refuses_what_ppo_cannot_run(tmp_path):
 # --------------------------------------------------------------------------- collectives on 2 real processes
 
 
+class _Saveable:
+    """Stands in for the model and tokenizer (the spawned ranks then need no transformers import: seconds each)."""
+
+    def save_pretrained(self, path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+
+
 def _collectives_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch
     import torch.distributed as tdist
@@ -98,6 +105,18 @@ def _collectives_worker(rank: int, world: int, port: int, out: str) -> None:
     except RuntimeError as exc:
         result["stopped"] = str(exc)
     d.barrier()
+    # what only this rank holds (a ZeRO shard) reaches the one writer, into the checkpoint, and comes back to it
+    from rlprm.checkpoint import latest_checkpoint, load_state, save_checkpoint
+
+    own = {"rank": rank, "exp_avg": torch.arange(4.0) + 10 * rank}
+    if d.is_main:
+        save_checkpoint(Path(out), 1, _Saveable(), _Saveable(), {"step": 1}, rank_states=d.from_every_rank(own))
+    else:
+        d.send_to_main(own)
+    d.barrier()
+    state = load_state(latest_checkpoint(Path(out)), restore_rng=False, rank=rank)
+    result["shard"] = {"rank": state["rank_state"]["rank"], "exp_avg": state["rank_state"]["exp_avg"].tolist(),
+                       "written": state["ranks_written"]}
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     tdist.destroy_process_group()
 
@@ -115,6 +134,9 @@ def test_collectives_agree_across_two_processes(tmp_path):
     # a stop reason on one rank stops BOTH (rank 0 would otherwise wait forever in the next collective)
     assert r1["stopped"] == "reward is NaN"
     assert r0["stopped"] == "reward is NaN (rank 1)"
+    # each rank's own shard went through rank 0 into the checkpoint and came back to that rank
+    for rank, r in enumerate((r0, r1)):
+        assert r["shard"] == {"rank": rank, "exp_avg": [10.0 * rank + i for i in range(4)], "written": 2}
 
 
 def _init_gloo(rank: int, world: int, port: int):
@@ -245,6 +267,39 @@ def test_a_failing_rank_stops_the_ranks_at_a_barrier_at_once(tmp_path, how):
         assert r1["message"] == "rank 0 failed: ValueError: planted failure in evaluation (rank 1 stops too)"
     else:
         assert "rank 1 lost the rendezvous store" in r1["message"] and "died" in r1["message"]
+
+
+def test_a_resume_loads_its_own_shard_only_on_the_same_zero_layout(capsys):
+    """PPO's DeepSpeed resume hands each engine's ZeRO optimizer the list it expects (this rank's entry at this
+    rank); a checkpoint of another world size or stage, or without shards, restarts the moments and says why."""
+    from rlprm.rl.ppo import PPO
+
+    class ZeroOptimizer:  # DeepSpeed's ZeRO-1/2 signature
+        def __init__(self):
+            self.calls = []
+
+        def load_state_dict(self, state_dict_list, load_optimizer_states=True, load_from_fp32_weights=False):
+            self.calls.append((state_dict_list, load_from_fp32_weights))
+
+    class Engine:
+        def __init__(self):
+            self.optimizer = ZeroOptimizer()
+
+    ppo = PPO.__new__(PPO)
+    ppo.deepspeed, ppo.is_main = True, True
+    ppo.dist = Dist(rank=0, world=1, deepspeed=True, ds_config={"zero_optimization": {"stage": 2}})
+    ppo.policy_engine, ppo.value_engine = Engine(), Engine()
+    ppo._load_rank_state({"world": 1, "zero_stage": 2, "policy": "P0", "value": "V0"}, ranks_written=1)
+    assert ppo.policy_engine.optimizer.calls == [(["P0"], True)]  # fp32 masters from the shard, not the weights
+    assert ppo.value_engine.optimizer.calls == [(["V0"], True)]
+    assert "moments restart" not in capsys.readouterr().out
+    for part, written, why in [({"world": 2, "zero_stage": 2, "policy": "P", "value": "V"}, 2, "written by 2 rank"),
+                               ({"world": 1, "zero_stage": 3, "policy": "P", "value": "V"}, 1, "written by 1 rank"),
+                               (None, 0, "holds no DeepSpeed optimizer shards")]:
+        ppo._load_rank_state(part, ranks_written=written)
+        out = capsys.readouterr().out
+        assert why in out and "moments restart" in out
+    assert len(ppo.policy_engine.optimizer.calls) == 1  # nothing of another layout was loaded
 
 
 # --------------------------------------------------------------------------- the real launcher, 2 processes
@@ -408,3 +463,140 @@ def test_a_rank_failing_in_evaluation_stops_every_rank_within_two_minutes(tmp_pa
     assert len(pids) == 2
     for pid in pids:  # both ranks are gone: none is left waiting or uploading
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+# --------------------------------------------------------------------------- DeepSpeed resume: the optimizer shards
+
+
+DS_RESUME = '''
+import shutil, sys
+from pathlib import Path
+from rlprm.config import load_recipe
+from rlprm.rl import train
+import rlprm.rl.ppo as ppo
+
+recipe_path, out = sys.argv[1], Path(sys.argv[2])
+
+def recipe(name, epochs):
+    r = load_recipe(recipe_path)
+    r.run.output_dir, r.rl.epochs = out / name, epochs
+    return r
+
+train(recipe("full", 2), progress=False)
+train(recipe("resumed", 1), progress=False)  # stopped after its epoch-1 checkpoint
+shutil.copytree(out / "resumed", out / "forgetful")
+train(recipe("resumed", 2), resume=True, progress=False)
+# the fault the check must see: the shards are on disk but not loaded (what every DeepSpeed resume did before)
+ppo.PPO._load_rank_state = lambda self, part, ranks_written: print("FAULT: optimizer shards not loaded")
+train(recipe("forgetful", 2), resume=True, progress=False)
+'''
+
+
+def _checkpoint_digests(run_dir: Path) -> dict:
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    ckpt = run_dir / "checkpoints" / "epoch-0002"
+    return {"policy": weights_digest(AutoModelForCausalLM.from_pretrained(ckpt / "model")),
+            "value": weights_digest(AutoModelForTokenClassification.from_pretrained(ckpt / "extra" / "value"))}
+
+
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])  # ~40 s each on 2 busy cores
+def test_deepspeed_resume_restores_the_optimizer_shards(tmp_path, answering_generator, stage):
+    """PPO under DeepSpeed (one process, ZeRO-`stage`) stopped after epoch 1 and resumed ends bit for bit where the
+    uninterrupted run ends, policy and critic; the same resume without the ZeRO optimizer shards does not (before
+    they were written into the checkpoint, every DeepSpeed resume restarted Adam's moments)."""
+    from rlprm.tracking import read_metrics
+
+    recipe = _write_recipe(tmp_path, answering_generator,
+                           deepspeed=str(ROOT / "deepspeed_configs" / f"zero{stage}.json"),
+                           rl={"epochs": 2, "problems_per_epoch": 4, "prompts_per_iteration": 2,
+                               "samples_per_problem": 2, "max_new_tokens": 64, "minibatch_size": 2, "ppo_epochs": 1,
+                               "learning_rate": 1e-3, "value_learning_rate": 1e-3, "eval_n_max": 0})
+    script = tmp_path / "ds_resume.py"
+    script.write_text(DS_RESUME)
+    env = {**_env(), "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions"), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(script), str(recipe), str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("FAULT: optimizer shards not loaded") == 1
+    shards = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints" / "epoch-0001" / "ranks").iterdir())
+    assert shards == ["rank0.pt"]
+
+    full = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    its = [r for r in full if "rl/reward" in r]
+    assert len(its) == 4  # the rewards told samples apart (some answered and some not, or some right)
+    assert any(0 < r["reward/missing_answer_frac"] < 1 or 0 < r["rl/answer_accuracy"] < 1 for r in its), its
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "time" and not k.startswith("time/")}  # noqa: E731
+                        for r in rs]
+    expected = _checkpoint_digests(tmp_path / "full")
+    assert _checkpoint_digests(tmp_path / "resumed") == expected
+    assert strip(read_metrics(tmp_path / "resumed" / "metrics.jsonl")) == strip(full)
+    forgetful = _checkpoint_digests(tmp_path / "forgetful")
+    assert forgetful["policy"] != expected["policy"] and forgetful["value"] != expected["value"]
+    assert strip(read_metrics(tmp_path / "forgetful" / "metrics.jsonl")) != strip(full)
+
+
+KILL_IN_EPOCH_TWO = '''
+import os, signal, sys
+sys.path.insert(0, os.getcwd())
+from rlprm.tracking import Tracker
+
+log = Tracker.log
+
+def log_then_die(self, metrics, step=None):  # rank 0 alone has a Tracker; the launcher then stops rank 1
+    log(self, metrics, step)
+    if metrics.get("epoch", 0) > 1:
+        self._file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+Tracker.log = log_then_die
+from rlprm.train_rl import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_process_deepspeed_run_killed_in_epoch_two_resumes_to_the_uninterrupted_weights(tmp_path,
+                                                                                          answering_generator, stage):
+    """`deepspeed --num_gpus 2`, ZeRO-`stage`: rank 0 is SIGKILLed after epoch 2's first record (the launcher
+    stops rank 1), and `--resume` on 2 processes ends bit for bit where an uninterrupted 2-process run ends: both
+    ranks' optimizer shards came back (each rank its own, sent to rank 0 and written in the atomic checkpoint)."""
+    from rlprm.tracking import read_metrics
+
+    rl = {"epochs": 2, "problems_per_epoch": 8, "prompts_per_iteration": 4, "samples_per_problem": 2,
+          "max_new_tokens": 64, "minibatch_size": 4, "ppo_epochs": 1, "learning_rate": 1e-3,
+          "value_learning_rate": 1e-3, "eval_n_max": 0}
+    ds = str(ROOT / "deepspeed_configs" / f"zero{stage}.json")
+    launcher = Path(sys.executable).with_name("deepspeed")
+    env = {**_env(), "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")}
+    runs = {}
+    for name, script, flags in [("full", "rlprm/train_rl.py", []), ("killed", None, []),
+                                ("killed", "rlprm/train_rl.py", ["--resume"])]:
+        folder = tmp_path / name
+        folder.mkdir(exist_ok=True)
+        recipe = _write_recipe(folder, answering_generator, deepspeed=ds, rl=rl)
+        if script is None:
+            script = str(folder / "kill_in_epoch_two.py")
+            Path(script).write_text(KILL_IN_EPOCH_TWO)
+        proc = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), script,
+                               str(recipe), "--no-progress", *flags], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+        if script.endswith("kill_in_epoch_two.py"):
+            assert proc.returncode != 0
+            ckpts = folder / "run" / "checkpoints"
+            assert (ckpts / "epoch-0001" / "ranks").is_dir() and not (ckpts / "epoch-0002").exists()
+            assert sorted(p.name for p in (ckpts / "epoch-0001" / "ranks").iterdir()) == ["rank0.pt", "rank1.pt"]
+        else:
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            assert "moments restart" not in proc.stdout + proc.stderr
+        runs[name] = folder / "run"
+
+    its = [r for r in read_metrics(runs["full"] / "metrics.jsonl") if "rl/reward" in r]
+    assert any(0 < r["reward/missing_answer_frac"] < 1 or 0 < r["rl/answer_accuracy"] < 1 for r in its), its
+    full = json.loads((runs["full"] / "summary.json").read_text())
+    resumed = json.loads((runs["killed"] / "summary.json").read_text())
+    assert len(set(resumed["dist/policy_sha256"])) == 1
+    assert resumed["dist/policy_sha256"] == full["dist/policy_sha256"]
+    assert resumed["dist/value_sha256"] == full["dist/value_sha256"]
+    assert _checkpoint_digests(runs["killed"]) == _checkpoint_digests(runs["full"])

@@ -157,11 +157,12 @@ def test_trl_contract_of_generate_and_score_completions(generator_dir, tmp_path)
 
 
 @pytest.fixture(scope="module")
-def outcome_run(tmp_path_factory, generator_dir):
+def outcome_run(tmp_path_factory, answering_generator):
+    """2 epochs on a generator that answers (a random one answers nothing: every reward -1, every advantage 0)."""
     from rlprm.rl import train
 
     tmp = tmp_path_factory.mktemp("grpo")
-    final = train(make_recipe(tmp, generator_dir, "full"), progress=False)
+    final = train(make_recipe(tmp, answering_generator, "full", max_new_tokens=64), progress=False)
     return tmp / "full", final
 
 
@@ -183,19 +184,30 @@ def test_outcome_run_metrics_checkpoints_export(outcome_run):
     assert model.config.num_hidden_layers == 2
 
 
-def test_resume_continues_from_the_checkpoint(generator_dir, tmp_path):
+def test_resume_continues_from_the_checkpoint(answering_generator, outcome_run, tmp_path):
+    """Stopped after epoch 1 and resumed, the run ends bit for bit where the uninterrupted `outcome_run` ends: the
+    weights and Adam's moments came back (with rewards that differ within groups, lost moments would show)."""
+    from transformers import AutoModelForCausalLM
+
     from rlprm.checkpoint import load_state
     from rlprm.rl import train
+    from rlprm.rl.distributed import weights_digest
     from rlprm.rl.run import RLInputError
 
-    first = make_recipe(tmp_path, generator_dir, "resumed", epochs=1)
+    first = make_recipe(tmp_path, answering_generator, "resumed", epochs=1, max_new_tokens=64)
     train(first, progress=False)
     with pytest.raises(RLInputError, match="--resume"):
         train(first, progress=False)
     before = load_state(tmp_path / "resumed" / "checkpoints" / "epoch-0001", restore_rng=False)
-    train(make_recipe(tmp_path, generator_dir, "resumed", epochs=2), resume=True, progress=False)
+    train(make_recipe(tmp_path, answering_generator, "resumed", epochs=2, max_new_tokens=64), resume=True,
+          progress=False)
     records = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
     assert [r["epoch"] for r in records if "rl/reward" in r] == [1.0, 2.0]  # the log goes on, not over
+    assert all(r["rl/reward_std"] > 0 for r in records if "rl/reward" in r)  # non-zero advantages in each epoch
+    full_dir = outcome_run[0]
+    digest = lambda run: weights_digest(AutoModelForCausalLM.from_pretrained(  # noqa: E731
+        run / "checkpoints" / "epoch-0002" / "model"))
+    assert digest(tmp_path / "resumed") == digest(full_dir)
     after = load_state(tmp_path / "resumed" / "checkpoints" / "epoch-0002", restore_rng=False)
     assert before["step"] == 1 and after["step"] == 2
     # the optimizer went on from its saved moments: Adam's step count carries over (2 minibatches per iteration)

@@ -255,9 +255,11 @@ calls = [0]
 def dumped(self, inputs):
     out = original(self, inputs)
     values, positions, outcome = self.rlprm_reward.last["rewards"].event_tensors()
+    last = self.rlprm_reward.last
     torch.save({"values": values, "positions": positions, "outcome": outcome,
                 "width": out["completion_ids"].shape[1], "advantages": out["advantages"].cpu(),
-                "prompts": [x["prompt"] for x in inputs]},
+                "prompts": [x["prompt"] for x in inputs], "texts": last["texts"],
+                "missing": list(last["rewards"].missing_answer)},
                os.path.join(os.environ["RLPRM_DUMP"], f"rank{os.environ['RANK']}_{calls[0]}.pt"))
     calls[0] += 1
     return out
@@ -268,8 +270,38 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
-def test_grpo_on_two_processes(tmp_path, generator_dir):
+def _moved_beyond_weight_decay(start: dict, end: dict, steps: int, lr: float, weight_decay: float) -> float:
+    """How far some weight moved beyond what AdamW's decoupled weight decay alone moves it in `steps` steps at
+    learning rates up to `lr` (|w| (1 - (1 - lr wd)^steps)): > 0 only where a gradient moved it."""
+    shrink = 1 - (1 - lr * weight_decay) ** steps
+    return max(((end[k].float() - start[k].float()).abs() - start[k].float().abs() * shrink).max().item()
+               for k in start)
+
+
+def _assert_trained_beyond_weight_decay(generator_dir: Path, trained: Path, steps: int, lr: float) -> None:
+    """The final weights moved where only a gradient moves them. GRPO's AdamW decays every weight (0.01), so
+    `weights != start` also holds when every advantage is 0; shown here on a decay-only copy of the start."""
     from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(generator_dir)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    end = AutoModelForCausalLM.from_pretrained(trained).state_dict()
+    assert _moved_beyond_weight_decay(start, end, steps, lr, 0.01) > 1e-4
+    # the fault this check must see: the same number of AdamW steps with zero gradients (zero advantages)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    for _ in range(steps):
+        for param in model.parameters():
+            param.grad = torch.zeros_like(param)
+        opt.step()
+    decayed = model.state_dict()
+    assert any(not decayed[k].equal(start[k]) for k in start)  # what the old `digest != start` accepted
+    assert _moved_beyond_weight_decay(start, decayed, steps, lr, 0.01) < 1e-6
+
+
+def test_grpo_on_two_processes(tmp_path, answering_generator):
+    from transformers import AutoModelForCausalLM
+
+    generator_dir = answering_generator  # a random policy answers nothing: every advantage would be 0
 
     from rlprm.rl.core import process_token_advantages
     from rlprm.rl.distributed import weights_digest
@@ -282,7 +314,7 @@ def test_grpo_on_two_processes(tmp_path, generator_dir):
         # per iteration 3 prompts x 2 samples = 6 completions, 3 per rank: the second group straddles the ranks;
         # minibatch 6 in total = 3 per rank; 2 iterations
         "rl": {"algorithm": "grpo", "epochs": 1, "problems_per_epoch": 6, "prompts_per_iteration": 3,
-               "samples_per_problem": 2, "max_new_tokens": 16, "minibatch_size": 6, "ppo_epochs": 1,
+               "samples_per_problem": 2, "max_new_tokens": 64, "minibatch_size": 6, "ppo_epochs": 1,
                "learning_rate": 1e-3, "eval_n_max": 2, "eval_num_problems": 2},
         "eval": {"resamples": 5},
         "tracking": {"wandb": "disabled"},
@@ -303,6 +335,11 @@ def test_grpo_on_two_processes(tmp_path, generator_dir):
         assert len(d[0]["prompts"]) == len(d[1]["prompts"]) == 3
         assert [prompts[i] == prompts[i + 1] for i in range(0, 6, 2)] == [True] * 3  # consecutive groups of 2
         assert d[0]["prompts"][2] == d[1]["prompts"][0]  # ... one of them on both ranks
+        # the signal is not degenerate: distinct answered texts, and advantages that are not all 0 (else any
+        # pairing of ranks and rows would compare equal)
+        answered = {t for x in d for t, miss in zip(x["texts"], x["missing"]) if not miss}
+        assert len(answered) >= 2, [x["texts"] for x in d]
+        assert any(x["advantages"].abs().max() > 0.1 for x in d), [x["advantages"] for x in d]
         S = max(x["values"].shape[1] for x in d)
         W = max(x["width"] for x in d)
         whole = process_token_advantages(
@@ -315,8 +352,9 @@ def test_grpo_on_two_processes(tmp_path, generator_dir):
 
     run_dir = tmp_path / "run"
     summary, digest = _same_weights_on_two_ranks(run_dir)
-    assert digest != weights_digest(AutoModelForCausalLM.from_pretrained(generator_dir))  # it trained
     assert weights_digest(AutoModelForCausalLM.from_pretrained(run_dir / "export")) == digest
+    # it trained: 2 iterations of one optimizer step each (6 completions, minibatch 6)
+    _assert_trained_beyond_weight_decay(generator_dir, run_dir / "export", steps=2, lr=1e-3)
     # rank 0 alone wrote: one record per iteration, best-of-N before and after the epoch, one report
     records = read_metrics(run_dir / "metrics.jsonl")
     assert len([r for r in records if "rl/reward" in r]) == 2
@@ -325,20 +363,17 @@ def test_grpo_on_two_processes(tmp_path, generator_dir):
     assert not (run_dir / "trl").exists()
 
 
-def test_grpo_under_accelerate_launch(tmp_path, generator_dir):
+def test_grpo_under_accelerate_launch(tmp_path, answering_generator):
     """`accelerate launch --multi_gpu --num_processes 2` (torchrun underneath; gloo on a CPU-only machine), outcome
     rewards (TRL's own group normalisation over the gathered rewards): the same weights on both ranks, one writer."""
-    from transformers import AutoModelForCausalLM
-
-    from rlprm.rl.distributed import weights_digest
-
+    generator_dir = answering_generator  # outcome rewards that differ within a group: non-zero advantages
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
         "run": {"output_dir": str(tmp_path / "run"), "device": "cpu", "seed": 3, "threads": 1},
         "model": {"generator": str(generator_dir)},
         "reward": {"mode": "sparse", "source": "ground_truth"},
         "rl": {"algorithm": "grpo", "epochs": 1, "problems_per_epoch": 4, "prompts_per_iteration": 2,
-               "samples_per_problem": 2, "max_new_tokens": 16, "minibatch_size": 2, "ppo_epochs": 1,
+               "samples_per_problem": 2, "max_new_tokens": 64, "minibatch_size": 2, "ppo_epochs": 1,
                "learning_rate": 1e-3, "eval_n_max": 2, "eval_num_problems": 2},
         "eval": {"resamples": 5},
         "tracking": {"wandb": "disabled"},
@@ -350,9 +385,12 @@ def test_grpo_under_accelerate_launch(tmp_path, generator_dir):
     assert proc.returncode == 0, out[-4000:]
     run_dir = tmp_path / "run"
     summary, digest = _same_weights_on_two_ranks(run_dir)
-    assert digest != weights_digest(AutoModelForCausalLM.from_pretrained(generator_dir))
     records = read_metrics(run_dir / "metrics.jsonl")
-    assert len([r for r in records if "rl/reward" in r]) == 2  # 2 iterations of 2 prompts, logged once each
+    its = [r for r in records if "rl/reward" in r]
+    assert len(its) == 2  # 2 iterations of 2 prompts, logged once each
+    assert any(r["rl/reward_std"] > 0 for r in its), its  # some group's rewards differ: non-zero advantages
+    # it trained: 2 iterations x 4 completions / minibatch 2 = 4 optimizer steps
+    _assert_trained_beyond_weight_decay(generator_dir, run_dir / "export", steps=4, lr=1e-3)
     assert out.count("policy exported to") == 1
 
 

@@ -11,6 +11,8 @@ import pytest
 from rlprm.config import validate_recipe
 from rlprm.tracking import read_metrics
 
+from .conftest import RL_SEED
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # the sizes of each algorithm's own tests: 2 epochs of 2 iterations (rejection sampling: one record per epoch)
@@ -21,12 +23,13 @@ RL = {
 }
 
 
-def make_recipe(tmp: Path, generator: Path, out: str, algorithm: str):
+def make_recipe(tmp: Path, generator: Path, out: str, algorithm: str, max_new_tokens: int = 16):
     data = {
-        "run": {"output_dir": str(tmp / out), "device": "cpu", "seed": 3, "threads": 1},
+        "run": {"output_dir": str(tmp / out), "device": "cpu", "seed": RL_SEED, "threads": 1},
         "model": {"generator": str(generator)},
         "reward": {"mode": "sparse", "source": "ground_truth"},
-        "rl": {"algorithm": algorithm, "epochs": 2, "problems_per_epoch": 4, "samples_per_problem": 2, "max_new_tokens": 16, "learning_rate": 1e-3, "eval_n_max": 2,
+        "rl": {"algorithm": algorithm, "epochs": 2, "problems_per_epoch": 4, "samples_per_problem": 2,
+               "max_new_tokens": max_new_tokens, "learning_rate": 1e-3, "eval_n_max": 2,
                "eval_num_problems": 2, **RL[algorithm]},
         "eval": {"resamples": 5},
         "tracking": {"wandb": "disabled"},
@@ -52,13 +55,13 @@ train(load_recipe(sys.argv[1]), progress=False)
 """
 
 
-def _full_and_killed(tmp_path, generator_dir, algorithm: str, killer: str):
+def _full_and_killed(tmp_path, generator_dir, algorithm: str, killer: str, max_new_tokens: int = 16):
     """An uninterrupted run (its final metrics) and the recipe of a second run that `killer` SIGKILLed."""
     from rlprm.config import recipe_to_yaml
     from rlprm.rl import train
 
-    final = train(make_recipe(tmp_path, generator_dir, "full", algorithm), progress=False)
-    killed = make_recipe(tmp_path, generator_dir, "killed", algorithm)
+    final = train(make_recipe(tmp_path, generator_dir, "full", algorithm, max_new_tokens), progress=False)
+    killed = make_recipe(tmp_path, generator_dir, "killed", algorithm, max_new_tokens)
     path = tmp_path / "killed.yaml"
     path.write_text(recipe_to_yaml(killed))
     out = subprocess.run([sys.executable, "-c", killer, str(path)], cwd=ROOT, capture_output=True, text=True,
@@ -67,23 +70,93 @@ def _full_and_killed(tmp_path, generator_dir, algorithm: str, killer: str):
     return final, killed
 
 
+def _timing(key: str) -> bool:
+    # wall-clock readings: "time/...", and the HF Trainer's own that rejection sampling's SFT logs under "sft/"
+    return key == "time" or key.startswith("time/") or key.endswith(("_runtime", "_per_second"))
+
+
 def _strip(records):
-    return [{k: v for k, v in r.items() if k != "time" and not k.startswith("time/")} for r in records]
+    return [{k: v for k, v in r.items() if not _timing(k)} for r in records]
+
+
+def _assert_rewards_tell_samples_apart(records, algorithm: str) -> None:
+    """Every epoch's update had something to learn from: not one reward for every sample (a random tiny policy
+    answers nothing, so every reward is -1, every advantage 0 and rejection sampling keeps nothing)."""
+    if algorithm == "rejection_sampling":
+        epochs = [r for r in records if "rs/kept" in r]
+        assert len(epochs) == 2 and all(r["rs/kept"] > 0 and r["rs/sft_steps"] > 0 for r in epochs), epochs
+        return
+    its = [r for r in records if "rl/reward" in r]
+    assert len(its) == 4
+    for epoch in (1, 2):  # in each epoch: some samples answered and others not, or some right and others wrong
+        assert any(0 < r["reward/missing_answer_frac"] < 1 or 0 < r["rl/answer_accuracy"] < 1
+                   for r in its if epoch - 1 < r["epoch"] <= epoch), its
+    if algorithm == "grpo":  # groups whose rewards differ: non-zero advantages
+        assert any(r["rl/reward_std"] > 0 for r in its)
+
+
+def _final_weights(run_dir: Path) -> str:
+    from transformers import AutoModelForCausalLM
+
+    from rlprm.checkpoint import latest_checkpoint
+    from rlprm.rl.distributed import weights_digest
+
+    return weights_digest(AutoModelForCausalLM.from_pretrained(latest_checkpoint(run_dir) / "model"))
+
+
+def _drop_optimizer_state(monkeypatch, algorithm: str) -> None:
+    """The fault a resume-equality check must see: the checkpoint's weights come back, Adam's moments do not."""
+    from rlprm.rl import run as run_module
+
+    real = run_module.algorithm_for
+
+    def forgetful(recipe):
+        algo = real(recipe)
+        load = algo.load_state_dict
+        if algorithm == "ppo":  # its KL coefficient and step count still come back; both optimizers restart
+            algo.load_state_dict = lambda state: load({**state, "policy_optimizer": None, "value_optimizer": None})
+        else:  # GRPO and rejection sampling keep nothing else there
+            algo.load_state_dict = lambda state: None
+        return algo
+
+    monkeypatch.setattr(run_module, "algorithm_for", forgetful)
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rejection_sampling"])
-def test_a_killed_run_resumes_to_the_uninterrupted_log(algorithm, generator_dir, tmp_path):
-    """Fails on the old code for grpo (its resumed trainer was seeded with seed + start_epoch, and the killed
+def test_a_killed_run_resumes_to_the_uninterrupted_log(algorithm, answering_generator, tmp_path, monkeypatch):
+    """A generator that answers (some right, some wrong, some not at all), so that the updates after the resume
+    depend on the restored weights and optimizer moments: the resumed run ends bit for bit where the uninterrupted
+    one does (the log and the weights), and a resume that drops the optimizer state does not.
+    Fails on the old code for grpo (its resumed trainer was seeded with seed + start_epoch, and the killed
     run's records after the checkpoint stayed in metrics.jsonl) and rejection_sampling (duplicate records)."""
+    import shutil
+
     from rlprm.rl import train
 
-    _, killed = _full_and_killed(tmp_path, generator_dir, algorithm, KILLER)
+    _, killed = _full_and_killed(tmp_path, answering_generator, algorithm, KILLER, max_new_tokens=64)
     run = tmp_path / "killed"
     assert (run / "checkpoints" / "epoch-0001").is_dir() and not (run / "checkpoints" / "epoch-0002").exists()
     assert any((r.get("epoch") or 0) > 1 for r in read_metrics(run / "metrics.jsonl"))  # epoch 2 had begun
+    full = _strip(read_metrics(tmp_path / "full" / "metrics.jsonl"))
+    _assert_rewards_tell_samples_apart(full, algorithm)
+
+    # the same killed run, resumed without its optimizer state: the check below must be able to tell
+    shutil.copytree(run, tmp_path / "forgetful")
+    forgetful = killed.model_copy(deep=True)
+    forgetful.run.output_dir = tmp_path / "forgetful"
+    with monkeypatch.context() as m:
+        _drop_optimizer_state(m, algorithm)
+        train(forgetful, resume=True, progress=False)
+    assert _final_weights(tmp_path / "forgetful") != _final_weights(tmp_path / "full")
+    if algorithm != "rejection_sampling":
+        # (rejection sampling's log alone cannot see it: its epoch 2 may take a single SFT step, whose loss is
+        # logged before the step; hence the weights are compared too)
+        assert _strip(read_metrics(tmp_path / "forgetful" / "metrics.jsonl")) != full
+
     train(killed, resume=True, progress=False)
-    full, resumed = _strip(read_metrics(tmp_path / "full" / "metrics.jsonl")), _strip(read_metrics(run / "metrics.jsonl"))
+    resumed = _strip(read_metrics(run / "metrics.jsonl"))
     assert resumed == full  # the same values, each record once, in the same order
+    assert _final_weights(run) == _final_weights(tmp_path / "full")
     assert (run / "checkpoints" / "latest").read_text().strip() == "epoch-0002"
 
 

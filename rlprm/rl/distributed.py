@@ -387,6 +387,31 @@ class Dist:
         tdist.all_gather_object(out, value)
         return out
 
+    def send_to_main(self, value) -> None:
+        """Rank > 0: hand `value` (picklable, CPU tensors) to rank 0, which takes it in `from_every_rank`.
+
+        Blocks until rank 0 has received it: call it where rank 0 iterates `from_every_rank` (the same block).
+        """
+        import torch.distributed as tdist
+
+        tdist.send_object_list([value], dst=0)
+
+    def from_every_rank(self, own):
+        """Rank 0: `own`, then every other rank's `send_to_main` value in rank order, each received only when the
+        previous one has been used (one rank's shard in memory at a time, not the world's, as a gather would)."""
+        yield own
+        del own
+        if not self.active:
+            return
+        import torch.distributed as tdist
+
+        for src in range(1, self.world):
+            box = [None]
+            tdist.recv_object_list(box, src=src)
+            value = box.pop()
+            yield value
+            del value
+
     # ------------------------------------------------------------------ engines
 
     def wrap(self, model, optimizer):
@@ -581,6 +606,42 @@ def trim(items: list, dist: Dist) -> list:
     return items[: len(items) - len(items) % dist.world]
 
 
+def to_cpu(obj):
+    """`obj` with every tensor in it (nested in dicts, lists, tuples) on the CPU; other values as they are.
+
+    Tensors already there are not copied: a rank's optimizer shard is as large as its share of the model, thrice."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu")
+    if isinstance(obj, dict):
+        return type(obj)((k, to_cpu(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def engine_optimizer_state(engine) -> dict:
+    """This rank's part of a DeepSpeed engine's optimizer: under ZeRO its shard of the moments and fp32 masters."""
+    return to_cpu(engine.optimizer.state_dict())
+
+
+def load_engine_optimizer_state(engine, state: dict, rank: int, world: int) -> None:
+    """Put back what `engine_optimizer_state` returned on rank `rank` of `world` (the same world and ZeRO stage).
+
+    ZeRO's optimizers take the list of every rank's state and read their own rank's entry; the fp32 master
+    weights come from it too (not re-derived from the model's weights, which may be bf16)."""
+    import inspect
+
+    load = engine.optimizer.load_state_dict
+    if "state_dict_list" not in inspect.signature(load).parameters:
+        load(state)  # no ZeRO, fp32: the torch optimizer itself
+        return
+    states = [state if r == rank else None for r in range(world)]
+    params = inspect.signature(load).parameters
+    load(states, **({"load_from_fp32_weights": True} if "load_from_fp32_weights" in params else {}))
+
+
 def weights_digest(model) -> str:
     """sha256 over the parameter names and float32 values of `model`'s state dict (order-independent of storage)."""
     import torch
@@ -597,5 +658,5 @@ def weights_digest(model) -> str:
 
 __all__ = ["DEFAULT_ZERO2", "Dist", "DistributedError", "NullTracker", "RankFailedError", "device_for",
            "fill_ds_config", "launch_env", "launched_world_size", "rank_seed", "read_ds_config", "setup",
-           "setup_process_group", "shard", "single_process_env", "trim", "unwrap", "wants_deepspeed",
-           "weights_digest"]
+           "setup_process_group", "shard", "single_process_env", "to_cpu", "trim", "unwrap", "wants_deepspeed",
+           "weights_digest", "engine_optimizer_state", "load_engine_optimizer_state"]

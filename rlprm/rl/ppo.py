@@ -48,7 +48,10 @@ for each other's forward passes; every other pass runs on all ranks in step.
 Resume works at epoch granularity: a checkpoint holds the policy (its
 adapters only, with LoRA), the value model, both optimizers, the KL
 coefficient and the optimizer step count (for the warm-up), beside the
-skeleton's counters and RNG state.
+skeleton's counters and RNG state. Under DeepSpeed the optimizers are each
+rank's ZeRO shard (`rank_state`), restored on a resume with the same number
+of ranks and ZeRO stage; with another layout the moments restart, and the
+log says so.
 """
 
 from __future__ import annotations
@@ -239,22 +242,52 @@ class PPO:
         self.kl_ctl = FixedKLController(kl) if rl.target_kl is None else AdaptiveKLController(kl, rl.target_kl,
                                                                                               rl.kl_horizon)
         self.opt_step = 0  # policy optimizer steps (for the warm-up)
-        self.deepspeed, self.is_main = run.dist.deepspeed, run.dist.is_main
+        self.deepspeed, self.is_main, self.dist = run.dist.deepspeed, run.dist.is_main, run.dist
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("policy_optimizer") is not None and not self.deepspeed:
+        if not self.deepspeed and state.get("policy_optimizer") is not None:
             self.policy_opt.load_state_dict(state["policy_optimizer"])
             self.value_opt.load_state_dict(state["value_optimizer"])
+        elif self.deepspeed:
+            self._load_rank_state(state.get("rank_state"), state.get("ranks_written", 0))
         elif self.is_main:
-            # ZeRO shards optimizer states across ranks, and plain torch states do not fit its flat partitions
-            print("resume: optimizer moments are not restored under DeepSpeed (or were not saved); they restart")
+            print("resume: the checkpoint holds no optimizer state (written under DeepSpeed); the moments restart")
         self.kl_ctl.value = state["kl_coef"]
         self.opt_step = state.get("opt_step", 0)
 
     def state_dict(self) -> dict:
+        # under DeepSpeed no rank holds the optimizers whole: each rank's shard goes through `rank_state`
         optimizers = ({"policy_optimizer": None, "value_optimizer": None} if self.deepspeed else
                       {"policy_optimizer": self.policy_opt.state_dict(), "value_optimizer": self.value_opt.state_dict()})
         return {**optimizers, "kl_coef": self.kl_ctl.value, "opt_step": self.opt_step}
+
+    def rank_state(self) -> dict | None:
+        """Under DeepSpeed, this rank's shard of both engines' optimizers (moments and fp32 masters), which the
+        skeleton writes into the checkpoint beside the others' (checkpoint.py); None without DeepSpeed."""
+        if not self.deepspeed:
+            return None
+        from rlprm.rl.distributed import engine_optimizer_state
+
+        return {"world": self.dist.world, "zero_stage": self.dist.zero_stage,
+                "policy": engine_optimizer_state(self.policy_engine),
+                "value": engine_optimizer_state(self.value_engine)}
+
+    def _load_rank_state(self, part: dict | None, ranks_written: int) -> None:
+        from rlprm.rl.distributed import load_engine_optimizer_state
+
+        dist = self.dist
+        fits = part is not None and part["world"] == dist.world and part["zero_stage"] == dist.zero_stage
+        # every rank must agree: a rank that loads while another restarts would train different weights
+        if dist.any_rank(not fits):
+            if self.is_main:
+                why = ("the checkpoint holds no DeepSpeed optimizer shards" if not ranks_written else
+                       f"the checkpoint's optimizer shards were written by {ranks_written} rank(s) under another "
+                       f"ZeRO layout than this run's {dist.world} rank(s), ZeRO-{dist.zero_stage}")
+                print(f"resume: {why}; the optimizer moments restart (the weights, KL coefficient and counters "
+                      "are restored)")
+            return
+        load_engine_optimizer_state(self.policy_engine, part["policy"], dist.rank, dist.world)
+        load_engine_optimizer_state(self.value_engine, part["value"], dist.rank, dist.world)
 
     def extra_models(self) -> dict:
         return {"value": self.value_model}

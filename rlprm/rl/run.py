@@ -203,10 +203,14 @@ class Algorithm(Protocol):
         """Build what is the algorithm's own (critic, optimizers, trainer), after the shared models."""
 
     def load_state_dict(self, state: dict) -> None:
-        """Take back what `state_dict` saved (the RNG and counters are the skeleton's)."""
+        """Take back what `state_dict` saved (the RNG and counters are the skeleton's); `state["rank_state"]` is
+        what this rank's `rank_state` returned, if the algorithm has one."""
 
     def state_dict(self) -> dict:
         """The algorithm's part of a checkpoint (torch-saveable)."""
+
+    # optional: `rank_state() -> dict | None`, what this rank alone holds (PPO under DeepSpeed: its ZeRO shard of
+    # the optimizers), written into the checkpoint beside every other rank's and handed back in `load_state_dict`
 
     def extra_models(self) -> dict:
         """Models saved beside the policy in a checkpoint (checkpoints/epoch-N/extra/NAME), e.g. the critic."""
@@ -274,6 +278,8 @@ class Run:
         from rlprm.checkpoint import rng_state, save_checkpoint
 
         rank_rng = self.dist.gather(rng_state()) if self.dist.active else None  # every rank's own sampling stream
+        # what only this rank holds (its ZeRO shard of the optimizers; None on every rank without DeepSpeed)
+        own = getattr(algorithm, "rank_state", lambda: None)()
         extra = algorithm.extra_models()
         with self.dist.whole_weights(self.policy, *extra.values()):  # ZeRO-3: whole weights, never shards
             if self.dist.is_main:
@@ -281,7 +287,11 @@ class Run:
                 save_checkpoint(self.run_dir, epoch, self.policy, self.tokenizer,
                                 {**algorithm.state_dict(), "step": self.step, "metrics_bytes": size,
                                  "final": dict(self.final)},
-                                extra_models=extra, rank_rng=rank_rng)
+                                extra_models=extra, rank_rng=rank_rng,
+                                rank_states=None if own is None else self.dist.from_every_rank(own))
+            elif own is not None:
+                self.dist.send_to_main(own)  # into the same atomic folder as the weights, written by rank 0
+            del own
         self.dist.barrier()
 
 
