@@ -17,7 +17,7 @@ Four models take part:
 Temperature: rollouts are sampled from softmax(logits / rl.temperature), so
 every log-prob of the update and of the KL (policy old and new, reference)
 and the logged entropy are taken at that temperature too
-(`core.logprobs_from_logits`); raw logits at T != 1 would make every update
+(`core.token_logprobs`, a chunk of rows at a time: no (B, T, V) float32 logits); raw logits at T != 1 would make every update
 off-policy. Only the `confidence` reward uses T = 1: it is the starting
 model's own confidence, whatever the sampling temperature.
 
@@ -140,19 +140,66 @@ def _rollout_values(value_model, ro: Rollout, T: int):
     return _forward(value_model, ro.input_ids, ro.attention_mask, ro.prompt_width, T).squeeze(-1).float()
 
 
-def rollout_logprobs(model, ro: Rollout, temperature: float):
-    """(B, T) float32 log-probs of the rollout's response tokens under `model`, at `temperature`, plus the logits.
+def _hf_model(model):
+    """The transformers model under a DeepSpeed engine, a peft wrapper and `reference.AdaptersOff`."""
+    from rlprm.launch import unwrap
+    from rlprm.rl.reference import AdaptersOff
 
-    Returns (logprobs, logits (B, T, V)); logprobs are those of the
-    distribution the rollout was sampled from when `model` is the sampling
-    policy and `temperature` the sampling temperature. Padding positions hold
-    values for the pad token (mask them out).
+    model = unwrap(model)
+    if isinstance(model, AdaptersOff):
+        model = model.model
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def response_features(model, input_ids, attention_mask, prompt_width: int, T: int):
+    """(features, head) for `core.token_logprobs`: the final hidden states (B, T, H) at the positions that predict
+    response tokens 0..T-1, and the output layer that turns them into logits.
+
+    The causal LM is asked for the last position's logits only (`logits_to_keep=1`): its full (B, P + T, V)
+    logits never exist; the body's output is read by a hook. The head applied to the last hidden state must
+    give the model's own last logits (a model that scales or soft-caps its logits after the output layer
+    would not): checked on every call, an RLError otherwise. A model without `logits_to_keep` gives its logits
+    (model dtype) as the features, and head None.
     """
-    from rlprm.rl.core import logprobs_from_logits
+    import inspect
+
+    import torch
+
+    hf = _hf_model(model)
+    if "logits_to_keep" not in inspect.signature(hf.forward).parameters:
+        return _forward(model, input_ids, attention_mask, prompt_width, T), None
+    captured = []
+    hook = hf.base_model.register_forward_hook(
+        lambda _module, _args, out: captured.append(out[0] if isinstance(out, tuple) else out.last_hidden_state))
+    try:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=1)
+    finally:
+        hook.remove()
+    hidden, head = captured[-1], hf.get_output_embeddings()
+    with torch.no_grad():
+        mine, theirs = head(hidden[:, -1].detach()).float(), out.logits[:, -1].detach().float()
+        if not torch.allclose(mine, theirs, rtol=1e-3, atol=1e-3 * float(theirs.abs().max().clamp(min=1))):
+            raise RLError(f"{type(hf).__name__}: its output layer applied to its last hidden state does not give "
+                          "its logits (a final logit scaling or soft-capping?); PPO's log-probs cannot read it")
+    return hidden[:, prompt_width - 1: prompt_width - 1 + T], head
+
+
+def rollout_logprobs(model, ro: Rollout, temperature: float, entropy: bool = False):
+    """(B, T) float32 log-probs of the rollout's response tokens under `model`, at `temperature`, and their
+    entropy (B, T) float32 when asked (else None).
+
+    The log-probs are those of the distribution the rollout was sampled from when `model` is the sampling
+    policy and `temperature` the sampling temperature. Padding positions hold values for the pad token (mask
+    them out). No (B, T, V) float32 tensor is made (`core.token_logprobs`): at a 151,936-token vocabulary
+    one would be 20 GB for 32 responses of 1024 tokens.
+    """
+    from rlprm.rl.core import token_logprobs
 
     T = ro.response_mask.shape[1]
-    logits = _forward(model, ro.input_ids, ro.attention_mask, ro.prompt_width, T)
-    return logprobs_from_logits(logits, ro.input_ids[:, ro.prompt_width:], temperature), logits
+    features, head = response_features(model, ro.input_ids, ro.attention_mask, ro.prompt_width, T)
+    return token_logprobs(features, ro.input_ids[:, ro.prompt_width:], head, temperature, entropy)
 
 
 def _load_value_model(path: str, dtype: str, device: str, trust_remote_code: bool, layers: int = 0):
@@ -293,7 +340,7 @@ class PPO:
 
         from rlprm.problems import grade_samples
         from rlprm.rewards import RewardError, add_kl_penalty, confidence_scores, prefix_correct_probs, token_rewards
-        from rlprm.rl.core import entropy_from_logits, gae, logprobs_from_logits, masked_mean, policy_loss, value_loss
+        from rlprm.rl.core import gae, masked_mean, policy_loss, token_logprobs, value_loss
         from rlprm.rl.distributed import shard, trim
         from rlprm.rollout import logprob_gap
 
@@ -333,10 +380,13 @@ class PPO:
             elif rcfg.source == "confidence":
                 # the frozen start's own confidence, at T = 1; the same forward pass gives the KL's log-probs
                 with torch.no_grad():
-                    ref_logprobs, ref_logits = rollout_logprobs(reference, ro, rl.temperature)
+                    features, head = response_features(reference, ro.input_ids, ro.attention_mask,
+                                                       ro.prompt_width, T)
+                    tokens = ro.input_ids[:, ro.prompt_width:]
+                    ref_logprobs = token_logprobs(features, tokens, head, rl.temperature)[0]
                     confidence_logprobs = (ref_logprobs if rl.temperature == 1.0 else
-                                           logprobs_from_logits(ref_logits, ro.input_ids[:, ro.prompt_width:], 1.0))
-                    del ref_logits
+                                           token_logprobs(features, tokens, head, 1.0)[0])
+                    del features
             t_score = time.monotonic() - t0 - t_gen
 
             # 3. rewards on the policy's response tokens (dense at step ends, or sparse at the last token)
@@ -360,9 +410,8 @@ class PPO:
             # sampling temperature: the distribution the rollout came from
             with torch.no_grad():
                 policy.eval()
-                old_logprobs, logits = rollout_logprobs(policy, ro, rl.temperature)
-                entropy = masked_mean(entropy_from_logits(logits.float() / rl.temperature, mask), mask)
-                del logits
+                old_logprobs, entropy = rollout_logprobs(policy, ro, rl.temperature, entropy=True)
+                entropy = masked_mean(entropy, mask)
                 # the ratio's old log-probs are the policy's own (above); a vLLM sampler's only measure the mismatch
                 gap = None if ro.sampler_logprobs is None else logprob_gap(ro.sampler_logprobs, old_logprobs,
                                                                            ro.response_mask)
@@ -395,8 +444,9 @@ class PPO:
                 for start in range(0, B, minibatch):
                     idx = order[start:start + minibatch].to(device)
                     ids, att, m = ro.input_ids[idx], ro.attention_mask[idx], mask[idx]
-                    new_logprobs = logprobs_from_logits(_forward(self.policy_engine, ids, att, ro.prompt_width, T),
-                                                        ids[:, ro.prompt_width:], rl.temperature)
+                    # the output layer runs a chunk of rows at a time, recomputed in the backward pass
+                    features, head = response_features(self.policy_engine, ids, att, ro.prompt_width, T)
+                    new_logprobs = token_logprobs(features, ids[:, ro.prompt_width:], head, rl.temperature)[0]
                     values = _forward(self.value_engine, ids, att, ro.prompt_width, T).squeeze(-1).float()
                     pl, pstats = policy_loss(new_logprobs, old_logprobs[idx], advantages[idx], m, rl.clip_range)
                     vl, vstats = value_loss(values, old_values[idx], returns[idx], m, rl.clip_range_value)
@@ -466,4 +516,4 @@ class PPO:
                       f"gen {t_gen:.1f}s score {t_score:.1f}s update {t_update:.1f}s", flush=True)
 
 
-__all__ = ["PPO", "Rollout", "build_rollout", "rollout_logprobs", "truncate_layers"]
+__all__ = ["PPO", "Rollout", "build_rollout", "response_features", "rollout_logprobs", "truncate_layers"]
