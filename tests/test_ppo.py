@@ -632,3 +632,64 @@ def test_ppo_with_lora_resumes_to_the_uninterrupted_metrics(generator_dir, tmp_p
     full = _comparable(read_metrics(tmp_path / "full" / "metrics.jsonl"))
     assert resumed and resumed == full
     assert resumed[0]["rl/kl"] != 0.0  # epoch 2 starts from trained adapters, not from fresh ones
+
+
+# --------------------------------------------------------------------------- dropout (issue 23, finding 3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_critic_has_no_dropout_in_train_mode(arch, tmp_path):
+    """Old values and GAE targets come from the critic in eval(), its updates run in train(): with a dropout
+    anywhere in it (transformers 5 gives Llama's and Qwen2's token-classification heads Dropout(0.1); a config
+    may set attention dropout) the critic trained would be another function than the one read."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    from rlprm.rl.ppo import _load_value_model
+
+    config = (LlamaConfig if arch == "llama" else Qwen2Config)(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, attention_dropout=0.2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / arch)
+    critic = _load_value_model(str(tmp_path / arch), "float32", "cpu", False)
+    ids = torch.randint(0, 40, (3, 9))
+    critic.eval()
+    with torch.no_grad():
+        evaluated = critic(input_ids=ids).logits
+    critic.train()
+    with torch.no_grad():
+        trained = [critic(input_ids=ids).logits for _ in range(3)]
+    assert evaluated.abs().max() > 0
+    assert all(torch.equal(t, evaluated) for t in trained)
+
+
+def test_ppo_with_lora_by_default_starts_every_update_at_ratio_one(generator_dir, tmp_path, monkeypatch):
+    """lora.dropout's default: with dropout on the adapters, the first minibatch of an update (whose old
+    log-probs are the same weights in eval mode) has a ratio away from 1 once lora_B has moved."""
+    from rlprm.rl import core, ppo, train
+
+    seen = []
+    _spy(monkeypatch, core, "policy_loss", seen)
+    monkeypatch.setattr(ppo, "_generate", _rollouts_per_prompt(ppo, _right_and_wrong))
+    recipe = make_recipe(tmp_path, generator_dir, "lora_ratio", epochs=1, problems_per_epoch=6)
+    recipe.model.lora.enabled, recipe.model.lora.r, recipe.model.lora.alpha = True, 4, 8  # dropout: the default
+    recipe.rl.minibatch_size = 4  # one minibatch per iteration: every policy_loss call is an update's first
+    recipe.rl.eval_n_max = 0
+    recipe.rl.max_new_tokens = 80
+    recipe.rl.learning_rate = 1e-2
+    train(recipe, progress=False)
+    stats = [out[1] for _, _, out in seen]
+    assert len(stats) == 3
+    for s in stats:  # iterations 2 and 3 start from moved adapters
+        assert abs(s["ratio"].item() - 1.0) < 1e-6 and s["approx_kl"].item() < 1e-10 and s["clipfrac"].item() == 0
+
+
+def test_ppo_refuses_lora_dropout(generator_dir, tmp_path):
+    from rlprm.rl import train
+    from rlprm.rl.run import RLInputError
+
+    recipe = _lora_recipe(tmp_path, generator_dir, "lora_dropout")
+    recipe.model.lora.dropout = 0.05
+    with pytest.raises(RLInputError, match="model.lora.dropout: 0"):
+        train(recipe, progress=False)

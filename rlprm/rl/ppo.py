@@ -205,7 +205,7 @@ def rollout_logprobs(model, ro: Rollout, temperature: float, entropy: bool = Fal
 def _load_value_model(path: str, dtype: str, device: str, trust_remote_code: bool, layers: int = 0):
     from transformers import AutoModelForTokenClassification
 
-    from rlprm.models import torch_dtype
+    from rlprm.models import disable_dropout, torch_dtype
     from rlprm.reward_models import quiet_transformers
 
     # the head is new (1 output, randomly initialised from the global RNG): transformers' load report is expected noise
@@ -214,7 +214,8 @@ def _load_value_model(path: str, dtype: str, device: str, trust_remote_code: boo
                                                                 trust_remote_code=trust_remote_code)
     if layers:
         truncate_layers(model, layers)
-    return model.to(device)
+    # its values are read in eval() (old values, GAE) and trained in train(): no dropout anywhere
+    return disable_dropout(model).to(device)
 
 
 def truncate_layers(model, keep: int) -> None:
@@ -247,6 +248,11 @@ class PPO:
 
     def check(self, recipe: Recipe) -> None:
         check_models(recipe)  # LoRA is supported: adapters train, the reference is the base with them off
+        lora = recipe.model.lora
+        if lora.enabled and lora.dropout > 0:
+            raise RLInputError(f"model.lora.dropout is {lora.dropout}: PPO reads its old log-probs in eval mode and "
+                               "trains in train mode, so dropout on the adapters makes every update's ratio start "
+                               "away from 1; set model.lora.dropout: 0 (the default)")
 
     def distributed(self, recipe: Recipe):
         # several processes (or a `deepspeed:` key): DeepSpeed engines, each rank with its share of the prompts and
@@ -263,6 +269,7 @@ class PPO:
     def setup(self, run: Run) -> None:
         import torch
 
+        from rlprm.models import disable_dropout
         from rlprm.rl.core import AdaptiveKLController, FixedKLController
 
         recipe, rl = run.recipe, run.recipe.rl
@@ -270,6 +277,8 @@ class PPO:
         ckpt = run.ckpt
         value_src = ckpt / "extra" / "value" if ckpt else (m.generator if rl.value_model == "policy" else rl.value_model)
         self.value_model = _load_value_model(value_src, m.dtype, run.device, m.trust_remote_code, rl.value_layers)
+        # the old log-probs are read in eval(), the update runs in train(): the policy without dropout either
+        disable_dropout(run.policy, config=False)
         # the trainable weights only: all of them, or LoRA's adapters (the frozen base needs no Adam moments)
         self.policy_opt = torch.optim.AdamW([p for p in run.policy.parameters() if p.requires_grad],
                                             lr=rl.learning_rate)
