@@ -693,3 +693,42 @@ def test_ppo_refuses_lora_dropout(generator_dir, tmp_path):
     recipe.model.lora.dropout = 0.05
     with pytest.raises(RLInputError, match="model.lora.dropout: 0"):
         train(recipe, progress=False)
+
+
+# --------------------------------------------------------------------------- bf16 master weights (issue 23, finding 4)
+
+
+def _changed_fraction(trained_dir, generator_dir) -> float:
+    """Share of the generator's weights (as loaded in bf16) that the saved policy no longer holds."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    start = AutoModelForCausalLM.from_pretrained(generator_dir, dtype=torch.bfloat16)
+    trained = dict(AutoModelForCausalLM.from_pretrained(trained_dir, dtype="auto").named_parameters())
+    changed = total = 0
+    for name, p in start.named_parameters():
+        changed += int((trained[name].float() != p.float()).sum())
+        total += p.numel()
+    return changed / total
+
+
+def test_a_bf16_policy_and_critic_train_on_float32_masters(generator_dir, tmp_path):
+    """AdamW steps of 1e-5 on weights of ~0.02 are below bf16's resolution: with bf16 parameters most updates
+    round away. A bf16 recipe (without DeepSpeed) trains float32 copies, moving as many weights as float32."""
+    from safetensors import safe_open
+
+    from rlprm.rl import train
+
+    fractions = {}
+    for dtype in ("float32", "bfloat16"):
+        recipe = make_recipe(tmp_path, generator_dir, dtype, epochs=1)
+        recipe.model.dtype = dtype
+        recipe.rl.learning_rate = recipe.rl.value_learning_rate = 1e-5
+        recipe.rl.eval_n_max = 0
+        train(recipe, progress=False)
+        ckpt = tmp_path / dtype / "checkpoints" / "epoch-0001"
+        fractions[dtype] = _changed_fraction(ckpt / "model", generator_dir)
+    assert fractions["float32"] > 0.9
+    assert fractions["bfloat16"] > fractions["float32"] - 0.05
+    with safe_open(str(ckpt / "extra" / "value" / "model.safetensors"), "pt") as f:  # the critic's masters too
+        assert all(f.get_tensor(k).dtype == __import__("torch").float32 for k in f.keys())

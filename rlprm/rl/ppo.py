@@ -45,6 +45,16 @@ ZeRO-3 the policy is gathered whole on every rank for generation
 (`Dist.whole_weights`), so that ranks stopping at different lengths never wait
 for each other's forward passes; every other pass runs on all ranks in step.
 
+Precision and determinism: without DeepSpeed, bf16 (fp16) weights train as
+float32 masters (`models.float32_masters`; AdamW's small steps round away on
+bf16 weights), and on a GPU every pass over the policy and the critic runs in
+bf16 autocast (`PPO._compute`); DeepSpeed's bf16 keeps its own masters. No
+dropout anywhere in the policy or the critic (`models.disable_dropout`;
+model.lora.dropout > 0 is refused): the old log-probs and values are read in
+eval mode, the update runs in train mode, and an update's first ratio is 1.
+Log-probs and the entropy never make a (B, T, V) float32 tensor
+(`response_features` + `core.token_logprobs`).
+
 Resume works at epoch granularity: a checkpoint holds the policy (its
 adapters only, with LoRA), the value model, both optimizers, the KL
 coefficient and the optimizer step count (for the warm-up), beside the
@@ -269,17 +279,28 @@ class PPO:
     def setup(self, run: Run) -> None:
         import torch
 
-        from rlprm.models import disable_dropout
+        from rlprm.models import disable_dropout, float32_masters
         from rlprm.rl.core import AdaptiveKLController, FixedKLController
 
         recipe, rl = run.recipe, run.recipe.rl
         m = recipe.model
         ckpt = run.ckpt
         value_src = ckpt / "extra" / "value" if ckpt else (m.generator if rl.value_model == "policy" else rl.value_model)
-        self.value_model = _load_value_model(value_src, m.dtype, run.device, m.trust_remote_code, rl.value_layers)
+        # a checkpoint's critic in the dtype it was saved in (its float32 masters come back unrounded)
+        self.value_model = _load_value_model(value_src, "auto" if ckpt else m.dtype, run.device, m.trust_remote_code,
+                                             rl.value_layers)
         # the old log-probs are read in eval(), the update runs in train(): the policy without dropout either
         disable_dropout(run.policy, config=False)
-        # the trainable weights only: all of them, or LoRA's adapters (the frozen base needs no Adam moments)
+        # the trainable weights only: all of them, or LoRA's adapters (the frozen base needs no Adam moments).
+        # Without DeepSpeed (whose bf16 keeps float32 masters itself) bf16 weights train as float32 copies: AdamW's
+        # small steps round away on bf16 weights; on a GPU the passes then run in bf16 autocast (`_compute`)
+        low = {p.dtype for p in run.policy.parameters()} & {torch.bfloat16, torch.float16}
+        self.autocast = None
+        if not run.dist.deepspeed:
+            float32_masters(run.policy)
+            float32_masters(self.value_model)
+            if low and str(run.device).startswith("cuda"):
+                self.autocast = low.pop()
         self.policy_opt = torch.optim.AdamW([p for p in run.policy.parameters() if p.requires_grad],
                                             lr=rl.learning_rate)
         self.value_opt = torch.optim.AdamW(self.value_model.parameters(), lr=rl.value_learning_rate)
@@ -296,6 +317,17 @@ class PPO:
                                                                                               rl.kl_horizon)
         self.opt_step = 0  # policy optimizer steps (for the warm-up)
         self.deepspeed, self.is_main = run.dist.deepspeed, run.dist.is_main
+
+    def _compute(self):
+        """The precision of every pass over the policy and the critic: bf16 (fp16) autocast over their float32
+        masters on a GPU when the recipe's weights were bf16 (fp16); as they are otherwise. Sampling, the old
+        log-probs and the update all run under it, so that the first ratio of an update is 1."""
+        import contextlib
+
+        import torch
+
+        return (contextlib.nullcontext() if getattr(self, "autocast", None) is None else
+                torch.autocast("cuda", dtype=self.autocast))
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("policy_optimizer") is not None and not self.deepspeed:
@@ -332,8 +364,9 @@ class PPO:
             order = torch.randperm(B)
             for start in range(0, B, minibatch):
                 idx = order[start:start + minibatch].to(mask.device)
-                values = _forward(self.value_engine, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_width,
-                                  T).squeeze(-1).float()
+                with self._compute():
+                    values = _forward(self.value_engine, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_width,
+                                      T).squeeze(-1).float()
                 loss = 0.5 * masked_mean((values - targets[idx]) ** 2, mask[idx])
                 if dist.deepspeed:
                     self.value_engine.backward(loss)
@@ -371,7 +404,7 @@ class PPO:
 
             # 1. generate: n samples per prompt, EOS and token ids kept (rl.rollout: HF generate or vLLM; ZeRO-3:
             # the policy gathered whole on every rank, so that ranks stopping at different lengths never wait)
-            with dist.whole_weights(policy):
+            with dist.whole_weights(policy), self._compute():
                 ro = _generate(self.sampler, tokenizer, [p.prompt for p in batch], n, rl.temperature, rl.max_new_tokens)
             B, T = ro.response_mask.shape
             sample_problems = [p for p in batch for _ in range(n)]
@@ -388,7 +421,7 @@ class PPO:
                 scores = [prefix_correct_probs(g.step_correct or []) for g in grades]
             elif rcfg.source == "confidence":
                 # the frozen start's own confidence, at T = 1; the same forward pass gives the KL's log-probs
-                with torch.no_grad():
+                with torch.no_grad(), self._compute():
                     features, head = response_features(reference, ro.input_ids, ro.attention_mask,
                                                        ro.prompt_width, T)
                     tokens = ro.input_ids[:, ro.prompt_width:]
@@ -417,7 +450,7 @@ class PPO:
 
             # 4. logprobs and values of the rollout, before any update (the "old" policy and critic), at the
             # sampling temperature: the distribution the rollout came from
-            with torch.no_grad():
+            with torch.no_grad(), self._compute():
                 policy.eval()
                 old_logprobs, entropy = rollout_logprobs(policy, ro, rl.temperature, entropy=True)
                 entropy = masked_mean(entropy, mask)
@@ -434,7 +467,7 @@ class PPO:
 
             if run.step == 0 and rl.critic_warmup_passes:  # a fresh run's first rollout: fit the new critic first
                 self.warm_critic(rl, ro, shaped, mask, dist)
-                with torch.no_grad():
+                with torch.no_grad(), self._compute():
                     old_values = _rollout_values(value_model, ro, T)
 
             with torch.no_grad():
@@ -453,10 +486,11 @@ class PPO:
                 for start in range(0, B, minibatch):
                     idx = order[start:start + minibatch].to(device)
                     ids, att, m = ro.input_ids[idx], ro.attention_mask[idx], mask[idx]
-                    # the output layer runs a chunk of rows at a time, recomputed in the backward pass
-                    features, head = response_features(self.policy_engine, ids, att, ro.prompt_width, T)
-                    new_logprobs = token_logprobs(features, ids[:, ro.prompt_width:], head, rl.temperature)[0]
-                    values = _forward(self.value_engine, ids, att, ro.prompt_width, T).squeeze(-1).float()
+                    with self._compute():
+                        # the output layer runs a chunk of rows at a time, recomputed in the backward pass
+                        features, head = response_features(self.policy_engine, ids, att, ro.prompt_width, T)
+                        new_logprobs = token_logprobs(features, ids[:, ro.prompt_width:], head, rl.temperature)[0]
+                        values = _forward(self.value_engine, ids, att, ro.prompt_width, T).squeeze(-1).float()
                     pl, pstats = policy_loss(new_logprobs, old_logprobs[idx], advantages[idx], m, rl.clip_range)
                     vl, vstats = value_loss(values, old_values[idx], returns[idx], m, rl.clip_range_value)
                     loss = pl + rl.vf_coef * vl
