@@ -630,7 +630,14 @@ def test_ppo_with_lora_resumes_to_the_uninterrupted_metrics(generator_dir, tmp_p
     train(_lora_recipe(tmp_path, generator_dir, "resumed"), resume=True, progress=False)  # adapters + optimizer back
     resumed = _comparable(read_metrics(tmp_path / "resumed" / "metrics.jsonl"))
     full = _comparable(read_metrics(tmp_path / "full" / "metrics.jsonl"))
-    assert resumed and resumed == full
+    # equal up to float32 rounding: MKL's matrix products may round differently with the buffers' alignment
+    # (MKL_CBWR=COMPATIBLE makes them equal bit for bit), and a reloaded critic's buffers lie elsewhere; a lost
+    # optimizer state or adapter moves these metrics by far more than 1e-6
+    assert resumed and len(resumed) == len(full)
+    for a, b in zip(resumed, full):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == (pytest.approx(b[k], rel=1e-6, abs=1e-9) if isinstance(b[k], float) else b[k]), k
     assert resumed[0]["rl/kl"] != 0.0  # epoch 2 starts from trained adapters, not from fresh ones
 
 

@@ -454,3 +454,16 @@ def test_token_logprobs_of_bf16_logits_are_float32_and_a_banned_token_gives_no_n
     lp, ent = token_logprobs(logits, torch.tensor([[2]]), entropy=True)
     assert lp.dtype == torch.float32 and torch.isfinite(ent).all()
     assert close(lp, [[-math.log(1 + math.exp(-1))]], tol=1e-6)
+
+
+def test_value_loss_counts_no_clipping_inside_the_range():
+    """Values within clip_range_value of the old ones are not clipped: no rounding of old + (V - old) may count
+    a token as clipped (an update's first values equal the old ones up to the last bit, without dropout)."""
+    g = torch.Generator().manual_seed(0)
+    # values of other magnitudes than the old ones: V - old is rounded, and old + (V - old) may miss V by an ulp
+    old, values = 0.1 * torch.randn(64, 32, generator=g), 0.1 * torch.randn(64, 32, generator=g)
+    returns = torch.randn(64, 32, generator=g)
+    mask = torch.ones(64, 32, dtype=torch.bool)
+    loss, stats = value_loss(values, old, returns, mask, 10.0)
+    assert stats["vf_clipfrac"].item() == 0.0
+    assert loss.item() == pytest.approx(0.5 * ((values - returns) ** 2).mean().item(), rel=1e-6)

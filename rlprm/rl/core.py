@@ -354,7 +354,10 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     averaged over response tokens. Stats: `vf_clipfrac` (share of tokens where
     the clipped error is the larger one) and `value_error` (mean (V - R)^2).
     """
-    clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    # clamp(V, old - c, old + c), not old + clamp(V - old, -c, c): the same numbers, but a V inside the range
+    # comes back bit for bit, so that rounding never counts an unclipped token as clipped (without dropout an
+    # update's first values equal the old ones up to the last bit)
+    clipped_values = torch.clamp(values, old_values - clip_range_value, old_values + clip_range_value)
     err = (values - returns) ** 2
     err_clipped = (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
