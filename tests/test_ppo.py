@@ -137,22 +137,27 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_metrics(generator_d
     assert strip(read_metrics(run / "metrics.jsonl")) == strip(read_metrics(tmp_path / "full" / "metrics.jsonl"))
 
 
-def _fixed_rollouts(ppo, text):
-    """A stand-in for sampling that returns `text` for every sample (a random tiny policy never writes `# Answer`)."""
+def _fixed_rollouts(ppo, texts):
+    """A stand-in for sampling: sample k of a batch is texts[k % len(texts)] (a random tiny policy never writes
+    `# Answer`)."""
 
     def fake_generate(policy, tokenizer, prompts, n, temperature, max_new_tokens):
         tokenizer.padding_side = "left"
         enc = tokenizer(prompts, return_tensors="pt", padding=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        return ppo.build_rollout(tokenizer, enc["input_ids"], enc["attention_mask"], [ids] * (len(prompts) * n), n)
+        ids = [tokenizer(texts[k % len(texts)], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+               for k in range(len(prompts) * n)]
+        return ppo.build_rollout(tokenizer, enc["input_ids"], enc["attention_mask"], ids, n)
 
     return fake_generate
 
 
 @pytest.mark.parametrize("kind", ["prm", "orm"])
 def test_reward_model_rewards(kind, generator_dir, char_tokenizer, tmp_path, monkeypatch):
-    """PRM: dense rewards at the step ends; ORM: one sparse reward. Rollouts are a fixed answered solution, so the
-    reward model, the reward placement, GAE and the update all run on real step structure."""
+    """PRM: dense rewards at the step ends; ORM: one sparse reward. Rollouts are four distinct answered
+    solutions (2 to 5 steps), so the reward model, the reward placement, GAE and the update all run on real
+    step structure, and each sample's reward must be its own text's score: a shuffled pairing of scores and
+    samples fails."""
+    import rlprm.reward_models as rm_module
     import rlprm.rewards as rewards_module  # the PPO update imports token_rewards when it runs: spy on the module
     from rlprm.models import build_tiny_causal_lm
     from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
@@ -163,35 +168,40 @@ def test_reward_model_rewards(kind, generator_dir, char_tokenizer, tmp_path, mon
     lm = build_tiny_causal_lm(TINY, char_tokenizer, seed=1)
     convention = make_convention(kind, "\n")
     RewardModel(reward_model_from_causal_lm(convention, lm, char_tokenizer), char_tokenizer, convention).save(tmp_path / kind)
-    text = render_steps([render_step("+", 1, 2, 3), render_step("+", 3, 4, 7), answer_step("7")])
-    seen = []
-    original = rewards_module.token_rewards
-
-    def spy(*args, **kwargs):
-        out = original(*args, **kwargs)
-        seen.append(out)
-        return out
-
-    monkeypatch.setattr(ppo, "_generate", _fixed_rollouts(ppo, text))
-    monkeypatch.setattr(rewards_module, "token_rewards", spy)
+    chains = [[("+", 1, 2, 3), ("+", 3, 4, 7)], [("+", 2, 2, 4)], [("+", 1, 1, 2), ("+", 2, 1, 3), ("+", 3, 1, 4)],
+              [("+", 5, 0, 5), ("+", 5, 1, 6), ("+", 6, 1, 7), ("+", 7, 1, 8)]]
+    texts = [render_steps([render_step(*s) for s in chain] + [answer_step(str(chain[-1][3]))]) for chain in chains]
+    seen, scored = [], []
+    _spy(monkeypatch, rewards_module, "token_rewards", seen)
+    _spy(monkeypatch, rm_module.RewardModel, "score_steps", scored)
+    monkeypatch.setattr(ppo, "_generate", _fixed_rollouts(ppo, texts))
     reward = {"mode": "dense", "source": "prm", "dense_form": "min_form"} if kind == "prm" else {"source": "orm"}
     recipe = make_recipe(tmp_path, generator_dir, f"run_{kind}", epochs=1, **reward)
     recipe.model.reward_model = str(tmp_path / kind)
     recipe.rl.eval_n_max = 0
-    recipe.rl.max_new_tokens = 64  # the fixed solution is longer than the other tests' cap
+    recipe.rl.max_new_tokens = 80  # the fixed solutions are longer than the other tests' cap
     final = train(recipe, progress=False)
-    tr = seen[0]
+    (args, kwargs, tr) = seen[0]
+    assert list(args[1]) == texts  # token_rewards(cfg, texts, ...): the samples in rollout order
+    problems = scored[0][0][1]  # RewardModel.score_steps(self, problems, solutions, ...)
+    assert len(set(problems)) == 2  # two prompts, two samples each
+    alone = RewardModel.load(tmp_path / kind)
+    own = [alone.score_steps([problems[i]], [texts[i]], sep="\n")[0] for i in range(4)]  # each pair on its own
+    assert kwargs["scores"] == [pytest.approx(s, abs=1e-5) for s in own]
+    assert len({round(min(s), 6) for s in own}) == 4  # distinct scores: a permutation would be seen
     nonzero = (tr.rewards != 0).sum(1).tolist()
     if kind == "prm":
-        # 3 steps per sample, each rewarded at its end (min_form: the first step always gets p_1 > 0)
-        assert all(len(r) == 3 for r in tr.step_rewards)
-        assert all(1 <= k <= 3 for k in nonzero)
+        # each sample's steps (2, 3, 4, 5 with the answer), each rewarded at its end; min_form's return is the
+        # sample's own worst step
+        assert [len(r) for r in tr.step_rewards] == [3, 2, 4, 5]
+        assert all(1 <= k <= len(r) for k, r in zip(nonzero, tr.step_rewards))
+        assert tr.returns.tolist() == pytest.approx([min(s) for s in own], abs=1e-5)
     else:
-        # one reward, at the last response token (the EOS)
+        # one reward, at the last response token (the EOS): the sample's own ORM score
         last = tr.mask.sum(1) - 1
         assert nonzero == [1] * len(nonzero)
-        assert all(tr.rewards[i, last[i]] > 0 for i in range(len(nonzero)))
-    assert final["rl/steps_per_solution"] == 3
+        assert [tr.rewards[i, last[i]].item() for i in range(4)] == pytest.approx([s[0] for s in own], abs=1e-5)
+    assert final["rl/steps_per_solution"] == 3.5
     assert final["reward/missing_answer_frac"] == 0.0
     assert 0.0 <= final["rl/reward"] <= 1.0
     assert (Path(final["export_dir"]) / "config.json").exists()
