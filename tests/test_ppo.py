@@ -749,3 +749,32 @@ def test_a_bf16_policy_and_critic_train_on_float32_masters(generator_dir, tmp_pa
     assert fractions["bfloat16"] > fractions["float32"] - 0.05
     with safe_open(str(ckpt / "extra" / "value" / "model.safetensors"), "pt") as f:  # the critic's masters too
         assert all(f.get_tensor(k).dtype == __import__("torch").float32 for k in f.keys())
+
+
+# --------------------------------------------------------------------------- rl.target_kl inside the loop
+
+
+def test_target_kl_adapts_the_kl_coefficient_inside_the_loop(generator_dir, tmp_path, monkeypatch):
+    """rl.target_kl (the real-size recipes set 0.02): after every iteration the coefficient is multiplied by
+    1 + clip(KL / target - 1, -0.2, 0.2) * B / horizon (Ziegler et al. 2019), from that iteration's per-token
+    KL; the first rollout's KL is 0 (the policy is the reference), so it falls, then the KL of a moved policy
+    above the target raises it. Without target_kl it stays rl.kl_coef."""
+    from rlprm.rl import ppo, train
+
+    monkeypatch.setattr(ppo, "_generate", _rollouts_per_prompt(ppo, _right_and_wrong))
+    logs = {}
+    for target in (None, 1e-6):
+        recipe = make_recipe(tmp_path, generator_dir, f"kl_{target}", epochs=1, problems_per_epoch=8)
+        recipe.rl.target_kl, recipe.rl.kl_horizon, recipe.rl.kl_estimator = target, 8, "k3"  # k3: never below 0
+        recipe.rl.learning_rate, recipe.rl.eval_n_max, recipe.rl.max_new_tokens = 1e-2, 0, 80
+        train(recipe, progress=False)
+        logs[target] = [r for r in read_metrics(tmp_path / f"kl_{target}" / "metrics.jsonl") if "rl/kl_coef" in r]
+    assert [r["rl/kl_coef"] for r in logs[None]] == [0.05] * 4
+    adaptive = logs[1e-6]
+    assert len(adaptive) == 4 and adaptive[0]["rl/kl_per_token"] == 0.0 and adaptive[-1]["rl/kl_per_token"] > 1e-4
+    coef, want = 0.05, []
+    for r in adaptive:  # 4 samples per iteration, horizon 8
+        coef *= 1 + min(max(r["rl/kl_per_token"] / 1e-6 - 1, -0.2), 0.2) * 4 / 8
+        want.append(coef)
+    assert [r["rl/kl_coef"] for r in adaptive] == pytest.approx(want, rel=1e-9)
+    assert want[0] == pytest.approx(0.045) and want[-1] > want[-2]  # down after KL 0, up once the policy moved
