@@ -257,16 +257,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(generator_dir, tmp_
 # --------------------------------------------------------------------------- temperature, truncation, oracle rewards
 
 
-def _independent_logprobs(model, ro, temperature):
-    """log softmax(logits / T) of the rollout's response tokens, computed here without rlprm's helpers."""
+def _full_logits_logprobs(model, ro, temperature):
+    """log softmax(logits / T) of the rollout's response tokens from the model's full logits, computed here
+    without rlprm's helpers (with gradients if they are on)."""
     import torch
 
     P, T = ro.prompt_width, ro.response_mask.shape[1]
     position_ids = (ro.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        logits = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=position_ids).logits
+    logits = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=position_ids).logits
     z = logits[:, P - 1:P - 1 + T].float() / temperature
     return torch.log_softmax(z, -1).gather(-1, ro.input_ids[:, P:].unsqueeze(-1)).squeeze(-1)
+
+
+def _independent_logprobs(model, ro, temperature):
+    """`_full_logits_logprobs` without gradients."""
+    import torch
+
+    with torch.no_grad():
+        return _full_logits_logprobs(model, ro, temperature)
 
 
 def test_rollout_logprobs_are_those_generate_sampled_from(generator_dir):
@@ -778,3 +786,49 @@ def test_target_kl_adapts_the_kl_coefficient_inside_the_loop(generator_dir, tmp_
         want.append(coef)
     assert [r["rl/kl_coef"] for r in adaptive] == pytest.approx(want, rel=1e-9)
     assert want[0] == pytest.approx(0.045) and want[-1] > want[-2]  # down after KL 0, up once the policy moved
+
+
+# --------------------------------------------------------------------------- no (B, T, V) float32 logits (issue 23, finding 5)
+
+
+def test_update_logprobs_from_hidden_states_equal_the_full_logits_and_their_gradient(generator_dir):
+    """The update's log-probs (the last hidden states through the output layer, a chunk of rows at a time,
+    recomputed in the backward pass; or, for a head ZeRO-3 partitions, the model's response logits) equal
+    log_softmax of the full logits, and so do the gradients of a loss on them."""
+    import torch
+
+    from rlprm.models import load_causal_lm, load_tokenizer
+    from rlprm.rl.core import token_logprobs
+    from rlprm.rl.ppo import build_rollout, response_features
+
+    tok = load_tokenizer(str(generator_dir), padding_side="left")
+    model = load_causal_lm(str(generator_dir), "float32", "cpu", False).train()
+    enc = tok(["93 +3 -4 mod 10\n", "5 +1 last digit\n"], return_tensors="pt", padding=True)
+    ids = [tok("1 + 2 = 3\n", add_special_tokens=False)["input_ids"], tok("7\n", add_special_tokens=False)["input_ids"]]
+    ro = build_rollout(tok, enc["input_ids"], enc["attention_mask"], ids, 1)
+    P, T, m = ro.prompt_width, ro.response_mask.shape[1], ro.response_mask
+    weights = torch.randn(m.shape, generator=torch.Generator().manual_seed(0))
+
+    def run(how):
+        model.zero_grad(set_to_none=True)
+        if how == "plain":
+            logp = _full_logits_logprobs(model, ro, 0.7)
+        else:
+            features, head = response_features(model, ro.input_ids, ro.attention_mask, P, T)
+            assert (head is None) == (how == "zero3")
+            logp = token_logprobs(features, ro.input_ids[:, P:], head, 0.7, chunk_elements=3 * features.shape[-1]
+                                  if head is None else 3 * head.out_features)[0]
+        (logp * weights)[m].sum().backward()
+        return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    want, want_grads = run("plain")
+    got, grads = run("hidden")
+    weight = model.get_output_embeddings().weight
+    weight.ds_id = 0  # what a ZeRO-3 partitioned parameter carries
+    try:
+        zero3, zero3_grads = run("zero3")
+    finally:
+        del weight.ds_id
+    for logp, g in ((got, grads), (zero3, zero3_grads)):
+        assert torch.allclose(logp[m], want[m], atol=1e-5)
+        assert all(torch.allclose(g[n], want_grads[n], atol=1e-5) for n in want_grads)

@@ -169,7 +169,8 @@ def response_features(model, input_ids, attention_mask, prompt_width: int, T: in
     logits never exist; the body's output is read by a hook. The head applied to the last hidden state must
     give the model's own last logits (a model that scales or soft-caps its logits after the output layer
     would not): checked on every call, an RLError otherwise. A model without `logits_to_keep` gives its logits
-    (model dtype) as the features, and head None.
+    (model dtype) as the features, and head None; so does, with gradients on, a head that ZeRO-3 partitions
+    (the response columns' logits only).
     """
     import inspect
 
@@ -178,6 +179,15 @@ def response_features(model, input_ids, attention_mask, prompt_width: int, T: in
     hf = _hf_model(model)
     if "logits_to_keep" not in inspect.signature(hf.forward).parameters:
         return _forward(model, input_ids, attention_mask, prompt_width, T), None
+    head = hf.get_output_embeddings()
+    if torch.is_grad_enabled() and any(hasattr(p, "ds_id") for p in head.parameters()):
+        # ZeRO-3 partitions the head, and re-running it outside the engine's forward (to recompute a chunk in the
+        # backward pass) finds a frozen head's weight released: the model's own logits of the response columns
+        # instead (logits_to_keep; model dtype, bf16 under DeepSpeed's bf16), reduced a chunk at a time
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=T + 1)
+        return out.logits[:, :T], None
     captured = []
     hook = hf.base_model.register_forward_hook(
         lambda _module, _args, out: captured.append(out[0] if isinstance(out, tuple) else out.last_hidden_state))
@@ -187,7 +197,7 @@ def response_features(model, input_ids, attention_mask, prompt_width: int, T: in
                     logits_to_keep=1)
     finally:
         hook.remove()
-    hidden, head = captured[-1], hf.get_output_embeddings()
+    hidden = captured[-1]
     with torch.no_grad():
         mine, theirs = head(hidden[:, -1].detach()).float(), out.logits[:, -1].detach().float()
         if not torch.allclose(mine, theirs, rtol=1e-3, atol=1e-3 * float(theirs.abs().max().clamp(min=1))):
