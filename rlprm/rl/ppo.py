@@ -17,9 +17,10 @@ Four models take part:
 Temperature: rollouts are sampled from softmax(logits / rl.temperature), so
 every log-prob of the update and of the KL (policy old and new, reference)
 and the logged entropy are taken at that temperature too
-(`core.token_logprobs`, a chunk of rows at a time: no (B, T, V) float32 logits); raw logits at T != 1 would make every update
-off-policy. Only the `confidence` reward uses T = 1: it is the starting
-model's own confidence, whatever the sampling temperature.
+(`core.token_logprobs`, a chunk of rows at a time: no (B, T, V) float32
+logits); raw logits at T != 1 would make every update off-policy. Only the
+`confidence` reward uses T = 1: it is the starting model's own confidence,
+whatever the sampling temperature.
 
 KL metrics per iteration, measured on the rollout (the policy after the last
 update against the reference, with `rl.kl_estimator`): `rl/kl_per_token`, the
@@ -180,7 +181,7 @@ def response_features(model, input_ids, attention_mask, prompt_width: int, T: in
     if "logits_to_keep" not in inspect.signature(hf.forward).parameters:
         return _forward(model, input_ids, attention_mask, prompt_width, T), None
     head = hf.get_output_embeddings()
-    if torch.is_grad_enabled() and any(hasattr(p, "ds_id") for p in head.parameters()):
+    if _partitioned(head) and (torch.is_grad_enabled() or type(head) is not torch.nn.Linear):
         # ZeRO-3 partitions the head, and re-running it outside the engine's forward (to recompute a chunk in the
         # backward pass) finds a frozen head's weight released: the model's own logits of the response columns
         # instead (logits_to_keep; model dtype, bf16 under DeepSpeed's bf16), reduced a chunk at a time
@@ -206,6 +207,34 @@ def response_features(model, input_ids, attention_mask, prompt_width: int, T: in
     return hidden[:, prompt_width - 1: prompt_width - 1 + T], head
 
 
+def _partitioned(head) -> bool:
+    """Whether ZeRO-3 holds only this rank's shard of `head`'s weights."""
+    return head is not None and any(hasattr(p, "ds_id") for p in head.parameters())
+
+
+def features_logprobs(features, head, tokens, temperatures: tuple[float, ...], entropy: bool = False):
+    """`core.token_logprobs` of `response_features`' output at each of `temperatures` (no gradients): a list of
+    (logprobs, entropy or None), the entropy at the first temperature only.
+
+    A head that ZeRO-3 partitions is gathered once for all the chunks (one collective, which every rank makes
+    once, whatever its number of chunks) and applied as a plain linear map, so that no chunk needs the others."""
+    import contextlib
+
+    import torch
+
+    from rlprm.rl.core import token_logprobs
+
+    gathered, apply = contextlib.nullcontext(), head
+    if _partitioned(head):
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=None)
+        apply = lambda x: torch.nn.functional.linear(x, head.weight, head.bias)  # noqa: E731  (the module's hooks
+        # would fetch and release its shards around every chunk)
+    with gathered:
+        return [token_logprobs(features, tokens, apply, t, entropy and i == 0) for i, t in enumerate(temperatures)]
+
+
 def rollout_logprobs(model, ro: Rollout, temperature: float, entropy: bool = False):
     """(B, T) float32 log-probs of the rollout's response tokens under `model`, at `temperature`, and their
     entropy (B, T) float32 when asked (else None).
@@ -215,11 +244,16 @@ def rollout_logprobs(model, ro: Rollout, temperature: float, entropy: bool = Fal
     them out). No (B, T, V) float32 tensor is made (`core.token_logprobs`): at a 151,936-token vocabulary
     one would be 20 GB for 32 responses of 1024 tokens.
     """
+    import torch
+
     from rlprm.rl.core import token_logprobs
 
     T = ro.response_mask.shape[1]
     features, head = response_features(model, ro.input_ids, ro.attention_mask, ro.prompt_width, T)
-    return token_logprobs(features, ro.input_ids[:, ro.prompt_width:], head, temperature, entropy)
+    tokens = ro.input_ids[:, ro.prompt_width:]
+    if torch.is_grad_enabled():
+        return token_logprobs(features, tokens, head, temperature, entropy)
+    return features_logprobs(features, head, tokens, (temperature,), entropy)[0]
 
 
 def _load_value_model(path: str, dtype: str, device: str, trust_remote_code: bool, layers: int = 0):
@@ -434,10 +468,9 @@ class PPO:
                 with torch.no_grad(), self._compute():
                     features, head = response_features(reference, ro.input_ids, ro.attention_mask,
                                                        ro.prompt_width, T)
-                    tokens = ro.input_ids[:, ro.prompt_width:]
-                    ref_logprobs = token_logprobs(features, tokens, head, rl.temperature)[0]
-                    confidence_logprobs = (ref_logprobs if rl.temperature == 1.0 else
-                                           token_logprobs(features, tokens, head, 1.0)[0])
+                    both = features_logprobs(features, head, ro.input_ids[:, ro.prompt_width:],
+                                             (rl.temperature,) if rl.temperature == 1.0 else (rl.temperature, 1.0))
+                    ref_logprobs, confidence_logprobs = both[0][0], both[-1][0]
                     del features
             t_score = time.monotonic() - t0 - t_gen
 
