@@ -832,3 +832,47 @@ def test_update_logprobs_from_hidden_states_equal_the_full_logits_and_their_grad
     for logp, g in ((got, grads), (zero3, zero3_grads)):
         assert torch.allclose(logp[m], want[m], atol=1e-5)
         assert all(torch.allclose(g[n], want_grads[n], atol=1e-5) for n in want_grads)
+
+
+def test_a_model_whose_head_does_not_give_its_logits_is_refused(generator_dir):
+    """A model that scales (or soft-caps) its logits after the output layer: reading the head on the hidden
+    states would give other log-probs than the model's; the check on the last position refuses it."""
+    from rlprm.models import load_causal_lm, load_tokenizer
+    from rlprm.rl.ppo import build_rollout, rollout_logprobs
+    from rlprm.rl.run import RLError
+
+    tok = load_tokenizer(str(generator_dir), padding_side="left")
+    model = load_causal_lm(str(generator_dir), "float32", "cpu", False).eval()
+    enc = tok(["93 +3 -4 mod 10\n"], return_tensors="pt", padding=True)
+    ro = build_rollout(tok, enc["input_ids"], enc["attention_mask"], [tok("7\n", add_special_tokens=False)["input_ids"]], 1)
+    rollout_logprobs(model, ro, 1.0)
+
+    def scale(_module, _args, out):
+        out.logits = out.logits * 0.5
+        return out
+
+    model.register_forward_hook(scale)
+    with pytest.raises(RLError, match="does not give its logits"):
+        rollout_logprobs(model, ro, 1.0)
+
+
+def test_a_bf16_run_resumes_to_the_uninterrupted_metrics(generator_dir, tmp_path):
+    """The float32 masters of a bf16 recipe come back from a checkpoint unrounded (the policy's and the
+    critic's), so a resumed bf16 run continues as the uninterrupted one."""
+    from rlprm.rl import train
+
+    def recipe(out, epochs):
+        r = make_recipe(tmp_path, generator_dir, out, epochs=epochs)
+        r.model.dtype, r.rl.eval_n_max = "bfloat16", 0
+        return r
+
+    train(recipe("full", 2), progress=False)
+    train(recipe("resumed", 1), progress=False)
+    train(recipe("resumed", 2), resume=True, progress=False)
+    resumed = _comparable(read_metrics(tmp_path / "resumed" / "metrics.jsonl"))
+    full = _comparable(read_metrics(tmp_path / "full" / "metrics.jsonl"))
+    assert resumed and len(resumed) == len(full)
+    for a, b in zip(resumed, full):  # to float32 rounding (see the LoRA resume test)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == (pytest.approx(b[k], rel=1e-6, abs=1e-9) if isinstance(b[k], float) else b[k]), k
