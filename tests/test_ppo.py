@@ -138,8 +138,9 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_metrics(generator_d
 
 
 def _fixed_rollouts(ppo, texts):
-    """A stand-in for sampling: sample k of a batch is texts[k % len(texts)] (a random tiny policy never writes
-    `# Answer`)."""
+    """A stand-in for sampling: sample k of a batch is texts[k % len(texts)] (one text: every sample); a random
+    tiny policy never writes `# Answer`."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
 
     def fake_generate(policy, tokenizer, prompts, n, temperature, max_new_tokens):
         tokenizer.padding_side = "left"
