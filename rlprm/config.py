@@ -286,8 +286,8 @@ class LoraConfig(Section):
     """LoRA rank."""
     alpha: int = Field(32, ge=1)
     """LoRA scaling numerator."""
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    """Dropout on the LoRA path (PPO: 0 keeps the first minibatch's ratio at exactly 1, as for full weights)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA path. 0 by default: RL compares the policy that sampled (eval mode) with the one trained (train mode), and any dropout makes every update's first ratio differ from 1 (PPO refuses more than 0). Reward-model training may use some (recipes/prm_train_prm800k.yaml: 0.05)."""
     target_modules: str | list[str] = "all-linear"
     """Modules that get adapters (peft's `target_modules`)."""
 

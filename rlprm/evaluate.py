@@ -98,6 +98,8 @@ def response_logprobs(model, tokenizer, prompts: list[str], completions: list[li
 
     import torch
 
+    from rlprm.rl.core import token_logprobs
+
     if not completions:
         return []
     device = next(model.parameters()).device
@@ -134,8 +136,8 @@ def response_logprobs(model, tokenizer, prompts: list[str], completions: list[li
             with torch.no_grad():
                 kwargs = {"logits_to_keep": tail + 1} if keep_arg else {}
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs).logits
-                logits = logits[:, -(tail + 1):-1].float()  # (B, tail, V): the predictions of the last `tail` tokens
-                logp = torch.log_softmax(logits, -1).gather(-1, ids[:, width - tail:, None])[..., 0].cpu().double()
+                logits = logits[:, -(tail + 1):-1]  # (B, tail, V): the predictions of the last `tail` tokens
+                logp = token_logprobs(logits, ids[:, width - tail:])[0].cpu().double()  # float32 a chunk at a time
             for r, k in enumerate(rows):
                 c = len(completions[k])
                 out[k] = logp[r, tail - c:].numpy().copy()

@@ -395,11 +395,13 @@ def token_logprobs(lm, sequences: list[list[int]], pad_token_id: int, device) ->
     """Per sequence, log p(token_t | tokens_<t) under `lm` for every position (position 0 gets 0.0)."""
     import torch
 
+    from rlprm.rl.core import token_logprobs
+
     batch = Collator(pad_token_id, "none")([{"input_ids": s} for s in sequences])
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     with torch.inference_mode():
-        logits = lm(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+        logits = lm(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    logp = token_logprobs(logits[:, :-1], ids[:, 1:])[0]  # float32 a chunk of rows at a time
     logp = torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1).clamp_min(MIN_LOGP).cpu()
     return [logp[i, :len(s)].tolist() for i, s in enumerate(sequences)]
 

@@ -6,6 +6,9 @@ between-epoch best-of-N) and `eval.rollout` (the `rlprm eval` pool) choose:
 - `HFSampler` (`hf`, the default): `generate` on the policy itself, exactly as
   before this module existed (PPO: the global torch RNG; pools:
   `sampling.sample`'s seeded batches). Nothing to refresh: it IS the policy.
+  Every generation setting is passed (`sampling.generation_kwargs`), none
+  comes from the checkpoint's generation_config (`sampling.own_generation_config`);
+  the vLLM engine is built with `generation_config="vllm"` for the same reason.
 - `VLLMSampler` (`vllm`): a `vllm.LLM` engine on the same GPU (TRL's colocate
   mode, `distributed_executor_backend="external_launcher"`: the engine runs in
   this process), built from the generator's folder and refreshed from the
@@ -161,7 +164,10 @@ def build_engine(path: str | Path, dtype: str, gpu_memory_utilization: float, se
                # the processed (temperature-scaled) log-probs: those of the distribution actually sampled
                logprobs_mode="processed_logprobs",
                # vLLM's memory profiler misjudges its default (32k tokens) when colocated with training (TRL's value)
-               max_num_batched_tokens=4096, trust_remote_code=trust_remote_code)
+               max_num_batched_tokens=4096, trust_remote_code=trust_remote_code,
+               # vLLM's own neutral defaults, not the checkpoint's generation_config.json (a repetition penalty
+               # or min_p there would sample from another distribution than the policy's)
+               generation_config="vllm")
 
 
 # --------------------------------------------------------------------------- samplers
@@ -179,6 +185,8 @@ class HFSampler:
         """n samples per prompt in one `generate` call, driven by the global torch RNG (restored on resume)."""
         import torch
 
+        from rlprm.sampling import generation_kwargs, own_generation_config
+
         policy, tokenizer = self.policy, self.tokenizer
         device = next(policy.parameters()).device
         tokenizer.padding_side = "left"
@@ -186,11 +194,10 @@ class HFSampler:
         was_training = policy.training
         policy.eval()
         try:
-            with torch.no_grad():
-                # pure temperature sampling, as everywhere in rlprm
-                out = policy.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                      max_new_tokens=max_new_tokens, num_return_sequences=n,
-                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            # pure temperature sampling, as everywhere in rlprm: nothing from the checkpoint's generation_config
+            with torch.no_grad(), own_generation_config(policy):
+                out = policy.generate(**enc, **generation_kwargs(temperature, max_new_tokens, n,
+                                                                 tokenizer.pad_token_id, tokenizer.eos_token_id))
         finally:
             policy.train(was_training)
         return Generated(enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1]:].tolist())
@@ -225,7 +232,9 @@ class VLLMSampler:
              seeds: list[int]) -> list[tuple[list[int], list[float]]]:
         """n (ids, log-probs) per prompt, prompt-major; each prompt's request has its own seed."""
         eos = self.tokenizer.eos_token_id
-        params = [sampling_params(n=n, temperature=temperature, top_k=0, top_p=1.0, max_tokens=max_new_tokens,
+        # pure temperature sampling: every setting that could reshape the distribution is given its neutral value
+        params = [sampling_params(n=n, temperature=temperature, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                                  presence_penalty=0.0, frequency_penalty=0.0, max_tokens=max_new_tokens,
                                   seed=seed, logprobs=0, stop_token_ids=[eos] if eos is not None else None,
                                   detokenize=False)
                   for seed in seeds]

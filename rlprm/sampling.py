@@ -3,10 +3,16 @@
 Used by `prepare` (the generator check), best-of-N pools and RL rollouts, so
 every stage samples the same way: pure temperature sampling (top-k and top-p
 off, unlike the transformers defaults) from a seeded generator.
+
+Nothing comes from the checkpoint's own `generation_config` (`generation_kwargs`,
+`own_generation_config`): a repetition penalty, min_p, top_k or banned tokens
+saved with a model would draw the samples from another distribution than
+softmax(logits / T), the one PPO's ratio and KL recompute.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -16,6 +22,43 @@ class Samples:
     """texts[i][j]: the j-th completion of prompt i, special tokens removed."""
     token_ids: list[list[list[int]]]
     """The generated ids of each completion, padding and EOS removed."""
+
+
+def generation_kwargs(temperature: float, max_new_tokens: int, n: int, pad_token_id, eos_token_id) -> dict:
+    """Every argument of rlprm's `generate` calls: pure temperature sampling, all else neutral.
+
+    transformers fills each generation setting a call leaves unset from the model's `generation_config` (its
+    generation_config.json); the ones that have a neutral value are given it here, and those whose only
+    neutral value is "unset" (min_p, banned and suppressed tokens, sequence bias, stop strings, ...) are left
+    out of the model's config for the call by `own_generation_config`.
+    """
+    return dict(
+        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0,
+        eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+        encoder_no_repeat_ngram_size=0, min_length=0, renormalize_logits=False, remove_invalid_values=False,
+        num_beams=1, length_penalty=1.0, max_new_tokens=max_new_tokens, num_return_sequences=n,
+        pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+    )
+
+
+@contextmanager
+def own_generation_config(model):
+    """For the block, `model` (a peft wrapper's base model) generates with an empty `generation_config`, so that
+    only `generation_kwargs` and transformers' neutral defaults decide how it samples; its own comes back after."""
+    from transformers import GenerationConfig
+
+    hf = model
+    while hasattr(hf, "get_base_model"):  # peft: the transformers model whose `generate` runs
+        inner = hf.get_base_model()
+        if inner is hf:
+            break
+        hf = inner
+    saved = hf.generation_config
+    hf.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        hf.generation_config = saved
 
 
 def sample(
@@ -50,18 +93,8 @@ def sample(
             enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
             # each batch gets its own seed from one stream: results do not depend on batch boundaries' RNG use
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            with torch.no_grad():
-                out = model.generate(
-                    **enc,
-                    do_sample=True,
-                    temperature=temperature,
-                    top_k=0,
-                    top_p=1.0,
-                    max_new_tokens=max_new_tokens,
-                    num_return_sequences=n,
-                    pad_token_id=pad,
-                    eos_token_id=eos,
-                )
+            with torch.no_grad(), own_generation_config(model):
+                out = model.generate(**enc, **generation_kwargs(temperature, max_new_tokens, n, pad, eos))
             new = out[:, enc["input_ids"].shape[1]:].tolist()
             for i in range(len(chunk)):
                 row_ids, row_texts = [], []

@@ -47,3 +47,52 @@ def test_sampling_is_seeded_and_batched(char_tokenizer):
     b = sample(model, char_tokenizer, prompts, n=3, max_new_tokens=8, seed=1)
     assert a.texts == b.texts and len(a.texts) == 3 and all(len(t) == 3 for t in a.texts)
     assert all(len(ids) <= 8 for row in a.token_ids for ids in row)
+
+
+def test_disable_dropout_turns_off_lora_and_attention_dropout_and_keeps_the_config_when_asked(char_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from rlprm.models import disable_dropout
+
+    cfg = TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
+    model = build_tiny_causal_lm(cfg, char_tokenizer)
+    model.config.attention_dropout = 0.3
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.3
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    ids = char_tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # dropout is on
+        disable_dropout(model, config=False)
+        assert torch.equal(model(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    assert model.config.attention_dropout == 0.3  # the export keeps the model's own settings
+    disable_dropout(model)
+    assert model.config.attention_dropout == 0.0
+
+
+def test_float32_masters_keep_small_adamw_steps_that_bf16_weights_round_away(char_tokenizer):
+    """10 AdamW steps at 1e-5 on a tiny model's ~0.02 weights: held in bf16 only some 15% of them move; as
+    float32 masters (the bf16 recipe's) every weight moves, as in a float32 run."""
+    from rlprm.models import float32_masters
+
+    cfg = TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
+    ids = char_tokenizer(TEXT, return_tensors="pt")["input_ids"]
+
+    def moved(prepare) -> float:
+        model = build_tiny_causal_lm(cfg, char_tokenizer, seed=0).to(torch.bfloat16)
+        start = [p.detach().float().clone() for p in model.parameters()]
+        opt = torch.optim.AdamW(prepare(model), lr=1e-5)
+        for _ in range(10):
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+        return sum(int((p.float() != s).sum()) for p, s in zip(model.parameters(), start)) / num_parameters(model)
+
+    plain = moved(lambda m: list(m.parameters()))
+    masters = moved(float32_masters)
+    assert plain < 0.5 and masters > 0.95

@@ -137,22 +137,28 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_metrics(generator_d
     assert strip(read_metrics(run / "metrics.jsonl")) == strip(read_metrics(tmp_path / "full" / "metrics.jsonl"))
 
 
-def _fixed_rollouts(ppo, text):
-    """A stand-in for sampling that returns `text` for every sample (a random tiny policy never writes `# Answer`)."""
+def _fixed_rollouts(ppo, texts):
+    """A stand-in for sampling: sample k of a batch is texts[k % len(texts)] (one text: every sample); a random
+    tiny policy never writes `# Answer`."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
 
     def fake_generate(policy, tokenizer, prompts, n, temperature, max_new_tokens):
         tokenizer.padding_side = "left"
         enc = tokenizer(prompts, return_tensors="pt", padding=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        return ppo.build_rollout(tokenizer, enc["input_ids"], enc["attention_mask"], [ids] * (len(prompts) * n), n)
+        ids = [tokenizer(texts[k % len(texts)], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+               for k in range(len(prompts) * n)]
+        return ppo.build_rollout(tokenizer, enc["input_ids"], enc["attention_mask"], ids, n)
 
     return fake_generate
 
 
 @pytest.mark.parametrize("kind", ["prm", "orm"])
 def test_reward_model_rewards(kind, generator_dir, char_tokenizer, tmp_path, monkeypatch):
-    """PRM: dense rewards at the step ends; ORM: one sparse reward. Rollouts are a fixed answered solution, so the
-    reward model, the reward placement, GAE and the update all run on real step structure."""
+    """PRM: dense rewards at the step ends; ORM: one sparse reward. Rollouts are four distinct answered
+    solutions (2 to 5 steps), so the reward model, the reward placement, GAE and the update all run on real
+    step structure, and each sample's reward must be its own text's score: a shuffled pairing of scores and
+    samples fails."""
+    import rlprm.reward_models as rm_module
     import rlprm.rewards as rewards_module  # the PPO update imports token_rewards when it runs: spy on the module
     from rlprm.models import build_tiny_causal_lm
     from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
@@ -163,35 +169,40 @@ def test_reward_model_rewards(kind, generator_dir, char_tokenizer, tmp_path, mon
     lm = build_tiny_causal_lm(TINY, char_tokenizer, seed=1)
     convention = make_convention(kind, "\n")
     RewardModel(reward_model_from_causal_lm(convention, lm, char_tokenizer), char_tokenizer, convention).save(tmp_path / kind)
-    text = render_steps([render_step("+", 1, 2, 3), render_step("+", 3, 4, 7), answer_step("7")])
-    seen = []
-    original = rewards_module.token_rewards
-
-    def spy(*args, **kwargs):
-        out = original(*args, **kwargs)
-        seen.append(out)
-        return out
-
-    monkeypatch.setattr(ppo, "_generate", _fixed_rollouts(ppo, text))
-    monkeypatch.setattr(rewards_module, "token_rewards", spy)
+    chains = [[("+", 1, 2, 3), ("+", 3, 4, 7)], [("+", 2, 2, 4)], [("+", 1, 1, 2), ("+", 2, 1, 3), ("+", 3, 1, 4)],
+              [("+", 5, 0, 5), ("+", 5, 1, 6), ("+", 6, 1, 7), ("+", 7, 1, 8)]]
+    texts = [render_steps([render_step(*s) for s in chain] + [answer_step(str(chain[-1][3]))]) for chain in chains]
+    seen, scored = [], []
+    _spy(monkeypatch, rewards_module, "token_rewards", seen)
+    _spy(monkeypatch, rm_module.RewardModel, "score_steps", scored)
+    monkeypatch.setattr(ppo, "_generate", _fixed_rollouts(ppo, texts))
     reward = {"mode": "dense", "source": "prm", "dense_form": "min_form"} if kind == "prm" else {"source": "orm"}
     recipe = make_recipe(tmp_path, generator_dir, f"run_{kind}", epochs=1, **reward)
     recipe.model.reward_model = str(tmp_path / kind)
     recipe.rl.eval_n_max = 0
-    recipe.rl.max_new_tokens = 64  # the fixed solution is longer than the other tests' cap
+    recipe.rl.max_new_tokens = 80  # the fixed solutions are longer than the other tests' cap
     final = train(recipe, progress=False)
-    tr = seen[0]
+    (args, kwargs, tr) = seen[0]
+    assert list(args[1]) == texts  # token_rewards(cfg, texts, ...): the samples in rollout order
+    problems = scored[0][0][1]  # RewardModel.score_steps(self, problems, solutions, ...)
+    assert len(set(problems)) == 2  # two prompts, two samples each
+    alone = RewardModel.load(tmp_path / kind)
+    own = [alone.score_steps([problems[i]], [texts[i]], sep="\n")[0] for i in range(4)]  # each pair on its own
+    assert kwargs["scores"] == [pytest.approx(s, abs=1e-5) for s in own]
+    assert len({round(min(s), 6) for s in own}) == 4  # distinct scores: a permutation would be seen
     nonzero = (tr.rewards != 0).sum(1).tolist()
     if kind == "prm":
-        # 3 steps per sample, each rewarded at its end (min_form: the first step always gets p_1 > 0)
-        assert all(len(r) == 3 for r in tr.step_rewards)
-        assert all(1 <= k <= 3 for k in nonzero)
+        # each sample's steps (2, 3, 4, 5 with the answer), each rewarded at its end; min_form's return is the
+        # sample's own worst step
+        assert [len(r) for r in tr.step_rewards] == [3, 2, 4, 5]
+        assert all(1 <= k <= len(r) for k, r in zip(nonzero, tr.step_rewards))
+        assert tr.returns.tolist() == pytest.approx([min(s) for s in own], abs=1e-5)
     else:
-        # one reward, at the last response token (the EOS)
+        # one reward, at the last response token (the EOS): the sample's own ORM score
         last = tr.mask.sum(1) - 1
         assert nonzero == [1] * len(nonzero)
-        assert all(tr.rewards[i, last[i]] > 0 for i in range(len(nonzero)))
-    assert final["rl/steps_per_solution"] == 3
+        assert [tr.rewards[i, last[i]].item() for i in range(4)] == pytest.approx([s[0] for s in own], abs=1e-5)
+    assert final["rl/steps_per_solution"] == 3.5
     assert final["reward/missing_answer_frac"] == 0.0
     assert 0.0 <= final["rl/reward"] <= 1.0
     assert (Path(final["export_dir"]) / "config.json").exists()
@@ -247,16 +258,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(generator_dir, tmp_
 # --------------------------------------------------------------------------- temperature, truncation, oracle rewards
 
 
-def _independent_logprobs(model, ro, temperature):
-    """log softmax(logits / T) of the rollout's response tokens, computed here without rlprm's helpers."""
+def _full_logits_logprobs(model, ro, temperature):
+    """log softmax(logits / T) of the rollout's response tokens from the model's full logits, computed here
+    without rlprm's helpers (with gradients if they are on)."""
     import torch
 
     P, T = ro.prompt_width, ro.response_mask.shape[1]
     position_ids = (ro.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        logits = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=position_ids).logits
+    logits = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=position_ids).logits
     z = logits[:, P - 1:P - 1 + T].float() / temperature
     return torch.log_softmax(z, -1).gather(-1, ro.input_ids[:, P:].unsqueeze(-1)).squeeze(-1)
+
+
+def _independent_logprobs(model, ro, temperature):
+    """`_full_logits_logprobs` without gradients."""
+    import torch
+
+    with torch.no_grad():
+        return _full_logits_logprobs(model, ro, temperature)
 
 
 def test_rollout_logprobs_are_those_generate_sampled_from(generator_dir):
@@ -631,5 +650,231 @@ def test_ppo_with_lora_resumes_to_the_uninterrupted_metrics(generator_dir, tmp_p
     train(_lora_recipe(tmp_path, generator_dir, "resumed"), resume=True, progress=False)  # adapters + optimizer back
     resumed = _comparable(read_metrics(tmp_path / "resumed" / "metrics.jsonl"))
     full = _comparable(read_metrics(tmp_path / "full" / "metrics.jsonl"))
-    assert resumed and resumed == full
+    # equal up to float32 rounding: MKL's matrix products may round differently with the buffers' alignment
+    # (MKL_CBWR=COMPATIBLE makes them equal bit for bit), and a reloaded critic's buffers lie elsewhere; a lost
+    # optimizer state or adapter moves these metrics by far more than 1e-6
+    assert resumed and len(resumed) == len(full)
+    for a, b in zip(resumed, full):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == (pytest.approx(b[k], rel=1e-6, abs=1e-9) if isinstance(b[k], float) else b[k]), k
     assert resumed[0]["rl/kl"] != 0.0  # epoch 2 starts from trained adapters, not from fresh ones
+
+
+# --------------------------------------------------------------------------- dropout (issue 23, finding 3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_critic_has_no_dropout_in_train_mode(arch, tmp_path):
+    """Old values and GAE targets come from the critic in eval(), its updates run in train(): with a dropout
+    anywhere in it (transformers 5 gives Llama's and Qwen2's token-classification heads Dropout(0.1); a config
+    may set attention dropout) the critic trained would be another function than the one read."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    from rlprm.rl.ppo import _load_value_model
+
+    config = (LlamaConfig if arch == "llama" else Qwen2Config)(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, attention_dropout=0.2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / arch)
+    critic = _load_value_model(str(tmp_path / arch), "float32", "cpu", False)
+    ids = torch.randint(0, 40, (3, 9))
+    critic.eval()
+    with torch.no_grad():
+        evaluated = critic(input_ids=ids).logits
+    critic.train()
+    with torch.no_grad():
+        trained = [critic(input_ids=ids).logits for _ in range(3)]
+    assert evaluated.abs().max() > 0
+    assert all(torch.equal(t, evaluated) for t in trained)
+
+
+def test_ppo_with_lora_by_default_starts_every_update_at_ratio_one(generator_dir, tmp_path, monkeypatch):
+    """lora.dropout's default: with dropout on the adapters, the first minibatch of an update (whose old
+    log-probs are the same weights in eval mode) has a ratio away from 1 once lora_B has moved."""
+    from rlprm.rl import core, ppo, train
+
+    seen = []
+    _spy(monkeypatch, core, "policy_loss", seen)
+    monkeypatch.setattr(ppo, "_generate", _rollouts_per_prompt(ppo, _right_and_wrong))
+    recipe = make_recipe(tmp_path, generator_dir, "lora_ratio", epochs=1, problems_per_epoch=6)
+    recipe.model.lora.enabled, recipe.model.lora.r, recipe.model.lora.alpha = True, 4, 8  # dropout: the default
+    recipe.rl.minibatch_size = 4  # one minibatch per iteration: every policy_loss call is an update's first
+    recipe.rl.eval_n_max = 0
+    recipe.rl.max_new_tokens = 80
+    recipe.rl.learning_rate = 1e-2
+    train(recipe, progress=False)
+    stats = [out[1] for _, _, out in seen]
+    assert len(stats) == 3
+    for s in stats:  # iterations 2 and 3 start from moved adapters
+        assert abs(s["ratio"].item() - 1.0) < 1e-6 and s["approx_kl"].item() < 1e-10 and s["clipfrac"].item() == 0
+
+
+def test_ppo_refuses_lora_dropout(generator_dir, tmp_path):
+    from rlprm.rl import train
+    from rlprm.rl.run import RLInputError
+
+    recipe = _lora_recipe(tmp_path, generator_dir, "lora_dropout")
+    recipe.model.lora.dropout = 0.05
+    with pytest.raises(RLInputError, match="model.lora.dropout: 0"):
+        train(recipe, progress=False)
+
+
+# --------------------------------------------------------------------------- bf16 master weights (issue 23, finding 4)
+
+
+def _changed_fraction(trained_dir, generator_dir) -> float:
+    """Share of the generator's weights (as loaded in bf16) that the saved policy no longer holds."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    start = AutoModelForCausalLM.from_pretrained(generator_dir, dtype=torch.bfloat16)
+    trained = dict(AutoModelForCausalLM.from_pretrained(trained_dir, dtype="auto").named_parameters())
+    changed = total = 0
+    for name, p in start.named_parameters():
+        changed += int((trained[name].float() != p.float()).sum())
+        total += p.numel()
+    return changed / total
+
+
+def test_a_bf16_policy_and_critic_train_on_float32_masters(generator_dir, tmp_path):
+    """AdamW steps of 1e-5 on weights of ~0.02 are below bf16's resolution: with bf16 parameters most updates
+    round away. A bf16 recipe (without DeepSpeed) trains float32 copies, moving as many weights as float32."""
+    from safetensors import safe_open
+
+    from rlprm.rl import train
+
+    fractions = {}
+    for dtype in ("float32", "bfloat16"):
+        recipe = make_recipe(tmp_path, generator_dir, dtype, epochs=1)
+        recipe.model.dtype = dtype
+        recipe.rl.learning_rate = recipe.rl.value_learning_rate = 1e-5
+        recipe.rl.eval_n_max = 0
+        train(recipe, progress=False)
+        ckpt = tmp_path / dtype / "checkpoints" / "epoch-0001"
+        fractions[dtype] = _changed_fraction(ckpt / "model", generator_dir)
+    assert fractions["float32"] > 0.9
+    assert fractions["bfloat16"] > fractions["float32"] - 0.05
+    with safe_open(str(ckpt / "extra" / "value" / "model.safetensors"), "pt") as f:  # the critic's masters too
+        assert all(f.get_tensor(k).dtype == __import__("torch").float32 for k in f.keys())
+
+
+# --------------------------------------------------------------------------- rl.target_kl inside the loop
+
+
+def test_target_kl_adapts_the_kl_coefficient_inside_the_loop(generator_dir, tmp_path, monkeypatch):
+    """rl.target_kl (the real-size recipes set 0.02): after every iteration the coefficient is multiplied by
+    1 + clip(KL / target - 1, -0.2, 0.2) * B / horizon (Ziegler et al. 2019), from that iteration's per-token
+    KL; the first rollout's KL is 0 (the policy is the reference), so it falls, then the KL of a moved policy
+    above the target raises it. Without target_kl it stays rl.kl_coef."""
+    from rlprm.rl import ppo, train
+
+    monkeypatch.setattr(ppo, "_generate", _rollouts_per_prompt(ppo, _right_and_wrong))
+    logs = {}
+    for target in (None, 1e-6):
+        recipe = make_recipe(tmp_path, generator_dir, f"kl_{target}", epochs=1, problems_per_epoch=8)
+        recipe.rl.target_kl, recipe.rl.kl_horizon, recipe.rl.kl_estimator = target, 8, "k3"  # k3: never below 0
+        recipe.rl.learning_rate, recipe.rl.eval_n_max, recipe.rl.max_new_tokens = 1e-2, 0, 80
+        train(recipe, progress=False)
+        logs[target] = [r for r in read_metrics(tmp_path / f"kl_{target}" / "metrics.jsonl") if "rl/kl_coef" in r]
+    assert [r["rl/kl_coef"] for r in logs[None]] == [0.05] * 4
+    adaptive = logs[1e-6]
+    assert len(adaptive) == 4 and adaptive[0]["rl/kl_per_token"] == 0.0 and adaptive[-1]["rl/kl_per_token"] > 1e-4
+    coef, want = 0.05, []
+    for r in adaptive:  # 4 samples per iteration, horizon 8
+        coef *= 1 + min(max(r["rl/kl_per_token"] / 1e-6 - 1, -0.2), 0.2) * 4 / 8
+        want.append(coef)
+    assert [r["rl/kl_coef"] for r in adaptive] == pytest.approx(want, rel=1e-9)
+    assert want[0] == pytest.approx(0.045) and want[-1] > want[-2]  # down after KL 0, up once the policy moved
+
+
+# --------------------------------------------------------------------------- no (B, T, V) float32 logits (issue 23, finding 5)
+
+
+def test_update_logprobs_from_hidden_states_equal_the_full_logits_and_their_gradient(generator_dir):
+    """The update's log-probs (the last hidden states through the output layer, a chunk of rows at a time,
+    recomputed in the backward pass; or, for a head ZeRO-3 partitions, the model's response logits) equal
+    log_softmax of the full logits, and so do the gradients of a loss on them."""
+    import torch
+
+    from rlprm.models import load_causal_lm, load_tokenizer
+    from rlprm.rl.core import token_logprobs
+    from rlprm.rl.ppo import build_rollout, response_features
+
+    tok = load_tokenizer(str(generator_dir), padding_side="left")
+    model = load_causal_lm(str(generator_dir), "float32", "cpu", False).train()
+    enc = tok(["93 +3 -4 mod 10\n", "5 +1 last digit\n"], return_tensors="pt", padding=True)
+    ids = [tok("1 + 2 = 3\n", add_special_tokens=False)["input_ids"], tok("7\n", add_special_tokens=False)["input_ids"]]
+    ro = build_rollout(tok, enc["input_ids"], enc["attention_mask"], ids, 1)
+    P, T, m = ro.prompt_width, ro.response_mask.shape[1], ro.response_mask
+    weights = torch.randn(m.shape, generator=torch.Generator().manual_seed(0))
+
+    def run(how):
+        model.zero_grad(set_to_none=True)
+        if how == "plain":
+            logp = _full_logits_logprobs(model, ro, 0.7)
+        else:
+            features, head = response_features(model, ro.input_ids, ro.attention_mask, P, T)
+            assert (head is None) == (how == "zero3")
+            logp = token_logprobs(features, ro.input_ids[:, P:], head, 0.7, chunk_elements=3 * features.shape[-1]
+                                  if head is None else 3 * head.out_features)[0]
+        (logp * weights)[m].sum().backward()
+        return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    want, want_grads = run("plain")
+    got, grads = run("hidden")
+    weight = model.get_output_embeddings().weight
+    weight.ds_id = 0  # what a ZeRO-3 partitioned parameter carries
+    try:
+        zero3, zero3_grads = run("zero3")
+    finally:
+        del weight.ds_id
+    for logp, g in ((got, grads), (zero3, zero3_grads)):
+        assert torch.allclose(logp[m], want[m], atol=1e-5)
+        assert all(torch.allclose(g[n], want_grads[n], atol=1e-5) for n in want_grads)
+
+
+def test_a_model_whose_head_does_not_give_its_logits_is_refused(generator_dir):
+    """A model that scales (or soft-caps) its logits after the output layer: reading the head on the hidden
+    states would give other log-probs than the model's; the check on the last position refuses it."""
+    from rlprm.models import load_causal_lm, load_tokenizer
+    from rlprm.rl.ppo import build_rollout, rollout_logprobs
+    from rlprm.rl.run import RLError
+
+    tok = load_tokenizer(str(generator_dir), padding_side="left")
+    model = load_causal_lm(str(generator_dir), "float32", "cpu", False).eval()
+    enc = tok(["93 +3 -4 mod 10\n"], return_tensors="pt", padding=True)
+    ro = build_rollout(tok, enc["input_ids"], enc["attention_mask"], [tok("7\n", add_special_tokens=False)["input_ids"]], 1)
+    rollout_logprobs(model, ro, 1.0)
+
+    def scale(_module, _args, out):
+        out.logits = out.logits * 0.5
+        return out
+
+    model.register_forward_hook(scale)
+    with pytest.raises(RLError, match="does not give its logits"):
+        rollout_logprobs(model, ro, 1.0)
+
+
+def test_a_bf16_run_resumes_to_the_uninterrupted_metrics(generator_dir, tmp_path):
+    """The float32 masters of a bf16 recipe come back from a checkpoint unrounded (the policy's and the
+    critic's), so a resumed bf16 run continues as the uninterrupted one."""
+    from rlprm.rl import train
+
+    def recipe(out, epochs):
+        r = make_recipe(tmp_path, generator_dir, out, epochs=epochs)
+        r.model.dtype, r.rl.eval_n_max = "bfloat16", 0
+        return r
+
+    train(recipe("full", 2), progress=False)
+    train(recipe("resumed", 1), progress=False)
+    train(recipe("resumed", 2), resume=True, progress=False)
+    resumed = _comparable(read_metrics(tmp_path / "resumed" / "metrics.jsonl"))
+    full = _comparable(read_metrics(tmp_path / "full" / "metrics.jsonl"))
+    assert resumed and len(resumed) == len(full)
+    for a, b in zip(resumed, full):  # to float32 rounding (see the LoRA resume test)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == (pytest.approx(b[k], rel=1e-6, abs=1e-9) if isinstance(b[k], float) else b[k]), k

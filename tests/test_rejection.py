@@ -298,3 +298,22 @@ def test_several_processes_check_the_totals_naming_the_key(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "rlprm" / "train_rl.py"), "--local_rank=1", str(recipe)],
                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "WORLD_SIZE": "2"})
     assert out.returncode == 2 and "rl.sft_batch_size (3) is a total over the 2 processes" in out.stderr
+
+
+def test_a_bf16_policy_trains_on_float32_masters(fixed_sampling, generator_dir, tmp_path):
+    """SFT steps of 1e-5 on bf16 weights of ~0.02 round away; a bf16 recipe trains float32 copies."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlprm.rl import train
+
+    recipe = make_recipe(tmp_path, generator_dir, "bf16", epochs=1)
+    recipe.model.dtype = "bfloat16"
+    recipe.rl.learning_rate = 1e-5
+    recipe.rl.eval_n_max = 0
+    final = train(recipe, progress=False)
+    assert final["rs/sft_steps"] >= 1
+    start = AutoModelForCausalLM.from_pretrained(generator_dir, dtype=torch.bfloat16)
+    trained = dict(AutoModelForCausalLM.from_pretrained(final["export_dir"], dtype="auto").named_parameters())
+    changed = sum(int((trained[n].float() != p.float()).sum()) for n, p in start.named_parameters())
+    assert changed / sum(p.numel() for p in start.parameters()) > 0.9

@@ -23,6 +23,7 @@ from rlprm.rl.core import (
     policy_loss,
     process_token_advantages,
     step_rewards_to_token_advantages,
+    token_logprobs,
     value_loss,
 )
 
@@ -387,3 +388,82 @@ def test_logprobs_from_logits_divides_by_the_sampling_temperature():
     assert torch.allclose(got, torch.tensor([[math.log(0.9), math.log(0.1)]]))
     with pytest.raises(ValueError, match="temperature"):
         logprobs_from_logits(logits, tokens, temperature=0.0)
+
+
+# --------------------------------------------------------------------------- chunked log-probs (no full (B, T, V) copy)
+
+
+def _plain(logits, tokens, temperature):
+    """The one-piece computation the chunks must equal: log_softmax and entropy over all of (B, T, V)."""
+    z = logits.double() / temperature
+    logp = torch.log_softmax(z, -1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+def test_token_logprobs_on_hand_computed_rows():
+    # row [0, log 3]: p = [1/4, 3/4], H = -(1/4 ln 1/4 + 3/4 ln 3/4) = ln 4 - 3/4 ln 3; at T = 0.5: p = [1/10, 9/10]
+    logits = t([[[0.0, math.log(3.0)], [0.0, math.log(3.0)], [1.0, 1.0]]])
+    tokens = torch.tensor([[1, 0, 0]])
+    for chunk in (1, 2, 4, 1 << 20):  # one row per chunk, rows split unevenly, all at once
+        lp, ent = token_logprobs(logits, tokens, entropy=True, chunk_elements=chunk)
+        assert lp.dtype == ent.dtype == torch.float32 and lp.shape == ent.shape == (1, 3)
+        assert close(lp, [[math.log(0.75), math.log(0.25), math.log(0.5)]])
+        assert close(ent, [[math.log(4) - 0.75 * math.log(3)] * 2 + [math.log(2)]])
+        lp, none = token_logprobs(logits, tokens, temperature=0.5, chunk_elements=chunk)
+        assert none is None and close(lp, [[math.log(0.9), math.log(0.1), math.log(0.5)]])
+
+
+def test_token_logprobs_through_a_head_equal_the_full_logits_computation_and_its_gradient():
+    """hidden (B, T, H) and an output layer: chunks of rows give the one-piece log-probs and entropy, and the
+    gradients (with respect to the hidden states and the head's weight) of a loss on them."""
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 3, 5, 4, 11
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(H, V, bias=True).double()
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    weights = torch.randn(B, T, generator=g, dtype=torch.float64)
+    want_lp, want_ent = _plain(head(hidden), tokens, 0.7)
+    (want_lp * weights).sum().backward()
+    want_grads = [hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
+    for chunk in (V, 2 * V, 4 * V, 100 * V):  # 1, 2 (uneven: 15 rows), 4 rows per chunk, all at once
+        hidden.grad, head.weight.grad, head.bias.grad = None, None, None
+        lp, ent = token_logprobs(hidden, tokens, head=head, temperature=0.7, entropy=True, chunk_elements=chunk)
+        assert torch.allclose(lp.double(), want_lp, atol=1e-6) and torch.allclose(ent.double(), want_ent, atol=1e-6)
+        (lp * weights).sum().backward()
+        for got, want in zip([hidden.grad, head.weight.grad, head.bias.grad], want_grads):
+            assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_token_logprobs_make_one_chunk_of_logits_at_a_time():
+    """The head is called on at most chunk_elements // V rows at once (what bounds the float32 memory)."""
+    H, V = 3, 10
+    linear = torch.nn.Linear(H, V)
+    rows = []
+
+    def head(x):
+        rows.append(x.shape[0])
+        return linear(x)
+
+    with torch.no_grad():
+        token_logprobs(torch.randn(4, 6, H), torch.zeros(4, 6, dtype=torch.long), head=head, chunk_elements=5 * V)
+    assert rows[-5:] == [5, 5, 5, 5, 4] and max(rows) == 5
+
+
+def test_token_logprobs_of_bf16_logits_are_float32_and_a_banned_token_gives_no_nan():
+    logits = torch.tensor([[[0.0, -math.inf, 1.0]]], dtype=torch.bfloat16)
+    lp, ent = token_logprobs(logits, torch.tensor([[2]]), entropy=True)
+    assert lp.dtype == torch.float32 and torch.isfinite(ent).all()
+    assert close(lp, [[-math.log(1 + math.exp(-1))]], tol=1e-6)
+
+
+def test_value_loss_counts_no_clipping_inside_the_range():
+    """Values within clip_range_value of the old ones are not clipped: no rounding of old + (V - old) may count
+    a token as clipped (an update's first values equal the old ones up to the last bit, without dropout)."""
+    g = torch.Generator().manual_seed(0)
+    # values of other magnitudes than the old ones: V - old is rounded, and old + (V - old) may miss V by an ulp
+    old, values = 0.1 * torch.randn(64, 32, generator=g), 0.1 * torch.randn(64, 32, generator=g)
+    returns = torch.randn(64, 32, generator=g)
+    mask = torch.ones(64, 32, dtype=torch.bool)
+    loss, stats = value_loss(values, old, returns, mask, 10.0)
+    assert stats["vf_clipfrac"].item() == 0.0
+    assert loss.item() == pytest.approx(0.5 * ((values - returns) ** 2).mean().item(), rel=1e-6)

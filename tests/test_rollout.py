@@ -383,3 +383,37 @@ def test_vllm_rollouts_under_zero3_are_refused_before_any_model_loads(vllm_allow
     with pytest.raises(RLInputError, match="rl.rollout vllm with ZeRO-3"):
         train(recipe, progress=False)
     assert not (tmp_path / "zero3" / "metrics.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- the checkpoint's generation_config (issue 23, finding 6)
+
+
+@pytest.mark.parametrize("setting", [{"repetition_penalty": 5.0}, {"do_sample": True, "min_p": 0.3, "top_k": 3},
+                                     {"no_repeat_ngram_size": 1}, {"suppress_tokens": [5, 6, 7, 8, 9, 10]}])
+def test_sampling_ignores_the_checkpoints_generation_config(setting, char_tokenizer, tmp_path):
+    """PPO recomputes log-probs as softmax(logits / T): a rollout drawn through a checkpoint's own
+    generation_config (repetition penalty, min_p, top_k, banned tokens, ...) comes from another distribution.
+    The same seed must give the same samples whatever generation_config.json says."""
+    from transformers import AutoModelForCausalLM
+
+    from rlprm.models import build_tiny_causal_lm
+    from rlprm.rollout import HFSampler
+    from rlprm.sampling import sample
+
+    model = build_tiny_causal_lm(TINY, char_tokenizer, seed=4)
+    model.save_pretrained(tmp_path / "plain")
+    model.generation_config.update(**setting)
+    model.save_pretrained(tmp_path / "tuned")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned").eval()
+    assert all(getattr(tuned.generation_config, k) == v for k, v in setting.items())
+    prompts = ["93 +3 -4 mod 10\n", "5 +1 last digit\n"]
+
+    def pools(m):
+        torch.manual_seed(11)
+        rollout = HFSampler(m, char_tokenizer).generate(prompts, 3, 1.0, 24).completions
+        return rollout, sample(m, char_tokenizer, prompts, n=3, temperature=1.0, max_new_tokens=24, seed=5).texts
+
+    assert pools(tuned) == pools(plain)
+    assert tuned.generation_config.to_dict() == AutoModelForCausalLM.from_pretrained(
+        tmp_path / "tuned").generation_config.to_dict()  # the model's own setting is left as it was

@@ -17,9 +17,10 @@ Four models take part:
 Temperature: rollouts are sampled from softmax(logits / rl.temperature), so
 every log-prob of the update and of the KL (policy old and new, reference)
 and the logged entropy are taken at that temperature too
-(`core.logprobs_from_logits`); raw logits at T != 1 would make every update
-off-policy. Only the `confidence` reward uses T = 1: it is the starting
-model's own confidence, whatever the sampling temperature.
+(`core.token_logprobs`, a chunk of rows at a time: no (B, T, V) float32
+logits); raw logits at T != 1 would make every update off-policy. Only the
+`confidence` reward uses T = 1: it is the starting model's own confidence,
+whatever the sampling temperature.
 
 KL metrics per iteration, measured on the rollout (the policy after the last
 update against the reference, with `rl.kl_estimator`): `rl/kl_per_token`, the
@@ -44,6 +45,16 @@ the prompts, gradients are averaged, rank 0 alone evaluates and writes. Under
 ZeRO-3 the policy is gathered whole on every rank for generation
 (`Dist.whole_weights`), so that ranks stopping at different lengths never wait
 for each other's forward passes; every other pass runs on all ranks in step.
+
+Precision and determinism: without DeepSpeed, bf16 (fp16) weights train as
+float32 masters (`models.float32_masters`; AdamW's small steps round away on
+bf16 weights), and on a GPU every pass over the policy and the critic runs in
+bf16 autocast (`PPO._compute`); DeepSpeed's bf16 keeps its own masters. No
+dropout anywhere in the policy or the critic (`models.disable_dropout`;
+model.lora.dropout > 0 is refused): the old log-probs and values are read in
+eval mode, the update runs in train mode, and an update's first ratio is 1.
+Log-probs and the entropy never make a (B, T, V) float32 tensor
+(`response_features` + `core.token_logprobs`).
 
 Resume works at epoch granularity: a checkpoint holds the policy (its
 adapters only, with LoRA), the value model, both optimizers, the KL
@@ -143,25 +154,115 @@ def _rollout_values(value_model, ro: Rollout, T: int):
     return _forward(value_model, ro.input_ids, ro.attention_mask, ro.prompt_width, T).squeeze(-1).float()
 
 
-def rollout_logprobs(model, ro: Rollout, temperature: float):
-    """(B, T) float32 log-probs of the rollout's response tokens under `model`, at `temperature`, plus the logits.
+def _hf_model(model):
+    """The transformers model under a DeepSpeed engine, a peft wrapper and `reference.AdaptersOff`."""
+    from rlprm.launch import unwrap
+    from rlprm.rl.reference import AdaptersOff
 
-    Returns (logprobs, logits (B, T, V)); logprobs are those of the
-    distribution the rollout was sampled from when `model` is the sampling
-    policy and `temperature` the sampling temperature. Padding positions hold
-    values for the pad token (mask them out).
+    model = unwrap(model)
+    if isinstance(model, AdaptersOff):
+        model = model.model
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def response_features(model, input_ids, attention_mask, prompt_width: int, T: int):
+    """(features, head) for `core.token_logprobs`: the final hidden states (B, T, H) at the positions that predict
+    response tokens 0..T-1, and the output layer that turns them into logits.
+
+    The causal LM is asked for the last position's logits only (`logits_to_keep=1`): its full (B, P + T, V)
+    logits never exist; the body's output is read by a hook. The head applied to the last hidden state must
+    give the model's own last logits (a model that scales or soft-caps its logits after the output layer
+    would not): checked on every call, an RLError otherwise. A model without `logits_to_keep` gives its logits
+    (model dtype) as the features, and head None; so does, with gradients on, a head that ZeRO-3 partitions
+    (the response columns' logits only).
     """
-    from rlprm.rl.core import logprobs_from_logits
+    import inspect
+
+    import torch
+
+    hf = _hf_model(model)
+    if "logits_to_keep" not in inspect.signature(hf.forward).parameters:
+        return _forward(model, input_ids, attention_mask, prompt_width, T), None
+    head = hf.get_output_embeddings()
+    if _partitioned(head) and (torch.is_grad_enabled() or type(head) is not torch.nn.Linear):
+        # ZeRO-3 partitions the head, and re-running it outside the engine's forward (to recompute a chunk in the
+        # backward pass) finds a frozen head's weight released: the model's own logits of the response columns
+        # instead (logits_to_keep; model dtype, bf16 under DeepSpeed's bf16), reduced a chunk at a time
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=T + 1)
+        return out.logits[:, :T], None
+    captured = []
+    hook = hf.base_model.register_forward_hook(
+        lambda _module, _args, out: captured.append(out[0] if isinstance(out, tuple) else out.last_hidden_state))
+    try:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=1)
+    finally:
+        hook.remove()
+    hidden = captured[-1]
+    with torch.no_grad():
+        mine, theirs = head(hidden[:, -1].detach()).float(), out.logits[:, -1].detach().float()
+        if not torch.allclose(mine, theirs, rtol=1e-3, atol=1e-3 * float(theirs.abs().max().clamp(min=1))):
+            raise RLError(f"{type(hf).__name__}: its output layer applied to its last hidden state does not give "
+                          "its logits (a final logit scaling or soft-capping?); PPO's log-probs cannot read it")
+    return hidden[:, prompt_width - 1: prompt_width - 1 + T], head
+
+
+def _partitioned(head) -> bool:
+    """Whether ZeRO-3 holds only this rank's shard of `head`'s weights."""
+    return head is not None and any(hasattr(p, "ds_id") for p in head.parameters())
+
+
+def features_logprobs(features, head, tokens, temperatures: tuple[float, ...], entropy: bool = False):
+    """`core.token_logprobs` of `response_features`' output at each of `temperatures` (no gradients): a list of
+    (logprobs, entropy or None), the entropy at the first temperature only.
+
+    A head that ZeRO-3 partitions is gathered once for all the chunks (one collective, which every rank makes
+    once, whatever its number of chunks) and applied as a plain linear map, so that no chunk needs the others."""
+    import contextlib
+
+    import torch
+
+    from rlprm.rl.core import token_logprobs
+
+    gathered, apply = contextlib.nullcontext(), head
+    if _partitioned(head):
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=None)
+        apply = lambda x: torch.nn.functional.linear(x, head.weight, head.bias)  # noqa: E731  (the module's hooks
+        # would fetch and release its shards around every chunk)
+    with gathered:
+        return [token_logprobs(features, tokens, apply, t, entropy and i == 0) for i, t in enumerate(temperatures)]
+
+
+def rollout_logprobs(model, ro: Rollout, temperature: float, entropy: bool = False):
+    """(B, T) float32 log-probs of the rollout's response tokens under `model`, at `temperature`, and their
+    entropy (B, T) float32 when asked (else None).
+
+    The log-probs are those of the distribution the rollout was sampled from when `model` is the sampling
+    policy and `temperature` the sampling temperature. Padding positions hold values for the pad token (mask
+    them out). No (B, T, V) float32 tensor is made (`core.token_logprobs`): at a 151,936-token vocabulary
+    one would be 20 GB for 32 responses of 1024 tokens.
+    """
+    import torch
+
+    from rlprm.rl.core import token_logprobs
 
     T = ro.response_mask.shape[1]
-    logits = _forward(model, ro.input_ids, ro.attention_mask, ro.prompt_width, T)
-    return logprobs_from_logits(logits, ro.input_ids[:, ro.prompt_width:], temperature), logits
+    features, head = response_features(model, ro.input_ids, ro.attention_mask, ro.prompt_width, T)
+    tokens = ro.input_ids[:, ro.prompt_width:]
+    if torch.is_grad_enabled():
+        return token_logprobs(features, tokens, head, temperature, entropy)
+    return features_logprobs(features, head, tokens, (temperature,), entropy)[0]
 
 
 def _load_value_model(path: str, dtype: str, device: str, trust_remote_code: bool, layers: int = 0):
     from transformers import AutoModelForTokenClassification
 
-    from rlprm.models import torch_dtype
+    from rlprm.models import disable_dropout, torch_dtype
     from rlprm.reward_models import quiet_transformers
 
     # the head is new (1 output, randomly initialised from the global RNG): transformers' load report is expected noise
@@ -170,7 +271,8 @@ def _load_value_model(path: str, dtype: str, device: str, trust_remote_code: boo
                                                                 trust_remote_code=trust_remote_code)
     if layers:
         truncate_layers(model, layers)
-    return model.to(device)
+    # its values are read in eval() (old values, GAE) and trained in train(): no dropout anywhere
+    return disable_dropout(model).to(device)
 
 
 def truncate_layers(model, keep: int) -> None:
@@ -203,6 +305,11 @@ class PPO:
 
     def check(self, recipe: Recipe) -> None:
         check_models(recipe)  # LoRA is supported: adapters train, the reference is the base with them off
+        lora = recipe.model.lora
+        if lora.enabled and lora.dropout > 0:
+            raise RLInputError(f"model.lora.dropout is {lora.dropout}: PPO reads its old log-probs in eval mode and "
+                               "trains in train mode, so dropout on the adapters makes every update's ratio start "
+                               "away from 1; set model.lora.dropout: 0 (the default)")
 
     def distributed(self, recipe: Recipe):
         # several processes (or a `deepspeed:` key): DeepSpeed engines, each rank with its share of the prompts and
@@ -219,14 +326,28 @@ class PPO:
     def setup(self, run: Run) -> None:
         import torch
 
+        from rlprm.models import disable_dropout, float32_masters
         from rlprm.rl.core import AdaptiveKLController, FixedKLController
 
         recipe, rl = run.recipe, run.recipe.rl
         m = recipe.model
         ckpt = run.ckpt
         value_src = ckpt / "extra" / "value" if ckpt else (m.generator if rl.value_model == "policy" else rl.value_model)
-        self.value_model = _load_value_model(value_src, m.dtype, run.device, m.trust_remote_code, rl.value_layers)
-        # the trainable weights only: all of them, or LoRA's adapters (the frozen base needs no Adam moments)
+        # a checkpoint's critic in the dtype it was saved in (its float32 masters come back unrounded)
+        self.value_model = _load_value_model(value_src, "auto" if ckpt else m.dtype, run.device, m.trust_remote_code,
+                                             rl.value_layers)
+        # the old log-probs are read in eval(), the update runs in train(): the policy without dropout either
+        disable_dropout(run.policy, config=False)
+        # the trainable weights only: all of them, or LoRA's adapters (the frozen base needs no Adam moments).
+        # Without DeepSpeed (whose bf16 keeps float32 masters itself) bf16 weights train as float32 copies: AdamW's
+        # small steps round away on bf16 weights; on a GPU the passes then run in bf16 autocast (`_compute`)
+        low = {p.dtype for p in run.policy.parameters()} & {torch.bfloat16, torch.float16}
+        self.autocast = None
+        if not run.dist.deepspeed:
+            float32_masters(run.policy)
+            float32_masters(self.value_model)
+            if low and str(run.device).startswith("cuda"):
+                self.autocast = low.pop()
         self.policy_opt = torch.optim.AdamW([p for p in run.policy.parameters() if p.requires_grad],
                                             lr=rl.learning_rate)
         self.value_opt = torch.optim.AdamW(self.value_model.parameters(), lr=rl.value_learning_rate)
@@ -243,6 +364,17 @@ class PPO:
                                                                                               rl.kl_horizon)
         self.opt_step = 0  # policy optimizer steps (for the warm-up)
         self.deepspeed, self.is_main, self.dist = run.dist.deepspeed, run.dist.is_main, run.dist
+
+    def _compute(self):
+        """The precision of every pass over the policy and the critic: bf16 (fp16) autocast over their float32
+        masters on a GPU when the recipe's weights were bf16 (fp16); as they are otherwise. Sampling, the old
+        log-probs and the update all run under it, so that the first ratio of an update is 1."""
+        import contextlib
+
+        import torch
+
+        return (contextlib.nullcontext() if getattr(self, "autocast", None) is None else
+                torch.autocast("cuda", dtype=self.autocast))
 
     def load_state_dict(self, state: dict) -> None:
         if not self.deepspeed and state.get("policy_optimizer") is not None:
@@ -309,8 +441,9 @@ class PPO:
             order = torch.randperm(B)
             for start in range(0, B, minibatch):
                 idx = order[start:start + minibatch].to(mask.device)
-                values = _forward(self.value_engine, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_width,
-                                  T).squeeze(-1).float()
+                with self._compute():
+                    values = _forward(self.value_engine, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_width,
+                                      T).squeeze(-1).float()
                 loss = 0.5 * masked_mean((values - targets[idx]) ** 2, mask[idx])
                 if dist.deepspeed:
                     self.value_engine.backward(loss)
@@ -326,7 +459,7 @@ class PPO:
 
         from rlprm.problems import grade_samples
         from rlprm.rewards import RewardError, add_kl_penalty, confidence_scores, prefix_correct_probs, training_rewards
-        from rlprm.rl.core import entropy_from_logits, gae, logprobs_from_logits, masked_mean, policy_loss, value_loss
+        from rlprm.rl.core import gae, masked_mean, policy_loss, token_logprobs, value_loss
         from rlprm.rl.distributed import shard, trim
         from rlprm.rollout import logprob_gap
 
@@ -348,7 +481,7 @@ class PPO:
 
             # 1. generate: n samples per prompt, EOS and token ids kept (rl.rollout: HF generate or vLLM; ZeRO-3:
             # the policy gathered whole on every rank, so that ranks stopping at different lengths never wait)
-            with dist.whole_weights(policy):
+            with dist.whole_weights(policy), self._compute():
                 ro = _generate(self.sampler, tokenizer, [p.prompt for p in batch], n, rl.temperature, rl.max_new_tokens)
             B, T = ro.response_mask.shape
             sample_problems = [p for p in batch for _ in range(n)]
@@ -365,11 +498,13 @@ class PPO:
                 scores = [prefix_correct_probs(g.step_correct or []) for g in grades]
             elif rcfg.source == "confidence":
                 # the frozen start's own confidence, at T = 1; the same forward pass gives the KL's log-probs
-                with torch.no_grad():
-                    ref_logprobs, ref_logits = rollout_logprobs(reference, ro, rl.temperature)
-                    confidence_logprobs = (ref_logprobs if rl.temperature == 1.0 else
-                                           logprobs_from_logits(ref_logits, ro.input_ids[:, ro.prompt_width:], 1.0))
-                    del ref_logits
+                with torch.no_grad(), self._compute():
+                    features, head = response_features(reference, ro.input_ids, ro.attention_mask,
+                                                       ro.prompt_width, T)
+                    both = features_logprobs(features, head, ro.input_ids[:, ro.prompt_width:],
+                                             (rl.temperature,) if rl.temperature == 1.0 else (rl.temperature, 1.0))
+                    ref_logprobs, confidence_logprobs = both[0][0], both[-1][0]
+                    del features
             t_score = time.monotonic() - t0 - t_gen
 
             # 3. rewards on the policy's response tokens (dense at step ends, or sparse at the last token)
@@ -389,11 +524,10 @@ class PPO:
 
             # 4. logprobs and values of the rollout, before any update (the "old" policy and critic), at the
             # sampling temperature: the distribution the rollout came from
-            with torch.no_grad():
+            with torch.no_grad(), self._compute():
                 policy.eval()
-                old_logprobs, logits = rollout_logprobs(policy, ro, rl.temperature)
-                entropy = masked_mean(entropy_from_logits(logits.float() / rl.temperature, mask), mask)
-                del logits
+                old_logprobs, entropy = rollout_logprobs(policy, ro, rl.temperature, entropy=True)
+                entropy = masked_mean(entropy, mask)
                 # the ratio's old log-probs are the policy's own (above); a vLLM sampler's only measure the mismatch
                 gap = None if ro.sampler_logprobs is None else logprob_gap(ro.sampler_logprobs, old_logprobs,
                                                                            ro.response_mask)
@@ -407,7 +541,7 @@ class PPO:
 
             if run.step == 0 and rl.critic_warmup_passes:  # a fresh run's first rollout: fit the new critic first
                 self.warm_critic(rl, ro, shaped, mask, dist)
-                with torch.no_grad():
+                with torch.no_grad(), self._compute():
                     old_values = _rollout_values(value_model, ro, T)
 
             with torch.no_grad():
@@ -426,9 +560,11 @@ class PPO:
                 for start in range(0, B, minibatch):
                     idx = order[start:start + minibatch].to(device)
                     ids, att, m = ro.input_ids[idx], ro.attention_mask[idx], mask[idx]
-                    new_logprobs = logprobs_from_logits(_forward(self.policy_engine, ids, att, ro.prompt_width, T),
-                                                        ids[:, ro.prompt_width:], rl.temperature)
-                    values = _forward(self.value_engine, ids, att, ro.prompt_width, T).squeeze(-1).float()
+                    with self._compute():
+                        # the output layer runs a chunk of rows at a time, recomputed in the backward pass
+                        features, head = response_features(self.policy_engine, ids, att, ro.prompt_width, T)
+                        new_logprobs = token_logprobs(features, ids[:, ro.prompt_width:], head, rl.temperature)[0]
+                        values = _forward(self.value_engine, ids, att, ro.prompt_width, T).squeeze(-1).float()
                     pl, pstats = policy_loss(new_logprobs, old_logprobs[idx], advantages[idx], m, rl.clip_range)
                     vl, vstats = value_loss(values, old_values[idx], returns[idx], m, rl.clip_range_value)
                     loss = pl + rl.vf_coef * vl
@@ -497,4 +633,4 @@ class PPO:
                       f"gen {t_gen:.1f}s score {t_score:.1f}s update {t_update:.1f}s", flush=True)
 
 
-__all__ = ["PPO", "Rollout", "build_rollout", "rollout_logprobs", "truncate_layers"]
+__all__ = ["PPO", "Rollout", "build_rollout", "response_features", "rollout_logprobs", "truncate_layers"]

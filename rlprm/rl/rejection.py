@@ -132,9 +132,12 @@ class RejectionSampling:
         import torch
 
         datasets.disable_progress_bars()
-        # one optimizer for the whole run (constant rate): its moments carry over from epoch to epoch
-        self.optimizer = torch.optim.AdamW([p for p in run.policy.parameters() if p.requires_grad],
-                                           lr=run.recipe.rl.learning_rate)
+        from rlprm.models import float32_masters
+
+        # one optimizer for the whole run (constant rate): its moments carry over from epoch to epoch. Its weights
+        # in float32 even for a bf16 recipe: AdamW's small steps round away on bf16 weights (the SFT trainer
+        # computes in bf16 autocast on a GPU)
+        self.optimizer = torch.optim.AdamW(float32_masters(run.policy), lr=run.recipe.rl.learning_rate)
         # who samples (rl.rollout): HF generate on the policy, or a colocated vLLM engine refreshed after each SFT pass
         from rlprm.rollout import sampler_for
 
