@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlprm.config import validate_recipe
+from rlprm.config import RecipeError, validate_recipe
 from rlprm.rl.distributed import (DEFAULT_ZERO2, Dist, DistributedError, fill_ds_config, read_ds_config, shard, trim,
                                   weights_digest)
 from rlprm.tracking import read_metrics
@@ -69,8 +69,8 @@ def test_read_ds_config_refuses_what_ppo_cannot_run(tmp_path):
         read_ds_config(_recipe_with_ds(tmp_path, str(ROOT / "deepspeed_configs" / "zero3_offload.json")))
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(DistributedError, match="bad.json"):
-        read_ds_config(_recipe_with_ds(tmp_path, str(bad)))
+    with pytest.raises(RecipeError, match="bad.json:1: not valid JSON"):  # refused when the recipe loads
+        _recipe_with_ds(tmp_path, str(bad))
 
 
 # --------------------------------------------------------------------------- collectives on 2 real processes

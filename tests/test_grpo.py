@@ -91,6 +91,7 @@ def test_process_advantage_min_needs_step_values(tmp_path, generator_dir):
 
 
 def test_sizes_that_do_not_fit_are_refused_with_the_keys(tmp_path, generator_dir):
+    from rlprm.config import RecipeError
     from rlprm.rl.grpo import check_sizes
     from rlprm.rl.run import RLInputError
 
@@ -98,8 +99,8 @@ def test_sizes_that_do_not_fit_are_refused_with_the_keys(tmp_path, generator_dir
         check_sizes(make_recipe(tmp_path, generator_dir, "x", minibatch_size=3))
     with pytest.raises(RLInputError, match="rl.problems_per_epoch"):
         check_sizes(make_recipe(tmp_path, generator_dir, "x", problems_per_epoch=3))
-    with pytest.raises(RLInputError, match="group size"):
-        check_sizes(make_recipe(tmp_path, generator_dir, "x", samples_per_problem=1, minibatch_size=2))
+    with pytest.raises(RecipeError, match="group size and must be at least 2"):  # refused when the recipe loads
+        make_recipe(tmp_path, generator_dir, "x", samples_per_problem=1, minibatch_size=2)
 
 
 # --------------------------------------------------------------------------- TRL's private contract
