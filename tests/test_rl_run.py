@@ -269,3 +269,11 @@ def test_every_algorithm_prints_an_epoch_line_with_process_accuracy_and_the_rewa
     assert line == (f"epoch 1/3 held-out: answer 50.0%  process 25.0%  trace error 50.0%  shortcut 12.5%  "
                     f"reward +0.290 ({scale}; no answer -1)")
     assert logged == [metrics]
+
+
+def test_the_progress_line_shows_process_accuracy_where_the_task_checks_steps():
+    from rlprm.rl.run import process_part
+
+    assert process_part({"rl/process_accuracy": 0.412}) == "  process 41.2%"
+    assert process_part({"rl/process_accuracy": None}) == ""  # MATH / GSM8K: no step checker, nothing claimed
+    assert process_part({}) == ""

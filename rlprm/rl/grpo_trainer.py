@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from rlprm.rl.grpo import TRL_OUTPUT_KEYS, RewardFunction, rank_process_advantages
-from rlprm.rl.run import RLError, Run, check_finite, mean
+from rlprm.rl.run import RLError, Run, check_finite, mean, process_part
 
 
 class RlprmGRPOTrainer(GRPOTrainer):
@@ -163,7 +163,8 @@ class IterationLog(TrainerCallback):
         run.log(record)
         if run.progress and run.dist.is_main:
             print(f"epoch {self.epoch + 1}/{rl.epochs} it {it}/{self.iterations}  reward {record['rl/reward']:+.3f}  "
-                  f"answer {record['rl/answer_accuracy']:.1%}  gen {t_gen:.1f}s score {t_score:.1f}s "
+                  f"answer {record['rl/answer_accuracy']:.1%}{process_part(record)}  "
+                  f"gen {t_gen:.1f}s score {t_score:.1f}s "
                   f"update {record['time/update']:.1f}s", flush=True)
         self.t_iter = time.monotonic()
 

@@ -73,7 +73,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from rlprm.config import Recipe
-from rlprm.rl.run import RLError, RLInputError, Run, check_finite, check_models, mean
+from rlprm.rl.run import RLError, RLInputError, Run, check_finite, check_models, mean, process_part
 
 
 @dataclass
@@ -629,7 +629,7 @@ class PPO:
             run.log(record)
             if run.progress and dist.is_main:
                 print(f"epoch {epoch + 1}/{rl.epochs} it {it + 1}/{iterations}  reward {record['rl/reward']:+.3f}  "
-                      f"answer {record['rl/answer_accuracy']:.1%}  kl {mean_kl:.4f}  "
+                      f"answer {record['rl/answer_accuracy']:.1%}{process_part(record)}  kl {mean_kl:.4f}  "
                       f"gen {t_gen:.1f}s score {t_score:.1f}s update {t_update:.1f}s", flush=True)
 
 

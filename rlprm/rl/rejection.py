@@ -38,7 +38,7 @@ import shutil
 import time
 
 from rlprm.config import Recipe
-from rlprm.rl.run import RLError, RLInputError, Run, check_models, last_good, mean
+from rlprm.rl.run import RLError, RLInputError, Run, check_models, last_good, mean, process_part
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -275,7 +275,8 @@ class RejectionSampling:
         run.log(record)
         if run.progress and dist.is_main:
             ka = record["rs/kept_answer_accuracy"]
-            print(f"epoch {epoch + 1}/{rl.epochs}: sampled answer {record['rl/answer_accuracy']:.1%}, kept "
+            print(f"epoch {epoch + 1}/{rl.epochs}: sampled answer {record['rl/answer_accuracy']:.1%}"
+                  f"{process_part(record)}, kept "
                   f"{len(kept)} ({'-' if ka is None else f'{ka:.1%}'} right), {run.step - steps_before} SFT steps  "
                   f"gen {t_gen:.1f}s score {t_score:.1f}s sft {t_sft:.1f}s", flush=True)
 

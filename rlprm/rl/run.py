@@ -103,6 +103,13 @@ def reward_scale(recipe: Recipe) -> str:
     return f"{what}; no answer {r.missing_answer_reward:g}"
 
 
+def process_part(metrics: dict, key: str = "rl/process_accuracy") -> str:
+    """`  process 41.2%` for an iteration's progress line where the task has a step checker, else "": the number
+    that tells a process-supervised run from an outcome one, printed beside answer accuracy by every algorithm."""
+    value = metrics.get(key)
+    return "" if value is None else f"  process {value:.1%}"
+
+
 def epoch_line(recipe: Recipe, metrics: dict, epoch: int) -> str:
     """One line per held-out evaluation: answer and process accuracy (process: where the task has a checker), trace
     error and shortcut rate, and the run's reward with its scale, the same for every algorithm."""
