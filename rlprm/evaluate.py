@@ -270,7 +270,7 @@ def _answer_ids(pool: Pool) -> tuple[np.ndarray, np.ndarray]:
         for j, g in enumerate(row[:n]):
             if g.answer_correct:
                 key = "\0correct"
-            elif g.answer is None:
+            elif not g.answered:
                 key = f"\0none{j}"
             else:
                 key = "".join(g.answer.split())

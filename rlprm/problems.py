@@ -47,6 +47,14 @@ class SampleGrade:
     shortcut: bool | None = None
     """Some step writes the last-digit shortcut (`93 + 3 = 6`; arithmetic task only, None elsewhere)."""
 
+    @property
+    def answered(self) -> bool:
+        """A final answer was written: THE definition of "answered" that rewards (the missing-answer guard),
+        rejection sampling and evaluation share. It is the task's own answer reading (`grade_samples`): the
+        arithmetic checker's `# Answer` step, `grading.extract_answer` (`# Answer`, the last `\\boxed{}`, GSM8K's
+        `####`) for MATH / GSM8K / PRM800K, so a response counts as answered exactly when it has an answer to grade."""
+        return self.answer is not None
+
 
 def from_arithmetic(problems: list[Problem], prefix: str = "arith") -> list[TaskProblem]:
     return [TaskProblem(f"{prefix}-{i}", p.prompt, str(p.answer), p, p.text) for i, p in enumerate(problems)]
@@ -122,7 +130,12 @@ def epoch_problems(recipe: Recipe, epoch: int, exclude: set[str]) -> list[TaskPr
 
 
 def grade_samples(problems: list[TaskProblem], texts: list[list[str]], sep: str = "\n") -> list[list[SampleGrade]]:
-    """Verdicts for texts[i][j], the j-th sample of problem i."""
+    """Verdicts for texts[i][j], the j-th sample of problem i.
+
+    The answer is read the way the task writes it: the arithmetic task's checker reads its last `# Answer` step
+    (what its generators are trained to write); MATH / GSM8K / PRM800K texts go through `grading.extract_answer`,
+    whose formats cover all three. `SampleGrade.answered` is derived from it and from nothing else.
+    """
     from rlprm.steps import split_steps
 
     grades: list[list[SampleGrade | None]] = [[None] * len(row) for row in texts]

@@ -88,9 +88,14 @@ Guards, in this order:
   `generate` stopped at max_new_tokens looks (generate never returns more). A
   response of max_tokens tokens whose last is EOS finished and is judged as
   written; without `eos_token_id` only the first rule applies.
-- a response with no final answer (no `# Answer` step, see `steps.py`, unless
-  the caller passes its own `has_answer`) gets `missing_answer_reward` at its
-  last token and nothing else (step rewards and the outcome term are dropped).
+- a response with no final answer gets `missing_answer_reward` at its last
+  token and nothing else (step rewards and the outcome term are dropped).
+  Whether it answered is the caller's `has_answer`, required: the task's own
+  answer reading decides it (`problems.SampleGrade.answered`: the arithmetic
+  checker's `# Answer` step; `grading.extract_answer` for MATH's `\\boxed{}`,
+  GSM8K's `####` and PRM800K's `# Answer`), the one definition that grading,
+  rewards and evaluation share. rewards.py keeps no rule of its own: a
+  `# Answer`-only rule here once rewarded every MATH response as missing.
   The `below_missing_answer` stat counts answered samples that returned less
   than that anyway (0 with the floor above; a check that it holds).
 
@@ -139,8 +144,6 @@ from rlprm.steps import (
     DEFAULT_SEPARATOR,
     StepTokenError,
     char_ends_to_token_ends,
-    split_steps,
-    step_answer,
     step_char_ends,
     token_char_ends,
 )
@@ -296,12 +299,6 @@ def confidence_scores(texts: Sequence[str], token_ids, logprobs: Tensor, mask: T
         padded[i, : len(e)] = torch.tensor(e, dtype=torch.long)
     conf = step_confidence(logprobs, padded).tolist()
     return [conf[i][: len(e)] for i, e in enumerate(ends)]
-
-
-def has_final_answer(text: str, sep: str = DEFAULT_SEPARATOR) -> bool:
-    """The text's last step is an answer step with a non-empty answer (`# Answer\\n\\n5`)."""
-    steps = split_steps(text, sep)
-    return bool(steps) and step_answer(steps[-1]) is not None
 
 
 def step_token_ends(text: str, token_ids: Sequence[int], tokenizer, sep: str = DEFAULT_SEPARATOR) -> list[int]:
@@ -472,8 +469,8 @@ def token_rewards(
         needed by `source: ground_truth` and by `outcome_coef > 0`.
     tokenizer: the POLICY's tokenizer; needed by dense mode to place step ends.
     lengths: response tokens per sample (default: len of each id list).
-    has_answer: per sample, whether a final answer was written (default: detected from the
-        text with the step convention).
+    has_answer: per sample, whether a final answer was written, as the task reads it
+        (`problems.SampleGrade.answered`); required.
     max_tokens: the response length cap (None: no cap).
     eos_token_id: the policy's EOS id; with max_tokens, a response of max_tokens
         tokens that does not end in it was stopped by the cap, so is truncated
@@ -499,6 +496,9 @@ def token_rewards(
             raise RewardError(f"{B} texts but {len(seq)} {name}")
     if max_tokens is not None and max_tokens < 1:
         raise RewardError(f"max_tokens must be at least 1, got {max_tokens}")
+    if has_answer is None:
+        raise RewardError("has_answer is required: per sample, whether the task's own answer reading found a final "
+                          "answer (`SampleGrade.answered` from `problems.grade_samples`)")
     form = cfg.dense_form if dense_form is None else dense_form
     if form not in DENSE_FORMS:
         raise RewardError(f"dense_form must be one of {', '.join(DENSE_FORMS)}, got {form!r}")
@@ -519,8 +519,7 @@ def token_rewards(
     # cut by the cap: longer than it, or stopped at it by generate (as long as the cap, no EOS at the end)
     truncated = [lens[i] > kept[i] or (eos_token_id is not None and max_tokens is not None and lens[i] == max_tokens
                                       and seqs[i][lens[i] - 1] != eos_token_id) for i in range(B)]
-    missing = [truncated[i] or not (bool(has_answer[i]) if has_answer is not None else has_final_answer(texts[i], sep))
-               for i in range(B)]
+    missing = [truncated[i] or not bool(has_answer[i]) for i in range(B)]
     unscored = 0
     floor = cfg.missing_answer_reward + ANSWERED_MARGIN  # answering never pays less than not answering
     for i in range(B):
@@ -591,6 +590,6 @@ def add_kl_penalty(rewards: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask
 __all__ = [
     "ANSWERED_MARGIN", "DELTA_P0", "DENSE_FORMS", "PROB_FLOOR", "STEP_SOURCES", "VALUE_FORMS", "RewardError",
     "TokenRewards",
-    "add_kl_penalty", "confidence_scores", "dense_step_rewards", "floor_running_return", "has_final_answer",
+    "add_kl_penalty", "confidence_scores", "dense_step_rewards", "floor_running_return",
     "prefix_correct_probs", "sequence_confidence", "step_confidence", "step_token_ends", "token_rewards",
 ]

@@ -308,3 +308,54 @@ def test_reward_function_scores_with_the_exact_checker(generator_dir, char_token
     assert fn.last["scores"] == [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
     assert returns == pytest.approx([1.0, 0.0, -1.0])  # min_form: the lowest step score; cut: the penalty
     assert fn.last["rewards"].truncated == [False, False, True]
+
+
+class _StepScorer:
+    """A stand-in PRM: 0.9 for every step of every solution (what matters here is which samples count as answered)."""
+
+    kind = "prm"
+
+    def score_steps(self, problems, solutions, sep="\n", batch_size=64):
+        from rlprm.steps import split_steps
+
+        return [[0.9] * len(split_steps(s, sep)) for s in solutions]
+
+
+def test_math500_reference_solutions_count_as_answered_on_grpos_reward_path(tmp_path, generator_dir):
+    """Issue 23 finding 1: on MATH every answered response was rewarded as "missing answer" (0 of 200 references
+    answered), so every GRPO advantage was 0. The 500 reference solutions of MATH500, paragraphs as steps, go
+    through GRPO's reward function as sampled completions: nearly all are answered and graded right."""
+    import json
+
+    from rlprm.models import build_bpe_tokenizer
+    from rlprm.problems import load_jsonl_problems
+    from rlprm.rl.grpo import RewardFunction
+    from tests.conftest import shared_file
+
+    path = shared_file("math/math500_test.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    problems = load_jsonl_problems(path)
+    texts = ["\n\n".join(p.strip() for p in r["solution"].split("\n\n") if p.strip()) for r in rows]
+    tok = build_bpe_tokenizer(texts[:100], vocab_size=400, model_max_length=8192)
+    eos = tok.eos_token_id
+    ids = [tok(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+    reward = {"mode": "sparse", "source": "ground_truth", "missing_answer_reward": -1.0}
+    recipe = make_recipe(tmp_path, generator_dir, "m", reward=reward, max_new_tokens=max(map(len, ids)))
+    recipe.task.step_separator = "\n\n"
+    fn = RewardFunction(recipe, problems, tok)
+    returns = fn([p.prompt for p in problems], texts, ids, list(range(len(problems))))
+    tr = fn.last["rewards"]
+    answered = 1 - tr.stats["missing_answer_frac"]
+    right = sum(r == 1.0 for r in returns) / len(returns)
+    print(f"MATH500 references through GRPO's reward path: answered {answered:.3f}, graded right {right:.3f}")
+    assert answered == 1.0 and right >= 0.99  # measured: 500 of 500 answered, 500 graded right
+    assert [r == -1.0 for r in returns] == tr.missing_answer  # only unanswered ones get the penalty
+
+    # dense process rewards (a stand-in PRM): the answered ones get step values, not the penalty
+    recipe.reward = recipe.reward.model_copy(update={"mode": "dense", "source": "prm", "dense_form": "score"})
+    few = [i for i in range(len(texts)) if len(ids[i]) < 200][:8]
+    fn = RewardFunction(recipe, problems, tok, reward_model=_StepScorer())
+    returns = fn([problems[i].prompt for i in few], [texts[i] for i in few], [ids[i] for i in few], few)
+    tr = fn.last["rewards"]
+    assert not any(tr.missing_answer)
+    assert all(v == pytest.approx([0.9] * len(v)) and len(v) >= 1 for v in tr.event_values)

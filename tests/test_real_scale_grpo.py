@@ -49,7 +49,6 @@ def test_recipe_runs_with_tiny_stand_ins(variant, tmp_path):
     run = run_tiny(recipe_path, gen, prm, math, tmp_path)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["eval/answer_accuracy"] is not None and "rl/reward" in summary and "rl/kl" in summary
-    assert summary["reward/missing_answer_frac"] == 1.0  # a random tiny model writes no \boxed{} answer
     resolved = (run / "recipe.yaml").read_text()
     assert "algorithm: grpo" in resolved and "dtype: bfloat16" in resolved and "mode: dense" in resolved
     model = run / "checkpoints" / "epoch-0001" / "model"

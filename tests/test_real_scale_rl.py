@@ -71,7 +71,6 @@ def test_recipe_runs_with_tiny_stand_ins(tmp_path, recipe_path):
     run = run_tiny(recipe_path, gen, prm, math, tmp_path)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["eval/answer_accuracy"] is not None and "rl/reward" in summary
-    assert summary["reward/missing_answer_frac"] == 1.0  # a random tiny model writes no \boxed{} answer
     assert summary["dist/world_size"] == 1  # the recipe's DeepSpeed config made it train through an engine
     stage = 3 if recipe_path == ZERO3 else 2
     assert summary["dist/zero_stage"] == stage

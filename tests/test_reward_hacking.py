@@ -171,7 +171,8 @@ def scored(tok, mode: str, source: str, form: str | None, outcome_coef: float = 
     cfg = RewardConfig(mode=mode, source=source, outcome_coef=outcome_coef, missing_answer_reward=MISSING,
                        dense_form="min_form", sparse_aggregate=form if source == "prm" and not dense else "prod")
     return token_rewards(cfg, [c.text for c in COMPLETIONS], [ids(tok, c) for c in COMPLETIONS], scores=scores,
-                         outcomes=[float(g.answer_correct) for g in grades], tokenizer=tok, max_tokens=MAX_TOKENS,
+                         outcomes=[float(g.answer_correct) for g in grades],
+                         has_answer=[g.answer is not None for g in grades], tokenizer=tok, max_tokens=MAX_TOKENS,
                          eos_token_id=tok.eos_token_id, dense_form=form if dense else None,
                          last_event_at_eos=last_event_at_eos)
 

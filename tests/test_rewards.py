@@ -16,19 +16,30 @@ from rlprm.rewards import (
     confidence_scores,
     dense_step_rewards,
     floor_running_return,
-    has_final_answer,
     prefix_correct_probs,
     sequence_confidence,
     step_confidence,
     step_token_ends,
-    token_rewards,
 )
+from rlprm.rewards import token_rewards as _token_rewards
 from rlprm.steps import step_char_ends, token_char_ends
 
 TEXT = "93 + 3 = 96\n96 - 4 = 92\n# Answer\n\n92\n"
 # steps end (exclusive, separator included) at chars 12, 24 and 37 = len(TEXT)
 NO_ANSWER = "93 + 3 = 96\n96 - 4 = 92\n"
 PROBS = [0.9, 0.5, 0.8]
+
+
+def token_rewards(cfg, texts, *args, **kw):
+    """`rewards.token_rewards`, told which texts answered the way the arithmetic checker reads its `# Answer` step
+    (`SampleGrade.answered`): every text of these cases is in the arithmetic task's format."""
+    from rlprm.problems import from_arithmetic, grade_samples
+    from rlprm.tasks.arithmetic import Problem
+
+    if "has_answer" not in kw:
+        arith = from_arithmetic([Problem(93, (("+", 3), ("-", 4)))])
+        kw["has_answer"] = [g.answered for g in grade_samples(arith, [list(texts)], kw.get("sep", "\n"))[0]]
+    return _token_rewards(cfg, texts, *args, **kw)
 
 
 def dense(form, source="prm", **kw):
@@ -140,7 +151,6 @@ def test_padded_tensor_input_with_lengths_and_fixed_width(char_tokenizer):
 
 def test_missing_answer_replaces_every_other_reward(char_tokenizer):
     ids = ids_of(char_tokenizer, NO_ANSWER)
-    assert not has_final_answer(NO_ANSWER) and has_final_answer(TEXT)
     cfg = dense("log_prob", outcome_coef=1.0, missing_answer_reward=-2.0)
     out = token_rewards(cfg, [NO_ANSWER], [ids], scores=[[0.9, 0.9]], outcomes=[0], tokenizer=char_tokenizer)
     assert out.rewards[0, -1].item() == -2.0 and out.rewards.abs().sum().item() == 2.0
@@ -484,3 +494,50 @@ def test_events_and_outcome_rebuild_the_reward_tensor(char_tokenizer):
     # an empty response (EOS stripped) has no token and no event
     empty = token_rewards(RewardConfig(), [""], [[]], outcomes=[0])
     assert empty.event_positions == [[]] and empty.event_tensors()[1].tolist() == [[-1]]
+
+
+# --------------------------------------------------------------------------- "answered": the task's own answer reading
+
+MATH_TEXT = "We compute 2+3.\n\nThat gives 5.\n\nThe final answer is $\\boxed{5}$."
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer():
+    """A byte-level BPE: any text (LaTeX, unicode) encodes and decodes back exactly."""
+    from rlprm.models import build_bpe_tokenizer
+
+    return build_bpe_tokenizer([MATH_TEXT, TEXT, "\\frac{1}{2} \\boxed{x} # Answer"], vocab_size=280,
+                               model_max_length=4096)
+
+
+def test_a_boxed_math_answer_is_answered_on_the_reward_path(byte_tokenizer):
+    """Issue 23 finding 1: a MATH response that writes `\\boxed{5}` was rewarded as "missing answer" (-1)."""
+    from rlprm.problems import TaskProblem, grade_samples
+
+    grade = grade_samples([TaskProblem("p", "What is 2+3?\n", "5")], [[MATH_TEXT]], "\n\n")[0][0]
+    assert grade.answer == "5" and grade.answered and grade.answer_correct
+    ids = ids_of(byte_tokenizer, MATH_TEXT)
+    kw = dict(outcomes=[float(grade.answer_correct)], has_answer=[grade.answered], tokenizer=byte_tokenizer,
+              sep="\n\n", eos_token_id=byte_tokenizer.eos_token_id)
+    out = token_rewards(dense("min_form", missing_answer_reward=-1.0), [MATH_TEXT], [ids], scores=[[.9, .8, .95]],
+                        **kw)
+    assert out.missing_answer == [False] and out.returns.item() == pytest.approx(0.8)
+    out = token_rewards(RewardConfig(mode="sparse", source="ground_truth"), [MATH_TEXT], [ids], **kw)
+    assert out.missing_answer == [False] and out.returns.item() == 1.0
+    # no second rule hides in rewards.py: whether a response answered is the caller's (the grade's) to say
+    with pytest.raises(RewardError, match="has_answer"):
+        _token_rewards(RewardConfig(mode="sparse", source="ground_truth"), [MATH_TEXT], [ids], outcomes=[1.0])
+
+
+def test_answered_is_the_tasks_own_reading():
+    """One definition: `SampleGrade.answered`, the answer the task reads (arithmetic: its `# Answer` step, as the
+    demo's checker always read it; MATH / GSM8K / PRM800K: `grading.extract_answer`)."""
+    from rlprm.problems import TaskProblem, from_arithmetic, grade_samples
+    from rlprm.tasks.arithmetic import Problem
+
+    arith = from_arithmetic([Problem(93, (("+", 3), ("-", 4)))])[0]
+    texts = [TEXT, NO_ANSWER, "93 + 3 = 96\n# Answer\n\n", "#### 92\n", "93 + 3 = 96\n\\boxed{92}\n"]
+    assert [g.answered for g in grade_samples([arith], [texts], "\n")[0]] == [True, False, False, False, False]
+    math = TaskProblem("m", "?\n", "92")
+    texts = [MATH_TEXT, "# Answer\n\n92", "so\n#### 92", "We compute 2+3.\n\nThat gives 5.", "\\boxed{5"]
+    assert [g.answered for g in grade_samples([math], [texts], "\n\n")[0]] == [True, True, True, False, False]

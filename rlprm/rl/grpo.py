@@ -131,7 +131,8 @@ class RewardFunction:
         reason = None
         try:
             # TRL hands over each completion up to and including its EOS: one without EOS at the cap was cut
-            tr = token_rewards(rcfg, texts, ids, scores=scores, outcomes=outcomes, tokenizer=self.tokenizer,
+            tr = token_rewards(rcfg, texts, ids, scores=scores, outcomes=outcomes,
+                               has_answer=[g.answered for g in grades], tokenizer=self.tokenizer,
                                max_tokens=self.recipe.rl.max_new_tokens, eos_token_id=eos, sep=sep,
                                sparse_aggregate=rcfg.sparse_aggregate, last_event_at_eos=True)
         except RewardError as exc:

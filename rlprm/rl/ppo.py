@@ -347,7 +347,7 @@ class PPO:
                                                tokenizer, rcfg.mode == "dense", sep)
                 # eos_token_id: a response stopped at max_new_tokens without EOS is cut, not judged as written
                 tr = token_rewards(rcfg, ro.texts, ro.response_ids, scores=scores, outcomes=outcomes,
-                                   tokenizer=tokenizer, max_tokens=rl.max_new_tokens,
+                                   has_answer=[g.answered for g in grades], tokenizer=tokenizer, max_tokens=rl.max_new_tokens,
                                    eos_token_id=tokenizer.eos_token_id, width=T, sep=sep,
                                    sparse_aggregate=rcfg.sparse_aggregate, device=device)
             except RewardError as exc:
