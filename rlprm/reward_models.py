@@ -150,6 +150,38 @@ def quiet_transformers(report: bool = True):
     return quiet()
 
 
+def load_checked(loader, path: str | Path, family: str, error: type = RewardModelError, **kwargs):
+    """`loader.from_pretrained(path, **kwargs)` that refuses a checkpoint lacking weights the model reads.
+
+    transformers fills a weight the checkpoint does not have with a random initialisation and only logs it (a
+    token-classification checkpoint loaded as Qwen's PRM gets a random `score.0`/`score.2` head and scores
+    noise; a causal LM loaded as a classifier gets a random `score`). Here the load report
+    (`output_loading_info`) decides instead: any missing key, or any weight whose shape differs from the
+    model's (head shapes are loaded leniently only to be reported here with names), is a RewardModelError
+    naming the keys, `family` (what the weights were loaded as) and the architectures the checkpoint declares
+    (raised as `error`, a RewardModelError subclass: the adapters' AdapterError). Keys the checkpoint has and the model does not read (an LM head under a classifier) are fine.
+    """
+    with quiet_transformers():  # the report is checked below, not printed
+        model, info = loader.from_pretrained(str(path), output_loading_info=True, ignore_mismatched_sizes=True,
+                                             **kwargs)
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])
+    if missing or mismatched:
+        declared = list(getattr(model.config, "architectures", None) or []) or ["none"]
+        problems = []
+        if missing:
+            problems.append(f"it lacks {len(missing)} weight(s) that the {family} model reads: "
+                            + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+        if mismatched:
+            problems.append("shapes differ: " + ", ".join(f"{key} is {tuple(ckpt)} in the checkpoint, {tuple(want)} "
+                                                          f"in the {family} model" for key, ckpt, want in mismatched[:8]))
+        raise error(
+            f"{path} cannot be loaded as {family}: {'; '.join(problems)}. The checkpoint declares architectures "
+            f"{declared}. Loading it anyway would score with randomly initialised weights: check that the reward "
+            "model's family (rm.adapter) matches the checkpoint, and that the checkpoint is complete.")
+    return model
+
+
 def model_class(kind: str):
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
@@ -588,13 +620,11 @@ class RewardModel:
 
             if convention.lm_head is None or len(convention.lm_head) != 3:
                 raise RewardModelError(f"{meta}: scorer `lm` needs lm_head = [w_min, w_mean, b]")
-            with quiet_transformers(report=False):
-                model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype),
-                                                             trust_remote_code=trust_remote_code)
+            model = load_checked(AutoModelForCausalLM, path, f"rlprm {convention.kind.upper()} (scorer lm)",
+                                 dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
             return cls(model.to(device).eval(), tokenizer, convention)
-        with quiet_transformers(report=False):
-            model = model_class(convention.kind).from_pretrained(str(path), dtype=torch_dtype(dtype),
-                                                                 trust_remote_code=trust_remote_code)
+        model = load_checked(model_class(convention.kind), path, f"rlprm {convention.kind.upper()}",
+                             dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
         if model.config.num_labels != convention.num_labels:
             raise RewardModelError(f"{path}: the model has {model.config.num_labels} outputs but {RM_FILE} "
                                    f"describes {convention.num_labels} ({convention.label_names})")
@@ -605,9 +635,9 @@ class RewardModel:
 
             if not (path / CONFIDENCE_DIR).is_dir():
                 raise RewardModelError(f"{meta} stacks token confidence but {path / CONFIDENCE_DIR} is missing")
-            with quiet_transformers(report=False):
-                confidence_lm = AutoModelForCausalLM.from_pretrained(
-                    str(path / CONFIDENCE_DIR), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+            confidence_lm = load_checked(AutoModelForCausalLM, path / CONFIDENCE_DIR,
+                                         f"rlprm {convention.kind.upper()} confidence LM", dtype=torch_dtype(dtype),
+                                         trust_remote_code=trust_remote_code)
             confidence_lm = confidence_lm.to(device).eval()
         return cls(model.to(device), tokenizer, convention, confidence_lm)
 
@@ -669,5 +699,5 @@ __all__ = [
     "AGGREGATIONS", "CORRECT", "INCORRECT", "NEUTRAL", "Collator", "Convention", "RewardModel", "RewardModelError",
     "SeparatorMismatch", "CONFIDENCE_DIR", "add_identity_layers", "fit_confidence", "stack_confidence",
     "step_min_logprobs", "token_logprobs", "aggregate", "apply_lora", "build_reward_model", "freeze_body", "check_separator", "encode_examples", "make_convention",
-    "reward_loss", "reward_model_from_causal_lm", "score_steps_per_prefix",
+    "load_checked", "reward_loss", "reward_model_from_causal_lm", "score_steps_per_prefix",
 ]

@@ -144,48 +144,19 @@ def ref_rlhflow(folder, problem, steps):
 
 
 def ref_value_head(folder, problem, steps):
-    """Skywork prepare_input: encode(bos + problem + "\\n"), then each step's encoding + the "\\n" id, flags at
-    those; sigmoid of v_head (read from the saved tensors) over the LM's last hidden state."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Skywork's prepare_input, as written in tests/test_hub_parity.py from its card (every line of a step is a
+    piece of its own, followed by the "\\n" id; a step's score is at the end of its last line)."""
+    from .test_hub_parity import card_value_head
 
-    tok = AutoTokenizer.from_pretrained(folder)
-    nl = tok.encode("\n")[-1]
-    ids, flags = tok.encode((tok.bos_token or "") + problem + "\n"), []
-    for step in steps:
-        ids += tok.encode(step) + [nl]
-        flags.append(len(ids) - 1)
-    w = _weights(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    with torch.no_grad():
-        hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
-        value = torch.nn.functional.linear(hidden, w["v_head.summary.weight"], w["v_head.summary.bias"])[:, 0]
-    return value.sigmoid()[flags].tolist()
+    return card_value_head(folder)(problem, steps)[2]
 
 
 def ref_implicit(folder, problem, steps, beta=0.5):
-    """Implicit PRM: r_k = beta * (sum of log pi/pi_ref over the response tokens up to step k, minus the same up
-    to step k-1), each prefix rendered as its own chat string (steps joined by "\\n\\n"); P = sigmoid(r_k)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """EurusPRM's card snippet, as written in tests/test_hub_parity.py: the whole conversation encoded at once, the
+    step boundaries from the card's step_last_tokens; P = sigmoid(q_k - q_(k-1))."""
+    from .test_hub_parity import card_implicit
 
-    tok = AutoTokenizer.from_pretrained(folder)
-    pi = AutoModelForCausalLM.from_pretrained(folder).eval()
-    ref = AutoModelForCausalLM.from_pretrained(folder / "reference").eval()
-    marker = "\ue001"
-    head = tok.apply_chat_template([{"role": "user", "content": problem}, {"role": "assistant", "content": marker}],
-                                   tokenize=False).split(marker)[0]
-    n_head = len(tok.encode(head))
-
-    def total(text):
-        ids = torch.tensor([tok.encode(text)])
-        with torch.no_grad():
-            lp = [torch.log_softmax(m(ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0] for m in (pi, ref)]
-        return float((lp[0] - lp[1])[n_head - 1:].sum())
-
-    # prefix k: the response cut after step k (its "\n\n" joiner included); the template's closing tokens
-    # after the last step belong to no step
-    sums = [0.0] + [total(head + "\n\n".join(steps[:k]) + ("\n\n" if k < len(steps) else ""))
-                    for k in range(1, len(steps) + 1)]
-    return [float(torch.sigmoid(torch.tensor(beta * (sums[k + 1] - sums[k])))) for k in range(len(steps))]
+    return card_implicit(folder, beta=beta)(problem, steps)[2]
 
 
 REFERENCES = {"qwen_prm": ref_qwen_prm, "pure_prm": ref_pure_prm, "math_shepherd": ref_math_shepherd, "rlhflow": ref_rlhflow,
@@ -447,3 +418,70 @@ def test_one_grpo_iteration_with_dense_rewards_from_a_public_prm(family, folders
     assert scores is probs and [len(r) for r in tr.step_rewards] == [len(p) for p in probs]
     assert handed and all(adv.dim() == 2 and torch.isfinite(adv).all() for adv in handed)
     assert final["rl/steps_per_solution"] == 2.5 and final["reward/missing_answer_frac"] == 0.0
+
+
+# --------------------------------------------------------------------------- strict loading (issue 23 finding 8)
+
+
+def _copy_with(folder, tmp_path, name, edit=None, architectures=None):
+    """A copy of a stand-in folder with its weights edited (`edit(tensors) -> tensors`) and/or another
+    `architectures` in config.json."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / name
+    shutil.copytree(folder, copy)
+    if edit is not None:
+        for f in copy.rglob("model.safetensors"):
+            save_file(edit(load_file(str(f))), str(f), metadata={"format": "pt"})
+    if architectures is not None:
+        config = json.loads((copy / "config.json").read_text())
+        config["architectures"] = architectures
+        (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+def test_qwen_prm_refuses_a_token_classification_checkpoint(folders):
+    """Finding 8: a checkpoint whose head is one `score` Linear (TRL PRMTrainer / PURE), named as qwen_prm, loaded
+    with score.0 / score.2 random and scored noise."""
+    with pytest.raises(AdapterError, match=r"cannot be loaded as qwen_prm: it lacks 4 weight\(s\).*score\.0\.bias, "
+                                           r"score\.0\.weight.*declares architectures \['Qwen2ForTokenClassification'\]"):
+        load_reward_model(folders["pure_prm"], "qwen_prm")
+
+
+def test_qwen_prm_refuses_a_head_of_another_shape(folders, tmp_path):
+    copy = _copy_with(folders["qwen_prm"], tmp_path, "three_labels",
+                      lambda w: {**w, "score.2.weight": torch.zeros(3, w["score.2.weight"].shape[1]),
+                                 "score.2.bias": torch.zeros(3)})
+    with pytest.raises(AdapterError, match=r"score\.2\.bias is \(3,\) in the checkpoint, \(2,\) in the qwen_prm model"):
+        load_reward_model(copy, "qwen_prm")
+
+
+def test_pure_prm_refuses_a_causal_lm(folders):
+    with pytest.raises(AdapterError, match=r"as pure_prm: it lacks .*score\.weight.*\['LlamaForCausalLM'\]"):
+        load_reward_model(folders["math_shepherd"], "pure_prm")
+
+
+@pytest.mark.parametrize("family", ["math_shepherd", "rlhflow"])
+def test_tag_families_refuse_a_checkpoint_without_an_lm_head(family, folders):
+    """The +/- verdicts are read from the LM head; a token classifier has none (it would be random)."""
+    with pytest.raises(AdapterError, match=rf"as {family}: it lacks .*lm_head\.weight.*Qwen2ForTokenClassification"):
+        load_reward_model(folders["pure_prm"], family)
+
+
+def test_value_head_refuses_a_missing_body_weight_or_a_wrong_head(folders, tmp_path):
+    holed = _copy_with(folders["value_head"], tmp_path, "holed",
+                       lambda w: {k: v for k, v in w.items() if "layers.1.mlp.down_proj" not in k})
+    with pytest.raises(AdapterError, match=r"as value_head: it lacks .*layers\.1\.mlp\.down_proj\.weight"):
+        load_reward_model(holed, "value_head")
+    wide = _copy_with(folders["value_head"], tmp_path, "wide",
+                      lambda w: {**w, "v_head.summary.weight": torch.zeros(2, w["v_head.summary.weight"].shape[1])})
+    with pytest.raises(AdapterError, match=r"v_head\.summary\.weight is \(2, 32\) in the checkpoint, \(1, 32\)"):
+        load_reward_model(wide, "value_head")
+
+
+def test_implicit_refuses_a_reference_without_an_lm_head(folders, tmp_path):
+    with pytest.raises(AdapterError, match=r"as implicit \(reference LM\): it lacks .*lm_head\.weight"):
+        load_reward_model(folders["implicit"], "implicit", reference=folders["pure_prm"])

@@ -361,3 +361,39 @@ def test_stacked_model_single_pass_save_and_load(char_tokenizer, problems, solut
     shutil.rmtree(path / CONFIDENCE_DIR)
     with pytest.raises(RewardModelError, match="confidence_lm"):
         RewardModel.load(path)
+
+
+# --------------------------------------------------------------------------- strict loading (issue 23 finding 8)
+
+
+def _edit_weights(folder, edit):
+    """Rewrite a saved folder's model.safetensors through `edit(tensors) -> tensors`."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    save_file(edit(load_file(str(path))), str(path), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("kind", ["prm", "orm"])
+def test_a_folder_without_its_head_is_refused(char_tokenizer, tmp_path, kind):
+    """A reward-model folder whose score head is gone would load with a random head and score noise: refused,
+    naming the missing keys, what it was loaded as and the architectures the checkpoint declares."""
+    path = tiny_rm(char_tokenizer, kind).save(tmp_path / kind)
+    _edit_weights(path, lambda w: {k: v for k, v in w.items() if not k.startswith("score.")})
+    with pytest.raises(RewardModelError, match=rf"as rlprm {kind.upper()}: it lacks .*score\.weight.*declares architectures "
+                                               r"\['LlamaFor(Token|Sequence)Classification'\]"):
+        RewardModel.load(path)
+
+
+def test_a_head_of_another_shape_is_refused_by_name(char_tokenizer, tmp_path):
+    path = tiny_rm(char_tokenizer, "prm").save(tmp_path / "prm")
+    _edit_weights(path, lambda w: {**w, "score.weight": torch.zeros(3, w["score.weight"].shape[1])})
+    with pytest.raises(RewardModelError, match=r"score\.weight is \(3, 32\) in the checkpoint, \(2, 32\) in the rlprm PRM"):
+        RewardModel.load(path)
+
+
+def test_a_missing_body_weight_is_refused(char_tokenizer, tmp_path):
+    path = tiny_rm(char_tokenizer, "prm").save(tmp_path / "prm")
+    _edit_weights(path, lambda w: {k: v for k, v in w.items() if "layers.1.mlp.down_proj" not in k})
+    with pytest.raises(RewardModelError, match=r"layers\.1\.mlp\.down_proj\.weight"):
+        RewardModel.load(path)

@@ -1,23 +1,24 @@
 """What every public-PRM family shares: token pieces, padding, and the scoring object.
 
-A family (qwen_prm.py, tag_lm.py, value_head.py, implicit.py) only decides two
-things: how a solution is laid out as text pieces and marker token ids with a
-*read position* per step (`plan`, a `Plan`), and how a right-padded batch of
-the resulting ids becomes one probability of "correct" per read position
-(`score_batch`). `HubPRM` does the rest the way
-`rlprm.reward_models.RewardModel` does it: texts split into steps with the one
-step convention (`rlprm.steps.split_steps`), every piece of every solution
-tokenized in one batched tokenizer call (`realize`; one call per piece costs
-more than a tiny model's forward pass), lengths sorted into batches, one
-forward pass per solution, results back in the caller's order.
+A family (qwen_prm.py, tag_lm.py, value_head.py, token_cls.py, implicit.py) decides two things: how a
+solution becomes input ids with a *read position* per step (`encode`), and how a right-padded batch of those
+ids becomes one probability of "correct" per read position (`score_batch`). `HubPRM` does the rest the way
+`rlprm.reward_models.RewardModel` does it: texts split into steps with the one step convention
+(`rlprm.steps.split_steps`), lengths sorted into batches, one forward pass per solution, results back in the
+caller's order.
 
-Step boundaries are marked by appending the family's marker as a token id
-(`Plan.marker_id`), never by pasting its text into the string:
-the pasted text can merge with its neighbours or be split differently by the
-tokenizer (QwenLM/ProcessBench PR #12 changed F1 on every subset by fixing
-exactly this), and a step that happens to contain the marker's text would
-create read positions of its own. The read positions are recorded while the
-ids are built, so they never come from searching the ids for the marker.
+The ids are exactly those the family's model card feeds its model (tests/test_hub_parity.py checks it on real
+tokenizers and real solutions): a PRM was trained on one token sequence per solution, and any other one (a
+separator tokenized on its own where the card tokenizes it inside a string, a space a tokenizer prefixes to a
+piece encoded alone) is scored off-distribution and at shifted positions. So each family builds its input the
+way its card does: pieces encoded one by one and marker ids appended where the card does that (`Plan`,
+`realize`: Qwen2.5-Math-PRM, PURE, Skywork), one string encoded whole where the card does that (`Marked`,
+`realize_marked`: Math-Shepherd, RLHFlow; the implicit family derives its step spans the card's way in
+implicit.py). Read positions are never found by searching the ids for a marker
+id: they are recorded while the ids are built, or located by character offsets of the markers the family
+wrote, and checked to be the marker's token (a step whose own text contains the marker's text therefore adds
+no read position). Where the card's text would not tokenize a marker as its own token, the family refuses
+with the reason rather than score a sequence the card never produces.
 """
 
 from __future__ import annotations
@@ -64,11 +65,14 @@ def single_token(tokenizer, text: str, what: str) -> int:
 
 @dataclass
 class Plan:
-    """One solution before tokenization: `bos` ids, `head`, each piece (then `marker_id`, when given), `tail`.
+    """One solution as pieces: `bos` ids, `head`, each piece (then `marker_id`, when given), `tail`.
 
-    Each text is tokenized on its own (so a piece never merges with its neighbours); `realize` turns plans into
-    `Encoded`. The read position of a step is its marker, or, with `read_marker=False` or no marker, the piece's
-    last token (rlhflow reads the token that predicts the verdict it appends).
+    Each text is tokenized on its own (so a piece never merges with its neighbours), except that with
+    `join_head` the head and the first piece are one text, as they are when a card encodes a whole string
+    whose head ends in a special token (the tokenizer then splits there, and only there). The read position of
+    a piece is its marker, or, with `read_marker=False` or no marker, the piece's last token (rlhflow reads the
+    token that predicts the verdict it appends). `read`: per piece, whether it ends a step (None: every piece);
+    pieces that do not are encoded but neither read nor given a span of their own (they join the next one's).
     """
 
     head: str
@@ -77,34 +81,92 @@ class Plan:
     marker_id: int | None = None
     bos: list[int] = field(default_factory=list)
     read_marker: bool = True
+    join_head: bool = False
+    read: list[bool] | None = None
 
 
 def realize(tokenizer, plans: Sequence[Plan]) -> list[Encoded]:
     """The token form of many plans, with ONE batched tokenizer call over their distinct texts.
 
-    `reads` per the plan's rule; `spans` each piece's tokens (marker included).
+    `reads` per the plan's rule; `spans` each step's tokens (marker included).
     """
-    texts = sorted({t for p in plans for t in (p.head, p.tail, *p.pieces) if t})
+    def first_text(plan: Plan) -> str:
+        return plan.head + plan.pieces[0] if plan.join_head and plan.pieces else plan.head
+
+    texts = sorted({t for p in plans for t in (first_text(p), p.tail, *p.pieces) if t})
     # ids only: the masks a tokenizer call builds by default cost a quarter of the call and are never read
     ids_of = dict(zip(texts, tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
                                        return_token_type_ids=False)["input_ids"])) if texts else {}
     ids_of[""] = []
     out = []
     for plan in plans:
-        ids = list(plan.bos) + ids_of[plan.head]
+        joined = plan.join_head and plan.pieces
+        ids = list(plan.bos) + (ids_of[first_text(plan)] if not joined else [])
         reads, spans = [], []
-        for piece in plan.pieces:
-            start = len(ids)
-            ids.extend(ids_of[piece])
+        start = len(ids)
+        for k, piece in enumerate(plan.pieces):
+            piece_start = len(ids)
+            ids.extend(ids_of[first_text(plan)] if joined and k == 0 else ids_of[piece])
             text_end = len(ids) - 1
             if plan.marker_id is not None:
                 ids.append(plan.marker_id)
-            if len(ids) == start or (not plan.read_marker and text_end < start):
+            if len(ids) == piece_start or (not plan.read_marker and text_end < piece_start):
                 raise AdapterError(f"step {piece!r} encodes to no tokens")
-            reads.append(len(ids) - 1 if plan.read_marker else text_end)
-            spans.append((start, len(ids) - 1))
+            if plan.read is None or plan.read[k]:
+                reads.append(len(ids) - 1 if plan.read_marker else text_end)
+                spans.append((start, len(ids) - 1))
+                start = len(ids)
         ids.extend(ids_of[plan.tail])
         out.append(Encoded(ids, reads, spans))
+    return out
+
+
+@dataclass
+class Marked:
+    """One solution as one string that a card encodes whole, and the character span of each step's marker.
+
+    `realize_marked` encodes `text` in one call and reads each step at the token whose character span is
+    exactly its mark (or, `read_before`, at the token before it: the one whose output predicts it), after
+    checking that token is `marker_id`."""
+
+    text: str
+    marks: list[tuple[int, int]]
+    marker_id: int
+    add_special_tokens: bool = False
+    read_before: bool = False
+
+
+def realize_marked(tokenizer, items: Sequence[Marked], what: str) -> list[Encoded]:
+    """The token form of many `Marked` solutions: one batched tokenizer call (per add_special_tokens setting)."""
+    out: list[Encoded | None] = [None] * len(items)
+    for special in (False, True):
+        chosen = [i for i, m in enumerate(items) if m.add_special_tokens == special]
+        if not chosen:
+            continue
+        try:
+            enc = tokenizer([items[i].text for i in chosen], add_special_tokens=special, return_offsets_mapping=True,
+                            return_attention_mask=False, return_token_type_ids=False)
+        except NotImplementedError as err:  # Python ("slow") tokenizers have no character offsets
+            raise AdapterError(f"the {what} family locates its markers by character offsets, which this tokenizer "
+                               f"({type(tokenizer).__name__}) does not give: load the checkpoint's fast tokenizer "
+                               "(tokenizer.json)") from err
+        for i, ids, offsets in zip(chosen, enc["input_ids"], enc["offset_mapping"]):
+            at = {tuple(o): j for j, o in enumerate(offsets) if o[1] > o[0]}
+            reads, spans, start = [], [], 0
+            for k, mark in enumerate(items[i].marks):
+                j = at.get(tuple(mark))
+                if j is None or ids[j] != items[i].marker_id:
+                    found = "no token" if j is None else f"token {ids[j]}"
+                    raise AdapterError(
+                        f"the {what} card's text does not tokenize the marker after step {k + 1} as its own token "
+                        f"(expected id {items[i].marker_id} at characters {mark}, found {found}): the model would be "
+                        f"scored on a sequence it was not trained on. Step text: "
+                        f"{items[i].text[max(0, mark[0] - 60):mark[1]]!r}")
+                read = j - 1 if items[i].read_before else j
+                reads.append(read)
+                spans.append((start, j))
+                start = j + 1
+            out[i] = Encoded(list(ids), reads, spans)
     return out
 
 
@@ -213,7 +275,8 @@ class HubPRM:
         return [split_steps(s, sep) if isinstance(s, str) else list(s) for s in solutions]
 
     def encode(self, problems: Sequence[str], solutions: Sequence, sep: str | None = None) -> list[Encoded]:
-        return realize(self.tokenizer, [self.family.plan(p, s) for p, s in zip(problems, self._steps(solutions, sep))])
+        """The input ids and read positions of each solution, as the family's card builds them."""
+        return self.family.encode(list(problems), self._steps(solutions, sep))
 
     def score_steps(self, problems: Sequence[str], solutions: Sequence, sep: str | None = None,
                     batch_size: int = 16, beyond_positions: bool = False, **_ignored) -> list[list[float]]:
@@ -229,7 +292,7 @@ class HubPRM:
         steps = self._steps(solutions, sep)
         live = [i for i, s in enumerate(steps) if s]  # a solution without steps has nothing to score
         encoded: list[Encoded | None] = [None] * len(steps)
-        for i, e in zip(live, realize(self.tokenizer, [self.family.plan(problems[i], steps[i]) for i in live])):
+        for i, e in zip(live, self.family.encode([problems[i] for i in live], [steps[i] for i in live])):
             # what follows the last read position (a template's closing tokens, rlhflow's last verdict) cannot
             # change a causal model's output before it: not run
             encoded[i] = Encoded(e.input_ids[:e.reads[-1] + 1], e.reads, e.spans)

@@ -2,19 +2,25 @@
 
 Convention, from the EurusPRM model cards (huggingface.co/PRIME-RL/EurusPRM-Stage2) and the Implicit PRM
 paper (arXiv 2412.01981): the process reward of token t is beta * (log pi(y_t | y_<t) - log pi_ref(y_t | y_<t)),
-pi the PRM (a causal LM trained as an ORM) and pi_ref its reference model; a step's reward is the sum over its
-tokens; here P(step correct) = sigmoid(step reward). The input is the chat template with the problem as the
-user turn and the steps, joined by "\\n\\n", as the assistant turn. beta: 0.001 in the cards' example (not
-checked against the card text here: set rm.implicit_beta). `cumulative=True` gives instead the running sum up
-to the step's end (the Q value q^t of the paper), which is what the cards' snippet prints per step.
-Each step's tokens (its joiner included) are encoded on their own; one forward pass of each LM's body per solution,
-its head only at the step tokens' predictions (`token_logps`).
+pi the PRM (a causal LM trained as an ORM) and pi_ref its reference model. The cards' snippet encodes the chat
+template over the problem (user) and the steps joined by "\\n\\n" (assistant) as one string, and finds where each
+step ends by encoding the template over the first k steps (`.strip()`, plus "\\n\\n" when 0 < k < n):
+step_last_tokens[k] = len(those ids) - 2. The ratios are summed (cumsum) from token step_last_tokens[0] on and
+read at step_last_tokens[k] of the shifted log-prob array: the Q value q_k after step k. So step k's own tokens
+(`Encoded.spans`) are step_last_tokens[k-1] + 2 .. step_last_tokens[k] + 1, the first step's from
+step_last_tokens[0] (the template's newline after "assistant" included, as in the card), and q_k is the sum up
+to step k. The ids and spans here are built exactly that way.
+
+Here P(step correct) = sigmoid(q_k - q_(k-1)), the step's process reward r_k of the paper; `cumulative=True`
+gives sigmoid(q_k), the running sum the cards' snippet prints per step. beta: 0.001 in the cards' example
+(set rm.implicit_beta). One forward pass of each LM's body per solution, its head only at the step tokens'
+predictions (`token_logps`).
 """
 
 from __future__ import annotations
 
-from rlprm.prm_adapters.common import (HEAD_CHUNK_ELEMENTS, SENTINEL, Encoded, Plan, last_hidden, output_head,
-                                      pad_id_of, pad_right, split_template)
+from rlprm.prm_adapters.common import (HEAD_CHUNK_ELEMENTS, AdapterError, Encoded, last_hidden, output_head,
+                                      pad_id_of, pad_right)
 
 JOINER = "\n\n"
 
@@ -49,10 +55,33 @@ class ImplicitPRM:
         self.tokenizer, self.config = tokenizer, model.config
         self.beta, self.cumulative = beta, cumulative
 
-    def plan(self, problem: str, steps: list[str]) -> Plan:
-        messages = [{"role": "user", "content": problem}, {"role": "assistant", "content": SENTINEL}]
-        head, tail = split_template(self.tokenizer, messages, self.adapter)
-        return Plan(head, [s + JOINER for s in steps[:-1]] + steps[-1:], tail)
+    def _render(self, problem: str, steps: list[str]) -> str:
+        messages = [{"role": "user", "content": problem}, {"role": "assistant", "content": JOINER.join(steps)}]
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise AdapterError("the implicit family needs the tokenizer's chat template, and this tokenizer has none")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+
+    def encode(self, problems, steps_lists):
+        """The card's ids (the whole conversation) and, per step, the span of tokens whose ratios it sums."""
+        texts = []
+        for problem, steps in zip(problems, steps_lists):
+            texts.append(self._render(problem, steps))
+            for k in range(len(steps) + 1):  # the card's prefixes, whose lengths give step_last_tokens
+                conv = self._render(problem, steps[:k]).strip()
+                texts.append(conv + JOINER if 0 < k < len(steps) else conv)
+        ids = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                             return_token_type_ids=False)["input_ids"]
+        out, at = [], 0
+        for steps in steps_lists:
+            full = list(ids[at])
+            last = [len(x) - 2 for x in ids[at + 1:at + 2 + len(steps)]]
+            at += 2 + len(steps)
+            spans = [(last[0] if k == 0 else last[k] + 2, last[k + 1] + 1) for k in range(len(steps))]
+            if spans and (spans[-1][1] >= len(full) or any(b < a - 1 for a, b in spans)):
+                raise AdapterError("the implicit family's step boundaries (the card's step_last_tokens) do not fall "
+                                   "inside the conversation's tokens: does the chat template change the content?")
+            out.append(Encoded(full, [b for _, b in spans], spans))
+        return out
 
     def prefix(self, e: Encoded, k: int) -> Encoded:
         """Step k's prefix as `score_steps_per_prefix` scores it: cut after the step, and only what step k's
@@ -95,11 +124,14 @@ def _sigmoid(x: float) -> float:
 
 
 def load(path: str, reference: str, device: str, dtype, beta: float, trust_remote_code: bool = False):
-    from rlprm.models import load_causal_lm, load_tokenizer
-    from rlprm.reward_models import quiet_transformers
+    from transformers import AutoModelForCausalLM
+
+    from rlprm.models import load_tokenizer, torch_dtype
+    from rlprm.reward_models import load_checked
 
     tokenizer = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)
-    with quiet_transformers(report=False):
-        model = load_causal_lm(path, dtype, device, trust_remote_code)
-        ref = load_causal_lm(reference, dtype, device, trust_remote_code)
+    # both LMs' heads are read (log-probabilities of the step tokens): a checkpoint without one is refused
+    model, ref = (load_checked(AutoModelForCausalLM, where, f"implicit ({role})", AdapterError,
+                               dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code).to(device)
+                  for where, role in ((path, "PRM"), (reference, "reference LM")))
     return ImplicitPRM(model, ref, tokenizer, beta)

@@ -5,16 +5,19 @@ Convention, from the model card (huggingface.co/Qwen/Qwen2.5-Math-PRM-7B, "Quick
   problem, and an assistant turn whose content is every step followed by `<extra_0>`;
 - the Qwen chat template renders them (add_generation_prompt=False);
 - each step's reward is softmax over the 2-way head at the `<extra_0>` positions, column 1 = positive.
-Here the assistant content is not pasted as text: the template is rendered around a sentinel, and each step's
-ids are followed by the `<extra_0>` id (see common.py for why).
+The ids are the card's: the template is rendered around a sentinel (so it stays the model's own), each step
+is encoded with the `<extra_0>` id after it, and the first step together with the template text before it
+(the card encodes the whole conversation, which the tokenizer splits only at special tokens: the text after
+`<|im_start|>` and the first step are one piece there). Read positions are where the `<extra_0>` ids were
+put, so a step whose text contains "<extra_0>" gets no second score (the card would give it one).
 
 Architecture: qwen_arch.py (our own, on transformers' Qwen2 classes, under the published weight names).
 """
 
 from __future__ import annotations
 
-from rlprm.prm_adapters.common import (SENTINEL, AdapterError, Plan, pad_id_of, pad_right, read_index, split_template,
-                                      unflatten)
+from rlprm.prm_adapters.common import (SENTINEL, AdapterError, Plan, pad_id_of, pad_right, read_index, realize,
+                                      split_template, unflatten)
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 STEP_TOKEN = "<extra_0>"
@@ -42,7 +45,10 @@ class QwenPRM:
         messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
             {"role": "user", "content": problem}, {"role": "assistant", "content": SENTINEL}]
         head, tail = split_template(self.tokenizer, messages, self.adapter)
-        return Plan(head, list(steps), tail, marker_id=self.step_id)
+        return Plan(head, list(steps), tail, marker_id=self.step_id, join_head=True)
+
+    def encode(self, problems, steps_lists):
+        return realize(self.tokenizer, [self.plan(p, s) for p, s in zip(problems, steps_lists)])
 
     def score_batch(self, encoded):
         import torch
@@ -61,9 +67,9 @@ class QwenPRM:
 def load(path: str, device: str, dtype, system_prompt: str | None = None):
     from rlprm.models import load_tokenizer, torch_dtype
     from rlprm.prm_adapters.qwen_arch import QwenProcessRewardModel
-    from rlprm.reward_models import quiet_transformers
+    from rlprm.reward_models import load_checked
 
     tokenizer = load_tokenizer(path, padding_side="right")
-    with quiet_transformers(report=False):
-        model = QwenProcessRewardModel.from_pretrained(str(path), dtype=torch_dtype(dtype))
+    # refuses a checkpoint without the score.0/score.2 head (e.g. a single-Linear token classifier)
+    model = load_checked(QwenProcessRewardModel, path, "qwen_prm", AdapterError, dtype=torch_dtype(dtype))
     return QwenPRM(model.to(device), tokenizer, system_prompt)

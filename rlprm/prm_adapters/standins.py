@@ -91,7 +91,7 @@ def build_tokenizer(kind: str, vocab_size: int = 420, model_max_length: int = 81
 def _qwen_config(tokenizer, **shape):
     from transformers import Qwen2Config
 
-    return Qwen2Config(vocab_size=len(tokenizer), hidden_size=shape.get("hidden", 32),
+    return Qwen2Config(vocab_size=shape.get("vocab") or len(tokenizer), hidden_size=shape.get("hidden", 32),
                        intermediate_size=shape.get("hidden", 32) * 2, num_hidden_layers=shape.get("layers", 2),
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -102,7 +102,7 @@ def _llama_causal_lm(tokenizer, seed: int, **shape):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=shape.get("hidden", 32),
+    config = LlamaConfig(vocab_size=shape.get("vocab") or len(tokenizer), hidden_size=shape.get("hidden", 32),
                          intermediate_size=shape.get("hidden", 32) * 2, num_hidden_layers=shape.get("layers", 2),
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -121,17 +121,31 @@ def _spread(model, std: float = 0.5) -> None:
             head.weight.normal_(0, std)
 
 
-def save_standin(family: str, folder: str | Path, seed: int = 0, **shape) -> Path:
-    """Write a tiny random checkpoint of `family` to `folder`, laid out like the published one."""
+def save_standin(family: str, folder: str | Path, seed: int = 0, tokenizer=None, vocab_size: int | None = None,
+                 **shape) -> Path:
+    """Write a tiny random checkpoint of `family` to `folder`, laid out like the published one.
+
+    `tokenizer`: a tokenizer (or its folder) to use instead of the small built one, e.g. a real tokenizer built
+    from packaged files (tests/real_tokenizers.py); the model's vocabulary is then `vocab_size` (default: the
+    tokenizer's length), as a published checkpoint pads its embedding beyond the tokenizer (Qwen2.5: 151,936).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    given = _given_tokenizer(tokenizer)
+    if given is not None and vocab_size is None:
+        vocab_size = len(given)
+    if vocab_size is not None:
+        shape = {**shape, "vocab": vocab_size}
+
+    def tokenizer_for(kind: str):
+        return given if given is not None else build_tokenizer(kind)
     if family == "qwen_prm":
         from rlprm.prm_adapters.qwen_arch import QwenProcessRewardModel
 
-        tok = build_tokenizer("qwen")
+        tok = tokenizer_for("qwen")
         config = _qwen_config(tok, **shape)
         config.architectures = ["Qwen2ForProcessRewardModel"]  # the published config's name
         torch.manual_seed(seed)
@@ -143,7 +157,7 @@ def save_standin(family: str, folder: str | Path, seed: int = 0, **shape) -> Pat
     elif family == "pure_prm":
         from transformers import Qwen2ForTokenClassification
 
-        tok = build_tokenizer("qwen")
+        tok = tokenizer_for("qwen")
         config = _qwen_config(tok, **shape)
         config.num_labels = 2
         torch.manual_seed(seed)
@@ -152,7 +166,7 @@ def save_standin(family: str, folder: str | Path, seed: int = 0, **shape) -> Pat
             model.score.weight.normal_(0, 1.0)
         model.save_pretrained(folder)
     elif family in ("value_head", "implicit"):
-        tok = build_tokenizer("qwen")
+        tok = tokenizer_for("qwen")
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(_qwen_config(tok, **shape))
         _spread(model)
@@ -166,7 +180,7 @@ def save_standin(family: str, folder: str | Path, seed: int = 0, **shape) -> Pat
             ref.save_pretrained(folder / "reference")
             tok.save_pretrained(folder / "reference")
     elif family in ("math_shepherd", "rlhflow"):
-        tok = build_tokenizer("mistral" if family == "math_shepherd" else "llama3")
+        tok = tokenizer_for("mistral" if family == "math_shepherd" else "llama3")
         model = _llama_causal_lm(tok, seed, **shape)
         _spread(model)
         model.save_pretrained(folder)
@@ -174,6 +188,15 @@ def save_standin(family: str, folder: str | Path, seed: int = 0, **shape) -> Pat
         raise ValueError(f"no stand-in for family {family!r}")
     tok.save_pretrained(folder)
     return folder
+
+
+def _given_tokenizer(tokenizer):
+    """None, a tokenizer, or a tokenizer folder -> None or a tokenizer."""
+    if tokenizer is None or not isinstance(tokenizer, (str, Path)):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer))
 
 
 def _set_architectures(folder: Path, names: list[str]) -> None:

@@ -4,26 +4,32 @@ Both read, at one position per step, the LM's logits of the `+` and `-` token id
 those two (index 0 = `+` = correct). Only the hidden states at the read positions go through the LM head
 (a 7-8B model's vocabulary is 32k-128k wide: logits for every token would dominate memory).
 
-math_shepherd (peiyi9979/math-shepherd-mistral-7b-prm, model card): the input is `question + " " + solution`,
-the solution's steps each followed by the step tag ` ки` and separated by "\\n"
-(`Step 1: ... ки\\nStep 2: ... ки`); candidate ids are those of `+` and `-` as the card gets them
-(`tokenizer.encode("+ -")[1:]`: the tokens that follow a space), the tag id `tokenizer.encode("ки")[-1]`;
-the score of a step is read at its tag position. Here the tag is appended as its id after each step's ids.
+math_shepherd (peiyi9979/math-shepherd-mistral-7b-prm, model card): the input is
+`tokenizer.encode(f"{question} {output}")` with `output` the steps each followed by the step tag " ки" and
+joined by "\\n" (`Step 1: ... ки\\nStep 2: ... ки`), encoded as ONE string, BOS first; candidate ids are those of
+`+` and `-` as the card gets them (`tokenizer.encode("+ -")[1:]`), the tag id `tokenizer.encode("ки")[-1]`;
+the score of a step is read at its tag. The string is encoded whole because Mistral's sentencepiece tokenizer
+prefixes '▁' to every encoding: a "\\n"-started piece encoded alone gets '▁', '<0x0A>' where the card's string
+has '<0x0A>' (issue 23 finding 7). The tags are located by their character offsets and checked to be the tag
+token; a step ending in whitespace makes the card's text tokenize the tag differently (no tag token: the card
+itself would lose that step's score), and is refused with that reason: strip the step.
 
 rlhflow (RLHFlow/Llama3.1-8B-PRM-Mistral-Data / -Deepseek-Data; RLHFlow/RLHF-Reward-Modeling math/README.md
 and the ProcessBench repository's run_eval_prm_rlhflow.py): a multi-turn chat, each step a user turn (the
-first prefixed by the problem), each answered by an assistant turn `+`; the probability of `+` against `-`
-is read at the position that predicts the assistant's `+` (orm_evaluate.py reads logits[-3] with Llama 3.1's
-template: the token before `+<|eot_id|>`). The problem and the first step are joined with " " as RLHFlow's
-README shows (ProcessBench's script uses "\\n\\n"; `first_joiner` changes it). The whole conversation is one
-forward pass: a causal model's output before turn k's `+` has seen only turns up to k.
+first prefixed by the problem), each answered by an assistant turn `+`, rendered by the chat template with the
+real contents (Llama 3.1's template trims them) and encoded as one string, as `apply_chat_template` does; the
+probability of `+` against `-` is read at the position that predicts the assistant's `+` (the card reads
+logits[-3] of the conversation up to step k: the token before `+<|eot_id|>`). The problem and the first step
+are joined with " " as RLHFlow's README shows (ProcessBench's script uses "\\n\\n"; `first_joiner` changes it).
+The whole conversation is one forward pass: a causal model's output before turn k's `+` has seen only turns
+up to k.
 """
 
 from __future__ import annotations
 
-from rlprm.prm_adapters.common import (SENTINEL, AdapterError, Encoded, Plan, last_hidden, output_head, pad_id_of,
-                                      pad_right, read_index, single_token, split_template, unflatten)
-from rlprm.steps import leading_bos
+from rlprm.prm_adapters.common import (SENTINEL, AdapterError, Encoded, Marked, last_hidden, output_head, pad_id_of,
+                                      pad_right, read_index, realize_marked, single_token, split_template,
+                                      unflatten)
 
 STEP_TAG = " ки"
 
@@ -55,17 +61,30 @@ class MathShepherd:
 
     def __init__(self, model, tokenizer, step_tag: str = STEP_TAG):
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, model.config
+        self.step_tag = step_tag
         self.tag_id = single_token(tokenizer, step_tag, "step tag")
-        self.bos = leading_bos(tokenizer)  # the card encodes with special tokens: Mistral's <s> comes first
         # the verdict follows the tag after a space in training data (`... ки` -> `... +`): the ids of " +"/" -"
         self.good_id = single_token(tokenizer, " +", "verdict")
         self.bad_id = single_token(tokenizer, " -", "verdict")
         if len({self.tag_id, self.good_id, self.bad_id}) < 3:
             raise AdapterError("the step tag and the +/- verdicts must be three different tokens")
 
-    def plan(self, problem: str, steps: list[str]) -> Plan:
-        pieces = [f"{problem} {steps[0]}"] + ["\n" + s for s in steps[1:]]
-        return Plan("", pieces, marker_id=self.tag_id, bos=self.bos)
+    def marked(self, problem: str, steps: list[str]) -> Marked:
+        """The card's string f"{question} {output}" and the character span of each step's tag in it."""
+        text, marks = f"{problem} ", []
+        for k, step in enumerate(steps):
+            if step != step.rstrip():
+                raise AdapterError(f"math_shepherd: step {k + 1} ends in whitespace ({step[-40:]!r}); the card's "
+                                   f"text then puts the tag after it as other tokens than the tag {self.step_tag!r} "
+                                   "the model was trained to score at. Strip the step's trailing whitespace.")
+            text += ("\n" if k else "") + step
+            marks.append((len(text), len(text) + len(self.step_tag)))
+            text += self.step_tag
+        return Marked(text, marks, self.tag_id, add_special_tokens=True)  # the card's encode adds BOS
+
+    def encode(self, problems, steps_lists):
+        return realize_marked(self.tokenizer, [self.marked(p, s) for p, s in zip(problems, steps_lists)],
+                              self.adapter)
 
     def score_batch(self, encoded):
         return verdict_probs(self.model, self.tokenizer, encoded, self.good_id, self.bad_id)
@@ -80,14 +99,23 @@ class RLHFlow:
         self.bad_id = single_token(tokenizer, "-", "verdict")
         self.first_joiner = first_joiner
 
-    def plan(self, problem: str, steps: list[str]) -> Plan:
+    def marked(self, problem: str, steps: list[str]) -> Marked:
+        """The rendered conversation with every verdict `+`, and the character span of each verdict."""
         messages = []
         for k, step in enumerate(steps):
             messages.append({"role": "user", "content": problem + self.first_joiner + step if k == 0 else step})
             messages.append({"role": "assistant", "content": SENTINEL})
+        # the template renders the real steps (trimmed, if it trims); the verdicts go where its sentinels are
         parts = split_template(self.tokenizer, messages, self.adapter)
-        # each turn's text, then the verdict `+` as its id; read where the output predicts that verdict
-        return Plan("", parts[:-1], parts[-1], marker_id=self.good_id, read_marker=False)
+        text, marks = parts[0], []
+        for part in parts[1:]:
+            marks.append((len(text), len(text) + 1))
+            text += "+" + part
+        return Marked(text, marks, self.good_id, add_special_tokens=False, read_before=True)
+
+    def encode(self, problems, steps_lists):
+        return realize_marked(self.tokenizer, [self.marked(p, s) for p, s in zip(problems, steps_lists)],
+                              self.adapter)
 
     def score_batch(self, encoded):
         return verdict_probs(self.model, self.tokenizer, encoded, self.good_id, self.bad_id)
@@ -95,12 +123,12 @@ class RLHFlow:
 
 def load(family: str, path: str, device: str, dtype, trust_remote_code: bool = False):
     from rlprm.models import load_tokenizer, torch_dtype
-    from rlprm.reward_models import quiet_transformers
+    from rlprm.reward_models import load_checked
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)
-    with quiet_transformers(report=False):
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype),
-                                                     trust_remote_code=trust_remote_code)
+    # the verdicts are read from the LM head: a checkpoint without one (a classifier) is refused
+    model = load_checked(AutoModelForCausalLM, path, family, AdapterError, dtype=torch_dtype(dtype),
+                         trust_remote_code=trust_remote_code)
     model = model.to(device)
     return MathShepherd(model, tokenizer) if family == "math_shepherd" else RLHFlow(model, tokenizer)

@@ -10,16 +10,19 @@ README "Training of PRM"). It differs from Qwen's PRMs (qwen_prm.py) in everythi
 - the model card's step reward is p(+) - p(-) in [-1, 1] (softmax column 1 minus column 0), a step counting as
   correct when it is > 0. Here the score is p(+) = (1 + reward) / 2, the probability every family returns, so
   the card's "reward > 0" is "p(+) > 0.5" (bench.threshold 0.5).
-From the model card (huggingface.co/jinachris/PURE-PRM-7B) the architecture class, the "\\n" step token and
-p(+) - p(-) were checked; its snippet's input line could not be read here, so the prompt layout follows the
-training code it names (TRL's tokenize_row: no joiner between the problem and the first step). Any other
-2-label token-classification PRM trained with `PRMTrainer` (step_separator "\\n") loads the same way.
+The ids are the card's (huggingface.co/jinachris/PURE-PRM-7B, its transformers snippet): the question's ids
+(no special tokens, no joiner), then each step with its trailing whitespace removed (`step.rstrip()`), its ids,
+and the ids of "\\n"; the score is read at that "\\n". The card gets its steps by splitting the answer on
+"\\n\\n"; here they come from rlprm's step convention (or the caller's list). BOS goes first when the tokenizer
+defines one, as TRL's tokenize_row does in training (Qwen2.5-Math's tokenizer defines none, so for PURE this
+is the card's input). Any other 2-label token-classification PRM trained with `PRMTrainer` (step_separator
+"\\n") loads the same way.
 """
 
 from __future__ import annotations
 
 from rlprm.prm_adapters.common import (AdapterError, Plan, encode_text, pad_id_of, pad_right, read_index,
-                                      unflatten)
+                                      realize, unflatten)
 
 STEP_SEPARATOR = "\n"
 """TRL PRMConfig's default step_separator, the token PURE-PRM-7B's card puts after each step."""
@@ -50,7 +53,11 @@ class TokenClassificationPRM:
         self.head = getattr(model, "score", None)
 
     def plan(self, problem: str, steps: list[str]) -> Plan:
-        return Plan(problem, list(steps), marker_id=self.sep_id, bos=self.bos)
+        # the card: `steps = [i.rstrip() for i in answer.split("\n\n")]`
+        return Plan(problem, [s.rstrip() for s in steps], marker_id=self.sep_id, bos=self.bos)
+
+    def encode(self, problems, steps_lists):
+        return realize(self.tokenizer, [self.plan(p, s) for p, s in zip(problems, steps_lists)])
 
     def score_batch(self, encoded):
         import torch
@@ -73,10 +80,9 @@ def load(path: str, device: str, dtype, trust_remote_code: bool = False):
     from transformers import AutoModelForTokenClassification
 
     from rlprm.models import load_tokenizer, torch_dtype
-    from rlprm.reward_models import quiet_transformers
+    from rlprm.reward_models import load_checked
 
     tokenizer = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)
-    with quiet_transformers(report=False):
-        model = AutoModelForTokenClassification.from_pretrained(str(path), dtype=torch_dtype(dtype),
-                                                                trust_remote_code=trust_remote_code)
+    model = load_checked(AutoModelForTokenClassification, path, "pure_prm", AdapterError, dtype=torch_dtype(dtype),
+                         trust_remote_code=trust_remote_code)
     return TokenClassificationPRM(model.to(device), tokenizer)
