@@ -862,14 +862,13 @@ class Recipe(Section):
                              "probabilities, which pays for padding a solution with sure steps "
                              "(tests/test_reward_hacking.py); for PPO use min_form (the return is the lowest step "
                              "probability) or log_prob; score is for GRPO, whose rl.process_advantage reads step values")
-        if (self.reward.mode == "dense" and algo == "grpo" and self.rl.process_advantage in ("min", "mean")
-                and self.reward.dense_form in ("min_form", "delta")):
+        if self.reward.mode == "dense" and algo == "grpo" and self.reward.dense_form in ("min_form", "delta"):
             # min_form / delta rewards are increments of a running score, not values of the steps: their min or mean
-            # means nothing (a shortcut chain can then rank above the reference: tests/test_reward_hacking.py)
+            # means nothing (a shortcut chain can then rank above the reference: tests/test_reward_hacking.py), and
+            # `sum` normalises each one on its own as if it were a step's value (rewards.dense_step_values)
             raise ValueError(f"rl.process_advantage {self.rl.process_advantage} takes the {self.rl.process_advantage} "
                              f"of step values, but reward.dense_form {self.reward.dense_form} gives increments of a "
-                             "running score; use reward.dense_form score (the step probabilities) or log_prob, or "
-                             "rl.process_advantage sum")
+                             "running score; use reward.dense_form score (the step probabilities) or log_prob")
         if src == "confidence" and algo == "grpo":
             raise ValueError("reward.source confidence needs the starting generator's token log-probs inside the "
                              "reward function, which rlprm's GRPO (TRL's trainer) does not compute yet; use "

@@ -62,6 +62,9 @@ class Pool:
     """name -> `prm` | `orm`."""
     sample_scores: dict[str, list[list[float]]] = field(default_factory=dict)
     """name -> [problem][sample] -> one number per sample that needs no reward model (`confidence`, `likelihood`)."""
+    response_ids: list[list[list[int]]] = field(default_factory=list)
+    """[problem][sample] -> the policy's token ids of the sample, EOS appended when it was generated (a sample of
+    max_new_tokens ids without EOS was cut by the cap), as RL's rewards read them; [] when unknown (a saved pool)."""
 
     @property
     def n(self) -> int:
@@ -160,14 +163,14 @@ def sample_pool(model, tokenizer, problems: list[TaskProblem], n: int, temperatu
     sampler = sampler or HFSampler(model, tokenizer)
     out = sampler.sample([p.prompt for p in problems], n=n, temperature=temperature, max_new_tokens=max_new_tokens,
                          batch_size=batch_size, seed=seed, progress=progress, desc=f"sampling {n} per problem")
-    pool = Pool(problems, out.texts, grade_samples(problems, out.texts, sep))
+    eos = tokenizer.eos_token_id
+    # the sampler strips EOS: a completion shorter than max_new_tokens ended on it
+    response_ids = [[list(ids) + ([eos] if eos is not None and len(ids) < max_new_tokens else []) for ids in row]
+                    for row in out.token_ids]
+    pool = Pool(problems, out.texts, grade_samples(problems, out.texts, sep), response_ids=response_ids)
     if baselines:
-        eos = tokenizer.eos_token_id
-        prompts, completions = [], []
-        for problem, row in zip(problems, out.token_ids):
-            for ids in row:
-                prompts.append(problem.prompt)
-                completions.append(list(ids) + ([eos] if eos is not None and len(ids) < max_new_tokens else []))
+        prompts = [problem.prompt for problem, row in zip(problems, response_ids) for _ in row]
+        completions = [ids for row in response_ids for ids in row]
         logps = iter(response_logprobs(model, tokenizer, prompts, completions, batch_size=batch_size))
         rows = [[next(logps) for _ in row] for row in out.token_ids]
         pool.sample_scores[CONFIDENCE] = [[float(lp.min()) if lp.size else 0.0 for lp in row] for row in rows]
@@ -692,53 +695,46 @@ def between_epochs(recipe, model, tokenizer, problems: list[TaskProblem], reward
 
 
 def held_out_reward(recipe, pool: Pool, tokenizer=None, reference=None) -> float | None:
-    """Mean over the pool's samples of the reward the run optimises (without the KL penalty), so a reader can see
-    whether each RL arm improved ITS OWN objective on held-out problems: the PRM's solution score in the form
-    the run uses (min_form: the lowest step probability; log_prob: the log of the product; delta: the last step's;
-    score (GRPO): rl.process_advantage's min, mean or sum of the step probabilities;
-    sparse: reward.sparse_aggregate), the ORM's probability, the grader's 1/0, the exact checker's 1/0 (every step
-    right), or the starting generator's confidence exp(lowest token log-prob), which needs `reference`. A sample
-    with no answer counts reward.missing_answer_reward. None when it cannot be computed here."""
-    from rlprm.reward_models import aggregate
+    """Mean over the pool's samples of the reward the run trains on (without the KL penalty), so a reader can see
+    whether each RL arm improved ITS OWN objective on held-out problems.
+
+    Computed by `rewards.training_rewards`, the very call PPO and GRPO make on their rollouts, on the pool's texts
+    and token ids: the same missing-answer rule (`SampleGrade.answered`), the same floor of answered returns, the
+    same length cap (a sample cut at rl.max_new_tokens counts as missing), the same dense form; each sample's
+    `TokenRewards.objective` (PPO's return; GRPO's rl.process_advantage value of its step values; rejection
+    sampling: the sparse reward). Scores: the pool's own (`score_pool` under reward.source), the checker's
+    (exact), or the starting generator's (`confidence`, which needs `reference`). None when it cannot be computed
+    here: no token ids (a pool read back from a file), no tokenizer, or no scores of the run's reward model.
+    """
+    from rlprm.rewards import confidence_scores, training_rewards
 
     reward = recipe.reward
     grades = [g for row in pool.grades for g in row]
-    if not grades:
+    texts = [t for row in pool.texts for t in row]
+    ids = [list(x) for row in pool.response_ids for x in row]
+    if not grades or len(ids) != len(grades) or tokenizer is None:
         return None
-    source = reward.source
-    if source in ("prm", "orm"):
-        if source not in pool.step_scores:
+    scores = None
+    if reward.source in ("prm", "orm"):
+        if reward.source not in pool.step_scores:
             return None
-        scores = [s for row in pool.step_scores[source] for s in row]
-        if source == "orm":
-            values = [s[0] if s else 0.0 for s in scores]
-        elif reward.mode == "dense" and reward.dense_form == "score":
-            # GRPO only (config): its rl.process_advantage aggregates the step probabilities themselves
-            how = getattr(recipe.rl, "process_advantage", "min")
-            values = [float(sum(s)) if how == "sum" else aggregate(s, how) for s in scores]
-        elif reward.mode == "dense":
-            how = {"min_form": "min", "delta": "last"}.get(reward.dense_form)
-            values = [math.log(max(aggregate(s, "prod"), 1e-6)) if how is None else aggregate(s, how) for s in scores]
-        else:
-            values = [aggregate(s, reward.sparse_aggregate) for s in scores]
-    elif source == "ground_truth":
-        values = [float(g.answer_correct) for g in grades]
-    elif source == "exact":
-        if any(g.process_correct is None for g in grades):
+        scores = [s for row in pool.step_scores[reward.source] for s in row]
+    elif reward.source == "confidence":
+        if reference is None:
             return None
-        values = [float(g.process_correct) for g in grades]
-    elif source == "confidence":
-        if reference is None or tokenizer is None:
-            return None
+        import torch
+
         prompts = [p.prompt for p, row in zip(pool.problems, pool.texts) for _ in row]
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        comps = [tokenizer(t, add_special_tokens=False)["input_ids"] + eos for row in pool.texts for t in row]
-        lps = response_logprobs(reference, tokenizer, prompts, comps)
-        values = [math.exp(float(lp.min())) if len(lp) else 0.0 for lp in lps]
-    else:
-        return None
-    values = [v if g.answer is not None else reward.missing_answer_reward for v, g in zip(values, grades)]
-    return float(np.mean(values))
+        lps = response_logprobs(reference, tokenizer, prompts, ids)
+        width = max(len(x) for x in ids)
+        logprobs = torch.zeros(len(ids), width)
+        for k, lp in enumerate(lps):
+            logprobs[k, : len(lp)] = torch.as_tensor(lp, dtype=torch.float32)
+        mask = torch.arange(width).unsqueeze(0) < torch.tensor([len(x) for x in ids]).unsqueeze(1)
+        scores = confidence_scores(texts, ids, logprobs, mask, tokenizer, reward.mode == "dense",
+                                   recipe.task.step_separator)
+    tr = training_rewards(recipe, texts, ids, grades, scores=scores, tokenizer=tokenizer)
+    return float(tr.objective.mean())
 
 
 def sample_rates(pool: Pool) -> dict:

@@ -76,6 +76,22 @@ outcome term (>= 0) comes on top. Recipe validation refuses `log_prob` with a
 `missing_answer_reward` at or above -ANSWERED_MARGIN, where every answered
 return would be the floor and nothing would tell solutions apart.
 
+GRPO reads VALUES, not a return (`process_form`, its `rl.process_advantage`).
+Its process advantages normalise every event on its own and take the min or
+mean of the events from each token on (or sum them, normalised), so each event
+must be the step's own value: `dense_step_values`, log p_k (`log_prob`) or p_k
+(`score`), each floored ON ITS OWN at the same floor, so that an answered
+solution's min or mean never falls to a missing answer's penalty. The floored
+running sum above would be wrong there: with missing -1, [.6, .1, .1] and
+[.6, .5, .5] both become [-0.511, -0.389, 0.0], and the exact checker's
+[1, 0, 0, 0] becomes [0, -0.9, 0, 0], wrong steps 3-4 worth a perfect 0
+(issue 23). min_form and delta have no step values and are refused there.
+Under `sum` the floor does not protect the missing-answer ordering (four
+values of -0.9 sum below one -1; `rl.core.process_token_advantages` warns).
+`TokenRewards.objective` is each sample's value under the objective
+(`solution_value`): the return, or for `min` / `mean` that of the events plus
+the outcome; evaluation reports it on held-out problems.
+
 Guards, in this order:
 - a score that is NaN or infinite raises, naming the sample (and a reward-model
   probability outside [0, 1] too): a silent NaN reward destroys a run later.
@@ -202,6 +218,40 @@ def dense_step_rewards(probs: Sequence[float], form: str, floor: float | None = 
     """
     out = _dense_step_rewards(probs, form)
     return out if floor is None else floor_running_return(out, floor)
+
+
+def dense_step_values(probs: Sequence[float], form: str, floor: float | None = None) -> list[float]:
+    """Step probabilities p_1..p_K -> each step's OWN value v_1..v_K, what GRPO's process advantages read.
+
+    `log_prob`: v_k = log p_k; `score`: v_k = p_k; each floored ON ITS OWN at `floor` (None: none), v_k =
+    max(v_k, floor), so that the min or mean of an answered solution's values never falls to a missing answer's
+    penalty. Not the running sum (`dense_step_rewards` floors that, for PPO's return): read as values, a floored
+    running sum makes every step after the one that crossed the floor look perfect (0). E.g. log_prob, floor
+    -0.9: [.6, .1, .1] -> [-0.511, -0.9, -0.9]; [.6, .5, .5] -> [-0.511, -0.693, -0.693]. min_form and delta
+    have no step values (their r_k are increments of a running score) and raise.
+    """
+    if form not in VALUE_FORMS:
+        raise RewardError(f"dense form {form!r} gives increments of a running score, not values of the steps; "
+                          f"step values exist for {', '.join(VALUE_FORMS)}")
+    out = _dense_step_rewards(probs, form)
+    return out if floor is None else [max(v, floor) for v in out]
+
+
+def solution_value(event_values: Sequence[float], outcome: float, process_form: str | None) -> float:
+    """What the training objective makes of one sample: its events (`TokenRewards.event_values`) and outcome term.
+
+    None or `sum`: their sum (the return: PPO's, GRPO's sparse reward, DeepSeekMath's summed process rewards);
+    `min` / `mean`: the min / mean of the events plus the outcome, the value GRPO's process advantage gives the
+    first token (`rl.core.process_token_advantages`, G(0)). No events (an empty response): the outcome, 0.
+    """
+    values = [float(v) for v in event_values]
+    if process_form in (None, "sum") or not values:
+        return sum(values) + outcome
+    if process_form == "min":
+        return min(values) + outcome
+    if process_form == "mean":
+        return sum(values) / len(values) + outcome
+    raise RewardError(f"process form must be min, mean, sum or None, got {process_form!r}")
 
 
 def _dense_step_rewards(probs: Sequence[float], form: str) -> list[float]:
@@ -361,6 +411,13 @@ class TokenRewards:
     outcome_rewards: list[float] = field(default_factory=list)
     """Per sample, the outcome term `outcome_coef * outcome` at the last kept token (0 when there is none,
     and for a missing answer or an empty response). rewards[i] = the events + this, placed."""
+    objective: Tensor | None = None
+    """(B,) each sample's value under the training objective (`solution_value`): the return, or for GRPO's
+    `min` / `mean` process advantages the min / mean of the events plus the outcome. None: the returns."""
+
+    def __post_init__(self):
+        if self.objective is None:
+            self.objective = self.rewards.sum(dim=1)
 
     @property
     def returns(self) -> Tensor:
@@ -429,13 +486,14 @@ def _checked_scores(cfg: RewardConfig, scores, outcomes, tokenizer) -> tuple[lis
 
 
 def _dense_steps(i: int, text: str, ids: list[int], probs: list[float], form: str, tokenizer, sep: str,
-                 floor: float) -> tuple[list[int], list[float], int]:
-    """Sample i's (rewarded step ends, their rewards, unscored steps)."""
+                 floor: float, values: bool) -> tuple[list[int], list[float], int]:
+    """Sample i's (rewarded step ends, their rewards or, with `values`, their own values, unscored steps)."""
     ends = step_token_ends(text, ids, tokenizer, sep)
     if len(probs) > len(ends):
         raise RewardError(f"sample {i}: the reward model scored {len(probs)} steps but the text has {len(ends)} "
                           f"with separator {sep!r}; it split the text differently (another separator?)")
-    return ends[: len(probs)], dense_step_rewards(probs, form, floor), len(ends) - len(probs)
+    rewards = dense_step_values(probs, form, floor) if values else dense_step_rewards(probs, form, floor)
+    return ends[: len(probs)], rewards, len(ends) - len(probs)
 
 
 def token_rewards(
@@ -455,6 +513,7 @@ def token_rewards(
     sparse_aggregate: str | None = None,
     dense_form: str | None = None,
     last_event_at_eos: bool = False,
+    process_form: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> TokenRewards:
@@ -482,6 +541,11 @@ def token_rewards(
     last_event_at_eos: dense mode: the last step's reward lands on the sample's last kept
         token (its EOS) instead of the step's end, so the final step's reward also teaches
         stopping; the return does not change.
+    process_form: None for a return (PPO, rejection sampling): dense step rewards whose running
+        sum is floored (`dense_step_rewards`). GRPO's `rl.process_advantage` (`min`, `mean`,
+        `sum`): its process advantages normalise each event on its own, so each dense event is
+        the step's own value (`dense_step_values`, floored one by one; min_form / delta raise),
+        and `objective` is the min / mean / sum of the events plus the outcome.
 
     Returns `TokenRewards` with rewards and mask shaped (B, T), and each sample's reward events.
     """
@@ -503,6 +567,9 @@ def token_rewards(
     if form not in DENSE_FORMS:
         raise RewardError(f"dense_form must be one of {', '.join(DENSE_FORMS)}, got {form!r}")
     probs, truths = _checked_scores(cfg, scores, outcomes, tokenizer)
+    if cfg.mode == "dense" and process_form is not None and form not in VALUE_FORMS:
+        raise RewardError(f"GRPO's process advantages read each event as a step's value, but dense_form {form!r} "
+                          f"gives increments of a running score; use one of {', '.join(VALUE_FORMS)}")
 
     kept = [n if max_tokens is None else min(n, max_tokens) for n in lens]
     T = max(kept, default=0)
@@ -530,7 +597,7 @@ def token_rewards(
             event_pos[i], event_val[i] = [last], [cfg.missing_answer_reward]
         elif cfg.mode == "dense":
             ends_out[i], step_out[i], n = _dense_steps(i, texts[i], seqs[i][: lens[i]], probs[i], form, tokenizer,
-                                                       sep, floor)
+                                                       sep, floor, values=process_form is not None)
             unscored += n
             event_pos[i], event_val[i] = list(ends_out[i]), list(step_out[i])
             if last_event_at_eos and event_pos[i]:
@@ -553,21 +620,49 @@ def token_rewards(
 
     reward_t = torch.tensor(rewards, dtype=dtype, device=device).reshape(B, T)
     mask = torch.arange(T, device=device).unsqueeze(0) < torch.tensor(kept, dtype=torch.long, device=device).reshape(B, 1)
+    objective = torch.tensor([solution_value(event_val[i], outcome_out[i], process_form) for i in range(B)],
+                             dtype=dtype, device=device).reshape(B)
     out = TokenRewards(reward_t, mask, ends_out, step_out, missing, truncated, event_positions=event_pos,
-                       event_values=event_val, outcome_rewards=outcome_out)
-    returns = out.returns
+                       event_values=event_val, outcome_rewards=outcome_out, objective=objective)
+    values = out.objective  # the return, or GRPO's min / mean value
     answered = torch.tensor([not m for m in missing], dtype=torch.bool, device=device)
     n = max(B, 1)
     out.stats = {
-        "return_mean": float(returns.mean()) if B else 0.0,
+        "return_mean": float(values.mean()) if B else 0.0,
         "missing_answer_frac": sum(missing) / n,
         "truncated_frac": sum(truncated) / n,
         "empty_responses": float(sum(k == 0 for k in kept)),
         "unscored_steps": float(unscored),
         # answered samples that returned less than a missing answer would: an incentive to stop answering
-        "below_missing_answer": float((answered & (returns < cfg.missing_answer_reward)).sum()),
+        "below_missing_answer": float((answered & (values < cfg.missing_answer_reward)).sum()),
     }
     return out
+
+
+def training_rewards(recipe, texts: Sequence[str], token_ids, grades, *, scores=None, tokenizer=None,
+                     width: int | None = None, device=None) -> TokenRewards:
+    """The rewards a run of `recipe` trains on, for graded samples: the one `token_rewards` call of PPO, GRPO and
+    the held-out reward of evaluation (`evaluate.held_out_reward`), so that they cannot measure different things.
+
+    texts, token_ids: as `token_rewards` takes them (the policy's ids, EOS included when it was generated).
+    grades: per sample, its `problems.SampleGrade`: the outcome (`answer_correct`), whether it answered
+    (`answered`, the task's own answer reading) and, for `reward.source: exact`, the checker's step verdicts.
+    scores: the reward model's (prm / orm) or the confidence control's (`confidence_scores`); None for
+    ground_truth and exact (then the checker's prefix-correctness, `prefix_correct_probs`).
+    What the algorithm changes: GRPO's dense events are step values for its rl.process_advantage, the last on EOS
+    (`process_form`, `last_event_at_eos`); `TokenRewards.objective` is then the value that form gives a sample,
+    the return otherwise. The length cap is rl.max_new_tokens, with the tokenizer's EOS (a response stopped at
+    the cap without EOS was cut: missing). Returns `TokenRewards` (B, width).
+    """
+    rcfg, rl = recipe.reward, recipe.rl
+    if scores is None and rcfg.source == "exact":  # the checker as an oracle PRM: 1 up to the first wrong step, then 0
+        scores = [prefix_correct_probs(g.step_correct or []) for g in grades]
+    grpo = rl.algorithm == "grpo"
+    return token_rewards(rcfg, texts, token_ids, scores=scores, outcomes=[float(g.answer_correct) for g in grades],
+                         has_answer=[g.answered for g in grades], tokenizer=tokenizer, max_tokens=rl.max_new_tokens,
+                         eos_token_id=None if tokenizer is None else tokenizer.eos_token_id, width=width,
+                         sep=recipe.task.step_separator, sparse_aggregate=rcfg.sparse_aggregate,
+                         last_event_at_eos=grpo, process_form=rl.process_advantage if grpo else None, device=device)
 
 
 def add_kl_penalty(rewards: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kl_coef: float,
@@ -590,6 +685,7 @@ def add_kl_penalty(rewards: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask
 __all__ = [
     "ANSWERED_MARGIN", "DELTA_P0", "DENSE_FORMS", "PROB_FLOOR", "STEP_SOURCES", "VALUE_FORMS", "RewardError",
     "TokenRewards",
-    "add_kl_penalty", "confidence_scores", "dense_step_rewards", "floor_running_return",
-    "prefix_correct_probs", "sequence_confidence", "step_confidence", "step_token_ends", "token_rewards",
+    "add_kl_penalty", "confidence_scores", "dense_step_rewards", "dense_step_values", "floor_running_return",
+    "prefix_correct_probs", "sequence_confidence", "solution_value", "step_confidence", "step_token_ends", "token_rewards",
+    "training_rewards",
 ]

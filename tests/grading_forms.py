@@ -43,7 +43,8 @@ def equivalent_forms(answer: str) -> list[str]:
     Built by rules that keep the value: ``\\dfrac``, ``a/b``, units, ``^\\circ``,
     ``\\$``, ``\\%``-free forms, thousands separators, dropped ``\\left``/``\\right``,
     whitespace, unicode symbols, a wrapping box, repeating decimals, reordered
-    sets. Used by this project's tests and benchmark; not exhaustive.
+    sets, redundant brace groups (12 deep, doubled), a matrix as an array or with a trailing row break, the
+    word "degrees". Used by this project's tests and benchmark; not exhaustive.
     """
     a = answer.strip()
     out: list[str] = []
@@ -138,7 +139,35 @@ def equivalent_forms(answer: str) -> list[str]:
         add(f"\\pi \\cdot {m.group(1)}")
     if "\\begin{pmatrix}" in norm:
         add(re.sub(r"(-?\d+)/(\d+)", r"\\frac{\1}{\2}", norm).replace("pmatrix", "bmatrix"))
+        body = norm[len("\\begin{pmatrix}") : -len("\\end{pmatrix}")] if norm.endswith("\\end{pmatrix}") else None
+        if body is not None:
+            cols = body.split("\\\\")[0].count("&") + 1
+            add("\\left(\\begin{array}{" + "c" * cols + "}" + body + "\\end{array}\\right)")
+            add("\\begin{pmatrix}" + body + " \\\\ \\end{pmatrix}")  # a trailing row break
+            add(re.sub(r"\s+", "", a))
+    # redundant groups: around the whole answer, many deep, and doubled around every group
+    add("{" * 12 + a + "}" * 12)
+    if "\\begin" not in a:
+        add(_double_groups(a))
+    if "^\\circ" in a and re.search(r"\d\s*\^\\circ", a):
+        add(re.sub(r"\s*\^\\circ", " degrees", a))
+    if re.fullmatch(r"\d+", norm):
+        add(f"{norm}\\,\\%")
+        add(f"{norm} \\text{{percent}}")
     return out
+
+
+def _double_groups(s: str) -> str:
+    """Every unescaped brace doubled: ``\\frac{1}{2}`` -> ``\\frac{{1}}{{2}}`` (same LaTeX)."""
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and i + 1 < len(s):
+            out.append(s[i : i + 2])
+            i += 2
+            continue
+        out.append({"{": "{{", "}": "}}"}.get(s[i], s[i]))
+        i += 1
+    return "".join(out)
 
 
 def _split_top(s: str) -> list[str]:

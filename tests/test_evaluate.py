@@ -518,26 +518,81 @@ def test_rlprm_eval_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "rlprm prepare" in capsys.readouterr().err
 
 
-def test_held_out_reward_is_each_arms_own_objective():
-    """The mean reward an RL arm optimises, on the hand pool (8 samples, one without an answer)."""
+def _rl_pool(tok):
+    """Four sampled responses to one arithmetic problem, as RL and evaluation see them: right, wrong from its
+    second step, no answer, and the right text cut by the length cap (no EOS): (pool, their step probabilities
+    from a stand-in PRM, rl.max_new_tokens)."""
+    from rlprm.problems import from_arithmetic, grade_samples
+    from rlprm.steps import answer_step, render_steps
+    from rlprm.tasks.arithmetic import Problem, render_step
+
+    problems = from_arithmetic([Problem(1, (("+", 2), ("+", 4)))])
+    right = render_steps([render_step("+", 1, 2, 3), render_step("+", 3, 4, 7), answer_step("7")])
+    wrong = render_steps([render_step("+", 1, 2, 3), render_step("+", 3, 4, 8), answer_step("8")])
+    none = render_steps([render_step("+", 1, 2, 3), render_step("+", 3, 4, 7)])
+    texts = [right, wrong, none, right + "\n"]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ids = [x + [tok.eos_token_id] for x in ids[:3]] + [ids[3]]
+    cap = len(ids[3])  # the last one stopped at the cap without EOS
+    pool = Pool(problems, [texts], grade_samples(problems, [texts], "\n"), response_ids=[ids])
+    pool.step_scores["prm"] = [[[.9, .8, .9], [.9, .1, .2], [.9, .8], [.9, .8, .9]]]
+    pool.kinds["prm"] = "prm"
+    return pool, cap
+
+
+@pytest.mark.parametrize("algorithm, reward, process, by_hand", [
+    # PPO, log_prob: log(.9 * .8 * .9); log(.018) floored at missing + 0.1; the missing and the cut ones -1
+    ("ppo", {"mode": "dense", "source": "prm", "dense_form": "log_prob"}, "min",
+     [math.log(.648), -0.9, -1.0, -1.0]),
+    ("ppo", {"mode": "dense", "source": "prm", "dense_form": "min_form"}, "min", [0.8, 0.1, -1.0, -1.0]),
+    ("ppo", {"mode": "dense", "source": "exact", "dense_form": "log_prob"}, "min", [0.0, -0.9, -1.0, -1.0]),
+    ("ppo", {"mode": "sparse", "source": "ground_truth"}, "min", [1.0, 0.0, -1.0, -1.0]),
+    ("ppo", {"mode": "sparse", "source": "prm", "sparse_aggregate": "prod"}, "min", [.648, .018, -1.0, -1.0]),
+    # GRPO: each step's own value, floored one by one; the process form's min / mean of them
+    ("grpo", {"mode": "dense", "source": "prm", "dense_form": "log_prob"}, "min", [math.log(.8), -0.9, -1.0, -1.0]),
+    ("grpo", {"mode": "dense", "source": "prm", "dense_form": "score"}, "mean", [2.6 / 3, 1.2 / 3, -1.0, -1.0]),
+    ("grpo", {"mode": "dense", "source": "exact", "dense_form": "log_prob"}, "min", [0.0, -0.9, -1.0, -1.0]),
+])
+def test_held_out_reward_is_the_training_objective(char_tokenizer, tmp_path, algorithm, reward, process, by_hand):
+    """Issue 23 (build item 7): the held-out reward is what training computes on the same samples: the cut one
+    and the unanswered one get the missing-answer reward, answered returns are floored, the dense form is the
+    run's. Before, it was answered-by-`\\boxed`-or-`# Answer`, unfloored (log .018 = -4.0) and blind to the cap."""
     from rlprm.config import Recipe
     from rlprm.evaluate import held_out_reward
+    import torch
 
-    pool = hand_pool()
-    missing = -1.0  # sample b2 has no answer: it counts the missing-answer reward whatever it scored
+    from rlprm.rewards import training_rewards
 
-    def recipe(**reward):
-        return Recipe.model_validate({"reward": reward})
+    pool, cap = _rl_pool(char_tokenizer)
+    recipe = Recipe.model_validate({"reward": {**reward, "missing_answer_reward": -1.0},
+                                    "rl": {"algorithm": algorithm, "max_new_tokens": cap,
+                                           **({"process_advantage": process} if algorithm == "grpo" else {})}})
+    grades = pool.grades[0]
+    assert [g.answered for g in grades] == [True, True, False, True] and grades[3].answer_correct
+    # training's own call on these samples (PPO and GRPO both make it), and GRPO's reward function end to end
+    scores = pool.step_scores["prm"][0] if reward["source"] == "prm" else None
+    tr = training_rewards(recipe, pool.texts[0], pool.response_ids[0], grades, scores=scores, tokenizer=char_tokenizer)
+    assert tr.truncated == [False, False, False, True] and tr.missing_answer == [False, False, True, True]
+    assert tr.objective.tolist() == pytest.approx(by_hand, abs=1e-6)
+    if algorithm == "ppo":
+        assert torch.allclose(tr.objective, tr.returns, atol=1e-6)
+    else:
+        from rlprm.rl.grpo import RewardFunction
 
-    prm_min = [0.9, 0.2, missing, 0.3, 0.2, 0.95, missing, 0.05]
-    prm_min[2] = 0.5  # a2 answered "7"
-    assert held_out_reward(recipe(mode="dense", source="prm", dense_form="min_form"), pool) == \
-        pytest.approx(np.mean(prm_min))
-    orm = [0.1, 0.8, 0.7, 0.2, 0.6, 0.5, missing, 0.1]
-    assert held_out_reward(recipe(mode="sparse", source="orm"), pool) == pytest.approx(np.mean(orm))
-    truth = [1, 0, 0, 0, 1, 1, missing, 0]
-    assert held_out_reward(recipe(mode="sparse", source="ground_truth"), pool) == pytest.approx(np.mean(truth))
-    exact = [1, 0, 0, 0, 1, 0, missing, 0]
-    assert held_out_reward(recipe(mode="dense", source="exact"), pool) == pytest.approx(np.mean(exact))
-    # the confidence control needs the starting generator
-    assert held_out_reward(recipe(mode="dense", source="confidence"), pool) is None
+        class Scorer:
+            kind = "prm"
+
+            def score_steps(self, problems, solutions, sep="\n", batch_size=64):
+                return [list(s) for s in pool.step_scores["prm"][0]]
+
+        fn = RewardFunction(recipe, pool.problems, char_tokenizer,
+                            reward_model=Scorer() if reward["source"] == "prm" else None, run_dir=tmp_path)
+        returns = fn([pool.problems[0].prompt] * 4, pool.texts[0], pool.response_ids[0], [0, 0, 0, 0])
+        assert returns == pytest.approx(by_hand, abs=1e-6)
+    assert held_out_reward(recipe, pool, char_tokenizer) == pytest.approx(float(np.mean(by_hand)), abs=1e-6)
+    # what it cannot compute here, it does not guess
+    assert held_out_reward(recipe, Pool(pool.problems, pool.texts, pool.grades, pool.step_scores), char_tokenizer) \
+        is None
+    assert held_out_reward(recipe, pool, None) is None
+    confidence = Recipe.model_validate({"reward": {"mode": "dense", "source": "confidence", "dense_form": "min_form"}})
+    assert held_out_reward(confidence, pool, char_tokenizer) is None  # needs the starting generator

@@ -209,6 +209,23 @@ def test_inputs_that_are_not_answers(grader):
 # Hostile input
 # --------------------------------------------------------------------------
 
+def test_redundant_braces_pass_the_nesting_screen_real_nesting_does_not():
+    """Dropping redundant groups (issue 23: `{{{...{9}...}}}` 12 deep was refused) must not open the door to what
+    the nesting screen and the hazard check keep out: nesting with content at every level, and a power tower
+    hidden in redundant groups."""
+    g = Grader(timeout=5, workers=1)
+    try:
+        assert g.is_equiv("{" * 12 + "9" + "}" * 12, "9") is True
+        assert g.stats["rejected_hostile"] == 0
+        assert g.is_equiv("".join("{a" for _ in range(15)) + "}" * 15, "a") is False
+        assert g.stats["rejected_hostile"] == 1
+        tower = "{" * 12 + "10^{{{10^{{{10^{10}}}}}}}" + "}" * 12
+        assert g.is_equiv(tower, "1") is False
+        assert g.stats["rejected_hazard"] == 1 and g.stats["timeouts"] == 0
+    finally:
+        g.close()
+
+
 def _payloads(marker: Path) -> list[str]:
     m = str(marker)
     return [

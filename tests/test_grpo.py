@@ -80,10 +80,14 @@ def test_process_advantage_min_needs_step_values(tmp_path, generator_dir):
     from rlprm.config import RecipeError
 
     for form in ("min_form", "delta"):
-        with pytest.raises((RecipeError, ValueError), match="increments of a running score"):
-            make_recipe(tmp_path, generator_dir, "x", reward={"mode": "dense", "source": "exact", "dense_form": form})
-    make_recipe(tmp_path, generator_dir, "x", reward={"mode": "dense", "source": "exact", "dense_form": "min_form"},
-                process_advantage="sum")  # DeepSeekMath's sum takes any step rewards
+        # `sum` too: it normalises every event on its own, as a step's value (issue 23 finding 2)
+        for process in ("min", "mean", "sum"):
+            with pytest.raises((RecipeError, ValueError), match="increments of a running score"):
+                make_recipe(tmp_path, generator_dir, "x", process_advantage=process,
+                            reward={"mode": "dense", "source": "exact", "dense_form": form})
+    for form in ("score", "log_prob"):
+        make_recipe(tmp_path, generator_dir, "x", reward={"mode": "dense", "source": "exact", "dense_form": form},
+                    process_advantage="sum")
 
 
 def test_sizes_that_do_not_fit_are_refused_with_the_keys(tmp_path, generator_dir):
@@ -301,12 +305,12 @@ def test_reward_function_scores_with_the_exact_checker(generator_dir, char_token
     ids = [ids[0] + [eos], ids[1] + [eos], ids[2]]  # all as long as the cap; the third stopped there without EOS
     assert len({len(i) for i in ids}) == 1
     recipe = make_recipe(tmp_path, generator_dir, "exact", max_new_tokens=len(ids[2]),
-                         reward={"mode": "dense", "source": "exact", "dense_form": "min_form"},
-                         process_advantage="sum")
+                         reward={"mode": "dense", "source": "exact", "dense_form": "score"})
     fn = RewardFunction(recipe, problems, char_tokenizer)
     returns = fn(["1 +2 +4\n"] * 3, texts, ids, [0, 0, 0])
-    assert fn.last["scores"] == [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
-    assert returns == pytest.approx([1.0, 0.0, -1.0])  # min_form: the lowest step score; cut: the penalty
+    # the checker's prefix-correctness as step values (score form: p_k); the cut one gets the penalty alone
+    assert fn.last["rewards"].event_values == [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [-1.0]]
+    assert returns == pytest.approx([1.0, 0.0, -1.0])  # process min: the lowest step score; cut: the penalty
     assert fn.last["rewards"].truncated == [False, False, True]
 
 
@@ -359,3 +363,89 @@ def test_math500_reference_solutions_count_as_answered_on_grpos_reward_path(tmp_
     tr = fn.last["rewards"]
     assert not any(tr.missing_answer)
     assert all(v == pytest.approx([0.9] * len(v)) and len(v) >= 1 for v in tr.event_values)
+
+
+class _FixedScorer:
+    """A stand-in PRM that gives each solution text the step probabilities the test sets for it."""
+
+    kind = "prm"
+
+    def __init__(self, by_text):
+        self.by_text = by_text
+
+    def score_steps(self, problems, solutions, sep="\n", batch_size=64):
+        return [list(self.by_text[s]) for s in solutions]
+
+
+@pytest.mark.parametrize("process_form", ["min", "mean", "sum"])
+def test_dense_log_prob_step_values_are_each_steps_own(process_form, tmp_path, generator_dir, char_tokenizer):
+    """Issue 23 finding 2: with dense_form log_prob GRPO read floored RUNNING SUMS as step values: [.6, .1, .1] and
+    [.6, .5, .5] both gave [-0.511, -0.389, 0.0], and the checker's [1, 0, 0, 0] gave [0, -0.9, 0, 0] (wrong steps
+    3-4 looked perfect). Now each step's value is its own log p_k, floored one by one at missing + 0.1 = -0.9 (so an
+    answered solution's min or mean stays above a missing answer's -1)."""
+    import math
+
+    from rlprm.problems import from_arithmetic
+    from rlprm.rl.grpo import RewardFunction, grpo_advantages
+    from rlprm.steps import answer_step, render_steps
+    from rlprm.tasks.arithmetic import Problem, render_step
+
+    problems = from_arithmetic([Problem(1, (("+", 2), ("+", 4)))])
+    a = render_steps([render_step("+", 1, 2, 3), render_step("+", 3, 4, 7), answer_step("7")])
+    b = render_steps([render_step("+", 1, 2, 3), render_step("+", 3, 4, 8), answer_step("8")])
+    eos = char_tokenizer.eos_token_id
+    ids = [char_tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in (a, b)]
+    recipe = make_recipe(tmp_path, generator_dir, "lp", max_new_tokens=64, process_advantage=process_form,
+                         reward={"mode": "dense", "source": "prm", "dense_form": "log_prob",
+                                 "missing_answer_reward": -1.0})
+    fn = RewardFunction(recipe, problems, char_tokenizer, reward_model=_FixedScorer({a: [.6, .1, .1], b: [.6, .5, .5]}))
+    with pytest.warns(UserWarning) if process_form == "sum" else _quiet():
+        returns = fn(["1 +2 +4\n"] * 2, [a, b], ids, [0, 0])
+        adv = grpo_advantages(recipe, fn.last, group_size=2, width=max(map(len, ids)))
+    values = fn.last["rewards"].event_values
+    assert values[0] == pytest.approx([math.log(.6), -0.9, -0.9])
+    assert values[1] == pytest.approx([math.log(.6), math.log(.5), math.log(.5)])
+    # the solution's value under the process form, what TRL logs: b is the better one
+    agg = {"min": min, "mean": lambda v: sum(v) / len(v), "sum": sum}[process_form]
+    assert returns == pytest.approx([agg(values[0]), agg(values[1])]) and returns[1] > returns[0]
+    assert adv[1, 0] > adv[0, 0]
+
+
+def test_exact_checker_wrong_steps_never_look_perfect(tmp_path, generator_dir, char_tokenizer):
+    """The checker's prefix-correctness [1, 0, 0, 0] under log_prob: every step from the first wrong one on is worth
+    the floor -0.9, the lowest value; before, steps 3-4 got 0.0 (perfect) and the worst step the highest advantage."""
+    from rlprm.problems import from_arithmetic
+    from rlprm.rl.grpo import RewardFunction, grpo_advantages
+    from rlprm.steps import answer_step, render_steps
+    from rlprm.tasks.arithmetic import Problem, render_step
+
+    problems = from_arithmetic([Problem(1, (("+", 2), ("+", 4), ("+", 1)))])
+    right = render_steps([render_step("+", 1, 2, 3), render_step("+", 3, 4, 7), render_step("+", 7, 1, 8),
+                          answer_step("8")])
+    wrong = render_steps([render_step("+", 1, 2, 3), render_step("+", 3, 4, 9), render_step("+", 9, 1, 10),
+                          answer_step("10")])
+    eos = char_tokenizer.eos_token_id
+    ids = [char_tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in (right, wrong)]
+    recipe = make_recipe(tmp_path, generator_dir, "ex", max_new_tokens=64,
+                         reward={"mode": "dense", "source": "exact", "dense_form": "log_prob"})
+    fn = RewardFunction(recipe, problems, char_tokenizer)
+    fn(["1 +2 +4 +1\n"] * 2, [right, wrong], ids, [0, 0])
+    tr = fn.last["rewards"]  # the checker's prefix-correctness [1, 1, 1, 1] and [1, 0, 0, 0], as log_prob values
+    assert tr.event_values == [pytest.approx([0.0] * 4), pytest.approx([0.0, -0.9, -0.9, -0.9])]
+    adv = grpo_advantages(recipe, fn.last, group_size=2, width=max(map(len, ids)))
+    ends = tr.event_positions[1]
+    # the wrong solution's tokens get a negative advantage up to its last step, never the highest one
+    assert (adv[1, : ends[-1] + 1] < 0).all() and adv[1].max() < adv[0, : tr.event_positions[0][-1] + 1].min()
+
+
+def _quiet():
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def catch():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            yield
+
+    return catch()

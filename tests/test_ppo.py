@@ -593,7 +593,8 @@ def test_ppo_with_lora_trains_adapters_only_and_exports_a_plain_model(generator_
     assert not torch.allclose(old[mask], ref[mask], atol=1e-4)  # the policy moved away from its reference ...
     assert torch.allclose(ref[mask], _independent_logprobs(start, rollouts[1], 1.0)[mask], atol=1e-5)  # ... the start
     at_t1 = _independent_logprobs(start, rollouts[1], 1.0)
-    tr = seen_rewards[1][2]
+    # the second iteration's rewards (evaluation computes the held-out reward through the same function)
+    tr = next(out for args, _, out in seen_rewards if list(args[1]) == list(rollouts[1].texts))
     for i, ids in enumerate(rollouts[1].response_ids):  # the start's confidence, not the adapted policy's
         assert tr.returns[i].item() == pytest.approx(math.exp(at_t1[i, :len(ids)].min().item()), abs=1e-5)
     assert final["eval/reward"] is not None  # the held-out confidence, read through the same reference

@@ -134,7 +134,14 @@ PROCESS_EXPECT = {
 OPS = {"<": operator.lt, ">": operator.gt}
 
 
-def assert_orderings(values: dict[str, float], expect: dict[str, str], what: str) -> None:
+# GRPO process forms under which NOT answering can pay: `sum` adds one normalised value per step, and log_prob values
+# (<= 0, each floored at missing + 0.1) sit below the group's mean, so four of them sum below a missing answer's one
+# penalty (core.process_token_advantages says so; it was hidden while the events were PPO's floored running sums,
+# whose steps after the floor read as perfect 0s: issue 23 finding 2)
+UNGUARDED = {("prm", "log_prob", "sum"), ("exact", "log_prob", "sum")}
+
+
+def assert_orderings(values: dict[str, float], expect: dict[str, str], what: str, guarded: bool = True) -> None:
     ref = values["reference"]
     for name, rel in expect.items():
         if rel == "==":
@@ -144,7 +151,7 @@ def assert_orderings(values: dict[str, float], expect: dict[str, str], what: str
     # not answering (however it happened) never pays more than any answered completion, and all alike
     answered_low = min(values[n] for n in ANSWERED)
     for name in GUARDED:
-        assert values[name] < answered_low - 1e-6, f"{what}: {name} {values[name]} vs answered {answered_low}"
+        assert (values[name] < answered_low - 1e-6) is guarded, f"{what}: {name} {values[name]} vs {answered_low}"
         assert values[name] == pytest.approx(values["no_answer"], abs=1e-6), what
 
 
@@ -156,8 +163,9 @@ def ids(tok, c: Completion) -> list[int]:
     return body + [tok.eos_token_id] if c.eos else body
 
 
-def scored(tok, mode: str, source: str, form: str | None, outcome_coef: float = 0.0, last_event_at_eos=False):
-    """token_rewards of the eight completions under one reward form."""
+def scored(tok, mode: str, source: str, form: str | None, outcome_coef: float = 0.0, last_event_at_eos=False,
+           process_form: str | None = None):
+    """token_rewards of the eight completions under one reward form (process_form: as GRPO's reward function asks)."""
     grades = [check(PROBLEM, c.text) for c in COMPLETIONS]
     if source == "prm":
         scores = [list(c.prm) for c in COMPLETIONS]
@@ -174,7 +182,7 @@ def scored(tok, mode: str, source: str, form: str | None, outcome_coef: float = 
                          outcomes=[float(g.answer_correct) for g in grades],
                          has_answer=[g.answer is not None for g in grades], tokenizer=tok, max_tokens=MAX_TOKENS,
                          eos_token_id=tok.eos_token_id, dense_form=form if dense else None,
-                         last_event_at_eos=last_event_at_eos)
+                         last_event_at_eos=last_event_at_eos, process_form=process_form)
 
 
 def by_name(values) -> dict[str, float]:
@@ -236,14 +244,16 @@ def test_grpo_outcome_normalisation_and_rejection_sampling(char_tokenizer, mode,
 @pytest.mark.parametrize("outcome_coef", [0.0, 0.5])
 @pytest.mark.parametrize("source, dense_form, process_form", list(PROCESS_EXPECT))
 def test_grpo_process_advantages(char_tokenizer, source, dense_form, process_form, outcome_coef):
-    tr = scored(char_tokenizer, "dense", source, dense_form, outcome_coef, last_event_at_eos=True)
+    tr = scored(char_tokenizer, "dense", source, dense_form, outcome_coef, last_event_at_eos=True,
+                process_form=process_form)
     values, positions, outcome = tr.event_tensors()
     with pytest.warns(UserWarning) if process_form == "sum" else _no_warning():
         adv = process_token_advantages(values.double(), positions, group_size=len(NAMES), width=tr.rewards.shape[1],
                                        form=process_form, outcome=outcome.double())
     first = by_name(adv[:, 0])
     what = f"GRPO process {process_form} over {source} {dense_form} outcome_coef={outcome_coef}"
-    assert_orderings(first, PROCESS_EXPECT[source, dense_form, process_form], what)
+    assert_orderings(first, PROCESS_EXPECT[source, dense_form, process_form], what,
+                     guarded=(source, dense_form, process_form) not in UNGUARDED)
     # the EOS token carries the last step's reward: it is never left without a signal
     lengths = tr.mask.sum(1)
     for i, name in enumerate(NAMES):

@@ -15,9 +15,11 @@ from rlprm.rewards import (
     add_kl_penalty,
     confidence_scores,
     dense_step_rewards,
+    dense_step_values,
     floor_running_return,
     prefix_correct_probs,
     sequence_confidence,
+    solution_value,
     step_confidence,
     step_token_ends,
 )
@@ -541,3 +543,70 @@ def test_answered_is_the_tasks_own_reading():
     math = TaskProblem("m", "?\n", "92")
     texts = [MATH_TEXT, "# Answer\n\n92", "so\n#### 92", "We compute 2+3.\n\nThat gives 5.", "\\boxed{5"]
     assert [g.answered for g in grade_samples([math], [texts], "\n\n")[0]] == [True, True, True, False, False]
+
+
+# --------------------------------------------------------------------------- GRPO: each step's own value
+
+
+def test_step_values_are_each_steps_own_not_a_floored_running_sum():
+    """Issue 23 finding 2, by hand (missing -1, floor -0.9): the floored running sum (PPO's) gives [.6, .1, .1] and
+    [.6, .5, .5] the same rewards [-0.511, -0.389, 0.0]; the values tell them apart."""
+    floor = -1.0 + ANSWERED_MARGIN
+    ppo = [dense_step_rewards(p, "log_prob", floor) for p in ([.6, .1, .1], [.6, .5, .5])]
+    assert ppo[0] == pytest.approx(ppo[1]) and ppo[0] == pytest.approx([math.log(.6), -0.9 - math.log(.6), 0.0])
+    assert dense_step_values([.6, .1, .1], "log_prob", floor) == pytest.approx([math.log(.6), -0.9, -0.9])
+    assert dense_step_values([.6, .5, .5], "log_prob", floor) == pytest.approx([math.log(.6), math.log(.5),
+                                                                                math.log(.5)])
+    # the exact checker's [1, 0, 0, 0]: every step from the first wrong one on is worth the floor, not 0
+    assert dense_step_rewards([1, 0, 0, 0], "log_prob", floor) == pytest.approx([0.0, -0.9, 0.0, 0.0])
+    assert dense_step_values([1, 0, 0, 0], "log_prob", floor) == pytest.approx([0.0, -0.9, -0.9, -0.9])
+    assert dense_step_values([.6, .1], "score", floor) == pytest.approx([.6, .1])  # p >= 0: the floor never binds
+    assert dense_step_values([.6, .1], "log_prob") == pytest.approx([math.log(.6), math.log(.1)])
+    for form in ("min_form", "delta"):
+        with pytest.raises(RewardError, match="increments"):
+            dense_step_values([.6, .1], form, floor)
+
+
+def test_solution_value_is_the_objective_of_each_process_form():
+    assert solution_value([-0.5, -0.9, -0.2], 0.5, "min") == pytest.approx(-0.4)
+    assert solution_value([-0.5, -0.9, -0.2], 0.5, "mean") == pytest.approx(-1.6 / 3 + 0.5)
+    assert solution_value([-0.5, -0.9, -0.2], 0.5, "sum") == solution_value([-0.5, -0.9, -0.2], 0.5, None) \
+        == pytest.approx(-1.1)
+    assert solution_value([], 0.0, "min") == 0.0
+
+
+def test_token_rewards_with_a_process_form_places_step_values(char_tokenizer):
+    ids = ids_of(char_tokenizer, TEXT)
+    cfg = dense("log_prob", missing_answer_reward=-1.0)
+    probs = [[.6, .1, .1], [.6, .5, .5]]
+    out = token_rewards(cfg, [TEXT, TEXT], [ids, ids], scores=probs, tokenizer=char_tokenizer, process_form="min",
+                        last_event_at_eos=True)
+    assert out.event_values == [pytest.approx([math.log(.6), -0.9, -0.9]),
+                                pytest.approx([math.log(.6), math.log(.5), math.log(.5)])]
+    assert out.objective.tolist() == pytest.approx([-0.9, math.log(.5)])
+    assert out.event_positions[0] == [11, 23, 37]  # the last value on EOS
+    # without a process form: PPO's return, whose running sum is floored (unchanged): log(.6 * .5 * .5) < -0.9
+    ppo = token_rewards(cfg, [TEXT, TEXT], [ids, ids], scores=probs, tokenizer=char_tokenizer)
+    assert ppo.returns.tolist() == pytest.approx([-0.9, -0.9])
+    assert torch.allclose(ppo.objective, ppo.returns, atol=1e-6)
+    with pytest.raises(RewardError, match="increments"):
+        token_rewards(dense("min_form"), [TEXT], [ids], scores=[PROBS], tokenizer=char_tokenizer, process_form="sum")
+
+
+def test_arithmetic_answered_is_unchanged_on_random_texts():
+    """The demo's behaviour is kept: on texts in the arithmetic task's alphabet (and fragments of its `# Answer`
+    step), `SampleGrade.answered` is exactly the rule rewards.py used to apply: the last step of `split_steps` is
+    an answer step with a non-empty answer."""
+    import random
+
+    from rlprm.problems import from_arithmetic, grade_samples
+    from rlprm.steps import split_steps, step_answer
+    from rlprm.tasks.arithmetic import CHARSET, Problem
+
+    rng = random.Random(0)
+    pieces = CHARSET + ["# Answer", "# Answer\n\n", "\n# Answer\n\n5\n", "#### 5", "\n\n", "# Answer:", " 7"]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))) for _ in range(1000)]
+    grades = grade_samples(from_arithmetic([Problem(93, (("+", 3),))]), [texts], "\n")[0]
+    old = [bool(split_steps(t, "\n")) and step_answer(split_steps(t, "\n")[-1]) is not None for t in texts]
+    assert [g.answered for g in grades] == old
+    assert 0.1 < sum(old) / len(old) < 0.9  # both kinds are well represented

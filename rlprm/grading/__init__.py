@@ -35,7 +35,10 @@ Grading a pair goes through three stages.
    answers are brought to one LaTeX form following the MATH conventions
    (``\\dfrac``/``\\tfrac``, ``\\left``/``\\right``, ``\\text{...}`` units,
    ``^\\circ``, ``\\$``, ``\\%``, thousands separators including ``10\\,080``,
-   unicode ``°``/``∞``/``π``/``−``, repeating decimals ``0.\\overline{3}``).
+   unicode ``°``/``∞``/``π``/``−``, repeating decimals ``0.\\overline{3}``,
+   redundant brace groups ``{{{9}}}`` / ``\\frac{{1}}{{2}}`` (dropped before the
+   nesting screen, so only real nesting counts), ``\\phantom{..}``, ``smallmatrix``,
+   the word "degrees", ``\\text{5 cm}``, ``\\mathrm{word}``).
    Equal normal forms are equal. Plain numbers (integers, decimals, fractions,
    mixed numbers, scientific notation) are compared exactly with
    :class:`fractions.Fraction`, so ``3.21`` and ``3.2100001`` differ (math-verify

@@ -27,7 +27,7 @@ from multiprocessing.connection import wait as _wait_conns
 from typing import Iterable, Sequence
 
 from .extract import extract_answer
-from .rules import (MAX_ANSWER_CHARS, MAX_NESTING, _HOSTILE_RE, _decide_local, _hazard,
+from .rules import (MAX_ANSWER_CHARS, MAX_NESTING, _HOSTILE_RE, _decide_local, _drop_redundant_braces, _hazard,
                     _nesting_depth, _normalize)
 
 #: Seconds one comparison may take inside a worker before its worker is killed.
@@ -298,8 +298,9 @@ class Grader:
             counts["rejected_too_long"] += 1
             return False, "", ""
         for text in (pred, gold):
+            # redundant groups ({{{9}}}) are not nesting that a parser would have to work through
             if (_HOSTILE_RE.search(unicodedata.normalize("NFKC", text))
-                    or _nesting_depth(text) > MAX_NESTING):
+                    or _nesting_depth(_drop_redundant_braces(text)) > MAX_NESTING):
                 counts["rejected_hostile"] += 1
                 return False, "", ""
         try:

@@ -53,6 +53,77 @@ def _match_brace(s: str, start: int) -> int:
 
 
 
+def _drop_redundant_braces(s: str) -> str:
+    """``s`` without brace groups that change nothing: ``{{x}}`` -> ``{x}``, and a group around the whole answer.
+
+    In LaTeX a group only delimits: ``\\frac{{1}}{{2}}``, ``\\text{{Evelyn}}`` and ``{{{9}}}`` read as
+    ``\\frac{1}{2}``, ``\\text{Evelyn}`` and ``9``. Dropping them first lets a deeply but redundantly braced
+    answer pass the nesting screen (ANTLR's parsing is exponential in nested braces, MAX_NESTING) while
+    a hostile one, with content at every level, is still refused. Escaped braces (``\\{``) are not groups;
+    unbalanced text is returned unchanged. Linear time, no recursion.
+    """
+    if "{" not in s:
+        return s
+    close_of: dict[int, int] = {}
+    stack: list[int] = []
+    i, n = 0, len(s)
+    while i < n:
+        c = s[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            stack.append(i)
+        elif c == "}":
+            if not stack:
+                return s
+            close_of[stack.pop()] = i
+        i += 1
+    if stack:
+        return s
+    drop = bytearray(n)
+    for o, c in close_of.items():
+        a, b = o + 1, c - 1
+        while a < c and s[a] == " ":
+            a += 1
+        while b > o and s[b] == " ":
+            b -= 1
+        if close_of.get(a) == b:  # the group holds exactly one group: the outer one is redundant
+            drop[o] = drop[c] = 1
+    a, b = 0, n - 1
+    while a < n and (drop[a] or s[a].isspace()):
+        a += 1
+    while b >= 0 and (drop[b] or s[b].isspace()):
+        b -= 1
+    if close_of.get(a) == b:  # the one group left around the whole answer
+        drop[a] = drop[b] = 1
+    return "".join(ch for ch, d in zip(s, drop) if not d)
+
+
+def _drop_phantoms(s: str) -> str:
+    """``s`` without ``\\phantom`` / ``\\hphantom`` / ``\\vphantom`` and their argument: invisible text that only
+    aligns (``1 & \\phantom{-}1`` reads ``1 & 1``). A braced argument or one token."""
+    out: list[str] = []
+    pos = 0
+    for _ in range(len(s)):
+        m = _PHANTOM_RE.search(s, pos)
+        if m is None:
+            break
+        out.append(s[pos : m.start()])
+        i = m.end()
+        while i < len(s) and s[i] == " ":
+            i += 1
+        if i < len(s) and s[i] == "{":
+            end = _match_brace(s, i)
+            i = len(s) if end < 0 else end + 1
+        elif i < len(s):
+            tok = _CMD_TOKEN_RE.match(s, i) if s[i] == "\\" else None
+            i = tok.end() if tok else i + 1
+        pos = i
+    out.append(s[pos:])
+    return "".join(out)
+
+
 # --------------------------------------------------------------------------
 # Screening: cheap checks that run before any parser
 # --------------------------------------------------------------------------
@@ -147,6 +218,12 @@ _UNICODE_TABLE = str.maketrans({
     "∈": r"\in ", "⁄": "/", "∅": r"\emptyset ", "θ": r"\theta ",
 })
 
+_PHANTOM_RE = re.compile(r"\\[hv]?phantom(?![A-Za-z])")
+# The word "degree(s)" after a value, bare or in a text group: ``60 degrees, 120 degrees``, ``6\\text{ degrees}``.
+_DEGREE_WORD_RE = re.compile(r"(?<=[\d}])\s*(?:\\text\s*\{\s*degrees?\s*\}|degrees?(?![A-Za-z]))")
+# A number and its unit in one text group: ``\\text{5 cm}`` -> ``5\\text{ cm}`` (then `_strip_units`).
+_TEXT_NUMBER_RE = re.compile(r"^\\text\s*\{\s*([+-]?\d[\d,]*(?:\.\d+)?)\s+([A-Za-z][A-Za-z .]*)\}$")
+_MATHRM_WORD_RE = re.compile(r"\\mathrm\s*\{([A-Za-z][A-Za-z .]+)\}")
 _LEFT_RIGHT_DOT_RE = re.compile(r"\\(?:left|right)\s*\.")
 _LEFT_RIGHT_RE = re.compile(r"\\(?:left|right|[Bb]igg?[lrm]?)(?![A-Za-z])")
 _FRAC_ALIAS_RE = re.compile(r"\\[dtc]frac(?![A-Za-z])")
@@ -292,12 +369,16 @@ def _normalize(ans: str) -> str:
                 for c in ans if unicodedata.category(c) != "Cf")
     s = _SUPERSCRIPT_RE.sub(lambda m: "^{" + m.group(0).translate(_SUPERSCRIPT_TABLE) + "}", s)
     s = unicodedata.normalize("NFKC", s).translate(_UNICODE_TABLE)
-    s = _strip_wrappers(s)
+    s = _drop_redundant_braces(_strip_wrappers(_drop_redundant_braces(_drop_phantoms(s))))
+    s = s.replace("smallmatrix", "matrix")  # the same matrix, typeset small
+    s = _MATHRM_WORD_RE.sub(r"\\text{\1}", s)  # upright words (not single letters: \mathrm{d}, \mathrm{e})
+    s = _TEXT_NUMBER_RE.sub(r"\1\\text{ \2}", s)
     s = _FRAC_ALIAS_RE.sub(r"\\frac", s)
     s = _LEFT_RIGHT_DOT_RE.sub("", s)
     s = _LEFT_RIGHT_RE.sub("", s)
     s = _TEXT_ALIAS_RE.sub(r"\\text{", s)
     s = _DEGREE_RE.sub("", s)
+    s = _DEGREE_WORD_RE.sub("", s)
     s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
     s = _THOUSANDS_EXPLICIT_RE.sub(lambda m: m.group(1) + _THOUSANDS_SEP_RE.sub("", m.group(2)), s)
     s = _DISPLAY_RE.sub(_keep_row_break(""), s)

@@ -9,10 +9,13 @@ DESIGN.md section 6. Two modes, chosen by `reward.mode`:
 - `dense` (process supervision, DeepSeekMath section 4.1.3): the step scores
   (a PRM's, or with `reward.source: exact` the arithmetic checker's
   prefix-correctness, an oracle PRM; `confidence` is PPO-only, refused at
-  recipe validation) become step rewards in `rewards.token_rewards`, the one
+  recipe validation) become step values in `rewards.token_rewards`, the one
   placement (`reward.dense_form`: `score`, each step's probability, or
-  `log_prob`; the last step's reward sits on EOS so that it also teaches
-  stopping). `grpo_advantages` only normalises them over the group and spreads
+  `log_prob`, its log; each step's OWN value, floored one by one at
+  missing_answer_reward + 0.1, never PPO's floored running sum, which made
+  the steps after a bad one look perfect; min_form and delta, increments of a
+  running score, are refused at validation; the last step's value sits on EOS
+  so that it also teaches stopping). `grpo_advantages` only normalises them over the group and spreads
   them over the tokens as `rl.process_advantage` says
   (`core.process_token_advantages`): `min` (the default: a token's return is the
   worst step from it on, which writing more steps cannot raise), `mean`, or
@@ -90,8 +93,10 @@ class RewardFunction:
     TRL calls it with the prompts, the decoded completions, the completion ids
     and the dataset's other columns (here `problem_index`, an index into
     `problems`). It returns one scalar per completion: the return of
-    `rewards.token_rewards` (for sparse rewards the reward itself; for dense
-    rewards the sum of the step rewards, used by TRL only for its log). The
+    `rewards.token_rewards`, each completion's value under the training objective
+    (`TokenRewards.objective`: for sparse rewards the reward itself; for dense
+    rewards rl.process_advantage's min, mean or sum of the step values plus the
+    outcome, used by TRL only for its log). The
     full `TokenRewards`, the grades and the scoring time stay in `self.last`
     for the process advantages and the metrics.
     """
@@ -111,11 +116,10 @@ class RewardFunction:
 
     def __call__(self, prompts, completions, completion_ids, problem_index, **_):
         from rlprm.problems import grade_samples
-        from rlprm.rewards import RewardError, prefix_correct_probs, token_rewards
+        from rlprm.rewards import RewardError, training_rewards
 
         t0 = time.monotonic()
-        rcfg, sep = self.recipe.reward, self.recipe.task.step_separator
-        eos = self.tokenizer.eos_token_id
+        sep, eos = self.recipe.task.step_separator, self.tokenizer.eos_token_id
         ids = [list(c) for c in completion_ids]
         # decode ourselves: step ends are found through character offsets of exactly this decoding (rewards.py)
         texts = [self.tokenizer.decode([t for t in c if t != eos], skip_special_tokens=True,
@@ -126,15 +130,11 @@ class RewardFunction:
         scores = None
         if self.reward_model is not None:
             scores = self.reward_model.score_steps([p.text for p in problems], texts, sep=sep)
-        elif rcfg.source == "exact":  # the exact checker as an oracle PRM (recipe validation: arithmetic only)
-            scores = [prefix_correct_probs(g.step_correct or []) for g in grades]
         reason = None
         try:
-            # TRL hands over each completion up to and including its EOS: one without EOS at the cap was cut
-            tr = token_rewards(rcfg, texts, ids, scores=scores, outcomes=outcomes,
-                               has_answer=[g.answered for g in grades], tokenizer=self.tokenizer,
-                               max_tokens=self.recipe.rl.max_new_tokens, eos_token_id=eos, sep=sep,
-                               sparse_aggregate=rcfg.sparse_aggregate, last_event_at_eos=True)
+            # TRL hands over each completion up to and including its EOS: one without EOS at the cap was cut;
+            # exact: the checker as an oracle PRM (recipe validation: arithmetic only)
+            tr = training_rewards(self.recipe, texts, ids, grades, scores=scores, tokenizer=self.tokenizer)
         except RewardError as exc:
             reason = f"iteration {self.calls + 1}: {exc}"
         self.dist.stop_if_any(reason, RLError)
@@ -142,7 +142,7 @@ class RewardFunction:
         self.calls += 1
         self.last = {"texts": texts, "ids": ids, "rewards": tr, "scores": scores, "grades": grades, "outcomes": outcomes,
                      "lengths": [int(n) for n in tr.mask.sum(1).tolist()], "time_score": time.monotonic() - t0}
-        return [float(r) for r in tr.returns]
+        return [float(r) for r in tr.objective]
 
 
 def grpo_args(recipe: Recipe, output_dir: Path, seed: int, progress: bool = False, plain: bool = False,

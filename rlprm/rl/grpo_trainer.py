@@ -140,7 +140,7 @@ class IterationLog(TrainerCallback):
         run.step += 1
         record = {
             "epoch": self.epoch + it / self.iterations,
-            "rl/reward": float(tr.returns.mean()),
+            "rl/reward": float(tr.objective.mean()),
             "rl/reward_std": logs.get("reward_std"),
             "rl/frac_reward_zero_std": logs.get("frac_reward_zero_std"),
             "rl/kl": logs.get("kl"),  # TRL's k3 estimate per token (only with a KL coefficient > 0)

@@ -292,7 +292,7 @@ class PPO:
         import torch
 
         from rlprm.problems import grade_samples
-        from rlprm.rewards import RewardError, add_kl_penalty, confidence_scores, prefix_correct_probs, token_rewards
+        from rlprm.rewards import RewardError, add_kl_penalty, confidence_scores, prefix_correct_probs, training_rewards
         from rlprm.rl.core import entropy_from_logits, gae, logprobs_from_logits, masked_mean, policy_loss, value_loss
         from rlprm.rl.distributed import shard, trim
         from rlprm.rollout import logprob_gap
@@ -346,10 +346,8 @@ class PPO:
                     scores = confidence_scores(ro.texts, ro.response_ids, confidence_logprobs, ro.response_mask,
                                                tokenizer, rcfg.mode == "dense", sep)
                 # eos_token_id: a response stopped at max_new_tokens without EOS is cut, not judged as written
-                tr = token_rewards(rcfg, ro.texts, ro.response_ids, scores=scores, outcomes=outcomes,
-                                   has_answer=[g.answered for g in grades], tokenizer=tokenizer, max_tokens=rl.max_new_tokens,
-                                   eos_token_id=tokenizer.eos_token_id, width=T, sep=sep,
-                                   sparse_aggregate=rcfg.sparse_aggregate, device=device)
+                tr = training_rewards(recipe, ro.texts, ro.response_ids, grades, scores=scores, tokenizer=tokenizer,
+                                      width=T, device=device)
             except RewardError as exc:
                 reason = f"epoch {epoch + 1}, iteration {it + 1}: {exc}"
             dist.stop_if_any(reason, RLError)  # every rank stops if one cannot go on
