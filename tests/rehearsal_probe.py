@@ -9,8 +9,8 @@ It wraps, before anything imports them, the package functions every algorithm ca
 imported inside the functions that use them, so the wrapped ones are what the run calls), and writes one JSON line
 per call to DIR/<what>_rank<R>.jsonl. Nothing in the run changes: each wrapper returns what it wrapped returned.
 - `rlprm.problems.grade_samples`: the problems (gold answers), the texts and the verdicts;
-- `rlprm.rewards.token_rewards`: the texts, token ids, outcomes, PRM step scores, and the result (missing answer,
-  truncated, reward events, returns);
+- `rlprm.rewards.token_rewards`: the caller's module, the texts, token ids, outcomes, PRM step scores, and the result
+  (missing answer, truncated, reward events, returns);
 - `rlprm.rl.core.gae` (PPO) and `rlprm.rl.core.process_token_advantages` (GRPO): the advantages' size.
 """
 
@@ -61,7 +61,8 @@ def install() -> None:
             ids = [row[: int(n)] for row, n in zip(ids, _list(lengths))]
         scores = kwargs.get("scores")
         _write("rewards", {
-            "mode": cfg.mode, "source": cfg.source, "dense_form": kwargs.get("dense_form") or cfg.dense_form,
+            # who asked: the training step (rlprm.rl.*) or the held-out evaluation (rlprm.evaluate)
+            "caller": sys._getframe(1).f_globals.get("__name__"), "mode": cfg.mode, "source": cfg.source, "dense_form": kwargs.get("dense_form") or cfg.dense_form,
             "sep": kwargs.get("sep"), "last_event_at_eos": bool(kwargs.get("last_event_at_eos", False)),
             "max_tokens": kwargs.get("max_tokens"), "eos_token_id": kwargs.get("eos_token_id"),
             "texts": list(texts), "ids": ids,

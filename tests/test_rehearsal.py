@@ -262,8 +262,10 @@ def _run_rl(name: str, recipe: str, policy: Path, prm: Path, data: dict, process
     out = launch(rl_entry(RECIPES / recipe, _rl_overrides(policy, prm, data, run, list(extra)), probe=True), RUN_DIR,
                  processes=processes, env=child_env(RLPRM_PROBE_DIR=str(probe)), log=RUN_DIR / f"{name}.log")
     tokenizer = AutoTokenizer.from_pretrained(policy)
-    sig = rl_signal(read_probe(probe, "grades"), read_probe(probe, "rewards"), read_probe(probe, "advantages"),
-                    tokenizer)
+    # the training step's rewards (the held-out evaluation's, on MATH500, are graded and checked too, through the
+    # grades; they are not the RL batch whose answers, variance and advantages are asserted)
+    rewards = [r for r in read_probe(probe, "rewards") if str(r.get("caller", "rlprm.rl")).startswith("rlprm.rl")]
+    sig = rl_signal(read_probe(probe, "grades"), rewards, read_probe(probe, "advantages"), tokenizer)
     record(name, out.seconds, out.peak_rss_mb, processes=processes, signal=sig.as_dict())
     assert out.returncode == 0, out.tail()
     return run, sig
