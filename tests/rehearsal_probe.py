@@ -38,6 +38,14 @@ def _list(x):
     return x.tolist() if hasattr(x, "tolist") else [list(v) if not isinstance(v, (int, float)) else v for v in x]
 
 
+def _caller() -> str | None:
+    """The first module up the stack outside rlprm.rewards (whose own helpers also call token_rewards)."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_globals.get("__name__") == "rlprm.rewards":
+        frame = frame.f_back
+    return None if frame is None else frame.f_globals.get("__name__")
+
+
 def install() -> None:
     import rlprm.problems
     import rlprm.rewards
@@ -62,7 +70,7 @@ def install() -> None:
         scores = kwargs.get("scores")
         _write("rewards", {
             # who asked: the training step (rlprm.rl.*) or the held-out evaluation (rlprm.evaluate)
-            "caller": sys._getframe(1).f_globals.get("__name__"), "mode": cfg.mode, "source": cfg.source, "dense_form": kwargs.get("dense_form") or cfg.dense_form,
+            "caller": _caller(), "mode": cfg.mode, "source": cfg.source, "dense_form": kwargs.get("dense_form") or cfg.dense_form,
             "sep": kwargs.get("sep"), "last_event_at_eos": bool(kwargs.get("last_event_at_eos", False)),
             "max_tokens": kwargs.get("max_tokens"), "eos_token_id": kwargs.get("eos_token_id"),
             "texts": list(texts), "ids": ids,
