@@ -2,6 +2,7 @@
 #   make test    set up .venv if needed, then run the test suite (CPU, minutes)
 #   make demo    set up .venv if needed, then run the process-vs-outcome demo end to end (SEEDS=3 for 3 seeds)
 #   make setup   only the set-up (idempotent: re-runs only when pyproject.toml or this file change)
+#   make rehearsal  every real-size recipe, 1-2 iterations, small Qwen2 models on the real Qwen tokenizer and ../shared/data
 
 VENV          ?= .venv
 PYTHON        ?= python3
@@ -20,7 +21,7 @@ STAMP := $(VENV)/.rlprm-setup
 
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup test test-slow demo clean
+.PHONY: setup test test-slow rehearsal demo clean
 
 setup: $(STAMP)
 
@@ -45,6 +46,13 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+# The real-scale path rehearsed on CPU (tests/test_rehearsal.py, also part of test-slow): each recipe's wall seconds
+# and peak memory go to $(REHEARSAL_DIR)/timings.json, printed at the end
+REHEARSAL_DIR ?= runs/rehearsal
+rehearsal: setup
+	RLPRM_REHEARSAL_DIR=$(abspath $(REHEARSAL_DIR)) $(BIN)/python -m pytest -m slow tests/test_rehearsal.py $(PYTEST_ARGS); \
+	status=$$?; cat $(REHEARSAL_DIR)/timings.json 2>/dev/null; exit $$status
 
 # make demo [SEEDS=3] [LANES=2] [DEMO_OUT=runs/demo] [DEMO_ARGS="--force rl"]: see rlprm/demo.py
 demo: setup
