@@ -310,7 +310,11 @@ def run_bench(recipe, progress: bool = True) -> dict:
     sources = check_sources(recipe)
     run_dir = Path(recipe.run.output_dir)
     t0 = time.monotonic()
-    rm = load_for_recipe(recipe, device=resolve_device(recipe.run.device))
+    # ProcessBench / PRM800K items come split into steps: an rlprm PRM joins them with its own separator (one
+    # trained on "\n\n" paragraphs by prm_train_prm800k.yaml was refused under bench_prm.yaml's default "\n"),
+    # unless the recipe names one or samples the arithmetic task, whose texts are split with task.step_separator
+    named = "step_separator" in recipe.task.model_fields_set or bool(cfg.arithmetic_problems)
+    rm = load_for_recipe(recipe, device=resolve_device(recipe.run.device), task_separator=named)
     if rm.kind != "prm":
         raise AdapterError(f"{recipe.model.reward_model} is an {rm.kind}: ProcessBench needs step scores (a PRM)")
     run_dir.mkdir(parents=True, exist_ok=True)  # once the model is known to fit: a refused one leaves no folder

@@ -239,7 +239,7 @@ def test_bench_prm_says_what_is_missing(tmp_path, capsys):
     assert "model.generator" in capsys.readouterr().err
 
 
-def _embedded_prm(path, char_tokenizer, max_positions: int):
+def _embedded_prm(path, char_tokenizer, max_positions: int, sep: str = "\n"):
     """An rlprm PRM like the embedded one (char tokenizer, Llama with rotary positions), with few positions."""
     from rlprm.config import TinyModelConfig
     from rlprm.models import build_tiny_causal_lm
@@ -247,7 +247,7 @@ def _embedded_prm(path, char_tokenizer, max_positions: int):
 
     config = TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                              max_positions=max_positions)
-    convention = make_convention("prm", "\n")
+    convention = make_convention("prm", sep)
     lm = build_tiny_causal_lm(config, char_tokenizer, seed=0)
     rm = RewardModel(reward_model_from_causal_lm(convention, lm, char_tokenizer).eval(), char_tokenizer, convention)
     return rm.save(path)
@@ -290,6 +290,21 @@ def test_bench_prm_scores_past_the_positions_of_a_rotary_prm(tmp_path, char_toke
                                                      add_special_tokens=False)["input_ids"]]
     assert 0 < got["unknown_token_share"] < 1
     assert char_tokenizer.unk_token_id in ids
+
+
+def test_an_rlprm_prm_keeps_its_own_separator_on_data_split_into_steps(tmp_path, char_tokenizer):
+    """prm_train_prm800k.yaml saves a PRM trained on "\n\n" paragraphs; bench_prm.yaml names no task separator, and
+    its default "\n" refused that PRM. On data that comes split into steps the PRM's own separator is used; a
+    separator the recipe names is still held against the PRM's."""
+    from rlprm.cli import main
+
+    model = _embedded_prm(tmp_path / "prm", char_tokenizer, max_positions=512, sep="\n\n")
+    data = tmp_path / "toy.json"
+    data.write_text(json.dumps(ITEMS))
+    assert main(["bench-prm", str(_recipe(tmp_path, model, "rlprm", [data])), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "run" / "bench_prm.json").read_text())["subsets"]["toy"]["num_scored"] == len(ITEMS)
+    named = _recipe(tmp_path, model, "rlprm", [data], 'task: {step_separator: "\\n"}\n')
+    assert main(["bench-prm", str(named), "--no-progress", "run.output_dir=" + str(tmp_path / "run2")]) == 2
 
 
 def test_learned_positions_cannot_be_extended():

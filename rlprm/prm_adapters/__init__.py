@@ -139,17 +139,19 @@ def load_reward_model(ref: str | Path, adapter: str | None = None, device: str =
 
 
 def load_for_recipe(recipe, ref: str | Path | None = None, adapter: str | None = None, device: str = "cpu",
-                    dtype: str | None = None):
+                    dtype: str | None = None, task_separator: bool = True):
     """`load_reward_model` with a recipe's settings: the task's step separator, model.dtype / trust_remote_code
     and the implicit / qwen_prm options of `rm`. With no `ref`: model.reward_model, whose family is rm.adapter;
-    another `ref` has the family `adapter` (None: detected)."""
+    another `ref` has the family `adapter` (None: detected). `task_separator=False`: the data come split into
+    steps already, so an rlprm PRM keeps the separator it was trained with instead of being held to the task's."""
     rm = recipe.rm
     if ref is None:
         ref, adapter = recipe.model.reward_model, rm.adapter
     if ref is None:
         raise AdapterError("no reward model named: set model.reward_model to a folder or hub id")
     return load_reward_model(ref, adapter, device=device,
-                             dtype=dtype or recipe.model.dtype, step_separator=recipe.task.step_separator,
+                             dtype=dtype or recipe.model.dtype,
+                             step_separator=recipe.task.step_separator if task_separator else None,
                              trust_remote_code=recipe.model.trust_remote_code, reference=rm.reference_model,
                              beta=rm.implicit_beta, system_prompt=rm.system_prompt)
 
