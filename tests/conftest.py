@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,11 @@ def answering_generator(tmp_path_factory, char_tokenizer):
     problems = [p for epoch in (0, 1)
                 for p in make_problems(ArithmeticConfig(), 8, seed=RL_SEED * 1_000_003 + 1000 + epoch)]
     return train_tiny_generator(tmp_path_factory.mktemp("gen") / "answering", char_tokenizer, problems, steps=250)
+
+
+@contextlib.contextmanager
+def no_warning():
+    """A block in which any warning fails the test (the counterpart of `pytest.warns`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield

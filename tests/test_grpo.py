@@ -10,6 +10,7 @@ import torch
 
 from rlprm.config import TinyModelConfig, validate_recipe
 from rlprm.tracking import read_metrics
+from tests.conftest import no_warning
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
 LOGGED = ["rl/reward", "rl/kl", "rl/entropy", "rl/clipfrac", "rl/response_length", "rl/steps_per_solution",
@@ -412,7 +413,7 @@ def test_dense_log_prob_step_values_are_each_steps_own(process_form, tmp_path, g
                          reward={"mode": "dense", "source": "prm", "dense_form": "log_prob",
                                  "missing_answer_reward": -1.0})
     fn = RewardFunction(recipe, problems, char_tokenizer, reward_model=_FixedScorer({a: [.6, .1, .1], b: [.6, .5, .5]}))
-    with pytest.warns(UserWarning) if process_form == "sum" else _quiet():
+    with pytest.warns(UserWarning) if process_form == "sum" else no_warning():
         returns = fn(["1 +2 +4\n"] * 2, [a, b], ids, [0, 0])
         adv = grpo_advantages(recipe, fn.last, group_size=2, width=max(map(len, ids)))
     values = fn.last["rewards"].event_values
@@ -449,16 +450,3 @@ def test_exact_checker_wrong_steps_never_look_perfect(tmp_path, generator_dir, c
     ends = tr.event_positions[1]
     # the wrong solution's tokens get a negative advantage up to its last step, never the highest one
     assert (adv[1, : ends[-1] + 1] < 0).all() and adv[1].max() < adv[0, : tr.event_positions[0][-1] + 1].min()
-
-
-def _quiet():
-    import contextlib
-    import warnings
-
-    @contextlib.contextmanager
-    def catch():
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            yield
-
-    return catch()

@@ -40,6 +40,8 @@ import operator
 from dataclasses import dataclass
 
 import pytest
+
+from tests.conftest import no_warning
 import torch
 
 from rlprm.config import RewardConfig
@@ -247,7 +249,7 @@ def test_grpo_process_advantages(char_tokenizer, source, dense_form, process_for
     tr = scored(char_tokenizer, "dense", source, dense_form, outcome_coef, last_event_at_eos=True,
                 process_form=process_form)
     values, positions, outcome = tr.event_tensors()
-    with pytest.warns(UserWarning) if process_form == "sum" else _no_warning():
+    with pytest.warns(UserWarning) if process_form == "sum" else no_warning():
         adv = process_token_advantages(values.double(), positions, group_size=len(NAMES), width=tr.rewards.shape[1],
                                        form=process_form, outcome=outcome.double())
     first = by_name(adv[:, 0])
@@ -261,17 +263,6 @@ def test_grpo_process_advantages(char_tokenizer, source, dense_form, process_for
             assert adv[i, lengths[i] - 1] != 0, f"{what}: {name} has no advantage at its EOS"
 
 
-def _no_warning():
-    import contextlib
-    import warnings
-
-    @contextlib.contextmanager
-    def catch():
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            yield
-
-    return catch()
 
 
 def test_grpo_min_and_mean_need_value_forms_not_differences(char_tokenizer):
