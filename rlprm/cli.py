@@ -10,6 +10,7 @@ Every subcommand that runs a job takes a recipe, then any number of
     rlprm train-rl recipes/prm_dense.yaml [--resume]  # PPO from dense PRM rewards
     rlprm export runs/rl_prm_dense                  # latest checkpoint -> plain HF folder
     rlprm check recipes/arith_prepare.yaml          # validate only
+    rlprm recipes                                   # the shipped recipes; each runs by name: rlprm check prm_dense
     rlprm prepare recipes/arith_prepare.yaml --print-config
     rlprm explain [RECIPE | --algorithm grpo]       # every recipe key, documented (rl: that algorithm's)
     rlprm demo [--seeds 3] [--force [STAGE...]]     # the whole process-vs-outcome pipeline, small budgets
@@ -42,7 +43,8 @@ from rlprm.errors import ArgumentParser, run_reporting_errors
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="a recipe YAML file (see recipes/)")
+    parser.add_argument("recipe", help="a recipe YAML file, or the name of a shipped recipe (`rlprm recipes` lists "
+                                       "them), e.g. prm_dense")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="override recipe values, e.g. run.seed=1 sft.steps=300")
     parser.add_argument("--print-config", action="store_true",
@@ -235,6 +237,18 @@ def _explain(args: argparse.Namespace) -> None:
     print(explain(algorithm=algorithm))
 
 
+def _recipes(args: argparse.Namespace) -> None:
+    from rlprm.shipped import PATH_RULE, is_shipped, recipes_dir, shipped_names, summary
+
+    names = shipped_names()
+    width = max(map(len, names), default=0)
+    for name in names:
+        print(f"{name:<{width}}  {summary(name)}")
+    where = PATH_RULE if is_shipped(recipes_dir()) else "paths relative to the recipe file"
+    print(f"\n{len(names)} recipes in {recipes_dir()}; run one by name (`rlprm check prm_dense`) or by file. "
+          f"Paths: {where}", file=sys.stderr)
+
+
 def _label(args: argparse.Namespace) -> None:
     from rlprm.inputs import JobInputError, ref_problem
     from rlprm.label import label_file
@@ -352,6 +366,12 @@ COMMANDS: dict[str, Command] = {
                     "exact checker; best-of-N tables with paired-bootstrap intervals over problems and the "
                     "differences between labellings), synthetic_supervision.png (best-of-N curves with bands) and "
                     "summary.json (synthetic.LABELLING.N.{accuracy,process_correct}.{mean,lo,hi})."),
+    "recipes": Command(
+        "list the shipped recipes (run one by name: `rlprm train-rl prm_dense`)", _recipes, None, loads_recipe=False,
+        description="List the recipes that ship with rlprm, each with its first comment line. Every recipe command "
+                    "takes one by name (prm_dense) as well as a file. From an installed wheel, a shipped recipe's "
+                    "relative paths resolve against the working directory as if it were ./recipes/NAME.yaml there: "
+                    "its runs/ outputs go to ./runs/, never into site-packages."),
     "label": Command(
         "rate every step of PRM800K lines with the exact checker or a PRM", _label, _label_args, loads_recipe=False,
         description="Read PRM800K phase-2 lines (e.g. from `rlprm select`) and write them rated the phase-2 way (+1 "

@@ -58,9 +58,19 @@ def _resolve(path: Path, info: ValidationInfo) -> Path:
 
 
 def _existing_file(path: Path, info: ValidationInfo) -> Path:
+    given = path
     path = _resolve(path, info)
+    shipped_dir = (info.context or {}).get("shipped_dir")
+    if not path.exists() and shipped_dir is not None and not Path(given).is_absolute():
+        # a shipped recipe reads the files the package ships (its DeepSpeed configs) from the package
+        packaged = Path(os.path.normpath(Path(shipped_dir) / os.path.expanduser(str(given))))
+        if packaged.exists():
+            return packaged
     if not path.exists():
-        raise ValueError(f"file not found: {path} (recipe paths are relative to the recipe file)")
+        from rlprm.shipped import PATH_RULE
+
+        rule = PATH_RULE if shipped_dir is not None else "recipe paths are relative to the recipe file"
+        raise ValueError(f"file not found: {path} ({rule})")
     return path
 
 
@@ -1147,13 +1157,16 @@ def _describe(err: dict, source: str, lines: dict[tuple, int], overrides: dict[t
 
 
 def validate_recipe(data: dict, base_dir: Path, source: str = "<recipe>", lines: dict | None = None,
-                    overrides: list[str] | None = None) -> Recipe:
+                    overrides: list[str] | None = None, shipped_dir: Path | None = None) -> Recipe:
     """Validate a recipe dict; raise RecipeError listing every problem (at the file's line, or at the command-line
-    override that gave the value)."""
+    override that gave the value).
+
+    `base_dir`: what relative paths resolve against; `shipped_dir`: for a recipe shipped inside the installed
+    package, its real folder, where a file it reads is looked for when base_dir has none (rlprm/shipped.py)."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a mapping of sections (run:, task:, model:, ...)")
     try:
-        return Recipe.model_validate(data, context={"base_dir": Path(base_dir)})
+        return Recipe.model_validate(data, context={"base_dir": Path(base_dir), "shipped_dir": shipped_dir})
     except ValidationError as exc:
         given = {tuple(parse_override(text)[0]): text for text in overrides or []}
         problems = [_describe(e, source, lines or {}, given) for e in exc.errors()]
@@ -1163,10 +1176,20 @@ def validate_recipe(data: dict, base_dir: Path, source: str = "<recipe>", lines:
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe file. Nothing heavy is imported."""
+    """Read, override and validate a recipe file, or a shipped recipe named without a folder (`prm_dense`). Nothing
+    heavy is imported."""
+    from rlprm import shipped
+
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"recipe not found: {path}")
+        found = shipped.find_shipped(str(path))
+        if found is None:
+            names = shipped.shipped_names()
+            close = difflib.get_close_matches(path.name.removesuffix(shipped.SUFFIX), names, n=1)
+            hint = (f" (did you mean {close[0]}?)" if close else "") + (
+                f"; the shipped recipes (`rlprm recipes` lists them): {', '.join(names)}" if names else "")
+            raise RecipeError(f"recipe not found: {path}: give a recipe file, or the name of a shipped one{hint}")
+        path = found
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -1186,7 +1209,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of sections (run:, task:, model:, ...)")
     data = apply_overrides(data, list(overrides or []))
-    recipe = validate_recipe(data, path.resolve().parent, str(path), _key_lines(text), list(overrides or []))
+    base, shipped_dir = shipped.base_dirs(path)
+    recipe = validate_recipe(data, base, str(path), _key_lines(text), list(overrides or []), shipped_dir)
     recipe.source = path.resolve()
     return recipe
 

@@ -64,9 +64,10 @@ from typing import Callable
 
 from rlprm.errors import EXIT_FAILED, InputError
 from rlprm.files import atomic_write_json
+from rlprm.shipped import recipes_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ROOT / "recipes"
+RECIPES = recipes_dir()  # the shipped recipes (rlprm/shipped.py)
 MARKER = ".demo-stage.json"
 
 # Budgets of the demo (2 CPU cores, under 15 minutes for one seed); keys are stage groups.

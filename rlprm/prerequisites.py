@@ -35,10 +35,10 @@ from pathlib import Path
 
 from rlprm.config import Recipe, RecipeError, load_recipe
 from rlprm.errors import InputError
+from rlprm.shipped import is_shipped, package_dir, recipes_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPES_DIR = ROOT / "recipes"
-"""Where the embedded recipes live (a module attribute so tests can point it at tiny stand-ins)."""
+RECIPES_DIR = recipes_dir()
+"""Where the embedded recipes live: the shipped ones (a module attribute so tests can point it at tiny stand-ins)."""
 
 _DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                     "CROSS_RANK", "CROSS_SIZE", "GROUP_RANK", "ROLE_RANK")
@@ -65,7 +65,10 @@ class Builder:
 
     @property
     def cli(self) -> str:
-        """The command a person types to run it, e.g. `rlprm prepare recipes/arith_prepare.yaml`."""
+        """The command a person types to run it: `rlprm prepare recipes/arith_prepare.yaml` in a clone, `rlprm prepare
+        arith_prepare` (the shipped recipe's name) where rlprm is installed from a wheel."""
+        if is_shipped(Path(RECIPES_DIR) / self.recipe):
+            return f"rlprm {self.command} {Path(self.recipe).stem}"
         return f"rlprm {self.command} recipes/{self.recipe}"
 
 
@@ -203,6 +206,10 @@ def _unbuildable(key: str, path: Path) -> PrerequisiteError:
 
 def _run_build(builder: Builder, file: Path, progress: bool, log, wandb: str | None = None) -> None:
     env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV}
+    # the build runs in this job's working directory (a shipped recipe's outputs resolve against it, never against
+    # site-packages) with this very package importable first, installed or not
+    env["PYTHONPATH"] = os.pathsep.join([str(package_dir().parent)] + (
+        [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     cmd = [sys.executable, "-m", "rlprm.cli", builder.command, str(file)]
     if wandb is not None:
         cmd.append(f"tracking.wandb={wandb}")  # the job's own: `tracking.wandb=disabled` means no W&B run at all
@@ -211,7 +218,7 @@ def _run_build(builder: Builder, file: Path, progress: bool, log, wandb: str | N
     # the child's output goes straight to this job's console and log: the build is part of this run's story
     sys.stdout.flush()
     sys.stderr.flush()
-    rc = subprocess.run(cmd, cwd=str(ROOT), env=env).returncode
+    rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
         raise PrerequisiteError(f"building with `rlprm {builder.command} {file}` failed (exit code {rc}); "
                                 "its output above says why. Fix that, or build it yourself and run again")

@@ -136,6 +136,9 @@ def fails(capsys, world, argv, code=2, first=(), out=None, limit=20.0):
 
 RECIPE_CASES = {
     "recipe_missing": (["check", "{tmp}/nope.yaml"], ["recipe not found: {tmp}/nope.yaml"]),
+    # row 15: a shipped recipe runs by name; a name one letter off says which ones ship
+    "shipped_recipe_name_typo": (["train-rl", "prm_dens"], ["recipe not found: prm_dens", "did you mean prm_dense?"]),
+    "recipes_takes_no_argument": (["recipes", "prm_dense"], ["rlprm recipes: unrecognized arguments: prm_dense"]),
     "yaml_syntax": (["check", "{bad_yaml}"], ["{bad_yaml}:3: not valid YAML", "at line 2"]),
     "recipe_a_list": (["check", "{a_list}"], ["{a_list}: a recipe must be a mapping"]),
     "recipe_not_utf8": (["check", "{recipe_latin1}"], ["{recipe_latin1}: not UTF-8 text"]),
