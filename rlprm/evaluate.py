@@ -762,6 +762,7 @@ def run_eval(recipe, progress: bool = True) -> dict:
 
     bon_curves.json: {selector: {N: {metric: {mean, lo, hi}}}, ..., "differences": {"A_minus_B": {N: ...}}}.
     """
+    from rlprm.inputs import loading
     from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
     from rlprm.prm_adapters import load_for_recipe
     from rlprm.problems import eval_problems
@@ -781,14 +782,17 @@ def run_eval(recipe, progress: bool = True) -> dict:
         raise FileNotFoundError("missing checkpoint(s): " + ", ".join(
             f"{p} (build it with `{how[p]}`)" if how[p] else p for p in missing) + others)
     t0 = time.monotonic()
-    tracker = Tracker(run_dir, recipe, job="eval", tags=["eval"])
+    # the run folder (recipe.yaml, metrics.jsonl) is created only once every model has loaded and scored: a folder
+    # that passes the input checks but does not load leaves nothing behind (issue 24)
+    tracker = None
     try:
         # 1. the pool: sampled once, reused by every selector
         problems = eval_problems(recipe, ev.num_problems)
         pool_path = run_dir / "pool.jsonl"
-        tokenizer = load_tokenizer(recipe.model.generator, padding_side="left",
-                                   trust_remote_code=recipe.model.trust_remote_code)
-        model = load_causal_lm(recipe.model.generator, recipe.model.dtype, device, recipe.model.trust_remote_code)
+        with loading("model.generator", recipe.model.generator):
+            tokenizer = load_tokenizer(recipe.model.generator, padding_side="left",
+                                       trust_remote_code=recipe.model.trust_remote_code)
+            model = load_causal_lm(recipe.model.generator, recipe.model.dtype, device, recipe.model.trust_remote_code)
         # eval.rollout: HF generate on `model`, or a vLLM engine loaded from the same folder (nothing to refresh)
         sampler = sampler_for(recipe, None, tokenizer, section="eval") if ev.rollout == "vllm" else None
         pool = sample_pool(model, tokenizer, problems, ev.n_max, ev.temperature, ev.max_new_tokens, ev.batch_size,
@@ -799,9 +803,11 @@ def run_eval(recipe, progress: bool = True) -> dict:
         # 2. every reward model scores every sample, one forward pass each
         for name, path in ev.reward_models.items():
             # rlprm folders and public PRMs alike (family named in eval.reward_model_adapters, else detected)
-            rm = load_for_recipe(recipe, path, ev.reward_model_adapters.get(name), device=device, dtype="float32")
+            with loading(f"eval.reward_models.{name}", path):
+                rm = load_for_recipe(recipe, path, ev.reward_model_adapters.get(name), device=device, dtype="float32")
             score_pool(pool, name, rm, sep=sep)
             del rm
+        tracker = Tracker(run_dir, recipe, job="eval", tags=["eval"])
         save_pool(pool, pool_path)
 
         # 3. selectors: a paired bootstrap over problems and the draws of N within them
@@ -831,4 +837,5 @@ def run_eval(recipe, progress: bool = True) -> dict:
                                   "process_correct", "step_scores"], rows)
         return curves
     finally:
-        tracker.finish()
+        if tracker is not None:
+            tracker.finish()

@@ -24,6 +24,7 @@ import json
 import os
 import socket
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -222,6 +223,26 @@ def model_problems(recipe: Recipe, command: str) -> list[str]:
     return problems
 
 
+@contextmanager
+def loading(key: str, ref: str):
+    """Around the load of the model `ref` (recipe key `key`): a folder that passed `folder_problem` but does not load
+    (weights truncated or corrupt, shapes of another model) is bad input, JobInputError naming the key and folder,
+    not a traceback. The cause stays chained for --debug-style inspection."""
+    from pickle import UnpicklingError
+
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # safetensors comes with transformers; without it nothing loads anyway
+        SafetensorError = OSError
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, EOFError, UnpicklingError, SafetensorError) as exc:
+        cause = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise JobInputError(f"{key}: {ref} does not load ({type(exc).__name__}: {cause}): its weights may be "
+                            f"truncated or corrupt, or from another model than its config.json; copy the folder "
+                            f"again, or point {key} at another model") from exc
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -371,5 +392,5 @@ def check_job(recipe: Recipe, command: str, resume: bool | None = None, resume_o
 
 
 __all__ = ["JobInputError", "KEYWORDS", "TOKENIZER_FILES", "check_job", "data_problems", "folder_problem",
-           "hub_problem", "hub_reachable", "model_problems", "models_read", "ref_problem", "resume_problem",
+           "hub_problem", "hub_reachable", "loading", "model_problems", "models_read", "ref_problem", "resume_problem",
            "rl_problems"]

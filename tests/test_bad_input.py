@@ -333,6 +333,22 @@ def test_train_rm_bad_prm800k_line_writes_nothing(world, capsys):
           first=["{prm800k_bad}:2: missing `question.problem`"], limit=60)
 
 
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_eval_generator_that_passes_the_checks_but_does_not_load_writes_nothing(world, capsys, char_tokenizer, damage):
+    """A generator folder with a valid config.json and tokenizer but corrupt weights passed every check; the load's
+    SafetensorError was a traceback (exit 1) and recipe.yaml / metrics.jsonl were left in the run folder."""
+    from tests.conftest import save_tiny_generator
+
+    gen = save_tiny_generator(world["tmp"] / "gen_corrupt", char_tokenizer)
+    weights = gen / "model.safetensors"
+    weights.write_bytes(b"\x00" * 64 if damage == "garbage" else weights.read_bytes()[:200])
+    capsys.readouterr()  # save_pretrained's progress bar
+    fails(capsys, world, ["eval", "{base}", "model.generator={tmp}/gen_corrupt", "eval.reward_models={{}}",
+                          "eval.num_problems=2", "eval.n_max=2"],
+          first=["model.generator: {tmp}/gen_corrupt does not load (SafetensorError: "], limit=60)
+    assert not world["out"].exists()
+
+
 # --------------------------------------------------------------------------- run states: resume, export, demo
 
 STATE_CASES = {
