@@ -53,7 +53,8 @@ def parse_problem_text(text: str):
     try:
         return Problem.parse(text)
     except ValueError as exc:
-        raise LabelError(f"{exc}; label it with a PRM instead (--with PRM_DIR)") from None
+        raise LabelError(f"question.problem {exc}; the checker labels the arithmetic task's problems only: label "
+                         "this file with a PRM instead (--with PRM_DIR)") from None
 
 
 # --------------------------------------------------------------------------- PRM800K lines
@@ -134,8 +135,15 @@ def checker_first_error(problem_text: str, steps: Sequence[str], sep: str = "\n"
 
     result = check(parse_problem_text(problem_text), render_steps(list(steps), sep), sep)
     if len(result.steps) != len(steps):
-        # the steps were split differently than written: judge them one by one instead of guessing
-        raise LabelError(f"steps of {problem_text!r} do not survive rendering with separator {sep!r}")
+        # the steps were split differently than written: refused rather than guessed
+        # the answer step (`# Answer\n\n2`) holds newlines by its format and is rendered whole
+        inside = next((k for k, step in enumerate(steps)
+                       if not is_answer_step(step) and (sep in step.strip(sep) or not step.strip())), None)
+        what = (f"step {inside + 1} ({steps[inside]!r}) " + ("is empty" if not steps[inside].strip()
+                                                             else f"holds the separator {sep!r}")
+                if inside is not None else f"they do not split back apart at the separator {sep!r}")
+        raise LabelError(f"question.pre_generated_steps of {problem_text!r}: {what}, so the checker would not see "
+                         "the steps as written; give --sep a string no step holds")
     return result.first_error
 
 
@@ -143,13 +151,19 @@ def checker_first_error(problem_text: str, steps: Sequence[str], sep: str = "\n"
 
 
 def read_lines(path: Path) -> list[dict]:
+    """The lines of a label file, each checked to hold its steps; LabelError naming FILE:LINE otherwise."""
+    return [obj for _, obj in read_numbered_lines(path)]
+
+
+def read_numbered_lines(path: Path) -> list[tuple[int, dict]]:
+    """(line number, line) of every line of a label file, as `read_lines` checks them."""
     out = []
     for lineno, obj in read_jsonl(path, LabelError):
         steps = (obj.get("question") or {}).get("pre_generated_steps") if isinstance(obj, dict) else None
         if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
             raise LabelError(f"{path}:{lineno}: no `question.pre_generated_steps` (a list of step strings); "
                              "label files written by `rlprm select` or PRM800K phase-2 lines")
-        out.append(obj)
+        out.append((lineno, obj))
     return out
 
 
@@ -179,8 +193,10 @@ def labeller_name(labeller) -> str:
 
 def label_lines(lines: list[dict], labeller="checker", threshold: float = 0.5, sep: str = "\n",
                 device: str = "cpu", batch_size: int = 64, adapter: str | None = None,
-                **load_options) -> tuple[list[dict], dict]:
+                where: Sequence[str] | None = None, **load_options) -> tuple[list[dict], dict]:
     """Labelled copies of `lines` and counts.
+
+    `where`: each line's place (`FILE:LINE`), put before the checker's complaint about a line it cannot label.
 
     `labeller`: `checker`; a PRM by folder or hub id (loaded with `load_labeller(labeller, adapter, device,
     **load_options)`); or a reward model already loaded (anything with `score_steps`, e.g. when a loop labels
@@ -191,8 +207,15 @@ def label_lines(lines: list[dict], labeller="checker", threshold: float = 0.5, s
     counts: Counter = Counter()
     name = labeller_name(labeller)
     if labeller == "checker":
-        firsts = [checker_first_error(line["question"]["problem"], line["question"]["pre_generated_steps"], sep)
-                  for line in lines]
+        firsts = []
+        for k, line in enumerate(lines):
+            try:
+                firsts.append(checker_first_error(line["question"]["problem"], line["question"]["pre_generated_steps"],
+                                                  sep))
+            except LabelError as exc:
+                if where is None:
+                    raise
+                raise LabelError(f"{where[k]}: {exc}") from None
     else:
         rm = labeller if hasattr(labeller, "score_steps") else load_labeller(labeller, adapter, device,
                                                                                **load_options)
@@ -213,7 +236,9 @@ def label_file(src: Path, dst: Path, labeller: str = "checker", threshold: float
     """`rlprm label`: read unlabelled (or labelled) PRM800K lines, rate every step, write them to `dst`.
 
     `adapter` / `load_options`: how a PRM labeller loads (see `load_labeller`)."""
-    lines = read_lines(src)
-    labelled, counts = label_lines(lines, labeller, threshold, sep, device, adapter=adapter, **load_options)
+    numbered = read_numbered_lines(src)
+    lines = [line for _, line in numbered]
+    labelled, counts = label_lines(lines, labeller, threshold, sep, device, adapter=adapter,
+                                   where=[f"{src}:{lineno}" for lineno, _ in numbered], **load_options)
     atomic_write_jsonl(dst, labelled)
     return counts

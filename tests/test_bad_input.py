@@ -84,6 +84,11 @@ def world(tmp_path, monkeypatch):
         "processbench_bad.json": '[{"problem": "x", "steps": ["a"], "label": -1},\n  {"problem": }]',
         "processbench_not_list.json": '{"problem": "x"}',
         "label_good.jsonl": json.dumps(PRM800K_LINE) + "\n",
+        "label_mixed.jsonl": "".join(json.dumps({"question": {"problem": p, "pre_generated_steps": steps}}) + "\n"
+                                     for p, steps in (("93 +3 -4 mod 10", ["93 + 3 = 96", "# Answer\n\n2"]),
+                                                      ("What is 1 + 1?", ["1 + 1 = 2", "# Answer\n\n2"]))),
+        "label_two_in_one.jsonl": json.dumps({"question": {"problem": "93 +3 -4 mod 10", "pre_generated_steps": [
+            "93 + 3 = 96\n96 - 4 = 92", "# Answer\n\n2"]}}) + "\n",
     }
     for name, text in files.items():
         path = t / (name if "." in name else name + ".yaml")
@@ -315,6 +320,13 @@ DATA_CASES = {
     "label_input_bad_line": (["label", "{problems_good}", "--out", "{out}/x.jsonl"],
                              ["{problems_good}:1: no `question.pre_generated_steps`"]),
     "label_input_missing": (["label", "./nope.jsonl", "--out", "{out}/x.jsonl"], ["nope.jsonl: file not found"]),
+    # the checker on a line it cannot label named neither the file nor the line
+    "label_checker_not_arithmetic": (["label", "{label_mixed}", "--out", "{out}/x.jsonl"],
+                                     ["{label_mixed}:2: question.problem 'What is 1 + 1?' is not an arithmetic-task "
+                                      "problem", "--with PRM_DIR"]),
+    "label_checker_step_holds_separator": (["label", "{label_two_in_one}", "--out", "{out}/x.jsonl"],
+                                           ["{label_two_in_one}:1: question.pre_generated_steps", "step 1 ",
+                                            "holds the separator '\\n'", "--sep"]),
     "compare_not_a_run": (["compare", "{empty}", "--out", "{out}"], ["{empty}: not a run folder (no metrics.jsonl)"]),
     "compare_nothing": (["compare", "--out", "{out}"], ["give run folders"]),
 }
