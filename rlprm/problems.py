@@ -8,6 +8,7 @@ graded, through `rlprm.grading` (sandboxed workers).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,8 +81,34 @@ def reward_model_arithmetic(recipe: Recipe) -> tuple[list[Problem], list[Problem
 
 
 def load_jsonl_problems(path: Path, limit: int | None = None, template: str = "{problem}\n") -> list[TaskProblem]:
-    """MATH-style (`problem`, `answer`) or GSM8K (`question`, `answer` ending in `#### n`) JSONL."""
+    """MATH-style (`problem`, `answer`) or GSM8K (`question`, `answer` ending in `#### n`) JSONL.
+
+    A whole file read once is kept (keyed by its path, size and modification time, and the template): the input
+    check before a job (rlprm/inputs.py) reads it whole, and the job's reads (held-out problems, every RL epoch's
+    draws) reuse that parse instead of reading it again; a file changed in between is read again."""
     path = Path(path)
+    try:
+        stat = path.stat()
+        # the path as given, made absolute (not resolved): problem ids are built from the name it is read by
+        key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, template)
+    except OSError:
+        key = None  # missing or unreadable: the reader below says so
+    if key is not None and key in _PARSED:
+        return list(_PARSED[key][:limit])
+    out = _parse_problems(path, limit, template)
+    if key is not None and limit is None:
+        while len(_PARSED) >= _PARSED_FILES:
+            _PARSED.pop(next(iter(_PARSED)))
+        _PARSED[key] = tuple(out)
+    return out
+
+
+_PARSED: dict[tuple, tuple[TaskProblem, ...]] = {}
+_PARSED_FILES = 4
+"""How many parsed problem files are kept (a train and a test file, with room to spare)."""
+
+
+def _parse_problems(path: Path, limit: int | None, template: str) -> list[TaskProblem]:
     out: list[TaskProblem] = []
     for lineno, row in read_jsonl(path, ProblemFileError):
         if limit is not None and len(out) >= limit:

@@ -438,3 +438,32 @@ def test_the_hub_probe_asks_the_endpoint_or_the_proxy_never_the_network_here(mon
         assert not inputs.hub_reachable(f"http://127.0.0.1:{closed_port}", timeout=2)
         monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{open_port}")
         assert inputs.hub_reachable(f"http://127.0.0.1:{closed_port}", timeout=2)
+
+
+def test_problem_files_are_parsed_once_for_the_check_and_the_job(tmp_path, monkeypatch):
+    """The input check read task.train_path / test_path whole, then the job read them again (and the RL loop once
+    per epoch); one parse now serves them all, and a file changed in between is read again."""
+    from rlprm import inputs, problems
+    from rlprm.config import load_recipe
+
+    reads = []
+    real = problems.read_jsonl
+    monkeypatch.setattr(problems, "read_jsonl", lambda path, *a: reads.append(Path(path).name) or real(path, *a))
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("".join(json.dumps({"problem": f"{i} + 1", "answer": str(i + 1)}) + "\n" for i in range(5)))
+    test.write_text("".join(json.dumps({"question": f"{i} * 2", "answer": f"#### {2 * i}"}) + "\n" for i in range(3)))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({
+        **BASE, "task": {"name": "math", "train_path": str(train), "test_path": str(test)},
+        "rl": {"problems_per_epoch": 4, "prompts_per_iteration": 4}}))
+    recipe = load_recipe(tmp_path / "r.yaml")
+    assert inputs.data_problems(recipe, "train-rl") == []
+    assert sorted(reads) == ["test.jsonl", "train.jsonl"]
+    held_out = problems.eval_problems(recipe, 2)
+    drawn = [problems.epoch_problems(recipe, epoch, set()) for epoch in range(3)]
+    assert sorted(reads) == ["test.jsonl", "train.jsonl"]  # no second read
+    assert [p.gold for p in held_out] == ["0", "2"] and all(len(d) == 4 for d in drawn)
+    assert {p.text for d in drawn for p in d} <= {f"{i} + 1" for i in range(5)}
+    test.write_text(json.dumps({"problem": "changed", "answer": "7"}) + "\n")
+    os.utime(test, ns=(1, 1))  # a different modification time even where the clock is coarse
+    assert [p.text for p in problems.eval_problems(recipe, 2)] == ["changed"]
+    assert sorted(reads) == ["test.jsonl", "test.jsonl", "train.jsonl"]
