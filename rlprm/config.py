@@ -91,7 +91,9 @@ def _deepspeed_config(path: Path, info: ValidationInfo) -> Path:
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read {path}: {exc}") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        from rlprm.files import json_problem
+
+        raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({json_problem(exc)})") from None
     zero = config.get("zero_optimization", {}) if isinstance(config, dict) else None
     if not isinstance(zero, dict):
         raise ValueError(f"{path}: expected a JSON object with an optional `zero_optimization` object "

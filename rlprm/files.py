@@ -111,8 +111,16 @@ def read_jsonl(path: str | Path, error: type[Exception]) -> Iterator[tuple[int, 
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise error(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                raise error(f"{path}:{lineno}: not valid JSON ({json_problem(exc)})") from None
             yield lineno, value
+
+
+def json_problem(exc: json.JSONDecodeError) -> str:
+    """What a JSONDecodeError says and at which column (the caller names FILE:LINE): `Expecting ',' delimiter at
+    column 7`. Some of json's messages end in "at" themselves (`Unterminated string starting at`, `Invalid control
+    character at`): they get the column after them, not a second "at" (or a dangling one)."""
+    where = f"column {exc.colno}"
+    return f"{exc.msg} {where}" if exc.msg.endswith(" at") else f"{exc.msg} at {where}"
 
 
 def not_text(exc: UnicodeDecodeError) -> str:
@@ -121,5 +129,6 @@ def not_text(exc: UnicodeDecodeError) -> str:
             "binary file? Give the uncompressed JSON / JSONL / YAML text file")
 
 
-__all__ = ["atomic_dir", "atomic_file", "atomic_write_json", "atomic_write_jsonl", "atomic_write_text", "not_text",
+__all__ = ["atomic_dir", "atomic_file", "atomic_write_json", "atomic_write_jsonl", "atomic_write_text", "json_problem",
+           "not_text",
            "read_jsonl", "save_figure"]

@@ -338,6 +338,38 @@ def test_data_errors(case, world, capsys):
     fails(capsys, world, argv, first=first)
 
 
+JSON_BROKEN = {"control_character": ('{"problem": "1 + 1\x01", "answer": "2"}', "Invalid control character at column 19"),
+               "unterminated_string": ('{"problem": "1 + 1, "answer": "2"}', "Expecting ',' delimiter at column 22"),
+               "unterminated_at_end": ('{"problem": "1 + 1', "Unterminated string starting at column 13")}
+"""A JSON line each loader must report as `MESSAGE at column N`: json's own messages that end in "at" gave
+"...at at column 30" (PRM800K) or a dangling "at)" (the other loaders)."""
+
+JSON_LOADERS = {
+    "problems": ["eval", "{base}", "task.name=math", "task.test_path={tmp}/broken.jsonl"],
+    "prm800k": ["train-rm", "{base}", "rm.data.source=prm800k", "rm.backbone=tiny",
+                "rm.data.train_paths=[{tmp}/broken.jsonl]"],
+    "processbench": ["train-rm", "{base}", "rm.backbone=tiny", "rm.data.processbench_paths=[{tmp}/broken.json]"],
+    "label": ["label", "{tmp}/broken.jsonl", "--out", "{out}/x.jsonl"],
+    "deepspeed": ["check", "{base}", "deepspeed={tmp}/broken.json"],
+}
+
+
+@pytest.mark.parametrize("broken", sorted(JSON_BROKEN))
+@pytest.mark.parametrize("loader", sorted(JSON_LOADERS))
+def test_json_syntax_errors_name_the_column_once(loader, broken, world, capsys):
+    line, message = JSON_BROKEN[broken]
+    # a JSONL loader reads the broken line as line 2; a whole-file JSON (a list, or an object) sees it at line 1
+    good = {"problem": "2 + 2", "answer": "4"} if loader == "problems" else PRM800K_LINE
+    (world["tmp"] / "broken.jsonl").write_text(json.dumps(good) + "\n" + line)  # no newline: unterminated at the end
+    whole = "[" + line if loader == "processbench" else line
+    (world["tmp"] / "broken.json").write_text(whole)
+    argv = JSON_LOADERS[loader]
+    where = "{tmp}/broken.json:1" if loader in ("processbench", "deepspeed") else "{tmp}/broken.jsonl:2"
+    column = int(message.rsplit(" ", 1)[1]) + (loader == "processbench")
+    err = fails(capsys, world, argv, first=[where + ": not valid JSON (" + message.rsplit(" ", 1)[0] + f" {column})"])
+    assert " at at " not in err and "at)" not in err
+
+
 def test_train_rm_bad_prm800k_line_writes_nothing(world, capsys):
     """Row 12: the PRM800K files were read after recipe.yaml and an empty metrics.jsonl were written."""
     fails(capsys, world, ["train-rm", "{base}", "rm.data.source=prm800k", "rm.backbone=tiny",

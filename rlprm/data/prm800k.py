@@ -35,7 +35,7 @@ from pathlib import Path
 
 from rlprm.data.stepwise import CORRECT, INCORRECT, NEUTRAL, LabelledSolution
 from rlprm.errors import InputError
-from rlprm.files import not_text
+from rlprm.files import json_problem, not_text
 
 LFS_MARK = "version https://git-lfs.github.com/spec/v1"
 NEUTRAL_CHOICES = ("positive", "negative", "ignore", "neutral")
@@ -237,7 +237,7 @@ def load_prm800k(
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise _BadLine(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+                    raise _BadLine(f"not valid JSON ({json_problem(exc)})") from None
                 if isinstance(obj, dict) and obj.get("is_quality_control_question") and not keep_quality_control:
                     counts["dropped_quality_control"] += 1
                     continue

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rlprm.data.stepwise import LabelledSolution, labels_up_to_first_error
 from rlprm.errors import InputError
-from rlprm.files import not_text
+from rlprm.files import json_problem, not_text
 
 
 class ProcessBenchError(InputError, ValueError):
@@ -34,7 +34,7 @@ def load_processbench(path: str | Path, limit: int = 0) -> list[LabelledSolution
     try:
         items = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ProcessBenchError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        raise ProcessBenchError(f"{path}:{exc.lineno}: not valid JSON ({json_problem(exc)})") from None
     except UnicodeDecodeError as exc:
         raise ProcessBenchError(f"{path}: {not_text(exc)}") from None
     if not isinstance(items, list):
