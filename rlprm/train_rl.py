@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "as the recipe's `rl` and `reward` sections say. Writes metrics.jsonl, a checkpoint per epoch "
                     "and an exported HF folder (RUN_DIR/export).",
     )
-    parser.add_argument("recipe", help="a recipe YAML file, e.g. recipes/prm_dense.yaml")
+    parser.add_argument("recipe",
+                        help="a recipe YAML file (recipes/prm_dense.yaml) or a shipped recipe's name (prm_dense)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe values, e.g. rl.epochs=1")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the run folder's latest checkpoint (weights, optimizers, epoch, RNG)")
