@@ -74,18 +74,21 @@ def base_dirs(path: str | os.PathLike) -> tuple[Path, Path | None]:
     return folder, None
 
 
-def summary(name: str) -> str:
-    """A shipped recipe's first comment line (what it does), for `rlprm recipes`."""
+def summary(name: str, width: int = 110) -> str:
+    """A shipped recipe's first sentence (from its opening comment), at most `width` characters, for `rlprm recipes`."""
+    words: list[str] = []
     try:
         for line in (recipes_dir() / f"{name}{SUFFIX}").read_text(encoding="utf-8").splitlines():
             text = line.lstrip("#").strip()
-            if not line.startswith("#"):
-                break
-            if text:
-                return text
+            if not line.startswith("#") or (not text and words):
+                break  # the opening comment's first paragraph only
+            words += text.split()
     except (OSError, UnicodeDecodeError):
-        pass
-    return ""
+        return ""
+    sentence = " ".join(words)
+    end = sentence.find(". ")
+    sentence = sentence[:end + 1] if end >= 0 else sentence
+    return sentence if len(sentence) <= width else sentence[:width - 3].rsplit(" ", 1)[0] + "..."
 
 
 __all__ = ["PATH_RULE", "base_dirs", "find_shipped", "is_shipped", "package_dir", "recipes_dir", "shipped_names",
