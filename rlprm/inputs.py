@@ -225,9 +225,10 @@ def model_problems(recipe: Recipe, command: str) -> list[str]:
 
 @contextmanager
 def loading(key: str, ref: str):
-    """Around the load of the model `ref` (recipe key `key`): a folder that passed `folder_problem` but does not load
-    (weights truncated or corrupt, shapes of another model) is bad input, JobInputError naming the key and folder,
-    not a traceback. The cause stays chained for --debug-style inspection."""
+    """Around the load of the model `ref` (recipe key `key`): a model that passed the checks above but does not load
+    (a folder's weights truncated or corrupt, or of another shape than its config.json) is bad input, JobInputError
+    naming the key and the model, not a traceback; the load's own error stays chained as its cause. Running out of
+    memory is not bad input and is raised as it is."""
     from pickle import UnpicklingError
 
     try:
@@ -237,10 +238,13 @@ def loading(key: str, ref: str):
     try:
         yield
     except (OSError, ValueError, RuntimeError, EOFError, UnpicklingError, SafetensorError) as exc:
+        if "OutOfMemory" in type(exc).__name__ or "out of memory" in str(exc).lower():
+            raise
         cause = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise JobInputError(f"{key}: {ref} does not load ({type(exc).__name__}: {cause}): its weights may be "
-                            f"truncated or corrupt, or from another model than its config.json; copy the folder "
-                            f"again, or point {key} at another model") from exc
+        hint = ("its weights may be truncated or corrupt, or of another model than its config.json; copy the folder "
+                "again" if Path(ref).is_dir() else "check the hub id and the network")
+        raise JobInputError(f"{key}: {ref} does not load ({type(exc).__name__}: {cause}): {hint}, or point {key} at "
+                            "another model") from exc
 
 
 # --------------------------------------------------------------------------- data

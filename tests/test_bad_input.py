@@ -393,6 +393,21 @@ def test_eval_generator_that_passes_the_checks_but_does_not_load_writes_nothing(
     assert not world["out"].exists()
 
 
+def test_a_load_failure_is_bad_input_but_running_out_of_memory_is_not(tmp_path):
+    from rlprm.inputs import JobInputError, loading
+
+    with pytest.raises(JobInputError, match=f"^model.generator: {tmp_path} does not load \\(OSError: truncated\\): "
+                                            "its weights may be truncated"):
+        with loading("model.generator", str(tmp_path)):
+            raise OSError("truncated")
+    with pytest.raises(JobInputError, match="org/name does not load .*check the hub id and the network"):
+        with loading("eval.reward_models.prm", "org/name"):
+            raise ValueError("no such repo")
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        with loading("model.generator", str(tmp_path)):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
 # --------------------------------------------------------------------------- run states: resume, export, demo
 
 STATE_CASES = {
