@@ -67,10 +67,9 @@ def _existing_file(path: Path, info: ValidationInfo) -> Path:
         if packaged.exists():
             return packaged
     if not path.exists():
-        from rlprm.shipped import PATH_RULE
+        from rlprm.shipped import PATH_RULE, path_rule
 
-        rule = PATH_RULE if shipped_dir is not None else "recipe paths are relative to the recipe file"
-        raise ValueError(f"file not found: {path} ({rule})")
+        raise ValueError(f"file not found: {path} ({PATH_RULE if shipped_dir is not None else path_rule(None)})")
     return path
 
 

@@ -250,15 +250,16 @@ def loading(key: str, ref: str):
 # --------------------------------------------------------------------------- data
 
 
-def _problem_file(key: str, path: Path | None, template: str) -> str | None:
+def _problem_file(key: str, path: Path | None, template: str, source=None) -> str | None:
     from rlprm.problems import ProblemFileError, load_jsonl_problems
+    from rlprm.shipped import path_rule
 
     if path is None:
         return None
     path = Path(path)
     if not path.is_file():
-        return (f"{key}: file not found: {path} (recipe paths are relative to the recipe file; edit the recipe or "
-                f"override, e.g. {key}=/data/math/test.jsonl)")
+        return (f"{key}: file not found: {path} ({path_rule(source)}; edit the recipe or override, e.g. "
+                f"{key}=/data/math/test.jsonl)")
     with open(path, "rb") as f:
         if f.read(64).startswith(b"version https://git-lfs"):
             return f"{key}: {path} is a Git LFS pointer stub, not the data: run `git lfs pull` in that clone"
@@ -282,7 +283,7 @@ def data_problems(recipe: Recipe, command: str) -> list[str]:
         files = [("task.test_path", task.test_path)]
         if command == "train-rl":
             files.insert(0, ("task.train_path", task.train_path))
-        problems += [p for key, path in files if (p := _problem_file(key, path, task.prompt_template))]
+        problems += [p for key, path in files if (p := _problem_file(key, path, task.prompt_template, recipe.source))]
     bench_files = []
     if command == "train-rm":
         bench_files = [("rm.data.processbench_paths", p) for p in recipe.rm.data.processbench_paths]

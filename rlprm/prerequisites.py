@@ -35,7 +35,7 @@ from pathlib import Path
 
 from rlprm.config import Recipe, RecipeError, load_recipe
 from rlprm.errors import InputError
-from rlprm.shipped import is_shipped, package_dir, recipes_dir
+from rlprm.shipped import is_shipped, package_dir, path_rule, recipes_dir
 
 RECIPES_DIR = recipes_dir()
 """Where the embedded recipes live: the shipped ones (a module attribute so tests can point it at tiny stand-ins)."""
@@ -273,8 +273,8 @@ def check_task_files(recipe: Recipe) -> None:
             if path is None:
                 continue
             if not Path(path).is_file():
-                problems.append(f"{key}: file not found: {path} (recipe paths are relative to the recipe file; "
-                                f"edit the recipe or override, e.g. {key}=/data/math/train.jsonl)")
+                problems.append(f"{key}: file not found: {path} ({path_rule(recipe.source)}; edit the recipe or "
+                                f"override, e.g. {key}=/data/math/train.jsonl)")
                 continue
             with open(path, "rb") as f:
                 head = f.read(64)

@@ -51,6 +51,13 @@ def is_shipped(path: str | os.PathLike) -> bool:
     return Path(path).resolve().is_relative_to(package_dir())
 
 
+def path_rule(source: str | os.PathLike | None) -> str:
+    """How the relative paths of the recipe loaded from `source` resolve, for a file-not-found message."""
+    if source is not None and is_shipped(source):
+        return PATH_RULE
+    return "recipe paths are relative to the recipe file"
+
+
 def shipped_names() -> list[str]:
     """The names of the shipped recipes (`prm_dense`, ...), sorted."""
     folder = recipes_dir()
@@ -91,5 +98,5 @@ def summary(name: str, width: int = 110) -> str:
     return sentence if len(sentence) <= width else sentence[:width - 3].rsplit(" ", 1)[0] + "..."
 
 
-__all__ = ["PATH_RULE", "base_dirs", "find_shipped", "is_shipped", "package_dir", "recipes_dir", "shipped_names",
-           "summary"]
+__all__ = ["PATH_RULE", "base_dirs", "find_shipped", "is_shipped", "package_dir", "path_rule", "recipes_dir",
+           "shipped_names", "summary"]

@@ -170,3 +170,15 @@ def test_the_wheel_runs_shipped_recipes_by_name(tmp_path):
     listing = rlprm("recipes")
     assert "prm_dense " in listing.stdout and "as if the recipe were ./recipes/NAME.yaml" in listing.stderr
     assert sorted(p.name for p in work.iterdir()) == [] and not (target / "runs").exists()
+
+
+def test_a_shipped_recipes_missing_data_names_the_rule(installed):
+    from rlprm.inputs import data_problems
+
+    package, work = installed
+    problems = data_problems(load_recipe("prm_dense_qwen_math"), "train-rl")
+    # ../../prm800k/... of ./recipes/NAME.yaml: beside the working directory, where a clone's data would sit
+    assert problems[0].startswith(f"task.train_path: file not found: {work.parent / 'prm800k'}")
+    assert shipped.PATH_RULE in problems[0] and str(package) not in problems[0]
+    with pytest.raises(pre.PrerequisiteError, match="as if the recipe were ./recipes/NAME.yaml"):
+        pre.check_task_files(load_recipe("prm_dense_qwen_math"))
