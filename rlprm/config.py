@@ -1196,41 +1196,52 @@ def recipe_to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
-def explain(cls: type[BaseModel] = Recipe, prefix: str = "", algorithm: str | None = None) -> str:
+def explain(cls: type[BaseModel] = Recipe, prefix: str = "", algorithm: str | None = None,
+            values: dict | None = None) -> str:
     """Every field with its type, default and docstring: the recipe reference.
 
     The `rl` section is `algorithm`'s (ppo, grpo or rejection_sampling); None lists the keys every algorithm
-    reads, then each algorithm's own.
+    reads, then each algorithm's own. `values` (a resolved recipe as `model_dump(mode="json")`, or its section)
+    adds each key's value in that recipe beside the default, so `rlprm explain RECIPE` shows what the recipe runs.
     """
     out = []
     for name, info in cls.model_fields.items():
         if info.exclude:
             continue
         key = f"{prefix}{name}"
+        value = values.get(name, _NO_VALUE) if values is not None else _NO_VALUE
         if cls is Recipe and name == "rl":
-            out.append(_explain_rl(key, info.description or "", algorithm))
+            out.append(_explain_rl(key, info.description or "", algorithm,
+                                   value if isinstance(value, dict) else None))
             continue
         inner = _unwrap(info.annotation)
         if isinstance(inner, type) and issubclass(inner, BaseModel):
             out.append(f"{key}:  {info.description or ''}")
-            out.append(explain(inner, key + "."))
+            # a section the recipe leaves unset (an optional one) is explained with its defaults only
+            out.append(explain(inner, key + ".", values=value if isinstance(value, dict) else None))
             continue
-        out.append(_explain_field(key, info))
+        out.append(_explain_field(key, info, value))
     return "\n".join(out)
 
 
-def _explain_field(key: str, info) -> str:
+_NO_VALUE = object()
+"""`explain` without a recipe: print the default only."""
+
+
+def _explain_field(key: str, info, value=_NO_VALUE) -> str:
     inner = _unwrap(info.annotation)
     choices = typing.get_args(inner) if typing.get_origin(inner) is Literal else None
     kind = " | ".join(map(str, choices)) if choices else getattr(inner, "__name__", str(inner))
-    return f"  {key} ({kind}, default {info.default!r}): {info.description or ''}"
+    if value is _NO_VALUE:
+        return f"  {key} ({kind}, default {info.default!r}): {info.description or ''}"
+    return f"  {key} = {value!r} ({kind}, default {info.default!r}): {info.description or ''}"
 
 
-def _explain_rl(key: str, description: str, algorithm: str | None) -> str:
+def _explain_rl(key: str, description: str, algorithm: str | None, values: dict | None = None) -> str:
     if algorithm is not None:
         section = RL_SECTIONS[algorithm]
         return "\n".join([f"{key}:  {description} For rl.algorithm {algorithm}: {section.__doc__}",
-                          explain(section, key + ".")])
+                          explain(section, key + ".", values=values)])
     shared = RLBase.model_fields
     out = [f"{key}:  {description} Every algorithm reads these; `rlprm explain --algorithm NAME` (or "
            "`rlprm explain RECIPE`) shows one algorithm's keys only.", explain(RLBase, key + ".")]
