@@ -236,10 +236,11 @@ def train_lm_scorer(model, tokenizer, records, convention, *, steps: int, batch_
         if step % logging_steps == 0 or step == steps:
             bar.set_postfix(loss=f"{loss.item():.3f}", bce=f"{parts['bce']:.3f}", refresh=False)
             if log is not None:
+                # the head is a trained parameter: read it detached (float() on it warned at every log step)
+                w_min, w_mean, b = (float(x) for x in head.detach())
                 log({"train/loss": float(loss.detach()), "train/bce": parts["bce"], "train/lm_nll": parts["lm_nll"],
                      "train/learning_rate": optimizer.param_groups[0]["lr"],
-                     "train/head_w_min": float(head[0]), "train/head_w_mean": float(head[1]),
-                     "train/head_b": float(head[2])}, step)
+                     "train/head_w_min": w_min, "train/head_w_mean": w_mean, "train/head_b": b}, step)
     bar.close()
     model.eval()
     return {"head": [float(x) for x in head.detach().cpu()], "steps": steps, "examples": len(examples),
