@@ -197,7 +197,7 @@ class RunConfig(Section):
 
 
 class ArithmeticConfig(Section):
-    """The embedded arithmetic task (DESIGN.md section 7)."""
+    """The embedded arithmetic task (docs/design.md section 8)."""
 
     min_ops: int = Field(2, ge=1, le=8)
     """Fewest chain operations (+/-) before the final one."""
@@ -367,7 +367,7 @@ class RewardConfig(Section):
     source: Literal["prm", "orm", "ground_truth", "exact", "confidence"] = "ground_truth"
     """Who scores: `prm` / `orm` a trained reward model (model.reward_model); `ground_truth` the grader's 1/0 on the final answer; `exact` the arithmetic task's exact step checker as an oracle PRM (steps score 1 up to the first wrong step, 0 from it on; sparse: 1 if every step is right; arithmetic task only); `confidence` the frozen starting generator's own token confidence at temperature 1 (per step exp of its lowest token log-prob; sparse: over the whole response; ppo only). exact and confidence load no reward model."""
     dense_form: Literal["log_prob", "min_form", "delta", "score"] = "log_prob"
-    """How step probabilities p_k become step rewards r_k (DESIGN.md section 5; rlprm/rewards.py): `log_prob` r_k = log p_k, `min_form` and `delta` shaped so that the return is the lowest p_k or the last one, `score` r_k = p_k (DeepSeekMath's process supervision; GRPO only for now)."""
+    """How step probabilities p_k become step rewards r_k (docs/design.md section 5; rlprm/rewards.py): `log_prob` r_k = log p_k, `min_form` and `delta` shaped so that the return is the lowest p_k or the last one, `score` r_k = p_k (DeepSeekMath's process supervision; GRPO only for now)."""
     outcome_coef: float = Field(0.0, ge=0)
     """Weight of an extra ground-truth outcome reward at the last token."""
     missing_answer_reward: float = -1.0
@@ -448,7 +448,7 @@ class PPOConfig(PolicyGradientBase):
     kl_coef: float = Field(0.05, ge=0)
     """KL coefficient: every response token's reward pays kl_coef times its KL estimate (rl.kl_estimator) against the reference model (the starting generator)."""
     kl_estimator: Literal["k1", "k3", "abs", "mse"] = "k1"
-    """Per-token estimate of KL(policy || reference) in the reward penalty (DESIGN.md section 6; k3 is never negative)."""
+    """Per-token estimate of KL(policy || reference) in the reward penalty (docs/design.md section 7; k3 is never negative)."""
     target_kl: float | None = Field(None, gt=0)
     """None: a fixed KL coefficient, rl.kl_coef. A number: start at rl.kl_coef and adapt it towards this per-token KL (Ziegler et al. 2019)."""
     kl_horizon: int = Field(10000, ge=1)

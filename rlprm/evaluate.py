@@ -6,7 +6,7 @@ model, and the generator's own per-sample confidence and likelihood, stored as
 JSONL so that every selector and every later reward model reuses the same
 samples. A selector then picks one solution among N.
 
-Statistics (DESIGN 7b): a paired bootstrap over PROBLEMS. Each of
+Statistics (docs/design.md section 9): a paired bootstrap over PROBLEMS. Each of
 `eval.resamples` resamples draws the P problems with replacement and, within
 each drawn problem, N of its n samples without replacement; every selector is
 scored on the same resampled problems and draws, so differences between

@@ -1,6 +1,6 @@
 """Per-step scores -> a `(batch, response_tokens)` reward tensor on the POLICY's tokens.
 
-This is the one place where dense and sparse supervision differ (DESIGN.md
+This is the one place where dense and sparse supervision differ (docs/design.md
 section 5); everything downstream (GAE, whitening, the losses) sees only a
 reward tensor and a mask.
 

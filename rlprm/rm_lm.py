@@ -3,7 +3,7 @@
 Why this exists. A classification head at a step's last token has to learn,
 from one bit per step, to compare what was written with what should have been
 written. On the arithmetic task a 4-layer model fine-tuned that way stalls at
-step AUROC 0.76-0.80 within CPU budgets (DESIGN.md section 7), whatever the
+step AUROC 0.76-0.80 within CPU budgets (docs/design.md section 8), whatever the
 body. Yet the same body, trained as a language model, writes the arithmetic
 right 99% of the time when decoding greedily. So here the reward model stays
 a causal LM and is trained on the LABELS to be one that writes only correct

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     world = launched_world_size()
     if world > 1 and recipe.run.threads == 0:
-        # N processes each taking every core oversubscribe the machine (2x slower: DESIGN.md section 9)
+        # N processes each taking every core oversubscribe the machine (2x slower: docs/design.md section 10)
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
     from rlprm.inputs import check_job
     from rlprm.prerequisites import ensure_prerequisites
