@@ -1047,7 +1047,7 @@ _REMOVED_KEYS: dict[tuple[str, ...], str] = {
     ("sft", "min_steps"): f"removed: {_STEPS_NOT_CLOCK}. Use `sft.steps` instead (set it to this value)",
     ("sft", "max_steps"): f"removed: {_STEPS_NOT_CLOCK}. Use `sft.steps` instead (training now always runs "
                           "exactly that many steps)",
-    # the rl section became one schema per algorithm, with one name per concept (issue 13)
+    # the rl section became one schema per algorithm, with one name per concept
     ("reward", "kl_coef"): "moved: the KL coefficient is `rl.kl_coef` now, one name for PPO's reward penalty and "
                            "GRPO's loss term (set it there; rejection sampling has none)",
     ("rl", "beta"): "renamed: GRPO's KL coefficient is `rl.kl_coef` now (the same name as PPO's)",

@@ -5,7 +5,7 @@ of the script's own arguments (accepted; the rank is read from the environment):
 
     deepspeed rlprm/train_rl.py RECIPE                  # one process: the plain torch loop
     deepspeed --num_gpus 2 rlprm/train_rl.py RECIPE     # two data-parallel processes (CPU: gloo), ZeRO-2
-    deepspeed --hostfile hostfile --num_nodes 2 rlprm/train_rl.py RECIPE   # several nodes (README)
+    deepspeed --hostfile hostfile --num_nodes 2 rlprm/train_rl.py RECIPE   # several nodes (docs/rl.md)
 
 PPO on several processes, or with a `deepspeed:` key, trains through DeepSpeed
 engines (rlprm/rl/distributed.py); GRPO and rejection sampling train through
