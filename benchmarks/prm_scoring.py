@@ -98,7 +98,7 @@ def build_prm(model_path: str | None):
         return RewardModel.load(model_path)
     tokenizer = build_char_tokenizer(CHARSET)
     convention = make_convention("prm", "\n")
-    lm = build_tiny_causal_lm(TinyModelConfig(), tokenizer, seed=0)  # the generator's shape (DESIGN.md section 7)
+    lm = build_tiny_causal_lm(TinyModelConfig(), tokenizer, seed=0)  # the generator's shape (docs/design.md section 8)
     return RewardModel(reward_model_from_causal_lm(convention, lm, tokenizer).eval(), tokenizer, convention)
 
 

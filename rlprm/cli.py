@@ -232,9 +232,14 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _explain(args: argparse.Namespace) -> None:
-    # the `rl` keys depend on rl.algorithm: a recipe's own, or the one named (a RecipeError exits 2)
-    algorithm = args.algorithm or (load_recipe(args.recipe).rl.algorithm if args.recipe else None)
-    print(explain(algorithm=algorithm))
+    # the `rl` keys depend on rl.algorithm: a recipe's own, or the one named (a RecipeError exits 2); with a recipe,
+    # each key shows the value that recipe runs with beside its default
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    algorithm = args.algorithm or (recipe.rl.algorithm if recipe is not None else None)
+    values = recipe.model_dump(mode="json") if recipe is not None else None
+    if values is not None and algorithm != recipe.rl.algorithm:
+        values = {**values, "rl": None}  # --algorithm names another algorithm: the recipe's rl values are not its keys
+    print(explain(algorithm=algorithm, values=values))
 
 
 def _recipes(args: argparse.Namespace) -> None:

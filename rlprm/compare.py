@@ -302,7 +302,7 @@ def rl_section(groups: dict[str, list[RunData]]) -> list[str]:
         p = [_first_last(r, "eval/process_accuracy") for r in runs]
         rawp = [bon_table(r, "right_answer_wrong_process").get("random", {}).get(1) for r in runs]
         kl = [r.summary.get("rl/kl") for r in runs]
-        # the two numbers that tell a process run from an outcome run beyond accuracy (issue 24)
+        # the two numbers that tell a process run from an outcome run beyond accuracy
         te = [_first_last(r, "eval/trace_error") for r in runs]
         sc = [_first_last(r, "eval/shortcut_rate") for r in runs]
         lines.append(f"| {label} | {len(runs)} | {fmt([x[0] for x in a])} | {fmt([x[1] for x in a])} | "

@@ -208,7 +208,7 @@ class RunConfig(Section):
 
 
 class ArithmeticConfig(Section):
-    """The embedded arithmetic task (DESIGN.md section 7)."""
+    """The embedded arithmetic task (docs/design.md section 8)."""
 
     min_ops: int = Field(2, ge=1, le=8)
     """Fewest chain operations (+/-) before the final one."""
@@ -378,7 +378,7 @@ class RewardConfig(Section):
     source: Literal["prm", "orm", "ground_truth", "exact", "confidence"] = "ground_truth"
     """Who scores: `prm` / `orm` a trained reward model (model.reward_model); `ground_truth` the grader's 1/0 on the final answer; `exact` the arithmetic task's exact step checker as an oracle PRM (steps score 1 up to the first wrong step, 0 from it on; sparse: 1 if every step is right; arithmetic task only); `confidence` the frozen starting generator's own token confidence at temperature 1 (per step exp of its lowest token log-prob; sparse: over the whole response; ppo only). exact and confidence load no reward model."""
     dense_form: Literal["log_prob", "min_form", "delta", "score"] = "log_prob"
-    """How step probabilities p_k become step rewards r_k (DESIGN.md section 5; rlprm/rewards.py): `log_prob` r_k = log p_k, `min_form` and `delta` shaped so that the return is the lowest p_k or the last one, `score` r_k = p_k (DeepSeekMath's process supervision; GRPO only for now)."""
+    """How step probabilities p_k become step rewards r_k (docs/design.md section 5; rlprm/rewards.py): `log_prob` r_k = log p_k, `min_form` and `delta` shaped so that the return is the lowest p_k or the last one, `score` r_k = p_k (DeepSeekMath's process supervision; GRPO only for now)."""
     outcome_coef: float = Field(0.0, ge=0)
     """Weight of an extra ground-truth outcome reward at the last token."""
     missing_answer_reward: float = -1.0
@@ -459,7 +459,7 @@ class PPOConfig(PolicyGradientBase):
     kl_coef: float = Field(0.05, ge=0)
     """KL coefficient: every response token's reward pays kl_coef times its KL estimate (rl.kl_estimator) against the reference model (the starting generator)."""
     kl_estimator: Literal["k1", "k3", "abs", "mse"] = "k1"
-    """Per-token estimate of KL(policy || reference) in the reward penalty (DESIGN.md section 6; k3 is never negative)."""
+    """Per-token estimate of KL(policy || reference) in the reward penalty (docs/design.md section 7; k3 is never negative)."""
     target_kl: float | None = Field(None, gt=0)
     """None: a fixed KL coefficient, rl.kl_coef. A number: start at rl.kl_coef and adapt it towards this per-token KL (Ziegler et al. 2019)."""
     kl_horizon: int = Field(10000, ge=1)
@@ -1058,7 +1058,7 @@ _REMOVED_KEYS: dict[tuple[str, ...], str] = {
     ("sft", "min_steps"): f"removed: {_STEPS_NOT_CLOCK}. Use `sft.steps` instead (set it to this value)",
     ("sft", "max_steps"): f"removed: {_STEPS_NOT_CLOCK}. Use `sft.steps` instead (training now always runs "
                           "exactly that many steps)",
-    # the rl section became one schema per algorithm, with one name per concept (issue 13)
+    # the rl section became one schema per algorithm, with one name per concept
     ("reward", "kl_coef"): "moved: the KL coefficient is `rl.kl_coef` now, one name for PPO's reward penalty and "
                            "GRPO's loss term (set it there; rejection sampling has none)",
     ("rl", "beta"): "renamed: GRPO's KL coefficient is `rl.kl_coef` now (the same name as PPO's)",
@@ -1221,41 +1221,52 @@ def recipe_to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
-def explain(cls: type[BaseModel] = Recipe, prefix: str = "", algorithm: str | None = None) -> str:
+def explain(cls: type[BaseModel] = Recipe, prefix: str = "", algorithm: str | None = None,
+            values: dict | None = None) -> str:
     """Every field with its type, default and docstring: the recipe reference.
 
     The `rl` section is `algorithm`'s (ppo, grpo or rejection_sampling); None lists the keys every algorithm
-    reads, then each algorithm's own.
+    reads, then each algorithm's own. `values` (a resolved recipe as `model_dump(mode="json")`, or its section)
+    adds each key's value in that recipe beside the default, so `rlprm explain RECIPE` shows what the recipe runs.
     """
     out = []
     for name, info in cls.model_fields.items():
         if info.exclude:
             continue
         key = f"{prefix}{name}"
+        value = values.get(name, _NO_VALUE) if values is not None else _NO_VALUE
         if cls is Recipe and name == "rl":
-            out.append(_explain_rl(key, info.description or "", algorithm))
+            out.append(_explain_rl(key, info.description or "", algorithm,
+                                   value if isinstance(value, dict) else None))
             continue
         inner = _unwrap(info.annotation)
         if isinstance(inner, type) and issubclass(inner, BaseModel):
             out.append(f"{key}:  {info.description or ''}")
-            out.append(explain(inner, key + "."))
+            # a section the recipe leaves unset (an optional one) is explained with its defaults only
+            out.append(explain(inner, key + ".", values=value if isinstance(value, dict) else None))
             continue
-        out.append(_explain_field(key, info))
+        out.append(_explain_field(key, info, value))
     return "\n".join(out)
 
 
-def _explain_field(key: str, info) -> str:
+_NO_VALUE = object()
+"""`explain` without a recipe: print the default only."""
+
+
+def _explain_field(key: str, info, value=_NO_VALUE) -> str:
     inner = _unwrap(info.annotation)
     choices = typing.get_args(inner) if typing.get_origin(inner) is Literal else None
     kind = " | ".join(map(str, choices)) if choices else getattr(inner, "__name__", str(inner))
-    return f"  {key} ({kind}, default {info.default!r}): {info.description or ''}"
+    if value is _NO_VALUE:
+        return f"  {key} ({kind}, default {info.default!r}): {info.description or ''}"
+    return f"  {key} = {value!r} ({kind}, default {info.default!r}): {info.description or ''}"
 
 
-def _explain_rl(key: str, description: str, algorithm: str | None) -> str:
+def _explain_rl(key: str, description: str, algorithm: str | None, values: dict | None = None) -> str:
     if algorithm is not None:
         section = RL_SECTIONS[algorithm]
         return "\n".join([f"{key}:  {description} For rl.algorithm {algorithm}: {section.__doc__}",
-                          explain(section, key + ".")])
+                          explain(section, key + ".", values=values)])
     shared = RLBase.model_fields
     out = [f"{key}:  {description} Every algorithm reads these; `rlprm explain --algorithm NAME` (or "
            "`rlprm explain RECIPE`) shows one algorithm's keys only.", explain(RLBase, key + ".")]

@@ -5,7 +5,7 @@ What it reads (nothing here runs a model): the best-of-N folders of every genera
 per-update `rl/kl_per_token`, `rl/kl_per_sample`, `rl/reward`), the reward models' `summary.json`, and the
 generator's (prepare's) `summary.json`.
 
-Statistics (DESIGN 7b):
+Statistics (docs/design.md section 9):
 - best-of-N: a paired bootstrap over problems (`evaluate.bon_bootstrap`) of each generator's pools; with several
   seeds, the seeds' pools together (`bon_curves_seeds`): one resample draws problem indices shared by every
   seed. The seeds' held-out problems differ (they follow run.seed), so a resampling unit is "problem i of every

@@ -6,7 +6,7 @@ model, and the generator's own per-sample confidence and likelihood, stored as
 JSONL so that every selector and every later reward model reuses the same
 samples. A selector then picks one solution among N.
 
-Statistics (DESIGN 7b): a paired bootstrap over PROBLEMS. Each of
+Statistics (docs/design.md section 9): a paired bootstrap over PROBLEMS. Each of
 `eval.resamples` resamples draws the P problems with replacement and, within
 each drawn problem, N of its n samples without replacement; every selector is
 scored on the same resampled problems and draws, so differences between
@@ -559,34 +559,54 @@ def markdown_table(curves: dict, title: str = "Best-of-N accuracy (%), mean [95%
     return "\n".join(lines) + "\n"
 
 
-def _draw_curve(ax, name: str, c: dict, color=None, metric: str = "accuracy"):
+def selector_styles(names: list[str]) -> dict[str, dict]:
+    """A distinct look per selector, the same for a name wherever it is drawn: colour, line style and marker.
+
+    10 colours (tab10), 20 beyond ten selectors (tab20); the line style changes each time the palette comes round,
+    so no two selectors share colour and style. The oracle and random are dashed, as reference lines."""
+    import matplotlib.pyplot as plt
+
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20").colors
+    cycles, markers = ["-", "-.", ":"], "os^Dv<>ph*"
+    styles = {}
+    for i, name in enumerate(names):
+        style = "--" if name in (ORACLE, RANDOM) else cycles[(i // len(palette)) % len(cycles)]
+        styles[name] = {"color": palette[i % len(palette)], "linestyle": style, "marker": markers[i % len(markers)]}
+    return styles
+
+
+def _draw_curve(ax, name: str, c: dict, style: dict | None = None, metric: str = "accuracy"):
     ns = [N for N in sorted(c) if metric in c[N]]
     if not ns:
         return None
     mean = [100 * c[N][metric]["mean"] for N in ns]
     lo = [100 * c[N][metric]["lo"] for N in ns]
     hi = [100 * c[N][metric]["hi"] for N in ns]
-    style = "--" if name in (ORACLE, RANDOM) else "-"
-    line, = ax.plot(ns, mean, style, marker="o", markersize=3, label=name, color=color)
+    style = style or {"linestyle": "--" if name in (ORACLE, RANDOM) else "-", "marker": "o"}
+    line, = ax.plot(ns, mean, markersize=3, label=name, **style)
     ax.fill_between(ns, lo, hi, color=line.get_color(), alpha=0.12)
     return line
 
 
 def plot_curves(curves: dict, path: Path, title: str = "Best-of-N") -> None:
+    """Best-of-N curves, one per selector (each its own colour, style and marker), the legend beside the axes:
+    with 15 selectors a legend inside covered the curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for name, c in selector_curves(curves).items():
-        _draw_curve(ax, name, c)
+    by_selector = selector_curves(curves)
+    styles = selector_styles(list(by_selector))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5), dpi=110)
+    for name, c in by_selector.items():
+        _draw_curve(ax, name, c, styles[name])
     ax.set_xscale("log", base=2)
     ax.set_xlabel("N = solutions per problem (log scale)")
     ax.set_ylabel("% problems solved (best-of-N)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -608,8 +628,7 @@ def plot_by_generator(curves_by_generator: dict[str, dict], path: Path, selector
         raise ValueError("plot_by_generator: no generators to plot")
     if selectors is None:
         selectors = list(dict.fromkeys(name for c in panels.values() for name in c))
-    palette = plt.get_cmap("tab10" if len(selectors) <= 10 else "tab20").colors
-    colors = {name: palette[i % len(palette)] for i, name in enumerate(selectors)}
+    styles = selector_styles(selectors)
     cols = max(1, min(columns, len(panels)))
     rows = -(-len(panels) // cols)
     width = 4.2 * cols + 1.5
@@ -618,7 +637,7 @@ def plot_by_generator(curves_by_generator: dict[str, dict], path: Path, selector
     for ax, (gen, curves) in zip(axes.flat, panels.items()):
         for name in selectors:
             if name in curves:
-                line = _draw_curve(ax, name, curves[name], colors[name], metric)
+                line = _draw_curve(ax, name, curves[name], styles[name], metric)
                 if line is not None:
                     handles[name] = line
         ax.set_xscale("log", base=2)

@@ -19,7 +19,7 @@ def free_port() -> int:
 
 
 def single_process_env() -> None:
-    """Under plain `python` (no launcher) DeepSpeed looks for MPI unless these are set (DESIGN.md section 9)."""
+    """Under plain `python` (no launcher) DeepSpeed looks for MPI unless these are set (docs/design.md section 10)."""
     if "RANK" not in os.environ:
         for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
             os.environ.setdefault(key, value)

@@ -135,7 +135,7 @@ def float32_masters(model) -> list:
 
     Plain AdamW over bf16 weights loses most small updates: a step of ~1e-5 on a weight of ~0.02 is below
     half of bf16's spacing there (8 significant bits: 1.2e-4 between 2^-6 and 2^-5) and rounds away; after 10
-    steps at 1e-5 only 15% of a bf16 model's weights had moved, against all of them in float32 (issue 23).
+    steps at 1e-5 only 15% of a bf16 model's weights had moved, against all of them in float32 (measured).
     Kept in float32, the weights are their own master copy (as DeepSpeed's bf16 keeps one, and GRPO's setup
     does); frozen weights (a LoRA base, the reference) stay as loaded. The forward then runs in float32 unless
     the caller autocasts.

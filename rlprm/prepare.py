@@ -214,7 +214,7 @@ def prepare(recipe: Recipe, progress: bool = True) -> dict:
             raise PrepareError(
                 "the generator missed its targets: " + "; ".join(failures) + f". It was kept in {dest} for "
                 "inspection but NOT saved as generator/. Try more sft.steps (below about 600 the arithmetic "
-                "has not clicked; DESIGN.md section 7), keep task.arithmetic small, or adjust "
+                "has not clicked; docs/design.md section 8), keep task.arithmetic small, or adjust "
                 "task.arithmetic.corrupt_rate (process accuracy is about 1 - corrupt_rate); "
                 "prepare_eval.enforce_targets: false saves it anyway."
             )

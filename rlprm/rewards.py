@@ -1,6 +1,6 @@
 """Per-step scores -> a `(batch, response_tokens)` reward tensor on the POLICY's tokens.
 
-This is the one place where dense and sparse supervision differ (DESIGN.md
+This is the one place where dense and sparse supervision differ (docs/design.md
 section 5); everything downstream (GAE, whitening, the losses) sees only a
 reward tensor and a mask.
 
@@ -85,7 +85,7 @@ solution's min or mean never falls to a missing answer's penalty. The floored
 running sum above would be wrong there: with missing -1, [.6, .1, .1] and
 [.6, .5, .5] both become [-0.511, -0.389, 0.0], and the exact checker's
 [1, 0, 0, 0] becomes [0, -0.9, 0, 0], wrong steps 3-4 worth a perfect 0
-(issue 23). min_form and delta have no step values and are refused there.
+(found in review). min_form and delta have no step values and are refused there.
 Under `sum` the floor does not protect the missing-answer ordering (four
 values of -0.9 sum below one -1; `rl.core.process_token_advantages` warns).
 `TokenRewards.objective` is each sample's value under the objective

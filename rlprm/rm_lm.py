@@ -3,7 +3,7 @@
 Why this exists. A classification head at a step's last token has to learn,
 from one bit per step, to compare what was written with what should have been
 written. On the arithmetic task a 4-layer model fine-tuned that way stalls at
-step AUROC 0.76-0.80 within CPU budgets (DESIGN.md section 7), whatever the
+step AUROC 0.76-0.80 within CPU budgets (docs/design.md section 8), whatever the
 body. Yet the same body, trained as a language model, writes the arithmetic
 right 99% of the time when decoding greedily. So here the reward model stays
 a causal LM and is trained on the LABELS to be one that writes only correct
@@ -236,10 +236,11 @@ def train_lm_scorer(model, tokenizer, records, convention, *, steps: int, batch_
         if step % logging_steps == 0 or step == steps:
             bar.set_postfix(loss=f"{loss.item():.3f}", bce=f"{parts['bce']:.3f}", refresh=False)
             if log is not None:
+                # the head is a trained parameter: read it detached (float() on it warned at every log step)
+                w_min, w_mean, b = (float(x) for x in head.detach())
                 log({"train/loss": float(loss.detach()), "train/bce": parts["bce"], "train/lm_nll": parts["lm_nll"],
                      "train/learning_rate": optimizer.param_groups[0]["lr"],
-                     "train/head_w_min": float(head[0]), "train/head_w_mean": float(head[1]),
-                     "train/head_b": float(head[2])}, step)
+                     "train/head_w_min": w_min, "train/head_w_mean": w_mean, "train/head_b": b}, step)
     bar.close()
     model.eval()
     return {"head": [float(x) for x in head.detach().cpu()], "steps": steps, "examples": len(examples),

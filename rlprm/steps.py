@@ -1,4 +1,4 @@
-"""The one step convention (DESIGN.md section 3).
+"""The one step convention (docs/design.md section 4).
 
 A solution is a list of step strings; the last one carries the final answer the
 PRM800K way, `# Answer\\n\\n<answer>`.

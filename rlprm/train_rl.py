@@ -5,7 +5,7 @@ of the script's own arguments (accepted; the rank is read from the environment):
 
     deepspeed rlprm/train_rl.py RECIPE                  # one process: the plain torch loop
     deepspeed --num_gpus 2 rlprm/train_rl.py RECIPE     # two data-parallel processes (CPU: gloo), ZeRO-2
-    deepspeed --hostfile hostfile --num_nodes 2 rlprm/train_rl.py RECIPE   # several nodes (README)
+    deepspeed --hostfile hostfile --num_nodes 2 rlprm/train_rl.py RECIPE   # several nodes (docs/rl.md)
 
 PPO on several processes, or with a `deepspeed:` key, trains through DeepSpeed
 engines (rlprm/rl/distributed.py); GRPO and rejection sampling train through
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     world = launched_world_size()
     if world > 1 and recipe.run.threads == 0:
-        # N processes each taking every core oversubscribe the machine (2x slower: DESIGN.md section 9)
+        # N processes each taking every core oversubscribe the machine (2x slower: docs/design.md section 10)
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
     from rlprm.inputs import check_job
     from rlprm.prerequisites import ensure_prerequisites

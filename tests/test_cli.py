@@ -43,6 +43,22 @@ def test_explain_documents_every_key():
     assert out.returncode == 0 and "sft.steps" in out.stdout and "reward.dense_form" in out.stdout
 
 
+def test_explain_recipe_shows_the_recipes_values(tmp_path, capsys):
+    """`rlprm explain RECIPE` prints what that recipe runs with, not only the schema's defaults."""
+    from rlprm.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("run:\n  seed: 7\nrl:\n  algorithm: grpo\n  kl_coef: 0.123\n")
+    assert main(["explain", str(recipe)]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert lines["run.seed"].startswith("  run.seed = 7 (int, default 0)")
+    assert "rl.kl_coef = 0.123" in lines["rl.kl_coef"] and "default 0.04" in lines["rl.kl_coef"]
+    assert "task.name = 'arithmetic'" in lines["task.name"]  # a key the recipe leaves out: its default, as a value
+    # without a recipe there is nothing to show but the defaults
+    assert main(["explain"]) == 0
+    assert "  run.seed (int, default 0)" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- in process: the table and the wrapper
 
 

@@ -261,6 +261,23 @@ def test_pool_round_trip_and_report(tmp_path):
     assert (tmp_path / "bon.png").stat().st_size > 1000
 
 
+def test_bon_plot_gives_every_selector_its_own_look(tmp_path):
+    """15 selectors (as `rlprm eval` draws with 2 PRMs under 4 aggregations): no two share colour and line style,
+    and the figure is written (its legend sits outside the axes; no pixel test)."""
+    from rlprm.evaluate import selector_styles
+
+    names = [f"prm{i}_{agg}" for i in range(3) for agg in ("prod", "min", "last", "mean")] + ["majority", "random",
+                                                                                               "pass@n"]
+    styles = selector_styles(names)
+    looks = {(tuple(s["color"]), s["linestyle"]) for s in styles.values()}
+    assert len(names) == 15 and len(looks) == 15
+    assert styles["random"]["linestyle"] == "--"
+    point = {"accuracy": {"mean": 0.5, "lo": 0.4, "hi": 0.6}}
+    curves = {name: {1: point, 2: point, 4: point} for name in names}
+    plot_curves(curves, tmp_path / "bon.png", title="fifteen selectors")
+    assert (tmp_path / "bon.png").stat().st_size > 1000
+
+
 def test_old_pool_files_still_load(tmp_path):
     """A pool.jsonl written before sample scores and shortcut verdicts existed."""
     pool = hand_pool()

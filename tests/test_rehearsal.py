@@ -284,7 +284,7 @@ def _check_run(run: Path, sig: Signal, policy: Path, template: str) -> None:
 
 # The recipes' learning rates (1e-6 full, 1e-5 LoRA) are for 2048 problems per epoch: one or two of their steps move a
 # bf16 weight by less than its last bit, so the rehearsal checks that an update reaches the weights at a rate
-# whose single step can (DESIGN: the recipe runs, not its schedule).
+# whose single step can (by design: the rehearsal checks that the recipe runs, not its schedule).
 LR = "rl.learning_rate=1e-3"
 
 PPO = {"ppo_zero2": ("prm_dense_qwen_math.yaml", 1), "ppo_lora": ("prm_dense_qwen_math_lora.yaml", 1),

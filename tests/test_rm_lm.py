@@ -140,3 +140,28 @@ def test_span_labels_follow_the_conventions_correct_classes():
     assert span_labels(enc, [1, 2, 0], "prm", None) == [1, 0, 0]
     assert span_labels(enc, [1, 2, None], "prm", None, correct_classes=(1, 2)) == [1, 1, None]
     assert span_labels(enc, [1, 1, 0], "orm", False) == [0]
+
+
+def test_logging_the_head_does_not_warn(char_tokenizer):
+    """The head's weights are logged every logging step: read as a trainable tensor they raised torch's
+    "Converting a tensor with requires_grad=True to a scalar" UserWarning each time (the demo log repeated it)."""
+    import warnings
+
+    from rlprm.config import ArithmeticConfig
+    from rlprm.data.stepwise import label_arithmetic_sample
+    from rlprm.rm_lm import train_lm_scorer
+    from rlprm.steps import render_steps
+    from rlprm.tasks.arithmetic import make_problems, reference_solution
+
+    problems = make_problems(ArithmeticConfig(min_ops=1, max_ops=1, final_ops=["none"], operations=["+"]), 8, seed=1)
+    records = [label_arithmetic_sample(p, render_steps(reference_solution(p)), "\n")[0] for p in problems]
+    rm = _tiny_lm_rm(char_tokenizer)
+    logged = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_lm_scorer(rm.model, char_tokenizer, records, rm.convention, steps=3, batch_size=4,
+                        learning_rate=1e-3, head_learning_rate=1e-2, lm_coef=1.0, weight_decay=0.0,
+                        warmup_ratio=0.0, max_grad_norm=1.0, max_length=256, seed=0, progress=False,
+                        log=lambda record, step: logged.append(record), logging_steps=1)
+    assert len(logged) == 3 and all(isinstance(r["train/head_b"], float) for r in logged)
+    assert not [w for w in caught if "requires_grad" in str(w.message)], [str(w.message) for w in caught]

@@ -1,7 +1,7 @@
 """`QwenProcessRewardModel`: Qwen2.5-Math-PRM's architecture on transformers' own Qwen2 classes.
 
 The checkpoints ship remote code (`Qwen2ForProcessRewardModel`, modeling_qwen2_rm.py) that is reported to
-break on transformers > 4.53 (DESIGN.md section 4). This rebuilds it so that the published weight names load
+break on transformers > 4.53 (docs/design.md section 6). This rebuilds it so that the published weight names load
 as they are: the body under `model.` (a `Qwen2Model`) and a head `score` = Linear(hidden, hidden) -> ReLU ->
 Linear(hidden, 2), i.e. `score.0.weight/bias` and `score.2.weight/bias`. That layout was checked against the
 public reimplementations that load the published weights by name (vLLM's and SGLang's

@@ -10,7 +10,7 @@ joined by "\\n" (`Step 1: ... ки\\nStep 2: ... ки`), encoded as ONE string, 
 `+` and `-` as the card gets them (`tokenizer.encode("+ -")[1:]`), the tag id `tokenizer.encode("ки")[-1]`;
 the score of a step is read at its tag. The string is encoded whole because Mistral's sentencepiece tokenizer
 prefixes '▁' to every encoding: a "\\n"-started piece encoded alone gets '▁', '<0x0A>' where the card's string
-has '<0x0A>' (issue 23 finding 7). The tags are located by their character offsets and checked to be the tag
+has '<0x0A>' (found comparing ids with the card's). The tags are located by their character offsets and checked to be the tag
 token; a step ending in whitespace makes the card's text tokenize the tag differently (no tag token: the card
 itself would lose that step's score), and is refused with that reason: strip the step.
 

@@ -142,7 +142,7 @@ def fill_ds_config(config: dict, *, micro_batch: int, grad_clip: float, bf16: bo
     for key, value in {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket, **stage3}.items():
         if zero.get(key) == "auto":
             zero[key] = value
-    # our optimizer is torch's AdamW (DESIGN.md section 9: DeepSpeed's own JIT-compiles for 40 s on CPU)
+    # our optimizer is torch's AdamW (docs/design.md section 10: DeepSpeed's own JIT-compiles for 40 s on CPU)
     config.setdefault("zero_allow_untested_optimizer", True)
     return config
 
@@ -495,7 +495,7 @@ def setup(recipe, micro_batch: int) -> Dist:
     if not cpu:
         torch.cuda.set_device(local_rank)
     if cpu and world > 1 and not recipe.run.threads:
-        # N processes on one machine each taking every core oversubscribe it (2x slower on 2 cores: DESIGN.md s. 9)
+        # N processes on one machine each taking every core oversubscribe it (2x slower on 2 cores: docs/design.md s.10)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return Dist(rank=rank, world=world, local_rank=local_rank, deepspeed=True, ds_config=config)
@@ -566,7 +566,7 @@ def setup_process_group(recipe) -> Dist:
         raise DistributedError(f"the process group has rank {tdist.get_rank()} of {tdist.get_world_size()} but the "
                                f"launcher said RANK={rank} WORLD_SIZE={world}")
     if cpu and not recipe.run.threads:
-        # N processes on one machine each taking every core oversubscribe it (2x slower on 2 cores: DESIGN.md s. 9)
+        # N processes on one machine each taking every core oversubscribe it (2x slower on 2 cores: docs/design.md s.10)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)) or world)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return Dist(rank=rank, world=world, local_rank=local_rank)

@@ -1,6 +1,6 @@
 """GRPO on TRL's `GRPOTrainer`, with process supervision (per-token advantages from step rewards).
 
-DESIGN.md section 6. Two modes, chosen by `reward.mode`:
+docs/design.md section 7. Two modes, chosen by `reward.mode`:
 - `sparse` (outcome supervision): plain GRPO. Each completion gets one scalar
   (the grader's 1/0, an ORM's probability, or a PRM's aggregated score, all
   from `rewards.token_rewards`), TRL normalises it within the group of

@@ -1,6 +1,6 @@
 """PPO for a language-model policy, with dense (PRM) or sparse (ORM / ground-truth) token rewards.
 
-Our own compact loop (DESIGN.md section 6): TRL no longer ships a PPO trainer.
+Our own compact loop (docs/design.md section 7): TRL no longer ships a PPO trainer.
 Four models take part:
 - the policy (the generator, trained),
 - a frozen reference (the initial policy; the KL penalty keeps the policy near it):

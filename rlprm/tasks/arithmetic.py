@@ -1,4 +1,4 @@
-"""The embedded task: short chains of + and - on small integers (DESIGN.md section 7).
+"""The embedded task: short chains of + and - on small integers (docs/design.md section 8).
 
 A problem reads `93 +3 -4 -7 mod 10`; its reference solution is
 
@@ -28,7 +28,7 @@ central problem; Uesato et al. 2022 call the rate of right answers on wrong
 traces the trace error).
 
 The sizes (operands 1-9, values kept in 0..99, 2-3 operations, compact text)
-come from the calibration in DESIGN.md section 7: a 0.86M-parameter char-level
+come from the calibration in docs/design.md section 8: a 0.86M-parameter char-level
 model learns this in about five CPU minutes; longer English prompts and bigger
 numbers it does not learn at all.
 """
