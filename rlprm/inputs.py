@@ -51,6 +51,8 @@ class JobInputError(InputError, ValueError):
 
 def models_read(recipe: Recipe, command: str) -> list[tuple[str, str, bool]]:
     """(recipe key, value, is a policy whose tokenizer is loaded) of every model `command` reads."""
+    from rlprm.reward_sources import source_class
+
     m, rm = recipe.model, recipe.rm
     refs: list[tuple[str, str | None, bool]] = []
     implicit = False
@@ -66,18 +68,18 @@ def models_read(recipe: Recipe, command: str) -> list[tuple[str, str, bool]]:
         refs.append(("model.reward_model", m.reward_model, False))
         if recipe.bench.arithmetic_problems:
             refs.append(("model.generator", m.generator, True))
-        implicit = rm.adapter == "implicit"
+        implicit = recipe.reward.adapter == "implicit"
     elif command == "train-rl":
         refs.append(("model.generator", m.generator, True))
-        if recipe.reward.source in ("prm", "orm"):  # the other sources load no reward model
+        if source_class(recipe).uses_reward_model:  # the other sources load no reward model
             refs.append(("model.reward_model", m.reward_model, False))
         refs.append(("rl.value_model", getattr(recipe.rl, "value_model", "policy"), False))
-        implicit = recipe.reward.source == "prm" and rm.adapter == "implicit"
+        implicit = recipe.reward.source == "prm" and recipe.reward.adapter == "implicit"
     elif command == "select":
         refs.append(("model.generator", m.generator, True))
         refs.append(("active.prm", recipe.active.prm, False) if recipe.active.prm is not None
                     else ("model.reward_model", m.reward_model, False))
-        implicit = (recipe.active.prm_adapter or rm.adapter) == "implicit"
+        implicit = (recipe.active.prm_adapter or recipe.reward.adapter) == "implicit"
     elif command == "active-learning":
         refs += [("model.generator", m.generator, True), ("active.labeller", recipe.active.labeller, False)]
         implicit = recipe.active.labeller_adapter == "implicit"
@@ -85,7 +87,7 @@ def models_read(recipe: Recipe, command: str) -> list[tuple[str, str, bool]]:
         refs += [("model.generator", m.generator, True), ("synthetic.large_prm", recipe.synthetic.large_prm, False)]
         implicit = recipe.synthetic.large_prm_adapter == "implicit"
     if implicit:
-        refs.append(("rm.reference_model", rm.reference_model, False))
+        refs.append(("reward.reference_model", recipe.reward.reference_model, False))
     return [(key, ref, policy) for key, ref, policy in refs if ref is not None and ref not in KEYWORDS]
 
 

@@ -104,10 +104,13 @@ class RewardFunction:
     __name__ = "rlprm_reward"  # TRL names the reward column after it
 
     def __init__(self, recipe: Recipe, problems: list, tokenizer, reward_model=None, run_dir: Path | None = None,
-                 dist=None):
+                 dist=None, source=None):
+        from rlprm.reward_sources import reward_source
         from rlprm.rl.distributed import Dist
 
-        self.recipe, self.problems, self.tokenizer, self.reward_model = recipe, problems, tokenizer, reward_model
+        self.recipe, self.problems, self.tokenizer = recipe, problems, tokenizer
+        # who scores (rlprm/reward_sources.py): the run's, or one built around `reward_model`
+        self.source = source if source is not None else reward_source(recipe, reward_model)
         # several ranks: a reason to stop on one stops them all (the others would wait in TRL's gather for ever)
         self.dist = dist or Dist.single()
         self.run_dir = Path(run_dir) if run_dir else Path(recipe.run.output_dir)
@@ -115,26 +118,22 @@ class RewardFunction:
         self.calls = 0
 
     def __call__(self, prompts, completions, completion_ids, problem_index, **_):
-        from rlprm.problems import grade_samples
-        from rlprm.rewards import RewardError, training_rewards
+        from rlprm.rewards import RewardError
 
         t0 = time.monotonic()
-        sep, eos = self.recipe.task.step_separator, self.tokenizer.eos_token_id
+        eos = self.tokenizer.eos_token_id
         ids = [list(c) for c in completion_ids]
         # decode ourselves: step ends are found through character offsets of exactly this decoding (rewards.py)
         texts = [self.tokenizer.decode([t for t in c if t != eos], skip_special_tokens=True,
                                        clean_up_tokenization_spaces=False) for c in ids]
         problems = [self.problems[int(i)] for i in problem_index]
-        grades = [row[0] for row in grade_samples(problems, [[t] for t in texts], sep)]
+        grades = self.source.grade(problems, texts)
         outcomes = [float(g.answer_correct) for g in grades]
-        scores = None
-        if self.reward_model is not None:
-            scores = self.reward_model.score_steps([p.text for p in problems], texts, sep=sep)
-        reason = None
+        reason, scores = None, None
         try:
-            # TRL hands over each completion up to and including its EOS: one without EOS at the cap was cut;
-            # exact: the checker as an oracle PRM (recipe validation: arithmetic only)
-            tr = training_rewards(self.recipe, texts, ids, grades, scores=scores, tokenizer=self.tokenizer)
+            scores = self.source.step_scores(problems, texts, ids, grades, tokenizer=self.tokenizer)
+            # TRL hands over each completion up to and including its EOS: one without EOS at the cap was cut
+            tr = self.source.rewards(texts, ids, grades, scores, tokenizer=self.tokenizer)
         except RewardError as exc:
             reason = f"iteration {self.calls + 1}: {exc}"
         self.dist.stop_if_any(reason, RLError)
@@ -325,7 +324,8 @@ class GRPO:
         recipe, rl = run.recipe, run.recipe.rl
         iterations = rl.problems_per_epoch // rl.prompts_per_iteration
         steps_per_iteration = rl.prompts_per_iteration * rl.samples_per_problem // rl.minibatch_size * rl.ppo_epochs
-        reward_fn = RewardFunction(recipe, problems, run.tokenizer, run.reward_model, run.run_dir, run.dist)
+        reward_fn = RewardFunction(recipe, problems, run.tokenizer, run.reward_model, run.run_dir, run.dist,
+                                   source=run.reward_source)
         times: dict = {}
         engine = getattr(self, "vllm_generation", None)  # rl.rollout vllm: the first epoch's engine serves them all
         # 1.-7. generate, score, advantages, update: TRL's loop with our reward function and advantages; 8. log

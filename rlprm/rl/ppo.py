@@ -457,15 +457,14 @@ class PPO:
     def train_epoch(self, run: Run, epoch: int, problems: list) -> None:
         import torch
 
-        from rlprm.problems import grade_samples
-        from rlprm.rewards import RewardError, add_kl_penalty, confidence_scores, prefix_correct_probs, training_rewards
+        from rlprm.rewards import RewardError, add_kl_penalty
         from rlprm.rl.core import gae, masked_mean, policy_loss, token_logprobs, value_loss
         from rlprm.rl.distributed import shard, trim
         from rlprm.rollout import logprob_gap
 
-        recipe, rl, rcfg, dist = run.recipe, run.recipe.rl, run.recipe.reward, run.dist
-        sep, tokenizer, device, run_dir = recipe.task.step_separator, run.tokenizer, run.device, run.run_dir
-        policy, reference, reward_model, value_model = run.policy, run.reference, run.reward_model, self.value_model
+        rl, dist, source = run.recipe.rl, run.dist, run.reward_source
+        tokenizer, device, run_dir = run.tokenizer, run.device, run.run_dir
+        policy, reference, value_model = run.policy, run.reference, self.value_model
         policy_opt, value_opt, kl_ctl = self.policy_opt, self.value_opt, self.kl_ctl
         iterations = math.ceil(rl.problems_per_epoch / rl.prompts_per_iteration)
         n = rl.samples_per_problem
@@ -487,35 +486,29 @@ class PPO:
             sample_problems = [p for p in batch for _ in range(n)]
             t_gen = time.monotonic() - t0
 
-            # 2. score: exact grading always (for the log and ground-truth rewards); the reward model if used
-            grades = [g for row in grade_samples(batch, [ro.texts[i * n:(i + 1) * n] for i in range(len(batch))],
-                                                 sep) for g in row]
+            # 2. score: the task's grading always (for the log and ground-truth rewards); the reward source's scores
+            grades = source.grade(sample_problems, ro.texts)
             outcomes = [float(g.answer_correct) for g in grades]
-            scores, ref_logprobs, confidence_logprobs = None, None, None
-            if reward_model is not None:
-                scores = reward_model.score_steps([p.text for p in sample_problems], ro.texts, sep=sep)
-            elif rcfg.source == "exact":  # the checker as an oracle PRM: 1 up to the first wrong step, then 0
-                scores = [prefix_correct_probs(g.step_correct or []) for g in grades]
-            elif rcfg.source == "confidence":
-                # the frozen start's own confidence, at T = 1; the same forward pass gives the KL's log-probs
+            ref_logprobs, start_logprobs = None, None
+            if source.reads_start_logprobs:
+                # the frozen start's own log-probs at T = 1; the same forward pass gives the KL's log-probs
                 with torch.no_grad(), self._compute():
                     features, head = response_features(reference, ro.input_ids, ro.attention_mask,
                                                        ro.prompt_width, T)
                     both = features_logprobs(features, head, ro.input_ids[:, ro.prompt_width:],
                                              (rl.temperature,) if rl.temperature == 1.0 else (rl.temperature, 1.0))
-                    ref_logprobs, confidence_logprobs = both[0][0], both[-1][0]
+                    ref_logprobs, start_logprobs = both[0][0], both[-1][0]
                     del features
-            t_score = time.monotonic() - t0 - t_gen
 
             # 3. rewards on the policy's response tokens (dense at step ends, or sparse at the last token)
             reason = None
             try:
-                if confidence_logprobs is not None:  # per step (dense) or over the response (sparse)
-                    scores = confidence_scores(ro.texts, ro.response_ids, confidence_logprobs, ro.response_mask,
-                                               tokenizer, rcfg.mode == "dense", sep)
+                scores = source.step_scores(sample_problems, ro.texts, ro.response_ids, grades,
+                                            start_logprobs=start_logprobs, mask=ro.response_mask, tokenizer=tokenizer)
+                t_score = time.monotonic() - t0 - t_gen
                 # eos_token_id: a response stopped at max_new_tokens without EOS is cut, not judged as written
-                tr = training_rewards(recipe, ro.texts, ro.response_ids, grades, scores=scores, tokenizer=tokenizer,
-                                      width=T, device=device)
+                tr = source.rewards(ro.texts, ro.response_ids, grades, scores, tokenizer=tokenizer, width=T,
+                                    device=device)
             except RewardError as exc:
                 reason = f"epoch {epoch + 1}, iteration {it + 1}: {exc}"
             dist.stop_if_any(reason, RLError)  # every rank stops if one cannot go on

@@ -159,12 +159,11 @@ class RejectionSampling:
         from trl import SFTConfig
 
         import rlprm.lean_sft as lean_sft
-        from rlprm.problems import grade_samples
+        from rlprm.rewards import RewardError
         from rlprm.rl.distributed import rank_seed, shard
 
-        recipe, rl, rcfg, dist = run.recipe, run.recipe.rl, run.recipe.reward, run.dist
-        sep, policy, reward_model, run_dir, device = (recipe.task.step_separator, run.policy, run.reward_model,
-                                                      run.run_dir, run.device)
+        recipe, rl, dist, source = run.recipe, run.recipe.rl, run.dist, run.reward_source
+        policy, run_dir, device = run.policy, run.run_dir, run.device
         n = rl.samples_per_problem
         t0 = time.monotonic()
         # this rank's problems: every world-th one (all of them on one process)
@@ -181,28 +180,27 @@ class RejectionSampling:
         texts = out.texts
         t_gen = time.monotonic() - t0
 
-        # 2. score: the grader always (for the log, and ground-truth selection); the reward model if used
-        grades = grade_samples(mine, texts, sep)
-        reason = None
-        if reward_model is not None:
-            flat = reward_model.score([p.text for p in mine for _ in range(n)],
-                                      [t for row in texts for t in row], aggregate=rcfg.sparse_aggregate, sep=sep)
-            if not all(math.isfinite(s) for s in flat):
-                reason = (f"epoch {epoch + 1}: the reward model gave non-finite scores (NaN/inf); "
-                          f"check {recipe.model.reward_model}")
+        # 2. score: the grader always (for the log, and ground-truth selection); the reward source ranks the samples
+        flat_problems = [p for p in mine for _ in range(n)]
+        flat_texts = [t for row in texts for t in row]
+        sample_grades = source.grade(flat_problems, flat_texts)
+        grades = [sample_grades[i * n:(i + 1) * n] for i in range(len(mine))]
+        reason, min_score, thresholded = None, None, False
+        try:
+            # (score, may it be kept, does rl.rejection_min_score apply): a model's score keeps answered samples
+            # only; the grader's keeps the right ones
+            flat, ok, thresholded = source.ranking(flat_problems, flat_texts, sample_grades)
             scores = [flat[i * n:(i + 1) * n] for i in range(len(mine))]
-            # a solution with no final answer is never worth imitating, however the RM scores its steps
-            eligible = [[g.answer is not None for g in row] for row in grades]
-        else:
-            scores = [[float(g.answer_correct) for g in row] for row in grades]
-            eligible = [[g.answer_correct for g in row] for row in grades]
+            eligible = [ok[i * n:(i + 1) * n] for i in range(len(mine))]
+            min_score = rl.rejection_min_score if thresholded else None
+        except RewardError as exc:
+            reason = f"epoch {epoch + 1}: {exc}"
         dist.stop_if_any(reason, RLError)  # every rank stops (the others would wait in the gather below)
         t_score = time.monotonic() - t0 - t_gen
 
         # 3. select: the best distinct samples of each problem; every rank's rows gathered in the problems'
         #    order, so that every rank holds the same kept set (the one a single process would keep)
-        keep = select_samples(scores, eligible, texts, rl.rejection_top_k,
-                              rl.rejection_min_score if reward_model is not None else None)
+        keep = select_samples(scores, eligible, texts, rl.rejection_top_k, min_score)
         if dist.active:
             rows = gather_rows(dist.gather(list(zip(indices, zip(texts, grades, scores, keep)))))
             texts, grades, scores, keep = ([row[k] for row in rows] for k in range(4))
@@ -249,7 +247,8 @@ class RejectionSampling:
             self.sampler.refresh()  # a vLLM engine samples the next epoch (and the best-of-N) with the new weights
         elif dist.is_main:
             print(f"epoch {epoch + 1}: no sample was kept (none "
-                  f"{'reached an answer' if reward_model else 'was accepted by the grader'}); skipping SFT this epoch")
+                  f"{'reached an answer' if thresholded else 'was accepted by the grader'}); skipping SFT "
+                  "this epoch")
         t_sft = time.monotonic() - t0 - t_gen - t_score
 
         # 5. log what was sampled and what was kept
