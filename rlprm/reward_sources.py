@@ -32,7 +32,9 @@ The sources (rewards.py's docstring has the math of each):
   so that new keys do not break it. It returns one entry per solution: with reward.mode sparse a number (or a
   one-element list), with reward.mode dense a list with one number per step (`steps.split_steps(text, sep)`).
   Every number is a probability-like score in [0, 1], as a reward model's (the missing-answer reward and the
-  floor of answered returns are set against that scale); anything else raises a RewardError naming the function.
+  floor of answered returns are set against that scale); anything else raises a `rewards.RewardError` naming the
+  function (the run stops on every rank), and a function that cannot be imported a `RewardSourceError` before the
+  run starts.
 """
 
 from __future__ import annotations
@@ -41,11 +43,24 @@ import importlib
 import math
 from typing import Callable, Sequence
 
-from rlprm.rewards import RewardError, TokenRewards, prefix_correct_probs, token_rewards
+
+from rlprm.errors import InputError
+
+
+class RewardSourceError(InputError, ValueError):
+    """A reward source that cannot be built from the recipe (a missing or mismatched reward model, a task without a
+    step checker, a reward.function that does not import); raised before any sample is scored."""
+
+
+def _error(message: str):
+    """A `rewards.RewardError` (imported late: rlprm.rewards brings torch, and a recipe check needs none)."""
+    from rlprm.rewards import RewardError
+
+    return RewardError(message)
 
 
 def training_rewards(recipe, texts: Sequence[str], token_ids, grades, *, scores=None, tokenizer=None,
-                     width: int | None = None, device=None) -> TokenRewards:
+                     width: int | None = None, device=None):
     """The rewards a run of `recipe` trains on, for graded samples: the one `rewards.token_rewards` call of PPO, GRPO
     and the held-out reward (`RewardSource.solution_reward`), so that they cannot measure different things.
 
@@ -57,13 +72,16 @@ def training_rewards(recipe, texts: Sequence[str], token_ids, grades, *, scores=
     the return otherwise. The length cap is rl.max_new_tokens, with the tokenizer's EOS (a response stopped at
     the cap without EOS was cut: missing). Returns `TokenRewards` (B, width).
     """
+    import rlprm.rewards  # token_rewards looked up at call time: a probe that wraps it sees every call
+
     rcfg, rl = recipe.reward, recipe.rl
     grpo = rl.algorithm == "grpo"
-    return token_rewards(rcfg, texts, token_ids, scores=scores, outcomes=[float(g.answer_correct) for g in grades],
-                         has_answer=[g.answered for g in grades], tokenizer=tokenizer, max_tokens=rl.max_new_tokens,
-                         eos_token_id=None if tokenizer is None else tokenizer.eos_token_id, width=width,
-                         sep=recipe.task.step_separator, sparse_aggregate=rcfg.sparse_aggregate,
-                         last_event_at_eos=grpo, process_form=rl.process_advantage if grpo else None, device=device)
+    return rlprm.rewards.token_rewards(
+        rcfg, texts, token_ids, scores=scores, outcomes=[float(g.answer_correct) for g in grades],
+        has_answer=[g.answered for g in grades], tokenizer=tokenizer, max_tokens=rl.max_new_tokens,
+        eos_token_id=None if tokenizer is None else tokenizer.eos_token_id, width=width, sep=recipe.task.step_separator,
+        sparse_aggregate=rcfg.sparse_aggregate, last_event_at_eos=grpo,
+        process_form=rl.process_advantage if grpo else None, device=device)
 
 
 class RewardSource:
@@ -83,7 +101,7 @@ class RewardSource:
 
     @classmethod
     def check(cls, recipe) -> list[tuple[str, str]]:
-        """Before any model is loaded: raise RewardError for what this source cannot score with; returns the
+        """Before any model is loaded: raise RewardSourceError for what this source cannot score with; returns the
         (key, path) pairs of the models it needs (checked for existence by the caller)."""
         return []
 
@@ -100,8 +118,8 @@ class RewardSource:
         return None
 
     def rewards(self, texts, token_ids, grades, scores, tokenizer=None, width: int | None = None,
-                device=None) -> TokenRewards:
-        """The rewards the run trains on (`training_rewards`)."""
+                device=None):
+        """The rewards the run trains on, a `rewards.TokenRewards` (`training_rewards`)."""
         return training_rewards(self.recipe, texts, token_ids, grades, scores=scores, tokenizer=tokenizer,
                                 width=width, device=device)
 
@@ -111,12 +129,12 @@ class RewardSource:
         solution with no final answer is never worth imitating, however its steps score."""
         flat = [float(x) for x in self.solution_scores(problems, texts)]
         if not all(math.isfinite(s) for s in flat):
-            raise RewardError(f"the {self.who(self.recipe)} gave non-finite scores (NaN/inf)")
+            raise _error(f"the {self.who(self.recipe)} gave non-finite scores (NaN/inf)")
         return flat, [g.answer is not None for g in grades], True
 
     def solution_scores(self, problems: Sequence, texts: Sequence[str]) -> list[float]:
         """One number per solution (reward.sparse_aggregate of its steps); for `ranking`."""
-        raise RewardError(f"reward.source {self.name} has no per-solution score for rejection sampling")
+        raise _error(f"reward.source {self.name} has no per-solution score for rejection sampling")
 
     @classmethod
     def describe(cls, recipe) -> str:
@@ -183,18 +201,19 @@ class RewardModelSource(RewardSource):
     @classmethod
     def check(cls, recipe):
         if recipe.model.reward_model is None:
-            raise RewardError(f"reward.source is {cls.name} but model.reward_model is not set; point it at a folder "
-                              "written by `rlprm train-rm`")
+            raise RewardSourceError(f"reward.source is {cls.name} but model.reward_model is not set; point it at a "
+                                    "folder written by `rlprm train-rm`")
         return [("model.reward_model", recipe.model.reward_model)]
 
     def __init__(self, recipe, reward_model=None):
         super().__init__(recipe, reward_model)
         if reward_model is not None and getattr(reward_model, "kind", self.name) != self.name:
-            raise RewardError(f"reward.source is {self.name} but {recipe.model.reward_model} is a {reward_model.kind}")
+            raise RewardSourceError(f"reward.source is {self.name} but {recipe.model.reward_model} is a "
+                                    f"{reward_model.kind}")
 
     def _model(self):
         if self.reward_model is None:
-            raise RewardError(f"reward.source {self.name} scores with model.reward_model, but none was loaded")
+            raise _error(f"reward.source {self.name} scores with model.reward_model, but none was loaded")
         return self.reward_model
 
     def step_scores(self, problems, texts, token_ids=None, grades=None, *, start_logprobs=None, mask=None,
@@ -210,10 +229,12 @@ class RewardModelSource(RewardSource):
         return "reward model"
 
     def ranking(self, problems, texts, grades):
+        from rlprm.rewards import RewardError
+
         try:
             return super().ranking(problems, texts, grades)
         except RewardError as exc:
-            raise RewardError(f"{exc}; check {self.recipe.model.reward_model}") from None
+            raise _error(f"{exc}; check {self.recipe.model.reward_model}") from None
 
     def pool_scores(self, pool, texts, ids, tokenizer, reference):
         # the pool's own, scored by this run's reward model under the source's name (`evaluate.score_pool`)
@@ -254,12 +275,14 @@ class Exact(RewardSource):
     @classmethod
     def check(cls, recipe):
         if recipe.task.name != "arithmetic":  # recipe validation refuses it too
-            raise RewardError(f"reward.source exact needs the arithmetic task's step checker; task is "
+            raise RewardSourceError(f"reward.source exact needs the arithmetic task's step checker; task is "
                               f"{recipe.task.name!r}")
         return []
 
     def step_scores(self, problems, texts, token_ids=None, grades=None, *, start_logprobs=None, mask=None,
                     tokenizer=None):
+        from rlprm.rewards import prefix_correct_probs
+
         grades = self.grade(problems, texts) if grades is None else grades
         return [prefix_correct_probs(g.step_correct or []) for g in grades]
 
@@ -282,7 +305,7 @@ class Confidence(RewardSource):
         from rlprm.rewards import confidence_scores
 
         if start_logprobs is None or mask is None:
-            raise RewardError("reward.source confidence needs the starting generator's token log-probs (and their "
+            raise _error("reward.source confidence needs the starting generator's token log-probs (and their "
                               "mask): the caller computes them")
         return confidence_scores(texts, token_ids, start_logprobs, mask, tokenizer, self.recipe.reward.mode == "dense",
                                  self.sep)
@@ -306,21 +329,21 @@ class Confidence(RewardSource):
 
 def load_function(spec: str) -> Callable:
     """The callable `spec` names, "package.module:function" (dots after the colon reach attributes); raises
-    RewardError naming what could not be found."""
+    RewardSourceError naming what could not be found."""
     module_name, colon, attr = spec.partition(":")
     if not colon or not module_name or not attr:
-        raise RewardError(f"reward.function {spec!r} must read \"package.module:function\"")
+        raise RewardSourceError(f"reward.function {spec!r} must read \"package.module:function\"")
     try:
         obj = importlib.import_module(module_name)
     except ImportError as exc:
-        raise RewardError(f"reward.function {spec!r}: cannot import module {module_name!r} ({exc}); is it installed "
-                          "or on PYTHONPATH?") from None
+        raise RewardSourceError(f"reward.function {spec!r}: cannot import module {module_name!r} ({exc}); is it "
+                                "installed or on PYTHONPATH?") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise RewardError(f"reward.function {spec!r}: {module_name!r} has no attribute {attr!r}")
+            raise RewardSourceError(f"reward.function {spec!r}: {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise RewardError(f"reward.function {spec!r} is a {type(obj).__name__}, not a callable")
+        raise RewardSourceError(f"reward.function {spec!r} is a {type(obj).__name__}, not a callable")
     return obj
 
 
@@ -356,20 +379,20 @@ class PythonFunction(RewardSource):
         try:
             out = list(out)
         except TypeError:
-            raise RewardError(f"{who} returned a {type(out).__name__}; it must return a list with one entry per "
+            raise _error(f"{who} returned a {type(out).__name__}; it must return a list with one entry per "
                               f"solution ({len(texts)})") from None
         if len(out) != len(texts):
-            raise RewardError(f"{who} returned {len(out)} entries for {len(texts)} solutions; one per solution")
+            raise _error(f"{who} returned {len(out)} entries for {len(texts)} solutions; one per solution")
         scores = []
         for i, entry in enumerate(out):
             values = list(entry) if isinstance(entry, (list, tuple)) else [entry]
             if not dense and len(values) != 1:
-                raise RewardError(f"{who}: solution {i} got {len(values)} numbers; with reward.mode sparse each "
+                raise _error(f"{who}: solution {i} got {len(values)} numbers; with reward.mode sparse each "
                                   "solution gets one number")
             for v in values:
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) \
                         or not 0.0 <= float(v) <= 1.0:
-                    raise RewardError(f"{who}: solution {i} got {v!r}; every score must be a finite number in "
+                    raise _error(f"{who}: solution {i} got {v!r}; every score must be a finite number in "
                                       "[0, 1] (a probability-like score, as a reward model's)")
             scores.append([float(v) for v in values])
         return scores
@@ -404,4 +427,4 @@ def reward_source(recipe, reward_model=None) -> RewardSource:
 
 
 __all__ = ["SOURCES", "Confidence", "Exact", "GroundTruth", "ORM", "PRM", "PythonFunction", "RewardModelSource",
-           "RewardSource", "load_function", "reward_source", "source_class", "training_rewards"]
+           "RewardSource", "RewardSourceError", "load_function", "reward_source", "source_class", "training_rewards"]

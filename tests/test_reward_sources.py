@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlprm.config import Recipe, RecipeError, RewardConfig, validate_recipe
-from rlprm.reward_sources import SOURCES, load_function, reward_source, source_class
+from rlprm.reward_sources import SOURCES, RewardSourceError, load_function, reward_source, source_class
 from rlprm.rewards import RewardError
 
 # 93 + 3 - 4: a right solution, one with a wrong second step, one without an answer
@@ -92,7 +92,7 @@ def test_exact_source_is_prefix_correctness(char_tokenizer):
     tr = src.rewards(TEXTS, ids, grades, scores, tokenizer=char_tokenizer)
     assert tr.returns.tolist()[:2] == pytest.approx([1.0, 0.0]) and tr.returns[2].item() == -1.0
     assert source_class(recipe(source="exact")) is SOURCES["exact"]
-    with pytest.raises(RewardError, match="arithmetic"):
+    with pytest.raises(RewardSourceError, match="arithmetic"):
         SOURCES["exact"].check(Recipe.model_validate({"task": {"name": "gsm8k", "test_path": __file__}}))
 
 
@@ -109,7 +109,7 @@ def test_prm_source_scores_with_its_model_and_ranks_answered_samples(char_tokeni
     sparse = reward_source(recipe(source="prm", sparse_aggregate="prod"), prm)
     ranked, eligible, thresholded = sparse.ranking(problems(), TEXTS, grades)
     assert ranked == pytest.approx([0.648, 0.09, 0.63]) and eligible == [True, True, False] and thresholded
-    with pytest.raises(RewardError, match="is a prm"):
+    with pytest.raises(RewardSourceError, match="is a prm"):
         reward_source(recipe(source="orm"), prm)
     nan = reward_source(recipe(source="prm"), FakePRM({RIGHT: [math.nan], WRONG: [0.5], NONE: [0.5]}))
     with pytest.raises(RewardError, match="non-finite"):
@@ -184,11 +184,11 @@ def test_a_bad_function_return_names_the_function(name, match):
 
 
 def test_a_function_that_cannot_be_loaded_is_named():
-    with pytest.raises(RewardError, match="cannot import module 'tests.no_such_module'"):
+    with pytest.raises(RewardSourceError, match="cannot import module 'tests.no_such_module'"):
         load_function("tests.no_such_module:f")
-    with pytest.raises(RewardError, match="has no attribute 'nope'"):
+    with pytest.raises(RewardSourceError, match="has no attribute 'nope'"):
         load_function("tests.test_reward_sources:nope")
-    with pytest.raises(RewardError, match="not a callable"):
+    with pytest.raises(RewardSourceError, match="not a callable"):
         load_function("tests.test_reward_sources:NOT_CALLABLE")
     with pytest.raises(ValueError, match="needs reward.function"):
         RewardConfig(source="python")

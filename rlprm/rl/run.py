@@ -126,8 +126,7 @@ def check_models(recipe: Recipe) -> None:
     builds such a model itself; this check speaks when a caller skipped that step.
     """
     from rlprm.prerequisites import builder_hint, generator_hint
-    from rlprm.reward_sources import source_class
-    from rlprm.rewards import RewardError
+    from rlprm.reward_sources import RewardSourceError, source_class
 
     if recipe.model.generator == "tiny":
         raise RLInputError("model.generator is `tiny` (an untrained model); point it at a trained generator, e.g. "
@@ -136,7 +135,7 @@ def check_models(recipe: Recipe) -> None:
     # only a trained reward model needs model.reward_model; exact, confidence and python score without one
     try:
         needed += source_class(recipe).check(recipe)
-    except RewardError as exc:
+    except RewardSourceError as exc:
         raise RLInputError(str(exc)) from None
     if recipe.task.name != "arithmetic" and recipe.task.train_path is None:
         raise RLInputError(f"task `{recipe.task.name}` needs task.train_path (a JSONL of training problems) for RL")
@@ -301,8 +300,7 @@ def setup(recipe: Recipe, algorithm: Algorithm, resume: bool, progress: bool) ->
     from rlprm.models import load_tokenizer, resolve_device
     from rlprm.problems import eval_problems, held_out_arithmetic
     from rlprm.rl.distributed import device_for
-    from rlprm.reward_sources import reward_source, source_class
-    from rlprm.rewards import RewardError
+    from rlprm.reward_sources import RewardSourceError, reward_source, source_class
     from rlprm.rl.reference import load_reference
     from rlprm.tracking import NullTracker, Tracker, cut_metrics
 
@@ -332,7 +330,7 @@ def setup(recipe: Recipe, algorithm: Algorithm, resume: bool, progress: bool) ->
         run.reward_model = load_for_recipe(recipe, device=device, dtype=dtype)
     try:  # the one object PPO, GRPO, rejection sampling and the held-out reward score with
         run.reward_source = reward_source(recipe, run.reward_model)
-    except RewardError as exc:  # a reward model of the other kind; a python function that does not import
+    except RewardSourceError as exc:  # a reward model of the other kind; a python function that does not import
         raise RLInputError(str(exc)) from None
     algorithm.setup(run)
     dist.split_streams(recipe.run.seed)  # from here each rank draws its own sampling noise (rank 0: unchanged)
