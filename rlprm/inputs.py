@@ -74,7 +74,7 @@ def models_read(recipe: Recipe, command: str) -> list[tuple[str, str, bool]]:
         if source_class(recipe).uses_reward_model:  # the other sources load no reward model
             refs.append(("model.reward_model", m.reward_model, False))
         refs.append(("rl.value_model", getattr(recipe.rl, "value_model", "policy"), False))
-        implicit = recipe.reward.source == "prm" and recipe.reward.adapter == "implicit"
+        implicit = source_class(recipe).uses_reward_model and recipe.reward.adapter == "implicit"
     elif command == "select":
         refs.append(("model.generator", m.generator, True))
         refs.append(("active.prm", recipe.active.prm, False) if recipe.active.prm is not None
@@ -187,16 +187,16 @@ def model_problems(recipe: Recipe, command: str) -> list[str]:
     """One line per model `command` reads that cannot be loaded; a missing folder that an embedded recipe builds is
     fine for the commands that build it first (train-rl, and train-rm for its generator)."""
     from rlprm.prerequisites import builder_hint, embedded_products, find_builder, recipe_folder
+    from rlprm.reward_sources import source_class
 
     near = recipe_folder(recipe)
-
     problems = []
     if command == "select" and recipe.active.prm is None and recipe.model.reward_model is None:
         problems.append("active.prm: not set, and model.reward_model neither: `rlprm select` scores the pool with a "
                         "PRM; set active.prm (or model.reward_model) to a PRM folder or hub id")
     if command == "bench-prm" and recipe.model.reward_model is None:
         problems.append("model.reward_model: not set: `rlprm bench-prm` benchmarks a PRM; set it to a folder or hub id")
-    if command == "train-rl" and recipe.reward.source in ("prm", "orm") and recipe.model.reward_model is None:
+    if command == "train-rl" and source_class(recipe).uses_reward_model and recipe.model.reward_model is None:
         problems.append(f"model.reward_model: not set, but reward.source is {recipe.reward.source}: point it at a "
                         "folder written by `rlprm train-rm` (or a public PRM's folder or hub id)")
     for key, ref, policy in models_read(recipe, command):
