@@ -106,7 +106,7 @@ def _final_weights(run_dir: Path) -> str:
 
 def _drop_optimizer_state(monkeypatch, algorithm: str) -> None:
     """The fault a resume-equality check must see: the checkpoint's weights come back, Adam's moments do not."""
-    from rlprm.rl import run as run_module
+    from rlprm.rl import algorithms as run_module
 
     real = run_module.algorithm_for
 

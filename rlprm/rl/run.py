@@ -422,29 +422,6 @@ def run_algorithm(recipe: Recipe, algorithm: Algorithm, resume: bool = False, pr
             run.tracker.finish()
 
 
-def algorithm_for(recipe: Recipe) -> Algorithm:
-    """The `Algorithm` of `rl.algorithm`."""
-    name = recipe.rl.algorithm
-    if name == "ppo":
-        from rlprm.rl.ppo import PPO
-
-        return PPO()
-    if name == "grpo":
-        from rlprm.rl.grpo import GRPO
-
-        return GRPO()
-    if name == "rejection_sampling":
-        from rlprm.rl.rejection import RejectionSampling
-
-        return RejectionSampling()
-    raise RLInputError(f"rl.algorithm {name!r} is not one of ppo, grpo, rejection_sampling")
-
-
-def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
-    """Run the recipe's RL algorithm (`rl.algorithm`); returns the final metrics (also in summary.json)."""
-    return run_algorithm(recipe, algorithm_for(recipe), resume=resume, progress=progress)
-
-
-__all__ = ["Algorithm", "RLError", "RLInputError", "Run", "algorithm_for", "check_finite", "check_models",
+__all__ = ["Algorithm", "RLError", "RLInputError", "Run", "check_finite", "check_models",
            "check_rollout", "cleanup", "epoch_line", "last_good", "load_policy", "mean", "reward_scale",
-           "run_algorithm", "setup", "train"]
+           "run_algorithm", "setup"]
