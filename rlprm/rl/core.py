@@ -15,6 +15,7 @@ these functions together.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -62,6 +63,19 @@ def masked_var(x: Tensor, mask: Tensor, dim: int | None = None, unbiased: bool =
         n = _as_weights(mask, x).sum() if dim is None else _as_weights(mask, x).sum(dim)
         var = torch.where(n > 1, var * n / (n - 1).clamp(min=1), var)
     return var
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """How much of the returns' variance the critic explains: 1 - Var(returns - values) / Var(returns), over the
+    masked positions (population variances; cleanrl logs the same for its PPO critics).
+
+    1: the values predict the returns exactly; 0: no better than their mean; below 0: worse than predicting the
+    mean. NaN when the returns do not vary (nothing to explain). values, returns, mask: (B, T).
+    """
+    var_returns = float(masked_var(returns.float(), mask, unbiased=False))
+    if var_returns == 0.0:
+        return math.nan
+    return 1.0 - float(masked_var(returns.float() - values.float(), mask, unbiased=False)) / var_returns
 
 
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
@@ -474,7 +488,7 @@ def entropy_from_logits(logits: Tensor, mask: Tensor | None = None) -> Tensor:
 
 __all__ = [
     "AdaptiveKLController", "FARMABLE_PROCESS_FORMS", "FixedKLController", "KL_KINDS", "PROCESS_FORMS",
-    "entropy_from_logits", "gae", "group_normalize", "group_normalize_steps", "kl_penalty", "logprobs_from_logits",
+    "entropy_from_logits", "explained_variance", "gae", "group_normalize", "group_normalize_steps", "kl_penalty", "logprobs_from_logits",
     "masked_mean", "masked_var", "masked_whiten", "policy_loss", "process_token_advantages",
     "step_rewards_to_token_advantages", "token_logprobs", "value_loss", "LOGIT_CHUNK_ELEMENTS",
 ]
