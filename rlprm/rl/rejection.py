@@ -33,9 +33,9 @@ an uninterrupted one.
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
+from dataclasses import dataclass
 
 from rlprm.config import Recipe
 from rlprm.rl.run import RLError, RLInputError, Run, check_models, last_good, mean, process_part
@@ -153,17 +153,20 @@ class RejectionSampling:
         return {}
 
     def train_epoch(self, run: Run, epoch: int, problems: list) -> None:
-        import torch
-        from datasets import Dataset
-        from transformers.trainer_callback import PrinterCallback
-        from trl import SFTConfig
+        """One epoch: `select` (sample, score, keep the best), `sft` on what was kept, `record`."""
+        chosen = self.select(run, epoch, problems)
+        steps_before, t0 = run.step, time.monotonic()
+        sft_state = self.sft(run, epoch, problems, chosen)
+        chosen.times["sft"] = time.monotonic() - t0
+        self.record(run, epoch, chosen, sft_state, run.step - steps_before)
 
-        import rlprm.lean_sft as lean_sft
+    def select(self, run: Run, epoch: int, problems: list) -> "Selection":
+        """1. generate, 2. score, 3. select: rl.samples_per_problem samples of each of this rank's problems, ranked
+        by the reward source; the best distinct ones kept, every rank's rows gathered in the problems' order."""
         from rlprm.rewards import RewardError
         from rlprm.rl.distributed import rank_seed, shard
 
         recipe, rl, dist, source = run.recipe, run.recipe.rl, run.dist, run.reward_source
-        policy, run_dir, device = run.policy, run.run_dir, run.device
         n = rl.samples_per_problem
         t0 = time.monotonic()
         # this rank's problems: every world-th one (all of them on one process)
@@ -205,10 +208,22 @@ class RejectionSampling:
             rows = gather_rows(dist.gather(list(zip(indices, zip(texts, grades, scores, keep)))))
             texts, grades, scores, keep = ([row[k] for row in rows] for k in range(4))
         kept = [(i, j) for i, row in enumerate(keep) for j in row]
+        return Selection(texts, grades, scores, keep, kept, thresholded, {"generate": t_gen, "score": t_score})
 
-        # 4. SFT: one pass (rl.sft_epochs) over the kept samples, completion-only loss, the run's optimizer
+    def sft(self, run: Run, epoch: int, problems: list, chosen: "Selection") -> dict:
+        """4. SFT: one pass (rl.sft_epochs) over the kept samples, completion-only loss, the run's optimizer; returns
+        what the step log saw (the last loss; `bad`: a non-finite one)."""
+        import torch
+        from datasets import Dataset
+        from transformers.trainer_callback import PrinterCallback
+        from trl import SFTConfig
+
+        import rlprm.lean_sft as lean_sft
+
+        recipe, rl, dist = run.recipe, run.recipe.rl, run.dist
+        policy, run_dir, device = run.policy, run.run_dir, run.device
+        texts, kept = chosen.texts, chosen.kept
         sft_state: dict = {}
-        steps_before = run.step
         if kept:
             data = Dataset.from_dict({"prompt": [problems[i].prompt for i, _ in kept],
                                       "completion": [texts[i][j] for i, j in kept]})
@@ -247,11 +262,14 @@ class RejectionSampling:
             self.sampler.refresh()  # a vLLM engine samples the next epoch (and the best-of-N) with the new weights
         elif dist.is_main:
             print(f"epoch {epoch + 1}: no sample was kept (none "
-                  f"{'reached an answer' if thresholded else 'was accepted by the grader'}); skipping SFT "
+                  f"{'reached an answer' if chosen.thresholded else 'was accepted by the grader'}); skipping SFT "
                   "this epoch")
-        t_sft = time.monotonic() - t0 - t_gen - t_score
+        return sft_state
 
-        # 5. log what was sampled and what was kept
+    def record(self, run: Run, epoch: int, chosen: "Selection", sft_state: dict, sft_steps: int) -> None:
+        """5. log what was sampled and what was kept, and a progress line."""
+        rl, dist, times = run.recipe.rl, run.dist, chosen.times
+        grades, scores, keep, kept = chosen.grades, chosen.scores, chosen.keep, chosen.kept
         flat_grades = [g for row in grades for g in row]
         kept_grades = [grades[i][j] for i, j in kept]
         record = {
@@ -265,19 +283,30 @@ class RejectionSampling:
             "rs/kept_answer_accuracy": mean(g.answer_correct for g in kept_grades),
             "rs/kept_process_accuracy": mean(g.process_correct for g in kept_grades),
             "rs/kept_score_mean": mean(scores[i][j] for i, j in kept),
-            "rs/sft_steps": run.step - steps_before,
+            "rs/sft_steps": sft_steps,
             "rs/sft_loss": sft_state.get("last_loss"),
-            "time/generate": round(t_gen, 3),
-            "time/score": round(t_score, 3),
-            "time/sft": round(t_sft, 3),
+            **{f"time/{k}": round(v, 3) for k, v in times.items()},
         }
         run.log(record)
         if run.progress and dist.is_main:
             ka = record["rs/kept_answer_accuracy"]
             print(f"epoch {epoch + 1}/{rl.epochs}: sampled answer {record['rl/answer_accuracy']:.1%}"
                   f"{process_part(record)}, kept "
-                  f"{len(kept)} ({'-' if ka is None else f'{ka:.1%}'} right), {run.step - steps_before} SFT steps  "
-                  f"gen {t_gen:.1f}s score {t_score:.1f}s sft {t_sft:.1f}s", flush=True)
+                  f"{len(kept)} ({'-' if ka is None else f'{ka:.1%}'} right), {sft_steps} SFT steps  "
+                  f"gen {times['generate']:.1f}s score {times['score']:.1f}s sft {times['sft']:.1f}s", flush=True)
 
 
-__all__ = ["RejectionSampling", "check_inputs", "check_world", "gather_rows", "select_samples"]
+@dataclass
+class Selection:
+    """One epoch's samples in the problems' order ([problem][sample]) and what was kept of them."""
+
+    texts: list  # [P][N] the sampled responses
+    grades: list  # [P][N] their `problems.SampleGrade`
+    scores: list  # [P][N] the reward source's ranking score
+    keep: list  # [P] the kept sample indices, best first
+    kept: list  # (problem, sample) of every kept sample, in order
+    thresholded: bool  # the source's scores are a model's or function's (rl.rejection_min_score applies)
+    times: dict  # seconds spent: generate, score (and sft, set after `sft`)
+
+
+__all__ = ["RejectionSampling", "Selection", "check_inputs", "check_world", "gather_rows", "select_samples"]
