@@ -212,3 +212,41 @@ def test_moved_reward_model_keys_name_their_new_home(tmp_path):
         with pytest.raises(RecipeError, match=rf"rm\.{key}: moved: `reward\.{key}`"):
             validate_recipe({"rm": {key: "qwen_prm"}}, tmp_path)
     assert validate_recipe({"reward": {"adapter": "qwen_prm"}}, tmp_path).reward.adapter == "qwen_prm"
+
+
+CALLS: list = []
+
+
+def answer_length_steps(problems, solutions, **kwargs):
+    """Dense: each step scores by its length (longer steps lower), and every call is recorded."""
+    from rlprm.steps import split_steps
+
+    CALLS.append((list(problems), list(solutions), kwargs["completion_ids"]))
+    return [[1.0 / (1 + len(step) / 10) for step in split_steps(s, kwargs["sep"])] for s in solutions]
+
+
+def test_a_python_function_trains_ppo_and_scores_the_held_out_reward(answering_generator, tmp_path):
+    """reward.source python end to end: PPO's rollouts and the held-out samples are scored by the user's function
+    (its scores reach the rewards: the logged reward is not the missing-answer reward of every sample)."""
+    from rlprm.rl import train
+    from rlprm.tracking import read_metrics
+
+    from .conftest import RL_SEED
+
+    CALLS.clear()
+    data = {"run": {"output_dir": str(tmp_path / "run"), "device": "cpu", "seed": RL_SEED, "threads": 1},
+            "model": {"generator": str(answering_generator)},
+            "reward": {"mode": "dense", "source": "python", "dense_form": "min_form",
+                       "function": "tests.test_reward_sources:answer_length_steps"},
+            "rl": {"epochs": 1, "problems_per_epoch": 2, "prompts_per_iteration": 2, "samples_per_problem": 2,
+                   "max_new_tokens": 80, "minibatch_size": 2, "ppo_epochs": 1, "learning_rate": 1e-3,
+                   "value_learning_rate": 1e-3, "eval_n_max": 2, "eval_num_problems": 2},
+            "eval": {"resamples": 5}, "tracking": {"wandb": "disabled"}}
+    train(validate_recipe(data, tmp_path), progress=False)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    rollout = [c for c in CALLS if len(c[1]) == 4 and c[2] is not None]
+    problems_seen, texts, ids = rollout[0]  # the rollout: 2 prompts x 2 samples, token ids handed over with the texts
+    assert len(set(problems_seen)) == 2 and len(ids) == 4 and all(len(x) >= len(t) for x, t in zip(ids, texts))
+    step = next(r for r in records if "rl/reward" in r)
+    assert step["reward/missing_answer_frac"] < 1 and step["rl/reward"] > -1  # some answered sample was scored
+    assert all(r["eval/reward"] is not None for r in records if "eval/answer_accuracy" in r)
