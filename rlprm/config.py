@@ -929,7 +929,7 @@ class Recipe(Section):
         if src in ("exact", "confidence") and algo == "rejection_sampling":
             raise ValueError(f"reward.source {src} is implemented for rl.algorithm ppo (and grpo for exact), not "
                              "rejection_sampling, which would rank by the grader instead; use reward.source "
-                             "ground_truth, prm or orm there")
+                             "ground_truth, prm, orm or python there")
         if self.reward.mode == "dense" and self.reward.dense_form == "score" and algo == "ppo":
             # PPO's return is the sum of the step rewards: with r_k = p_k every extra sure step adds to it
             raise ValueError("reward.dense_form score (r_k = p_k) makes PPO's return the SUM of the step "

@@ -43,7 +43,6 @@ import importlib
 import math
 from typing import Callable, Sequence
 
-
 from rlprm.errors import InputError
 
 
