@@ -706,7 +706,9 @@ def held_out_reward(recipe, pool: Pool, tokenizer=None, reference=None) -> float
     """
     from rlprm.reward_sources import reward_source
 
-    return reward_source(recipe).solution_reward(pool, tokenizer, reference)
+    # the starting generator's token log-probs (`confidence`), one teacher-forced pass per batch
+    start = None if reference is None else (lambda prompts, ids: response_logprobs(reference, tokenizer, prompts, ids))
+    return reward_source(recipe).solution_reward(pool, tokenizer, start)
 
 
 def sample_rates(pool: Pool) -> dict:

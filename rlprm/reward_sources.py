@@ -158,22 +158,24 @@ class RewardSource:
         """What one solution's sparse reward is, in words."""
         return cls.name
 
-    def pool_scores(self, pool, texts, ids, tokenizer, reference):
+    def pool_scores(self, pool, texts, ids, tokenizer, start_logprobs):
         """(computable, scores) for the held-out reward on `pool`'s samples, flattened in pool order."""
         return True, None
 
-    def solution_reward(self, pool, tokenizer=None, reference=None) -> float | None:
+    def solution_reward(self, pool, tokenizer=None, start_logprobs=None) -> float | None:
         """Mean over the pool's samples of the reward the run trains on (without the KL penalty): each sample's
         `TokenRewards.objective` (PPO's return; GRPO's rl.process_advantage value of its step values; rejection
         sampling: the sparse reward), by `training_rewards` on the pool's texts and token ids, the very call the
         algorithms make on their rollouts. None when it cannot be computed here: no token ids (a pool read back
-        from a file), no tokenizer, or scores this source cannot get here (`pool_scores`)."""
+        from a file), no tokenizer, or scores this source cannot get here (`pool_scores`). start_logprobs: for
+        `confidence`, a function (prompts, completion ids) -> each completion's token log-probs under the starting
+        generator (`evaluate.held_out_reward` passes one; None: not computable here)."""
         grades = [g for row in pool.grades for g in row]
         texts = [t for row in pool.texts for t in row]
         ids = [list(x) for row in pool.response_ids for x in row]
         if not grades or len(ids) != len(grades) or tokenizer is None:
             return None
-        ok, scores = self.pool_scores(pool, texts, ids, tokenizer, reference)
+        ok, scores = self.pool_scores(pool, texts, ids, tokenizer, start_logprobs)
         if not ok:
             return None
         return float(self.rewards(texts, ids, grades, scores, tokenizer=tokenizer).objective.mean())
@@ -235,7 +237,7 @@ class RewardModelSource(RewardSource):
         except RewardError as exc:
             raise _error(f"{exc}; check {self.recipe.model.reward_model}") from None
 
-    def pool_scores(self, pool, texts, ids, tokenizer, reference):
+    def pool_scores(self, pool, texts, ids, tokenizer, start_logprobs):
         # the pool's own, scored by this run's reward model under the source's name (`evaluate.score_pool`)
         if self.name not in pool.step_scores:
             return False, None
@@ -285,7 +287,7 @@ class Exact(RewardSource):
         grades = self.grade(problems, texts) if grades is None else grades
         return [prefix_correct_probs(g.step_correct or []) for g in grades]
 
-    def pool_scores(self, pool, texts, ids, tokenizer, reference):
+    def pool_scores(self, pool, texts, ids, tokenizer, start_logprobs):
         return True, self.step_scores(None, texts, grades=[g for row in pool.grades for g in row])
 
 
@@ -309,15 +311,13 @@ class Confidence(RewardSource):
         return confidence_scores(texts, token_ids, start_logprobs, mask, tokenizer, self.recipe.reward.mode == "dense",
                                  self.sep)
 
-    def pool_scores(self, pool, texts, ids, tokenizer, reference):
-        if reference is None:  # the starting generator is the run's reference
+    def pool_scores(self, pool, texts, ids, tokenizer, start_logprobs):
+        if start_logprobs is None:  # no starting generator at hand
             return False, None
         import torch
 
-        from rlprm.evaluate import response_logprobs
-
         prompts = [p.prompt for p, row in zip(pool.problems, pool.texts) for _ in row]
-        lps = response_logprobs(reference, tokenizer, prompts, ids)
+        lps = start_logprobs(prompts, ids)
         width = max(len(x) for x in ids)
         logprobs = torch.zeros(len(ids), width)
         for k, lp in enumerate(lps):
@@ -405,7 +405,7 @@ class PythonFunction(RewardSource):
 
         return [aggregate(s, self.recipe.reward.sparse_aggregate) for s in self._call(problems, texts, None)]
 
-    def pool_scores(self, pool, texts, ids, tokenizer, reference):
+    def pool_scores(self, pool, texts, ids, tokenizer, start_logprobs):
         problems = [p for p, row in zip(pool.problems, pool.texts) for _ in row]
         return True, self._call(problems, texts, ids)
 
