@@ -412,7 +412,7 @@ def select(recipe: Recipe, progress: bool = True) -> dict:
         raise ActiveLearningError("no PRM to select with: set active.prm (or model.reward_model) to a PRM folder or "
                                   "hub id, e.g. active.prm=runs/arith_prm/reward_model")
     # the one loader of every named reward model: rlprm folders and public PRMs alike
-    adapter = cfg.prm_adapter if cfg.prm or cfg.prm_adapter else recipe.rm.adapter
+    adapter = cfg.prm_adapter if cfg.prm or cfg.prm_adapter else recipe.reward.adapter
     rm = load_for_recipe(recipe, prm_path, adapter, device=resolve_device(recipe.run.device))
     if rm.kind != "prm":
         raise ActiveLearningError(f"{prm_path} is an ORM; selection ranks by PRM step scores")

@@ -300,7 +300,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def run_bench(recipe, progress: bool = True) -> dict:
-    """Load model.reward_model (family rm.adapter, else detected), score every subset, write the report."""
+    """Load model.reward_model (family reward.adapter, else detected), score every subset, write the report."""
     from rlprm.data.processbench import load_processbench
     from rlprm.models import resolve_device
     from rlprm.prm_adapters import AdapterError, load_for_recipe

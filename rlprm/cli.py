@@ -81,9 +81,9 @@ def _label_args(parser: argparse.ArgumentParser) -> None:
                    help="who labels: `checker` (arithmetic task), or a PRM: a folder written by `rlprm train-rm`, or a "
                         "public PRM's folder or hub id")
     p.add_argument("--adapter", default=None, choices=typing.get_args(PRMAdapter),
-                   help="(PRM) its family, as rm.adapter in a recipe (default: detected from its files)")
+                   help="(PRM) its family, as reward.adapter in a recipe (default: detected from its files)")
     p.add_argument("--reference-model", default=None,
-                   help="(PRM, --adapter implicit) the reference LM, as rm.reference_model")
+                   help="(PRM, --adapter implicit) the reference LM, as reward.reference_model")
     p.add_argument("--implicit-beta", type=float, default=0.001, help="(PRM, --adapter implicit) beta (default 0.001)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
                    help="(PRM) weights dtype (default float32)")
@@ -318,7 +318,7 @@ COMMANDS: dict[str, Command] = {
         description="Score every solution of bench.processbench_paths, bench.prm800k_paths (PRM800K JSONL, e.g. "
                     "phase2_test) and, with bench.arithmetic_problems, model.generator's samples on held-out "
                     "arithmetic problems labelled by the exact checker, with model.reward_model (an rlprm folder, or "
-                    "a public PRM of family rm.adapter: qwen_prm, math_shepherd, rlhflow, value_head, implicit; "
+                    "a public PRM of family reward.adapter: qwen_prm, math_shepherd, rlhflow, value_head, implicit; "
                     "detected where unambiguous) and write ProcessBench's error / correct accuracy and F1 per subset, "
                     "step AUROC and first-error accuracy to RUN_DIR/bench_prm.md, bench_prm.json and bench_prm.png. "
                     "Solutions longer than the PRM's positions are scored past them when its positions are rotary "

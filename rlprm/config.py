@@ -373,10 +373,14 @@ class PrepareEvalConfig(Section):
 
 
 class RewardConfig(Section):
+    """How a sample is scored and its scores become rewards (RL, and the held-out eval/reward), and everything needed to score with the reward model that model.reward_model names (its family and the family's options). `rm.*` is for training a reward model."""
+
     mode: Literal["dense", "sparse"] = "sparse"
-    """`dense`: a reward at every step end from step scores (source prm, exact or confidence); `sparse`: one reward at the last token."""
-    source: Literal["prm", "orm", "ground_truth", "exact", "confidence"] = "ground_truth"
-    """Who scores: `prm` / `orm` a trained reward model (model.reward_model); `ground_truth` the grader's 1/0 on the final answer; `exact` the arithmetic task's exact step checker as an oracle PRM (steps score 1 up to the first wrong step, 0 from it on; sparse: 1 if every step is right; arithmetic task only); `confidence` the frozen starting generator's own token confidence at temperature 1 (per step exp of its lowest token log-prob; sparse: over the whole response; ppo only). exact and confidence load no reward model."""
+    """`dense`: a reward at every step end from step scores (source prm, exact, confidence or python); `sparse`: one reward at the last token."""
+    source: Literal["prm", "orm", "ground_truth", "exact", "confidence", "python"] = "ground_truth"
+    """Who scores (rlprm/reward_sources.py): `prm` / `orm` a trained reward model (model.reward_model, family reward.adapter); `ground_truth` the grader's 1/0 on the final answer; `exact` the arithmetic task's exact step checker as an oracle PRM (steps score 1 up to the first wrong step, 0 from it on; sparse: 1 if every step is right; arithmetic task only); `confidence` the frozen starting generator's own token confidence at temperature 1 (per step exp of its lowest token log-prob; sparse: over the whole response; ppo only); `python` your own function, reward.function. exact, confidence and python load no reward model."""
+    function: str | None = None
+    """(source python) The reward function, "package.module:function", importable where the run starts: `f(problems: list[str], solutions: list[str], **kwargs) -> list[float]` (sparse: one score per solution) or `list[list[float]]` (dense: one score per step), every score in [0, 1]; kwargs: completion_ids, answers, sep (rlprm/reward_sources.py)."""
     dense_form: Literal["log_prob", "min_form", "delta", "score"] = "log_prob"
     """How step probabilities p_k become step rewards r_k (docs/design.md section 5; rlprm/rewards.py): `log_prob` r_k = log p_k, `min_form` and `delta` shaped so that the return is the lowest p_k or the last one, `score` r_k = p_k (DeepSeekMath's process supervision; GRPO only for now)."""
     outcome_coef: float = Field(0.0, ge=0)
@@ -384,13 +388,28 @@ class RewardConfig(Section):
     missing_answer_reward: float = -1.0
     """Reward of a response with no final answer, or cut at rl.max_new_tokens before its EOS. Dense rewards of an answered response never return less than this plus 0.1 (their running sum is floored there, rlprm/rewards.py), so not answering never pays."""
     sparse_aggregate: Literal["prod", "min", "last", "mean"] = "prod"
-    """How a PRM's step probabilities become one sparse reward (`mode: sparse`, `source: prm`); `prod` is the paper's solution score."""
+    """How a PRM's step probabilities become one sparse reward (`mode: sparse`, `source: prm` or `python`); `prod` is the paper's solution score."""
+    adapter: PRMAdapter | None = None
+    """Family of the reward model that model.reward_model names (RL rewards, `rlprm bench-prm`): `qwen_prm` (Qwen2.5-Math-PRM, <extra_0> token classification), `pure_prm` (PURE-PRM-7B and TRL PRMTrainer models: token classification at the "\\n" after each step, no chat template), `math_shepherd` (+/- logits at the ки tag), `rlhflow` (+/- at each assistant turn of a chat), `value_head` (Skywork-o1-Open-PRM, sigmoid value head), `implicit` (PRIME/EurusPRM, beta*log(pi/pi_ref) per step; needs reward.reference_model), `rlprm` (our own folders). None: detected from the checkpoint where unambiguous (rlprm_rm.json, Qwen2ForProcessRewardModel, *ForTokenClassification, a value head), else the job fails and lists these."""
+    reference_model: ModelRef | None = None
+    """(adapter implicit) The reference LM pi_ref of an implicit PRM: a Hugging Face id or folder."""
+    implicit_beta: float = Field(0.001, gt=0)
+    """(adapter implicit) beta in beta * log(pi/pi_ref); the EurusPRM cards use 0.001."""
+    system_prompt: str | None = None
+    """(adapter qwen_prm) The system prompt of the chat template; None: the card's "Please reason step by step, and put your final answer within \\boxed{}."."""
 
     @model_validator(mode="after")
     def _dense_needs_step_scores(self) -> "RewardConfig":
-        if self.mode == "dense" and self.source not in ("prm", "exact", "confidence"):
+        if self.mode == "dense" and self.source not in ("prm", "exact", "confidence", "python"):
             raise ValueError(f"dense rewards need a score per step, but reward.source is `{self.source}` (one score "
-                             "per solution); set reward.source: prm, exact or confidence, or reward.mode: sparse")
+                             "per solution); set reward.source: prm, exact, confidence or python, or reward.mode: "
+                             "sparse")
+        if (self.source == "python") != (self.function is not None):
+            raise ValueError("reward.source python needs reward.function (\"package.module:function\")" if
+                             self.source == "python" else f"reward.function is read by reward.source python only, "
+                             f"but reward.source is `{self.source}`; remove it or set reward.source: python")
+        if self.function is not None and ":" not in self.function:
+            raise ValueError(f"reward.function {self.function!r} must read \"package.module:function\"")
         # log_prob returns are <= 0 and an answered return is floored at missing_answer_reward + 0.1 (rewards.py):
         # at or above -0.1 every answered solution would return that floor, and nothing would tell them apart
         if self.mode == "dense" and self.dense_form == "log_prob" and self.missing_answer_reward >= -0.1:
@@ -568,7 +587,7 @@ class EvalConfig(Section):
     reward_models: dict[str, ModelRef] = {}
     """Reward models to select with, by name: a PRM folder yields selectors `NAME_prod`, `NAME_min`, `NAME_last`, `NAME_mean`; an ORM yields `NAME`. rlprm folders and public PRMs (see reward_model_adapters) alike."""
     reward_model_adapters: dict[str, PRMAdapter] = {}
-    """Family of a reward model in reward_models, by name, for public PRMs whose family cannot be detected from their files (math_shepherd, rlhflow, implicit: see rlprm/prm_adapters). Unnamed ones are detected (rlprm_rm.json, Qwen2ForProcessRewardModel, a Skywork value head). The implicit family's reference model and beta come from rm.reference_model and rm.implicit_beta."""
+    """Family of a reward model in reward_models, by name, for public PRMs whose family cannot be detected from their files (math_shepherd, rlhflow, implicit: see rlprm/prm_adapters). Unnamed ones are detected (rlprm_rm.json, Qwen2ForProcessRewardModel, a Skywork value head). The implicit family's reference model and beta come from reward.reference_model and reward.implicit_beta."""
     aggregations: list[Literal["prod", "min", "last", "mean"]] = ["prod", "min", "last", "mean"]
     """PRM aggregations to compare (the paper uses prod)."""
     weighted_vote_by: str | None = None
@@ -727,15 +746,6 @@ class RewardModelTrainConfig(Section):
     """A step counts as predicted wrong below this probability (step accuracy, first-error F1)."""
     logging_steps: int = Field(10, ge=1)
     """Optimizer steps between loss records in metrics.jsonl."""
-    adapter: PRMAdapter | None = None
-    """Family of the reward model that model.reward_model names (RL rewards, `rlprm bench-prm`): `qwen_prm` (Qwen2.5-Math-PRM, <extra_0> token classification), `pure_prm` (PURE-PRM-7B and TRL PRMTrainer models: token classification at the "\\n" after each step, no chat template), `math_shepherd` (+/- logits at the ки tag), `rlhflow` (+/- at each assistant turn of a chat), `value_head` (Skywork-o1-Open-PRM, sigmoid value head), `implicit` (PRIME/EurusPRM, beta*log(pi/pi_ref) per step; needs rm.reference_model), `rlprm` (our own folders). None: detected from the checkpoint where unambiguous (rlprm_rm.json, Qwen2ForProcessRewardModel, *ForTokenClassification, a value head), else the job fails and lists these."""
-    reference_model: ModelRef | None = None
-    """(adapter implicit) The reference LM pi_ref of an implicit PRM: a Hugging Face id or folder."""
-    implicit_beta: float = Field(0.001, gt=0)
-    """(adapter implicit) beta in beta * log(pi/pi_ref); the EurusPRM cards use 0.001."""
-    system_prompt: str | None = None
-    """(adapter qwen_prm) The system prompt of the chat template; None: the card's "Please reason step by step, and put your final answer within \\boxed{}."."""
-
     @model_validator(mode="after")
     def _template(self) -> "RewardModelTrainConfig":
         if self.scorer == "lm":
@@ -761,9 +771,9 @@ class ActiveConfig(Section):
     """
 
     prm: ModelRef | None = None
-    """(select) The current PRM that scores the pool: an rlprm folder or any public PRM (see rm.adapter); None: model.reward_model."""
+    """(select) The current PRM that scores the pool: an rlprm folder or any public PRM (see reward.adapter); None: model.reward_model."""
     prm_adapter: PRMAdapter | None = None
-    """(select) Family of active.prm (the families of rm.adapter); None: rm.adapter when active.prm is unset (the PRM is then model.reward_model), else detected from the checkpoint where unambiguous."""
+    """(select) Family of active.prm (the families of reward.adapter); None: reward.adapter when active.prm is unset (the PRM is then model.reward_model), else detected from the checkpoint where unambiguous."""
     top_k: int = Field(2, ge=1)
     """Solutions surfaced per problem (each one is one label in the budget)."""
     convincing_fraction: float = Field(0.8, ge=0, le=1)
@@ -809,7 +819,7 @@ class ActiveConfig(Section):
     labeller: ModelRef = "checker"
     """(loop) Who labels the selected solutions: `checker` (the exact checker) or a PRM, an rlprm folder or any public PRM (a large PRM supervising small ones, the paper's small-scale set-up); loaded once per run."""
     labeller_adapter: PRMAdapter | None = None
-    """(loop) Family of a PRM labeller (the families of rm.adapter); None: detected from the checkpoint where unambiguous. The implicit family takes rm.reference_model and rm.implicit_beta."""
+    """(loop) Family of a PRM labeller (the families of reward.adapter); None: detected from the checkpoint where unambiguous. The implicit family takes reward.reference_model and reward.implicit_beta."""
     quality_metric: Literal["best_of_n_process_accuracy", "best_of_n_answer_accuracy", "first_error_f1", "step_auroc"] = "best_of_n_process_accuracy"
     """(loop) The headline PRM quality of the report (factors are computed for every metric)."""
 
@@ -840,7 +850,7 @@ class SyntheticConfig(Section):
     large_prm: ModelRef | None = None
     """The large PRM that labels: an rlprm folder (e.g. runs/arith_prm/reward_model, what `rlprm train-rm recipes/prm_train.yaml` writes) or any public PRM (family large_prm_adapter). None: trained in this command on the checker-labelled samples of the first large_problems pool problems (plus rm.data.synthetic_per_problem task-written solutions each) for rm.max_steps steps, the default PRM's budget."""
     large_prm_adapter: PRMAdapter | None = None
-    """Family of large_prm (the families of rm.adapter); None: detected where unambiguous."""
+    """Family of large_prm (the families of reward.adapter); None: detected where unambiguous."""
     large_problems: int = Field(512, ge=0)
     """The first pool problems, kept for the large PRM (its training set when trained here; with rm.data.train_problems >= 512 and the same seed they are also recipes/prm_train.yaml's 512 training problems); the fresh samples come from the problems after them."""
     problems: int = Field(256, ge=1)
@@ -861,7 +871,7 @@ class SyntheticConfig(Section):
 
 
 class BenchConfig(Section):
-    """Benchmarking a PRM the way papers report it (`rlprm bench-prm`): model.reward_model, family rm.adapter."""
+    """Benchmarking a PRM the way papers report it (`rlprm bench-prm`): model.reward_model, family reward.adapter."""
 
     processbench_paths: list[DataPath] = []
     """ProcessBench JSON files (e.g. gsm8k.json, math.json), one subset each: error / correct accuracy and their F1 as ProcessBench defines them, step AUROC, first-error accuracy. Checked when the job starts."""
@@ -930,7 +940,7 @@ class Recipe(Section):
         if src in ("exact", "confidence") and algo == "rejection_sampling":
             raise ValueError(f"reward.source {src} is implemented for rl.algorithm ppo (and grpo for exact), not "
                              "rejection_sampling, which would rank by the grader instead; use reward.source "
-                             "ground_truth, prm or orm there")
+                             "ground_truth, prm, orm or python there")
         if self.reward.mode == "dense" and self.reward.dense_form == "score" and algo == "ppo":
             # PPO's return is the sum of the step rewards: with r_k = p_k every extra sure step adds to it
             raise ValueError("reward.dense_form score (r_k = p_k) makes PPO's return the SUM of the step "
@@ -1066,6 +1076,10 @@ _REMOVED_KEYS: dict[tuple[str, ...], str] = {
                               "`reward.dense_form: score` for `process_reward: score` (each step's probability), and "
                               "keep the dense_form for `process_reward: dense_form`",
     ("rl", "eval_n"): "renamed: `rl.eval_n_max` (spelled like eval.n_max)",
+    # scoring with a reward model is the reward section's, training one the rm section's (issue 25)
+    **{("rm", key): f"moved: `reward.{key}` (the reward model's family and its options live with reward.source, "
+                    "which scores with it; `rm` is for training a reward model)"
+       for key in ("adapter", "reference_model", "implicit_beta", "system_prompt")},
     ("rl", "eval_problems"): "renamed: `rl.eval_num_problems` (spelled like eval.num_problems)",
     ("rl", "minibatch_size"): {"rejection_sampling": "renamed for rejection sampling: `rl.sft_batch_size` (kept "
                                                      "samples per SFT step; rl.minibatch_size is PPO's and GRPO's)"},

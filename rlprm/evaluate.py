@@ -717,45 +717,17 @@ def between_epochs(recipe, model, tokenizer, problems: list[TaskProblem], reward
 
 def held_out_reward(recipe, pool: Pool, tokenizer=None, reference=None) -> float | None:
     """Mean over the pool's samples of the reward the run trains on (without the KL penalty), so a reader can see
-    whether each RL arm improved ITS OWN objective on held-out problems.
-
-    Computed by `rewards.training_rewards`, the very call PPO and GRPO make on their rollouts, on the pool's texts
-    and token ids: the same missing-answer rule (`SampleGrade.answered`), the same floor of answered returns, the
-    same length cap (a sample cut at rl.max_new_tokens counts as missing), the same dense form; each sample's
-    `TokenRewards.objective` (PPO's return; GRPO's rl.process_advantage value of its step values; rejection
-    sampling: the sparse reward). Scores: the pool's own (`score_pool` under reward.source), the checker's
-    (exact), or the starting generator's (`confidence`, which needs `reference`). None when it cannot be computed
-    here: no token ids (a pool read back from a file), no tokenizer, or no scores of the run's reward model.
+    whether each RL arm improved ITS OWN objective on held-out problems: the recipe's reward source's
+    `solution_reward` (rlprm/reward_sources.py), computed by the very call PPO and GRPO make on their rollouts.
+    Scores: the pool's own (`score_pool` under reward.source), the checker's (exact), the starting generator's
+    (`confidence`, which needs `reference`) or reward.function's. None when it cannot be computed here: no token
+    ids (a pool read back from a file), no tokenizer, or no scores of the run's reward model.
     """
-    from rlprm.rewards import confidence_scores, training_rewards
+    from rlprm.reward_sources import reward_source
 
-    reward = recipe.reward
-    grades = [g for row in pool.grades for g in row]
-    texts = [t for row in pool.texts for t in row]
-    ids = [list(x) for row in pool.response_ids for x in row]
-    if not grades or len(ids) != len(grades) or tokenizer is None:
-        return None
-    scores = None
-    if reward.source in ("prm", "orm"):
-        if reward.source not in pool.step_scores:
-            return None
-        scores = [s for row in pool.step_scores[reward.source] for s in row]
-    elif reward.source == "confidence":
-        if reference is None:
-            return None
-        import torch
-
-        prompts = [p.prompt for p, row in zip(pool.problems, pool.texts) for _ in row]
-        lps = response_logprobs(reference, tokenizer, prompts, ids)
-        width = max(len(x) for x in ids)
-        logprobs = torch.zeros(len(ids), width)
-        for k, lp in enumerate(lps):
-            logprobs[k, : len(lp)] = torch.as_tensor(lp, dtype=torch.float32)
-        mask = torch.arange(width).unsqueeze(0) < torch.tensor([len(x) for x in ids]).unsqueeze(1)
-        scores = confidence_scores(texts, ids, logprobs, mask, tokenizer, reward.mode == "dense",
-                                   recipe.task.step_separator)
-    tr = training_rewards(recipe, texts, ids, grades, scores=scores, tokenizer=tokenizer)
-    return float(tr.objective.mean())
+    # the starting generator's token log-probs (`confidence`), one teacher-forced pass per batch
+    start = None if reference is None else (lambda prompts, ids: response_logprobs(reference, tokenizer, prompts, ids))
+    return reward_source(recipe).solution_reward(pool, tokenizer, start)
 
 
 def sample_rates(pool: Pool) -> dict:

@@ -52,6 +52,8 @@ class JobInputError(InputError, ValueError):
 
 def models_read(recipe: Recipe, command: str) -> list[tuple[str, str, bool]]:
     """(recipe key, value, is a policy whose tokenizer is loaded) of every model `command` reads."""
+    from rlprm.reward_sources import source_class
+
     m, rm = recipe.model, recipe.rm
     refs: list[tuple[str, str | None, bool]] = []
     implicit = False
@@ -67,18 +69,18 @@ def models_read(recipe: Recipe, command: str) -> list[tuple[str, str, bool]]:
         refs.append(("model.reward_model", m.reward_model, False))
         if recipe.bench.arithmetic_problems:
             refs.append(("model.generator", m.generator, True))
-        implicit = rm.adapter == "implicit"
+        implicit = recipe.reward.adapter == "implicit"
     elif command == "train-rl":
         refs.append(("model.generator", m.generator, True))
-        if recipe.reward.source in ("prm", "orm"):  # the other sources load no reward model
+        if source_class(recipe).uses_reward_model:  # the other sources load no reward model
             refs.append(("model.reward_model", m.reward_model, False))
         refs.append(("rl.value_model", getattr(recipe.rl, "value_model", "policy"), False))
-        implicit = recipe.reward.source == "prm" and rm.adapter == "implicit"
+        implicit = source_class(recipe).uses_reward_model and recipe.reward.adapter == "implicit"
     elif command == "select":
         refs.append(("model.generator", m.generator, True))
         refs.append(("active.prm", recipe.active.prm, False) if recipe.active.prm is not None
                     else ("model.reward_model", m.reward_model, False))
-        implicit = (recipe.active.prm_adapter or rm.adapter) == "implicit"
+        implicit = (recipe.active.prm_adapter or recipe.reward.adapter) == "implicit"
     elif command == "active-learning":
         refs += [("model.generator", m.generator, True), ("active.labeller", recipe.active.labeller, False)]
         implicit = recipe.active.labeller_adapter == "implicit"
@@ -86,7 +88,7 @@ def models_read(recipe: Recipe, command: str) -> list[tuple[str, str, bool]]:
         refs += [("model.generator", m.generator, True), ("synthetic.large_prm", recipe.synthetic.large_prm, False)]
         implicit = recipe.synthetic.large_prm_adapter == "implicit"
     if implicit:
-        refs.append(("rm.reference_model", rm.reference_model, False))
+        refs.append(("reward.reference_model", recipe.reward.reference_model, False))
     return [(key, ref, policy) for key, ref, policy in refs if ref is not None and ref not in KEYWORDS]
 
 
@@ -186,16 +188,16 @@ def model_problems(recipe: Recipe, command: str) -> list[str]:
     """One line per model `command` reads that cannot be loaded; a missing folder that an embedded recipe builds is
     fine for the commands that build it first (train-rl, and train-rm for its generator)."""
     from rlprm.prerequisites import builder_hint, embedded_products, find_builder, recipe_folder
+    from rlprm.reward_sources import source_class
 
     near = recipe_folder(recipe)
-
     problems = []
     if command == "select" and recipe.active.prm is None and recipe.model.reward_model is None:
         problems.append("active.prm: not set, and model.reward_model neither: `rlprm select` scores the pool with a "
                         "PRM; set active.prm (or model.reward_model) to a PRM folder or hub id")
     if command == "bench-prm" and recipe.model.reward_model is None:
         problems.append("model.reward_model: not set: `rlprm bench-prm` benchmarks a PRM; set it to a folder or hub id")
-    if command == "train-rl" and recipe.reward.source in ("prm", "orm") and recipe.model.reward_model is None:
+    if command == "train-rl" and source_class(recipe).uses_reward_model and recipe.model.reward_model is None:
         problems.append(f"model.reward_model: not set, but reward.source is {recipe.reward.source}: point it at a "
                         "folder written by `rlprm train-rm` (or a public PRM's folder or hub id)")
     for key, ref, policy in models_read(recipe, command):

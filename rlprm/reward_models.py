@@ -178,7 +178,7 @@ def load_checked(loader, path: str | Path, family: str, error: type = RewardMode
         raise error(
             f"{path} cannot be loaded as {family}: {'; '.join(problems)}. The checkpoint declares architectures "
             f"{declared}. Loading it anyway would score with randomly initialised weights: check that the reward "
-            "model's family (rm.adapter) matches the checkpoint, and that the checkpoint is complete.")
+            "model's family (reward.adapter) matches the checkpoint, and that the checkpoint is complete.")
     return model
 
 

@@ -4,7 +4,9 @@ This is the one place where dense and sparse supervision differ (docs/design.md
 section 5); everything downstream (GAE, whitening, the losses) sees only a
 reward tensor and a mask.
 
-Sources (`RewardConfig.source`), each giving step probabilities p_1..p_K (or one number):
+Sources (`RewardConfig.source`; `rlprm/reward_sources.py` computes their scores, and builds the one
+`token_rewards` call of every consumer, `training_rewards`), each giving step probabilities p_1..p_K (or one
+number):
 - `prm`: a trained PRM's step probabilities; `orm`: an ORM's one final probability;
   `ground_truth`: the grader's 1/0 verdict on the final answer.
 - `exact`: the arithmetic task's exact step checker as an ORACLE PRM (the
@@ -19,6 +21,7 @@ Sources (`RewardConfig.source`), each giving step probabilities p_1..p_K (or one
   (`step_confidence`); sparse: exp(lowest token log-prob over the whole
   response, EOS included; `sequence_confidence`). The caller computes the
   log-probs (PPO reuses its reference forward pass) and passes the p_k as scores.
+- `python`: a user's function (`reward.function`): per step (dense) or one number (sparse), in [0, 1].
 
 Modes (`RewardConfig.mode`):
 - sparse: one reward at the last response token: the grader's 1/0
@@ -26,7 +29,7 @@ Modes (`RewardConfig.mode`):
   with `sparse_aggregate` (`prod` is the paper's solution score; `prm`), 1 if
   every step is right else 0 (`exact`), or the whole-response confidence
   (`confidence`).
-- dense (`source: prm | exact | confidence`): a reward at the last token of
+- dense (`source: prm | exact | confidence | python`): a reward at the last token of
   each step, from the step probabilities p_1..p_K, in one of four forms
   (`RewardConfig.dense_form`, or `token_rewards(dense_form=...)`):
   - `log_prob`: r_k = log p_k. The return is log(p_1 * ... * p_K), the log of
@@ -176,7 +179,7 @@ VALUE_FORMS = ("log_prob", "score")
 """Dense forms whose step rewards are values of the steps (monotone in p_k), not differences: the ones whose
 min or mean over steps means something (GRPO's process advantages, `rl.core.process_token_advantages`)."""
 
-STEP_SOURCES = ("prm", "exact", "confidence")
+STEP_SOURCES = ("prm", "exact", "confidence", "python")
 """Sources that give one probability per step, so can drive dense rewards."""
 
 ANSWERED_MARGIN = 0.1
@@ -639,32 +642,6 @@ def token_rewards(
     return out
 
 
-def training_rewards(recipe, texts: Sequence[str], token_ids, grades, *, scores=None, tokenizer=None,
-                     width: int | None = None, device=None) -> TokenRewards:
-    """The rewards a run of `recipe` trains on, for graded samples: the one `token_rewards` call of PPO, GRPO and
-    the held-out reward of evaluation (`evaluate.held_out_reward`), so that they cannot measure different things.
-
-    texts, token_ids: as `token_rewards` takes them (the policy's ids, EOS included when it was generated).
-    grades: per sample, its `problems.SampleGrade`: the outcome (`answer_correct`), whether it answered
-    (`answered`, the task's own answer reading) and, for `reward.source: exact`, the checker's step verdicts.
-    scores: the reward model's (prm / orm) or the confidence control's (`confidence_scores`); None for
-    ground_truth and exact (then the checker's prefix-correctness, `prefix_correct_probs`).
-    What the algorithm changes: GRPO's dense events are step values for its rl.process_advantage, the last on EOS
-    (`process_form`, `last_event_at_eos`); `TokenRewards.objective` is then the value that form gives a sample,
-    the return otherwise. The length cap is rl.max_new_tokens, with the tokenizer's EOS (a response stopped at
-    the cap without EOS was cut: missing). Returns `TokenRewards` (B, width).
-    """
-    rcfg, rl = recipe.reward, recipe.rl
-    if scores is None and rcfg.source == "exact":  # the checker as an oracle PRM: 1 up to the first wrong step, then 0
-        scores = [prefix_correct_probs(g.step_correct or []) for g in grades]
-    grpo = rl.algorithm == "grpo"
-    return token_rewards(rcfg, texts, token_ids, scores=scores, outcomes=[float(g.answer_correct) for g in grades],
-                         has_answer=[g.answered for g in grades], tokenizer=tokenizer, max_tokens=rl.max_new_tokens,
-                         eos_token_id=None if tokenizer is None else tokenizer.eos_token_id, width=width,
-                         sep=recipe.task.step_separator, sparse_aggregate=rcfg.sparse_aggregate,
-                         last_event_at_eos=grpo, process_form=rl.process_advantage if grpo else None, device=device)
-
-
 def add_kl_penalty(rewards: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kl_coef: float,
                    kind: str = "k1") -> tuple[Tensor, Tensor]:
     """Per-token KL penalty against the reference model.
@@ -687,5 +664,4 @@ __all__ = [
     "TokenRewards",
     "add_kl_penalty", "confidence_scores", "dense_step_rewards", "dense_step_values", "floor_running_return",
     "prefix_correct_probs", "sequence_confidence", "solution_value", "step_confidence", "step_token_ends", "token_rewards",
-    "training_rewards",
 ]

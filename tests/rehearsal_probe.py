@@ -39,9 +39,10 @@ def _list(x):
 
 
 def _caller() -> str | None:
-    """The first module up the stack outside rlprm.rewards (whose own helpers also call token_rewards)."""
+    """The first module up the stack outside rlprm.rewards and rlprm.reward_sources (whose helpers call
+    token_rewards for the algorithms and the evaluation)."""
     frame = sys._getframe(2)
-    while frame is not None and frame.f_globals.get("__name__") == "rlprm.rewards":
+    while frame is not None and frame.f_globals.get("__name__") in ("rlprm.rewards", "rlprm.reward_sources"):
         frame = frame.f_back
     return None if frame is None else frame.f_globals.get("__name__")
 

@@ -241,7 +241,7 @@ MODEL_CASES = {
     "value_model_missing": ([*RL, "model.generator={gen}", "model.reward_model={prm}", "rl.value_model=./critic"],
                             ["rl.value_model: {tmp}/critic does not exist (a typo?)"]),
     # row 3: 74 s of retries, then an OSError traceback
-    "hub_id_offline": (["bench-prm", "{base}", "model.reward_model=Qwen/Qwen2.5-Math-PRM-7B", "rm.adapter=qwen_prm",
+    "hub_id_offline": (["bench-prm", "{base}", "model.reward_model=Qwen/Qwen2.5-Math-PRM-7B", "reward.adapter=qwen_prm",
                         "bench.processbench_paths=[{processbench_bad}]"],
                        ["model.reward_model: Qwen/Qwen2.5-Math-PRM-7B is a Hugging Face hub id that is not in the "
                         "local cache", "HF_HUB_OFFLINE is set"]),

@@ -80,7 +80,8 @@ def _recipe(tmp_path, model, adapter, files, extra="", key="processbench_paths",
         run: {{output_dir: {tmp_path / 'run'}, device: cpu}}
         tracking: {{wandb: disabled}}
         model: {{reward_model: {model}{model_extra}}}
-        rm: {{adapter: {adapter}{rm_extra}}}
+        reward: {{adapter: {adapter}}}
+        rm: {{{rm_extra}}}
         bench:
           batch_size: 3
           {key}:{'' if files else ' []'}
@@ -140,7 +141,7 @@ def test_bench_prm_errors(tmp_path, capsys):
     data.write_text(json.dumps(ITEMS))
     recipe = _recipe(tmp_path, model, "null", [data])
     assert main(["bench-prm", str(recipe), "--no-progress"]) == 2  # an undetectable family, not named
-    assert "rm.adapter" in capsys.readouterr().err
+    assert "reward.adapter" in capsys.readouterr().err
 
 
 def test_step_auroc_reads_given_step_truth():
@@ -197,7 +198,7 @@ def test_bench_prm_on_held_out_arithmetic_samples(tmp_path, held_out_generator, 
     model = save_standin("rlhflow", tmp_path / "rlhflow")
     extra = f"  arithmetic_problems: {HELD_OUT}\n  arithmetic_samples_per_problem: 4\n"
     recipe = _recipe(tmp_path, model, "rlhflow", [], extra, model_extra=f", generator: {held_out_generator}",
-                     rm_extra=", data: {max_new_tokens: 60}")
+                     rm_extra="data: {max_new_tokens: 60}")
     assert main(["bench-prm", str(recipe), "--no-progress"]) == 0
     assert "| arithmetic | arithmetic |" in capsys.readouterr().out
     run = tmp_path / "run"

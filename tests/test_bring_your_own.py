@@ -44,7 +44,7 @@ def _my_data(path: Path, n: int) -> Path:
 
 def test_the_doc_names_the_overrides_this_test_uses():
     text = DOC.read_text()
-    for key in ("model.generator=", "model.reward_model=", "rm.adapter=qwen_prm", "task.name=gsm8k",
+    for key in ("model.generator=", "model.reward_model=", "reward.adapter=qwen_prm", "task.name=gsm8k",
                 "task.train_path=", "task.test_path=", "save_standin('qwen_prm'"):
         assert key in text, key
     assert "docs/bring_your_own_model.md" in (ROOT / "README.md").read_text()
@@ -64,7 +64,7 @@ def test_own_policy_public_prm_family_and_own_data_run_the_real_size_recipe(tmp_
     out = subprocess.run(
         [sys.executable, str(ROOT / "rlprm" / "train_rl.py"), str(RECIPE),
          # the doc's overrides
-         f"model.generator={policy}", f"model.reward_model={prm}", "rm.adapter=qwen_prm",
+         f"model.generator={policy}", f"model.reward_model={prm}", "reward.adapter=qwen_prm",
          "task.name=gsm8k", f"task.train_path={train}", f"task.test_path={test}", f"run.output_dir={tmp_path / 'run'}",
          # tiny budgets for a CPU
          "run.device=cpu", "run.threads=1", "rl.epochs=1", "rl.problems_per_epoch=2", "rl.prompts_per_iteration=2",

@@ -578,7 +578,7 @@ def test_held_out_reward_is_the_training_objective(char_tokenizer, tmp_path, alg
     from rlprm.evaluate import held_out_reward
     import torch
 
-    from rlprm.rewards import training_rewards
+    from rlprm.reward_sources import training_rewards
 
     pool, cap = _rl_pool(char_tokenizer)
     recipe = Recipe.model_validate({"reward": {**reward, "missing_answer_reward": -1.0},
@@ -588,6 +588,10 @@ def test_held_out_reward_is_the_training_objective(char_tokenizer, tmp_path, alg
     assert [g.answered for g in grades] == [True, True, False, True] and grades[3].answer_correct
     # training's own call on these samples (PPO and GRPO both make it), and GRPO's reward function end to end
     scores = pool.step_scores["prm"][0] if reward["source"] == "prm" else None
+    if reward["source"] == "exact":  # the checker's prefix-correctness, as the exact source scores
+        from rlprm.rewards import prefix_correct_probs
+
+        scores = [prefix_correct_probs(g.step_correct) for g in grades]
     tr = training_rewards(recipe, pool.texts[0], pool.response_ids[0], grades, scores=scores, tokenizer=char_tokenizer)
     assert tr.truncated == [False, False, False, True] and tr.missing_answer == [False, False, True, True]
     assert tr.objective.tolist() == pytest.approx(by_hand, abs=1e-6)

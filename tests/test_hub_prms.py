@@ -235,9 +235,9 @@ def test_detection_and_errors(folders, tmp_path, char_tokenizer):
     assert detect_family(folders["pure_prm"]) == "pure_prm"  # transformers' own *ForTokenClassification
     for family in ("math_shepherd", "rlhflow", "implicit"):
         assert detect_family(folders[family]) is None
-        with pytest.raises(AdapterError, match="rm.adapter.*qwen_prm.*math_shepherd.*rlhflow.*value_head.*implicit"):
+        with pytest.raises(AdapterError, match="reward.adapter.*qwen_prm.*math_shepherd.*rlhflow.*value_head.*implicit"):
             load_reward_model(folders[family])
-    with pytest.raises(AdapterError, match="rm.reference_model"):
+    with pytest.raises(AdapterError, match="reward.reference_model"):
         load_reward_model(folders["implicit"], "implicit")
     with pytest.raises(AdapterError, match="unknown PRM adapter"):
         load_reward_model(folders["qwen_prm"], "qwen")
@@ -329,7 +329,7 @@ def test_a_model_that_transforms_its_logits_is_refused(folders):
 
 @pytest.mark.parametrize("family", ["qwen_prm", "rlhflow"])
 def test_one_ppo_iteration_with_dense_rewards_from_a_public_prm(family, folders, generator_dir, tmp_path, monkeypatch):
-    """The RL reward loading goes through the loader: a public PRM (detected, or named by rm.adapter) scores the
+    """The RL reward loading goes through the loader: a public PRM (detected, or named by reward.adapter) scores the
     policy's steps, and the rewards land on the policy's own tokens (its tokenizer is another one)."""
     import rlprm.rewards as rewards_module
     from rlprm.rl import ppo, train
@@ -345,7 +345,7 @@ def test_one_ppo_iteration_with_dense_rewards_from_a_public_prm(family, folders,
     recipe = make_recipe(tmp_path, generator_dir, f"ppo_{family}", epochs=1, mode="dense", source="prm",
                          dense_form="min_form")
     recipe.model.reward_model = str(folders[family])
-    recipe.rm.adapter = None if family == "qwen_prm" else family
+    recipe.reward.adapter = None if family == "qwen_prm" else family
     recipe.rl.eval_n_max = 0
     recipe.rl.max_new_tokens = 64
     final = train(recipe, progress=False)
@@ -373,7 +373,7 @@ def test_every_family_selects_best_of_n(folders):
 @pytest.mark.parametrize("family", ["value_head", "math_shepherd"])
 def test_one_grpo_iteration_with_dense_rewards_from_a_public_prm(family, folders, generator_dir, char_tokenizer,
                                                                  tmp_path, monkeypatch):
-    """GRPO's process rewards from a public PRM (detected, or named by rm.adapter): the policy's completions are
+    """GRPO's process rewards from a public PRM (detected, or named by reward.adapter): the policy's completions are
     scored by the stand-in through the loader, its step scores become the token rewards, and TRL's loss gets
     per-token advantages. Rollouts are fixed answered solutions (a random tiny policy never writes `# Answer`)."""
     from trl import GRPOTrainer
@@ -406,7 +406,7 @@ def test_one_grpo_iteration_with_dense_rewards_from_a_public_prm(family, folders
     recipe = make_recipe(tmp_path, generator_dir, f"grpo_{family}", epochs=1, max_new_tokens=64, eval_n_max=0,
                          reward={"mode": "dense", "source": "prm", "dense_form": "log_prob"})
     recipe.model.reward_model = str(folders[family])
-    recipe.rm.adapter = None if family == "value_head" else family
+    recipe.reward.adapter = None if family == "value_head" else family
     final = train(recipe, progress=False)
 
     assert scored and all(adapter == family for adapter, *_ in scored)

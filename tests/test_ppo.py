@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
 
 LOGGED = ["rl/reward", "rl/kl", "rl/kl_per_sample", "rl/kl_per_token", "rl/kl_coef", "rl/entropy", "rl/clipfrac",
-          "rl/value_loss", "rl/policy_loss",
+          "rl/value_loss", "rl/explained_variance", "rl/policy_loss",
           "rl/response_length", "rl/steps_per_solution", "rl/answer_accuracy", "rl/process_accuracy",
           "time/generate", "time/score", "time/update"]
 

@@ -388,7 +388,7 @@ def test_bench_prm_on_processbench(prm, data):
     run = RUN_DIR / "bench_prm"
     shutil.rmtree(run, ignore_errors=True)
     out = launch(["-m", "rlprm.cli", "bench-prm", str(RECIPES / "bench_prm.yaml"), f"model.reward_model={prm}",
-                  "rm.adapter=rlprm", f"run.output_dir={run}",
+                  "reward.adapter=rlprm", f"run.output_dir={run}",
                   # the PRM's own separator (rlprm_rm.json): bench-prm renders steps with task.step_separator
                   "task.step_separator=\"\\n\\n\"",
                   f"bench.processbench_paths=[{data['pb_gsm8k']},{data['pb_math']}]", "bench.limit=16",

@@ -12,6 +12,7 @@ from rlprm.rl.core import (
     AdaptiveKLController,
     FixedKLController,
     entropy_from_logits,
+    explained_variance,
     gae,
     group_normalize,
     group_normalize_steps,
@@ -173,6 +174,19 @@ def test_policy_loss_clipping_by_hand():
     # d/dlogp of -A r is -A r / 7 where unclipped, 0 where clipped or masked
     expected = t([[0, -0.5, 1.1, 0], [1.5, 0, -2.0, 0]]) / 7
     assert close(logp.grad, expected)
+
+
+def test_explained_variance_by_hand():
+    returns = t([[1, 2, 3, 100], [3, 1, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)  # returns 1, 2, 3, 3, 1: mean 2, var 0.8
+    # errors returns - values = 0.5, -0.5, 0, 1, -1 (mean 0, var (0.25 + 0.25 + 0 + 1 + 1) / 5 = 0.5); padding ignored
+    values = t([[0.5, 2.5, 3, -50], [2, 2, 7, 7]])
+    assert explained_variance(values, returns, mask) == pytest.approx(1 - 0.5 / 0.8)
+    assert explained_variance(returns, returns, mask) == 1.0  # a perfect critic
+    assert explained_variance(torch.full_like(returns, 2.0), returns, mask) == pytest.approx(0.0)  # the mean only
+    assert explained_variance(values - 5, returns, mask) == pytest.approx(1 - 0.5 / 0.8)  # blind to a constant offset
+    assert explained_variance(-returns, returns, mask) == pytest.approx(1 - 4 * 0.8 / 0.8)  # worse than the mean
+    assert math.isnan(explained_variance(values, torch.ones_like(returns), mask))  # nothing to explain
 
 
 def test_value_loss_clipping_by_hand():

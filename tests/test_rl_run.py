@@ -106,7 +106,7 @@ def _final_weights(run_dir: Path) -> str:
 
 def _drop_optimizer_state(monkeypatch, algorithm: str) -> None:
     """The fault a resume-equality check must see: the checkpoint's weights come back, Adam's moments do not."""
-    from rlprm.rl import run as run_module
+    from rlprm.rl import algorithms as run_module
 
     real = run_module.algorithm_for
 
@@ -277,3 +277,17 @@ def test_the_progress_line_shows_process_accuracy_where_the_task_checks_steps():
     assert process_part({"rl/process_accuracy": 0.412}) == "  process 41.2%"
     assert process_part({"rl/process_accuracy": None}) == ""  # MATH / GSM8K: no step checker, nothing claimed
     assert process_part({}) == ""
+
+
+def test_the_rl_modules_import_no_circle():
+    """rl/run.py (the skeleton) imports none of the algorithms that import it, and grpo.py and grpo_trainer.py do not
+    import each other both ways: the registry (rl/algorithms.py) sits above them all. Read from the sources, every
+    `rlprm.rl.*` import counted, also those inside functions."""
+    import re
+
+    rl = ROOT / "rlprm" / "rl"
+    imports = {f"rlprm.rl.{p.stem}": set(re.findall(r"(?:from|import) (rlprm\.rl\.\w+)", p.read_text()))
+               - {f"rlprm.rl.{p.stem}"} for p in rl.glob("*.py") if p.stem != "__init__"}
+    circles = sorted((a, b) for a, deps in imports.items() for b in deps if a < b and a in imports.get(b, ()))
+    assert circles == []
+    assert not {"rlprm.rl.ppo", "rlprm.rl.grpo", "rlprm.rl.rejection"} & imports["rlprm.rl.run"]

@@ -39,7 +39,7 @@ def _families_text() -> str:
     return ("qwen_prm (Qwen2.5-Math-PRM: <extra_0> token classification), pure_prm (PURE-PRM-7B / TRL PRMTrainer: "
             "token classification at the \\n after each step), math_shepherd (+/- at the ки tag), "
             "rlhflow (+/- at each assistant turn), value_head (Skywork-o1-Open-PRM: sigmoid value head), "
-            "implicit (PRIME/EurusPRM: beta*log(pi/pi_ref), needs rm.reference_model), rlprm (rlprm_rm.json)")
+            "implicit (PRIME/EurusPRM: beta*log(pi/pi_ref), needs reward.reference_model), rlprm (rlprm_rm.json)")
 
 
 def _architectures(ref: str) -> list[str]:
@@ -100,7 +100,7 @@ def load_reward_model(ref: str | Path, adapter: str | None = None, device: str =
         raise AdapterError(f"cannot tell which PRM family the {where} {ref} belongs to (no {ADAPTER_FILE}, no "
                            "Qwen2ForProcessRewardModel or *ForTokenClassification architecture, no Skywork value "
                            "head). Name it with "
-                           f"rm.adapter (or eval.reward_model_adapters.NAME): {_families_text()}")
+                           f"reward.adapter (or eval.reward_model_adapters.NAME): {_families_text()}")
     if family == "rlprm":
         from rlprm.reward_models import RewardModel
 
@@ -132,7 +132,7 @@ def load_reward_model(ref: str | Path, adapter: str | None = None, device: str =
         from rlprm.prm_adapters import implicit
 
         if reference is None:
-            raise AdapterError("the implicit family scores with two LMs: set rm.reference_model to the reference "
+            raise AdapterError("the implicit family scores with two LMs: set reward.reference_model to the reference "
                                "model (e.g. the PRM's base model)")
         impl = implicit.load(ref, str(reference), device, dtype, beta, trust_remote_code)
     return HubPRM(impl, ref, step_separator or DEFAULT_SEPARATOR)
@@ -141,19 +141,20 @@ def load_reward_model(ref: str | Path, adapter: str | None = None, device: str =
 def load_for_recipe(recipe, ref: str | Path | None = None, adapter: str | None = None, device: str = "cpu",
                     dtype: str | None = None, task_separator: bool = True):
     """`load_reward_model` with a recipe's settings: the task's step separator, model.dtype / trust_remote_code
-    and the implicit / qwen_prm options of `rm`. With no `ref`: model.reward_model, whose family is rm.adapter;
+    and the family's options (`reward.reference_model`, `reward.implicit_beta`, `reward.system_prompt`). With no
+    `ref`: model.reward_model, whose family is reward.adapter;
     another `ref` has the family `adapter` (None: detected). `task_separator=False`: the data come split into
     steps already, so an rlprm PRM keeps the separator it was trained with instead of being held to the task's."""
-    rm = recipe.rm
+    rcfg = recipe.reward
     if ref is None:
-        ref, adapter = recipe.model.reward_model, rm.adapter
+        ref, adapter = recipe.model.reward_model, rcfg.adapter
     if ref is None:
         raise AdapterError("no reward model named: set model.reward_model to a folder or hub id")
     return load_reward_model(ref, adapter, device=device,
                              dtype=dtype or recipe.model.dtype,
                              step_separator=recipe.task.step_separator if task_separator else None,
-                             trust_remote_code=recipe.model.trust_remote_code, reference=rm.reference_model,
-                             beta=rm.implicit_beta, system_prompt=rm.system_prompt)
+                             trust_remote_code=recipe.model.trust_remote_code, reference=rcfg.reference_model,
+                             beta=rcfg.implicit_beta, system_prompt=rcfg.system_prompt)
 
 
 __all__ = ["ADAPTER_FILE", "AdapterError", "Encoded", "FAMILIES", "HubPRM", "detect_family", "load_for_recipe", "load_reward_model"]

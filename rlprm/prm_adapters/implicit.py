@@ -13,7 +13,7 @@ to step k. The ids and spans here are built exactly that way.
 
 Here P(step correct) = sigmoid(q_k - q_(k-1)), the step's process reward r_k of the paper; `cumulative=True`
 gives sigmoid(q_k), the running sum the cards' snippet prints per step. beta: 0.001 in the cards' example
-(set rm.implicit_beta). One forward pass of each LM's body per solution, its head only at the step tokens'
+(set reward.implicit_beta). One forward pass of each LM's body per solution, its head only at the step tokens'
 predictions (`token_logps`).
 """
 

@@ -15,6 +15,7 @@ these functions together.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -62,6 +63,19 @@ def masked_var(x: Tensor, mask: Tensor, dim: int | None = None, unbiased: bool =
         n = _as_weights(mask, x).sum() if dim is None else _as_weights(mask, x).sum(dim)
         var = torch.where(n > 1, var * n / (n - 1).clamp(min=1), var)
     return var
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """How much of the returns' variance the critic explains: 1 - Var(returns - values) / Var(returns), over the
+    masked positions (population variances; cleanrl logs the same for its PPO critics).
+
+    1: the values predict the returns exactly; 0: no better than their mean; below 0: worse than predicting the
+    mean. NaN when the returns do not vary (nothing to explain). values, returns, mask: (B, T).
+    """
+    var_returns = float(masked_var(returns.float(), mask, unbiased=False))
+    if var_returns == 0.0:
+        return math.nan
+    return 1.0 - float(masked_var(returns.float() - values.float(), mask, unbiased=False)) / var_returns
 
 
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
@@ -231,11 +245,7 @@ def process_token_advantages(event_values: Tensor, event_positions: Tensor, grou
         warnings.warn("GRPO process advantages with form `sum` (DeepSeekMath) pay for more steps: padding a "
                       "solution with sure steps raises its advantage; `min` cannot be farmed that way",
                       stacklevel=2)
-        last = torch.where(valid, pos, torch.full_like(pos, -1)).amax(dim=1)
-        extra = torch.where(valid.any(dim=1) & (outcome != 0), last, torch.full_like(last, -1))
-        values = torch.cat([values, outcome.unsqueeze(1)], dim=1)
-        pos = torch.cat([pos, extra.unsqueeze(1)], dim=1)
-        return step_rewards_to_token_advantages(group_normalize_steps(values, pos >= 0, group_size, eps), pos, width)
+        return summed_process_advantages(values, pos, outcome, group_size, width, eps)
 
     # events in token order, padding last (a stable sort keeps step order within a shared token)
     order = torch.where(valid, pos, torch.full_like(pos, width)).argsort(dim=1, stable=True)
@@ -259,6 +269,21 @@ def process_token_advantages(event_values: Tensor, event_positions: Tensor, grou
     first = (valid.unsqueeze(-1) & (pos.unsqueeze(-1) < t)).sum(dim=1)  # (B, width)
     adv = normalized.gather(1, first.clamp(max=S - 1))
     return torch.where(first < valid.sum(dim=1, keepdim=True), adv, torch.zeros_like(adv))
+
+
+def summed_process_advantages(values: Tensor, positions: Tensor, outcome: Tensor, group_size: int, width: int,
+                              eps: float = 1e-4) -> Tensor:
+    """`process_token_advantages` form `sum` (DeepSeekMath): every event normalised over its group's events, a
+    nonzero outcome one more event at the sample's last event, a token's advantage the sum from it on.
+
+    values, positions: (B, S), padding at position -1 with value 0; outcome: (B,). Returns (B, width)."""
+    valid = positions >= 0
+    last = torch.where(valid, positions, torch.full_like(positions, -1)).amax(dim=1)
+    extra = torch.where(valid.any(dim=1) & (outcome != 0), last, torch.full_like(last, -1))
+    values = torch.cat([values, outcome.unsqueeze(1)], dim=1)
+    positions = torch.cat([positions, extra.unsqueeze(1)], dim=1)
+    return step_rewards_to_token_advantages(group_normalize_steps(values, positions >= 0, group_size, eps),
+                                            positions, width)
 
 
 # --------------------------------------------------------------------------- KL
@@ -473,8 +498,9 @@ def entropy_from_logits(logits: Tensor, mask: Tensor | None = None) -> Tensor:
 
 
 __all__ = [
-    "AdaptiveKLController", "FARMABLE_PROCESS_FORMS", "FixedKLController", "KL_KINDS", "PROCESS_FORMS",
-    "entropy_from_logits", "gae", "group_normalize", "group_normalize_steps", "kl_penalty", "logprobs_from_logits",
-    "masked_mean", "masked_var", "masked_whiten", "policy_loss", "process_token_advantages",
-    "step_rewards_to_token_advantages", "token_logprobs", "value_loss", "LOGIT_CHUNK_ELEMENTS",
+    "AdaptiveKLController", "FARMABLE_PROCESS_FORMS", "FixedKLController", "KL_KINDS", "LOGIT_CHUNK_ELEMENTS",
+    "PROCESS_FORMS", "entropy_from_logits", "explained_variance", "gae", "group_normalize", "group_normalize_steps",
+    "kl_penalty", "logprobs_from_logits", "masked_mean", "masked_var", "masked_whiten", "policy_loss",
+    "process_token_advantages", "step_rewards_to_token_advantages", "summed_process_advantages", "token_logprobs",
+    "value_loss",
 ]

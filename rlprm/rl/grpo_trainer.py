@@ -13,7 +13,7 @@ from accelerate.utils import gather_object
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
-from rlprm.rl.grpo import TRL_OUTPUT_KEYS, RewardFunction, rank_process_advantages
+from rlprm.rl.grpo_rewards import TRL_OUTPUT_KEYS, RewardFunction, rank_process_advantages
 from rlprm.rl.run import RLError, Run, check_finite, mean, process_part
 
 
@@ -21,7 +21,7 @@ class RlprmGRPOTrainer(GRPOTrainer):
     """GRPOTrainer with process-supervised advantages (dense rewards), phase timings and a NaN guard.
 
     reward: the `RewardFunction` it was built with (also in reward_funcs);
-    process: hand the loss (B, T) process advantages (`grpo.grpo_advantages`);
+    process: hand the loss (B, T) process advantages (`grpo_rewards.grpo_advantages`);
     run_dir: where the last good checkpoint is named from when a loss is not
     finite; times: seconds spent generating and scoring, summed over an
     iteration (the `IterationLog` callback reads and clears it); vllm_generation: with `use_vllm`, an
@@ -32,7 +32,7 @@ class RlprmGRPOTrainer(GRPOTrainer):
 
     Several processes: this rank's `output` holds its own slice of the
     generation batch; its process advantages come from every rank's reward
-    events (`grpo.rank_process_advantages`), as TRL's scalar advantages come
+    events (`grpo_rewards.rank_process_advantages`), as TRL's scalar advantages come
     from every rank's rewards.
     """
 

@@ -30,10 +30,14 @@ the mean over samples of the sum over each sample's tokens.
 `PPO` is this algorithm's part of the run skeleton (`rl/run.py`, which loads
 the policy, the reference and the reward model, evaluates, checkpoints and
 exports): the critic and both optimizers (`setup`), and the update of one
-epoch (`train_epoch`), whose every iteration reads top to bottom: 1. generate,
-2. score, 3. rewards, 4. logprobs and values, 5. KL penalty, 6. advantages,
-7. update, 8. log. The math lives in `rl/core.py` and `rewards.py`; this file
-only wires models and tensors to it.
+epoch (`train_epoch`), each of whose iterations is `rollout() -> Trajectory`
+(1. generate, 2. score, 3. rewards, 4. logprobs and values, 5. KL penalty,
+6. advantages), `ppo_step(trajectory) -> stats` (7. update) and
+`record(stats)` (8. log); the split follows torchtune's PPO recipe
+(`generate_trajectory`, `_ppo_step`). The critic's explained variance is
+logged beside its loss (`rl/explained_variance`, as cleanrl logs it). The
+math lives in `rl/core.py` and `rewards.py`, the scores in the run's reward
+source (`reward_sources.py`); this file only wires models and tensors to them.
 
 Sequences are laid out as [left-padded prompt | right-padded response]: the
 prompts are padded on the left so that every response starts at the same
@@ -73,6 +77,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from rlprm.config import Recipe
+from rlprm.rl.distributed import shard, trim
 from rlprm.rl.run import RLError, RLInputError, Run, check_finite, check_models, mean, process_part
 
 
@@ -455,182 +460,223 @@ class PPO:
                     self.value_opt.step()
 
     def train_epoch(self, run: Run, epoch: int, problems: list) -> None:
-        import torch
-
-        from rlprm.problems import grade_samples
-        from rlprm.rewards import RewardError, add_kl_penalty, confidence_scores, prefix_correct_probs, training_rewards
-        from rlprm.rl.core import gae, masked_mean, policy_loss, token_logprobs, value_loss
-        from rlprm.rl.distributed import shard, trim
-        from rlprm.rollout import logprob_gap
-
-        recipe, rl, rcfg, dist = run.recipe, run.recipe.rl, run.recipe.reward, run.dist
-        sep, tokenizer, device, run_dir = recipe.task.step_separator, run.tokenizer, run.device, run.run_dir
-        policy, reference, reward_model, value_model = run.policy, run.reference, run.reward_model, self.value_model
-        policy_opt, value_opt, kl_ctl = self.policy_opt, self.value_opt, self.kl_ctl
+        """Every iteration: `rollout` (sample, score, rewards, advantages), `ppo_step` (the update), `record`."""
+        rl, dist = run.recipe.rl, run.dist
         iterations = math.ceil(rl.problems_per_epoch / rl.prompts_per_iteration)
-        n = rl.samples_per_problem
-        minibatch = max(1, rl.minibatch_size // dist.world)
         for it in range(iterations):
-            # this rank's share; a batch is trimmed to a multiple of the world size so that every rank
-            # runs the same number of steps (identity on one process)
+            # this rank's share; a batch is trimmed to a multiple of the world size so that every rank runs the same
+            # number of steps (identity on one process)
             batch = shard(trim(problems[it * rl.prompts_per_iteration:(it + 1) * rl.prompts_per_iteration], dist),
                           dist)
             if not batch:
                 break
-            t0 = time.monotonic()
-
-            # 1. generate: n samples per prompt, EOS and token ids kept (rl.rollout: HF generate or vLLM; ZeRO-3:
-            # the policy gathered whole on every rank, so that ranks stopping at different lengths never wait)
-            with dist.whole_weights(policy), self._compute():
-                ro = _generate(self.sampler, tokenizer, [p.prompt for p in batch], n, rl.temperature, rl.max_new_tokens)
-            B, T = ro.response_mask.shape
-            sample_problems = [p for p in batch for _ in range(n)]
-            t_gen = time.monotonic() - t0
-
-            # 2. score: exact grading always (for the log and ground-truth rewards); the reward model if used
-            grades = [g for row in grade_samples(batch, [ro.texts[i * n:(i + 1) * n] for i in range(len(batch))],
-                                                 sep) for g in row]
-            outcomes = [float(g.answer_correct) for g in grades]
-            scores, ref_logprobs, confidence_logprobs = None, None, None
-            if reward_model is not None:
-                scores = reward_model.score_steps([p.text for p in sample_problems], ro.texts, sep=sep)
-            elif rcfg.source == "exact":  # the checker as an oracle PRM: 1 up to the first wrong step, then 0
-                scores = [prefix_correct_probs(g.step_correct or []) for g in grades]
-            elif rcfg.source == "confidence":
-                # the frozen start's own confidence, at T = 1; the same forward pass gives the KL's log-probs
-                with torch.no_grad(), self._compute():
-                    features, head = response_features(reference, ro.input_ids, ro.attention_mask,
-                                                       ro.prompt_width, T)
-                    both = features_logprobs(features, head, ro.input_ids[:, ro.prompt_width:],
-                                             (rl.temperature,) if rl.temperature == 1.0 else (rl.temperature, 1.0))
-                    ref_logprobs, confidence_logprobs = both[0][0], both[-1][0]
-                    del features
-            t_score = time.monotonic() - t0 - t_gen
-
-            # 3. rewards on the policy's response tokens (dense at step ends, or sparse at the last token)
-            reason = None
-            try:
-                if confidence_logprobs is not None:  # per step (dense) or over the response (sparse)
-                    scores = confidence_scores(ro.texts, ro.response_ids, confidence_logprobs, ro.response_mask,
-                                               tokenizer, rcfg.mode == "dense", sep)
-                # eos_token_id: a response stopped at max_new_tokens without EOS is cut, not judged as written
-                tr = training_rewards(recipe, ro.texts, ro.response_ids, grades, scores=scores, tokenizer=tokenizer,
-                                      width=T, device=device)
-            except RewardError as exc:
-                reason = f"epoch {epoch + 1}, iteration {it + 1}: {exc}"
-            dist.stop_if_any(reason, RLError)  # every rank stops if one cannot go on
-            check_finite("the rewards", tr.rewards, run_dir, dist)
-            mask = tr.mask & ro.response_mask
-
-            # 4. logprobs and values of the rollout, before any update (the "old" policy and critic), at the
-            # sampling temperature: the distribution the rollout came from
-            with torch.no_grad(), self._compute():
-                policy.eval()
-                old_logprobs, entropy = rollout_logprobs(policy, ro, rl.temperature, entropy=True)
-                entropy = masked_mean(entropy, mask)
-                # the ratio's old log-probs are the policy's own (above); a vLLM sampler's only measure the mismatch
-                gap = None if ro.sampler_logprobs is None else logprob_gap(ro.sampler_logprobs, old_logprobs,
-                                                                           ro.response_mask)
-                if ref_logprobs is None:
-                    ref_logprobs, _ = rollout_logprobs(reference, ro, rl.temperature)
-                old_values = _rollout_values(value_model, ro, T)
-
-                # 5. KL penalty: every token pays for drifting from the reference
-                shaped, kl = add_kl_penalty(tr.rewards, old_logprobs, ref_logprobs, mask, kl_ctl.value,
-                                            rl.kl_estimator)
-
-            if run.step == 0 and rl.critic_warmup_passes:  # a fresh run's first rollout: fit the new critic first
-                self.warm_critic(rl, ro, shaped, mask, dist)
-                with torch.no_grad(), self._compute():
-                    old_values = _rollout_values(value_model, ro, T)
-
-            with torch.no_grad():
-                # 6. advantages: GAE over the shaped rewards, then whitened over the batch
-                advantages, returns = gae(shaped, old_values, mask, rl.gamma, rl.lam)
-                if rl.whiten_advantages:
-                    advantages = dist.masked_whiten(advantages, mask)  # all ranks' statistics
-            check_finite("the advantages", advantages, run_dir, dist)
-
-            # 7. update: ppo_epochs passes over shuffled minibatches, clipped policy and value losses
-            policy.train()
-            value_model.train()
-            stats: dict[str, list[float]] = defaultdict(list)
-            for _ in range(rl.ppo_epochs):
-                order = torch.randperm(B)
-                for start in range(0, B, minibatch):
-                    idx = order[start:start + minibatch].to(device)
-                    ids, att, m = ro.input_ids[idx], ro.attention_mask[idx], mask[idx]
-                    with self._compute():
-                        # the output layer runs a chunk of rows at a time, recomputed in the backward pass
-                        features, head = response_features(self.policy_engine, ids, att, ro.prompt_width, T)
-                        new_logprobs = token_logprobs(features, ids[:, ro.prompt_width:], head, rl.temperature)[0]
-                        values = _forward(self.value_engine, ids, att, ro.prompt_width, T).squeeze(-1).float()
-                    pl, pstats = policy_loss(new_logprobs, old_logprobs[idx], advantages[idx], m, rl.clip_range)
-                    vl, vstats = value_loss(values, old_values[idx], returns[idx], m, rl.clip_range_value)
-                    loss = pl + rl.vf_coef * vl
-                    check_finite("the PPO loss", loss.detach(), run_dir, dist)
-                    self.opt_step += 1
-                    if rl.warmup_steps:  # linear warm-up; the engines step this same optimizer's groups
-                        for g in policy_opt.param_groups:
-                            g["lr"] = rl.learning_rate * min(1.0, self.opt_step / rl.warmup_steps)
-                    if dist.deepspeed:
-                        # each engine averages its gradients over the ranks, clips (gradient_clipping) and
-                        # steps; the models share no parameters, so the two backwards equal one of `loss`
-                        self.policy_engine.backward(pl)
-                        self.value_engine.backward(rl.vf_coef * vl)
-                        self.policy_engine.step()
-                        self.value_engine.step()
-                    else:
-                        policy_opt.zero_grad(set_to_none=True)
-                        value_opt.zero_grad(set_to_none=True)
-                        loss.backward()  # the two models share no parameters: one backward fills both
-                        torch.nn.utils.clip_grad_norm_(policy.parameters(), rl.max_grad_norm)
-                        torch.nn.utils.clip_grad_norm_(value_model.parameters(), rl.max_grad_norm)
-                        policy_opt.step()
-                        value_opt.step()
-                    stats["policy_loss"].append(pl.item())
-                    stats["value_loss"].append(vl.item())
-                    for k, v in {**pstats, **vstats}.items():
-                        stats[k].append(float(v))
-            self.sampler.refresh()  # a vLLM engine samples the next rollout with the updated weights
-            t_update = time.monotonic() - t0 - t_gen - t_score
+            trajectory = self.rollout(run, batch, f"epoch {epoch + 1}, iteration {it + 1}")
+            stats = self.ppo_step(run, trajectory)
+            # from the scores to the new weights: rewards, old log-probs and values, advantages and the update
+            trajectory.times["update"] = time.monotonic() - trajectory.scored_at
             run.step += 1
-            mean_kl = float(kl.sum(1).mean())  # per sample, summed over its tokens (kl is 0 at padding)
-            # every rank adapts the coefficient from the same (all-rank) KL, so it stays identical everywhere
-            kl_ctl.update(dist.mean(float(masked_mean(kl, mask))), B * dist.world)
+            self.record(run, trajectory, stats, epoch + (it + 1) / iterations, f"epoch {epoch + 1}/{rl.epochs} it "
+                        f"{it + 1}/{iterations}")
 
-            # 8. log
-            process = [g.process_correct for g in grades]
-            record = {
-                "epoch": epoch + (it + 1) / iterations,
-                "rl/reward": float(tr.returns.mean()),
-                "rl/shaped_return": float(shaped.sum(1).mean()),
-                "rl/kl": mean_kl,
-                "rl/kl_per_sample": mean_kl,  # the explicit name of rl/kl (kept for older readers)
-                "rl/kl_per_token": float(masked_mean(kl, mask)),
-                "rl/kl_coef": kl_ctl.value,
-                "rl/learning_rate": policy_opt.param_groups[0]["lr"],
-                "rl/entropy": float(entropy),
-                "rl/value_mean": float(masked_mean(old_values, mask)),
-                "rl/response_length": float(mask.sum(1).float().mean()),
-                "rl/steps_per_solution": mean(len(g.steps) for g in grades),
-                "rl/answer_accuracy": mean(outcomes),
-                "rl/process_accuracy": mean(process),
-                "rl/well_formed": mean(g.well_formed for g in grades),
-                **{f"rl/{k}": mean(v) for k, v in stats.items()},
-                **{f"reward/{k}": v for k, v in tr.stats.items()},
-                "time/generate": round(t_gen, 3),
-                "time/score": round(t_score, 3),
-                "time/update": round(t_update, 3),
-                # vLLM sampler only (None: no token with a known sampler log-prob); the HF sampler IS the policy
-                **({} if ro.sampler_logprobs is None else {"rollout/logprob_gap": gap}),
-            }
-            record = dist.mean_metrics(record)  # all-rank means (same number of samples on each)
-            run.log(record)
-            if run.progress and dist.is_main:
-                print(f"epoch {epoch + 1}/{rl.epochs} it {it + 1}/{iterations}  reward {record['rl/reward']:+.3f}  "
-                      f"answer {record['rl/answer_accuracy']:.1%}{process_part(record)}  kl {mean_kl:.4f}  "
-                      f"gen {t_gen:.1f}s score {t_score:.1f}s update {t_update:.1f}s", flush=True)
+    def rollout(self, run: Run, batch: list, where: str) -> "Trajectory":
+        """One iteration's samples of this rank's `batch` of problems, scored, rewarded, with the old policy's and the
+        critic's view of them and the advantages: everything `ppo_step` reads. `where` names the iteration in errors."""
+        import torch
+
+        from rlprm.rewards import RewardError, add_kl_penalty
+        from rlprm.rl.core import gae, masked_mean
+        from rlprm.rollout import logprob_gap
+
+        rl, dist, source, reference = run.recipe.rl, run.dist, run.reward_source, run.reference
+        n, t0 = rl.samples_per_problem, time.monotonic()
+
+        # 1. generate: n samples per prompt, EOS and token ids kept (rl.rollout: HF generate or vLLM; ZeRO-3: the
+        # policy gathered whole on every rank, so that ranks stopping at different lengths never wait)
+        with dist.whole_weights(run.policy), self._compute():
+            ro = _generate(self.sampler, run.tokenizer, [p.prompt for p in batch], n, rl.temperature,
+                           rl.max_new_tokens)
+        T = ro.response_mask.shape[1]
+        sample_problems = [p for p in batch for _ in range(n)]
+        t_gen = time.monotonic() - t0
+
+        # 2. score: the task's grading always (for the log and ground-truth rewards); the reward source's scores
+        grades = source.grade(sample_problems, ro.texts)
+        ref_logprobs, start_logprobs = None, None
+        if source.reads_start_logprobs:
+            # the frozen start's own log-probs at T = 1; the same forward pass gives the KL's log-probs
+            with torch.no_grad(), self._compute():
+                features, head = response_features(reference, ro.input_ids, ro.attention_mask, ro.prompt_width, T)
+                both = features_logprobs(features, head, ro.input_ids[:, ro.prompt_width:],
+                                         (rl.temperature,) if rl.temperature == 1.0 else (rl.temperature, 1.0))
+                ref_logprobs, start_logprobs = both[0][0], both[-1][0]
+                del features
+
+        # 3. rewards on the policy's response tokens (dense at step ends, or sparse at the last token)
+        reason = None
+        try:
+            scores = source.step_scores(sample_problems, ro.texts, ro.response_ids, grades,
+                                        start_logprobs=start_logprobs, mask=ro.response_mask, tokenizer=run.tokenizer)
+            scored_at = time.monotonic()
+            t_score = scored_at - t0 - t_gen
+            # eos_token_id: a response stopped at max_new_tokens without EOS is cut, not judged as written
+            tr = source.rewards(ro.texts, ro.response_ids, grades, scores, tokenizer=run.tokenizer, width=T,
+                                device=run.device)
+        except RewardError as exc:
+            reason = f"{where}: {exc}"
+        dist.stop_if_any(reason, RLError)  # every rank stops if one cannot go on
+        check_finite("the rewards", tr.rewards, run.run_dir, dist)
+        mask = tr.mask & ro.response_mask
+
+        # 4. logprobs and values of the rollout, before any update (the "old" policy and critic), at the sampling
+        # temperature: the distribution the rollout came from
+        with torch.no_grad(), self._compute():
+            run.policy.eval()
+            old_logprobs, entropy = rollout_logprobs(run.policy, ro, rl.temperature, entropy=True)
+            # the ratio's old log-probs are the policy's own (above); a vLLM sampler's only measure the mismatch
+            gap = None if ro.sampler_logprobs is None else logprob_gap(ro.sampler_logprobs, old_logprobs,
+                                                                       ro.response_mask)
+            if ref_logprobs is None:
+                ref_logprobs, _ = rollout_logprobs(reference, ro, rl.temperature)
+            old_values = _rollout_values(self.value_model, ro, T)
+
+            # 5. KL penalty: every token pays for drifting from the reference
+            shaped, kl = add_kl_penalty(tr.rewards, old_logprobs, ref_logprobs, mask, self.kl_ctl.value,
+                                        rl.kl_estimator)
+
+        if run.step == 0 and rl.critic_warmup_passes:  # a fresh run's first rollout: fit the new critic first
+            self.warm_critic(rl, ro, shaped, mask, dist)
+            with torch.no_grad(), self._compute():
+                old_values = _rollout_values(self.value_model, ro, T)
+
+        with torch.no_grad():
+            # 6. advantages: GAE over the shaped rewards, then whitened over the batch
+            advantages, returns = gae(shaped, old_values, mask, rl.gamma, rl.lam)
+            if rl.whiten_advantages:
+                advantages = dist.masked_whiten(advantages, mask)  # all ranks' statistics
+        check_finite("the advantages", advantages, run.run_dir, dist)
+        return Trajectory(ro, grades, tr, mask, old_logprobs, old_values, shaped, kl, advantages, returns,
+                          float(masked_mean(entropy, mask)), gap, {"generate": t_gen, "score": t_score}, scored_at)
+
+    def ppo_step(self, run: Run, tr: "Trajectory") -> dict[str, list[float]]:
+        """7. update: rl.ppo_epochs passes over shuffled minibatches of the trajectory, clipped policy and value
+        losses; then the sampler takes the new weights and the KL coefficient adapts. Returns each minibatch's
+        losses and statistics."""
+        import torch
+
+        from rlprm.rl.core import masked_mean, policy_loss, token_logprobs, value_loss
+
+        rl, dist, ro = run.recipe.rl, run.dist, tr.rollout
+        B, T = tr.mask.shape
+        minibatch = max(1, rl.minibatch_size // dist.world)
+        run.policy.train()
+        self.value_model.train()
+        stats: dict[str, list[float]] = defaultdict(list)
+        for _ in range(rl.ppo_epochs):
+            order = torch.randperm(B)
+            for start in range(0, B, minibatch):
+                idx = order[start:start + minibatch].to(run.device)
+                ids, att, m = ro.input_ids[idx], ro.attention_mask[idx], tr.mask[idx]
+                with self._compute():
+                    # the output layer runs a chunk of rows at a time, recomputed in the backward pass
+                    features, head = response_features(self.policy_engine, ids, att, ro.prompt_width, T)
+                    new_logprobs = token_logprobs(features, ids[:, ro.prompt_width:], head, rl.temperature)[0]
+                    values = _forward(self.value_engine, ids, att, ro.prompt_width, T).squeeze(-1).float()
+                pl, pstats = policy_loss(new_logprobs, tr.old_logprobs[idx], tr.advantages[idx], m, rl.clip_range)
+                vl, vstats = value_loss(values, tr.old_values[idx], tr.returns[idx], m, rl.clip_range_value)
+                self._optimizer_step(run, pl, vl)
+                stats["policy_loss"].append(pl.item())
+                stats["value_loss"].append(vl.item())
+                for k, v in {**pstats, **vstats}.items():
+                    stats[k].append(float(v))
+        self.sampler.refresh()  # a vLLM engine samples the next rollout with the updated weights
+        # every rank adapts the coefficient from the same (all-rank) KL, so it stays identical everywhere
+        self.kl_ctl.update(dist.mean(float(masked_mean(tr.kl, tr.mask))), B * dist.world)
+        return stats
+
+    def _optimizer_step(self, run: Run, pl, vl) -> None:
+        """One optimizer step of the policy and the critic on the loss pl + rl.vf_coef * vl."""
+        import torch
+
+        rl, dist = run.recipe.rl, run.dist
+        loss = pl + rl.vf_coef * vl
+        check_finite("the PPO loss", loss.detach(), run.run_dir, dist)
+        self.opt_step += 1
+        if rl.warmup_steps:  # linear warm-up; the engines step this same optimizer's groups
+            for g in self.policy_opt.param_groups:
+                g["lr"] = rl.learning_rate * min(1.0, self.opt_step / rl.warmup_steps)
+        if dist.deepspeed:
+            # each engine averages its gradients over the ranks, clips (gradient_clipping) and steps; the models
+            # share no parameters, so the two backwards equal one of `loss`
+            self.policy_engine.backward(pl)
+            self.value_engine.backward(rl.vf_coef * vl)
+            self.policy_engine.step()
+            self.value_engine.step()
+        else:
+            self.policy_opt.zero_grad(set_to_none=True)
+            self.value_opt.zero_grad(set_to_none=True)
+            loss.backward()  # the two models share no parameters: one backward fills both
+            torch.nn.utils.clip_grad_norm_(run.policy.parameters(), rl.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), rl.max_grad_norm)
+            self.policy_opt.step()
+            self.value_opt.step()
+
+    def record(self, run: Run, tr: "Trajectory", stats: dict[str, list[float]], epoch: float, where: str) -> None:
+        """8. log: one record of the iteration (all-rank means), and a progress line."""
+        from rlprm.rl.core import explained_variance, masked_mean
+
+        grades, times = tr.grades, tr.times
+        mean_kl = float(tr.kl.sum(1).mean())  # per sample, summed over its tokens (kl is 0 at padding)
+        ev = explained_variance(tr.old_values, tr.returns, tr.mask)  # the critic's, on the values GAE used
+        record = {
+            "epoch": epoch,
+            "rl/reward": float(tr.rewards.returns.mean()),
+            "rl/shaped_return": float(tr.shaped.sum(1).mean()),
+            "rl/kl": mean_kl,
+            "rl/kl_per_sample": mean_kl,  # the explicit name of rl/kl (kept for older readers)
+            "rl/kl_per_token": float(masked_mean(tr.kl, tr.mask)),
+            "rl/kl_coef": self.kl_ctl.value,
+            "rl/learning_rate": self.policy_opt.param_groups[0]["lr"],
+            "rl/entropy": tr.entropy,
+            "rl/value_mean": float(masked_mean(tr.old_values, tr.mask)),
+            "rl/response_length": float(tr.mask.sum(1).float().mean()),
+            "rl/steps_per_solution": mean(len(g.steps) for g in grades),
+            "rl/answer_accuracy": mean(float(g.answer_correct) for g in grades),
+            "rl/process_accuracy": mean(g.process_correct for g in grades),
+            "rl/well_formed": mean(g.well_formed for g in grades),
+            **{f"rl/{k}": mean(v) for k, v in stats.items()},
+            # beside rl/value_loss: 1 - Var(returns - values) / Var(returns); None where the returns do not vary
+            "rl/explained_variance": None if math.isnan(ev) else ev,
+            **{f"reward/{k}": v for k, v in tr.rewards.stats.items()},
+            **{f"time/{k}": round(v, 3) for k, v in times.items()},
+            # vLLM sampler only (None: no token with a known sampler log-prob); the HF sampler IS the policy
+            **({} if tr.rollout.sampler_logprobs is None else {"rollout/logprob_gap": tr.gap}),
+        }
+        record = run.dist.mean_metrics(record)  # all-rank means (same number of samples on each)
+        run.log(record)
+        if run.progress and run.dist.is_main:
+            print(f"{where}  reward {record['rl/reward']:+.3f}  answer {record['rl/answer_accuracy']:.1%}"
+                  f"{process_part(record)}  kl {mean_kl:.4f}  gen {times['generate']:.1f}s score "
+                  f"{times['score']:.1f}s update {times['update']:.1f}s", flush=True)
 
 
-__all__ = ["PPO", "Rollout", "build_rollout", "response_features", "rollout_logprobs", "truncate_layers"]
+@dataclass
+class Trajectory:
+    """One PPO iteration's rollout with everything the update and the log read; (B, T) tensors on the run's device."""
+
+    rollout: Rollout
+    grades: list  # per sample, its `problems.SampleGrade`
+    rewards: "object"  # `rewards.TokenRewards`: the reward tensor, its stats and per-sample decisions
+    mask: "object"  # (B, T) bool: response tokens kept by the rewards (the length cap) and the rollout
+    old_logprobs: "object"  # (B, T) float32: the policy's log-probs before the update, at rl.temperature
+    old_values: "object"  # (B, T) float32: the critic's values before the update
+    shaped: "object"  # (B, T): the rewards minus the KL penalty
+    kl: "object"  # (B, T): the per-token KL estimate against the reference (0 at padding)
+    advantages: "object"  # (B, T): GAE, whitened when rl.whiten_advantages
+    returns: "object"  # (B, T): GAE's returns, the critic's targets
+    entropy: float  # the policy's mean token entropy on the rollout
+    gap: float | None  # a vLLM sampler's log-prob gap to the policy (None: the HF sampler, or none known)
+    times: dict  # seconds spent: generate, score (and update, set after `ppo_step`)
+    scored_at: float  # time.monotonic() when the scores were in
+
+
+__all__ = ["PPO", "Rollout", "Trajectory", "build_rollout", "response_features", "rollout_logprobs", "truncate_layers"]

@@ -33,9 +33,9 @@ an uninterrupted one.
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
+from dataclasses import dataclass
 
 from rlprm.config import Recipe
 from rlprm.rl.run import RLError, RLInputError, Run, check_models, last_good, mean, process_part
@@ -153,18 +153,20 @@ class RejectionSampling:
         return {}
 
     def train_epoch(self, run: Run, epoch: int, problems: list) -> None:
-        import torch
-        from datasets import Dataset
-        from transformers.trainer_callback import PrinterCallback
-        from trl import SFTConfig
+        """One epoch: `select` (sample, score, keep the best), `sft` on what was kept, `record`."""
+        chosen = self.select(run, epoch, problems)
+        steps_before, t0 = run.step, time.monotonic()
+        sft_state = self.sft(run, epoch, problems, chosen)
+        chosen.times["sft"] = time.monotonic() - t0
+        self.record(run, epoch, chosen, sft_state, run.step - steps_before)
 
-        import rlprm.lean_sft as lean_sft
-        from rlprm.problems import grade_samples
+    def select(self, run: Run, epoch: int, problems: list) -> "Selection":
+        """1. generate, 2. score, 3. select: rl.samples_per_problem samples of each of this rank's problems, ranked
+        by the reward source; the best distinct ones kept, every rank's rows gathered in the problems' order."""
+        from rlprm.rewards import RewardError
         from rlprm.rl.distributed import rank_seed, shard
 
-        recipe, rl, rcfg, dist = run.recipe, run.recipe.rl, run.recipe.reward, run.dist
-        sep, policy, reward_model, run_dir, device = (recipe.task.step_separator, run.policy, run.reward_model,
-                                                      run.run_dir, run.device)
+        recipe, rl, dist, source = run.recipe, run.recipe.rl, run.dist, run.reward_source
         n = rl.samples_per_problem
         t0 = time.monotonic()
         # this rank's problems: every world-th one (all of them on one process)
@@ -181,36 +183,47 @@ class RejectionSampling:
         texts = out.texts
         t_gen = time.monotonic() - t0
 
-        # 2. score: the grader always (for the log, and ground-truth selection); the reward model if used
-        grades = grade_samples(mine, texts, sep)
-        reason = None
-        if reward_model is not None:
-            flat = reward_model.score([p.text for p in mine for _ in range(n)],
-                                      [t for row in texts for t in row], aggregate=rcfg.sparse_aggregate, sep=sep)
-            if not all(math.isfinite(s) for s in flat):
-                reason = (f"epoch {epoch + 1}: the reward model gave non-finite scores (NaN/inf); "
-                          f"check {recipe.model.reward_model}")
+        # 2. score: the grader always (for the log, and ground-truth selection); the reward source ranks the samples
+        flat_problems = [p for p in mine for _ in range(n)]
+        flat_texts = [t for row in texts for t in row]
+        sample_grades = source.grade(flat_problems, flat_texts)
+        grades = [sample_grades[i * n:(i + 1) * n] for i in range(len(mine))]
+        reason, min_score, thresholded = None, None, False
+        try:
+            # (score, may it be kept, does rl.rejection_min_score apply): a model's score keeps answered samples
+            # only; the grader's keeps the right ones
+            flat, ok, thresholded = source.ranking(flat_problems, flat_texts, sample_grades)
             scores = [flat[i * n:(i + 1) * n] for i in range(len(mine))]
-            # a solution with no final answer is never worth imitating, however the RM scores its steps
-            eligible = [[g.answer is not None for g in row] for row in grades]
-        else:
-            scores = [[float(g.answer_correct) for g in row] for row in grades]
-            eligible = [[g.answer_correct for g in row] for row in grades]
+            eligible = [ok[i * n:(i + 1) * n] for i in range(len(mine))]
+            min_score = rl.rejection_min_score if thresholded else None
+        except RewardError as exc:
+            reason = f"epoch {epoch + 1}: {exc}"
         dist.stop_if_any(reason, RLError)  # every rank stops (the others would wait in the gather below)
         t_score = time.monotonic() - t0 - t_gen
 
         # 3. select: the best distinct samples of each problem; every rank's rows gathered in the problems'
         #    order, so that every rank holds the same kept set (the one a single process would keep)
-        keep = select_samples(scores, eligible, texts, rl.rejection_top_k,
-                              rl.rejection_min_score if reward_model is not None else None)
+        keep = select_samples(scores, eligible, texts, rl.rejection_top_k, min_score)
         if dist.active:
             rows = gather_rows(dist.gather(list(zip(indices, zip(texts, grades, scores, keep)))))
             texts, grades, scores, keep = ([row[k] for row in rows] for k in range(4))
         kept = [(i, j) for i, row in enumerate(keep) for j in row]
+        return Selection(texts, grades, scores, keep, kept, thresholded, {"generate": t_gen, "score": t_score})
 
-        # 4. SFT: one pass (rl.sft_epochs) over the kept samples, completion-only loss, the run's optimizer
+    def sft(self, run: Run, epoch: int, problems: list, chosen: "Selection") -> dict:
+        """4. SFT: one pass (rl.sft_epochs) over the kept samples, completion-only loss, the run's optimizer; returns
+        what the step log saw (the last loss; `bad`: a non-finite one)."""
+        import torch
+        from datasets import Dataset
+        from transformers.trainer_callback import PrinterCallback
+        from trl import SFTConfig
+
+        import rlprm.lean_sft as lean_sft
+
+        recipe, rl, dist = run.recipe, run.recipe.rl, run.dist
+        policy, run_dir, device = run.policy, run.run_dir, run.device
+        texts, kept = chosen.texts, chosen.kept
         sft_state: dict = {}
-        steps_before = run.step
         if kept:
             data = Dataset.from_dict({"prompt": [problems[i].prompt for i, _ in kept],
                                       "completion": [texts[i][j] for i, j in kept]})
@@ -249,10 +262,14 @@ class RejectionSampling:
             self.sampler.refresh()  # a vLLM engine samples the next epoch (and the best-of-N) with the new weights
         elif dist.is_main:
             print(f"epoch {epoch + 1}: no sample was kept (none "
-                  f"{'reached an answer' if reward_model else 'was accepted by the grader'}); skipping SFT this epoch")
-        t_sft = time.monotonic() - t0 - t_gen - t_score
+                  f"{'reached an answer' if chosen.thresholded else 'was accepted by the grader'}); skipping SFT "
+                  "this epoch")
+        return sft_state
 
-        # 5. log what was sampled and what was kept
+    def record(self, run: Run, epoch: int, chosen: "Selection", sft_state: dict, sft_steps: int) -> None:
+        """5. log what was sampled and what was kept, and a progress line."""
+        rl, dist, times = run.recipe.rl, run.dist, chosen.times
+        grades, scores, keep, kept = chosen.grades, chosen.scores, chosen.keep, chosen.kept
         flat_grades = [g for row in grades for g in row]
         kept_grades = [grades[i][j] for i, j in kept]
         record = {
@@ -266,19 +283,30 @@ class RejectionSampling:
             "rs/kept_answer_accuracy": mean(g.answer_correct for g in kept_grades),
             "rs/kept_process_accuracy": mean(g.process_correct for g in kept_grades),
             "rs/kept_score_mean": mean(scores[i][j] for i, j in kept),
-            "rs/sft_steps": run.step - steps_before,
+            "rs/sft_steps": sft_steps,
             "rs/sft_loss": sft_state.get("last_loss"),
-            "time/generate": round(t_gen, 3),
-            "time/score": round(t_score, 3),
-            "time/sft": round(t_sft, 3),
+            **{f"time/{k}": round(v, 3) for k, v in times.items()},
         }
         run.log(record)
         if run.progress and dist.is_main:
             ka = record["rs/kept_answer_accuracy"]
             print(f"epoch {epoch + 1}/{rl.epochs}: sampled answer {record['rl/answer_accuracy']:.1%}"
                   f"{process_part(record)}, kept "
-                  f"{len(kept)} ({'-' if ka is None else f'{ka:.1%}'} right), {run.step - steps_before} SFT steps  "
-                  f"gen {t_gen:.1f}s score {t_score:.1f}s sft {t_sft:.1f}s", flush=True)
+                  f"{len(kept)} ({'-' if ka is None else f'{ka:.1%}'} right), {sft_steps} SFT steps  "
+                  f"gen {times['generate']:.1f}s score {times['score']:.1f}s sft {times['sft']:.1f}s", flush=True)
 
 
-__all__ = ["RejectionSampling", "check_inputs", "check_world", "gather_rows", "select_samples"]
+@dataclass
+class Selection:
+    """One epoch's samples in the problems' order ([problem][sample]) and what was kept of them."""
+
+    texts: list  # [P][N] the sampled responses
+    grades: list  # [P][N] their `problems.SampleGrade`
+    scores: list  # [P][N] the reward source's ranking score
+    keep: list  # [P] the kept sample indices, best first
+    kept: list  # (problem, sample) of every kept sample, in order
+    thresholded: bool  # the source's scores are a model's or function's (rl.rejection_min_score applies)
+    times: dict  # seconds spent: generate, score (and sft, set after `sft`)
+
+
+__all__ = ["RejectionSampling", "Selection", "check_inputs", "check_world", "gather_rows", "select_samples"]

@@ -9,8 +9,8 @@ three algorithms share lives here, once:
               rejection sampling); the run
               folder (fresh start or --resume); tokenizer, policy, frozen
               reference (PPO; with LoRA the policy's base, adapters off),
-              reward model (a PRM/ORM, checked against
-              reward.source); the checkpoint's counters, RNG and algorithm
+              reward model (a PRM/ORM, when the reward source
+              uses one) and the reward source (rlprm/reward_sources.py); the checkpoint's counters, RNG and algorithm
               state; the held-out `exclude` set and the evaluation set; the
               tracker (rank 0 only); torch threads
     train     the starting point's best-of-N (fresh runs), then per epoch:
@@ -87,20 +87,12 @@ def last_good(run_dir: Path) -> str:
 
 
 def reward_scale(recipe: Recipe) -> str:
-    """What eval/reward (evaluate.held_out_reward) measures and on which scale, in words, for the epoch line: the
-    per-iteration reward of each algorithm is its own (PPO's return with the KL penalty, TRL's summed rewards), so
-    only this one compares across algorithms."""
-    r = recipe.reward
-    if r.source == "prm" and r.mode == "dense":
-        form = {"log_prob": "log of the product of the step probabilities, <= 0",
-                "min_form": "lowest step probability, 0..1", "delta": "last step's probability, 0..1",
-                "score": f"{getattr(recipe.rl, 'process_advantage', 'min')} of the step probabilities"}[r.dense_form]
-        what = f"PRM, {form}"
-    else:
-        what = {"prm": f"PRM, {r.sparse_aggregate} of the step probabilities, 0..1", "orm": "ORM probability, 0..1",
-                "ground_truth": "answer right 1, wrong 0", "exact": "every step right 1, else 0",
-                "confidence": "the start's exp(lowest token log-prob), 0..1"}[r.source]
-    return f"{what}; no answer {r.missing_answer_reward:g}"
+    """What eval/reward (the reward source's `solution_reward`) measures and on which scale, in words, for the epoch
+    line: the per-iteration reward of each algorithm is its own (PPO's return with the KL penalty, TRL's summed
+    rewards), so only this one compares across algorithms."""
+    from rlprm.reward_sources import source_class
+
+    return source_class(recipe).describe(recipe)
 
 
 def process_part(metrics: dict, key: str = "rl/process_accuracy") -> str:
@@ -134,19 +126,17 @@ def check_models(recipe: Recipe) -> None:
     builds such a model itself; this check speaks when a caller skipped that step.
     """
     from rlprm.prerequisites import builder_hint, generator_hint
+    from rlprm.reward_sources import RewardSourceError, source_class
 
     if recipe.model.generator == "tiny":
         raise RLInputError("model.generator is `tiny` (an untrained model); point it at a trained generator, e.g. "
                            f"the one {generator_hint()} builds")
     needed = [("model.generator", recipe.model.generator)]
-    # only a trained reward model needs model.reward_model; exact and confidence score without one
-    if recipe.reward.source in ("prm", "orm"):
-        if recipe.model.reward_model is None:
-            raise RLInputError(f"reward.source is {recipe.reward.source} but model.reward_model is not set; "
-                               "point it at a folder written by `rlprm train-rm`")
-        needed.append(("model.reward_model", recipe.model.reward_model))
-    if recipe.reward.source == "exact" and recipe.task.name != "arithmetic":  # recipe validation refuses it too
-        raise RLInputError(f"reward.source exact needs the arithmetic task's step checker; task is {recipe.task.name!r}")
+    # only a trained reward model needs model.reward_model; exact, confidence and python score without one
+    try:
+        needed += source_class(recipe).check(recipe)
+    except RewardSourceError as exc:
+        raise RLInputError(str(exc)) from None
     if recipe.task.name != "arithmetic" and recipe.task.train_path is None:
         raise RLInputError(f"task `{recipe.task.name}` needs task.train_path (a JSONL of training problems) for RL")
     for key, ref in needed:
@@ -243,6 +233,8 @@ class Run:
     policy: object = None
     reference: object = None
     reward_model: object = None
+    reward_source: object = None
+    """The recipe's `reward_sources.RewardSource`: every algorithm scores its samples with it."""
     tracker: object = None
     sampler: object = None
     """Who samples for the between-epoch best-of-N (rlprm/rollout.py, set by the algorithm); None: HF generate."""
@@ -308,6 +300,7 @@ def setup(recipe: Recipe, algorithm: Algorithm, resume: bool, progress: bool) ->
     from rlprm.models import load_tokenizer, resolve_device
     from rlprm.problems import eval_problems, held_out_arithmetic
     from rlprm.rl.distributed import device_for
+    from rlprm.reward_sources import RewardSourceError, reward_source, source_class
     from rlprm.rl.reference import load_reference
     from rlprm.tracking import NullTracker, Tracker, cut_metrics
 
@@ -331,13 +324,14 @@ def setup(recipe: Recipe, algorithm: Algorithm, resume: bool, progress: bool) ->
     run.policy = load_policy(recipe, ckpt, device)
     if algorithm.needs_reference:  # with LoRA the policy's own base (adapters off), else a copy of the generator
         run.reference = load_reference(recipe, run.policy, device)
-    if rcfg.source in ("prm", "orm"):
+    if source_class(recipe).uses_reward_model:
         from rlprm.prm_adapters import load_for_recipe
 
         run.reward_model = load_for_recipe(recipe, device=device, dtype=dtype)
-        if run.reward_model.kind != rcfg.source:
-            raise RLInputError(f"reward.source is {rcfg.source} but {recipe.model.reward_model} is a "
-                               f"{run.reward_model.kind}")
+    try:  # the one object PPO, GRPO, rejection sampling and the held-out reward score with
+        run.reward_source = reward_source(recipe, run.reward_model)
+    except RewardSourceError as exc:  # a reward model of the other kind; a python function that does not import
+        raise RLInputError(str(exc)) from None
     algorithm.setup(run)
     dist.split_streams(recipe.run.seed)  # from here each rank draws its own sampling noise (rank 0: unchanged)
 
@@ -428,29 +422,6 @@ def run_algorithm(recipe: Recipe, algorithm: Algorithm, resume: bool = False, pr
             run.tracker.finish()
 
 
-def algorithm_for(recipe: Recipe) -> Algorithm:
-    """The `Algorithm` of `rl.algorithm`."""
-    name = recipe.rl.algorithm
-    if name == "ppo":
-        from rlprm.rl.ppo import PPO
-
-        return PPO()
-    if name == "grpo":
-        from rlprm.rl.grpo import GRPO
-
-        return GRPO()
-    if name == "rejection_sampling":
-        from rlprm.rl.rejection import RejectionSampling
-
-        return RejectionSampling()
-    raise RLInputError(f"rl.algorithm {name!r} is not one of ppo, grpo, rejection_sampling")
-
-
-def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
-    """Run the recipe's RL algorithm (`rl.algorithm`); returns the final metrics (also in summary.json)."""
-    return run_algorithm(recipe, algorithm_for(recipe), resume=resume, progress=progress)
-
-
-__all__ = ["Algorithm", "RLError", "RLInputError", "Run", "algorithm_for", "check_finite", "check_models",
+__all__ = ["Algorithm", "RLError", "RLInputError", "Run", "check_finite", "check_models",
            "check_rollout", "cleanup", "epoch_line", "last_good", "load_policy", "mean", "reward_scale",
-           "run_algorithm", "setup", "train"]
+           "run_algorithm", "setup"]
