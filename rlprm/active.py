@@ -50,6 +50,7 @@ from typing import Sequence
 
 from rlprm.config import Recipe
 from rlprm.errors import InputError
+from rlprm.active_report import arm_name
 from rlprm.files import atomic_write_jsonl
 
 CONVINCING_WRONG, CONVINCING, UNIFORM = "convincing_wrong_answer", "convincing", "uniform"
@@ -473,11 +474,6 @@ def load_loop_labeller(recipe: Recipe):
     if rm.kind != "prm":
         raise ActiveLearningError(f"active.labeller: {cfg.labeller} is an ORM; labelling steps needs a PRM")
     return rm
-
-
-def arm_name(share: float) -> str:
-    """The loop's name of the active arm whose set is `share` convincing wrong-answer solutions."""
-    return f"active@{share:g}"
 
 
 def label_budgets(cfg) -> list[int]:
