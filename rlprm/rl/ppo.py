@@ -458,8 +458,8 @@ class PPO:
         import torch
 
         from rlprm.problems import grade_samples
-        from rlprm.rewards import RewardError, add_kl_penalty, confidence_scores, prefix_correct_probs, training_rewards
-        from rlprm.rl.core import gae, masked_mean, policy_loss, token_logprobs, value_loss
+        from rlprm.rewards import RewardError, confidence_scores, prefix_correct_probs, training_rewards
+        from rlprm.rl.core import add_kl_penalty, gae, masked_mean, policy_loss, token_logprobs, value_loss
         from rlprm.rl.distributed import shard, trim
         from rlprm.rollout import logprob_gap
 
