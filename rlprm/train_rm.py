@@ -39,7 +39,7 @@ from pathlib import Path  # noqa: E402
 
 from rlprm.config import Recipe  # noqa: E402
 from rlprm.errors import InputError  # noqa: E402
-from rlprm.launch import single_process_env  # noqa: E402
+from rlprm.launch import launcher_rank, single_process_env  # noqa: E402
 
 
 class TrainRMError(InputError, RuntimeError):
@@ -47,10 +47,6 @@ class TrainRMError(InputError, RuntimeError):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def check_inputs(recipe: Recipe, generator_built_first: bool = False) -> None:
@@ -368,7 +364,7 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)
     device = resolve_device(recipe.run.device)
-    is_main = _rank() == 0
+    is_main = launcher_rank() == 0
 
     # 2. training arguments (with DeepSpeed this starts the process group)
     work_dir = run_dir / "rm_trainer_work"
