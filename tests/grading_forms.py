@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from rlprm.grading.rules import _as_number, _canon, _match_brace, _normalize, _squeeze, _terminates
+from rlprm.grading.rules import _as_number, _canon, _match_brace, _squeeze, _terminates, normalize
 
 __all__ = ["equivalent_forms", "near_misses"]
 
@@ -53,7 +53,7 @@ def equivalent_forms(answer: str) -> list[str]:
         if x != a and x not in out:
             out.append(x)
 
-    norm = _normalize(a)
+    norm = normalize(a)
     add(a.replace("\\frac", "\\dfrac"))
     add(_squeeze(a))
     if not re.search(r"\d\s*(?:,|\{,\})", a):
@@ -194,7 +194,7 @@ def near_misses(answer: str) -> list[str]:
     or element, a different word, and a hedge (``a \\text{ or } b``).
     """
     a = answer.strip()
-    norm = _normalize(a)
+    norm = normalize(a)
     out: list[str] = []
 
     def add(x: str) -> None:

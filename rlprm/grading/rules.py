@@ -6,11 +6,11 @@ it also runs on model text in the caller's process. So it imports the standard
 library only (``tests/test_grading.py`` checks) and never parses, evaluates or
 calls out: regular expressions, brace matching and :class:`fractions.Fraction`.
 
-* screening: :data:`_HOSTILE_RE` (code-like text), :func:`_nesting_depth`,
-  :func:`_hazard` (giant numbers);
+* screening: :data:`HOSTILE_RE` (code-like text), :func:`nesting_depth`,
+  :func:`hazard` (giant numbers);
 * normalisation to one LaTeX form following the MATH conventions
-  (:func:`_normalize`) and the key for exact comparison (:func:`_canon`);
-* exact rules (:func:`_decide_local`): equal normal forms, plain numbers
+  (:func:`normalize`) and the key for exact comparison (:func:`_canon`);
+* exact rules (:func:`decide_local`): equal normal forms, plain numbers
   compared as fractions, text answers as words, hedges; ``None`` defers a pair
   to math-verify in a worker.
 """
@@ -53,7 +53,7 @@ def _match_brace(s: str, start: int) -> int:
 
 
 
-def _drop_redundant_braces(s: str) -> str:
+def drop_redundant_braces(s: str) -> str:
     """``s`` without brace groups that change nothing: ``{{x}}`` -> ``{x}``, and a group around the whole answer.
 
     In LaTeX a group only delimits: ``\\frac{{1}}{{2}}``, ``\\text{{Evelyn}}`` and ``{{{9}}}`` read as
@@ -130,7 +130,7 @@ def _drop_phantoms(s: str) -> str:
 
 # Python-looking text never is a math answer; refusing it keeps code out of
 # every parser even if one of them had an eval path we missed.
-_HOSTILE_RE = re.compile(
+HOSTILE_RE = re.compile(
     r"__"
     r"|\b(?:import|lambda|eval|exec|execfile|compile|getattr|setattr|delattr|globals|locals"
     r"|vars|builtins|subprocess|pathlib|breakpoint|pickle|marshal|ctypes)\b"
@@ -140,7 +140,7 @@ _HOSTILE_RE = re.compile(
 )
 
 
-def _nesting_depth(s: str) -> int:
+def nesting_depth(s: str) -> int:
     depth = best = 0
     for c in s:
         if c in "{[(":
@@ -172,7 +172,7 @@ def _exponent_end(s: str, i: int) -> tuple[str, int]:
     return m.group(0), m.end()
 
 
-def _hazard(s: str) -> bool:
+def hazard(s: str) -> bool:
     """True when ``s`` asks sympy to build a number too big to compare.
 
     Power towers (an exponent holding ``^``, or chained ``a^b^c``), exponents
@@ -359,7 +359,7 @@ def _keep_row_break(replacement: str):
 
 
 @functools.lru_cache(maxsize=8192)
-def _normalize(ans: str) -> str:
+def normalize(ans: str) -> str:
     """Bring an answer to the one LaTeX form both sides are compared in.
 
     Pure string work (no parser). Only rewrites that keep the value: it is
@@ -369,7 +369,7 @@ def _normalize(ans: str) -> str:
                 for c in ans if unicodedata.category(c) != "Cf")
     s = _SUPERSCRIPT_RE.sub(lambda m: "^{" + m.group(0).translate(_SUPERSCRIPT_TABLE) + "}", s)
     s = unicodedata.normalize("NFKC", s).translate(_UNICODE_TABLE)
-    s = _drop_redundant_braces(_strip_wrappers(_drop_redundant_braces(_drop_phantoms(s))))
+    s = drop_redundant_braces(_strip_wrappers(drop_redundant_braces(_drop_phantoms(s))))
     s = s.replace("smallmatrix", "matrix")  # the same matrix, typeset small
     s = _MATHRM_WORD_RE.sub(r"\\text{\1}", s)  # upright words (not single letters: \mathrm{d}, \mathrm{e})
     s = _TEXT_NUMBER_RE.sub(r"\1\\text{ \2}", s)
@@ -529,7 +529,7 @@ def _words(s: str) -> str:
     return m.group(1) if m else s
 
 
-def _decide_local(pn: str, gn: str) -> bool | None:
+def decide_local(pn: str, gn: str) -> bool | None:
     """Settle a pair of normalised answers by exact rules, or ``None`` to defer.
 
     Pure string and :class:`~fractions.Fraction` work: safe to run on model text
