@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from rlprm.grading.rules import _as_number, _canon, _match_brace, _squeeze, _terminates, normalize
+from rlprm.grading.rules import _as_number, _canon, _squeeze, _terminates, match_brace, normalize
 
 __all__ = ["equivalent_forms", "near_misses"]
 
@@ -124,8 +124,8 @@ def equivalent_forms(answer: str) -> list[str]:
     m = re.match(r"(-?)\\frac\{", norm)
     if m:
         i = m.end() - 1
-        j = _match_brace(norm, i)
-        if j > 0 and j + 1 < len(norm) and norm[j + 1] == "{" and _match_brace(norm, j + 1) == len(norm) - 1:
+        j = match_brace(norm, i)
+        if j > 0 and j + 1 < len(norm) and norm[j + 1] == "{" and match_brace(norm, j + 1) == len(norm) - 1:
             top, bottom = norm[i + 1 : j], norm[j + 2 : -1]
             if _as_number(_canon(norm)) is None:
                 add(f"{m.group(1)}({top})/({bottom})")

@@ -30,7 +30,7 @@ MAX_ANSWER_CHARS = 1000
 MAX_NESTING = 10
 
 
-def _match_brace(s: str, start: int) -> int:
+def match_brace(s: str, start: int) -> int:
     """Index of the ``}`` closing the ``{`` at ``start``, or -1.
 
     Escaped braces (``\\{``) do not count. Linear time, no recursion.
@@ -114,7 +114,7 @@ def _drop_phantoms(s: str) -> str:
         while i < len(s) and s[i] == " ":
             i += 1
         if i < len(s) and s[i] == "{":
-            end = _match_brace(s, i)
+            end = match_brace(s, i)
             i = len(s) if end < 0 else end + 1
         elif i < len(s):
             tok = _CMD_TOKEN_RE.match(s, i) if s[i] == "\\" else None
@@ -164,7 +164,7 @@ def _exponent_end(s: str, i: int) -> tuple[str, int]:
     if i >= n:
         return "", i
     if s[i] == "{":
-        end = _match_brace(s, i)
+        end = match_brace(s, i)
         if end < 0:
             return s[i + 1 :], n
         return s[i + 1 : end], end + 1
@@ -269,7 +269,7 @@ def _strip_wrappers(s: str) -> str:
             if len(s) >= len(left) + len(right) and s.startswith(left) and s.endswith(right):
                 s = s[len(left) : len(s) - len(right)].strip()
         m = re.match(r"\\(?:boxed|fbox)\s*\{", s)
-        if m and _match_brace(s, m.end() - 1) == len(s) - 1:
+        if m and match_brace(s, m.end() - 1) == len(s) - 1:
             s = s[m.end() : -1]
         if s == before:
             break
@@ -310,7 +310,7 @@ def _brace_args(s: str) -> str:
             if i >= n:
                 break
             if s[i] == "{":
-                end = _match_brace(s, i)
+                end = match_brace(s, i)
                 if end < 0:
                     break
                 out.append("{" + _brace_args(s[i + 1 : end]) + "}")
