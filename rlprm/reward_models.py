@@ -37,6 +37,7 @@ from typing import Sequence
 from rlprm.data.stepwise import CORRECT, INCORRECT, LABEL_NAMES, NEUTRAL, LabelledSolution
 from rlprm.errors import InputError
 from rlprm.files import atomic_dir
+from rlprm.models import quiet_transformers
 from rlprm.steps import encode_batch, split_steps
 
 RM_FILE = "rlprm_rm.json"
@@ -125,29 +126,6 @@ def aggregate(step_probs: Sequence[float], how: str = "prod") -> float:
 
 
 # --------------------------------------------------------------------------- building
-
-
-def quiet_transformers(report: bool = True):
-    """Hides transformers' per-file progress bars and (with `report`) the load report that lists the fresh
-    head and the unused LM head, which is expected when a classifier is built on a causal LM."""
-    import contextlib
-
-    from transformers.utils import logging as hf_logging
-
-    @contextlib.contextmanager
-    def quiet():
-        old, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        if report:
-            hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        try:
-            yield
-        finally:
-            hf_logging.set_verbosity(old)
-            if bars:
-                hf_logging.enable_progress_bar()
-
-    return quiet()
 
 
 def load_checked(loader, path: str | Path, family: str, error: type = RewardModelError, **kwargs):
@@ -263,21 +241,11 @@ def freeze_body(model, keep_from: int) -> None:
 
 
 def apply_lora(model, cfg, kind: str):
-    """LoRA adapters on the body when `cfg.enabled` (a `rlprm.config.LoraConfig`); the head is trained in full.
+    """LoRA adapters on the body when `cfg.enabled` (a `rlprm.config.LoraConfig`); the head (`score`) is trained
+    in full and saved whole (`models.apply_lora`)."""
+    from rlprm import models
 
-    peft's `all-linear` would also put an adapter on the classification head (`score`) and then
-    fail to train it in full; the head is excluded from adapters and saved whole instead.
-    """
-    if not cfg.enabled:
-        return model
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
-
-    peft_cfg = PeftLoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
-        exclude_modules=["score"], modules_to_save=["score"],
-        task_type="TOKEN_CLS" if kind == "prm" else "SEQ_CLS",
-    )
-    return get_peft_model(model, peft_cfg)
+    return models.apply_lora(model, cfg, "TOKEN_CLS" if kind == "prm" else "SEQ_CLS", head="score")
 
 
 def _configure(model, convention: Convention, tokenizer) -> None:
