@@ -62,10 +62,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import rlprm
 from rlprm.errors import EXIT_FAILED, InputError
 from rlprm.files import atomic_write_json
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(rlprm.__file__).resolve().parents[1]  # the checkout, wherever in the package this module sits
 RECIPES = ROOT / "recipes"
 MARKER = ".demo-stage.json"
 
