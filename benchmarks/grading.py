@@ -40,7 +40,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rlprm.grading import _WARMUP_PAIRS, Grader, _decide_local, _normalize  # noqa: E402
+from rlprm.grading import Grader  # noqa: E402
+from rlprm.grading.rules import decide_local, normalize  # noqa: E402
+from rlprm.grading.worker import WARMUP_PAIRS  # noqa: E402
 from tests.grading_forms import equivalent_forms, near_misses  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "math" / "math500_test.jsonl"
@@ -88,7 +90,7 @@ def _math_verify_pass(pairs: list[tuple[str, str]]) -> tuple[dict, list[bool]]:
     from math_verify import parse, verify
 
     logging.disable(logging.CRITICAL)
-    for pred, gold in _WARMUP_PAIRS:  # the same warm-up a worker does at start
+    for pred, gold in WARMUP_PAIRS:  # the same warm-up a worker does at start
         verify(parse("$\\boxed{" + gold + "}$"), parse("$\\boxed{" + pred + "}$"))
     lat, got = [], []
     t0 = time.perf_counter()
@@ -115,7 +117,7 @@ def bench_math_verify(pairs: list[tuple[str, str]]) -> tuple[dict, list[bool]]:
 
 def _fresh(shortcuts: bool, workers: int | None) -> tuple[Grader, float]:
     """A started grader with cold caches, and its start-up time."""
-    _normalize.cache_clear()
+    normalize.cache_clear()
     t = time.perf_counter()
     grader = Grader(workers=workers, shortcuts=shortcuts).start()
     return grader, time.perf_counter() - t
@@ -185,7 +187,7 @@ def main() -> None:
     ours["accuracy"] = _accuracy(ours_got, expected)
     # The pairs our exact rules leave to math-verify: the same parser on both
     # sides, so this isolates what the sandbox costs (or gains from 2 workers).
-    hard = [(p, g) for p, g in pairs if _decide_local(_normalize(p), _normalize(g)) is None]
+    hard = [(p, g) for p, g in pairs if decide_local(normalize(p), normalize(g)) is None]
     mv_hard, _ = bench_math_verify(hard)
     ours_hard, _ = bench_ours(hard, shortcuts=True, workers=args.workers)
     result = {

@@ -17,7 +17,7 @@ parameters) with a fresh head, or a trained one with ``--model``. Each way is
 timed ``--repeats`` times after a warm-up, the runs of both ways interleaved; the best time counts.
 
 ``--families`` adds one tiny stand-in of each public PRM family
-(rlprm/prm_adapters/standins.py: qwen_prm, pure_prm, math_shepherd, rlhflow,
+(rlprm/testing/standins.py: qwen_prm, pure_prm, math_shepherd, rlhflow,
 value_head, implicit), scored through ``load_reward_model`` both ways. How
 each side computes, per family:
 
@@ -181,7 +181,7 @@ def _family_results(args, problems, solutions) -> dict:
     from rlprm.models import num_parameters
     from rlprm.prm_adapters import load_reward_model
     from rlprm.prm_adapters.common import score_steps_per_prefix
-    from rlprm.prm_adapters.standins import save_standin
+    from rlprm.testing.standins import save_standin
 
     from rlprm.prm_adapters import FAMILIES
 

@@ -42,7 +42,7 @@ def build(folder: Path, tiny: bool) -> None:
     from transformers import Qwen2Config
 
     from rlprm.prm_adapters.qwen_arch import QwenProcessRewardModel
-    from rlprm.prm_adapters.standins import build_tokenizer
+    from rlprm.testing.standins import build_tokenizer
 
     tok = build_tokenizer("qwen", model_max_length=32768)
     shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

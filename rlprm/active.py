@@ -50,6 +50,7 @@ from typing import Sequence
 
 from rlprm.config import Recipe
 from rlprm.errors import InputError
+from rlprm.active_report import arm_name
 from rlprm.files import atomic_write_jsonl
 
 CONVINCING_WRONG, CONVINCING, UNIFORM = "convincing_wrong_answer", "convincing", "uniform"
@@ -156,8 +157,7 @@ def load_pools(recipe: Recipe, progress: bool = True) -> tuple[list, list, dict]
     A cache in rm.data.cache_dir drawn with exactly these settings (what `rlprm train-rm` wrote) is
     read and never rewritten; otherwise the samples are drawn once and cached in RUN_DIR/pool/.
     """
-    from rlprm.data.stepwise import load_or_sample, model_fingerprint, problems_digest, read_records, sample_arithmetic
-    from rlprm.problems import reward_model_arithmetic
+    from rlprm.data.stepwise import arithmetic_pool
 
     if recipe.task.name != "arithmetic" or recipe.rm.data.source != "arithmetic":
         raise ActiveLearningError("active learning samples the generator on the embedded task: set task.name: "
@@ -169,45 +169,11 @@ def load_pools(recipe: Recipe, progress: bool = True) -> tuple[list, list, dict]
 
         raise ActiveLearningError(f"model.generator: no trained generator at {gen_path}; make one with "
                                   f"{generator_hint()}")
-    data, sep = recipe.rm.data, recipe.task.step_separator
-    train_problems, eval_problems = reward_model_arithmetic(recipe)
-    # the same settings record as rlprm.train_rm.arithmetic_data, so its caches are recognised
-    base = {"generator": str(gen_path), "fingerprint": model_fingerprint(gen_path), "seed": recipe.run.seed,
-            "temperature": data.temperature, "max_new_tokens": data.max_new_tokens, "sep": sep,
-            "task": recipe.task.arithmetic.model_dump(mode="json")}
-    state: dict = {}
-    out, info = {}, {}
-    for split, problems, n, seed in (("train", train_problems, data.samples_per_problem, recipe.run.seed * 7 + 1),
-                                     ("eval", eval_problems, data.eval_samples_per_problem, recipe.run.seed * 7 + 2)):
-        meta = dict(base, split=split, problems=len(problems), problems_sha256=problems_digest(problems),
-                    samples_per_problem=n)
-        name = f"rm_samples_{split}.jsonl"
-        shared = Path(data.cache_dir) / name if data.cache_dir else None
-        if shared is not None and shared.is_file():
-            try:
-                cached_meta, records = read_records(shared)
-            except (OSError, ValueError, TypeError, KeyError):
-                cached_meta, records = {}, []
-            if cached_meta.get("settings") == meta:
-                out[split], info[f"{split}_source"] = records, str(shared)
-                continue
-
-        def make(problems=problems, n=n, seed=seed, split=split):
-            if "model" not in state:
-                from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
-                from rlprm.reward_models import quiet_transformers
-
-                state["tokenizer"] = load_tokenizer(gen_path, padding_side="left")
-                with quiet_transformers(report=False):
-                    state["model"] = load_causal_lm(gen_path, device=resolve_device(recipe.run.device))
-            return sample_arithmetic(state["model"], state["tokenizer"], problems, n, temperature=data.temperature,
-                                     max_new_tokens=data.max_new_tokens, batch_size=data.sample_batch_size,
-                                     seed=seed, sep=sep, progress=progress, desc=f"sampling {split} pool")
-
-        own = Path(recipe.run.output_dir) / "pool" / name
-        records, _, _ = load_or_sample(own, meta, make)
-        out[split], info[f"{split}_source"] = records, str(own)
-    state.clear()
+    data = recipe.rm.data
+    pool = arithmetic_pool(recipe, Path(recipe.run.output_dir) / "pool", progress,
+                           shared_dir=Path(data.cache_dir) if data.cache_dir else None, what="pool")
+    out = {split: records for split, (records, _, _, _) in pool.items()}
+    info = {f"{split}_source": str(path) for split, (_, _, _, path) in pool.items()}
     return out["train"], out["eval"], info
 
 
@@ -473,11 +439,6 @@ def load_loop_labeller(recipe: Recipe):
     if rm.kind != "prm":
         raise ActiveLearningError(f"active.labeller: {cfg.labeller} is an ORM; labelling steps needs a PRM")
     return rm
-
-
-def arm_name(share: float) -> str:
-    """The loop's name of the active arm whose set is `share` convincing wrong-answer solutions."""
-    return f"active@{share:g}"
 
 
 def label_budgets(cfg) -> list[int]:

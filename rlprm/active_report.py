@@ -31,14 +31,17 @@ def matrix(rows: list[dict], arm: str, metric: str, seeds: list[int], budgets: l
     return [[at.get((s, b)) for b in budgets] for s in seeds]
 
 
+def arm_name(share: float) -> str:
+    """The loop's name of the active arm whose set is `share` convincing wrong-answer solutions."""
+    return f"active@{share:g}"
+
+
 def headline_share(cfg) -> float:
     return cfg.convincing_fraction if cfg.convincing_fraction in cfg.convincing_shares else cfg.convincing_shares[-1]
 
 
 def factors(rows: list[dict], cfg, budgets: list[int]) -> dict:
     """{metric: {share (str): factor_interval's dict, or {"status": "undefined"} where a value is missing}}."""
-    from rlprm.active import arm_name
-
     seeds = sorted({r["seed"] for r in rows})
     out: dict = {}
     for metric, _ in METRICS:

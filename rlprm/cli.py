@@ -150,20 +150,9 @@ def _prepare(recipe: Recipe, args: argparse.Namespace) -> None:
 
 
 def _train_rm(recipe: Recipe, args: argparse.Namespace) -> None:
-    from rlprm.train_rm import check_inputs, format_summary, train_rm
+    from rlprm.train_rm import run_job
 
-    check_inputs(recipe, generator_built_first=True)  # all of it before a generator build takes minutes
-    if recipe.rm.data.source == "arithmetic" or recipe.rm.backbone == "generator":
-        from rlprm.prerequisites import ensure, find_builder, recipe_folder
-
-        gen, near = recipe.model.generator, recipe_folder(recipe)
-        # the generator this job samples from: built first if an embedded recipe makes it (else check_inputs says)
-        if gen.startswith("/") and find_builder(Path(gen), near) is not None:
-            ensure("model.generator", Path(gen), progress=not args.no_progress, wandb=recipe.tracking.wandb,
-                   near=near)
-    summary = train_rm(recipe, progress=not args.no_progress)
-    if summary:
-        print(format_summary(summary))
+    run_job(recipe, progress=not args.no_progress)
 
 
 def _eval(recipe: Recipe, args: argparse.Namespace) -> None:

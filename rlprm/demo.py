@@ -62,11 +62,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import rlprm
 from rlprm.errors import EXIT_FAILED, InputError
 from rlprm.files import atomic_write_json
 from rlprm.shipped import recipes_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(rlprm.__file__).resolve().parents[1]  # the checkout, wherever in the package this module sits
 RECIPES = recipes_dir()  # the shipped recipes (rlprm/shipped.py)
 MARKER = ".demo-stage.json"
 

@@ -11,6 +11,28 @@ import os
 import socket
 
 
+def _env_int(key: str) -> int:
+    try:
+        return int(os.environ.get(key, "0") or 0)
+    except ValueError:
+        raise ValueError(f"{key}={os.environ[key]!r} is not a number; launch with `deepspeed`, `torchrun` or "
+                         "`accelerate launch`") from None
+
+
+def launcher_rank() -> int:
+    """This process's global rank as the launcher set it (RANK; 0 under plain python).
+
+    The one place the run's rank is read: rank 0 over every node writes metrics, checkpoints and the export and
+    reports for all; LOCAL_RANK (`launcher_local_rank`) only picks this node's device. Raises ValueError for a
+    RANK that is not a number."""
+    return _env_int("RANK")
+
+
+def launcher_local_rank() -> int:
+    """This process's rank on its own node (LOCAL_RANK; 0 under plain python): which GPU it takes."""
+    return _env_int("LOCAL_RANK")
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

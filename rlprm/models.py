@@ -117,14 +117,19 @@ def load_causal_lm(name_or_path: str | Path, dtype: str = "float32", device: str
     return model.to(device)
 
 
-def apply_lora(model, cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
-    """Wrap `model` with LoRA adapters when `cfg.enabled`; otherwise return it unchanged."""
+def apply_lora(model, cfg: LoraConfig, task_type: str = "CAUSAL_LM", head: str | None = None):
+    """Wrap `model` with LoRA adapters when `cfg.enabled`; otherwise return it unchanged.
+
+    `head`: a module trained in full and saved whole, with no adapter on it (a reward model's `score`: peft's
+    `all-linear` would otherwise put an adapter there and then fail to train the head in full)."""
     if not cfg.enabled:
         return model
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
+    whole = {} if head is None else {"exclude_modules": [head], "modules_to_save": [head]}
     peft_cfg = PeftLoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules, task_type=task_type
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules, task_type=task_type,
+        **whole,
     )
     return get_peft_model(model, peft_cfg)
 
@@ -182,3 +187,26 @@ def save_model(model, tokenizer, path: Path) -> None:
         model = model.merge_and_unload()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+def quiet_transformers(report: bool = True):
+    """Hides transformers' per-file progress bars and (with `report`) the load report that lists the fresh
+    head and the unused LM head, which is expected when a classifier is built on a causal LM."""
+    import contextlib
+
+    from transformers.utils import logging as hf_logging
+
+    @contextlib.contextmanager
+    def quiet():
+        old, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        if report:
+            hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(old)
+            if bars:
+                hf_logging.enable_progress_bar()
+
+    return quiet()

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from rlprm.config import Recipe, RecipeError, load_recipe
 from rlprm.errors import InputError
+from rlprm.launch import launcher_rank
 from rlprm.shipped import is_shipped, package_dir, path_rule, recipes_dir
 
 RECIPES_DIR = recipes_dir()
@@ -295,7 +296,7 @@ def ensure_prerequisites(recipe: Recipe, progress: bool = True, log=None) -> lis
     """
     check_task_files(recipe)
     # under a multi-process launch every rank checks (and waits for a build), but only rank 0 says "present"
-    quiet = log is None and os.environ.get("RANK", "0") not in ("", "0")
+    quiet = log is None and launcher_rank() != 0
     log = log or (lambda line: print(line, flush=True))
     built = []
     for key, path in required_models(recipe):

@@ -37,6 +37,7 @@ from typing import Sequence
 from rlprm.data.stepwise import CORRECT, INCORRECT, LABEL_NAMES, NEUTRAL, LabelledSolution
 from rlprm.errors import InputError
 from rlprm.files import atomic_dir
+from rlprm.models import quiet_transformers
 from rlprm.steps import encode_batch, split_steps
 
 RM_FILE = "rlprm_rm.json"
@@ -125,29 +126,6 @@ def aggregate(step_probs: Sequence[float], how: str = "prod") -> float:
 
 
 # --------------------------------------------------------------------------- building
-
-
-def quiet_transformers(report: bool = True):
-    """Hides transformers' per-file progress bars and (with `report`) the load report that lists the fresh
-    head and the unused LM head, which is expected when a classifier is built on a causal LM."""
-    import contextlib
-
-    from transformers.utils import logging as hf_logging
-
-    @contextlib.contextmanager
-    def quiet():
-        old, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        if report:
-            hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        try:
-            yield
-        finally:
-            hf_logging.set_verbosity(old)
-            if bars:
-                hf_logging.enable_progress_bar()
-
-    return quiet()
 
 
 def load_checked(loader, path: str | Path, family: str, error: type = RewardModelError, **kwargs):
@@ -263,21 +241,11 @@ def freeze_body(model, keep_from: int) -> None:
 
 
 def apply_lora(model, cfg, kind: str):
-    """LoRA adapters on the body when `cfg.enabled` (a `rlprm.config.LoraConfig`); the head is trained in full.
+    """LoRA adapters on the body when `cfg.enabled` (a `rlprm.config.LoraConfig`); the head (`score`) is trained
+    in full and saved whole (`models.apply_lora`)."""
+    from rlprm import models
 
-    peft's `all-linear` would also put an adapter on the classification head (`score`) and then
-    fail to train it in full; the head is excluded from adapters and saved whole instead.
-    """
-    if not cfg.enabled:
-        return model
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
-
-    peft_cfg = PeftLoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
-        exclude_modules=["score"], modules_to_save=["score"],
-        task_type="TOKEN_CLS" if kind == "prm" else "SEQ_CLS",
-    )
-    return get_peft_model(model, peft_cfg)
+    return models.apply_lora(model, cfg, "TOKEN_CLS" if kind == "prm" else "SEQ_CLS", head="score")
 
 
 def _configure(model, convention: Convention, tokenizer) -> None:
@@ -571,6 +539,55 @@ class RewardModel:
             self.model.train(was_training)
         return out
 
+    def score_steps_per_prefix(self, problems: Sequence[str], solutions: Sequence,
+                               batch_size: int = 32) -> list[list[float]]:
+        """The slow reference for a PRM: every prefix (prompt + steps[:k+1]) encoded and scored on its own.
+
+        Each prefix is a separate sequence whose last token is its step end; they are batched (right
+        padding) so that timing comparisons with `score_steps` are fair. Equal to `score_steps` up to
+        float noise, which is what makes the single pass legitimate.
+        """
+        if self.kind != "prm":
+            raise RewardModelError("per-prefix scoring is defined for a PRM")
+        steps = self._steps(solutions)
+        prompts, prefixes, owner = [], [], []
+        for i, (problem, s) in enumerate(zip(problems, steps)):
+            for k in range(len(s)):
+                prompts.append(self.convention.prompt(problem))
+                prefixes.append(s[: k + 1])
+                owner.append(i)
+        encoded = encode_batch(self.tokenizer, prompts, prefixes, self.step_separator)
+        flat: list[float] = [0.0] * len(encoded)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            order = sorted(range(len(encoded)), key=lambda j: len(encoded[j].input_ids))
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                if self.convention.scorer == "lm":
+                    from rlprm.rm_lm import score_encoded
+
+                    probs = score_encoded(self.model, self.convention.lm_head, [encoded[j] for j in chunk], "prm",
+                                          self.tokenizer.pad_token_id)
+                    for j, p in zip(chunk, probs):
+                        flat[j] = p[-1]
+                    continue
+                logits = self._forward([encoded[j].input_ids for j in chunk])
+                probs = self._step_probs(logits).cpu()
+                for row, j in enumerate(chunk):
+                    flat[j] = float(probs[row, len(encoded[j].input_ids) - 1])
+                if self.convention.confidence is not None:
+                    feats = self.confidence_features([encoded[j] for j in chunk])
+                    for j, f in zip(chunk, feats):
+                        flat[j] = stack_confidence(flat[j], f[-1], self.convention.confidence)
+        finally:
+            self.model.train(was_training)
+        out: list[list[float]] = [[] for _ in steps]
+        for j, i in enumerate(owner):
+            out[i].append(flat[j])
+        return out
+
+
     def score(self, problems: Sequence[str], solutions: Sequence, aggregate: str = "prod", sep: str | None = None,
               batch_size: int = 32) -> list[float]:
         """One score per solution: the step probabilities aggregated (`prod`, `min`, `last`, `mean`).
@@ -650,51 +667,8 @@ def _aggregate(step_probs, how):
 
 def score_steps_per_prefix(rm: RewardModel, problems: Sequence[str], solutions: Sequence,
                            batch_size: int = 32) -> list[list[float]]:
-    """The slow reference for a PRM: every prefix (prompt + steps[:k+1]) encoded and scored on its own.
-
-    Each prefix is a separate sequence whose last token is its step end; they are batched (right
-    padding) so that timing comparisons with `score_steps` are fair. Equal to `score_steps` up to
-    float noise, which is what makes the single pass legitimate.
-    """
-    if rm.kind != "prm":
-        raise RewardModelError("per-prefix scoring is defined for a PRM")
-    steps = rm._steps(solutions)
-    prompts, prefixes, owner = [], [], []
-    for i, (problem, s) in enumerate(zip(problems, steps)):
-        for k in range(len(s)):
-            prompts.append(rm.convention.prompt(problem))
-            prefixes.append(s[: k + 1])
-            owner.append(i)
-    encoded = encode_batch(rm.tokenizer, prompts, prefixes, rm.step_separator)
-    flat: list[float] = [0.0] * len(encoded)
-    was_training = rm.model.training
-    rm.model.eval()
-    try:
-        order = sorted(range(len(encoded)), key=lambda j: len(encoded[j].input_ids))
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            if rm.convention.scorer == "lm":
-                from rlprm.rm_lm import score_encoded
-
-                probs = score_encoded(rm.model, rm.convention.lm_head, [encoded[j] for j in chunk], "prm",
-                                      rm.tokenizer.pad_token_id)
-                for j, p in zip(chunk, probs):
-                    flat[j] = p[-1]
-                continue
-            logits = rm._forward([encoded[j].input_ids for j in chunk])
-            probs = rm._step_probs(logits).cpu()
-            for row, j in enumerate(chunk):
-                flat[j] = float(probs[row, len(encoded[j].input_ids) - 1])
-            if rm.convention.confidence is not None:
-                feats = rm.confidence_features([encoded[j] for j in chunk])
-                for j, f in zip(chunk, feats):
-                    flat[j] = stack_confidence(flat[j], f[-1], rm.convention.confidence)
-    finally:
-        rm.model.train(was_training)
-    out: list[list[float]] = [[] for _ in steps]
-    for j, i in enumerate(owner):
-        out[i].append(flat[j])
-    return out
+    """`rm.score_steps_per_prefix`: the slow per-prefix reference for a PRM (the same call as the hub PRMs')."""
+    return rm.score_steps_per_prefix(problems, solutions, batch_size)
 
 
 __all__ = [

@@ -158,7 +158,6 @@ import torch
 from torch import Tensor
 
 from rlprm.config import RewardConfig
-from rlprm.rl.core import kl_penalty
 from rlprm.steps import (
     DEFAULT_SEPARATOR,
     StepTokenError,
@@ -642,26 +641,11 @@ def token_rewards(
     return out
 
 
-def add_kl_penalty(rewards: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kl_coef: float,
-                   kind: str = "k1") -> tuple[Tensor, Tensor]:
-    """Per-token KL penalty against the reference model.
-
-    rewards, logprobs, ref_logprobs, mask: (B, T). Returns (shaped, kl), both
-    (B, T) and 0 at masked positions: kl = `rl.core.kl_penalty(logprobs,
-    ref_logprobs, kind)` and shaped = rewards - kl_coef * kl. Every response
-    token pays for drifting from the reference, not just the last one, so the
-    critic sees where the drift happened.
-    """
-    m = mask.bool()
-    zeros = torch.zeros_like(rewards)
-    kl = torch.where(m, kl_penalty(logprobs, ref_logprobs, kind).to(rewards.dtype), zeros)
-    shaped = torch.where(m, rewards - kl_coef * kl, zeros)
-    return shaped, kl
 
 
 __all__ = [
     "ANSWERED_MARGIN", "DELTA_P0", "DENSE_FORMS", "PROB_FLOOR", "STEP_SOURCES", "VALUE_FORMS", "RewardError",
     "TokenRewards",
-    "add_kl_penalty", "confidence_scores", "dense_step_rewards", "dense_step_values", "floor_running_return",
+    "confidence_scores", "dense_step_rewards", "dense_step_values", "floor_running_return",
     "prefix_correct_probs", "sequence_confidence", "solution_value", "step_confidence", "step_token_ends", "token_rewards",
 ]

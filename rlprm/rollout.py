@@ -151,15 +151,13 @@ def build_engine(path: str | Path, dtype: str, gpu_memory_utilization: float, se
     The engine never tokenizes (`skip_tokenizer_init`): prompts go in as the policy tokenizer's ids and
     completions come out as ids, so both samplers see exactly the same tokens.
     """
-    import os
-
-    from rlprm.launch import single_process_env
+    from rlprm.launch import launcher_rank, single_process_env
 
     single_process_env()  # external_launcher reads RANK / WORLD_SIZE / MASTER_* (set here under plain python)
     from vllm import LLM
 
     return LLM(model=str(path), dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-               seed=seed + int(os.environ.get("RANK", "0")), skip_tokenizer_init=True,
+               seed=seed + launcher_rank(), skip_tokenizer_init=True,
                distributed_executor_backend="external_launcher",
                # the processed (temperature-scaled) log-probs: those of the distribution actually sampled
                logprobs_mode="processed_logprobs",

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from rlprm.config import load_recipe, recipe_to_yaml
+    from rlprm.launch import launcher_rank
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.print_config:
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from rlprm.rl import train
 
     final = train(recipe, resume=args.resume or resume_or_start, progress=not args.no_progress)
-    if int(os.environ.get("RANK", "0") or 0) != 0:
+    if launcher_rank() != 0:
         return 0  # rank 0 reports for all
     acc = final.get("eval/answer_accuracy")
     proc = final.get("eval/process_accuracy")

@@ -39,7 +39,7 @@ from pathlib import Path  # noqa: E402
 
 from rlprm.config import Recipe  # noqa: E402
 from rlprm.errors import InputError  # noqa: E402
-from rlprm.launch import single_process_env  # noqa: E402
+from rlprm.launch import launcher_rank, single_process_env  # noqa: E402
 
 
 class TrainRMError(InputError, RuntimeError):
@@ -47,10 +47,6 @@ class TrainRMError(InputError, RuntimeError):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def check_inputs(recipe: Recipe, generator_built_first: bool = False) -> None:
@@ -102,51 +98,22 @@ def check_inputs(recipe: Recipe, generator_built_first: bool = False) -> None:
 
 def arithmetic_data(recipe: Recipe, progress: bool) -> tuple[list, list, dict]:
     """(train records, eval records, counts): generator samples labelled by the exact checker, cached."""
-    from rlprm.data.stepwise import (label_summary, load_or_sample, model_fingerprint, problems_digest,
-                                     sample_arithmetic)
-    from rlprm.problems import reward_model_arithmetic
+    from rlprm.data.stepwise import arithmetic_pool, label_summary
 
-    data, sep = recipe.rm.data, recipe.task.step_separator
-    gen_path = recipe.model.generator
-    # the held-out side is drawn like `rlprm prepare`'s (same seed): the generator never trained on it; the
-    # training side skips the generator's SFT problems
-    train_problems, eval_problems = reward_model_arithmetic(recipe)
-    cache = Path(data.cache_dir or recipe.run.output_dir)
-    state = {}
-
-    def generator():
-        if "model" not in state:
-            from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
-            from rlprm.reward_models import quiet_transformers
-
-            state["tokenizer"] = load_tokenizer(gen_path, padding_side="left")
-            with quiet_transformers(report=False):
-                state["model"] = load_causal_lm(gen_path, device=resolve_device(recipe.run.device))
-        return state["model"], state["tokenizer"]
-
-    base = {"generator": str(gen_path), "fingerprint": model_fingerprint(gen_path), "seed": recipe.run.seed,
-            "temperature": data.temperature, "max_new_tokens": data.max_new_tokens, "sep": sep,
-            "task": recipe.task.arithmetic.model_dump(mode="json")}
+    data = recipe.rm.data
+    pool = arithmetic_pool(recipe, Path(data.cache_dir or recipe.run.output_dir), progress, what="solutions")
     out, counts = {}, {}
-    for split, problems, n, seed in (("train", train_problems, data.samples_per_problem, recipe.run.seed * 7 + 1),
-                                     ("eval", eval_problems, data.eval_samples_per_problem, recipe.run.seed * 7 + 2)):
-        meta = dict(base, split=split, problems=len(problems), problems_sha256=problems_digest(problems),
-                    samples_per_problem=n)
-
-        def make(problems=problems, n=n, seed=seed, split=split):
-            model, tokenizer = generator()
-            return sample_arithmetic(model, tokenizer, problems, n, temperature=data.temperature,
-                                     max_new_tokens=data.max_new_tokens, batch_size=data.sample_batch_size,
-                                     seed=seed, sep=sep, progress=progress, desc=f"sampling {split} solutions")
-
-        records, sample_counts, cached = load_or_sample(cache / f"rm_samples_{split}.jsonl", meta, make)
+    for split, (records, sample_counts, cached, _) in pool.items():
         out[split] = records
         counts.update({f"data/{split}_{k}": v for k, v in sample_counts.items()})
         counts.update({f"data/{split}_{k}": v for k, v in label_summary(records).items()})
         counts[f"data/{split}_from_cache"] = cached
-    state.clear()
     if data.synthetic_per_problem:
-        synthetic = synthetic_records(train_problems, data.synthetic_per_problem, sep, seed=recipe.run.seed * 7 + 3)
+        from rlprm.problems import reward_model_arithmetic
+
+        train_problems, _ = reward_model_arithmetic(recipe)
+        synthetic = synthetic_records(train_problems, data.synthetic_per_problem, recipe.task.step_separator,
+                                      seed=recipe.run.seed * 7 + 3)
         counts.update({f"data/synthetic_{k}": v for k, v in label_summary(synthetic).items()})
         out["train"] = out["train"] + synthetic
     return out["train"], out["eval"], counts
@@ -368,7 +335,7 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)
     device = resolve_device(recipe.run.device)
-    is_main = _rank() == 0
+    is_main = launcher_rank() == 0
 
     # 2. training arguments (with DeepSpeed this starts the process group)
     work_dir = run_dir / "rm_trainer_work"
@@ -658,10 +625,56 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+
+def run_job(recipe: Recipe, progress: bool = True) -> None:
+    """`rlprm train-rm` once the recipe is loaded and its inputs judged: the generator built if an embedded recipe
+    makes it, then the job; the summary printed by the process that wrote it."""
+    check_inputs(recipe, generator_built_first=True)  # all of it before a generator build takes minutes
+    if recipe.rm.data.source == "arithmetic" or recipe.rm.backbone == "generator":
+        from rlprm.prerequisites import ensure, find_builder, recipe_folder
+
+        gen, near = recipe.model.generator, recipe_folder(recipe)
+        # the generator this job samples from: built first if an embedded recipe makes it (else check_inputs says)
+        if gen.startswith("/") and find_builder(Path(gen), near) is not None:
+            ensure("model.generator", Path(gen), progress=progress, wandb=recipe.tracking.wandb, near=near)
+    summary = train_rm(recipe, progress=progress)
+    if summary:
+        print(format_summary(summary))
+
+
+def _run_script(args) -> int:
+    from rlprm.config import load_recipe, recipe_to_yaml
+    from rlprm.inputs import check_job
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.print_config:
+        print(recipe_to_yaml(recipe), end="")
+        return 0
+    # what the recipe points at (model folders, hub ids, data files) is judged before the job writes anything
+    check_job(recipe, "train-rm")
+    run_job(recipe, progress=not args.no_progress)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python rlprm/train_rm.py RECIPE [key.sub=value ...]` (what `deepspeed` launches): `rlprm train-rm`."""
+    import argparse
+
+    from rlprm.errors import ArgumentParser, run_reporting_errors
+
+    parser = ArgumentParser(prog="train_rm.py", description="Train and evaluate a PRM or an ORM: `rlprm train-rm`.")
+    parser.add_argument("recipe", help="a recipe YAML file (see recipes/)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="override recipe values, e.g. run.seed=1 rm.epochs=2")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved recipe (defaults filled in, paths absolute) and exit")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    # the deepspeed launcher passes --local_rank=N first (and sets LOCAL_RANK)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return run_reporting_errors(_run_script, parser.parse_intermixed_args(argv))
+
+
 if __name__ == "__main__":
     import sys
 
-    from rlprm.cli import main
-
-    # the deepspeed launcher passes --local_rank=N first (and sets LOCAL_RANK)
-    sys.exit(main(["train-rm", *[a for a in sys.argv[1:] if not a.startswith("--local_rank")]]))
+    sys.exit(main())

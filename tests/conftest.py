@@ -14,6 +14,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
@@ -121,3 +122,15 @@ def no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         yield
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory, char_tokenizer):
+    """A tiny causal LM trained for a few steps on reference solutions, saved like `rlprm prepare` saves one
+    (one per test module: train-rm, label, active and synthetic tests sample it)."""
+    from rlprm.config import ArithmeticConfig
+    from rlprm.tasks.arithmetic import make_problems
+
+    # 30 steps: enough to write step-shaped lines, not enough to be right
+    return train_tiny_generator(tmp_path_factory.mktemp("gen") / "generator", char_tokenizer,
+                                make_problems(ArithmeticConfig(), 64, seed=3), steps=30)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from rlprm.grading.rules import _as_number, _canon, _match_brace, _normalize, _squeeze, _terminates
+from rlprm.grading.rules import _as_number, _canon, _squeeze, _terminates, match_brace, normalize
 
 __all__ = ["equivalent_forms", "near_misses"]
 
@@ -53,7 +53,7 @@ def equivalent_forms(answer: str) -> list[str]:
         if x != a and x not in out:
             out.append(x)
 
-    norm = _normalize(a)
+    norm = normalize(a)
     add(a.replace("\\frac", "\\dfrac"))
     add(_squeeze(a))
     if not re.search(r"\d\s*(?:,|\{,\})", a):
@@ -124,8 +124,8 @@ def equivalent_forms(answer: str) -> list[str]:
     m = re.match(r"(-?)\\frac\{", norm)
     if m:
         i = m.end() - 1
-        j = _match_brace(norm, i)
-        if j > 0 and j + 1 < len(norm) and norm[j + 1] == "{" and _match_brace(norm, j + 1) == len(norm) - 1:
+        j = match_brace(norm, i)
+        if j > 0 and j + 1 < len(norm) and norm[j + 1] == "{" and match_brace(norm, j + 1) == len(norm) - 1:
             top, bottom = norm[i + 1 : j], norm[j + 2 : -1]
             if _as_number(_canon(norm)) is None:
                 add(f"{m.group(1)}({top})/({bottom})")
@@ -194,7 +194,7 @@ def near_misses(answer: str) -> list[str]:
     or element, a different word, and a hedge (``a \\text{ or } b``).
     """
     a = answer.strip()
-    norm = _normalize(a)
+    norm = normalize(a)
     out: list[str] = []
 
     def add(x: str) -> None:

@@ -47,7 +47,7 @@ def small_qwen_tokenizer(corpus: list[str], vocab_size: int = 400):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from rlprm.prm_adapters.standins import FAMILY_SPECIALS, QWEN_TEMPLATE, SPLIT
+    from rlprm.testing.standins import FAMILY_SPECIALS, QWEN_TEMPLATE, SPLIT
 
     specials = FAMILY_SPECIALS["qwen"]
     tok = Tokenizer(models.BPE(unk_token=None))

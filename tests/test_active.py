@@ -15,7 +15,7 @@ from rlprm.label import (LabelError, apply_ratings, first_error_from_probs, labe
                          ratings_from_first_error, unlabelled_line)
 from rlprm.tasks.arithmetic import corrupt_solution, make_problems, reference_solution
 
-from .test_train_rm import RECIPES, generator  # noqa: F401  (the tiny saved generator fixture)
+from .conftest import RECIPES  # the tiny saved generator fixture `generator` is conftest's too
 
 # --------------------------------------------------------------------------- selection math
 
@@ -298,7 +298,7 @@ def test_a_public_prm_labels_through_the_loader(tmp_path, capsys):
     from rlprm.active import label_records, load_loop_labeller
     from rlprm.cli import main
     from rlprm.prm_adapters import HubPRM, load_reward_model
-    from rlprm.prm_adapters.standins import save_standin
+    from rlprm.testing.standins import save_standin
 
     records = _samples(8)
     lines = [unlabelled_line(r.problem, r.steps, verifier_score=None, generation=1) for r in records]
@@ -409,7 +409,7 @@ def test_select_and_loop_end_to_end(tmp_path, generator, char_tokenizer):  # noq
 
     # select with a public PRM (a stand-in; its family detected, then named): it ranks by its own scores
     from rlprm.prm_adapters import load_reward_model
-    from rlprm.prm_adapters.standins import save_standin
+    from rlprm.testing.standins import save_standin
     from rlprm.reward_models import aggregate
 
     for family, how in (("qwen_prm", []), ("rlhflow", ["active.prm_adapter=rlhflow"])):

@@ -93,7 +93,7 @@ def _recipe(tmp_path, model, adapter, files, extra="", key="processbench_paths",
 def test_bench_prm_command_writes_table_json_plot(tmp_path, family, capsys):
     from rlprm.cli import main
     from rlprm.prm_adapters import load_reward_model
-    from rlprm.prm_adapters.standins import save_standin
+    from rlprm.testing.standins import save_standin
 
     model = save_standin(family, tmp_path / family)
     data = tmp_path / "toy.json"
@@ -120,7 +120,7 @@ def test_bench_prm_command_writes_table_json_plot(tmp_path, family, capsys):
 
 def test_bench_prm_on_shared_processbench(tmp_path, capsys):
     from rlprm.cli import main
-    from rlprm.prm_adapters.standins import save_standin
+    from rlprm.testing.standins import save_standin
 
     files = [shared_file("processbench/gsm8k.json"), shared_file("processbench/math.json")]
     model = save_standin("value_head", tmp_path / "vh")
@@ -134,7 +134,7 @@ def test_bench_prm_on_shared_processbench(tmp_path, capsys):
 
 def test_bench_prm_errors(tmp_path, capsys):
     from rlprm.cli import main
-    from rlprm.prm_adapters.standins import save_standin
+    from rlprm.testing.standins import save_standin
 
     model = save_standin("math_shepherd", tmp_path / "ms")
     data = tmp_path / "toy.json"
@@ -156,7 +156,7 @@ def test_bench_prm_on_prm800k_test_lines(tmp_path, capsys):
     from rlprm.cli import main
     from rlprm.data.prm800k import load_prm800k
     from rlprm.prm_adapters import load_reward_model
-    from rlprm.prm_adapters.standins import save_standin
+    from rlprm.testing.standins import save_standin
 
     files = [shared_file("prm800k/sample_phase2.jsonl"), shared_file("prm800k/sample_phase1.jsonl")]
     model = save_standin("qwen_prm", tmp_path / "qwen")
@@ -191,7 +191,7 @@ def test_bench_prm_on_held_out_arithmetic_samples(tmp_path, held_out_generator, 
     from rlprm.config import load_recipe
     from rlprm.data.stepwise import read_records
     from rlprm.prm_adapters import load_reward_model
-    from rlprm.prm_adapters.standins import save_standin
+    from rlprm.testing.standins import save_standin
     from rlprm.steps import render_steps
     from rlprm.tasks.arithmetic import check, split_problems
 
@@ -230,7 +230,7 @@ def test_bench_prm_on_held_out_arithmetic_samples(tmp_path, held_out_generator, 
 
 def test_bench_prm_says_what_is_missing(tmp_path, capsys):
     from rlprm.cli import main
-    from rlprm.prm_adapters.standins import save_standin
+    from rlprm.testing.standins import save_standin
 
     model = save_standin("value_head", tmp_path / "vh")
     assert main(["bench-prm", str(_recipe(tmp_path, model, "value_head", [])), "--no-progress"]) == 2

@@ -20,7 +20,7 @@ def _my_policy(folder: Path) -> Path:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from rlprm.prm_adapters.standins import build_tokenizer
+    from rlprm.testing.standins import build_tokenizer
 
     tok = build_tokenizer("qwen")
     config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -53,7 +53,7 @@ def test_the_doc_names_the_overrides_this_test_uses():
 def test_own_policy_public_prm_family_and_own_data_run_the_real_size_recipe(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlprm.prm_adapters.standins import save_standin
+    from rlprm.testing.standins import save_standin
 
     policy = _my_policy(tmp_path / "my-policy")
     prm = save_standin("qwen_prm", tmp_path / "standin_prm")  # the doc's offline step

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from rlprm import grading
-from rlprm.grading import Grader, GraderError, extract_answer
+from rlprm.grading import Grader, GraderError, extract_answer, rules, worker
 from tests.grading_forms import equivalent_forms, near_misses
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -261,8 +261,8 @@ def test_payloads_reach_math_verify_without_running(tmp_path):
     does not evaluate text: run the worker's own function in this process."""
     marker = tmp_path / "pwned"
     for p in _payloads(marker):
-        grading._worker_equiv(p, "0", 2)
-        grading._mv_parse(p, 2)
+        worker.worker_equiv(p, "0", 2)
+        worker.mv_parse(p, 2)
     assert not marker.exists()
 
 
@@ -350,11 +350,11 @@ def test_string_handling_never_raises_on_junk():
         a = "".join(rng.choice(tokens) for _ in range(rng.randint(0, 14)))
         b = "".join(rng.choice(tokens) for _ in range(rng.randint(0, 6)))
         extract_answer(a)
-        grading._hazard(a)
-        grading._nesting_depth(a)
-        na, nb = grading._normalize(a), grading._normalize(b)
-        grading._decide_local(na, nb)
-        grading._hazard(na)
+        rules.hazard(a)
+        rules.nesting_depth(a)
+        na, nb = rules.normalize(a), rules.normalize(b)
+        rules.decide_local(na, nb)
+        rules.hazard(na)
         equivalent_forms(a)
         near_misses(a)
 
@@ -434,8 +434,8 @@ def test_memory_cap_applies():
 
     code = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
-        "from rlprm.grading import _apply_limits\n"
-        "_apply_limits(256)\n"
+        "from rlprm.grading.worker import apply_limits\n"
+        "apply_limits(256)\n"
         "try:\n"
         "    block = bytearray(512 << 20)\n"
         "    print('allocated')\n"

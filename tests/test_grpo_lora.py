@@ -19,7 +19,7 @@ import yaml
 from rlprm.config import TinyModelConfig, validate_recipe
 from rlprm.launch import free_port
 from rlprm.tracking import read_metrics
-from tests.test_multi_process_rl import LAUNCHER, _env, _launch, _same_weights_on_two_ranks, _wait
+from tests.multi_process import LAUNCHER, job_env, launch_job, same_weights_on_two_ranks, wait_all
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = TinyModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2)
@@ -223,13 +223,13 @@ def test_grpo_lora_on_two_processes(models, tmp_path):
     recipe.write_text(yaml.safe_dump(lora_recipe(tmp_path / "run", models)))
     script = tmp_path / "fixed_rollouts.py"
     script.write_text(FIXED_ROLLOUTS)
-    proc = _launch([str(LAUNCHER), "--num_gpus", "2", "--master_port", str(free_port()), str(script), str(recipe),
+    proc = launch_job([str(LAUNCHER), "--num_gpus", "2", "--master_port", str(free_port()), str(script), str(recipe),
                     "--no-progress"],
-                   _env(RLPRM_GENERATOR=str(models[0]), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext")))
-    out = _wait([proc], 300)[0]
+                   job_env(RLPRM_GENERATOR=str(models[0]), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext")))
+    out = wait_all([proc], 300)[0]
     assert proc.returncode == 0, out[-4000:]
     run_dir = tmp_path / "run"
-    summary, _ = _same_weights_on_two_ranks(run_dir)
+    summary, _ = same_weights_on_two_ranks(run_dir)
     assert (run_dir / "checkpoints" / "epoch-0002" / "model" / "adapter_config.json").is_file()
     generator, merged = merged_weights(models[0]), merged_weights(run_dir / "export")
     q = "model.layers.1.self_attn.v_proj.weight"

@@ -80,7 +80,7 @@ TOKENIZERS = {"qwen_prm": rt.qwen_math_prm_tokenizer_dir, "pure_prm": rt.qwen2_t
 @pytest.fixture(scope="module")
 def standins(tmp_path_factory):
     """family -> stand-in folder, built lazily (one real tokenizer and tiny model per family)."""
-    from rlprm.prm_adapters.standins import save_standin
+    from rlprm.testing.standins import save_standin
 
     root = tmp_path_factory.mktemp("parity")
     made = {}

@@ -1,6 +1,6 @@
 """Public PRM families through one API, each checked against its model card's own way of scoring.
 
-Every family gets a tiny random stand-in (rlprm/prm_adapters/standins.py: the family's special tokens, chat
+Every family gets a tiny random stand-in (rlprm/testing/standins.py: the family's special tokens, chat
 template, head shape, label order and weight names), saved to a temporary folder and loaded by
 `load_reward_model`. The references below are written separately, the way each card's snippet scores: the
 whole conversation or text built as a string, tokenized at once, one solution at a time, the model's weights
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from rlprm.prm_adapters import FAMILIES, AdapterError, HubPRM, detect_family, load_reward_model
-from rlprm.prm_adapters.standins import save_standin
+from rlprm.testing.standins import save_standin
 
 PROBLEMS = [
     "What is 12 + 5?",

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,48 +25,9 @@ import yaml
 from rlprm.config import validate_recipe
 from rlprm.launch import free_port
 from rlprm.tracking import read_metrics
+from tests.multi_process import LAUNCHER, job_env, launch_job, same_weights_on_two_ranks, wait_all
 
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCHER = Path(sys.executable).with_name("deepspeed")
-
-
-def _env(**extra) -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", **extra)
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)  # the launcher sets its own
-    return env
-
-
-def _wait(procs: list[subprocess.Popen], timeout: float) -> list[str]:
-    """Each process's output; every process group killed if they are not all done within `timeout` seconds."""
-    outs = []
-    try:
-        for proc in procs:
-            outs.append(proc.communicate(timeout=timeout)[0])
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("the ranks were still running after %d s:\n%s" % (timeout, "\n".join(
-            (p.communicate()[0] or "")[-2000:] for p in procs)))
-    return outs
-
-
-def _launch(cmd: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def _same_weights_on_two_ranks(run_dir: Path) -> tuple[dict, str]:
-    """The run's summary and its one policy digest, asserting that 2 ranks each hashed the same final weights."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["dist/world_size"] == 2
-    digests = summary["dist/policy_sha256"]
-    assert len(digests) == 2 and digests[0] == digests[1]  # each rank hashed its own weights
-    return summary, digests[0]
-
-
 # --------------------------------------------------------------------------- groups over ranks (pure tensors)
 
 
@@ -204,7 +163,7 @@ def test_hostfile_of_two_nodes_gives_a_world_of_four_and_rank_two_does_not_write
                           f"--world_info={encode_world_info(active)}", "--node_rank=1",
                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "--no_python",
                           "--no_local_rank", sys.executable, "-c", show, str(tmp_path)],
-                         capture_output=True, text=True, env=_env(), timeout=120)
+                         capture_output=True, text=True, env=job_env(), timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     ranks = sorted(tuple(int(x) for x in f.read_text().split()) for f in tmp_path.glob("rank*"))
     assert ranks == [(2, 0, 4), (3, 1, 4)]
@@ -323,9 +282,9 @@ def test_grpo_on_two_processes(tmp_path, answering_generator):
     script.write_text(DUMP_ADVANTAGES)
     dumps = tmp_path / "dumps"
     dumps.mkdir()
-    proc = _launch([str(LAUNCHER), "--num_gpus", "2", "--master_port", str(free_port()), str(script), str(recipe),
-                    "--no-progress"], _env(RLPRM_DUMP=str(dumps), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext")))
-    out = _wait([proc], 300)[0]
+    proc = launch_job([str(LAUNCHER), "--num_gpus", "2", "--master_port", str(free_port()), str(script), str(recipe),
+                    "--no-progress"], job_env(RLPRM_DUMP=str(dumps), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext")))
+    out = wait_all([proc], 300)[0]
     assert proc.returncode == 0, out[-4000:]
 
     # every rank's advantages are its rows of the whole generation batch's, groups normalised whole
@@ -351,7 +310,7 @@ def test_grpo_on_two_processes(tmp_path, answering_generator):
             torch.testing.assert_close(d[r]["advantages"], whole[3 * r:3 * r + 3, :d[r]["width"]])
 
     run_dir = tmp_path / "run"
-    summary, digest = _same_weights_on_two_ranks(run_dir)
+    summary, digest = same_weights_on_two_ranks(run_dir)
     assert weights_digest(AutoModelForCausalLM.from_pretrained(run_dir / "export")) == digest
     # it trained: 2 iterations of one optimizer step each (6 completions, minibatch 6)
     _assert_trained_beyond_weight_decay(generator_dir, run_dir / "export", steps=2, lr=1e-3)
@@ -379,12 +338,12 @@ def test_grpo_under_accelerate_launch(tmp_path, answering_generator):
         "tracking": {"wandb": "disabled"},
     }))
     accelerate = Path(sys.executable).with_name("accelerate")
-    proc = _launch([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
-                    str(free_port()), "rlprm/train_rl.py", str(recipe), "--no-progress"], _env())
-    out = _wait([proc], 300)[0]
+    proc = launch_job([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
+                    str(free_port()), "rlprm/train_rl.py", str(recipe), "--no-progress"], job_env())
+    out = wait_all([proc], 300)[0]
     assert proc.returncode == 0, out[-4000:]
     run_dir = tmp_path / "run"
-    summary, digest = _same_weights_on_two_ranks(run_dir)
+    summary, digest = same_weights_on_two_ranks(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
     its = [r for r in records if "rl/reward" in r]
     assert len(its) == 2  # 2 iterations of 2 prompts, logged once each
@@ -465,11 +424,11 @@ def test_rejection_sampling_on_two_nodes(tmp_path, generator_dir):
     dump = tmp_path / "dump"
     dump.mkdir()
     port = free_port()
-    env = _env(RLPRM_DUMP=str(dump), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
-    procs = [_launch([str(LAUNCHER), "--hostfile", str(hostfile), "--num_nodes", "2", "--no_ssh", "--node_rank",
+    env = job_env(RLPRM_DUMP=str(dump), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    procs = [launch_job([str(LAUNCHER), "--hostfile", str(hostfile), "--num_nodes", "2", "--no_ssh", "--node_rank",
                       str(node), "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), str(recipe),
                       "--no-progress"], env) for node in (0, 1)]
-    outs = _wait(procs, 300)
+    outs = wait_all(procs, 300)
     for proc, out in zip(procs, outs):
         assert proc.returncode == 0, out[-4000:]
 
@@ -483,7 +442,7 @@ def test_rejection_sampling_on_two_nodes(tmp_path, generator_dir):
     assert sft[0]["per_device"] == 1  # rl.sft_batch_size 2 is the total over the 2 ranks
 
     run_dir = tmp_path / "run"
-    summary, digest = _same_weights_on_two_ranks(run_dir)
+    summary, digest = same_weights_on_two_ranks(run_dir)
     assert digest != weights_digest(AutoModelForCausalLM.from_pretrained(generator_dir))  # it trained
     assert weights_digest(AutoModelForCausalLM.from_pretrained(run_dir / "export")) == digest
     records = read_metrics(run_dir / "metrics.jsonl")

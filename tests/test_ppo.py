@@ -401,12 +401,12 @@ def test_update_and_kl_logprobs_are_at_the_sampling_temperature(generator_dir, t
     reference's, both fed to the KL and (old) to the PPO ratio, are log softmax(logits / 0.5) at the sampled tokens."""
     import torch
 
-    import rlprm.rewards as rewards_module
+    import rlprm.rl.core as core_module
     from rlprm.models import load_causal_lm
     from rlprm.rl import ppo, train
 
     seen_kl, rollouts = [], []
-    _spy(monkeypatch, rewards_module, "add_kl_penalty", seen_kl)
+    _spy(monkeypatch, core_module, "add_kl_penalty", seen_kl)
     monkeypatch.setattr(ppo, "_generate", _rollouts_per_prompt(ppo, _right_and_wrong, record=rollouts))
     recipe = make_recipe(tmp_path, generator_dir, "temperature", epochs=1)
     recipe.rl.eval_n_max = 0
@@ -590,6 +590,7 @@ def test_ppo_with_lora_trains_adapters_only_and_exports_a_plain_model(generator_
 
     import rlprm.models as models_module
     import rlprm.rewards as rewards_module
+    import rlprm.rl.core as core_module
     from rlprm.models import load_causal_lm
     from rlprm.rl import ppo, train
     from rlprm.rl.run import load_policy
@@ -597,7 +598,7 @@ def test_ppo_with_lora_trains_adapters_only_and_exports_a_plain_model(generator_
     loads, seen_rewards, seen_kl, rollouts = [], [], [], []
     _spy(monkeypatch, models_module, "load_causal_lm", loads)
     _spy(monkeypatch, rewards_module, "token_rewards", seen_rewards)
-    _spy(monkeypatch, rewards_module, "add_kl_penalty", seen_kl)
+    _spy(monkeypatch, core_module, "add_kl_penalty", seen_kl)
     monkeypatch.setattr(ppo, "_generate", _rollouts_per_prompt(ppo, _right_and_wrong, record=rollouts))
     # 2 iterations: the second one's rollouts are scored after the adapters' first update
     recipe = _lora_recipe(tmp_path, generator_dir, "lora", epochs=1, problems_per_epoch=4, mode="sparse",

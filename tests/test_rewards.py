@@ -12,7 +12,6 @@ from rlprm.rewards import (
     ANSWERED_MARGIN,
     PROB_FLOOR,
     RewardError,
-    add_kl_penalty,
     confidence_scores,
     dense_step_rewards,
     dense_step_values,
@@ -24,6 +23,7 @@ from rlprm.rewards import (
     step_token_ends,
 )
 from rlprm.rewards import token_rewards as _token_rewards
+from rlprm.rl.core import add_kl_penalty
 from rlprm.steps import step_char_ends, token_char_ends
 
 TEXT = "93 + 3 = 96\n96 - 4 = 92\n# Answer\n\n92\n"

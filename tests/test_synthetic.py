@@ -11,7 +11,7 @@ from rlprm.synthetic import (OUTCOME_GRADER, OUTCOME_LARGE, PROCESS_CHECKER, PRO
                              label_errors, training_sets)
 from rlprm.tasks.arithmetic import corrupt_solution, make_problems, reference_solution, shortcut_solution
 
-from .test_train_rm import RECIPES, generator  # noqa: F401  (the tiny saved generator fixture)
+from .conftest import RECIPES  # the tiny saved generator fixture `generator` is conftest's too
 
 
 def _checked(problem, steps):

@@ -4,31 +4,16 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from rlprm.config import load_recipe
 from rlprm.tracking import read_metrics
 
-from .conftest import shared_file, train_tiny_generator
-
-ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ROOT / "recipes"
+from .conftest import RECIPES, ROOT, shared_file
 SMALL = ["tracking.wandb=disabled", "run.device=cpu", "rm.data.train_problems=8", "rm.data.samples_per_problem=2",
          "rm.data.eval_problems=4", "rm.data.eval_samples_per_problem=2", "rm.data.max_new_tokens=40",
          "rm.epochs=1", "rm.batch_size=4", "rm.logging_steps=1"]
-
-
-@pytest.fixture(scope="module")
-def generator(tmp_path_factory, char_tokenizer):
-    """A tiny causal LM trained for a few steps on reference solutions, saved like `rlprm prepare` saves one."""
-    from rlprm.config import ArithmeticConfig
-    from rlprm.tasks.arithmetic import make_problems
-
-    # 30 steps: enough to write step-shaped lines, not enough to be right
-    return train_tiny_generator(tmp_path_factory.mktemp("gen") / "generator", char_tokenizer,
-                                make_problems(ArithmeticConfig(), 64, seed=3), steps=30)
 
 
 def run_job(recipe_name, tmp_path, generator, *extra):

@@ -173,6 +173,60 @@ def load_or_sample(path: Path, meta: dict, make) -> tuple[list[LabelledSolution]
     return records, counts, False
 
 
+def arithmetic_pool(recipe, cache_dir: Path, progress: bool = True, shared_dir: Path | None = None,
+                    what: str = "solutions") -> dict[str, tuple[list[LabelledSolution], dict, bool, Path]]:
+    """rm.data's training and held-out samples of model.generator on the arithmetic task, labelled by the checker.
+
+    The one home of the reward-model sample pool: `rlprm train-rm`, active learning and synthetic supervision
+    draw the same pool, and the settings record below names its cache, so a pool one job drew is found by the
+    others. Per split ("train", "eval"): (records, counts, from_cache, path). `cache_dir/rm_samples_SPLIT.jsonl`
+    is read when it was drawn with exactly these settings, else (re)written; a matching file in `shared_dir` is
+    read first and never rewritten. `what` names the samples in the progress bar.
+    """
+    from rlprm.problems import reward_model_arithmetic
+
+    data, sep, gen_path = recipe.rm.data, recipe.task.step_separator, recipe.model.generator
+    # the held-out side is drawn like `rlprm prepare`'s (same seed): the generator never trained on it; the
+    # training side skips the generator's SFT problems
+    train_problems, eval_problems = reward_model_arithmetic(recipe)
+    base = {"generator": str(gen_path), "fingerprint": model_fingerprint(gen_path), "seed": recipe.run.seed,
+            "temperature": data.temperature, "max_new_tokens": data.max_new_tokens, "sep": sep,
+            "task": recipe.task.arithmetic.model_dump(mode="json")}
+    state: dict = {}
+    out = {}
+    for split, problems, n, seed in (("train", train_problems, data.samples_per_problem, recipe.run.seed * 7 + 1),
+                                     ("eval", eval_problems, data.eval_samples_per_problem, recipe.run.seed * 7 + 2)):
+        meta = dict(base, split=split, problems=len(problems), problems_sha256=problems_digest(problems),
+                    samples_per_problem=n)
+        name = f"rm_samples_{split}.jsonl"
+        shared = Path(shared_dir) / name if shared_dir is not None else None
+        if shared is not None and shared.is_file():
+            try:
+                cached_meta, records = read_records(shared)
+            except (OSError, ValueError, TypeError, KeyError):
+                cached_meta, records = {}, []
+            if cached_meta.get("settings") == meta:
+                out[split] = (records, cached_meta.get("counts", {}), True, shared)
+                continue
+
+        def make(problems=problems, n=n, seed=seed, split=split):
+            if "model" not in state:  # loaded once, and only when a split is not cached
+                from rlprm.models import load_causal_lm, load_tokenizer, quiet_transformers, resolve_device
+
+                state["tokenizer"] = load_tokenizer(gen_path, padding_side="left")
+                with quiet_transformers(report=False):
+                    state["model"] = load_causal_lm(gen_path, device=resolve_device(recipe.run.device))
+            return sample_arithmetic(state["model"], state["tokenizer"], problems, n, temperature=data.temperature,
+                                     max_new_tokens=data.max_new_tokens, batch_size=data.sample_batch_size,
+                                     seed=seed, sep=sep, progress=progress, desc=f"sampling {split} {what}")
+
+        path = Path(cache_dir) / name
+        records, counts, cached = load_or_sample(path, meta, make)
+        out[split] = (records, counts, cached, path)
+    state.clear()
+    return out
+
+
 def label_summary(records: list[LabelledSolution]) -> dict[str, float | int]:
     """Counts of records, labelled steps by class, and outcome rates (for logs)."""
     labels = [y for r in records for y in r.labels if y is not None]

@@ -119,10 +119,6 @@ from .pool import (
 )
 from .rules import MAX_ANSWER_CHARS, MAX_NESTING
 
-# Internals that tests and benchmarks/grading.py reach through the package.
-from .rules import _decide_local, _hazard, _nesting_depth, _normalize  # noqa: F401
-from .worker import _WARMUP_PAIRS, _apply_limits, _mv_parse, _worker_equiv  # noqa: F401
-
 __all__ = [
     "DEFAULT_TIMEOUT",
     "MAX_ANSWER_CHARS",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from .rules import _match_brace
+from .rules import match_brace
 
 # --------------------------------------------------------------------------
 # Extraction
@@ -33,7 +33,7 @@ def _last_boxed(text: str) -> str | None:
     while i < n and text[i] in " \t":
         i += 1
     if i < n and text[i] == "{":
-        end = _match_brace(text, i)
+        end = match_brace(text, i)
         # An unclosed last box is a truncated generation: its answer is unknown.
         return None if end < 0 else text[i + 1 : end]
     # "\boxed 5": the argument is the next token.

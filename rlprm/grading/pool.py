@@ -27,8 +27,8 @@ from multiprocessing.connection import wait as _wait_conns
 from typing import Iterable, Sequence
 
 from .extract import extract_answer
-from .rules import (MAX_ANSWER_CHARS, MAX_NESTING, _HOSTILE_RE, _decide_local, _drop_redundant_braces, _hazard,
-                    _nesting_depth, _normalize)
+from .rules import (MAX_ANSWER_CHARS, MAX_NESTING, HOSTILE_RE, decide_local, drop_redundant_braces, hazard,
+                    nesting_depth, normalize)
 
 #: Seconds one comparison may take inside a worker before its worker is killed.
 DEFAULT_TIMEOUT = 5.0
@@ -299,23 +299,23 @@ class Grader:
             return False, "", ""
         for text in (pred, gold):
             # redundant groups ({{{9}}}) are not nesting that a parser would have to work through
-            if (_HOSTILE_RE.search(unicodedata.normalize("NFKC", text))
-                    or _nesting_depth(_drop_redundant_braces(text)) > MAX_NESTING):
+            if (HOSTILE_RE.search(unicodedata.normalize("NFKC", text))
+                    or nesting_depth(drop_redundant_braces(text)) > MAX_NESTING):
                 counts["rejected_hostile"] += 1
                 return False, "", ""
         try:
-            pn, gn = _normalize(pred), _normalize(gold)
-            if _HOSTILE_RE.search(pn) or _HOSTILE_RE.search(gn):
+            pn, gn = normalize(pred), normalize(gold)
+            if HOSTILE_RE.search(pn) or HOSTILE_RE.search(gn):
                 counts["rejected_hostile"] += 1
                 return False, "", ""
             if not pn or not gn:
                 return False, pn, gn
             if self.shortcuts:
-                verdict = _decide_local(pn, gn)
+                verdict = decide_local(pn, gn)
                 if verdict is not None:
                     counts["settled_locally"] += 1
                     return verdict, pn, gn
-            if _hazard(pn) and not _hazard(gn):
+            if hazard(pn) and not hazard(gn):
                 counts["rejected_hazard"] += 1
                 return False, pn, gn
         except Exception:  # noqa: BLE001 - a string we cannot even normalise is not an answer

@@ -6,11 +6,11 @@ it also runs on model text in the caller's process. So it imports the standard
 library only (``tests/test_grading.py`` checks) and never parses, evaluates or
 calls out: regular expressions, brace matching and :class:`fractions.Fraction`.
 
-* screening: :data:`_HOSTILE_RE` (code-like text), :func:`_nesting_depth`,
-  :func:`_hazard` (giant numbers);
+* screening: :data:`HOSTILE_RE` (code-like text), :func:`nesting_depth`,
+  :func:`hazard` (giant numbers);
 * normalisation to one LaTeX form following the MATH conventions
-  (:func:`_normalize`) and the key for exact comparison (:func:`_canon`);
-* exact rules (:func:`_decide_local`): equal normal forms, plain numbers
+  (:func:`normalize`) and the key for exact comparison (:func:`_canon`);
+* exact rules (:func:`decide_local`): equal normal forms, plain numbers
   compared as fractions, text answers as words, hedges; ``None`` defers a pair
   to math-verify in a worker.
 """
@@ -30,7 +30,7 @@ MAX_ANSWER_CHARS = 1000
 MAX_NESTING = 10
 
 
-def _match_brace(s: str, start: int) -> int:
+def match_brace(s: str, start: int) -> int:
     """Index of the ``}`` closing the ``{`` at ``start``, or -1.
 
     Escaped braces (``\\{``) do not count. Linear time, no recursion.
@@ -53,7 +53,7 @@ def _match_brace(s: str, start: int) -> int:
 
 
 
-def _drop_redundant_braces(s: str) -> str:
+def drop_redundant_braces(s: str) -> str:
     """``s`` without brace groups that change nothing: ``{{x}}`` -> ``{x}``, and a group around the whole answer.
 
     In LaTeX a group only delimits: ``\\frac{{1}}{{2}}``, ``\\text{{Evelyn}}`` and ``{{{9}}}`` read as
@@ -114,7 +114,7 @@ def _drop_phantoms(s: str) -> str:
         while i < len(s) and s[i] == " ":
             i += 1
         if i < len(s) and s[i] == "{":
-            end = _match_brace(s, i)
+            end = match_brace(s, i)
             i = len(s) if end < 0 else end + 1
         elif i < len(s):
             tok = _CMD_TOKEN_RE.match(s, i) if s[i] == "\\" else None
@@ -130,7 +130,7 @@ def _drop_phantoms(s: str) -> str:
 
 # Python-looking text never is a math answer; refusing it keeps code out of
 # every parser even if one of them had an eval path we missed.
-_HOSTILE_RE = re.compile(
+HOSTILE_RE = re.compile(
     r"__"
     r"|\b(?:import|lambda|eval|exec|execfile|compile|getattr|setattr|delattr|globals|locals"
     r"|vars|builtins|subprocess|pathlib|breakpoint|pickle|marshal|ctypes)\b"
@@ -140,7 +140,7 @@ _HOSTILE_RE = re.compile(
 )
 
 
-def _nesting_depth(s: str) -> int:
+def nesting_depth(s: str) -> int:
     depth = best = 0
     for c in s:
         if c in "{[(":
@@ -164,7 +164,7 @@ def _exponent_end(s: str, i: int) -> tuple[str, int]:
     if i >= n:
         return "", i
     if s[i] == "{":
-        end = _match_brace(s, i)
+        end = match_brace(s, i)
         if end < 0:
             return s[i + 1 :], n
         return s[i + 1 : end], end + 1
@@ -172,7 +172,7 @@ def _exponent_end(s: str, i: int) -> tuple[str, int]:
     return m.group(0), m.end()
 
 
-def _hazard(s: str) -> bool:
+def hazard(s: str) -> bool:
     """True when ``s`` asks sympy to build a number too big to compare.
 
     Power towers (an exponent holding ``^``, or chained ``a^b^c``), exponents
@@ -269,7 +269,7 @@ def _strip_wrappers(s: str) -> str:
             if len(s) >= len(left) + len(right) and s.startswith(left) and s.endswith(right):
                 s = s[len(left) : len(s) - len(right)].strip()
         m = re.match(r"\\(?:boxed|fbox)\s*\{", s)
-        if m and _match_brace(s, m.end() - 1) == len(s) - 1:
+        if m and match_brace(s, m.end() - 1) == len(s) - 1:
             s = s[m.end() : -1]
         if s == before:
             break
@@ -310,7 +310,7 @@ def _brace_args(s: str) -> str:
             if i >= n:
                 break
             if s[i] == "{":
-                end = _match_brace(s, i)
+                end = match_brace(s, i)
                 if end < 0:
                     break
                 out.append("{" + _brace_args(s[i + 1 : end]) + "}")
@@ -359,7 +359,7 @@ def _keep_row_break(replacement: str):
 
 
 @functools.lru_cache(maxsize=8192)
-def _normalize(ans: str) -> str:
+def normalize(ans: str) -> str:
     """Bring an answer to the one LaTeX form both sides are compared in.
 
     Pure string work (no parser). Only rewrites that keep the value: it is
@@ -369,7 +369,7 @@ def _normalize(ans: str) -> str:
                 for c in ans if unicodedata.category(c) != "Cf")
     s = _SUPERSCRIPT_RE.sub(lambda m: "^{" + m.group(0).translate(_SUPERSCRIPT_TABLE) + "}", s)
     s = unicodedata.normalize("NFKC", s).translate(_UNICODE_TABLE)
-    s = _drop_redundant_braces(_strip_wrappers(_drop_redundant_braces(_drop_phantoms(s))))
+    s = drop_redundant_braces(_strip_wrappers(drop_redundant_braces(_drop_phantoms(s))))
     s = s.replace("smallmatrix", "matrix")  # the same matrix, typeset small
     s = _MATHRM_WORD_RE.sub(r"\\text{\1}", s)  # upright words (not single letters: \mathrm{d}, \mathrm{e})
     s = _TEXT_NUMBER_RE.sub(r"\1\\text{ \2}", s)
@@ -529,7 +529,7 @@ def _words(s: str) -> str:
     return m.group(1) if m else s
 
 
-def _decide_local(pn: str, gn: str) -> bool | None:
+def decide_local(pn: str, gn: str) -> bool | None:
     """Settle a pair of normalised answers by exact rules, or ``None`` to defer.
 
     Pure string and :class:`~fractions.Fraction` work: safe to run on model text

@@ -7,8 +7,8 @@ registers this folder as a bare package ``_rlprm_grading`` and imports
 ``rlprm`` or ``rlprm.grading``'s ``__init__``. At import it needs the standard
 library alone; math-verify (and through it sympy) is imported on first use.
 
-What runs here: :func:`_worker_equiv` (screening again, the exact rules, then
-math-verify with LaTeX extraction only) under :func:`_apply_limits` (address
+What runs here: :func:`worker_equiv` (screening again, the exact rules, then
+math-verify with LaTeX extraction only) under :func:`apply_limits` (address
 space, no child processes, no file growth, no core dumps). The caller enforces
 the hard deadline per item by killing the worker.
 """
@@ -20,14 +20,14 @@ import os
 import sys
 from multiprocessing.connection import Connection
 
-from .rules import (MAX_ANSWER_CHARS, MAX_NESTING, _HOSTILE_RE, _decide_local, _nesting_depth,
-                    _normalize)
+from .rules import (MAX_ANSWER_CHARS, MAX_NESTING, HOSTILE_RE, decide_local, nesting_depth,
+                    normalize)
 
 _GOLD_CACHE: dict[str, list] = {}
 _GOLD_CACHE_MAX = 512
 
 
-def _mv_parse(answer: str, alarm: int) -> list:
+def mv_parse(answer: str, alarm: int) -> list:
     from math_verify import LatexExtractionConfig, parse
 
     # LaTeX extraction only: the expression extractor would hand text to
@@ -37,7 +37,7 @@ def _mv_parse(answer: str, alarm: int) -> list:
                  parsing_timeout=alarm)
 
 
-def _worker_equiv(pn: str, gn: str, alarm: int = 2) -> bool:
+def worker_equiv(pn: str, gn: str, alarm: int = 2) -> bool:
     """Decide one normalised pair: exact rules, then math-verify.
 
     This is what a worker runs. It has no timeout of its own beyond
@@ -45,27 +45,27 @@ def _worker_equiv(pn: str, gn: str, alarm: int = 2) -> bool:
     """
     if len(pn) > 4 * MAX_ANSWER_CHARS or len(gn) > 4 * MAX_ANSWER_CHARS:
         return False
-    if _HOSTILE_RE.search(pn) or _nesting_depth(pn) > MAX_NESTING:
+    if HOSTILE_RE.search(pn) or nesting_depth(pn) > MAX_NESTING:
         return False
-    local = _decide_local(pn, gn)
+    local = decide_local(pn, gn)
     if local is not None:
         return local
     from math_verify import verify
 
     gold = _GOLD_CACHE.get(gn)
     if gold is None:
-        gold = _mv_parse(gn, alarm)
+        gold = mv_parse(gn, alarm)
         if len(_GOLD_CACHE) >= _GOLD_CACHE_MAX:
             _GOLD_CACHE.clear()
         _GOLD_CACHE[gn] = gold
-    pred = _mv_parse(pn, alarm)
+    pred = mv_parse(pn, alarm)
     if not gold or not pred:
         return False
     return bool(verify(gold, pred, timeout_seconds=alarm))
 
 
 #: Pairs a new worker grades before serving, one per kind of sympy work.
-_WARMUP_PAIRS = (
+WARMUP_PAIRS = (
     (r"\frac{1}{2}", "0.5"), ("(1,2]", "(1,2]"), (r"\{1,2\}", "2,1"),
     (r"\begin{pmatrix}1\\2\end{pmatrix}", r"\begin{bmatrix}1\\2\end{bmatrix}"),
     ("(x+1)^2", "x^2+2x+1"), ("x=2", "2"), (r"\sqrt{8}", r"2\sqrt{2}"), ("y=2x+3", "2x+3"),
@@ -79,7 +79,7 @@ _WARMUP_PAIRS = (
 )
 
 
-def _apply_limits(memory_mb: int | None) -> None:
+def apply_limits(memory_mb: int | None) -> None:
     import resource
     import signal
 
@@ -113,9 +113,9 @@ def _worker_main(cfg: dict) -> None:
     logging.disable(logging.CRITICAL)  # math-verify logs every timeout and parse failure
     # Warm up before the limits apply: sympy imports much lazily and its first
     # simplify/solve/set operations cost about a second.
-    for p, g in _WARMUP_PAIRS:
-        _worker_equiv(_normalize(p), _normalize(g), 5)
-    _apply_limits(cfg.get("memory_mb"))
+    for p, g in WARMUP_PAIRS:
+        worker_equiv(normalize(p), normalize(g), 5)
+    apply_limits(cfg.get("memory_mb"))
     tx.send_bytes(json.dumps({"ready": True, "pid": os.getpid()}).encode())
     while True:
         try:
@@ -128,7 +128,7 @@ def _worker_main(cfg: dict) -> None:
         for k, (pn, gn) in enumerate(req["items"]):
             err = None
             try:
-                ok = _worker_equiv(pn, gn, alarm)
+                ok = worker_equiv(pn, gn, alarm)
             except SystemExit:
                 raise
             except BaseException as exc:  # incl. math-verify's TimeoutException, MemoryError

@@ -310,6 +310,23 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1") -> Tens
     raise ValueError(f"kl kind must be one of {', '.join(KL_KINDS)}, got {kind!r}")
 
 
+def add_kl_penalty(rewards: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kl_coef: float,
+                   kind: str = "k1") -> tuple[Tensor, Tensor]:
+    """Per-token KL penalty against the reference model.
+
+    rewards, logprobs, ref_logprobs, mask: (B, T). Returns (shaped, kl), both
+    (B, T) and 0 at masked positions: kl = `kl_penalty(logprobs,
+    ref_logprobs, kind)` and shaped = rewards - kl_coef * kl. Every response
+    token pays for drifting from the reference, not just the last one, so the
+    critic sees where the drift happened.
+    """
+    m = mask.bool()
+    zeros = torch.zeros_like(rewards)
+    kl = torch.where(m, kl_penalty(logprobs, ref_logprobs, kind).to(rewards.dtype), zeros)
+    shaped = torch.where(m, rewards - kl_coef * kl, zeros)
+    return shaped, kl
+
+
 class FixedKLController:
     """A constant KL coefficient; `update` does nothing."""
 
@@ -499,8 +516,8 @@ def entropy_from_logits(logits: Tensor, mask: Tensor | None = None) -> Tensor:
 
 __all__ = [
     "AdaptiveKLController", "FARMABLE_PROCESS_FORMS", "FixedKLController", "KL_KINDS", "LOGIT_CHUNK_ELEMENTS",
-    "PROCESS_FORMS", "entropy_from_logits", "explained_variance", "gae", "group_normalize", "group_normalize_steps",
-    "kl_penalty", "logprobs_from_logits", "masked_mean", "masked_var", "masked_whiten", "policy_loss",
-    "process_token_advantages", "step_rewards_to_token_advantages", "summed_process_advantages", "token_logprobs",
-    "value_loss",
+    "PROCESS_FORMS", "add_kl_penalty", "entropy_from_logits", "explained_variance", "gae", "group_normalize",
+    "group_normalize_steps", "kl_penalty", "logprobs_from_logits", "masked_mean", "masked_var", "masked_whiten",
+    "policy_loss", "process_token_advantages", "step_rewards_to_token_advantages", "summed_process_advantages",
+    "token_logprobs", "value_loss",
 ]

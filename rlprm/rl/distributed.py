@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlprm.errors import EXIT_STOPPED, InputError
-from rlprm.launch import single_process_env, unwrap
+from rlprm.launch import launcher_local_rank, launcher_rank, single_process_env, unwrap
 from rlprm.tracking import NullTracker  # noqa: F401  (re-exported until rl/ imports it from rlprm.tracking)
 
 # Used when several processes are launched but the recipe names no DeepSpeed
@@ -491,7 +491,7 @@ def setup(recipe, micro_batch: int) -> Dist:
     import torch.distributed as tdist
 
     rank, world = tdist.get_rank(), tdist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    local_rank = launcher_local_rank()
     if not cpu:
         torch.cuda.set_device(local_rank)
     if cpu and world > 1 and not recipe.run.threads:
@@ -533,8 +533,7 @@ def launch_env() -> tuple[int, int, int]:
     LOCAL_RANK=0: it is not the writer (`Dist.is_main` is the global rank 0 alone).
     """
     try:
-        return (int(os.environ.get("RANK", "0") or 0), int(os.environ.get("LOCAL_RANK", "0") or 0),
-                launched_world_size())
+        return launcher_rank(), launcher_local_rank(), launched_world_size()
     except ValueError:
         raise DistributedError(f"RANK={os.environ.get('RANK')!r} / LOCAL_RANK={os.environ.get('LOCAL_RANK')!r} "
                                "are not numbers; launch with `deepspeed`, `torchrun` or `accelerate launch`") from None

@@ -483,8 +483,8 @@ class PPO:
         critic's view of them and the advantages: everything `ppo_step` reads. `where` names the iteration in errors."""
         import torch
 
-        from rlprm.rewards import RewardError, add_kl_penalty
-        from rlprm.rl.core import gae, masked_mean
+        from rlprm.rewards import RewardError
+        from rlprm.rl.core import add_kl_penalty, gae, masked_mean
         from rlprm.rollout import logprob_gap
 
         rl, dist, source, reference = run.recipe.rl, run.dist, run.reward_source, run.reference
