@@ -10,6 +10,7 @@ user gave (a recipe, a file, a model) inherit `InputError` and exit 2.
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 import difflib
 import logging
 import re
@@ -100,5 +101,34 @@ def run_reporting_errors(handler: Callable[..., int | None], *args) -> int:
         return code
 
 
-__all__ = ["ArgumentParser", "EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_STOPPED", "EXIT_TARGETS_MISSED", "InputError", "NOISE", "WARNING_NOISE",
-           "exit_code", "quiet_dependencies", "run_reporting_errors"]
+__all__ = ["ArgumentParser", "EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_STOPPED", "EXIT_TARGETS_MISSED", "InputError", "JobInputError", "NOISE", "WARNING_NOISE",
+           "exit_code", "loading", "quiet_dependencies", "run_reporting_errors"]
+
+
+class JobInputError(InputError, ValueError):
+    """What a job reads cannot be used as given; one line per problem, each naming its key or file."""
+
+
+@contextmanager
+def loading(key: str, ref: str):
+    """Around the load of the model `ref` (recipe key `key`): a model that passed the checks above but does not load
+    (a folder's weights truncated or corrupt, or of another shape than its config.json) is bad input, JobInputError
+    naming the key and the model, not a traceback; the load's own error stays chained as its cause. Running out of
+    memory is not bad input and is raised as it is."""
+    from pathlib import Path
+    from pickle import UnpicklingError
+
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # safetensors comes with transformers; without it nothing loads anyway
+        SafetensorError = OSError
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, EOFError, UnpicklingError, SafetensorError) as exc:
+        if "OutOfMemory" in type(exc).__name__ or "out of memory" in str(exc).lower():
+            raise
+        cause = (str(exc).strip().splitlines() or [""])[0][:300]
+        hint = ("its weights may be truncated or corrupt, or of another model than its config.json; copy the folder "
+                "again" if Path(ref).is_dir() else "check the hub id and the network")
+        raise JobInputError(f"{key}: {ref} does not load ({type(exc).__name__}: {cause}): {hint}, or point {key} at "
+                            "another model") from exc

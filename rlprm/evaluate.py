@@ -753,7 +753,7 @@ def run_eval(recipe, progress: bool = True) -> dict:
 
     bon_curves.json: {selector: {N: {metric: {mean, lo, hi}}}, ..., "differences": {"A_minus_B": {N: ...}}}.
     """
-    from rlprm.inputs import loading
+    from rlprm.errors import loading
     from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
     from rlprm.prm_adapters import load_for_recipe
     from rlprm.problems import eval_problems

@@ -24,12 +24,11 @@ import json
 import os
 import socket
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
 from rlprm.config import Recipe
-from rlprm.errors import InputError
+from rlprm.errors import JobInputError
 
 KEYWORDS = ("tiny", "generator", "policy", "checker")
 """Model values that name no folder and no hub id (config.py's ModelRef keywords)."""
@@ -41,10 +40,6 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-
-
-class JobInputError(InputError, ValueError):
-    """What a job reads cannot be used as given; one line per problem, each naming its key or file."""
 
 
 # --------------------------------------------------------------------------- models
@@ -225,30 +220,6 @@ def model_problems(recipe: Recipe, command: str) -> list[str]:
     return problems
 
 
-@contextmanager
-def loading(key: str, ref: str):
-    """Around the load of the model `ref` (recipe key `key`): a model that passed the checks above but does not load
-    (a folder's weights truncated or corrupt, or of another shape than its config.json) is bad input, JobInputError
-    naming the key and the model, not a traceback; the load's own error stays chained as its cause. Running out of
-    memory is not bad input and is raised as it is."""
-    from pickle import UnpicklingError
-
-    try:
-        from safetensors import SafetensorError
-    except ImportError:  # safetensors comes with transformers; without it nothing loads anyway
-        SafetensorError = OSError
-    try:
-        yield
-    except (OSError, ValueError, RuntimeError, EOFError, UnpicklingError, SafetensorError) as exc:
-        if "OutOfMemory" in type(exc).__name__ or "out of memory" in str(exc).lower():
-            raise
-        cause = (str(exc).strip().splitlines() or [""])[0][:300]
-        hint = ("its weights may be truncated or corrupt, or of another model than its config.json; copy the folder "
-                "again" if Path(ref).is_dir() else "check the hub id and the network")
-        raise JobInputError(f"{key}: {ref} does not load ({type(exc).__name__}: {cause}): {hint}, or point {key} at "
-                            "another model") from exc
-
-
 # --------------------------------------------------------------------------- data
 
 
@@ -399,5 +370,5 @@ def check_job(recipe: Recipe, command: str, resume: bool | None = None, resume_o
 
 
 __all__ = ["JobInputError", "KEYWORDS", "TOKENIZER_FILES", "check_job", "data_problems", "folder_problem",
-           "hub_problem", "hub_reachable", "loading", "model_problems", "models_read", "ref_problem", "resume_problem",
+           "hub_problem", "hub_reachable", "model_problems", "models_read", "ref_problem", "resume_problem",
            "rl_problems"]

@@ -394,7 +394,7 @@ def test_eval_generator_that_passes_the_checks_but_does_not_load_writes_nothing(
 
 
 def test_a_load_failure_is_bad_input_but_running_out_of_memory_is_not(tmp_path):
-    from rlprm.inputs import JobInputError, loading
+    from rlprm.errors import JobInputError, loading
 
     with pytest.raises(JobInputError, match=f"^model.generator: {tmp_path} does not load \\(OSError: truncated\\): "
                                             "its weights may be truncated"):
