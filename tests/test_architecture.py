@@ -16,13 +16,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "rlprm"
 
-# Circles being removed on another branch (the RL algorithms and the run that picks them, `algorithm_for`);
-# each is tolerated as a whole strongly connected set of modules, and only while it exists.
-KNOWN_CIRCLES: list[frozenset[str]] = [
-    frozenset({"rlprm.rl.run", "rlprm.rl.ppo", "rlprm.rl.grpo", "rlprm.rl.grpo_trainer", "rlprm.rl.rejection"}),
-]
-
-
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
@@ -126,10 +119,7 @@ def test_the_cycle_finder_finds_a_circle():
 
 def test_no_import_circles():
     circles = strongly_connected(import_graph())
-    unknown = [sorted(c) for c in circles if frozenset(c) not in KNOWN_CIRCLES]
-    assert not unknown, f"import circles among rlprm's modules: {unknown}"
-    if circles:
-        pytest.xfail(f"known circles still there (being removed on another branch): {[sorted(c) for c in circles]}")
+    assert not circles, f"import circles among rlprm's modules: {[sorted(c) for c in circles]}"
 
 
 def test_no_private_name_imported_from_another_module():
