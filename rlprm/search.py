@@ -398,8 +398,9 @@ def search(problems: Sequence[TaskProblem], generator: StepGenerator, scorer: Pr
     P = len(problems)
     tokens, calls = [0] * P, [0] * P
     finished: list[list[Beam]] = [[] for _ in range(P)]
-    starts = s.n if s.method == "beam" else s.subtrees
-    active = [Beam(p, subtree=k) for p in range(P) for k in range(starts)]
+    # beam search: n copies of the empty solution in one group; dvts: one per subtree, each its own group
+    active = ([Beam(p) for p in range(P) for _ in range(s.n)] if s.method == "beam"
+              else [Beam(p, subtree=k) for p in range(P) for k in range(s.subtrees)])
     t_gen = t_score = 0.0
     while active:
         t = time.monotonic()

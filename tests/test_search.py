@@ -211,6 +211,25 @@ def test_dvts_splits_n_into_independent_greedy_subtrees():
     assert result.tokens == [36, 36] and result.scorer_calls == [12, 12]
 
 
+def test_beam_search_ranks_all_of_a_problems_candidates_together():
+    """Every draw distinct (no repeats to drop): each round extends exactly the n best of the problem's n x width
+    candidates, whichever beam they came from."""
+    values = {f"c{k}": k / 100 for k in range(100)}
+
+    class StepScorer:
+        name = "last"
+
+        def score_prefixes(self, problems, texts):
+            return [[values[s] for s in t.split("\n") if s] for t in texts]
+
+    gen = CountingGenerator()
+    result = search(PROBLEMS, gen, StepScorer(), SearchSettings("beam", n=2, width=3, max_steps=5, aggregation="last"))
+    assert [len(c) for c in gen.asked] == [4, 4]
+    # problem 0's 2 x 3 first steps are c1..c6; the last two drawn score highest
+    assert sorted(gen.asked[1][:2]) == ["problem zero\nc5\n", "problem zero\nc6\n"]
+    assert [len(row) for row in result.finished] == [6, 6]
+
+
 def test_lookahead_scores_the_rollout_and_counts_its_tokens():
     gen, scorer = TreeGenerator(depth=3), TableScorer(TRAP)
     result = search(PROBLEMS[:1], gen, scorer, SearchSettings("beam", n=2, width=3, lookahead=1, max_steps=5))
