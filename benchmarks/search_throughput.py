@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--scorer", choices=("checker", "prm"), default="checker")
     parser.add_argument("--fit-steps", type=int, default=150)
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--max-step-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; the fastest is reported")
     args = parser.parse_args()
 
@@ -78,12 +79,22 @@ def main() -> None:
     else:
         scorer = CheckerScorer("\n")
     generator = HFStepGenerator(model, tokenizer, "\n", batch_size=256)
-    settings = SearchSettings("beam", n=args.n, width=args.width, max_steps=12, max_step_tokens=48,
+    settings = SearchSettings("beam", n=args.n, width=args.width, max_steps=12, max_step_tokens=args.max_step_tokens,
                               max_new_tokens=args.max_new_tokens, seed=1)
     prompts = [p.prompt for p in problems]
+    # forward passes of the generator: a count the machine's load does not change (the timings it does)
+    forwards = {"n": 0}
+    plain_forward = model.forward
+
+    def counted_forward(*a, **k):
+        forwards["n"] += 1
+        return plain_forward(*a, **k)
+
+    model.forward = counted_forward
     sample(model, tokenizer, prompts[:2], n=2, max_new_tokens=8, seed=0)  # warm-up: one-time costs
 
     def best_of(n: int, seed: int) -> dict:
+        forwards["n"] = 0
         t0 = time.perf_counter()
         out = sample(model, tokenizer, prompts, n=n, max_new_tokens=args.max_new_tokens, batch_size=256, seed=seed)
         gen_s = time.perf_counter() - t0
@@ -93,15 +104,17 @@ def main() -> None:
         t0 = time.perf_counter()
         scorer.score_prefixes([p for p in problems for _ in range(n)], texts)
         score_s = time.perf_counter() - t0
-        return {"n": n, "tokens": tokens, "generate_s": gen_s, "score_s": score_s, "calls": len(texts)}
+        return {"n": n, "tokens": tokens, "generate_s": gen_s, "score_s": score_s, "calls": len(texts),
+                "forwards": forwards["n"]}
 
     runs = []
     for r in range(args.repeats):
         settings.seed = 1 + r
+        forwards["n"] = 0
         res = search(problems, generator, scorer, settings)
         runs.append({"tokens": sum(res.tokens), "generate_s": res.generate_seconds, "score_s": res.score_seconds,
                      "calls": sum(res.scorer_calls), "seconds": res.seconds,
-                     "finished": sum(len(f) for f in res.finished)})
+                     "finished": sum(len(f) for f in res.finished), "forwards": forwards["n"]})
     beam = min(runs, key=lambda x: x["seconds"])
     probe = best_of(16, seed=0)
     per_sample = probe["tokens"] / (16 * len(problems))
@@ -115,14 +128,15 @@ def main() -> None:
                 "generate_s": round(x["generate_s"], 3), "score_s": round(x["score_s"], 3),
                 "tokens_per_s_generate": round(x["tokens"] / x["generate_s"], 1),
                 "tokens_per_s_total": round(x["tokens"] / total, 1),
-                "scorer_calls_per_problem": round(x["calls"] / len(problems), 1)}
+                "scorer_calls_per_problem": round(x["calls"] / len(problems), 1),
+                "generator_forward_passes": x["forwards"]}
 
     b, o = report(beam), report(bon)
     print(json.dumps({
         "model": f"tiny generator (width 32, 2 layers) fitted {args.fit_steps} steps on the problems' reference "
                  f"solutions ({fit_s:.1f} s)",
         "scorer": args.scorer, "problems": len(problems), "threads": torch.get_num_threads(),
-        "beam": {"n": args.n, "width": args.width, **b,
+        "beam": {"n": args.n, "width": args.width, "generate_calls": generator.calls, **b,
                  "finished_per_problem": round(beam["finished"] / len(problems), 1)},
         "best_of_n": {"n": n_match, "mean_tokens_per_sample": round(per_sample, 1), **o},
         # seconds per generated token, search over best-of-N (target <= 1.5)

@@ -119,10 +119,13 @@ class SeparatorStop:
     (and a search of the step's text when the separator's last character comes).
     """
 
-    def __init__(self, tokenizer, sep: str, batch: int):
+    def __init__(self, tokenizer, sep: str, batch: int, spelled: list[str] | None = None):
+        """spelled: per context, the step's text written by earlier calls (rows of one context are adjacent:
+        `generate`'s num_return_sequences order)."""
         self.pieces = token_pieces(tokenizer)
         self.sep = sep
-        self.texts = [""] * batch
+        per = batch // max(1, len(spelled)) if spelled else 1
+        self.texts = [spelled[r // per] for r in range(batch)] if spelled else [""] * batch
         self.done = [False] * batch
 
     def feed(self, token_ids: Sequence[int]) -> list[bool]:
@@ -153,13 +156,30 @@ class StepGenerator(Protocol):
         """`n` next steps for each context (a prompt followed by a partial solution); greedy: temperature 0."""
 
 
+@dataclass
+class _Row:
+    """A step being generated: its context's index, the text and tokens so far, whether it is over."""
+
+    context: int
+    text: str = ""
+    spelled: str = ""
+    tokens: int = 0
+    draw: StepDraw | None = None
+
+
 class HFStepGenerator:
     """Next steps from Hugging Face `generate` on `model`: every context x n in batches of `batch_size` rows,
     each row stopping at the step separator (`SeparatorStop`) or EOS.
 
-    The prefix (prompt + partial solution) is re-encoded from text and recomputed at every step: HF `generate`
-    keeps its KV cache only within a call. Re-encoding is exact for a character tokenizer; a BPE may encode the
-    text of sampled tokens differently from the ids sampled, which changes nothing the scorers read (text).
+    A `generate` call runs until its slowest row stops, so one row that writes no separator would hold a whole
+    batch to `max_step_tokens`. Calls after the first therefore run at most `chunk` tokens (twice the median
+    length of the steps seen so far, at least 8), and the rows still writing their step go on in a new call of
+    their own, from their text so far (up to `max_step_tokens` in all).
+
+    The prefix (prompt + partial solution) is re-encoded from text and recomputed at every call: HF `generate`
+    keeps its KV cache only within a call (a sampler with a prefix cache, such as vLLM, would reuse it).
+    Re-encoding is exact for a character tokenizer; a BPE may encode the text of sampled tokens differently from
+    the ids sampled, which changes nothing the scorers read (text).
     """
 
     def __init__(self, model, tokenizer, sep: str = DEFAULT_SEPARATOR, batch_size: int = 256):
@@ -167,9 +187,39 @@ class HFStepGenerator:
             raise SearchError("the step separator must not be empty")
         self.model, self.tokenizer, self.sep, self.batch_size = model, tokenizer, sep, batch_size
         self.calls = 0
+        self.step_lengths: list[int] = []
+
+    def chunk(self, max_step_tokens: int) -> int:
+        """Tokens a call may run: twice the median of the last 512 steps' lengths (at least 8); all of
+        `max_step_tokens` before any step was seen."""
+        if not self.step_lengths:
+            return max_step_tokens
+        recent = sorted(self.step_lengths[-512:])
+        return min(max_step_tokens, max(8, 2 * recent[len(recent) // 2]))
 
     def next_steps(self, contexts: list[str], n: int, temperature: float, max_step_tokens: int,
                    greedy: bool = False) -> list[list[StepDraw]]:
+        rows = [_Row(i) for i in range(len(contexts)) for _ in range(n)]
+        budget = self.chunk(max_step_tokens)
+        for row, ids in zip(rows, self._generate(contexts, n, temperature, budget, greedy, None)):
+            self._advance(row, ids, max_step_tokens)
+        while True:
+            going = [r for r in rows if r.draw is None]
+            if not going:
+                break
+            # every row still going has run all of its calls' tokens, so they all have the same left
+            budget = min(self.chunk(max_step_tokens), max_step_tokens - going[0].tokens)
+            found = self._generate([contexts[r.context] + r.text for r in going], 1, temperature, budget, greedy,
+                                   [r.spelled for r in going])
+            for row, ids in zip(going, found):
+                self._advance(row, ids, max_step_tokens)
+        self.step_lengths.extend(r.draw.tokens for r in rows if not r.draw.finished)
+        del self.step_lengths[:-512]
+        return [[r.draw for r in rows[i * n:(i + 1) * n]] for i in range(len(contexts))]
+
+    def _generate(self, contexts: list[str], n: int, temperature: float, max_new_tokens: int, greedy: bool,
+                  spelled: list[str] | None) -> list[list[int]]:
+        """The new ids of each of n rows per context (prompt-major), padded after a row stopped."""
         import torch
         from transformers import StoppingCriteriaList
 
@@ -179,7 +229,7 @@ class HFStepGenerator:
         device = next(model.parameters()).device
         tok.padding_side = "left"
         eos, pad = tok.eos_token_id, tok.pad_token_id
-        out: list[list[StepDraw]] = []
+        out: list[list[int]] = []
         per_batch = max(1, self.batch_size // n)
         was_training = model.training
         model.eval()
@@ -187,37 +237,42 @@ class HFStepGenerator:
             for start in range(0, len(contexts), per_batch):
                 chunk = contexts[start:start + per_batch]
                 enc = tok(chunk, return_tensors="pt", padding=True).to(device)
-                stop = SeparatorStop(tok, self.sep, len(chunk) * n)
-                kwargs = generation_kwargs(temperature, max_step_tokens, n, pad, eos)
+                stop = SeparatorStop(tok, self.sep, len(chunk) * n,
+                                     None if spelled is None else spelled[start:start + per_batch])
+                kwargs = generation_kwargs(temperature, max_new_tokens, n, pad, eos)
                 if greedy:
                     kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None, typical_p=None,
                                   epsilon_cutoff=None, eta_cutoff=None)
                 with torch.no_grad(), own_generation_config(model):
                     ids = model.generate(**enc, **kwargs, stopping_criteria=StoppingCriteriaList([stop]))
                 self.calls += 1
-                new = ids[:, enc["input_ids"].shape[1]:].tolist()
-                for i in range(len(chunk)):
-                    out.append([self._draw(row) for row in new[i * n:(i + 1) * n]])
+                out.extend(ids[:, enc["input_ids"].shape[1]:].tolist())
         finally:
             model.train(was_training)
         return out
 
-    def _draw(self, row: list[int]) -> StepDraw:
-        """Replays `SeparatorStop` on one generated row: the step ends where it stopped the row, at EOS (the
-        solution ends; EOS counted) or at the token cap (the solution ends, cut). What follows is padding."""
+    def _advance(self, row: _Row, ids: list[int], max_step_tokens: int) -> None:
+        """Replays `SeparatorStop` on a row's new ids: the step ends where it stopped the row, at EOS (the
+        solution ends; EOS counted) or at `max_step_tokens` (the solution ends, cut); else it goes on. What
+        follows a stop is padding."""
         tok = self.tokenizer
         eos, pieces = tok.eos_token_id, token_pieces(tok)
-        spelled = ""
-        for k, t in enumerate(row):
+        for k, t in enumerate(ids):
             if eos is not None and t == eos:
-                return StepDraw(self._decode(row[:k]), k + 1, True)
-            spelled += pieces[t]
-            cut = step_end(spelled, self.sep)
+                row.draw = StepDraw(row.text + self._decode(ids[:k]), row.tokens + k + 1, True)
+                return
+            row.spelled += pieces[t]
+            cut = step_end(row.spelled, self.sep)
             if cut is not None:
-                text = self._decode(row[:k + 1])
+                text = row.text + self._decode(ids[:k + 1])
                 decoded_cut = step_end(text, self.sep)
-                return StepDraw(text[:decoded_cut] if decoded_cut is not None else spelled[:cut], k + 1, False)
-        return StepDraw(self._decode(row), len(row), True)
+                row.draw = StepDraw(text[:decoded_cut] if decoded_cut is not None else row.spelled[:cut],
+                                    row.tokens + k + 1, False)
+                return
+        row.text += self._decode(ids)
+        row.tokens += len(ids)
+        if row.tokens >= max_step_tokens:
+            row.draw = StepDraw(row.text, row.tokens, True)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
