@@ -271,6 +271,13 @@ def test_config_section_is_validated(tmp_path):
     assert load_recipe(recipe).eval.search.width == 2
 
 
+def test_budgets():
+    from rlprm.search_report import budgets
+
+    assert budgets("beam", 8, 4) == [1, 2, 4, 8] and budgets("beam", 6, 2) == [1, 2, 4, 6]
+    assert budgets("dvts", 16, 4) == [4, 8, 16] and budgets("dvts", 4, 4) == [4]
+
+
 def test_pick_uses_best_of_n_selectors():
     rng = random.Random(0)
     assert pick([0.1, 0.9, 0.3], ["a", "b", "a"], "score", rng) == 1
@@ -300,3 +307,39 @@ def test_search_on_arithmetic_with_the_checker_and_the_tiny_generator(tiny_lm, c
     out = search_outcomes(result, "\n")
     assert set(out) == {"score", "majority", "weighted_majority"}
     assert out["score"].tokens == [float(t) for t in result.tokens] and len(out["score"].correct) == 2
+
+
+def test_rlprm_eval_with_search_writes_the_compute_matched_table(tmp_path, char_tokenizer, tiny_lm):
+    """`rlprm eval` with eval.search on tiny models built here: beam search with an rlprm PRM as the scorer,
+    best-of-N from the pool, the table, the plot and the paired differences."""
+    import json
+
+    from rlprm.cli import main
+    from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
+
+    tiny_lm.save_pretrained(tmp_path / "gen")
+    char_tokenizer.save_pretrained(tmp_path / "gen")
+    conv = make_convention("prm", "\n")
+    RewardModel(reward_model_from_causal_lm(conv, tiny_lm, char_tokenizer), char_tokenizer, conv).save(tmp_path / "prm")
+    recipe = tmp_path / "s.yaml"
+    recipe.write_text(
+        "run: {output_dir: out}\nmodel: {generator: ./gen}\ntracking: {wandb: disabled}\n"
+        "eval: {n_max: 4, num_problems: 3, resamples: 20, max_new_tokens: 24, reward_models: {prm: ./prm},\n"
+        "       search: {method: beam, n: 2, width: 2, max_steps: 3, max_step_tokens: 12, scorer: prm}}\n")
+    assert main(["eval", str(recipe), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    for name in ("search.json", "search.md", "search.png", "bon_curves.json"):
+        assert (out / name).exists(), name
+    report = json.loads((out / "search.json").read_text())
+    methods = {(r["method"], r["budget"]) for r in report["rows"]}
+    assert {("beam_prm_prod", 2), ("beam_majority", 2), ("bon_prm_prod", 4), ("bon_majority", 1)} <= methods
+    for r in report["rows"]:
+        assert 0 <= r["accuracy"]["lo"] <= r["accuracy"]["mean"] <= r["accuracy"]["hi"] <= 1
+        assert r["tokens"]["mean"] > 0
+    bon = {r["budget"]: r["tokens"]["mean"] for r in report["rows"] if r["method"] == "bon_prm_prod"}
+    assert bon[4] > bon[2] > bon[1]  # best-of-N's tokens grow with N
+    assert [(d["a"], d["a_budget"], d["b"]) for d in report["differences"]] == [
+        ("beam_prm_prod", 1, "bon_prm_prod"), ("beam_prm_prod", 2, "bon_prm_prod")]
+    assert "Search minus best-of-N" in (out / "search.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert "search/beam_prm_prod/budget=2/accuracy" in summary
