@@ -343,3 +343,46 @@ def test_rlprm_eval_with_search_writes_the_compute_matched_table(tmp_path, char_
     assert "Search minus best-of-N" in (out / "search.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert "search/beam_prm_prod/budget=2/accuracy" in summary
+
+
+def test_confidence_scorer_is_each_steps_least_likely_token(tiny_lm, char_tokenizer):
+    import math
+
+    import torch
+
+    from rlprm.search import ConfidenceScorer
+
+    problem = TaskProblem("p", "12 + 3\n", "15", text="12 + 3")
+    text = "12 + 3 = 15\n# Answer\n\n15\n"
+    got = ConfidenceScorer(tiny_lm, char_tokenizer, "\n").score_prefixes([problem, problem], [text, ""])
+    assert got[1] == [] and len(got[0]) == 2
+    ids = char_tokenizer(problem.prompt + text)["input_ids"]
+    start = len(char_tokenizer(problem.prompt)["input_ids"])
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny_lm(torch.tensor([ids])).logits[0].double(), -1)
+    token_lp = [float(logp[t - 1, ids[t]]) for t in range(start, len(ids))]
+    first = len("12 + 3 = 15\n")
+    assert got[0][0] == pytest.approx(math.exp(min(token_lp[:first])), rel=1e-4)
+    assert got[0][1] == pytest.approx(math.exp(min(token_lp[first:])), rel=1e-4)
+
+
+def test_a_hub_family_stand_in_scores_partial_solutions(tmp_path):
+    """A qwen_prm stand-in (its <extra_0> step tag, chat template) guides the search through its adapter; every
+    finished solution keeps the scores the adapter gives its steps."""
+    from rlprm.prm_adapters import load_reward_model
+    from rlprm.prm_adapters.standins import save_standin
+    from rlprm.search import RewardModelScorer
+
+    folder = save_standin("qwen_prm", tmp_path / "qwen")
+    rm = load_reward_model(folder, "qwen_prm")
+    problems = [TaskProblem("p0", "What is 1 + 1?\n", "2", text="What is 1 + 1?")]
+    result = search(problems, TreeGenerator(depth=3), RewardModelScorer(rm, "qwen", "\n"),
+                    SearchSettings("beam", n=2, width=2, max_steps=5))
+    finished = result.finished[0]
+    assert finished and all(len(b.scores) == 3 for b in finished)
+    from rlprm.steps import split_steps
+
+    direct = rm.score_steps([problems[0].text] * len(finished), [split_steps(b.text) for b in finished])
+    for b, d in zip(finished, direct):
+        assert b.scores == pytest.approx(d, abs=1e-5)
+    assert len({round(b.value, 6) for b in finished}) > 1  # the stand-in tells candidates apart
