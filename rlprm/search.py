@@ -207,12 +207,15 @@ class HFStepGenerator:
             going = [r for r in rows if r.draw is None]
             if not going:
                 break
-            # every row still going has run all of its calls' tokens, so they all have the same left
-            budget = min(self.chunk(max_step_tokens), max_step_tokens - going[0].tokens)
-            found = self._generate([contexts[r.context] + r.text for r in going], 1, temperature, budget, greedy,
-                                   [r.spelled for r in going])
-            for row, ids in zip(going, found):
-                self._advance(row, ids, max_step_tokens)
+            # HF: every row still going ran all of its calls' tokens, so one group; vLLM rows stop at any token
+            groups: dict[int, list[_Row]] = {}
+            for r in going:
+                groups.setdefault(min(self.chunk(max_step_tokens), max_step_tokens - r.tokens), []).append(r)
+            for budget, group in groups.items():
+                found = self._generate([contexts[r.context] + r.text for r in group], 1, temperature, budget,
+                                       greedy, [r.spelled for r in group])
+                for row, ids in zip(group, found):
+                    self._advance(row, ids, max_step_tokens)
         self.step_lengths.extend(r.draw.tokens for r in rows if not r.draw.finished)
         del self.step_lengths[:-512]
         return [[r.draw for r in rows[i * n:(i + 1) * n]] for i in range(len(contexts))]
@@ -276,6 +279,54 @@ class HFStepGenerator:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+class VLLMStepGenerator(HFStepGenerator):
+    """Next steps from a vLLM engine (rlprm/rollout.py's `build_engine`: it takes token ids and returns ids).
+
+    The engine is built without a tokenizer, so it cannot stop on a string: each request stops on EOS or on any
+    token whose text holds the separator's last character (`stop_token_ids`, found once in the vocabulary), and
+    a row whose step has not really ended there (an empty step, an answer step, the first half of a separator
+    of several characters) goes on in a new request from its text so far. vLLM batches the requests itself and
+    reuses the cached prompt states of shared prefixes (its prefix cache), so there is no chunking.
+    """
+
+    def __init__(self, llm, tokenizer, sep: str = DEFAULT_SEPARATOR, batch_size: int = 256):
+        super().__init__(None, tokenizer, sep, batch_size)
+        self.llm = llm
+        pieces = token_pieces(tokenizer)
+        vocab = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+        self.stop_ids = sorted({i for i in range(vocab) if sep[-1] in pieces[i]}
+                               | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+
+    def chunk(self, max_step_tokens: int) -> int:
+        return max_step_tokens
+
+    def _generate(self, contexts, n, temperature, max_new_tokens, greedy, spelled):
+        import torch
+
+        from rlprm.rollout import sampling_params
+
+        eos = self.tokenizer.eos_token_id
+        prompt_ids = [self.tokenizer(c)["input_ids"] for c in contexts]
+        seeds = torch.randint(0, 2**31 - 1, (len(contexts),)).tolist()
+        params = [sampling_params(n=n, temperature=0.0 if greedy else temperature, top_k=0, top_p=1.0, min_p=0.0,
+                                  repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                                  max_tokens=max_new_tokens, seed=seed, stop_token_ids=self.stop_ids,
+                                  detokenize=False) for seed in seeds]
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling_params=params,
+                                    use_tqdm=False)
+        self.calls += 1
+        out = []
+        for request in outputs:
+            for c in request.outputs:
+                ids = list(c.token_ids)
+                stop = getattr(c, "stop_reason", None)
+                if c.finish_reason == "stop" and (not ids or ids[-1] not in self.stop_ids):
+                    # the stop token left out of token_ids: put it back (EOS: stop_reason None)
+                    ids.append(stop if isinstance(stop, int) else eos)
+                out.append(ids)
+        return out
 
 
 # --------------------------------------------------------------------------- scorers
@@ -635,5 +686,5 @@ def search_outcomes(result: SearchResult, sep: str, selectors=("score", "majorit
 
 __all__ = ["Beam", "CheckerScorer", "ConfidenceScorer", "HFStepGenerator", "METHODS", "Outcome", "PrefixScorer",
            "RewardModelScorer", "SearchError", "SearchResult", "SearchSettings", "SeparatorStop", "StepDraw",
-           "StepGenerator", "TokenPieces", "answer_key", "check_settings", "pick", "search", "search_outcomes",
-           "step_end", "token_pieces"]
+           "StepGenerator", "TokenPieces", "VLLMStepGenerator", "answer_key", "check_settings", "pick", "search",
+           "search_outcomes", "step_end", "token_pieces"]

@@ -386,3 +386,49 @@ def test_a_hub_family_stand_in_scores_partial_solutions(tmp_path):
     for b, d in zip(finished, direct):
         assert b.scores == pytest.approx(d, abs=1e-5)
     assert len({round(b.value, 6) for b in finished}) > 1  # the stand-in tells candidates apart
+
+
+def test_vllm_step_generator_goes_on_past_stops_that_end_no_step(char_tokenizer, monkeypatch):
+    """A stand-in engine that writes one fixed solution and honours stop_token_ids and max_tokens the way vLLM
+    does (here leaving the stop token out of token_ids, the case the generator puts it back): a leading
+    separator and the separators inside the answer step stop a request but end no step, so the row goes on."""
+    from types import SimpleNamespace
+
+    import rlprm.rollout
+    from rlprm.search import VLLMStepGenerator
+
+    monkeypatch.setattr(rlprm.rollout, "sampling_params", lambda **kw: SimpleNamespace(**kw))
+    tok = char_tokenizer
+    prompt, solution = "12 + 3\n", "\n12 + 3 = 15\n# Answer\n\n15\n"
+    eos = tok.eos_token_id
+
+    class Engine:
+        requests = 0
+
+        def generate(self, prompts, sampling_params, use_tqdm=False):
+            outs = []
+            for p, params in zip(prompts, sampling_params):
+                self.requests += 1
+                written = tok.decode(p["prompt_token_ids"], skip_special_tokens=True)[len(prompt):]
+                assert solution.startswith(written)
+                rest = tok(solution[len(written):], add_special_tokens=False)["input_ids"] + [eos]
+                ids, reason, stop = [], "length", None
+                for t in rest[:params.max_tokens]:
+                    if t in params.stop_token_ids:
+                        reason, stop = "stop", (None if t == eos else t)
+                        if t == eos:
+                            ids.append(t)
+                        break
+                    ids.append(t)
+                outs.append(SimpleNamespace(outputs=[SimpleNamespace(token_ids=ids, finish_reason=reason,
+                                                                     stop_reason=stop)] * params.n))
+            return outs
+
+    engine = Engine()
+    gen = VLLMStepGenerator(engine, tok, "\n")
+    first = gen.next_steps([prompt], n=2, temperature=1.0, max_step_tokens=40)
+    assert [(d.text, d.tokens, d.finished) for d in first[0]] == [("\n12 + 3 = 15\n", 13, False)] * 2
+    answer = gen.next_steps([prompt + "\n12 + 3 = 15\n"], n=1, temperature=1.0, max_step_tokens=40)
+    assert (answer[0][0].text, answer[0][0].tokens, answer[0][0].finished) == ("# Answer\n\n15\n", 14, True)
+    capped = gen.next_steps([prompt], n=1, temperature=1.0, max_step_tokens=5)
+    assert (capped[0][0].tokens, capped[0][0].finished) == (5, True)
