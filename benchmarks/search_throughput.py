@@ -140,7 +140,8 @@ def main() -> None:
                  "finished_per_problem": round(beam["finished"] / len(problems), 1)},
         "best_of_n": {"n": n_match, "mean_tokens_per_sample": round(per_sample, 1), **o},
         # seconds per generated token, search over best-of-N (target <= 1.5)
-        "overhead_per_token_generate": round((beam["generate_s"] / beam["tokens"]) / (bon["generate_s"] / bon["tokens"]), 2),
+        "overhead_per_token_generate": round((beam["generate_s"] / beam["tokens"])
+                                             / (bon["generate_s"] / bon["tokens"]), 2),
         "overhead_per_token_total": round(((beam["generate_s"] + beam["score_s"]) / beam["tokens"])
                                           / ((bon["generate_s"] + bon["score_s"]) / bon["tokens"]), 2),
         "target_overhead_per_token": 1.5,

@@ -808,7 +808,7 @@ def run_eval(recipe, progress: bool = True) -> dict:
         if ev.search.method != "none":
             from rlprm.search_report import run_search_comparison
 
-            search_metrics = run_search_comparison(recipe, pool, tokenizer, device, t_sample, progress)
+            search_metrics = run_search_comparison(recipe, pool, tokenizer, device, t_sample, progress, sampler)
 
         # 3. selectors: a paired bootstrap over problems and the draws of N within them
         curves, differences = bon_bootstrap(pool, selector_scores(pool, ev.aggregations), powers_of_two(ev.n_max),

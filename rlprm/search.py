@@ -491,11 +491,13 @@ def search(problems: Sequence[TaskProblem], generator: StepGenerator, scorer: Pr
     """Beam search or DVTS (settings.method) for every problem at once; see the module docstring.
 
     beam: each round extends every kept partial solution by `width` sampled steps; repeated unfinished
-    candidates are dropped (`_unique`), finished ones set aside, and the best `n - finished` unfinished ones (by `aggregation` over their step scores, ties broken by a
-    seeded random order) are kept. dvts: `n / width` subtrees per problem; each round a subtree's `width`
+    candidates are dropped (`_unique`), finished ones set aside, and the best `n - finished` unfinished ones
+    (by `aggregation` over their step scores, ties broken by a seeded random order) are kept. dvts: `n / width`
+    subtrees per problem; each round a subtree's `width`
     candidates are scored, the finished ones set aside, and the subtree goes on from its best candidate unless
     that one has finished. Both stop when nothing is left to extend; a solution at max_steps steps or
-    max_new_tokens tokens is finished as it is (cut).
+    max_new_tokens tokens is finished as it is (cut; its last step may run past max_new_tokens by up to
+    max_step_tokens, since one call extends many solutions with one step cap).
     """
     s = settings
     t0 = time.monotonic()
@@ -672,12 +674,12 @@ def search_outcomes(result: SearchResult, sep: str, selectors=("score", "majorit
     for selector in selectors:
         rng = random.Random(seed)
         correct, process = [], []
-        for row, g in zip(result.finished, grades):
+        for problem, row, g in zip(result.problems, result.finished, grades):
             keys = [answer_key(x.answer, x.answer_correct, k) for k, x in enumerate(g)]
             i = pick([b.value for b in row], keys, selector, rng)
             correct.append(float(g[i].answer_correct) if i is not None else 0.0)
-            pc = g[i].process_correct if i is not None else (False if result.problems and
-                                                              result.problems[0].arith is not None else None)
+            # nothing finished: wrong, where steps can be checked at all
+            pc = g[i].process_correct if i is not None else (False if problem.arith is not None else None)
             process.append(float("nan") if pc is None else float(pc))
         out[selector] = Outcome(correct, process, [float(t) for t in result.tokens], result.seconds,
                                 [float(c) for c in result.scorer_calls])

@@ -1,8 +1,8 @@
 """`rlprm eval` with eval.search: step-level search against best-of-N at equal generated tokens.
 
-For each budget (beam: 1, 2, 4, ... eval.search.n beams; dvts: width, 2 width, ... n candidates per step) the search runs once on the
-held-out problems; best-of-N's points come from the eval pool (sampled once at eval.n_max), at every
-N = 1, 2, 4, ..., n_max. Every method gets, per problem, its answer accuracy, its every-step-right rate (where
+For each budget (beam: 1, 2, 4, ... eval.search.n beams; dvts: width, 2 width, ... n candidates per step) the
+search runs once on the held-out problems; best-of-N's points come from the eval pool (sampled once at
+eval.n_max), at every N = 1, 2, 4, ..., n_max. Every method gets, per problem, its answer accuracy, its every-step-right rate (where
 steps can be checked), its generated tokens and its scorer calls; best-of-N's per-problem values are expectations
 over `draws` random draws of N of the pool's samples (so they are not noisier than they need be), its tokens the
 N drawn samples' mean length times N (EOS counted), its seconds the pool's sampling time scaled by N / n_max (an
@@ -125,13 +125,15 @@ def make_scorer(recipe, tokenizer, model, device):
     return RewardModelScorer(rm, name, sep)
 
 
-def run_search_comparison(recipe, pool, tokenizer, device, t_sample: float, progress: bool = True) -> dict:
+def run_search_comparison(recipe, pool, tokenizer, device, t_sample: float, progress: bool = True,
+                          sampler=None) -> dict:
     """Search at every budget, best-of-N from `pool`, the paired bootstrap, and search.{json,md,png} in the run
-    folder; returns flat metrics (`search/<method>/budget=<k>/<metric>`)."""
+    folder; returns flat metrics (`search/<method>/budget=<k>/<metric>`). sampler: the pool's (eval.rollout); a
+    vLLM one generates the search's steps too (`VLLMStepGenerator`), else HF `generate` on the generator."""
     from rlprm.evaluate import powers_of_two, selector_scores
     from rlprm.models import load_causal_lm
     from rlprm.reward_models import aggregate
-    from rlprm.search import HFStepGenerator, SearchSettings, search, search_outcomes
+    from rlprm.search import HFStepGenerator, SearchSettings, VLLMStepGenerator, search, search_outcomes
 
     ev, cfg, sep = recipe.eval, recipe.eval.search, recipe.task.step_separator
     run_dir = Path(recipe.run.output_dir)
@@ -153,7 +155,10 @@ def run_search_comparison(recipe, pool, tokenizer, device, t_sample: float, prog
             values.setdefault(name, sc)
     points = bon_points(pool, values, powers_of_two(ev.n_max), draws=64, seed=recipe.run.seed, t_sample=t_sample)
 
-    generator = HFStepGenerator(model, tokenizer, sep, batch_size=ev.batch_size)
+    if getattr(sampler, "llm", None) is not None:
+        generator = VLLMStepGenerator(sampler.llm, tokenizer, sep, batch_size=ev.batch_size)
+    else:
+        generator = HFStepGenerator(model, tokenizer, sep, batch_size=ev.batch_size)
     for budget in budgets(cfg.method, cfg.n, cfg.width):
         settings = SearchSettings(cfg.method, n=budget, width=min(cfg.width, budget) if cfg.method == "beam"
                                   else cfg.width, lookahead=cfg.lookahead, aggregation=cfg.aggregation,
@@ -209,8 +214,8 @@ def markdown(report: dict) -> str:
     lines = [f"### {report['method']} search (scorer {report['scorer']}, {report['aggregation']}, width "
              f"{report['width']}, lookahead {report['lookahead']}) vs best-of-N, {report['problems']} problems",
              "", "Mean [95% interval] over a paired bootstrap of problems; tokens: generated per problem.", "",
-             "| method | budget | tokens / problem | answer accuracy (%) | every step right (%) | scorer calls / problem "
-             "| seconds |", "|---|---|---|---|---|---|---|"]
+             "| method | budget | tokens / problem | answer accuracy (%) | every step right (%) "
+             "| scorer calls / problem | seconds |", "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['method']} | {r['budget']} | {r['tokens']['mean']:.0f} | {_fmt(r['accuracy'])} | "
                      f"{_fmt(r['process_correct'])} | {r['scorer_calls_per_problem']:.1f} | {r['seconds']:.1f} |")
