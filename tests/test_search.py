@@ -7,7 +7,7 @@ import random
 import pytest
 
 from rlprm.problems import TaskProblem
-from rlprm.search import (Beam, SearchError, SearchSettings, SeparatorStop, StepDraw, pick, search, step_end)
+from rlprm.search import SearchError, SearchSettings, SeparatorStop, StepDraw, pick, search, step_end
 
 
 # --------------------------------------------------------------------------- step stopping
