@@ -119,28 +119,44 @@ class SeparatorStop:
     (and a search of the step's text when the separator's last character comes).
     """
 
-    def __init__(self, tokenizer, sep: str, batch: int, spelled: list[str] | None = None):
+    def __init__(self, tokenizer, sep: str, batch: int, spelled: list[str] | None = None,
+                 quorum: float | None = None):
         """spelled: per context, the step's text written by earlier calls (rows of one context are adjacent:
-        `generate`'s num_return_sequences order)."""
+        `generate`'s num_return_sequences order). quorum: once this share of the rows has stopped (step end or
+        EOS) and the call has run twice their median length, every row stops (`cut`): the few rows still
+        writing would otherwise hold the whole batch; the caller continues them in a call of their own."""
         self.pieces = token_pieces(tokenizer)
-        self.sep = sep
+        self.sep, self.eos, self.quorum = sep, tokenizer.eos_token_id, quorum
         per = batch // max(1, len(spelled)) if spelled else 1
         self.texts = [spelled[r // per] for r in range(batch)] if spelled else [""] * batch
         self.done = [False] * batch
+        self.stopped_at: list[int] = []
+        self.length = 0
+        self.cut = False
 
     def feed(self, token_ids: Sequence[int]) -> list[bool]:
-        """One new token per row; returns which rows have finished their step (sticky)."""
+        """One new token per row; returns which rows have finished their step (sticky), or all once `cut`."""
+        self.length += 1
         for r, tok in enumerate(token_ids):
             if self.done[r]:
+                continue
+            if tok == self.eos:
+                self.done[r] = True
+                self.stopped_at.append(self.length)
                 continue
             piece = self.pieces[tok]
             if not piece:
                 continue
             self.texts[r] += piece
             # a separator is complete only once its last character has come
-            if self.sep[-1] in piece:
-                self.done[r] = step_end(self.texts[r], self.sep) is not None
-        return list(self.done)
+            if self.sep[-1] in piece and step_end(self.texts[r], self.sep) is not None:
+                self.done[r] = True
+                self.stopped_at.append(self.length)
+        if self.quorum is not None and not self.cut and len(self.stopped_at) < len(self.done) \
+                and len(self.stopped_at) >= self.quorum * len(self.done):
+            median = sorted(self.stopped_at)[len(self.stopped_at) // 2]
+            self.cut = self.length >= 2 * median
+        return [True] * len(self.done) if self.cut else list(self.done)
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
@@ -172,9 +188,10 @@ class HFStepGenerator:
     each row stopping at the step separator (`SeparatorStop`) or EOS.
 
     A `generate` call runs until its slowest row stops, so one row that writes no separator would hold a whole
-    batch to `max_step_tokens`. Calls after the first therefore run at most `chunk` tokens (twice the median
-    length of the steps seen so far, at least 8), and the rows still writing their step go on in a new call of
-    their own, from their text so far (up to `max_step_tokens` in all).
+    batch to `max_step_tokens`. So a call ends once 90% of its rows have stopped and it has run twice their
+    median length (`SeparatorStop`'s quorum), and calls after the first run at most `chunk` tokens (twice the
+    median length of the steps seen so far, at least 8); the rows still writing their step go on in a new call
+    of their own, from their text so far (up to `max_step_tokens` in all).
 
     The prefix (prompt + partial solution) is re-encoded from text and recomputed at every call: HF `generate`
     keeps its KV cache only within a call (a sampler with a prefix cache, such as vLLM, would reuse it).
@@ -207,7 +224,7 @@ class HFStepGenerator:
             going = [r for r in rows if r.draw is None]
             if not going:
                 break
-            # HF: every row still going ran all of its calls' tokens, so one group; vLLM rows stop at any token
+            # rows still going may have different tokens left (a quorum cut, vLLM's stop tokens): a call per budget
             groups: dict[int, list[_Row]] = {}
             for r in going:
                 groups.setdefault(min(self.chunk(max_step_tokens), max_step_tokens - r.tokens), []).append(r)
@@ -241,7 +258,7 @@ class HFStepGenerator:
                 chunk = contexts[start:start + per_batch]
                 enc = tok(chunk, return_tensors="pt", padding=True).to(device)
                 stop = SeparatorStop(tok, self.sep, len(chunk) * n,
-                                     None if spelled is None else spelled[start:start + per_batch])
+                                     None if spelled is None else spelled[start:start + per_batch], quorum=0.9)
                 kwargs = generation_kwargs(temperature, max_new_tokens, n, pad, eos)
                 if greedy:
                     kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None, typical_p=None,
