@@ -442,3 +442,27 @@ def test_vllm_step_generator_goes_on_past_stops_that_end_no_step(char_tokenizer,
     assert (answer[0][0].text, answer[0][0].tokens, answer[0][0].finished) == ("# Answer\n\n15\n", 14, True)
     capped = gen.next_steps([prompt], n=1, temperature=1.0, max_step_tokens=5)
     assert (capped[0][0].tokens, capped[0][0].finished) == (5, True)
+
+
+def test_rlprm_eval_with_dvts_guided_by_a_hub_family_stand_in(tmp_path, char_tokenizer, tiny_lm):
+    """The same job with DVTS and a qwen_prm stand-in (named in eval.reward_model_adapters) as the scorer."""
+    import json
+
+    from rlprm.cli import main
+    from rlprm.prm_adapters.standins import save_standin
+
+    tiny_lm.save_pretrained(tmp_path / "gen")
+    char_tokenizer.save_pretrained(tmp_path / "gen")
+    save_standin("qwen_prm", tmp_path / "qwen")
+    recipe = tmp_path / "s.yaml"
+    recipe.write_text(
+        "run: {output_dir: out}\nmodel: {generator: ./gen}\ntracking: {wandb: disabled}\n"
+        "eval: {n_max: 4, num_problems: 2, resamples: 20, max_new_tokens: 24, reward_models: {qwen: ./qwen},\n"
+        "       reward_model_adapters: {qwen: qwen_prm},\n"
+        "       search: {method: dvts, n: 4, width: 2, max_steps: 3, max_step_tokens: 12, scorer: qwen}}\n")
+    assert main(["eval", str(recipe), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "out" / "search.json").read_text())
+    assert report["scorer"] == "qwen" and report["method"] == "dvts"
+    assert {(r["method"], r["budget"]) for r in report["rows"] if r["method"].startswith("dvts")} == {
+        ("dvts_qwen_prod", 2), ("dvts_qwen_prod", 4), ("dvts_majority", 2), ("dvts_majority", 4)}
+    assert all(r["scorer_calls_per_problem"] >= 2 for r in report["rows"] if r["method"].startswith("dvts"))
