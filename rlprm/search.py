@@ -492,7 +492,8 @@ class Beam:
 class SearchResult:
     problems: list[TaskProblem]
     finished: list[list[Beam]]
-    """Per problem, every solution that finished (its steps scored by the search's scorer)."""
+    """Per problem, the finished solutions that kept a place (beam: at most n, and those cut at max_steps; dvts:
+    one per subtree), their steps scored by the search's scorer."""
     tokens: list[int]
     """Per problem, every token generated for it: kept and pruned candidates, lookahead rollouts."""
     scorer_calls: list[int]
@@ -508,11 +509,11 @@ def search(problems: Sequence[TaskProblem], generator: StepGenerator, scorer: Pr
     """Beam search or DVTS (settings.method) for every problem at once; see the module docstring.
 
     beam: each round extends every kept partial solution by `width` sampled steps; repeated unfinished
-    candidates are dropped (`_unique`), finished ones set aside, and the best `n - finished` unfinished ones
-    (by `aggregation` over their step scores, ties broken by a seeded random order) are kept. dvts: `n / width`
-    subtrees per problem; each round a subtree's `width`
-    candidates are scored, the finished ones set aside, and the subtree goes on from its best candidate unless
-    that one has finished. Both stop when nothing is left to extend; a solution at max_steps steps or
+    candidates are dropped (`_unique`), and the best `n - finished so far` candidates (by `aggregation` over
+    their step scores, ties broken by a seeded random order) keep a place: the finished ones among them are set
+    aside, the others extended next round (`_keep`). dvts: `n / width` subtrees per problem; each round a
+    subtree's `width` candidates are scored and the subtree goes on from its best one, or ends with it when that
+    one has finished (one solution per subtree). Both stop when nothing is left to extend; a solution at max_steps steps or
     max_new_tokens tokens is finished as it is (cut; its last step may run past max_new_tokens by up to
     max_step_tokens, since one call extends many solutions with one step cap).
     """
@@ -614,23 +615,18 @@ def _ranked(beams: list[Beam], rng: random.Random) -> list[Beam]:
 
 
 def _keep(candidates: list[Beam], finished: list[list[Beam]], s: SearchSettings, rng: random.Random) -> list[Beam]:
-    """Set finished candidates aside and choose the partial solutions the next round extends."""
+    """The places of a round: a problem's candidates (beam) or a subtree's (dvts) ranked together, finished and
+    unfinished alike; the best `room` take them (beam: n less the solutions already finished; dvts: 1). A
+    finished one among them is set aside for good, an unfinished one goes on. Candidates below lose their place,
+    finished or not: a junk solution that ended early must not take the place of a better one still going."""
     groups: dict[tuple[int, int], list[Beam]] = {}
     for c in candidates:
         groups.setdefault((c.problem, c.subtree), []).append(c)
     keep: list[Beam] = []
     for (p, _), group in groups.items():
-        for c in group:
-            if c.finished:
-                finished[p].append(c)
-        going = [c for c in group if not c.finished]
-        if s.method == "beam":
-            room = max(0, s.n - len(finished[p]))
-            keep.extend(_ranked(going, rng)[:room])
-        else:
-            best = _ranked(group, rng)[0]
-            if not best.finished:
-                keep.append(best)
+        room = max(0, s.n - len(finished[p])) if s.method == "beam" else 1
+        for c in _ranked(group, rng)[:room]:
+            (finished[p] if c.finished else keep).append(c)
     return keep
 
 

@@ -161,8 +161,8 @@ def test_beam_search_keeps_the_n_best_and_finds_the_known_best_path():
     assert sorted(gen.asked[1][:2]) == ["problem zero\ns0\n", "problem zero\ns1\n"]
     assert gen.asked[2][0] == "problem zero\ns1\ns0\n" and gen.asked[2][1].startswith("problem zero\ns0\n")
     for p in range(2):
-        finished = result.finished[p]
-        assert len(finished) == 6 and all(b.finished and b.steps == 3 for b in finished)
+        finished = result.finished[p]  # the 2 best of the 6 answers keep a place
+        assert len(finished) == 2 and all(b.finished and b.steps == 3 for b in finished)
         best = max(finished, key=lambda b: b.value)
         assert best.text.startswith("s1\ns0\n# Answer") and best.value == pytest.approx(0.8 * 1.0 * 0.5)
     # tokens: 6 + 6 one-token steps, then 6 two-token answer steps per problem; every distinct candidate scored once
@@ -172,12 +172,26 @@ def test_beam_search_keeps_the_n_best_and_finds_the_known_best_path():
     assert max(b.value for b in greedy.finished[0]) == pytest.approx(0.9 * 0.5 * 0.5)
 
 
-def test_finished_beams_leave_room_and_max_steps_cuts():
-    """A finished candidate takes one of the n places; a path at max_steps finishes as it is."""
+def test_finished_beams_compete_for_places_and_max_steps_cuts():
+    """A finished candidate takes one of the n places only by ranking among the best; a poor one that ended
+    early loses its place to a better partial solution. A path at max_steps finishes as it is."""
     result = search(PROBLEMS[:1], TreeGenerator(depth=10), TableScorer(TRAP),
                     SearchSettings("beam", n=2, width=2, max_steps=2))
     assert all(b.steps == 2 and not b.text.startswith("#") for b in result.finished[0])
-    assert len(result.finished[0]) == 4  # round 2 extends the 2 kept beams by 2 steps, all cut at max_steps
+    assert len(result.finished[0]) == 2  # round 2: 4 candidates cut at max_steps, the best 2 keep a place
+
+    class EarlyJunk(TreeGenerator):
+        """Draw 0 of the first step ends the solution at once (EOS), and scores low."""
+
+        def next_steps(self, contexts, n, temperature, max_step_tokens, greedy=False):
+            out = super().next_steps(contexts, n, temperature, max_step_tokens, greedy)
+            return [[StepDraw("junk", 1, True) if c.endswith("\n") and c.count("\n") == 1 and j == 0 else d
+                     for j, d in enumerate(row)] for c, row in zip(contexts, out)]
+
+    table = {("junk",): 0.05, **TRAP}
+    result = search(PROBLEMS[:1], EarlyJunk(depth=3), TableScorer(table), SearchSettings("beam", n=1, width=3))
+    # under "finished ones always stay" the junk would have filled the one place and ended the search
+    assert len(result.finished[0]) == 1 and result.finished[0][0].text.startswith("s1\ns0\n# Answer")
 
 
 class CountingGenerator:
@@ -217,7 +231,8 @@ def test_dvts_splits_n_into_independent_greedy_subtrees():
     # problem 0's subtrees drew (c1, c2), (c3, c4), (c5, c6): each keeps its own best
     assert gen.asked[1][:3] == ["problem zero\nc2\n", "problem zero\nc4\n", "problem zero\nc6\n"]
     assert len(gen.asked[1]) == 6 and len(gen.asked) == 2  # the second step finishes every candidate
-    assert all(len(row) == 6 for row in result.finished)  # 3 subtrees x 2 finished candidates
+    assert all(len(row) == 3 for row in result.finished)  # one solution per subtree, its best finished candidate
+    assert sorted(b.text.split("\n")[0] for b in result.finished[0]) == ["c2", "c4", "c6"]
     assert result.tokens == [36, 36] and result.scorer_calls == [12, 12]
 
 
@@ -237,7 +252,7 @@ def test_beam_search_ranks_all_of_a_problems_candidates_together():
     assert [len(c) for c in gen.asked] == [4, 4]
     # problem 0's 2 x 3 first steps are c1..c6; the last two drawn score highest
     assert sorted(gen.asked[1][:2]) == ["problem zero\nc5\n", "problem zero\nc6\n"]
-    assert [len(row) for row in result.finished] == [6, 6]
+    assert [len(row) for row in result.finished] == [2, 2]
 
 
 def test_lookahead_scores_the_rollout_and_counts_its_tokens():
