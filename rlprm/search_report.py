@@ -160,8 +160,8 @@ def run_search_comparison(recipe, pool, tokenizer, device, t_sample: float, prog
     else:
         generator = HFStepGenerator(model, tokenizer, sep, batch_size=ev.batch_size)
     for budget in budgets(cfg.method, cfg.n, cfg.width):
-        settings = SearchSettings(cfg.method, n=budget, width=min(cfg.width, budget) if cfg.method == "beam"
-                                  else cfg.width, lookahead=cfg.lookahead, aggregation=cfg.aggregation,
+        settings = SearchSettings(cfg.method, n=budget, width=cfg.width, lookahead=cfg.lookahead,
+                                  aggregation=cfg.aggregation,
                                   max_steps=cfg.max_steps, max_step_tokens=cfg.max_step_tokens,
                                   max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, seed=recipe.run.seed)
         t0 = time.monotonic()
