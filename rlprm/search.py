@@ -123,7 +123,7 @@ class SeparatorStop:
                  quorum: float | None = None):
         """spelled: per context, the step's text written by earlier calls (rows of one context are adjacent:
         `generate`'s num_return_sequences order). quorum: once this share of the rows has stopped (step end or
-        EOS) and the call has run twice their median length, every row stops (`cut`): the few rows still
+        EOS) and the call has run 1.5 times their median length, every row stops (`cut`): the few rows still
         writing would otherwise hold the whole batch; the caller continues them in a call of their own."""
         self.pieces = token_pieces(tokenizer)
         self.sep, self.eos, self.quorum = sep, tokenizer.eos_token_id, quorum
@@ -155,7 +155,7 @@ class SeparatorStop:
         if self.quorum is not None and not self.cut and len(self.stopped_at) < len(self.done) \
                 and len(self.stopped_at) >= self.quorum * len(self.done):
             median = sorted(self.stopped_at)[len(self.stopped_at) // 2]
-            self.cut = self.length >= 2 * median
+            self.cut = 2 * self.length >= 3 * median
         return [True] * len(self.done) if self.cut else list(self.done)
 
     def __call__(self, input_ids, scores, **kwargs):
@@ -188,7 +188,7 @@ class HFStepGenerator:
     each row stopping at the step separator (`SeparatorStop`) or EOS.
 
     A `generate` call runs until its slowest row stops, so one row that writes no separator would hold a whole
-    batch to `max_step_tokens`. So a call ends once 90% of its rows have stopped and it has run twice their
+    batch to `max_step_tokens`. So a call ends once 90% of its rows have stopped and it has run 1.5 times their
     median length (`SeparatorStop`'s quorum), and calls after the first run at most `chunk` tokens (twice the
     median length of the steps seen so far, at least 8); the rows still writing their step go on in a new call
     of their own, from their text so far (up to `max_step_tokens` in all).

@@ -62,11 +62,11 @@ def test_separator_stop_with_a_real_multi_token_separator():
 
 
 def test_separator_stop_cuts_stragglers_once_a_quorum_has_stopped(char_tokenizer):
-    """9 of 10 rows end their step at their 2nd token; the 10th writes on: every row stops at twice that median
-    (token 4), not at the cap. Without a quorum only the 9 stop."""
+    """9 of 10 rows end their step at their 2nd token; the 10th writes on: every row stops at 1.5 times that median
+    (token 3), not at the cap. Without a quorum only the 9 stop."""
     enc = lambda s: char_tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     rows = [enc("1\n")] * 9 + [enc("1111111111")]
-    assert _feed_all(SeparatorStop(char_tokenizer, "\n", 10, quorum=0.9), rows) == [1] * 9 + [3]
+    assert _feed_all(SeparatorStop(char_tokenizer, "\n", 10, quorum=0.9), rows) == [1] * 9 + [2]
     assert _feed_all(SeparatorStop(char_tokenizer, "\n", 10), rows) == [1] * 9 + [None]
     assert _feed_all(SeparatorStop(char_tokenizer, "\n", 10, quorum=0.95), rows) == [1] * 9 + [None]
 
