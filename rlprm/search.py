@@ -513,9 +513,9 @@ def search(problems: Sequence[TaskProblem], generator: StepGenerator, scorer: Pr
     their step scores, ties broken by a seeded random order) keep a place: the finished ones among them are set
     aside, the others extended next round (`_keep`). dvts: `n / width` subtrees per problem; each round a
     subtree's `width` candidates are scored and the subtree goes on from its best one, or ends with it when that
-    one has finished (one solution per subtree). Both stop when nothing is left to extend; a solution at max_steps steps or
-    max_new_tokens tokens is finished as it is (cut; its last step may run past max_new_tokens by up to
-    max_step_tokens, since one call extends many solutions with one step cap).
+    one has finished (one solution per subtree). Both stop when nothing is left to extend; a solution at
+    max_steps steps or max_new_tokens tokens is finished as it is (cut; its last step may run past
+    max_new_tokens by up to max_step_tokens, since one call extends many solutions with one step cap).
     """
     s = settings
     t0 = time.monotonic()
