@@ -2,8 +2,8 @@
 
 For each budget (beam: 1, 2, 4, ... eval.search.n beams; dvts: width, 2 width, ... n candidates per step) the
 search runs once on the held-out problems; best-of-N's points come from the eval pool (sampled once at
-eval.n_max), at every N = 1, 2, 4, ..., n_max. Every method gets, per problem, its answer accuracy, its every-step-right rate (where
-steps can be checked), its generated tokens and its scorer calls; best-of-N's per-problem values are expectations
+eval.n_max), at every N = 1, 2, 4, ..., n_max. Every method gets, per problem, its answer accuracy, its
+every-step-right rate (where steps can be checked), its generated tokens and its scorer calls; best-of-N's per-problem values are expectations
 over `draws` random draws of N of the pool's samples (so they are not noisier than they need be), its tokens the
 N drawn samples' mean length times N (EOS counted), its seconds the pool's sampling time scaled by N / n_max (an
 estimate: the pool is sampled in one go).
@@ -229,31 +229,35 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path, title: str = "Search vs best-of-N") -> None:
-    """Accuracy and every-step-right against generated tokens per problem (log2), one line per method with its
-    95% band."""
+    """Accuracy and every-step-right (columns) against generated tokens per problem and against wall seconds
+    (rows; best-of-N's are the pool's sampling time scaled by N / n_max), log2 axes, one line per method with
+    its 95% band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), dpi=110)
     methods = list(dict.fromkeys(r["method"] for r in report["rows"]))
-    for ax, metric, label in [(axes[0], "accuracy", "% answers right"),
-                              (axes[1], "process_correct", "% chosen solutions with every step right")]:
-        for name in methods:
-            rows = sorted((r for r in report["rows"] if r["method"] == name), key=lambda r: r["tokens"]["mean"])
-            x = [r["tokens"]["mean"] for r in rows]
-            y = [100 * r[metric]["mean"] for r in rows]
-            if all(math.isnan(v) for v in y):
-                continue
-            line, = ax.plot(x, y, "-" if name.startswith("bon_") else "--", marker="o", markersize=3, label=name)
-            ax.fill_between(x, [100 * r[metric]["lo"] for r in rows], [100 * r[metric]["hi"] for r in rows],
-                            color=line.get_color(), alpha=0.12)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("generated tokens per problem (log scale)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
+    for row, (xkey, xlabel) in enumerate([("tokens", "generated tokens per problem (log scale)"),
+                                          ("seconds", "wall seconds, all problems (log scale)")]):
+        for ax, metric, label in [(axes[row][0], "accuracy", "% answers right"),
+                                  (axes[row][1], "process_correct", "% chosen solutions with every step right")]:
+            for name in methods:
+                rows = sorted((r for r in report["rows"] if r["method"] == name), key=lambda r: r["tokens"]["mean"])
+                x = [r["tokens"]["mean"] if xkey == "tokens" else max(r["seconds"], 1e-3) for r in rows]
+                y = [100 * r[metric]["mean"] for r in rows]
+                if all(math.isnan(v) for v in y):
+                    continue
+                line, = ax.plot(x, y, "-" if name.startswith("bon_") else "--", marker="o", markersize=3,
+                                label=name)
+                ax.fill_between(x, [100 * r[metric]["lo"] for r in rows], [100 * r[metric]["hi"] for r in rows],
+                                color=line.get_color(), alpha=0.12)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="best")
     fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path)
