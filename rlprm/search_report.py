@@ -3,10 +3,10 @@
 For each budget (beam: 1, 2, 4, ... eval.search.n beams; dvts: width, 2 width, ... n candidates per step) the
 search runs once on the held-out problems; best-of-N's points come from the eval pool (sampled once at
 eval.n_max), at every N = 1, 2, 4, ..., n_max. Every method gets, per problem, its answer accuracy, its
-every-step-right rate (where steps can be checked), its generated tokens and its scorer calls; best-of-N's per-problem values are expectations
-over `draws` random draws of N of the pool's samples (so they are not noisier than they need be), its tokens the
-N drawn samples' mean length times N (EOS counted), its seconds the pool's sampling time scaled by N / n_max (an
-estimate: the pool is sampled in one go).
+every-step-right rate (where steps can be checked), its generated tokens and its scorer calls. Best-of-N's
+per-problem values are expectations over `draws` random draws of N of the pool's samples (so they are not
+noisier than they need be); its tokens, the N drawn samples' mean length times N (EOS counted); its seconds,
+the pool's sampling time scaled by N / n_max (an estimate: the pool is sampled in one go).
 
 Methods: best-of-N under the search's own scorer (`bon_<scorer>_<agg>`), under every other reward model of the
 pool (PRM `_prod`, ORM), and majority vote (`bon_majority`); the search with the scorer's pick
