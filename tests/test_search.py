@@ -103,6 +103,10 @@ def test_hf_step_generator_stops_each_row_at_its_separator(tiny_lm, char_tokeniz
         if d.finished:
             assert d.tokens == 24 or d.tokens >= len(d.text) + 1  # the cap, or EOS (counted, not written)
         assert 1 <= d.tokens <= 24
+    # greedy (lookahead's rollouts) is deterministic, whatever the RNG
+    again = [gen.next_steps(["12 + 3\n"], n=1, temperature=1.0, max_step_tokens=24, greedy=True)[0][0]
+             for _ in range(2)]
+    assert again[0] == again[1]
 
 
 # --------------------------------------------------------------------------- search on hand-made pieces
