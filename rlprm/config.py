@@ -571,6 +571,35 @@ RLConfig = Annotated[
 """The `rl` section: one schema per rl.algorithm, so a key of another algorithm is an unknown key."""
 
 
+class SearchConfig(Section):
+    """PRM-guided step-level search at test time (rlprm/search.py), compared with best-of-N at equal generated tokens."""
+
+    method: Literal["none", "beam", "dvts"] = "none"
+    """`none`: best-of-N only. `beam`: keep the n best partial solutions of a problem, extend each by `width` sampled next steps, rank by the scorer's aggregation over their steps so far. `dvts`: n / width independent subtrees per problem, each extended by `width` next steps and continued greedily with its best one (diverse verifier tree search)."""
+    n: int = Field(8, ge=1)
+    """The largest budget: beam, partial solutions kept per problem; dvts, candidates per step (n / width subtrees). The comparison runs every power of two from `width` up to n."""
+    width: int = Field(4, ge=1)
+    """Next steps sampled per kept partial solution (the beam width M)."""
+    lookahead: int = Field(0, ge=0)
+    """Steps each candidate is rolled out greedily (temperature 0) before it is scored; its tokens count as generated."""
+    aggregation: Literal["prod", "min", "last", "mean"] = "prod"
+    """How a partial solution's step probabilities make its score (as best-of-N's PRM selectors)."""
+    max_steps: int = Field(12, ge=1)
+    """Steps after which a solution is finished as it is (cut)."""
+    max_step_tokens: int = Field(48, ge=1)
+    """Longest step; a step that writes no separator within it ends the solution. Solutions are also capped at eval.max_new_tokens."""
+    scorer: str = "checker"
+    """What scores partial solutions: a name in eval.reward_models (an rlprm PRM or a hub PRM family), `checker` (the arithmetic task's exact step checker: the oracle ceiling) or `confidence` (the generator's own lowest token probability per step: the baseline that could explain a gain away)."""
+
+    @model_validator(mode="after")
+    def _runnable(self) -> "SearchConfig":
+        if self.method != "none":
+            from rlprm.search import check_settings
+
+            check_settings(self.method, self.n, self.width, self.lookahead, self.aggregation, self.max_steps)
+        return self
+
+
 class EvalConfig(Section):
     n_max: int = Field(16, ge=1)
     """Largest N of best-of-N; curves are drawn at 1, 2, 4, ..., n_max."""
@@ -600,6 +629,8 @@ class EvalConfig(Section):
     """(eval.rollout vllm) Share of the GPU's memory the vLLM engine takes; the HF model (for the baselines) and the reward models share the rest."""
     differences: list[str] = []
     """Paired differences to report with their own 95% intervals, each `A-B` (selector A minus selector B, e.g. `prm_prod-orm`, `prm_prod-confidence`). Empty: the first PRM's `_prod` selector minus the first ORM, majority, confidence, likelihood and random (those present)."""
+    search: SearchConfig = _section()
+    """Step-level search (beam, DVTS) against best-of-N at equal generated tokens: search.md, search.json, search.png."""
 
     @model_validator(mode="after")
     def _difference_names(self) -> "EvalConfig":
@@ -609,6 +640,10 @@ class EvalConfig(Section):
         if unknown:
             raise ValueError(f"reward_model_adapters names {', '.join(unknown)}, not in eval.reward_models "
                              f"({', '.join(sorted(self.reward_models)) or 'none'}); use the same names")
+        scorer = self.search.scorer
+        if self.search.method != "none" and scorer not in ("checker", "confidence") and scorer not in self.reward_models:
+            raise ValueError(f"eval.search.scorer {scorer!r} is not `checker`, `confidence` or a name in "
+                             f"eval.reward_models ({', '.join(sorted(self.reward_models)) or 'none'})")
         # the selector names a pool can have (kept equal to rlprm.evaluate's by a test): a reward model's kind is
         # known only once it is loaded, so both an ORM's `NAME` and a PRM's `NAME_AGG` are accepted here
         known = {"majority", "weighted_majority", "random", "pass@n", "confidence", "likelihood"}
@@ -933,6 +968,9 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _reward_source_fits(self) -> "Recipe":
         src, algo = self.reward.source, self.rl.algorithm
+        if self.eval.search.method != "none" and self.eval.search.scorer == "checker" and self.task.name != "arithmetic":
+            raise ValueError(f"eval.search.scorer checker is the arithmetic task's exact step checker; task "
+                             f"`{self.task.name}` has none: name a reward model of eval.reward_models")
         if src == "exact" and self.task.name != "arithmetic":
             raise ValueError(f"reward.source exact is the arithmetic task's exact step checker, and task "
                              f"`{self.task.name}` has no step checker (only final answers can be graded); use "

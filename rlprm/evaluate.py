@@ -800,6 +800,12 @@ def run_eval(recipe, progress: bool = True) -> dict:
             del rm
         tracker = Tracker(run_dir, recipe, job="eval", tags=["eval"])
         save_pool(pool, pool_path)
+        # eval.search: beam search / DVTS against best-of-N at equal generated tokens (search.md, .json, .png)
+        search_metrics = {}
+        if ev.search.method != "none":
+            from rlprm.search_report import run_search_comparison
+
+            search_metrics = run_search_comparison(recipe, pool, tokenizer, device, t_sample, progress, sampler)
 
         # 3. selectors: a paired bootstrap over problems and the draws of N within them
         curves, differences = bon_bootstrap(pool, selector_scores(pool, ev.aggregations), powers_of_two(ev.n_max),
@@ -813,6 +819,7 @@ def run_eval(recipe, progress: bool = True) -> dict:
         atomic_write_json(run_dir / "bon_curves.json", {**curves, DIFFERENCES_KEY: differences})
         metrics = flat_metrics(curves)
         metrics.update(flat_metrics(differences, prefix="bon_diff"))
+        metrics.update(search_metrics)
         metrics.update({"eval/sample_seconds": round(t_sample, 1), "eval/seconds": round(time.monotonic() - t0, 1),
                         "eval/problems": len(problems), "eval/n_max": ev.n_max})
         tracker.log(metrics, step=0)

@@ -1,0 +1,152 @@
+"""Step-level beam search vs best-of-N at the same generated-token budget, same model, same run.
+
+    .venv/bin/python benchmarks/search_throughput.py [--problems 16] [--n 4] [--width 4] [--scorer checker|prm]
+
+Prints one JSON object. A tiny generator (width 32, 2 layers) is fitted on the spot on the reference solutions
+of the benchmark's arithmetic problems (`--fit-steps` full-batch steps), so it writes step-shaped solutions that
+stop at EOS, as a prepared generator does. Beam search (`--n` beams, `--width` next steps each) runs first; its
+generated tokens per problem set best-of-N's N (N = those tokens / best-of-N's mean tokens per sample, rounded),
+so both spend about the same tokens. Reported for each: generated tokens per problem, tokens/s over generation
+alone and over generation + scoring, scorer calls per problem, and search's seconds per generated token over
+best-of-N's (`overhead_per_token`; target within 1.5x). Scorer `checker`: the exact step checker (costs next to
+nothing: the ratio is the generation's); `prm`: a tiny rlprm PRM on the generator's body (a forward pass per
+partial solution, as a real PRM costs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def fit_generator(tokenizer, problems, steps: int, seed: int = 0):
+    """A tiny causal LM fitted on the reference solutions of `problems` (full batch, AdamW)."""
+    import torch
+
+    from rlprm.config import TinyModelConfig
+    from rlprm.models import build_tiny_causal_lm
+    from rlprm.steps import render_steps
+    from rlprm.tasks.arithmetic import reference_solution
+
+    model = build_tiny_causal_lm(TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2),
+                                 tokenizer, seed=seed)
+    texts = [p.prompt + render_steps(reference_solution(p)) + tokenizer.eos_token for p in problems]
+    tokenizer.padding_side = "right"
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problems", type=int, default=16)
+    parser.add_argument("--n", type=int, default=4, help="beams kept per problem")
+    parser.add_argument("--width", type=int, default=4, help="next steps sampled per beam")
+    parser.add_argument("--scorer", choices=("checker", "prm"), default="checker")
+    parser.add_argument("--fit-steps", type=int, default=150)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--max-step-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; the fastest is reported")
+    args = parser.parse_args()
+
+    import torch
+
+    from rlprm.config import ArithmeticConfig
+    from rlprm.models import build_char_tokenizer
+    from rlprm.problems import from_arithmetic
+    from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
+    from rlprm.sampling import sample
+    from rlprm.search import CheckerScorer, HFStepGenerator, RewardModelScorer, SearchSettings, search
+    from rlprm.tasks.arithmetic import CHARSET, make_problems
+
+    tokenizer = build_char_tokenizer(CHARSET)
+    problems = from_arithmetic(make_problems(ArithmeticConfig(), args.problems, seed=99))
+    t = time.perf_counter()
+    model = fit_generator(tokenizer, [p.arith for p in problems], args.fit_steps)
+    fit_s = time.perf_counter() - t
+    if args.scorer == "prm":
+        conv = make_convention("prm", "\n")
+        scorer = RewardModelScorer(RewardModel(reward_model_from_causal_lm(conv, model, tokenizer), tokenizer, conv),
+                                   "prm", "\n")
+    else:
+        scorer = CheckerScorer("\n")
+    generator = HFStepGenerator(model, tokenizer, "\n", batch_size=256)
+    settings = SearchSettings("beam", n=args.n, width=args.width, max_steps=12, max_step_tokens=args.max_step_tokens,
+                              max_new_tokens=args.max_new_tokens, seed=1)
+    prompts = [p.prompt for p in problems]
+    # forward passes of the generator: a count the machine's load does not change (the timings it does)
+    forwards = {"n": 0}
+    plain_forward = model.forward
+
+    def counted_forward(*a, **k):
+        forwards["n"] += 1
+        return plain_forward(*a, **k)
+
+    model.forward = counted_forward
+    sample(model, tokenizer, prompts[:2], n=2, max_new_tokens=8, seed=0)  # warm-up: one-time costs
+
+    def best_of(n: int, seed: int) -> dict:
+        forwards["n"] = 0
+        t0 = time.perf_counter()
+        out = sample(model, tokenizer, prompts, n=n, max_new_tokens=args.max_new_tokens, batch_size=256, seed=seed)
+        gen_s = time.perf_counter() - t0
+        # EOS counts as generated, as in the search (the sampler strips it; shorter than the cap means it came)
+        tokens = sum(len(ids) + (len(ids) < args.max_new_tokens) for row in out.token_ids for ids in row)
+        texts = [t for row in out.texts for t in row]
+        t0 = time.perf_counter()
+        scorer.score_prefixes([p for p in problems for _ in range(n)], texts)
+        score_s = time.perf_counter() - t0
+        return {"n": n, "tokens": tokens, "generate_s": gen_s, "score_s": score_s, "calls": len(texts),
+                "forwards": forwards["n"]}
+
+    runs = []
+    for r in range(args.repeats):
+        settings.seed = 1 + r
+        forwards["n"] = 0
+        res = search(problems, generator, scorer, settings)
+        runs.append({"tokens": sum(res.tokens), "generate_s": res.generate_seconds, "score_s": res.score_seconds,
+                     "calls": sum(res.scorer_calls), "seconds": res.seconds,
+                     "finished": sum(len(f) for f in res.finished), "forwards": forwards["n"]})
+    beam = min(runs, key=lambda x: x["seconds"])
+    probe = best_of(16, seed=0)
+    per_sample = probe["tokens"] / (16 * len(problems))
+    n_match = max(1, round(beam["tokens"] / len(problems) / per_sample))
+    bon = min((best_of(n_match, seed=1 + r) for r in range(args.repeats)),
+              key=lambda x: x["generate_s"] + x["score_s"])
+
+    def report(x: dict) -> dict:
+        total = x["generate_s"] + x["score_s"]
+        return {"tokens_per_problem": round(x["tokens"] / len(problems), 1),
+                "generate_s": round(x["generate_s"], 3), "score_s": round(x["score_s"], 3),
+                "tokens_per_s_generate": round(x["tokens"] / x["generate_s"], 1),
+                "tokens_per_s_total": round(x["tokens"] / total, 1),
+                "scorer_calls_per_problem": round(x["calls"] / len(problems), 1),
+                "generator_forward_passes": x["forwards"]}
+
+    b, o = report(beam), report(bon)
+    print(json.dumps({
+        "model": f"tiny generator (width 32, 2 layers) fitted {args.fit_steps} steps on the problems' reference "
+                 f"solutions ({fit_s:.1f} s)",
+        "scorer": args.scorer, "problems": len(problems), "threads": torch.get_num_threads(),
+        "beam": {"n": args.n, "width": args.width, "generate_calls": generator.calls, **b,
+                 "finished_per_problem": round(beam["finished"] / len(problems), 1)},
+        "best_of_n": {"n": n_match, "mean_tokens_per_sample": round(per_sample, 1), **o},
+        # seconds per generated token, search over best-of-N (target <= 1.5)
+        "overhead_per_token_generate": round((beam["generate_s"] / beam["tokens"])
+                                             / (bon["generate_s"] / bon["tokens"]), 2),
+        "overhead_per_token_total": round(((beam["generate_s"] + beam["score_s"]) / beam["tokens"])
+                                          / ((bon["generate_s"] + bon["score_s"]) / bon["tokens"]), 2),
+        "target_overhead_per_token": 1.5,
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
