@@ -54,7 +54,7 @@ rehearsal: setup
 	RLPRM_REHEARSAL_DIR=$(abspath $(REHEARSAL_DIR)) $(BIN)/python -m pytest -m slow tests/test_rehearsal.py $(PYTEST_ARGS); \
 	status=$$?; cat $(REHEARSAL_DIR)/timings.json 2>/dev/null; exit $$status
 
-# make demo [SEEDS=3] [LANES=2] [DEMO_OUT=runs/demo] [DEMO_ARGS="--force rl"]: see rlprm/demo.py
+# make demo [SEEDS=3] [LANES=2] [DEMO_OUT=runs/demo] [DEMO_ARGS="--force rl"]: see rlprm/experiments/demo.py
 demo: setup
 	$(BIN)/rlprm demo --out $(DEMO_OUT) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(LANES),--lanes $(LANES)) $(DEMO_ARGS)
 

@@ -88,7 +88,7 @@ def build_models(folder: Path, shape: dict, dtype: str) -> dict:
     import torch
 
     from rlprm.models import num_parameters, torch_dtype
-    from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
+    from rlprm.reward.model import RewardModel, make_convention, reward_model_from_causal_lm
 
     tokenizer = build_tokenizer(shape["vocab_size"])
     policy = build_qwen2(shape, tokenizer, seed=0)

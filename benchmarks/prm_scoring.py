@@ -30,7 +30,7 @@ each side computes, per family:
   math_shepherd / rlhflow: the ``+``/``-`` rows of the output embedding at the
   read positions; implicit: both LMs' heads at every step token, chunked
   logsumexp, never the full B x T x vocab);
-* per prefix (``rlprm.prm_adapters.common.score_steps_per_prefix``): each
+* per prefix (``rlprm.reward.adapters.common.score_steps_per_prefix``): each
   prefix is the same token form cut after step k's read position, run as its
   own sequence, and reads only step k (the head at one position, or for
   implicit at step k's tokens alone): the head work equals the single pass's,
@@ -91,7 +91,7 @@ def five_step_solutions(n: int, seed: int):
 def build_prm(model_path: str | None):
     from rlprm.config import TinyModelConfig
     from rlprm.models import build_char_tokenizer, build_tiny_causal_lm
-    from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
+    from rlprm.reward.model import RewardModel, make_convention, reward_model_from_causal_lm
     from rlprm.tasks.arithmetic import CHARSET
 
     if model_path:
@@ -119,7 +119,7 @@ def main() -> None:
     import torch
 
     from rlprm.models import num_parameters
-    from rlprm.reward_models import score_steps_per_prefix
+    from rlprm.reward.model import score_steps_per_prefix
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--solutions", type=int, default=512)
@@ -179,11 +179,11 @@ def _family_results(args, problems, solutions) -> dict:
     import tempfile
 
     from rlprm.models import num_parameters
-    from rlprm.prm_adapters import load_reward_model
-    from rlprm.prm_adapters.common import score_steps_per_prefix
+    from rlprm.reward.adapters import load_reward_model
+    from rlprm.reward.adapters.common import score_steps_per_prefix
     from rlprm.testing.standins import save_standin
 
-    from rlprm.prm_adapters import FAMILIES
+    from rlprm.reward.adapters import FAMILIES
 
     names = [f for f in FAMILIES if f != "rlprm"] if args.families == "all" else \
         [n for n in args.families.split(",") if n]

@@ -41,7 +41,7 @@ def build(folder: Path, tiny: bool) -> None:
     import torch
     from transformers import Qwen2Config
 
-    from rlprm.prm_adapters.qwen_arch import QwenProcessRewardModel
+    from rlprm.reward.adapters.qwen_arch import QwenProcessRewardModel
     from rlprm.testing.standins import build_tokenizer
 
     tok = build_tokenizer("qwen", model_max_length=32768)
@@ -74,8 +74,8 @@ def timed(fn, device: str):
 def main() -> None:
     import torch
 
-    from rlprm.prm_adapters import load_reward_model
-    from rlprm.prm_adapters.common import score_steps_per_prefix
+    from rlprm.reward.adapters import load_reward_model
+    from rlprm.reward.adapters.common import score_steps_per_prefix
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--solutions", type=int, default=512)

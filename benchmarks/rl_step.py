@@ -108,7 +108,7 @@ def run_trl_plain(tmp: Path, iterations: int) -> dict:
     from trl import GRPOTrainer
 
     from rlprm.models import load_causal_lm, load_tokenizer
-    from rlprm.problems import epoch_problems, held_out_arithmetic
+    from rlprm.data.problems import epoch_problems, held_out_arithmetic
     from rlprm.rl.grpo import RewardFunction, grpo_args
 
     recipe = _recipe("grpo_outcome.yaml", tmp / "trl_plain", iterations)

@@ -61,10 +61,10 @@ def main() -> None:
 
     from rlprm.config import ArithmeticConfig
     from rlprm.models import build_char_tokenizer
-    from rlprm.problems import from_arithmetic
-    from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
+    from rlprm.data.problems import from_arithmetic
+    from rlprm.reward.model import RewardModel, make_convention, reward_model_from_causal_lm
     from rlprm.sampling import sample
-    from rlprm.search import CheckerScorer, HFStepGenerator, RewardModelScorer, SearchSettings, search
+    from rlprm.evaluation.search import CheckerScorer, HFStepGenerator, RewardModelScorer, SearchSettings, search
     from rlprm.tasks.arithmetic import CHARSET, make_problems
 
     tokenizer = build_char_tokenizer(CHARSET)

@@ -6,9 +6,9 @@
 On the shape of recipes/arith_prepare.yaml (tiny Llama, hidden 128, MLP 384, 4 layers, 4 heads, char
 tokenizer, batch 64, the task's training solutions), all in this one process, at torch threads 1 and 2:
 
-- trl_lean: TRL's SFTTrainer with the lean loss (rlprm/lean_sft.py), configured as `rlprm prepare` configured
+- trl_lean: TRL's SFTTrainer with the lean loss (rlprm/rl/lean_sft.py), configured as `rlprm prepare` configured
   it before it got its own loop (random batches, completion-only loss, no bf16, no activation recomputation);
-- plain: rlprm/sft.py's `train_sft`, the loop `rlprm prepare` uses: each batch sorted by length into
+- plain: rlprm/experiments/sft.py's `train_sft`, the loop `rlprm prepare` uses: each batch sorted by length into
   `LENGTH_GROUPS` passes, each padded to its own longest sequence, no attention mask;
 - plain_1_group: the same loop, one pass per batch padded to the batch's longest (what TRL's collator does);
 - plain_1_group_masked: that, with an attention mask passed, to show what dropping it is worth.
@@ -87,7 +87,7 @@ def _summary(gaps: list[float]) -> dict:
 def run_trl(recipe, data, tokenizer, steps: int, warmup: int):
     from trl import SFTConfig
 
-    from rlprm.lean_sft import LeanSFTTrainer
+    from rlprm.rl.lean_sft import LeanSFTTrainer
     from rlprm.models import build_tiny_causal_lm
 
     sft = recipe.sft
@@ -116,7 +116,7 @@ def run_trl(recipe, data, tokenizer, steps: int, warmup: int):
 
 def run_plain(recipe, encoded, tokenizer, steps: int, warmup: int, masked: bool, groups: int) -> list[float]:
     from rlprm.models import build_tiny_causal_lm
-    from rlprm.sft import train_sft
+    from rlprm.experiments.sft import train_sft
 
     model = build_tiny_causal_lm(recipe.model.tiny, tokenizer, seed=recipe.run.seed)
     cfg = recipe.sft.model_copy(update={"steps": warmup + steps, "logging_steps": 1})
@@ -139,8 +139,8 @@ def main():
     from datasets import Dataset
 
     from rlprm.config import load_recipe
-    from rlprm.prepare import build_tokenizer, training_data
-    from rlprm.sft import LENGTH_GROUPS, batch_order, encode_completions, padded_table
+    from rlprm.experiments.prepare import build_tokenizer, training_data
+    from rlprm.experiments.sft import LENGTH_GROUPS, batch_order, encode_completions, padded_table
 
     datasets.disable_progress_bars()
     recipe = load_recipe(ROOT / "recipes" / "arith_prepare.yaml", ["tracking.wandb=disabled"])

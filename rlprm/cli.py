@@ -129,7 +129,7 @@ def _num(value) -> str:
 
 
 def _prepare(recipe: Recipe, args: argparse.Namespace) -> None:
-    from rlprm.prepare import prepare
+    from rlprm.experiments.prepare import prepare
 
     rates = prepare(recipe, progress=not args.no_progress)
     print(
@@ -156,7 +156,8 @@ def _train_rm(recipe: Recipe, args: argparse.Namespace) -> None:
 
 
 def _eval(recipe: Recipe, args: argparse.Namespace) -> None:
-    from rlprm.evaluate import markdown_table, run_eval
+    from rlprm.evaluation.evaluate import markdown_table
+    from rlprm.evaluation.job import run_eval
 
     curves = run_eval(recipe, progress=not args.no_progress)
     print(markdown_table(curves))
@@ -164,7 +165,7 @@ def _eval(recipe: Recipe, args: argparse.Namespace) -> None:
 
 
 def _bench_prm(recipe: Recipe, args: argparse.Namespace) -> None:
-    from rlprm.bench_prm import markdown, run_bench
+    from rlprm.reward.bench import markdown, run_bench
 
     results = run_bench(recipe, progress=not args.no_progress)
     print(markdown(results, results["model"], results["adapter"]), end="")
@@ -176,7 +177,7 @@ def _check(recipe: Recipe, args: argparse.Namespace) -> None:
 
 
 def _select(recipe: Recipe, args: argparse.Namespace) -> None:
-    from rlprm.active import select
+    from rlprm.experiments.active import select
 
     counts = select(recipe, progress=not args.no_progress)
     print(f"{counts['lines']} solutions of {counts['problems']} problems -> {counts['output']} "
@@ -186,7 +187,7 @@ def _select(recipe: Recipe, args: argparse.Namespace) -> None:
 
 
 def _active_learning(recipe: Recipe, args: argparse.Namespace) -> None:
-    from rlprm.active import run_loop
+    from rlprm.experiments.active import run_loop
 
     summary = run_loop(recipe, progress=not args.no_progress)
     print(f"report: {summary['report']}   plot: {summary['plot']}   summary: {recipe.run.output_dir}/summary.json   "
@@ -194,7 +195,7 @@ def _active_learning(recipe: Recipe, args: argparse.Namespace) -> None:
 
 
 def _synthetic_supervision(recipe: Recipe, args: argparse.Namespace) -> None:
-    from rlprm.synthetic import run_synthetic
+    from rlprm.experiments.synthetic import run_synthetic
 
     summary = run_synthetic(recipe, progress=not args.no_progress)
     print(f"report: {summary['report']}   plot: {summary['plot']}   summary: {recipe.run.output_dir}/summary.json   "
@@ -245,7 +246,7 @@ def _recipes(args: argparse.Namespace) -> None:
 
 def _label(args: argparse.Namespace) -> None:
     from rlprm.inputs import JobInputError, ref_problem
-    from rlprm.label import label_file
+    from rlprm.reward.label import label_file
 
     if args.labeller != "checker":
         problem = ref_problem("--with", args.labeller)  # before the PRM's libraries load (seconds)
@@ -259,14 +260,14 @@ def _label(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from rlprm.demo import run_demo
+    from rlprm.experiments.demo import run_demo
 
     run_demo(args.out, seeds=args.seeds, force=True if args.force == [] else args.force, wandb=args.wandb,
              sets=args.set, progress=not args.no_progress, generator=args.generator, lanes=args.lanes)
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from rlprm.compare import main as compare_main
+    from rlprm.evaluation.compare import main as compare_main
 
     report = compare_main(args.run_dirs, args.out, args.wandb_group, args.wandb_project, args.wandb_entity)
     print(f"report: {report}")
@@ -379,7 +380,7 @@ COMMANDS: dict[str, Command] = {
         description="Prepare the generator, train a PRM and an ORM, run PPO five ways (dense PRM, sparse ORM, sparse "
                     "ground truth, dense exact checker, dense confidence control), best-of-N before (also at T=0.7) "
                     "and after, and the report into OUT/report/report.md and summary.json. Each stage is skipped when "
-                    "its output is complete (see rlprm/demo.py)."),
+                    "its output is complete (see rlprm/experiments/demo.py)."),
     "compare": Command(
         "report.md with tables and plots across run folders (seeds averaged)", _compare, _compare_args,
         loads_recipe=False,

@@ -151,7 +151,7 @@ def _model_ref(value: str, info: ValidationInfo) -> str:
 ModelRef = Annotated[str, AfterValidator(_model_ref)]
 
 PRMAdapter = Literal["qwen_prm", "pure_prm", "math_shepherd", "rlhflow", "value_head", "implicit", "rlprm"]
-"""The reward-model families `rlprm.prm_adapters.load_reward_model` reads (kept equal to its FAMILIES by a test)."""
+"""The reward-model families `rlprm.reward.adapters.load_reward_model` reads (kept equal to its FAMILIES by a test)."""
 
 
 VLLM_EXTRA = 'pip install -e ".[vllm]"'
@@ -378,15 +378,15 @@ class RewardConfig(Section):
     mode: Literal["dense", "sparse"] = "sparse"
     """`dense`: a reward at every step end from step scores (source prm, exact, confidence or python); `sparse`: one reward at the last token."""
     source: Literal["prm", "orm", "ground_truth", "exact", "confidence", "python"] = "ground_truth"
-    """Who scores (rlprm/reward_sources.py): `prm` / `orm` a trained reward model (model.reward_model, family reward.adapter); `ground_truth` the grader's 1/0 on the final answer; `exact` the arithmetic task's exact step checker as an oracle PRM (steps score 1 up to the first wrong step, 0 from it on; sparse: 1 if every step is right; arithmetic task only); `confidence` the frozen starting generator's own token confidence at temperature 1 (per step exp of its lowest token log-prob; sparse: over the whole response; ppo only); `python` your own function, reward.function. exact, confidence and python load no reward model."""
+    """Who scores (rlprm/reward/sources.py): `prm` / `orm` a trained reward model (model.reward_model, family reward.adapter); `ground_truth` the grader's 1/0 on the final answer; `exact` the arithmetic task's exact step checker as an oracle PRM (steps score 1 up to the first wrong step, 0 from it on; sparse: 1 if every step is right; arithmetic task only); `confidence` the frozen starting generator's own token confidence at temperature 1 (per step exp of its lowest token log-prob; sparse: over the whole response; ppo only); `python` your own function, reward.function. exact, confidence and python load no reward model."""
     function: str | None = None
-    """(source python) The reward function, "package.module:function", importable where the run starts: `f(problems: list[str], solutions: list[str], **kwargs) -> list[float]` (sparse: one score per solution) or `list[list[float]]` (dense: one score per step), every score in [0, 1]; kwargs: completion_ids, answers, sep (rlprm/reward_sources.py)."""
+    """(source python) The reward function, "package.module:function", importable where the run starts: `f(problems: list[str], solutions: list[str], **kwargs) -> list[float]` (sparse: one score per solution) or `list[list[float]]` (dense: one score per step), every score in [0, 1]; kwargs: completion_ids, answers, sep (rlprm/reward/sources.py)."""
     dense_form: Literal["log_prob", "min_form", "delta", "score"] = "log_prob"
-    """How step probabilities p_k become step rewards r_k (docs/design.md section 5; rlprm/rewards.py): `log_prob` r_k = log p_k, `min_form` and `delta` shaped so that the return is the lowest p_k or the last one, `score` r_k = p_k (DeepSeekMath's process supervision; GRPO only for now)."""
+    """How step probabilities p_k become step rewards r_k (docs/design.md section 5; rlprm/reward/tokens.py): `log_prob` r_k = log p_k, `min_form` and `delta` shaped so that the return is the lowest p_k or the last one, `score` r_k = p_k (DeepSeekMath's process supervision; GRPO only for now)."""
     outcome_coef: float = Field(0.0, ge=0)
     """Weight of an extra ground-truth outcome reward at the last token."""
     missing_answer_reward: float = -1.0
-    """Reward of a response with no final answer, or cut at rl.max_new_tokens before its EOS. Dense rewards of an answered response never return less than this plus 0.1 (their running sum is floored there, rlprm/rewards.py), so not answering never pays."""
+    """Reward of a response with no final answer, or cut at rl.max_new_tokens before its EOS. Dense rewards of an answered response never return less than this plus 0.1 (their running sum is floored there, rlprm/reward/tokens.py), so not answering never pays."""
     sparse_aggregate: Literal["prod", "min", "last", "mean"] = "prod"
     """How a PRM's step probabilities become one sparse reward (`mode: sparse`, `source: prm` or `python`); `prod` is the paper's solution score."""
     adapter: PRMAdapter | None = None
@@ -572,7 +572,7 @@ RLConfig = Annotated[
 
 
 class SearchConfig(Section):
-    """PRM-guided step-level search at test time (rlprm/search.py), compared with best-of-N at equal generated tokens."""
+    """PRM-guided step-level search at test time (rlprm/evaluation/search.py), compared with best-of-N at equal generated tokens."""
 
     method: Literal["none", "beam", "dvts"] = "none"
     """`none`: best-of-N only. `beam`: keep the n best partial solutions of a problem, extend each by `width` sampled next steps, rank by the scorer's aggregation over their steps so far. `dvts`: n / width independent subtrees per problem, each extended by `width` next steps and continued greedily with its best one (diverse verifier tree search)."""
@@ -593,10 +593,11 @@ class SearchConfig(Section):
 
     @model_validator(mode="after")
     def _runnable(self) -> "SearchConfig":
-        if self.method != "none":
-            from rlprm.search import check_settings
-
-            check_settings(self.method, self.n, self.width, self.lookahead, self.aggregation, self.max_steps)
+        # the field types already bound method, aggregation and the sizes; the one rule across fields is DVTS's split
+        # (the same as evaluation.search.check_settings, which the schema does not import: config sits below it)
+        if self.method == "dvts" and (self.n % self.width or self.n < self.width):
+            raise ValueError(f"dvts splits n={self.n} candidates per step into n / width subtrees of width "
+                             f"{self.width}: n must be a multiple of width (e.g. n={max(self.width, self.n - self.n % self.width)})")
         return self
 
 
@@ -616,7 +617,7 @@ class EvalConfig(Section):
     reward_models: dict[str, ModelRef] = {}
     """Reward models to select with, by name: a PRM folder yields selectors `NAME_prod`, `NAME_min`, `NAME_last`, `NAME_mean`; an ORM yields `NAME`. rlprm folders and public PRMs (see reward_model_adapters) alike."""
     reward_model_adapters: dict[str, PRMAdapter] = {}
-    """Family of a reward model in reward_models, by name, for public PRMs whose family cannot be detected from their files (math_shepherd, rlhflow, implicit: see rlprm/prm_adapters). Unnamed ones are detected (rlprm_rm.json, Qwen2ForProcessRewardModel, a Skywork value head). The implicit family's reference model and beta come from reward.reference_model and reward.implicit_beta."""
+    """Family of a reward model in reward_models, by name, for public PRMs whose family cannot be detected from their files (math_shepherd, rlhflow, implicit: see rlprm/reward/adapters). Unnamed ones are detected (rlprm_rm.json, Qwen2ForProcessRewardModel, a Skywork value head). The implicit family's reference model and beta come from reward.reference_model and reward.implicit_beta."""
     aggregations: list[Literal["prod", "min", "last", "mean"]] = ["prod", "min", "last", "mean"]
     """PRM aggregations to compare (the paper uses prod)."""
     weighted_vote_by: str | None = None
@@ -644,7 +645,7 @@ class EvalConfig(Section):
         if self.search.method != "none" and scorer not in ("checker", "confidence") and scorer not in self.reward_models:
             raise ValueError(f"eval.search.scorer {scorer!r} is not `checker`, `confidence` or a name in "
                              f"eval.reward_models ({', '.join(sorted(self.reward_models)) or 'none'})")
-        # the selector names a pool can have (kept equal to rlprm.evaluate's by a test): a reward model's kind is
+        # the selector names a pool can have (kept equal to rlprm.evaluation.evaluate's by a test): a reward model's kind is
         # known only once it is loaded, so both an ORM's `NAME` and a PRM's `NAME_AGG` are accepted here
         known = {"majority", "weighted_majority", "random", "pass@n", "confidence", "likelihood"}
         known |= set(self.reward_models) | {f"{name}_{how}" for name in self.reward_models for how in self.aggregations}
@@ -736,7 +737,7 @@ class RewardModelTrainConfig(Section):
     data: RMDataConfig = _section()
     """Training and evaluation data."""
     scorer: Literal["head", "lm"] = "head"
-    """How the reward model turns a solution into scores. `head`: a new classification head reads the hidden state at each step end (PRM) or the last token (ORM), trained with the HF Trainer (any backbone, DeepSpeed, LoRA). `lm`: the backbone stays a causal LM, trained on the labels (LM loss on positively labelled steps/solutions plus a logistic loss through its token log-probabilities), and a step's probability is sigmoid(w_min * lowest + w_mean * mean token log-probability of the step); one process, exactly rm.max_steps steps. See rlprm/rm_lm.py for why the tiny arithmetic PRM needs it."""
+    """How the reward model turns a solution into scores. `head`: a new classification head reads the hidden state at each step end (PRM) or the last token (ORM), trained with the HF Trainer (any backbone, DeepSpeed, LoRA). `lm`: the backbone stays a causal LM, trained on the labels (LM loss on positively labelled steps/solutions plus a logistic loss through its token log-probabilities), and a step's probability is sigmoid(w_min * lowest + w_mean * mean token log-probability of the step); one process, exactly rm.max_steps steps. See rlprm/reward/lm.py for why the tiny arithmetic PRM needs it."""
     lm_coef: float = Field(1.0, ge=0)
     """(scorer lm) Weight of the language-model loss on positively labelled tokens beside the logistic loss."""
     head_learning_rate: float = Field(3e-2, gt=0, le=10)
@@ -746,7 +747,7 @@ class RewardModelTrainConfig(Section):
     freeze_backbone: bool = False
     """Train only the new blocks (extra_layers), the final norm and the head; the backbone's own weights stay as they are (and backward passes get cheaper)."""
     confidence_features: bool = False
-    """After training, stack the head with the backbone language model's token confidence (the lowest token log-probability in each step; in the whole solution for an ORM) in a 3-parameter logistic regression fitted on the training labels. The backbone LM is saved beside the reward model (confidence_lm/) and scoring runs it too. See rlprm/reward_models.py for why."""
+    """After training, stack the head with the backbone language model's token confidence (the lowest token log-probability in each step; in the whole solution for an ORM) in a 3-parameter logistic regression fitted on the training labels. The backbone LM is saved beside the reward model (confidence_lm/) and scoring runs it too. See rlprm/reward/model.py for why."""
     confidence_fit_examples: int = Field(4096, ge=1)
     """Training solutions the confidence stacking is fitted on (the first ones)."""
     epochs: float = Field(2.0, gt=0)
@@ -844,7 +845,7 @@ class ActiveConfig(Section):
     threshold_grid: list[float] = Field([round(0.05 * i, 2) for i in range(1, 20)], min_length=1)
     """(loop) Thresholds tried on the validation problems for first-error F1."""
     factor_level_share: float = Field(0.9, gt=0, le=1)
-    """(loop) The quality at which the data-efficiency factor is read: uniform's first point + this share of the way to uniform's best (seed-mean curves); see rlprm/efficiency.py."""
+    """(loop) The quality at which the data-efficiency factor is read: uniform's first point + this share of the way to uniform's best (seed-mean curves); see rlprm/experiments/efficiency.py."""
     bootstrap_resamples: int = Field(2000, ge=100)
     """(loop) Resamples of the bootstrap over seeds (curve bands and factor intervals)."""
     eval_n: int = Field(16, ge=2)
@@ -902,7 +903,7 @@ class SyntheticConfig(Section):
     eval_n: int = Field(0, ge=0)
     """Samples per held-out problem in the best-of-N pool (problems with fewer are left out); 0: rm.data.eval_samples_per_problem."""
     resamples: int = Field(1000, ge=100)
-    """Resamples of the paired bootstrap over problems (rlprm.evaluate.bon_bootstrap)."""
+    """Resamples of the paired bootstrap over problems (rlprm.evaluation.evaluate.bon_bootstrap)."""
 
 
 class BenchConfig(Section):

@@ -47,7 +47,7 @@ OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 def models_read(recipe: Recipe, command: str) -> list[tuple[str, str, bool]]:
     """(recipe key, value, is a policy whose tokenizer is loaded) of every model `command` reads."""
-    from rlprm.reward_sources import source_class
+    from rlprm.reward.sources import source_class
 
     m, rm = recipe.model, recipe.rm
     refs: list[tuple[str, str | None, bool]] = []
@@ -183,7 +183,7 @@ def model_problems(recipe: Recipe, command: str) -> list[str]:
     """One line per model `command` reads that cannot be loaded; a missing folder that an embedded recipe builds is
     fine for the commands that build it first (train-rl, and train-rm for its generator)."""
     from rlprm.prerequisites import builder_hint, embedded_products, find_builder, recipe_folder
-    from rlprm.reward_sources import source_class
+    from rlprm.reward.sources import source_class
 
     near = recipe_folder(recipe)
     problems = []
@@ -224,7 +224,7 @@ def model_problems(recipe: Recipe, command: str) -> list[str]:
 
 
 def _problem_file(key: str, path: Path | None, template: str, source=None) -> str | None:
-    from rlprm.problems import ProblemFileError, load_jsonl_problems
+    from rlprm.data.problems import ProblemFileError, load_jsonl_problems
     from rlprm.shipped import path_rule
 
     if path is None:
@@ -265,7 +265,7 @@ def data_problems(recipe: Recipe, command: str) -> list[str]:
         if recipe.bench.tune_threshold_on is not None:
             bench_files.append(("bench.tune_threshold_on", recipe.bench.tune_threshold_on))
     if command == "bench-prm":
-        from rlprm.bench_prm import prm800k_records
+        from rlprm.reward.bench import prm800k_records
         from rlprm.data.prm800k import PRM800KError
 
         for path in recipe.bench.prm800k_paths:

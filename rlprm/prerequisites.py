@@ -98,7 +98,7 @@ def is_complete(path: Path, required_files: tuple[str, ...] = ("config.json",)) 
 def required_models(recipe: Recipe) -> list[tuple[str, Path]]:
     """(recipe key, local path) of every model folder the job reads; hub ids and keywords are not paths."""
     refs: list[tuple[str, str | None]] = [("model.generator", recipe.model.generator)]
-    from rlprm.reward_sources import source_class
+    from rlprm.reward.sources import source_class
 
     # only a trained PRM/ORM is read; ground_truth, exact (the checker), confidence (the generator's own
     # log-probs) and python load no reward model, so a model.reward_model left in such a recipe is neither read nor

@@ -109,7 +109,7 @@ def arithmetic_data(recipe: Recipe, progress: bool) -> tuple[list, list, dict]:
         counts.update({f"data/{split}_{k}": v for k, v in label_summary(records).items()})
         counts[f"data/{split}_from_cache"] = cached
     if data.synthetic_per_problem:
-        from rlprm.problems import reward_model_arithmetic
+        from rlprm.data.problems import reward_model_arithmetic
 
         train_problems, _ = reward_model_arithmetic(recipe)
         synthetic = synthetic_records(train_problems, data.synthetic_per_problem, recipe.task.step_separator,
@@ -187,14 +187,14 @@ def _fitting(rm, records) -> tuple[list, int]:
 
 
 def evaluate_reward_model(rm, records, threshold: float = 0.5, batch_size: int = 64, head_only: bool = False) -> dict:
-    """Every metric the records allow (see rlprm.rm_metrics); keys without a prefix.
+    """Every metric the records allow (see rlprm.reward.metrics); keys without a prefix.
 
     Solutions longer than the model's positions are left out and counted (`num_too_long`). `head_only`: score
     without confidence stacking (to show what the stacking adds).
     """
     from rlprm.data.stepwise import INCORRECT
-    from rlprm.reward_models import AGGREGATIONS, aggregate
-    from rlprm.rm_metrics import (auroc, best_of_n_accuracy, blind_spot_rate, first_error_f1, predict_first_error,
+    from rlprm.reward.model import AGGREGATIONS, aggregate
+    from rlprm.reward.metrics import (auroc, best_of_n_accuracy, blind_spot_rate, first_error_f1, predict_first_error,
                                   step_accuracy)
 
     records, too_long = _fitting(rm, records)
@@ -251,7 +251,7 @@ def evaluate_reward_model(rm, records, threshold: float = 0.5, batch_size: int =
 def evaluate_processbench(rm, path: Path, limit: int, threshold: float, batch_size: int) -> dict:
     """ProcessBench first-error F1 of a PRM on one file."""
     from rlprm.data.processbench import load_processbench
-    from rlprm.rm_metrics import first_error_f1, predict_first_error
+    from rlprm.reward.metrics import first_error_f1, predict_first_error
 
     records, too_long = _fitting(rm, load_processbench(path, limit))
     probs = rm.score_steps([r.problem for r in records], [r.steps for r in records], batch_size=batch_size)
@@ -265,7 +265,7 @@ def fit_confidence_stacking(rm, records, limit: int, batch_size: int = 64) -> tu
     PRM: every labelled step (label: not incorrect); ORM: every solution with a known final answer.
     """
     from rlprm.data.stepwise import INCORRECT
-    from rlprm.reward_models import fit_confidence
+    from rlprm.reward.model import fit_confidence
     from rlprm.steps import encode_batch
 
     records, _ = _fitting(rm, records[:limit])
@@ -326,9 +326,9 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
 
     from rlprm.data.stepwise import label_summary
     from rlprm.models import load_tokenizer, num_parameters, resolve_device
-    from rlprm.reward_models import (Collator, RewardModel, add_identity_layers, apply_lora, build_reward_model,
+    from rlprm.reward.model import (Collator, RewardModel, add_identity_layers, apply_lora, build_reward_model,
                                      encode_examples, freeze_body, make_convention, reward_model_from_causal_lm)
-    from rlprm.rm_trainer import RewardModelTrainer, TrainProgress
+    from rlprm.reward.trainer import RewardModelTrainer, TrainProgress
     from rlprm.tracking import Tracker
 
     datasets.disable_progress_bars()
@@ -384,7 +384,7 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
         backbone = recipe.model.generator if rm_cfg.backbone == "generator" else rm_cfg.backbone
         if backbone == "tiny":
             from rlprm.models import build_tiny_causal_lm
-            from rlprm.prepare import build_tokenizer
+            from rlprm.experiments.prepare import build_tokenizer
             from rlprm.steps import render_steps
 
             corpus = [recipe.rm.prompt_template.format(problem=r.problem) + render_steps(r.steps, sep)
@@ -444,7 +444,7 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
         trained = trainer.accelerator.unwrap_model(trainer.model)
         fitted: dict = {}
         if confidence_source is not None:
-            # stack the head with the backbone LM's token confidence (see rlprm/reward_models.py for why)
+            # stack the head with the backbone LM's token confidence (see rlprm/reward/model.py for why)
             from rlprm.models import load_causal_lm
 
             lm = confidence_source if not isinstance(confidence_source, (str, Path)) else load_causal_lm(
@@ -480,7 +480,7 @@ def evaluate_saved(recipe: Recipe, ckpt: Path, eval_records, counts: dict, summa
                    t_start: float, head_only: bool = False) -> dict:
     """Load the saved reward model as a later stage would, evaluate it, log and return the summary."""
     from rlprm.models import resolve_device
-    from rlprm.reward_models import RewardModel
+    from rlprm.reward.model import RewardModel
 
     rm_cfg, data_cfg = recipe.rm, recipe.rm.data
     rm = RewardModel.load(ckpt, device=resolve_device(recipe.run.device), step_separator=recipe.task.step_separator)
@@ -505,12 +505,12 @@ def evaluate_saved(recipe: Recipe, ckpt: Path, eval_records, counts: dict, summa
 
 
 def train_lm_scored_rm(recipe: Recipe, progress: bool, t_start: float, labelled: tuple | None = None) -> dict:
-    """`rm.scorer: lm`: the backbone stays a causal LM, trained on the labels (rlprm/rm_lm.py); one process."""
+    """`rm.scorer: lm`: the backbone stays a causal LM, trained on the labels (rlprm/reward/lm.py); one process."""
     import torch
 
     from rlprm.models import load_causal_lm, load_tokenizer, num_parameters, resolve_device
-    from rlprm.reward_models import RewardModel, quiet_transformers, make_convention
-    from rlprm.rm_lm import train_lm_scorer
+    from rlprm.reward.model import RewardModel, quiet_transformers, make_convention
+    from rlprm.reward.lm import train_lm_scorer
     from rlprm.tracking import Tracker
 
     rm_cfg, data_cfg = recipe.rm, recipe.rm.data
@@ -540,7 +540,7 @@ def train_lm_scored_rm(recipe: Recipe, progress: bool, t_start: float, labelled:
         backbone = recipe.model.generator if rm_cfg.backbone == "generator" else rm_cfg.backbone
         if backbone == "tiny":
             from rlprm.models import build_tiny_causal_lm
-            from rlprm.prepare import build_tokenizer
+            from rlprm.experiments.prepare import build_tokenizer
             from rlprm.steps import render_steps
 
             corpus = [rm_cfg.prompt_template.format(problem=r.problem) + render_steps(r.steps, convention.step_separator)

@@ -110,7 +110,7 @@ def answering_generator(tmp_path_factory, char_tokenizer):
     from rlprm.config import ArithmeticConfig
     from rlprm.tasks.arithmetic import make_problems
 
-    # epoch_problems' seed stream (rlprm/problems.py); its first 8 are the prefix of any rl.problems_per_epoch <= 8
+    # epoch_problems' seed stream (rlprm/data/problems.py); its first 8 are the prefix of any rl.problems_per_epoch <= 8
     problems = [p for epoch in (0, 1)
                 for p in make_problems(ArithmeticConfig(), 8, seed=RL_SEED * 1_000_003 + 1000 + epoch)]
     return train_tiny_generator(tmp_path_factory.mktemp("gen") / "answering", char_tokenizer, problems, steps=250)

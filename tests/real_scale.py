@@ -65,7 +65,7 @@ def small_qwen_tokenizer(corpus: list[str], vocab_size: int = 400):
 
 def save_prm(folder: Path, tokenizer, lm, separator: str = "\n\n", template: str = "{problem}\n\n") -> Path:
     """A PRM folder (rlprm layout) with `lm`'s body and a fresh head, saved as prm_train_prm800k.yaml saves one."""
-    from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
+    from rlprm.reward.model import RewardModel, make_convention, reward_model_from_causal_lm
 
     convention = make_convention("prm", separator, template)
     RewardModel(reward_model_from_causal_lm(convention, lm, tokenizer), tokenizer, convention).save(folder)
@@ -75,7 +75,7 @@ def save_prm(folder: Path, tokenizer, lm, separator: str = "\n\n", template: str
 def stand_ins(tmp_path: Path, math: Path, template: str) -> tuple[Path, Path]:
     """A tiny Qwen2-architecture generator and PRM (width 64, 2 layers) on a small BPE with Qwen's special tokens,
     fitted to MATH text: the fast tests' stand-ins (the rehearsal's run the real tokenizer)."""
-    from rlprm.problems import load_jsonl_problems
+    from rlprm.data.problems import load_jsonl_problems
 
     problems = load_jsonl_problems(math, limit=200, template=template)
     tokenizer = small_qwen_tokenizer([p.prompt + p.gold for p in problems])

@@ -69,7 +69,7 @@ def fine_tune_policy(base, tokenizer, rows: list[dict], template: str, sep: str,
     """Fine-tune `base` in place on `rows` written as `template.format(problem) + steps joined by sep` (loss on the
     completion and EOS) with rlprm's own SFT loop, then save it with the tokenizer to `folder`."""
     from rlprm.config import SFTConfig
-    from rlprm.sft import encode_completions, train_sft
+    from rlprm.experiments.sft import encode_completions, train_sft
 
     prompts = [template.format(problem=r["problem"]) for r in rows]
     completions = [sep.join(recipe_steps(r["solution"], r["answer"])) for r in rows]

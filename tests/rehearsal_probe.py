@@ -8,8 +8,8 @@ launcher:
 It wraps, before anything imports them, the package functions every algorithm calls at these points (they are
 imported inside the functions that use them, so the wrapped ones are what the run calls), and writes one JSON line
 per call to DIR/<what>_rank<R>.jsonl. Nothing in the run changes: each wrapper returns what it wrapped returned.
-- `rlprm.problems.grade_samples`: the problems (gold answers), the texts and the verdicts;
-- `rlprm.rewards.token_rewards`: the caller's module, the texts, token ids, outcomes, PRM step scores, and the result
+- `rlprm.data.problems.grade_samples`: the problems (gold answers), the texts and the verdicts;
+- `rlprm.reward.tokens.token_rewards`: the caller's module, the texts, token ids, outcomes, PRM step scores, and the result
   (missing answer, truncated, reward events, returns);
 - `rlprm.rl.core.gae` (PPO) and `rlprm.rl.core.process_token_advantages` (GRPO): the advantages' size.
 """
@@ -39,21 +39,21 @@ def _list(x):
 
 
 def _caller() -> str | None:
-    """The first module up the stack outside rlprm.rewards and rlprm.reward_sources (whose helpers call
+    """The first module up the stack outside rlprm.reward.tokens and rlprm.reward.sources (whose helpers call
     token_rewards for the algorithms and the evaluation)."""
     frame = sys._getframe(2)
-    while frame is not None and frame.f_globals.get("__name__") in ("rlprm.rewards", "rlprm.reward_sources"):
+    while frame is not None and frame.f_globals.get("__name__") in ("rlprm.reward.tokens", "rlprm.reward.sources"):
         frame = frame.f_back
     return None if frame is None else frame.f_globals.get("__name__")
 
 
 def install() -> None:
-    import rlprm.problems
-    import rlprm.rewards
+    import rlprm.data.problems
+    import rlprm.reward.tokens
     import rlprm.rl.core
 
-    grade_samples = rlprm.problems.grade_samples
-    token_rewards = rlprm.rewards.token_rewards
+    grade_samples = rlprm.data.problems.grade_samples
+    token_rewards = rlprm.reward.tokens.token_rewards
 
     def graded(problems, texts, sep="\n"):
         grades = grade_samples(problems, texts, sep)
@@ -70,7 +70,7 @@ def install() -> None:
             ids = [row[: int(n)] for row, n in zip(ids, _list(lengths))]
         scores = kwargs.get("scores")
         _write("rewards", {
-            # who asked: the training step (rlprm.rl.*) or the held-out evaluation (rlprm.evaluate)
+            # who asked: the training step (rlprm.rl.*) or the held-out evaluation (rlprm.evaluation.evaluate)
             "caller": _caller(), "mode": cfg.mode, "source": cfg.source, "dense_form": kwargs.get("dense_form") or cfg.dense_form,
             "sep": kwargs.get("sep"), "last_event_at_eos": bool(kwargs.get("last_event_at_eos", False)),
             "max_tokens": kwargs.get("max_tokens"), "eos_token_id": kwargs.get("eos_token_id"),
@@ -82,8 +82,8 @@ def install() -> None:
             "returns": [float(r) for r in tr.returns], "stats": tr.stats})
         return tr
 
-    rlprm.problems.grade_samples = graded
-    rlprm.rewards.token_rewards = rewarded
+    rlprm.data.problems.grade_samples = graded
+    rlprm.reward.tokens.token_rewards = rewarded
 
     def advantages_record(what: str, adv, mask=None) -> None:
         import torch

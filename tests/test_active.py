@@ -5,13 +5,13 @@ import random
 
 import pytest
 
-from rlprm.active import (CONVINCING, CONVINCING_WRONG, UNIFORM, convincing_slots, mix_slots,
+from rlprm.experiments.active import (CONVINCING, CONVINCING_WRONG, UNIFORM, convincing_slots, mix_slots,
                           plan_generation, select_indices, select_uniform, surface)
 from rlprm.config import ArithmeticConfig, RecipeError, load_recipe
 from rlprm.data.prm800k import load_prm800k
 from rlprm.data.stepwise import CORRECT, INCORRECT, label_arithmetic_sample
 from rlprm.files import atomic_write_jsonl as write_lines
-from rlprm.label import (LabelError, apply_ratings, first_error_from_probs, label_lines, parse_problem_text,
+from rlprm.reward.label import (LabelError, apply_ratings, first_error_from_probs, label_lines, parse_problem_text,
                          ratings_from_first_error, unlabelled_line)
 from rlprm.tasks.arithmetic import corrupt_solution, make_problems, reference_solution
 
@@ -46,7 +46,7 @@ def test_select_indices_ranks_wrong_answers_by_score():
 
 
 def test_data_efficiency_on_hand_made_curves():
-    from rlprm.efficiency import EXACT, FIRST_POINT, REACHED, UNIFORM_NEVER, efficiency_factor, labels_to_reach
+    from rlprm.experiments.efficiency import EXACT, FIRST_POINT, REACHED, UNIFORM_NEVER, efficiency_factor, labels_to_reach
 
     uniform = ([100, 200, 300], [0.1, 0.2, 0.3])
     eff = efficiency_factor(*uniform, [100], [0.2], level=0.2)
@@ -62,7 +62,7 @@ def test_data_efficiency_on_hand_made_curves():
 
 
 def test_efficiency_factor_on_hand_made_curves():
-    from rlprm.efficiency import (ACTIVE_NEVER, EXACT, NEITHER, UNIFORM_NEVER, efficiency_factor, factor_level,
+    from rlprm.experiments.efficiency import (ACTIVE_NEVER, EXACT, NEITHER, UNIFORM_NEVER, efficiency_factor, factor_level,
                                   labels_to_reach)
 
     labels = [100, 200, 400]
@@ -84,7 +84,7 @@ def test_efficiency_factor_on_hand_made_curves():
 
 
 def test_factor_interval_over_seeds():
-    from rlprm.efficiency import ACTIVE_NEVER, EXACT, factor_interval
+    from rlprm.experiments.efficiency import ACTIVE_NEVER, EXACT, factor_interval
 
     budgets = [100, 200, 400, 800]
     # every seed: active at b labels is where uniform is at 2b (shifted per seed), so the factor is 2 in every resample
@@ -101,7 +101,7 @@ def test_factor_interval_over_seeds():
 
 
 def test_threshold_chosen_on_validation():
-    from rlprm.efficiency import choose_threshold
+    from rlprm.experiments.efficiency import choose_threshold
 
     # errors sit at p 0.3; right steps at 0.4 and up: only a threshold in (0.3, 0.4] finds them and spares the rest
     probs = [[0.9, 0.3, 0.2], [0.4, 0.9], [0.95, 0.45, 0.3]]
@@ -113,7 +113,7 @@ def test_threshold_chosen_on_validation():
 
 def test_prm_quality_on_hand_made_probabilities():
     """Best-of-N and step AUROC on the test problems, first-error F1 at the threshold the validation ones choose."""
-    from rlprm.active import prm_quality
+    from rlprm.experiments.active import prm_quality
     from rlprm.data.stepwise import LabelledSolution
 
     def rec(group, first_error, n=3, answer=True):
@@ -175,7 +175,7 @@ def test_selection_mix_exact_counts():
 def test_label_budget_counts_solutions_exactly():
     """plan_generation: the quotas of a generation add up to exactly the labels it may spend, k per problem,
     fewer where a problem has fewer samples; problems without samples are skipped; running out is an error."""
-    from rlprm.active import ActiveLearningError, label_budgets
+    from rlprm.experiments.active import ActiveLearningError, label_budgets
 
     ids, quotas, nxt = plan_generation([3, 0, 1, 2, 4], 0, [2, 0, 1, 2, 2], 2, 4)
     assert (ids, quotas, nxt) == ([3, 0], [2, 2], 2)
@@ -295,9 +295,9 @@ def test_a_prm_labels_for_another_and_the_cli(tmp_path, char_tokenizer):
 def test_a_public_prm_labels_through_the_loader(tmp_path, capsys):
     """`rlprm label --with` and the loop's labeller load any PRM the way every command does: a stand-in hub PRM
     (its family detected, or named with --adapter / active.labeller_adapter) rates the lines by its own scores."""
-    from rlprm.active import label_records, load_loop_labeller
+    from rlprm.experiments.active import label_records, load_loop_labeller
     from rlprm.cli import main
-    from rlprm.prm_adapters import HubPRM, load_reward_model
+    from rlprm.reward.adapters import HubPRM, load_reward_model
     from rlprm.testing.standins import save_standin
 
     records = _samples(8)
@@ -346,7 +346,7 @@ TINY = ["tracking.wandb=disabled", "run.device=cpu", "run.threads=1", "rm.data.t
 
 
 def test_select_and_loop_end_to_end(tmp_path, generator, char_tokenizer):  # noqa: F811
-    from rlprm.active import run_loop, select
+    from rlprm.experiments.active import run_loop, select
     from rlprm.tracking import read_metrics
 
     from .test_reward_models import tiny_rm
@@ -408,9 +408,9 @@ def test_select_and_loop_end_to_end(tmp_path, generator, char_tokenizer):  # noq
         assert wrong == sorted(wrong, reverse=True)
 
     # select with a public PRM (a stand-in; its family detected, then named): it ranks by its own scores
-    from rlprm.prm_adapters import load_reward_model
+    from rlprm.reward.adapters import load_reward_model
     from rlprm.testing.standins import save_standin
-    from rlprm.reward_models import aggregate
+    from rlprm.reward.model import aggregate
 
     for family, how in (("qwen_prm", []), ("rlhflow", ["active.prm_adapter=rlhflow"])):
         folder = save_standin(family, tmp_path / family)
@@ -431,9 +431,9 @@ def test_select_and_loop_end_to_end(tmp_path, generator, char_tokenizer):  # noq
 def test_a_prm_labels_inside_the_loop(tmp_path, generator, char_tokenizer):  # noqa: F811
     """active.labeller: PRM_DIR: every file of the loop is rated by that PRM (the `label --with` machinery), not by
     the checker, and the PRMs of the loop train on those labels."""
-    from rlprm.active import run_loop
+    from rlprm.experiments.active import run_loop
     from rlprm.data.prm800k import load_prm800k
-    from rlprm.label import first_error_from_probs
+    from rlprm.reward.label import first_error_from_probs
 
     from .test_reward_models import tiny_rm
 
@@ -498,7 +498,7 @@ def test_active_learning_cli_every_share_three_seeds(tmp_path, generator):  # no
 
 
 def test_a_schedule_larger_than_the_pool_fails_before_training(tmp_path, generator):  # noqa: F811
-    from rlprm.active import ActiveLearningError, run_loop
+    from rlprm.experiments.active import ActiveLearningError, run_loop
 
     recipe = load_recipe(RECIPES / "active_learning.yaml", [f"model.generator={generator}",
                                                              f"run.output_dir={tmp_path / 'run'}",

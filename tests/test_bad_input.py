@@ -490,7 +490,8 @@ def test_the_hub_probe_asks_the_endpoint_or_the_proxy_never_the_network_here(mon
 def test_problem_files_are_parsed_once_for_the_check_and_the_job(tmp_path, monkeypatch):
     """The input check read task.train_path / test_path whole, then the job read them again (and the RL loop once
     per epoch); one parse now serves them all, and a file changed in between is read again."""
-    from rlprm import inputs, problems
+    from rlprm import inputs
+    from rlprm.data import problems
     from rlprm.config import load_recipe
 
     reads = []

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from rlprm.bench_prm import processbench_scores, tune_threshold
+from rlprm.reward.bench import processbench_scores, tune_threshold
 from .conftest import shared_file, train_tiny_generator
 
 HELD_OUT = 6  # bench.arithmetic_problems in the arithmetic test
@@ -92,7 +92,7 @@ def _recipe(tmp_path, model, adapter, files, extra="", key="processbench_paths",
 @pytest.mark.parametrize("family", ["qwen_prm", "rlhflow"])
 def test_bench_prm_command_writes_table_json_plot(tmp_path, family, capsys):
     from rlprm.cli import main
-    from rlprm.prm_adapters import load_reward_model
+    from rlprm.reward.adapters import load_reward_model
     from rlprm.testing.standins import save_standin
 
     model = save_standin(family, tmp_path / family)
@@ -155,7 +155,7 @@ def test_bench_prm_on_prm800k_test_lines(tmp_path, capsys):
     phase 1's finished solutions are error-free, and its `give_up` line settles no label (left out, counted)."""
     from rlprm.cli import main
     from rlprm.data.prm800k import load_prm800k
-    from rlprm.prm_adapters import load_reward_model
+    from rlprm.reward.adapters import load_reward_model
     from rlprm.testing.standins import save_standin
 
     files = [shared_file("prm800k/sample_phase2.jsonl"), shared_file("prm800k/sample_phase1.jsonl")]
@@ -190,7 +190,7 @@ def test_bench_prm_on_held_out_arithmetic_samples(tmp_path, held_out_generator, 
     from rlprm.cli import main
     from rlprm.config import load_recipe
     from rlprm.data.stepwise import read_records
-    from rlprm.prm_adapters import load_reward_model
+    from rlprm.reward.adapters import load_reward_model
     from rlprm.testing.standins import save_standin
     from rlprm.steps import render_steps
     from rlprm.tasks.arithmetic import check, split_problems
@@ -244,7 +244,7 @@ def _embedded_prm(path, char_tokenizer, max_positions: int, sep: str = "\n"):
     """An rlprm PRM like the embedded one (char tokenizer, Llama with rotary positions), with few positions."""
     from rlprm.config import TinyModelConfig
     from rlprm.models import build_tiny_causal_lm
-    from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
+    from rlprm.reward.model import RewardModel, make_convention, reward_model_from_causal_lm
 
     config = TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                              max_positions=max_positions)
@@ -261,7 +261,7 @@ def test_bench_prm_scores_past_the_positions_of_a_rotary_prm(tmp_path, char_toke
     `skip` leaves them out (the old behaviour). The report says the model is out of its domain and how much of
     the text its tokenizer cannot read."""
     from rlprm.cli import main
-    from rlprm.reward_models import RewardModel
+    from rlprm.reward.model import RewardModel
 
     model = _embedded_prm(tmp_path / "prm", char_tokenizer, max_positions=16)
     data = tmp_path / "toy.json"
@@ -311,6 +311,6 @@ def test_an_rlprm_prm_keeps_its_own_separator_on_data_split_into_steps(tmp_path,
 def test_learned_positions_cannot_be_extended():
     from transformers import GPT2Config, LlamaConfig
 
-    from rlprm.bench_prm import rotary
+    from rlprm.reward.bench import rotary
 
     assert rotary(LlamaConfig()) and not rotary(GPT2Config())

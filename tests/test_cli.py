@@ -73,11 +73,11 @@ def test_flags_anywhere_and_print_config_for_recipe_commands(capsys):
 
 
 def test_errors_become_exit_codes_and_one_line_on_stderr(capsys):
-    from rlprm.demo import DemoError
+    from rlprm.experiments.demo import DemoError
     from rlprm.errors import run_reporting_errors
-    from rlprm.prepare import PrepareError
+    from rlprm.experiments.prepare import PrepareError
     from rlprm.prerequisites import PrerequisiteError
-    from rlprm.reward_models import RewardModelError
+    from rlprm.reward.model import RewardModelError
     from rlprm.rl.distributed import DistributedError
     from rlprm.rl.run import RLError, RLInputError
 

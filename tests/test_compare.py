@@ -11,7 +11,7 @@ import types
 import pytest
 import yaml
 
-from rlprm import compare as cmp
+from rlprm.evaluation import compare as cmp
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -198,8 +198,8 @@ def demo_pool(folder, name, seed, problems=4):
     """A best-of-N folder whose pool has 2 samples per problem: sample 0 right (every step right), sample 1 wrong.
     The PRM and `confidence` prefer sample 0, the ORM and `likelihood` sample 1: at N=2 every resample holds
     both samples of every drawn problem, so prm_prod is exactly 100%, orm 0% and prm_prod - orm exactly +100."""
-    from rlprm.evaluate import Pool, save_pool
-    from rlprm.problems import SampleGrade, TaskProblem
+    from rlprm.evaluation.evaluate import Pool, save_pool
+    from rlprm.data.problems import SampleGrade, TaskProblem
 
     good = SampleGrade(["1 + 1 = 2", "# Answer: 2"], "2", True, True, True, None)
     bad = SampleGrade(["1 + 1 = 3", "# Answer: 3"], "3", False, True, False, 0)
@@ -217,7 +217,7 @@ def demo_pool(folder, name, seed, problems=4):
 
 
 def demo_layout(root):
-    from rlprm.demo_report import DemoLayout
+    from rlprm.experiments.demo_report import DemoLayout
 
     metrics = ["answer_accuracy", "process_accuracy", "trace_error", "shortcut_rate"]
     start = dict(zip(metrics, [0.4, 0.3, 0.2, 0.1]))
@@ -244,7 +244,7 @@ def demo_layout(root):
 
 
 def test_demo_summary_json_from_hand_made_runs(tmp_path):
-    from rlprm.demo_report import write_demo_report
+    from rlprm.experiments.demo_report import write_demo_report
 
     layout = demo_layout(tmp_path)
     report = write_demo_report(layout, tmp_path / "report", {"wall_seconds": 812.5, "peak_rss_mib": 1500.0},
@@ -314,7 +314,7 @@ def test_demo_summary_json_from_hand_made_runs(tmp_path):
 
 
 def test_demo_report_one_seed_without_pool_uses_bon_curves(tmp_path):
-    from rlprm.demo_report import bon_statistics
+    from rlprm.experiments.demo_report import bon_statistics
 
     folder = tmp_path / "bon"
     folder.mkdir()

@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from rlprm import demo
+from rlprm.experiments import demo
 
 
 def lane_job(out_dir, name, seconds=0.0, fail=False):

@@ -416,7 +416,7 @@ def test_ppo_lora_two_processes_end_with_identical_weights_and_a_plain_export(tm
 FAILING_EVALUATION = '''
 import os, sys, time
 sys.path.insert(0, os.getcwd())
-import rlprm.evaluate
+import rlprm.evaluation.evaluate
 import rlprm.tracking
 
 def between_epochs(*args, **kwargs):
@@ -426,7 +426,7 @@ def finish(self):
     time.sleep(600)  # a slow teardown (a W&B upload, a stuck worker pool): rank 0 stays alive after its failure
 
 if os.environ["RANK"] == "0":  # only rank 0 evaluates; only it has a Tracker
-    rlprm.evaluate.between_epochs = between_epochs
+    rlprm.evaluation.evaluate.between_epochs = between_epochs
     rlprm.tracking.Tracker.finish = finish
 from rlprm.train_rl import main
 sys.exit(main(sys.argv[1:]))

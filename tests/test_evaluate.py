@@ -4,12 +4,12 @@ import math
 import numpy as np
 import pytest
 
-from rlprm.evaluate import (
+from rlprm.evaluation.evaluate import (
     CONFIDENCE, DIFFERENCES_KEY, LIKELIHOOD, MAJORITY, ORACLE, RANDOM, WEIGHTED, Pool, bon_bootstrap, bon_curves,
     bon_curves_seeds, bon_differences, load_pool, markdown_table, parse_difference, plot_by_generator, plot_curves,
     powers_of_two, sample_rates, save_pool, selector_scores,
 )
-from rlprm.problems import SampleGrade, TaskProblem
+from rlprm.data.problems import SampleGrade, TaskProblem
 
 from .conftest import shared_file
 
@@ -264,7 +264,7 @@ def test_pool_round_trip_and_report(tmp_path):
 def test_bon_plot_gives_every_selector_its_own_look(tmp_path):
     """15 selectors (as `rlprm eval` draws with 2 PRMs under 4 aggregations): no two share colour and line style,
     and the figure is written (its legend sits outside the axes; no pixel test)."""
-    from rlprm.evaluate import selector_styles
+    from rlprm.evaluation.evaluate import selector_styles
 
     names = [f"prm{i}_{agg}" for i in range(3) for agg in ("prod", "min", "last", "mean")] + ["majority", "random",
                                                                                                "pass@n"]
@@ -323,7 +323,7 @@ def test_sample_rates_report_trace_error_and_shortcuts():
 
 def test_grades_flag_the_last_digit_shortcut():
     from rlprm.config import ArithmeticConfig
-    from rlprm.problems import from_arithmetic, grade_samples
+    from rlprm.data.problems import from_arithmetic, grade_samples
     from rlprm.steps import render_steps
     from rlprm.tasks.arithmetic import make_problems, reference_solution, shortcut_solution
 
@@ -341,7 +341,7 @@ def test_eval_differences_are_validated_at_recipe_load(tmp_path):
     from rlprm.config import RecipeError, load_recipe
 
     path = tmp_path / "r.yaml"
-    # every selector name rlprm.evaluate makes is accepted (config.py keeps its own list of them)
+    # every selector name rlprm.evaluation.evaluate makes is accepted (config.py keeps its own list of them)
     ok = ("eval: {reward_models: {prm: ./prm, orm: ./orm}, differences: "
           f"[prm_prod-orm, prm_min-{CONFIDENCE}, {MAJORITY}-{WEIGHTED}, {RANDOM}-{ORACLE}, {LIKELIHOOD}-{RANDOM}]}}\n")
     path.write_text(ok)
@@ -365,7 +365,7 @@ def _independent_logprobs(model, prompt_ids, completion):
 
 
 def test_response_logprobs_match_a_per_token_computation(tiny_generator, char_tokenizer):
-    from rlprm.evaluate import response_logprobs
+    from rlprm.evaluation.evaluate import response_logprobs
 
     eos = char_tokenizer.eos_token_id
     enc = lambda text: char_tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -383,8 +383,8 @@ def test_response_logprobs_match_a_per_token_computation(tiny_generator, char_to
 def test_sample_pool_stores_the_generators_confidence(tiny_generator, char_tokenizer):
     """Stored confidence / likelihood = min / sum of independently computed token log-probs at temperature 1."""
     from rlprm.config import ArithmeticConfig
-    from rlprm.evaluate import sample_pool
-    from rlprm.problems import from_arithmetic
+    from rlprm.evaluation.evaluate import sample_pool
+    from rlprm.data.problems import from_arithmetic
     from rlprm.sampling import sample
     from rlprm.tasks.arithmetic import make_problems
 
@@ -424,8 +424,8 @@ def tiny_generator(char_tokenizer):
 
 def test_best_of_n_api_on_arithmetic(tiny_generator, char_tokenizer):
     from rlprm.config import ArithmeticConfig
-    from rlprm.evaluate import best_of_n
-    from rlprm.problems import from_arithmetic
+    from rlprm.evaluation.evaluate import best_of_n
+    from rlprm.data.problems import from_arithmetic
     from rlprm.tasks.arithmetic import make_problems
 
     problems = from_arithmetic(make_problems(ArithmeticConfig(), 4, seed=0))
@@ -439,9 +439,9 @@ def test_best_of_n_api_on_arithmetic(tiny_generator, char_tokenizer):
 def test_math500_pipeline_with_a_stand_in_model(tmp_path):
     """Samples, extracts, grades and reports on real MATH500 problems, whatever the (tiny, random) model's accuracy."""
     from rlprm.config import TinyModelConfig
-    from rlprm.evaluate import best_of_n, markdown_table
+    from rlprm.evaluation.evaluate import best_of_n, markdown_table
     from rlprm.models import build_bpe_tokenizer, build_tiny_causal_lm
-    from rlprm.problems import load_jsonl_problems
+    from rlprm.data.problems import load_jsonl_problems
 
     path = shared_file("math/math500_test.jsonl")
     problems = load_jsonl_problems(path, limit=3)
@@ -455,21 +455,21 @@ def test_math500_pipeline_with_a_stand_in_model(tmp_path):
     assert all(g.process_correct is None for row in pool.grades for g in row)  # MATH: answers only
     assert "bon/majority/N=2/accuracy" in metrics
     # a right answer written by hand grades right through the same path
-    from rlprm.problems import grade_samples
+    from rlprm.data.problems import grade_samples
 
     verdict = grade_samples(problems[:1], [["r = 3\n# Answer\n\n(3, \\frac{\\pi}{2})\n"]])[0][0]
     assert verdict.answer_correct and verdict.answer == "(3, \\frac{\\pi}{2})"
 
 
 def test_gsm8k_problems_load():
-    from rlprm.problems import load_jsonl_problems
+    from rlprm.data.problems import load_jsonl_problems
 
     problems = load_jsonl_problems(shared_file("math/gsm8k_test.jsonl"), limit=5)
     assert problems[0].gold == "18" and len(problems) == 5
 
 
 def test_bad_problem_file_names_the_line(tmp_path):
-    from rlprm.problems import ProblemFileError, load_jsonl_problems
+    from rlprm.data.problems import ProblemFileError, load_jsonl_problems
 
     path = tmp_path / "p.jsonl"
     path.write_text('{"problem": "a", "answer": "1"}\nnot json\n')
@@ -485,7 +485,7 @@ def test_rlprm_eval_job_end_to_end(tmp_path, char_tokenizer):
     from rlprm.cli import main
     from rlprm.config import TinyModelConfig
     from rlprm.models import build_tiny_causal_lm
-    from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
+    from rlprm.reward.model import RewardModel, make_convention, reward_model_from_causal_lm
 
     lm = build_tiny_causal_lm(TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2),
                               char_tokenizer)
@@ -539,7 +539,7 @@ def _rl_pool(tok):
     """Four sampled responses to one arithmetic problem, as RL and evaluation see them: right, wrong from its
     second step, no answer, and the right text cut by the length cap (no EOS): (pool, their step probabilities
     from a stand-in PRM, rl.max_new_tokens)."""
-    from rlprm.problems import from_arithmetic, grade_samples
+    from rlprm.data.problems import from_arithmetic, grade_samples
     from rlprm.steps import answer_step, render_steps
     from rlprm.tasks.arithmetic import Problem, render_step
 
@@ -575,10 +575,10 @@ def test_held_out_reward_is_the_training_objective(char_tokenizer, tmp_path, alg
     and the unanswered one get the missing-answer reward, answered returns are floored, the dense form is the
     run's. Before, it was answered-by-`\\boxed`-or-`# Answer`, unfloored (log .018 = -4.0) and blind to the cap."""
     from rlprm.config import Recipe
-    from rlprm.evaluate import held_out_reward
+    from rlprm.evaluation.evaluate import held_out_reward
     import torch
 
-    from rlprm.reward_sources import training_rewards
+    from rlprm.reward.sources import training_rewards
 
     pool, cap = _rl_pool(char_tokenizer)
     recipe = Recipe.model_validate({"reward": {**reward, "missing_answer_reward": -1.0},
@@ -589,7 +589,7 @@ def test_held_out_reward_is_the_training_objective(char_tokenizer, tmp_path, alg
     # training's own call on these samples (PPO and GRPO both make it), and GRPO's reward function end to end
     scores = pool.step_scores["prm"][0] if reward["source"] == "prm" else None
     if reward["source"] == "exact":  # the checker's prefix-correctness, as the exact source scores
-        from rlprm.rewards import prefix_correct_probs
+        from rlprm.reward.tokens import prefix_correct_probs
 
         scores = [prefix_correct_probs(g.step_correct) for g in grades]
     tr = training_rewards(recipe, pool.texts[0], pool.response_ids[0], grades, scores=scores, tokenizer=char_tokenizer)

@@ -47,7 +47,7 @@ def make_recipe(tmp: Path, generator: Path, out: str, epochs: int = 2, reward: d
 @pytest.mark.parametrize("form", ["min", "sum"])
 def test_grpo_advantages_read_the_placed_events_and_normalise_over_the_group(form, tmp_path, generator_dir):
     """GRPO only normalises: the events come from rewards.token_rewards (the one placement), the last step's on EOS."""
-    from rlprm.rewards import TokenRewards
+    from rlprm.reward.tokens import TokenRewards
     from rlprm.rl.grpo import grpo_advantages
 
     # one group of 2: sample 0 has steps ending at tokens 1 and 3 (scores 0.9, 0.3), the last moved to EOS (4);
@@ -224,7 +224,7 @@ def test_process_mode_gives_per_token_advantages(dense_form, generator_dir, char
     from trl import GRPOTrainer
 
     from rlprm.models import build_tiny_causal_lm
-    from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
+    from rlprm.reward.model import RewardModel, make_convention, reward_model_from_causal_lm
     from rlprm.rl import grpo, train
     from rlprm.steps import answer_step, render_steps
     from rlprm.tasks.arithmetic import render_step
@@ -305,7 +305,7 @@ def test_entry_point_dispatches_grpo(generator_dir, tmp_path):
 def test_reward_function_scores_with_the_exact_checker(generator_dir, char_tokenizer, tmp_path):
     """reward.source exact in GRPO: the checker's prefix-correctness as step scores, no reward model; and a
     completion stopped at max_new_tokens without EOS is cut (missing-answer reward), not judged as written."""
-    from rlprm.problems import from_arithmetic
+    from rlprm.data.problems import from_arithmetic
     from rlprm.rl.grpo import RewardFunction
     from rlprm.steps import answer_step, render_steps
     from rlprm.tasks.arithmetic import Problem, render_step
@@ -346,7 +346,7 @@ def test_math500_reference_solutions_count_as_answered_on_grpos_reward_path(tmp_
     import json
 
     from rlprm.models import build_bpe_tokenizer
-    from rlprm.problems import load_jsonl_problems
+    from rlprm.data.problems import load_jsonl_problems
     from rlprm.rl.grpo import RewardFunction
     from tests.conftest import shared_file
 
@@ -399,7 +399,7 @@ def test_dense_log_prob_step_values_are_each_steps_own(process_form, tmp_path, g
     answered solution's min or mean stays above a missing answer's -1)."""
     import math
 
-    from rlprm.problems import from_arithmetic
+    from rlprm.data.problems import from_arithmetic
     from rlprm.rl.grpo import RewardFunction, grpo_advantages
     from rlprm.steps import answer_step, render_steps
     from rlprm.tasks.arithmetic import Problem, render_step
@@ -428,7 +428,7 @@ def test_dense_log_prob_step_values_are_each_steps_own(process_form, tmp_path, g
 def test_exact_checker_wrong_steps_never_look_perfect(tmp_path, generator_dir, char_tokenizer):
     """The checker's prefix-correctness [1, 0, 0, 0] under log_prob: every step from the first wrong one on is worth
     the floor -0.9, the lowest value; before, steps 3-4 got 0.0 (perfect) and the worst step the highest advantage."""
-    from rlprm.problems import from_arithmetic
+    from rlprm.data.problems import from_arithmetic
     from rlprm.rl.grpo import RewardFunction, grpo_advantages
     from rlprm.steps import answer_step, render_steps
     from rlprm.tasks.arithmetic import Problem, render_step

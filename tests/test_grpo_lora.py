@@ -44,7 +44,7 @@ def fixed_generation(tokenizer):
 def models(tmp_path_factory, char_tokenizer):
     """(generator folder, PRM folder): tiny, random, built here."""
     from rlprm.models import build_tiny_causal_lm
-    from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
+    from rlprm.reward.model import RewardModel, make_convention, reward_model_from_causal_lm
 
     root = tmp_path_factory.mktemp("models")
     build_tiny_causal_lm(TINY, char_tokenizer, seed=0).save_pretrained(root / "generator")

@@ -102,7 +102,7 @@ def standins(tmp_path_factory):
 
 
 def _load(folder, family):
-    from rlprm.prm_adapters import load_reward_model
+    from rlprm.reward.adapters import load_reward_model
 
     extra = {"reference": folder / "reference", "beta": 0.5} if family == "implicit" else {}
     return load_reward_model(folder, family, **extra)
@@ -385,7 +385,7 @@ def test_math_shepherd_sees_the_cards_newlines(standins):
 def test_math_shepherd_refuses_a_step_ending_in_whitespace(standins):
     """The card's text f"{step} ки" after a trailing space has no tag token (the card would silently drop that
     step's score and shift the others): refused, with the fix in the message."""
-    from rlprm.prm_adapters import AdapterError
+    from rlprm.reward.adapters import AdapterError
 
     rm = _load(standins("math_shepherd"), "math_shepherd")
     with pytest.raises(AdapterError, match="step 1 ends in whitespace"):

@@ -15,7 +15,7 @@ import typing
 import pytest
 import torch
 
-from rlprm.prm_adapters import FAMILIES, AdapterError, HubPRM, detect_family, load_reward_model
+from rlprm.reward.adapters import FAMILIES, AdapterError, HubPRM, detect_family, load_reward_model
 from rlprm.testing.standins import save_standin
 
 PROBLEMS = [
@@ -206,7 +206,7 @@ def test_qwen_prm_weight_names_and_lm_head_ignored(folders, tmp_path):
     """The published names load as they are: body `model.*`, head score.0/score.2; an lm_head is ignored."""
     from safetensors.torch import save_file
 
-    from rlprm.prm_adapters.qwen_arch import QwenProcessRewardModel
+    from rlprm.reward.adapters.qwen_arch import QwenProcessRewardModel
 
     w = _weights(folders["qwen_prm"])
     head = {k for k in w if not k.startswith("model.")}
@@ -228,7 +228,7 @@ def test_qwen_prm_weight_names_and_lm_head_ignored(folders, tmp_path):
 
 
 def test_detection_and_errors(folders, tmp_path, char_tokenizer):
-    from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
+    from rlprm.reward.model import RewardModel, make_convention, reward_model_from_causal_lm
 
     assert detect_family(folders["qwen_prm"]) == "qwen_prm"
     assert detect_family(folders["value_head"]) == "value_head"
@@ -266,7 +266,7 @@ def test_recipe_families_match_the_loader():
 @pytest.mark.parametrize("family", list(REFERENCES))
 def test_single_pass_equals_scoring_each_prefix(folders, family):
     """A causal model's output at a step's read position has seen only the prefix: one pass = every prefix."""
-    from rlprm.prm_adapters.common import score_steps_per_prefix
+    from rlprm.reward.adapters.common import score_steps_per_prefix
 
     rm = _load(folders, family)
     assert _max_diff(rm.score_steps(PROBLEMS, SOLUTIONS, batch_size=3),
@@ -275,7 +275,7 @@ def test_single_pass_equals_scoring_each_prefix(folders, family):
 
 def test_implicit_single_pass_equals_each_prefix_cumulative_too(folders):
     """The per-prefix reference reads only step k's tokens (or, cumulative, every token up to it)."""
-    from rlprm.prm_adapters.common import score_steps_per_prefix
+    from rlprm.reward.adapters.common import score_steps_per_prefix
 
     rm = _load(folders, "implicit")
     rm.family.cumulative = True
@@ -287,7 +287,7 @@ def test_implicit_single_pass_equals_each_prefix_cumulative_too(folders):
 def test_lm_families_never_materialise_full_vocabulary_logits(folders, family, monkeypatch):
     """The body runs once and the LM head only where read: the `+`/`-` rows at read positions (tag families), or
     chunks of positions (implicit, here 3 at a time); never (B x T x vocab). Scores stay the card's."""
-    import rlprm.prm_adapters.implicit as implicit
+    import rlprm.reward.adapters.implicit as implicit
 
     rm = _load(folders, family)
     models = [rm.family.model] + ([rm.family.reference] if family == "implicit" else [])
@@ -331,7 +331,7 @@ def test_a_model_that_transforms_its_logits_is_refused(folders):
 def test_one_ppo_iteration_with_dense_rewards_from_a_public_prm(family, folders, generator_dir, tmp_path, monkeypatch):
     """The RL reward loading goes through the loader: a public PRM (detected, or named by reward.adapter) scores the
     policy's steps, and the rewards land on the policy's own tokens (its tokenizer is another one)."""
-    import rlprm.rewards as rewards_module
+    import rlprm.reward.tokens as rewards_module
     from rlprm.rl import ppo, train
     from rlprm.steps import answer_step, render_steps
     from rlprm.tasks.arithmetic import render_step
@@ -358,7 +358,7 @@ def test_every_family_selects_best_of_n(folders):
     """score_pool (what `rlprm eval` calls per reward model) takes any family: one PRM selector per aggregation."""
     from types import SimpleNamespace
 
-    from rlprm.evaluate import Pool, score_pool, selector_scores
+    from rlprm.evaluation.evaluate import Pool, score_pool, selector_scores
 
     problems = [SimpleNamespace(text=p) for p in PROBLEMS[:2]]
     grades = [[SimpleNamespace(steps=s) for s in SOLUTIONS[:2]], [SimpleNamespace(steps=s) for s in SOLUTIONS[2:]]]
@@ -378,7 +378,7 @@ def test_one_grpo_iteration_with_dense_rewards_from_a_public_prm(family, folders
     per-token advantages. Rollouts are fixed answered solutions (a random tiny policy never writes `# Answer`)."""
     from trl import GRPOTrainer
 
-    import rlprm.rewards as rewards_module
+    import rlprm.reward.tokens as rewards_module
     from rlprm.rl import grpo, train
     from rlprm.steps import answer_step, render_steps
     from rlprm.tasks.arithmetic import render_step

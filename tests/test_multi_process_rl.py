@@ -359,11 +359,11 @@ def test_grpo_under_accelerate_launch(tmp_path, answering_generator):
 FIXED_SAMPLING = '''
 import json, os, sys
 sys.path.insert(0, os.getcwd())
-import rlprm.lean_sft
-import rlprm.problems
+import rlprm.rl.lean_sft
+import rlprm.data.problems
 import rlprm.sampling
 from rlprm.config import ArithmeticConfig
-from rlprm.problems import from_arithmetic
+from rlprm.data.problems import from_arithmetic
 from rlprm.sampling import Samples
 from rlprm.steps import render_steps
 from rlprm.tasks.arithmetic import make_problems, reference_solution
@@ -382,7 +382,7 @@ def fake_sample(model, tokenizer, prompts, n=1, **kwargs):
     texts = [[table[p] if p in table and j < 2 else "1 + 1 = 2" for j in range(n)] for p in prompts]
     return Samples(texts, [[[] for _ in row] for row in texts])
 
-original_init = rlprm.lean_sft.LeanSFTTrainer.__init__
+original_init = rlprm.rl.lean_sft.LeanSFTTrainer.__init__
 
 def init(self, *args, **kwargs):
     data = kwargs["train_dataset"]
@@ -392,8 +392,8 @@ def init(self, *args, **kwargs):
     original_init(self, *args, **kwargs)
 
 rlprm.sampling.sample = fake_sample
-rlprm.problems.epoch_problems = lambda recipe, epoch, exclude: problems
-rlprm.lean_sft.LeanSFTTrainer.__init__ = init
+rlprm.data.problems.epoch_problems = lambda recipe, epoch, exclude: problems
+rlprm.rl.lean_sft.LeanSFTTrainer.__init__ = init
 from rlprm.train_rl import main
 sys.exit(main(sys.argv[1:]))
 '''

@@ -158,10 +158,10 @@ def test_reward_model_rewards(kind, generator_dir, char_tokenizer, tmp_path, mon
     solutions (2 to 5 steps), so the reward model, the reward placement, GAE and the update all run on real
     step structure, and each sample's reward must be its own text's score: a shuffled pairing of scores and
     samples fails."""
-    import rlprm.reward_models as rm_module
-    import rlprm.rewards as rewards_module  # the PPO update imports token_rewards when it runs: spy on the module
+    import rlprm.reward.model as rm_module
+    import rlprm.reward.tokens as rewards_module  # the PPO update imports token_rewards when it runs: spy on the module
     from rlprm.models import build_tiny_causal_lm
-    from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
+    from rlprm.reward.model import RewardModel, make_convention, reward_model_from_causal_lm
     from rlprm.rl import ppo, train
     from rlprm.steps import answer_step, render_steps
     from rlprm.tasks.arithmetic import render_step
@@ -369,8 +369,8 @@ def _rollouts_per_prompt(ppo, make_texts, eos: bool = True, record=None):
 
 @pytest.mark.parametrize("mode, form", [("dense", "min_form"), ("dense", "log_prob"), ("sparse", "log_prob")])
 def test_exact_rewards_are_the_checker_as_an_oracle_prm(mode, form, generator_dir, tmp_path, monkeypatch):
-    import rlprm.rewards as rewards_module
-    from rlprm.rewards import dense_step_rewards
+    import rlprm.reward.tokens as rewards_module
+    from rlprm.reward.tokens import dense_step_rewards
     from rlprm.rl import ppo, train
 
     seen = []
@@ -425,9 +425,9 @@ def test_update_and_kl_logprobs_are_at_the_sampling_temperature(generator_dir, t
 def test_confidence_rewards_read_the_frozen_start_at_t1(mode, generator_dir, tmp_path, monkeypatch):
     """`confidence`: p_k = exp(lowest token log-prob in step k) under the start at T = 1 (sparse: over the whole
     response, EOS included), even when rollouts are sampled at 0.5; no reward model is loaded."""
-    import rlprm.rewards as rewards_module
+    import rlprm.reward.tokens as rewards_module
     from rlprm.models import load_causal_lm
-    from rlprm.rewards import dense_step_rewards, step_token_ends
+    from rlprm.reward.tokens import dense_step_rewards, step_token_ends
     from rlprm.rl import ppo, train
 
     seen_rewards, rollouts = [], []
@@ -461,7 +461,7 @@ def test_a_response_cut_at_max_new_tokens_gets_the_missing_answer_reward(generat
                                                                          monkeypatch):
     """Fails on the old code: a response that generate stopped at max_new_tokens before its EOS, with an answer
     written, was judged as written (here: the grader's 0 or 1) instead of as cut."""
-    import rlprm.rewards as rewards_module
+    import rlprm.reward.tokens as rewards_module
     from rlprm.rl import ppo, train
 
     text = "1 + 2 = 3\n3 + 4 = 7\n# Answer\n\n7"
@@ -548,7 +548,7 @@ def test_lora_reference_is_the_base_with_its_adapters_off(generator_dir, tmp_pat
     confidence of the evaluation) equal the plain generator's, however far the adapters have moved."""
     import torch
 
-    from rlprm.evaluate import response_logprobs
+    from rlprm.evaluation.evaluate import response_logprobs
     from rlprm.models import load_causal_lm, load_tokenizer
     from rlprm.rl.ppo import build_rollout, rollout_logprobs
     from rlprm.rl.reference import AdaptersOff, load_reference
@@ -589,7 +589,7 @@ def test_ppo_with_lora_trains_adapters_only_and_exports_a_plain_model(generator_
     from transformers import AutoModelForCausalLM
 
     import rlprm.models as models_module
-    import rlprm.rewards as rewards_module
+    import rlprm.reward.tokens as rewards_module
     import rlprm.rl.core as core_module
     from rlprm.models import load_causal_lm
     from rlprm.rl import ppo, train

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from rlprm.config import load_recipe
-from rlprm.prepare import PrepareError, PrepareInputError, prepare
+from rlprm.experiments.prepare import PrepareError, PrepareInputError, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -91,7 +91,7 @@ def test_same_seed_same_generator_other_seed_another(tmp_path):
 
 
 def test_schedule_warms_up_then_decays_to_min_ratio_at_the_last_step():
-    from rlprm.sft import lr_factor
+    from rlprm.experiments.sft import lr_factor
 
     factors = [lr_factor(s, 30, 700, 0.1) for s in range(700)]
     assert factors[0] == pytest.approx(1 / 30) and factors[29] == 1.0
@@ -101,7 +101,7 @@ def test_schedule_warms_up_then_decays_to_min_ratio_at_the_last_step():
 
 
 def test_labels_cover_the_completion_and_end_token_only(char_tokenizer):
-    from rlprm.sft import IGNORE, encode_completions, padded_table
+    from rlprm.experiments.sft import IGNORE, encode_completions, padded_table
 
     enc = encode_completions(char_tokenizer, ["5 +3\n", "12 -1 mod 10\n"], ["5 + 3 = 8\n# Answer: 8", "x"])
     ids, labels, lengths = padded_table(enc, char_tokenizer.pad_token_id)
@@ -119,7 +119,7 @@ def test_batches_pad_to_their_own_longest_and_match_the_one_pass_loss(char_token
 
     from rlprm.config import TinyModelConfig
     from rlprm.models import build_tiny_causal_lm
-    from rlprm.sft import batch_loss, encode_completions, padded_table
+    from rlprm.experiments.sft import batch_loss, encode_completions, padded_table
 
     prompts = [f"{i} +{i % 7 + 1}\n" for i in range(12)]
     completions = ["1 + 2 = 3\n" * (1 + i % 4) + "# Answer: 3" for i in range(12)]
@@ -151,7 +151,7 @@ def test_batches_pad_to_their_own_longest_and_match_the_one_pass_loss(char_token
 def test_batch_order_is_seeded_and_sees_every_example_equally():
     from collections import Counter
 
-    from rlprm.sft import batch_order
+    from rlprm.experiments.sft import batch_order
 
     a = [r.tolist() for r in batch_order(10, 4, 5, seed=3)]
     assert a == [r.tolist() for r in batch_order(10, 4, 5, seed=3)] != [r.tolist() for r in batch_order(10, 4, 5, 4)]
@@ -165,7 +165,7 @@ def test_clean_steps_train_on_the_clean_table_first(char_tokenizer):
 
     from rlprm.config import SFTConfig, TinyModelConfig
     from rlprm.models import build_tiny_causal_lm
-    from rlprm.sft import encode_completions, train_sft
+    from rlprm.experiments.sft import encode_completions, train_sft
 
     prompts = [f"{i} +{i % 7 + 1}\n" for i in range(16)]
     mixed = encode_completions(char_tokenizer, prompts, [f"{i} + 9 = 1\n# Answer: 1" for i in range(16)])
@@ -193,7 +193,7 @@ def test_eligible_confidence_auroc_reads_the_recipes_shortcut_finals(char_tokeni
 
     from rlprm.config import TinyModelConfig
     from rlprm.models import build_tiny_causal_lm
-    from rlprm.prepare import shortcut_confidence_auroc
+    from rlprm.experiments.prepare import shortcut_confidence_auroc
     from rlprm.steps import render_steps
     from rlprm.tasks.arithmetic import Problem, check, reference_solution, shortcut_solution
 

@@ -110,7 +110,7 @@ def test_error_hints_name_the_builder_from_the_table(tiny_recipes, monkeypatch):
 
 
 def test_train_rm_and_active_learning_take_their_hints_from_the_table(tiny_recipes, monkeypatch):
-    from rlprm.active import ActiveLearningError, load_pools
+    from rlprm.experiments.active import ActiveLearningError, load_pools
     from rlprm.train_rm import TrainRMError, check_inputs
 
     renamed = pre.Builder("prepare", "gen.yaml", "generator", ("config.json",), 5.0)

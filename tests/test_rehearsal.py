@@ -228,7 +228,7 @@ def prm(data, policy) -> Path:
 
 @pytest.mark.slow
 def test_prm_train_prm800k(prm):
-    from rlprm.reward_models import RewardModel
+    from rlprm.reward.model import RewardModel
 
     summary = json.loads((prm.parent / "summary.json").read_text())
     assert summary["kind"] == "prm" and summary["train_steps"] == 6

@@ -56,7 +56,7 @@ def generator_dir(tmp_path_factory, char_tokenizer):
 
 def _problems():
     from rlprm.config import ArithmeticConfig
-    from rlprm.problems import from_arithmetic
+    from rlprm.data.problems import from_arithmetic
     from rlprm.tasks.arithmetic import make_problems
 
     return from_arithmetic(make_problems(ArithmeticConfig(), 2, seed=99), prefix="fixed")
@@ -80,7 +80,7 @@ def _table(problems):
 @pytest.fixture
 def fixed_sampling(monkeypatch):
     """Training problems and their samples from a table; held-out prompts get an answerless line."""
-    import rlprm.problems
+    import rlprm.data.problems
     import rlprm.sampling
     from rlprm.sampling import Samples
 
@@ -92,7 +92,7 @@ def fixed_sampling(monkeypatch):
         return Samples(texts, [[[] for _ in row] for row in texts])
 
     monkeypatch.setattr(rlprm.sampling, "sample", fake_sample)
-    monkeypatch.setattr(rlprm.problems, "epoch_problems", lambda recipe, epoch, exclude: problems)
+    monkeypatch.setattr(rlprm.data.problems, "epoch_problems", lambda recipe, epoch, exclude: problems)
     return problems, table
 
 
@@ -189,7 +189,7 @@ def test_resume_matches_uninterrupted_run(fixed_sampling, generator_dir, tmp_pat
 
 def _poisoned_from_second_trainer():
     """LeanSFTTrainer whose second instance (the second epoch's trainer) turns every loss into NaN."""
-    from rlprm.lean_sft import LeanSFTTrainer
+    from rlprm.rl.lean_sft import LeanSFTTrainer
 
     return type("PoisonedFromSecond", (_Poisoned, LeanSFTTrainer), {"built": 0})
 
@@ -211,10 +211,10 @@ class _Poisoned:
 
 def test_reward_model_selection_and_nan_stop(fixed_sampling, generator_dir, char_tokenizer, tmp_path, monkeypatch):
     """A PRM ranks the samples (answerless ones never kept); a NaN loss in epoch 2 stops the run, keeping epoch 1."""
-    import rlprm.lean_sft
+    import rlprm.rl.lean_sft
     from rlprm.checkpoint import latest_checkpoint
     from rlprm.models import build_tiny_causal_lm
-    from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
+    from rlprm.reward.model import RewardModel, make_convention, reward_model_from_causal_lm
     from rlprm.rl import train
     from rlprm.rl.run import RLError
 
@@ -222,7 +222,7 @@ def test_reward_model_selection_and_nan_stop(fixed_sampling, generator_dir, char
     lm = build_tiny_causal_lm(TINY, char_tokenizer, seed=1)
     RewardModel(reward_model_from_causal_lm(convention, lm, char_tokenizer), char_tokenizer, convention).save(
         tmp_path / "prm")
-    monkeypatch.setattr(rlprm.lean_sft, "LeanSFTTrainer", _poisoned_from_second_trainer())
+    monkeypatch.setattr(rlprm.rl.lean_sft, "LeanSFTTrainer", _poisoned_from_second_trainer())
     recipe = make_recipe(tmp_path, generator_dir, "prm_run", source="prm", sparse_aggregate="min")
     recipe.model.reward_model = str(tmp_path / "prm")
     recipe.rl.rejection_top_k = 1

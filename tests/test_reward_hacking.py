@@ -45,7 +45,7 @@ from tests.conftest import no_warning
 import torch
 
 from rlprm.config import RewardConfig
-from rlprm.rewards import prefix_correct_probs, token_rewards
+from rlprm.reward.tokens import prefix_correct_probs, token_rewards
 from rlprm.rl.core import gae, group_normalize, process_token_advantages
 from rlprm.rl.rejection import select_samples
 from rlprm.steps import render_steps

@@ -8,10 +8,10 @@ import torch
 
 from rlprm.config import ArithmeticConfig, LoraConfig, TinyModelConfig
 from rlprm.data.stepwise import CORRECT, INCORRECT, NEUTRAL, LabelledSolution, labels_up_to_first_error
-from rlprm.reward_models import (IGNORE_INDEX, RM_FILE, Collator, RewardModel, RewardModelError, SeparatorMismatch,
+from rlprm.reward.model import (IGNORE_INDEX, RM_FILE, Collator, RewardModel, RewardModelError, SeparatorMismatch,
                                  aggregate, apply_lora, build_reward_model, encode_examples, make_convention, reward_loss,
                                  reward_model_from_causal_lm, score_steps_per_prefix)
-from rlprm.rm_trainer import RewardModelTrainer
+from rlprm.reward.trainer import RewardModelTrainer
 from rlprm.tasks.arithmetic import corrupt_solution, make_problems, reference_solution
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
@@ -261,7 +261,7 @@ def test_identity_layers_start_as_the_backbone_and_save_as_plain_hf(char_tokeniz
                                                                     family):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from rlprm.reward_models import add_identity_layers, freeze_body
+    from rlprm.reward.model import add_identity_layers, freeze_body
 
     if family == "qwen2":
         config = Qwen2Config(vocab_size=len(char_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -298,7 +298,7 @@ def test_identity_layers_start_as_the_backbone_and_save_as_plain_hf(char_tokeniz
 
 
 def test_step_min_logprobs_by_hand():
-    from rlprm.reward_models import step_min_logprobs
+    from rlprm.reward.model import step_min_logprobs
 
     logps = [0.0, -0.1, -0.2, -3.0, -0.5, -0.4, -7.0, -0.1]
     # prompt = tokens 0..1; step 0 = tokens 2..4 (end 4); step 1 = tokens 5..7 (end 7)
@@ -307,7 +307,7 @@ def test_step_min_logprobs_by_hand():
 
 
 def test_token_logprobs_match_the_lm_one_sequence_at_a_time(char_tokenizer):
-    from rlprm.reward_models import token_logprobs
+    from rlprm.reward.model import token_logprobs
 
     lm = tiny_lm(char_tokenizer, seed=1).eval()
     seqs = [char_tokenizer("12 +3\n12 + 3 = 15\n")["input_ids"], char_tokenizer("7 -1\n")["input_ids"]]
@@ -321,7 +321,7 @@ def test_token_logprobs_match_the_lm_one_sequence_at_a_time(char_tokenizer):
 
 
 def test_fit_confidence_learns_the_informative_feature():
-    from rlprm.reward_models import fit_confidence, stack_confidence
+    from rlprm.reward.model import fit_confidence, stack_confidence
 
     rng = random.Random(0)
     probs, mins, ys = [], [], []
@@ -339,7 +339,7 @@ def test_fit_confidence_learns_the_informative_feature():
 
 @pytest.mark.parametrize("kind", ["prm", "orm"])
 def test_stacked_model_single_pass_save_and_load(char_tokenizer, problems, solutions, tmp_path, kind):
-    from rlprm.reward_models import CONFIDENCE_DIR
+    from rlprm.reward.model import CONFIDENCE_DIR
 
     rm = tiny_rm(char_tokenizer, kind)
     rm.convention.confidence = [0.5, 0.8, 1.0]

@@ -1,4 +1,4 @@
-"""rlprm/reward_sources.py: one object per reward.source, each giving the grades, step scores and rewards expected on
+"""rlprm/reward/sources.py: one object per reward.source, each giving the grades, step scores and rewards expected on
 hand-made texts; a user's Python function as a source, and the errors that name a bad one."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from rlprm.config import Recipe, RecipeError, RewardConfig, validate_recipe
-from rlprm.reward_sources import SOURCES, RewardSourceError, load_function, reward_source, source_class
-from rlprm.rewards import RewardError
+from rlprm.reward.sources import SOURCES, RewardSourceError, load_function, reward_source, source_class
+from rlprm.reward.tokens import RewardError
 
 # 93 + 3 - 4: a right solution, one with a wrong second step, one without an answer
 RIGHT = "93 + 3 = 96\n96 - 4 = 92\n# Answer\n\n92\n"
@@ -21,7 +21,7 @@ TEXTS = [RIGHT, WRONG, NONE]
 
 
 def problems(n=3):
-    from rlprm.problems import from_arithmetic
+    from rlprm.data.problems import from_arithmetic
     from rlprm.tasks.arithmetic import Problem
 
     return from_arithmetic([Problem(93, (("+", 3), ("-", 4)))]) * n
@@ -51,7 +51,7 @@ class FakePRM:
         return [list(self.table[s]) for s in solutions]
 
     def score(self, problems, solutions, aggregate="prod", sep=None, batch_size=32):
-        from rlprm.reward_models import aggregate as agg
+        from rlprm.reward.model import aggregate as agg
 
         return [agg(s, aggregate) for s in self.score_steps(problems, solutions, sep)]
 
@@ -197,7 +197,7 @@ def test_a_function_that_cannot_be_loaded_is_named():
 
 
 def test_held_out_reward_is_the_sources_solution_reward(char_tokenizer):
-    from rlprm.evaluate import Pool, held_out_reward
+    from rlprm.evaluation.evaluate import Pool, held_out_reward
 
     ps = problems(1)
     ids = [[ids_of(char_tokenizer, t) for t in TEXTS]]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlprm.config import RewardConfig
-from rlprm.rewards import (
+from rlprm.reward.tokens import (
     ANSWERED_MARGIN,
     PROB_FLOOR,
     RewardError,
@@ -22,7 +22,7 @@ from rlprm.rewards import (
     step_confidence,
     step_token_ends,
 )
-from rlprm.rewards import token_rewards as _token_rewards
+from rlprm.reward.tokens import token_rewards as _token_rewards
 from rlprm.rl.core import add_kl_penalty
 from rlprm.steps import step_char_ends, token_char_ends
 
@@ -35,7 +35,7 @@ PROBS = [0.9, 0.5, 0.8]
 def token_rewards(cfg, texts, *args, **kw):
     """`rewards.token_rewards`, told which texts answered the way the arithmetic checker reads its `# Answer` step
     (`SampleGrade.answered`): every text of these cases is in the arithmetic task's format."""
-    from rlprm.problems import from_arithmetic, grade_samples
+    from rlprm.data.problems import from_arithmetic, grade_samples
     from rlprm.tasks.arithmetic import Problem
 
     if "has_answer" not in kw:
@@ -514,7 +514,7 @@ def byte_tokenizer():
 
 def test_a_boxed_math_answer_is_answered_on_the_reward_path(byte_tokenizer):
     """Issue 23 finding 1: a MATH response that writes `\\boxed{5}` was rewarded as "missing answer" (-1)."""
-    from rlprm.problems import TaskProblem, grade_samples
+    from rlprm.data.problems import TaskProblem, grade_samples
 
     grade = grade_samples([TaskProblem("p", "What is 2+3?\n", "5")], [[MATH_TEXT]], "\n\n")[0][0]
     assert grade.answer == "5" and grade.answered and grade.answer_correct
@@ -534,7 +534,7 @@ def test_a_boxed_math_answer_is_answered_on_the_reward_path(byte_tokenizer):
 def test_answered_is_the_tasks_own_reading():
     """One definition: `SampleGrade.answered`, the answer the task reads (arithmetic: its `# Answer` step, as the
     demo's checker always read it; MATH / GSM8K / PRM800K: `grading.extract_answer`)."""
-    from rlprm.problems import TaskProblem, from_arithmetic, grade_samples
+    from rlprm.data.problems import TaskProblem, from_arithmetic, grade_samples
     from rlprm.tasks.arithmetic import Problem
 
     arith = from_arithmetic([Problem(93, (("+", 3), ("-", 4)))])[0]
@@ -599,7 +599,7 @@ def test_arithmetic_answered_is_unchanged_on_random_texts():
     an answer step with a non-empty answer."""
     import random
 
-    from rlprm.problems import from_arithmetic, grade_samples
+    from rlprm.data.problems import from_arithmetic, grade_samples
     from rlprm.steps import split_steps, step_answer
     from rlprm.tasks.arithmetic import CHARSET, Problem
 

@@ -253,14 +253,14 @@ def test_every_algorithm_prints_an_epoch_line_with_process_accuracy_and_the_rewa
     from contextlib import nullcontext
     from types import SimpleNamespace
 
-    import rlprm.evaluate
+    import rlprm.evaluation.evaluate
     from rlprm.rl.run import Run
 
     recipe = validate_recipe({"model": {"generator": "tiny", "reward_model": "org/prm"}, "reward": reward,
                               "rl": {"algorithm": algorithm, "epochs": 3}}, tmp_path)
     metrics = {"eval/answer_accuracy": 0.5, "eval/process_accuracy": 0.25, "eval/trace_error": 0.5,
                "eval/shortcut_rate": 0.125, "eval/reward": 0.29}
-    monkeypatch.setattr(rlprm.evaluate, "between_epochs", lambda *a, **k: dict(metrics))
+    monkeypatch.setattr(rlprm.evaluation.evaluate, "between_epochs", lambda *a, **k: dict(metrics))
     dist = SimpleNamespace(is_main=True, whole_weights=lambda *m: nullcontext(), barrier=lambda: None)
     logged = []
     run = Run(recipe, True, tmp_path, dist, "cpu", None, tracker=SimpleNamespace(log=lambda r, step: logged.append(r)))

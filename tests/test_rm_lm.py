@@ -1,4 +1,4 @@
-"""The LM-scored reward model (rlprm/rm_lm.py): pure functions on hand-computed tensors, the single pass
+"""The LM-scored reward model (rlprm/reward/lm.py): pure functions on hand-computed tensors, the single pass
 against per-prefix scoring, save/load, and training that separates right from wrong steps."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from rlprm.rm_lm import head_logits, lm_loss, scored_spans, span_features, target_logprobs
+from rlprm.reward.lm import head_logits, lm_loss, scored_spans, span_features, target_logprobs
 from rlprm.steps import EncodedSolution
 
 
@@ -55,7 +55,7 @@ def test_loss_is_bce_plus_lm_on_positive_spans_only():
 def _tiny_lm_rm(char_tokenizer, kind="prm"):
     from rlprm.config import TinyModelConfig
     from rlprm.models import build_tiny_causal_lm
-    from rlprm.reward_models import RewardModel, make_convention
+    from rlprm.reward.model import RewardModel, make_convention
 
     lm = build_tiny_causal_lm(TinyModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2),
                               char_tokenizer, seed=0)
@@ -71,7 +71,7 @@ PROBLEMS = ["93 +3 -4 mod 10", "93 +3 -4 last digit", "5 +1"]
 
 
 def test_single_pass_equals_per_prefix_and_batching(char_tokenizer):
-    from rlprm.reward_models import score_steps_per_prefix
+    from rlprm.reward.model import score_steps_per_prefix
 
     rm = _tiny_lm_rm(char_tokenizer)
     batched = rm.score_steps(PROBLEMS, SOLUTIONS, batch_size=8)
@@ -84,7 +84,7 @@ def test_single_pass_equals_per_prefix_and_batching(char_tokenizer):
 
 
 def test_orm_gives_one_score_and_save_load_round_trip(char_tokenizer, tmp_path):
-    from rlprm.reward_models import RewardModel
+    from rlprm.reward.model import RewardModel
 
     orm = _tiny_lm_rm(char_tokenizer, "orm")
     before = orm.score_steps(PROBLEMS, SOLUTIONS)
@@ -101,7 +101,7 @@ def test_training_learns_to_flag_wrong_steps(char_tokenizer):
     the shipped PRM starts from the generator)."""
     from rlprm.config import ArithmeticConfig
     from rlprm.data.stepwise import label_arithmetic_sample
-    from rlprm.rm_lm import train_lm_scorer
+    from rlprm.reward.lm import train_lm_scorer
     from rlprm.steps import render_steps
     from rlprm.tasks.arithmetic import Problem, make_problems, reference_solution
 
@@ -134,7 +134,7 @@ def test_training_learns_to_flag_wrong_steps(char_tokenizer):
 
 
 def test_span_labels_follow_the_conventions_correct_classes():
-    from rlprm.rm_lm import span_labels
+    from rlprm.reward.lm import span_labels
 
     enc = EncodedSolution(list(range(8)), [3, 5, 7], 2)
     assert span_labels(enc, [1, 2, 0], "prm", None) == [1, 0, 0]
@@ -149,7 +149,7 @@ def test_logging_the_head_does_not_warn(char_tokenizer):
 
     from rlprm.config import ArithmeticConfig
     from rlprm.data.stepwise import label_arithmetic_sample
-    from rlprm.rm_lm import train_lm_scorer
+    from rlprm.reward.lm import train_lm_scorer
     from rlprm.steps import render_steps
     from rlprm.tasks.arithmetic import make_problems, reference_solution
 

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from rlprm.rm_metrics import (auroc, best_of_n_accuracy, blind_spot_rate, first_error_f1, predict_first_error,
+from rlprm.reward.metrics import (auroc, best_of_n_accuracy, blind_spot_rate, first_error_f1, predict_first_error,
                               step_accuracy)
 
 

@@ -84,7 +84,7 @@ def test_choosing_vllm_without_it_fails_at_validation_naming_the_extra(section, 
 
 def test_importing_the_algorithms_does_not_import_vllm():
     code = ("import sys\n"
-            "import rlprm.rl.ppo, rlprm.rl.grpo, rlprm.rl.rejection, rlprm.rl.run, rlprm.evaluate, rlprm.rollout\n"
+            "import rlprm.rl.ppo, rlprm.rl.grpo, rlprm.rl.rejection, rlprm.rl.run, rlprm.evaluation.evaluate, rlprm.rollout\n"
             "from pathlib import Path\n"
             "from rlprm.config import validate_recipe\n"
             "from rlprm.rl.grpo import grpo_args\n"
@@ -346,7 +346,7 @@ def test_real_vllm_engine_samples_and_takes_refreshed_weights(tmp_path, char_tok
 def test_rlprm_eval_samples_its_pool_with_an_engine_from_the_generator_folder(vllm_allowed, generator_dir,
                                                                               char_tokenizer, tmp_path, monkeypatch):
     import rlprm.rollout as rollout
-    from rlprm.evaluate import run_eval
+    from rlprm.evaluation.job import run_eval
 
     from .test_ppo import _solve
 

@@ -1,4 +1,4 @@
-"""PRM-guided step-level search (rlprm/search.py): step stopping, beam and DVTS bookkeeping, token counting."""
+"""PRM-guided step-level search (rlprm/evaluation/search.py): step stopping, beam and DVTS bookkeeping, token counting."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from rlprm.problems import TaskProblem
-from rlprm.search import SearchError, SearchSettings, SeparatorStop, StepDraw, pick, search, step_end
+from rlprm.data.problems import TaskProblem
+from rlprm.evaluation.search import SearchError, SearchSettings, SeparatorStop, StepDraw, pick, search, step_end
 
 
 # --------------------------------------------------------------------------- step stopping
@@ -85,7 +85,7 @@ def test_hf_step_generator_stops_each_row_at_its_separator(tiny_lm, char_tokeniz
     that wrote it ends its step there (one character, one token) and the others run to EOS or the cap."""
     import torch
 
-    from rlprm.search import HFStepGenerator
+    from rlprm.evaluation.search import HFStepGenerator
 
     torch.manual_seed(0)
     gen = HFStepGenerator(tiny_lm, char_tokenizer, "\n", batch_size=64)
@@ -301,7 +301,7 @@ def test_config_section_is_validated(tmp_path):
 
 
 def test_budgets():
-    from rlprm.search_report import budgets
+    from rlprm.evaluation.search_report import budgets
 
     assert budgets("beam", 8, 4) == [1, 2, 4, 8] and budgets("beam", 6, 2) == [1, 2, 4, 6]
     assert budgets("dvts", 16, 4) == [4, 8, 16] and budgets("dvts", 4, 4) == [4]
@@ -319,8 +319,8 @@ def test_search_on_arithmetic_with_the_checker_and_the_tiny_generator(tiny_lm, c
     """End to end with HF generate: every finished solution's step scores are the checker's verdicts, tokens are
     counted, and the outcomes grade the picked solutions."""
     from rlprm.config import ArithmeticConfig
-    from rlprm.problems import from_arithmetic
-    from rlprm.search import CheckerScorer, HFStepGenerator, search_outcomes
+    from rlprm.data.problems import from_arithmetic
+    from rlprm.evaluation.search import CheckerScorer, HFStepGenerator, search_outcomes
     from rlprm.tasks.arithmetic import check, make_problems
 
     problems = from_arithmetic(make_problems(ArithmeticConfig(), 2, seed=0))
@@ -344,7 +344,7 @@ def test_rlprm_eval_with_search_writes_the_compute_matched_table(tmp_path, char_
     import json
 
     from rlprm.cli import main
-    from rlprm.reward_models import RewardModel, make_convention, reward_model_from_causal_lm
+    from rlprm.reward.model import RewardModel, make_convention, reward_model_from_causal_lm
 
     tiny_lm.save_pretrained(tmp_path / "gen")
     char_tokenizer.save_pretrained(tmp_path / "gen")
@@ -379,7 +379,7 @@ def test_confidence_scorer_is_each_steps_least_likely_token(tiny_lm, char_tokeni
 
     import torch
 
-    from rlprm.search import ConfidenceScorer
+    from rlprm.evaluation.search import ConfidenceScorer
 
     problem = TaskProblem("p", "12 + 3\n", "15", text="12 + 3")
     text = "12 + 3 = 15\n# Answer\n\n15\n"
@@ -398,9 +398,9 @@ def test_confidence_scorer_is_each_steps_least_likely_token(tiny_lm, char_tokeni
 def test_a_hub_family_stand_in_scores_partial_solutions(tmp_path):
     """A qwen_prm stand-in (its <extra_0> step tag, chat template) guides the search through its adapter; every
     finished solution keeps the scores the adapter gives its steps."""
-    from rlprm.prm_adapters import load_reward_model
-    from rlprm.prm_adapters.standins import save_standin
-    from rlprm.search import RewardModelScorer
+    from rlprm.reward.adapters import load_reward_model
+    from rlprm.testing.standins import save_standin
+    from rlprm.evaluation.search import RewardModelScorer
 
     folder = save_standin("qwen_prm", tmp_path / "qwen")
     rm = load_reward_model(folder, "qwen_prm")
@@ -424,7 +424,7 @@ def test_vllm_step_generator_goes_on_past_stops_that_end_no_step(char_tokenizer,
     from types import SimpleNamespace
 
     import rlprm.rollout
-    from rlprm.search import VLLMStepGenerator
+    from rlprm.evaluation.search import VLLMStepGenerator
 
     monkeypatch.setattr(rlprm.rollout, "sampling_params", lambda **kw: SimpleNamespace(**kw))
     tok = char_tokenizer
@@ -468,7 +468,7 @@ def test_rlprm_eval_with_dvts_guided_by_a_hub_family_stand_in(tmp_path, char_tok
     import json
 
     from rlprm.cli import main
-    from rlprm.prm_adapters.standins import save_standin
+    from rlprm.testing.standins import save_standin
 
     tiny_lm.save_pretrained(tmp_path / "gen")
     char_tokenizer.save_pretrained(tmp_path / "gen")

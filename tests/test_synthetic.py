@@ -7,7 +7,7 @@ import pytest
 
 from rlprm.config import ArithmeticConfig, RecipeError, load_recipe
 from rlprm.data.stepwise import CORRECT, INCORRECT, LabelledSolution, label_arithmetic_sample
-from rlprm.synthetic import (OUTCOME_GRADER, OUTCOME_LARGE, PROCESS_CHECKER, PROCESS_LARGE, judged_all_correct,
+from rlprm.experiments.synthetic import (OUTCOME_GRADER, OUTCOME_LARGE, PROCESS_CHECKER, PROCESS_LARGE, judged_all_correct,
                              label_errors, training_sets)
 from rlprm.tasks.arithmetic import corrupt_solution, make_problems, reference_solution, shortcut_solution
 

@@ -32,7 +32,7 @@ HEAD = ["rm.scorer=head", "rm.max_steps=0", "rm.extra_layers=2", "rm.freeze_back
 def test_shipped_lm_scored_recipes_end_to_end(tmp_path, generator, recipe_name, kind):
     from transformers import PreTrainedModel
 
-    from rlprm.reward_models import RewardModel
+    from rlprm.reward.model import RewardModel
 
     summary = run_job(recipe_name, tmp_path, generator, "rm.max_steps=3", "rm.data.synthetic_per_problem=3")
     rm = RewardModel.load(tmp_path / "run" / "reward_model", step_separator="\n")
@@ -51,7 +51,7 @@ def test_shipped_lm_scored_recipes_end_to_end(tmp_path, generator, recipe_name, 
 @pytest.mark.parametrize("recipe_name,kind", [("prm_train.yaml", "prm"), ("orm_train.yaml", "orm")])
 def test_arithmetic_job_end_to_end(tmp_path, generator, recipe_name, kind):
     from rlprm.data.stepwise import read_records
-    from rlprm.reward_models import RewardModel, SeparatorMismatch
+    from rlprm.reward.model import RewardModel, SeparatorMismatch
 
     summary = run_job(recipe_name, tmp_path, generator, *HEAD)
     run = tmp_path / "run"
@@ -101,7 +101,7 @@ def test_rerun_reuses_the_sample_cache_and_resamples_on_change(tmp_path, generat
 def test_reward_model_trains_on_no_problem_the_generator_trained_on(tmp_path, generator, monkeypatch):
     """`rlprm train-rm`'s problems vs `rlprm prepare`'s, with the shipped recipes' sizes (the sampler stubbed)."""
     import rlprm.data.stepwise as stepwise
-    from rlprm.prepare import training_data
+    from rlprm.experiments.prepare import training_data
     from rlprm.train_rm import arithmetic_data
 
     sampled = {}
@@ -211,7 +211,7 @@ def test_prm800k_recipe_runs_with_a_tiny_stand_in(tmp_path):
     start = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
     assert start["data/train_lines"] == 10 and start["data/train_null_ratings"] == 9
     assert start["data/train_cut_too_long"] > 0  # long trajectories cut at a step end, not dropped
-    from rlprm.reward_models import RewardModel
+    from rlprm.reward.model import RewardModel
 
     rm = RewardModel.load(tmp_path / "run" / "reward_model", step_separator="\n\n")
     assert rm.convention.prompt_template == "{problem}\n\n" and rm.convention.neutral_as == "positive"
@@ -274,7 +274,7 @@ def test_evaluation_leaves_out_too_long_solutions(char_tokenizer):
 
 @pytest.mark.parametrize("recipe_name", ["prm_train.yaml", "orm_train.yaml"])
 def test_confidence_stacking_is_fitted_saved_and_reported(tmp_path, generator, recipe_name):
-    from rlprm.reward_models import CONFIDENCE_DIR, RewardModel
+    from rlprm.reward.model import CONFIDENCE_DIR, RewardModel
 
     summary = run_job(recipe_name, tmp_path, generator, *HEAD, "rm.confidence_features=true", "rm.max_steps=2")
     weights = summary["confidence_weights"]

@@ -4,7 +4,7 @@ A ProcessBench file is a JSON list of `{id, generator, problem, steps,
 final_answer_correct, label}`, where `label` is the index of the earliest wrong
 step, or -1 when every step is right. Each item becomes a `LabelledSolution`
 with `first_error` (None for -1), step labels up to and including it, and the
-outcome flags. The metric (`rlprm.rm_metrics.first_error_f1`) asks a PRM to find
+outcome flags. The metric (`rlprm.reward.metrics.first_error_f1`) asks a PRM to find
 exactly that step.
 """
 

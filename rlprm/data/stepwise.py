@@ -183,7 +183,7 @@ def arithmetic_pool(recipe, cache_dir: Path, progress: bool = True, shared_dir: 
     is read when it was drawn with exactly these settings, else (re)written; a matching file in `shared_dir` is
     read first and never rewritten. `what` names the samples in the progress bar.
     """
-    from rlprm.problems import reward_model_arithmetic
+    from rlprm.data.problems import reward_model_arithmetic
 
     data, sep, gen_path = recipe.rm.data, recipe.task.step_separator, recipe.model.generator
     # the held-out side is drawn like `rlprm prepare`'s (same seed): the generator never trained on it; the

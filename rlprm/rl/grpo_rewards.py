@@ -33,11 +33,11 @@ class RewardFunction:
 
     def __init__(self, recipe: Recipe, problems: list, tokenizer, reward_model=None, run_dir: Path | None = None,
                  dist=None, source=None):
-        from rlprm.reward_sources import reward_source
+        from rlprm.reward.sources import reward_source
         from rlprm.rl.distributed import Dist
 
         self.recipe, self.problems, self.tokenizer = recipe, problems, tokenizer
-        # who scores (rlprm/reward_sources.py): the run's, or one built around `reward_model`
+        # who scores (rlprm/reward/sources.py): the run's, or one built around `reward_model`
         self.source = source if source is not None else reward_source(recipe, reward_model)
         # several ranks: a reason to stop on one stops them all (the others would wait in TRL's gather for ever)
         self.dist = dist or Dist.single()
@@ -46,7 +46,7 @@ class RewardFunction:
         self.calls = 0
 
     def __call__(self, prompts, completions, completion_ids, problem_index, **_):
-        from rlprm.rewards import RewardError
+        from rlprm.reward.tokens import RewardError
 
         t0 = time.monotonic()
         eos = self.tokenizer.eos_token_id

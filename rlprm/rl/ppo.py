@@ -268,7 +268,7 @@ def _load_value_model(path: str, dtype: str, device: str, trust_remote_code: boo
     from transformers import AutoModelForTokenClassification
 
     from rlprm.models import disable_dropout, torch_dtype
-    from rlprm.reward_models import quiet_transformers
+    from rlprm.reward.model import quiet_transformers
 
     # the head is new (1 output, randomly initialised from the global RNG): transformers' load report is expected noise
     with quiet_transformers(report=True):
@@ -483,7 +483,7 @@ class PPO:
         critic's view of them and the advantages: everything `ppo_step` reads. `where` names the iteration in errors."""
         import torch
 
-        from rlprm.rewards import RewardError
+        from rlprm.reward.tokens import RewardError
         from rlprm.rl.core import add_kl_penalty, gae, masked_mean
         from rlprm.rollout import logprob_gap
 

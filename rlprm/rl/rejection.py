@@ -163,7 +163,7 @@ class RejectionSampling:
     def select(self, run: Run, epoch: int, problems: list) -> "Selection":
         """1. generate, 2. score, 3. select: rl.samples_per_problem samples of each of this rank's problems, ranked
         by the reward source; the best distinct ones kept, every rank's rows gathered in the problems' order."""
-        from rlprm.rewards import RewardError
+        from rlprm.reward.tokens import RewardError
         from rlprm.rl.distributed import rank_seed, shard
 
         recipe, rl, dist, source = run.recipe, run.recipe.rl, run.dist, run.reward_source
@@ -218,7 +218,7 @@ class RejectionSampling:
         from transformers.trainer_callback import PrinterCallback
         from trl import SFTConfig
 
-        import rlprm.lean_sft as lean_sft
+        import rlprm.rl.lean_sft as lean_sft
 
         recipe, rl, dist = run.recipe, run.recipe.rl, run.dist
         policy, run_dir, device = run.policy, run.run_dir, run.device

@@ -10,7 +10,7 @@ three algorithms share lives here, once:
               folder (fresh start or --resume); tokenizer, policy, frozen
               reference (PPO; with LoRA the policy's base, adapters off),
               reward model (a PRM/ORM, when the reward source
-              uses one) and the reward source (rlprm/reward_sources.py); the checkpoint's counters, RNG and algorithm
+              uses one) and the reward source (rlprm/reward/sources.py); the checkpoint's counters, RNG and algorithm
               state; the held-out `exclude` set and the evaluation set; the
               tracker (rank 0 only); torch threads
     train     the starting point's best-of-N (fresh runs), then per epoch:
@@ -90,7 +90,7 @@ def reward_scale(recipe: Recipe) -> str:
     """What eval/reward (the reward source's `solution_reward`) measures and on which scale, in words, for the epoch
     line: the per-iteration reward of each algorithm is its own (PPO's return with the KL penalty, TRL's summed
     rewards), so only this one compares across algorithms."""
-    from rlprm.reward_sources import source_class
+    from rlprm.reward.sources import source_class
 
     return source_class(recipe).describe(recipe)
 
@@ -126,7 +126,7 @@ def check_models(recipe: Recipe) -> None:
     builds such a model itself; this check speaks when a caller skipped that step.
     """
     from rlprm.prerequisites import builder_hint, generator_hint
-    from rlprm.reward_sources import RewardSourceError, source_class
+    from rlprm.reward.sources import RewardSourceError, source_class
 
     if recipe.model.generator == "tiny":
         raise RLInputError("model.generator is `tiny` (an untrained model); point it at a trained generator, e.g. "
@@ -256,7 +256,7 @@ class Run:
     def evaluate(self, epoch: int) -> None:
         # best-of-N on held-out problems, scored by the run's own reward model if it has one; on rank 0 only
         # (the weights are the same everywhere), while the other ranks wait at the barrier
-        from rlprm.evaluate import between_epochs
+        from rlprm.evaluation.evaluate import between_epochs
 
         if not self.recipe.rl.eval_n_max:
             return
@@ -298,9 +298,9 @@ def setup(recipe: Recipe, algorithm: Algorithm, resume: bool, progress: bool) ->
     """Build the run: processes, run folder, models, checkpoint state, held-out sets, tracker."""
     from rlprm.checkpoint import load_state, start_or_resume
     from rlprm.models import load_tokenizer, resolve_device
-    from rlprm.problems import eval_problems, held_out_arithmetic
+    from rlprm.data.problems import eval_problems, held_out_arithmetic
     from rlprm.rl.distributed import device_for
-    from rlprm.reward_sources import RewardSourceError, reward_source, source_class
+    from rlprm.reward.sources import RewardSourceError, reward_source, source_class
     from rlprm.rl.reference import load_reference
     from rlprm.tracking import NullTracker, Tracker, cut_metrics
 
@@ -325,7 +325,7 @@ def setup(recipe: Recipe, algorithm: Algorithm, resume: bool, progress: bool) ->
     if algorithm.needs_reference:  # with LoRA the policy's own base (adapters off), else a copy of the generator
         run.reference = load_reference(recipe, run.policy, device)
     if source_class(recipe).uses_reward_model:
-        from rlprm.prm_adapters import load_for_recipe
+        from rlprm.reward.adapters import load_for_recipe
 
         run.reward_model = load_for_recipe(recipe, device=device, dtype=dtype)
     try:  # the one object PPO, GRPO, rejection sampling and the held-out reward score with
@@ -392,7 +392,7 @@ def run_algorithm(recipe: Recipe, algorithm: Algorithm, resume: bool = False, pr
     """setup, then per epoch 1. problems 2. update 3. best-of-N 4. checkpoint, then cleanup."""
     import torch
 
-    from rlprm.problems import epoch_problems
+    from rlprm.data.problems import epoch_problems
 
     threads_before = torch.get_num_threads()
     if recipe.run.threads:

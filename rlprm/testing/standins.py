@@ -143,7 +143,7 @@ def save_standin(family: str, folder: str | Path, seed: int = 0, tokenizer=None,
     def tokenizer_for(kind: str):
         return given if given is not None else build_tokenizer(kind)
     if family == "qwen_prm":
-        from rlprm.prm_adapters.qwen_arch import QwenProcessRewardModel
+        from rlprm.reward.adapters.qwen_arch import QwenProcessRewardModel
 
         tok = tokenizer_for("qwen")
         config = _qwen_config(tok, **shape)

@@ -1,7 +1,7 @@
 """Public process reward models behind one scoring interface, and the one loader for every reward model.
 
 `load_reward_model(ref, adapter=None, ...)` is what a recipe's reward model names go through: an rlprm folder
-(with rlprm_rm.json) loads as `rlprm.reward_models.RewardModel`; any other checkpoint loads through the
+(with rlprm_rm.json) loads as `rlprm.reward.model.RewardModel`; any other checkpoint loads through the
 family named by `adapter`, or detected from its files where that is unambiguous; otherwise it fails with a
 message listing the families. Every result answers `kind`, `score_steps(problems, solutions, sep=None,
 batch_size=...)` (per step, P(correct); one forward pass per solution) and `score(...)`.
@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlprm.prm_adapters.common import AdapterError, Encoded, HubPRM
+from rlprm.reward.adapters.common import AdapterError, Encoded, HubPRM
 
 FAMILIES = ("qwen_prm", "pure_prm", "math_shepherd", "rlhflow", "value_head", "implicit", "rlprm")
 ADAPTER_FILE = "rlprm_rm.json"
@@ -57,9 +57,9 @@ def _architectures(ref: str) -> list[str]:
 
 def detect_family(ref: str | Path) -> str | None:
     """The family a checkpoint's own files make unambiguous, else None."""
-    from rlprm.prm_adapters.qwen_prm import ARCHITECTURES as QWEN
-    from rlprm.prm_adapters.token_cls import is_token_classification
-    from rlprm.prm_adapters.value_head import HEAD_WEIGHT, weight_file_with
+    from rlprm.reward.adapters.qwen_prm import ARCHITECTURES as QWEN
+    from rlprm.reward.adapters.token_cls import is_token_classification
+    from rlprm.reward.adapters.value_head import HEAD_WEIGHT, weight_file_with
 
     ref = str(ref)
     path = Path(ref)
@@ -102,7 +102,7 @@ def load_reward_model(ref: str | Path, adapter: str | None = None, device: str =
                            "head). Name it with "
                            f"reward.adapter (or eval.reward_model_adapters.NAME): {_families_text()}")
     if family == "rlprm":
-        from rlprm.reward_models import RewardModel
+        from rlprm.reward.model import RewardModel
 
         if found != "rlprm":
             raise AdapterError(f"{ref} has no {ADAPTER_FILE}: it is not an rlprm reward model; name its family "
@@ -113,23 +113,23 @@ def load_reward_model(ref: str | Path, adapter: str | None = None, device: str =
         raise AdapterError(f"{ref} is an rlprm reward model ({ADAPTER_FILE}); drop the adapter {family!r} or set "
                            "it to rlprm")
     if family == "qwen_prm":
-        from rlprm.prm_adapters import qwen_prm
+        from rlprm.reward.adapters import qwen_prm
 
         impl = qwen_prm.load(ref, device, dtype, system_prompt)
     elif family == "pure_prm":
-        from rlprm.prm_adapters import token_cls
+        from rlprm.reward.adapters import token_cls
 
         impl = token_cls.load(ref, device, dtype, trust_remote_code)
     elif family in ("math_shepherd", "rlhflow"):
-        from rlprm.prm_adapters import tag_lm
+        from rlprm.reward.adapters import tag_lm
 
         impl = tag_lm.load(family, ref, device, dtype, trust_remote_code)
     elif family == "value_head":
-        from rlprm.prm_adapters import value_head
+        from rlprm.reward.adapters import value_head
 
         impl = value_head.load(ref, device, dtype, trust_remote_code)
     else:
-        from rlprm.prm_adapters import implicit
+        from rlprm.reward.adapters import implicit
 
         if reference is None:
             raise AdapterError("the implicit family scores with two LMs: set reward.reference_model to the reference "

@@ -75,7 +75,7 @@ class Convention:
     scorer: str = "head"
     """`head`: a classification head reads the hidden state at each step end (PRM) or the last token (ORM).
     `lm`: the model is a causal LM trained on the labels and a step's probability is a logistic function of
-    its own token log-probabilities (rlprm/rm_lm.py)."""
+    its own token log-probabilities (rlprm/reward/lm.py)."""
     lm_head: list[float] | None = None
     """(scorer `lm`) `[w_min, w_mean, b]`: P(correct) = sigmoid(w_min * min + w_mean * mean + b) over the span's
     token log-probabilities."""
@@ -514,7 +514,7 @@ class RewardModel:
                 if not chunk:
                     continue
                 if self.convention.scorer == "lm":
-                    from rlprm.rm_lm import score_encoded
+                    from rlprm.reward.lm import score_encoded
 
                     probs = score_encoded(self.model, self.convention.lm_head, [encoded[i] for i in chunk], self.kind,
                                           self.tokenizer.pad_token_id)
@@ -565,7 +565,7 @@ class RewardModel:
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
                 if self.convention.scorer == "lm":
-                    from rlprm.rm_lm import score_encoded
+                    from rlprm.reward.lm import score_encoded
 
                     probs = score_encoded(self.model, self.convention.lm_head, [encoded[j] for j in chunk], "prm",
                                           self.tokenizer.pad_token_id)

@@ -19,7 +19,7 @@ predictions (`token_logps`).
 
 from __future__ import annotations
 
-from rlprm.prm_adapters.common import (HEAD_CHUNK_ELEMENTS, AdapterError, Encoded, last_hidden, output_head,
+from rlprm.reward.adapters.common import (HEAD_CHUNK_ELEMENTS, AdapterError, Encoded, last_hidden, output_head,
                                       pad_id_of, pad_right)
 
 JOINER = "\n\n"
@@ -127,7 +127,7 @@ def load(path: str, reference: str, device: str, dtype, beta: float, trust_remot
     from transformers import AutoModelForCausalLM
 
     from rlprm.models import load_tokenizer, torch_dtype
-    from rlprm.reward_models import load_checked
+    from rlprm.reward.model import load_checked
 
     tokenizer = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)
     # both LMs' heads are read (log-probabilities of the step tokens): a checkpoint without one is refused

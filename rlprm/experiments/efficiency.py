@@ -156,7 +156,7 @@ def choose_threshold(step_probs: Sequence[Sequence[float]], gold_first_errors: S
 
     Ties go to the value nearest 0.5, then the smaller. F1 None everywhere (one group empty): (0.5, None).
     """
-    from rlprm.rm_metrics import first_error_f1, predict_first_error
+    from rlprm.reward.metrics import first_error_f1, predict_first_error
 
     best = (0.5, None)
     for t in sorted(grid, key=lambda t: (abs(t - 0.5), t)):

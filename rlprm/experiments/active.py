@@ -12,7 +12,7 @@ Two entry points:
 
 - `rlprm select RECIPE` (`select`): score the pool (rm.data's training
   samples: N per problem, graded) with the current PRM and write the top K per
-  problem as PRM800K phase-2 lines, ready for labelling (`rlprm.label`);
+  problem as PRM800K phase-2 lines, ready for labelling (`rlprm.reward.label`);
   `rlprm.data.prm800k` reads them back once rated.
 - `rlprm active-learning RECIPE` (`run_loop`): the whole comparison on the
   arithmetic task. Every arm starts from the same uniform seed set; at each
@@ -26,8 +26,8 @@ Two entry points:
   first-error F1 at a threshold chosen on held-out validation problems) is
   plotted against the number of labels, and the data-efficiency factor
   (labels uniform needs / labels active needs for the same quality,
-  rlprm/efficiency.py) is reported with a bootstrap interval over seeds
-  (rlprm/active_report.py).
+  rlprm/experiments/efficiency.py) is reported with a bootstrap interval over seeds
+  (rlprm/experiments/active_report.py).
 
 The label budget counts labelled SOLUTIONS (the paper's unit: one solution
 sent to the labeller is one label, whatever its steps); labelled steps are
@@ -36,7 +36,7 @@ error, so active labels carry fewer steps each). `plan_generation` makes
 every budget exact.
 
 The pure pieces (`convincing_slots`, `mix_slots`, `plan_generation`,
-`select_indices`, `prm_quality`; the factor in rlprm/efficiency.py) are plain
+`select_indices`, `prm_quality`; the factor in rlprm/experiments/efficiency.py) are plain
 functions tested on hand-made inputs.
 """
 
@@ -50,7 +50,7 @@ from typing import Sequence
 
 from rlprm.config import Recipe
 from rlprm.errors import InputError
-from rlprm.active_report import arm_name
+from rlprm.experiments.active_report import arm_name
 from rlprm.files import atomic_write_jsonl
 
 CONVINCING_WRONG, CONVINCING, UNIFORM = "convincing_wrong_answer", "convincing", "uniform"
@@ -162,7 +162,7 @@ def load_pools(recipe: Recipe, progress: bool = True) -> tuple[list, list, dict]
     if recipe.task.name != "arithmetic" or recipe.rm.data.source != "arithmetic":
         raise ActiveLearningError("active learning samples the generator on the embedded task: set task.name: "
                                   "arithmetic and rm.data.source: arithmetic (for other data, write unrated lines "
-                                  "with rlprm.label.unlabelled_line and label them with `rlprm label --with PRM_DIR`)")
+                                  "with rlprm.reward.label.unlabelled_line and label them with `rlprm label --with PRM_DIR`)")
     gen_path = recipe.model.generator
     if gen_path == "tiny" or (gen_path.startswith("/") and not (Path(gen_path) / "config.json").is_file()):
         from rlprm.prerequisites import generator_hint
@@ -193,7 +193,7 @@ def answer_text(problem_text: str) -> str | None:
 def train_prm(recipe: Recipe, records, steps: int, seed: int, warmup_steps: int = 10, progress: bool = False,
               desc: str = "training PRM"):
     """(rm.scorer head) A fresh PRM (built like `rlprm train-rm` builds one) trained `steps` optimizer steps on
-    `records`. The LM-scored default PRM trains through rlprm.rm_fit instead.
+    `records`. The LM-scored default PRM trains through rlprm.reward.fit instead.
 
     A plain loop rather than `transformers.Trainer`: many short trainings in one process, each with
     the same seed-determined head, new blocks and batch order.
@@ -202,7 +202,7 @@ def train_prm(recipe: Recipe, records, steps: int, seed: int, warmup_steps: int 
     from tqdm.auto import tqdm
 
     from rlprm.models import load_tokenizer, resolve_device
-    from rlprm.reward_models import (Collator, RewardModel, add_identity_layers, build_reward_model, encode_examples,
+    from rlprm.reward.model import (Collator, RewardModel, add_identity_layers, build_reward_model, encode_examples,
                                      freeze_body, make_convention, reward_loss)
 
     rm_cfg = recipe.rm
@@ -275,9 +275,9 @@ def prm_quality(val_records, val_probs, test_records, test_probs, eval_n: int, a
     AUROC (threshold-free) and first-error F1 at the threshold with the best F1 on the VALIDATION problems
     (`grid`); F1 at 0.5 beside it for reference."""
     from rlprm.data.stepwise import INCORRECT
-    from rlprm.efficiency import choose_threshold
-    from rlprm.reward_models import aggregate
-    from rlprm.rm_metrics import auroc, best_of_n_accuracy, first_error_f1, predict_first_error
+    from rlprm.experiments.efficiency import choose_threshold
+    from rlprm.reward.model import aggregate
+    from rlprm.reward.metrics import auroc, best_of_n_accuracy, first_error_f1, predict_first_error
 
     def gold_pairs(records, probs):
         pairs = [(first_error_gold(r), p) for r, p in zip(records, probs)]
@@ -332,7 +332,7 @@ def surface(rm, groups: list[list], problem_ids: Sequence[int], k: int, fraction
             quotas: Sequence[int] | None = None):
     """Score the candidates of the chosen problems and pick k each (or quotas[i] of problem i), round(total *
     fraction) of them convincing wrong-answer ones (`mix_slots`). Returns [(problem, sample, why, score)]."""
-    from rlprm.reward_models import aggregate
+    from rlprm.reward.model import aggregate
 
     cands = [(p, i) for p in problem_ids for i in range(len(groups[p]))
              if available is None or available[p][i]]
@@ -354,7 +354,7 @@ def surface(rm, groups: list[list], problem_ids: Sequence[int], k: int, fraction
 
 def unrated_lines(groups, picks, generation: int) -> list[dict]:
     """PRM800K phase-2 lines (unrated) for picked (problem, sample, why, score) tuples."""
-    from rlprm.label import unlabelled_line
+    from rlprm.reward.label import unlabelled_line
 
     lines = []
     for p, i, why, score in picks:
@@ -370,7 +370,7 @@ def select(recipe: Recipe, progress: bool = True) -> dict:
     from collections import Counter
 
     from rlprm.models import resolve_device
-    from rlprm.prm_adapters import load_for_recipe
+    from rlprm.reward.adapters import load_for_recipe
 
     cfg = recipe.active
     prm_path = cfg.prm or recipe.model.reward_model
@@ -402,7 +402,7 @@ def label_records(lines: list[dict], labeller, sep: str, threshold: float, path:
     import tempfile
 
     from rlprm.data.prm800k import load_prm800k
-    from rlprm.label import label_lines
+    from rlprm.reward.label import label_lines
 
     labelled, _ = label_lines(lines, labeller, threshold, sep)
     if path is None:
@@ -422,11 +422,11 @@ def label_records(lines: list[dict], labeller, sep: str, threshold: float, path:
 def load_loop_labeller(recipe: Recipe):
     """`checker`, or active.labeller loaded once (family active.labeller_adapter, else detected) for every file.
 
-    Any PRM loads through the one loader of named reward models (`rlprm.prm_adapters.load_for_recipe`), so a
+    Any PRM loads through the one loader of named reward models (`rlprm.reward.adapters.load_for_recipe`), so a
     public PRM can label for small ones as an rlprm folder can."""
     from rlprm.models import resolve_device
-    from rlprm.prm_adapters import load_for_recipe
-    from rlprm.reward_models import RewardModelError
+    from rlprm.reward.adapters import load_for_recipe
+    from rlprm.reward.model import RewardModelError
 
     cfg = recipe.active
     if cfg.labeller == "checker":
@@ -457,8 +457,8 @@ def run_loop(recipe: Recipe, progress: bool = True) -> dict:
     """
     import torch
 
-    from rlprm.active_report import write_report
-    from rlprm.rm_fit import BackboneCache
+    from rlprm.experiments.active_report import write_report
+    from rlprm.reward.fit import BackboneCache
     from rlprm.tracking import Tracker
 
     cfg, rm_cfg, sep = recipe.active, recipe.rm, recipe.task.step_separator
@@ -487,7 +487,7 @@ def run_loop(recipe: Recipe, progress: bool = True) -> dict:
 
     def train_eval(records, seed, desc):
         if backbone is not None:
-            from rlprm.rm_fit import fit_lm_reward_model
+            from rlprm.reward.fit import fit_lm_reward_model
 
             rm = fit_lm_reward_model(recipe, backbone, records, "prm", cfg.train_steps, seed, progress)
         else:

@@ -25,7 +25,7 @@ Pieces:
   the step or token cap) are set aside; the final pick among them uses the best-of-N selectors (`pick`).
   Generated tokens (lookahead included) and scorer calls (partial solutions scored) are counted per problem.
 
-The compute-matched comparison with best-of-N is `compare` (rlprm/search_report.py writes it).
+The compute-matched comparison with best-of-N is `compare` (rlprm/evaluation/search_report.py writes it).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
-from rlprm.problems import TaskProblem
-from rlprm.reward_models import AGGREGATIONS, aggregate
+from rlprm.data.problems import TaskProblem
+from rlprm.reward.model import AGGREGATIONS, aggregate
 from rlprm.steps import ANSWER_MARK, DEFAULT_SEPARATOR, split_steps
 
 METHODS = ("beam", "dvts")
@@ -408,7 +408,7 @@ class ConfidenceScorer:
         self.model, self.tokenizer, self.sep, self.batch_size = model, tokenizer, sep, batch_size
 
     def score_prefixes(self, problems, partial_texts):
-        from rlprm.evaluate import response_logprobs
+        from rlprm.evaluation.evaluate import response_logprobs
         from rlprm.steps import encode_batch
 
         steps = [split_steps(t, self.sep) for t in partial_texts]
@@ -680,7 +680,7 @@ def search_outcomes(result: SearchResult, sep: str, selectors=("score", "majorit
                     seed: int = 0) -> dict[str, Outcome]:
     """Grade the finished solutions and apply each selector: {selector: Outcome}. A problem with no finished
     solution counts as wrong."""
-    from rlprm.problems import grade_samples
+    from rlprm.data.problems import grade_samples
 
     grades = grade_samples(result.problems, [[b.text for b in row] for row in result.finished], sep)
     out = {}

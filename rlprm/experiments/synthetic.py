@@ -10,10 +10,10 @@ reward models train on exactly those samples with different labels:
     process_checker     (optional) a PRM on the exact checker's step labels: the ceiling
 
 Their best-of-N curves on the held-out pool are compared in ONE paired bootstrap over problems
-(`rlprm.evaluate.bon_bootstrap`, the small models' seeds pooled), with intervals for the differences, and every
+(`rlprm.evaluation.evaluate.bon_bootstrap`, the small models' seeds pooled), with intervals for the differences, and every
 labelling is scored against the exact checker: how often its label is wrong.
 
-The large PRM labels through the files a person would use (unrated PRM800K lines -> `rlprm.label` with the
+The large PRM labels through the files a person would use (unrated PRM800K lines -> `rlprm.reward.label` with the
 loaded PRM -> the PRM800K loader): the same machinery as `rlprm label --with PRM_DIR` and the active-learning
 loop's `active.labeller`.
 """
@@ -119,9 +119,9 @@ def training_sets(samples, prm_labelled, labellings) -> dict:
 def held_out_pool(eval_records, n: int, sep: str):
     """The held-out checker-labelled records as a best-of-N Pool (problems with at least n samples, first n each),
     and the records in pool order."""
-    from rlprm.evaluate import Pool
-    from rlprm.label import parse_problem_text
-    from rlprm.problems import TaskProblem, grade_samples
+    from rlprm.evaluation.evaluate import Pool
+    from rlprm.reward.label import parse_problem_text
+    from rlprm.data.problems import TaskProblem, grade_samples
     from rlprm.steps import render_steps
 
     groups: dict = {}
@@ -141,7 +141,7 @@ def held_out_pool(eval_records, n: int, sep: str):
 
 def score_matrix(rm, records, shape: tuple[int, int], how: str, batch_size: int) -> np.ndarray:
     """(P, n) solution scores of a reward model on the pool's records (in pool order)."""
-    from rlprm.reward_models import aggregate
+    from rlprm.reward.model import aggregate
 
     probs = rm.score_steps([r.problem for r in records], [r.steps for r in records], batch_size=batch_size)
     return np.array([aggregate(p, how if rm.kind == "prm" else "last") for p in probs], dtype=float).reshape(shape)
@@ -153,7 +153,7 @@ def score_matrix(rm, records, shape: tuple[int, int], how: str, batch_size: int)
 def large_prm(recipe: Recipe, backbone, train_problems, large_texts: set, pool, progress: bool):
     """(PRM, where it came from): synthetic.large_prm loaded, or trained here on the large PRM's problems (saved to
     RUN_DIR/large_prm and loaded back)."""
-    from rlprm.rm_fit import fit_lm_reward_model
+    from rlprm.reward.fit import fit_lm_reward_model
     from rlprm.train_rm import synthetic_records
 
     cfg = recipe.synthetic
@@ -178,8 +178,8 @@ def large_prm(recipe: Recipe, backbone, train_problems, large_texts: set, pool, 
 def load_labeller(recipe: Recipe, path: str, adapter):
     """A PRM folder or hub id loaded through the one loader of named reward models; refused if it is an ORM."""
     from rlprm.models import resolve_device
-    from rlprm.prm_adapters import load_for_recipe
-    from rlprm.reward_models import RewardModelError
+    from rlprm.reward.adapters import load_for_recipe
+    from rlprm.reward.model import RewardModelError
 
     try:
         rm = load_for_recipe(recipe, path, adapter, device=resolve_device(recipe.run.device))
@@ -194,10 +194,10 @@ def run_synthetic(recipe: Recipe, progress: bool = True) -> dict:
     """`rlprm synthetic-supervision`: label, train the small reward models, best-of-N, report. Returns the summary."""
     import torch
 
-    from rlprm.active import label_records, load_pools, unrated_lines
-    from rlprm.evaluate import bon_bootstrap, powers_of_two
-    from rlprm.problems import reward_model_arithmetic
-    from rlprm.rm_fit import BackboneCache, fit_lm_reward_model
+    from rlprm.experiments.active import label_records, load_pools, unrated_lines
+    from rlprm.evaluation.evaluate import bon_bootstrap, powers_of_two
+    from rlprm.data.problems import reward_model_arithmetic
+    from rlprm.reward.fit import BackboneCache, fit_lm_reward_model
     from rlprm.tracking import Tracker
 
     cfg, rm_cfg, sep = recipe.synthetic, recipe.rm, recipe.task.step_separator
@@ -221,7 +221,7 @@ def run_synthetic(recipe: Recipe, progress: bool = True) -> dict:
         fresh_texts = {p.text for p in train_problems[cfg.large_problems:cfg.large_problems + cfg.problems]}
         samples = [r for r in pool if r.group in fresh_texts]
         backbone = BackboneCache(recipe)
-        # 2. the large PRM labels the fresh samples through the label files (rlprm.label, as `label --with`)
+        # 2. the large PRM labels the fresh samples through the label files (rlprm.reward.label, as `label --with`)
         big, big_source = large_prm(recipe, backbone, train_problems, large_texts, pool, progress)
         groups = [[r] for r in samples]
         picks = [(i, 0, "synthetic", None) for i in range(len(samples))]
@@ -276,7 +276,7 @@ def _pct(x) -> str:
 def write_report(run_dir: Path, cfg, curves: dict, diffs: dict, errors: dict, ns: list[int], big_source: str,
                  num_samples: int, info: dict) -> dict:
     """report.md, synthetic_supervision.png; returns the summary (summary.json)."""
-    from rlprm.evaluate import markdown_table
+    from rlprm.evaluation.evaluate import markdown_table
 
     names = list(cfg.labellings)
     lines = ["# Synthetic supervision: a large PRM labels for small reward models", "",

@@ -16,7 +16,7 @@ Architecture: qwen_arch.py (our own, on transformers' Qwen2 classes, under the p
 
 from __future__ import annotations
 
-from rlprm.prm_adapters.common import (SENTINEL, AdapterError, Plan, pad_id_of, pad_right, read_index, realize,
+from rlprm.reward.adapters.common import (SENTINEL, AdapterError, Plan, pad_id_of, pad_right, read_index, realize,
                                       split_template, unflatten)
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -66,8 +66,8 @@ class QwenPRM:
 
 def load(path: str, device: str, dtype, system_prompt: str | None = None):
     from rlprm.models import load_tokenizer, torch_dtype
-    from rlprm.prm_adapters.qwen_arch import QwenProcessRewardModel
-    from rlprm.reward_models import load_checked
+    from rlprm.reward.adapters.qwen_arch import QwenProcessRewardModel
+    from rlprm.reward.model import load_checked
 
     tokenizer = load_tokenizer(path, padding_side="right")
     # refuses a checkpoint without the score.0/score.2 head (e.g. a single-Linear token classifier)

@@ -1,6 +1,6 @@
 """`rlprm prepare`: build and fine-tune the tiny generator on the embedded task.
 
-The generator is fine-tuned (rlprm/sft.py, a plain torch loop) on a mix of
+The generator is fine-tuned (rlprm/experiments/sft.py, a plain torch loop) on a mix of
 clean and corrupted solutions (loss on the completion only), so that when
 sampled at temperature 1 it makes the kind of step errors a PRM has to catch.
 It is then checked on held-out problems, and saved as `generator/` only if it
@@ -76,8 +76,8 @@ def shortcut_confidence_auroc(model, tokenizer, problems, samples, results, max_
     problems whose final op is one the training data takes the shortcut on (`finals`, the recipe's
     task.arithmetic.shortcut_finals: there the shortcut is the commoner, surer choice). None where a class is missing.
     """
-    from rlprm.evaluate import response_logprobs
-    from rlprm.rm_metrics import auroc
+    from rlprm.evaluation.evaluate import response_logprobs
+    from rlprm.reward.metrics import auroc
 
     keep = [i for i, r in enumerate(results) if r.process_correct or r.shortcut]
     if not keep:
@@ -142,7 +142,7 @@ def prepare(recipe: Recipe, progress: bool = True) -> dict:
     import torch
 
     from rlprm.models import build_tiny_causal_lm, num_parameters, resolve_device
-    from rlprm.sft import SFTError, encode_completions, train_sft
+    from rlprm.experiments.sft import SFTError, encode_completions, train_sft
     from rlprm.tracking import Tracker
 
     t_start = time.monotonic()

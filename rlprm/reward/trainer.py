@@ -10,7 +10,7 @@ import time
 
 from transformers import Trainer, TrainerCallback
 
-from rlprm.reward_models import reward_loss
+from rlprm.reward.model import reward_loss
 
 
 class RewardModelTrainer(Trainer):

@@ -3,7 +3,7 @@
 A family (qwen_prm.py, tag_lm.py, value_head.py, token_cls.py, implicit.py) decides two things: how a
 solution becomes input ids with a *read position* per step (`encode`), and how a right-padded batch of those
 ids becomes one probability of "correct" per read position (`score_batch`). `HubPRM` does the rest the way
-`rlprm.reward_models.RewardModel` does it: texts split into steps with the one step convention
+`rlprm.reward.model.RewardModel` does it: texts split into steps with the one step convention
 (`rlprm.steps.split_steps`), lengths sorted into batches, one forward pass per solution, results back in the
 caller's order.
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from rlprm.reward_models import RewardModelError
+from rlprm.reward.model import RewardModelError
 from rlprm.steps import DEFAULT_SEPARATOR, leading_bos, split_steps
 
 SENTINEL = "\ue000rlprm-content\ue000"
@@ -310,7 +310,7 @@ class HubPRM:
 
     def score(self, problems: Sequence[str], solutions: Sequence, aggregate: str = "prod", sep: str | None = None,
               batch_size: int = 16) -> list[float]:
-        from rlprm.reward_models import aggregate as combine
+        from rlprm.reward.model import aggregate as combine
 
         return [combine(p, aggregate) for p in self.score_steps(problems, solutions, sep=sep, batch_size=batch_size)]
 

@@ -73,7 +73,7 @@ def bon_statistics(dirs: list[Path], resamples: int = BON_RESAMPLES, seed: int =
 
     Pools when every folder has one (a paired bootstrap over problems, seeds together); else, for one folder,
     its own bon_curves.json (the stage's bootstrap, fewer resamples). Raises FileNotFoundError otherwise."""
-    from rlprm.evaluate import DIFFERENCES_KEY, selector_curves, bon_bootstrap, load_pool, powers_of_two, \
+    from rlprm.evaluation.evaluate import DIFFERENCES_KEY, selector_curves, bon_bootstrap, load_pool, powers_of_two, \
         selector_scores
 
     pools_at = [Path(d) / "pool.jsonl" for d in dirs]
@@ -106,8 +106,8 @@ def sharpening_rates(dirs_by_generator: dict[str, list[Path]], generators=("star
     """{generator: {metric: seed interval}}: the rates of every sample in the starting generator's best-of-N pools,
     at T=1 and at T=0.7. The T=0.7 row is what sharpening alone (no training) buys: an RL arm that only sharpens
     the policy toward its mode should look like it."""
-    from rlprm.compare import seed_interval
-    from rlprm.evaluate import load_pool, sample_rates
+    from rlprm.evaluation.compare import seed_interval
+    from rlprm.evaluation.evaluate import load_pool, sample_rates
 
     out = {}
     for gen in generators:
@@ -124,7 +124,7 @@ def sharpening_rates(dirs_by_generator: dict[str, list[Path]], generators=("star
 
 def _runs_by_seed(dirs: list[Path]) -> dict:
     """seed -> RunData of an arm's folders (a folder without a seed in its recipe gets its position)."""
-    from rlprm.compare import read_run
+    from rlprm.evaluation.compare import read_run
 
     runs = [read_run(d) for d in dirs]
     return {(r.seed if r.seed is not None else i): r for i, r in enumerate(runs)}
@@ -132,7 +132,7 @@ def _runs_by_seed(dirs: list[Path]) -> dict:
 
 def _endpoints(run, key: str) -> tuple[float | None, float | None]:
     """(value at the first evaluated epoch, value at the last) of a per-epoch eval record key."""
-    from rlprm.compare import rl_curve
+    from rlprm.evaluation.compare import rl_curve
 
     curve = rl_curve(run, key)
     if not curve:
@@ -168,7 +168,7 @@ def arm_seed_values(runs: dict) -> dict:
 
 def rl_summary(seed_values: dict[str, dict]) -> dict:
     """arm -> metric -> point -> seed_interval, from `arm_seed_values` of each arm."""
-    from rlprm.compare import seed_interval
+    from rlprm.evaluation.compare import seed_interval
 
     return {arm: {metric: {point: seed_interval(list(vals.values())) for point, vals in points.items()}
                   for metric, points in values.items()} for arm, values in seed_values.items()}
@@ -176,7 +176,7 @@ def rl_summary(seed_values: dict[str, dict]) -> dict:
 
 def rl_differences(seed_values: dict[str, dict]) -> dict:
     """{"A_minus_B": {metric: {"end": paired interval}}} for the RL_PAIRS whose arms both ran."""
-    from rlprm.compare import paired_seed_differences
+    from rlprm.evaluation.compare import paired_seed_differences
 
     out = {}
     for a, b in RL_PAIRS:
@@ -261,7 +261,7 @@ def plot_rl_metrics(runs_by_arm: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rlprm.compare import rl_curve, seed_interval
+    from rlprm.evaluation.compare import rl_curve, seed_interval
 
     titles = {"answer_accuracy": "answer accuracy", "process_accuracy": "process accuracy (every step right)",
               "trace_error": "trace error (wrong step | right answer)", "shortcut_rate": "last-digit shortcut rate"}
@@ -368,7 +368,7 @@ def rl_markdown(summary: dict, diffs: dict, seeds: int) -> list[str]:
 
 
 def bon_markdown(stats: dict[str, tuple[dict, dict, str]]) -> list[str]:
-    from rlprm.evaluate import markdown_table
+    from rlprm.evaluation.evaluate import markdown_table
 
     lines = ["## Best-of-N", "",
              "One panel per generator, a line per selector with its 95% band (paired bootstrap over problems; "
@@ -416,8 +416,8 @@ def write_demo_report(layout: DemoLayout, out_dir: Path, runtime: dict, resample
                       seed: int = 0) -> Path:
     """Write report.md, summary.json, bon_by_generator.png, bon_by_selector.png, rl_curves.png, rl_kl.png and
     the all-runs view (all_runs/report.md, `rlprm compare` of every folder) into out_dir; returns report.md."""
-    from rlprm.compare import compare, read_run
-    from rlprm.evaluate import plot_by_generator
+    from rlprm.evaluation.compare import compare, read_run
+    from rlprm.evaluation.evaluate import plot_by_generator
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlprm.prm_adapters.common import (AdapterError, Plan, pad_id_of, pad_right, read_index, realize, single_token,
+from rlprm.reward.adapters.common import (AdapterError, Plan, pad_id_of, pad_right, read_index, realize, single_token,
                                       unflatten)
 
 HEAD_WEIGHT, HEAD_BIAS = "v_head.summary.weight", "v_head.summary.bias"
@@ -75,7 +75,7 @@ def load(path: str, device: str, dtype, trust_remote_code: bool = False):
     from transformers import AutoModel
 
     from rlprm.models import load_tokenizer, torch_dtype
-    from rlprm.reward_models import load_checked
+    from rlprm.reward.model import load_checked
 
     folder = Path(path)
     file = weight_file_with(folder, HEAD_WEIGHT) if folder.is_dir() else None

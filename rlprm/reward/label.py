@@ -22,7 +22,7 @@ Labellers:
   supervises a small one (the paper's section 4 set-up): label with the large
   one, train the small one on the labels. The PRM is an rlprm folder or any
   public PRM (a folder or hub id, `--adapter FAMILY` where its files do not
-  say it): it loads through `rlprm.prm_adapters.load_reward_model`, the one
+  say it): it loads through `rlprm.reward.adapters.load_reward_model`, the one
   loader of every command that names a reward model.
 """
 
@@ -172,7 +172,7 @@ def load_labeller(labeller: str, adapter: str | None = None, device: str = "cpu"
 
     `options` go to `load_reward_model` (reference / beta for the implicit family, system_prompt, dtype).
     """
-    from rlprm.prm_adapters import load_reward_model
+    from rlprm.reward.adapters import load_reward_model
 
     rm = load_reward_model(labeller, adapter, device=device, **options)
     if rm.kind != "prm":

@@ -3,7 +3,7 @@
 Active learning retrains a PRM after every labelling round and synthetic
 supervision trains several small reward models on one data set. Each is
 built exactly like `rlprm train-rm` builds the default arithmetic reward model
-(`rm.scorer: lm`, rlprm/rm_lm.py: the backbone kept as a causal LM and trained
+(`rm.scorer: lm`, rlprm/reward/lm.py: the backbone kept as a causal LM and trained
 on the labels alone, with the recipe's rm.* learning rates, batch size and
 warm-up), but for a step budget the caller gives and without saving: the
 backbone is read from disk once and copied for each training, so a run of
@@ -27,7 +27,7 @@ class BackboneCache:
 
     def _load(self):
         from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
-        from rlprm.reward_models import quiet_transformers
+        from rlprm.reward.model import quiet_transformers
 
         recipe = self.recipe
         backbone = recipe.model.generator if recipe.rm.backbone == "generator" else recipe.rm.backbone
@@ -53,7 +53,7 @@ class BackboneCache:
 
         Ranks solutions exactly as the generator's own `confidence` selector does under `min` aggregation (the
         baseline a trained reward model must beat); its step AUROC is the confidence AUROC."""
-        from rlprm.reward_models import RewardModel, make_convention
+        from rlprm.reward.model import RewardModel, make_convention
 
         rm_cfg = self.recipe.rm
         convention = make_convention(kind, self.recipe.task.step_separator, rm_cfg.prompt_template)
@@ -70,8 +70,8 @@ def fit_lm_reward_model(recipe: Recipe, backbone: BackboneCache, records, kind: 
     """
     import torch
 
-    from rlprm.reward_models import RewardModel, make_convention
-    from rlprm.rm_lm import train_lm_scorer
+    from rlprm.reward.model import RewardModel, make_convention
+    from rlprm.reward.lm import train_lm_scorer
 
     rm_cfg = recipe.rm
     convention = make_convention(kind, recipe.task.step_separator, rm_cfg.prompt_template)

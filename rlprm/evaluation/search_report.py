@@ -76,7 +76,7 @@ def bon_points(pool, selector_values: dict[str, np.ndarray], ns: list[int], draw
                t_sample: float) -> list[dict]:
     """Best-of-N's per-problem points at each N: expected accuracy / every-step-right of each selector over
     `draws` draws of N of the pool's samples (ties at random); `majority` votes over answer classes."""
-    from rlprm.search import answer_key, pick
+    from rlprm.evaluation.search import answer_key, pick
 
     rng = random.Random(seed)
     correct, process = pool.correct(), pool.process()
@@ -110,7 +110,7 @@ def bon_points(pool, selector_values: dict[str, np.ndarray], ns: list[int], draw
 
 def make_scorer(recipe, tokenizer, model, device):
     """The eval.search.scorer: the checker, the generator's confidence, or a reward model of eval.reward_models."""
-    from rlprm.search import CheckerScorer, ConfidenceScorer, RewardModelScorer
+    from rlprm.evaluation.search import CheckerScorer, ConfidenceScorer, RewardModelScorer
 
     ev, sep = recipe.eval, recipe.task.step_separator
     name = ev.search.scorer
@@ -118,7 +118,7 @@ def make_scorer(recipe, tokenizer, model, device):
         return CheckerScorer(sep)
     if name == "confidence":
         return ConfidenceScorer(model, tokenizer, sep, batch_size=min(ev.batch_size, 64))
-    from rlprm.prm_adapters import load_for_recipe
+    from rlprm.reward.adapters import load_for_recipe
 
     rm = load_for_recipe(recipe, ev.reward_models[name], ev.reward_model_adapters.get(name), device=device,
                          dtype="float32")
@@ -130,10 +130,10 @@ def run_search_comparison(recipe, pool, tokenizer, device, t_sample: float, prog
     """Search at every budget, best-of-N from `pool`, the paired bootstrap, and search.{json,md,png} in the run
     folder; returns flat metrics (`search/<method>/budget=<k>/<metric>`). sampler: the pool's (eval.rollout); a
     vLLM one generates the search's steps too (`VLLMStepGenerator`), else HF `generate` on the generator."""
-    from rlprm.evaluate import powers_of_two, selector_scores
+    from rlprm.evaluation.evaluate import powers_of_two, selector_scores
     from rlprm.models import load_causal_lm
-    from rlprm.reward_models import aggregate
-    from rlprm.search import HFStepGenerator, SearchSettings, VLLMStepGenerator, search, search_outcomes
+    from rlprm.reward.model import aggregate
+    from rlprm.evaluation.search import HFStepGenerator, SearchSettings, VLLMStepGenerator, search, search_outcomes
 
     ev, cfg, sep = recipe.eval, recipe.eval.search, recipe.task.step_separator
     run_dir = Path(recipe.run.output_dir)

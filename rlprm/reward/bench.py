@@ -31,7 +31,7 @@ from typing import Sequence
 
 from rlprm.errors import InputError
 from rlprm.files import atomic_write_json, atomic_write_text, save_figure
-from rlprm.rm_metrics import auroc, first_error_f1, predict_first_error
+from rlprm.reward.metrics import auroc, first_error_f1, predict_first_error
 
 
 class BenchError(InputError, ValueError):
@@ -81,7 +81,7 @@ def tune_threshold(labels: Sequence[int], step_probs: Sequence[Sequence[float]],
 
 def token_forms(rm, records) -> list[list[int]]:
     """Each record's token ids as the model reads them (an rlprm model's convention, or a family's plan)."""
-    from rlprm.reward_models import RewardModel
+    from rlprm.reward.model import RewardModel
     from rlprm.steps import encode_batch
 
     if not records:
@@ -95,7 +95,7 @@ def token_forms(rm, records) -> list[list[int]]:
 
 
 def model_config(rm):
-    from rlprm.reward_models import RewardModel
+    from rlprm.reward.model import RewardModel
 
     return rm.model.config if isinstance(rm, RewardModel) else rm.family.config
 
@@ -192,7 +192,7 @@ def arithmetic_records(recipe, progress: bool = True) -> tuple[list, dict]:
     """
     from rlprm.data.stepwise import load_or_sample, model_fingerprint, sample_arithmetic
     from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
-    from rlprm.reward_models import quiet_transformers
+    from rlprm.reward.model import quiet_transformers
     from rlprm.tasks.arithmetic import split_problems
 
     cfg, data, sep = recipe.bench, recipe.rm.data, recipe.task.step_separator
@@ -303,7 +303,7 @@ def run_bench(recipe, progress: bool = True) -> dict:
     """Load model.reward_model (family reward.adapter, else detected), score every subset, write the report."""
     from rlprm.data.processbench import load_processbench
     from rlprm.models import resolve_device
-    from rlprm.prm_adapters import AdapterError, load_for_recipe
+    from rlprm.reward.adapters import AdapterError, load_for_recipe
     from rlprm.tracking import Tracker
 
     cfg = recipe.bench

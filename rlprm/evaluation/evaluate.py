@@ -23,8 +23,8 @@ is right" (pass@N). On the arithmetic task the process-correct rate of the
 chosen solutions shows how often a right answer was picked with wrong steps
 under it.
 
-`best_of_n(...)` is the API RL loops call between epochs; `run_eval(recipe)`
-is `rlprm eval`.
+`best_of_n(...)` is the API RL loops call between epochs; `rlprm eval` is
+`evaluation.job.run_eval`, which builds on this module.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rlprm.files import atomic_write_json, atomic_write_jsonl, atomic_write_text, save_figure
-from rlprm.problems import SampleGrade, TaskProblem
+from rlprm.files import atomic_write_jsonl, save_figure
+from rlprm.data.problems import SampleGrade, TaskProblem
 
 MAJORITY, WEIGHTED, RANDOM, ORACLE = "majority", "weighted_majority", "random", "pass@n"
 CONFIDENCE, LIKELIHOOD = "confidence", "likelihood"
@@ -159,7 +159,7 @@ def sample_pool(model, tokenizer, problems: list[TaskProblem], n: int, temperatu
     1, whatever `temperature` sampled the pool). A completion shorter than `max_new_tokens` ended on EOS (the
     sampler strips it); an empty response without EOS scores 0 on both.
     """
-    from rlprm.problems import grade_samples
+    from rlprm.data.problems import grade_samples
     from rlprm.rollout import HFSampler
 
     sampler = sampler or HFSampler(model, tokenizer)
@@ -246,7 +246,7 @@ def load_pool(path: Path) -> Pool:
 def selector_scores(pool: Pool, aggregations=("prod", "min", "last", "mean")) -> dict[str, np.ndarray]:
     """Solution scores (P, n) for every score selector: `NAME_AGG` for a PRM, `NAME` for an ORM, then the
     generator's own `confidence` and `likelihood` where the pool has them (higher is picked)."""
-    from rlprm.reward_models import aggregate
+    from rlprm.reward.model import aggregate
 
     out = {}
     n = pool.n
@@ -718,12 +718,12 @@ def between_epochs(recipe, model, tokenizer, problems: list[TaskProblem], reward
 def held_out_reward(recipe, pool: Pool, tokenizer=None, reference=None) -> float | None:
     """Mean over the pool's samples of the reward the run trains on (without the KL penalty), so a reader can see
     whether each RL arm improved ITS OWN objective on held-out problems: the recipe's reward source's
-    `solution_reward` (rlprm/reward_sources.py), computed by the very call PPO and GRPO make on their rollouts.
+    `solution_reward` (rlprm/reward/sources.py), computed by the very call PPO and GRPO make on their rollouts.
     Scores: the pool's own (`score_pool` under reward.source), the checker's (exact), the starting generator's
     (`confidence`, which needs `reference`) or reward.function's. None when it cannot be computed here: no token
     ids (a pool read back from a file), no tokenizer, or no scores of the run's reward model.
     """
-    from rlprm.reward_sources import reward_source
+    from rlprm.reward.sources import reward_source
 
     # the starting generator's token log-probs (`confidence`), one teacher-forced pass per batch
     start = None if reference is None else (lambda prompts, ids: response_logprobs(reference, tokenizer, prompts, ids))
@@ -746,94 +746,3 @@ def sample_rates(pool: Pool) -> dict:
         "eval/trace_error": float(trace_error(grades)) if checked else None,
         "eval/shortcut_rate": (float(np.mean(shortcuts)) if shortcuts and None not in shortcuts else None),
     }
-
-
-def run_eval(recipe, progress: bool = True) -> dict:
-    """`rlprm eval`: pool, scores, curves and paired differences, table, plot, metrics; returns the curves.
-
-    bon_curves.json: {selector: {N: {metric: {mean, lo, hi}}}, ..., "differences": {"A_minus_B": {N: ...}}}.
-    """
-    from rlprm.errors import loading
-    from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
-    from rlprm.prm_adapters import load_for_recipe
-    from rlprm.problems import eval_problems
-    from rlprm.rollout import sampler_for
-    from rlprm.tracking import Tracker
-
-    ev, sep = recipe.eval, recipe.task.step_separator
-    run_dir = Path(recipe.run.output_dir)
-    device = resolve_device(recipe.run.device)
-    missing = [p for p in [recipe.model.generator, *ev.reward_models.values()]
-               if p.startswith("/") and not Path(p).exists()]
-    if missing:
-        from rlprm.prerequisites import builder_hint, embedded_products
-
-        how = {p: builder_hint(p) for p in missing}
-        others = "" if all(how.values()) else ". The embedded recipes build: " + "; ".join(embedded_products())
-        raise FileNotFoundError("missing checkpoint(s): " + ", ".join(
-            f"{p} (build it with `{how[p]}`)" if how[p] else p for p in missing) + others)
-    t0 = time.monotonic()
-    # the run folder (recipe.yaml, metrics.jsonl) is created only once every model has loaded and scored: a folder
-    # that passes the input checks but does not load leaves nothing behind (issue 24)
-    tracker = None
-    try:
-        # 1. the pool: sampled once, reused by every selector
-        problems = eval_problems(recipe, ev.num_problems)
-        pool_path = run_dir / "pool.jsonl"
-        with loading("model.generator", recipe.model.generator):
-            tokenizer = load_tokenizer(recipe.model.generator, padding_side="left",
-                                       trust_remote_code=recipe.model.trust_remote_code)
-            model = load_causal_lm(recipe.model.generator, recipe.model.dtype, device, recipe.model.trust_remote_code)
-        # eval.rollout: HF generate on `model`, or a vLLM engine loaded from the same folder (nothing to refresh)
-        sampler = sampler_for(recipe, None, tokenizer, section="eval") if ev.rollout == "vllm" else None
-        pool = sample_pool(model, tokenizer, problems, ev.n_max, ev.temperature, ev.max_new_tokens, ev.batch_size,
-                           recipe.run.seed, sep, progress, sampler=sampler)
-        del model
-        t_sample = time.monotonic() - t0
-
-        # 2. every reward model scores every sample, one forward pass each
-        for name, path in ev.reward_models.items():
-            # rlprm folders and public PRMs alike (family named in eval.reward_model_adapters, else detected)
-            with loading(f"eval.reward_models.{name}", path):
-                rm = load_for_recipe(recipe, path, ev.reward_model_adapters.get(name), device=device, dtype="float32")
-            score_pool(pool, name, rm, sep=sep)
-            del rm
-        tracker = Tracker(run_dir, recipe, job="eval", tags=["eval"])
-        save_pool(pool, pool_path)
-        # eval.search: beam search / DVTS against best-of-N at equal generated tokens (search.md, .json, .png)
-        search_metrics = {}
-        if ev.search.method != "none":
-            from rlprm.search_report import run_search_comparison
-
-            search_metrics = run_search_comparison(recipe, pool, tokenizer, device, t_sample, progress, sampler)
-
-        # 3. selectors: a paired bootstrap over problems and the draws of N within them
-        curves, differences = bon_bootstrap(pool, selector_scores(pool, ev.aggregations), powers_of_two(ev.n_max),
-                                            ev.differences or None, ev.resamples, recipe.run.seed,
-                                            ev.weighted_vote_by)
-
-        # 4. report: table, plot, metrics, a sample table
-        atomic_write_text(run_dir / "bon.md", markdown_table(curves, differences=differences))
-        plot_curves(curves, run_dir / "bon.png", title=f"Best-of-N on {recipe.task.name} ({len(problems)} problems)")
-        # one key per selector, as before, and the paired differences beside them
-        atomic_write_json(run_dir / "bon_curves.json", {**curves, DIFFERENCES_KEY: differences})
-        metrics = flat_metrics(curves)
-        metrics.update(flat_metrics(differences, prefix="bon_diff"))
-        metrics.update(search_metrics)
-        metrics.update({"eval/sample_seconds": round(t_sample, 1), "eval/seconds": round(time.monotonic() - t0, 1),
-                        "eval/problems": len(problems), "eval/n_max": ev.n_max})
-        tracker.log(metrics, step=0)
-        tracker.summary(metrics)
-        rows = []
-        for i, (problem, grades) in enumerate(zip(pool.problems, pool.grades)):
-            for j, g in enumerate(grades):
-                if len(rows) >= ev.log_samples:
-                    break
-                rows.append([problem.id, problem.text, pool.texts[i][j], g.answer, g.answer_correct, g.process_correct,
-                             json.dumps({k: v[i][j] for k, v in pool.step_scores.items()})])
-        tracker.table("samples", ["problem_id", "problem", "solution", "answer", "answer_correct",
-                                  "process_correct", "step_scores"], rows)
-        return curves
-    finally:
-        if tracker is not None:
-            tracker.finish()

@@ -17,7 +17,7 @@ full-size commands):
     rl-confidence-dense-sS recipes/confidence_dense.yaml  PPO, the starting generator's own confidence (control)
                          (all five at the same sample budget and seed)      -> OUT/seed-S/rl_*/export
     bon-<arm>-sS         best-of-N of each final generator
-    report               rlprm/demo_report.py over all of the above  -> OUT/report/report.md, summary.json
+    report               rlprm/experiments/demo_report.py over all of the above  -> OUT/report/report.md, summary.json
 
 Lanes (`--lanes N`, default 2): reward-model, RL and best-of-N stages run with one torch thread each
 (`run.threads: 1`) and read only finished stages, so up to N of them run side by side, each in a child process
@@ -40,7 +40,7 @@ run.seed = 0..N-1 (training problems, sampling and evaluation problems all
 follow the seed); the generator and the two reward models are shared (seed 0),
 so the spread measures RL and evaluation noise. The report gives best-of-N
 intervals from a paired bootstrap over problems of the seeds' pools together,
-and RL numbers as mean and 95% t-interval over seeds (see rlprm/demo_report.py).
+and RL numbers as mean and 95% t-interval over seeds (see rlprm/experiments/demo_report.py).
 
 The generator trains 1,100 of the recipe's 1,200 SFT steps (fewer are not
 enough for the arithmetic to click) on its two threads (prepare runs alone);
@@ -429,7 +429,7 @@ def report_stage(out: Path, stages: list[Stage], seeds: int, runtime: Callable[[
     """The report over every run folder of `stages`: OUT/report/report.md, summary.json and the figures.
 
     runtime: the demo's wall time and peak RSS so far, read when the report is written (it runs last)."""
-    from rlprm.demo_report import DemoLayout, write_demo_report
+    from rlprm.experiments.demo_report import DemoLayout, write_demo_report
 
     layout = DemoLayout(seeds=seeds)
     for st in stages:
@@ -449,7 +449,7 @@ def report_stage(out: Path, stages: list[Stage], seeds: int, runtime: Callable[[
 
 
 def _prepare(recipe, progress):
-    from rlprm.prepare import PrepareError, prepare
+    from rlprm.experiments.prepare import PrepareError, prepare
 
     try:
         return prepare(recipe, progress=progress)
@@ -473,7 +473,7 @@ def _rl(recipe, progress):
 def _bon(recipe, progress):
     import torch
 
-    from rlprm.evaluate import run_eval
+    from rlprm.evaluation.job import run_eval
 
     # run_eval leaves torch's threads alone: set the recipe's here, so that a stage gives the same numbers
     # whether it runs alone or in a lane

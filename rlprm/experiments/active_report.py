@@ -2,7 +2,7 @@
 
 Input: the loop's rows, one per (arm, seed, budget) with the PRM's quality on the held-out test problems.
 Curves are means over seeds with a bootstrap band over seeds; the data-efficiency factor of each active arm
-against uniform selection, per metric, comes from rlprm/efficiency.py (read at one quality level, with its
+against uniform selection, per metric, comes from rlprm/experiments/efficiency.py (read at one quality level, with its
 bootstrap interval over seeds, and a status where a curve never reaches the level).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from rlprm.efficiency import ACTIVE_NEVER, EXACT, NEITHER, UNIFORM_NEVER, factor_interval, json_number, seed_band
+from rlprm.experiments.efficiency import ACTIVE_NEVER, EXACT, NEITHER, UNIFORM_NEVER, factor_interval, json_number, seed_band
 from rlprm.files import atomic_write_text, save_figure
 
 METRICS = (("best_of_n_process_accuracy", "best-of-N: all steps right"),

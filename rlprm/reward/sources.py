@@ -52,8 +52,8 @@ class RewardSourceError(InputError, ValueError):
 
 
 def _error(message: str):
-    """A `rewards.RewardError` (imported late: rlprm.rewards brings torch, and a recipe check needs none)."""
-    from rlprm.rewards import RewardError
+    """A `rewards.RewardError` (imported late: rlprm.reward.tokens brings torch, and a recipe check needs none)."""
+    from rlprm.reward.tokens import RewardError
 
     return RewardError(message)
 
@@ -71,11 +71,11 @@ def training_rewards(recipe, texts: Sequence[str], token_ids, grades, *, scores=
     the return otherwise. The length cap is rl.max_new_tokens, with the tokenizer's EOS (a response stopped at
     the cap without EOS was cut: missing). Returns `TokenRewards` (B, width).
     """
-    import rlprm.rewards  # token_rewards looked up at call time: a probe that wraps it sees every call
+    import rlprm.reward.tokens  # token_rewards looked up at call time: a probe that wraps it sees every call
 
     rcfg, rl = recipe.reward, recipe.rl
     grpo = rl.algorithm == "grpo"
-    return rlprm.rewards.token_rewards(
+    return rlprm.reward.tokens.token_rewards(
         rcfg, texts, token_ids, scores=scores, outcomes=[float(g.answer_correct) for g in grades],
         has_answer=[g.answered for g in grades], tokenizer=tokenizer, max_tokens=rl.max_new_tokens,
         eos_token_id=None if tokenizer is None else tokenizer.eos_token_id, width=width, sep=recipe.task.step_separator,
@@ -106,7 +106,7 @@ class RewardSource:
 
     def grade(self, problems: Sequence, texts: Sequence[str]) -> list:
         """The task's verdict on each sample: problems[k] and texts[k] belong together (`problems.grade_samples`)."""
-        from rlprm.problems import grade_samples
+        from rlprm.data.problems import grade_samples
 
         return [row[0] for row in grade_samples(list(problems), [[t] for t in texts], self.sep)]
 
@@ -230,7 +230,7 @@ class RewardModelSource(RewardSource):
         return "reward model"
 
     def ranking(self, problems, texts, grades):
-        from rlprm.rewards import RewardError
+        from rlprm.reward.tokens import RewardError
 
         try:
             return super().ranking(problems, texts, grades)
@@ -282,7 +282,7 @@ class Exact(RewardSource):
 
     def step_scores(self, problems, texts, token_ids=None, grades=None, *, start_logprobs=None, mask=None,
                     tokenizer=None):
-        from rlprm.rewards import prefix_correct_probs
+        from rlprm.reward.tokens import prefix_correct_probs
 
         grades = self.grade(problems, texts) if grades is None else grades
         return [prefix_correct_probs(g.step_correct or []) for g in grades]
@@ -303,7 +303,7 @@ class Confidence(RewardSource):
 
     def step_scores(self, problems, texts, token_ids=None, grades=None, *, start_logprobs=None, mask=None,
                     tokenizer=None):
-        from rlprm.rewards import confidence_scores
+        from rlprm.reward.tokens import confidence_scores
 
         if start_logprobs is None or mask is None:
             raise _error("reward.source confidence needs the starting generator's token log-probs (and their "
@@ -401,7 +401,7 @@ class PythonFunction(RewardSource):
         return self._call(problems, texts, token_ids)
 
     def solution_scores(self, problems, texts):
-        from rlprm.reward_models import aggregate
+        from rlprm.reward.model import aggregate
 
         return [aggregate(s, self.recipe.reward.sparse_aggregate) for s in self._call(problems, texts, None)]
 

@@ -4,7 +4,7 @@ This is the one place where dense and sparse supervision differ (docs/design.md
 section 5); everything downstream (GAE, whitening, the losses) sees only a
 reward tensor and a mask.
 
-Sources (`RewardConfig.source`; `rlprm/reward_sources.py` computes their scores, and builds the one
+Sources (`RewardConfig.source`; `rlprm/reward/sources.py` computes their scores, and builds the one
 `token_rewards` call of every consumer, `training_rewards`), each giving step probabilities p_1..p_K (or one
 number):
 - `prm`: a trained PRM's step probabilities; `orm`: an ORM's one final probability;
@@ -551,7 +551,7 @@ def token_rewards(
 
     Returns `TokenRewards` with rewards and mask shaped (B, T), and each sample's reward events.
     """
-    from rlprm.reward_models import aggregate
+    from rlprm.reward.model import aggregate
 
     B = len(texts)
     seqs = _sequences(token_ids)

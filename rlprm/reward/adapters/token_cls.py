@@ -21,7 +21,7 @@ is the card's input). Any other 2-label token-classification PRM trained with `P
 
 from __future__ import annotations
 
-from rlprm.prm_adapters.common import (AdapterError, Plan, encode_text, pad_id_of, pad_right, read_index,
+from rlprm.reward.adapters.common import (AdapterError, Plan, encode_text, pad_id_of, pad_right, read_index,
                                       realize, unflatten)
 
 STEP_SEPARATOR = "\n"
@@ -80,7 +80,7 @@ def load(path: str, device: str, dtype, trust_remote_code: bool = False):
     from transformers import AutoModelForTokenClassification
 
     from rlprm.models import load_tokenizer, torch_dtype
-    from rlprm.reward_models import load_checked
+    from rlprm.reward.model import load_checked
 
     tokenizer = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)
     model = load_checked(AutoModelForTokenClassification, path, "pure_prm", AdapterError, dtype=torch_dtype(dtype),

@@ -27,7 +27,7 @@ up to k.
 
 from __future__ import annotations
 
-from rlprm.prm_adapters.common import (SENTINEL, AdapterError, Encoded, Marked, last_hidden, output_head, pad_id_of,
+from rlprm.reward.adapters.common import (SENTINEL, AdapterError, Encoded, Marked, last_hidden, output_head, pad_id_of,
                                       pad_right, read_index, realize_marked, single_token, split_template,
                                       unflatten)
 
@@ -123,7 +123,7 @@ class RLHFlow:
 
 def load(family: str, path: str, device: str, dtype, trust_remote_code: bool = False):
     from rlprm.models import load_tokenizer, torch_dtype
-    from rlprm.reward_models import load_checked
+    from rlprm.reward.model import load_checked
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)

@@ -1,0 +1,3 @@
+"""The reward: reward models (training, scoring, their metrics), adapters for public PRMs, how scores become
+per-token rewards, labelling and PRM benchmarks.
+"""
