@@ -410,7 +410,7 @@ class RewardConfig(Section):
                              f"but reward.source is `{self.source}`; remove it or set reward.source: python")
         if self.function is not None and ":" not in self.function:
             raise ValueError(f"reward.function {self.function!r} must read \"package.module:function\"")
-        # log_prob returns are <= 0 and an answered return is floored at missing_answer_reward + 0.1 (rewards.py):
+        # log_prob returns are <= 0 and an answered return is floored at missing_answer_reward + 0.1 (reward/tokens.py):
         # at or above -0.1 every answered solution would return that floor, and nothing would tell them apart
         if self.mode == "dense" and self.dense_form == "log_prob" and self.missing_answer_reward >= -0.1:
             raise ValueError(f"dense_form log_prob returns log(prod p) <= 0, so missing_answer_reward must be below "

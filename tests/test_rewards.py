@@ -1,4 +1,4 @@
-"""rewards.py: per-step scores -> token rewards, worked out by hand, on more than one tokenizer."""
+"""reward/tokens.py: per-step scores -> token rewards, worked out by hand, on more than one tokenizer."""
 
 from __future__ import annotations
 
@@ -526,7 +526,7 @@ def test_a_boxed_math_answer_is_answered_on_the_reward_path(byte_tokenizer):
     assert out.missing_answer == [False] and out.returns.item() == pytest.approx(0.8)
     out = token_rewards(RewardConfig(mode="sparse", source="ground_truth"), [MATH_TEXT], [ids], **kw)
     assert out.missing_answer == [False] and out.returns.item() == 1.0
-    # no second rule hides in rewards.py: whether a response answered is the caller's (the grade's) to say
+    # no second rule hides in reward/tokens.py: whether a response answered is the caller's (the grade's) to say
     with pytest.raises(RewardError, match="has_answer"):
         _token_rewards(RewardConfig(mode="sparse", source="ground_truth"), [MATH_TEXT], [ids], outcomes=[1.0])
 
@@ -595,7 +595,7 @@ def test_token_rewards_with_a_process_form_places_step_values(char_tokenizer):
 
 def test_arithmetic_answered_is_unchanged_on_random_texts():
     """The demo's behaviour is kept: on texts in the arithmetic task's alphabet (and fragments of its `# Answer`
-    step), `SampleGrade.answered` is exactly the rule rewards.py used to apply: the last step of `split_steps` is
+    step), `SampleGrade.answered` is exactly the rule reward/tokens.py used to apply: the last step of `split_steps` is
     an answer step with a non-empty answer."""
     import random
 

@@ -376,7 +376,7 @@ def test_process_not_answering_never_pays_more_than_answering_except_under_sum(f
         first = process_token_advantages(values, positions, group_size=4, width=width, form=form, eps=EPS)[:, 0]
     if form == "sum":
         # 16 steps each normalised below the pool's mean add up below the missing answer's single -1:
-        # with sum, a long unsure answer pays less than not answering (the floor of rewards.py does not hold)
+        # with sum, a long unsure answer pays less than not answering (the floor of reward/tokens.py does not hold)
         assert first[0] < first[1]
     else:
         # min / mean: the answered solution's value (.1) stays above the penalty (-1), whatever its step count

@@ -15,7 +15,7 @@ factory is the one place that does. A source turns problems and sampled texts (a
 - `solution_reward(pool, ...)`: the mean of each held-out sample's value under the training objective
   (`TokenRewards.objective`): eval/reward, the one held-out figure every algorithm reports.
 
-The sources (rewards.py's docstring has the math of each):
+The sources (reward/tokens.py's docstring has the math of each):
 - `prm` / `orm`: a trained reward model (model.reward_model, family reward.adapter), loaded by the run skeleton
   because `uses_reward_model` says so;
 - `ground_truth`: the grader's 1/0 on the final answer;

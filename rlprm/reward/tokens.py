@@ -113,7 +113,7 @@ Guards, in this order:
   answer reading decides it (`problems.SampleGrade.answered`: the arithmetic
   checker's `# Answer` step; `grading.extract_answer` for MATH's `\\boxed{}`,
   GSM8K's `####` and PRM800K's `# Answer`), the one definition that grading,
-  rewards and evaluation share. rewards.py keeps no rule of its own: a
+  rewards and evaluation share. reward/tokens.py keeps no rule of its own: a
   `# Answer`-only rule here once rewarded every MATH response as missing.
   The `below_missing_answer` stat counts answered samples that returned less
   than that anyway (0 with the floor above; a check that it holds).

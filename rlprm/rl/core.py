@@ -227,7 +227,7 @@ def process_token_advantages(event_values: Tensor, event_positions: Tensor, grou
       solution outranks an all-correct 3-step one (the reward hacking PURE
       documents); and a long, unsure answered solution can end below a
       missing answer's single penalty, so not answering can pay (the floor
-      of rewards.py does not survive the sum). Kept for comparison with
+      of reward/tokens.py does not survive the sum). Kept for comparison with
       DeepSeekMath; it warns (`FARMABLE_PROCESS_FORMS`).
     """
     if form not in PROCESS_FORMS:

@@ -51,7 +51,7 @@ class RewardFunction:
         t0 = time.monotonic()
         eos = self.tokenizer.eos_token_id
         ids = [list(c) for c in completion_ids]
-        # decode ourselves: step ends are found through character offsets of exactly this decoding (rewards.py)
+        # decode ourselves: step ends are found through character offsets of exactly this decoding (reward/tokens.py)
         texts = [self.tokenizer.decode([t for t in c if t != eos], skip_special_tokens=True,
                                        clean_up_tokenization_spaces=False) for c in ids]
         problems = [self.problems[int(i)] for i in problem_index]

@@ -36,12 +36,12 @@ epoch (`train_epoch`), each of whose iterations is `rollout() -> Trajectory`
 `record(stats)` (8. log); the split follows torchtune's PPO recipe
 (`generate_trajectory`, `_ppo_step`). The critic's explained variance is
 logged beside its loss (`rl/explained_variance`, as cleanrl logs it). The
-math lives in `rl/core.py` and `rewards.py`, the scores in the run's reward
-source (`reward_sources.py`); this file only wires models and tensors to them.
+math lives in `rl/core.py` and `reward/tokens.py`, the scores in the run's reward
+source (`reward/sources.py`); this file only wires models and tensors to them.
 
 Sequences are laid out as [left-padded prompt | right-padded response]: the
 prompts are padded on the left so that every response starts at the same
-column, and the response tensors (B, T) then line up with `rewards.py`'s.
+column, and the response tensors (B, T) then line up with `reward/tokens.py`'s.
 
 With several processes (or a `deepspeed:` key) the policy and critic train
 inside DeepSpeed engines (`rl/distributed.py`): each rank samples its share of
