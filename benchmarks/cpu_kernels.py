@@ -15,7 +15,9 @@ recipes/arith_prepare.yaml (tiny Llama, hidden 128, 4 layers, char tokenizer):
   the larger part of an RL iteration on these recipes: benchmarks/rl_step.py), from an untrained model
   (it writes no end token, so every call makes the same number of tokens).
 
-The ratio pinned / native per round and its median is the cost. On an AVX2 processor (no AVX-512) torch's
+Each is timed on the wall clock and in the process's CPU seconds (all its threads): on a shared, loaded
+machine the wall time of one step swung 2.4-15 s within one run, while CPU seconds move far less. The
+ratio pinned / native per round and its median is the cost. On an AVX2 processor (no AVX-512) torch's
 native level already is AVX2, so only MKL's branch differs; on an AVX-512 processor the pin also takes
 torch down a level, which this script measures only when run there.
 """
@@ -33,6 +35,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+FIGURES = ("sft_step_s", "sft_step_cpu_s", "sample_s", "sample_cpu_s")
 
 
 def child(args) -> dict:
@@ -61,18 +66,21 @@ def child(args) -> dict:
             self.ends = []
 
         def log(self, metrics, step=None):
-            self.ends.append(time.monotonic())
+            self.ends.append((time.monotonic(), time.process_time()))
 
     clock = Clock()
     train_sft(model, encoded, recipe.sft, tokenizer.pad_token_id, 0, tracker=clock, progress=False)
-    gaps = [b - a for a, b in zip(clock.ends[args.warmup - 1:], clock.ends[args.warmup:])]
+    timed = clock.ends[args.warmup - 1:]
+    wall = [b[0] - a[0] for a, b in zip(timed, timed[1:])]
+    cpu = [b[1] - a[1] for a, b in zip(timed, timed[1:])]
     model.eval()
     sample(model, tokenizer, [p.prompt for p in test[:8]], n=1, temperature=1.0, max_new_tokens=8, seed=0,
            progress=False)  # warm-up
-    t0 = time.monotonic()
+    t0, c0 = time.monotonic(), time.process_time()
     sample(model, tokenizer, [p.prompt for p in test[:args.prompts]], n=4, temperature=1.0, max_new_tokens=48,
            batch_size=256, seed=0, progress=False)
-    return {"sft_step_s": statistics.median(gaps), "sample_s": time.monotonic() - t0, **kernel_report()}
+    return {"sft_step_s": statistics.median(wall), "sft_step_cpu_s": statistics.median(cpu),
+            "sample_s": time.monotonic() - t0, "sample_cpu_s": time.process_time() - c0, **kernel_report()}
 
 
 def main():
@@ -102,11 +110,10 @@ def main():
         "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "threads": args.threads, "rounds": args.rounds,
         "kernels": {m: {k: runs[m][0][k] for k in ("cpu_capability", "mkl_cbwr")} for m in runs},
-        "sft_step_s": {m: [round(x["sft_step_s"], 4) for x in runs[m]] for m in runs},
-        "sample_s": {m: [round(x["sample_s"], 3) for x in runs[m]] for m in runs},
+        **{k: {m: [round(x[k], 4) for x in runs[m]] for m in runs} for k in FIGURES},
         "ratio_pinned_over_native": {
             k: round(statistics.median(a[k] / b[k] for a, b in zip(runs["pinned"], runs["native"])), 3)
-            for k in ("sft_step_s", "sample_s")},
+            for k in FIGURES},
     }
     text = json.dumps(result, indent=1)
     print(text)
