@@ -2,10 +2,9 @@
 
 torch picks its vectorised CPU kernels (softmax, norms, reductions, the optimizer's element-wise updates) by
 what the processor offers, and MKL picks its matrix-product code path the same way and also by the
-alignment of the buffers it is handed. The kernels add floats in different orders, so a 2-core AVX-512
-machine trained a different generator from the same commit, recipe and seed than an AVX2 one
-(docs/reproducibility.md: held-out process accuracy 36% on one, 9% on another). Training amplifies a
-last-bit difference into another model within a few hundred steps.
+alignment of the buffers it is handed. The kernels add floats in different orders, and training turns a
+last-bit difference into another model within a few hundred steps: the same commit, recipe and seed
+trained different generators on different 2-core AMD EPYC machines (issue 26, docs/reproducibility.md).
 
 `pin_cpu_kernels` sets, before torch computes anything, the two variables that fix both choices:
 
@@ -19,13 +18,13 @@ Both are read lazily (torch at its first dispatched kernel, MKL at its first cal
 the user set is kept; RLPRM_CPU_KERNELS=native sets neither (the machine's fastest kernels, numbers that
 differ across machines). A processor without AVX2 and FMA, or one that is not x86, keeps its own kernels:
 its numbers differ from an AVX2 machine's either way. Thread counts are pinned elsewhere, per job
-(`run.threads`): torch splits a reduction across its threads, so 1 and 2 threads give different sums.
+(`run.threads`): torch splits a large reduction across its threads, so 1 and 2 threads can give
+different sums.
 """
 
 from __future__ import annotations
 
 import os
-import platform
 
 ESCAPE = "RLPRM_CPU_KERNELS"
 """Environment variable: `native` leaves the kernels to the machine; anything else (or unset) pins them."""
@@ -48,7 +47,14 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str] | None:
 
 def can_pin(flags: set[str] | None = None, machine: str | None = None) -> bool:
     """Whether the pinned kernels run here: an x86-64 processor with AVX2 and FMA (what torch's AVX2 kernels need)."""
-    machine = (machine if machine is not None else platform.machine()).lower()
+    if machine is None:
+        if hasattr(os, "uname"):
+            machine = os.uname().machine
+        else:  # Windows; `platform` costs `import rlprm` 6 ms, so only here
+            import platform
+
+            machine = platform.machine()
+    machine = machine.lower()
     if machine not in ("x86_64", "amd64"):
         return False
     flags = cpu_flags() if flags is None else flags
