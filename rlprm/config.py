@@ -204,7 +204,7 @@ class RunConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where models run: `auto` picks CUDA when a GPU is visible, else the CPU."""
     threads: int = Field(0, ge=0)
-    """torch CPU threads; 0 keeps torch's default (all cores)."""
+    """torch CPU threads; 0 keeps torch's default (all cores). torch splits its float reductions by thread, so a job that must give the same numbers on another machine fixes this (with the CPU kernels rlprm pins: docs/reproducibility.md)."""
 
 
 class ArithmeticConfig(Section):
@@ -324,7 +324,7 @@ class SFTConfig(Section):
     num_examples: int = Field(30000, ge=1)
     """Training solutions to generate (clean and corrupted mixed by task.arithmetic.corrupt_rate)."""
     steps: int = Field(700, ge=1)
-    """Optimizer steps: training stops here and the learning-rate schedule (warm-up, then cosine to min_lr_ratio) is laid over them, so the same recipe and seed give the same generator on any machine. Wall time is reported, never used to stop."""
+    """Optimizer steps: training stops here and the learning-rate schedule (warm-up, then cosine to min_lr_ratio) is laid over them, so a slower machine trains the same number of steps. The same recipe and seed give the same generator on any x86 machine with AVX2 only with the CPU kernels pinned as rlprm pins them (and run.threads fixed): docs/reproducibility.md. Wall time is reported, never used to stop."""
     clean_steps: int = Field(0, ge=0)
     """The first this many of sft.steps train on the reference solutions alone (same problems), the rest on the recipe's mix of clean, corrupted and shortcut solutions: the arithmetic clicks sooner from consistent examples, and the habits are learned after. 0: the mix from the start."""
     batch_size: int = Field(64, ge=1)
@@ -1096,8 +1096,8 @@ _TYPE_WORDS = {
 }
 _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
-_STEPS_NOT_CLOCK = ("SFT is budgeted in optimizer steps now, so that the same recipe and seed give the same "
-                    "generator on any machine (a wall-clock budget gave a slower machine fewer steps, hence another "
+_STEPS_NOT_CLOCK = ("SFT is budgeted in optimizer steps now, so that the same recipe and seed train the same "
+                    "number of steps on any machine (a wall-clock budget gave a slower machine fewer steps, hence another "
                     "generator)")
 # Keys that existed once: an old recipe that still sets one is told what replaced it and why, not just
 # "unknown key". Reported like every other problem (file:line, all at once).

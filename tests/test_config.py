@@ -115,7 +115,7 @@ def test_removed_sft_clock_keys_name_sft_steps_and_why(tmp_path):
     for line, key in [(3, "time_budget_s"), (4, "min_steps"), (5, "max_steps")]:
         text = next(part for part in msg.splitlines() if f"sft.{key}:" in part)
         assert text.startswith(f"{path}:{line}: sft.{key}: removed:") and "Use `sft.steps`" in text
-        assert "same generator on any machine" in text and "unknown key" not in text
+        assert "same number of steps on any machine" in text and "unknown key" not in text
     assert "Use `sft.steps`" in error_of(write(tmp_path, "run: {seed: 1}\n"), ["sft.time_budget_s=60"])
 
 

@@ -1,6 +1,7 @@
 """`rlprm prepare` end to end on a tiny budget (the full run is the slow test), and its SFT loop."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,9 @@ def test_prepare_saves_a_loadable_generator(tmp_path):
     assert set(rates) >= {"well_formed", "answer_accuracy", "process_accuracy", "right_answer_wrong_process",
                           "trace_error", "shortcut_rate", "confidence_auroc_shortcut", "likelihood_auroc_shortcut"}
     assert rates["train_steps"] == 6 and rates["train_seconds"] > 0
+    # what the float sums depended on (docs/reproducibility.md), for comparing a run with another machine's
+    assert rates["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512") and rates["torch_threads"] >= 1
+    assert rates["mkl_cbwr"] == os.environ.get("MKL_CBWR", "AUTO")
     gen = tmp_path / "generator"
     tok = AutoTokenizer.from_pretrained(gen)
     model = AutoModelForCausalLM.from_pretrained(gen)

@@ -9,11 +9,16 @@ solutions, or never makes (or never avoids) step errors, would make every
 later stage meaningless, so the run stops with a message instead.
 
 Training runs exactly `sft.steps` optimizer steps, with the learning-rate
-schedule (warm-up, then cosine to `min_lr_ratio`) laid over them: the same
-recipe and seed give the same generator on any machine. It used to be laid
-over wall-clock time, and a slow machine (486 s for 700 steps instead of
-250-320 s) then trained a different, often worse, generator. The wall time is
-printed and reported (`train_seconds`), never used to stop.
+schedule (warm-up, then cosine to `min_lr_ratio`) laid over them, so a slow
+machine trains as many steps as a fast one. It used to be laid over wall-clock
+time, and a slow machine (486 s for 700 steps instead of 250-320 s) then
+trained a different, often worse, generator. The wall time is printed and
+reported (`train_seconds`), never used to stop. The same steps are not yet the
+same generator: the float sums depend on the CPU kernels torch and MKL pick and
+on the thread count, and a few hundred steps turn a last-bit difference into
+another model. rlprm pins the kernels (rlprm/reproducibility.py) and the recipe
+fixes run.threads; what that does and does not cover: docs/reproducibility.md.
+The summary records the kernels and threads the run used.
 """
 
 from __future__ import annotations
@@ -143,6 +148,7 @@ def prepare(recipe: Recipe, progress: bool = True) -> dict:
 
     from rlprm.models import build_tiny_causal_lm, num_parameters, resolve_device
     from rlprm.experiments.sft import SFTError, encode_completions, train_sft
+    from rlprm.reproducibility import kernel_report
     from rlprm.tracking import Tracker
 
     t_start = time.monotonic()
@@ -195,7 +201,7 @@ def prepare(recipe: Recipe, progress: bool = True) -> dict:
         rates.update(train_steps=result["steps"], train_loss=result["train_loss"], final_loss=result["final_loss"],
                      train_seconds=round(result["seconds"], 1),
                      train_steps_per_second=round(result["steps_per_second"], 3),
-                     wall_seconds=round(time.monotonic() - t_start, 1))
+                     wall_seconds=round(time.monotonic() - t_start, 1), **kernel_report())
         failures = target_failures(rates, recipe)
         rates["targets_met"] = not failures
         tracker.log({f"prepare/{k}": v for k, v in rates.items()}, step=result["steps"])

@@ -1,9 +1,10 @@
 """Supervised fine-tuning of the tiny generator: a plain torch loop, budgeted in optimizer steps.
 
 `rlprm prepare` used TRL's SFTTrainer with a wall-clock schedule. Both went:
-- the schedule is laid over `sft.steps` optimizer steps, so the same recipe
-  and seed give the same generator on any machine (a slower machine used to
-  get fewer steps, hence a different and often worse generator);
+- the schedule is laid over `sft.steps` optimizer steps, so a slower machine
+  trains as many steps as a fast one (it used to get fewer, hence a different
+  and often worse generator); the same generator on another machine also needs
+  the pinned CPU kernels and a fixed thread count (docs/reproducibility.md);
 - each step is cheaper: benchmarks/sft_step.py, side by side at 1 thread on
   the recipe's shape (2026-12-01, a loaded 2-core machine), gave 2.04 steps/s
   for this loop against 1.44 for TRL's SFTTrainer with the lean loss (1.41x).

@@ -177,7 +177,8 @@ def train_lm_scorer(model, tokenizer, records, convention, *, steps: int, batch_
                     progress: bool = True) -> dict:
     """Train `model` (a causal LM) in place on labelled solutions for exactly `steps` optimizer steps.
 
-    Batches are drawn with a seeded generator (same recipe + seed = same model on any machine).
+    Batches are drawn with a seeded generator (same recipe + seed = same batches on any machine; the same model
+    needs the pinned CPU kernels and run.threads too: docs/reproducibility.md).
     Records longer than max_length are dropped (counted). Returns {"head": [w_min, w_mean, b],
     "steps", "examples", "dropped_too_long", "train_loss", "train_seconds"}; the head goes into
     the convention (`convention.lm_head`) by the caller.
