@@ -1,5 +1,5 @@
 """Peak CPU memory of PPO's step-4 log-prob / entropy pass at a 151,936-token vocabulary, before and after
-`core.token_logprobs` (issue 23, finding 5); prints JSON.
+`logprobs.token_logprobs` (re-exported as `rl.core.token_logprobs`); prints JSON.
 
     .venv/bin/python benchmarks/logprob_memory.py                      # 4 sequences x (32 prompt + 256 response)
     .venv/bin/python benchmarks/logprob_memory.py --batch 2 --response 64 --update

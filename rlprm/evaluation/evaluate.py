@@ -98,7 +98,7 @@ def response_logprobs(model, tokenizer, prompts: list[str], completions: list[li
 
     import torch
 
-    from rlprm.rl.core import token_logprobs
+    from rlprm.logprobs import token_logprobs
 
     if not completions:
         return []

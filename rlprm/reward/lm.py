@@ -62,7 +62,7 @@ def target_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
     logits: (B, T, V) of a causal LM over input_ids (B, T). Returns (B, T) where [:, t] is
     log p(input_ids[:, t] | input_ids[:, :t]) and [:, 0] is 0 (the first token has no prediction).
     """
-    from rlprm.rl.core import token_logprobs
+    from rlprm.logprobs import token_logprobs
 
     lp = token_logprobs(logits[:, :-1], input_ids[:, 1:])[0]  # float32 a chunk of rows at a time
     return F.pad(lp, (1, 0))

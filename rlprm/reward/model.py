@@ -363,7 +363,7 @@ def token_logprobs(lm, sequences: list[list[int]], pad_token_id: int, device) ->
     """Per sequence, log p(token_t | tokens_<t) under `lm` for every position (position 0 gets 0.0)."""
     import torch
 
-    from rlprm.rl.core import token_logprobs
+    from rlprm.logprobs import token_logprobs
 
     batch = Collator(pad_token_id, "none")([{"input_ids": s} for s in sequences])
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
