@@ -42,8 +42,8 @@ so the spread measures RL and evaluation noise. The report gives best-of-N
 intervals from a paired bootstrap over problems of the seeds' pools together,
 and RL numbers as mean and 95% t-interval over seeds (see rlprm/experiments/demo_report.py).
 
-The generator trains 1,100 of the recipe's 1,200 SFT steps (fewer are not
-enough for the arithmetic to click) on its two threads (prepare runs alone);
+The generator trains 1,600 SFT steps (the recipe's 1,200 were enough on one
+machine, not on another: docs/reproducibility.md) on its two threads (prepare runs alone);
 its process-accuracy target is relaxed from 0.30 to 0.20 and it is evaluated
 on 200 held-out problems instead of 500.
 `--generator PATH` starts from an existing generator instead (no prepare stage).
