@@ -6,7 +6,7 @@ per-update `rl/kl_per_token`, `rl/kl_per_sample`, `rl/reward`), the reward model
 generator's (prepare's) `summary.json`.
 
 Statistics (docs/design.md section 9):
-- best-of-N: a paired bootstrap over problems (`evaluate.bon_bootstrap`) of each generator's pools; with several
+- best-of-N: a paired bootstrap over problems (`evaluation.evaluate.bon_bootstrap`) of each generator's pools; with several
   seeds, the seeds' pools together (`bon_curves_seeds`): one resample draws problem indices shared by every
   seed. The seeds' held-out problems differ (they follow run.seed), so a resampling unit is "problem i of every
   seed"; the units are independent of each other, which is what the bootstrap needs. Differences (prm_prod

@@ -4,12 +4,12 @@ Every consumer of a run's reward (PPO, GRPO, rejection sampling and the held-out
 `RewardSource` that `reward_source(recipe, ...)` builds, and none of them branches on `reward.source`: that
 factory is the one place that does. A source turns problems and sampled texts (and the policy's token ids) into
 
-- `grade(problems, texts)`: the task's verdict on each sample (`problems.SampleGrade`: the outcome, whether it
+- `grade(problems, texts)`: the task's verdict on each sample (`data.problems.SampleGrade`: the outcome, whether it
   answered, the checker's step verdicts where the task has a checker), the same for every source;
-- `step_scores(...)`: per sample the probabilities `rewards.token_rewards` places, one per step (a PRM, the
+- `step_scores(...)`: per sample the probabilities `reward.tokens.token_rewards` places, one per step (a PRM, the
   exact checker's prefix-correctness, the start's confidence, a user function in dense mode) or one number (an
   ORM, a sparse confidence or user function); None for `ground_truth`, which reads the grades alone;
-- `rewards(...)`: the `rewards.TokenRewards` a run of the recipe trains on (`training_rewards`);
+- `rewards(...)`: the `reward.tokens.TokenRewards` a run of the recipe trains on (`training_rewards`);
 - `ranking(...)`: rejection sampling's per-solution score, which samples may be kept, and whether
   rl.rejection_min_score applies;
 - `solution_reward(pool, ...)`: the mean of each held-out sample's value under the training objective
@@ -19,7 +19,7 @@ The sources (reward/tokens.py's docstring has the math of each):
 - `prm` / `orm`: a trained reward model (model.reward_model, family reward.adapter), loaded by the run skeleton
   because `uses_reward_model` says so;
 - `ground_truth`: the grader's 1/0 on the final answer;
-- `exact`: the arithmetic checker as an oracle PRM (`rewards.prefix_correct_probs`);
+- `exact`: the arithmetic checker as an oracle PRM (`reward.tokens.prefix_correct_probs`);
 - `confidence`: the frozen starting generator's token confidence at temperature 1; it reads the reference's
   log-probs, which the caller computes (`reads_start_logprobs`: PPO shares the forward pass with its KL);
 - `python`: a user's function, `reward.function: "package.module:function"`, the way TRL takes `reward_funcs`:
@@ -32,7 +32,7 @@ The sources (reward/tokens.py's docstring has the math of each):
   so that new keys do not break it. It returns one entry per solution: with reward.mode sparse a number (or a
   one-element list), with reward.mode dense a list with one number per step (`steps.split_steps(text, sep)`).
   Every number is a probability-like score in [0, 1], as a reward model's (the missing-answer reward and the
-  floor of answered returns are set against that scale); anything else raises a `rewards.RewardError` naming the
+  floor of answered returns are set against that scale); anything else raises a `reward.tokens.RewardError` naming the
   function (the run stops on every rank), and a function that cannot be imported a `RewardSourceError` before the
   run starts.
 """
@@ -52,7 +52,7 @@ class RewardSourceError(InputError, ValueError):
 
 
 def _error(message: str):
-    """A `rewards.RewardError` (imported late: rlprm.reward.tokens brings torch, and a recipe check needs none)."""
+    """A `reward.tokens.RewardError` (imported late: rlprm.reward.tokens brings torch, and a recipe check needs none)."""
     from rlprm.reward.tokens import RewardError
 
     return RewardError(message)
@@ -60,11 +60,11 @@ def _error(message: str):
 
 def training_rewards(recipe, texts: Sequence[str], token_ids, grades, *, scores=None, tokenizer=None,
                      width: int | None = None, device=None):
-    """The rewards a run of `recipe` trains on, for graded samples: the one `rewards.token_rewards` call of PPO, GRPO
+    """The rewards a run of `recipe` trains on, for graded samples: the one `reward.tokens.token_rewards` call of PPO, GRPO
     and the held-out reward (`RewardSource.solution_reward`), so that they cannot measure different things.
 
     texts, token_ids: as `token_rewards` takes them (the policy's ids, EOS included when it was generated).
-    grades: per sample, its `problems.SampleGrade`: the outcome (`answer_correct`) and whether it answered
+    grades: per sample, its `data.problems.SampleGrade`: the outcome (`answer_correct`) and whether it answered
     (`answered`, the task's own answer reading). scores: the source's `step_scores` (None for ground_truth).
     What the algorithm changes: GRPO's dense events are step values for its rl.process_advantage, the last on EOS
     (`process_form`, `last_event_at_eos`); `TokenRewards.objective` is then the value that form gives a sample,
@@ -105,20 +105,20 @@ class RewardSource:
         return []
 
     def grade(self, problems: Sequence, texts: Sequence[str]) -> list:
-        """The task's verdict on each sample: problems[k] and texts[k] belong together (`problems.grade_samples`)."""
+        """The task's verdict on each sample: problems[k] and texts[k] belong together (`data.problems.grade_samples`)."""
         from rlprm.data.problems import grade_samples
 
         return [row[0] for row in grade_samples(list(problems), [[t] for t in texts], self.sep)]
 
     def step_scores(self, problems: Sequence, texts: Sequence[str], token_ids=None, grades=None, *,
                     start_logprobs=None, mask=None, tokenizer=None) -> list[list[float]] | None:
-        """Per sample, the probabilities `rewards.token_rewards` places (one per step, or one number); None: the
+        """Per sample, the probabilities `reward.tokens.token_rewards` places (one per step, or one number); None: the
         grades alone decide (ground_truth)."""
         return None
 
     def rewards(self, texts, token_ids, grades, scores, tokenizer=None, width: int | None = None,
                 device=None):
-        """The rewards the run trains on, a `rewards.TokenRewards` (`training_rewards`)."""
+        """The rewards the run trains on, a `reward.tokens.TokenRewards` (`training_rewards`)."""
         return training_rewards(self.recipe, texts, token_ids, grades, scores=scores, tokenizer=tokenizer,
                                 width=width, device=device)
 
@@ -169,7 +169,7 @@ class RewardSource:
         algorithms make on their rollouts. None when it cannot be computed here: no token ids (a pool read back
         from a file), no tokenizer, or scores this source cannot get here (`pool_scores`). start_logprobs: for
         `confidence`, a function (prompts, completion ids) -> each completion's token log-probs under the starting
-        generator (`evaluate.held_out_reward` passes one; None: not computable here)."""
+        generator (`evaluation.evaluate.held_out_reward` passes one; None: not computable here)."""
         grades = [g for row in pool.grades for g in row]
         texts = [t for row in pool.texts for t in row]
         ids = [list(x) for row in pool.response_ids for x in row]
@@ -238,7 +238,7 @@ class RewardModelSource(RewardSource):
             raise _error(f"{exc}; check {self.recipe.model.reward_model}") from None
 
     def pool_scores(self, pool, texts, ids, tokenizer, start_logprobs):
-        # the pool's own, scored by this run's reward model under the source's name (`evaluate.score_pool`)
+        # the pool's own, scored by this run's reward model under the source's name (`evaluation.evaluate.score_pool`)
         if self.name not in pool.step_scores:
             return False, None
         return True, [s for row in pool.step_scores[self.name] for s in row]
@@ -292,7 +292,7 @@ class Exact(RewardSource):
 
 
 class Confidence(RewardSource):
-    """The frozen starting generator's own token confidence at temperature 1 (`rewards.confidence_scores`)."""
+    """The frozen starting generator's own token confidence at temperature 1 (`reward.tokens.confidence_scores`)."""
 
     name = "confidence"
 

@@ -110,7 +110,7 @@ Guards, in this order:
 - a response with no final answer gets `missing_answer_reward` at its last
   token and nothing else (step rewards and the outcome term are dropped).
   Whether it answered is the caller's `has_answer`, required: the task's own
-  answer reading decides it (`problems.SampleGrade.answered`: the arithmetic
+  answer reading decides it (`data.problems.SampleGrade.answered`: the arithmetic
   checker's `# Answer` step; `grading.extract_answer` for MATH's `\\boxed{}`,
   GSM8K's `####` and PRM800K's `# Answer`), the one definition that grading,
   rewards and evaluation share. reward/tokens.py keeps no rule of its own: a
@@ -531,7 +531,7 @@ def token_rewards(
     tokenizer: the POLICY's tokenizer; needed by dense mode to place step ends.
     lengths: response tokens per sample (default: len of each id list).
     has_answer: per sample, whether a final answer was written, as the task reads it
-        (`problems.SampleGrade.answered`); required.
+        (`data.problems.SampleGrade.answered`); required.
     max_tokens: the response length cap (None: no cap).
     eos_token_id: the policy's EOS id; with max_tokens, a response of max_tokens
         tokens that does not end in it was stopped by the cap, so is truncated
@@ -564,7 +564,7 @@ def token_rewards(
         raise RewardError(f"max_tokens must be at least 1, got {max_tokens}")
     if has_answer is None:
         raise RewardError("has_answer is required: per sample, whether the task's own answer reading found a final "
-                          "answer (`SampleGrade.answered` from `problems.grade_samples`)")
+                          "answer (`SampleGrade.answered` from `data.problems.grade_samples`)")
     form = cfg.dense_form if dense_form is None else dense_form
     if form not in DENSE_FORMS:
         raise RewardError(f"dense_form must be one of {', '.join(DENSE_FORMS)}, got {form!r}")

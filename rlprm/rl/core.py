@@ -202,7 +202,7 @@ def process_token_advantages(event_values: Tensor, event_positions: Tensor, grou
     one prompt. Returns (B, width) float: 0 at tokens after a sample's last
     event, and everywhere for a sample with no events.
 
-    `rewards.TokenRewards.event_tensors()` gives the three inputs.
+    `reward.tokens.TokenRewards.event_tensors()` gives the three inputs.
 
     `min` (the default) and `mean`: a token's return is the min (or the mean)
     of the rewards of the events at or after it, plus the sample's outcome:

@@ -3,13 +3,13 @@
 docs/design.md section 7. Two modes, chosen by `reward.mode`:
 - `sparse` (outcome supervision): plain GRPO. Each completion gets one scalar
   (the grader's 1/0, an ORM's probability, or a PRM's aggregated score, all
-  from `rewards.token_rewards`), TRL normalises it within the group of
+  from `reward.tokens.token_rewards`), TRL normalises it within the group of
   `rl.samples_per_problem` completions of one prompt, and every token of a
   completion shares that advantage.
 - `dense` (process supervision, DeepSeekMath section 4.1.3): the step scores
   (a PRM's, or with `reward.source: exact` the arithmetic checker's
   prefix-correctness, an oracle PRM; `confidence` is PPO-only, refused at
-  recipe validation) become step values in `rewards.token_rewards`, the one
+  recipe validation) become step values in `reward.tokens.token_rewards`, the one
   placement (`reward.dense_form`: `score`, each step's probability, or
   `log_prob`, its log; each step's OWN value, floored one by one at
   missing_answer_reward + 0.1, never PPO's floored running sum, which made

@@ -21,7 +21,7 @@ class RewardFunction:
     TRL calls it with the prompts, the decoded completions, the completion ids
     and the dataset's other columns (here `problem_index`, an index into
     `problems`). It returns one scalar per completion: the return of
-    `rewards.token_rewards`, each completion's value under the training objective
+    `reward.tokens.token_rewards`, each completion's value under the training objective
     (`TokenRewards.objective`: for sparse rewards the reward itself; for dense
     rewards rl.process_advantage's min, mean or sum of the step values plus the
     outcome, used by TRL only for its log). The
@@ -77,7 +77,7 @@ def grpo_advantages(recipe: Recipe, last: dict, group_size: int, width: int):
 
     last: what `RewardFunction` kept for the batch; its `TokenRewards` holds every sample's reward events (the
     step rewards of reward.dense_form, the last one on EOS; a missing answer's penalty) and outcome term, placed
-    by `rewards.token_rewards`, the one placement. Here they are only normalised over each group of
+    by `reward.tokens.token_rewards`, the one placement. Here they are only normalised over each group of
     `group_size` samples and spread over the tokens as rl.process_advantage says
     (`core.process_token_advantages`).
     """

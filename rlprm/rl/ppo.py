@@ -664,8 +664,8 @@ class Trajectory:
     """One PPO iteration's rollout with everything the update and the log read; (B, T) tensors on the run's device."""
 
     rollout: Rollout
-    grades: list  # per sample, its `problems.SampleGrade`
-    rewards: "object"  # `rewards.TokenRewards`: the reward tensor, its stats and per-sample decisions
+    grades: list  # per sample, its `data.problems.SampleGrade`
+    rewards: "object"  # `reward.tokens.TokenRewards`: the reward tensor, its stats and per-sample decisions
     mask: "object"  # (B, T) bool: response tokens kept by the rewards (the length cap) and the rollout
     old_logprobs: "object"  # (B, T) float32: the policy's log-probs before the update, at rl.temperature
     old_values: "object"  # (B, T) float32: the critic's values before the update

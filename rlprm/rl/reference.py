@@ -15,7 +15,7 @@ from rlprm.config import Recipe
 
 class AdaptersOff:
     """A peft model seen with its adapters disabled: the reference that `ppo.rollout_logprobs` and
-    `evaluate.response_logprobs` call like a model.
+    `evaluation.evaluate.response_logprobs` call like a model.
 
     A call runs in eval mode (no dropout: the reference is deterministic) and without gradients, and restores the
     model's mode after. Every other attribute (`parameters`, `config`, `get_output_embeddings`, ...) is the wrapped

@@ -301,7 +301,7 @@ class Selection:
     """One epoch's samples in the problems' order ([problem][sample]) and what was kept of them."""
 
     texts: list  # [P][N] the sampled responses
-    grades: list  # [P][N] their `problems.SampleGrade`
+    grades: list  # [P][N] their `data.problems.SampleGrade`
     scores: list  # [P][N] the reward source's ranking score
     keep: list  # [P] the kept sample indices, best first
     kept: list  # (problem, sample) of every kept sample, in order

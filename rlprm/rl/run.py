@@ -234,7 +234,7 @@ class Run:
     reference: object = None
     reward_model: object = None
     reward_source: object = None
-    """The recipe's `reward_sources.RewardSource`: every algorithm scores its samples with it."""
+    """The recipe's `reward.sources.RewardSource`: every algorithm scores its samples with it."""
     tracker: object = None
     sampler: object = None
     """Who samples for the between-epoch best-of-N (rlprm/rollout.py, set by the algorithm); None: HF generate."""
