@@ -77,10 +77,10 @@ DEMO_OVERRIDES: dict[str, list[str]] = {
     # after 321 steps the generator wrote well-formed chains with 0% process accuracy, and the arithmetic clicks
     # only after about 500-600 steps on one machine (1,100 steps, seed 0: 30.0% process accuracy, 43.5% shortcut);
     # on an AVX2-only AMD EPYC with the pinned kernels 1,100 steps gave 9.0% (answer 22.0%) and 1,600 steps 31.0%
-    # (answer 69.5%, shortcut 47.0%, final loss 0.030): 1,600 clears the 20% target on both (docs/reproducibility.md)
-    "prepare": ["sft.steps=1600",                         # 1200
+    # (answer 69.5%, shortcut 47.0%, final loss 0.030): 1,600 clears the 20% target here (docs/reproducibility.md)
+    "prepare": ["sft.steps=1600",                         # = the recipe (1200 before)
                 "prepare_eval.num_problems=200",          # 500
-                "prepare_eval.min_process_accuracy=0.20"],  # 0.30: the recipe's seed gave 37.8% (1200 steps)
+                "prepare_eval.min_process_accuracy=0.20"],  # 0.30: the recipe gave 37.8% (1200 steps, one machine), 37.2% (1600, another)
     "rm": ["rm.data.train_problems=256",                  # 512 (x 4 samples + 3 of the task's own each)
            "rm.data.eval_problems=48",                    # 128
            "rm.data.eval_samples_per_problem=8",          # 16
