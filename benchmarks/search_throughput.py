@@ -21,28 +21,10 @@ import time
 
 
 def fit_generator(tokenizer, problems, steps: int, seed: int = 0):
-    """A tiny causal LM fitted on the reference solutions of `problems` (full batch, AdamW)."""
-    import torch
+    """The tests' tiny generator, fitted on the reference solutions of `problems`."""
+    from rlprm.testing.tiny import fit_generator as fit
 
-    from rlprm.config import TinyModelConfig
-    from rlprm.models import build_tiny_causal_lm
-    from rlprm.steps import render_steps
-    from rlprm.tasks.arithmetic import reference_solution
-
-    model = build_tiny_causal_lm(TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2),
-                                 tokenizer, seed=seed)
-    texts = [p.prompt + render_steps(reference_solution(p)) + tokenizer.eos_token for p in problems]
-    tokenizer.padding_side = "right"
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        loss = model(**batch, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return model
+    return fit(tokenizer, problems, steps, seed)
 
 
 def main() -> None:

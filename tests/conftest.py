@@ -65,25 +65,9 @@ def save_tiny_generator(path: Path, tokenizer, config=None) -> Path:
 def train_tiny_generator(path: Path, tokenizer, problems, steps: int) -> Path:
     """A tiny causal LM fitted for `steps` full-batch AdamW steps on the reference solutions of `problems`, saved
     like `rlprm prepare` saves a generator (a few dozen steps: step-shaped lines; about 100: the solutions memorised)."""
-    import torch
+    from rlprm.testing.tiny import fit_generator
 
-    from rlprm.config import TinyModelConfig
-    from rlprm.models import build_tiny_causal_lm
-    from rlprm.steps import render_steps
-    from rlprm.tasks.arithmetic import reference_solution
-
-    model = build_tiny_causal_lm(TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2),
-                                 tokenizer, seed=0)
-    texts = [p.prompt + render_steps(reference_solution(p)) + tokenizer.eos_token for p in problems]
-    tokenizer.padding_side = "right"
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        loss = model(**batch, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model = fit_generator(tokenizer, problems, steps, seed=0)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
