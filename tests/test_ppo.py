@@ -551,7 +551,8 @@ def test_lora_reference_is_the_base_with_its_adapters_off(generator_dir, tmp_pat
     from rlprm.evaluation.evaluate import response_logprobs
     from rlprm.models import load_causal_lm, load_tokenizer
     from rlprm.rl.ppo import build_rollout, rollout_logprobs
-    from rlprm.rl.models import load_policy, load_reference
+    from rlprm.models import load_policy
+    from rlprm.rl.models import load_reference
     from rlprm.rl.reference import AdaptersOff
 
     recipe = _lora_recipe(tmp_path, generator_dir, "unit")
@@ -593,7 +594,7 @@ def test_ppo_with_lora_trains_adapters_only_and_exports_a_plain_model(generator_
     import rlprm.rl.core as core_module
     from rlprm.models import load_causal_lm
     from rlprm.rl import ppo, train
-    from rlprm.rl.models import load_policy
+    from rlprm.models import load_policy
 
     loads, seen_rewards, seen_kl, rollouts = [], [], [], []
     _spy(monkeypatch, models_module, "load_causal_lm", loads)

@@ -55,7 +55,7 @@ then keeps the rank's slice; the process advantages do the same
 over whole groups, this rank's rows cut out). Rank 0 alone evaluates and
 writes; the ranks end with the same weights (DDP averages the gradients).
 
-LoRA (`model.lora.enabled`): TRL gets the peft model `rl.models.load_policy` builds
+LoRA (`model.lora.enabled`): TRL gets the peft model `models.load_policy` builds
 (adapters trainable, base frozen; from an adapter checkpoint on resume), the
 optimizer holds the adapters only, and the KL reference is the base with the
 adapters disabled (the generator: no second copy of the weights). Checkpoints
