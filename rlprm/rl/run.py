@@ -5,7 +5,7 @@ torchtune's recipe shape (setup / train / cleanup), with composition: an
 optimizers, its update for one epoch, its checkpoint state); everything the
 three algorithms share lives here, once:
 
-    setup     in the order the run uses them, each module entered once: 1. checks, before anything is
+    setup     going down once, in the order the run uses them: 1. checks, before anything is
               loaded (the models named, the algorithm's own, the rollout engine); 2. processes (DeepSpeed
               engines for PPO, the trainers' DDP for GRPO and rejection sampling), the run folder (fresh
               start or --resume), seeds; 3. the held-out `exclude` set and the evaluation set
@@ -317,14 +317,14 @@ def resume_state(run: Run, algorithm: Algorithm) -> int | None:
     run.start_epoch, run.step = run.state["epoch"], run.state["step"]
     run.final = dict(run.state.get("final", {}))  # the summary so far: a resumed run's equals an uninterrupted one's
     print(f"resuming from {run.ckpt} (epoch {run.start_epoch}, step {run.step})")
-    if run.dist.is_main:  # what a killed run logged after this checkpoint is recomputed now (a killed run's steps)
+    if run.dist.is_main:  # what a killed run logged after this checkpoint is cut off and recomputed
         return cut_metrics(run.run_dir / "metrics.jsonl", run.step, run.state.get("metrics_bytes"))
     return None
 
 
 def setup(recipe: Recipe, algorithm: Algorithm, resume: bool, progress: bool) -> Run:
-    """Build the run in the order it is used, each module entered once: checks, run folder, problems, models,
-    rewards, the algorithm's own part, the checkpoint's state, the tracker."""
+    """Build the run going down once, in the order the run uses it: checks, run folder, problems, models, rewards,
+    the algorithm's own part, the checkpoint's state, the tracker (docs/design.md, "The path of a recipe")."""
     from rlprm.data.problems import eval_problems, held_out_arithmetic
     from rlprm.reward.sources import RewardSourceError, reward_source, source_class
     from rlprm.rl.models import load_models
