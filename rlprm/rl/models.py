@@ -29,18 +29,6 @@ class Models:
     """model.reward_model when the reward source scores with one (prm, orm), else None."""
 
 
-def load_reference(recipe: Recipe, policy, device: str):
-    """The frozen starting model: `policy` with its adapters off under model.lora.enabled (no second copy of the
-    weights, `rl.reference.AdaptersOff`), else a copy of the generator loaded from disk (eval mode, no gradients)."""
-    if recipe.model.lora.enabled:
-        from rlprm.rl.reference import AdaptersOff
-
-        return AdaptersOff(policy)
-    from rlprm.models import load_frozen_generator
-
-    return load_frozen_generator(recipe, device)
-
-
 def load_models(recipe: Recipe, ckpt: Path | None, device: str, *, reference: bool, reward_model: bool) -> Models:
     """The run's models, in this order (LoRA's random adapters draw from the seeded RNG, so the order is part of
     a run's numbers): the tokenizer, the policy (from `ckpt` on resume) and the frozen reference when `reference`
@@ -63,4 +51,4 @@ def load_models(recipe: Recipe, ckpt: Path | None, device: str, *, reference: bo
     return models
 
 
-__all__ = ["Models", "load_models", "load_reference"]
+__all__ = ["Models", "load_models"]

@@ -6,7 +6,7 @@ the weights is loaded (at 1.5B-7B that copy is 3-14 GB of bf16 per GPU). The
 reference's log-probs then cost a forward pass of the policy's own weights under
 peft's `disable_adapter()`, which also holds under DeepSpeed (the weights the
 pass reads are the ones the engine keeps, whole or gathered layer by layer).
-Which reference a run gets is decided where every model is loaded (`rl.models.load_reference`).
+Which reference a run gets is decided where every model is loaded (`rl.models.load_models`).
 """
 
 from __future__ import annotations
