@@ -134,6 +134,37 @@ def apply_lora(model, cfg: LoraConfig, task_type: str = "CAUSAL_LM", head: str |
     return get_peft_model(model, peft_cfg)
 
 
+def load_policy(recipe, ckpt: Path | None, device: str):
+    """The trained model: the generator (LoRA adapters added when model.lora.enabled), or a checkpoint's."""
+    gen, dtype, trc = recipe.model.generator, recipe.model.dtype, recipe.model.trust_remote_code
+    if ckpt is not None and (ckpt / "model" / "adapter_config.json").is_file():
+        # a LoRA run checkpoints its adapters only: the base is the generator, the adapters come back trainable
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(load_causal_lm(gen, dtype, device, trc), str(ckpt / "model"),
+                                         is_trainable=True).to(device)
+    if ckpt is not None:
+        # in the dtype it was written in: GRPO's float32 master weights of a bf16 recipe come back unrounded
+        return load_causal_lm(ckpt / "model", "auto", device, trc)
+    return apply_lora(load_causal_lm(gen, dtype, device, trc), recipe.model.lora)
+
+
+def load_generator(recipe, ckpt: Path | None, device: str, frozen_copy: bool = False) -> tuple:
+    """(tokenizer, policy, frozen copy or None): the generator's tokenizer, padded on the left; the policy
+    (`load_policy`); with `frozen_copy` a second copy of the generator, frozen (eval mode, no gradients: the
+    reference of a run without LoRA). In this order: LoRA's adapters draw from the seeded RNG."""
+    m = recipe.model
+    tokenizer = load_tokenizer(m.generator, padding_side="left", trust_remote_code=m.trust_remote_code)
+    policy = load_policy(recipe, ckpt, device)
+    return tokenizer, policy, load_frozen_generator(recipe, device) if frozen_copy else None
+
+
+def load_frozen_generator(recipe, device: str):
+    """A copy of model.generator in eval mode with no gradients: the frozen start of a run without LoRA."""
+    m = recipe.model
+    return load_causal_lm(m.generator, m.dtype, device, m.trust_remote_code).eval().requires_grad_(False)
+
+
 def float32_masters(model) -> list:
     """`model`'s trainable parameters, those held in bf16 or fp16 turned float32 in place; returned for the
     optimizer.

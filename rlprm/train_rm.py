@@ -302,44 +302,13 @@ def prm800k_records(recipe: Recipe) -> tuple[list, list, dict]:
 # --------------------------------------------------------------------------- the job
 
 
-def train_rm(recipe: Recipe, progress: bool = True) -> dict:
-    """Train, save and evaluate a reward model; returns the summary (empty on processes other than the first)."""
-    t_start = time.monotonic()
-    rm_cfg, data_cfg = recipe.rm, recipe.rm.data
-    run_dir = Path(recipe.run.output_dir)
-    sep = recipe.task.step_separator
-
-    # 1. inputs checked before anything heavy is loaded
-    check_inputs(recipe)
-    # PRM800K lines are read (a bad one refused) before torch loads and before the run folder gets anything
-    labelled = prm800k_records(recipe) if data_cfg.source == "prm800k" else None
-    if rm_cfg.scorer == "lm":
-        return train_lm_scored_rm(recipe, progress, t_start, labelled)
-    if recipe.deepspeed is not None:
-        single_process_env()
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import datasets
+def rm_training_args(recipe: Recipe, work_dir: Path, device: str):
+    """`train_rm` step 2: the HF TrainingArguments of the recipe (with DeepSpeed, building them starts the process
+    group)."""
     import transformers
 
-    from rlprm.data.stepwise import label_summary
-    from rlprm.models import load_tokenizer, num_parameters, resolve_device
-    from rlprm.reward.model import (Collator, RewardModel, add_identity_layers, apply_lora, build_reward_model,
-                                     encode_examples, freeze_body, make_convention, reward_model_from_causal_lm)
-    from rlprm.reward.trainer import RewardModelTrainer, TrainProgress
-    from rlprm.tracking import Tracker
-
-    datasets.disable_progress_bars()
-    if recipe.run.threads:
-        torch.set_num_threads(recipe.run.threads)
-    device = resolve_device(recipe.run.device)
-    is_main = launcher_rank() == 0
-
-    # 2. training arguments (with DeepSpeed this starts the process group)
-    work_dir = run_dir / "rm_trainer_work"
-    args = transformers.TrainingArguments(
+    rm_cfg = recipe.rm
+    return transformers.TrainingArguments(
         output_dir=str(work_dir),
         per_device_train_batch_size=rm_cfg.batch_size,
         gradient_accumulation_steps=rm_cfg.gradient_accumulation_steps,
@@ -365,6 +334,112 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
         dataloader_num_workers=0,
     )
 
+
+def build_rm(recipe: Recipe, convention, train_records) -> tuple:
+    """`train_rm` step 4: (tokenizer, model, backbone, confidence source, parameters, trainable parameters): the
+    backbone's body with a fresh head (a tiny one built on the spot for `tiny`), identity layers added, the body
+    frozen and LoRA applied as the recipe asks. The caller seeds first (`transformers.set_seed`)."""
+    from rlprm.models import load_tokenizer, num_parameters
+    from rlprm.reward.model import (add_identity_layers, apply_lora, build_reward_model, freeze_body,
+                                     reward_model_from_causal_lm)
+
+    rm_cfg, sep = recipe.rm, recipe.task.step_separator
+    backbone = recipe.model.generator if rm_cfg.backbone == "generator" else rm_cfg.backbone
+    if backbone == "tiny":
+        from rlprm.models import build_tiny_causal_lm
+        from rlprm.experiments.prepare import build_tokenizer
+        from rlprm.steps import render_steps
+
+        corpus = [recipe.rm.prompt_template.format(problem=r.problem) + render_steps(r.steps, sep)
+                  for r in train_records[:2000]]
+        tokenizer = build_tokenizer(recipe, corpus)
+        causal = build_tiny_causal_lm(recipe.model.tiny, tokenizer, seed=recipe.run.seed)
+        model = reward_model_from_causal_lm(convention, causal, tokenizer)
+        confidence_source = causal if rm_cfg.confidence_features else None
+        del causal
+    else:
+        tokenizer = load_tokenizer(backbone, padding_side="right", trust_remote_code=recipe.model.trust_remote_code)
+        model = build_reward_model(convention, backbone, tokenizer, dtype=recipe.model.dtype,
+                                   trust_remote_code=recipe.model.trust_remote_code)
+        confidence_source = backbone if rm_cfg.confidence_features else None
+    own_layers = model.config.num_hidden_layers
+    add_identity_layers(model, rm_cfg.extra_layers)
+    if rm_cfg.freeze_backbone:
+        freeze_body(model, own_layers)
+    params = num_parameters(model)
+    model = apply_lora(model, recipe.model.lora, rm_cfg.kind)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return tokenizer, model, backbone, confidence_source, params, trainable
+
+
+def save_trained(recipe: Recipe, trainer, tokenizer, convention, confidence_source, train_records, ckpt: Path,
+                 device: str, tracker) -> dict:
+    """`train_rm` step 6: the trained model saved whole to `ckpt` (a complete reward_model/ or none at all), with
+    confidence stacking fitted first when asked; returns what the fit adds to the summary (empty without it)."""
+    from rlprm.reward.model import RewardModel
+
+    rm_cfg = recipe.rm
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    fitted: dict = {}
+    if confidence_source is not None:
+        # stack the head with the backbone LM's token confidence (see rlprm/reward/model.py for why)
+        from rlprm.models import load_causal_lm
+
+        lm = confidence_source if not isinstance(confidence_source, (str, Path)) else load_causal_lm(
+            confidence_source, recipe.model.dtype, device, recipe.model.trust_remote_code)
+        plain = RewardModel(trained, tokenizer, convention, confidence_lm=lm.eval())
+        weights, n_fit = fit_confidence_stacking(plain, train_records, rm_cfg.confidence_fit_examples,
+                                                 rm_cfg.eval_batch_size)
+        convention.confidence = weights
+        fitted = {"confidence_weights": weights, "confidence_fit_labels": n_fit}
+        if tracker:
+            print(f"confidence stacking fitted on {n_fit} labels: P = sigmoid({weights[0]:.3f} * head logit "
+                  f"{weights[1]:+.3f} * min token log-prob {weights[2]:+.3f})")
+        RewardModel(trained, tokenizer, convention, confidence_lm=lm).save(ckpt)
+        del lm, plain
+    else:
+        RewardModel(trained, tokenizer, convention).save(ckpt)
+    return fitted
+
+
+def train_rm(recipe: Recipe, progress: bool = True) -> dict:
+    """Train, save and evaluate a reward model; returns the summary (empty on processes other than the first)."""
+    t_start = time.monotonic()
+    rm_cfg, data_cfg = recipe.rm, recipe.rm.data
+    run_dir = Path(recipe.run.output_dir)
+    sep = recipe.task.step_separator
+
+    # 1. inputs checked before anything heavy is loaded
+    check_inputs(recipe)
+    # PRM800K lines are read (a bad one refused) before torch loads and before the run folder gets anything
+    labelled = prm800k_records(recipe) if data_cfg.source == "prm800k" else None
+    if rm_cfg.scorer == "lm":
+        return train_lm_scored_rm(recipe, progress, t_start, labelled)
+    if recipe.deepspeed is not None:
+        single_process_env()
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import datasets
+    import transformers
+
+    from rlprm.data.stepwise import label_summary
+    from rlprm.models import resolve_device
+    from rlprm.reward.model import Collator, encode_examples, make_convention
+    from rlprm.reward.trainer import RewardModelTrainer, TrainProgress
+    from rlprm.tracking import Tracker
+
+    datasets.disable_progress_bars()
+    if recipe.run.threads:
+        torch.set_num_threads(recipe.run.threads)
+    device = resolve_device(recipe.run.device)
+    is_main = launcher_rank() == 0
+
+    # 2. training arguments (with DeepSpeed this starts the process group)
+    work_dir = run_dir / "rm_trainer_work"
+    args = rm_training_args(recipe, work_dir, device)
+
     tracker = Tracker(run_dir, recipe, job=f"train-{rm_cfg.kind}", tags=[rm_cfg.kind]) if is_main else None
     try:
         # 3. data (the first process samples and caches; the others then read the cache)
@@ -381,31 +456,7 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
         transformers.set_seed(recipe.run.seed)
         convention = make_convention(rm_cfg.kind, sep, rm_cfg.prompt_template,
                                      data_cfg.neutral_as if data_cfg.source == "prm800k" else None)
-        backbone = recipe.model.generator if rm_cfg.backbone == "generator" else rm_cfg.backbone
-        if backbone == "tiny":
-            from rlprm.models import build_tiny_causal_lm
-            from rlprm.experiments.prepare import build_tokenizer
-            from rlprm.steps import render_steps
-
-            corpus = [recipe.rm.prompt_template.format(problem=r.problem) + render_steps(r.steps, sep)
-                      for r in train_records[:2000]]
-            tokenizer = build_tokenizer(recipe, corpus)
-            causal = build_tiny_causal_lm(recipe.model.tiny, tokenizer, seed=recipe.run.seed)
-            model = reward_model_from_causal_lm(convention, causal, tokenizer)
-            confidence_source = causal if rm_cfg.confidence_features else None
-            del causal
-        else:
-            tokenizer = load_tokenizer(backbone, padding_side="right", trust_remote_code=recipe.model.trust_remote_code)
-            model = build_reward_model(convention, backbone, tokenizer, dtype=recipe.model.dtype,
-                                       trust_remote_code=recipe.model.trust_remote_code)
-            confidence_source = backbone if rm_cfg.confidence_features else None
-        own_layers = model.config.num_hidden_layers
-        add_identity_layers(model, rm_cfg.extra_layers)
-        if rm_cfg.freeze_backbone:
-            freeze_body(model, own_layers)
-        params = num_parameters(model)
-        model = apply_lora(model, recipe.model.lora, rm_cfg.kind)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        tokenizer, model, backbone, confidence_source, params, trainable = build_rm(recipe, convention, train_records)
 
         # 5. examples and training
         max_length = rm_cfg.max_length or getattr(model.config, "max_position_embeddings", None) or 2048
@@ -441,27 +492,9 @@ def train_rm(recipe: Recipe, progress: bool = True) -> dict:
 
         # 6. save: a complete reward_model/ or none at all
         ckpt = run_dir / "reward_model"
-        trained = trainer.accelerator.unwrap_model(trainer.model)
-        fitted: dict = {}
-        if confidence_source is not None:
-            # stack the head with the backbone LM's token confidence (see rlprm/reward/model.py for why)
-            from rlprm.models import load_causal_lm
-
-            lm = confidence_source if not isinstance(confidence_source, (str, Path)) else load_causal_lm(
-                confidence_source, recipe.model.dtype, device, recipe.model.trust_remote_code)
-            plain = RewardModel(trained, tokenizer, convention, confidence_lm=lm.eval())
-            weights, n_fit = fit_confidence_stacking(plain, train_records, rm_cfg.confidence_fit_examples,
-                                                     rm_cfg.eval_batch_size)
-            convention.confidence = weights
-            fitted = {"confidence_weights": weights, "confidence_fit_labels": n_fit}
-            if tracker:
-                print(f"confidence stacking fitted on {n_fit} labels: P = sigmoid({weights[0]:.3f} * head logit "
-                      f"{weights[1]:+.3f} * min token log-prob {weights[2]:+.3f})")
-            RewardModel(trained, tokenizer, convention, confidence_lm=lm).save(ckpt)
-            del lm, plain
-        else:
-            RewardModel(trained, tokenizer, convention).save(ckpt)
-        del trainer, trained, model
+        fitted = save_trained(recipe, trainer, tokenizer, convention, confidence_source, train_records, ckpt,
+                              device, tracker)
+        del trainer, model
 
         # 7. evaluate the saved model, as any later stage will load it
         summary = {"kind": rm_cfg.kind, "checkpoint": str(ckpt), "backbone": str(backbone), "params": params,

@@ -3,7 +3,9 @@
 - no import circles among rlprm's modules, counting imports inside functions too (a lazy import is still a
   dependency: it only moves the failure to run time);
 - no private name (`_name`) imported from another module, in the library or the benchmarks;
-- the library never imports `rlprm.testing` (the fixtures users and tests build stand-ins with).
+- the library never imports `rlprm.testing` (the fixtures users and tests build stand-ins with);
+- no function in `rlprm/rl/` over MAX_RL_FUNCTION_LINES lines: the RL code is read as numbered steps, and a longer
+  function hides steps that want names of their own.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "rlprm"
+MAX_RL_FUNCTION_LINES = 80
 
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
@@ -141,3 +144,38 @@ def test_the_library_never_imports_the_testing_fixtures():
     users = sorted(m for m, deps in graph.items()
                    if not m.startswith("rlprm.testing") and any(d.startswith("rlprm.testing") for d in deps))
     assert not users, f"library modules importing rlprm.testing: {users}"
+
+
+def long_functions(source: str, limit: int) -> list[tuple[str, int]]:
+    """(qualified name, lines) of each function or method of `source` longer than `limit` lines, decorators and
+    docstring included (a nested function counts inside its parent and on its own)."""
+    out = []
+
+    def visit(node, prefix: str):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = f"{prefix}{child.name}"
+                if not isinstance(child, ast.ClassDef):
+                    first = min([child.lineno] + [d.lineno for d in child.decorator_list])
+                    lines = child.end_lineno - first + 1
+                    if lines > limit:
+                        out.append((name, lines))
+                visit(child, name + ".")
+
+    visit(ast.parse(source), "")
+    return out
+
+
+def test_the_length_check_sees_a_long_method():
+    body = "\n".join(f"        x{i} = {i}" for i in range(5))
+    source = f"class A:\n    def f(self):\n{body}\n\ndef g():\n    return 1\n"
+    assert long_functions(source, 4) == [("A.f", 6)]
+    assert long_functions(source, 6) == []
+
+
+def test_no_long_function_in_rl():
+    found = [f"{path.relative_to(ROOT)}: {name} ({lines} lines)"
+             for path in sorted((PACKAGE / "rl").rglob("*.py"))
+             for name, lines in long_functions(path.read_text(), MAX_RL_FUNCTION_LINES)]
+    assert not found, (f"functions over {MAX_RL_FUNCTION_LINES} lines in rlprm/rl/ (split them into named steps):\n"
+                       + "\n".join(found))

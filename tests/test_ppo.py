@@ -550,19 +550,19 @@ def test_lora_reference_is_the_base_with_its_adapters_off(generator_dir, tmp_pat
 
     from rlprm.evaluation.evaluate import response_logprobs
     from rlprm.models import load_causal_lm, load_tokenizer
+    from rlprm.rl.models import load_models
     from rlprm.rl.ppo import build_rollout, rollout_logprobs
-    from rlprm.rl.reference import AdaptersOff, load_reference
-    from rlprm.rl.run import load_policy
+    from rlprm.rl.reference import AdaptersOff
 
     recipe = _lora_recipe(tmp_path, generator_dir, "unit")
-    policy = load_policy(recipe, None, "cpu")
+    models = load_models(recipe, None, "cpu", reference=True, reward_model=False)
+    policy, reference = models.policy, models.reference
+    assert isinstance(reference, AdaptersOff) and reference.model is policy  # no second copy of the weights
     with torch.no_grad():  # adapters that change the model (lora_B starts at 0)
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.5)
     policy.train()
-    reference = load_reference(recipe, policy, "cpu")
-    assert isinstance(reference, AdaptersOff) and reference.model is policy  # no second copy of the weights
     base = load_causal_lm(str(generator_dir), "float32", "cpu", False).eval()
     tok = load_tokenizer(str(generator_dir), padding_side="left")
     enc = tok(["93 +3 -4 mod 10\n", "5 +1 last digit\n"], return_tensors="pt", padding=True)
@@ -593,7 +593,7 @@ def test_ppo_with_lora_trains_adapters_only_and_exports_a_plain_model(generator_
     import rlprm.rl.core as core_module
     from rlprm.models import load_causal_lm
     from rlprm.rl import ppo, train
-    from rlprm.rl.run import load_policy
+    from rlprm.models import load_policy
 
     loads, seen_rewards, seen_kl, rollouts = [], [], [], []
     _spy(monkeypatch, models_module, "load_causal_lm", loads)

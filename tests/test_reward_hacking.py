@@ -45,6 +45,7 @@ from tests.conftest import no_warning
 import torch
 
 from rlprm.config import RewardConfig
+from rlprm.reward.sources import SOURCES
 from rlprm.reward.tokens import prefix_correct_probs, token_rewards
 from rlprm.rl.core import gae, group_normalize, process_token_advantages
 from rlprm.rl.rejection import select_samples
@@ -180,7 +181,8 @@ def scored(tok, mode: str, source: str, form: str | None, outcome_coef: float = 
     dense = mode == "dense"
     cfg = RewardConfig(mode=mode, source=source, outcome_coef=outcome_coef, missing_answer_reward=MISSING,
                        dense_form="min_form", sparse_aggregate=form if source == "prm" and not dense else "prod")
-    return token_rewards(cfg, [c.text for c in COMPLETIONS], [ids(tok, c) for c in COMPLETIONS], scores=scores,
+    return token_rewards(cfg, [c.text for c in COMPLETIONS], [ids(tok, c) for c in COMPLETIONS],
+                         rule=SOURCES[source].rule(), scores=scores,
                          outcomes=[float(g.answer_correct) for g in grades],
                          has_answer=[g.answer is not None for g in grades], tokenizer=tok, max_tokens=MAX_TOKENS,
                          eos_token_id=tok.eos_token_id, dense_form=form if dense else None,

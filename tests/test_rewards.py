@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rlprm.config import RewardConfig
+from rlprm.reward.sources import GroundTruth
 from rlprm.reward.tokens import (
     ANSWERED_MARGIN,
     PROB_FLOOR,
@@ -34,10 +35,13 @@ PROBS = [0.9, 0.5, 0.8]
 
 def token_rewards(cfg, texts, *args, **kw):
     """`rewards.token_rewards`, told which texts answered the way the arithmetic checker reads its `# Answer` step
-    (`SampleGrade.answered`): every text of these cases is in the arithmetic task's format."""
+    (`SampleGrade.answered`): every text of these cases is in the arithmetic task's format; and, as a run is, told
+    the rule of `cfg.source`'s reward source."""
     from rlprm.data.problems import from_arithmetic, grade_samples
+    from rlprm.reward.sources import SOURCES
     from rlprm.tasks.arithmetic import Problem
 
+    kw.setdefault("rule", SOURCES[cfg.source].rule())
     if "has_answer" not in kw:
         arith = from_arithmetic([Problem(93, (("+", 3), ("-", 4)))])
         kw["has_answer"] = [g.answered for g in grade_samples(arith, [list(texts)], kw.get("sep", "\n"))[0]]
@@ -196,7 +200,7 @@ def test_scores_must_be_probabilities_and_orm_gives_one(char_tokenizer):
     ids = ids_of(char_tokenizer, TEXT)
     with pytest.raises(RewardError, match=r"sample 0: .* probabilities"):
         token_rewards(dense("log_prob"), [TEXT], [ids], scores=[[0.5, 1.5, 0.5]], tokenizer=char_tokenizer)
-    with pytest.raises(RewardError, match="ORM gives one"):
+    with pytest.raises(RewardError, match="orm in sparse mode gives one final probability"):
         token_rewards(RewardConfig(mode="sparse", source="orm"), [TEXT], [ids], scores=[PROBS])
 
 
@@ -528,7 +532,8 @@ def test_a_boxed_math_answer_is_answered_on_the_reward_path(byte_tokenizer):
     assert out.missing_answer == [False] and out.returns.item() == 1.0
     # no second rule hides in reward/tokens.py: whether a response answered is the caller's (the grade's) to say
     with pytest.raises(RewardError, match="has_answer"):
-        _token_rewards(RewardConfig(mode="sparse", source="ground_truth"), [MATH_TEXT], [ids], outcomes=[1.0])
+        _token_rewards(RewardConfig(mode="sparse", source="ground_truth"), [MATH_TEXT], [ids], outcomes=[1.0],
+                       rule=GroundTruth.rule())
 
 
 def test_answered_is_the_tasks_own_reading():
@@ -610,3 +615,23 @@ def test_arithmetic_answered_is_unchanged_on_random_texts():
     old = [bool(split_steps(t, "\n")) and step_answer(split_steps(t, "\n")[-1]) is not None for t in texts]
     assert [g.answered for g in grades] == old
     assert 0.1 < sum(old) / len(old) < 0.9  # both kinds are well represented
+
+
+def test_the_sources_rule_not_its_name_decides_the_placing(char_tokenizer):
+    """`token_rewards` reads the rule its source hands it (`RewardSource.rule`), never `cfg.source`: the same
+    config and scores placed under another source's rule give that source's reward."""
+    from rlprm.reward.sources import SOURCES
+
+    ids = ids_of(char_tokenizer, TEXT)
+    cfg = RewardConfig(mode="sparse", source="prm", sparse_aggregate="prod")
+    kw = dict(scores=[PROBS], outcomes=[0.0], tokenizer=char_tokenizer)
+    as_prm = token_rewards(cfg, [TEXT], [ids], **kw)
+    as_exact = token_rewards(cfg, [TEXT], [ids], rule=SOURCES["exact"].rule(), **kw)
+    as_truth = token_rewards(cfg, [TEXT], [ids], rule=SOURCES["ground_truth"].rule(), **kw)
+    assert as_prm.returns.item() == pytest.approx(0.9 * 0.5 * 0.8)  # prod of the steps
+    assert as_exact.returns.item() == pytest.approx(0.5)  # the lowest prefix-correctness
+    assert as_truth.returns.item() == 0.0  # the outcome alone
+    with pytest.raises(RewardError, match="orm in sparse mode gives one final probability"):
+        token_rewards(cfg, [TEXT], [ids], rule=SOURCES["orm"].rule(), **kw)
+    with pytest.raises(RewardError, match="step scores"):
+        token_rewards(dense("min_form"), [TEXT], [ids], rule=SOURCES["orm"].rule(), **kw)

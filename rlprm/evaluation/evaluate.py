@@ -346,32 +346,9 @@ def _select_metrics(pos: np.ndarray, right: np.ndarray, proc: np.ndarray | None)
     return out
 
 
-def bon_bootstrap(pools: Pool | list[Pool], scores: dict[str, np.ndarray] | list[dict[str, np.ndarray]],
-                  ns: list[int], pairs: list[str | tuple[str, str]] | None = None, resamples: int = 1000,
-                  seed: int = 0, weighted_by: str | None = None) -> tuple[dict, dict]:
-    """Paired bootstrap over problems of every selector at every N, and of differences between selectors.
-
-    pools: one pool, or S pools of the SAME problems (e.g. one per training seed), each with its own
-    scores[s] {selector: (P, n_s)} (`selector_scores`). Every resample r draws P problem indices with
-    replacement, shared by all seeds; within each drawn problem each seed's pool draws N of its samples
-    without replacement (one random order per (r, problem, seed), whose first N is the draw at N, so N's
-    draws nest). Every selector is scored on those same problems and draws; a seed's value is the mean over
-    the drawn problems, and the resample's value the mean over seeds. Mean and 2.5/97.5 percentiles over
-    resamples follow. Seeds enter through their samples only: the S seeds are averaged, not resampled.
-
-    Ties in a score selector go to a random one of the tied samples (argmax takes the first best in a random
-    order); a (weighted) vote goes to the answer class with the most (weight of) votes among classes that got
-    votes, ties at random. Vote weights should be non-negative (probabilities).
-
-    pairs: differences to report, (A, B) or "A-B" (A minus B, per resample, then summarised); None or empty:
-    `default_pairs`. Returns (curves, differences):
-      curves      {selector: {N: {"accuracy": {mean, lo, hi}, "process_correct": ...,
-                                  "right_answer_wrong_process": ...}}}
-                  (process metrics only for selectors that pick one sample, where every pool's steps are checked;
-                  majority, weighted_majority and pass@n report accuracy only)
-      differences {"A_minus_B": {N: {"accuracy": {mean, lo, hi}, "process_correct": {mean, lo, hi}}}}
-                  (process_correct where both A and B have it)
-    """
+def _bootstrap_inputs(pools, scores, ns, pairs, weighted_by) -> tuple:
+    """`bon_bootstrap` step 1: its inputs checked and completed: (pools, scores, P, score selectors, every
+    selector, pairs, weighted_by)."""
     pools = [pools] if isinstance(pools, Pool) else list(pools)
     scores = [scores] if isinstance(scores, dict) else list(scores)
     if not pools or len(pools) != len(scores):
@@ -405,66 +382,56 @@ def bon_bootstrap(pools: Pool | list[Pool], scores: dict[str, np.ndarray] | list
         bad = [k for k in names if sc[k].shape != (P, pool.n)]
         if bad:
             raise ValueError(f"scores {bad} are not (problems, samples) = {(P, pool.n)}: use selector_scores(pool)")
-    ns = sorted(set(ns))  # ascending: the draws nest, so votes at N add the samples past the previous N
-    correct = [pool.correct() for pool in pools]
-    process = [pool.process() for pool in pools]
-    checkable = all(not np.isnan(pr).all() for pr in process)
-    answers = []
-    for pool in pools:
-        ids, class_correct = _answer_ids(pool)
-        answers.append((ids, class_correct[:, : int(ids.max()) + 1]))  # only classes that exist: K <= n
-    rng = np.random.default_rng(seed)
-    # values[selector][N][metric]: per-resample values, chunk by chunk
-    values: dict[str, dict[int, dict[str, list[np.ndarray]]]] = {s: {N: {} for N in ns} for s in selectors}
-    R = _chunk(P, max(pool.n for pool in pools), resamples)
-    for r0 in range(0, resamples, R):
-        Rc = min(R, resamples - r0)
-        probs = rng.integers(0, P, size=(Rc, P))  # (Rc, P): the resampled problems, shared by every seed
-        per_seed = []  # for each seed: {selector: {N: {metric: (Rc,)}}}
-        for pool, sc, right_all, proc_all, (ids, class_correct) in zip(pools, scores, correct, process, answers):
-            n, K = pool.n, class_correct.shape[1]
-            # a random order of each drawn problem's samples; its first N is the draw at N. Everything is gathered
-            # once in that order (flat indices into the (P, n) arrays), and each N takes a prefix view of it.
-            order = np.argsort(rng.random((Rc, P, n)), axis=-1)
-            flat = probs[..., None] * n + order  # (Rc, P, n)
-            tie = rng.random((Rc, P, K))  # vote tie-breaking keys, one per answer class
-            right_o = right_all.ravel()[flat]
-            proc_o = proc_all.ravel()[flat] if checkable else None
-            scores_o = {name: sc[name].ravel()[flat] for name in names}
-            # running (weighted) votes per answer class: cell (r, p, class) of a flat (Rc * P * K) array
-            cell = ((np.arange(Rc)[:, None, None] * P + np.arange(P)[None, :, None]) * K + ids.ravel()[flat])
-            votes = {MAJORITY: np.zeros(Rc * P * K)}
-            if WEIGHTED in selectors:
-                votes[WEIGHTED] = np.zeros(Rc * P * K)
-            seed_vals: dict[str, dict[int, dict]] = {s: {} for s in selectors}
-            done = 0
-            for N in ns:
-                right = right_o[..., :N]  # (Rc, P, N)
-                proc = None if proc_o is None else proc_o[..., :N]
-                for name in names:
-                    # argmax takes the first best in a random order: ties are broken at random
-                    seed_vals[name][N] = _select_metrics(np.argmax(scores_o[name][..., :N], axis=-1), right, proc)
-                seed_vals[RANDOM][N] = _select_metrics(np.zeros((Rc, P), dtype=np.int64), right, proc)
-                seed_vals[ORACLE][N] = {"accuracy": right.any(-1).mean(axis=1)}
-                new = cell[..., done:N].ravel()
-                votes[MAJORITY] += np.bincount(new, minlength=Rc * P * K)
-                if WEIGHTED in votes:
-                    votes[WEIGHTED] += np.bincount(new, weights=scores_o[weighted_by][..., done:N].ravel(),
-                                                   minlength=Rc * P * K)
-                done = N
-                counts = votes[MAJORITY].reshape(Rc, P, K)
-                for name, v in votes.items():
-                    # only classes that got votes can win (an empty class would win a tie of zero weights)
-                    v = np.where(counts > 0, v.reshape(Rc, P, K), -np.inf)
-                    top = v == v.max(axis=-1, keepdims=True)
-                    winner = np.argmax(np.where(top, tie, -1.0), axis=-1)  # (Rc, P): a random one of the top classes
-                    seed_vals[name][N] = {"accuracy": class_correct[probs, winner].mean(axis=1)}
-            per_seed.append(seed_vals)
-        for name in selectors:
-            for N in ns:
-                for metric in per_seed[0][name][N]:
-                    stacked = np.stack([sv[name][N][metric] for sv in per_seed])  # (S, Rc)
-                    values[name][N].setdefault(metric, []).append(_nanmean(stacked, axis=0))
+    return pools, scores, P, names, selectors, pairs, weighted_by
+
+
+def _seed_resample(rng, probs, pool, sc, right_all, proc_all, ids, class_correct, names, selectors, weighted_by,
+                   ns) -> dict:
+    """`bon_bootstrap` step 2 for one seed's pool and one chunk of resamples (`probs`, (Rc, P)): {selector: {N:
+    {metric: (Rc,)}}}. `proc_all` None: the steps are not checkable."""
+    Rc, P = probs.shape
+    n, K = pool.n, class_correct.shape[1]
+    # a random order of each drawn problem's samples; its first N is the draw at N. Everything is gathered
+    # once in that order (flat indices into the (P, n) arrays), and each N takes a prefix view of it.
+    order = np.argsort(rng.random((Rc, P, n)), axis=-1)
+    flat = probs[..., None] * n + order  # (Rc, P, n)
+    tie = rng.random((Rc, P, K))  # vote tie-breaking keys, one per answer class
+    right_o = right_all.ravel()[flat]
+    proc_o = None if proc_all is None else proc_all.ravel()[flat]
+    scores_o = {name: sc[name].ravel()[flat] for name in names}
+    # running (weighted) votes per answer class: cell (r, p, class) of a flat (Rc * P * K) array
+    cell = ((np.arange(Rc)[:, None, None] * P + np.arange(P)[None, :, None]) * K + ids.ravel()[flat])
+    votes = {MAJORITY: np.zeros(Rc * P * K)}
+    if WEIGHTED in selectors:
+        votes[WEIGHTED] = np.zeros(Rc * P * K)
+    seed_vals: dict[str, dict[int, dict]] = {s: {} for s in selectors}
+    done = 0
+    for N in ns:
+        right = right_o[..., :N]  # (Rc, P, N)
+        proc = None if proc_o is None else proc_o[..., :N]
+        for name in names:
+            # argmax takes the first best in a random order: ties are broken at random
+            seed_vals[name][N] = _select_metrics(np.argmax(scores_o[name][..., :N], axis=-1), right, proc)
+        seed_vals[RANDOM][N] = _select_metrics(np.zeros((Rc, P), dtype=np.int64), right, proc)
+        seed_vals[ORACLE][N] = {"accuracy": right.any(-1).mean(axis=1)}
+        new = cell[..., done:N].ravel()
+        votes[MAJORITY] += np.bincount(new, minlength=Rc * P * K)
+        if WEIGHTED in votes:
+            votes[WEIGHTED] += np.bincount(new, weights=scores_o[weighted_by][..., done:N].ravel(),
+                                           minlength=Rc * P * K)
+        done = N
+        counts = votes[MAJORITY].reshape(Rc, P, K)
+        for name, v in votes.items():
+            # only classes that got votes can win (an empty class would win a tie of zero weights)
+            v = np.where(counts > 0, v.reshape(Rc, P, K), -np.inf)
+            top = v == v.max(axis=-1, keepdims=True)
+            winner = np.argmax(np.where(top, tie, -1.0), axis=-1)  # (Rc, P): a random one of the top classes
+            seed_vals[name][N] = {"accuracy": class_correct[probs, winner].mean(axis=1)}
+    return seed_vals
+
+
+def _bootstrap_summary(values, pairs, ns) -> tuple[dict, dict]:
+    """`bon_bootstrap` step 3: (curves, differences) from the per-resample values."""
     joined = {s: {N: {m: np.concatenate(v) for m, v in c.items()} for N, c in per_n.items()}
               for s, per_n in values.items()}
     curves = {s: {N: {m: _interval(v) for m, v in c.items()} for N, c in per_n.items()} for s, per_n in joined.items()}
@@ -475,6 +442,64 @@ def bon_bootstrap(pools: Pool | list[Pool], scores: dict[str, np.ndarray] | list
                 for m in ("accuracy", "process_correct") if m in joined[a][N] and m in joined[b][N]}
             for N in ns}
     return curves, differences
+
+
+def bon_bootstrap(pools: Pool | list[Pool], scores: dict[str, np.ndarray] | list[dict[str, np.ndarray]],
+                  ns: list[int], pairs: list[str | tuple[str, str]] | None = None, resamples: int = 1000,
+                  seed: int = 0, weighted_by: str | None = None) -> tuple[dict, dict]:
+    """Paired bootstrap over problems of every selector at every N, and of differences between selectors.
+
+    pools: one pool, or S pools of the SAME problems (e.g. one per training seed), each with its own
+    scores[s] {selector: (P, n_s)} (`selector_scores`). Every resample r draws P problem indices with
+    replacement, shared by all seeds; within each drawn problem each seed's pool draws N of its samples
+    without replacement (one random order per (r, problem, seed), whose first N is the draw at N, so N's
+    draws nest). Every selector is scored on those same problems and draws; a seed's value is the mean over
+    the drawn problems, and the resample's value the mean over seeds. Mean and 2.5/97.5 percentiles over
+    resamples follow. Seeds enter through their samples only: the S seeds are averaged, not resampled.
+
+    Ties in a score selector go to a random one of the tied samples (argmax takes the first best in a random
+    order); a (weighted) vote goes to the answer class with the most (weight of) votes among classes that got
+    votes, ties at random. Vote weights should be non-negative (probabilities).
+
+    pairs: differences to report, (A, B) or "A-B" (A minus B, per resample, then summarised); None or empty:
+    `default_pairs`. Returns (curves, differences):
+      curves      {selector: {N: {"accuracy": {mean, lo, hi}, "process_correct": ...,
+                                  "right_answer_wrong_process": ...}}}
+                  (process metrics only for selectors that pick one sample, where every pool's steps are checked;
+                  majority, weighted_majority and pass@n report accuracy only)
+      differences {"A_minus_B": {N: {"accuracy": {mean, lo, hi}, "process_correct": {mean, lo, hi}}}}
+                  (process_correct where both A and B have it)
+    """
+    # 1. the inputs: one score set per pool, the same problems, N within the samples, selectors and pairs
+    pools, scores, P, names, selectors, pairs, weighted_by = _bootstrap_inputs(pools, scores, ns, pairs, weighted_by)
+    ns = sorted(set(ns))  # ascending: the draws nest, so votes at N add the samples past the previous N
+    correct = [pool.correct() for pool in pools]
+    process = [pool.process() for pool in pools]
+    checkable = all(not np.isnan(pr).all() for pr in process)
+    answers = []
+    for pool in pools:
+        ids, class_correct = _answer_ids(pool)
+        answers.append((ids, class_correct[:, : int(ids.max()) + 1]))  # only classes that exist: K <= n
+    # 2. resample, chunk by chunk: problems shared by every seed, each seed's own sample draws
+    rng = np.random.default_rng(seed)
+    # values[selector][N][metric]: per-resample values, chunk by chunk
+    values: dict[str, dict[int, dict[str, list[np.ndarray]]]] = {s: {N: {} for N in ns} for s in selectors}
+    R = _chunk(P, max(pool.n for pool in pools), resamples)
+    for r0 in range(0, resamples, R):
+        Rc = min(R, resamples - r0)
+        probs = rng.integers(0, P, size=(Rc, P))  # (Rc, P): the resampled problems, shared by every seed
+        per_seed = []  # for each seed: {selector: {N: {metric: (Rc,)}}}
+        for pool, sc, right_all, proc_all, (ids, class_correct) in zip(pools, scores, correct, process, answers):
+            seed_vals = _seed_resample(rng, probs, pool, sc, right_all, proc_all if checkable else None, ids,
+                                       class_correct, names, selectors, weighted_by, ns)
+            per_seed.append(seed_vals)
+        for name in selectors:
+            for N in ns:
+                for metric in per_seed[0][name][N]:
+                    stacked = np.stack([sv[name][N][metric] for sv in per_seed])  # (S, Rc)
+                    values[name][N].setdefault(metric, []).append(_nanmean(stacked, axis=0))
+    # 3. intervals of every selector and of every pair's difference
+    return _bootstrap_summary(values, pairs, ns)
 
 
 def bon_curves(pool: Pool, scores: dict[str, np.ndarray], ns: list[int], resamples: int = 1000, seed: int = 0,

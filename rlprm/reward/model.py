@@ -634,16 +634,17 @@ class RewardModel:
         convention = Convention(**data)
         check_separator(convention.step_separator, step_separator)
         tokenizer = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)
+        weights = torch_dtype(dtype)  # with the tokenizer: what the loads below need from rlprm.models, at once
         if convention.scorer == "lm":
             from transformers import AutoModelForCausalLM
 
             if convention.lm_head is None or len(convention.lm_head) != 3:
                 raise RewardModelError(f"{meta}: scorer `lm` needs lm_head = [w_min, w_mean, b]")
             model = load_checked(AutoModelForCausalLM, path, f"rlprm {convention.kind.upper()} (scorer lm)",
-                                 dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+                                 dtype=weights, trust_remote_code=trust_remote_code)
             return cls(model.to(device).eval(), tokenizer, convention)
         model = load_checked(model_class(convention.kind), path, f"rlprm {convention.kind.upper()}",
-                             dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+                             dtype=weights, trust_remote_code=trust_remote_code)
         if model.config.num_labels != convention.num_labels:
             raise RewardModelError(f"{path}: the model has {model.config.num_labels} outputs but {RM_FILE} "
                                    f"describes {convention.num_labels} ({convention.label_names})")
@@ -655,7 +656,7 @@ class RewardModel:
             if not (path / CONFIDENCE_DIR).is_dir():
                 raise RewardModelError(f"{meta} stacks token confidence but {path / CONFIDENCE_DIR} is missing")
             confidence_lm = load_checked(AutoModelForCausalLM, path / CONFIDENCE_DIR,
-                                         f"rlprm {convention.kind.upper()} confidence LM", dtype=torch_dtype(dtype),
+                                         f"rlprm {convention.kind.upper()} confidence LM", dtype=weights,
                                          trust_remote_code=trust_remote_code)
             confidence_lm = confidence_lm.to(device).eval()
         return cls(model.to(device), tokenizer, convention, confidence_lm)

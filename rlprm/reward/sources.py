@@ -9,6 +9,8 @@ factory is the one place that does. A source turns problems and sampled texts (a
 - `step_scores(...)`: per sample the probabilities `reward.tokens.token_rewards` places, one per step (a PRM, the
   exact checker's prefix-correctness, the start's confidence, a user function in dense mode) or one number (an
   ORM, a sparse confidence or user function); None for `ground_truth`, which reads the grades alone;
+- `rule()`: what its scores are (`reward.tokens.ScoreRule`: per step or one number, and how they become one
+  sparse reward), handed to `reward.tokens.token_rewards`, which reads it instead of `reward.source`;
 - `rewards(...)`: the `reward.tokens.TokenRewards` a run of the recipe trains on (`training_rewards`);
 - `ranking(...)`: rejection sampling's per-solution score, which samples may be kept, and whether
   rl.rejection_min_score applies;
@@ -59,7 +61,7 @@ def _error(message: str):
 
 
 def training_rewards(recipe, texts: Sequence[str], token_ids, grades, *, scores=None, tokenizer=None,
-                     width: int | None = None, device=None):
+                     width: int | None = None, device=None, rule=None):
     """The rewards a run of `recipe` trains on, for graded samples: the one `reward.tokens.token_rewards` call of PPO, GRPO
     and the held-out reward (`RewardSource.solution_reward`), so that they cannot measure different things.
 
@@ -69,14 +71,16 @@ def training_rewards(recipe, texts: Sequence[str], token_ids, grades, *, scores=
     What the algorithm changes: GRPO's dense events are step values for its rl.process_advantage, the last on EOS
     (`process_form`, `last_event_at_eos`); `TokenRewards.objective` is then the value that form gives a sample,
     the return otherwise. The length cap is rl.max_new_tokens, with the tokenizer's EOS (a response stopped at
-    the cap without EOS was cut: missing). Returns `TokenRewards` (B, width).
+    the cap without EOS was cut: missing). rule: what the scores are, the source's `RewardSource.rule` (None: that
+    of the recipe's reward.source). Returns `TokenRewards` (B, width).
     """
     import rlprm.reward.tokens  # token_rewards looked up at call time: a probe that wraps it sees every call
 
     rcfg, rl = recipe.reward, recipe.rl
     grpo = rl.algorithm == "grpo"
     return rlprm.reward.tokens.token_rewards(
-        rcfg, texts, token_ids, scores=scores, outcomes=[float(g.answer_correct) for g in grades],
+        rcfg, texts, token_ids, rule=rule or source_class(recipe).rule(), scores=scores,
+        outcomes=[float(g.answer_correct) for g in grades],
         has_answer=[g.answered for g in grades], tokenizer=tokenizer, max_tokens=rl.max_new_tokens,
         eos_token_id=None if tokenizer is None else tokenizer.eos_token_id, width=width, sep=recipe.task.step_separator,
         sparse_aggregate=rcfg.sparse_aggregate, last_event_at_eos=grpo,
@@ -93,6 +97,18 @@ class RewardSource:
     """`describe` of a dense run names the dense form (else the source's own scale)."""
     reads_start_logprobs = False
     """`step_scores` needs the frozen start's token log-probs at temperature 1 (`start_logprobs`, `mask`)."""
+    gives_steps = True
+    """Its scores are one probability per step (so they can drive dense rewards)."""
+    sparse = "aggregate"
+    """How its scores become one sparse reward (`reward.tokens.SPARSE_RULES`)."""
+
+    @classmethod
+    def rule(cls):
+        """What this source's scores are, as `reward.tokens.token_rewards` places them (a `ScoreRule`): the
+        source decides, so that the placing never branches on a source's name."""
+        from rlprm.reward.tokens import ScoreRule
+
+        return ScoreRule(cls.name, scores=cls.sparse != "outcome", steps=cls.gives_steps, sparse=cls.sparse)
 
     def __init__(self, recipe, reward_model=None):
         self.recipe, self.reward_model = recipe, reward_model
@@ -120,7 +136,7 @@ class RewardSource:
                 device=None):
         """The rewards the run trains on, a `reward.tokens.TokenRewards` (`training_rewards`)."""
         return training_rewards(self.recipe, texts, token_ids, grades, scores=scores, tokenizer=tokenizer,
-                                width=width, device=device)
+                                width=width, device=device, rule=self.rule())
 
     def ranking(self, problems: Sequence, texts: Sequence[str], grades) -> tuple[list[float], list[bool], bool]:
         """Rejection sampling's view of each sample: (its score, whether it may be kept, whether
@@ -184,7 +200,7 @@ class RewardSource:
 class GroundTruth(RewardSource):
     """The grader's 1/0 verdict on the final answer."""
 
-    name = "ground_truth"
+    name, gives_steps, sparse = "ground_truth", False, "outcome"
 
     @classmethod
     def scale(cls, recipe):
@@ -257,7 +273,7 @@ class PRM(RewardModelSource):
 
 
 class ORM(RewardModelSource):
-    name = "orm"
+    name, gives_steps, sparse = "orm", False, "final"
 
     @classmethod
     def scale(cls, recipe):
@@ -267,7 +283,7 @@ class ORM(RewardModelSource):
 class Exact(RewardSource):
     """The arithmetic task's exact step checker as an oracle PRM: 1 up to the first wrong step, then 0."""
 
-    name = "exact"
+    name, sparse = "exact", "all_right"  # sparse: 1 only if every step is right (the min of prefix-correctness)
 
     @classmethod
     def scale(cls, recipe):
@@ -294,7 +310,7 @@ class Exact(RewardSource):
 class Confidence(RewardSource):
     """The frozen starting generator's own token confidence at temperature 1 (`reward.tokens.confidence_scores`)."""
 
-    name = "confidence"
+    name, sparse = "confidence", "final"  # sparse: one number, the whole response's confidence
 
     @classmethod
     def scale(cls, recipe):

@@ -4,9 +4,9 @@ This is the one place where dense and sparse supervision differ (docs/design.md
 section 5); everything downstream (GAE, whitening, the losses) sees only a
 reward tensor and a mask.
 
-Sources (`RewardConfig.source`; `rlprm/reward/sources.py` computes their scores, and builds the one
-`token_rewards` call of every consumer, `training_rewards`), each giving step probabilities p_1..p_K (or one
-number):
+Sources (`RewardConfig.source`; `rlprm/reward/sources.py` computes their scores, says what they are in a
+`ScoreRule`, and builds the one `token_rewards` call of every consumer, `training_rewards`; this module reads the
+rule, never the source's name), each giving step probabilities p_1..p_K (or one number):
 - `prm`: a trained PRM's step probabilities; `orm`: an ORM's one final probability;
   `ground_truth`: the grader's 1/0 verdict on the final answer.
 - `exact`: the arithmetic task's exact step checker as an ORACLE PRM (the
@@ -178,8 +178,29 @@ VALUE_FORMS = ("log_prob", "score")
 """Dense forms whose step rewards are values of the steps (monotone in p_k), not differences: the ones whose
 min or mean over steps means something (GRPO's process advantages, `rl.core.process_token_advantages`)."""
 
-STEP_SOURCES = ("prm", "exact", "confidence", "python")
-"""Sources that give one probability per step, so can drive dense rewards."""
+SPARSE_RULES = ("outcome", "final", "all_right", "aggregate")
+"""How a source's scores become ONE sparse reward (`ScoreRule.sparse`): the grader's verdict alone, the one final
+probability given, 1 only if every step's prefix-correctness is 1 (the min), `sparse_aggregate` of the steps."""
+
+
+@dataclass(frozen=True)
+class ScoreRule:
+    """What a reward source's scores are, as `token_rewards` needs to know it: decided by the source
+    (`reward.sources.RewardSource.rule`), so that this module places rewards without branching on a source's name.
+    """
+
+    name: str
+    """The source's name (`reward.source`), for messages."""
+    scores: bool
+    """It gives per-sample scores (False: the ground-truth outcome alone decides)."""
+    steps: bool
+    """Its scores are one probability per step, so they can drive dense rewards."""
+    sparse: str
+    """How its scores become one sparse reward: one of SPARSE_RULES."""
+
+    def __post_init__(self):
+        if self.sparse not in SPARSE_RULES:
+            raise ValueError(f"ScoreRule.sparse must be one of {', '.join(SPARSE_RULES)}, got {self.sparse!r}")
 
 ANSWERED_MARGIN = 0.1
 """An answered sample's return is at least `missing_answer_reward + ANSWERED_MARGIN` (see the module docstring)."""
@@ -463,27 +484,28 @@ def _need(name: str, value, why: str):
     return value
 
 
-def _checked_scores(cfg: RewardConfig, scores, outcomes, tokenizer) -> tuple[list | None, list | None]:
-    """The inputs this config needs, present and finite: (step probabilities, ground-truth verdicts)."""
+def _checked_scores(cfg: RewardConfig, rule: ScoreRule, scores, outcomes, tokenizer) -> tuple[list | None, list | None]:
+    """The inputs this config and the source's rule need, present and finite: (step probabilities, ground-truth
+    verdicts)."""
     dense = cfg.mode == "dense"
-    if dense and cfg.source not in STEP_SOURCES:
-        raise RewardError(f"dense rewards need step scores ({', '.join(STEP_SOURCES)}), "
-                          f"but reward.source is {cfg.source!r}")
-    if cfg.source != "ground_truth":
+    if dense and not rule.steps:
+        raise RewardError(f"dense rewards need step scores, but reward.source {rule.name!r} gives one score per "
+                          "solution")
+    if rule.scores:
         # exact: the caller's prefix_correct_probs; confidence: the caller's confidence_scores
-        _need("scores", scores, f"for reward.source {cfg.source!r}")
-    if cfg.source == "ground_truth" or cfg.outcome_coef > 0:
+        _need("scores", scores, f"for reward.source {rule.name!r}")
+    if rule.sparse == "outcome" or cfg.outcome_coef > 0:
         _need("outcomes", outcomes, "for ground-truth rewards (reward.source ground_truth or reward.outcome_coef > 0)")
     if dense:
         _need("tokenizer (the policy's)", tokenizer, "to place dense step rewards on the policy's tokens")
     # every score is checked, also for samples a guard overrides later: a NaN is an upstream bug either way
     probs = None if scores is None else [_check_values(i, s, "score of step", True) for i, s in enumerate(scores)]
     truths = None if outcomes is None else [_check_values(i, [o], "outcome", False)[0] for i, o in enumerate(outcomes)]
-    if probs is not None and (cfg.source == "orm" or (cfg.source == "confidence" and not dense)):
-        what = "an ORM gives" if cfg.source == "orm" else "sparse confidence is"
+    if probs is not None and rule.sparse == "final" and not dense:
         for i, p in enumerate(probs):
             if len(p) != 1:
-                raise RewardError(f"sample {i}: {what} one final probability, got {len(p)} scores")
+                raise RewardError(f"sample {i}: reward.source {rule.name} in sparse mode gives one final probability, "
+                                  f"got {len(p)} scores")
     return probs, truths
 
 
@@ -503,6 +525,7 @@ def token_rewards(
     texts: Sequence[str],
     token_ids: Sequence[Sequence[int]] | Tensor,
     *,
+    rule: ScoreRule,
     scores: Sequence[Sequence[float]] | None = None,
     outcomes: Sequence[float] | None = None,
     tokenizer=None,
@@ -521,13 +544,15 @@ def token_rewards(
 ) -> TokenRewards:
     """Rewards on the policy's tokens for B sampled responses.
 
+    rule: what the source's scores are (`reward.sources.RewardSource.rule`): whether there are scores, whether per
+        step, and how they become one sparse reward. The source decides; `cfg` gives the mode, forms and guards.
     texts: B response texts, each the decoding of its token ids (see `step_token_ends`).
     token_ids: B lists of the policy's generated ids (EOS included if generated), or a
         right-padded (B, T') tensor together with `lengths`.
     scores: per sample, the reward model's output: PRM step probabilities (one per step
         of `split_steps(text, sep)`), or an ORM's single final probability.
     outcomes: per sample, the ground-truth verdict 1/0 (the grader / arithmetic checker);
-        needed by `source: ground_truth` and by `outcome_coef > 0`.
+        needed by a rule whose sparse reward is the outcome (ground_truth) and by `outcome_coef > 0`.
     tokenizer: the POLICY's tokenizer; needed by dense mode to place step ends.
     lengths: response tokens per sample (default: len of each id list).
     has_answer: per sample, whether a final answer was written, as the task reads it
@@ -568,7 +593,7 @@ def token_rewards(
     form = cfg.dense_form if dense_form is None else dense_form
     if form not in DENSE_FORMS:
         raise RewardError(f"dense_form must be one of {', '.join(DENSE_FORMS)}, got {form!r}")
-    probs, truths = _checked_scores(cfg, scores, outcomes, tokenizer)
+    probs, truths = _checked_scores(cfg, rule, scores, outcomes, tokenizer)
     if cfg.mode == "dense" and process_form is not None and form not in VALUE_FORMS:
         raise RewardError(f"GRPO's process advantages read each event as a step's value, but dense_form {form!r} "
                           f"gives increments of a running score; use one of {', '.join(VALUE_FORMS)}")
@@ -604,11 +629,11 @@ def token_rewards(
             event_pos[i], event_val[i] = list(ends_out[i]), list(step_out[i])
             if last_event_at_eos and event_pos[i]:
                 event_pos[i][-1] = last
-        elif cfg.source == "ground_truth":
+        elif rule.sparse == "outcome":
             event_pos[i], event_val[i] = [last], [truths[i]]
-        elif cfg.source in ("orm", "confidence"):
+        elif rule.sparse == "final":
             event_pos[i], event_val[i] = [last], [probs[i][0]]
-        elif cfg.source == "exact":
+        elif rule.sparse == "all_right":
             # every step right: prefix-correctness ends at 1; any wrong step (or no step scored) gives 0
             event_pos[i], event_val[i] = [last], [min(probs[i]) if probs[i] else 0.0]
         else:
@@ -644,8 +669,8 @@ def token_rewards(
 
 
 __all__ = [
-    "ANSWERED_MARGIN", "DELTA_P0", "DENSE_FORMS", "PROB_FLOOR", "STEP_SOURCES", "VALUE_FORMS", "RewardError",
-    "TokenRewards",
+    "ANSWERED_MARGIN", "DELTA_P0", "DENSE_FORMS", "PROB_FLOOR", "SPARSE_RULES", "VALUE_FORMS", "RewardError",
+    "ScoreRule", "TokenRewards",
     "confidence_scores", "dense_step_rewards", "dense_step_values", "floor_running_return",
     "prefix_correct_probs", "sequence_confidence", "solution_value", "step_confidence", "step_token_ends", "token_rewards",
 ]

@@ -189,6 +189,23 @@ def step_rewards_to_token_advantages(step_rewards_normalized: Tensor, step_end_p
     return placed.flip(1).cumsum(1).flip(1)
 
 
+def event_returns(values: Tensor, pos: Tensor, valid: Tensor, outcome: Tensor, form: str,
+                  width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`process_token_advantages`' returns at each event, `min` or `mean` of the events at or after it plus the
+    outcome: (positions, valid, returns), each (B, S), the events sorted into token order, padding last."""
+    # a stable sort keeps step order within a shared token
+    order = torch.where(valid, pos, torch.full_like(pos, width)).argsort(dim=1, stable=True)
+    pos, values, valid = pos.gather(1, order), values.gather(1, order), valid.gather(1, order)
+    if form == "min":
+        inf = torch.full_like(values, float("inf"))
+        suffix = torch.where(valid, values, inf).flip(1).cummin(dim=1).values.flip(1)
+    else:
+        total = values.flip(1).cumsum(dim=1).flip(1)  # padding values are 0
+        count = valid.to(values.dtype).flip(1).cumsum(dim=1).flip(1)
+        suffix = total / count.clamp(min=1)
+    return pos, valid, torch.where(valid, suffix + outcome.unsqueeze(1), torch.zeros_like(values))
+
+
 def process_token_advantages(event_values: Tensor, event_positions: Tensor, group_size: int, width: int,
                              form: str = "min", outcome: Tensor | None = None, eps: float = 1e-4) -> Tensor:
     """Process-supervised GRPO: per-token advantages from each sample's step rewards, normalised in its group.
@@ -251,18 +268,7 @@ def process_token_advantages(event_values: Tensor, event_positions: Tensor, grou
                       stacklevel=2)
         return summed_process_advantages(values, pos, outcome, group_size, width, eps)
 
-    # events in token order, padding last (a stable sort keeps step order within a shared token)
-    order = torch.where(valid, pos, torch.full_like(pos, width)).argsort(dim=1, stable=True)
-    pos, values, valid = pos.gather(1, order), values.gather(1, order), valid.gather(1, order)
-    if form == "min":
-        inf = torch.full_like(values, float("inf"))
-        suffix = torch.where(valid, values, inf).flip(1).cummin(dim=1).values.flip(1)
-    else:
-        total = values.flip(1).cumsum(dim=1).flip(1)  # padding values are 0
-        count = valid.to(values.dtype).flip(1).cumsum(dim=1).flip(1)
-        suffix = total / count.clamp(min=1)
-    returns = torch.where(valid, suffix + outcome.unsqueeze(1), torch.zeros_like(values))  # (B, S)
-
+    pos, valid, returns = event_returns(values, pos, valid, outcome, form, width)
     pooled, pool_mask = returns.reshape(-1, group_size * S), valid.reshape(-1, group_size * S)
     mean = masked_mean(pooled, pool_mask, dim=1).unsqueeze(1)
     std = masked_var(pooled, pool_mask, dim=1).sqrt().unsqueeze(1)
@@ -419,6 +425,6 @@ __all__ = [
     "AdaptiveKLController", "FARMABLE_PROCESS_FORMS", "FixedKLController", "KL_KINDS", "LOGIT_CHUNK_ELEMENTS",
     "PROCESS_FORMS", "add_kl_penalty", "entropy_from_logits", "explained_variance", "gae", "group_normalize",
     "group_normalize_steps", "kl_penalty", "logprobs_from_logits", "masked_mean", "masked_var", "masked_whiten",
-    "policy_loss", "process_token_advantages", "step_rewards_to_token_advantages", "summed_process_advantages",
+    "event_returns", "policy_loss", "process_token_advantages", "step_rewards_to_token_advantages", "summed_process_advantages",
     "token_logprobs", "value_loss",
 ]

@@ -55,7 +55,7 @@ then keeps the rank's slice; the process advantages do the same
 over whole groups, this rank's rows cut out). Rank 0 alone evaluates and
 writes; the ranks end with the same weights (DDP averages the gradients).
 
-LoRA (`model.lora.enabled`): TRL gets the peft model `rl.run.load_policy` builds
+LoRA (`model.lora.enabled`): TRL gets the peft model `models.load_policy` builds
 (adapters trainable, base frozen; from an adapter checkpoint on resume), the
 optimizer holds the adapters only, and the KL reference is the base with the
 adapters disabled (the generator: no second copy of the weights). Checkpoints
@@ -76,7 +76,7 @@ from rlprm.config import Recipe
 # the reward function and the process advantages live in rl/grpo_rewards.py (the trainer imports them from there,
 # not from here: no import circle); named here too, where a reader of GRPO looks for them
 from rlprm.rl.grpo_rewards import TRL_OUTPUT_KEYS, RewardFunction, grpo_advantages, rank_process_advantages
-from rlprm.rl.run import RLInputError, Run, check_models
+from rlprm.rl.run import RLInputError, Run
 
 
 def grpo_args(recipe: Recipe, output_dir: Path, seed: int, progress: bool = False, plain: bool = False,
@@ -170,8 +170,7 @@ class GRPO:
     def check(self, recipe: Recipe) -> None:
         from rlprm.rl.distributed import launched_world_size
 
-        check_models(recipe)
-        check_sizes(recipe, launched_world_size())
+        check_sizes(recipe, launched_world_size())  # the models' presence: the skeleton's `run.check_run`
         if recipe.deepspeed is not None:
             # each epoch builds a new TRL trainer around the same policy and optimizer; a ZeRO-wrapped optimizer
             # belongs to the engine of the trainer that built it and would not carry over to the next epoch's

@@ -78,7 +78,7 @@ from dataclasses import dataclass
 
 from rlprm.config import Recipe
 from rlprm.rl.distributed import shard, trim
-from rlprm.rl.run import RLError, RLInputError, Run, check_finite, check_models, mean, process_part
+from rlprm.rl.run import RLError, RLInputError, Run, check_finite, mean, process_part
 
 
 @dataclass
@@ -309,7 +309,8 @@ class PPO:
     needs_reference = True
 
     def check(self, recipe: Recipe) -> None:
-        check_models(recipe)  # LoRA is supported: adapters train, the reference is the base with them off
+        # the models' presence is the skeleton's check (`run.check_run`); LoRA is supported: adapters train, the
+        # reference is the base with them off
         lora = recipe.model.lora
         if lora.enabled and lora.dropout > 0:
             raise RLInputError(f"model.lora.dropout is {lora.dropout}: PPO reads its old log-probs in eval mode and "

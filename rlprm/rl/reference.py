@@ -6,12 +6,10 @@ the weights is loaded (at 1.5B-7B that copy is 3-14 GB of bf16 per GPU). The
 reference's log-probs then cost a forward pass of the policy's own weights under
 peft's `disable_adapter()`, which also holds under DeepSpeed (the weights the
 pass reads are the ones the engine keeps, whole or gathered layer by layer).
+Which reference a run gets is decided where every model is loaded (`rl.models.load_models`).
 """
 
 from __future__ import annotations
-
-from rlprm.config import Recipe
-
 
 class AdaptersOff:
     """A peft model seen with its adapters disabled: the reference that `ppo.rollout_logprobs` and
@@ -44,15 +42,4 @@ class AdaptersOff:
         return getattr(self.model, name)
 
 
-def load_reference(recipe: Recipe, policy, device: str):
-    """The frozen starting model: `policy` with its adapters off under model.lora.enabled, else a copy of the
-    generator loaded from disk (eval mode, no gradients)."""
-    if recipe.model.lora.enabled:
-        return AdaptersOff(policy)
-    from rlprm.models import load_causal_lm
-
-    m = recipe.model
-    return load_causal_lm(m.generator, m.dtype, device, m.trust_remote_code).eval().requires_grad_(False)
-
-
-__all__ = ["AdaptersOff", "load_reference"]
+__all__ = ["AdaptersOff"]

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 
 from rlprm.config import Recipe
-from rlprm.rl.run import RLError, RLInputError, Run, check_models, last_good, mean, process_part
+from rlprm.rl.run import RLError, RLInputError, Run, last_good, mean, process_part
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -94,10 +94,10 @@ def check_world(recipe: Recipe, world: int) -> None:
 
 
 def check_inputs(recipe: Recipe) -> None:
-    """What can be checked before a model is loaded; raises RLInputError."""
+    """What rejection sampling can refuse before a model is loaded (the models' presence is the skeleton's
+    `run.check_run`); raises RLInputError."""
     from rlprm.rl.distributed import launched_world_size
 
-    check_models(recipe)
     check_world(recipe, launched_world_size())
     if recipe.reward.mode == "dense":
         raise RLInputError("reward.mode is dense, but rejection sampling ranks whole solutions: set "

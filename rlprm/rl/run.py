@@ -5,14 +5,15 @@ torchtune's recipe shape (setup / train / cleanup), with composition: an
 optimizers, its update for one epoch, its checkpoint state); everything the
 three algorithms share lives here, once:
 
-    setup     input checks; processes (DeepSpeed engines for PPO, the trainers' DDP for GRPO and
-              rejection sampling); the run
-              folder (fresh start or --resume); tokenizer, policy, frozen
-              reference (PPO; with LoRA the policy's base, adapters off),
-              reward model (a PRM/ORM, when the reward source
-              uses one) and the reward source (rlprm/reward/sources.py); the checkpoint's counters, RNG and algorithm
-              state; the held-out `exclude` set and the evaluation set; the
-              tracker (rank 0 only); torch threads
+    setup     going down once, in the order the run uses them: 1. checks, before anything is
+              loaded (the models named, the algorithm's own, the rollout engine); 2. processes (DeepSpeed
+              engines for PPO, the trainers' DDP for GRPO and rejection sampling), the run folder (fresh
+              start or --resume), seeds; 3. the held-out `exclude` set and the evaluation set
+              (data/problems.py); 4. every model through one loader (rl/models.py: tokenizer, policy,
+              frozen reference for PPO, with LoRA the policy's base with its adapters off, and the reward
+              model when the source uses one); 5. the reward source (reward/sources.py), built from the
+              reward model loaded; 6. the algorithm's own models and optimizers; 7. the checkpoint's
+              counters, RNG and algorithm state; 8. the tracker (rank 0 only); torch threads
     train     the starting point's best-of-N (fresh runs), then per epoch:
               1. the epoch's problems (a function of (seed, epoch): resume replays them)
               2. the algorithm's update for that epoch (logs one record per iteration)
@@ -162,23 +163,6 @@ def check_rollout(recipe: Recipe) -> None:
                            "deepspeed_configs/zero2.json or rl.rollout: hf")
 
 
-def load_policy(recipe: Recipe, ckpt: Path | None, device: str):
-    """The trained model: the generator (LoRA adapters added when model.lora.enabled), or a checkpoint's."""
-    from rlprm.models import apply_lora, load_causal_lm
-
-    gen, dtype, trc = recipe.model.generator, recipe.model.dtype, recipe.model.trust_remote_code
-    if ckpt is not None and (ckpt / "model" / "adapter_config.json").is_file():
-        # a LoRA run checkpoints its adapters only: the base is the generator, the adapters come back trainable
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(load_causal_lm(gen, dtype, device, trc), str(ckpt / "model"),
-                                         is_trainable=True).to(device)
-    if ckpt is not None:
-        # in the dtype it was written in: GRPO's float32 master weights of a bf16 recipe come back unrounded
-        return load_causal_lm(ckpt / "model", "auto", device, trc)
-    return apply_lora(load_causal_lm(gen, dtype, device, trc), recipe.model.lora)
-
-
 # --------------------------------------------------------------------------- the algorithm's part
 
 
@@ -294,19 +278,20 @@ class Run:
         self.dist.barrier()
 
 
-def setup(recipe: Recipe, algorithm: Algorithm, resume: bool, progress: bool) -> Run:
-    """Build the run: processes, run folder, models, checkpoint state, held-out sets, tracker."""
-    from rlprm.checkpoint import load_state, start_or_resume
-    from rlprm.models import load_tokenizer, resolve_device
-    from rlprm.data.problems import eval_problems, held_out_arithmetic
-    from rlprm.rl.distributed import device_for
-    from rlprm.reward.sources import RewardSourceError, reward_source, source_class
-    from rlprm.rl.reference import load_reference
-    from rlprm.tracking import NullTracker, Tracker, cut_metrics
-
+def check_run(recipe: Recipe, algorithm: Algorithm) -> None:
+    """Every refusal that needs no model, in one pass before anything is loaded or written: the models the recipe
+    names (`check_models`), the algorithm's own (`Algorithm.check`), the rollout engine (`check_rollout`)."""
+    check_models(recipe)
     algorithm.check(recipe)
     check_rollout(recipe)
-    rl, rcfg = recipe.rl, recipe.reward
+
+
+def open_run(recipe: Recipe, algorithm: Algorithm, resume: bool, progress: bool) -> Run:
+    """The processes, the device, the run folder (a fresh start, or the checkpoint to resume from) and the seeds."""
+    from rlprm.checkpoint import start_or_resume
+    from rlprm.models import resolve_device
+    from rlprm.rl.distributed import device_for
+
     dist = algorithm.distributed(recipe)
     run_dir = Path(recipe.run.output_dir)
     device = device_for(dist, resolve_device(recipe.run.device))
@@ -315,44 +300,66 @@ def setup(recipe: Recipe, algorithm: Algorithm, resume: bool, progress: bool) ->
     if len(set(seen_by_rank)) > 1:  # several nodes, each with its own disk: they would train from different weights
         raise RLInputError(f"the ranks see different checkpoints in {run_dir} ({seen_by_rank}, in rank order): put "
                            "run.output_dir on a file system every node shares to resume a multi-node run")
-    run = Run(recipe, progress, run_dir, dist, device, ckpt)
     dist.seed_everything(recipe.run.seed)  # the same on every rank: a new value head starts identical everywhere
+    return Run(recipe, progress, run_dir, dist, device, ckpt)
 
-    # models: the policy (from the checkpoint on resume), the frozen reference (the generator), the reward model
-    gen, dtype, trc = recipe.model.generator, recipe.model.dtype, recipe.model.trust_remote_code
-    run.tokenizer = load_tokenizer(gen, padding_side="left", trust_remote_code=trc)
-    run.policy = load_policy(recipe, ckpt, device)
-    if algorithm.needs_reference:  # with LoRA the policy's own base (adapters off), else a copy of the generator
-        run.reference = load_reference(recipe, run.policy, device)
-    if source_class(recipe).uses_reward_model:
-        from rlprm.reward.adapters import load_for_recipe
 
-        run.reward_model = load_for_recipe(recipe, device=device, dtype=dtype)
-    try:  # the one object PPO, GRPO, rejection sampling and the held-out reward score with
-        run.reward_source = reward_source(recipe, run.reward_model)
-    except RewardSourceError as exc:  # a reward model of the other kind; a python function that does not import
-        raise RLInputError(str(exc)) from None
-    algorithm.setup(run)
-    dist.split_streams(recipe.run.seed)  # from here each rank draws its own sampling noise (rank 0: unchanged)
+def resume_state(run: Run, algorithm: Algorithm) -> int | None:
+    """On resume: the checkpoint's state (this rank's RNG restored, so the next epoch replays), the algorithm's
+    part handed back, the counters and the summary so far; returns the last step W&B already has (None: fresh)."""
+    from rlprm.checkpoint import load_state
+    from rlprm.tracking import cut_metrics
 
-    seen = None  # the last step W&B already has (a killed run's steps after the checkpoint included)
-    if ckpt is not None:
-        run.state = load_state(ckpt, rank=dist.rank)  # also restores this rank's RNG: the next epoch replays
-        algorithm.load_state_dict(run.state)
-        run.start_epoch, run.step = run.state["epoch"], run.state["step"]
-        run.final = dict(run.state.get("final", {}))  # the summary so far: a resumed run's equals an uninterrupted one's
-        print(f"resuming from {ckpt} (epoch {run.start_epoch}, step {run.step})")
-        if dist.is_main:  # what a killed run logged after this checkpoint is recomputed now
-            seen = cut_metrics(run_dir / "metrics.jsonl", run.step, run.state.get("metrics_bytes"))
+    if run.ckpt is None:
+        return None
+    run.state = load_state(run.ckpt, rank=run.dist.rank)
+    algorithm.load_state_dict(run.state)
+    run.start_epoch, run.step = run.state["epoch"], run.state["step"]
+    run.final = dict(run.state.get("final", {}))  # the summary so far: a resumed run's equals an uninterrupted one's
+    print(f"resuming from {run.ckpt} (epoch {run.start_epoch}, step {run.step})")
+    if run.dist.is_main:  # what a killed run logged after this checkpoint is cut off and recomputed
+        return cut_metrics(run.run_dir / "metrics.jsonl", run.step, run.state.get("metrics_bytes"))
+    return None
 
+
+def setup(recipe: Recipe, algorithm: Algorithm, resume: bool, progress: bool) -> Run:
+    """Build the run going down once, in the order the run uses it: checks, run folder, problems, models, rewards,
+    the algorithm's own part, the checkpoint's state, the tracker (docs/design.md, "The path of a recipe")."""
+    from rlprm.data.problems import eval_problems, held_out_arithmetic
+    from rlprm.reward.sources import RewardSourceError, reward_source, source_class
+    from rlprm.rl.models import load_models
+    from rlprm.tracking import NullTracker, Tracker
+
+    rl, rcfg = recipe.rl, recipe.reward
+    # 1. checks, before anything is loaded or written
+    check_run(recipe, algorithm)
+    # 2. processes, device, run folder (fresh or resumed), seeds
+    run = open_run(recipe, algorithm, resume, progress)
+    # 3. problems: the held-out ones that training leaves out, and the evaluation set (their own seeded streams)
     if recipe.task.name == "arithmetic":
         run.exclude = {p.text for p in held_out_arithmetic(recipe, max(recipe.prepare_eval.num_problems,
                                                                        rl.eval_num_problems))}
     run.eval_set = eval_problems(recipe, rl.eval_num_problems) if rl.eval_n_max else []
-    # only rank 0 writes (metrics.jsonl, W&B, summary); the others' numbers reach it through dist.mean_metrics
-    run.tracker = (Tracker(run_dir, recipe, job="rl", tags=["rl", rl.algorithm, rcfg.mode, rcfg.source],
-                           resume=ckpt is not None, wandb_seen_step=seen)
-                   if dist.is_main else NullTracker())
+    # 4. models, every kind through one loader: tokenizer, policy (the checkpoint's on resume), reference, reward model
+    models = load_models(recipe, run.ckpt, run.device, reference=algorithm.needs_reference,
+                         reward_model=source_class(recipe).uses_reward_model)
+    run.tokenizer, run.policy = models.tokenizer, models.policy
+    run.reference, run.reward_model = models.reference, models.reward_model
+    # 5. rewards: the one object PPO, GRPO, rejection sampling and the held-out reward score with, from what loaded
+    try:
+        run.reward_source = reward_source(recipe, run.reward_model)
+    except RewardSourceError as exc:  # a reward model of the other kind; a python function that does not import
+        raise RLInputError(str(exc)) from None
+    # 6. the algorithm's own models and optimizers; from here each rank draws its own sampling noise (rank 0: unchanged)
+    algorithm.setup(run)
+    run.dist.split_streams(recipe.run.seed)
+    # 7. the checkpoint's state on resume (after 6: the algorithm's part goes into what it built)
+    seen = resume_state(run, algorithm)
+    # 8. the tracker: only rank 0 writes (metrics.jsonl, W&B, summary); the others' numbers reach it through
+    # dist.mean_metrics
+    run.tracker = (Tracker(run.run_dir, recipe, job="rl", tags=["rl", rl.algorithm, rcfg.mode, rcfg.source],
+                           resume=run.ckpt is not None, wandb_seen_step=seen)
+                   if run.dist.is_main else NullTracker())
     return run
 
 
@@ -423,5 +430,5 @@ def run_algorithm(recipe: Recipe, algorithm: Algorithm, resume: bool = False, pr
 
 
 __all__ = ["Algorithm", "RLError", "RLInputError", "Run", "check_finite", "check_models",
-           "check_rollout", "cleanup", "epoch_line", "last_good", "load_policy", "mean", "reward_scale",
-           "run_algorithm", "setup"]
+           "check_rollout", "check_run", "cleanup", "epoch_line", "last_good", "mean", "open_run", "resume_state",
+           "reward_scale", "run_algorithm", "setup"]
