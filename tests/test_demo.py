@@ -135,10 +135,10 @@ def test_build_stages_validates_every_recipe_with_demo_budgets(tmp_path):
     stages = demo.build_stages(tmp_path, seeds=2, extra={"rl": ["rl.epochs=1"]})
     names = [s.name for s in stages]
     arms = ["prm-dense", "orm-sparse", "outcome-gt", "exact-dense", "confidence-dense"]
-    assert names[:3] == ["prepare", "rm-prm", "rm-orm"] and len(names) == 3 + 2 * (2 + 2 * len(arms))
+    assert names[:3] == ["prepare", "rm-prm", "rm-orm"] and len(names) == 3 + 2 * (3 + 2 * len(arms))
     for seed in range(2):  # five RL arms, their final best-of-N, and the start at T=1 and T=0.7, per seed
         assert {f"rl-{a}-s{seed}" for a in arms} | {f"bon-{a}-s{seed}" for a in arms} <= set(names)
-        assert {f"bon-start-s{seed}", f"bon-start-t07-s{seed}"} <= set(names)
+        assert {f"bon-start-s{seed}", f"bon-start-t07-s{seed}", f"bon-ood-s{seed}"} <= set(names)
     recipes = {s.name: yaml.safe_load(s.key) for s in stages}
     assert recipes["prepare"]["prepare_eval"]["min_process_accuracy"] == 0.20
     assert recipes["rm-prm"]["rm"]["max_steps"] == 48 and recipes["rm-prm"]["rm"]["scorer"] == "lm"
@@ -167,6 +167,12 @@ def test_build_stages_validates_every_recipe_with_demo_budgets(tmp_path):
     assert t07["eval"]["temperature"] == 0.7 and t1["eval"]["temperature"] == 1.0
     assert t07["model"]["generator"] == t1["model"]["generator"] == str(tmp_path / "prepare" / "generator")
     assert t07["run"]["name"] == "bon-start-t07" and t07["run"]["threads"] == 1
+    # out of distribution: the start on longer chains than it trained on (its recipe's task settings), demo budgets
+    ood = recipes["bon-ood-s1"]
+    assert ood["task"]["arithmetic"]["min_ops"] == 4 > recipes["prepare"]["task"]["arithmetic"]["max_ops"]
+    assert ood["model"]["generator"] == t1["model"]["generator"] and ood["run"]["seed"] == 1
+    assert ood["eval"]["n_max"] == t1["eval"]["n_max"] and ood["eval"]["num_problems"] == t1["eval"]["num_problems"]
+    assert ood["eval"]["reward_models"] == t1["eval"]["reward_models"] and ood["run"]["threads"] == 1
     by_name = {s.name: s for s in stages}
     assert by_name["rl-exact-dense-s0"].parallel and by_name["bon-start-t07-s0"].parallel
     assert not by_name["prepare"].parallel and by_name["rm-prm"].parallel and by_name["rm-orm"].parallel
@@ -188,7 +194,7 @@ def test_demo_end_to_end_tiny_budgets(tmp_path):
             "rm:rm.max_steps=5", "rl:rl.epochs=1", "rl:rl.problems_per_epoch=8", "rl:rl.prompts_per_iteration=8",
             "rl:rl.eval_num_problems=8", "bon:eval.num_problems=8", "bon:eval.n_max=4"]
     summary = demo.run_demo(tmp_path, sets=sets, progress=False, log=lambda _: None)
-    assert summary["status"] == "done" and [s["status"] for s in summary["stages"]] == ["ran"] * 16
+    assert summary["status"] == "done" and [s["status"] for s in summary["stages"]] == ["ran"] * 17
     report = (tmp_path / "report" / "report.md").read_text()
     for label in ["prm_dense", "orm_sparse", "outcome_gt", "exact_dense", "confidence_dense", "start_t07"]:
         assert f"| {label} |" in report or f": {label}" in report
@@ -196,7 +202,7 @@ def test_demo_end_to_end_tiny_budgets(tmp_path):
         assert (tmp_path / "report" / png).is_file()
     assert (tmp_path / "seed-0" / "rl_prm_dense" / "export" / "config.json").is_file()
     again = demo.run_demo(tmp_path, sets=sets, progress=False, log=lambda _: None)
-    assert [s["status"] for s in again["stages"]] == ["skipped"] * 16 and again["wall_seconds"] < 30
+    assert [s["status"] for s in again["stages"]] == ["skipped"] * 17 and again["wall_seconds"] < 30
     on_disk = json.loads((tmp_path / "demo_summary.json").read_text())
     assert on_disk["status"] == "done" and on_disk["peak_rss_gib"] < 6
 
@@ -272,6 +278,10 @@ def test_report_stage_reads_every_run_and_writes_the_report(tmp_path):
     st = demo.report_stage(tmp_path, stages, 2, lambda: {})
     assert st.name == "report" and st.deps == [s.name for s in stages] and st.call is None
     assert {"report.md", "summary.json", "bon_by_generator.png"} <= set(st.outputs)
+    # the OOD pools go to the OOD table, not among the generators
+    layout = demo.report_layout(stages, 2)
+    assert layout.ood == [tmp_path / "seed-0" / "bon_ood", tmp_path / "seed-1" / "bon_ood"]
+    assert "ood" not in layout.generators and {"start", "start_t07"} <= set(layout.generators)
     assert demo.generator_name("bon-start-t07-s1") == "start_t07" and demo.generator_name("rl-exact-dense-s0") == \
         "exact_dense"
     with pytest.raises(demo.DemoError, match="--lanes"):

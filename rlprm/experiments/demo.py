@@ -10,6 +10,7 @@ full-size commands):
     per seed S:
     bon-start-sS         recipes/bon_eval.yaml       best-of-N of the starting generator (T=1)
     bon-start-t07-sS     recipes/bon_eval.yaml       the same at T=0.7: what sharpening alone buys
+    bon-ood-sS           recipes/ood_eval.yaml       the start on 4-5 operations (trained on 2-3): out of distribution
     rl-prm-dense-sS      recipes/prm_dense.yaml      PPO, dense learned PRM
     rl-orm-sparse-sS     recipes/orm_sparse.yaml     PPO, sparse learned ORM
     rl-outcome-gt-sS     recipes/outcome_gt.yaml     PPO, sparse ground truth (final answer)
@@ -108,6 +109,9 @@ RL_RUNS = [("rl-prm-dense", "prm_dense.yaml", "prm"), ("rl-orm-sparse", "orm_spa
            ("rl-confidence-dense", "confidence_dense.yaml", None)]   # the starting generator's own confidence
 # best-of-N of the STARTING generator: (stage name, sampling temperature); T=0.7 shows what sharpening alone buys
 START_BON = [("bon-start", 1.0), ("bon-start-t07", 0.7)]
+# best-of-N of the STARTING generator on problems of a kind no model trained on (4-5 operations: the recipe's task
+# settings), beside the start's in-distribution best-of-N in the report; the bon budgets above apply
+OOD_BON = ("bon-ood", "ood_eval.yaml")
 
 
 def _say(line: str) -> None:
@@ -412,6 +416,7 @@ def build_stages(out: Path, seeds: int = 1, wandb: str = "disabled", extra: dict
                 bon_rms + [f"run.name={name}", f"run.seed={seed}", f"model.generator={generator}",
                            f"eval.temperature={temperature}"],
                 _bon, ["prepare", "rm-prm", "rm-orm"], bon_outputs)
+        add_ood_stage(add, seed, sdir, bon_rms, generator, bon_outputs)
         for name, recipe_file, rm_kind in RL_RUNS:
             rm_path = {"prm": prm, "orm": orm}.get(rm_kind)
             add(f"{name}-s{seed}", recipe_file, "rl", sdir / name.replace("-", "_"),
@@ -427,15 +432,38 @@ def build_stages(out: Path, seeds: int = 1, wandb: str = "disabled", extra: dict
     return stages
 
 
+def add_ood_stage(add: Callable, seed: int, sdir: Path, bon_rms: list[str], generator: Path,
+                  outputs: list[str]) -> None:
+    """The `bon-ood` stage of one seed: recipes/ood_eval.yaml (its own task settings name the OOD problems) with
+    the starting generator, the demo's PRM and ORM and the best-of-N budgets."""
+    name, recipe_file = OOD_BON
+    add(f"{name}-s{seed}", recipe_file, "bon", sdir / name.replace("-", "_"),
+        bon_rms + [f"run.name={name}", f"run.seed={seed}", f"model.generator={generator}"],
+        _bon, ["prepare", "rm-prm", "rm-orm"], outputs)
+
+
 def report_stage(out: Path, stages: list[Stage], seeds: int, runtime: Callable[[], dict]) -> Stage:
     """The report over every run folder of `stages`: OUT/report/report.md, summary.json and the figures.
 
     runtime: the demo's wall time and peak RSS so far, read when the report is written (it runs last)."""
-    from rlprm.experiments.demo_report import DemoLayout, write_demo_report
+    from rlprm.experiments.demo_report import write_demo_report
+
+    layout = report_layout(stages, seeds)
+    report = Path(out) / "report"
+    return Stage("report", report, lambda: write_demo_report(layout, report, runtime()),
+                 key="\n".join(map(str, layout.runs)), deps=[st.name for st in stages],
+                 outputs=["report.md", "summary.json", "bon_by_generator.png"])
+
+
+def report_layout(stages: list[Stage], seeds: int):
+    """The report's DemoLayout: each stage's folder by its role (generator, arm, OOD pools, reward model)."""
+    from rlprm.experiments.demo_report import DemoLayout
 
     layout = DemoLayout(seeds=seeds)
     for st in stages:
-        if st.name.startswith("rl-"):
+        if st.name.startswith(OOD_BON[0] + "-"):  # before `bon-`: its pools are the OOD table's, not a generator's
+            layout.ood.append(st.out_dir)
+        elif st.name.startswith("rl-"):
             layout.arms.setdefault(generator_name(st.name), []).append(st.out_dir)
         elif st.name.startswith("bon-"):
             layout.generators.setdefault(generator_name(st.name), []).append(st.out_dir)
@@ -444,10 +472,7 @@ def report_stage(out: Path, stages: list[Stage], seeds: int, runtime: Callable[[
         elif st.name == "prepare":
             layout.generator = st.out_dir
         layout.runs.append(st.out_dir)
-    report = Path(out) / "report"
-    return Stage("report", report, lambda: write_demo_report(layout, report, runtime()),
-                 key="\n".join(map(str, layout.runs)), deps=[st.name for st in stages],
-                 outputs=["report.md", "summary.json", "bon_by_generator.png"])
+    return layout
 
 
 def _prepare(recipe, progress):

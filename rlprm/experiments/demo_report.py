@@ -24,6 +24,9 @@ summary.json (nested; every {mean, lo, hi} a fraction, not a percentage):
     rl_diff.A_minus_B.METRIC.end: {mean, lo, hi, n}           paired by seed
     prm.{step_auroc, first_error_f1, source}, orm.{solution_auroc, source}
     generator.{num_samples, shortcut_rate, trace_error, confidence_auroc_shortcut, ...}   prepare's held-out check
+    ood.{n, kind, intervals}; ood.{ood, in_distribution}.SEL.{accuracy, process_correct}: {mean, lo, hi};
+    ood.{ood_diff, in_distribution_diff}.{prm_prod_minus_majority, prm_prod_minus_orm}.{accuracy, ...}: at N=n,
+                                            the start's best-of-N on OOD problems beside its in-distribution one
 GEN is `start`, `start_t07` or an RL arm (`prm_dense`, ...); N a string key ("1", "2", ...).
 """
 
@@ -61,6 +64,8 @@ class DemoLayout:
     orm: Path | None = None
     generator: Path | None = None
     """The prepare folder (its summary.json: the starting generator's held-out check)."""
+    ood: list[Path] = field(default_factory=list)
+    """best-of-N folders of the starting generator on out-of-distribution problems (recipes/ood_eval.yaml), per seed."""
     runs: list[Path] = field(default_factory=list)
     """Every run folder, for the all-runs view."""
 
@@ -383,6 +388,78 @@ def bon_markdown(stats: dict[str, tuple[dict, dict, str]]) -> list[str]:
                     "![best-of-N by selector](bon_by_selector.png)", ""]
 
 
+# --------------------------------------------------------------------------- out of distribution
+
+# the OOD table's rows and paired differences (the paper's AP/AMC question: does the PRM stay above majority
+# vote and the ORM on problems nobody trained on?)
+OOD_SELECTORS = ["prm_prod", "prm_min", "orm", "weighted_majority", "majority", "confidence", "likelihood", "random",
+                 "pass@n"]
+OOD_PAIRS = ["prm_prod_minus_majority", "prm_prod_minus_orm"]
+
+
+def ood_kind(dirs: list[Path]) -> dict:
+    """The OOD problems' task settings (min_ops, max_ops, final_ops) from the first folder's recipe.yaml; {} if none."""
+    import yaml
+
+    path = Path(dirs[0]) / "recipe.yaml" if dirs else None
+    if path is None or not path.is_file():
+        return {}
+    arith = ((yaml.safe_load(path.read_text()) or {}).get("task") or {}).get("arithmetic") or {}
+    return {k: arith[k] for k in ("min_ops", "max_ops", "final_ops") if k in arith}
+
+
+def ood_summary(ood: tuple[dict, dict, str], start: tuple[dict, dict, str] | None, kind: dict) -> dict:
+    """summary.json's `ood`: every selector (answers and every step right) and the paired differences PRM - majority
+    and PRM - ORM at the largest N, on the OOD pools and, as the baseline, on the starting generator's in-distribution
+    pools (`start`) at the same N; N is the largest both have (the OOD one alone without a baseline)."""
+    def ns(curves):
+        return set(curves.get("prm_prod", {})) or {n for c in curves.values() for n in c}
+
+    curves, diffs, how = ood
+    common = ns(curves) & ns(start[0]) if start else ns(curves)
+    if not common:
+        return {}
+    n = max(common)
+
+    def at(sel_curves, sel_diffs):
+        rows = {s: {m: _point(v) for m, v in sel_curves[s][n].items()} for s in OOD_SELECTORS
+                if n in sel_curves.get(s, {})}
+        pairs = {d: {m: _point(v) for m, v in sel_diffs[d][n].items()} for d in OOD_PAIRS if n in sel_diffs.get(d, {})}
+        return rows, pairs
+
+    out = {"n": n, "kind": kind, "intervals": how}
+    out["ood"], out["ood_diff"] = at(curves, diffs)
+    if start:
+        out["in_distribution"], out["in_distribution_diff"] = at(start[0], start[1])
+    return out
+
+
+def ood_markdown(o: dict) -> list[str]:
+    """The OOD table: answers and every step right per selector, OOD beside in-distribution, then the differences."""
+    if not o:
+        return []
+    k = o.get("kind", {})
+    what = (f"{k.get('min_ops')}-{k.get('max_ops')} operations, finals {', '.join(k.get('final_ops', []))}"
+            if k else "the OOD recipe's problems")
+    ood, ind = o.get("ood", {}), o.get("in_distribution", {})
+    lines = ["## Out of distribution", "",
+             f"Best-of-{o['n']} of the starting generator on problems no model trained on ({what}; training: 2-3 "
+             "operations, finals mod 10, last digit, none) beside the same selectors on the in-distribution held-out "
+             f"problems (the `start` pools). %, mean [95% interval]; intervals: {o.get('intervals')}. Majority, "
+             "weighted majority and pass@N pick an answer, not a solution: no every-step-right value.", "",
+             "| selector | answer right: OOD | in-distribution | every step right: OOD | in-distribution |",
+             "|---|---|---|---|---|"]
+    for sel in [s for s in OOD_SELECTORS if s in ood or s in ind]:
+        cells = [_pct((d.get(sel) or {}).get(m)) for m in ("accuracy", "process_correct") for d in (ood, ind)]
+        lines.append(f"| {sel} | " + " | ".join(cells) + " |")
+    for pair in OOD_PAIRS:
+        a, b = o.get("ood_diff", {}).get(pair, {}), o.get("in_distribution_diff", {}).get(pair, {})
+        if a or b:
+            cells = [_pct(d.get(m), signed=True) for m in ("accuracy", "process_correct") for d in (a, b)]
+            lines.append(f"| {pair.replace('_minus_', ' - ')} (paired) | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 # --------------------------------------------------------------------------- the report
 
 
@@ -426,6 +503,9 @@ def write_demo_report(layout: DemoLayout, out_dir: Path, runtime: dict, resample
     seed_values = {arm: arm_seed_values(runs) for arm, runs in runs_by_arm.items()}
     summary = build_summary(layout, runtime, bon, seed_values)
     summary["sharpening"] = sharpening_rates(layout.generators)
+    if layout.ood:
+        summary["ood"] = _finite(ood_summary(bon_statistics(layout.ood, resamples, seed), bon.get("start"),
+                                             ood_kind(layout.ood)))
 
     lines = ["# Process vs outcome supervision (demo)", "",
              f"{layout.seeds} seed(s); wall time {runtime.get('wall_seconds')} s up to this report, peak memory "
@@ -460,6 +540,7 @@ def write_demo_report(layout: DemoLayout, out_dir: Path, runtime: dict, resample
         plot_by_generator(by_selector, out / "bon_by_selector.png", selectors=list(curves),
                           title="Best-of-N by selector")
         lines += bon_markdown(bon)
+    lines += ood_markdown(summary.get("ood", {}))
     if runs_by_arm:
         plot_rl_metrics(runs_by_arm, out / "rl_curves.png")
         plot_kl(runs_by_arm, out / "rl_kl.png")
