@@ -53,9 +53,13 @@ def test_ood_table_puts_ood_beside_in_distribution(tmp_path):
     assert o["in_distribution_diff"]["prm_prod_minus_orm"]["accuracy"] == exact(1.0)
     assert o["in_distribution_diff"]["prm_prod_minus_orm"]["process_correct"] == exact(1.0)
     assert set(o["ood_diff"]) == {"prm_prod_minus_majority", "prm_prod_minus_orm"}
+    # every sample of the pools: one right, one wrong per problem; every problem has a fully correct sample
+    assert o["pool"] == o["in_distribution_pool"] == {"answer_accuracy": 0.5, "process_accuracy": 0.5,
+                                                      "well_formed": 1.0, "problems_with_a_correct_chain": 1.0}
     # the OOD pools are no generator of the best-of-N section
     assert set(json.loads((tmp_path / "report" / "summary.json").read_text())["bon"]) == {"start"}
     text = report.read_text()
+    assert "Every sample: OOD 50.0% answer right, 50.0% every step right" in text
     assert "## Out of distribution" in text and "4-5 operations, finals mod10, last_digit, none" in text
     assert "| prm_prod | 0.0 [0.0, 0.0] | 100.0 [100.0, 100.0] | 0.0 [0.0, 0.0] | 100.0 [100.0, 100.0] |" in text
     assert "| prm_prod - orm (paired) | +0.0 [+0.0, +0.0] | +100.0 [+100.0, +100.0] |" in text

@@ -25,6 +25,7 @@ summary.json (nested; every {mean, lo, hi} a fraction, not a percentage):
     prm.{step_auroc, first_error_f1, source}, orm.{solution_auroc, source}
     generator.{num_samples, shortcut_rate, trace_error, confidence_auroc_shortcut, ...}   prepare's held-out check
     ood.{n, kind, intervals}; ood.{ood, in_distribution}.SEL.{accuracy, process_correct}: {mean, lo, hi};
+    ood.{pool, in_distribution_pool}.{answer_accuracy, process_accuracy, well_formed, problems_with_a_correct_chain}
     ood.{ood_diff, in_distribution_diff}.{prm_prod_minus_majority, prm_prod_minus_orm}.{accuracy, ...}: at N=n,
                                             the start's best-of-N on OOD problems beside its in-distribution one
 GEN is `start`, `start_t07` or an RL arm (`prm_dense`, ...); N a string key ("1", "2", ...).
@@ -408,10 +409,30 @@ def ood_kind(dirs: list[Path]) -> dict:
     return {k: arith[k] for k in ("min_ops", "max_ops", "final_ops") if k in arith}
 
 
-def ood_summary(ood: tuple[dict, dict, str], start: tuple[dict, dict, str] | None, kind: dict) -> dict:
+def pool_rates(dirs: list[Path]) -> dict:
+    """Every sample of the pools, mean over seeds: answer right, every step right, well formed, and the share of
+    problems with at least one fully correct sample (what best-of-N on every-step-right can reach at all)."""
+    import numpy as np
+
+    from rlprm.evaluation.evaluate import load_pool
+
+    pools = [load_pool(Path(d) / "pool.jsonl") for d in dirs if (Path(d) / "pool.jsonl").is_file()]
+    if not pools:
+        return {}
+    per = [{"answer_accuracy": float(pool.correct().mean()),
+            "process_accuracy": float(np.nan_to_num(pool.process()).mean()),
+            "well_formed": float(np.mean([g.well_formed for row in pool.grades for g in row])),
+            "problems_with_a_correct_chain": float((np.nan_to_num(pool.process()) > 0).any(axis=1).mean())}
+           for pool in pools]
+    return {k: sum(r[k] for r in per) / len(per) for k in per[0]}
+
+
+def ood_summary(ood: tuple[dict, dict, str], start: tuple[dict, dict, str] | None, kind: dict,
+                ood_dirs: list[Path] = (), start_dirs: list[Path] = ()) -> dict:
     """summary.json's `ood`: every selector (answers and every step right) and the paired differences PRM - majority
     and PRM - ORM at the largest N, on the OOD pools and, as the baseline, on the starting generator's in-distribution
-    pools (`start`) at the same N; N is the largest both have (the OOD one alone without a baseline)."""
+    pools (`start`) at the same N; N is the largest both have (the OOD one alone without a baseline). `pool` and
+    `in_distribution_pool`: the rates of every sample of the folders' pools (`pool_rates`)."""
     def ns(curves):
         return set(curves.get("prm_prod", {})) or {n for c in curves.values() for n in c}
 
@@ -427,11 +448,25 @@ def ood_summary(ood: tuple[dict, dict, str], start: tuple[dict, dict, str] | Non
         pairs = {d: {m: _point(v) for m, v in sel_diffs[d][n].items()} for d in OOD_PAIRS if n in sel_diffs.get(d, {})}
         return rows, pairs
 
-    out = {"n": n, "kind": kind, "intervals": how}
+    out = {"n": n, "kind": kind, "intervals": how, "pool": pool_rates(ood_dirs), "in_distribution_pool":
+           pool_rates(start_dirs)}
     out["ood"], out["ood_diff"] = at(curves, diffs)
     if start:
         out["in_distribution"], out["in_distribution_diff"] = at(start[0], start[1])
     return out
+
+
+def pool_lines(ood: dict | None, ind: dict | None) -> list[str]:
+    """One line on what the pools hold: without a fully correct chain no selector can pick one."""
+    if not ood:
+        return []
+
+    def rates(r):
+        return (f"{100 * r['answer_accuracy']:.1f}% answer right, {100 * r['process_accuracy']:.1f}% every step right, "
+                f"{100 * r['well_formed']:.1f}% well formed; {100 * r['problems_with_a_correct_chain']:.1f}% of the "
+                "problems have a fully correct sample")
+
+    return [f"Every sample: OOD {rates(ood)}" + (f"; in-distribution {rates(ind)}." if ind else "."), ""]
 
 
 def ood_markdown(o: dict) -> list[str]:
@@ -447,6 +482,7 @@ def ood_markdown(o: dict) -> list[str]:
              "operations, finals mod 10, last digit, none) beside the same selectors on the in-distribution held-out "
              f"problems (the `start` pools). %, mean [95% interval]; intervals: {o.get('intervals')}. Majority, "
              "weighted majority and pass@N pick an answer, not a solution: no every-step-right value.", "",
+             *pool_lines(o.get("pool"), o.get("in_distribution_pool")),
              "| selector | answer right: OOD | in-distribution | every step right: OOD | in-distribution |",
              "|---|---|---|---|---|"]
     for sel in [s for s in OOD_SELECTORS if s in ood or s in ind]:
@@ -505,7 +541,7 @@ def write_demo_report(layout: DemoLayout, out_dir: Path, runtime: dict, resample
     summary["sharpening"] = sharpening_rates(layout.generators)
     if layout.ood:
         summary["ood"] = _finite(ood_summary(bon_statistics(layout.ood, resamples, seed), bon.get("start"),
-                                             ood_kind(layout.ood)))
+                                             ood_kind(layout.ood), layout.ood, layout.generators.get("start", [])))
 
     lines = ["# Process vs outcome supervision (demo)", "",
              f"{layout.seeds} seed(s); wall time {runtime.get('wall_seconds')} s up to this report, peak memory "
