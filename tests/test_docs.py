@@ -75,3 +75,12 @@ def test_nothing_cites_a_design_file_outside_the_repository():
         if "DESIGN.md" in path.read_text(encoding="utf-8"):
             cited.append(path.name)
     assert not cited, "cite docs/design.md instead: " + ", ".join(cited)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_no_tracker_language(doc):
+    """A reader cannot follow "issue 26" or "target missed": the project's issue tracker is not theirs."""
+    found = [f"{doc.relative_to(ROOT)}:{n}: {line.strip()[:80]}"
+             for n, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1)
+             if re.search(r"\bissues? \d+\b|\bissue #\d+", line, re.I)]
+    assert not found, "say what the thing is, not its tracker number:\n" + "\n".join(found)
