@@ -36,14 +36,16 @@ def pool_folder(folder, prm_prefers_right: bool, problems=4, arithmetic=None):
 def test_ood_table_puts_ood_beside_in_distribution(tmp_path):
     from rlprm.experiments.demo_report import DemoLayout, write_demo_report
 
-    kind = {"min_ops": 4, "max_ops": 5, "final_ops": ["mod10", "last_digit", "none"]}
+    kind = {"min_ops": 4, "max_ops": 5, "operand_max": 9, "final_ops": ["mod10", "last_digit", "none"]}
     layout = DemoLayout(seeds=2)
+    layout.generator = pool_folder(tmp_path / "prepare", True, arithmetic={"min_ops": 2, "max_ops": 3})
     layout.generators["start"] = [pool_folder(tmp_path / f"start{s}", True) for s in range(2)]
     # out of distribution the PRM turns: it prefers the wrong sample, the in-distribution baseline the right one
     layout.ood = [pool_folder(tmp_path / f"ood{s}", False, arithmetic=kind) for s in range(2)]
     report = write_demo_report(layout, tmp_path / "report", {}, resamples=100)
     o = json.loads((tmp_path / "report" / "summary.json").read_text())["ood"]
     assert o["n"] == 2 and o["kind"] == kind and "2 seed pool(s)" in o["intervals"]
+    assert o["training_kind"] == {"min_ops": 2, "max_ops": 3}
     exact = lambda v: {"mean": v, "lo": v, "hi": v}  # noqa: E731
     assert o["ood"]["prm_prod"]["accuracy"] == exact(0.0) and o["ood"]["prm_prod"]["process_correct"] == exact(0.0)
     assert o["in_distribution"]["prm_prod"]["accuracy"] == exact(1.0)
@@ -60,7 +62,7 @@ def test_ood_table_puts_ood_beside_in_distribution(tmp_path):
     assert set(json.loads((tmp_path / "report" / "summary.json").read_text())["bon"]) == {"start"}
     text = report.read_text()
     assert "Every sample: OOD 50.0% answer right, 50.0% every step right" in text
-    assert "## Out of distribution" in text and "4-5 operations, finals mod10, last_digit, none" in text
+    assert "## Out of distribution" in text and "(4-5 operations of 1-9, finals mod10, last_digit, none; training: 2-3 operations of 1-9)" in text
     assert "| prm_prod | 0.0 [0.0, 0.0] | 100.0 [100.0, 100.0] | 0.0 [0.0, 0.0] | 100.0 [100.0, 100.0] |" in text
     assert "| prm_prod - orm (paired) | +0.0 [+0.0, +0.0] | +100.0 [+100.0, +100.0] |" in text
 

@@ -399,14 +399,14 @@ OOD_PAIRS = ["prm_prod_minus_majority", "prm_prod_minus_orm"]
 
 
 def ood_kind(dirs: list[Path]) -> dict:
-    """The OOD problems' task settings (min_ops, max_ops, final_ops) from the first folder's recipe.yaml; {} if none."""
+    """The task settings (min_ops, max_ops, operand_max, final_ops) in the first folder's recipe.yaml; {} if none."""
     import yaml
 
     path = Path(dirs[0]) / "recipe.yaml" if dirs else None
     if path is None or not path.is_file():
         return {}
     arith = ((yaml.safe_load(path.read_text()) or {}).get("task") or {}).get("arithmetic") or {}
-    return {k: arith[k] for k in ("min_ops", "max_ops", "final_ops") if k in arith}
+    return {k: arith[k] for k in ("min_ops", "max_ops", "operand_max", "final_ops") if k in arith}
 
 
 def pool_rates(dirs: list[Path]) -> dict:
@@ -428,11 +428,12 @@ def pool_rates(dirs: list[Path]) -> dict:
 
 
 def ood_summary(ood: tuple[dict, dict, str], start: tuple[dict, dict, str] | None, kind: dict,
-                ood_dirs: list[Path] = (), start_dirs: list[Path] = ()) -> dict:
+                ood_dirs: list[Path] = (), start_dirs: list[Path] = (), training_kind: dict | None = None) -> dict:
     """summary.json's `ood`: every selector (answers and every step right) and the paired differences PRM - majority
     and PRM - ORM at the largest N, on the OOD pools and, as the baseline, on the starting generator's in-distribution
     pools (`start`) at the same N; N is the largest both have (the OOD one alone without a baseline). `pool` and
-    `in_distribution_pool`: the rates of every sample of the folders' pools (`pool_rates`)."""
+    `in_distribution_pool`: the rates of every sample of the folders' pools (`pool_rates`); `kind` and
+    `training_kind`: the task settings of the OOD problems and of the generator's training (`ood_kind`)."""
     def ns(curves):
         return set(curves.get("prm_prod", {})) or {n for c in curves.values() for n in c}
 
@@ -448,7 +449,7 @@ def ood_summary(ood: tuple[dict, dict, str], start: tuple[dict, dict, str] | Non
         pairs = {d: {m: _point(v) for m, v in sel_diffs[d][n].items()} for d in OOD_PAIRS if n in sel_diffs.get(d, {})}
         return rows, pairs
 
-    out = {"n": n, "kind": kind, "intervals": how, "pool": pool_rates(ood_dirs), "in_distribution_pool":
+    out = {"n": n, "kind": kind, "training_kind": training_kind or {}, "intervals": how, "pool": pool_rates(ood_dirs), "in_distribution_pool":
            pool_rates(start_dirs)}
     out["ood"], out["ood_diff"] = at(curves, diffs)
     if start:
@@ -473,13 +474,18 @@ def ood_markdown(o: dict) -> list[str]:
     """The OOD table: answers and every step right per selector, OOD beside in-distribution, then the differences."""
     if not o:
         return []
-    k = o.get("kind", {})
-    what = (f"{k.get('min_ops')}-{k.get('max_ops')} operations, finals {', '.join(k.get('final_ops', []))}"
-            if k else "the OOD recipe's problems")
+    def kind(k, unknown):
+        if not k:
+            return unknown
+        finals = f", finals {', '.join(k['final_ops'])}" if k.get("final_ops") else ""
+        return f"{k.get('min_ops')}-{k.get('max_ops')} operations of 1-{k.get('operand_max', 9)}{finals}"
+
+    what = kind(o.get("kind"), "the OOD recipe's problems")
+    trained = kind(o.get("training_kind"), "the generator's own settings")
     ood, ind = o.get("ood", {}), o.get("in_distribution", {})
     lines = ["## Out of distribution", "",
-             f"Best-of-{o['n']} of the starting generator on problems no model trained on ({what}; training: 2-3 "
-             "operations, finals mod 10, last digit, none) beside the same selectors on the in-distribution held-out "
+             f"Best-of-{o['n']} of the starting generator on problems no model trained on ({what}; training: "
+             f"{trained}) beside the same selectors on the in-distribution held-out "
              f"problems (the `start` pools). %, mean [95% interval]; intervals: {o.get('intervals')}. Majority, "
              "weighted majority and pass@N pick an answer, not a solution: no every-step-right value.", "",
              *pool_lines(o.get("pool"), o.get("in_distribution_pool")),
@@ -541,7 +547,8 @@ def write_demo_report(layout: DemoLayout, out_dir: Path, runtime: dict, resample
     summary["sharpening"] = sharpening_rates(layout.generators)
     if layout.ood:
         summary["ood"] = _finite(ood_summary(bon_statistics(layout.ood, resamples, seed), bon.get("start"),
-                                             ood_kind(layout.ood), layout.ood, layout.generators.get("start", [])))
+                                             ood_kind(layout.ood), layout.ood, layout.generators.get("start", []),
+                                             ood_kind([layout.generator] if layout.generator else [])))
 
     lines = ["# Process vs outcome supervision (demo)", "",
              f"{layout.seeds} seed(s); wall time {runtime.get('wall_seconds')} s up to this report, peak memory "
