@@ -106,8 +106,11 @@ RL_RUNS = [("rl-prm-dense", "prm_dense.yaml", "prm"), ("rl-orm-sparse", "orm_spa
            ("rl-outcome-gt", "outcome_gt.yaml", None),
            ("rl-exact-dense", "exact_dense.yaml", None),             # the checker as an oracle PRM
            ("rl-confidence-dense", "confidence_dense.yaml", None)]   # the starting generator's own confidence
-# best-of-N of the STARTING generator: (stage name, sampling temperature); T=0.7 shows what sharpening alone buys
-START_BON = [("bon-start", 1.0), ("bon-start-t07", 0.7)]
+# best-of-N of the STARTING generator: (stage name, sampling temperature, overrides beyond DEMO_OVERRIDES["bon"]);
+# T=0.7 shows what sharpening alone buys. At T=1 it is the paper's Figure 3 (report: bon_answers.png), which needs
+# N up to 64 and more problems than 32 for intervals narrower than the gaps it shows: 64 x 64 samples, 8 times
+# the other best-of-N stages' 16 x 32
+START_BON = [("bon-start", 1.0, ["eval.n_max=64", "eval.num_problems=64"]), ("bon-start-t07", 0.7, [])]
 
 
 def _say(line: str) -> None:
@@ -351,8 +354,9 @@ def _execute_here(st: Stage, key: str, head: str, log, run_ids: dict[str, str]) 
 # --------------------------------------------------------------------------- the demo's stages
 
 
-def _group_overrides(group: str, extra: dict[str, list[str]]) -> list[str]:
-    return DEMO_OVERRIDES.get(group, []) + extra.get(group, [])
+def _group_overrides(group: str, extra: dict[str, list[str]], stage: list[str] | tuple = ()) -> list[str]:
+    """The group's demo budget, then one stage's own (`stage`), then the caller's: the later wins."""
+    return DEMO_OVERRIDES.get(group, []) + list(stage) + extra.get(group, [])
 
 
 def generator_name(stage_or_run: str) -> str:
@@ -376,10 +380,10 @@ def build_stages(out: Path, seeds: int = 1, wandb: str = "disabled", extra: dict
     tracking = [f"tracking.wandb={wandb}", "tracking.group=demo"]
     stages: list[Stage] = []
 
-    def add(name, recipe_file, group, out_dir, overrides, job, deps, outputs):
+    def add(name, recipe_file, group, out_dir, overrides, job, deps, outputs, own=()):
         deps = [d for d in deps if d != "prepare" or generator is None]
-        recipe = load_recipe(RECIPES / recipe_file,
-                             overrides + _group_overrides(group, extra) + [f"run.output_dir={out_dir}"] + tracking)
+        recipe = load_recipe(RECIPES / recipe_file, overrides + _group_overrides(group, extra, own)
+                             + [f"run.output_dir={out_dir}"] + tracking)
         # RL and best-of-N stages run with one torch thread and read only finished stages: lanes may pair them
         parallel = group in ("rm", "rl", "bon")
         bars = progress and (lanes == 1 or not parallel)
@@ -407,11 +411,11 @@ def build_stages(out: Path, seeds: int = 1, wandb: str = "disabled", extra: dict
     bon_outputs = ["bon_curves.json", "pool.jsonl"]  # the report bootstraps the pools (over seeds too)
     for seed in range(seeds):
         sdir = out / f"seed-{seed}"
-        for name, temperature in START_BON:
+        for name, temperature, more in START_BON:
             add(f"{name}-s{seed}", "bon_eval.yaml", "bon", sdir / name.replace("-", "_"),
                 bon_rms + [f"run.name={name}", f"run.seed={seed}", f"model.generator={generator}",
                            f"eval.temperature={temperature}"],
-                _bon, ["prepare", "rm-prm", "rm-orm"], bon_outputs)
+                _bon, ["prepare", "rm-prm", "rm-orm"], bon_outputs, own=more)
         for name, recipe_file, rm_kind in RL_RUNS:
             rm_path = {"prm": prm, "orm": orm}.get(rm_kind)
             add(f"{name}-s{seed}", recipe_file, "rl", sdir / name.replace("-", "_"),
