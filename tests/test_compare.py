@@ -316,6 +316,10 @@ def test_demo_summary_json_from_hand_made_runs(tmp_path):
     assert "## The starting generator" in text and "| 100.0 | 80.5 | 36.0 | 46.0 | 12.0 (9.0) | 55.0 |" in text
     assert "dropped-carry chains (`38 + 5 = 33`) vs fully correct ones: lowest token log-prob 0.512" in text
     assert "## Best-of-N on answers: the paper's Figure 3" in text and "](bon_answers.png)" in text
+    # within a problem: the pools' wrong samples are no habit's; the right ones get the PRM's higher scores
+    habits = s["habit_auroc"]
+    assert set(habits) == {"shortcut", "carry_drop"} and habits["carry_drop"]["confidence"]["pairs"] == 0
+    assert "| carry_drop | - (0) |" in text
     assert "lowest token log-prob 0.668 on all problems, 0.298 on the problems that admit the shortcut" in text
     assert "### Sharpening alone" in text
     assert "| exact_dense | 40.0 (n=1)" not in text and "| prm_dense | 40.0 (n=1) | 55.0 (n=1)" in text
@@ -356,3 +360,22 @@ def test_bon_shape_reads_the_papers_figure_3_off_the_paired_differences():
     shape = bon_shape(flat)
     assert shape["above_majority"] is False and shape["above_orm"] is True and shape["majority_gap_grows"] is False
     assert bon_shape({})["above_orm"] is None and bon_shape({})["majority_gap_grows"] is None
+
+
+def test_within_problem_auroc_counts_pairs_of_one_problem_only():
+    from rlprm.data.problems import SampleGrade, TaskProblem
+    from rlprm.evaluation.evaluate import Pool
+    from rlprm.experiments.demo_report import within_problem_auroc
+
+    right = SampleGrade([], "1", True, True, True, None)
+    drop = SampleGrade([], "2", False, True, False, 0, carry_drop=True)
+    slip = SampleGrade([], "3", False, True, False, 0)
+    # problem 0: the correct sample is surer than the dropped carry; problem 1: the reverse, and by more than
+    # problem 0's whole range, so pooled over problems the score would look better than it is within each
+    pool = Pool([TaskProblem("a", "a\n", "1"), TaskProblem("b", "b\n", "1")], [["x"] * 3] * 2,
+                [[right, drop, slip], [right, drop, drop]], sample_scores={"confidence": [[-1.0, -2.0, -9.0],
+                                                                                           [-6.0, -5.0, -5.5]]})
+    got = within_problem_auroc([pool], "carry_drop", "confidence")
+    assert got == {"auroc": 1 / 3, "pairs": 3, "problems": 2}  # 1 of 3 same-problem pairs ordered right
+    assert within_problem_auroc([pool], "shortcut", "confidence") == {"auroc": None, "pairs": 0, "problems": 0}
+    assert within_problem_auroc([pool], "carry_drop", "prm_prod")["auroc"] is None  # no such score: nothing

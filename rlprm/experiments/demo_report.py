@@ -20,6 +20,8 @@ summary.json (nested; every {mean, lo, hi} a fraction, not a percentage):
     bon.GEN.SEL.N.{accuracy, process_correct, right_answer_wrong_process}: {mean, lo, hi}
     bon_diff.GEN.A_minus_B.N.{accuracy, process_correct}: {mean, lo, hi}    A_minus_B for each BON_PAIRS pair
     bon_shape.GEN.{above_majority, above_orm, majority_gap_grows, n_max, ...}  the paper's Figure 3 shape (bon_shape)
+    habit_auroc.HABIT.SCORE.{auroc, pairs, problems}   the start's pools: does a score tell a habit's samples
+                                        (shortcut, carry_drop) from correct ones of the same problem (within_problem_auroc)
     rl.ARM.METRIC.{start, end, change}: {mean, lo, hi, n}     METRIC in RL_METRICS
     rl.ARM.{kl_per_token, kl_per_sample}.{end, max}: {mean, lo, hi, n}; rl.ARM.reward.{first, last}: ...
     rl_diff.A_minus_B.METRIC.end: {mean, lo, hi, n}           paired by seed
@@ -129,6 +131,41 @@ def bon_shape(diffs: dict, prm: str = "prm_prod", from_n: int = 8) -> dict:
     out["n_max"] = top
     out["majority_gap_grows"] = (c[top]["mean"] > c[from_n]["mean"]) if top and from_n in c and top > from_n else None
     return out
+
+
+def within_problem_auroc(pools: list, habit: str, score: str) -> dict:
+    """How well a per-sample score (`confidence`, `likelihood`, or a reward model's name in the selector
+    scores) tells a habit's samples (`habit`: a SampleGrade flag, "shortcut" or "carry_drop") from the fully
+    correct samples OF THE SAME PROBLEM, where a best-of-N pick or an RL advantage compares them: the share of
+    such (correct, habit) pairs that the score orders right, ties half (each problem's AUROC weighted by its
+    pairs), over every problem of the pools that has both. {auroc, pairs, problems}; auroc None without a pair."""
+    from rlprm.evaluation.evaluate import selector_scores
+    from rlprm.reward.metrics import auroc
+
+    total = pairs = problems = 0
+    for pool in pools:
+        scores = selector_scores(pool, ("prod", "min")).get(score)
+        if scores is None:
+            continue
+        for i, row in enumerate(pool.grades):
+            keep = [j for j, g in enumerate(row[: pool.n]) if g.process_correct or getattr(g, habit)]
+            right = [bool(row[j].process_correct) for j in keep]
+            a = auroc([float(scores[i][j]) for j in keep], right)
+            if a is None:
+                continue
+            n = sum(right) * (len(right) - sum(right))
+            total, pairs, problems = total + a * n, pairs + n, problems + 1
+    return {"auroc": total / pairs if pairs else None, "pairs": pairs, "problems": problems}
+
+
+def habit_aurocs(dirs: list[Path], scores=("confidence", "likelihood", "prm_prod", "orm")) -> dict:
+    """{habit: {score: within_problem_auroc}} over one generator's best-of-N pools (its seeds); {} without pools."""
+    from rlprm.evaluation.evaluate import load_pool
+
+    pools = [load_pool(Path(d) / "pool.jsonl") for d in dirs if (Path(d) / "pool.jsonl").is_file()]
+    if not pools:
+        return {}
+    return {habit: {s: within_problem_auroc(pools, habit, s) for s in scores} for habit in ("shortcut", "carry_drop")}
 
 
 def sharpening_rates(dirs_by_generator: dict[str, list[Path]], generators=("start", "start_t07")) -> dict:
@@ -328,6 +365,7 @@ def plot_figure3(curves: dict, path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from rlprm.evaluation.evaluate import selector_curves, selector_styles
 
@@ -348,6 +386,7 @@ def plot_figure3(curves: dict, path: Path, title: str) -> None:
                             alpha=0.1)
             handles.setdefault(name, line)
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 1, 2, 4, ... 64, not 2^k
         ax.set_xlabel("N = solutions per problem (log scale)")
         ax.set_title(what, fontsize=10)
         ax.grid(alpha=0.3)
@@ -444,13 +483,14 @@ def rl_markdown(summary: dict, diffs: dict, seeds: int) -> list[str]:
     return lines + ["", "![RL metrics per epoch](rl_curves.png)", "", "![KL per update](rl_kl.png)", ""]
 
 
-def figure3_markdown(shape: dict) -> list[str]:
-    """The report's Figure 3 section: the figure and whether the paper's shape appeared (`bon_shape`)."""
+def figure3_markdown(shape: dict, habits: dict | None = None) -> list[str]:
+    """The report's Figure 3 section: the figure, whether the paper's shape appeared (`bon_shape`) and, from the
+    same pools, which scores tell each habit from correct chains of the same problem (`habit_aurocs`)."""
     def yes(v):
         return "not measured" if v is None else ("yes" if v else "no")
 
     n = shape.get("from_n")
-    return ["## Best-of-N on answers: the paper's Figure 3", "",
+    lines = ["## Best-of-N on answers: the paper's Figure 3", "",
             "The starting generator at T=1, every selector (the tables below give each point and the paired "
             "differences with their intervals). PRM: `prm_prod`, the product of step scores, which prefers a "
             "solution with every step right, not merely a right answer.", "",
@@ -458,6 +498,16 @@ def figure3_markdown(shape: dict) -> list[str]:
             f"The paper's shape: PRM above majority at every N >= {n} (paired 95% interval above 0): "
             f"{yes(shape.get('above_majority'))}; above the ORM: {yes(shape.get('above_orm'))}; its lead over "
             f"majority larger at N = {shape.get('n_max')} than at N = {n}: {yes(shape.get('majority_gap_grows'))}.", ""]
+    if habits:
+        names = list(next(iter(habits.values())))
+        lines += ["Within a problem, habit samples vs fully correct ones (AUROC over the pairs of one problem; 0.5 is "
+                  "chance, below 0.5 the score prefers the habit; pairs in brackets):", "",
+                  "| habit | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for habit, by_score in habits.items():
+            lines.append(f"| {habit} | " + " | ".join(f"{_f3(v['auroc'])} ({v['pairs']})" for v in by_score.values())
+                         + " |")
+        lines.append("")
+    return lines
 
 
 def bon_markdown(stats: dict[str, tuple[dict, dict, str]]) -> list[str]:
@@ -520,6 +570,7 @@ def write_demo_report(layout: DemoLayout, out_dir: Path, runtime: dict, resample
     seed_values = {arm: arm_seed_values(runs) for arm, runs in runs_by_arm.items()}
     summary = build_summary(layout, runtime, bon, seed_values)
     summary["sharpening"] = sharpening_rates(layout.generators)
+    summary["habit_auroc"] = habit_aurocs(layout.generators.get("start", []))
 
     lines = ["# Process vs outcome supervision (demo)", "",
              f"{layout.seeds} seed(s); wall time {runtime.get('wall_seconds')} s up to this report, peak memory "
@@ -555,7 +606,7 @@ def write_demo_report(layout: DemoLayout, out_dir: Path, runtime: dict, resample
                           title="Best-of-N by selector")
         if "start" in curves:
             plot_figure3(curves["start"], out / "bon_answers.png", "Best-of-N of the starting generator (T=1)")
-            lines += figure3_markdown(summary["bon_shape"]["start"])
+            lines += figure3_markdown(summary["bon_shape"]["start"], summary["habit_auroc"])
         lines += bon_markdown(bon)
     if runs_by_arm:
         plot_rl_metrics(runs_by_arm, out / "rl_curves.png")
