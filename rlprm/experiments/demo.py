@@ -8,7 +8,8 @@ full-size commands):
     rm-orm               recipes/orm_train.yaml      the same samples, answer labels   -> OUT/orm/reward_model
                          (the two side by side, each sampling the same seeded solutions itself)
     per seed S:
-    bon-start-sS         recipes/bon_eval.yaml       best-of-N of the starting generator (T=1)
+    bon-start-sS         recipes/bon_eval.yaml       best-of-N of the starting generator (T=1, N up to 64 on 64
+                                                     problems: the paper's Figure 3, report/bon_answers.png)
     bon-start-t07-sS     recipes/bon_eval.yaml       the same at T=0.7: what sharpening alone buys
     rl-prm-dense-sS      recipes/prm_dense.yaml      PPO, dense learned PRM
     rl-orm-sparse-sS     recipes/orm_sparse.yaml     PPO, sparse learned ORM

@@ -32,7 +32,8 @@ solution that takes it writes every +/- step whose carry or borrow changes the
 tens digit with the tens digit of its left operand kept (`38 + 5 = 33`,
 `52 - 7 = 55`). The last digit stays right, so on a mod 10 / last digit
 problem the answer does too (more right answers on wrong steps), but on a
-none/max/min final the answer is wrong, and wrong the same way in every
+none/max/min final the answer is wrong (unless a carry and a borrow cancel,
+or the max/min bound decides), and wrong the same way in every
 sample that takes the habit: majority voting then agrees on it, and only a
 step check (or a reward model that learned one) finds the chains that did the
 arithmetic right.
