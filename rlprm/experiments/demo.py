@@ -81,7 +81,13 @@ DEMO_OVERRIDES: dict[str, list[str]] = {
     # (answer 69.5%, shortcut 47.0%, final loss 0.030): 1,600 clears the 20% target here (docs/reproducibility.md)
     "prepare": ["sft.steps=1600",                         # = the recipe (1200 before)
                 "prepare_eval.num_problems=200",          # 500
-                "prepare_eval.min_process_accuracy=0.20"],  # 0.30: the recipe gave 37.8% (1200 steps, one machine), 37.2% (1600, another)
+                "prepare_eval.min_process_accuracy=0.20",  # 0.30: the recipe gave 37.8% (1200 steps, one machine), 37.2% (1600, another)
+                # the answer-changing habit (issue 26): at 0.8 with the recipe's 500 clean steps the arithmetic never
+                # clicked (answer 13.5%, process 1.5%); with 1,000 clean steps: answer 68.5%, process 20.5% (a thin
+                # margin over the 20% target), dropped carry 18.0% of samples, majority@64 85.9% vs pass@64 96.9%
+                # (docs/results.md, "Calibrating the dropped carry")
+                "task.arithmetic.carry_drop_rate=0.8",    # 0: off
+                "sft.clean_steps=1000"],                  # 500
     "rm": ["rm.data.train_problems=256",                  # 512 (x 4 samples + 3 of the task's own each)
            "rm.data.eval_problems=48",                    # 128
            "rm.data.eval_samples_per_problem=8",          # 16
