@@ -365,7 +365,6 @@ def plot_figure3(curves: dict, path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
     from rlprm.evaluation.evaluate import selector_curves, selector_styles
 
@@ -386,7 +385,9 @@ def plot_figure3(curves: dict, path: Path, title: str) -> None:
                             alpha=0.1)
             handles.setdefault(name, line)
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 1, 2, 4, ... 64, not 2^k
+        ticks = sorted({N for name in names for N in curves[name]})
+        ax.set_xticks(ticks, [str(N) for N in ticks])  # 1, 2, 4, ... 64, not 2^k
+        ax.minorticks_off()
         ax.set_xlabel("N = solutions per problem (log scale)")
         ax.set_title(what, fontsize=10)
         ax.grid(alpha=0.3)
