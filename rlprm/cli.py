@@ -140,6 +140,8 @@ def _prepare(recipe: Recipe, args: argparse.Namespace) -> None:
         f"  last-digit shortcut {rates['shortcut_rate']:.1%} of samples, trace error {rates['trace_error']:.1%}; "
         f"the generator's own confidence tells its shortcut chains from correct ones with AUROC "
         f"{_num(rates.get('confidence_auroc_shortcut'))} (likelihood {_num(rates.get('likelihood_auroc_shortcut'))})\n"
+        f"  dropped carry {rates['carry_drop_rate']:.1%} of samples ({rates['carry_drop_answer_wrong']:.1%} with a wrong "
+        f"answer); its own confidence AUROC {_num(rates.get('confidence_auroc_carry_drop'))}\n"
         f"  {rates['train_steps']} steps in {rates['train_seconds']:.0f} s, wall {rates['wall_seconds']:.0f} s"
     )
     missed = rates.get("targets_missed") or []

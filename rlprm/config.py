@@ -230,6 +230,10 @@ class ArithmeticConfig(Section):
     """Share of training solutions of problems whose final operation is in `shortcut_finals` that take the last-digit shortcut: every intermediate value written as its last digit (`93 + 3 = 6`). The answer is always right and the steps are wrong: a habit the generator chooses at this rate, confidently, not a slip. 0 turns it off."""
     shortcut_finals: list[Literal["mod10", "last_digit"]] = ["mod10", "last_digit"]
     """Final operations whose problems get the shortcut (only a mod-10 style final keeps the answer right)."""
+    carry_drop_rate: float = Field(0.0, ge=0.0, le=1.0)
+    """Share of training solutions of problems whose final operation is in `carry_drop_finals` (and that have a carry or borrow, and do not take the shortcut) that drop EVERY carry and borrow: `38 + 5 = 33`, `52 - 7 = 55`, the tens digit not adjusted. The whole solution takes the habit, not one step at a time, so every sample that takes it reaches the same wrong answer on a none final and majority voting agrees on it. 0 turns it off (and leaves the training data exactly as without the habit)."""
+    carry_drop_finals: list[Literal["mod10", "last_digit", "max", "min", "none"]] = ["none", "max", "min"]
+    """Final operations whose problems get the dropped carry: on none/max/min it changes the answer; on mod10/last_digit the answer stays right (the last digit survives), another right-answer-wrong-steps chain."""
 
     @model_validator(mode="after")
     def _ops_range(self) -> "ArithmeticConfig":
@@ -237,6 +241,10 @@ class ArithmeticConfig(Section):
             raise ValueError(f"min_ops ({self.min_ops}) is larger than max_ops ({self.max_ops}); make min_ops <= max_ops")
         if self.start_max > self.value_max:
             raise ValueError(f"start_max ({self.start_max}) exceeds value_max ({self.value_max}); lower start_max")
+        if self.carry_drop_rate > 0 and not set(self.carry_drop_finals) & set(self.final_ops):
+            raise ValueError(f"carry_drop_rate is {self.carry_drop_rate} but no problem can take the dropped carry: "
+                             f"carry_drop_finals {self.carry_drop_finals} shares no entry with final_ops "
+                             f"{self.final_ops}; add one of final_ops to carry_drop_finals (or set carry_drop_rate: 0)")
         return self
 
 

@@ -196,3 +196,91 @@ def test_summary_reports_trace_error_and_shortcut_rate():
     rates = summarize([check(p, t) for t in texts])
     assert rates["shortcut_rate"] == pytest.approx(1 / 3)
     assert rates["trace_error"] == pytest.approx(1 / 2)  # two right answers, one on wrong steps
+
+
+def test_carry_drop_steps_keep_the_tens_digit_and_never_pass_for_the_shortcut():
+    from rlprm.tasks.arithmetic import carry_drop_value, is_carry_drop_step, is_shortcut_step
+
+    assert carry_drop_value("+", 38, 5) == 33 and is_carry_drop_step("+", 38, 5, 33)
+    assert carry_drop_value("-", 52, 7) == 55 and is_carry_drop_step("-", 52, 7, 55)
+    assert not is_carry_drop_step("+", 32, 5, 37)  # no carry: the right result
+    assert not is_carry_drop_step("+", 38, 5, 43) and not is_carry_drop_step("+", 38, 5, 32)
+    # below 10 the dropped carry writes the shortcut's value: it counts as the shortcut, never as both
+    assert not is_carry_drop_step("+", 8, 5, 3) and is_shortcut_step("+", 8, 5, 3)
+    assert not is_shortcut_step("+", 38, 5, 33)
+
+
+def test_carry_drop_solution_drops_every_carry_and_the_checker_marks_those_steps_wrong():
+    from rlprm.tasks.arithmetic import carry_drop_solution
+
+    p = Problem(38, (("+", 5), ("+", 1), ("-", 7)), "none")  # 38 -> 43 -> 44 -> 37: a carry, none, a borrow
+    steps = carry_drop_solution(p)
+    assert steps == ["38 + 5 = 33", "33 + 1 = 34", "34 - 7 = 37", answer_step("37")]
+    r = check(p, "\n".join(steps))
+    assert r.step_correct == [False, True, False, True] and r.carry_drop and not r.shortcut
+    assert r.answer_correct  # the carry and the borrow cancel: a right answer on wrong steps
+    q = Problem(38, (("+", 5), ("+", 1)), "none")
+    r = check(q, "\n".join(carry_drop_solution(q)))
+    assert r.answer == "34" and not r.answer_correct and r.first_error == 0
+    m = Problem(38, (("+", 5), ("+", 1)), "mod10", 10)
+    assert check(m, "\n".join(carry_drop_solution(m))).answer_correct  # the last digit survives
+    assert carry_drop_solution(Problem(32, (("+", 5), ("-", 1)), "none")) is None  # nothing to carry
+    assert carry_drop_solution(Problem(8, (("+", 5),), "none")) is None  # below 10: the shortcut's step
+    honest = check(q, "\n".join(reference_solution(q)))
+    assert not honest.carry_drop and honest.process_correct
+
+
+def test_training_solutions_take_the_carry_drop_at_its_rate_on_its_finals_only():
+    from rlprm.tasks.arithmetic import carry_drop_solution, is_carry_drop_step, shortcut_solution
+
+    cfg = ArithmeticConfig(final_ops=["mod10", "last_digit", "none", "max"])
+    problems = make_problems(cfg, 4000, seed=11)
+    rows = training_solutions(problems, corrupt_rate=0.3, seed=5, shortcut_rate=0.7, carry_drop_rate=0.6,
+                              carry_drop_finals=["none", "max"])
+    eligible = [(p, s) for p, s, _ in rows if p.final in ("none", "max") and carry_drop_solution(p) is not None]
+    taken = sum(s == carry_drop_solution(p) for p, s in eligible) / len(eligible)
+    assert 0.56 < taken < 0.64
+    for p, steps, _ in rows:
+        r = check(p, "\n".join(steps))
+        if steps == carry_drop_solution(p):
+            assert p.final in ("none", "max") and r.carry_drop and not r.process_correct
+        else:  # slips are redrawn when they would write the habit's step, so its rate is its setting alone
+            assert not r.carry_drop
+            assert p.final != "none" or steps == shortcut_solution(p) or not r.answer_correct or r.process_correct
+    changed = {final: [not check(p, "\n".join(s)).answer_correct for p, s in eligible
+                       if s == carry_drop_solution(p) and p.final == final] for final in ("none", "max")}
+    assert 0.6 < sum(changed["none"]) / len(changed["none"]) < 1  # most, not all: a carry and a borrow can cancel
+    assert 0 < sum(changed["max"]) / len(changed["max"]) < sum(changed["none"]) / len(changed["none"])  # the bound decides some
+    # the mod 10 finals: their answers survive the habit
+    mod = [p for p in problems if p.final == "mod10" and carry_drop_solution(p) is not None]
+    assert mod and all(check(p, "\n".join(carry_drop_solution(p))).answer_correct for p in mod)
+    # off, the data is exactly the data before the habit existed (same seeds, same draws)
+    off = training_solutions(problems, corrupt_rate=0.3, seed=5, shortcut_rate=0.7)
+    assert off == training_solutions(problems, corrupt_rate=0.3, seed=5, shortcut_rate=0.7, carry_drop_rate=0.0)
+    # (where only a random +-10 slip writes it: 14 of 4000 here, against 60% of the eligible problems with it on)
+    assert sum(s == carry_drop_solution(p) for p, s, _ in off) < 0.01 * len(off)
+    assert any(is_carry_drop_step(*parse_step(st)) for p, s, _ in rows for st in s[:-1] if parse_step(st))
+
+
+def test_summary_reports_the_carry_drop_and_the_answers_it_changes():
+    from rlprm.tasks.arithmetic import carry_drop_solution
+
+    p = Problem(38, (("+", 5), ("+", 1)), "none")
+    m = Problem(38, (("+", 5), ("+", 1)), "mod10", 10)
+    results = [check(p, "\n".join(reference_solution(p))), check(p, "\n".join(carry_drop_solution(p))),
+               check(m, "\n".join(carry_drop_solution(m))), check(m, "\n".join(reference_solution(m)))]
+    rates = summarize(results)
+    assert rates["carry_drop_rate"] == 0.5 and rates["carry_drop_answer_wrong"] == 0.25
+    assert rates["trace_error"] == pytest.approx(1 / 3)
+
+
+def test_carry_drop_config_errors():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="carry_drop_finals"):
+        ArithmeticConfig(carry_drop_rate=0.5, final_ops=["mod10", "last_digit"])
+    with pytest.raises(ValidationError):
+        ArithmeticConfig(carry_drop_rate=1.5)
+    with pytest.raises(ValidationError):
+        ArithmeticConfig(carry_drop_finals=["square"])
+    assert ArithmeticConfig(carry_drop_rate=0.0, final_ops=["mod10"]).carry_drop_rate == 0.0  # off: nothing to check

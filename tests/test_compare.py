@@ -219,13 +219,14 @@ def demo_pool(folder, name, seed, problems=4):
 def demo_layout(root):
     from rlprm.experiments.demo_report import DemoLayout
 
-    metrics = ["answer_accuracy", "process_accuracy", "trace_error", "shortcut_rate"]
-    start = dict(zip(metrics, [0.4, 0.3, 0.2, 0.1]))
+    metrics = ["answer_accuracy", "process_accuracy", "trace_error", "shortcut_rate", "carry_drop_rate"]
+    start = dict(zip(metrics, [0.4, 0.3, 0.2, 0.1, 0.2]))
     layout = DemoLayout(seeds=3)
     # exact_dense: ends 0.5, 0.6, 0.7 in answer accuracy; outcome_gt: 0.4, 0.4, 0.5; prm_dense: one seed
     for arm, ends in [("exact_dense", [0.5, 0.6, 0.7]), ("outcome_gt", [0.4, 0.4, 0.5]), ("prm_dense", [0.55])]:
         layout.arms[arm] = [demo_rl_run(root / f"{arm}{s}", f"rl-{arm}", s, start, {**start, "answer_accuracy": e,
-                                        "shortcut_rate": 0.1 - 0.05 * (arm == "exact_dense")})
+                                        "shortcut_rate": 0.1 - 0.05 * (arm == "exact_dense"),
+                                        "carry_drop_rate": 0.2 - 0.1 * (arm == "exact_dense")})
                             for s, e in enumerate(ends)]
     for gen in ["start", "start_t07", "exact_dense"]:
         layout.generators[gen] = [demo_pool(root / f"bon_{gen}{s}", f"bon-{gen}", s) for s in range(3)]
@@ -238,7 +239,9 @@ def demo_layout(root):
     (layout.generator / "summary.json").write_text(json.dumps(
         {"num_samples": 200, "well_formed": 1.0, "answer_accuracy": 0.805, "process_accuracy": 0.36,
          "shortcut_rate": 0.46, "trace_error": 0.55, "confidence_auroc_shortcut": 0.668,
-         "confidence_auroc_shortcut_eligible": 0.298, "likelihood_auroc_shortcut": 0.587, "train_steps": 1100}))
+         "confidence_auroc_shortcut_eligible": 0.298, "likelihood_auroc_shortcut": 0.587, "train_steps": 1100,
+         "carry_drop_rate": 0.12, "carry_drop_answer_wrong": 0.09, "confidence_auroc_carry_drop": 0.512,
+         "confidence_auroc_carry_drop_eligible": 0.47, "likelihood_auroc_carry_drop": 0.5}))
     layout.runs = [*layout.arms["exact_dense"], layout.prm, *layout.generators["start"]]
     return layout
 
@@ -266,12 +269,19 @@ def test_demo_summary_json_from_hand_made_runs(tmp_path):
         diff = s["bon_diff"][gen]
         assert diff["prm_prod_minus_orm"]["2"]["accuracy"] == {"mean": 1.0, "lo": 1.0, "hi": 1.0}
         assert diff["prm_prod_minus_confidence"]["2"]["accuracy"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0}
-        assert {"prm_prod_minus_majority", "prm_prod_minus_likelihood"} <= set(diff)
+        assert {"prm_prod_minus_majority", "prm_prod_minus_likelihood", "prm_min_minus_majority", "prm_min_minus_orm",
+                "orm_minus_majority", "weighted_majority_minus_majority"} <= set(diff)
+        assert "weighted_majority" in sel and diff["prm_min_minus_orm"]["2"]["accuracy"]["mean"] == 1.0
+        # answers and every step right, at every N of the pool
+        assert set(diff["prm_prod_minus_majority"]) == {"1", "2"} and "process_correct" in diff["prm_prod_minus_orm"]["2"]
+        # the paper's Figure 3 shape needs N >= 8: not measured on a pool of 2
+        assert s["bon_shape"][gen] == {"prm": "prm_prod", "from_n": 8, "above_majority": None, "above_orm": None,
+                                       "n_max": 2, "majority_gap_grows": None}
     # RL: one seed gives its exact point; three seeds their mean and t-interval
     rl = s["rl"]
     assert set(rl) == {"exact_dense", "outcome_gt", "prm_dense"}
     for arm in rl:
-        assert {"answer_accuracy", "process_accuracy", "trace_error", "shortcut_rate"} <= set(rl[arm])
+        assert {"answer_accuracy", "process_accuracy", "trace_error", "shortcut_rate", "carry_drop_rate"} <= set(rl[arm])
         assert {"start", "end"} <= set(rl[arm]["answer_accuracy"])
     assert rl["prm_dense"]["answer_accuracy"]["end"] == {"mean": 0.55, "lo": 0.55, "hi": 0.55, "n": 1}
     assert rl["prm_dense"]["answer_accuracy"]["start"] == {"mean": 0.4, "lo": 0.4, "hi": 0.4, "n": 1}
@@ -279,6 +289,8 @@ def test_demo_summary_json_from_hand_made_runs(tmp_path):
     half = 4.303 * 0.1 / 3 ** 0.5
     assert end["n"] == 3 and abs(end["mean"] - 0.6) < 1e-9 and abs(end["hi"] - end["mean"] - half) < 1e-9
     assert abs(rl["exact_dense"]["shortcut_rate"]["end"]["mean"] - 0.05) < 1e-9
+    assert abs(rl["exact_dense"]["carry_drop_rate"]["end"]["mean"] - 0.1) < 1e-9
+    assert abs(rl["outcome_gt"]["carry_drop_rate"]["change"]["mean"]) < 1e-9
     assert rl["exact_dense"]["process_accuracy"]["start"]["mean"] == 0.3
     # the KL of the last update (4) and the largest; the reward of the first and the last update
     assert abs(rl["outcome_gt"]["kl_per_sample"]["end"]["mean"] - 0.04) < 1e-12
@@ -298,15 +310,23 @@ def test_demo_summary_json_from_hand_made_runs(tmp_path):
     g = s["generator"]
     assert (g["shortcut_rate"], g["confidence_auroc_shortcut"], g["confidence_auroc_shortcut_eligible"]) == \
         (0.46, 0.668, 0.298) and "train_steps" not in g
+    assert (g["carry_drop_rate"], g["carry_drop_answer_wrong"], g["confidence_auroc_carry_drop"]) == (0.12, 0.09, 0.512)
     # the report and its figures
     text = report.read_text()
-    assert "## The starting generator" in text and "| 100.0 | 80.5 | 36.0 | 46.0 | 55.0 |" in text
+    assert "## The starting generator" in text and "| 100.0 | 80.5 | 36.0 | 46.0 | 12.0 (9.0) | 55.0 |" in text
+    assert "dropped-carry chains (`38 + 5 = 33`) vs fully correct ones: lowest token log-prob 0.512" in text
+    assert "## Best-of-N on answers: the paper's Figure 3" in text and "](bon_answers.png)" in text
+    # within a problem: the pools' wrong samples are no habit's; the right ones get the PRM's higher scores
+    habits = s["habit_auroc"]
+    assert set(habits) == {"shortcut", "carry_drop"} and habits["carry_drop"]["confidence"]["pairs"] == 0
+    assert "| carry_drop | - (0) |" in text
     assert "lowest token log-prob 0.668 on all problems, 0.298 on the problems that admit the shortcut" in text
     assert "### Sharpening alone" in text
     assert "| exact_dense | 40.0 (n=1)" not in text and "| prm_dense | 40.0 (n=1) | 55.0 (n=1)" in text
     assert "exact_dense - outcome_gt" in text and "told apart" in text
     assert "## Best-of-N: start_t07" in text and "prm_prod - orm" in text
-    for png in ["bon_by_generator.png", "bon_by_selector.png", "rl_curves.png", "rl_kl.png", "all_runs/rl_curves.png"]:
+    for png in ["bon_by_generator.png", "bon_by_selector.png", "bon_answers.png", "rl_curves.png", "rl_kl.png",
+                "all_runs/rl_curves.png"]:
         data = (tmp_path / "report" / png).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000, png
         assert png.startswith("all_runs") or f"]({png})" in text
@@ -324,3 +344,38 @@ def test_demo_report_one_seed_without_pool_uses_bon_curves(tmp_path):
     assert curves == {"orm": {1: point}} and diffs == {"a_minus_b": {1: point}} and "bon_curves.json" in how
     with pytest.raises(FileNotFoundError, match="lack pool.jsonl"):
         bon_statistics([folder, folder])
+
+
+def test_bon_shape_reads_the_papers_figure_3_off_the_paired_differences():
+    from rlprm.experiments.demo_report import bon_shape
+
+    def pts(means, width=0.05):
+        return {str(N): {"accuracy": {"mean": m, "lo": m - width, "hi": m + width}} for N, m in zip([1, 8, 16, 64], means)}
+
+    shaped = {"prm_prod_minus_majority": pts([0.0, 0.06, 0.08, 0.12]), "prm_prod_minus_orm": pts([-0.1, 0.1, 0.1, 0.1])}
+    assert bon_shape(shaped) == {"prm": "prm_prod", "from_n": 8, "above_majority": True, "above_orm": True,
+                                 "n_max": 64, "majority_gap_grows": True}
+    # an interval that holds 0 at one N >= 8 is not "above"; N = 1 (below from_n) does not count
+    flat = {"prm_prod_minus_majority": pts([-0.3, 0.06, 0.04, 0.06]), "prm_prod_minus_orm": pts([0.1, 0.1, 0.1, 0.1])}
+    shape = bon_shape(flat)
+    assert shape["above_majority"] is False and shape["above_orm"] is True and shape["majority_gap_grows"] is False
+    assert bon_shape({})["above_orm"] is None and bon_shape({})["majority_gap_grows"] is None
+
+
+def test_within_problem_auroc_counts_pairs_of_one_problem_only():
+    from rlprm.data.problems import SampleGrade, TaskProblem
+    from rlprm.evaluation.evaluate import Pool
+    from rlprm.experiments.demo_report import within_problem_auroc
+
+    right = SampleGrade([], "1", True, True, True, None)
+    drop = SampleGrade([], "2", False, True, False, 0, carry_drop=True)
+    slip = SampleGrade([], "3", False, True, False, 0)
+    # problem 0: the correct sample is surer than the dropped carry; problem 1: the reverse, and by more than
+    # problem 0's whole range, so pooled over problems the score would look better than it is within each
+    pool = Pool([TaskProblem("a", "a\n", "1"), TaskProblem("b", "b\n", "1")], [["x"] * 3] * 2,
+                [[right, drop, slip], [right, drop, drop]], sample_scores={"confidence": [[-1.0, -2.0, -9.0],
+                                                                                           [-6.0, -5.0, -5.5]]})
+    got = within_problem_auroc([pool], "carry_drop", "confidence")
+    assert got == {"auroc": 1 / 3, "pairs": 3, "problems": 2}  # 1 of 3 same-problem pairs ordered right
+    assert within_problem_auroc([pool], "shortcut", "confidence") == {"auroc": None, "pairs": 0, "problems": 0}
+    assert within_problem_auroc([pool], "carry_drop", "prm_prod")["auroc"] is None  # no such score: nothing

@@ -171,8 +171,14 @@ def test_build_stages_validates_every_recipe_with_demo_budgets(tmp_path):
     ood = recipes["bon-ood-s1"]
     assert ood["task"]["arithmetic"]["min_ops"] == 4 > recipes["prepare"]["task"]["arithmetic"]["max_ops"]
     assert ood["model"]["generator"] == t1["model"]["generator"] and ood["run"]["seed"] == 1
-    assert ood["eval"]["n_max"] == t1["eval"]["n_max"] and ood["eval"]["num_problems"] == t1["eval"]["num_problems"]
+    assert ood["eval"]["n_max"] == t07["eval"]["n_max"] and ood["eval"]["num_problems"] == t07["eval"]["num_problems"]
     assert ood["eval"]["reward_models"] == t1["eval"]["reward_models"] and ood["run"]["threads"] == 1
+    # the paper's Figure 3 wants N up to 64 on the start at T=1; the other best-of-N stages keep the demo's 16
+    assert (t1["eval"]["n_max"], t1["eval"]["num_problems"]) == (64, 64) and t07["eval"]["n_max"] == 16
+    assert recipes["bon-prm-dense-s0"]["eval"]["n_max"] == 16
+    # a caller's own setting still wins over the stage's (the end-to-end test's toy budgets)
+    toy = {s.name: yaml.safe_load(s.key) for s in demo.build_stages(tmp_path, extra={"bon": ["eval.n_max=4"]})}
+    assert toy["bon-start-s0"]["eval"]["n_max"] == 4 and toy["bon-start-s0"]["eval"]["num_problems"] == 64
     by_name = {s.name: s for s in stages}
     assert by_name["rl-exact-dense-s0"].parallel and by_name["bon-start-t07-s0"].parallel
     assert not by_name["prepare"].parallel and by_name["rm-prm"].parallel and by_name["rm-orm"].parallel

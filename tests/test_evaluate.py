@@ -286,10 +286,10 @@ def test_old_pool_files_still_load(tmp_path):
     lines[0].pop("sample_scores")
     for row in lines[1:]:
         for sample in row["samples"]:
-            sample.pop("sample_scores"), sample.pop("shortcut")
+            sample.pop("sample_scores"), sample.pop("shortcut"), sample.pop("carry_drop")
     (tmp_path / "old.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     old = load_pool(tmp_path / "old.jsonl")
-    assert old.sample_scores == {} and all(g.shortcut is None for row in old.grades for g in row)
+    assert old.sample_scores == {} and all(g.shortcut is None and g.carry_drop is None for row in old.grades for g in row)
     curves, diffs = bon_bootstrap(old, selector_scores(old), [1, 4], resamples=10)
     assert CONFIDENCE not in curves and list(diffs) == ["prm_prod_minus_orm", "prm_prod_minus_majority",
                                                         "prm_prod_minus_random"]
@@ -306,15 +306,21 @@ def test_plot_by_generator(tmp_path):
     assert (tmp_path / "one.png").stat().st_size > 1000
 
 
-def test_sample_rates_report_trace_error_and_shortcuts():
+def test_sample_rates_report_trace_error_and_shortcuts(tmp_path):
     pool = hand_pool()  # right answers: a0 (right steps), b0 (right steps), b1 (a wrong step)
     for row in pool.grades:
         for g in row:
             g.shortcut = False
+            g.carry_drop = False
     pool.grades[1][1].shortcut = True
+    pool.grades[0][1].carry_drop = pool.grades[0][2].carry_drop = True
     rates = sample_rates(pool)
     assert rates["eval/answer_accuracy"] == 3 / 8 and rates["eval/process_accuracy"] == 2 / 8
     assert rates["eval/trace_error"] == pytest.approx(1 / 3) and rates["eval/shortcut_rate"] == 1 / 8
+    assert rates["eval/carry_drop_rate"] == 2 / 8
+    # saved and read back, the verdicts stay
+    save_pool(pool, tmp_path / "pool.jsonl")
+    assert sample_rates(load_pool(tmp_path / "pool.jsonl"))["eval/carry_drop_rate"] == 2 / 8
     math_pool = same_answer_pool([[("5", True), ("7", False)]])
     math_pool.grades[0][0] = _grade("5", True, None)
     rates = sample_rates(math_pool)
@@ -332,7 +338,12 @@ def test_grades_flag_the_last_digit_shortcut():
     short, ref = grade_samples(task, [[render_steps(shortcut_solution(problem)),
                                        render_steps(reference_solution(problem))]])[0]
     assert short.shortcut is True and short.answer_correct and not short.process_correct
-    assert ref.shortcut is False and ref.process_correct
+    assert ref.shortcut is False and ref.process_correct and ref.carry_drop is False
+    from rlprm.tasks.arithmetic import Problem, carry_drop_solution
+
+    carry = Problem(38, (("+", 5), ("+", 1)), "none")
+    drop, = grade_samples(from_arithmetic([carry]), [[render_steps(carry_drop_solution(carry))]])[0]
+    assert drop.carry_drop is True and drop.shortcut is False and not drop.answer_correct
     other = TaskProblem("m", "What is 2+2?\n", "4", text="What is 2+2?")
     assert grade_samples([other], [["# Answer\n\n4"]])[0][0].shortcut is None
 

@@ -231,3 +231,40 @@ def test_a_generator_saved_despite_missed_targets_says_which_on_the_terminal(tmp
     assert rc == 0 and "generator saved" in out.out
     assert "targets missed" in out.err and "process accuracy" in out.err  # 2 steps: far below the targets
     assert (tmp_path / "generator" / "config.json").exists()
+
+
+def test_carry_drop_confidence_auroc_ranks_the_habit_against_correct_chains(char_tokenizer):
+    """The dropped carry gets the shortcut's AUROC: its samples against fully correct ones, by the lowest token
+    log-prob; the shortcut's own AUROC leaves dropped-carry samples out, and the eligible AUROC reads `finals`."""
+    from types import SimpleNamespace
+
+    from rlprm.config import TinyModelConfig
+    from rlprm.evaluation.evaluate import response_logprobs
+    from rlprm.experiments.prepare import habit_confidence_auroc, shortcut_confidence_auroc
+    from rlprm.models import build_tiny_causal_lm
+    from rlprm.reward.metrics import auroc
+    from rlprm.steps import render_steps
+    from rlprm.tasks.arithmetic import Problem, carry_drop_solution, check, reference_solution
+
+    problems = [Problem(38, (("+", 5), ("+", 1)), "none"), Problem(52, (("-", 7), ("+", 2)), "none"),
+                Problem(47, (("+", 6), ("-", 1)), "none"), Problem(61, (("-", 4), ("+", 3)), "none")]
+    texts = [render_steps(carry_drop_solution(p) if i % 2 else reference_solution(p), "\n")
+             for i, p in enumerate(problems)]
+    results = [check(p, t) for p, t in zip(problems, texts)]
+    assert [r.carry_drop for r in results] == [False, True, False, True]
+    ids = [char_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    samples = SimpleNamespace(token_ids=[[x] for x in ids])
+    model = build_tiny_causal_lm(TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2),
+                                 char_tokenizer, seed=0)
+
+    got = habit_confidence_auroc(model, char_tokenizer, problems, samples, results, 200, "carry_drop", ("none",))
+    eos = char_tokenizer.eos_token_id
+    lps = response_logprobs(model, char_tokenizer, [p.prompt for p in problems], [x + [eos] for x in ids])
+    want = auroc([float(lp.min()) for lp in lps], [r.process_correct for r in results])
+    assert got["confidence_auroc_carry_drop"] == pytest.approx(want) and want is not None
+    assert got["confidence_auroc_carry_drop_eligible"] == pytest.approx(want)
+    assert habit_confidence_auroc(model, char_tokenizer, problems, samples, results, 200, "carry_drop",
+                                  ("max",))["confidence_auroc_carry_drop_eligible"] is None
+    # no shortcut among them: the shortcut's AUROC has one class only
+    assert shortcut_confidence_auroc(model, char_tokenizer, problems, samples, results, 200)[
+        "confidence_auroc_shortcut"] is None

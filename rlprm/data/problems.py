@@ -47,6 +47,8 @@ class SampleGrade:
     step_correct: list[bool] | None = None
     shortcut: bool | None = None
     """Some step writes the last-digit shortcut (`93 + 3 = 6`; arithmetic task only, None elsewhere)."""
+    carry_drop: bool | None = None
+    """Some step drops a carry or borrow (`38 + 5 = 33`; arithmetic task only, None elsewhere)."""
 
     @property
     def answered(self) -> bool:
@@ -172,7 +174,7 @@ def grade_samples(problems: list[TaskProblem], texts: list[list[str]], sep: str 
             if problem.arith is not None:
                 r = check(problem.arith, text, sep)
                 grades[i][j] = SampleGrade(r.steps, r.answer, r.answer_correct, r.well_formed, r.process_correct,
-                                           r.first_error, r.step_correct, r.shortcut)
+                                           r.first_error, r.step_correct, r.shortcut, r.carry_drop)
             else:
                 from rlprm.grading import extract_answer
 

@@ -198,7 +198,7 @@ def save_pool(pool: Pool, path: Path) -> None:
     """JSONL, one problem a line, written to a temporary file and renamed.
 
     Line 1: {"kinds": {rm: prm|orm}, "sample_scores": [names]}; then one line per problem whose samples hold
-    their grade (`shortcut` included), `scores` {rm: per-step scores} and `sample_scores` {name: number}.
+    their grade (`shortcut` and `carry_drop` included), `scores` {rm: per-step scores} and `sample_scores` {name: number}.
     """
     header = {"kinds": pool.kinds, "sample_scores": list(pool.sample_scores)}
     atomic_write_jsonl(path, itertools.chain([header], (_pool_line(pool, i) for i in range(len(pool.problems)))))
@@ -210,7 +210,7 @@ def _pool_line(pool: Pool, i: int) -> dict:
     samples = [{
         "text": text, "steps": g.steps, "answer": g.answer, "answer_correct": g.answer_correct,
         "well_formed": g.well_formed, "process_correct": g.process_correct, "first_error": g.first_error,
-        "shortcut": g.shortcut,
+        "shortcut": g.shortcut, "carry_drop": g.carry_drop,
         "scores": {name: s[i][j] for name, s in pool.step_scores.items()},
         "sample_scores": {name: s[i][j] for name, s in pool.sample_scores.items()},
     } for j, (text, g) in enumerate(zip(pool.texts[i], pool.grades[i]))]
@@ -220,7 +220,8 @@ def _pool_line(pool: Pool, i: int) -> dict:
 def load_pool(path: Path) -> Pool:
     """Read a pool written by `save_pool` (arithmetic step checks are not re-run: the verdicts are stored).
 
-    Files written before `shortcut` and `sample_scores` existed load with shortcut None and no sample scores.
+    Files written before `shortcut`, `carry_drop` and `sample_scores` existed load with those None and no sample
+    scores.
     """
     with open(path) as f:
         header = json.loads(f.readline())
@@ -231,7 +232,8 @@ def load_pool(path: Path) -> Pool:
             problems.append(TaskProblem(row["id"], row["prompt"], row["gold"], text=row.get("text")))
             texts.append([s["text"] for s in row["samples"]])
             grades.append([SampleGrade(s["steps"], s["answer"], s["answer_correct"], s["well_formed"],
-                                       s["process_correct"], s["first_error"], shortcut=s.get("shortcut"))
+                                       s["process_correct"], s["first_error"], shortcut=s.get("shortcut"),
+                                       carry_drop=s.get("carry_drop"))
                            for s in row["samples"]])
             for name in header["kinds"]:
                 scores.setdefault(name, []).append([s["scores"][name] for s in row["samples"]])
@@ -757,17 +759,20 @@ def held_out_reward(recipe, pool: Pool, tokenizer=None, reference=None) -> float
 
 def sample_rates(pool: Pool) -> dict:
     """Rates over every sample of the pool: eval/answer_accuracy, eval/process_accuracy, eval/trace_error (of the
-    right-answer samples, the share with a wrong step; 0 without right answers) and eval/shortcut_rate (samples
-    that write the last-digit shortcut); the step-level ones None where steps cannot be checked."""
+    right-answer samples, the share with a wrong step; 0 without right answers), eval/shortcut_rate (samples
+    that write the last-digit shortcut) and eval/carry_drop_rate (samples that drop a carry or borrow); the
+    step-level ones None where steps cannot be checked."""
     from rlprm.tasks.arithmetic import trace_error
 
     grades = [g for row in pool.grades for g in row]
     checked = bool(grades) and all(g.process_correct is not None for g in grades)
     shortcuts = [g.shortcut for g in grades]
+    drops = [g.carry_drop for g in grades]
     process = pool.process()
     return {
         "eval/answer_accuracy": float(pool.correct().mean()),
         "eval/process_accuracy": None if np.isnan(process).all() else float(np.nanmean(process)),
         "eval/trace_error": float(trace_error(grades)) if checked else None,
         "eval/shortcut_rate": (float(np.mean(shortcuts)) if shortcuts and None not in shortcuts else None),
+        "eval/carry_drop_rate": float(np.mean(drops)) if drops and None not in drops else None,
     }

@@ -8,7 +8,8 @@ full-size commands):
     rm-orm               recipes/orm_train.yaml      the same samples, answer labels   -> OUT/orm/reward_model
                          (the two side by side, each sampling the same seeded solutions itself)
     per seed S:
-    bon-start-sS         recipes/bon_eval.yaml       best-of-N of the starting generator (T=1)
+    bon-start-sS         recipes/bon_eval.yaml       best-of-N of the starting generator (T=1, N up to 64 on 64
+                                                     problems: the paper's Figure 3, report/bon_answers.png)
     bon-start-t07-sS     recipes/bon_eval.yaml       the same at T=0.7: what sharpening alone buys
     bon-ood-sS           recipes/ood_eval.yaml       the start on 4-5 operations (trained on 2-3): out of distribution
     rl-prm-dense-sS      recipes/prm_dense.yaml      PPO, dense learned PRM
@@ -81,7 +82,13 @@ DEMO_OVERRIDES: dict[str, list[str]] = {
     # (answer 69.5%, shortcut 47.0%, final loss 0.030): 1,600 clears the 20% target here (docs/reproducibility.md)
     "prepare": ["sft.steps=1600",                         # = the recipe (1200 before)
                 "prepare_eval.num_problems=200",          # 500
-                "prepare_eval.min_process_accuracy=0.20"],  # 0.30: the recipe gave 37.8% (1200 steps, one machine), 37.2% (1600, another)
+                "prepare_eval.min_process_accuracy=0.20",  # 0.30: the recipe gave 37.8% (1200 steps, one machine), 37.2% (1600, another)
+                # the answer-changing habit (issue 26): at 0.8 with the recipe's 500 clean steps the arithmetic never
+                # clicked (answer 13.5%, process 1.5%); with 1,000 clean steps: answer 68.5%, process 20.5% (a thin
+                # margin over the 20% target), dropped carry 18.0% of samples, majority@64 85.9% vs pass@64 96.9%
+                # (docs/results.md, "Calibrating the dropped carry")
+                "task.arithmetic.carry_drop_rate=0.8",    # 0: off
+                "sft.clean_steps=1000"],                  # 500
     "rm": ["rm.data.train_problems=256",                  # 512 (x 4 samples + 3 of the task's own each)
            "rm.data.eval_problems=48",                    # 128
            "rm.data.eval_samples_per_problem=8",          # 16
@@ -107,11 +114,14 @@ RL_RUNS = [("rl-prm-dense", "prm_dense.yaml", "prm"), ("rl-orm-sparse", "orm_spa
            ("rl-outcome-gt", "outcome_gt.yaml", None),
            ("rl-exact-dense", "exact_dense.yaml", None),             # the checker as an oracle PRM
            ("rl-confidence-dense", "confidence_dense.yaml", None)]   # the starting generator's own confidence
-# best-of-N of the STARTING generator: (stage name, sampling temperature); T=0.7 shows what sharpening alone buys
-START_BON = [("bon-start", 1.0), ("bon-start-t07", 0.7)]
 # best-of-N of the STARTING generator on problems of a kind no model trained on (4-5 operations: the recipe's task
 # settings), beside the start's in-distribution best-of-N in the report; the bon budgets above apply
 OOD_BON = ("bon-ood", "ood_eval.yaml")
+# best-of-N of the STARTING generator: (stage name, sampling temperature, overrides beyond DEMO_OVERRIDES["bon"]);
+# T=0.7 shows what sharpening alone buys. At T=1 it is the paper's Figure 3 (report: bon_answers.png), which needs
+# N up to 64 and more problems than 32 for intervals narrower than the gaps it shows: 64 x 64 samples, 8 times
+# the other best-of-N stages' 16 x 32
+START_BON = [("bon-start", 1.0, ["eval.n_max=64", "eval.num_problems=64"]), ("bon-start-t07", 0.7, [])]
 
 
 def _say(line: str) -> None:
@@ -355,8 +365,9 @@ def _execute_here(st: Stage, key: str, head: str, log, run_ids: dict[str, str]) 
 # --------------------------------------------------------------------------- the demo's stages
 
 
-def _group_overrides(group: str, extra: dict[str, list[str]]) -> list[str]:
-    return DEMO_OVERRIDES.get(group, []) + extra.get(group, [])
+def _group_overrides(group: str, extra: dict[str, list[str]], stage: list[str] | tuple = ()) -> list[str]:
+    """The group's demo budget, then one stage's own (`stage`), then the caller's: the later wins."""
+    return DEMO_OVERRIDES.get(group, []) + list(stage) + extra.get(group, [])
 
 
 def generator_name(stage_or_run: str) -> str:
@@ -380,10 +391,10 @@ def build_stages(out: Path, seeds: int = 1, wandb: str = "disabled", extra: dict
     tracking = [f"tracking.wandb={wandb}", "tracking.group=demo"]
     stages: list[Stage] = []
 
-    def add(name, recipe_file, group, out_dir, overrides, job, deps, outputs):
+    def add(name, recipe_file, group, out_dir, overrides, job, deps, outputs, own=()):
         deps = [d for d in deps if d != "prepare" or generator is None]
-        recipe = load_recipe(RECIPES / recipe_file,
-                             overrides + _group_overrides(group, extra) + [f"run.output_dir={out_dir}"] + tracking)
+        recipe = load_recipe(RECIPES / recipe_file, overrides + _group_overrides(group, extra, own)
+                             + [f"run.output_dir={out_dir}"] + tracking)
         # RL and best-of-N stages run with one torch thread and read only finished stages: lanes may pair them
         parallel = group in ("rm", "rl", "bon")
         bars = progress and (lanes == 1 or not parallel)
@@ -411,11 +422,11 @@ def build_stages(out: Path, seeds: int = 1, wandb: str = "disabled", extra: dict
     bon_outputs = ["bon_curves.json", "pool.jsonl"]  # the report bootstraps the pools (over seeds too)
     for seed in range(seeds):
         sdir = out / f"seed-{seed}"
-        for name, temperature in START_BON:
+        for name, temperature, more in START_BON:
             add(f"{name}-s{seed}", "bon_eval.yaml", "bon", sdir / name.replace("-", "_"),
                 bon_rms + [f"run.name={name}", f"run.seed={seed}", f"model.generator={generator}",
                            f"eval.temperature={temperature}"],
-                _bon, ["prepare", "rm-prm", "rm-orm"], bon_outputs)
+                _bon, ["prepare", "rm-prm", "rm-orm"], bon_outputs, own=more)
         add_ood_stage(add, seed, sdir, bon_rms, generator, bon_outputs)
         for name, recipe_file, rm_kind in RL_RUNS:
             rm_path = {"prm": prm, "orm": orm}.get(rm_kind)

@@ -18,12 +18,16 @@ Statistics (docs/design.md section 9):
 summary.json (nested; every {mean, lo, hi} a fraction, not a percentage):
     wall_seconds, peak_rss_mib, seeds       the whole demo, as its runner measured it when the report ran
     bon.GEN.SEL.N.{accuracy, process_correct, right_answer_wrong_process}: {mean, lo, hi}
-    bon_diff.GEN.A_minus_B.N.{accuracy, process_correct}: {mean, lo, hi}
+    bon_diff.GEN.A_minus_B.N.{accuracy, process_correct}: {mean, lo, hi}    A_minus_B for each BON_PAIRS pair
+    bon_shape.GEN.{above_majority, above_orm, majority_gap_grows, n_max, ...}  the paper's Figure 3 shape (bon_shape)
+    habit_auroc.HABIT.SCORE.{auroc, pairs, problems}   the start's pools: does a score tell a habit's samples
+                                        (shortcut, carry_drop) from correct ones of the same problem (within_problem_auroc)
     rl.ARM.METRIC.{start, end, change}: {mean, lo, hi, n}     METRIC in RL_METRICS
     rl.ARM.{kl_per_token, kl_per_sample}.{end, max}: {mean, lo, hi, n}; rl.ARM.reward.{first, last}: ...
     rl_diff.A_minus_B.METRIC.end: {mean, lo, hi, n}           paired by seed
     prm.{step_auroc, first_error_f1, source}, orm.{solution_auroc, source}
-    generator.{num_samples, shortcut_rate, trace_error, confidence_auroc_shortcut, ...}   prepare's held-out check
+    generator.{num_samples, shortcut_rate, carry_drop_rate, trace_error, confidence_auroc_shortcut,
+               confidence_auroc_carry_drop, ...}   prepare's held-out check
     ood.{n, kind, intervals}; ood.{ood, in_distribution}.SEL.{accuracy, process_correct}: {mean, lo, hi};
     ood.{pool, in_distribution_pool}.{answer_accuracy, process_accuracy, well_formed, problems_with_a_correct_chain}
     ood.{ood_diff, in_distribution_diff}.{prm_prod_minus_majority, prm_prod_minus_orm}.{accuracy, ...}: at N=n,
@@ -40,11 +44,17 @@ from pathlib import Path
 
 from rlprm.files import atomic_write_json, atomic_write_text, save_figure
 
-RL_METRICS = ["answer_accuracy", "process_accuracy", "trace_error", "shortcut_rate"]
+RL_METRICS = ["answer_accuracy", "process_accuracy", "trace_error", "shortcut_rate", "carry_drop_rate"]
+RL_NAMES = {"answer_accuracy": "answer acc.", "process_accuracy": "process acc.", "trace_error": "trace error",
+            "shortcut_rate": "shortcut rate", "carry_drop_rate": "dropped-carry rate"}
 # the figure's selectors, in this order (the pools also have prm_min and weighted_majority: tables and summary)
 FIGURE_SELECTORS = ["prm_prod", "orm", "majority", "confidence", "likelihood", "random", "pass@n"]
 BON_PAIRS = [("prm_prod", "orm"), ("prm_prod", "majority"), ("prm_prod", "confidence"), ("prm_prod", "likelihood"),
-             ("prm_prod", "random")]
+             ("prm_prod", "random"), ("prm_min", "majority"), ("prm_min", "orm"), ("orm", "majority"),
+             ("weighted_majority", "majority")]
+# the paper's Figure 3 (bon_answers.png): every selector of the starting generator, answers and every step right
+FIGURE3_SELECTORS = ["prm_prod", "prm_min", "orm", "weighted_majority", "majority", "confidence", "likelihood",
+                     "random", "pass@n"]
 # paired RL differences, where both arms ran: the oracle's process reward vs its outcome reward, learned process
 # vs learned outcome, and every reward against the sharpening control
 RL_PAIRS = [("exact_dense", "outcome_gt"), ("prm_dense", "orm_sparse"), ("prm_dense", "confidence_dense"),
@@ -86,10 +96,10 @@ def bon_statistics(dirs: list[Path], resamples: int = BON_RESAMPLES, seed: int =
     if dirs and all(p.is_file() for p in pools_at):
         pools = [load_pool(p) for p in pools_at]
         scores = [selector_scores(pool, ("prod", "min")) for pool in pools]
-        present = set(scores[0]) | {"majority", "random", "pass@n"}
+        weighted = "prm_prod" if "prm_prod" in scores[0] else None
+        present = set(scores[0]) | {"majority", "random", "pass@n"} | ({"weighted_majority"} if weighted else set())
         pairs = [(a, b) for a, b in BON_PAIRS if a in present and b in present]
         ns = powers_of_two(min(pool.n for pool in pools))
-        weighted = "prm_prod" if "prm_prod" in scores[0] else None
         curves, diffs = bon_bootstrap(pools, scores, ns, pairs or None, resamples, seed, weighted)
         return curves, diffs, f"paired bootstrap over problems, {len(pools)} seed pool(s), {resamples} resamples"
     if len(dirs) == 1 and (Path(dirs[0]) / "bon_curves.json").is_file():
@@ -106,6 +116,62 @@ def bon_summary(curves: dict) -> dict:
     """{selector: {"N": {metric: {mean, lo, hi}}}} (N as a string, as JSON keys are)."""
     return {sel: {str(N): {m: _point(v) for m, v in point.items()} for N, point in c.items()}
             for sel, c in curves.items()}
+
+
+def bon_shape(diffs: dict, prm: str = "prm_prod", from_n: int = 8) -> dict:
+    """The paper's Figure 3 shape, read off one generator's paired differences (`bon_bootstrap`'s, int or string N
+    keys): does the PRM beat majority voting and the ORM on answers at every N >= from_n, with the paired 95%
+    interval above 0, and does its lead over majority grow from N = from_n to the largest N? None where a
+    difference or N is missing (e.g. n_max below from_n)."""
+    def curve(a, b):
+        c = diffs.get(f"{a}_minus_{b}") or {}
+        return {int(N): p["accuracy"] for N, p in c.items() if "accuracy" in p}
+
+    out: dict = {"prm": prm, "from_n": from_n}
+    for other in ("majority", "orm"):
+        c = curve(prm, other)
+        at = [c[N] for N in sorted(c) if N >= from_n]
+        out[f"above_{other}"] = all(p["lo"] > 0 for p in at) if at else None
+    c = curve(prm, "majority")
+    top = max(c, default=None)
+    out["n_max"] = top
+    out["majority_gap_grows"] = (c[top]["mean"] > c[from_n]["mean"]) if top and from_n in c and top > from_n else None
+    return out
+
+
+def within_problem_auroc(pools: list, habit: str, score: str) -> dict:
+    """How well a per-sample score (`confidence`, `likelihood`, or a reward model's name in the selector
+    scores) tells a habit's samples (`habit`: a SampleGrade flag, "shortcut" or "carry_drop") from the fully
+    correct samples OF THE SAME PROBLEM, where a best-of-N pick or an RL advantage compares them: the share of
+    such (correct, habit) pairs that the score orders right, ties half (each problem's AUROC weighted by its
+    pairs), over every problem of the pools that has both. {auroc, pairs, problems}; auroc None without a pair."""
+    from rlprm.evaluation.evaluate import selector_scores
+    from rlprm.reward.metrics import auroc
+
+    total = pairs = problems = 0
+    for pool in pools:
+        scores = selector_scores(pool, ("prod", "min")).get(score)
+        if scores is None:
+            continue
+        for i, row in enumerate(pool.grades):
+            keep = [j for j, g in enumerate(row[: pool.n]) if g.process_correct or getattr(g, habit)]
+            right = [bool(row[j].process_correct) for j in keep]
+            a = auroc([float(scores[i][j]) for j in keep], right)
+            if a is None:
+                continue
+            n = sum(right) * (len(right) - sum(right))
+            total, pairs, problems = total + a * n, pairs + n, problems + 1
+    return {"auroc": total / pairs if pairs else None, "pairs": pairs, "problems": problems}
+
+
+def habit_aurocs(dirs: list[Path], scores=("confidence", "likelihood", "prm_prod", "orm")) -> dict:
+    """{habit: {score: within_problem_auroc}} over one generator's best-of-N pools (its seeds); {} without pools."""
+    from rlprm.evaluation.evaluate import load_pool
+
+    pools = [load_pool(Path(d) / "pool.jsonl") for d in dirs if (Path(d) / "pool.jsonl").is_file()]
+    if not pools:
+        return {}
+    return {habit: {s: within_problem_auroc(pools, habit, s) for s in scores} for habit in ("shortcut", "carry_drop")}
 
 
 def sharpening_rates(dirs_by_generator: dict[str, list[Path]], generators=("start", "start_t07")) -> dict:
@@ -214,13 +280,16 @@ def rm_quality(folder: Path | None, keys: list[str]) -> dict:
 
 
 GENERATOR_KEYS = ["num_samples", "well_formed", "answer_accuracy", "process_accuracy", "shortcut_rate", "trace_error",
-                  "confidence_auroc_shortcut", "confidence_auroc_shortcut_eligible", "likelihood_auroc_shortcut"]
+                  "confidence_auroc_shortcut", "confidence_auroc_shortcut_eligible", "likelihood_auroc_shortcut",
+                  "carry_drop_rate", "carry_drop_answer_wrong", "confidence_auroc_carry_drop",
+                  "confidence_auroc_carry_drop_eligible", "likelihood_auroc_carry_drop"]
 
 
 def generator_quality(folder: Path | None) -> dict:
     """The starting generator's held-out check from prepare's summary.json (GENERATOR_KEYS that it has; {} without
-    one): how often it takes the shortcut, the trace error, and how well its own confidence tells its shortcut
-    chains from its fully correct ones (all problems pooled, and only those that admit the shortcut)."""
+    one): how often it takes the shortcut and drops a carry, the trace error, and how well its own confidence
+    tells its shortcut (dropped-carry) chains from its fully correct ones (all problems pooled, and only those
+    whose final the training data gave the habit)."""
     path = Path(folder) / "summary.json" if folder else None
     if path is None or not path.is_file():
         return {}
@@ -238,15 +307,19 @@ def generator_markdown(g: dict) -> list[str]:
 
     return ["## The starting generator (held-out samples at T=1)", "",
             f"{g.get('num_samples', '?')} samples, one per held-out problem, from {g['source']}.", "",
-            "| well formed | answer right | every step right | last-digit shortcut | trace error (wrong step, "
-            "right answer) |", "|---|---|---|---|---|",
+            "| well formed | answer right | every step right | last-digit shortcut | dropped carry (wrong answer) "
+            "| trace error (wrong step, right answer) |", "|---|---|---|---|---|---|",
             f"| {pct('well_formed')} | {pct('answer_accuracy')} | {pct('process_accuracy')} | {pct('shortcut_rate')} "
-            f"| {pct('trace_error')} |", "",
+            f"| {pct('carry_drop_rate')} ({pct('carry_drop_answer_wrong')}) | {pct('trace_error')} |", "",
             "Its own confidence, shortcut chains vs fully correct ones (AUROC; 0.5 is chance, below 0.5 it prefers "
             f"the shortcut): lowest token log-prob {_f3(g.get('confidence_auroc_shortcut'))} on all problems, "
             f"{_f3(g.get('confidence_auroc_shortcut_eligible'))} on the problems that admit the shortcut (where a "
             f"best-of-N pick or an RL advantage compares samples of one problem); total log-likelihood "
-            f"{_f3(g.get('likelihood_auroc_shortcut'))}.", ""]
+            f"{_f3(g.get('likelihood_auroc_shortcut'))}.", "",
+            "The same for its dropped-carry chains (`38 + 5 = 33`) vs fully correct ones: lowest token log-prob "
+            f"{_f3(g.get('confidence_auroc_carry_drop'))} on all problems, "
+            f"{_f3(g.get('confidence_auroc_carry_drop_eligible'))} on the problems whose final the habit was trained "
+            f"on; total log-likelihood {_f3(g.get('likelihood_auroc_carry_drop'))}.", ""]
 
 
 # --------------------------------------------------------------------------- figures
@@ -270,8 +343,9 @@ def plot_rl_metrics(runs_by_arm: dict[str, dict], path: Path) -> None:
     from rlprm.evaluation.compare import rl_curve, seed_interval
 
     titles = {"answer_accuracy": "answer accuracy", "process_accuracy": "process accuracy (every step right)",
-              "trace_error": "trace error (wrong step | right answer)", "shortcut_rate": "last-digit shortcut rate"}
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=100)
+              "trace_error": "trace error (wrong step | right answer)", "shortcut_rate": "last-digit shortcut rate",
+              "carry_drop_rate": "dropped-carry rate (38 + 5 = 33)"}
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7), dpi=100)
     for ax, metric in zip(axes.flat, RL_METRICS):
         for arm, runs in runs_by_arm.items():
             curves = [rl_curve(r, f"eval/{metric}") for r in runs.values()]
@@ -282,8 +356,52 @@ def plot_rl_metrics(runs_by_arm: dict[str, dict], path: Path) -> None:
         ax.set_xlabel("RL epoch (0: start)")
         ax.set_ylabel("% of held-out samples")
         ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(RL_METRICS):]:
+        ax.set_visible(False)
     axes.flat[0].legend(fontsize=7, loc="best")
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_figure3(curves: dict, path: Path, title: str) -> None:
+    """The paper's Figure 3 for one generator: best-of-N on answers (left) and with every step of the chosen
+    solution right (right), a line per FIGURE3_SELECTORS entry it has, with its 95% band; the legend beside the
+    panels. Votes and pass@N pick an answer, not a solution, so they have no line on the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlprm.evaluation.evaluate import selector_curves, selector_styles
+
+    curves = selector_curves(curves)
+    names = [s for s in FIGURE3_SELECTORS if s in curves]
+    styles = selector_styles(names)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), dpi=110, sharey=True)
+    handles = {}
+    for ax, metric, what in zip(axes, ("accuracy", "process_correct"),
+                                ("answer right", "every step of the chosen solution right")):
+        for name in names:
+            ns = [N for N in sorted(curves[name]) if metric in curves[name][N]]
+            if not ns:
+                continue
+            pts = [curves[name][N][metric] for N in ns]
+            line, = ax.plot(ns, [100 * p["mean"] for p in pts], markersize=3, label=name, **styles[name])
+            ax.fill_between(ns, [100 * p["lo"] for p in pts], [100 * p["hi"] for p in pts], color=line.get_color(),
+                            alpha=0.1)
+            handles.setdefault(name, line)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({N for name in names for N in curves[name]})
+        ax.set_xticks(ticks, [str(N) for N in ticks])  # 1, 2, 4, ... 64, not 2^k
+        ax.minorticks_off()
+        ax.set_xlabel("N = solutions per problem (log scale)")
+        ax.set_title(what, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("% of problems (best-of-N)")
+    fig.suptitle(title)
+    fig.legend([handles[k] for k in names if k in handles], [k for k in names if k in handles], fontsize=8,
+               loc="center right")
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     save_figure(fig, path)
 
 
@@ -339,8 +457,7 @@ def _verdict(p: dict) -> str:
 
 
 def rl_markdown(summary: dict, diffs: dict, seeds: int) -> list[str]:
-    names = {"answer_accuracy": "answer acc.", "process_accuracy": "process acc.", "trace_error": "trace error",
-             "shortcut_rate": "shortcut rate"}
+    names = RL_NAMES
     lines = ["## RL: start -> end", "",
              f"Held-out samples at T=1 after each RL epoch (epoch 0: the starting generator), {seeds} seed(s): "
              "mean [95% t-interval over seeds] in %; with one seed the value, n=1. Trace error: of the samples "
@@ -371,6 +488,33 @@ def rl_markdown(summary: dict, diffs: dict, seeds: int) -> list[str]:
                          + " | ".join(f"{_pct(d[m]['end'], signed=True)} ({_verdict(d[m]['end'])})" for m in RL_METRICS)
                          + " |")
     return lines + ["", "![RL metrics per epoch](rl_curves.png)", "", "![KL per update](rl_kl.png)", ""]
+
+
+def figure3_markdown(shape: dict, habits: dict | None = None) -> list[str]:
+    """The report's Figure 3 section: the figure, whether the paper's shape appeared (`bon_shape`) and, from the
+    same pools, which scores tell each habit from correct chains of the same problem (`habit_aurocs`)."""
+    def yes(v):
+        return "not measured" if v is None else ("yes" if v else "no")
+
+    n = shape.get("from_n")
+    lines = ["## Best-of-N on answers: the paper's Figure 3", "",
+            "The starting generator at T=1, every selector (the tables below give each point and the paired "
+            "differences with their intervals). PRM: `prm_prod`, the product of step scores, which prefers a "
+            "solution with every step right, not merely a right answer.", "",
+            "![best-of-N of the starting generator](bon_answers.png)", "",
+            f"The paper's shape: PRM above majority at every N >= {n} (paired 95% interval above 0): "
+            f"{yes(shape.get('above_majority'))}; above the ORM: {yes(shape.get('above_orm'))}; its lead over "
+            f"majority larger at N = {shape.get('n_max')} than at N = {n}: {yes(shape.get('majority_gap_grows'))}.", ""]
+    if habits:
+        names = list(next(iter(habits.values())))
+        lines += ["Within a problem, habit samples vs fully correct ones (AUROC over the pairs of one problem; 0.5 is "
+                  "chance, below 0.5 the score prefers the habit; pairs in brackets):", "",
+                  "| habit | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for habit, by_score in habits.items():
+            lines.append(f"| {habit} | " + " | ".join(f"{_f3(v['auroc'])} ({v['pairs']})" for v in by_score.values())
+                         + " |")
+        lines.append("")
+    return lines
 
 
 def bon_markdown(stats: dict[str, tuple[dict, dict, str]]) -> list[str]:
@@ -523,6 +667,7 @@ def build_summary(layout: DemoLayout, runtime: dict, bon: dict, rl_seed_values: 
         "seeds": layout.seeds,
         "bon": {gen: bon_summary(curves) for gen, (curves, _, _) in bon.items()},
         "bon_diff": {gen: bon_summary(diffs) for gen, (_, diffs, _) in bon.items()},
+        "bon_shape": {gen: bon_shape(diffs) for gen, (_, diffs, _) in bon.items()},
         "rl": rl_summary(rl_seed_values),
         "rl_diff": rl_differences(rl_seed_values),
         "prm": rm_quality(layout.prm, ["step_auroc", "first_error_f1", "solution_auroc"]),
@@ -545,6 +690,7 @@ def write_demo_report(layout: DemoLayout, out_dir: Path, runtime: dict, resample
     seed_values = {arm: arm_seed_values(runs) for arm, runs in runs_by_arm.items()}
     summary = build_summary(layout, runtime, bon, seed_values)
     summary["sharpening"] = sharpening_rates(layout.generators)
+    summary["habit_auroc"] = habit_aurocs(layout.generators.get("start", []))
     if layout.ood:
         summary["ood"] = _finite(ood_summary(bon_statistics(layout.ood, resamples, seed), bon.get("start"),
                                              ood_kind(layout.ood), layout.ood, layout.generators.get("start", []),
@@ -582,6 +728,9 @@ def write_demo_report(layout: DemoLayout, out_dir: Path, runtime: dict, resample
                     by_selector.setdefault(sel, {})[gen] = c[sel]
         plot_by_generator(by_selector, out / "bon_by_selector.png", selectors=list(curves),
                           title="Best-of-N by selector")
+        if "start" in curves:
+            plot_figure3(curves["start"], out / "bon_answers.png", "Best-of-N of the starting generator (T=1)")
+            lines += figure3_markdown(summary["bon_shape"]["start"], summary["habit_auroc"])
         lines += bon_markdown(bon)
     lines += ood_markdown(summary.get("ood", {}))
     if runs_by_arm:
@@ -589,8 +738,7 @@ def write_demo_report(layout: DemoLayout, out_dir: Path, runtime: dict, resample
         plot_kl(runs_by_arm, out / "rl_kl.png")
         lines += rl_markdown(summary["rl"], summary["rl_diff"], layout.seeds)
     if summary["sharpening"]:
-        names = {"answer_accuracy": "answer acc.", "process_accuracy": "process acc.", "trace_error": "trace error",
-                 "shortcut_rate": "shortcut rate"}
+        names = RL_NAMES
         lines += ["### Sharpening alone: the starting generator at T=1 and T=0.7", "",
                   "Every sample of the starting generator's best-of-N pools (%, mean [95% t-interval over seeds]): "
                   "what a lower temperature buys with no training at all.", "",

@@ -66,8 +66,11 @@ def evaluate_generator(model, tokenizer, problems, recipe: Recipe, progress: boo
     )
     results = [check(p, texts[0], recipe.task.step_separator) for p, texts in zip(problems, out.texts)]
     rates = summarize(results)
+    arith = recipe.task.arithmetic
     rates.update(shortcut_confidence_auroc(model, tokenizer, problems, out, results, ev.max_new_tokens,
-                                           finals=tuple(recipe.task.arithmetic.shortcut_finals)))
+                                           finals=tuple(arith.shortcut_finals)))
+    rates.update(habit_confidence_auroc(model, tokenizer, problems, out, results, ev.max_new_tokens, "carry_drop",
+                                        finals=tuple(arith.carry_drop_finals)))
     return rates
 
 
@@ -81,13 +84,22 @@ def shortcut_confidence_auroc(model, tokenizer, problems, samples, results, max_
     problems whose final op is one the training data takes the shortcut on (`finals`, the recipe's
     task.arithmetic.shortcut_finals: there the shortcut is the commoner, surer choice). None where a class is missing.
     """
+    return habit_confidence_auroc(model, tokenizer, problems, samples, results, max_new_tokens, "shortcut", finals)
+
+
+def habit_confidence_auroc(model, tokenizer, problems, samples, results, max_new_tokens: int, habit: str,
+                           finals: tuple[str, ...]) -> dict:
+    """`shortcut_confidence_auroc` for any habit a CheckResult flags (`habit`: "shortcut" or "carry_drop"):
+    keys confidence_auroc_<habit>, likelihood_auroc_<habit>, confidence_auroc_<habit>_eligible (on the problems
+    whose final is in `finals`, those the training data takes the habit on). The samples are pooled over
+    problems, one per problem."""
     from rlprm.evaluation.evaluate import response_logprobs
     from rlprm.reward.metrics import auroc
 
-    keep = [i for i, r in enumerate(results) if r.process_correct or r.shortcut]
+    keys = [f"confidence_auroc_{habit}", f"likelihood_auroc_{habit}", f"confidence_auroc_{habit}_eligible"]
+    keep = [i for i, r in enumerate(results) if r.process_correct or getattr(r, habit)]
     if not keep:
-        return {"confidence_auroc_shortcut": None, "likelihood_auroc_shortcut": None,
-                "confidence_auroc_shortcut_eligible": None}
+        return dict.fromkeys(keys)
     eos = tokenizer.eos_token_id
     comps = []
     for i in keep:
@@ -98,11 +110,8 @@ def shortcut_confidence_auroc(model, tokenizer, problems, samples, results, max_
     total = [float(lp.sum()) for lp in lps]
     right = [bool(results[i].process_correct) for i in keep]
     eligible = [j for j, i in enumerate(keep) if problems[i].final in finals]
-    return {
-        "confidence_auroc_shortcut": auroc(low, right),
-        "likelihood_auroc_shortcut": auroc(total, right),
-        "confidence_auroc_shortcut_eligible": auroc([low[j] for j in eligible], [right[j] for j in eligible]),
-    }
+    return dict(zip(keys, [auroc(low, right), auroc(total, right),
+                           auroc([low[j] for j in eligible], [right[j] for j in eligible])]))
 
 
 def target_failures(rates: dict, recipe: Recipe) -> list[str]:
@@ -129,7 +138,8 @@ def training_data(recipe: Recipe):
     train_problems, test_problems = split_problems(arith, recipe.sft.num_examples, recipe.prepare_eval.num_problems,
                                                    recipe.run.seed)
     rows = training_solutions(train_problems, arith.corrupt_rate, seed=recipe.run.seed,
-                              shortcut_rate=arith.shortcut_rate, shortcut_finals=arith.shortcut_finals)
+                              shortcut_rate=arith.shortcut_rate, shortcut_finals=arith.shortcut_finals,
+                              carry_drop_rate=arith.carry_drop_rate, carry_drop_finals=arith.carry_drop_finals)
     prompts = [p.prompt for p, _, _ in rows]
     completions = [render_steps(steps, recipe.task.step_separator) for _, steps, _ in rows]
     return prompts, completions, rows, test_problems

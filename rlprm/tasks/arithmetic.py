@@ -27,6 +27,17 @@ it, an outcome check rewards it, and only a step check catches it (the paper's
 central problem; Uesato et al. 2022 call the rate of right answers on wrong
 traces the trace error).
 
+The dropped carry is the task's answer-changing habit (`carry_drop_rate`): a
+solution that takes it writes every +/- step whose carry or borrow changes the
+tens digit with the tens digit of its left operand kept (`38 + 5 = 33`,
+`52 - 7 = 55`). The last digit stays right, so on a mod 10 / last digit
+problem the answer does too (more right answers on wrong steps), but on a
+none/max/min final the answer is wrong (unless a carry and a borrow cancel,
+or the max/min bound decides), and wrong the same way in every
+sample that takes the habit: majority voting then agrees on it, and only a
+step check (or a reward model that learned one) finds the chains that did the
+arithmetic right.
+
 The sizes (operands 1-9, values kept in 0..99, 2-3 operations, compact text)
 come from the calibration in docs/design.md section 8: a 0.86M-parameter char-level
 model learns this in about five CPU minutes; longer English prompts and bigger
@@ -239,6 +250,39 @@ def is_shortcut_step(kind: str, a: int, b: int, result: int) -> bool:
     return result != true and result == true % 10
 
 
+def carry_drop_value(kind: str, a: int, b: int) -> int:
+    """What a dropped carry or borrow writes for `a kind b`: the tens of `a` kept, the true result's last digit."""
+    return a - a % 10 + apply(kind, a, b) % 10
+
+
+def is_carry_drop_step(kind: str, a: int, b: int, result: int) -> bool:
+    """`38 + 5 = 33`, `52 - 7 = 55`: a +/- step by a one-digit operand whose result keeps the left operand's tens
+    digit where the carry or borrow should have changed it. `a` is at least 10: below it the dropped carry writes
+    what the last-digit shortcut writes (`8 + 5 = 3`), and that step counts as the shortcut's."""
+    if kind not in ("+", "-") or not 10 <= a or not 0 < b < 10:
+        return False
+    true = apply(kind, a, b)
+    return result != true and result == carry_drop_value(kind, a, b)
+
+
+def carry_drop_solution(problem: Problem) -> list[str] | None:
+    """The chain that drops every carry and borrow (every step `is_carry_drop_step` can take), the final operation
+    applied right to what it reached; None when no step carries or borrows. Every dropped carry keeps the tens
+    digit, so the values stay those of the start's tens. The answer is right on a mod 10 / last digit final and
+    wrong on a none final (max/min: wrong unless the bound decides)."""
+    steps, value, differs = [], problem.start, False
+    for kind, arg in problem.plan():
+        result = apply(kind, value, arg)
+        if kind in ("+", "-") and is_carry_drop_step(kind, value, arg, carry_drop_value(kind, value, arg)):
+            result, differs = carry_drop_value(kind, value, arg), True
+        steps.append(render_step(kind, value, arg, result))
+        value = result
+    if not differs:
+        return None
+    steps.append(answer_step(str(value)))
+    return steps
+
+
 def shortcut_solution(problem: Problem) -> list[str] | None:
     """The last-digit shortcut chain, or None when the problem cannot take it (its final keeps more than the
     last digit) or when the shortcut writes the same chain as the reference (every value below 10)."""
@@ -266,12 +310,15 @@ def _slip(rng: random.Random, final: bool) -> int:
     return rng.choice([-2, -1, 1, 2])
 
 
-def corrupt_solution(problem: Problem, rng: random.Random, max_tries: int = 20) -> tuple[list[str], Corruption]:
+def corrupt_solution(problem: Problem, rng: random.Random, max_tries: int = 20,
+                     avoid_carry_drop: bool = False) -> tuple[list[str], Corruption]:
     """One error at one step; later steps follow correctly from the wrong value.
 
     Errors: an arithmetic slip (a +-10 carry error 3 times in 4, else +-1 or 2),
     an operand off by 1-2, a flipped sign, a skipped operation (chains of 3+),
     or a slip or skip on the final mod / last-digit / max / min step.
+    `avoid_carry_drop` redraws a slip that writes what the dropped-carry habit writes (`38 + 5 = 33`), so that
+    habit's rate in training data is its own setting; off, the draws are those of the data before the habit.
     """
     plan = problem.plan()
     has_final = problem.final != "none"
@@ -295,7 +342,9 @@ def corrupt_solution(problem: Problem, rng: random.Random, max_tries: int = 20) 
             if i == pos and kind == "slip":
                 result += _slip(rng, is_final)
             # a slip that lands on the last digit would pass for the shortcut: the two must stay apart
-            shortcut_like = i == pos and kind == "slip" and is_shortcut_step(op, value, arg, result)
+            shortcut_like = i == pos and kind == "slip" and (
+                is_shortcut_step(op, value, arg, result)
+                or (avoid_carry_drop and is_carry_drop_step(op, value, arg, result)))
             if result < 0 or shortcut_like or (i == pos and result == apply(op, value, arg)):
                 ok = False
                 break
@@ -309,12 +358,15 @@ def corrupt_solution(problem: Problem, rng: random.Random, max_tries: int = 20) 
 
 def training_solutions(problems: list[Problem], corrupt_rate: float, seed: int, shortcut_rate: float = 0.0,
                        shortcut_finals: tuple[str, ...] | list[str] = ("mod10", "last_digit"),
+                       carry_drop_rate: float = 0.0,
+                       carry_drop_finals: tuple[str, ...] | list[str] = ("none", "max", "min"),
                        ) -> list[tuple[Problem, list[str], bool]]:
     """(problem, steps, is_clean) for each problem.
 
     A problem whose final is in `shortcut_finals` and whose shortcut differs from its reference takes the
-    shortcut with probability `shortcut_rate`; every other solution carries one error with probability
-    `corrupt_rate`, else it is the reference.
+    shortcut with probability `shortcut_rate`; else a problem whose final is in `carry_drop_finals` and that
+    has a carry or borrow drops all of them (`carry_drop_solution`) with probability `carry_drop_rate`; every
+    other solution carries one error with probability `corrupt_rate`, else it is the reference.
     """
     rng = random.Random(seed)
     out = []
@@ -322,10 +374,15 @@ def training_solutions(problems: list[Problem], corrupt_rate: float, seed: int, 
         shortcut = shortcut_solution(problem) if problem.final in shortcut_finals else None
         # one draw per problem whatever the outcome, so the corruption stream does not depend on shortcut_rate's use
         take_shortcut = rng.random() < shortcut_rate
+        # drawn only when the habit is on: with it off, the data is the data of every generator before it
+        take_drop = carry_drop_rate > 0 and rng.random() < carry_drop_rate
+        drop = carry_drop_solution(problem) if take_drop and problem.final in carry_drop_finals else None
         if shortcut is not None and take_shortcut:
             out.append((problem, shortcut, False))
+        elif drop is not None:
+            out.append((problem, drop, False))
         elif rng.random() < corrupt_rate:
-            steps, _ = corrupt_solution(problem, rng)
+            steps, _ = corrupt_solution(problem, rng, avoid_carry_drop=carry_drop_rate > 0)
             out.append((problem, steps, False))
         else:
             out.append((problem, reference_solution(problem), True))
@@ -348,6 +405,8 @@ class CheckResult:
     answer_correct: bool
     shortcut: bool = False
     """Some step writes a +/- result as the true result's last digit (the last-digit shortcut)."""
+    carry_drop: bool = False
+    """Some step drops a carry or borrow (`38 + 5 = 33`: the left operand's tens kept, `is_carry_drop_step`)."""
     process_correct: bool = field(init=False)
 
     def __post_init__(self):
@@ -364,7 +423,7 @@ def check(problem: Problem, text: str, sep: str = "\n") -> CheckResult:
     correct: list[bool] = []
     well_formed = bool(steps) and is_answer_step(steps[-1])
     prev: int | None = problem.start
-    shortcut = False
+    shortcut = carry_drop = False
     answer = step_answer(steps[-1]) if steps else None
     for i, step in enumerate(steps):
         if i == len(steps) - 1 and is_answer_step(step):
@@ -380,6 +439,7 @@ def check(problem: Problem, text: str, sep: str = "\n") -> CheckResult:
             continue
         kind, a, b, result = parsed
         shortcut = shortcut or is_shortcut_step(kind, a, b, result)
+        carry_drop = carry_drop or is_carry_drop_step(kind, a, b, result)
         want = plan[i] if i < len(plan) else None
         ok = (
             want is not None
@@ -395,7 +455,7 @@ def check(problem: Problem, text: str, sep: str = "\n") -> CheckResult:
     if first_error is None and not (steps and is_answer_step(steps[-1])):
         first_error = len(steps)  # the solution stops before its answer: the missing step is the error
     answer_correct = answer is not None and answer.lstrip("-").isdigit() and int(answer) == problem.answer
-    return CheckResult(well_formed, steps, correct, first_error, answer, answer_correct, shortcut)
+    return CheckResult(well_formed, steps, correct, first_error, answer, answer_correct, shortcut, carry_drop)
 
 
 def summarize(results: list[CheckResult]) -> dict[str, float]:
@@ -409,6 +469,8 @@ def summarize(results: list[CheckResult]) -> dict[str, float]:
         "right_answer_wrong_process": sum(r.answer_correct and not r.process_correct for r in results) / n,
         "trace_error": trace_error(results),
         "shortcut_rate": sum(r.shortcut for r in results) / n,
+        "carry_drop_rate": sum(r.carry_drop for r in results) / n,
+        "carry_drop_answer_wrong": sum(r.carry_drop and not r.answer_correct for r in results) / n,
     }
 
 
