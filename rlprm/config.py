@@ -440,7 +440,7 @@ class StepSearch(Section):
 
 
 class RolloutSearchConfig(StepSearch):
-    """Search-guided RL rollouts (rlprm/rl/search_rollouts.py): each problem's group of rl.samples_per_problem completions comes from a PRM-guided tree (shared prefixes, branching at steps) instead of independent samples. The completions are not samples of the policy (the scorer picked them): harmless for rejection sampling's SFT on selected samples, which is off-policy by design; see docs/rl.md."""
+    """Search-guided RL rollouts (rlprm/rl/search_rollouts.py): each problem's group of rl.samples_per_problem completions comes from a PRM-guided tree (shared prefixes, branching at steps) instead of independent samples. The completions are not samples of the policy (the scorer picked them): harmless for rejection sampling's SFT on selected samples, which is off-policy by design; GRPO treats them as on-policy with no importance weight, a bias towards the scorer's choices (docs/rl.md)."""
 
     method: Literal["none", "beam", "dvts"] = "none"
     """`none`: plain sampling. `beam`: the group is beam search's finished solutions with rl.samples_per_problem beams (each extended by `width` sampled next steps per round, the best kept by the scorer). `dvts`: rl.samples_per_problem independent subtrees, each extended by `width` next steps and continued with its best one: one completion per subtree. A search that finishes fewer distinct solutions than the group holds fills it with repeats of its best ones (logged as rs/search_short_groups)."""
@@ -544,11 +544,16 @@ class GRPOConfig(PolicyGradientBase):
     """How TRL averages token losses: `grpo` per sequence then over sequences (length-biased), `dapo` over all tokens of the batch, `dr_grpo` by a constant, `bnpo` over the local batch's tokens."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """(sparse rewards) Divide the group-centred rewards by the group's std (`group`, DeepSeekMath), the batch's std, or not at all (`none`, Dr. GRPO). Dense (process) rewards are always normalised over the group's steps."""
+    rollout_search: RolloutSearchConfig = _section()
+    """Draw each prompt's group from a PRM-guided tree (beam search or DVTS over steps) instead of independent samples; off (`method: none`) by default. OFF-POLICY: the scorer chose the completions, which GRPO's ratio and group advantages then treat as samples of the policy, with no importance weight (the tree has no tractable density), so the gradient leans towards what the scorer prefers (docs/rl.md). HF generation only (rl.rollout hf). Logged: rl/generated_tokens per iteration."""
     process_advantage: Literal["min", "mean", "sum"] = "min"
     """(dense rewards) How each sample's step rewards become token advantages (`core.process_token_advantages`): `min`, a token's return is the lowest step reward from its step on, `mean` their mean, each normalised with the group's statistics; `sum`, the group-normalised step rewards summed from the token on (DeepSeekMath's, which a policy can farm by writing more, smaller steps: it warns). `min` cannot be farmed by step count (PURE, Cheng et al. 2025)."""
 
     @model_validator(mode="after")
     def _group_of_two(self) -> "GRPOConfig":
+        if self.rollout_search.method != "none" and self.rollout == "vllm":
+            raise ValueError("rl.rollout_search steps through HF `generate` on the policy in GRPO (TRL's vLLM engine "
+                             "takes whole prompts, not steps); set rl.rollout: hf, or rl.rollout_search.method: none")
         # a group of one is its own mean: every advantage would be 0 and nothing would train
         if self.samples_per_problem < 2:
             raise ValueError(f"rl.samples_per_problem is GRPO's group size and must be at least 2 (got "

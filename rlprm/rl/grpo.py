@@ -198,6 +198,21 @@ class GRPO:
             for p in trainable:
                 p.data = p.data.float()
         self.optimizer = torch.optim.AdamW(trainable, lr=run.recipe.rl.learning_rate, weight_decay=0.01)
+        self.tree = None
+        search = run.recipe.rl.rollout_search
+        if search.method != "none":
+            # rl.rollout_search: groups from a PRM-guided tree (rl/search_rollouts.py), handed to TRL as its
+            # rollout_func; off-policy (the module docstring says how)
+            from rlprm.rl.search_rollouts import make_scorer, step_generator
+
+            sep = run.recipe.task.step_separator
+            reward_model = run.reward_model
+            if search.scorer == "reward_model" and reward_model is None:
+                from rlprm.reward.adapters import load_for_recipe
+
+                reward_model = load_for_recipe(run.recipe, device=run.device, dtype=run.recipe.model.dtype)
+            self.tree = (step_generator(run.policy, run.tokenizer, sep, 256),
+                         make_scorer(search, run.policy, run.tokenizer, reward_model, sep))
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["policy_optimizer"])
@@ -223,6 +238,16 @@ class GRPO:
                                    source=run.reward_source)
         times: dict = {}
         engine = getattr(self, "vllm_generation", None)  # rl.rollout vllm: the first epoch's engine serves them all
+        rollout = {}
+        if getattr(self, "tree", None) is not None:
+            from rlprm.rl.search_rollouts import TRLRollout
+
+            # TRL's rollout_func (experimental in trl 1.16, which pyproject pins; TRL warns so once per trainer)
+            generator, scorer = self.tree
+            rollout = {"rollout_func": TRLRollout(problems, generator, scorer, rl.rollout_search, run.policy,
+                                                  run.tokenizer, rl.max_new_tokens, rl.temperature,
+                                                  recipe.run.seed * 1_000_003 + 4000 + epoch + 1000 * run.dist.rank,
+                                                  times)}
         # 1.-7. generate, score, advantages, update: TRL's loop with our reward function and advantages; 8. log
         trainer = RlprmGRPOTrainer(
             model=run.policy,
@@ -237,6 +262,7 @@ class GRPO:
             reward=reward_fn, process=recipe.reward.mode == "dense", run_dir=run.run_dir, times=times,
             vllm_generation=engine,
             dist=run.dist,
+            **rollout,
         )
         self.vllm_generation = getattr(trainer, "vllm_generation", None)
         # IterationLog prints one line per iteration; transformers' own printer/progress bar would repeat it as dicts

@@ -154,6 +154,10 @@ class IterationLog(TrainerCallback):
             "rl/process_accuracy": mean(g.process_correct for g in grades),
             "rl/well_formed": mean(g.well_formed for g in grades),
             **{f"reward/{k}": v for k, v in tr.stats.items()},
+            # rl.rollout_search: every token the search generated this iteration (pruned branches included)
+            **({"rl/generated_tokens": self.times["generated_tokens"]} if "generated_tokens" in self.times else {}),
+            **({"rl/search_short_groups": self.times["search_short_groups"]}
+               if "search_short_groups" in self.times else {}),
             "time/generate": round(t_gen, 3),
             "time/score": round(t_score, 3),
             "time/update": round(total - t_gen - t_score, 3),

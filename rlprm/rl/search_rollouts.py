@@ -14,8 +14,12 @@ the group's distribution is the policy tilted towards the scorer's favourites, w
 probability depends on every sibling it beat). Rejection sampling does not need one: it fine-tunes on selected
 samples, which is off-policy by design (the selection already tilts the data), and a better-searched pool is just a
 better pool to select from. A policy-gradient update (GRPO, PPO) would need importance weights
-pi(completion) / q(completion) that the tree does not give; treating the group as on-policy biases the gradient
-towards whatever the scorer prefers. That is why only rejection sampling takes `rl.rollout_search` (docs/rl.md).
+pi(completion) / q(completion) that the tree does not give. GRPO takes `rl.rollout_search` anyway, stated as what it
+is: TRL's `rollout_func` hands it the tree's groups (`TRLRollout`), its ratio's "old" log-probs are the policy's own
+(recomputed, so the ratio starts at 1) and its group-relative advantages are computed over the tree's completions
+as if they were samples: an off-policy estimate with no correction, biased towards whatever the scorer prefers
+(a group of near-identical right solutions also has little spread to learn from). PPO does not take it: its
+critic and GAE assume on-policy returns, and its rollouts are rlprm's own (docs/rl.md).
 """
 
 from __future__ import annotations
@@ -103,10 +107,106 @@ def draw_groups(problems: Sequence[TaskProblem], generator, scorer, settings, gr
     return TreeGroups(texts, values, list(result.tokens), list(result.scorer_calls), short)
 
 
+def policy_logprobs(policy, prompt_ids: list[list[int]], completion_ids: list[list[int]], temperature: float,
+                    batch_size: int = 32) -> list[list[float]]:
+    """log p(token) of every completion token under `policy` at `temperature` (`rlprm.logprobs`), one
+    teacher-forced pass per batch (right-padded: each row is prompt + completion)."""
+    import torch
+
+    from rlprm.logprobs import logprobs_from_logits
+
+    device = next(policy.parameters()).device
+    out: list[list[float]] = []
+    was_training = policy.training
+    policy.eval()
+    try:
+        for start in range(0, len(prompt_ids), batch_size):
+            rows = [p + c for p, c in zip(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size])]
+            width = max(len(r) for r in rows)
+            ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+            mask = torch.zeros_like(ids)
+            for k, r in enumerate(rows):
+                ids[k, :len(r)] = torch.tensor(r, device=device)
+                mask[k, :len(r)] = 1
+            with torch.no_grad():
+                logits = policy(input_ids=ids, attention_mask=mask).logits[:, :-1]
+                lp = logprobs_from_logits(logits, ids[:, 1:], temperature)
+            for k, (p, c) in enumerate(zip(prompt_ids[start:start + batch_size],
+                                           completion_ids[start:start + batch_size])):
+                out.append(lp[k, len(p) - 1:len(p) - 1 + len(c)].tolist())
+    finally:
+        policy.train(was_training)
+    return out
+
+
+class TRLRollout:
+    """GRPO's groups from the search tree: TRL's `rollout_func` (`GRPOTrainer(rollout_func=...)`, experimental in
+    TRL 1.16), called with this rank's slice of a generation batch (each prompt repeated once per completion,
+    the copies adjacent) and the trainer.
+
+    Each run of adjacent copies of a prompt is one group, drawn by `draw_groups` with the run's length as the group
+    size (one process: always rl.samples_per_problem; several: a group that straddles two ranks is searched by each
+    rank for its own part). The completions are re-encoded from their text (exact for a character tokenizer; a BPE
+    may pick other ids for the same text, which the policy then scores as they are); one that ends with its answer
+    step gets EOS (an answer step ends only at EOS), one cut at rl.max_new_tokens none. The log-probs TRL asks for
+    are recomputed under the policy at rl.temperature (`policy_logprobs`): TRL's loss does not read them on HF
+    generation, and its vLLM importance correction would see a ratio of 1. No importance weight corrects for the
+    scorer's choice among branches (the tree has no tractable density): GRPO then treats the group as on-policy,
+    which it is not (see the module docstring). Counts what it generated in `counts` (read by the iteration log).
+    """
+
+    def __init__(self, problems: Sequence[TaskProblem], generator, scorer, cfg, policy, tokenizer,
+                 max_new_tokens: int, temperature: float, seed: int, counts: dict):
+        self.by_prompt = {p.prompt: p for p in problems}
+        self.generator, self.scorer, self.cfg = generator, scorer, cfg
+        self.policy, self.tokenizer = policy, tokenizer
+        self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
+        self.counts = counts
+        self.calls = 0
+
+    def __call__(self, prompts: list, trainer=None) -> dict:
+        from rlprm.steps import ANSWER_MARK, split_steps
+
+        if any(not isinstance(p, str) for p in prompts):
+            raise ValueError("rl.rollout_search takes text prompts (rlprm's), not chat messages")
+        runs: list[list] = []  # [prompt, copies] of adjacent copies
+        for p in prompts:
+            if runs and runs[-1][0] == p:
+                runs[-1][1] += 1
+            else:
+                runs.append([p, 1])
+        texts: list[list[str]] = [[] for _ in runs]
+        # one search per group size (one process: a single size), each seeded by (seed, call)
+        for size in sorted({c for _, c in runs}):
+            idx = [i for i, (_, c) in enumerate(runs) if c == size]
+            groups = draw_groups([self.by_prompt[runs[i][0]] for i in idx], self.generator, self.scorer,
+                                 settings_for(self.cfg, size, self.max_new_tokens, self.temperature,
+                                              self.seed * 1_000_003 + self.calls), size)
+            for i, row in zip(idx, groups.texts):
+                texts[i] = row
+            self.counts["generated_tokens"] = self.counts.get("generated_tokens", 0) + groups.generated_tokens
+            self.counts["search_short_groups"] = self.counts.get("search_short_groups", 0) + groups.short
+        self.calls += 1
+        tok, eos = self.tokenizer, self.tokenizer.eos_token_id
+        prompt_ids = tok(list(prompts))["input_ids"]
+        completion_ids = []
+        for row in texts:
+            for text in row:
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+                steps = split_steps(text, self.generator.sep)
+                # an answer step ends only at EOS; so did an empty completion (EOS at once)
+                if (not ids or steps and steps[-1].lstrip().startswith(ANSWER_MARK)) and eos is not None:
+                    ids = ids + [eos]
+                completion_ids.append(ids[:self.max_new_tokens])
+        logprobs = policy_logprobs(self.policy, prompt_ids, completion_ids, self.temperature)
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs}
+
+
 def plain_tokens(token_ids: list[list[list[int]]], max_new_tokens: int) -> int:
     """Tokens plain sampling generated, counted as the search counts them: each completion's ids plus its EOS (a
     completion shorter than the cap stopped on EOS, which `sampling.Samples` leaves out)."""
     return sum(len(ids) + (len(ids) < max_new_tokens) for row in token_ids for ids in row)
 
 
-__all__ = ["TreeGroups", "draw_groups", "make_scorer", "plain_tokens", "settings_for", "step_generator"]
+__all__ = ["TRLRollout", "TreeGroups", "draw_groups", "make_scorer", "plain_tokens", "policy_logprobs", "settings_for",
+           "step_generator"]
