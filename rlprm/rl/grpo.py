@@ -198,21 +198,11 @@ class GRPO:
             for p in trainable:
                 p.data = p.data.float()
         self.optimizer = torch.optim.AdamW(trainable, lr=run.recipe.rl.learning_rate, weight_decay=0.01)
-        self.tree = None
-        search = run.recipe.rl.rollout_search
-        if search.method != "none":
-            # rl.rollout_search: groups from a PRM-guided tree (rl/search_rollouts.py), handed to TRL as its
-            # rollout_func; off-policy (the module docstring says how)
-            from rlprm.rl.search_rollouts import make_scorer, step_generator
+        # rl.rollout_search: groups from a PRM-guided tree (rl/search_rollouts.py), handed to TRL as its rollout_func;
+        # off-policy (that module's docstring says how); None: TRL samples
+        from rlprm.rl.search_rollouts import build_tree
 
-            sep = run.recipe.task.step_separator
-            reward_model = run.reward_model
-            if search.scorer == "reward_model" and reward_model is None:
-                from rlprm.reward.adapters import load_for_recipe
-
-                reward_model = load_for_recipe(run.recipe, device=run.device, dtype=run.recipe.model.dtype)
-            self.tree = (step_generator(run.policy, run.tokenizer, sep, 256),
-                         make_scorer(search, run.policy, run.tokenizer, reward_model, sep))
+        self.tree = build_tree(run, batch_size=256)
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["policy_optimizer"])

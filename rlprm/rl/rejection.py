@@ -151,21 +151,10 @@ class RejectionSampling:
         from rlprm.rollout import sampler_for
 
         self.sampler = run.sampler = sampler_for(run.recipe, run.policy, run.tokenizer)
-        self.tree = None
-        search = run.recipe.rl.rollout_search
-        if search.method != "none":
-            # rl.rollout_search: the N per problem come from a PRM-guided tree (rl/search_rollouts.py); the scorer is
-            # the run's reward model (loaded here when reward.source ranks without one), the checker or confidence
-            from rlprm.rl.search_rollouts import make_scorer, step_generator
+        # rl.rollout_search: the N per problem come from a PRM-guided tree (rl/search_rollouts.py); None: plain sampling
+        from rlprm.rl.search_rollouts import build_tree
 
-            sep = run.recipe.task.step_separator
-            reward_model = run.reward_model
-            if search.scorer == "reward_model" and reward_model is None:
-                from rlprm.reward.adapters import load_for_recipe
-
-                reward_model = load_for_recipe(run.recipe, device=run.device, dtype=run.recipe.model.dtype)
-            self.tree = (step_generator(run.policy, run.tokenizer, sep, run.recipe.rl.sample_batch_size, self.sampler),
-                         make_scorer(search, run.policy, run.tokenizer, reward_model, sep))
+        self.tree = build_tree(run, run.recipe.rl.sample_batch_size, self.sampler)
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])

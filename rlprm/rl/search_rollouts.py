@@ -86,6 +86,22 @@ def step_generator(policy, tokenizer, sep: str, batch_size: int, sampler=None):
     return HFStepGenerator(policy, tokenizer, sep, batch_size=batch_size)
 
 
+def build_tree(run, batch_size: int, sampler=None):
+    """(step generator, scorer) for a run whose rl.rollout_search is on, else None. The scorer `reward_model` is the
+    run's (loaded here when reward.source ranks without one)."""
+    cfg = run.recipe.rl.rollout_search
+    if cfg.method == "none":
+        return None
+    sep = run.recipe.task.step_separator
+    reward_model = run.reward_model
+    if cfg.scorer == "reward_model" and reward_model is None:
+        from rlprm.reward.adapters import load_for_recipe
+
+        reward_model = load_for_recipe(run.recipe, device=run.device, dtype=run.recipe.model.dtype)
+    return (step_generator(run.policy, run.tokenizer, sep, batch_size, sampler),
+            make_scorer(cfg, run.policy, run.tokenizer, reward_model, sep))
+
+
 def draw_groups(problems: Sequence[TaskProblem], generator, scorer, settings, group_size: int) -> TreeGroups:
     """Search every problem at once (`evaluation.search.search`) and make each problem's finished solutions its
     group of `group_size`: best first by the scorer's value (ties in the search's order); fewer finished (beam
@@ -121,7 +137,8 @@ def policy_logprobs(policy, prompt_ids: list[list[int]], completion_ids: list[li
     policy.eval()
     try:
         for start in range(0, len(prompt_ids), batch_size):
-            rows = [p + c for p, c in zip(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size])]
+            pairs = list(zip(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size]))
+            rows = [p + c for p, c in pairs]
             width = max(len(r) for r in rows)
             ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
             mask = torch.zeros_like(ids)
@@ -131,8 +148,7 @@ def policy_logprobs(policy, prompt_ids: list[list[int]], completion_ids: list[li
             with torch.no_grad():
                 logits = policy(input_ids=ids, attention_mask=mask).logits[:, :-1]
                 lp = logprobs_from_logits(logits, ids[:, 1:], temperature)
-            for k, (p, c) in enumerate(zip(prompt_ids[start:start + batch_size],
-                                           completion_ids[start:start + batch_size])):
+            for k, (p, c) in enumerate(pairs):
                 out.append(lp[k, len(p) - 1:len(p) - 1 + len(c)].tolist())
     finally:
         policy.train(was_training)
@@ -208,5 +224,5 @@ def plain_tokens(token_ids: list[list[list[int]]], max_new_tokens: int) -> int:
     return sum(len(ids) + (len(ids) < max_new_tokens) for row in token_ids for ids in row)
 
 
-__all__ = ["TRLRollout", "TreeGroups", "draw_groups", "make_scorer", "plain_tokens", "policy_logprobs", "settings_for",
-           "step_generator"]
+__all__ = ["TRLRollout", "TreeGroups", "build_tree", "draw_groups", "make_scorer", "plain_tokens", "policy_logprobs",
+           "settings_for", "step_generator"]
