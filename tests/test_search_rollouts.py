@@ -202,6 +202,12 @@ def test_grpo_trains_on_the_trees_groups(answering_generator, tmp_path):
     assert len(it) == 1 and it[0]["rl/generated_tokens"] > 4 * 20 and "rl/search_short_groups" in it[0]
     # the checker steered the groups to right answers (a fitted but sampled generator gets some wrong alone)
     assert it[0]["rl/answer_accuracy"] >= 0.5 and it[0]["rl/loss"] is not None
+    # plain GRPO counts what TRL sampled in the same entry (2 prompts x 2 completions of at least one token)
+    recipe.rl.rollout_search.method = "none"
+    recipe.run.output_dir = tmp_path / "plain"
+    train(recipe, progress=False)
+    plain = [r for r in read_metrics(tmp_path / "plain" / "metrics.jsonl") if "rl/reward" in r]
+    assert plain[0]["rl/generated_tokens"] >= 4 and "rl/search_short_groups" not in plain[0]
 
 
 def test_config_refusals(tmp_path):
