@@ -18,8 +18,9 @@ pi(completion) / q(completion) that the tree does not give. GRPO takes `rl.rollo
 is: TRL's `rollout_func` hands it the tree's groups (`TRLRollout`), its ratio's "old" log-probs are the policy's own
 (recomputed, so the ratio starts at 1) and its group-relative advantages are computed over the tree's completions
 as if they were samples: an off-policy estimate with no correction, biased towards whatever the scorer prefers
-(a group of near-identical right solutions also has little spread to learn from). PPO does not take it: its
-critic and GAE assume on-policy returns, and its rollouts are rlprm's own (docs/rl.md).
+(a group of near-identical right solutions also has little spread to learn from). Measured on the embedded task
+it made GRPO much worse than plain groups (docs/results.md): a way to measure the caveat, not to train. PPO does
+not take it: its critic and GAE assume on-policy returns, and its rollouts are rlprm's own (docs/rl.md).
 """
 
 from __future__ import annotations
