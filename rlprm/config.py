@@ -430,6 +430,34 @@ class RewardConfig(Section):
 ALGORITHMS = ("ppo", "grpo", "rejection_sampling")
 
 
+class StepSearch(Section):
+    """The keys every PRM-guided step-level search reads (rlprm/evaluation/search.py), at test time (`eval.search`) and in RL rollouts (`rl.rollout_search`)."""
+
+    method: Literal["none", "beam", "dvts"] = "none"
+    """`none`: no search. `beam`: beam search over steps. `dvts`: diverse verifier tree search."""
+    width: int = Field(4, ge=1)
+    """Next steps sampled per kept partial solution (the beam width M)."""
+    lookahead: int = Field(0, ge=0)
+    """Steps each candidate is rolled out greedily (temperature 0) before it is scored; its tokens count as generated."""
+    aggregation: Literal["prod", "min", "last", "mean"] = "prod"
+    """How a partial solution's step probabilities make its score (as best-of-N's PRM selectors)."""
+    max_steps: int = Field(12, ge=1)
+    """Steps after which a solution is finished as it is (cut)."""
+    max_step_tokens: int = Field(48, ge=1)
+    """Longest step; a step that writes no separator within it ends the solution."""
+
+
+class RolloutSearchConfig(StepSearch):
+    """Search-guided RL rollouts (rlprm/rl/search_rollouts.py): each problem's group of rl.samples_per_problem completions comes from a PRM-guided tree (shared prefixes, branching at steps) instead of independent samples. The completions are not samples of the policy (the scorer picked them): harmless for rejection sampling's SFT on selected samples, which is off-policy by design; GRPO treats them as on-policy with no importance weight, a bias towards the scorer's choices (docs/rl.md)."""
+
+    method: Literal["none", "beam", "dvts"] = "none"
+    """`none`: plain sampling. `beam`: the group is beam search's finished solutions with rl.samples_per_problem beams (each extended by `width` sampled next steps per round, the best kept by the scorer). `dvts`: rl.samples_per_problem independent subtrees, each extended by `width` next steps and continued with its best one: one completion per subtree. A search that finishes fewer distinct solutions than the group holds fills it with repeats of its best ones (logged as rs/search_short_groups)."""
+    max_step_tokens: int = Field(48, ge=1)
+    """Longest step; a step that writes no separator within it ends the solution. Solutions are also capped at rl.max_new_tokens."""
+    scorer: Literal["reward_model", "checker", "confidence"] = "reward_model"
+    """What scores partial solutions: `reward_model`, the run's model.reward_model (a PRM's step scores; an ORM's one verdict per prefix; family reward.adapter); `checker`, the arithmetic task's exact step checker (the oracle ceiling); `confidence`, the policy's own lowest token probability per step."""
+
+
 class RLBase(Section):
     """What every RL algorithm reads: the schedule, sampling, the policy's optimizer, and best-of-N between epochs."""
 
@@ -524,11 +552,16 @@ class GRPOConfig(PolicyGradientBase):
     """How TRL averages token losses: `grpo` per sequence then over sequences (length-biased), `dapo` over all tokens of the batch, `dr_grpo` by a constant, `bnpo` over the local batch's tokens."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """(sparse rewards) Divide the group-centred rewards by the group's std (`group`, DeepSeekMath), the batch's std, or not at all (`none`, Dr. GRPO). Dense (process) rewards are always normalised over the group's steps."""
+    rollout_search: RolloutSearchConfig = _section()
+    """Draw each prompt's group from a PRM-guided tree (beam search or DVTS over steps) instead of independent samples; off (`method: none`) by default. OFF-POLICY: the scorer chose the completions, which GRPO's ratio and group advantages then treat as samples of the policy, with no importance weight (the tree has no tractable density), so the gradient leans towards what the scorer prefers; measured on the embedded task it made GRPO much worse than plain groups (docs/results.md). HF generation only (rl.rollout hf). Logged: rl/generated_tokens per iteration."""
     process_advantage: Literal["min", "mean", "sum"] = "min"
     """(dense rewards) How each sample's step rewards become token advantages (`core.process_token_advantages`): `min`, a token's return is the lowest step reward from its step on, `mean` their mean, each normalised with the group's statistics; `sum`, the group-normalised step rewards summed from the token on (DeepSeekMath's, which a policy can farm by writing more, smaller steps: it warns). `min` cannot be farmed by step count (PURE, Cheng et al. 2025)."""
 
     @model_validator(mode="after")
     def _group_of_two(self) -> "GRPOConfig":
+        if self.rollout_search.method != "none" and self.rollout == "vllm":
+            raise ValueError("rl.rollout_search steps through HF `generate` on the policy in GRPO (TRL's vLLM engine "
+                             "takes whole prompts, not steps); set rl.rollout: hf, or rl.rollout_search.method: none")
         # a group of one is its own mean: every advantage would be 0 and nothing would train
         if self.samples_per_problem < 2:
             raise ValueError(f"rl.samples_per_problem is GRPO's group size and must be at least 2 (got "
@@ -552,6 +585,8 @@ class RejectionSamplingConfig(RLBase):
     """Passes of SFT (TRL's SFTTrainer, loss on the completion only) over each RL epoch's kept samples, at rl.learning_rate (constant)."""
     sft_batch_size: int = Field(32, ge=1)
     """Kept samples per SFT optimizer step; on several processes a total over them (must divide by their number)."""
+    rollout_search: RolloutSearchConfig = _section()
+    """Draw each problem's N samples from a PRM-guided tree (beam search or DVTS over steps) instead of N independent samples; off (`method: none`) by default. Logged: rs/generated_tokens per epoch either way, so the two can be compared at equal generated tokens."""
 
 
 RL_SECTIONS: dict[str, type[RLBase]] = {"ppo": PPOConfig, "grpo": GRPOConfig, "rejection_sampling": RejectionSamplingConfig}
@@ -579,21 +614,13 @@ RLConfig = Annotated[
 """The `rl` section: one schema per rl.algorithm, so a key of another algorithm is an unknown key."""
 
 
-class SearchConfig(Section):
+class SearchConfig(StepSearch):
     """PRM-guided step-level search at test time (rlprm/evaluation/search.py), compared with best-of-N at equal generated tokens."""
 
     method: Literal["none", "beam", "dvts"] = "none"
     """`none`: best-of-N only. `beam`: keep the n best partial solutions of a problem, extend each by `width` sampled next steps, rank by the scorer's aggregation over their steps so far. `dvts`: n / width independent subtrees per problem, each extended by `width` next steps and continued greedily with its best one (diverse verifier tree search)."""
     n: int = Field(8, ge=1)
     """The largest budget: beam, partial solutions kept per problem; dvts, candidates per step (n / width subtrees). The comparison runs every power of two from `width` up to n."""
-    width: int = Field(4, ge=1)
-    """Next steps sampled per kept partial solution (the beam width M)."""
-    lookahead: int = Field(0, ge=0)
-    """Steps each candidate is rolled out greedily (temperature 0) before it is scored; its tokens count as generated."""
-    aggregation: Literal["prod", "min", "last", "mean"] = "prod"
-    """How a partial solution's step probabilities make its score (as best-of-N's PRM selectors)."""
-    max_steps: int = Field(12, ge=1)
-    """Steps after which a solution is finished as it is (cut)."""
     max_step_tokens: int = Field(48, ge=1)
     """Longest step; a step that writes no separator within it ends the solution. Solutions are also capped at eval.max_new_tokens."""
     scorer: str = "checker"
@@ -980,6 +1007,15 @@ class Recipe(Section):
         if self.eval.search.method != "none" and self.eval.search.scorer == "checker" and self.task.name != "arithmetic":
             raise ValueError(f"eval.search.scorer checker is the arithmetic task's exact step checker; task "
                              f"`{self.task.name}` has none: name a reward model of eval.reward_models")
+        search = getattr(self.rl, "rollout_search", None)
+        if search is not None and search.method != "none":
+            if search.scorer == "checker" and self.task.name != "arithmetic":
+                raise ValueError(f"rl.rollout_search.scorer checker is the arithmetic task's exact step checker; task "
+                                 f"`{self.task.name}` has none: use reward_model (model.reward_model) or confidence")
+            if search.scorer == "reward_model" and self.model.reward_model is None:
+                raise ValueError("rl.rollout_search.scorer reward_model scores partial solutions with "
+                                 "model.reward_model, which is not set: set it to a PRM folder (or hub id), or use "
+                                 "rl.rollout_search.scorer checker / confidence")
         if src == "exact" and self.task.name != "arithmetic":
             raise ValueError(f"reward.source exact is the arithmetic task's exact step checker, and task "
                              f"`{self.task.name}` has no step checker (only final answers can be graded); use "

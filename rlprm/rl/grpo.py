@@ -197,6 +197,11 @@ class GRPO:
             for p in trainable:
                 p.data = p.data.float()
         self.optimizer = torch.optim.AdamW(trainable, lr=run.recipe.rl.learning_rate, weight_decay=0.01)
+        # rl.rollout_search: groups from a PRM-guided tree (rl/search_rollouts.py), handed to TRL as its rollout_func;
+        # off-policy (that module's docstring says how); None: TRL samples
+        from rlprm.rl.search_rollouts import build_tree
+
+        self.tree = build_tree(run, batch_size=256)
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["policy_optimizer"])
@@ -222,6 +227,16 @@ class GRPO:
                                    source=run.reward_source)
         times: dict = {}
         engine = getattr(self, "vllm_generation", None)  # rl.rollout vllm: the first epoch's engine serves them all
+        rollout = {}
+        if getattr(self, "tree", None) is not None:
+            from rlprm.rl.search_rollouts import TRLRollout
+
+            # TRL's rollout_func (experimental in trl 1.16, which pyproject pins; TRL warns so once per trainer)
+            generator, scorer = self.tree
+            rollout = {"rollout_func": TRLRollout(problems, generator, scorer, rl.rollout_search, run.policy,
+                                                  run.tokenizer, rl.max_new_tokens, rl.temperature,
+                                                  recipe.run.seed * 1_000_003 + 4000 + epoch + 1000 * run.dist.rank,
+                                                  times)}
         # 1.-7. generate, score, advantages, update: TRL's loop with our reward function and advantages; 8. log
         trainer = RlprmGRPOTrainer(
             model=run.policy,
@@ -236,6 +251,7 @@ class GRPO:
             reward=reward_fn, process=recipe.reward.mode == "dense", run_dir=run.run_dir, times=times,
             vllm_generation=engine,
             dist=run.dist,
+            **rollout,
         )
         self.vllm_generation = getattr(trainer, "vllm_generation", None)
         # IterationLog prints one line per iteration; transformers' own printer/progress bar would repeat it as dicts

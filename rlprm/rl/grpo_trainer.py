@@ -67,6 +67,11 @@ class RlprmGRPOTrainer(GRPOTrainer):
         t0 = time.monotonic()
         out = super()._generate(prompts)
         self.rlprm_times["generate"] = self.rlprm_times.get("generate", 0.0) + time.monotonic() - t0
+        if self.rollout_func is None:
+            # TRL's own sampling: its completion ids (EOS included) are every token generated, as rl.rollout_search
+            # counts its own (pruned branches too) in the same entry, so the two compare at equal generated tokens
+            self.rlprm_times["generated_tokens"] = self.rlprm_times.get("generated_tokens", 0) + sum(
+                len(ids) for ids in out[1])
         return out
 
     def _generate_and_score_completions(self, inputs):
@@ -154,6 +159,10 @@ class IterationLog(TrainerCallback):
             "rl/process_accuracy": mean(g.process_correct for g in grades),
             "rl/well_formed": mean(g.well_formed for g in grades),
             **{f"reward/{k}": v for k, v in tr.stats.items()},
+            # this rank's generated tokens this iteration (rl.rollout_search: pruned branches included)
+            **({"rl/generated_tokens": self.times["generated_tokens"]} if "generated_tokens" in self.times else {}),
+            **({"rl/search_short_groups": self.times["search_short_groups"]}
+               if "search_short_groups" in self.times else {}),
             "time/generate": round(t_gen, 3),
             "time/score": round(t_score, 3),
             "time/update": round(total - t_gen - t_score, 3),

@@ -14,6 +14,15 @@ ground-truth rewards, up to `rl.rejection_top_k` distinct samples the grader
 accepts. Identical texts are kept once: a solution sampled many times (the
 usual case for a right one) would otherwise be trained on many times.
 
+Search-guided rollouts (`rl.rollout_search`, rl/search_rollouts.py): the N
+samples of a problem are the finished solutions of a PRM-guided beam search or
+DVTS over steps (shared prefixes, branching at steps) instead of N independent
+samples. They are not samples of the policy, which costs nothing here: SFT on
+selected samples is off-policy by design (the selection already tilts the
+data away from the policy), so no importance weight is needed; the only
+change is a pool the scorer has steered. Every epoch logs `rs/generated_tokens`
+(plain sampling's too), so that both can be compared at equal generated tokens.
+
 Several processes (`deepspeed --num_gpus N rlprm/train_rl.py RECIPE`, or
 `torchrun` / `accelerate launch --multi_gpu`): each rank samples and scores
 every N-th problem of the epoch, the ranks' samples, scores and selections are
@@ -35,7 +44,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rlprm.config import Recipe
 from rlprm.rl.run import RLError, RLInputError, Run, last_good, mean, process_part
@@ -142,6 +151,10 @@ class RejectionSampling:
         from rlprm.rollout import sampler_for
 
         self.sampler = run.sampler = sampler_for(run.recipe, run.policy, run.tokenizer)
+        # rl.rollout_search: the N per problem come from a PRM-guided tree (rl/search_rollouts.py); None: plain sampling
+        from rlprm.rl.search_rollouts import build_tree
+
+        self.tree = build_tree(run, run.recipe.rl.sample_batch_size, self.sampler)
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -174,13 +187,28 @@ class RejectionSampling:
         mine = [problems[i] for i in indices]
 
         # 1. generate: N per problem, seeded by (seed, epoch) so that a resumed run samples the same (and by the
-        #    rank: each rank its own noise; rank 0's seed is the one-process seed)
-        out = self.sampler.sample([p.prompt for p in mine], n=n, temperature=rl.temperature,
-                                  max_new_tokens=rl.max_new_tokens, batch_size=rl.sample_batch_size,
-                                  seed=rank_seed(recipe.run.seed * 1_000_003 + 2000 + epoch, dist.rank),
-                                  progress=run.progress and dist.is_main,
-                                  desc=f"epoch {epoch + 1}/{rl.epochs}: sampling {n} per problem")
-        texts = out.texts
+        #    rank: each rank its own noise; rank 0's seed is the one-process seed); from the search tree with
+        #    rl.rollout_search. Either way the generated tokens are counted, for comparisons at equal compute
+        seed = rank_seed(recipe.run.seed * 1_000_003 + 2000 + epoch, dist.rank)
+        counts: dict = {}
+        if self.tree is not None:
+            from rlprm.rl.search_rollouts import draw_groups, settings_for
+
+            generator, scorer = self.tree
+            groups = draw_groups(mine, generator, scorer,
+                                 settings_for(rl.rollout_search, n, rl.max_new_tokens, rl.temperature, seed), n)
+            texts = groups.texts
+            counts = {"generated_tokens": groups.generated_tokens, "search_short_groups": groups.short,
+                      "search_scorer_calls": sum(groups.scorer_calls)}
+        else:
+            from rlprm.rl.search_rollouts import plain_tokens
+
+            out = self.sampler.sample([p.prompt for p in mine], n=n, temperature=rl.temperature,
+                                      max_new_tokens=rl.max_new_tokens, batch_size=rl.sample_batch_size, seed=seed,
+                                      progress=run.progress and dist.is_main,
+                                      desc=f"epoch {epoch + 1}/{rl.epochs}: sampling {n} per problem")
+            texts = out.texts
+            counts = {"generated_tokens": plain_tokens(out.token_ids, rl.max_new_tokens)}
         t_gen = time.monotonic() - t0
 
         # 2. score: the grader always (for the log, and ground-truth selection); the reward source ranks the samples
@@ -207,8 +235,11 @@ class RejectionSampling:
         if dist.active:
             rows = gather_rows(dist.gather(list(zip(indices, zip(texts, grades, scores, keep)))))
             texts, grades, scores, keep = ([row[k] for row in rows] for k in range(4))
+            every = dist.gather(counts)  # the counts are sums over the ranks' problems
+            counts = {k: sum(c[k] for c in every) for k in counts}
         kept = [(i, j) for i, row in enumerate(keep) for j in row]
-        return Selection(texts, grades, scores, keep, kept, thresholded, {"generate": t_gen, "score": t_score})
+        return Selection(texts, grades, scores, keep, kept, thresholded, {"generate": t_gen, "score": t_score},
+                         counts)
 
     def sft(self, run: Run, epoch: int, problems: list, chosen: "Selection") -> dict:
         """4. SFT: one pass (rl.sft_epochs) over the kept samples, completion-only loss, the run's optimizer; returns
@@ -285,6 +316,7 @@ class RejectionSampling:
             "rs/kept_score_mean": mean(scores[i][j] for i, j in kept),
             "rs/sft_steps": sft_steps,
             "rs/sft_loss": sft_state.get("last_loss"),
+            **{f"rs/{k}": v for k, v in chosen.counts.items()},
             **{f"time/{k}": round(v, 3) for k, v in times.items()},
         }
         run.log(record)
@@ -307,6 +339,8 @@ class Selection:
     kept: list  # (problem, sample) of every kept sample, in order
     thresholded: bool  # the source's scores are a model's or function's (rl.rejection_min_score applies)
     times: dict  # seconds spent: generate, score (and sft, set after `sft`)
+    counts: dict = field(default_factory=dict)  # generated_tokens (and with rl.rollout_search: search_short_groups,
+    # search_scorer_calls), summed over the ranks
 
 
 __all__ = ["RejectionSampling", "Selection", "check_inputs", "check_world", "gather_rows", "select_samples"]
