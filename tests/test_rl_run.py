@@ -271,6 +271,20 @@ def test_every_algorithm_prints_an_epoch_line_with_process_accuracy_and_the_rewa
     assert logged == [metrics]
 
 
+def test_the_epoch_line_shows_the_dropped_carry_beside_the_shortcut(tmp_path):
+    """The demo's generator has two habits; the epoch line named only the shortcut, so a run's progress on the
+    answer-changing one was visible only in metrics.jsonl."""
+    from rlprm.rl.run import epoch_line
+
+    recipe = validate_recipe({"model": {"generator": "tiny"}, "reward": {"mode": "sparse", "source": "ground_truth"},
+                              "rl": {"epochs": 3}}, tmp_path)
+    metrics = {"eval/answer_accuracy": 0.5, "eval/process_accuracy": 0.25, "eval/trace_error": 0.5,
+               "eval/shortcut_rate": 0.125}
+    assert "dropped carry" not in epoch_line(recipe, metrics, 1)
+    line = epoch_line(recipe, {**metrics, "eval/carry_drop_rate": 0.0625}, 1)
+    assert "shortcut 12.5%  dropped carry 6.2%" in line
+
+
 def test_the_progress_line_shows_process_accuracy_where_the_task_checks_steps():
     from rlprm.rl.run import process_part
 

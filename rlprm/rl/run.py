@@ -105,7 +105,7 @@ def process_part(metrics: dict, key: str = "rl/process_accuracy") -> str:
 
 def epoch_line(recipe: Recipe, metrics: dict, epoch: int) -> str:
     """One line per held-out evaluation: answer and process accuracy (process: where the task has a checker), trace
-    error and shortcut rate, and the run's reward with its scale, the same for every algorithm."""
+    error, shortcut rate and dropped-carry rate, and the run's reward with its scale, the same for every algorithm."""
     def pct(key):
         value = metrics.get(key)
         return "n/a" if value is None else f"{value:.1%}"
@@ -114,6 +114,8 @@ def epoch_line(recipe: Recipe, metrics: dict, epoch: int) -> str:
     if metrics.get("eval/process_accuracy") is not None:
         line += (f"  process {pct('eval/process_accuracy')}  trace error {pct('eval/trace_error')}  "
                  f"shortcut {pct('eval/shortcut_rate')}")
+        if metrics.get("eval/carry_drop_rate") is not None:  # the answer-changing habit, beside the shortcut
+            line += f"  dropped carry {pct('eval/carry_drop_rate')}"
     reward = metrics.get("eval/reward")
     if reward is not None:
         line += f"  reward {reward:+.3f} ({reward_scale(recipe)})"
