@@ -192,6 +192,22 @@ def test_build_stages_validates_every_recipe_with_demo_budgets(tmp_path):
         demo.run_demo(tmp_path, seeds=0)
 
 
+def test_the_task_group_sets_the_problems_of_every_stage(tmp_path):
+    """One problem mix for the whole demo: the generator, reward models, RL and every best-of-N (the OOD stage
+    keeps its longer chains but the same finals); `--set task:...` changes it everywhere."""
+    finals = ["mod10", "last_digit", "none", "none"]
+    recipes = {s.name: yaml.safe_load(s.key) for s in demo.build_stages(tmp_path)}
+    assert {n: r["task"]["arithmetic"]["final_ops"] == finals for n, r in recipes.items()} == \
+        {n: True for n in recipes}
+    assert recipes["bon-ood-s0"]["task"]["arithmetic"]["min_ops"] == 4
+    assert recipes["prepare"]["task"]["arithmetic"]["carry_drop_rate"] == 0.8  # the habit: prepare's data only
+    assert recipes["rm-prm"]["task"]["arithmetic"]["carry_drop_rate"] == 0.0
+    sets = demo.parse_sets(["task:task.arithmetic.final_ops=[none]", "rl:task.arithmetic.final_ops=[max]"])
+    mine = {s.name: yaml.safe_load(s.key) for s in demo.build_stages(tmp_path, extra=sets)}
+    assert mine["bon-start-s0"]["task"]["arithmetic"]["final_ops"] == ["none"]
+    assert mine["rl-prm-dense-s0"]["task"]["arithmetic"]["final_ops"] == ["max"]  # a group's own wins over task
+
+
 @pytest.mark.slow
 def test_demo_end_to_end_tiny_budgets(tmp_path):
     """The real pipeline at toy budgets (about 75 s on 2 cores), then a re-run that skips everything."""
