@@ -14,7 +14,8 @@ from tests.conftest import no_warning
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
 LOGGED = ["rl/reward", "rl/kl", "rl/entropy", "rl/clipfrac", "rl/response_length", "rl/steps_per_solution",
-          "rl/answer_accuracy", "rl/process_accuracy", "time/generate", "time/score", "time/update"]
+          "rl/answer_accuracy", "rl/process_accuracy", "rl/shortcut_rate", "rl/carry_drop_rate", "time/generate",
+          "time/score", "time/update"]
 
 
 @pytest.fixture(scope="module")

@@ -321,14 +321,9 @@ def _spy(monkeypatch, module, name, seen):
 def _solve(prompt: str) -> str:
     """The reference solution of an arithmetic prompt such as `93 +3 -4 mod 10`."""
     from rlprm.steps import render_steps
-    from rlprm.tasks.arithmetic import Problem, reference_solution
+    from rlprm.tasks.arithmetic import reference_solution
 
-    text, final = prompt.strip(), "none"
-    for suffix, kind in ((" mod 10", "mod10"), (" last digit", "last_digit")):
-        if text.endswith(suffix):
-            text, final = text[: -len(suffix)], kind
-    start, *ops = text.split()
-    return render_steps(reference_solution(Problem(int(start), tuple((o[0], int(o[1:])) for o in ops), final)))
+    return render_steps(reference_solution(_problem(prompt)))
 
 
 def _wrong_second_step(solution: str) -> str:
@@ -365,6 +360,45 @@ def _rollouts_per_prompt(ppo, make_texts, eos: bool = True, record=None):
         return ro
 
     return fake_generate
+
+
+def _problem(prompt: str):
+    from rlprm.tasks.arithmetic import Problem
+
+    text, final = prompt.strip(), "none"
+    for suffix, kind in ((" mod 10", "mod10"), (" last digit", "last_digit")):
+        if text.endswith(suffix):
+            text, final = text[: -len(suffix)], kind
+    start, *ops = text.split()
+    return Problem(int(start), tuple((o[0], int(o[1:])) for o in ops), final)
+
+
+def _reference_and_habit(prompt: str) -> list[str]:
+    """The reference solution, and the dropped-carry chain where the problem has a carry (else the reference)."""
+    from rlprm.steps import render_steps
+    from rlprm.tasks.arithmetic import carry_drop_solution
+
+    habit = carry_drop_solution(_problem(prompt))
+    return [_solve(prompt), render_steps(habit) if habit else _solve(prompt)]
+
+
+def test_each_update_logs_the_habits_in_its_own_samples(generator_dir, tmp_path, monkeypatch):
+    """rl/carry_drop_rate and rl/shortcut_rate: the share of the update's samples that take each habit (what the
+    demo reads to see how fast each reward removes a habit between the held-out evaluations)."""
+    from rlprm.rl import ppo, train
+    from rlprm.tasks.arithmetic import carry_drop_solution
+
+    prompts = []
+    monkeypatch.setattr(ppo, "_generate", _rollouts_per_prompt(
+        ppo, lambda prompt: prompts.append(prompt) or _reference_and_habit(prompt)))
+    recipe = make_recipe(tmp_path, generator_dir, "habits", epochs=1, mode="sparse", source="exact")
+    recipe.rl.eval_n_max = 0
+    recipe.rl.max_new_tokens = 80
+    final = train(recipe, progress=False)
+    with_carry = sum(carry_drop_solution(_problem(p)) is not None for p in prompts)
+    assert with_carry > 0  # else the test shows nothing
+    assert final["rl/carry_drop_rate"] == pytest.approx(with_carry / (2 * len(prompts)))
+    assert final["rl/shortcut_rate"] == 0.0
 
 
 @pytest.mark.parametrize("mode, form", [("dense", "min_form"), ("dense", "log_prob"), ("sparse", "log_prob")])

@@ -141,6 +141,9 @@ def test_end_to_end_selects_trains_checkpoints_exports(fixed_sampling, generator
     accepted_bad = sum(1 for p in problems if table[p.prompt][1].rsplit("\n", 1)[-1].endswith(p.gold))
     assert first["rs/kept"] == 2 + accepted_bad
     assert first["rs/kept_answer_accuracy"] == 1.0
+    # the habits, in what was sampled and in what was kept (the arithmetic task's checker decides them)
+    assert all(0 <= first[k] <= 1 for k in ("rl/shortcut_rate", "rl/carry_drop_rate", "rs/kept_shortcut_rate",
+                                             "rs/kept_carry_drop_rate"))
     assert first["rl/answer_accuracy"] == pytest.approx((2 * 2 + accepted_bad) / 8)
     assert first["rs/sft_steps"] == -(-first["rs/kept"] // 2)  # one pass, batch 2
     sft = [r for r in records if "sft/loss" in r]

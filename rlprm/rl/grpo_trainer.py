@@ -158,6 +158,8 @@ class IterationLog(TrainerCallback):
             "rl/answer_accuracy": mean(last["outcomes"]),
             "rl/process_accuracy": mean(g.process_correct for g in grades),
             "rl/well_formed": mean(g.well_formed for g in grades),
+            "rl/shortcut_rate": mean(g.shortcut for g in grades),  # the habits in this update's samples
+            "rl/carry_drop_rate": mean(g.carry_drop for g in grades),
             **{f"reward/{k}": v for k, v in tr.stats.items()},
             # this rank's generated tokens this iteration (rl.rollout_search: pruned branches included)
             **({"rl/generated_tokens": self.times["generated_tokens"]} if "generated_tokens" in self.times else {}),

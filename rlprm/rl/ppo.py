@@ -644,6 +644,10 @@ class PPO:
             "rl/answer_accuracy": mean(float(g.answer_correct) for g in grades),
             "rl/process_accuracy": mean(g.process_correct for g in grades),
             "rl/well_formed": mean(g.well_formed for g in grades),
+            # the habits in this update's own samples (arithmetic task; None elsewhere): how fast each
+            # reward removes them, update by update, between the held-out evaluations
+            "rl/shortcut_rate": mean(g.shortcut for g in grades),
+            "rl/carry_drop_rate": mean(g.carry_drop for g in grades),
             **{f"rl/{k}": mean(v) for k, v in stats.items()},
             # beside rl/value_loss: 1 - Var(returns - values) / Var(returns); None where the returns do not vary
             "rl/explained_variance": None if math.isnan(ev) else ev,

@@ -308,6 +308,10 @@ class RejectionSampling:
             "rl/answer_accuracy": mean(g.answer_correct for g in flat_grades),
             "rl/process_accuracy": mean(g.process_correct for g in flat_grades),
             "rl/well_formed": mean(g.well_formed for g in flat_grades),
+            "rl/shortcut_rate": mean(g.shortcut for g in flat_grades),  # the habits, sampled and kept
+            "rl/carry_drop_rate": mean(g.carry_drop for g in flat_grades),
+            "rs/kept_shortcut_rate": mean(g.shortcut for g in kept_grades),
+            "rs/kept_carry_drop_rate": mean(g.carry_drop for g in kept_grades),
             "rl/score_mean": mean(s for row in scores for s in row),
             "rs/kept": len(kept),
             "rs/problems_with_kept": sum(bool(row) for row in keep) / max(1, len(keep)),
