@@ -187,8 +187,11 @@ def demo_rl_run(folder, name, seed, start, end):
         if epoch:
             for it in range(2):
                 u = 2 * (epoch - 1) + it + 1  # update 1..4
+                # each update's own samples: the habits go from start to 2 x (end - start) by update 4
+                habits = {f"rl/{m}": start[m] + (end[m] - start[m]) * u / 2 for m in ("carry_drop_rate", "shortcut_rate")}
                 records.append({"step": u, "epoch": epoch - 1 + (it + 1) / 2, "rl/reward": 0.1 * u,
-                                "rl/kl": 0.01 * u, "rl/kl_per_sample": 0.01 * u, "rl/kl_per_token": 0.001 * u})
+                                "rl/kl": 0.01 * u, "rl/kl_per_sample": 0.01 * u, "rl/kl_per_token": 0.001 * u,
+                                "rl/answer_accuracy": start["answer_accuracy"], **habits})
         value = {m: start[m] + (end[m] - start[m]) * epoch / 2 for m in start}
         records.append({"step": 2 * epoch, "epoch": epoch, **{f"eval/{m}": v for m, v in value.items()}})
     return write_run(folder, name, seed, records, records[-1], export=True)
@@ -301,6 +304,18 @@ def test_demo_summary_json_from_hand_made_runs(tmp_path):
     assert d["n"] == 3 and abs(d["mean"] - 0.5 / 3) < 1e-9 and d["lo"] > 0
     assert s["rl_diff"]["exact_dense_minus_prm_dense"]["answer_accuracy"]["end"]["n"] == 1
     assert "prm_dense_minus_confidence_dense" not in s["rl_diff"]  # the control did not run here
+    # per update, from each update's own samples: exact_dense's dropped carry 0.15, 0.10, 0.05, 0.00 (halved at
+    # update 3, as 0.05 <= 0.075), outcome_gt's stays at 0.2 (never halved)
+    ups = s["rl_updates"]
+    cd = ups["exact_dense"]["carry_drop_rate"]
+    assert [round(p["mean"], 9) for p in cd["per_update"]] == [0.15, 0.1, 0.05, 0.0] and cd["per_update"][0]["n"] == 3
+    assert cd["halved_at"]["mean"] == 3 and cd["never_halved"] == 0
+    assert abs(cd["over_updates"]["mean"] - 0.075) < 1e-9
+    assert ups["outcome_gt"]["carry_drop_rate"]["never_halved"] == 3 and ups["outcome_gt"]["carry_drop_rate"]["halved_at"]["n"] == 0
+    assert ups["exact_dense"]["shortcut_rate"]["halved_at"]["mean"] == 3  # 0.075, 0.05, 0.025: 0.025 <= 0.0375
+    du = s["rl_updates_diff"]["exact_dense_minus_outcome_gt"]["carry_drop_rate"]
+    assert abs(du["over_updates"]["mean"] + 0.125) < 1e-9 and du["over_updates"]["n"] == 3
+    assert [round(p["mean"], 9) for p in du["per_update"]] == [-0.05, -0.1, -0.15, -0.2]
     # the PRM's own numbers: the head alone where it stacks confidence
     assert (s["prm"]["step_auroc"], s["prm"]["first_error_f1"]) == (0.81, 0.62)
     # sharpening alone: every sample of the start's pools (one right, one wrong per problem), at T=1 and T=0.7
@@ -325,8 +340,11 @@ def test_demo_summary_json_from_hand_made_runs(tmp_path):
     assert "| exact_dense | 40.0 (n=1)" not in text and "| prm_dense | 40.0 (n=1) | 55.0 (n=1)" in text
     assert "exact_dense - outcome_gt" in text and "told apart" in text
     assert "## Best-of-N: start_t07" in text and "prm_prod - orm" in text
+    assert "### How fast each reward removes each habit" in text
+    assert "| exact_dense | dropped-carry rate | 15.0 [15.0, 15.0] | 0.0 [0.0, 0.0] | 7.5 [7.5, 7.5] | 3.0 [3.0, 3.0] (0) |" in text
+    assert "| outcome_gt | dropped-carry rate | 20.0 [20.0, 20.0] | 20.0 [20.0, 20.0] | 20.0 [20.0, 20.0] | - (3) |" in text
     for png in ["bon_by_generator.png", "bon_by_selector.png", "bon_answers.png", "rl_curves.png", "rl_kl.png",
-                "all_runs/rl_curves.png"]:
+                "rl_updates.png", "all_runs/rl_curves.png"]:
         data = (tmp_path / "report" / png).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000, png
         assert png.startswith("all_runs") or f"]({png})" in text

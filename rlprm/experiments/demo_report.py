@@ -25,6 +25,9 @@ summary.json (nested; every {mean, lo, hi} a fraction, not a percentage):
     rl.ARM.METRIC.{start, end, change}: {mean, lo, hi, n}     METRIC in RL_METRICS
     rl.ARM.{kl_per_token, kl_per_sample}.{end, max}: {mean, lo, hi, n}; rl.ARM.reward.{first, last}: ...
     rl_diff.A_minus_B.METRIC.end: {mean, lo, hi, n}           paired by seed
+    rl_updates.ARM.METRIC.{per_update: [{mean, lo, hi, n}, ...], over_updates: {...}, halved_at: {...},
+                           never_halved: int}   METRIC in UPDATE_METRICS, each update's own samples (rl/METRIC)
+    rl_updates_diff.A_minus_B.METRIC.{per_update: [...], over_updates: {...}}   paired by seed
     prm.{step_auroc, first_error_f1, source}, orm.{solution_auroc, source}
     generator.{num_samples, shortcut_rate, carry_drop_rate, trace_error, confidence_auroc_shortcut,
                confidence_auroc_carry_drop, ...}   prepare's held-out check
@@ -60,6 +63,9 @@ FIGURE3_SELECTORS = ["prm_prod", "prm_min", "orm", "weighted_majority", "majorit
 RL_PAIRS = [("exact_dense", "outcome_gt"), ("prm_dense", "orm_sparse"), ("prm_dense", "confidence_dense"),
             ("orm_sparse", "confidence_dense"), ("outcome_gt", "confidence_dense"), ("exact_dense", "prm_dense")]
 BON_RESAMPLES = 1000
+# read per update from each update's own samples (rl/METRIC): how many updates each reward takes to remove a habit;
+# the held-out evaluation (RL_METRICS) runs only once per epoch
+UPDATE_METRICS = ["carry_drop_rate", "shortcut_rate", "answer_accuracy"]
 
 
 @dataclass
@@ -256,6 +262,116 @@ def rl_differences(seed_values: dict[str, dict]) -> dict:
             out[f"{a}_minus_{b}"] = {m: {"end": paired_seed_differences(seed_values[a][m]["end"], seed_values[b][m]["end"])}
                                      for m in RL_METRICS}
     return out
+
+
+def update_series(runs: dict) -> dict:
+    """{metric: {seed: [value of each update, in order]}} for UPDATE_METRICS, from the per-update rl/ records
+    (the samples each update trained on: update 1's are the starting policy's)."""
+    return {m: {s: _updates(r, f"rl/{m}") for s, r in runs.items()} for m in UPDATE_METRICS}
+
+
+def halved_at(values: list[float]) -> int | None:
+    """The first update (1-based) whose rate is at most half the first update's; None if none is (or the first
+    is 0: nothing to remove)."""
+    if not values or values[0] <= 0:
+        return None
+    return next((u for u, v in enumerate(values, 1) if v <= values[0] / 2), None)
+
+
+def updates_summary(series: dict[str, dict]) -> dict:
+    """arm -> metric -> {per_update, over_updates, halved_at, never_halved}: each update's rate over seeds (mean and
+    t-interval), the mean over all updates (one number per seed: how much of the habit the arm sampled on the
+    way), and the update at which the rate first halved (over the seeds that halved it; `never_halved` counts
+    the others)."""
+    from rlprm.evaluation.compare import seed_interval
+
+    out: dict = {}
+    for arm, metrics in series.items():
+        out[arm] = {}
+        for m, by_seed in metrics.items():
+            n = min((len(v) for v in by_seed.values()), default=0)
+            halves = {s: halved_at(v) for s, v in by_seed.items() if v}
+            out[arm][m] = {"per_update": [seed_interval([v[u] for v in by_seed.values()]) for u in range(n)],
+                           "over_updates": seed_interval([sum(v) / len(v) for v in by_seed.values() if v]),
+                           "halved_at": seed_interval([h for h in halves.values() if h is not None]),
+                           "never_halved": sum(h is None for h in halves.values())}
+    return out
+
+
+def updates_differences(series: dict[str, dict]) -> dict:
+    """{"A_minus_B": {metric: {per_update, over_updates}}}: RL_PAIRS paired by seed, update by update and over all."""
+    from rlprm.evaluation.compare import paired_seed_differences
+
+    out = {}
+    for a, b in RL_PAIRS:
+        if a not in series or b not in series:
+            continue
+        out[f"{a}_minus_{b}"] = {}
+        for m in UPDATE_METRICS:
+            sa, sb = series[a][m], series[b][m]
+            n = min((len(v) for v in [*sa.values(), *sb.values()]), default=0)
+            out[f"{a}_minus_{b}"][m] = {
+                "per_update": [paired_seed_differences({s: v[u] for s, v in sa.items()}, {s: v[u] for s, v in sb.items()})
+                               for u in range(n)],
+                "over_updates": paired_seed_differences({s: sum(v) / len(v) for s, v in sa.items() if v},
+                                                        {s: sum(v) / len(v) for s, v in sb.items() if v})}
+    return out
+
+
+def plot_updates(updates: dict, path: Path) -> None:
+    """One panel per UPDATE_METRICS entry, a line per arm: each update's own samples, mean over seeds with its band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles = {"carry_drop_rate": "dropped carry (38 + 5 = 33)", "shortcut_rate": "last-digit shortcut",
+              "answer_accuracy": "answer right"}
+    fig, axes = plt.subplots(1, len(UPDATE_METRICS), figsize=(5 * len(UPDATE_METRICS), 4), dpi=100)
+    for ax, m in zip(axes, UPDATE_METRICS):
+        for arm, metrics in updates.items():
+            points = metrics.get(m, {}).get("per_update", [])
+            if points and all(p["n"] for p in points):
+                _band(ax, list(range(1, len(points) + 1)), points, arm)
+        ax.set_title(f"{titles[m]}: each update's own samples", fontsize=10)
+        ax.set_xlabel("update (1: the starting policy's samples)")
+        ax.set_ylabel("% of the update's samples")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def updates_markdown(updates: dict, diffs: dict, seeds: int) -> list[str]:
+    """The report's section on how fast each arm removes each habit, update by update."""
+    lines = ["### How fast each reward removes each habit, update by update", "",
+             "The share of each update's own samples (the ones it trained on; update 1: the starting policy) that "
+             f"drop a carry, take the shortcut, reach the right answer; {seeds} seed(s), % mean [95% t-interval over "
+             "seeds]. Over updates: the mean over all updates (how much of the habit the arm kept sampling on the "
+             "way). Halved at: the first update whose rate is at most half of update 1's, over the seeds that got "
+             "there (the others are counted as never).", "",
+             "| arm | habit | update 1 | last update | over updates | halved at (never) |", "|---|---|---|---|---|---|"]
+    for arm, metrics in updates.items():
+        for m in ("carry_drop_rate", "shortcut_rate"):
+            u = metrics.get(m)
+            if not u or not u["per_update"]:
+                continue
+            h = u["halved_at"]
+            halved = "-" if not h["n"] else f"{h['mean']:.1f} [{h['lo']:.1f}, {h['hi']:.1f}]"
+            lines.append(f"| {arm} | {RL_NAMES[m]} | {_pct(u['per_update'][0])} | {_pct(u['per_update'][-1])} | "
+                         f"{_pct(u['over_updates'])} | {halved} ({u['never_halved']}) |")
+    if diffs:
+        lines += ["", "Paired by seed (points), A - B: the habit's rate over all updates, and at the last update.", "",
+                  "| A - B | dropped carry, over updates | dropped carry, last update | shortcut, over updates | "
+                  "shortcut, last update |", "|---|---|---|---|---|"]
+        for pair, d in diffs.items():
+            cells = []
+            for m in ("carry_drop_rate", "shortcut_rate"):
+                last = d[m]["per_update"][-1] if d[m]["per_update"] else None
+                cells += [f"{_pct(d[m]['over_updates'], signed=True)} ({_verdict(d[m]['over_updates'])})",
+                          "-" if last is None else f"{_pct(last, signed=True)} ({_verdict(last)})"]
+            lines.append(f"| {pair.replace('_minus_', ' - ')} | " + " | ".join(cells) + " |")
+    return lines + ["", "![Each update's own samples](rl_updates.png)", ""]
 
 
 # --------------------------------------------------------------------------- reward models
@@ -691,6 +807,9 @@ def write_demo_report(layout: DemoLayout, out_dir: Path, runtime: dict, resample
     summary = build_summary(layout, runtime, bon, seed_values)
     summary["sharpening"] = sharpening_rates(layout.generators)
     summary["habit_auroc"] = habit_aurocs(layout.generators.get("start", []))
+    series = {arm: update_series(runs) for arm, runs in runs_by_arm.items()}
+    summary["rl_updates"] = _finite(updates_summary(series))
+    summary["rl_updates_diff"] = _finite(updates_differences(series))
     if layout.ood:
         summary["ood"] = _finite(ood_summary(bon_statistics(layout.ood, resamples, seed), bon.get("start"),
                                              ood_kind(layout.ood), layout.ood, layout.generators.get("start", []),
@@ -737,6 +856,9 @@ def write_demo_report(layout: DemoLayout, out_dir: Path, runtime: dict, resample
         plot_rl_metrics(runs_by_arm, out / "rl_curves.png")
         plot_kl(runs_by_arm, out / "rl_kl.png")
         lines += rl_markdown(summary["rl"], summary["rl_diff"], layout.seeds)
+        if any(u["per_update"] for m in summary["rl_updates"].values() for u in m.values()):
+            plot_updates(summary["rl_updates"], out / "rl_updates.png")
+            lines += updates_markdown(summary["rl_updates"], summary["rl_updates_diff"], layout.seeds)
     if summary["sharpening"]:
         names = RL_NAMES
         lines += ["### Sharpening alone: the starting generator at T=1 and T=0.7", "",
