@@ -331,3 +331,73 @@ def test_a_real_stage_runs_in_a_lane_and_its_error_names_it(tmp_path):
     with pytest.raises(demo.DemoError, match=r"stage bon-start-t07-s0 failed .*FileNotFoundError: missing checkpoint"):
         demo.run_stages([stage], tmp_path / "demo", log=lambda _: None, lanes=2)
     assert not (stage.out_dir / demo.MARKER).exists()
+
+
+class Dumped:
+    """A stand-in recipe whose dump is the given dict, in the given key order (as a schema with moved fields)."""
+
+    def __init__(self, tree):
+        self.tree = tree
+
+    def model_dump(self, mode="python"):
+        return self.tree
+
+
+def reversed_tree(tree):
+    return {k: reversed_tree(v) if isinstance(v, dict) else v for k, v in reversed(list(tree.items()))}
+
+
+def test_the_key_ignores_the_order_of_fields_and_sections_but_not_values(tmp_path):
+    from rlprm.config import load_recipe, recipe_to_yaml
+
+    recipe = load_recipe(demo.RECIPES / "prm_dense.yaml", ["rl.epochs=3"])
+    tree = recipe.model_dump(mode="json")
+    moved = Dumped(reversed_tree(tree))
+    assert yaml.safe_dump(moved.tree, sort_keys=False) != recipe_to_yaml(recipe)  # the old key would change
+    assert demo.canonical_settings(moved) == demo.canonical_settings(recipe)
+    other = load_recipe(demo.RECIPES / "prm_dense.yaml", ["rl.epochs=1"])
+    assert demo.canonical_settings(other) != demo.canonical_settings(recipe)
+    assert demo.settings_diff(demo.canonical_settings(recipe), demo.canonical_settings(other)) == "rl.epochs: 3 -> 1"
+
+
+def test_a_changed_setting_is_named_before_the_stage_is_redone(tmp_path):
+    from rlprm.config import load_recipe
+
+    def stages(epochs, order=lambda t: t, extra=""):
+        tree = order(load_recipe(demo.RECIPES / "prm_dense.yaml", [f"rl.epochs={epochs}"]).model_dump(mode="json"))
+        rec = Recorder(tmp_path)
+        a = rec.stage("a", key=demo.canonical_settings(Dumped(tree)) + extra)
+        return rec, [a, rec.stage("b", ["a"])]
+
+    rec, first = stages(3)
+    demo.run_stages(first, tmp_path, log=lambda _: None)
+    rec, moved = stages(3, reversed_tree)
+    assert [r["status"] for r in demo.run_stages(moved, tmp_path, log=lambda _: None)] == ["skipped", "skipped"]
+    lines = []
+    rec, changed = stages(1, extra="\n# generator files: model.safetensors:11:5")
+    demo.run_stages(changed, tmp_path, log=lines.append)
+    assert rec.ran == ["a", "b"]
+    a_line = next(ln for ln in lines if "] a: running" in ln)
+    assert "rl.epochs: 3 -> 1" in a_line and "generator files: absent -> model.safetensors:11:5" in a_line
+    assert "redone input: a" in next(ln for ln in lines if "] b: running" in ln)
+    # a marker written before the settings were recorded: the reason is vaguer, the stage still redone
+    marker = json.loads((tmp_path / "a" / demo.MARKER).read_text())
+    del marker["settings"]
+    (tmp_path / "a" / demo.MARKER).write_text(json.dumps(marker))
+    lines.clear()
+    demo.run_stages(stages(2)[1], tmp_path, log=lines.append)
+    assert "(settings changed)" in lines[0]
+
+
+def test_a_marker_with_the_old_key_format_counts_and_is_rewritten(tmp_path):
+    rec = Recorder(tmp_path)
+    old = [demo.Stage("a", tmp_path / "a", rec.stage("a").run, "old text", [], ["out.txt"])]
+    demo.run_stages(old, tmp_path, log=lambda _: None)
+    new = [demo.Stage("a", tmp_path / "a", rec.stage("a").run, "canonical text", [], ["out.txt"],
+                      legacy_key="old text")]
+    rec.ran.clear()
+    assert [r["status"] for r in demo.run_stages(new, tmp_path, log=lambda _: None)] == ["skipped"]
+    assert json.loads((tmp_path / "a" / demo.MARKER).read_text())["settings"] == "canonical text"
+    new[0].legacy_key = None  # the marker now holds the canonical key itself
+    assert [r["status"] for r in demo.run_stages(new, tmp_path, log=lambda _: None)] == ["skipped"]
+    assert rec.ran == []

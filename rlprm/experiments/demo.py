@@ -29,8 +29,10 @@ stage in this process, one after another. A failure in a lane stops the demo wit
 stage running beside it has ended (and been marked complete if it succeeded).
 
 Skipping: a stage that finishes writes `.demo-stage.json` into its folder,
-last and atomically, holding a key made of its resolved recipe and the keys of
-the stages it reads from. A re-run skips every stage whose marker matches and
+last and atomically, holding a key made of its resolved recipe (a canonical
+dump: keys sorted, so that a schema whose fields move changes no key) and the
+run ids of the stages it reads from, and that dump itself, so that a re-run
+that redoes the stage says which settings changed (`rl.epochs: 3 -> 1`). A re-run skips every stage whose marker matches and
 whose outputs are still there, so after a crash only the interrupted stage
 (and what follows) runs again; a stage whose settings changed, or whose input
 stage was redone, runs again by itself. `--force` redoes every stage,
@@ -151,7 +153,8 @@ class Stage:
     out_dir: Path
     run: Callable[[], object]
     key: str
-    """What defines the output (the resolved recipe); a changed key means the stage runs again."""
+    """What defines the output (the resolved recipe's canonical dump, `canonical_settings`); a changed key means
+    the stage runs again."""
     deps: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     """Files (relative to out_dir) that a complete stage has."""
@@ -160,6 +163,9 @@ class Stage:
     stage runs `run()` in this process, alone."""
     parallel: bool = False
     """May run beside other parallel stages (each with one torch thread); others run alone, with every core."""
+    legacy_key: str | None = None
+    """The key text as demo folders written before the canonical dump hold it (the recipe's YAML in field order):
+    a marker with it still counts as complete, so that the change of format alone redoes no stage."""
 
 
 # --------------------------------------------------------------------------- the stage runner
@@ -182,8 +188,56 @@ def _forced(name: str, force) -> bool:
     return any(name == f or name.startswith(f + "-") for f in (force or []))
 
 
-def _stage_key(st: Stage, run_ids: dict[str, str]) -> str:
-    return hashlib.sha256("\n".join([st.key, *(run_ids[d] for d in st.deps)]).encode()).hexdigest()[:16]
+def _stage_key(st: Stage, run_ids: dict[str, str], text: str | None = None) -> str:
+    text = st.key if text is None else text
+    return hashlib.sha256("\n".join([text, *(run_ids[d] for d in st.deps)]).encode()).hexdigest()[:16]
+
+
+def canonical_settings(recipe) -> str:
+    """The resolved recipe as YAML with every mapping's keys sorted and values in their JSON form (paths as
+    strings, tuples as lists): the same text whatever the order of the schema's fields, of a recipe's sections
+    or of a dump's keys; a different one for any changed value. Nothing is left out (list order is kept: it can
+    matter)."""
+    import yaml
+
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=True, allow_unicode=True,
+                          default_flow_style=False)
+
+
+def settings_lines(text: str) -> dict[str, str]:
+    """A key's text as {dotted key path: value}: a YAML mapping flattened, its `# name: value` comment lines
+    (e.g. an outside generator's files) as their own entries; any other text is one entry, `settings`."""
+    import yaml
+
+    comments = {ln[2:].partition(":")[0]: ln[2:].partition(":")[2].strip()
+                for ln in text.splitlines() if ln.startswith("# ")}
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError:
+        tree = None
+    if not isinstance(tree, dict):
+        return {"settings": text.strip()}
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            out[prefix[:-1]] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+    walk("", tree)
+    return {**out, **comments}
+
+
+def settings_diff(old: str, new: str, limit: int = 6) -> str:
+    """What changed between two key texts, one `path: old -> new` per changed key (`absent` where a key is new or
+    gone), the first `limit` of them."""
+    a, b = settings_lines(old), settings_lines(new)
+    changed = [f"{k}: {a.get(k, 'absent')} -> {b.get(k, 'absent')}" for k in sorted(a.keys() | b.keys())
+               if a.get(k) != b.get(k)]
+    more = f" (and {len(changed) - limit} more)" if len(changed) > limit else ""
+    return "; ".join(changed[:limit]) + more
 
 
 def _check_layout(stages: list[Stage], root: Path) -> None:
@@ -199,15 +253,32 @@ def _check_layout(stages: list[Stage], root: Path) -> None:
         seen.add(st.name)
 
 
-def _skip_or_why(st: Stage, key: str, force) -> tuple[dict | None, str]:
+def _skip_or_why(st: Stage, key: str, force, run_ids: dict[str, str]) -> tuple[dict | None, str]:
     """(the marker, "") when the stage is complete with this key and not forced; else (None, why it runs)."""
     out = Path(st.out_dir).resolve()
     marker = read_marker(out)
     complete = marker is not None and all((out / o).exists() for o in st.outputs)
-    if complete and marker.get("key") == key and not _forced(st.name, force):
-        return marker, ""
+    if complete and not _forced(st.name, force):
+        if marker.get("key") == key:
+            return marker, ""
+        if st.legacy_key is not None and marker.get("key") == _stage_key(st, run_ids, st.legacy_key):
+            # an older demo's marker for the same settings: rewritten in the canonical form, the stage kept
+            marker.update(key=key, settings=st.key, inputs={d: run_ids[d] for d in st.deps})
+            _write_marker(out, marker)
+            return marker, ""
     return None, ("forced" if _forced(st.name, force) else "not run yet" if marker is None
-                  else "its settings or inputs changed" if complete else "its output is incomplete")
+                  else _changed(st, marker, run_ids) if complete else "its output is incomplete")
+
+
+def _changed(st: Stage, marker: dict, run_ids: dict[str, str]) -> str:
+    """Why a complete stage's key no longer matches: the settings that changed, or the inputs that were redone."""
+    if "settings" not in marker:
+        return "settings changed"  # a marker from before the settings were recorded in it
+    redone = [d for d in st.deps if marker.get("inputs", {}).get(d) != run_ids[d]]
+    diff = settings_diff(marker["settings"], st.key)
+    return "; ".join(filter(None, [f"settings changed: {diff}" if diff else "",
+                                   f"redone input{'s' * (len(redone) > 1)}: {', '.join(redone)}" if redone else ""])
+                     ) or "settings changed"
 
 
 def _clear(out: Path) -> None:
@@ -229,8 +300,10 @@ def _finish(st: Stage, key: str, seconds: float, run_ids: dict[str, str]) -> Non
     if missing:
         raise DemoError(f"stage {st.name} finished but {out} lacks {', '.join(missing)}")
     run_ids[st.name] = uuid.uuid4().hex
+    # the settings and input run ids beside the key: a later run whose key differs can say what changed
     _write_marker(out, {"stage": st.name, "key": key, "run_id": run_ids[st.name], "seconds": round(seconds, 1),
-                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "settings": st.key,
+                        "inputs": {d: run_ids[d] for d in st.deps}})
 
 
 def run_stages(stages: list[Stage], root: Path, force=None, log: Callable[[str], None] = _say, lanes: int = 1,
@@ -264,7 +337,7 @@ def _skipped(st: Stage, head: str, marker: dict, log, run_ids: dict[str, str]) -
 def _run_here(st: Stage, head: str, force, log, run_ids: dict[str, str]) -> dict:
     """Run (or skip) one stage in this process."""
     key = _stage_key(st, run_ids)
-    marker, why = _skip_or_why(st, key, force)
+    marker, why = _skip_or_why(st, key, force, run_ids)
     if marker is not None:
         return _skipped(st, head, marker, log, run_ids)
     out = Path(st.out_dir).resolve()
@@ -289,7 +362,7 @@ def _start_next(pending: list[Stage], running: dict, run_ids: dict[str, str], re
         if not all(d in run_ids for d in st.deps):
             continue  # its inputs are still running
         key = _stage_key(st, run_ids)
-        marker, why = _skip_or_why(st, key, force)
+        marker, why = _skip_or_why(st, key, force, run_ids)
         alone = not st.parallel or st.call is None
         if marker is None:
             busy = len(running) >= lanes or any(not s.parallel for s, _, _ in running.values())
@@ -405,8 +478,9 @@ def build_stages(out: Path, seeds: int = 1, wandb: str = "disabled", extra: dict
         # RL and best-of-N stages run with one torch thread and read only finished stages: lanes may pair them
         parallel = group in ("rm", "rl", "bon")
         bars = progress and (lanes == 1 or not parallel)
-        stages.append(Stage(name, out_dir, lambda: job(recipe, bars), recipe_to_yaml(recipe) + external, deps,
-                            outputs, call=(job, (recipe, bars)), parallel=parallel))
+        stages.append(Stage(name, out_dir, lambda: job(recipe, bars), canonical_settings(recipe) + external, deps,
+                            outputs, call=(job, (recipe, bars)), parallel=parallel,
+                            legacy_key=recipe_to_yaml(recipe) + external))
 
     given = generator is not None
     generator = Path(generator).resolve() if given else out / "prepare" / "generator"
