@@ -401,3 +401,95 @@ def test_a_marker_with_the_old_key_format_counts_and_is_rewritten(tmp_path):
     new[0].legacy_key = None  # the marker now holds the canonical key itself
     assert [r["status"] for r in demo.run_stages(new, tmp_path, log=lambda _: None)] == ["skipped"]
     assert rec.ran == []
+
+
+def sleeper(out_dir, ignore_sigterm):
+    """A lane's stage that writes its pid, then sleeps (optionally deaf to SIGTERM, as a stage busy in C code)."""
+    import signal
+
+    if ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    (out_dir / "pid").write_text(str(os.getpid()))
+    time.sleep(120)
+    (out_dir / "out.txt").write_text("done")
+
+
+DEMO_WITH_A_SLEEPING_LANE = """
+import sys
+from pathlib import Path
+from rlprm.experiments import demo
+from rlprm.cli import main
+from tests.test_demo import lane_stage, sleeper
+
+out, ignore = Path(sys.argv[1]), sys.argv[2] == "1"
+demo.LANE_GRACE_SECONDS = 1.0
+
+def stages(root, *args, **kwargs):
+    nap = lane_stage(root, "nap", ["a"])
+    nap.call = (sleeper, (root / "nap", ignore))
+    return [lane_stage(root, "a"), nap]
+
+demo.build_stages = stages
+demo.report_stage = lambda root, stages, seeds, runtime: lane_stage(root, "report", [s.name for s in stages])
+sys.exit(main(["demo", "--out", str(out), "--lanes", "2"]))
+"""
+
+
+def gone(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")  # exited, waiting to be reaped
+
+
+@pytest.mark.parametrize("signum, ignore", [("SIGTERM", False), ("SIGHUP", True)])
+def test_a_signal_to_the_demo_ends_its_lane_children_and_leaves_no_marker(tmp_path, signum, ignore):
+    import signal
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    parent = subprocess.Popen([sys.executable, "-c", DEMO_WITH_A_SLEEPING_LANE, str(tmp_path), str(int(ignore))],
+                              env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pid_file = tmp_path / "nap" / "pid"
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() and parent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pid_file.exists(), parent.communicate(timeout=5)[0] if parent.poll() is not None else "no lane"
+        time.sleep(0.2)  # the pid is written: the child is in its sleep
+        child = int(pid_file.read_text())
+        parent.send_signal(getattr(signal, signum))
+        output = parent.communicate(timeout=30)[0]
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert parent.returncode == 128 + getattr(signal, signum), output
+    deadline = time.monotonic() + 5
+    while not gone(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gone(child), f"lane child {child} still running"
+    assert (tmp_path / "a" / demo.MARKER).exists() and not (tmp_path / "nap" / demo.MARKER).exists()
+    summary = json.loads((tmp_path / "demo_summary.json").read_text())
+    assert summary["status"] == "interrupted" and signum in summary["error"]
+    assert [r["stage"] for r in summary["stages"]] == ["a"]
+    assert "stopping nap" in output and ("killing it" in output) == ignore
+
+
+def test_a_signal_stops_a_stage_running_in_this_process_without_a_marker(tmp_path):
+    import signal
+
+    def killed():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises during the sleep
+        (tmp_path / "b" / "out.txt").write_text("never")
+
+    rec = Recorder(tmp_path)
+    stages = [rec.stage("a"), demo.Stage("b", tmp_path / "b", killed, "k", ["a"], ["out.txt"])]
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(demo.DemoInterrupted, match="SIGTERM") as caught, demo.stopped_by_signals():
+        demo.run_stages(stages, tmp_path, log=lambda _: None)
+    assert caught.value.exit_code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
+    assert (tmp_path / "a" / demo.MARKER).exists() and not (tmp_path / "b" / demo.MARKER).exists()

@@ -39,6 +39,11 @@ stage was redone, runs again by itself. `--force` redoes every stage,
 `--force NAME...` the named ones (a prefix such as `rl` or `bon` names a
 group), and what depends on them.
 
+Signals: SIGTERM or SIGHUP to the demo (a `kill`, a closed terminal, a job scheduler's stop) ends the lanes'
+children too (SIGTERM, then SIGKILL after LANE_GRACE_SECONDS), writes no marker for the stages they were running
+(a re-run redoes them), writes demo_summary.json with status "interrupted" and exits with 128 + the signal's
+number. (Ctrl-C reaches the whole process group by itself.)
+
 Seeds: `--seeds N` repeats the RL runs and the best-of-N evaluations with
 run.seed = 0..N-1 (training problems, sampling and evaluation problems all
 follow the seed); the generator and the two reward models are shared (seed 0),
@@ -62,6 +67,7 @@ import shutil
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -74,6 +80,8 @@ from rlprm.shipped import recipes_dir
 ROOT = Path(rlprm.__file__).resolve().parents[1]  # the checkout, wherever in the package this module sits
 RECIPES = recipes_dir()  # the shipped recipes (rlprm/shipped.py)
 MARKER = ".demo-stage.json"
+LANE_GRACE_SECONDS = 10.0
+"""After SIGTERM or SIGHUP, how long a lane's child has to end on the SIGTERM passed on to it before SIGKILL."""
 
 # Budgets of the demo (2 CPU cores, under 15 minutes for one seed); keys are stage groups.
 # `rlprm demo --set GROUP:key=value` changes one for a run.
@@ -143,6 +151,43 @@ class DemoError(RuntimeError):
 
 class DemoInputError(InputError, DemoError):
     """A demo argument cannot be used as given (exit 2: bad input, no stage ran)."""
+
+
+class DemoInterrupted(BaseException):
+    """SIGTERM or SIGHUP reached the demo. A BaseException, as KeyboardInterrupt: no stage's `except Exception`
+    may take it for a failure of its own and go on."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.exit_code = 128 + signum  # what a shell reports for a process ended by that signal
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+@contextmanager
+def stopped_by_signals():
+    """While inside, SIGTERM and SIGHUP raise DemoInterrupted in the main thread (where Python runs signal
+    handlers: the demo's stage loop or a stage running here); elsewhere, or outside, they keep their handlers."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGTERM, signal.SIGHUP)
+
+    def stop(signum, frame):
+        for s in signals:  # the clean-up that follows (ending the lanes, the summary) must not be cut short
+            signal.signal(s, signal.SIG_IGN)
+        raise DemoInterrupted(signum)
+
+    before = {s: signal.signal(s, stop) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 @dataclass
@@ -398,31 +443,65 @@ def _run_lanes(stages: list[Stage], force, log, lanes: int, records: list[dict])
     failure: DemoError | None = None
     # a fresh process per stage: its threads, memory and peak RSS are its own
     with ProcessPoolExecutor(lanes, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
-        while running or (pending and failure is None):
-            while failure is None and _start_next(pending, running, run_ids, records, heads, force, log, lanes, pool):
-                pass
-            if not running:
-                break
-            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for fut in done:
-                st, key, t0 = running.pop(fut)
-                seconds = time.monotonic() - t0
-                try:
-                    info = fut.result()
-                    _finish(st, key, seconds, run_ids)
-                except Exception as exc:
-                    err = exc if isinstance(exc, DemoError) else _failed(st, seconds, exc)
-                    if running:
-                        log(f"{heads[st.name]}: FAILED; waiting for {', '.join(s.name for s, _, _ in running.values())}"
-                            f" to end before stopping")
-                    failure = failure or err
-                    continue
-                log(f"{heads[st.name]}: done in {seconds:.0f} s")
-                records.append({"stage": st.name, "status": "ran", "seconds": round(seconds, 1), "dir": str(st.out_dir),
-                                "start": t0, "end": t0 + seconds, "peak_rss_mib": info["peak_rss_mib"]})
+        try:
+            while running or (pending and failure is None):
+                while failure is None and _start_next(pending, running, run_ids, records, heads, force, log, lanes,
+                                                      pool):
+                    pass
+                if not running:
+                    break
+                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for fut in done:
+                    failure = _lane_ended(fut, running, run_ids, records, heads, log) or failure
+        except BaseException:
+            # a signal (DemoInterrupted), Ctrl-C or a bug here: leaving the `with` would wait for the children to
+            # finish their stages, for as long as those take
+            _stop_lanes(pool, running, log)
+            raise
     if failure is not None:
         raise failure
     return records
+
+
+def _lane_ended(fut, running: dict, run_ids: dict[str, str], records: list[dict], heads: dict[str, str],
+               log) -> DemoError | None:
+    """A lane's stage has returned: mark it complete and record it; its error (a DemoError) if it failed."""
+    st, key, t0 = running.pop(fut)
+    seconds = time.monotonic() - t0
+    try:
+        info = fut.result()
+        _finish(st, key, seconds, run_ids)
+    except Exception as exc:
+        if running:
+            log(f"{heads[st.name]}: FAILED; waiting for {', '.join(s.name for s, _, _ in running.values())}"
+                f" to end before stopping")
+        return exc if isinstance(exc, DemoError) else _failed(st, seconds, exc)
+    log(f"{heads[st.name]}: done in {seconds:.0f} s")
+    records.append({"stage": st.name, "status": "ran", "seconds": round(seconds, 1), "dir": str(st.out_dir),
+                    "start": t0, "end": t0 + seconds, "peak_rss_mib": info["peak_rss_mib"]})
+    return None
+
+
+def _stop_lanes(pool, running: dict, log) -> None:
+    """End every lane's child process: SIGTERM, then SIGKILL for any still alive after LANE_GRACE_SECONDS. The
+    stages they ran get no marker (only the parent writes markers, after a child returns): a re-run redoes them."""
+    import multiprocessing
+
+    pool.shutdown(wait=False, cancel_futures=True)  # nothing new starts
+    children = multiprocessing.active_children()  # the pool's workers: this process starts no other children
+    if running:
+        log(f"demo: stopping {', '.join(st.name for st, _, _ in running.values())} (left unfinished: a re-run "
+            f"redoes {'them' if len(running) > 1 else 'it'})")
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + LANE_GRACE_SECONDS
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+    for child in children:
+        if child.is_alive():
+            log(f"demo: lane process {child.pid} still running {LANE_GRACE_SECONDS:.0f} s after SIGTERM; killing it")
+            child.kill()
+            child.join(5)
 
 
 def _execute_here(st: Stage, key: str, head: str, log, run_ids: dict[str, str]) -> dict:
@@ -658,12 +737,18 @@ def run_demo(out: str | Path = ROOT / "runs" / "demo", seeds: int = 1, force=Non
     out.mkdir(parents=True, exist_ok=True)
     summary = {"out": str(out), "seeds": seeds, "lanes": lanes, "argv": sys.argv[1:], "status": "running"}
     try:
-        summary["stages"] = run_stages(stages, out, force, log, lanes=lanes, records=records)
+        with stopped_by_signals():
+            summary["stages"] = run_stages(stages, out, force, log, lanes=lanes, records=records)
         # the work behind the outputs, skipped stages counted at the time they took when they ran
         summary["stage_seconds_total"] = round(sum(r["seconds"] or 0 for r in summary["stages"]), 1)
         summary["status"] = "done"
     except DemoError as exc:
         summary.update(status="failed", error=str(exc))
+        raise
+    except (DemoInterrupted, KeyboardInterrupt) as exc:
+        summary.update(status="interrupted", error=str(exc) or "interrupted by SIGINT",
+                       stages=records)  # the stages that ended before
+        log(f"demo: {summary['error']}; finished stages are kept, run the same command again to go on")
         raise
     finally:
         peak = demo_peak_rss_mib(records)
