@@ -22,8 +22,8 @@ Each command is one row of COMMANDS: its help, its arguments and a handler.
 Handlers raise; one wrapper (rlprm/errors.py) turns an error into `error:
 MESSAGE` on stderr and its exit code: 2 bad input (a recipe, file or model;
 the package's `InputError`s and FileNotFoundError), 3 `prepare` missed its
-targets, 4 the RL run stopped, 1 a demo stage failed. Anything else is a bug
-and keeps its traceback.
+targets, 4 the RL run stopped, 1 a demo stage failed (128 + N: the demo was
+stopped by signal N). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -261,11 +261,15 @@ def _label(args: argparse.Namespace) -> None:
           + " ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if k != "lines"))
 
 
-def _demo(args: argparse.Namespace) -> None:
-    from rlprm.experiments.demo import run_demo
+def _demo(args: argparse.Namespace) -> int | None:
+    from rlprm.experiments.demo import DemoInterrupted, run_demo
 
-    run_demo(args.out, seeds=args.seeds, force=True if args.force == [] else args.force, wandb=args.wandb,
-             sets=args.set, progress=not args.no_progress, generator=args.generator, lanes=args.lanes)
+    try:
+        run_demo(args.out, seeds=args.seeds, force=True if args.force == [] else args.force, wandb=args.wandb,
+                 sets=args.set, progress=not args.no_progress, generator=args.generator, lanes=args.lanes)
+    except DemoInterrupted as exc:  # not an error (run_demo has said what it left): the signal's exit code
+        return exc.exit_code
+    return None
 
 
 def _compare(args: argparse.Namespace) -> None:

@@ -124,10 +124,15 @@ def loading(key: str, ref: str):
         SafetensorError = OSError
     try:
         yield
+    except InputError as exc:  # the loader's own words (a reward model without the head its family reads, ...)
+        message = str(exc)
+        raise JobInputError(message if message.startswith(f"{key}:") else f"{key}: {message}") from exc
     except (OSError, ValueError, RuntimeError, EOFError, UnpicklingError, SafetensorError) as exc:
         if "OutOfMemory" in type(exc).__name__ or "out of memory" in str(exc).lower():
             raise
         cause = (str(exc).strip().splitlines() or [""])[0][:300]
+        if "ignore_mismatched_sizes" in cause:  # transformers' words; its load report (above) names the tensors
+            cause = "its weights have other shapes than its config.json gives; the load report above lists them"
         hint = ("its weights may be truncated or corrupt, or of another model than its config.json; copy the folder "
                 "again" if Path(ref).is_dir() else "check the hub id and the network")
         raise JobInputError(f"{key}: {ref} does not load ({type(exc).__name__}: {cause}): {hint}, or point {key} at "

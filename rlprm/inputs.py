@@ -99,8 +99,12 @@ def folder_problem(key: str, path: Path, policy: bool) -> str | None:
                 "save_pretrained, or at a hub id")
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         return f"{key}: {path} has a config.json but no weights ({', '.join(WEIGHT_FILES[:3])}, ...)"
+    broken = weights_problem(path)
+    if broken:
+        return f"{key}: {broken}; copy the folder again, or point {key} at another model"
     # a truncated or hand-edited file fails deep inside transformers (a KeyError traceback): judged here
-    for name, needs in (("config.json", "model_type"), ("tokenizer.json", None)):
+    # (rlprm_rm.json: an rlprm reward model's convention, read before its weights)
+    for name, needs in (("config.json", "model_type"), ("tokenizer.json", None), ("rlprm_rm.json", None)):
         if not (path / name).is_file():
             continue
         try:
@@ -115,6 +119,70 @@ def folder_problem(key: str, path: Path, policy: bool) -> str | None:
                 f"tokenizer beside the weights (tokenizer.save_pretrained(\"{path}\")), or copy those files from the "
                 "model it was fine-tuned from")
     return None
+
+
+SAFETENSORS_HEADER_MAX = 100 * 2**20
+"""The largest header the safetensors format allows (bytes); a larger length field is garbage."""
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """What makes a .safetensors file unreadable, judged from its header alone (no tensor is read, so a 15 GB
+    file costs a few kB): the 8-byte header length, the JSON header, and a file size equal to the header's end
+    plus the last tensor's end (the format's own rule; a truncated copy fails it)."""
+    import struct
+
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if n < 2 or n > min(SAFETENSORS_HEADER_MAX, size - 8):
+                return f"{file} is not a readable safetensors file (its header length field says {n} bytes, the " \
+                       f"file has {size}): truncated or corrupt"
+            header = json.loads(f.read(n))
+    except OSError as exc:
+        return f"{file} cannot be read ({exc})"
+    except (UnicodeDecodeError, ValueError) as exc:
+        return f"{file} has a corrupt safetensors header ({type(exc).__name__}: {str(exc)[:120]})"
+    ends = [t.get("data_offsets", [0, 0])[1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
+    want = 8 + n + max(ends, default=0)
+    if size != want:
+        return (f"{file} is {size} bytes but its header describes {want}: "
+                f"{'truncated' if size < want else 'extra bytes at the end'} (a partial copy or download?)")
+    return None
+
+
+def weights_problem(path: Path) -> str | None:
+    """What makes a model folder's weight files unreadable, or None: every safetensors file (the shards its
+    index names included) by its header (`safetensors_problem`), a pytorch_model.bin by its zip directory (the
+    end of the file: a truncated one has none)."""
+    import zipfile
+
+    files = [path / n for n in ("model.safetensors", "adapter_model.safetensors") if (path / n).is_file()]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            return f"{index} is not a valid weight index ({type(exc).__name__}: {str(exc)[:120]})"
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            return f"{index} names {len(missing)} shard(s) the folder lacks: {', '.join(missing[:3])}"
+        files += [path / s for s in shards]
+    for file in files:
+        problem = safetensors_problem(file)
+        if problem:
+            return problem
+    for name in ("pytorch_model.bin", "adapter_model.bin"):
+        # torch.save writes a zip archive; an older pickle-only file has no zip directory and is let through
+        if (path / name).is_file() and _zip_header(path / name) and not zipfile.is_zipfile(path / name):
+            return f"{path / name} is a truncated zip archive (torch.save's format): a partial copy"
+    return None
+
+
+def _zip_header(file: Path) -> bool:
+    with file.open("rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def hub_reachable(endpoint: str | None = None, timeout: float = 3.0) -> bool:
@@ -371,4 +439,4 @@ def check_job(recipe: Recipe, command: str, resume: bool | None = None, resume_o
 
 __all__ = ["JobInputError", "KEYWORDS", "TOKENIZER_FILES", "check_job", "data_problems", "folder_problem",
            "hub_problem", "hub_reachable", "model_problems", "models_read", "ref_problem", "resume_problem",
-           "rl_problems"]
+           "rl_problems", "safetensors_problem", "weights_problem"]

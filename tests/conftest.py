@@ -16,6 +16,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 SHARED_DATA = ROOT.parent / "shared" / "data"
+EMPTY_SAFETENSORS = (2).to_bytes(8, "little") + b"{}"
+"""A well-formed safetensors file holding no tensor: weights for a fake model folder that the input checks
+(which read a safetensors header) accept and no test loads."""
 
 
 def shared_file(relative: str) -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from rlprm.grading.rules import _as_number, _canon, _squeeze, _terminates, match_brace, normalize
+from rlprm.grading.rules import as_number, canon, match_brace, normalize, squeeze, terminates
 
 __all__ = ["equivalent_forms", "near_misses"]
 
@@ -55,7 +55,7 @@ def equivalent_forms(answer: str) -> list[str]:
 
     norm = normalize(a)
     add(a.replace("\\frac", "\\dfrac"))
-    add(_squeeze(a))
+    add(squeeze(a))
     if not re.search(r"\d\s*(?:,|\{,\})", a):
         add(re.sub(r"\s*([,=+])\s*", r"\1 ", a))
     if "\\left" in a or "\\right" in a:
@@ -73,13 +73,13 @@ def equivalent_forms(answer: str) -> list[str]:
             add(f"{sign}\\frac{p}{q}")
         add(f"{sign}\\frac{{{2 * int(p)}}}{{{2 * int(q)}}}")
         value = Fraction(int(p), int(q)) * (-1 if sign else 1)
-        if _terminates(value):
+        if terminates(value):
             add(str(float(value)) if value.denominator != 1 else str(value.numerator))
         else:
             rep = _repeating_decimal(value)
             if rep:
                 add(rep)
-    plain = _as_number(_canon(norm))
+    plain = as_number(canon(norm))
     if plain is not None:
         add(norm + " \\text{ cm}")
         add(norm + "^\\circ")
@@ -127,7 +127,7 @@ def equivalent_forms(answer: str) -> list[str]:
         j = match_brace(norm, i)
         if j > 0 and j + 1 < len(norm) and norm[j + 1] == "{" and match_brace(norm, j + 1) == len(norm) - 1:
             top, bottom = norm[i + 1 : j], norm[j + 2 : -1]
-            if _as_number(_canon(norm)) is None:
+            if as_number(canon(norm)) is None:
                 add(f"{m.group(1)}({top})/({bottom})")
             if top == "\\pi":
                 add(f"{m.group(1)}\\frac{{1}}{{{bottom}}}\\pi")
@@ -201,7 +201,7 @@ def near_misses(answer: str) -> list[str]:
         if x != a and x not in out:
             out.append(x)
 
-    plain = _as_number(_canon(norm))
+    plain = as_number(canon(norm))
     if plain is not None:
         value = plain[0]
         if value != 0:

@@ -20,6 +20,7 @@ import yaml
 
 from rlprm import cli
 from rlprm import prerequisites as pre
+from tests.conftest import EMPTY_SAFETENSORS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,13 +32,26 @@ PRM800K_LINE = {"question": {"problem": "1 + 1", "pre_generated_steps": ["1 + 1 
 
 
 def _model_folder(path: Path, config=True, weights=True, tokenizer=True) -> Path:
-    """The files a loader looks for (their contents are never read: every case fails before a model loads)."""
+    """The files a loader looks for (no model loads from them: every case fails before; the weights are a
+    well-formed safetensors file of no tensors, which the input checks read the header of)."""
     path.mkdir(parents=True)
-    for name, on, text in (("config.json", config, '{"model_type": "llama"}'), ("model.safetensors", weights, "{}"),
+    for name, on, text in (("config.json", config, '{"model_type": "llama"}'), ("model.safetensors", weights, None),
                            ("tokenizer.json", tokenizer, '{"model": {}}')):
-        if on:
+        if on and text is None:
+            (path / name).write_bytes(EMPTY_SAFETENSORS)
+        elif on:
             (path / name).write_text(text)
     return path
+
+
+def safetensors_bytes(tensors: dict[str, tuple[str, list[int], int]]) -> bytes:
+    """A safetensors file whose header names `tensors` (name -> dtype, shape, data bytes), the data zeros."""
+    header, at = {}, 0
+    for name, (dtype, shape, size) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + size]}
+        at += size
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + b"\x00" * at
 
 
 @pytest.fixture
@@ -58,6 +72,13 @@ def world(tmp_path, monkeypatch):
          "gen_bad_config": _model_folder(t / "gen_bad_config"), "gen_bad_tokenizer": _model_folder(t / "gen_bad_tok"),
          "empty": t / "empty", "a_file": t / "a_file.bin"}
     (w["gen_bad_config"] / "config.json").write_text("{}")
+    # weights a copy cut short (the header describes 16 bytes of data, 8 are there), and weights that are garbage
+    w["gen_cut_weights"] = _model_folder(t / "gen_cut_weights")
+    (w["gen_cut_weights"] / "model.safetensors").write_bytes(safetensors_bytes({"w": ("F32", [4], 16)})[:-8])
+    w["prm_garbage_weights"] = _model_folder(t / "prm_garbage_weights", tokenizer=False)
+    (w["prm_garbage_weights"] / "model.safetensors").write_bytes(b"\x00" * 64)
+    w["prm_bad_rm_json"] = _model_folder(t / "prm_bad_rm_json", tokenizer=False)
+    (w["prm_bad_rm_json"] / "rlprm_rm.json").write_text('{"kind": "prm", ')
     (w["gen_bad_tokenizer"] / "tokenizer.json").write_text('{"model": {"vocab": {"a"')
     w["base"].write_text(yaml.safe_dump(BASE))
     w["binary"] = t / "data.jsonl.gz"  # a compressed file given where text is read
@@ -218,6 +239,16 @@ MODEL_CASES = {
                             ["model.generator: {a_file} is a file, not a model folder"]),
     "generator_without_weights": ([*RL, "model.generator={gen_no_weights}", "model.reward_model={prm}"],
                                   ["model.generator: {gen_no_weights} has a config.json but no weights"]),
+    # weights cut short or garbage were found only by the load (train-rl: a traceback), read here from the header
+    "generator_weights_cut_short": ([*RL, "model.generator={gen_cut_weights}", "model.reward_model={prm}"],
+                                    ["model.generator: {gen_cut_weights}/model.safetensors is 78 bytes but its "
+                                     "header describes 86: truncated"]),
+    "eval_reward_model_weights_garbage": (["eval", "{base}", "model.generator={gen}",
+                                           "eval.reward_models={{prm: {prm_garbage_weights}}}"],
+                                          ["eval.reward_models.prm: {prm_garbage_weights}/model.safetensors is not a "
+                                           "readable safetensors file"]),
+    "reward_model_description_truncated": ([*RL, "model.generator={gen}", "model.reward_model={prm_bad_rm_json}"],
+                                           ["model.reward_model: {prm_bad_rm_json}/rlprm_rm.json is not valid JSON"]),
     # row 16: the algorithm's own refusals came after the prerequisites were built (minutes)
     "grpo_minibatch_does_not_divide": (["train-rl", ROOT / "recipes" / "grpo_outcome.yaml", "run.output_dir={out}",
                                         "rl.minibatch_size=3"],
@@ -377,20 +408,76 @@ def test_train_rm_bad_prm800k_line_writes_nothing(world, capsys):
           first=["{prm800k_bad}:2: missing `question.problem`"], limit=60)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_eval_generator_that_passes_the_checks_but_does_not_load_writes_nothing(world, capsys, char_tokenizer, damage):
+def inconsistent_weights(folder):
+    """Weights whose header is well formed and covers the file, but whose tensor's shape needs more bytes than its
+    offsets give: they pass the input checks (which read the header only) and fail the load."""
+    (folder / "model.safetensors").write_bytes(safetensors_bytes({"model.norm.weight": ("F32", [32], 64)}))
+    return folder
+
+
+@pytest.mark.parametrize("command", ["eval", "train-rl"])
+def test_a_generator_that_passes_the_checks_but_does_not_load_writes_nothing(world, capsys, char_tokenizer, command):
     """A generator folder with a valid config.json and tokenizer but corrupt weights passed every check; the load's
-    SafetensorError was a traceback (exit 1) and recipe.yaml / metrics.jsonl were left in the run folder."""
+    SafetensorError was a traceback (exit 1) and recipe.yaml / metrics.jsonl were left in the run folder (eval;
+    train-rl: a traceback too)."""
     from tests.conftest import save_tiny_generator
 
-    gen = save_tiny_generator(world["tmp"] / "gen_corrupt", char_tokenizer)
-    weights = gen / "model.safetensors"
-    weights.write_bytes(b"\x00" * 64 if damage == "garbage" else weights.read_bytes()[:200])
+    inconsistent_weights(save_tiny_generator(world["tmp"] / "gen_corrupt", char_tokenizer))
     capsys.readouterr()  # save_pretrained's progress bar
-    fails(capsys, world, ["eval", "{base}", "model.generator={tmp}/gen_corrupt", "eval.reward_models={{}}",
-                          "eval.num_problems=2", "eval.n_max=2"],
+    job = (["eval", "{base}", "eval.reward_models={{}}", "eval.num_problems=2", "eval.n_max=2"] if command == "eval"
+           else ["train-rl", "{base}", "reward.source=ground_truth", "reward.mode=sparse"])
+    fails(capsys, world, [*job, "model.generator={tmp}/gen_corrupt"],
           first=["model.generator: {tmp}/gen_corrupt does not load (SafetensorError: "], limit=60)
     assert not world["out"].exists()
+
+
+def rlprm_rm_json(folder, separator):
+    """An rlprm_rm.json beside a causal LM's weights: an rlprm PRM's description over a folder without its head."""
+    from dataclasses import asdict
+
+    from rlprm.reward.model import make_convention
+
+    (folder / "rlprm_rm.json").write_text(json.dumps(asdict(make_convention("prm", separator))))
+    return folder
+
+
+def test_train_rl_reward_model_without_its_head_names_the_key(world, capsys, char_tokenizer):
+    """A reward model folder whose weights lack the head its family reads: exit 2 naming model.reward_model (the
+    loader's words named the folder but not the key), before the generator loads, nothing written."""
+    from rlprm.config import load_recipe
+    from tests.conftest import save_tiny_generator
+
+    gen = save_tiny_generator(world["tmp"] / "real_gen", char_tokenizer)
+    sep = load_recipe(world["base"]).task.step_separator
+    headless = rlprm_rm_json(save_tiny_generator(world["tmp"] / "headless", char_tokenizer), sep)
+    capsys.readouterr()
+    fails(capsys, world, [*RL, f"model.generator={gen}", f"model.reward_model={headless}"],
+          first=["model.reward_model: {tmp}/headless cannot be loaded as rlprm PRM: its weights have no `score` "
+                 "head"], limit=60)
+
+
+def test_eval_finds_a_reward_model_that_cannot_load_before_sampling(world, capsys, char_tokenizer, monkeypatch):
+    """`rlprm eval` loads its reward models only after sampling every problem (minutes at scale); a folder without
+    the head its family reads, or trained with another step separator, is refused before the first sample."""
+    from rlprm.config import load_recipe
+    from rlprm.evaluation import job
+    from tests.conftest import save_tiny_generator
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before finding that a reward model cannot load")
+
+    monkeypatch.setattr(job, "sample_pool", no_sampling)
+    gen = save_tiny_generator(world["tmp"] / "real_gen", char_tokenizer)
+    sep = load_recipe(world["base"]).task.step_separator
+    headless = rlprm_rm_json(save_tiny_generator(world["tmp"] / "headless", char_tokenizer), sep)
+    capsys.readouterr()
+    fails(capsys, world, ["eval", "{base}", f"model.generator={gen}", f"eval.reward_models={{{{prm: {headless}}}}}"],
+          first=["eval.reward_models.prm: {tmp}/headless cannot be loaded as rlprm PRM: its weights have no `score` "
+                 "head"])
+    other = rlprm_rm_json(save_tiny_generator(world["tmp"] / "other_sep", char_tokenizer), sep + "|")
+    capsys.readouterr()
+    fails(capsys, world, ["eval", "{base}", f"model.generator={gen}", f"eval.reward_models={{{{orm: {other}}}}}"],
+          first=["eval.reward_models.orm: this reward model was trained with step separator"])
 
 
 def test_a_load_failure_is_bad_input_but_running_out_of_memory_is_not(tmp_path):

@@ -27,7 +27,7 @@ def write_run(folder, name, seed, records, summary, export=False):
     return folder
 
 
-def rl_run(folder, name, seed, answer, process, kl=0.5, trace=None, shortcut=None):
+def rl_run(folder, name, seed, answer, process, kl=0.5, trace=None, shortcut=None, carry=None):
     """An RL run: per-epoch eval records (epoch 0..len-1) with rl/ records between them."""
     records = []
     for epoch, (a, p) in enumerate(zip(answer, process)):
@@ -35,7 +35,8 @@ def rl_run(folder, name, seed, answer, process, kl=0.5, trace=None, shortcut=Non
             records.append({"step": epoch, "epoch": epoch, "rl/reward": 0.1, "rl/kl": kl})
         records.append({"step": epoch, "epoch": epoch, "eval/answer_accuracy": a, "eval/process_accuracy": p,
                         "bon/random/N=1/right_answer_wrong_process": 0.1,
-                        **({"eval/trace_error": trace[epoch], "eval/shortcut_rate": shortcut[epoch]} if trace else {})})
+                        **({"eval/trace_error": trace[epoch], "eval/shortcut_rate": shortcut[epoch]} if trace else {}),
+                        **({"eval/carry_drop_rate": carry[epoch]} if carry else {})})
     summary = {**records[-1], "rl/kl": kl}
     return write_run(folder, name, seed, records, summary, export=True)
 
@@ -65,7 +66,7 @@ def test_report_with_seeds(tmp_path):
     dense = [rl_run(tmp_path / f"dense{s}", "rl-prm-dense", s, [0.4, 0.5 + 0.1 * s], [0.3, 0.4 + 0.1 * s])
              for s in range(2)]
     gt = rl_run(tmp_path / "gt0", "rl-outcome-gt", 0, [0.4, 0.45], [0.3, 0.28], kl=1.25, trace=[0.25, 0.375],
-                shortcut=[0.2, 0.3])
+                shortcut=[0.2, 0.3], carry=[0.18, 0.06])
     start = bon_run(tmp_path / "bon_start", "bon-start", 0, {"prm_prod": [0.4, 0.5, 0.6], "random": [0.4, 0.4, 0.4]})
     final = [bon_run(tmp_path / f"bon_dense{s}", "bon-prm-dense", s,
                      {"prm_prod": [0.5, 0.6 + 0.2 * s, 0.7], "random": [0.5, 0.5, 0.5]}) for s in range(2)]
@@ -78,9 +79,12 @@ def test_report_with_seeds(tmp_path):
     sd = 100 * statistics.stdev([0.5, 0.6])
     assert f"| rl-prm-dense | 2 | 40.0 ± 0.0 (n=2) | 55.0 ± {sd:.1f} (n=2) | 30.0 ± 0.0 (n=2) | 45.0 ± {sd:.1f} (n=2) |" in text
     # trace error and shortcut rate, start and end (issue 24: compare had neither); `-` where a run logged none
-    assert "| rl-outcome-gt | 1 | 40.0 | 45.0 | 30.0 | 28.0 | 10.0 | 1.250 | 25.0 | 37.5 | 20.0 | 30.0 |" in text
-    assert "| trace error start | trace error end | shortcut rate start | shortcut rate end |" in text
-    assert "0.500 ± 0.000 (n=2) | - | - | - | - |" in text  # rl-prm-dense logged no trace error
+    # and the dropped-carry rate beside them (the demo's answer-changing habit)
+    assert ("| rl-outcome-gt | 1 | 40.0 | 45.0 | 30.0 | 28.0 | 10.0 | 1.250 | 25.0 | 37.5 | 20.0 | 30.0 | 18.0 | 6.0 |"
+            in text)
+    assert ("| trace error start | trace error end | shortcut rate start | shortcut rate end | carry-drop rate start "
+            "| carry-drop rate end |") in text
+    assert "0.500 ± 0.000 (n=2) | - | - | - | - | - | - |" in text  # rl-prm-dense logged none of them
     # best-of-N: one table per selector, dense's N=2 averaged over seeds 0.6 and 0.8
     assert "### prm_prod" in text and "### random" in text
     assert f"| bon-prm-dense | 50.0 ± 0.0 (n=2) | 70.0 ± {100 * statistics.stdev([0.6, 0.8]):.1f} (n=2) |" in text

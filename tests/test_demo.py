@@ -331,3 +331,165 @@ def test_a_real_stage_runs_in_a_lane_and_its_error_names_it(tmp_path):
     with pytest.raises(demo.DemoError, match=r"stage bon-start-t07-s0 failed .*FileNotFoundError: missing checkpoint"):
         demo.run_stages([stage], tmp_path / "demo", log=lambda _: None, lanes=2)
     assert not (stage.out_dir / demo.MARKER).exists()
+
+
+class Dumped:
+    """A stand-in recipe whose dump is the given dict, in the given key order (as a schema with moved fields)."""
+
+    def __init__(self, tree):
+        self.tree = tree
+
+    def model_dump(self, mode="python"):
+        return self.tree
+
+
+def reversed_tree(tree):
+    return {k: reversed_tree(v) if isinstance(v, dict) else v for k, v in reversed(list(tree.items()))}
+
+
+def test_the_key_ignores_the_order_of_fields_and_sections_but_not_values(tmp_path):
+    from rlprm.config import load_recipe, recipe_to_yaml
+
+    recipe = load_recipe(demo.RECIPES / "prm_dense.yaml", ["rl.epochs=3"])
+    tree = recipe.model_dump(mode="json")
+    moved = Dumped(reversed_tree(tree))
+    assert yaml.safe_dump(moved.tree, sort_keys=False) != recipe_to_yaml(recipe)  # the old key would change
+    assert demo.canonical_settings(moved) == demo.canonical_settings(recipe)
+    other = load_recipe(demo.RECIPES / "prm_dense.yaml", ["rl.epochs=1"])
+    assert demo.canonical_settings(other) != demo.canonical_settings(recipe)
+    assert demo.settings_diff(demo.canonical_settings(recipe), demo.canonical_settings(other)) == "rl.epochs: 3 -> 1"
+
+
+def test_a_changed_setting_is_named_before_the_stage_is_redone(tmp_path):
+    from rlprm.config import load_recipe
+
+    def stages(epochs, order=lambda t: t, extra=""):
+        tree = order(load_recipe(demo.RECIPES / "prm_dense.yaml", [f"rl.epochs={epochs}"]).model_dump(mode="json"))
+        rec = Recorder(tmp_path)
+        a = rec.stage("a", key=demo.canonical_settings(Dumped(tree)) + extra)
+        return rec, [a, rec.stage("b", ["a"])]
+
+    rec, first = stages(3)
+    demo.run_stages(first, tmp_path, log=lambda _: None)
+    rec, moved = stages(3, reversed_tree)
+    assert [r["status"] for r in demo.run_stages(moved, tmp_path, log=lambda _: None)] == ["skipped", "skipped"]
+    lines = []
+    rec, changed = stages(1, extra="\n# generator files: model.safetensors:11:5")
+    demo.run_stages(changed, tmp_path, log=lines.append)
+    assert rec.ran == ["a", "b"]
+    a_line = next(ln for ln in lines if "] a: running" in ln)
+    assert "rl.epochs: 3 -> 1" in a_line and "generator files: absent -> model.safetensors:11:5" in a_line
+    assert "redone input: a" in next(ln for ln in lines if "] b: running" in ln)
+    # a marker written before the settings were recorded: the reason is vaguer, the stage still redone
+    marker = json.loads((tmp_path / "a" / demo.MARKER).read_text())
+    del marker["settings"]
+    (tmp_path / "a" / demo.MARKER).write_text(json.dumps(marker))
+    lines.clear()
+    demo.run_stages(stages(2)[1], tmp_path, log=lines.append)
+    assert "(settings changed)" in lines[0]
+
+
+def test_a_marker_with_the_old_key_format_counts_and_is_rewritten(tmp_path):
+    rec = Recorder(tmp_path)
+    old = [demo.Stage("a", tmp_path / "a", rec.stage("a").run, "old text", [], ["out.txt"])]
+    demo.run_stages(old, tmp_path, log=lambda _: None)
+    new = [demo.Stage("a", tmp_path / "a", rec.stage("a").run, "canonical text", [], ["out.txt"],
+                      legacy_key="old text")]
+    rec.ran.clear()
+    assert [r["status"] for r in demo.run_stages(new, tmp_path, log=lambda _: None)] == ["skipped"]
+    assert json.loads((tmp_path / "a" / demo.MARKER).read_text())["settings"] == "canonical text"
+    new[0].legacy_key = None  # the marker now holds the canonical key itself
+    assert [r["status"] for r in demo.run_stages(new, tmp_path, log=lambda _: None)] == ["skipped"]
+    assert rec.ran == []
+
+
+def sleeper(out_dir, ignore_sigterm):
+    """A lane's stage that writes its pid, then sleeps (optionally deaf to SIGTERM, as a stage busy in C code)."""
+    import signal
+
+    if ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    (out_dir / "pid").write_text(str(os.getpid()))
+    time.sleep(120)
+    (out_dir / "out.txt").write_text("done")
+
+
+DEMO_WITH_A_SLEEPING_LANE = """
+import sys
+from pathlib import Path
+from rlprm.experiments import demo
+from rlprm.cli import main
+from tests.test_demo import lane_stage, sleeper
+
+out, ignore = Path(sys.argv[1]), sys.argv[2] == "1"
+demo.LANE_GRACE_SECONDS = 1.0
+
+def stages(root, *args, **kwargs):
+    nap = lane_stage(root, "nap", ["a"])
+    nap.call = (sleeper, (root / "nap", ignore))
+    return [lane_stage(root, "a"), nap]
+
+demo.build_stages = stages
+demo.report_stage = lambda root, stages, seeds, runtime: lane_stage(root, "report", [s.name for s in stages])
+sys.exit(main(["demo", "--out", str(out), "--lanes", "2"]))
+"""
+
+
+def gone(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")  # exited, waiting to be reaped
+
+
+@pytest.mark.parametrize("signum, ignore", [("SIGTERM", False), ("SIGHUP", True)])
+def test_a_signal_to_the_demo_ends_its_lane_children_and_leaves_no_marker(tmp_path, signum, ignore):
+    import signal
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    parent = subprocess.Popen([sys.executable, "-c", DEMO_WITH_A_SLEEPING_LANE, str(tmp_path), str(int(ignore))],
+                              env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pid_file = tmp_path / "nap" / "pid"
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() and parent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pid_file.exists(), parent.communicate(timeout=5)[0] if parent.poll() is not None else "no lane"
+        time.sleep(0.2)  # the pid is written: the child is in its sleep
+        child = int(pid_file.read_text())
+        parent.send_signal(getattr(signal, signum))
+        output = parent.communicate(timeout=30)[0]
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert parent.returncode == 128 + getattr(signal, signum), output
+    deadline = time.monotonic() + 5
+    while not gone(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gone(child), f"lane child {child} still running"
+    assert (tmp_path / "a" / demo.MARKER).exists() and not (tmp_path / "nap" / demo.MARKER).exists()
+    summary = json.loads((tmp_path / "demo_summary.json").read_text())
+    assert summary["status"] == "interrupted" and signum in summary["error"]
+    assert [r["stage"] for r in summary["stages"]] == ["a"]
+    assert "stopping nap" in output and ("killing it" in output) == ignore
+
+
+def test_a_signal_stops_a_stage_running_in_this_process_without_a_marker(tmp_path):
+    import signal
+
+    def killed():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises during the sleep
+        (tmp_path / "b" / "out.txt").write_text("never")
+
+    rec = Recorder(tmp_path)
+    stages = [rec.stage("a"), demo.Stage("b", tmp_path / "b", killed, "k", ["a"], ["out.txt"])]
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(demo.DemoInterrupted, match="SIGTERM") as caught, demo.stopped_by_signals():
+        demo.run_stages(stages, tmp_path, log=lambda _: None)
+    assert caught.value.exit_code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
+    assert (tmp_path / "a" / demo.MARKER).exists() and not (tmp_path / "b" / demo.MARKER).exists()

@@ -292,11 +292,12 @@ def rl_section(groups: dict[str, list[RunData]]) -> list[str]:
              "Process accuracy: share of sampled solutions with every step right; "
              "right answer, wrong step: share whose answer is right although a step is wrong. "
              "Trace error: of the right-answer samples, the share with a wrong step; shortcut rate: share of "
-             "samples that write the last-digit shortcut (arithmetic task; `-` where steps cannot be checked).", "",
+             "samples that write the last-digit shortcut; carry-drop rate: share of samples that drop a carry or "
+             "borrow, the habit that changes the answer (arithmetic task; `-` where steps cannot be checked).", "",
              "| run | seeds | answer acc. start | answer acc. end | process acc. start | process acc. end "
              "| right answer, wrong step (end) | KL to start (end) | trace error start | trace error end "
-             "| shortcut rate start | shortcut rate end |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| shortcut rate start | shortcut rate end | carry-drop rate start | carry-drop rate end |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, runs in groups.items():
         a = [_first_last(r, "eval/answer_accuracy") for r in runs]
         p = [_first_last(r, "eval/process_accuracy") for r in runs]
@@ -305,10 +306,12 @@ def rl_section(groups: dict[str, list[RunData]]) -> list[str]:
         # the two numbers that tell a process run from an outcome run beyond accuracy
         te = [_first_last(r, "eval/trace_error") for r in runs]
         sc = [_first_last(r, "eval/shortcut_rate") for r in runs]
+        cd = [_first_last(r, "eval/carry_drop_rate") for r in runs]
         lines.append(f"| {label} | {len(runs)} | {fmt([x[0] for x in a])} | {fmt([x[1] for x in a])} | "
                      f"{fmt([x[0] for x in p])} | {fmt([x[1] for x in p])} | {fmt(rawp)} | "
                      f"{fmt(kl, percent=False, digits=3)} | {fmt([x[0] for x in te])} | {fmt([x[1] for x in te])} | "
-                     f"{fmt([x[0] for x in sc])} | {fmt([x[1] for x in sc])} |")
+                     f"{fmt([x[0] for x in sc])} | {fmt([x[1] for x in sc])} | "
+                     f"{fmt([x[0] for x in cd])} | {fmt([x[1] for x in cd])} |")
     return lines + [""]
 
 

@@ -25,7 +25,7 @@ def run_eval(recipe, progress: bool = True) -> dict:
     from rlprm.data.problems import eval_problems
     from rlprm.errors import loading
     from rlprm.models import load_causal_lm, load_tokenizer, resolve_device
-    from rlprm.reward.adapters import load_for_recipe
+    from rlprm.reward.adapters import check_reward_model, load_for_recipe
     from rlprm.rollout import sampler_for
     from rlprm.tracking import Tracker
 
@@ -45,6 +45,10 @@ def run_eval(recipe, progress: bool = True) -> dict:
     # the run folder (recipe.yaml, metrics.jsonl) is created only once every model has loaded and scored: a folder
     # that passes the input checks but does not load leaves nothing behind (issue 24)
     tracker = None
+    # what would keep a reward model from loading, found before sampling (each loads only after it, one at a time)
+    for name, path in ev.reward_models.items():
+        with loading(f"eval.reward_models.{name}", path):
+            check_reward_model(path, ev.reward_model_adapters.get(name), recipe.task.step_separator)
     try:
         # 1. the pool: sampled once, reused by every selector
         problems = eval_problems(recipe, ev.num_problems)

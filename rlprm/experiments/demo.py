@@ -29,13 +29,20 @@ stage in this process, one after another. A failure in a lane stops the demo wit
 stage running beside it has ended (and been marked complete if it succeeded).
 
 Skipping: a stage that finishes writes `.demo-stage.json` into its folder,
-last and atomically, holding a key made of its resolved recipe and the keys of
-the stages it reads from. A re-run skips every stage whose marker matches and
+last and atomically, holding a key made of its resolved recipe (a canonical
+dump: keys sorted, so that a schema whose fields move changes no key) and the
+run ids of the stages it reads from, and that dump itself, so that a re-run
+that redoes the stage says which settings changed (`rl.epochs: 3 -> 1`). A re-run skips every stage whose marker matches and
 whose outputs are still there, so after a crash only the interrupted stage
 (and what follows) runs again; a stage whose settings changed, or whose input
 stage was redone, runs again by itself. `--force` redoes every stage,
 `--force NAME...` the named ones (a prefix such as `rl` or `bon` names a
 group), and what depends on them.
+
+Signals: SIGTERM or SIGHUP to the demo (a `kill`, a closed terminal, a job scheduler's stop) ends the lanes'
+children too (SIGTERM, then SIGKILL after LANE_GRACE_SECONDS), writes no marker for the stages they were running
+(a re-run redoes them), writes demo_summary.json with status "interrupted" and exits with 128 + the signal's
+number. (Ctrl-C reaches the whole process group by itself.)
 
 Seeds: `--seeds N` repeats the RL runs and the best-of-N evaluations with
 run.seed = 0..N-1 (training problems, sampling and evaluation problems all
@@ -60,6 +67,7 @@ import shutil
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -72,6 +80,8 @@ from rlprm.shipped import recipes_dir
 ROOT = Path(rlprm.__file__).resolve().parents[1]  # the checkout, wherever in the package this module sits
 RECIPES = recipes_dir()  # the shipped recipes (rlprm/shipped.py)
 MARKER = ".demo-stage.json"
+LANE_GRACE_SECONDS = 10.0
+"""After SIGTERM or SIGHUP, how long a lane's child has to end on the SIGTERM passed on to it before SIGKILL."""
 
 # Budgets of the demo (2 CPU cores, under 15 minutes for one seed); keys are stage groups.
 # `rlprm demo --set GROUP:key=value` changes one for a run.
@@ -143,6 +153,43 @@ class DemoInputError(InputError, DemoError):
     """A demo argument cannot be used as given (exit 2: bad input, no stage ran)."""
 
 
+class DemoInterrupted(BaseException):
+    """SIGTERM or SIGHUP reached the demo. A BaseException, as KeyboardInterrupt: no stage's `except Exception`
+    may take it for a failure of its own and go on."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.exit_code = 128 + signum  # what a shell reports for a process ended by that signal
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+@contextmanager
+def stopped_by_signals():
+    """While inside, SIGTERM and SIGHUP raise DemoInterrupted in the main thread (where Python runs signal
+    handlers: the demo's stage loop or a stage running here); elsewhere, or outside, they keep their handlers."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGTERM, signal.SIGHUP)
+
+    def stop(signum, frame):
+        for s in signals:  # the clean-up that follows (ending the lanes, the summary) must not be cut short
+            signal.signal(s, signal.SIG_IGN)
+        raise DemoInterrupted(signum)
+
+    before = {s: signal.signal(s, stop) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 @dataclass
 class Stage:
     """One step of the pipeline: `run()` writes into `out_dir`; `outputs` must exist afterwards."""
@@ -151,7 +198,8 @@ class Stage:
     out_dir: Path
     run: Callable[[], object]
     key: str
-    """What defines the output (the resolved recipe); a changed key means the stage runs again."""
+    """What defines the output (the resolved recipe's canonical dump, `canonical_settings`); a changed key means
+    the stage runs again."""
     deps: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     """Files (relative to out_dir) that a complete stage has."""
@@ -160,6 +208,9 @@ class Stage:
     stage runs `run()` in this process, alone."""
     parallel: bool = False
     """May run beside other parallel stages (each with one torch thread); others run alone, with every core."""
+    legacy_key: str | None = None
+    """The key text as demo folders written before the canonical dump hold it (the recipe's YAML in field order):
+    a marker with it still counts as complete, so that the change of format alone redoes no stage."""
 
 
 # --------------------------------------------------------------------------- the stage runner
@@ -182,8 +233,56 @@ def _forced(name: str, force) -> bool:
     return any(name == f or name.startswith(f + "-") for f in (force or []))
 
 
-def _stage_key(st: Stage, run_ids: dict[str, str]) -> str:
-    return hashlib.sha256("\n".join([st.key, *(run_ids[d] for d in st.deps)]).encode()).hexdigest()[:16]
+def _stage_key(st: Stage, run_ids: dict[str, str], text: str | None = None) -> str:
+    text = st.key if text is None else text
+    return hashlib.sha256("\n".join([text, *(run_ids[d] for d in st.deps)]).encode()).hexdigest()[:16]
+
+
+def canonical_settings(recipe) -> str:
+    """The resolved recipe as YAML with every mapping's keys sorted and values in their JSON form (paths as
+    strings, tuples as lists): the same text whatever the order of the schema's fields, of a recipe's sections
+    or of a dump's keys; a different one for any changed value. Nothing is left out (list order is kept: it can
+    matter)."""
+    import yaml
+
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=True, allow_unicode=True,
+                          default_flow_style=False)
+
+
+def settings_lines(text: str) -> dict[str, str]:
+    """A key's text as {dotted key path: value}: a YAML mapping flattened, its `# name: value` comment lines
+    (e.g. an outside generator's files) as their own entries; any other text is one entry, `settings`."""
+    import yaml
+
+    comments = {ln[2:].partition(":")[0]: ln[2:].partition(":")[2].strip()
+                for ln in text.splitlines() if ln.startswith("# ")}
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError:
+        tree = None
+    if not isinstance(tree, dict):
+        return {"settings": text.strip()}
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            out[prefix[:-1]] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+    walk("", tree)
+    return {**out, **comments}
+
+
+def settings_diff(old: str, new: str, limit: int = 6) -> str:
+    """What changed between two key texts, one `path: old -> new` per changed key (`absent` where a key is new or
+    gone), the first `limit` of them."""
+    a, b = settings_lines(old), settings_lines(new)
+    changed = [f"{k}: {a.get(k, 'absent')} -> {b.get(k, 'absent')}" for k in sorted(a.keys() | b.keys())
+               if a.get(k) != b.get(k)]
+    more = f" (and {len(changed) - limit} more)" if len(changed) > limit else ""
+    return "; ".join(changed[:limit]) + more
 
 
 def _check_layout(stages: list[Stage], root: Path) -> None:
@@ -199,15 +298,32 @@ def _check_layout(stages: list[Stage], root: Path) -> None:
         seen.add(st.name)
 
 
-def _skip_or_why(st: Stage, key: str, force) -> tuple[dict | None, str]:
+def _skip_or_why(st: Stage, key: str, force, run_ids: dict[str, str]) -> tuple[dict | None, str]:
     """(the marker, "") when the stage is complete with this key and not forced; else (None, why it runs)."""
     out = Path(st.out_dir).resolve()
     marker = read_marker(out)
     complete = marker is not None and all((out / o).exists() for o in st.outputs)
-    if complete and marker.get("key") == key and not _forced(st.name, force):
-        return marker, ""
+    if complete and not _forced(st.name, force):
+        if marker.get("key") == key:
+            return marker, ""
+        if st.legacy_key is not None and marker.get("key") == _stage_key(st, run_ids, st.legacy_key):
+            # an older demo's marker for the same settings: rewritten in the canonical form, the stage kept
+            marker.update(key=key, settings=st.key, inputs={d: run_ids[d] for d in st.deps})
+            _write_marker(out, marker)
+            return marker, ""
     return None, ("forced" if _forced(st.name, force) else "not run yet" if marker is None
-                  else "its settings or inputs changed" if complete else "its output is incomplete")
+                  else _changed(st, marker, run_ids) if complete else "its output is incomplete")
+
+
+def _changed(st: Stage, marker: dict, run_ids: dict[str, str]) -> str:
+    """Why a complete stage's key no longer matches: the settings that changed, or the inputs that were redone."""
+    if "settings" not in marker:
+        return "settings changed"  # a marker from before the settings were recorded in it
+    redone = [d for d in st.deps if marker.get("inputs", {}).get(d) != run_ids[d]]
+    diff = settings_diff(marker["settings"], st.key)
+    return "; ".join(filter(None, [f"settings changed: {diff}" if diff else "",
+                                   f"redone input{'s' * (len(redone) > 1)}: {', '.join(redone)}" if redone else ""])
+                     ) or "settings changed"
 
 
 def _clear(out: Path) -> None:
@@ -229,8 +345,10 @@ def _finish(st: Stage, key: str, seconds: float, run_ids: dict[str, str]) -> Non
     if missing:
         raise DemoError(f"stage {st.name} finished but {out} lacks {', '.join(missing)}")
     run_ids[st.name] = uuid.uuid4().hex
+    # the settings and input run ids beside the key: a later run whose key differs can say what changed
     _write_marker(out, {"stage": st.name, "key": key, "run_id": run_ids[st.name], "seconds": round(seconds, 1),
-                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "settings": st.key,
+                        "inputs": {d: run_ids[d] for d in st.deps}})
 
 
 def run_stages(stages: list[Stage], root: Path, force=None, log: Callable[[str], None] = _say, lanes: int = 1,
@@ -264,7 +382,7 @@ def _skipped(st: Stage, head: str, marker: dict, log, run_ids: dict[str, str]) -
 def _run_here(st: Stage, head: str, force, log, run_ids: dict[str, str]) -> dict:
     """Run (or skip) one stage in this process."""
     key = _stage_key(st, run_ids)
-    marker, why = _skip_or_why(st, key, force)
+    marker, why = _skip_or_why(st, key, force, run_ids)
     if marker is not None:
         return _skipped(st, head, marker, log, run_ids)
     out = Path(st.out_dir).resolve()
@@ -289,7 +407,7 @@ def _start_next(pending: list[Stage], running: dict, run_ids: dict[str, str], re
         if not all(d in run_ids for d in st.deps):
             continue  # its inputs are still running
         key = _stage_key(st, run_ids)
-        marker, why = _skip_or_why(st, key, force)
+        marker, why = _skip_or_why(st, key, force, run_ids)
         alone = not st.parallel or st.call is None
         if marker is None:
             busy = len(running) >= lanes or any(not s.parallel for s, _, _ in running.values())
@@ -325,31 +443,65 @@ def _run_lanes(stages: list[Stage], force, log, lanes: int, records: list[dict])
     failure: DemoError | None = None
     # a fresh process per stage: its threads, memory and peak RSS are its own
     with ProcessPoolExecutor(lanes, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
-        while running or (pending and failure is None):
-            while failure is None and _start_next(pending, running, run_ids, records, heads, force, log, lanes, pool):
-                pass
-            if not running:
-                break
-            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for fut in done:
-                st, key, t0 = running.pop(fut)
-                seconds = time.monotonic() - t0
-                try:
-                    info = fut.result()
-                    _finish(st, key, seconds, run_ids)
-                except Exception as exc:
-                    err = exc if isinstance(exc, DemoError) else _failed(st, seconds, exc)
-                    if running:
-                        log(f"{heads[st.name]}: FAILED; waiting for {', '.join(s.name for s, _, _ in running.values())}"
-                            f" to end before stopping")
-                    failure = failure or err
-                    continue
-                log(f"{heads[st.name]}: done in {seconds:.0f} s")
-                records.append({"stage": st.name, "status": "ran", "seconds": round(seconds, 1), "dir": str(st.out_dir),
-                                "start": t0, "end": t0 + seconds, "peak_rss_mib": info["peak_rss_mib"]})
+        try:
+            while running or (pending and failure is None):
+                while failure is None and _start_next(pending, running, run_ids, records, heads, force, log, lanes,
+                                                      pool):
+                    pass
+                if not running:
+                    break
+                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for fut in done:
+                    failure = _lane_ended(fut, running, run_ids, records, heads, log) or failure
+        except BaseException:
+            # a signal (DemoInterrupted), Ctrl-C or a bug here: leaving the `with` would wait for the children to
+            # finish their stages, for as long as those take
+            _stop_lanes(pool, running, log)
+            raise
     if failure is not None:
         raise failure
     return records
+
+
+def _lane_ended(fut, running: dict, run_ids: dict[str, str], records: list[dict], heads: dict[str, str],
+               log) -> DemoError | None:
+    """A lane's stage has returned: mark it complete and record it; its error (a DemoError) if it failed."""
+    st, key, t0 = running.pop(fut)
+    seconds = time.monotonic() - t0
+    try:
+        info = fut.result()
+        _finish(st, key, seconds, run_ids)
+    except Exception as exc:
+        if running:
+            log(f"{heads[st.name]}: FAILED; waiting for {', '.join(s.name for s, _, _ in running.values())}"
+                f" to end before stopping")
+        return exc if isinstance(exc, DemoError) else _failed(st, seconds, exc)
+    log(f"{heads[st.name]}: done in {seconds:.0f} s")
+    records.append({"stage": st.name, "status": "ran", "seconds": round(seconds, 1), "dir": str(st.out_dir),
+                    "start": t0, "end": t0 + seconds, "peak_rss_mib": info["peak_rss_mib"]})
+    return None
+
+
+def _stop_lanes(pool, running: dict, log) -> None:
+    """End every lane's child process: SIGTERM, then SIGKILL for any still alive after LANE_GRACE_SECONDS. The
+    stages they ran get no marker (only the parent writes markers, after a child returns): a re-run redoes them."""
+    import multiprocessing
+
+    pool.shutdown(wait=False, cancel_futures=True)  # nothing new starts
+    children = multiprocessing.active_children()  # the pool's workers: this process starts no other children
+    if running:
+        log(f"demo: stopping {', '.join(st.name for st, _, _ in running.values())} (left unfinished: a re-run "
+            f"redoes {'them' if len(running) > 1 else 'it'})")
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + LANE_GRACE_SECONDS
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+    for child in children:
+        if child.is_alive():
+            log(f"demo: lane process {child.pid} still running {LANE_GRACE_SECONDS:.0f} s after SIGTERM; killing it")
+            child.kill()
+            child.join(5)
 
 
 def _execute_here(st: Stage, key: str, head: str, log, run_ids: dict[str, str]) -> dict:
@@ -405,8 +557,9 @@ def build_stages(out: Path, seeds: int = 1, wandb: str = "disabled", extra: dict
         # RL and best-of-N stages run with one torch thread and read only finished stages: lanes may pair them
         parallel = group in ("rm", "rl", "bon")
         bars = progress and (lanes == 1 or not parallel)
-        stages.append(Stage(name, out_dir, lambda: job(recipe, bars), recipe_to_yaml(recipe) + external, deps,
-                            outputs, call=(job, (recipe, bars)), parallel=parallel))
+        stages.append(Stage(name, out_dir, lambda: job(recipe, bars), canonical_settings(recipe) + external, deps,
+                            outputs, call=(job, (recipe, bars)), parallel=parallel,
+                            legacy_key=recipe_to_yaml(recipe) + external))
 
     given = generator is not None
     generator = Path(generator).resolve() if given else out / "prepare" / "generator"
@@ -584,12 +737,18 @@ def run_demo(out: str | Path = ROOT / "runs" / "demo", seeds: int = 1, force=Non
     out.mkdir(parents=True, exist_ok=True)
     summary = {"out": str(out), "seeds": seeds, "lanes": lanes, "argv": sys.argv[1:], "status": "running"}
     try:
-        summary["stages"] = run_stages(stages, out, force, log, lanes=lanes, records=records)
+        with stopped_by_signals():
+            summary["stages"] = run_stages(stages, out, force, log, lanes=lanes, records=records)
         # the work behind the outputs, skipped stages counted at the time they took when they ran
         summary["stage_seconds_total"] = round(sum(r["seconds"] or 0 for r in summary["stages"]), 1)
         summary["status"] = "done"
     except DemoError as exc:
         summary.update(status="failed", error=str(exc))
+        raise
+    except (DemoInterrupted, KeyboardInterrupt) as exc:
+        summary.update(status="interrupted", error=str(exc) or "interrupted by SIGINT",
+                       stages=records)  # the stages that ended before
+        log(f"demo: {summary['error']}; finished stages are kept, run the same command again to go on")
         raise
     finally:
         peak = demo_peak_rss_mib(records)

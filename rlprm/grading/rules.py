@@ -9,7 +9,7 @@ calls out: regular expressions, brace matching and :class:`fractions.Fraction`.
 * screening: :data:`HOSTILE_RE` (code-like text), :func:`nesting_depth`,
   :func:`hazard` (giant numbers);
 * normalisation to one LaTeX form following the MATH conventions
-  (:func:`normalize`) and the key for exact comparison (:func:`_canon`);
+  (:func:`normalize`) and the key for exact comparison (:func:`canon`);
 * exact rules (:func:`decide_local`): equal normal forms, plain numbers
   compared as fractions, text answers as words, hedges; ``None`` defers a pair
   to math-verify in a worker.
@@ -400,9 +400,9 @@ _CMD_SPACE_RE = re.compile(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])")
 _SINGLE_SCRIPT_RE = re.compile(r"([\^_])\{(\w)\}")
 
 
-def _canon(s: str) -> str:
+def canon(s: str) -> str:
     """Key for exact comparison: text unwrapped, spaces removed, trivial braces dropped."""
-    s = _squeeze(_TEXT_GROUP_RE.sub(r"\1", s))
+    s = squeeze(_TEXT_GROUP_RE.sub(r"\1", s))
     s = _SINGLE_SCRIPT_RE.sub(r"\1\2", s)
     s = s.replace("bmatrix", "pmatrix").replace("+\\infty", "\\infty")
     s = re.sub(r"\\(le|ge|ne)(?![A-Za-z])", r"\\\1q", s)
@@ -415,7 +415,7 @@ def _canon(s: str) -> str:
 _DIGIT_SPACE_RE = re.compile(r"(?<=\d)\s+(?=\d)")
 
 
-def _squeeze(s: str) -> str:
+def squeeze(s: str) -> str:
     """``s`` without spaces, except one after a command followed by a letter
     (``\\cot x``) and one between digits (``1 2`` is not ``12``)."""
     s = _CMD_SPACE_RE.sub("\\1\x00", s)
@@ -434,7 +434,7 @@ _MIXED_NUM_RE = re.compile(r"([+-]?)(\d+)\\frac\{(\d+)\}\{(\d+)\}")
 _SCI_NUM_RE = re.compile(r"([+-]?)(\d+(?:\.\d+)?)\\(?:times|cdot)10\^(?:\{([+-]?\d{1,3})\}|(\d))")
 
 
-def _as_number(c: str) -> tuple[Fraction, int | None] | None:
+def as_number(c: str) -> tuple[Fraction, int | None] | None:
     """Exact value of a plain number in canonical form, with its decimal places.
 
     Returns ``(value, places)`` where ``places`` is the number of digits after
@@ -471,7 +471,8 @@ def _as_number(c: str) -> tuple[Fraction, int | None] | None:
     return None
 
 
-def _terminates(q: Fraction) -> bool:
+def terminates(q: Fraction) -> bool:
+    """Whether ``q`` has a finite decimal expansion (no prime but 2 and 5 in its denominator)."""
     d = q.denominator
     for p in (2, 5):
         while d % p == 0:
@@ -485,7 +486,7 @@ def _numbers_equal(a: tuple[Fraction, int | None], b: tuple[Fraction, int | None
     if a[0] == b[0]:
         return True
     for (dv, places), (qv, _) in ((a, b), (b, a)):
-        if places is None or places < 6 or _terminates(qv):
+        if places is None or places < 6 or terminates(qv):
             continue
         scale = 10 ** places
         scaled = abs(qv) * scale
@@ -539,7 +540,7 @@ def decide_local(pn: str, gn: str) -> bool | None:
         return False
     if _is_hedged(pn) and not _is_hedged(gn) and not _is_multi(gn):
         return False
-    pc, gc = _canon(pn), _canon(gn)
+    pc, gc = canon(pn), canon(gn)
     if pc == gc:
         return True
     if _TEXT_ONLY_RE.fullmatch(gn) and re.search(r"[A-Za-z]", gn):
@@ -548,7 +549,7 @@ def decide_local(pn: str, gn: str) -> bool | None:
         pc = _ASSIGN_RE.sub("", pc, count=1)
         if pc == gc:
             return True
-    a, b = _as_number(pc), _as_number(gc)
+    a, b = as_number(pc), as_number(gc)
     if a is not None and b is not None:
         return _numbers_equal(a, b)
     return None

@@ -616,6 +616,26 @@ class RewardModel:
             (tmp / RM_FILE).write_text(json.dumps(asdict(self.convention), indent=2) + "\n")
         return path
 
+    @staticmethod
+    def read_convention(path: str | Path, step_separator: str | None = None) -> Convention:
+        """The Convention in a saved folder's rlprm_rm.json, checked (readable, a format this rlprm reads, and
+        with `step_separator` the separator it was trained with): what `load` reads before any weight."""
+        meta = Path(path) / RM_FILE
+        if not meta.is_file():
+            raise RewardModelError(f"{path} is not an rlprm reward model: it has no {RM_FILE} "
+                                   "(train one with `rlprm train-rm`, or save a RewardModel there)")
+        try:
+            data = json.loads(meta.read_text())
+            if data.get("format_version", 0) > FORMAT_VERSION:
+                raise RewardModelError(f"{meta} has format_version {data['format_version']}; this rlprm reads up to "
+                                       f"{FORMAT_VERSION}: upgrade rlprm")
+            convention = Convention(**data)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as exc:
+            raise RewardModelError(f"{meta} is not a readable reward-model description ({type(exc).__name__}: "
+                                   f"{str(exc)[:160]}; a truncated copy?): copy the folder again") from None
+        check_separator(convention.step_separator, step_separator)
+        return convention
+
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", dtype: str = "float32", step_separator: str | None = None,
              trust_remote_code: bool = False) -> "RewardModel":
@@ -624,15 +644,7 @@ class RewardModel:
 
         path = Path(path)
         meta = path / RM_FILE
-        if not meta.is_file():
-            raise RewardModelError(f"{path} is not an rlprm reward model: it has no {RM_FILE} "
-                                   "(train one with `rlprm train-rm`, or save a RewardModel there)")
-        data = json.loads(meta.read_text())
-        if data.get("format_version", 0) > FORMAT_VERSION:
-            raise RewardModelError(f"{meta} has format_version {data['format_version']}; this rlprm reads up to "
-                                   f"{FORMAT_VERSION}: upgrade rlprm")
-        convention = Convention(**data)
-        check_separator(convention.step_separator, step_separator)
+        convention = cls.read_convention(path, step_separator)
         tokenizer = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)
         weights = torch_dtype(dtype)  # with the tokenizer: what the loads below need from rlprm.models, at once
         if convention.scorer == "lm":

@@ -35,10 +35,21 @@ def load_models(recipe: Recipe, ckpt: Path | None, device: str, *, reference: bo
     (the algorithm's `needs_reference`), all three by one call of `rlprm.models.load_generator`; then
     model.reward_model (family reward.adapter, in model.dtype) when `reward_model` (the reward source's
     `uses_reward_model`)."""
+    from contextlib import nullcontext
+
+    from rlprm.errors import loading
     from rlprm.models import load_generator
 
     lora = recipe.model.lora.enabled
-    tokenizer, policy, frozen = load_generator(recipe, ckpt, device, frozen_copy=reference and not lora)
+    if reward_model:  # what would keep it from loading, found before the generator's (long, at scale) loads
+        from rlprm.reward.adapters import check_reward_model
+
+        with loading("model.reward_model", recipe.model.reward_model):
+            check_reward_model(recipe.model.reward_model, recipe.reward.adapter, recipe.task.step_separator)
+    # a folder that passed the input checks but does not load is bad input naming its key (exit 2), as in
+    # `rlprm eval`; a checkpoint of this run's own (resume) is not the user's input: its errors stay as they are
+    with loading("model.generator", recipe.model.generator) if ckpt is None else nullcontext():
+        tokenizer, policy, frozen = load_generator(recipe, ckpt, device, frozen_copy=reference and not lora)
     models = Models(tokenizer=tokenizer, policy=policy)
     if reference:  # with LoRA the policy's own base, adapters off: no second copy of the weights
         from rlprm.rl.reference import AdaptersOff
@@ -47,7 +58,8 @@ def load_models(recipe: Recipe, ckpt: Path | None, device: str, *, reference: bo
     if reward_model:
         from rlprm.reward.adapters import load_for_recipe
 
-        models.reward_model = load_for_recipe(recipe, device=device, dtype=recipe.model.dtype)
+        with loading("model.reward_model", recipe.model.reward_model):
+            models.reward_model = load_for_recipe(recipe, device=device, dtype=recipe.model.dtype)
     return models
 
 

@@ -330,8 +330,11 @@ class PPO:
         return setup(recipe, micro_batch=max(1, rl.minibatch_size // world))
 
     def setup(self, run: Run) -> None:
+        from contextlib import nullcontext
+
         import torch
 
+        from rlprm.errors import loading
         from rlprm.models import disable_dropout, float32_masters
         from rlprm.rl.core import AdaptiveKLController, FixedKLController
 
@@ -339,9 +342,11 @@ class PPO:
         m = recipe.model
         ckpt = run.ckpt
         value_src = ckpt / "extra" / "value" if ckpt else (m.generator if rl.value_model == "policy" else rl.value_model)
-        # a checkpoint's critic in the dtype it was saved in (its float32 masters come back unrounded)
-        self.value_model = _load_value_model(value_src, "auto" if ckpt else m.dtype, run.device, m.trust_remote_code,
-                                             rl.value_layers)
+        # a checkpoint's critic in the dtype it was saved in (its float32 masters come back unrounded); a critic
+        # folder of the user's that does not load is bad input naming rl.value_model (exit 2)
+        with nullcontext() if ckpt or rl.value_model == "policy" else loading("rl.value_model", rl.value_model):
+            self.value_model = _load_value_model(value_src, "auto" if ckpt else m.dtype, run.device,
+                                                 m.trust_remote_code, rl.value_layers)
         # the old log-probs are read in eval(), the update runs in train(): the policy without dropout either
         disable_dropout(run.policy, config=False)
         # the trainable weights only: all of them, or LoRA's adapters (the frozen base needs no Adam moments).

@@ -75,19 +75,9 @@ def detect_family(ref: str | Path) -> str | None:
     return None
 
 
-def load_reward_model(ref: str | Path, adapter: str | None = None, device: str = "cpu", dtype: str = "float32",
-                      step_separator: str | None = None, trust_remote_code: bool = False,
-                      reference: str | Path | None = None, beta: float = 0.001, system_prompt: str | None = None):
-    """Any reward model by folder or hub id: rlprm's own, or a public PRM through its family's adapter.
-
-    `adapter`: one of FAMILIES, or None to detect. `step_separator`: for rlprm models, the separator they must
-    have been trained with (refused otherwise); for public PRMs, how solution texts are split into steps.
-    `reference` / `beta`: the implicit family's reference LM and beta. `system_prompt`: qwen_prm's (None: the
-    card's). `dtype`: float32 | bfloat16 | auto.
-    """
-    from rlprm.steps import DEFAULT_SEPARATOR
-
-    ref = str(ref)
+def resolve_family(ref: str, adapter: str | None = None) -> str:
+    """The family `ref` loads as: `adapter`, else detected from its files; AdapterError when it is unknown, cannot
+    be told, or contradicts the files (an rlprm folder named as another family, or the reverse)."""
     if adapter is not None and adapter not in FAMILIES:
         raise AdapterError(f"unknown PRM adapter {adapter!r}; the families are: {_families_text()}")
     if ref.startswith((".", "/", "~")) and not Path(ref).expanduser().exists():
@@ -101,17 +91,68 @@ def load_reward_model(ref: str | Path, adapter: str | None = None, device: str =
                            "Qwen2ForProcessRewardModel or *ForTokenClassification architecture, no Skywork value "
                            "head). Name it with "
                            f"reward.adapter (or eval.reward_model_adapters.NAME): {_families_text()}")
+    if family == "rlprm" and found != "rlprm":
+        raise AdapterError(f"{ref} has no {ADAPTER_FILE}: it is not an rlprm reward model; name its family "
+                           f"instead: {_families_text()}")
+    if family != "rlprm" and found == "rlprm":
+        raise AdapterError(f"{ref} is an rlprm reward model ({ADAPTER_FILE}); drop the adapter {family!r} or set "
+                           "it to rlprm")
+    return family
+
+
+def check_reward_model(ref: str | Path, adapter: str | None = None, step_separator: str | None = None) -> None:
+    """What `load_reward_model` would refuse, found without loading a weight, for a job that loads its reward
+    models only after long work (`rlprm eval` scores after sampling every problem): the family
+    (`resolve_family`), and for an rlprm folder its rlprm_rm.json (`RewardModel.read_convention`: readable, a
+    format this rlprm reads, the step separator) and its head among the tensors its safetensors headers name.
+    Raises the loader's own errors (AdapterError, RewardModelError)."""
+    from rlprm.reward.model import RewardModel, RewardModelError
+
+    ref = str(ref)
+    if resolve_family(ref, adapter) != "rlprm":
+        return
+    convention = RewardModel.read_convention(ref, step_separator)
+    names = tensor_names(Path(ref))
+    if convention.scorer != "lm" and names is not None and not any(n.startswith("score.") for n in names):
+        raise RewardModelError(f"{ref} cannot be loaded as rlprm {convention.kind.upper()}: its weights have no "
+                               "`score` head (a causal LM's folder with an rlprm_rm.json copied in?): point it at the "
+                               "folder `rlprm train-rm` wrote (RUN_DIR/reward_model)")
+
+
+def tensor_names(path: Path) -> set[str] | None:
+    """The tensor names of a local folder's safetensors weights, from the headers (or the shard index) only;
+    None when it has none to read (a hub id, .bin weights)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text()).get("weight_map", {}))
+    single = path / "model.safetensors"
+    if not single.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(single), "pt") as f:
+        return set(f.keys())
+
+
+def load_reward_model(ref: str | Path, adapter: str | None = None, device: str = "cpu", dtype: str = "float32",
+                      step_separator: str | None = None, trust_remote_code: bool = False,
+                      reference: str | Path | None = None, beta: float = 0.001, system_prompt: str | None = None):
+    """Any reward model by folder or hub id: rlprm's own, or a public PRM through its family's adapter.
+
+    `adapter`: one of FAMILIES, or None to detect. `step_separator`: for rlprm models, the separator they must
+    have been trained with (refused otherwise); for public PRMs, how solution texts are split into steps.
+    `reference` / `beta`: the implicit family's reference LM and beta. `system_prompt`: qwen_prm's (None: the
+    card's). `dtype`: float32 | bfloat16 | auto.
+    """
+    from rlprm.steps import DEFAULT_SEPARATOR
+
+    ref = str(ref)
+    family = resolve_family(ref, adapter)
     if family == "rlprm":
         from rlprm.reward.model import RewardModel
 
-        if found != "rlprm":
-            raise AdapterError(f"{ref} has no {ADAPTER_FILE}: it is not an rlprm reward model; name its family "
-                               f"instead: {_families_text()}")
         return RewardModel.load(ref, device=device, dtype=dtype, step_separator=step_separator,
                                 trust_remote_code=trust_remote_code)
-    if found == "rlprm":
-        raise AdapterError(f"{ref} is an rlprm reward model ({ADAPTER_FILE}); drop the adapter {family!r} or set "
-                           "it to rlprm")
     if family == "qwen_prm":
         from rlprm.reward.adapters import qwen_prm
 
@@ -157,4 +198,5 @@ def load_for_recipe(recipe, ref: str | Path | None = None, adapter: str | None =
                              beta=rcfg.implicit_beta, system_prompt=rcfg.system_prompt)
 
 
-__all__ = ["ADAPTER_FILE", "AdapterError", "Encoded", "FAMILIES", "HubPRM", "detect_family", "load_for_recipe", "load_reward_model"]
+__all__ = ["ADAPTER_FILE", "AdapterError", "Encoded", "FAMILIES", "HubPRM", "check_reward_model", "detect_family",
+           "load_for_recipe", "load_reward_model", "resolve_family", "tensor_names"]
