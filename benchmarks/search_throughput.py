@@ -104,8 +104,8 @@ def main() -> None:
         calls = generators[name].calls
         res = search(problems, generators[name], scorer, settings)
         return {"tokens": sum(res.tokens), "generate_s": res.generate_seconds, "score_s": res.score_seconds,
-                "calls": sum(res.scorer_calls), "seconds": res.seconds, "generate_calls": generators[name].calls - calls,
-                "finished": sum(len(f) for f in res.finished), "forwards": forwards["n"]}
+                "calls": sum(res.scorer_calls), "seconds": res.seconds,
+                "generate_calls": generators[name].calls - calls, "finished": sum(len(f) for f in res.finished), "forwards": forwards["n"]}
 
     # best-of-N's N from the default generator's first search: both spend about the same tokens
     first = search_run("kv_cache", 1)

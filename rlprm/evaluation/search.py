@@ -5,13 +5,14 @@ generation step by step (the idea of Snell et al. 2024, "Scaling LLM test-time c
 huggingface/search-and-learn, whose two methods are re-implemented here from their description).
 
 Pieces:
-- a step generator (`StepGenerator`: `HFStepGenerator` on Hugging Face `generate`) extends many partial
-  solutions by one step each, in one batch across beams and problems: sampling stops at the task's step
-  separator (`SeparatorStop`, a `StoppingCriteria` on the separator's characters as the new tokens spell them,
-  so a separator of several tokens, or one merged into a longer token, stops too). An answer step
-  (`# Answer\\n\\n5`, which holds the separator) runs on to EOS. HF `generate` recomputes the prefix of every
-  partial solution at each step (its KV cache lives only within one call); a sampler with a prefix cache (vLLM)
-  would reuse it.
+- a step generator (`StepGenerator`: `HFStepGenerator` on a Hugging Face causal LM, `VLLMStepGenerator` on a
+  vLLM engine) extends many partial solutions by one step each, in one batch across beams and problems: sampling
+  stops at the task's step separator (`SeparatorStop`, on the separator's characters as the new tokens spell
+  them, so a separator of several tokens, or one merged into a longer token, stops too). An answer step
+  (`# Answer\\n\\n5`, which holds the separator) runs on to EOS. `HFStepGenerator` keeps the keys and values of
+  every step it wrote and extends the kept partial solutions from them (rlprm/evaluation/kv_steps.py: no prefix
+  recomputed per round, a row leaves the batch when its step ends); with `reuse_cache=False`, or a model whose
+  cache cannot be sliced per row, it calls HF `generate` per round, which recomputes every prefix.
 - a scorer of partial solutions (`PrefixScorer.score_prefixes(problems, partial_texts)` -> per-step
   probabilities so far): an rlprm PRM or any hub family (`RewardModelScorer`, through their `score_steps`), the
   arithmetic task's exact checker (`CheckerScorer`, the oracle ceiling), or the generator's own confidence
@@ -187,6 +188,9 @@ class HFStepGenerator:
     """Next steps from Hugging Face `generate` on `model`: every context x n in batches of `batch_size` rows,
     each row stopping at the step separator (`SeparatorStop`) or EOS.
 
+    By default (`reuse_cache`) it runs `cached_steps`: kv_steps' own decoding loop from the kept keys and values of
+    the rows it wrote in its last two calls. Otherwise (and for `VLLMStepGenerator`, which shares the rest):
+
     A `generate` call runs until its slowest row stops, so one row that writes no separator would hold a whole
     batch to `max_step_tokens`. So a call ends once 90% of its rows have stopped and it has run 1.5 times their
     median length (`SeparatorStop`'s quorum), and calls after the first run at most `chunk` tokens (twice the
@@ -281,8 +285,9 @@ class HFStepGenerator:
                 stop = SeparatorStop(tok, self.sep, len(chunk) * n)
                 out = decode(model, found, n, temperature, greedy, max_step_tokens, stop.feed)
                 self.calls += 1
-                for row, ids, state in zip(rows[start * n:(start + len(chunk)) * n], out.ids, out.rows):
-                    self._advance(row, ids, max_step_tokens)
+                for row, ids, state, stopped in zip(rows[start * n:(start + len(chunk)) * n], out.ids, out.rows,
+                                                     stop.done):
+                    self._finish(row, ids, stopped, max_step_tokens)
                     # kept only where the step's text is exactly its tokens' (not cut inside a merged token)
                     if not row.draw.finished and self._decode(ids) == row.draw.text:
                         kept[contexts[row.context] + row.draw.text] = state
@@ -290,6 +295,23 @@ class HFStepGenerator:
             model.train(was_training)
         self.kept = [kept, self.kept[0]]
         return [[r.draw for r in rows[i * n:(i + 1) * n]] for i in range(len(contexts))]
+
+    def _finish(self, row: _Row, ids: list[int], stopped: bool, max_step_tokens: int) -> None:
+        """`_advance` for a row that ran until its stop (its last id ended the step or the solution) or the cap,
+        without replaying its ids one by one: `SeparatorStop` has already found where the step ends."""
+        eos = self.tokenizer.eos_token_id
+        if not stopped:
+            row.draw = StepDraw(self._decode(ids), len(ids), True)
+            return
+        if eos is not None and ids[-1] == eos:
+            row.draw = StepDraw(self._decode(ids[:-1]), len(ids), True)
+            return
+        text = self._decode(ids)
+        cut = step_end(text, self.sep)
+        if cut is None:  # the decoded text spells the step differently from its tokens' pieces: the replay decides
+            self._advance(row, ids, max_step_tokens)
+        else:
+            row.draw = StepDraw(text[:cut], len(ids), False)
 
     def _generate(self, contexts: list[str], n: int, temperature: float, max_new_tokens: int, greedy: bool,
                   spelled: list[str] | None) -> list[list[int]]:
