@@ -138,3 +138,48 @@ def test_a_cache_that_cannot_be_sliced_falls_back_to_generate(char_tokenizer):
 
     with pytest.raises(CacheUnsupported):
         plain_layers(object())
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_other_architectures_go_on_from_kept_rows_as_generate_does(char_tokenizer, arch):
+    """Hub generators are rarely Llama: a tiny random Qwen2 (grouped KV heads) and GPT-2 (learned absolute
+    positions). Contexts of different lengths (left padding) write 3-5 greedy tokens, leave the batch at different
+    tokens, then go on 6 more from their kept rows: the same tokens as `generate` writes greedily from each context
+    alone."""
+    import torch
+    import transformers
+
+    from rlprm.evaluation.kv_steps import decode, prefill
+
+    tok = char_tokenizer
+    special = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                   bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    if arch == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            **special))
+    else:
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=256,
+                                                                     **special))
+    model.eval()
+    contexts = ["12 + 3\n", "4 - 1\n1 + 1 = 2\n", "max(3, 4)\n", "7 mod 2 = 1\n"]
+    counts = [0] * len(contexts)
+
+    def stopped(fed):
+        for i, t in enumerate(fed):
+            counts[i] += t != -1
+        return [c >= 3 + i % 3 for i, c in enumerate(counts)]
+
+    first = decode(model, prefill(model, tok, contexts), 1, 1.0, True, 10, stopped)
+    assert [len(ids) for ids in first.ids] == [3, 4, 5, 3]
+    then = decode(model, first.rows, 1, 1.0, True, 6, lambda fed: [False] * len(fed))
+    went_on = 0
+    for context, a, b in zip(contexts, first.ids, then.ids):
+        enc = tok(context, return_tensors="pt")
+        with torch.no_grad():
+            ref = model.generate(**enc, do_sample=False, max_new_tokens=len(a) + 6, pad_token_id=tok.pad_token_id)
+        ref = ref[0, enc["input_ids"].shape[1]:].tolist()  # up to EOS, where `generate` stops a lone row
+        assert (a + b)[:len(ref)] == ref
+        went_on += len(ref) > len(a)
+    assert went_on >= 2  # most rows compared past their kept point
