@@ -11,6 +11,11 @@ alone and over generation + scoring, scorer calls per problem, and search's seco
 best-of-N's (`overhead_per_token`; target within 1.5x). Scorer `checker`: the exact step checker (costs next to
 nothing: the ratio is the generation's); `prm`: a tiny rlprm PRM on the generator's body (a forward pass per
 partial solution, as a real PRM costs).
+
+Search's step generator runs two ways, alternated in one run (`--repeats` rounds of each, medians reported):
+`kv_cache` (the default: each partial solution's keys and values kept between rounds, finished rows leaving the
+batch; rlprm/evaluation/kv_steps.py) and `generate` (`reuse_cache=False`: HF `generate` per round, the prefix
+recomputed). Best-of-N's rounds are interleaved with them. `--out FILE` also writes the JSON there.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ def main() -> None:
     parser.add_argument("--fit-steps", type=int, default=150)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--max-step-tokens", type=int, default=48)
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; the fastest is reported")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternated; medians reported")
+    parser.add_argument("--out", default=None, help="also write the JSON to this file")
     args = parser.parse_args()
 
     import torch
@@ -60,7 +66,8 @@ def main() -> None:
                                    "prm", "\n")
     else:
         scorer = CheckerScorer("\n")
-    generator = HFStepGenerator(model, tokenizer, "\n", batch_size=256)
+    generators = {"kv_cache": HFStepGenerator(model, tokenizer, "\n", batch_size=256),
+                  "generate": HFStepGenerator(model, tokenizer, "\n", batch_size=256, reuse_cache=False)}
     settings = SearchSettings("beam", n=args.n, width=args.width, max_steps=12, max_step_tokens=args.max_step_tokens,
                               max_new_tokens=args.max_new_tokens, seed=1)
     prompts = [p.prompt for p in problems]
@@ -74,6 +81,8 @@ def main() -> None:
 
     model.forward = counted_forward
     sample(model, tokenizer, prompts[:2], n=2, max_new_tokens=8, seed=0)  # warm-up: one-time costs
+    for g in generators.values():
+        search(problems[:2], g, scorer, SearchSettings("beam", n=2, width=2, max_steps=2, seed=0))
 
     def best_of(n: int, seed: int) -> dict:
         forwards["n"] = 0
@@ -89,45 +98,69 @@ def main() -> None:
         return {"n": n, "tokens": tokens, "generate_s": gen_s, "score_s": score_s, "calls": len(texts),
                 "forwards": forwards["n"]}
 
-    runs = []
-    for r in range(args.repeats):
-        settings.seed = 1 + r
+    def search_run(name: str, seed: int) -> dict:
+        settings.seed = seed
         forwards["n"] = 0
-        res = search(problems, generator, scorer, settings)
-        runs.append({"tokens": sum(res.tokens), "generate_s": res.generate_seconds, "score_s": res.score_seconds,
-                     "calls": sum(res.scorer_calls), "seconds": res.seconds,
-                     "finished": sum(len(f) for f in res.finished), "forwards": forwards["n"]})
-    beam = min(runs, key=lambda x: x["seconds"])
+        calls = generators[name].calls
+        res = search(problems, generators[name], scorer, settings)
+        return {"tokens": sum(res.tokens), "generate_s": res.generate_seconds, "score_s": res.score_seconds,
+                "calls": sum(res.scorer_calls), "seconds": res.seconds,
+                "generate_calls": generators[name].calls - calls, "finished": sum(len(f) for f in res.finished), "forwards": forwards["n"]}
+
+    # best-of-N's N from the default generator's first search: both spend about the same tokens
+    first = search_run("kv_cache", 1)
     probe = best_of(16, seed=0)
     per_sample = probe["tokens"] / (16 * len(problems))
-    n_match = max(1, round(beam["tokens"] / len(problems) / per_sample))
-    bon = min((best_of(n_match, seed=1 + r) for r in range(args.repeats)),
-              key=lambda x: x["generate_s"] + x["score_s"])
+    n_match = max(1, round(first["tokens"] / len(problems) / per_sample))
+    runs: dict[str, list[dict]] = {"kv_cache": [], "generate": [], "best_of_n": []}
+    for r in range(args.repeats):
+        order = ("kv_cache", "generate") if r % 2 else ("generate", "kv_cache")
+        for name in order:
+            runs[name].append(search_run(name, 1 + r))
+        runs["best_of_n"].append(best_of(n_match, seed=1 + r))
 
-    def report(x: dict) -> dict:
-        total = x["generate_s"] + x["score_s"]
-        return {"tokens_per_problem": round(x["tokens"] / len(problems), 1),
-                "generate_s": round(x["generate_s"], 3), "score_s": round(x["score_s"], 3),
-                "tokens_per_s_generate": round(x["tokens"] / x["generate_s"], 1),
-                "tokens_per_s_total": round(x["tokens"] / total, 1),
-                "scorer_calls_per_problem": round(x["calls"] / len(problems), 1),
-                "generator_forward_passes": x["forwards"]}
+    def per_token(x: dict, with_score: bool) -> float:
+        return (x["generate_s"] + (x["score_s"] if with_score else 0.0)) / x["tokens"]
 
-    b, o = report(beam), report(bon)
-    print(json.dumps({
+    def median(values: list[float]) -> float:
+        v = sorted(values)
+        return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+    def report(rows: list[dict]) -> dict:
+        m = {k: median([x[k] for x in rows]) for k in ("tokens", "generate_s", "score_s", "calls", "forwards")}
+        return {"tokens_per_problem": round(m["tokens"] / len(problems), 1),
+                "generate_s": round(m["generate_s"], 3), "score_s": round(m["score_s"], 3),
+                "tokens_per_s_generate": round(median([x["tokens"] / x["generate_s"] for x in rows]), 1),
+                "tokens_per_s_total": round(median([x["tokens"] / (x["generate_s"] + x["score_s"]) for x in rows]), 1),
+                "scorer_calls_per_problem": round(m["calls"] / len(problems), 1),
+                "generator_forward_passes": m["forwards"],
+                "runs": [{k: round(v, 4) if isinstance(v, float) else v for k, v in x.items()} for x in rows]}
+
+    bon = runs["best_of_n"]
+    overhead = {}
+    for name in ("kv_cache", "generate"):
+        # per round r: search's seconds per token over the same round's best-of-N; median over rounds
+        for with_score, key in ((False, "generate"), (True, "total")):
+            overhead[f"{name}_{key}"] = round(median([per_token(a, with_score) / per_token(b, with_score)
+                                                      for a, b in zip(runs[name], bon)]), 2)
+    result = {
+        "command": "benchmarks/search_throughput.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
+                                                                  vars(args).items() if k != "out"),
         "model": f"tiny generator (width 32, 2 layers) fitted {args.fit_steps} steps on the problems' reference "
                  f"solutions ({fit_s:.1f} s)",
         "scorer": args.scorer, "problems": len(problems), "threads": torch.get_num_threads(),
-        "beam": {"n": args.n, "width": args.width, "generate_calls": generator.calls, **b,
-                 "finished_per_problem": round(beam["finished"] / len(problems), 1)},
-        "best_of_n": {"n": n_match, "mean_tokens_per_sample": round(per_sample, 1), **o},
-        # seconds per generated token, search over best-of-N (target <= 1.5)
-        "overhead_per_token_generate": round((beam["generate_s"] / beam["tokens"])
-                                             / (bon["generate_s"] / bon["tokens"]), 2),
-        "overhead_per_token_total": round(((beam["generate_s"] + beam["score_s"]) / beam["tokens"])
-                                          / ((bon["generate_s"] + bon["score_s"]) / bon["tokens"]), 2),
+        "beam": {"n": args.n, "width": args.width,
+                 **{name: report(runs[name]) for name in ("kv_cache", "generate")}},
+        "best_of_n": {"n": n_match, "mean_tokens_per_sample": round(per_sample, 1), **report(bon)},
+        # seconds per generated token, search over best-of-N (target <= 1.5), median over alternated rounds
+        "overhead_per_token": overhead,
         "target_overhead_per_token": 1.5,
-    }, indent=1))
+    }
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ generation step by step (the idea of Snell et al. 2024, "Scaling LLM test-time c
 huggingface/search-and-learn, whose two methods are re-implemented here from their description).
 
 Pieces:
-- a step generator (`StepGenerator`: `HFStepGenerator` on Hugging Face `generate`) extends many partial
-  solutions by one step each, in one batch across beams and problems: sampling stops at the task's step
-  separator (`SeparatorStop`, a `StoppingCriteria` on the separator's characters as the new tokens spell them,
-  so a separator of several tokens, or one merged into a longer token, stops too). An answer step
-  (`# Answer\\n\\n5`, which holds the separator) runs on to EOS. HF `generate` recomputes the prefix of every
-  partial solution at each step (its KV cache lives only within one call); a sampler with a prefix cache (vLLM)
-  would reuse it.
+- a step generator (`StepGenerator`: `HFStepGenerator` on a Hugging Face causal LM, `VLLMStepGenerator` on a
+  vLLM engine) extends many partial solutions by one step each, in one batch across beams and problems: sampling
+  stops at the task's step separator (`SeparatorStop`, on the separator's characters as the new tokens spell
+  them, so a separator of several tokens, or one merged into a longer token, stops too). An answer step
+  (`# Answer\\n\\n5`, which holds the separator) runs on to EOS. `HFStepGenerator` keeps the keys and values of
+  every step it wrote and extends the kept partial solutions from them (rlprm/evaluation/kv_steps.py: no prefix
+  recomputed per round, a row leaves the batch when its step ends); with `reuse_cache=False`, or a model whose
+  cache cannot be sliced per row, it calls HF `generate` per round, which recomputes every prefix.
 - a scorer of partial solutions (`PrefixScorer.score_prefixes(problems, partial_texts)` -> per-step
   probabilities so far): an rlprm PRM or any hub family (`RewardModelScorer`, through their `score_steps`), the
   arithmetic task's exact checker (`CheckerScorer`, the oracle ceiling), or the generator's own confidence
@@ -187,6 +188,9 @@ class HFStepGenerator:
     """Next steps from Hugging Face `generate` on `model`: every context x n in batches of `batch_size` rows,
     each row stopping at the step separator (`SeparatorStop`) or EOS.
 
+    By default (`reuse_cache`) it runs `cached_steps`: kv_steps' own decoding loop from the kept keys and values of
+    the rows it wrote in its last two calls. Otherwise (and for `VLLMStepGenerator`, which shares the rest):
+
     A `generate` call runs until its slowest row stops, so one row that writes no separator would hold a whole
     batch to `max_step_tokens`. So a call ends once 90% of its rows have stopped and it has run 1.5 times their
     median length (`SeparatorStop`'s quorum), and calls after the first run at most `chunk` tokens (twice the
@@ -199,12 +203,24 @@ class HFStepGenerator:
     the ids sampled, which changes nothing the scorers read (text).
     """
 
-    def __init__(self, model, tokenizer, sep: str = DEFAULT_SEPARATOR, batch_size: int = 256):
+    def __init__(self, model, tokenizer, sep: str = DEFAULT_SEPARATOR, batch_size: int = 256,
+                 reuse_cache: bool = True):
+        """reuse_cache: extend partial solutions from their kept keys and values (`kv_steps`) instead of `generate`;
+        turned off by itself for a model whose cache cannot be sliced per row."""
         if not sep:
             raise SearchError("the step separator must not be empty")
         self.model, self.tokenizer, self.sep, self.batch_size = model, tokenizer, sep, batch_size
+        self.reuse_cache = reuse_cache
         self.calls = 0
         self.step_lengths: list[int] = []
+        # the rows written by the last two calls, by context + step text: a lookahead call in between still finds
+        # the round's candidates
+        self.kept: list[dict] = [{}, {}]
+
+    def reset(self) -> None:
+        """Forget the kept keys and values (`search` calls it before and after a search: the weights may change
+        between searches, as in RL, and the memory is freed)."""
+        self.kept = [{}, {}]
 
     def chunk(self, max_step_tokens: int) -> int:
         """Tokens a call may run: twice the median of the last 512 steps' lengths (at least 8); all of
@@ -216,6 +232,14 @@ class HFStepGenerator:
 
     def next_steps(self, contexts: list[str], n: int, temperature: float, max_step_tokens: int,
                    greedy: bool = False) -> list[list[StepDraw]]:
+        if self.reuse_cache:
+            from rlprm.evaluation.kv_steps import CacheUnsupported
+
+            try:
+                return self.cached_steps(contexts, n, temperature, max_step_tokens, greedy)
+            except CacheUnsupported:
+                self.reuse_cache = False
+                self.reset()
         rows = [_Row(i) for i in range(len(contexts)) for _ in range(n)]
         budget = self.chunk(max_step_tokens)
         for row, ids in zip(rows, self._generate(contexts, n, temperature, budget, greedy, None)):
@@ -236,6 +260,58 @@ class HFStepGenerator:
         self.step_lengths.extend(r.draw.tokens for r in rows if not r.draw.finished)
         del self.step_lengths[:-512]
         return [[r.draw for r in rows[i * n:(i + 1) * n]] for i in range(len(contexts))]
+
+    def cached_steps(self, contexts: list[str], n: int, temperature: float, max_step_tokens: int,
+                     greedy: bool = False) -> list[list[StepDraw]]:
+        """`next_steps` through `kv_steps`: a context that is a row this generator wrote in one of its last two
+        calls (context + step) goes on from that row's keys and values, any other is encoded and prefilled; every
+        row runs until its step ends (no quorum cut: a row that has ended leaves the batch)."""
+        from rlprm.evaluation.kv_steps import decode, prefill
+
+        model, tok = self.model, self.tokenizer
+        rows = [_Row(i) for i in range(len(contexts)) for _ in range(n)]
+        kept: dict = {}
+        per_batch = max(1, self.batch_size // n)
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, len(contexts), per_batch):
+                chunk = contexts[start:start + per_batch]
+                found = [self.kept[0].get(c) or self.kept[1].get(c) for c in chunk]
+                missing = [j for j, f in enumerate(found) if f is None]
+                if missing:
+                    for j, f in zip(missing, prefill(model, tok, [chunk[j] for j in missing])):
+                        found[j] = f
+                stop = SeparatorStop(tok, self.sep, len(chunk) * n)
+                out = decode(model, found, n, temperature, greedy, max_step_tokens, stop.feed)
+                self.calls += 1
+                for row, ids, state, stopped in zip(rows[start * n:(start + len(chunk)) * n], out.ids, out.rows,
+                                                     stop.done):
+                    self._finish(row, ids, stopped, max_step_tokens)
+                    # kept only where the step's text is exactly its tokens' (not cut inside a merged token)
+                    if not row.draw.finished and self._decode(ids) == row.draw.text:
+                        kept[contexts[row.context] + row.draw.text] = state
+        finally:
+            model.train(was_training)
+        self.kept = [kept, self.kept[0]]
+        return [[r.draw for r in rows[i * n:(i + 1) * n]] for i in range(len(contexts))]
+
+    def _finish(self, row: _Row, ids: list[int], stopped: bool, max_step_tokens: int) -> None:
+        """`_advance` for a row that ran until its stop (its last id ended the step or the solution) or the cap,
+        without replaying its ids one by one: `SeparatorStop` has already found where the step ends."""
+        eos = self.tokenizer.eos_token_id
+        if not stopped:
+            row.draw = StepDraw(self._decode(ids), len(ids), True)
+            return
+        if eos is not None and ids[-1] == eos:
+            row.draw = StepDraw(self._decode(ids[:-1]), len(ids), True)
+            return
+        text = self._decode(ids)
+        cut = step_end(text, self.sep)
+        if cut is None:  # the decoded text spells the step differently from its tokens' pieces: the replay decides
+            self._advance(row, ids, max_step_tokens)
+        else:
+            row.draw = StepDraw(text[:cut], len(ids), False)
 
     def _generate(self, contexts: list[str], n: int, temperature: float, max_new_tokens: int, greedy: bool,
                   spelled: list[str] | None) -> list[list[int]]:
@@ -309,7 +385,7 @@ class VLLMStepGenerator(HFStepGenerator):
     """
 
     def __init__(self, llm, tokenizer, sep: str = DEFAULT_SEPARATOR, batch_size: int = 256):
-        super().__init__(None, tokenizer, sep, batch_size)
+        super().__init__(None, tokenizer, sep, batch_size, reuse_cache=False)  # vLLM keeps its own prefix cache
         self.llm = llm
         pieces = token_pieces(tokenizer)
         vocab = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
@@ -528,6 +604,9 @@ def search(problems: Sequence[TaskProblem], generator: StepGenerator, scorer: Pr
     active = ([Beam(p) for p in range(P) for _ in range(s.n)] if s.method == "beam"
               else [Beam(p, subtree=k) for p in range(P) for k in range(s.subtrees)])
     t_gen = t_score = 0.0
+    reset = getattr(generator, "reset", None)
+    if reset is not None:
+        reset()
     while active:
         t = time.monotonic()
         draws = generator.next_steps([problems[b.problem].prompt + b.text for b in active], s.width, s.temperature,
@@ -553,6 +632,8 @@ def search(problems: Sequence[TaskProblem], generator: StepGenerator, scorer: Pr
             c.scores = list(sc)
             c.value = aggregate(c.scores, s.aggregation)
         active = _keep(candidates, finished, s, rng)
+    if reset is not None:
+        reset()
     t_all = time.monotonic() - t0
     return SearchResult(list(problems), finished, tokens, calls, t_all, t_gen, t_score, s)
 
