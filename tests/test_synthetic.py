@@ -145,7 +145,7 @@ TINY = ["tracking.wandb=disabled", "run.device=cpu", "run.threads=1", "rm.data.t
         "rm.data.samples_per_problem=2", "rm.data.synthetic_per_problem=3", "rm.data.eval_problems=4",
         "rm.data.eval_samples_per_problem=4", "rm.data.max_new_tokens=40", "rm.batch_size=4", "rm.max_steps=2",
         "synthetic.large_problems=4", "synthetic.problems=4", "synthetic.train_steps=2", "synthetic.seeds=[0,1]",
-        "synthetic.eval_n=4", "synthetic.resamples=100"]
+        "synthetic.eval_n=4", "synthetic.resamples=100", "synthetic.budgets=[]"]
 
 
 def test_synthetic_supervision_end_to_end(tmp_path, generator):  # noqa: F811
@@ -166,6 +166,8 @@ def test_synthetic_supervision_end_to_end(tmp_path, generator):  # noqa: F811
         assert set(summary["synthetic_budget_diff"][budget]) >= {f"{PROCESS_LARGE}_minus_{OUTCOME_LARGE}",
                                                                  f"{PROCESS_LARGE}_minus_{OUTCOME_GRADER}"}
     assert (run / "synthetic_budgets.png").stat().st_size > 0
+    so_far = json.loads((run / "budgets_so_far.json").read_text())  # written after each budget
+    assert so_far["synthetic_budget"] == summary["synthetic_budget"]
     for name in (PROCESS_LARGE, OUTCOME_LARGE, OUTCOME_GRADER):
         assert set(summary["synthetic"][name]) == {"1", "2", "4"}
         for N in ("1", "2", "4"):

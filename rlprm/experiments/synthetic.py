@@ -23,6 +23,7 @@ loop's `active.labeller`.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -263,10 +264,16 @@ def run_synthetic(recipe: Recipe, progress: bool = True) -> dict:
                  "confidence": score_matrix(backbone.confidence_model(), ordered, shape, "min", rm_cfg.eval_batch_size)}
         del big
         # 4. small reward models: per budget, seed and labelling, the same samples and steps, only the labels differ
+        # (smallest budget first; each budget's results are written as soon as its models are scored)
         budgets = usable_budgets(cfg.budgets, len(samples))
-        scores = train_small_models(recipe, backbone, data, budgets, ordered, shape, fixed, progress)
-        # 5. per budget, one paired bootstrap over problems and seeds for every selector and the differences
-        results = bootstrap_budgets(cfg, bon_pool, scores, budgets, n)
+        subsets = [budget_subsets(len(samples), budgets, [recipe.run.seed, seed]) for seed in cfg.seeds]
+        results: dict = {}
+        for k, b in enumerate(budgets):
+            scores = train_at_budget(recipe, backbone, data, b, [s[k] for s in subsets], ordered, shape, fixed,
+                                     progress)
+            # 5. per budget, one paired bootstrap over problems and seeds for every selector and the differences
+            results.update(bootstrap_budgets(cfg, bon_pool, {b: scores}, budgets, n))
+            write_budgets_so_far(run_dir, results, list(cfg.labellings), n)
         summary = write_report(run_dir, cfg, results, errors, big_source, len(samples), info)
         for b in budgets:
             means = {f"synthetic/{name}/{m}": p["mean"] for name, c in summary["synthetic_budget"][str(b)].items()
@@ -280,44 +287,43 @@ def run_synthetic(recipe: Recipe, progress: bool = True) -> dict:
         tracker.finish()
 
 
-def train_small_models(recipe: Recipe, backbone, data: dict, budgets: list[int], ordered, shape, fixed: dict,
-                       progress: bool) -> dict:
-    """{budget: [per seed: {selector: (P, n) held-out scores}]}: one small reward model per labelling, seed and
-    budget, trained synthetic.train_steps steps on that budget's samples (`budget_subsets`, drawn per seed), with
-    the fixed selectors (`fixed`: the large PRM, the generator's confidence) beside them."""
+def train_at_budget(recipe: Recipe, backbone, data: dict, budget: int, subsets: list[list[int]], ordered, shape,
+                    fixed: dict, progress: bool) -> list[dict]:
+    """[per seed: {selector: (P, n) held-out scores}] at one label budget: one small reward model per labelling and
+    seed, trained synthetic.train_steps steps on that seed's subset (`budget_subsets`: indices into every
+    labelling's records, the same solutions), with the fixed selectors (`fixed`: the large PRM, the generator's
+    confidence) beside them."""
     from rlprm.reward.fit import fit_lm_reward_model
 
     cfg, rm_cfg = recipe.synthetic, recipe.rm
-    sizes = {len(records) for records in data.values()}
-    if len(sizes) != 1:
-        raise SyntheticSupervisionError(f"the labellings hold different numbers of solutions {sorted(sizes)}; "
-                                        "every labelling must label the same samples")
-    num = sizes.pop()
-    out: dict[int, list] = {b: [] for b in budgets}
-    for seed in cfg.seeds:
-        for b, idx in zip(budgets, budget_subsets(num, budgets, [recipe.run.seed, seed])):
-            scores = dict(fixed)
-            for name in cfg.labellings:
-                t = time.monotonic()
-                rm = fit_lm_reward_model(recipe, backbone, [data[name][i] for i in idx], KIND[name], cfg.train_steps,
-                                         seed, progress)
-                scores[name] = score_matrix(rm, ordered, shape, cfg.aggregate, rm_cfg.eval_batch_size)
-                print(f"  budget {b} seed {seed} {name:18s} ({KIND[name]}) {time.monotonic() - t:.0f} s", flush=True)
-            out[b].append(scores)
+    if len({len(records) for records in data.values()}) != 1:
+        raise SyntheticSupervisionError("the labellings hold different numbers of solutions; every labelling must "
+                                        "label the same samples")
+    out = []
+    for seed, idx in zip(cfg.seeds, subsets):
+        scores = dict(fixed)
+        for name in cfg.labellings:
+            t = time.monotonic()
+            rm = fit_lm_reward_model(recipe, backbone, [data[name][i] for i in idx], KIND[name], cfg.train_steps,
+                                     seed, progress)
+            scores[name] = score_matrix(rm, ordered, shape, cfg.aggregate, rm_cfg.eval_batch_size)
+            print(f"  budget {budget} seed {seed} {name:18s} ({KIND[name]}) {time.monotonic() - t:.0f} s", flush=True)
+        out.append(scores)
     return out
 
 
 def bootstrap_budgets(cfg, bon_pool, scores: dict, budgets: list[int], n: int) -> dict:
-    """{budget: (curves, differences)} of `bon_bootstrap` over problems AND seeds (the seeds' models differ in
-    their batch order and their budget subset): N = 1, 2, 4, ..., n at the largest budget, N = n at the others.
-    The same bootstrap seed at every budget: the same problem resamples."""
+    """{budget: (curves, differences)} for the budgets in `scores` ({budget: [per seed: scores]}) of
+    `bon_bootstrap` over problems AND seeds (the seeds' models differ in their batch order and their budget
+    subset): N = 1, 2, 4, ..., n at the largest of `budgets`, N = n at the others. The same bootstrap seed at
+    every budget: the same problem resamples."""
     from rlprm.evaluation.evaluate import bon_bootstrap, powers_of_two
 
     pairs = [(a, b) for a, b in PAIRS if a in cfg.labellings and b in cfg.labellings]
     weighted = PROCESS_LARGE if PROCESS_LARGE in cfg.labellings else None
     return {b: bon_bootstrap([bon_pool] * len(scores[b]), scores[b], powers_of_two(n) if b == budgets[-1] else [n],
                              pairs or None, cfg.resamples, 0, weighted, resample_seeds=True)
-            for b in budgets}
+            for b in scores}
 
 
 # --------------------------------------------------------------------------- report
@@ -342,8 +348,7 @@ def write_report(run_dir: Path, cfg, results: dict, errors: dict, big_source: st
     curves, diffs = results[budgets[-1]]
     ns = sorted(curves[names[0]])
     n = ns[-1]
-    at_n = {b: {name: {m: _point(v) for m, v in results[b][0][name][n].items()} for name in names} for b in budgets}
-    diff_n = {b: {pair: {m: _point(v) for m, v in c[n].items()} for pair, c in results[b][1].items()} for b in budgets}
+    at_n, diff_n = budget_points(results, names, n)
     lines = ["# Synthetic supervision: a large PRM labels for small reward models", "",
              f"Large PRM: {big_source}. It labelled {num_samples} fresh generator samples (the PRM800K phase-2 way: "
              f"up to its first judged error). Small reward models ({cfg.train_steps} optimizer steps each at every "
@@ -380,6 +385,23 @@ def write_report(run_dir: Path, cfg, results: dict, errors: dict, big_source: st
             "large_prm": big_source, "samples": num_samples, "ns": ns, "seeds": list(cfg.seeds),
             "report": str(run_dir / "report.md"), "plot": str(run_dir / "synthetic_supervision.png"),
             "budget_plot": str(run_dir / "synthetic_budgets.png"), **info}
+
+
+def budget_points(results: dict, names: list[str], n: int) -> tuple[dict, dict]:
+    """({budget: {labelling: {metric: point}}}, {budget: {A_minus_B: {metric: point}}}) at N = n."""
+    at_n = {b: {name: {m: _point(v) for m, v in results[b][0][name][n].items()} for name in names} for b in results}
+    diff_n = {b: {pair: {m: _point(v) for m, v in c[n].items()} for pair, c in results[b][1].items()} for b in results}
+    return at_n, diff_n
+
+
+def write_budgets_so_far(run_dir: Path, results: dict, names: list[str], n: int) -> None:
+    """RUN_DIR/budgets_so_far.json and the budget table on stdout, after each budget: a long run's finished
+    budgets are kept even if it is stopped before the report."""
+    at_n, diff_n = budget_points(results, names, n)
+    atomic_write_text(run_dir / "budgets_so_far.json", json.dumps(
+        {"budgets": sorted(results), "budget_n": n, "synthetic_budget": {str(b): v for b, v in at_n.items()},
+         "synthetic_budget_diff": {str(b): v for b, v in diff_n.items()}}, indent=1))
+    print(budget_table(at_n, diff_n, names, n), flush=True)
 
 
 def budget_table(at_n: dict, diff_n: dict, names: list[str], n: int) -> str:
