@@ -363,10 +363,13 @@ COMMANDS: dict[str, Command] = {
                     "`rlprm label --with` machinery. Small reward models train on exactly those samples, one per "
                     "synthetic.labellings: a PRM on the large PRM's step labels, an ORM on its all-steps-right "
                     "verdict, an ORM on the final-answer grader's verdict (and optionally a PRM on the exact "
-                    "checker's labels). Writes RUN_DIR/report.md (how often each labelling is wrong against the "
-                    "exact checker; best-of-N tables with paired-bootstrap intervals over problems and the "
-                    "differences between labellings), synthetic_supervision.png (best-of-N curves with bands) and "
-                    "summary.json (synthetic.LABELLING.N.{accuracy,process_correct}.{mean,lo,hi})."),
+                    "checker's labels), at every label budget of synthetic.budgets (nested random subsets of the "
+                    "samples, the same train steps). Writes RUN_DIR/report.md (how often each labelling is wrong "
+                    "against the exact checker; best-of-n per budget and best-of-N at the largest budget, with "
+                    "paired-bootstrap intervals over problems and seeds and the differences between labellings), "
+                    "synthetic_budgets.png (best-of-n over the budgets), synthetic_supervision.png (best-of-N "
+                    "curves) and summary.json (synthetic_budget.B.LABELLING.{accuracy,process_correct}.{mean,lo,hi}, "
+                    "synthetic_budget_diff.B.A_minus_B..., synthetic.LABELLING.N... at the largest budget)."),
     "recipes": Command(
         "list the shipped recipes (run one by name: `rlprm train-rl prm_dense`)", _recipes, None, loads_recipe=False,
         description="List the recipes that ship with rlprm, each with its first comment line. Every recipe command "

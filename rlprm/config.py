@@ -929,16 +929,26 @@ class SyntheticConfig(Section):
     labellings: list[Literal["process_large_prm", "outcome_large_prm", "outcome_grader", "process_checker"]] = \
         ["process_large_prm", "outcome_large_prm", "outcome_grader"]
     """Small reward models to train, one per labelling of the same samples: `process_large_prm` (a PRM on the large PRM's step labels, up to its first judged error), `outcome_large_prm` (an ORM: a solution is right iff the large PRM judges every step right), `outcome_grader` (an ORM on the final-answer grader's verdict), `process_checker` (a PRM on the exact checker's step labels: the ceiling)."""
+    budgets: list[int] = []
+    """Label budgets, in labelled SOLUTIONS, strictly increasing, the largest at most synthetic.problems x rm.data.samples_per_problem: each labelling's small reward model is trained at every budget on a random subset of that many fresh samples, drawn per seed and nested (a smaller budget's solutions are inside every larger one's), always for train_steps steps (so a small budget repeats its solutions more often, and the curve measures labels, not compute). The best-of-N curve over N is reported at the largest budget. Empty: one budget, every fresh sample (fewer if some samples were unusable: a budget above the usable samples is lowered to them)."""
     train_steps: int = Field(48, ge=1)
-    """Optimizer steps of each small reward model (the same for all: only the labels differ)."""
+    """Optimizer steps of each small reward model (the same for all labellings and budgets: only the labels and their number differ)."""
     seeds: list[int] = Field([0, 1, 2], min_length=1)
-    """Training seeds of the small reward models (batch order); best-of-N pools their scores in one paired bootstrap."""
+    """Training seeds of the small reward models (batch order, and the budget subsets); best-of-N pools their scores in one paired bootstrap over problems and seeds."""
     aggregate: Literal["prod", "min", "last", "mean"] = "prod"
     """How a PRM's step probabilities become the solution score best-of-N picks by."""
     eval_n: int = Field(0, ge=0)
     """Samples per held-out problem in the best-of-N pool (problems with fewer are left out); 0: rm.data.eval_samples_per_problem."""
     resamples: int = Field(1000, ge=100)
-    """Resamples of the paired bootstrap over problems (rlprm.evaluation.evaluate.bon_bootstrap)."""
+    """Resamples of the paired bootstrap over problems and seeds (rlprm.evaluation.evaluate.bon_bootstrap)."""
+
+    @model_validator(mode="after")
+    def _budgets(self) -> "SyntheticConfig":
+        b = self.budgets
+        if b and (b[0] < 1 or any(y <= x for x, y in zip(b, b[1:]))):
+            raise ValueError(f"synthetic.budgets {b} must be positive and strictly increasing (labelled solutions, "
+                             "e.g. [64, 128, 256, 512, 1024]); [] trains on every fresh sample")
+        return self
 
 
 class BenchConfig(Section):
@@ -1000,6 +1010,16 @@ class Recipe(Section):
 
     # Where the recipe came from; set by load_recipe, not by the YAML.
     source: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _synthetic_budgets_fit(self) -> "Recipe":
+        fresh = self.synthetic.problems * self.rm.data.samples_per_problem
+        if self.synthetic.budgets and self.synthetic.budgets[-1] > fresh:
+            raise ValueError(f"synthetic.budgets: the largest, {self.synthetic.budgets[-1]}, is more than the fresh "
+                             f"samples (synthetic.problems {self.synthetic.problems} x rm.data.samples_per_problem "
+                             f"{self.rm.data.samples_per_problem} = {fresh}): lower it to at most {fresh}, or raise "
+                             "synthetic.problems")
+        return self
 
     @model_validator(mode="after")
     def _reward_source_fits(self) -> "Recipe":

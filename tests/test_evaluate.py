@@ -224,6 +224,25 @@ def test_seeds_share_the_problem_draw_and_average_within_a_resample():
         bon_curves(s1, {}, [4], resamples=5)
 
 
+def test_resampling_seeds_widens_the_interval_and_keeps_differences_paired():
+    """Two training seeds of the same pool: with seed 0 both models pick the right sample everywhere, with seed 1
+    both pick a wrong one. Averaged over seeds each is 0.5 in every resample; with the seeds resampled it is 0, 0.5
+    or 1, but the two models draw the same seeds, so their difference stays exactly 0."""
+    pool = same_answer_pool([[("5", True), ("7", False), ("8", False)]] * 4)
+    good = np.tile([1.0, 0.0, 0.0], (4, 1))
+    bad = np.tile([0.0, 1.0, 0.0], (4, 1))
+    scores = [{"a": good, "b": good.copy()}, {"a": bad, "b": bad.copy()}]
+    fixed, diffs = bon_bootstrap([pool, pool], scores, [3], [("a", "b")], resamples=300, seed=2)
+    assert fixed["a"][3]["accuracy"] == {"mean": 0.5, "lo": 0.5, "hi": 0.5}
+    wide, diffs = bon_bootstrap([pool, pool], scores, [3], [("a", "b")], resamples=300, seed=2, resample_seeds=True)
+    assert (wide["a"][3]["accuracy"]["lo"], wide["a"][3]["accuracy"]["hi"]) == (0.0, 1.0)
+    assert abs(wide["a"][3]["accuracy"]["mean"] - 0.5) < 0.08
+    assert diffs["a_minus_b"][3]["accuracy"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0}
+    # one seed: resampling seeds changes nothing, the problem and sample draws are the same
+    one = bon_bootstrap(pool, scores[0], [1, 3], resamples=100, seed=3)[0]
+    assert bon_bootstrap(pool, scores[0], [1, 3], resamples=100, seed=3, resample_seeds=True)[0] == one
+
+
 def test_large_pool_runs_in_chunks():
     """200 problems x 64 samples x 1000 resamples (the real scale) runs, in chunks, with a problem-level spread."""
     rng = np.random.default_rng(0)

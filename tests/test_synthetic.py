@@ -3,12 +3,14 @@
 import json
 import random
 
+import numpy as np
 import pytest
 
 from rlprm.config import ArithmeticConfig, RecipeError, load_recipe
 from rlprm.data.stepwise import CORRECT, INCORRECT, LabelledSolution, label_arithmetic_sample
-from rlprm.experiments.synthetic import (OUTCOME_GRADER, OUTCOME_LARGE, PROCESS_CHECKER, PROCESS_LARGE, judged_all_correct,
-                             label_errors, training_sets)
+from rlprm.experiments.synthetic import (OUTCOME_GRADER, OUTCOME_LARGE, PROCESS_CHECKER, PROCESS_LARGE,
+                                         SyntheticSupervisionError, budget_subsets, judged_all_correct, label_errors,
+                                         training_sets, usable_budgets)
 from rlprm.tasks.arithmetic import corrupt_solution, make_problems, reference_solution, shortcut_solution
 
 from .conftest import RECIPES  # the tiny saved generator fixture `generator` is conftest's too
@@ -72,11 +74,78 @@ def test_the_synthetic_section_is_validated():
         load_recipe(RECIPES / "synthetic_supervision.yaml", ["synthetic.labellings=[process_oracle]"])
 
 
+def test_budget_subsets_are_nested_seeded_and_checked():
+    subsets = budget_subsets(40, [4, 8, 16, 40], seed=[0, 1])
+    assert [len(s) for s in subsets] == [4, 8, 16, 40]
+    for small, large in zip(subsets, subsets[1:]):
+        assert set(small) < set(large)
+    assert subsets[-1] == list(range(40))  # the whole pool, in pool order: the single-budget run is unchanged
+    assert budget_subsets(40, [4, 8, 16, 40], seed=[0, 1]) == subsets  # seeded
+    others = [budget_subsets(40, [8], seed=[0, s])[0] for s in range(2, 6)]
+    assert any(o != subsets[1] for o in others)  # another seed, another draw
+    with pytest.raises(SyntheticSupervisionError, match="synthetic.budgets"):
+        budget_subsets(40, [8, 41], seed=0)
+    assert usable_budgets([], 37) == [37]
+    assert usable_budgets([8, 16, 40], 37) == [8, 16, 37]  # a few unusable samples: the largest is all there are
+    with pytest.raises(SyntheticSupervisionError, match="lower the largest budgets"):
+        usable_budgets([8, 32, 40], 30)
+
+
+@pytest.mark.parametrize("budgets, message", [
+    ("[64, 32]", "synthetic.budgets .* must be positive and strictly increasing"),
+    ("[0, 32]", "synthetic.budgets .* must be positive and strictly increasing"),
+    ("[64, 2048]", r"synthetic.budgets: the largest, 2048, is more than the fresh samples .* = 1024\): lower it"),
+])
+def test_budgets_are_validated_with_the_fix(budgets, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(RECIPES / "synthetic_supervision.yaml", [f"synthetic.budgets={budgets}"])
+
+
+def test_budget_curves_and_their_differences_from_paired_hand_made_scores(tmp_path):
+    """Four held-out problems, one right sample of three each. At 2 labels the process and large-PRM outcome
+    models pick the right sample with seed 0 and a wrong one with seed 1 (the grader's model always a wrong one);
+    at 4 labels both pick the right one with either seed. The differences come from the same problem and seed
+    draws, so process - outcome is exactly 0 at 2 labels although each curve spans 0 to 100%."""
+    from rlprm.config import SyntheticConfig
+    from rlprm.experiments.synthetic import bootstrap_budgets, write_report
+
+    from .test_evaluate import same_answer_pool
+
+    pool = same_answer_pool([[("5", True), ("7", False), ("8", False)]] * 4)
+    good, bad = np.tile([1.0, 0.0, 0.0], (4, 1)), np.tile([0.0, 1.0, 0.0], (4, 1))
+    fixed = {"large_prm": good, "confidence": bad}
+    scores = {2: [{**fixed, PROCESS_LARGE: good, OUTCOME_LARGE: good, OUTCOME_GRADER: bad},
+                  {**fixed, PROCESS_LARGE: bad, OUTCOME_LARGE: bad, OUTCOME_GRADER: bad}],
+              4: [{**fixed, PROCESS_LARGE: good, OUTCOME_LARGE: good, OUTCOME_GRADER: bad}] * 2}
+    cfg = SyntheticConfig(resamples=300)
+    results = bootstrap_budgets(cfg, pool, scores, [2, 4], 3)
+    errors = {name: {"vs_process": 0.1, "vs_answer": None, "step_error": None} for name in cfg.labellings}
+    summary = write_report(tmp_path, cfg, results, errors, "hand-made", 8, {})
+    at = summary["synthetic_budget"]
+    diff = summary["synthetic_budget_diff"]
+    assert summary["budgets"] == [2, 4] and summary["budget_n"] == 3
+    one, zero = {"mean": 1.0, "lo": 1.0, "hi": 1.0}, {"mean": 0.0, "lo": 0.0, "hi": 0.0}
+    assert at["4"][PROCESS_LARGE]["accuracy"] == one and at["4"][PROCESS_LARGE]["process_correct"] == one
+    assert at["4"][OUTCOME_GRADER]["accuracy"] == zero
+    two = at["2"][PROCESS_LARGE]["accuracy"]
+    assert (two["lo"], two["hi"]) == (0.0, 1.0) and abs(two["mean"] - 0.5) < 0.1  # the seeds are resampled
+    assert diff["2"][f"{PROCESS_LARGE}_minus_{OUTCOME_LARGE}"]["accuracy"] == zero  # paired
+    assert diff["2"][f"{PROCESS_LARGE}_minus_{OUTCOME_GRADER}"]["process_correct"]["hi"] == 1.0
+    assert diff["4"][f"{PROCESS_LARGE}_minus_{OUTCOME_GRADER}"]["process_correct"] == one
+    # the curve over N at the largest budget, as before budgets existed
+    assert set(summary["synthetic"][PROCESS_LARGE]) == {"1", "2", "3"}
+    assert summary["synthetic"][PROCESS_LARGE]["3"]["accuracy"] == one
+    assert (tmp_path / "synthetic_budgets.png").stat().st_size > 0
+    assert (tmp_path / "synthetic_supervision.png").stat().st_size > 0
+    report = (tmp_path / "report.md").read_text()
+    assert "Across label budgets" in report and "| 2 | " in report and "+100.0 [+100.0, +100.0]" in report
+
+
 TINY = ["tracking.wandb=disabled", "run.device=cpu", "run.threads=1", "rm.data.train_problems=8",
         "rm.data.samples_per_problem=2", "rm.data.synthetic_per_problem=3", "rm.data.eval_problems=4",
         "rm.data.eval_samples_per_problem=4", "rm.data.max_new_tokens=40", "rm.batch_size=4", "rm.max_steps=2",
         "synthetic.large_problems=4", "synthetic.problems=4", "synthetic.train_steps=2", "synthetic.seeds=[0,1]",
-        "synthetic.eval_n=4", "synthetic.resamples=100"]
+        "synthetic.eval_n=4", "synthetic.resamples=100", "synthetic.budgets=[]"]
 
 
 def test_synthetic_supervision_end_to_end(tmp_path, generator):  # noqa: F811
@@ -84,9 +153,21 @@ def test_synthetic_supervision_end_to_end(tmp_path, generator):  # noqa: F811
 
     run = tmp_path / "run"
     code = main(["synthetic-supervision", str(RECIPES / "synthetic_supervision.yaml"), f"model.generator={generator}",
-                 f"run.output_dir={run}", f"rm.data.cache_dir={tmp_path / 'cache'}", "--no-progress", *TINY])
+                 f"run.output_dir={run}", f"rm.data.cache_dir={tmp_path / 'cache'}", "--no-progress", *TINY,
+                 "synthetic.budgets=[2,8]", "synthetic.seeds=[1]"])  # one seed: as many models as before budgets
     assert code == 0
     summary = json.loads((run / "summary.json").read_text())
+    # two label budgets (the largest is every usable fresh sample), each labelling at best-of-4 with intervals
+    assert summary["budgets"][0] == 2 and 2 < summary["budgets"][1] <= 8  # TINY: 4 fresh problems x 2 samples
+    for budget in map(str, summary["budgets"]):
+        for name in (PROCESS_LARGE, OUTCOME_LARGE, OUTCOME_GRADER):
+            point = summary["synthetic_budget"][budget][name]["process_correct"]
+            assert point["lo"] <= point["mean"] <= point["hi"]
+        assert set(summary["synthetic_budget_diff"][budget]) >= {f"{PROCESS_LARGE}_minus_{OUTCOME_LARGE}",
+                                                                 f"{PROCESS_LARGE}_minus_{OUTCOME_GRADER}"}
+    assert (run / "synthetic_budgets.png").stat().st_size > 0
+    so_far = json.loads((run / "budgets_so_far.json").read_text())  # written after each budget
+    assert so_far["synthetic_budget"] == summary["synthetic_budget"]
     for name in (PROCESS_LARGE, OUTCOME_LARGE, OUTCOME_GRADER):
         assert set(summary["synthetic"][name]) == {"1", "2", "4"}
         for N in ("1", "2", "4"):

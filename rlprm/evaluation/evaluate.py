@@ -448,7 +448,7 @@ def _bootstrap_summary(values, pairs, ns) -> tuple[dict, dict]:
 
 def bon_bootstrap(pools: Pool | list[Pool], scores: dict[str, np.ndarray] | list[dict[str, np.ndarray]],
                   ns: list[int], pairs: list[str | tuple[str, str]] | None = None, resamples: int = 1000,
-                  seed: int = 0, weighted_by: str | None = None) -> tuple[dict, dict]:
+                  seed: int = 0, weighted_by: str | None = None, resample_seeds: bool = False) -> tuple[dict, dict]:
     """Paired bootstrap over problems of every selector at every N, and of differences between selectors.
 
     pools: one pool, or S pools of the SAME problems (e.g. one per training seed), each with its own
@@ -457,7 +457,11 @@ def bon_bootstrap(pools: Pool | list[Pool], scores: dict[str, np.ndarray] | list
     without replacement (one random order per (r, problem, seed), whose first N is the draw at N, so N's
     draws nest). Every selector is scored on those same problems and draws; a seed's value is the mean over
     the drawn problems, and the resample's value the mean over seeds. Mean and 2.5/97.5 percentiles over
-    resamples follow. Seeds enter through their samples only: the S seeds are averaged, not resampled.
+    resamples follow. Seeds enter through their samples only: the S seeds are averaged, not resampled, unless
+    `resample_seeds`: then every resample also draws S seed indices with replacement (shared by every selector
+    and N, so differences stay paired; from a generator of its own, so the problem and sample draws are the
+    same either way) and averages those, so the intervals cover seed-to-seed variance too (e.g. small models
+    trained with different seeds).
 
     Ties in a score selector go to a random one of the tied samples (argmax takes the first best in a random
     order); a (weighted) vote goes to the answer class with the most (weight of) votes among classes that got
@@ -484,6 +488,7 @@ def bon_bootstrap(pools: Pool | list[Pool], scores: dict[str, np.ndarray] | list
         answers.append((ids, class_correct[:, : int(ids.max()) + 1]))  # only classes that exist: K <= n
     # 2. resample, chunk by chunk: problems shared by every seed, each seed's own sample draws
     rng = np.random.default_rng(seed)
+    seed_rng = np.random.default_rng([seed, 1]) if resample_seeds else None
     # values[selector][N][metric]: per-resample values, chunk by chunk
     values: dict[str, dict[int, dict[str, list[np.ndarray]]]] = {s: {N: {} for N in ns} for s in selectors}
     R = _chunk(P, max(pool.n for pool in pools), resamples)
@@ -495,11 +500,16 @@ def bon_bootstrap(pools: Pool | list[Pool], scores: dict[str, np.ndarray] | list
             seed_vals = _seed_resample(rng, probs, pool, sc, right_all, proc_all if checkable else None, ids,
                                        class_correct, names, selectors, weighted_by, ns)
             per_seed.append(seed_vals)
+        S = len(per_seed)
+        # (S, Rc): which seeds each resample averages (all of them, or S drawn with replacement)
+        drawn = (seed_rng.integers(0, S, size=(S, Rc)) if seed_rng is not None
+                 else np.broadcast_to(np.arange(S)[:, None], (S, Rc)))
         for name in selectors:
             for N in ns:
                 for metric in per_seed[0][name][N]:
                     stacked = np.stack([sv[name][N][metric] for sv in per_seed])  # (S, Rc)
-                    values[name][N].setdefault(metric, []).append(_nanmean(stacked, axis=0))
+                    picked = np.take_along_axis(stacked, drawn, axis=0)
+                    values[name][N].setdefault(metric, []).append(_nanmean(picked, axis=0))
     # 3. intervals of every selector and of every pair's difference
     return _bootstrap_summary(values, pairs, ns)
 

@@ -9,9 +9,12 @@ reward models train on exactly those samples with different labels:
     outcome_grader      an ORM on the final-answer grader's verdict (what outcome supervision sees in practice)
     process_checker     (optional) a PRM on the exact checker's step labels: the ceiling
 
-Their best-of-N curves on the held-out pool are compared in ONE paired bootstrap over problems
-(`rlprm.evaluation.evaluate.bon_bootstrap`, the small models' seeds pooled), with intervals for the differences, and every
-labelling is scored against the exact checker: how often its label is wrong.
+Label budgets (synthetic.budgets, the paper's Figure 4a): every small model is trained at each budget on a random
+subset of that many labelled samples (drawn per seed, nested: a budget's subset holds every smaller one's), always for
+synthetic.train_steps steps, so the curves measure labels, not compute. At each budget best-of-n on the held-out pool
+is compared in ONE paired bootstrap over problems and seeds (`rlprm.evaluation.evaluate.bon_bootstrap`,
+resample_seeds), with intervals for the differences between labellings; at the largest budget the whole curve over
+N. Every labelling is scored against the exact checker: how often its label is wrong.
 
 The large PRM labels through the files a person would use (unrated PRM800K lines -> `rlprm.reward.label` with the
 loaded PRM -> the PRM800K loader): the same machinery as `rlprm label --with PRM_DIR` and the active-learning
@@ -20,6 +23,7 @@ loop's `active.labeller`.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -113,6 +117,30 @@ def training_sets(samples, prm_labelled, labellings) -> dict:
     return out
 
 
+def budget_subsets(num_samples: int, budgets: list[int], seed) -> list[list[int]]:
+    """For each budget B, the indices (in pool order) of the B samples labelled at that budget: the first B of one
+    seeded random order of the samples, so every budget's subset holds the smaller budgets' (nested). `seed`:
+    anything np.random.default_rng takes (one order per seed)."""
+    if any(b < 1 or b > num_samples for b in budgets):
+        raise SyntheticSupervisionError(f"synthetic.budgets {list(budgets)}: every budget must be in 1..{num_samples} "
+                                        "(the usable fresh samples)")
+    order = np.random.default_rng(seed).permutation(num_samples)
+    return [sorted(int(i) for i in order[:b]) for b in budgets]
+
+
+def usable_budgets(budgets: list[int], num_samples: int) -> list[int]:
+    """synthetic.budgets as run on `num_samples` usable fresh samples: [] is one budget (all of them); a budget
+    above them is lowered to them (samples the generator left unusable); refused if two budgets then meet."""
+    if not budgets:
+        return [num_samples]
+    run = [min(b, num_samples) for b in budgets]
+    if len(set(run)) < len(run):
+        raise SyntheticSupervisionError(
+            f"synthetic.budgets {list(budgets)}: only {num_samples} fresh samples are usable, so the budgets above "
+            f"it meet; lower the largest budgets to at most {num_samples} or raise synthetic.problems")
+    return run
+
+
 # --------------------------------------------------------------------------- pool
 
 
@@ -195,9 +223,8 @@ def run_synthetic(recipe: Recipe, progress: bool = True) -> dict:
     import torch
 
     from rlprm.experiments.active import label_records, load_pools, unrated_lines
-    from rlprm.evaluation.evaluate import bon_bootstrap, powers_of_two
     from rlprm.data.problems import reward_model_arithmetic
-    from rlprm.reward.fit import BackboneCache, fit_lm_reward_model
+    from rlprm.reward.fit import BackboneCache
     from rlprm.tracking import Tracker
 
     cfg, rm_cfg, sep = recipe.synthetic, recipe.rm, recipe.task.step_separator
@@ -236,30 +263,67 @@ def run_synthetic(recipe: Recipe, progress: bool = True) -> dict:
         fixed = {"large_prm": score_matrix(big, ordered, shape, cfg.aggregate, rm_cfg.eval_batch_size),
                  "confidence": score_matrix(backbone.confidence_model(), ordered, shape, "min", rm_cfg.eval_batch_size)}
         del big
-        # 4. small reward models: one per labelling and seed, the same samples and steps, only the labels differ
-        per_seed = []
-        for seed in cfg.seeds:
-            scores = dict(fixed)
-            for name in cfg.labellings:
-                t = time.monotonic()
-                rm = fit_lm_reward_model(recipe, backbone, data[name], KIND[name], cfg.train_steps, seed, progress)
-                scores[name] = score_matrix(rm, ordered, shape, cfg.aggregate, rm_cfg.eval_batch_size)
-                print(f"  seed {seed} {name:18s} ({KIND[name]}, {len(data[name])} solutions) "
-                      f"{time.monotonic() - t:.0f} s", flush=True)
-            per_seed.append(scores)
-        # 5. one paired bootstrap over problems for every selector and the differences between labellings
-        ns = powers_of_two(n)
-        pairs = [(a, b) for a, b in PAIRS if a in cfg.labellings and b in cfg.labellings]
-        weighted = PROCESS_LARGE if PROCESS_LARGE in cfg.labellings else None
-        curves, diffs = bon_bootstrap([bon_pool] * len(per_seed), per_seed, ns, pairs or None, cfg.resamples, 0,
-                                      weighted)
-        summary = write_report(run_dir, cfg, curves, diffs, errors, ns, big_source, len(samples), info)
+        # 4. small reward models: per budget, seed and labelling, the same samples and steps, only the labels differ
+        # (smallest budget first; each budget's results are written as soon as its models are scored)
+        budgets = usable_budgets(cfg.budgets, len(samples))
+        subsets = [budget_subsets(len(samples), budgets, [recipe.run.seed, seed]) for seed in cfg.seeds]
+        results: dict = {}
+        for k, b in enumerate(budgets):
+            scores = train_at_budget(recipe, backbone, data, b, [s[k] for s in subsets], ordered, shape, fixed,
+                                     progress)
+            # 5. per budget, one paired bootstrap over problems and seeds for every selector and the differences
+            results.update(bootstrap_budgets(cfg, bon_pool, {b: scores}, budgets, n))
+            write_budgets_so_far(run_dir, results, list(cfg.labellings), n)
+        summary = write_report(run_dir, cfg, results, errors, big_source, len(samples), info)
+        for b in budgets:
+            means = {f"synthetic/{name}/{m}": p["mean"] for name, c in summary["synthetic_budget"][str(b)].items()
+                     for m, p in c.items() if m in ("accuracy", "process_correct") and p["mean"] is not None}
+            tracker.log(means, step=b)  # W&B's step: the label budget
         summary["wall_seconds"] = round(time.monotonic() - t0, 1)
         tracker.summary(summary)
         tracker.image("synthetic/plot", run_dir / "synthetic_supervision.png")
         return summary
     finally:
         tracker.finish()
+
+
+def train_at_budget(recipe: Recipe, backbone, data: dict, budget: int, subsets: list[list[int]], ordered, shape,
+                    fixed: dict, progress: bool) -> list[dict]:
+    """[per seed: {selector: (P, n) held-out scores}] at one label budget: one small reward model per labelling and
+    seed, trained synthetic.train_steps steps on that seed's subset (`budget_subsets`: indices into every
+    labelling's records, the same solutions), with the fixed selectors (`fixed`: the large PRM, the generator's
+    confidence) beside them."""
+    from rlprm.reward.fit import fit_lm_reward_model
+
+    cfg, rm_cfg = recipe.synthetic, recipe.rm
+    if len({len(records) for records in data.values()}) != 1:
+        raise SyntheticSupervisionError("the labellings hold different numbers of solutions; every labelling must "
+                                        "label the same samples")
+    out = []
+    for seed, idx in zip(cfg.seeds, subsets):
+        scores = dict(fixed)
+        for name in cfg.labellings:
+            t = time.monotonic()
+            rm = fit_lm_reward_model(recipe, backbone, [data[name][i] for i in idx], KIND[name], cfg.train_steps,
+                                     seed, progress)
+            scores[name] = score_matrix(rm, ordered, shape, cfg.aggregate, rm_cfg.eval_batch_size)
+            print(f"  budget {budget} seed {seed} {name:18s} ({KIND[name]}) {time.monotonic() - t:.0f} s", flush=True)
+        out.append(scores)
+    return out
+
+
+def bootstrap_budgets(cfg, bon_pool, scores: dict, budgets: list[int], n: int) -> dict:
+    """{budget: (curves, differences)} for the budgets in `scores` ({budget: [per seed: scores]}) of
+    `bon_bootstrap` over problems AND seeds (the seeds' models differ in their batch order and their budget
+    subset): N = 1, 2, 4, ..., n at the largest of `budgets`, N = n at the others. The same bootstrap seed at
+    every budget: the same problem resamples."""
+    from rlprm.evaluation.evaluate import bon_bootstrap, powers_of_two
+
+    pairs = [(a, b) for a, b in PAIRS if a in cfg.labellings and b in cfg.labellings]
+    weighted = PROCESS_LARGE if PROCESS_LARGE in cfg.labellings else None
+    return {b: bon_bootstrap([bon_pool] * len(scores[b]), scores[b], powers_of_two(n) if b == budgets[-1] else [n],
+                             pairs or None, cfg.resamples, 0, weighted, resample_seeds=True)
+            for b in scores}
 
 
 # --------------------------------------------------------------------------- report
@@ -273,19 +337,26 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
 
-def write_report(run_dir: Path, cfg, curves: dict, diffs: dict, errors: dict, ns: list[int], big_source: str,
-                 num_samples: int, info: dict) -> dict:
-    """report.md, synthetic_supervision.png; returns the summary (summary.json)."""
+def write_report(run_dir: Path, cfg, results: dict, errors: dict, big_source: str, num_samples: int,
+                 info: dict) -> dict:
+    """report.md, synthetic_supervision.png (best-of-N over N at the largest budget), synthetic_budgets.png (at
+    N = n over the budgets); returns the summary (summary.json)."""
     from rlprm.evaluation.evaluate import markdown_table
 
     names = list(cfg.labellings)
+    budgets = sorted(results)
+    curves, diffs = results[budgets[-1]]
+    ns = sorted(curves[names[0]])
+    n = ns[-1]
+    at_n, diff_n = budget_points(results, names, n)
     lines = ["# Synthetic supervision: a large PRM labels for small reward models", "",
              f"Large PRM: {big_source}. It labelled {num_samples} fresh generator samples (the PRM800K phase-2 way: "
-             f"up to its first judged error). Small reward models ({cfg.train_steps} optimizer steps each, seeds "
-             f"{', '.join(map(str, cfg.seeds))}) trained on exactly those samples, one per labelling. Best-of-N on "
-             f"the held-out pool: a paired bootstrap over problems ({cfg.resamples} resamples, the seeds pooled); "
-             f"PRMs pick by the `{cfg.aggregate}` of their step probabilities. `large_prm` is the labeller itself, "
-             "`confidence` the generator's lowest token log-probability.", "",
+             f"up to its first judged error). Small reward models ({cfg.train_steps} optimizer steps each at every "
+             f"budget, seeds {', '.join(map(str, cfg.seeds))}) trained on those samples, one per labelling: at each "
+             f"label budget ({', '.join(map(str, budgets))} labelled solutions) on a random subset drawn per seed, "
+             "nested across budgets. Best-of-N on the held-out pool: a paired bootstrap over problems and seeds "
+             f"({cfg.resamples} resamples); PRMs pick by the `{cfg.aggregate}` of their step probabilities. "
+             "`large_prm` is the labeller itself, `confidence` the generator's lowest token log-probability.", "",
              "## How often each labelling is wrong (the exact checker as the reference)", "",
              "| labelling | model | label wrong vs every-step-right (%) | vs final answer right (%) | step labels wrong (%) |",
              "|---|---|---|---|---|"]
@@ -293,19 +364,100 @@ def write_report(run_dir: Path, cfg, curves: dict, diffs: dict, errors: dict, ns
         e = errors[name]
         lines.append(f"| {name} | {KIND[name].upper()} | {_pct(e['vs_process'])} | {_pct(e['vs_answer'])} | "
                      f"{_pct(e['step_error'])} |")
-    lines += ["", "## Best-of-N", "", markdown_table(curves, differences=diffs)]
+    lines += ["", budget_table(at_n, diff_n, names, n), "",
+              f"## Best-of-N at the largest budget ({budgets[-1]} labelled solutions)", "",
+              markdown_table(curves, differences=diffs)]
     text = "\n".join(lines)
     atomic_write_text(run_dir / "report.md", text)
     plot(curves, names + ["large_prm", "confidence", "majority", "random", "pass@n"],
          run_dir / "synthetic_supervision.png")
+    plot_budgets(at_n, {name: curves[name][n] for name in ("large_prm", "random") if name in curves}, names, n,
+                 run_dir / "synthetic_budgets.png")
     print(text)
     point = lambda c: {str(N): {m: _point(v) for m, v in c[N].items()} for N in ns}  # noqa: E731
     return {"synthetic": {name: point(curves[name]) for name in names},
             "bon": {name: point(c) for name, c in curves.items()},
             "synthetic_diff": {name: point(c) for name, c in diffs.items()},
+            "synthetic_budget": {str(b): at_n[b] for b in budgets},
+            "synthetic_budget_diff": {str(b): diff_n[b] for b in budgets},
+            "budgets": budgets, "budget_n": n, "train_steps": cfg.train_steps,
             "label_errors": {name: errors[name] for name in names},
             "large_prm": big_source, "samples": num_samples, "ns": ns, "seeds": list(cfg.seeds),
-            "report": str(run_dir / "report.md"), "plot": str(run_dir / "synthetic_supervision.png"), **info}
+            "report": str(run_dir / "report.md"), "plot": str(run_dir / "synthetic_supervision.png"),
+            "budget_plot": str(run_dir / "synthetic_budgets.png"), **info}
+
+
+def budget_points(results: dict, names: list[str], n: int) -> tuple[dict, dict]:
+    """({budget: {labelling: {metric: point}}}, {budget: {A_minus_B: {metric: point}}}) at N = n."""
+    at_n = {b: {name: {m: _point(v) for m, v in results[b][0][name][n].items()} for name in names} for b in results}
+    diff_n = {b: {pair: {m: _point(v) for m, v in c[n].items()} for pair, c in results[b][1].items()} for b in results}
+    return at_n, diff_n
+
+
+def write_budgets_so_far(run_dir: Path, results: dict, names: list[str], n: int) -> None:
+    """RUN_DIR/budgets_so_far.json and the budget table on stdout, after each budget: a long run's finished
+    budgets are kept even if it is stopped before the report."""
+    at_n, diff_n = budget_points(results, names, n)
+    atomic_write_text(run_dir / "budgets_so_far.json", json.dumps(
+        {"budgets": sorted(results), "budget_n": n, "synthetic_budget": {str(b): v for b, v in at_n.items()},
+         "synthetic_budget_diff": {str(b): v for b, v in diff_n.items()}}, indent=1))
+    print(budget_table(at_n, diff_n, names, n), flush=True)
+
+
+def budget_table(at_n: dict, diff_n: dict, names: list[str], n: int) -> str:
+    """The markdown tables across budgets: per metric, each labelling and the process - outcome differences."""
+    pairs = [f"{a}_minus_{b}" for a, b in PAIRS[:2] if a in names and b in names]
+    out = [f"## Across label budgets: best-of-{n}, %, mean [95% interval over problems and seeds]"]
+    for metric, what in (("process_correct", "every step right"), ("accuracy", "answer right")):
+        out += ["", f"### {what}", "",
+                "| labelled solutions | " + " | ".join(names + [p.replace("_minus_", " - ") for p in pairs]) + " |",
+                "|---|" + "---|" * (len(names) + len(pairs))]
+        for b in sorted(at_n):
+            cells = [_fmt(at_n[b][name].get(metric)) for name in names]
+            cells += [_fmt(diff_n[b].get(p, {}).get(metric), signed=True) for p in pairs]
+            out.append(f"| {b} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def _fmt(p: dict | None, signed: bool = False) -> str:
+    if not p or p["mean"] is None:
+        return "-"
+    f = "+.1f" if signed else ".1f"
+    return f"{100 * p['mean']:{f}} [{100 * p['lo']:{f}}, {100 * p['hi']:{f}}]"
+
+
+def plot_budgets(at_n: dict, flat: dict, names: list[str], n: int, path: Path) -> None:
+    """Two panels (answer right, every step right) of best-of-n over the label budgets (log2 axis), one line and
+    95% band per labelling; `flat` selectors that no budget changes (the large PRM, random) as dotted lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted(at_n)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=90)
+    for ax, (metric, title) in zip(axes, (("accuracy", "answer right"), ("process_correct", "every step right"))):
+        for name in names:
+            pts = [at_n[b][name].get(metric) for b in budgets]
+            xs = [b for b, p in zip(budgets, pts) if p and p["mean"] is not None]
+            ps = [p for p in pts if p and p["mean"] is not None]
+            if not ps:
+                continue
+            line, = ax.plot(xs, [100 * p["mean"] for p in ps], "-", marker="o", markersize=3, label=name)
+            ax.fill_between(xs, [100 * p["lo"] for p in ps], [100 * p["hi"] for p in ps], color=line.get_color(),
+                            alpha=0.15)
+        for name, point in flat.items():
+            if metric in point and not math.isnan(point[metric]["mean"]):
+                ax.axhline(100 * point[metric]["mean"], linestyle=":", color="grey" if name == "random" else "black",
+                           linewidth=1, label=f"{name} (any budget)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("labelled solutions")
+        ax.set_title(f"best-of-{n}: {title} (%)", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("%")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def plot(curves: dict, selectors: list[str], path: Path) -> None:
