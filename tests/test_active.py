@@ -176,7 +176,7 @@ def test_labelled_solutions_sorted_by_habit():
     """The checker's kind of a solution: a dropped carry wins over the shortcut and a slip; kinds are counted per
     arm in the report beside the pool's base rates."""
     from rlprm.experiments.active import kind_counts, solution_kind
-    from rlprm.experiments.active_report import kinds_markdown, kinds_summary
+    from rlprm.experiments.active_report import KINDS, kinds_markdown, kinds_summary
     from rlprm.tasks.arithmetic import Problem, carry_drop_solution, shortcut_solution
 
     def record(problem, steps):
@@ -197,12 +197,18 @@ def test_labelled_solutions_sorted_by_habit():
     # the report: per arm over rounds (shares of its new labels), the pool's rates, per round counts
     mix = {"uniform": {8: {"new_labels": 4, "dropped_carry": 1, "shortcut": 1, "slip": 0, "right": 2},
                        16: {"new_labels": 4, "dropped_carry": 0, "shortcut": 2, "slip": 1, "right": 1}},
-           "active@0.8": {8: {"new_labels": 4, "dropped_carry": 3, "shortcut": 0, "slip": 1, "right": 0},
-                          16: {"new_labels": 4, "dropped_carry": 4, "shortcut": 0, "slip": 0, "right": 0}}}
-    assert kinds_summary(mix)["active@0.8"] == {"dropped_carry": 7, "shortcut": 0, "slip": 1, "right": 0, "new_labels": 8}
+           "active@0.8": {8: {"new_labels": 4, "dropped_carry": 3, "shortcut": 0, "slip": 1, "right": 0,
+                              "convincing_wrong_answer": 3, "cw_dropped_carry": 2, "cw_slip": 1},
+                          16: {"new_labels": 4, "dropped_carry": 4, "shortcut": 0, "slip": 0, "right": 0,
+                               "convincing_wrong_answer": 3, "cw_dropped_carry": 3}}}
+    got = kinds_summary(mix)["active@0.8"]
+    assert {k: got[k] for k in KINDS} == {"dropped_carry": 7, "shortcut": 0, "slip": 1, "right": 0}
+    assert got["new_labels"] == 8 and got["convincing_wrong_answer"] == 6 and got["cw_dropped_carry"] == 5
     text = kinds_markdown(mix, {"all": {"dropped_carry": 1, "shortcut": 1, "slip": 1, "right": 1},
                                 "wrong_answer": {"dropped_carry": 1, "shortcut": 0, "slip": 3, "right": 0}})
     assert "| active@0.8 | 8 | 87.5 | 0.0 | 12.5 | 0.0 |" in text and "| uniform | 8 | 12.5 | 37.5 | 12.5 | 37.5 |" in text
+    assert "| active@0.8: its convincing wrong-answer picks | 6 | 83.3 | 0.0 | 16.7 | 0.0 |" in text
+    assert "uniform: its convincing" not in text
     assert "| pool: wrong answer only | 4 | 25.0 | 0.0 | 75.0 | 0.0 |" in text and "| 16 | 0/2/1/1 | 4/0/0/0 |" in text
     assert kinds_markdown({"uniform": {8: {"new_labels": 4, "convincing_wrong_answer": 0}}}, {}) == ""  # old rows
 
@@ -415,6 +421,8 @@ def test_select_and_loop_end_to_end(tmp_path, generator, char_tokenizer):  # noq
     assert KINDS is REPORT_KINDS
     for r in rows:
         assert sum(r[f"new_{kind}"] for kind in KINDS) == r["new_labels"]
+        assert sum(r[f"new_cw_{kind}"] for kind in KINDS) == r["new_convincing_wrong_answer"]
+        assert r["new_cw_right"] == 0  # a convincing wrong-answer pick never has every step right
     back, _ = load_prm800k(run / "labels" / "seed0_gen2_active@0.8.jsonl", alternatives=False)
     last = [r for r in rows if r["strategy"] == "active@0.8"][-1]
     assert [last[f"new_{kind}"] for kind in KINDS] == [[solution_kind(b) for b in back].count(kind) for kind in KINDS]

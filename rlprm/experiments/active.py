@@ -522,6 +522,8 @@ def run_loop(recipe: Recipe, progress: bool = True) -> dict:
                "labelled_steps": sum(y is not None for r in labelled for y in r.labels),
                "new_labels": len(picks), "new_convincing_wrong_answer": why.count(CONVINCING_WRONG),
                **{f"new_{kind}": n for kind, n in kind_counts(kinds[p][i] for p, i, _, _ in picks).items()},
+               **{f"new_cw_{kind}": n for kind, n in kind_counts(kinds[p][i] for p, i, w, _ in picks
+                                                                 if w == CONVINCING_WRONG).items()},
                **metrics, "seconds": round(seconds, 1)}
         rows.append(row)
         tracker.log({f"{arm}/{k_}": v for k_, v in row.items() if k_ != "strategy"}, step=len(rows))

@@ -161,11 +161,14 @@ def kinds_summary(mix: dict) -> dict:
     and seed."""
     out: dict = {}
     for arm, by_budget in mix.items():
-        tot = out.setdefault(arm, {kind: 0 for kind in KINDS} | {"new_labels": 0})
+        tot = out.setdefault(arm, {kind: 0 for kind in KINDS} | {"new_labels": 0, "convincing_wrong_answer": 0}
+                             | {f"cw_{kind}": 0 for kind in KINDS})
         for m in by_budget.values():
             tot["new_labels"] += m["new_labels"]
+            tot["convincing_wrong_answer"] += m.get("convincing_wrong_answer", 0)
             for kind in KINDS:
                 tot[kind] += m.get(kind, 0)
+                tot[f"cw_{kind}"] += m.get(f"cw_{kind}", 0)
     return out
 
 
@@ -184,6 +187,10 @@ def kinds_markdown(mix: dict, pool: dict) -> str:
     for arm, tot in kinds_summary(mix).items():
         n = max(1, tot["new_labels"])
         lines.append(f"| {arm} | {tot['new_labels']} | " + " | ".join(f"{100 * tot[k] / n:.1f}" for k in KINDS) + " |")
+        if tot["convincing_wrong_answer"]:  # the selection itself: compare with the pool's wrong-answer rates
+            n = tot["convincing_wrong_answer"]
+            lines.append(f"| {arm}: its convincing wrong-answer picks | {n} | "
+                         + " | ".join(f"{100 * tot[f'cw_{k}'] / n:.1f}" for k in KINDS) + " |")
     for name, counts in (("pool: every solution", pool.get("all")), ("pool: wrong answer only", pool.get("wrong_answer"))):
         if counts:
             n = max(1, sum(counts.values()))
@@ -242,6 +249,7 @@ def write_report(rows: list[dict], cfg, budgets: list[int], run_dir: Path, basel
             m["convincing_wrong_answer"] += r["new_convincing_wrong_answer"]
             for kind in KINDS:
                 m[kind] = m.get(kind, 0) + r.get(f"new_{kind}", 0)
+                m[f"cw_{kind}"] = m.get(f"cw_{kind}", 0) + r.get(f"new_cw_{kind}", 0)
     text = markdown(rows, cfg, budgets, c, f, baselines, mix) + kinds_markdown(mix, pool or {})
     atomic_write_text(run_dir / "report.md", text)
     plot(c, cfg, budgets, run_dir / "active_learning.png")
