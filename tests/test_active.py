@@ -172,6 +172,47 @@ def test_selection_mix_exact_counts():
     assert sorted(i for p, i, *_ in picks if p == 0) == [2, 3]
 
 
+def test_labelled_solutions_sorted_by_habit():
+    """The checker's kind of a solution: a dropped carry wins over the shortcut and a slip; kinds are counted per
+    arm in the report beside the pool's base rates."""
+    from rlprm.experiments.active import kind_counts, solution_kind
+    from rlprm.experiments.active_report import KINDS, kinds_markdown, kinds_summary
+    from rlprm.tasks.arithmetic import Problem, carry_drop_solution, shortcut_solution
+
+    def record(problem, steps):
+        sample, _ = label_arithmetic_sample(problem, "\n".join(steps) + "\n", "\n")
+        return sample
+
+    drop = Problem(38, (("+", 5), ("+", 1)), "none")  # 38 + 5 = 33, 33 + 1 = 34: answer 34, not 44
+    assert carry_drop_solution(drop)[:2] == ["38 + 5 = 33", "33 + 1 = 34"]
+    short = Problem(93, (("+", 3), ("-", 4)), "mod10")
+    slip = ["38 + 5 = 42", "42 + 1 = 43", "# Answer\n\n43"]
+    got = [solution_kind(record(drop, carry_drop_solution(drop))), solution_kind(record(short, shortcut_solution(short))),
+           solution_kind(record(drop, slip)), solution_kind(record(drop, reference_solution(drop))),
+           solution_kind(record(drop, ["38 + 5 = 33", "33 + 1 = 35", "# Answer\n\n35"]))]  # drop, then a slip
+    assert got == ["dropped_carry", "shortcut", "slip", "right", "dropped_carry"]
+    assert record(drop, carry_drop_solution(drop)).answer_correct is False  # the habit changes this answer
+    assert record(short, shortcut_solution(short)).answer_correct is True
+    assert kind_counts(got) == {"dropped_carry": 2, "shortcut": 1, "slip": 1, "right": 1}
+    # the report: per arm over rounds (shares of its new labels), the pool's rates, per round counts
+    mix = {"uniform": {8: {"new_labels": 4, "dropped_carry": 1, "shortcut": 1, "slip": 0, "right": 2},
+                       16: {"new_labels": 4, "dropped_carry": 0, "shortcut": 2, "slip": 1, "right": 1}},
+           "active@0.8": {8: {"new_labels": 4, "dropped_carry": 3, "shortcut": 0, "slip": 1, "right": 0,
+                              "convincing_wrong_answer": 3, "cw_dropped_carry": 2, "cw_slip": 1},
+                          16: {"new_labels": 4, "dropped_carry": 4, "shortcut": 0, "slip": 0, "right": 0,
+                               "convincing_wrong_answer": 3, "cw_dropped_carry": 3}}}
+    got = kinds_summary(mix)["active@0.8"]
+    assert {k: got[k] for k in KINDS} == {"dropped_carry": 7, "shortcut": 0, "slip": 1, "right": 0}
+    assert got["new_labels"] == 8 and got["convincing_wrong_answer"] == 6 and got["cw_dropped_carry"] == 5
+    text = kinds_markdown(mix, {"all": {"dropped_carry": 1, "shortcut": 1, "slip": 1, "right": 1},
+                                "wrong_answer": {"dropped_carry": 1, "shortcut": 0, "slip": 3, "right": 0}})
+    assert "| active@0.8 | 8 | 87.5 | 0.0 | 12.5 | 0.0 |" in text and "| uniform | 8 | 12.5 | 37.5 | 12.5 | 37.5 |" in text
+    assert "| active@0.8: its convincing wrong-answer picks | 6 | 83.3 | 0.0 | 16.7 | 0.0 |" in text
+    assert "uniform: its convincing" not in text
+    assert "| pool: wrong answer only | 4 | 25.0 | 0.0 | 75.0 | 0.0 |" in text and "| 16 | 0/2/1/1 | 4/0/0/0 |" in text
+    assert kinds_markdown({"uniform": {8: {"new_labels": 4, "convincing_wrong_answer": 0}}}, {}) == ""  # old rows
+
+
 def test_label_budget_counts_solutions_exactly():
     """plan_generation: the quotas of a generation add up to exactly the labels it may spend, k per problem,
     fewer where a problem has fewer samples; problems without samples are skipped; running out is an error."""
@@ -373,6 +414,19 @@ def test_select_and_loop_end_to_end(tmp_path, generator, char_tokenizer):  # noq
         assert [r["labelled_steps"] for r in got] == [steps[0], steps[0] + steps[1], sum(steps)]
         assert [r["new_labels"] for r in got] == [3, 5, 4]
     assert [r["new_convincing_wrong_answer"] for r in rows if r["strategy"] == "active@0.8"][1:] == [4, 3]  # round(.8 * 5), round(.8 * 4)
+    # what each round labelled, by kind: the counts add up, agree with the label files, and reach the report
+    from rlprm.experiments.active import KINDS, solution_kind
+    from rlprm.experiments.active_report import KINDS as REPORT_KINDS
+
+    assert KINDS is REPORT_KINDS
+    for r in rows:
+        assert sum(r[f"new_{kind}"] for kind in KINDS) == r["new_labels"]
+        assert sum(r[f"new_cw_{kind}"] for kind in KINDS) == r["new_convincing_wrong_answer"]
+        assert r["new_cw_right"] == 0  # a convincing wrong-answer pick never has every step right
+    back, _ = load_prm800k(run / "labels" / "seed0_gen2_active@0.8.jsonl", alternatives=False)
+    last = [r for r in rows if r["strategy"] == "active@0.8"][-1]
+    assert [last[f"new_{kind}"] for kind in KINDS] == [[solution_kind(b) for b in back].count(kind) for kind in KINDS]
+    assert "## What the arms labelled" in table
     # summary.json: the factor per metric (headline share) and per share, curves with bands, baselines
     saved = json.loads((run / "summary.json").read_text())
     for metric in ("best_of_n_process_accuracy", "best_of_n_answer_accuracy", "step_auroc", "first_error_f1"):
@@ -382,6 +436,8 @@ def test_select_and_loop_end_to_end(tmp_path, generator, char_tokenizer):  # noq
         assert set(saved["curves"]["uniform"]["12"][metric]) == {"mean", "lo", "hi"}
     assert saved["label_unit"] == "solutions" and saved["budgets"] == [3, 8, 12]
     assert set(saved["baselines"]) == {"confidence", "random"} and summary["factor"] == saved["factor"]
+    assert sum(saved["kinds"]["uniform"][kind] for kind in KINDS) == saved["kinds"]["uniform"]["new_labels"] == 9
+    assert sum(saved["pool_kinds"]["all"].values()) == summary["pool_samples"]
     # every generation went through PRM800K files; active picks carry their reason and the PRM score
     active_lines = [json.loads(t) for t in (run / "labels" / "seed0_gen1_active@0.8.jsonl").read_text().splitlines()]
     assert len(active_lines) == 5 and all(line["label"]["finish_reason"] for line in active_lines)

@@ -50,7 +50,7 @@ from typing import Sequence
 
 from rlprm.config import Recipe
 from rlprm.errors import InputError
-from rlprm.experiments.active_report import arm_name
+from rlprm.experiments.active_report import KINDS, arm_name
 from rlprm.files import atomic_write_jsonl
 
 CONVINCING_WRONG, CONVINCING, UNIFORM = "convincing_wrong_answer", "convincing", "uniform"
@@ -175,6 +175,27 @@ def load_pools(recipe: Recipe, progress: bool = True) -> tuple[list, list, dict]
     out = {split: records for split, (records, _, _, _) in pool.items()}
     info = {f"{split}_source": str(path) for split, (_, _, _, path) in pool.items()}
     return out["train"], out["eval"], info
+
+
+def solution_kind(record) -> str:
+    """`dropped_carry` when some step drops a carry or borrow (the answer-changing habit), else `shortcut` when some
+    step writes a result's last digit (the right-answer habit), else `slip` when the checker finds a wrong step
+    (or none parses), else `right`. Read from the steps themselves, so pools cached before the checker flagged the
+    dropped carry are classified the same way."""
+    from rlprm.tasks.arithmetic import is_carry_drop_step, is_shortcut_step, parse_step
+
+    parsed = [x for x in map(parse_step, record.steps) if x is not None]
+    if any(is_carry_drop_step(*x) for x in parsed):
+        return "dropped_carry"
+    if any(is_shortcut_step(*x) for x in parsed):
+        return "shortcut"
+    return "right" if record.process_correct else "slip"
+
+
+def kind_counts(kinds) -> dict[str, int]:
+    """{kind: count} over KINDS (zeros kept, so rows line up)."""
+    kinds = list(kinds)
+    return {k: kinds.count(k) for k in KINDS}
 
 
 def answer_text(problem_text: str) -> str | None:
@@ -475,6 +496,7 @@ def run_loop(recipe: Recipe, progress: bool = True) -> dict:
     pool, eval_records, info = load_pools(recipe, progress)
     val_records, test_records = split_validation(eval_records, cfg.validation_share)
     groups = group_by_problem(pool)
+    kinds = [[solution_kind(r) for r in g] for g in groups]
     sizes = [len(g) for g in groups]
     k = cfg.top_k
     cursor = 0  # fail before any training when the pool cannot hold the schedule (each seed only reorders it)
@@ -499,6 +521,9 @@ def run_loop(recipe: Recipe, progress: bool = True) -> dict:
         row = {"strategy": arm, "seed": seed, "generation": gen, "labels": len(labelled),
                "labelled_steps": sum(y is not None for r in labelled for y in r.labels),
                "new_labels": len(picks), "new_convincing_wrong_answer": why.count(CONVINCING_WRONG),
+               **{f"new_{kind}": n for kind, n in kind_counts(kinds[p][i] for p, i, _, _ in picks).items()},
+               **{f"new_cw_{kind}": n for kind, n in kind_counts(kinds[p][i] for p, i, w, _ in picks
+                                                                 if w == CONVINCING_WRONG).items()},
                **metrics, "seconds": round(seconds, 1)}
         rows.append(row)
         tracker.log({f"{arm}/{k_}": v for k_, v in row.items() if k_ != "strategy"}, step=len(rows))
@@ -556,7 +581,7 @@ def run_loop(recipe: Recipe, progress: bool = True) -> dict:
                                                    rm_cfg.eval_batch_size)
         baselines["random"] = random_pick_quality(test_records, cfg.eval_n)
         tracker.table("active_learning", list(rows[0]), [list(r.values()) for r in rows])
-        summary = write_report(rows, cfg, budgets, run_dir, baselines)
+        summary = write_report(rows, cfg, budgets, run_dir, baselines, pool_kinds(groups, kinds))
         summary.update({"wall_seconds": round(time.monotonic() - t0, 1), "pool_problems": len(groups),
                         "pool_samples": len(pool), "validation_solutions": len(val_records),
                         "test_solutions": len(test_records), **info})
@@ -565,6 +590,13 @@ def run_loop(recipe: Recipe, progress: bool = True) -> dict:
         return summary
     finally:
         tracker.finish()
+
+
+def pool_kinds(groups, kinds) -> dict:
+    """The pool's base rates: kind counts over every solution and over the wrong-answer ones (what uniform picks
+    from, and what the convincing wrong-answer slots pick from)."""
+    flat = [(r, k) for g, ks in zip(groups, kinds) for r, k in zip(g, ks)]
+    return {"all": kind_counts(k for _, k in flat), "wrong_answer": kind_counts(k for r, k in flat if not r.answer_correct)}
 
 
 def random_pick_quality(test_records, eval_n: int) -> dict:

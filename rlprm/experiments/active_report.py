@@ -148,6 +148,63 @@ def markdown(rows, cfg, budgets, c: dict, f: dict, baselines: dict, mix: dict) -
     return "\n".join(lines) + "\n"
 
 
+KINDS = ("dropped_carry", "shortcut", "slip", "right")
+"""What a labelled solution is, by the checker (rlprm/experiments/active.py `solution_kind`): the habits the
+generator learned are systematic errors a PRM can learn once, a slip is a one-off. Counted per arm and round, they
+say whether a selection surfaces the systematic error."""
+KIND_LABELS = {"dropped_carry": "dropped carry", "shortcut": "last-digit shortcut", "slip": "other error (slip)",
+               "right": "every step right"}
+
+
+def kinds_summary(mix: dict) -> dict:
+    """{arm: {kind: count, "new_labels": n}}: what each arm labelled after the shared seed set, over every round
+    and seed."""
+    out: dict = {}
+    for arm, by_budget in mix.items():
+        tot = out.setdefault(arm, {kind: 0 for kind in KINDS} | {"new_labels": 0, "convincing_wrong_answer": 0}
+                             | {f"cw_{kind}": 0 for kind in KINDS})
+        for m in by_budget.values():
+            tot["new_labels"] += m["new_labels"]
+            tot["convincing_wrong_answer"] += m.get("convincing_wrong_answer", 0)
+            for kind in KINDS:
+                tot[kind] += m.get(kind, 0)
+                tot[f"cw_{kind}"] += m.get(f"cw_{kind}", 0)
+    return out
+
+
+def kinds_markdown(mix: dict, pool: dict) -> str:
+    """The section saying what each arm's new labels were, by the checker: per arm over all rounds (share of the
+    arm's new labels), the pool's base rates beside it, then per round."""
+    if not mix or not any(kind in m for by in mix.values() for m in by.values() for kind in KINDS):
+        return ""
+    head = "| " + " | ".join(f"{KIND_LABELS[k]} (%)" for k in KINDS) + " |"
+    lines = ["", "## What the arms labelled (new labels after the seed set, every seed)", "",
+             "By the checker: `dropped carry` = some step drops a carry or borrow (the answer-changing habit), "
+             "`last-digit shortcut` = some step writes only a result's last digit (the habit that keeps the answer "
+             "right), `slip` = another wrong step, `every step right`. Uniform picks follow the pool's rates; the "
+             "convincing wrong-answer slots pick among the pool's wrong-answer solutions.", "",
+             "| arm | new labels " + head, "|---|---|" + "---|" * len(KINDS)]
+    for arm, tot in kinds_summary(mix).items():
+        n = max(1, tot["new_labels"])
+        lines.append(f"| {arm} | {tot['new_labels']} | " + " | ".join(f"{100 * tot[k] / n:.1f}" for k in KINDS) + " |")
+        if tot["convincing_wrong_answer"]:  # the selection itself: compare with the pool's wrong-answer rates
+            n = tot["convincing_wrong_answer"]
+            lines.append(f"| {arm}: its convincing wrong-answer picks | {n} | "
+                         + " | ".join(f"{100 * tot[f'cw_{k}'] / n:.1f}" for k in KINDS) + " |")
+    for name, counts in (("pool: every solution", pool.get("all")), ("pool: wrong answer only", pool.get("wrong_answer"))):
+        if counts:
+            n = max(1, sum(counts.values()))
+            lines.append(f"| {name} | {sum(counts.values())} | " + " | ".join(f"{100 * counts[k] / n:.1f}" for k in KINDS)
+                         + " |")
+    lines += ["", "Per round (labels after the round; counts summed over seeds: "
+              + " / ".join(KIND_LABELS[k] for k in KINDS) + "):", "",
+              "| labels | " + " | ".join(mix) + " |", "|---|" + "---|" * len(mix)]
+    for b in sorted({b for by in mix.values() for b in by}):
+        cells = ["/".join(str(mix[arm][b].get(k, 0)) for k in KINDS) if b in mix[arm] else "" for arm in mix]
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(c: dict, cfg, budgets: list[int], path: Path) -> None:
     import matplotlib
 
@@ -176,8 +233,12 @@ def plot(c: dict, cfg, budgets: list[int], path: Path) -> None:
     save_figure(fig, path)
 
 
-def write_report(rows: list[dict], cfg, budgets: list[int], run_dir: Path, baselines: dict) -> dict:
-    """Write RUN_DIR/report.md and active_learning.png; return the summary (JSON-safe) for summary.json."""
+def write_report(rows: list[dict], cfg, budgets: list[int], run_dir: Path, baselines: dict,
+                 pool: dict | None = None) -> dict:
+    """Write RUN_DIR/report.md and active_learning.png; return the summary (JSON-safe) for summary.json.
+
+    `pool`: the pool's kind counts ({"all": {kind: n}, "wrong_answer": {kind: n}}), the base rates beside what each
+    arm labelled."""
     c = curves(rows, budgets, cfg.bootstrap_resamples)
     f = factors(rows, cfg, budgets)
     mix: dict = {}
@@ -186,7 +247,10 @@ def write_report(rows: list[dict], cfg, budgets: list[int], run_dir: Path, basel
             m = mix.setdefault(r["strategy"], {}).setdefault(r["labels"], {"new_labels": 0, "convincing_wrong_answer": 0})
             m["new_labels"] += r["new_labels"]
             m["convincing_wrong_answer"] += r["new_convincing_wrong_answer"]
-    text = markdown(rows, cfg, budgets, c, f, baselines, mix)
+            for kind in KINDS:
+                m[kind] = m.get(kind, 0) + r.get(f"new_{kind}", 0)
+                m[f"cw_{kind}"] = m.get(f"cw_{kind}", 0) + r.get(f"new_cw_{kind}", 0)
+    text = markdown(rows, cfg, budgets, c, f, baselines, mix) + kinds_markdown(mix, pool or {})
     atomic_write_text(run_dir / "report.md", text)
     plot(c, cfg, budgets, run_dir / "active_learning.png")
     print(text)
@@ -196,5 +260,6 @@ def write_report(rows: list[dict], cfg, budgets: list[int], run_dir: Path, basel
     return _clean({"label_unit": "solutions", "budgets": budgets, "seeds": sorted({r["seed"] for r in rows}),
                    "arms": arms_of(rows), "quality_metric": cfg.quality_metric, "headline_share": headline_share(cfg),
                    "factor_level_share": cfg.factor_level_share, "factor": factor, "curves": c, "mix": mix,
+                   "kinds": kinds_summary(mix), "pool_kinds": pool or {},
                    "baselines": baselines, "report": str(run_dir / "report.md"),
                    "plot": str(run_dir / "active_learning.png")})
