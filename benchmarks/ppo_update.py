@@ -1,7 +1,7 @@
 """CPU seconds of PPO's model passes, one full-width pass (before) against rows grouped by length (after); JSON.
 
     .venv/bin/python benchmarks/ppo_update.py --generator runs/demo/prepare/generator
-    .venv/bin/python benchmarks/ppo_update.py --generator G --out benchmarks/ppo_update.json --rounds 5
+    .venv/bin/python benchmarks/ppo_update.py --generator G --out benchmarks/ppo_update.json --rounds 9 --variants ""
 
 The demo's shape (recipes/prm_dense.yaml with the demo's budgets): one rollout of 32 prompts x 4 samples sampled
 by the generator at T = 1 (max_new_tokens 96), a policy with the generator's weights and a critic of its first 2
@@ -15,9 +15,11 @@ median of the rounds' CPU seconds (time.process_time: load from other jobs does 
   log-probs, the critic's values.
 
 `before` is one pass over the rows at the rollout's full width (the batch's longest response), as `ppo.py` ran
-them before `by_length`; `after` is `ppo.by_length` with `ppo.GROUP_COST_CPU` and `ppo.MAX_AREA_CPU` (and, for the choice of those
-constants, a few others: VARIANTS; `trim_only`: one pass of the minibatch's own width). The outputs are compared too:
-the largest difference at a real token (float summation order only).
+them before `by_length`; `after` is `ppo.by_length` with `ppo.GROUP_COST_CPU` and `ppo.MAX_AREA_CPU` (and, for
+the choice of those constants, a few others: VARIANTS; `trim_only`: one pass of the minibatch's own width).
+Also written: the token columns each way computes per real token (deterministic, whatever the load), and the
+largest difference between the ways' outputs at a real token (float summation order only).
+(CPU seconds still grow with load: other jobs on the same cores share the caches.)
 """
 
 from __future__ import annotations
@@ -73,11 +75,19 @@ def _critic(generator: str, layers: int):
     return disable_dropout(model)
 
 
+def _values(critic, ids, att, p: int, t: int):
+    """The critic's values at the positions that predict response tokens 0..t-1 (as PPO reads them), (n, t)."""
+    position_ids = (att.cumsum(-1) - 1).clamp(min=0)
+    return critic(input_ids=ids, attention_mask=att, position_ids=position_ids).logits[:, p - 1:p - 1 + t, 0].float()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--generator", default=str(ROOT / "runs" / "demo" / "prepare" / "generator"))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="other settings to time beside before and after (comma-separated names of VARIANTS)")
     args = parser.parse_args(argv)
     import copy
 
@@ -99,14 +109,14 @@ def main(argv=None) -> int:
     def update_pass(ids, att, p, t):
         features, head = ppo.response_features(policy, ids, att, p, t)
         logp = token_logprobs(features, ids[:, p:], head, 1.0)[0]
-        return logp, ppo._forward(critic, ids, att, p, t).squeeze(-1).float()
+        return logp, _values(critic, ids, att, p, t)
 
     def rollout_pass(ids, att, p, t):
         features, head = ppo.response_features(policy, ids, att, p, t)
         (logp, ent), = ppo.features_logprobs(features, head, ids[:, p:], (1.0,), entropy=True)
         features, head = ppo.response_features(reference, ids, att, p, t)
         (ref, _), = ppo.features_logprobs(features, head, ids[:, p:], (1.0,))
-        return logp, ent, ref, ppo._forward(critic, ids, att, p, t).squeeze(-1).float()
+        return logp, ent, ref, _values(critic, ids, att, p, t)
 
     def run(fn, ids, att, m, how):
         if how == "before":
@@ -137,7 +147,7 @@ def main(argv=None) -> int:
             return run(rollout_pass, ro.input_ids, ro.attention_mask, mask, cost)
 
     VARIANTS.update({"after": (ppo.GROUP_COST_CPU, ppo.MAX_AREA_CPU), "no_area_cap": (ppo.GROUP_COST_CPU, None)})
-    costs = ["before", *VARIANTS]
+    costs = ["before", "after", *[v for v in args.variants.split(",") if v and v != "after"]]
     # the outputs agree at every real token (before any update changes the weights)
     policy.eval()
     want = rollout("before")
@@ -174,7 +184,7 @@ def main(argv=None) -> int:
     result = {
         "generator": args.generator, "rows": B, "prompt_width": P, "response_width": T,
         "response_length_mean": round(float(lengths.mean()), 1), "threads": 1, "rounds": args.rounds,
-        "group_cost": ppo.GROUP_COST_CPU, "max_area": ppo.MAX_AREA_CPU, "variants": VARIANTS,
+        "group_cost": ppo.GROUP_COST_CPU, "max_area": ppo.MAX_AREA_CPU, "variants": {c: VARIANTS[c] for c in costs[1:]},
         "cpu_seconds_median": med,
         "columns_per_real_token": padding,
         "speedup_update": round(med["update"]["before"] / med["update"]["after"], 3),
