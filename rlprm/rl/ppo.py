@@ -60,6 +60,11 @@ eval mode, the update runs in train mode, and an update's first ratio is 1.
 Log-probs and the entropy never make a (B, T, V) float32 tensor
 (`response_features` + `core.token_logprobs`).
 
+Padding: on a CPU every pass over the rollout (step 4's, the critic warm-up's, each update minibatch's) runs
+its rows in groups of similar length, each cut to its own columns (`by_length`, `core.length_groups`); the
+outputs at real tokens are those of one full-width pass up to float order. One pass per minibatch, cut to its
+own longest row, on an accelerator and under DeepSpeed.
+
 Resume works at epoch granularity: a checkpoint holds the policy (its
 adapters only, with LoRA), the value model, both optimizers, the KL
 coefficient and the optimizer step count (for the warm-up), beside the
