@@ -913,3 +913,60 @@ def test_a_bf16_run_resumes_to_the_uninterrupted_metrics(generator_dir, tmp_path
         assert a.keys() == b.keys()
         for k in a:
             assert a[k] == (pytest.approx(b[k], rel=1e-6, abs=1e-9) if isinstance(b[k], float) else b[k]), k
+
+
+def test_rows_grouped_by_length_give_the_full_width_losses_advantages_and_gradients(generator_dir):
+    """`ppo.by_length` (each group of rows cut to its own columns) against one pass of the whole batch at the
+    rollout's full width, as the update ran before: the same log-probs and values at every real token, and so
+    the same clipped losses, GAE advantages and gradients. A cut that dropped a real token (its output left 0) or
+    shifted a position would fail."""
+    import torch
+    from transformers import AutoModelForTokenClassification
+
+    from rlprm.models import disable_dropout, load_causal_lm, load_tokenizer
+    from rlprm.rl.core import gae, length_groups, masked_whiten, policy_loss, token_logprobs, value_loss
+    from rlprm.rl.ppo import build_rollout, by_length, response_features
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(str(generator_dir), padding_side="left")
+    policy = load_causal_lm(str(generator_dir), "float32", "cpu", False).train()
+    critic = disable_dropout(AutoModelForTokenClassification.from_pretrained(str(generator_dir), num_labels=1)).train()
+    prompts = ["93 +3 -4 mod 10\n", "5 +1\n", "12 -7 +8 last digit\n"]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    # responses of 1 to 23 tokens (EOS on some, none on the longest: a row cut at the length cap)
+    texts = ["7", "1 + 2 = 3\n", "93 + 3 = 96\n96 - 4 = 92\n", "5\n", "5 + 1 = 6\n6", "12 - 7 = 5\n5 + 8 = 13\n3"]
+    gen = [tok(t, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if i % 2 else [])
+           for i, t in enumerate(texts)]
+    ro = build_rollout(tok, enc["input_ids"], enc["attention_mask"], gen, 2)
+    P, (B, T), m = ro.prompt_width, ro.response_mask.shape, ro.response_mask
+    g = torch.Generator().manual_seed(1)
+    old_lp, old_v, rewards = (torch.randn(B, T, generator=g) for _ in range(3))
+
+    def passes(ids, att, p, t):
+        features, head = response_features(policy, ids, att, p, t)
+        position_ids = (att.cumsum(-1) - 1).clamp(min=0)
+        values = critic(input_ids=ids, attention_mask=att, position_ids=position_ids).logits[:, p - 1:p - 1 + t]
+        return token_logprobs(features, ids[:, p:], head, 0.7)[0], values.squeeze(-1).float()
+
+    def losses(how):
+        policy.zero_grad(set_to_none=True)
+        critic.zero_grad(set_to_none=True)
+        logp, values = (passes(ro.input_ids, ro.attention_mask, P, T) if how is None else
+                        by_length(passes, ro.input_ids, ro.attention_mask, P, m, how))
+        advantages, returns = gae(rewards, values.detach(), m, 1.0, 0.95)
+        advantages = masked_whiten(advantages, m)
+        pl, _ = policy_loss(logp, old_lp, advantages, m, 0.2)
+        vl, _ = value_loss(values, old_v, returns, m, 0.2)
+        (pl + 0.5 * vl).backward()
+        grads = {n: p.grad.clone() for model in (policy, critic) for n, p in model.named_parameters()}
+        return logp.detach(), values.detach(), advantages, torch.stack([pl, vl]).detach(), grads
+
+    prompt_lengths = ro.attention_mask[:, :P].sum(1)
+    assert len(length_groups(prompt_lengths, m.sum(1), 0)) > 2  # the check below compares several cut passes
+    want = losses(None)
+    for cost in (0, 10, None):  # many groups, a few, one of the batch's own width
+        got = losses(cost)
+        for w, h in zip(want[:3], got[:3]):
+            assert torch.allclose(w[m], h[m], atol=1e-5)
+        assert torch.allclose(want[3], got[3], atol=1e-5)
+        assert all(torch.allclose(want[4][n], got[4][n], atol=1e-5) for n in want[4])

@@ -17,6 +17,7 @@ from rlprm.rl.core import (
     group_normalize,
     group_normalize_steps,
     kl_penalty,
+    length_groups,
     logprobs_from_logits,
     masked_mean,
     masked_var,
@@ -481,3 +482,20 @@ def test_value_loss_counts_no_clipping_inside_the_range():
     loss, stats = value_loss(values, old, returns, mask, 10.0)
     assert stats["vf_clipfrac"].item() == 0.0
     assert loss.item() == pytest.approx(0.5 * ((values - returns) ** 2).mean().item(), rel=1e-6)
+
+
+def test_length_groups_cut_where_padding_plus_pass_cost_is_least():
+    # prompts 2 tokens each; responses 1, 10, 2, 9 -> sorted rows 0 (1), 2 (2), 3 (9), 1 (10).
+    # A group costs rows * (longest prompt + longest response) + cost. At cost 5:
+    # one group 4 * 12 + 5 = 53; {0,2} {3,1}: 2 * 4 + 5 + 2 * 12 + 5 = 42; {0,2} {3} {1}: 13 + 16 + 17 = 46;
+    # {0} {2} {3,1}: 8 + 9 + 29 = 46; all apart: 8 + 9 + 16 + 17 = 50 -> two groups
+    prompts, responses = torch.tensor([2, 2, 2, 2]), torch.tensor([1, 10, 2, 9])
+    assert [g.tolist() for g in length_groups(prompts, responses, 5)] == [[0, 2], [3, 1]]
+    # cost 0: apart (3 + 4 + 11 + 12 = 30) beats any pair ({3,1}: 24 > 23); cost 100: one group, sorted
+    assert [g.tolist() for g in length_groups(prompts, responses, 0)] == [[0], [2], [3], [1]]
+    assert [g.tolist() for g in length_groups(prompts, responses, 100)] == [[0, 2, 3, 1]]
+    # None: one group in the rows' own order (an accelerator, DeepSpeed)
+    assert [g.tolist() for g in length_groups(prompts, responses, None)] == [[0, 1, 2, 3]]
+    # the longest prompt counts too: row 2's 9-token prompt makes {0,2} cost 2 * (9 + 2) + 5 = 27, apart 8 + 16
+    got = length_groups(torch.tensor([2, 2, 9, 2]), responses, 5)
+    assert [g.tolist() for g in got] == [[0], [2], [3, 1]]

@@ -98,6 +98,48 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     return torch.where(mask.bool(), out, torch.zeros_like(out))
 
 
+# --------------------------------------------------------------------------- padding
+
+
+def length_groups(prompt_lengths: Tensor, response_lengths: Tensor, group_cost: float | None,
+                  max_area: int | None = None) -> list[Tensor]:
+    """Rows cut into groups of similar length, so that each group can run padded to its own longest row only.
+
+    prompt_lengths, response_lengths: (B,) long, each row's real tokens on either side of the prompt/response
+    boundary (prompts are left-padded, responses right-padded, so a group's width is its longest prompt plus its
+    longest response). A group costs rows * width + `group_cost` (a pass's fixed cost, in token columns); the
+    rows are sorted by response length (then prompt length) and cut where the total cost is least (dynamic
+    programming over the cut points; O(B^2)), with no group of several rows over `max_area` columns (a pass
+    whose activations outgrow the CPU's caches costs more per token). `group_cost` None keeps one group of every
+    row in its order (on an accelerator, or where every rank must make the same passes). Returns (n_g,) long
+    tensors of row indices that together hold every row once, the shortest responses first.
+    """
+    B = int(response_lengths.shape[0])
+    if group_cost is None or B <= 1:
+        return [torch.arange(B)]
+    order = sorted(range(B), key=lambda i: (int(response_lengths[i]), int(prompt_lengths[i])))
+    prompts = [int(prompt_lengths[i]) for i in order]
+    responses = [int(response_lengths[i]) for i in order]
+    best = [0.0] + [math.inf] * B  # best[j]: the least cost of the first j sorted rows
+    cut = [0] * (B + 1)
+    for j in range(1, B + 1):
+        # sorted by response length: rows i..j-1 are padded to response j-1 and to the longest prompt among them
+        prompt = 0
+        for i in range(j - 1, -1, -1):
+            prompt = max(prompt, prompts[i])
+            area = (j - i) * (prompt + responses[j - 1])
+            if max_area is not None and area > max_area and i < j - 1:
+                break  # more rows only widen the group
+            cost = best[i] + area + group_cost
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    bounds, j = [], B
+    while j > 0:
+        bounds.append((cut[j], j))
+        j = cut[j]
+    return [torch.tensor(order[a:b], dtype=torch.long) for a, b in reversed(bounds)]
+
+
 # --------------------------------------------------------------------------- advantages
 
 
@@ -424,7 +466,8 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
 __all__ = [
     "AdaptiveKLController", "FARMABLE_PROCESS_FORMS", "FixedKLController", "KL_KINDS", "LOGIT_CHUNK_ELEMENTS",
     "PROCESS_FORMS", "add_kl_penalty", "entropy_from_logits", "explained_variance", "gae", "group_normalize",
-    "group_normalize_steps", "kl_penalty", "logprobs_from_logits", "masked_mean", "masked_var", "masked_whiten",
+    "group_normalize_steps", "kl_penalty", "length_groups", "logprobs_from_logits", "masked_mean", "masked_var",
+    "masked_whiten",
     "event_returns", "policy_loss", "process_token_advantages", "step_rewards_to_token_advantages", "summed_process_advantages",
     "token_logprobs", "value_loss",
 ]

@@ -60,6 +60,11 @@ eval mode, the update runs in train mode, and an update's first ratio is 1.
 Log-probs and the entropy never make a (B, T, V) float32 tensor
 (`response_features` + `core.token_logprobs`).
 
+Padding: on a CPU every pass over the rollout (step 4's, the critic warm-up's, each update minibatch's) runs
+its rows in groups of similar length, each cut to its own columns (`by_length`, `core.length_groups`); the
+outputs at real tokens are those of one full-width pass up to float order. One pass per minibatch, cut to its
+own longest row, on an accelerator and under DeepSpeed.
+
 Resume works at epoch granularity: a checkpoint holds the policy (its
 adapters only, with LoRA), the value model, both optimizers, the KL
 coefficient and the optimizer step count (for the warm-up), beside the
@@ -153,10 +158,56 @@ def _forward(model, input_ids, attention_mask, prompt_width: int, T: int):
     return out.logits[:, prompt_width - 1: prompt_width - 1 + T]
 
 
-def _rollout_values(value_model, ro: Rollout, T: int):
-    """The critic's value at every response position of the rollout, (B, T) float32 (call under no_grad)."""
-    value_model.eval()
-    return _forward(value_model, ro.input_ids, ro.attention_mask, ro.prompt_width, T).squeeze(-1).float()
+GROUP_COST_CPU = 96
+"""`core.length_groups`' fixed cost of one more pass on a CPU, in token columns (rows x width): a forward and
+backward of the demo's policy and critic at 1 thread cost about this many columns' work beyond their size
+(benchmarks/ppo_update.py)."""
+
+MAX_AREA_CPU = {True: 1536, False: 3072}
+"""`core.length_groups`' largest pass on a CPU in token columns, with gradients (True) and without: at the demo's
+width (128) a pass of 2,560 columns with its backward cost ~15% more per token than two of 1,280 at 1 thread
+(its activations outgrow the caches; benchmarks/ppo_update.py)."""
+
+
+def by_length(fn, input_ids, attention_mask, prompt_width: int, response_mask, group_cost: float | None,
+              max_area: int | None = None):
+    """`fn(input_ids, attention_mask, prompt_width, T) -> tuple of (n, T, ...) tensors or None`, run on each group
+    of rows of `core.length_groups(..., group_cost, max_area)` cut to the group's own columns, its outputs put
+    back in row order: a tuple of (B, T, ...) tensors, T = response_mask's width, zero beyond each group's longest
+    response.
+
+    The columns cut are padding in every row of the group (leading prompt columns, trailing response columns):
+    a masked key changes no output, a trailing column no earlier one (causal), and position ids count real
+    tokens (`_forward`), so the outputs at the real tokens are those of one pass over the whole batch, up to
+    float summation order. Gradients flow through to every group's pass."""
+    import torch
+
+    from rlprm.rl.core import length_groups
+
+    B, T = response_mask.shape
+    device = input_ids.device
+    prompt_lengths = attention_mask[:, :prompt_width].sum(1).cpu()
+    response_lengths = response_mask.sum(1).cpu()
+    groups = length_groups(prompt_lengths, response_lengths, group_cost, max_area)
+    parts = []
+    for rows in groups:
+        start = prompt_width - max(1, int(prompt_lengths[rows].max()))
+        end = prompt_width + max(1, int(response_lengths[rows].max()))
+        rows = rows.to(device)
+        parts.append(fn(input_ids[rows, start:end], attention_mask[rows, start:end], prompt_width - start,
+                        end - prompt_width))
+    order = torch.cat(groups).to(device)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(B, device=device)
+
+    def whole(k: int):
+        if parts[0][k] is None:
+            return None
+        pieces = [p[k] if p[k].shape[1] == T else torch.cat(
+            [p[k], p[k].new_zeros(p[k].shape[0], T - p[k].shape[1], *p[k].shape[2:])], 1) for p in parts]
+        return torch.cat(pieces)[inverse]
+
+    return tuple(whole(k) for k in range(len(parts[0])))
 
 
 def _hf_model(model):
@@ -375,6 +426,14 @@ class PPO:
                                                                                               rl.kl_horizon)
         self.opt_step = 0  # policy optimizer steps (for the warm-up)
         self.deepspeed, self.is_main, self.dist = run.dist.deepspeed, run.dist.is_main, run.dist
+        # rows of similar length pass together on a CPU (`by_length`); one pass of the minibatch's own width on an
+        # accelerator (small passes leave it idle) and under DeepSpeed (ZeRO-3 gathers weights in every forward: the
+        # ranks must make the same passes)
+        self.group_cost = GROUP_COST_CPU if str(run.device) == "cpu" and not run.dist.deepspeed else None
+
+    def _grouping(self, grad: bool) -> tuple:
+        """`by_length`'s (group_cost, max_area) for a pass with gradients (`grad`) or without."""
+        return (None, None) if self.group_cost is None else (self.group_cost, MAX_AREA_CPU[grad])
 
     def _compute(self):
         """The precision of every pass over the policy and the critic: bf16 (fp16) autocast over their float32
@@ -445,7 +504,7 @@ class PPO:
         from rlprm.rl.core import gae, masked_mean
 
         targets, _ = gae(shaped, torch.zeros_like(shaped), mask, rl.gamma, 1.0)  # V = 0, lam = 1: reward-to-go
-        B, T = mask.shape
+        B = mask.shape[0]
         minibatch = max(1, rl.minibatch_size // dist.world)
         self.value_model.train()
         for _ in range(rl.critic_warmup_passes):
@@ -453,8 +512,9 @@ class PPO:
             for start in range(0, B, minibatch):
                 idx = order[start:start + minibatch].to(mask.device)
                 with self._compute():
-                    values = _forward(self.value_engine, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_width,
-                                      T).squeeze(-1).float()
+                    values, = by_length(self._values_pass(self.value_engine), ro.input_ids[idx],
+                                        ro.attention_mask[idx], ro.prompt_width, ro.response_mask[idx],
+                                        *self._grouping(True))
                 loss = 0.5 * masked_mean((values - targets[idx]) ** 2, mask[idx])
                 if dist.deepspeed:
                     self.value_engine.backward(loss)
@@ -536,14 +596,11 @@ class PPO:
         # 4. logprobs and values of the rollout, before any update (the "old" policy and critic), at the sampling
         # temperature: the distribution the rollout came from
         with torch.no_grad(), self._compute():
-            run.policy.eval()
-            old_logprobs, entropy = rollout_logprobs(run.policy, ro, rl.temperature, entropy=True)
+            old_logprobs, entropy, ref_new, old_values = self._old_passes(run, ro, ref_logprobs is None)
+            ref_logprobs = ref_new if ref_logprobs is None else ref_logprobs
             # the ratio's old log-probs are the policy's own (above); a vLLM sampler's only measure the mismatch
             gap = None if ro.sampler_logprobs is None else logprob_gap(ro.sampler_logprobs, old_logprobs,
                                                                        ro.response_mask)
-            if ref_logprobs is None:
-                ref_logprobs, _ = rollout_logprobs(reference, ro, rl.temperature)
-            old_values = _rollout_values(self.value_model, ro, T)
 
             # 5. KL penalty: every token pays for drifting from the reference
             shaped, kl = add_kl_penalty(tr.rewards, old_logprobs, ref_logprobs, mask, self.kl_ctl.value,
@@ -552,7 +609,9 @@ class PPO:
         if run.step == 0 and rl.critic_warmup_passes:  # a fresh run's first rollout: fit the new critic first
             self.warm_critic(rl, ro, shaped, mask, dist)
             with torch.no_grad(), self._compute():
-                old_values = _rollout_values(self.value_model, ro, T)
+                self.value_model.eval()
+                old_values, = by_length(self._values_pass(self.value_model), ro.input_ids, ro.attention_mask,
+                                        ro.prompt_width, ro.response_mask, *self._grouping(False))
 
         with torch.no_grad():
             # 6. advantages: GAE over the shaped rewards, then whitened over the batch
@@ -563,16 +622,57 @@ class PPO:
         return Trajectory(ro, grades, tr, mask, old_logprobs, old_values, shaped, kl, advantages, returns,
                           float(masked_mean(entropy, mask)), gap, {"generate": t_gen, "score": t_score}, scored_at)
 
+    def _old_passes(self, run: Run, ro: Rollout, reference: bool):
+        """4. (under no_grad) the policy's log-probs and entropy, the reference's log-probs (when `reference`, else
+        None) and the critic's values of the rollout's response tokens, (B, T) float32 each (0 past a row's
+        group's longest response: padding), at rl.temperature; rows of similar length pass together (`by_length`)."""
+        temperature = run.recipe.rl.temperature
+        run.policy.eval()
+        self.value_model.eval()
+        values = self._values_pass(self.value_model)
+
+        def passes(ids, att, P, T):
+            tokens = ids[:, P:]
+            features, head = response_features(run.policy, ids, att, P, T)
+            (logp, entropy), = features_logprobs(features, head, tokens, (temperature,), entropy=True)
+            del features
+            ref = None
+            if reference:
+                features, head = response_features(run.reference, ids, att, P, T)
+                (ref, _), = features_logprobs(features, head, tokens, (temperature,))
+            return logp, entropy, ref, values(ids, att, P, T)[0]
+
+        return by_length(passes, ro.input_ids, ro.attention_mask, ro.prompt_width, ro.response_mask,
+                         *self._grouping(False))
+
+    @staticmethod
+    def _values_pass(model):
+        """`by_length`'s pass of a critic: its values (n, T) float32."""
+        return lambda ids, att, P, T: (_forward(model, ids, att, P, T).squeeze(-1).float(),)
+
+    def _update_pass(self, temperature: float):
+        """`by_length`'s pass of one update minibatch, with gradients: the policy's log-probs at `temperature` (the
+        output layer a chunk of rows at a time, recomputed in the backward pass) and the critic's values."""
+        from rlprm.rl.core import token_logprobs
+
+        def passes(ids, att, P, T):
+            features, head = response_features(self.policy_engine, ids, att, P, T)
+            logp = token_logprobs(features, ids[:, P:], head, temperature)[0]
+            return logp, _forward(self.value_engine, ids, att, P, T).squeeze(-1).float()
+
+        return passes
+
     def ppo_step(self, run: Run, tr: "Trajectory") -> dict[str, list[float]]:
         """7. update: rl.ppo_epochs passes over shuffled minibatches of the trajectory, clipped policy and value
         losses; then the sampler takes the new weights and the KL coefficient adapts. Returns each minibatch's
         losses and statistics."""
         import torch
 
-        from rlprm.rl.core import masked_mean, policy_loss, token_logprobs, value_loss
+        from rlprm.rl.core import masked_mean, policy_loss, value_loss
 
         rl, dist, ro = run.recipe.rl, run.dist, tr.rollout
-        B, T = tr.mask.shape
+        B = tr.mask.shape[0]
+        passes = self._update_pass(rl.temperature)
         minibatch = max(1, rl.minibatch_size // dist.world)
         run.policy.train()
         self.value_model.train()
@@ -581,12 +681,10 @@ class PPO:
             order = torch.randperm(B)
             for start in range(0, B, minibatch):
                 idx = order[start:start + minibatch].to(run.device)
-                ids, att, m = ro.input_ids[idx], ro.attention_mask[idx], tr.mask[idx]
-                with self._compute():
-                    # the output layer runs a chunk of rows at a time, recomputed in the backward pass
-                    features, head = response_features(self.policy_engine, ids, att, ro.prompt_width, T)
-                    new_logprobs = token_logprobs(features, ids[:, ro.prompt_width:], head, rl.temperature)[0]
-                    values = _forward(self.value_engine, ids, att, ro.prompt_width, T).squeeze(-1).float()
+                m = tr.mask[idx]
+                with self._compute():  # rows of similar length pass together (`by_length`): the same minibatch
+                    new_logprobs, values = by_length(passes, ro.input_ids[idx], ro.attention_mask[idx],
+                                                     ro.prompt_width, ro.response_mask[idx], *self._grouping(True))
                 pl, pstats = policy_loss(new_logprobs, tr.old_logprobs[idx], tr.advantages[idx], m, rl.clip_range)
                 vl, vstats = value_loss(values, tr.old_values[idx], tr.returns[idx], m, rl.clip_range_value)
                 self._optimizer_step(run, pl, vl)
