@@ -79,10 +79,10 @@ def growing_layer_class():
             self.reset_to(keys, values, room)
 
         def reset_to(self, keys, values, room: int = 0):
-            """Hold exactly `keys` and `values`, with room for `room` positions in all (at least twice as many)."""
+            """Hold exactly `keys` and `values`, with room for `room` positions in all (0: twice as many as now)."""
             self.is_initialized, self.device = True, keys.device
             self.used = keys.shape[-2]
-            room = max(16, 2 * self.used, room)
+            room = max(room, self.used + 1) if room else max(16, 2 * self.used)
             # uninitialised: a position is written before `keys` / `values` reach it
             self.key_room = keys.new_empty(*keys.shape[:-2], room, keys.shape[-1])
             self.value_room = values.new_empty(*values.shape[:-2], room, values.shape[-1])

@@ -1,13 +1,15 @@
-"""Who samples the completions: Hugging Face `generate` on the policy, or a colocated vLLM engine.
+"""Who samples the completions: the policy itself (rlprm's KV-cache loop), or a colocated vLLM engine.
 
 `rl.rollout` (PPO's rollouts, rejection sampling's N per problem, the
 between-epoch best-of-N) and `eval.rollout` (the `rlprm eval` pool) choose:
 
-- `HFSampler` (`hf`, the default): `generate` on the policy itself, exactly as
-  before this module existed (PPO: the global torch RNG; pools:
-  `sampling.sample`'s seeded batches). Nothing to refresh: it IS the policy.
-  Every generation setting is passed (`sampling.generation_kwargs`), none
-  comes from the checkpoint's generation_config (`sampling.own_generation_config`);
+- `HFSampler` (`hf`, the default): the policy itself samples, through
+  `sampling.generate_ids` (rlprm/decoding.py's KV-cache loop; HF `generate`
+  where the loop cannot slice the model's cache) (PPO: the global torch RNG;
+  pools: `sampling.sample`'s seeded batches). Nothing to refresh: it IS the policy.
+  Nothing comes from the checkpoint's generation_config: the loop applies
+  only the temperature, and `generate` is handed every setting
+  (`sampling.generation_kwargs`, `sampling.own_generation_config`);
   the vLLM engine is built with `generation_config="vllm"` for the same reason.
 - `VLLMSampler` (`vllm`): a `vllm.LLM` engine on the same GPU (TRL's colocate
   mode, `distributed_executor_backend="external_launcher"`: the engine runs in
