@@ -144,6 +144,10 @@ def test_seeded_sampling_repeats_bitwise_and_seeds_differ(char_tokenizer, fitted
     c = sample(model, char_tokenizer, prompts, n=3, max_new_tokens=30, batch_size=6, seed=6)
     assert a.token_ids == b.token_ids and a.texts == b.texts
     assert a.token_ids != c.token_ids
+    # each batch (2 prompts here) draws from its own seed of the stream: the first batches' samples do not depend
+    # on what the later ones hold
+    head = sample(model, char_tokenizer, prompts[:4], n=3, max_new_tokens=30, batch_size=6, seed=5)
+    assert head.token_ids == a.token_ids[:4]
 
 
 def test_a_model_the_loop_cannot_serve_samples_through_generate(char_tokenizer, fitted, monkeypatch):
