@@ -5,9 +5,9 @@ every stage samples the same way: pure temperature sampling (top-k and top-p
 off, unlike the transformers defaults) from a seeded generator.
 
 The tokens come from rlprm/decoding.py's KV-cache loop (`sample_continuations`: each prompt prefilled once, the
-cache appended in place, rows leaving the batch at EOS), 1.7x or more faster than HF `generate` at the demo's
-shapes (benchmarks/sampling_speed.py); `generate` itself (`via_generate`) serves models whose cache the loop cannot
-slice (`CacheUnsupported`). Both draw the next token from softmax(logits / T) with torch's global RNG, seeded per
+cache appended in place, rows leaving the batch at EOS): 1.4-1.5x fewer CPU seconds than HF `generate` at the
+demo's shapes, 256 sequences per batch (benchmarks/sampling_speed.py, docs/results.md). `generate` itself
+(`via_generate`) serves models whose cache the loop cannot slice (`CacheUnsupported`). Both draw the next token from softmax(logits / T) with torch's global RNG, seeded per
 batch; they differ only in which random numbers a seed gives.
 
 Nothing comes from the checkpoint's own `generation_config` (`generation_kwargs`,
