@@ -1,13 +1,15 @@
-"""Who samples the completions: Hugging Face `generate` on the policy, or a colocated vLLM engine.
+"""Who samples the completions: the policy itself (rlprm's KV-cache loop), or a colocated vLLM engine.
 
 `rl.rollout` (PPO's rollouts, rejection sampling's N per problem, the
 between-epoch best-of-N) and `eval.rollout` (the `rlprm eval` pool) choose:
 
-- `HFSampler` (`hf`, the default): `generate` on the policy itself, exactly as
-  before this module existed (PPO: the global torch RNG; pools:
-  `sampling.sample`'s seeded batches). Nothing to refresh: it IS the policy.
-  Every generation setting is passed (`sampling.generation_kwargs`), none
-  comes from the checkpoint's generation_config (`sampling.own_generation_config`);
+- `HFSampler` (`hf`, the default): the policy itself samples, through
+  `sampling.generate_ids` (rlprm/decoding.py's KV-cache loop; HF `generate`
+  where the loop cannot slice the model's cache) (PPO: the global torch RNG;
+  pools: `sampling.sample`'s seeded batches). Nothing to refresh: it IS the policy.
+  Nothing comes from the checkpoint's generation_config: the loop applies
+  only the temperature, and `generate` is handed every setting
+  (`sampling.generation_kwargs`, `sampling.own_generation_config`);
   the vLLM engine is built with `generation_config="vllm"` for the same reason.
 - `VLLMSampler` (`vllm`): a `vllm.LLM` engine on the same GPU (TRL's colocate
   mode, `distributed_executor_backend="external_launcher"`: the engine runs in
@@ -42,7 +44,7 @@ class Generated:
     prompt_ids: "object"  # (P, L) long, left-padded
     prompt_mask: "object"  # (P, L) long
     completions: list[list[int]]
-    """Per sample, the generated ids (HF: padded to the batch's width after EOS; vLLM: up to and including EOS)."""
+    """Per sample, the generated ids up to and including EOS (HF `generate`: padded to the batch's width after it)."""
     logprobs: list[list[float]] | None = None
     """Per sample, the sampler's log-prob of each token of `completions` (NaN where unknown); None for HF."""
 
@@ -172,18 +174,18 @@ def build_engine(path: str | Path, dtype: str, gpu_memory_utilization: float, se
 
 
 class HFSampler:
-    """Hugging Face `generate` on the policy itself: rlprm's sampling as it always was."""
+    """Sampling on the policy itself, in this process: rlprm.sampling's KV-cache loop (HF `generate` where the loop
+    cannot serve the model, or with `via_generate`)."""
 
     name = "hf"
 
-    def __init__(self, policy, tokenizer):
-        self.policy, self.tokenizer = policy, tokenizer
+    def __init__(self, policy, tokenizer, via_generate: bool = False):
+        self.policy, self.tokenizer, self.via_generate = policy, tokenizer, via_generate
 
     def generate(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int) -> Generated:
-        """n samples per prompt in one `generate` call, driven by the global torch RNG (restored on resume)."""
-        import torch
-
-        from rlprm.sampling import generation_kwargs, own_generation_config
+        """n samples per prompt in one call of `sampling.generate_ids` (the KV loop, or `generate` where the loop
+        cannot serve the model), driven by the global torch RNG (restored on resume)."""
+        from rlprm.sampling import generate_ids
 
         policy, tokenizer = self.policy, self.tokenizer
         device = next(policy.parameters()).device
@@ -193,12 +195,11 @@ class HFSampler:
         policy.eval()
         try:
             # pure temperature sampling, as everywhere in rlprm: nothing from the checkpoint's generation_config
-            with torch.no_grad(), own_generation_config(policy):
-                out = policy.generate(**enc, **generation_kwargs(temperature, max_new_tokens, n,
-                                                                 tokenizer.pad_token_id, tokenizer.eos_token_id))
+            completions = generate_ids(policy, enc, n, temperature, max_new_tokens, tokenizer.pad_token_id,
+                                       tokenizer.eos_token_id, self.via_generate)
         finally:
             policy.train(was_training)
-        return Generated(enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1]:].tolist())
+        return Generated(enc["input_ids"], enc["attention_mask"], completions)
 
     def sample(self, prompts: list[str], n: int = 1, temperature: float = 1.0, max_new_tokens: int = 96,
                batch_size: int = 256, seed: int = 0, progress: bool = False, desc: str = "sampling"):
@@ -207,7 +208,7 @@ class HFSampler:
 
         return sampling.sample(self.policy, self.tokenizer, prompts, n=n, temperature=temperature,
                                max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, progress=progress,
-                               desc=desc)
+                               desc=desc, via_generate=self.via_generate)
 
     def refresh(self) -> None:
         """Nothing to do: the sampler is the policy."""

@@ -4,6 +4,12 @@ Used by `prepare` (the generator check), best-of-N pools and RL rollouts, so
 every stage samples the same way: pure temperature sampling (top-k and top-p
 off, unlike the transformers defaults) from a seeded generator.
 
+The tokens come from rlprm/decoding.py's KV-cache loop (`sample_continuations`: each prompt prefilled once, the
+cache appended in place, rows leaving the batch at EOS): 1.4-1.5x fewer CPU seconds than HF `generate` at the
+demo's shapes, 256 sequences per batch (benchmarks/sampling_speed.py, docs/results.md). `generate` itself
+(`via_generate`) serves models whose cache the loop cannot slice (`CacheUnsupported`). Both draw the next token from softmax(logits / T) with torch's global RNG, seeded per
+batch; they differ only in which random numbers a seed gives.
+
 Nothing comes from the checkpoint's own `generation_config` (`generation_kwargs`,
 `own_generation_config`): a repetition penalty, min_p, top_k or banned tokens
 saved with a model would draw the samples from another distribution than
@@ -61,6 +67,26 @@ def own_generation_config(model):
         hf.generation_config = saved
 
 
+def generate_ids(model, enc, n: int, temperature: float, max_new_tokens: int, pad_token_id, eos_token_id,
+                 via_generate: bool = False) -> list[list[int]]:
+    """`n` sampled continuations of each prompt of the left-padded batch `enc` (prompt-major), EOS kept where drawn;
+    after it a row may hold padding (`generate`'s rows are padded to the batch's longest). The model must be in
+    eval mode. Through the KV loop, or HF `generate` when `via_generate` or when the loop cannot serve the model."""
+    import torch
+
+    from rlprm.decoding import CacheUnsupported, sample_continuations
+
+    if not via_generate:
+        try:
+            return sample_continuations(model, enc["input_ids"], enc["attention_mask"], n, temperature,
+                                        max_new_tokens, eos_token_id)
+        except CacheUnsupported:
+            pass
+    with torch.no_grad(), own_generation_config(model):
+        out = model.generate(**enc, **generation_kwargs(temperature, max_new_tokens, n, pad_token_id, eos_token_id))
+    return out[:, enc["input_ids"].shape[1]:].tolist()
+
+
 def sample(
     model,
     tokenizer,
@@ -72,8 +98,10 @@ def sample(
     seed: int = 0,
     progress: bool = False,
     desc: str = "sampling",
+    via_generate: bool = False,
 ) -> Samples:
-    """`n` completions for each prompt, generated `batch_size` sequences at a time."""
+    """`n` completions for each prompt, generated `batch_size` sequences at a time (`via_generate`: through HF
+    `generate` rather than the KV loop, e.g. to compare the two)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -93,9 +121,7 @@ def sample(
             enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
             # each batch gets its own seed from one stream: results do not depend on batch boundaries' RNG use
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            with torch.no_grad(), own_generation_config(model):
-                out = model.generate(**enc, **generation_kwargs(temperature, max_new_tokens, n, pad, eos))
-            new = out[:, enc["input_ids"].shape[1]:].tolist()
+            new = generate_ids(model, enc, n, temperature, max_new_tokens, pad, eos, via_generate)
             for i in range(len(chunk)):
                 row_ids, row_texts = [], []
                 for seq in new[i * n:(i + 1) * n]:

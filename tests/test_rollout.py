@@ -390,10 +390,12 @@ def test_vllm_rollouts_under_zero3_are_refused_before_any_model_loads(vllm_allow
 
 @pytest.mark.parametrize("setting", [{"repetition_penalty": 5.0}, {"do_sample": True, "min_p": 0.3, "top_k": 3},
                                      {"no_repeat_ngram_size": 1}, {"suppress_tokens": [5, 6, 7, 8, 9, 10]}])
-def test_sampling_ignores_the_checkpoints_generation_config(setting, char_tokenizer, tmp_path):
+@pytest.mark.parametrize("via_generate", [False, True])
+def test_sampling_ignores_the_checkpoints_generation_config(setting, via_generate, char_tokenizer, tmp_path):
     """PPO recomputes log-probs as softmax(logits / T): a rollout drawn through a checkpoint's own
     generation_config (repetition penalty, min_p, top_k, banned tokens, ...) comes from another distribution.
-    The same seed must give the same samples whatever generation_config.json says."""
+    The same seed must give the same samples whatever generation_config.json says, through the KV loop and
+    through `generate` (the fallback for caches the loop cannot slice)."""
     from transformers import AutoModelForCausalLM
 
     from rlprm.models import build_tiny_causal_lm
@@ -411,8 +413,9 @@ def test_sampling_ignores_the_checkpoints_generation_config(setting, char_tokeni
 
     def pools(m):
         torch.manual_seed(11)
-        rollout = HFSampler(m, char_tokenizer).generate(prompts, 3, 1.0, 24).completions
-        return rollout, sample(m, char_tokenizer, prompts, n=3, temperature=1.0, max_new_tokens=24, seed=5).texts
+        rollout = HFSampler(m, char_tokenizer, via_generate).generate(prompts, 3, 1.0, 24).completions
+        return rollout, sample(m, char_tokenizer, prompts, n=3, temperature=1.0, max_new_tokens=24, seed=5,
+                               via_generate=via_generate).texts
 
     assert pools(tuned) == pools(plain)
     assert tuned.generation_config.to_dict() == AutoModelForCausalLM.from_pretrained(

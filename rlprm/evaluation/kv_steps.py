@@ -23,7 +23,8 @@ Memory: the kept rows of the generator's last two calls, plus the batch's cache 
 length, plus the noise (rows x vocabulary floats per token: 0.3 GB for 512 rows of a 150k vocabulary, freed at
 once).
 
-Only plain growing caches are handled (`transformers.DynamicCache` of `DynamicLayer`s: every decoder-only model
+The cache pieces (the growing layer, `plain_layers`, `CacheUnsupported`) are rlprm/decoding.py's, shared with plain
+sampling. Only plain growing caches are handled (`transformers.DynamicCache` of `DynamicLayer`s: every decoder-only model
 without a sliding or linear-attention layer); `prefill` raises `CacheUnsupported` otherwise and the caller falls
 back to `generate`.
 """
@@ -33,9 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-
-class CacheUnsupported(RuntimeError):
-    """The model's cache is not one this loop can slice and stack (the caller uses `generate` instead)."""
+from rlprm.decoding import CacheUnsupported, cache_kwarg, cache_of, growing_layer_class, plain_layers
 
 
 @dataclass
@@ -58,31 +57,6 @@ class CachedRow:
     pending: int
     end: int | None = None
     """Where its valid positions end in the block (None: at the block's width); whatever follows is not its own."""
-
-
-def cache_of(output):
-    """The cache a forward pass returned (`cache` since transformers 5.x renamed it, `past_key_values` before)."""
-    found = getattr(output, "cache", None)
-    return found if found is not None else getattr(output, "past_key_values", None)
-
-
-def cache_kwarg(model) -> str:
-    """The name the model's forward takes its cache by (`cache`, or `past_key_values` in earlier transformers)."""
-    import inspect
-
-    hf = model
-    while hasattr(hf, "get_base_model") and hf.get_base_model() is not hf:  # peft: its forward takes **kwargs
-        hf = hf.get_base_model()
-    return "cache" if "cache" in inspect.signature(type(hf).forward).parameters else "past_key_values"
-
-
-def plain_layers(cache) -> list:
-    """(keys, values) per layer of a `DynamicCache` whose layers all simply grow; CacheUnsupported otherwise."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
-    if not isinstance(cache, DynamicCache) or not all(type(layer) is DynamicLayer for layer in cache.layers):
-        raise CacheUnsupported(f"a {type(cache).__name__} cannot be sliced and stacked per row")
-    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def prefill(model, tokenizer, contexts: Sequence[str]) -> list[CachedRow]:
@@ -140,41 +114,6 @@ def stack(rows: Sequence[CachedRow], repeat: int, device):
     if repeat > 1:
         mask, lengths, pending = (x.repeat_interleave(repeat, dim=0) for x in (mask, lengths, pending))
     return layers, mask.long(), lengths, pending
-
-
-def growing_layer_class():
-    """A `DynamicLayer` that appends into spare room (doubling it when full) instead of concatenating the whole
-    cache at every token, as the plain one does."""
-    from transformers.cache_utils import DynamicLayer
-
-    class GrowingLayer(DynamicLayer):
-        def __init__(self, keys, values):
-            super().__init__()
-            self.reset_to(keys, values)
-
-        def reset_to(self, keys, values):
-            """Hold exactly `keys` and `values` (and room for as many more positions)."""
-            self.is_initialized, self.device = True, keys.device
-            self.used = keys.shape[-2]
-            room = max(16, 2 * self.used)
-            # uninitialised: a position is written before `keys` / `values` reach it
-            self.key_room = keys.new_empty(*keys.shape[:-2], room, keys.shape[-1])
-            self.value_room = values.new_empty(*values.shape[:-2], room, values.shape[-1])
-            self.key_room[..., :self.used, :] = keys
-            self.value_room[..., :self.used, :] = values
-            self.keys, self.values = self.key_room[..., :self.used, :], self.value_room[..., :self.used, :]
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            need = self.used + key_states.shape[-2]
-            if need > self.key_room.shape[-2]:
-                self.reset_to(self.keys, self.values)
-            self.key_room[..., self.used:need, :] = key_states
-            self.value_room[..., self.used:need, :] = value_states
-            self.used = need
-            self.keys, self.values = self.key_room[..., :need, :], self.value_room[..., :need, :]
-            return self.keys, self.values
-
-    return GrowingLayer
 
 
 @dataclass
