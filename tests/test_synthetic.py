@@ -183,6 +183,18 @@ def test_synthetic_supervision_end_to_end(tmp_path, generator):  # noqa: F811
     assert (run / "large_prm" / "rlprm_rm.json").is_file() and (run / "synthetic_supervision.png").stat().st_size > 0
     report = (run / "report.md").read_text()
     assert "How often each labelling is wrong" in report and "Paired differences" in report
+    # the recipe's 2 lanes ran the small models in child processes; each is seeded, so one process gives the same
+    # numbers (the large PRM trained above is given, so the labels are the same too)
+    assert summary["lanes"] == 2 and summary["wall_seconds"] > 0
+    assert {"the large PRM (trained here, 2 steps)", "report"} <= set(summary["phase_seconds"])
+    one = tmp_path / "one_lane"
+    assert main(["synthetic-supervision", str(RECIPES / "synthetic_supervision.yaml"), f"model.generator={generator}",
+                 f"run.output_dir={one}", f"rm.data.cache_dir={tmp_path / 'cache'}", "--no-progress", *TINY,
+                 "synthetic.budgets=[2,8]", "synthetic.seeds=[1]", "synthetic.lanes=1",
+                 f"synthetic.large_prm={run / 'large_prm'}"]) == 0
+    alone = json.loads((one / "summary.json").read_text())
+    assert alone["lanes"] == 1 and alone["synthetic_budget"] == summary["synthetic_budget"]
+    assert alone["synthetic"] == summary["synthetic"]
 
 
 def test_a_given_large_prm_labels_and_an_orm_is_refused(tmp_path, generator, char_tokenizer, capsys):  # noqa: F811
