@@ -250,42 +250,53 @@ def run_synthetic(recipe: Recipe, progress: bool = True) -> dict:
         fresh_texts = {p.text for p in train_problems[cfg.large_problems:cfg.large_problems + cfg.problems]}
         samples = [r for r in pool if r.group in fresh_texts]
         backbone = shared_backbone(recipe)
-        # 2. the large PRM labels the fresh samples through the label files (rlprm.reward.label, as `label --with`)
-        clock.phase("the large PRM" + ("" if cfg.large_prm else f" (trained here, {rm_cfg.max_steps} steps)"))
-        big, big_source = large_prm(recipe, backbone, train_problems, large_texts, pool, progress)
-        clock.phase(f"labelling: the large PRM labels {len(samples)} fresh samples")
-        groups = [[r] for r in samples]
-        picks = [(i, 0, "synthetic", None) for i in range(len(samples))]
-        prm_labelled = label_records(unrated_lines(groups, picks, 0), big, sep, rm_cfg.threshold,
-                                     run_dir / "labels" / "large_prm_labels.jsonl")
-        errors = label_errors(samples, prm_labelled)
-        data = training_sets(samples, prm_labelled, cfg.labellings)
-        # 3. the held-out best-of-N pool, scored by the large PRM and the generator's confidence once
         n = cfg.eval_n or rm_cfg.data.eval_samples_per_problem
         bon_pool, ordered = held_out_pool(eval_records, n, sep)
         shape = (len(bon_pool.problems), n)
-        clock.phase(f"held-out: the large PRM and the generator's confidence score {len(ordered)} samples")
-        fixed = {"large_prm": score_matrix(big, ordered, shape, cfg.aggregate, rm_cfg.eval_batch_size),
-                 "confidence": score_matrix(backbone.confidence_model(), ordered, shape, "min", rm_cfg.eval_batch_size)}
-        del big
-        # 4. small reward models: per budget, seed and labelling, the same samples and steps, only the labels differ
-        # (smallest budget first; each budget's results are written as soon as its models are scored)
         budgets = usable_budgets(cfg.budgets, len(samples))
         subsets = [budget_subsets(len(samples), budgets, [recipe.run.seed, seed]) for seed in cfg.seeds]
-        clock.phase(f"small reward models: {len(budgets) * len(cfg.seeds) * len(cfg.labellings)} trainings of "
-                    f"{cfg.train_steps} steps, each scoring the {len(ordered)} held-out samples, in {cfg.lanes} "
-                    f"lane(s) of {recipe.run.threads or 'all'} thread(s)")
         results: dict = {}
         cpu: list[dict] = []
         with Lanes(cfg.lanes, recipe.run.threads) as lanes:
-            def submit(k):
-                return budget_jobs(recipe, lanes, data, budgets[k], [s[k] for s in subsets], ordered, shape,
+            def submit(k, names, data):
+                return budget_jobs(recipe, lanes, data, names, budgets[k], [s[k] for s in subsets], ordered, shape,
                                    progress and cfg.lanes <= 1)
 
-            # lanes: every job queued at once, so no lane waits for a budget's last model; here: a budget at a time
-            pending = {k: submit(k) for k in range(len(budgets))} if cfg.lanes > 1 else {}
+            # lanes: every job is queued as soon as its labels exist, so no lane waits; the grader's labels need no
+            # large PRM, so its small models run beside the large PRM's training (a given one loads at once, and a
+            # bad one fails before anything starts). One lane: a budget at a time.
+            early = ([OUTCOME_GRADER] if cfg.lanes > 1 and not cfg.large_prm and OUTCOME_GRADER in cfg.labellings
+                     else [])
+            pending = {k: submit(k, early, training_sets(samples, [], early)) for k in range(len(budgets))
+                       if early}
+            # 2. the large PRM labels the fresh samples through the label files (rlprm.reward.label, `label --with`)
+            clock.phase("the large PRM" + ("" if cfg.large_prm else f" (trained here, {rm_cfg.max_steps} steps)")
+                        + (f"; beside it, in the lanes: the {len(early) * len(budgets) * len(cfg.seeds)} small "
+                           f"models on the grader's labels" if early else ""))
+            big, big_source = large_prm(recipe, backbone, train_problems, large_texts, pool, progress)
+            clock.phase(f"labelling: the large PRM labels {len(samples)} fresh samples")
+            groups = [[r] for r in samples]
+            picks = [(i, 0, "synthetic", None) for i in range(len(samples))]
+            prm_labelled = label_records(unrated_lines(groups, picks, 0), big, sep, rm_cfg.threshold,
+                                         run_dir / "labels" / "large_prm_labels.jsonl")
+            errors = label_errors(samples, prm_labelled)
+            data = training_sets(samples, prm_labelled, cfg.labellings)
+            # 3. the held-out best-of-N pool, scored by the large PRM and the generator's confidence once
+            clock.phase(f"held-out: the large PRM and the generator's confidence score {len(ordered)} samples")
+            fixed = {"large_prm": score_matrix(big, ordered, shape, cfg.aggregate, rm_cfg.eval_batch_size),
+                     "confidence": score_matrix(backbone.confidence_model(), ordered, shape, "min",
+                                                rm_cfg.eval_batch_size)}
+            del big
+            # 4. small reward models: per budget, seed and labelling, the same samples and steps, only the labels
+            # differ (smallest budget first; each budget's results are written as soon as its models are scored)
+            clock.phase(f"small reward models: {len(budgets) * len(cfg.seeds) * len(cfg.labellings)} trainings of "
+                        f"{cfg.train_steps} steps, each scoring the {len(ordered)} held-out samples, in {cfg.lanes} "
+                        f"lane(s) of {recipe.run.threads or 'all'} thread(s)")
+            rest = [name for name in cfg.labellings if name not in early]
+            for k in range(len(budgets) if cfg.lanes > 1 else 0):
+                pending[k] = pending.get(k, {}) | submit(k, rest, data)
             for k, b in enumerate(budgets):
-                scores = collect_budget(cfg, pending.pop(k, None) or submit(k), fixed, cpu)
+                scores = collect_budget(cfg, pending.pop(k, None) or submit(k, cfg.labellings, data), fixed, cpu)
                 # 5. per budget, one paired bootstrap over problems and seeds for every selector and the differences
                 results.update(bootstrap_budgets(cfg, bon_pool, {b: scores}, budgets, n))
                 write_budgets_so_far(run_dir, results, list(cfg.labellings), n)
@@ -321,28 +332,29 @@ def small_model_scores(recipe: Recipe, records, kind: str, seed: int, ordered, s
     return scores, cpu
 
 
-def budget_jobs(recipe: Recipe, lanes, data: dict, budget: int, subsets: list[list[int]], ordered, shape,
-                progress: bool) -> list[list]:
-    """[per seed: [per labelling: Future of `small_model_scores`]] at one label budget: one small reward model per
-    labelling and seed, trained on that seed's subset (`budget_subsets`: indices into every labelling's records,
-    the same solutions)."""
+def budget_jobs(recipe: Recipe, lanes, data: dict, names: list[str], budget: int, subsets: list[list[int]], ordered,
+                shape, progress: bool) -> dict:
+    """{(seed index, labelling): Future of `small_model_scores`} at one label budget for the labellings `names`: one
+    small reward model per labelling and seed, trained on that seed's subset (`budget_subsets`: indices into every
+    labelling's records, the same solutions)."""
     cfg = recipe.synthetic
-    if len({len(records) for records in data.values()}) != 1:
+    if len({len(data[name]) for name in names}) > 1:
         raise SyntheticSupervisionError("the labellings hold different numbers of solutions; every labelling must "
                                         "label the same samples")
-    return [[lanes.submit(small_model_scores, recipe, [data[name][i] for i in idx], KIND[name], seed, ordered, shape,
-                          f"budget {budget} seed {seed} {name:18s}", progress)
-             for name in cfg.labellings] for seed, idx in zip(cfg.seeds, subsets)]
+    return {(s, name): lanes.submit(small_model_scores, recipe, [data[name][i] for i in idx], KIND[name], seed,
+                                    ordered, shape, f"budget {budget} seed {seed} {name:18s}", progress)
+            for s, (seed, idx) in enumerate(zip(cfg.seeds, subsets)) for name in names}
 
 
-def collect_budget(cfg, jobs: list[list], fixed: dict, cpu: list[dict]) -> list[dict]:
-    """[per seed: {selector: (P, n) held-out scores}] at one budget once its jobs are done, with the fixed selectors
-    (`fixed`: the large PRM, the generator's confidence) beside them; each job's CPU seconds appended to `cpu`."""
+def collect_budget(cfg, jobs: dict, fixed: dict, cpu: list[dict]) -> list[dict]:
+    """[per seed: {selector: (P, n) held-out scores}] at one budget once its jobs (`budget_jobs`) are done, with the
+    fixed selectors (`fixed`: the large PRM, the generator's confidence) beside them; each job's CPU seconds
+    appended to `cpu`."""
     out = []
-    for seed_jobs in jobs:
+    for s in range(len(cfg.seeds)):
         scores = dict(fixed)
-        for name, job in zip(cfg.labellings, seed_jobs):
-            scores[name], used = job.result()
+        for name in cfg.labellings:
+            scores[name], used = jobs[(s, name)].result()
             cpu.append(used)
         out.append(scores)
     return out
