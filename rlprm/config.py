@@ -871,6 +871,8 @@ class ActiveConfig(Section):
     """(loop) One active arm per share: the share of each generation's labels that are convincing wrong-answer solutions (the rest `fill`), the paper's phase-2 ablation; uniform selection is always run beside them. The factor's headline arm is convincing_fraction's share when listed, else the last one."""
     seeds: list[int] = Field([0], min_length=1)
     """(loop) Repeats of the whole comparison (problem order, uniform picks and PRM initialisation); the report gives mean and a bootstrap interval over seeds."""
+    lanes: int = Field(1, ge=1)
+    """(loop) Child processes that run the arms side by side (each arm of a seed, from the seed's shared first PRM, is one job), each with run.threads torch threads (rlprm/experiments/lanes.py). Every arm is seeded, so the numbers are those of one process with run.threads threads, whatever the lanes."""
     train_steps: int = Field(150, ge=1)
     """(loop) Optimizer steps per PRM training: the per-generation budget, in steps. Every PRM of every arm gets the same number, so only the labels differ. With rm.scorer lm each PRM is trained as `rlprm train-rm` trains the default PRM (rm.learning_rate, rm.head_learning_rate, rm.lm_coef, rm.batch_size, rm.warmup_ratio), from labels alone."""
     warmup_steps: int = Field(10, ge=0)
@@ -935,6 +937,8 @@ class SyntheticConfig(Section):
     """Optimizer steps of each small reward model (the same for all labellings and budgets: only the labels and their number differ)."""
     seeds: list[int] = Field([0, 1, 2], min_length=1)
     """Training seeds of the small reward models (batch order, and the budget subsets); best-of-N pools their scores in one paired bootstrap over problems and seeds."""
+    lanes: int = Field(1, ge=1)
+    """Child processes that train and score the small reward models side by side, each with run.threads torch threads (rlprm/experiments/lanes.py). Every model is seeded, so the numbers are those of one process with run.threads threads, whatever the lanes; on 2 cores, 2 lanes of 1 thread take about half the wall time of 1."""
     aggregate: Literal["prod", "min", "last", "mean"] = "prod"
     """How a PRM's step probabilities become the solution score best-of-N picks by."""
     eval_n: int = Field(0, ge=0)

@@ -383,7 +383,8 @@ def test_a_public_prm_labels_through_the_loader(tmp_path, capsys):
 TINY = ["tracking.wandb=disabled", "run.device=cpu", "run.threads=1", "rm.data.train_problems=12",
         "rm.data.samples_per_problem=4", "rm.data.eval_problems=4", "rm.data.eval_samples_per_problem=4",
         "rm.data.max_new_tokens=40", "rm.batch_size=4", "active.seeds=[0]", "active.budgets=[3,8,12]",
-        "active.convincing_shares=[0.8]", "active.train_steps=2", "active.eval_n=4", "active.bootstrap_resamples=100"]
+        "active.convincing_shares=[0.8]", "active.train_steps=2", "active.eval_n=4", "active.bootstrap_resamples=100",
+        "active.lanes=1"]  # one process: a lane's child costs seconds to start; the end-to-end test runs both
 
 
 def test_select_and_loop_end_to_end(tmp_path, generator, char_tokenizer):  # noqa: F811
@@ -394,7 +395,8 @@ def test_select_and_loop_end_to_end(tmp_path, generator, char_tokenizer):  # noq
 
     recipe = load_recipe(RECIPES / "active_learning.yaml", [f"model.generator={generator}",
                                                              f"run.output_dir={tmp_path / 'run'}",
-                                                             f"rm.data.cache_dir={tmp_path / 'cache'}", *TINY])
+                                                             f"rm.data.cache_dir={tmp_path / 'cache'}", *TINY,
+                                                             "active.lanes=2"])
     summary = run_loop(recipe, progress=False)
     run = tmp_path / "run"
     assert (run / "active_learning.png").stat().st_size > 0
@@ -482,6 +484,17 @@ def test_select_and_loop_end_to_end(tmp_path, generator, char_tokenizer):  # noq
         want = [aggregate(p, "prod") for p in rm.score_steps([x["question"]["problem"] for x in lines],
                                                              [x["question"]["pre_generated_steps"] for x in lines])]
         assert got == pytest.approx(want, abs=1e-5)
+
+    # 2 lanes ran each seed's start and each arm in child processes; every job is seeded, so one
+    # process gives the same rows (times aside) in the same order
+    assert summary["lanes"] == 2 and summary["wall_seconds"] > 0 and summary["loop_cpu_seconds"] > 0
+    alone = run_loop(load_recipe(RECIPES / "active_learning.yaml", [
+        f"model.generator={generator}", f"run.output_dir={tmp_path / 'one_lane'}",
+        f"rm.data.cache_dir={tmp_path / 'cache'}", *TINY]), progress=False)
+    assert alone["lanes"] == 1
+    one = [json.loads(t) for t in (tmp_path / "one_lane" / "tables" / "active_learning.jsonl").read_text().splitlines()]
+    timeless = lambda rs: [{k: v for k, v in r.items() if k not in ("seconds", "cpu_seconds")} for r in rs]  # noqa: E731
+    assert timeless(one) == timeless(rows)
 
 
 def test_a_prm_labels_inside_the_loop(tmp_path, generator, char_tokenizer):  # noqa: F811

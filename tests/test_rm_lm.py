@@ -165,3 +165,30 @@ def test_logging_the_head_does_not_warn(char_tokenizer):
                         log=lambda record, step: logged.append(record), logging_steps=1)
     assert len(logged) == 3 and all(isinstance(r["train/head_b"], float) for r in logged)
     assert not [w for w in caught if "requires_grad" in str(w.message)], [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3, 7])
+def test_length_groups_give_the_one_pass_log_probs_in_batch_order(char_tokenizer, groups):
+    """A training batch run in length-sorted slices (each padded to its own longest) reads every real token as one
+    right-padded pass does, row for row in the batch's order, and its gradient is the one pass's."""
+    from rlprm.reward.lm import batch_token_logprobs, pad_batch
+
+    from .test_reward_models import tiny_lm
+
+    model = tiny_lm(char_tokenizer, 0)
+    texts = ["12 + 3 = 15\n", "7 - 2 = 5\n5 + 1 = 6\n", "9\n", "40 + 40 = 80\n80 - 1 = 79\n79 + 2 = 81\n", "3 + 3 = 6\n"]
+    seqs = [char_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert len({len(s) for s in seqs}) == len(seqs)  # lengths differ, and are not in order
+    pad = char_tokenizer.pad_token_id
+    ids, mask = pad_batch(seqs, pad)
+    one = target_logprobs(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids) * mask
+    split = batch_token_logprobs(model, seqs, pad, groups=groups)
+    assert split.shape == one.shape
+    assert torch.allclose(split * mask, one, atol=1e-5)
+    weights = torch.rand(one.shape, generator=torch.Generator().manual_seed(1)) * mask
+    grads = []
+    for lp in (one, split):
+        model.zero_grad()
+        (lp * weights).sum().backward(retain_graph=True)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5) and grads[0].abs().sum() > 0

@@ -145,7 +145,8 @@ TINY = ["tracking.wandb=disabled", "run.device=cpu", "run.threads=1", "rm.data.t
         "rm.data.samples_per_problem=2", "rm.data.synthetic_per_problem=3", "rm.data.eval_problems=4",
         "rm.data.eval_samples_per_problem=4", "rm.data.max_new_tokens=40", "rm.batch_size=4", "rm.max_steps=2",
         "synthetic.large_problems=4", "synthetic.problems=4", "synthetic.train_steps=2", "synthetic.seeds=[0,1]",
-        "synthetic.eval_n=4", "synthetic.resamples=100", "synthetic.budgets=[]"]
+        "synthetic.eval_n=4", "synthetic.resamples=100", "synthetic.budgets=[]",
+        "synthetic.lanes=1"]  # one process: a lane's child costs seconds to start; the end-to-end test runs both
 
 
 def test_synthetic_supervision_end_to_end(tmp_path, generator):  # noqa: F811
@@ -154,7 +155,7 @@ def test_synthetic_supervision_end_to_end(tmp_path, generator):  # noqa: F811
     run = tmp_path / "run"
     code = main(["synthetic-supervision", str(RECIPES / "synthetic_supervision.yaml"), f"model.generator={generator}",
                  f"run.output_dir={run}", f"rm.data.cache_dir={tmp_path / 'cache'}", "--no-progress", *TINY,
-                 "synthetic.budgets=[2,8]", "synthetic.seeds=[1]"])  # one seed: as many models as before budgets
+                 "synthetic.budgets=[2,8]", "synthetic.seeds=[1]", "synthetic.lanes=2"])  # one seed: as many models as before budgets
     assert code == 0
     summary = json.loads((run / "summary.json").read_text())
     # two label budgets (the largest is every usable fresh sample), each labelling at best-of-4 with intervals
@@ -183,6 +184,21 @@ def test_synthetic_supervision_end_to_end(tmp_path, generator):  # noqa: F811
     assert (run / "large_prm" / "rlprm_rm.json").is_file() and (run / "synthetic_supervision.png").stat().st_size > 0
     report = (run / "report.md").read_text()
     assert "How often each labelling is wrong" in report and "Paired differences" in report
+    # 2 lanes ran the small models in child processes; each is seeded, so one process gives the same
+    # numbers (the large PRM trained above is given, so the labels are the same too)
+    assert summary["lanes"] == 2 and summary["wall_seconds"] > 0
+    phases = list(summary["phase_seconds"])
+    assert phases[0].startswith("samples") and phases[-1] == "report"
+    # 2 lanes: the grader's small models ran beside the large PRM's training
+    assert any(p.startswith("the large PRM (trained here, 2 steps); beside it") for p in phases)
+    one = tmp_path / "one_lane"
+    assert main(["synthetic-supervision", str(RECIPES / "synthetic_supervision.yaml"), f"model.generator={generator}",
+                 f"run.output_dir={one}", f"rm.data.cache_dir={tmp_path / 'cache'}", "--no-progress", *TINY,
+                 "synthetic.budgets=[2,8]", "synthetic.seeds=[1]", "synthetic.lanes=1",
+                 f"synthetic.large_prm={run / 'large_prm'}"]) == 0
+    alone = json.loads((one / "summary.json").read_text())
+    assert alone["lanes"] == 1 and alone["synthetic_budget"] == summary["synthetic_budget"]
+    assert alone["synthetic"] == summary["synthetic"]
 
 
 def test_a_given_large_prm_labels_and_an_orm_is_refused(tmp_path, generator, char_tokenizer, capsys):  # noqa: F811

@@ -474,15 +474,17 @@ def run_loop(recipe: Recipe, progress: bool = True) -> dict:
 
     Label budget unit: labelled SOLUTIONS (a solution sent to the labeller is one label, whatever its number of
     steps; the labelled steps are counted beside it). Every arm of a seed starts from the same uniform seed set
-    and, at each later budget, labels exactly the same number of solutions of the same problems.
+    and, at each later budget, labels exactly the same number of solutions of the same problems. Each seed's start
+    and then each of its arms is one job (`seed_start`, `arm_chain`), run active.lanes at a time.
     """
     import torch
 
     from rlprm.experiments.active_report import write_report
-    from rlprm.reward.fit import BackboneCache
+    from rlprm.experiments.lanes import Lanes, PhaseClock
+    from rlprm.reward.fit import shared_backbone
     from rlprm.tracking import Tracker
 
-    cfg, rm_cfg, sep = recipe.active, recipe.rm, recipe.task.step_separator
+    cfg, rm_cfg = recipe.active, recipe.rm
     run_dir = Path(recipe.run.output_dir)
     if cfg.eval_n > rm_cfg.data.eval_samples_per_problem:
         raise ActiveLearningError(f"active.eval_n ({cfg.eval_n}) exceeds rm.data.eval_samples_per_problem "
@@ -492,31 +494,100 @@ def run_loop(recipe: Recipe, progress: bool = True) -> dict:
     labeller = load_loop_labeller(recipe)  # before the pool is sampled: a bad labeller fails fast
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)
-    t0 = time.monotonic()
+    clock = PhaseClock()
+    clock.phase("samples: the pool and the held-out pool (read from the cache, or sampled once)")
     pool, eval_records, info = load_pools(recipe, progress)
     val_records, test_records = split_validation(eval_records, cfg.validation_share)
     groups = group_by_problem(pool)
     kinds = [[solution_kind(r) for r in g] for g in groups]
     sizes = [len(g) for g in groups]
-    k = cfg.top_k
     cursor = 0  # fail before any training when the pool cannot hold the schedule (each seed only reorders it)
     for need in [budgets[0]] + [b - a for a, b in zip(budgets, budgets[1:])]:
-        _, _, cursor = plan_generation(range(len(groups)), cursor, sizes, k, need)
-    files = run_dir / "labels"
-    backbone = BackboneCache(recipe) if rm_cfg.scorer == "lm" else None
+        _, _, cursor = plan_generation(range(len(groups)), cursor, sizes, cfg.top_k, need)
     tracker = Tracker(run_dir, recipe, job="active-learning", tags=["active-learning"])
-    rows: list[dict] = []
+    ctx = LoopContext(recipe, groups, kinds, sizes, budgets, val_records, test_records, labeller,
+                      progress and cfg.lanes <= 1)
+    try:
+        rows: dict = {}
+        clock.phase(f"{len(cfg.seeds)} seed(s) x {len(arms)} arms ({', '.join(arms)}): {len(budgets)} budgets, "
+                    f"{len(cfg.seeds) * (1 + (len(budgets) - 1) * len(arms))} PRM trainings of {cfg.train_steps} "
+                    f"steps, in {cfg.lanes} lane(s) of {recipe.run.threads or 'all'} thread(s)")
+        with Lanes(cfg.lanes, recipe.run.threads) as lanes:
+            # 1. per seed, the uniform seed set and its PRM, shared by every arm; 2-4. then each arm on its own
+            starts = [lanes.submit(seed_start, ctx, seed) for seed in cfg.seeds]
+            chains = []
+            for s, (seed, job) in enumerate(zip(cfg.seeds, starts)):
+                start = job.result()
+                for j, arm in enumerate(arms):
+                    rows[(s, 0, j)] = start["row"] | {"strategy": arm}
+                chains += [(s, j, lanes.submit(arm_chain, ctx, seed, j, arm, share, start))
+                           for j, (arm, share) in enumerate(zip(arms, [None] + list(cfg.convincing_shares)))]
+            for s, j, job in chains:
+                for gen, row in enumerate(job.result(), 1):
+                    rows[(s, gen, j)] = row
+        rows = [rows[key] for key in sorted(rows)]  # seed, budget, arm: the order one process runs them in
+        for step, row in enumerate(rows, 1):
+            tracker.log({f"{row['strategy']}/{k_}": v for k_, v in row.items() if k_ != "strategy"}, step=step)
 
-    def train_eval(records, seed, desc):
-        if backbone is not None:
-            from rlprm.reward.fit import fit_lm_reward_model
+        # 5. baselines on the same test split, then the report: table, curves with bands, factors, summary.json
+        clock.phase("baselines and the report")
+        baselines = {}
+        if rm_cfg.scorer == "lm":
+            baselines["confidence"] = evaluate_prm(shared_backbone(recipe).confidence_model(), val_records,
+                                                   test_records, cfg, rm_cfg.eval_batch_size)
+        baselines["random"] = random_pick_quality(test_records, cfg.eval_n)
+        tracker.table("active_learning", list(rows[0]), [list(r.values()) for r in rows])
+        summary = write_report(rows, cfg, budgets, run_dir, baselines, pool_kinds(groups, kinds))
+        summary.update({**clock.finish("active-learning"), "lanes": cfg.lanes, "threads": recipe.run.threads,
+                        # the jobs' CPU (select, label, train, evaluate), each seed's start counted once
+                        "loop_cpu_seconds": round(sum(r["cpu_seconds"] for r in rows
+                                                      if r["generation"] or r["strategy"] == arms[0]), 1),
+                        "pool_problems": len(groups), "pool_samples": len(pool),
+                        "validation_solutions": len(val_records), "test_solutions": len(test_records), **info})
+        tracker.summary(summary)
+        tracker.image("active_learning/plot", run_dir / "active_learning.png")
+        return summary
+    finally:
+        tracker.finish()
 
-            rm = fit_lm_reward_model(recipe, backbone, records, "prm", cfg.train_steps, seed, progress)
+
+class LoopContext:
+    """What every job of the loop reads (the recipe, the pool and its kinds, the held-out split); it travels to a
+    lane's child process with each job (pickled)."""
+
+    def __init__(self, recipe, groups, kinds, sizes, budgets, val_records, test_records, labeller, progress):
+        self.recipe, self.groups, self.kinds, self.sizes, self.budgets = recipe, groups, kinds, sizes, budgets
+        self.val_records, self.test_records, self.progress = val_records, test_records, progress
+        self._labeller = labeller
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if state["_labeller"] != "checker":
+            state["_labeller"] = None  # a PRM labeller is loaded again in the child, not pickled
+        return state
+
+    @property
+    def labeller(self):
+        if self._labeller is None:
+            self._labeller = load_loop_labeller(self.recipe)
+        return self._labeller
+
+    def train_eval(self, records, seed: int, desc: str):
+        """(a fresh PRM trained active.train_steps steps on `records`, its quality on the held-out split)."""
+        cfg, rm_cfg = self.recipe.active, self.recipe.rm
+        if rm_cfg.scorer == "lm":
+            from rlprm.reward.fit import fit_lm_reward_model, shared_backbone
+
+            rm = fit_lm_reward_model(self.recipe, shared_backbone(self.recipe), records, "prm", cfg.train_steps, seed,
+                                     self.progress)
         else:
-            rm = train_prm(recipe, records, cfg.train_steps, seed, cfg.warmup_steps, progress, desc)
-        return rm, evaluate_prm(rm, val_records, test_records, cfg, rm_cfg.eval_batch_size)
+            rm = train_prm(self.recipe, records, cfg.train_steps, seed, cfg.warmup_steps, self.progress, desc)
+        return rm, evaluate_prm(rm, self.val_records, self.test_records, cfg, rm_cfg.eval_batch_size)
 
-    def record(arm, seed, gen, labelled, picks, metrics, seconds):
+    def row(self, arm, seed, gen, labelled, picks, metrics, seconds, cpu) -> dict:
+        """One row of the loop's table (printed as it is made): the labels so far, what was labelled by kind, the
+        PRM's quality."""
+        kinds, eval_n = self.kinds, self.recipe.active.eval_n
         why = [w for _, _, w, _ in picks]
         row = {"strategy": arm, "seed": seed, "generation": gen, "labels": len(labelled),
                "labelled_steps": sum(y is not None for r in labelled for y in r.labels),
@@ -524,72 +595,63 @@ def run_loop(recipe: Recipe, progress: bool = True) -> dict:
                **{f"new_{kind}": n for kind, n in kind_counts(kinds[p][i] for p, i, _, _ in picks).items()},
                **{f"new_cw_{kind}": n for kind, n in kind_counts(kinds[p][i] for p, i, w, _ in picks
                                                                  if w == CONVINCING_WRONG).items()},
-               **metrics, "seconds": round(seconds, 1)}
-        rows.append(row)
-        tracker.log({f"{arm}/{k_}": v for k_, v in row.items() if k_ != "strategy"}, step=len(rows))
+               **metrics, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1)}
         auroc = metrics["step_auroc"]
-        print(f"  seed {seed} labels {row['labels']:5d} {arm:12s} best-of-{cfg.eval_n} "
+        print(f"  seed {seed} labels {row['labels']:5d} {arm:12s} best-of-{eval_n} "
               f"{metrics['best_of_n_process_accuracy'] or 0:.3f}  step AUROC {auroc or 0:.3f}  first-error F1 "
-              f"{metrics['first_error_f1'] or 0:.3f}  ({seconds:.0f} s)", flush=True)
+              f"{metrics['first_error_f1'] or 0:.3f}  ({seconds:.0f} s, {cpu:.0f} s CPU)", flush=True)
+        return row
 
-    try:
-        for seed in cfg.seeds:
-            rng = random.Random(seed)
-            order = list(range(len(groups)))
-            rng.shuffle(order)
-            # 1. the seed set: uniform picks, shared by every arm
-            t = time.monotonic()
-            ids, quotas, cursor = plan_generation(order, 0, sizes, k, budgets[0])
-            avail = {p: [True] * len(groups[p]) for p in range(len(groups))}
+
+def seed_start(ctx: LoopContext, seed: int) -> dict:
+    """A seed's start, shared by all its arms (a lane job): the problem order, the uniform seed set (labelled
+    through the files) and the PRM trained on it. Returns its state and its row (strategy to be set per arm)."""
+    recipe, groups, budgets = ctx.recipe, ctx.groups, ctx.budgets
+    t, c = time.monotonic(), time.process_time()
+    rng = random.Random(seed)
+    order = list(range(len(groups)))
+    rng.shuffle(order)
+    ids, quotas, cursor = plan_generation(order, 0, ctx.sizes, recipe.active.top_k, budgets[0])
+    avail = {p: [True] * len(groups[p]) for p in range(len(groups))}
+    picks = [(p, i, why, None) for p, q in zip(ids, quotas) for i, why in select_uniform(avail[p], q, rng)]
+    for p, i, _, _ in picks:
+        avail[p][i] = False
+    records = label_records(unrated_lines(groups, picks, 0), ctx.labeller, recipe.task.step_separator,
+                            recipe.rm.threshold, Path(recipe.run.output_dir) / "labels" / f"seed{seed}_gen0.jsonl")
+    rm0, m0 = ctx.train_eval(records, seed * 1000, f"seed {seed} gen 0 PRM")
+    row = ctx.row("seed set", seed, 0, records, picks, m0, time.monotonic() - t, time.process_time() - c)
+    return {"order": order, "cursor": cursor, "avail": avail, "records": records, "rm": rm0, "row": row}
+
+
+def arm_chain(ctx: LoopContext, seed: int, j: int, arm: str, share: float | None, start: dict) -> list[dict]:
+    """One arm of one seed from the seed's start, every later budget (a lane job): select (uniform, or the mix
+    ranked by the arm's current PRM), label through the files, retrain a fresh PRM on all its labels. Returns its
+    rows, one per budget after the first."""
+    recipe, groups, budgets = ctx.recipe, ctx.groups, ctx.budgets
+    cfg, rm_cfg = recipe.active, recipe.rm
+    rng = random.Random(seed * 7919 + j)
+    records, rm, cursor = list(start["records"]), start["rm"], start["cursor"]
+    avail = {p: list(v) for p, v in start["avail"].items()}
+    rows = []
+    for gen, budget in enumerate(budgets[1:], 1):
+        t, c = time.monotonic(), time.process_time()
+        # the same problems and counts for every arm: only the choice among their samples differs
+        ids, quotas, cursor = plan_generation(start["order"], cursor, ctx.sizes, cfg.top_k, budget - budgets[gen - 1])
+        # 2. select: uniform picks, or the mix ranked by this arm's current PRM
+        if share is None:
             picks = [(p, i, why, None) for p, q in zip(ids, quotas) for i, why in select_uniform(avail[p], q, rng)]
-            for p, i, _, _ in picks:
-                avail[p][i] = False
-            seed_records = label_records(unrated_lines(groups, picks, 0), labeller, sep, rm_cfg.threshold,
-                                         files / f"seed{seed}_gen0.jsonl")
-            rm0, m0 = train_eval(seed_records, seed * 1000, f"seed {seed} gen 0 PRM")
-            for arm in arms:
-                record(arm, seed, 0, seed_records, picks, m0, time.monotonic() - t)
-            state = {arm: {"records": list(seed_records), "rm": rm0, "avail": {p: list(v) for p, v in avail.items()},
-                           "rng": random.Random(seed * 7919 + j)} for j, arm in enumerate(arms)}
-            for gen, budget in enumerate(budgets[1:], 1):
-                # the same problems and counts for every arm: only the choice among their samples differs
-                ids, quotas, cursor = plan_generation(order, cursor, sizes, k, budget - budgets[gen - 1])
-                for arm, share in zip(arms, [None] + list(cfg.convincing_shares)):
-                    st = state[arm]
-                    t = time.monotonic()
-                    # 2. select: uniform picks, or the mix ranked by this arm's current PRM
-                    if share is None:
-                        picks = [(p, i, why, None) for p, q in zip(ids, quotas)
-                                 for i, why in select_uniform(st["avail"][p], q, st["rng"])]
-                    else:
-                        picks = surface(st["rm"], groups, ids, k, share, cfg.fill, cfg.aggregate, st["rng"],
-                                        st["avail"], rm_cfg.eval_batch_size, quotas)
-                    for p, i, _, _ in picks:
-                        st["avail"][p][i] = False
-                    # 3. label: unrated PRM800K lines -> labeller -> PRM800K loader
-                    st["records"] += label_records(unrated_lines(groups, picks, gen), labeller, sep,
-                                                   rm_cfg.threshold, files / f"seed{seed}_gen{gen}_{arm}.jsonl")
-                    # 4. retrain a fresh PRM on everything labelled so far (the same seed for every arm)
-                    st["rm"], metrics = train_eval(st["records"], seed * 1000 + gen, f"seed {seed} gen {gen} {arm}")
-                    record(arm, seed, gen, st["records"], picks, metrics, time.monotonic() - t)
-            del state, rm0
-
-        # 5. baselines on the same test split, then the report: table, curves with bands, factors, summary.json
-        baselines = {}
-        if backbone is not None:
-            baselines["confidence"] = evaluate_prm(backbone.confidence_model(), val_records, test_records, cfg,
-                                                   rm_cfg.eval_batch_size)
-        baselines["random"] = random_pick_quality(test_records, cfg.eval_n)
-        tracker.table("active_learning", list(rows[0]), [list(r.values()) for r in rows])
-        summary = write_report(rows, cfg, budgets, run_dir, baselines, pool_kinds(groups, kinds))
-        summary.update({"wall_seconds": round(time.monotonic() - t0, 1), "pool_problems": len(groups),
-                        "pool_samples": len(pool), "validation_solutions": len(val_records),
-                        "test_solutions": len(test_records), **info})
-        tracker.summary(summary)
-        tracker.image("active_learning/plot", run_dir / "active_learning.png")
-        return summary
-    finally:
-        tracker.finish()
+        else:
+            picks = surface(rm, groups, ids, cfg.top_k, share, cfg.fill, cfg.aggregate, rng, avail,
+                            rm_cfg.eval_batch_size, quotas)
+        for p, i, _, _ in picks:
+            avail[p][i] = False
+        # 3. label: unrated PRM800K lines -> labeller -> PRM800K loader
+        records += label_records(unrated_lines(groups, picks, gen), ctx.labeller, recipe.task.step_separator,
+                                 rm_cfg.threshold, Path(recipe.run.output_dir) / "labels" / f"seed{seed}_gen{gen}_{arm}.jsonl")
+        # 4. retrain a fresh PRM on everything labelled so far (the same seed for every arm)
+        rm, metrics = ctx.train_eval(records, seed * 1000 + gen, f"seed {seed} gen {gen} {arm}")
+        rows.append(ctx.row(arm, seed, gen, records, picks, metrics, time.monotonic() - t, time.process_time() - c))
+    return rows
 
 
 def pool_kinds(groups, kinds) -> dict:

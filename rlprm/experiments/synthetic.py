@@ -32,6 +32,7 @@ import numpy as np
 
 from rlprm.config import Recipe
 from rlprm.errors import InputError
+from rlprm.experiments.lanes import Lanes, PhaseClock
 from rlprm.files import atomic_write_text, save_figure
 
 PROCESS_LARGE, OUTCOME_LARGE, OUTCOME_GRADER, PROCESS_CHECKER = ("process_large_prm", "outcome_large_prm",
@@ -224,7 +225,7 @@ def run_synthetic(recipe: Recipe, progress: bool = True) -> dict:
 
     from rlprm.experiments.active import label_records, load_pools, unrated_lines
     from rlprm.data.problems import reward_model_arithmetic
-    from rlprm.reward.fit import BackboneCache
+    from rlprm.reward.fit import shared_backbone
     from rlprm.tracking import Tracker
 
     cfg, rm_cfg, sep = recipe.synthetic, recipe.rm, recipe.task.step_separator
@@ -237,49 +238,76 @@ def run_synthetic(recipe: Recipe, progress: bool = True) -> dict:
             f"rm.data.train_problems ({rm_cfg.data.train_problems}): raise it or lower them")
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)
-    t0 = time.monotonic()
+    clock = PhaseClock()
     run_dir = Path(recipe.run.output_dir)
     tracker = Tracker(run_dir, recipe, job="synthetic-supervision", tags=["synthetic-supervision"])
     try:
         # 1. the samples: the pool (checker-labelled; the checker's labels are only the reference) and held-out pool
+        clock.phase("samples: the pool and the held-out pool (read from the cache, or sampled once)")
         pool, eval_records, info = load_pools(recipe, progress)
         train_problems, _ = reward_model_arithmetic(recipe)
         large_texts = {p.text for p in train_problems[:cfg.large_problems]}
         fresh_texts = {p.text for p in train_problems[cfg.large_problems:cfg.large_problems + cfg.problems]}
         samples = [r for r in pool if r.group in fresh_texts]
-        backbone = BackboneCache(recipe)
-        # 2. the large PRM labels the fresh samples through the label files (rlprm.reward.label, as `label --with`)
-        big, big_source = large_prm(recipe, backbone, train_problems, large_texts, pool, progress)
-        groups = [[r] for r in samples]
-        picks = [(i, 0, "synthetic", None) for i in range(len(samples))]
-        prm_labelled = label_records(unrated_lines(groups, picks, 0), big, sep, rm_cfg.threshold,
-                                     run_dir / "labels" / "large_prm_labels.jsonl")
-        errors = label_errors(samples, prm_labelled)
-        data = training_sets(samples, prm_labelled, cfg.labellings)
-        # 3. the held-out best-of-N pool, scored by the large PRM and the generator's confidence once
+        backbone = shared_backbone(recipe)
         n = cfg.eval_n or rm_cfg.data.eval_samples_per_problem
         bon_pool, ordered = held_out_pool(eval_records, n, sep)
         shape = (len(bon_pool.problems), n)
-        fixed = {"large_prm": score_matrix(big, ordered, shape, cfg.aggregate, rm_cfg.eval_batch_size),
-                 "confidence": score_matrix(backbone.confidence_model(), ordered, shape, "min", rm_cfg.eval_batch_size)}
-        del big
-        # 4. small reward models: per budget, seed and labelling, the same samples and steps, only the labels differ
-        # (smallest budget first; each budget's results are written as soon as its models are scored)
         budgets = usable_budgets(cfg.budgets, len(samples))
         subsets = [budget_subsets(len(samples), budgets, [recipe.run.seed, seed]) for seed in cfg.seeds]
         results: dict = {}
-        for k, b in enumerate(budgets):
-            scores = train_at_budget(recipe, backbone, data, b, [s[k] for s in subsets], ordered, shape, fixed,
-                                     progress)
-            # 5. per budget, one paired bootstrap over problems and seeds for every selector and the differences
-            results.update(bootstrap_budgets(cfg, bon_pool, {b: scores}, budgets, n))
-            write_budgets_so_far(run_dir, results, list(cfg.labellings), n)
+        cpu: list[dict] = []
+        with Lanes(cfg.lanes, recipe.run.threads) as lanes:
+            def submit(k, names, data):
+                return budget_jobs(recipe, lanes, data, names, budgets[k], [s[k] for s in subsets], ordered, shape,
+                                   progress and cfg.lanes <= 1)
+
+            # lanes: every job is queued as soon as its labels exist, so no lane waits; the grader's labels need no
+            # large PRM, so its small models run beside the large PRM's training (a given one loads at once, and a
+            # bad one fails before anything starts). One lane: a budget at a time.
+            early = ([OUTCOME_GRADER] if cfg.lanes > 1 and not cfg.large_prm and OUTCOME_GRADER in cfg.labellings
+                     else [])
+            pending = {k: submit(k, early, training_sets(samples, [], early)) for k in range(len(budgets))
+                       if early}
+            # 2. the large PRM labels the fresh samples through the label files (rlprm.reward.label, `label --with`)
+            clock.phase("the large PRM" + ("" if cfg.large_prm else f" (trained here, {rm_cfg.max_steps} steps)")
+                        + (f"; beside it, in the lanes: the {len(early) * len(budgets) * len(cfg.seeds)} small "
+                           f"models on the grader's labels" if early else ""))
+            big, big_source = large_prm(recipe, backbone, train_problems, large_texts, pool, progress)
+            clock.phase(f"labelling: the large PRM labels {len(samples)} fresh samples")
+            groups = [[r] for r in samples]
+            picks = [(i, 0, "synthetic", None) for i in range(len(samples))]
+            prm_labelled = label_records(unrated_lines(groups, picks, 0), big, sep, rm_cfg.threshold,
+                                         run_dir / "labels" / "large_prm_labels.jsonl")
+            errors = label_errors(samples, prm_labelled)
+            data = training_sets(samples, prm_labelled, cfg.labellings)
+            # 3. the held-out best-of-N pool, scored by the large PRM and the generator's confidence once
+            clock.phase(f"held-out: the large PRM and the generator's confidence score {len(ordered)} samples")
+            fixed = {"large_prm": score_matrix(big, ordered, shape, cfg.aggregate, rm_cfg.eval_batch_size),
+                     "confidence": score_matrix(backbone.confidence_model(), ordered, shape, "min",
+                                                rm_cfg.eval_batch_size)}
+            del big
+            # 4. small reward models: per budget, seed and labelling, the same samples and steps, only the labels
+            # differ (smallest budget first; each budget's results are written as soon as its models are scored)
+            clock.phase(f"small reward models: {len(budgets) * len(cfg.seeds) * len(cfg.labellings)} trainings of "
+                        f"{cfg.train_steps} steps, each scoring the {len(ordered)} held-out samples, in {cfg.lanes} "
+                        f"lane(s) of {recipe.run.threads or 'all'} thread(s)")
+            rest = [name for name in cfg.labellings if name not in early]
+            for k in range(len(budgets) if cfg.lanes > 1 else 0):
+                pending[k] = pending.get(k, {}) | submit(k, rest, data)
+            for k, b in enumerate(budgets):
+                scores = collect_budget(cfg, pending.pop(k, None) or submit(k, cfg.labellings, data), fixed, cpu)
+                # 5. per budget, one paired bootstrap over problems and seeds for every selector and the differences
+                results.update(bootstrap_budgets(cfg, bon_pool, {b: scores}, budgets, n))
+                write_budgets_so_far(run_dir, results, list(cfg.labellings), n)
+        clock.phase("report")
         summary = write_report(run_dir, cfg, results, errors, big_source, len(samples), info)
         for b in budgets:
             means = {f"synthetic/{name}/{m}": p["mean"] for name, c in summary["synthetic_budget"][str(b)].items()
                      for m, p in c.items() if m in ("accuracy", "process_correct") and p["mean"] is not None}
             tracker.log(means, step=b)  # W&B's step: the label budget
-        summary["wall_seconds"] = round(time.monotonic() - t0, 1)
+        summary.update(clock.finish("synthetic-supervision"), lanes=cfg.lanes, threads=recipe.run.threads,
+                       small_model_cpu_seconds={k: round(sum(c[k] for c in cpu), 1) for k in ("train", "score")})
         tracker.summary(summary)
         tracker.image("synthetic/plot", run_dir / "synthetic_supervision.png")
         return summary
@@ -287,27 +315,47 @@ def run_synthetic(recipe: Recipe, progress: bool = True) -> dict:
         tracker.finish()
 
 
-def train_at_budget(recipe: Recipe, backbone, data: dict, budget: int, subsets: list[list[int]], ordered, shape,
-                    fixed: dict, progress: bool) -> list[dict]:
-    """[per seed: {selector: (P, n) held-out scores}] at one label budget: one small reward model per labelling and
-    seed, trained synthetic.train_steps steps on that seed's subset (`budget_subsets`: indices into every
-    labelling's records, the same solutions), with the fixed selectors (`fixed`: the large PRM, the generator's
-    confidence) beside them."""
-    from rlprm.reward.fit import fit_lm_reward_model
+def small_model_scores(recipe: Recipe, records, kind: str, seed: int, ordered, shape, label: str,
+                       progress: bool = False) -> tuple[np.ndarray, dict]:
+    """((P, n) held-out scores, CPU seconds {train, score}) of one small reward model trained
+    synthetic.train_steps steps on `records`: one lane job (module level, so a child process can run it)."""
+    from rlprm.reward.fit import fit_lm_reward_model, shared_backbone
 
-    cfg, rm_cfg = recipe.synthetic, recipe.rm
-    if len({len(records) for records in data.values()}) != 1:
+    cfg = recipe.synthetic
+    t, c0 = time.monotonic(), time.process_time()
+    rm = fit_lm_reward_model(recipe, shared_backbone(recipe), records, kind, cfg.train_steps, seed, progress)
+    c1 = time.process_time()
+    scores = score_matrix(rm, ordered, shape, cfg.aggregate, recipe.rm.eval_batch_size)
+    cpu = {"train": c1 - c0, "score": time.process_time() - c1}
+    print(f"  {label} ({kind}) {time.monotonic() - t:.0f} s (CPU: train {cpu['train']:.0f} s, score "
+          f"{cpu['score']:.0f} s)", flush=True)
+    return scores, cpu
+
+
+def budget_jobs(recipe: Recipe, lanes, data: dict, names: list[str], budget: int, subsets: list[list[int]], ordered,
+                shape, progress: bool) -> dict:
+    """{(seed index, labelling): Future of `small_model_scores`} at one label budget for the labellings `names`: one
+    small reward model per labelling and seed, trained on that seed's subset (`budget_subsets`: indices into every
+    labelling's records, the same solutions)."""
+    cfg = recipe.synthetic
+    if len({len(data[name]) for name in names}) > 1:
         raise SyntheticSupervisionError("the labellings hold different numbers of solutions; every labelling must "
                                         "label the same samples")
+    return {(s, name): lanes.submit(small_model_scores, recipe, [data[name][i] for i in idx], KIND[name], seed,
+                                    ordered, shape, f"budget {budget} seed {seed} {name:18s}", progress)
+            for s, (seed, idx) in enumerate(zip(cfg.seeds, subsets)) for name in names}
+
+
+def collect_budget(cfg, jobs: dict, fixed: dict, cpu: list[dict]) -> list[dict]:
+    """[per seed: {selector: (P, n) held-out scores}] at one budget once its jobs (`budget_jobs`) are done, with the
+    fixed selectors (`fixed`: the large PRM, the generator's confidence) beside them; each job's CPU seconds
+    appended to `cpu`."""
     out = []
-    for seed, idx in zip(cfg.seeds, subsets):
+    for s in range(len(cfg.seeds)):
         scores = dict(fixed)
         for name in cfg.labellings:
-            t = time.monotonic()
-            rm = fit_lm_reward_model(recipe, backbone, [data[name][i] for i in idx], KIND[name], cfg.train_steps,
-                                     seed, progress)
-            scores[name] = score_matrix(rm, ordered, shape, cfg.aggregate, rm_cfg.eval_batch_size)
-            print(f"  budget {budget} seed {seed} {name:18s} ({KIND[name]}) {time.monotonic() - t:.0f} s", flush=True)
+            scores[name], used = jobs[(s, name)].result()
+            cpu.append(used)
         out.append(scores)
     return out
 

@@ -61,6 +61,18 @@ class BackboneCache:
         return RewardModel(self.fresh().eval(), self.tokenizer, convention)
 
 
+_SHARED: dict = {}
+
+
+def shared_backbone(recipe: Recipe) -> BackboneCache:
+    """This process's BackboneCache for the recipe's backbone: a job run in a lane (rlprm/experiments/lanes.py)
+    reads the checkpoint once per child, not once per job."""
+    key = (recipe.model.generator, recipe.rm.backbone, recipe.model.dtype, recipe.run.device)
+    if key not in _SHARED:
+        _SHARED[key] = BackboneCache(recipe)
+    return _SHARED[key]
+
+
 def fit_lm_reward_model(recipe: Recipe, backbone: BackboneCache, records, kind: str, steps: int, seed: int,
                         progress: bool = False):
     """A `kind` (prm | orm) reward model trained `steps` optimizer steps on `records` with the recipe's rm settings.
