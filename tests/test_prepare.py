@@ -14,6 +14,7 @@ TINY = [
     "sft.num_examples=400", "sft.batch_size=16", "sft.warmup_steps=2", "prepare_eval.num_problems=12",
     "prepare_eval.max_new_tokens=40", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
     "model.tiny.num_layers=1", "model.tiny.num_heads=2", "tracking.wandb=disabled",
+    "sft.processes=1",  # the recipe's 2 spawns processes (10-60 s of imports); the slow tests below run them
 ]
 
 
@@ -388,6 +389,30 @@ def test_a_failing_sft_rank_stops_every_rank_and_says_why(char_tokenizer, how):
         train_sft(model, enc, cfg, char_tokenizer.pad_token_id, 0, progress=False)
     assert time.monotonic() - t0 < 120  # not the process group's 10-minute timeout
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()) if not a.isnan().any())
+
+
+@pytest.mark.slow
+def test_prepare_with_two_processes_from_a_demo_lane(tmp_path):
+    """`rlprm prepare` with sft.processes=2 run where the demo runs it with lanes: in a spawned process pool's
+    worker, which must be allowed to start children; the summary says how it trained, rank 0 alone logged."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    args = ["prepare", str(ROOT / "recipes" / "arith_prepare.yaml"), *TINY, "sft.processes=2", "sft.steps=4",
+            "sft.logging_steps=2", "prepare_eval.enforce_targets=false", f"run.output_dir={tmp_path}", "--no-progress"]
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
+        assert pool.submit(_cli_main, args).result(timeout=600) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["sft_processes"] == 2 and summary["train_steps"] == 4
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "sft/loss" in r] == [2, 4]
+    assert (tmp_path / "generator" / "config.json").is_file()
+
+
+def _cli_main(args):
+    from rlprm.cli import main
+
+    return main(args)
 
 
 def _planted_failure(module, args):

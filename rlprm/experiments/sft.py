@@ -338,10 +338,11 @@ def train_sft_processes(model, mixed: Tables, clean: Tables | None, clean_steps:
                 clean_steps, cfg, seed, groups, messages, os.getpid(), progress, desc)
         context = mp.start_processes(sft_rank, args=args, nprocs=processes, join=False, start_method="spawn")
         try:
-            while not context.join(timeout=0.5):
+            while not context.join(timeout=0.5, grace_period=5.0):  # the grace: a failing rank finishes its report
                 drain()
         except mp.ProcessRaisedException as exc:
-            raise RuntimeError(f"SFT rank {exc.error_index} of {processes} failed (every rank stopped):\n{exc}") from None
+            rank, trace = first_failure(context.error_files, exc.error_index, str(exc))
+            raise RuntimeError(f"SFT rank {rank} of {processes} failed (every rank stopped):\n{trace}") from None
         except mp.ProcessExitedException as exc:
             raise RuntimeError(f"SFT rank {exc.error_index} of {processes} died (exit code {exc.exit_code}; every "
                                "rank stopped): killed, or out of memory?") from None
@@ -379,26 +380,45 @@ def sft_rank(rank: int, world: int, rendezvous: str, weights: str, model, mixed:
     threading.Thread(target=orphaned, daemon=True).start()
     tdist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
                              timeout=timedelta(minutes=10))
+    torch.manual_seed(seed)
     try:
-        torch.manual_seed(seed)
-        try:
-            result = sft_loop(model, mixed, clean, clean_steps, cfg, seed, groups,
-                              tracker=QueueTracker(messages) if rank == 0 else None, progress=progress, desc=desc,
-                              rank=rank, world=world, all_reduce=tdist.all_reduce)
-        except SFTError as exc:  # every rank sees the same summed loss, so all of them stop here, at the same step
-            if rank == 0:
-                messages.put(("sft_error", str(exc)))
-            return
-        # the ranks must end with one set of weights (same batches, summed gradients, same kernels); a rank that
-        # drifted would mean a bug, not noise
-        mine = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-        low, high = mine.clone(), mine.clone()
-        tdist.all_reduce(low, op=tdist.ReduceOp.MIN)
-        tdist.all_reduce(high, op=tdist.ReduceOp.MAX)
-        if not (torch.equal(low, mine) and torch.equal(high, mine)):
-            raise RuntimeError("the SFT ranks ended with different weights")
+        result = sft_loop(model, mixed, clean, clean_steps, cfg, seed, groups,
+                          tracker=QueueTracker(messages) if rank == 0 else None, progress=progress, desc=desc,
+                          rank=rank, world=world, all_reduce=tdist.all_reduce)
+    except SFTError as exc:  # every rank sees the same summed loss, so all of them stop here, at the same step
         if rank == 0:
-            torch.save(model.state_dict(), weights)
-            messages.put(("result", result))
-    finally:
-        tdist.destroy_process_group()
+            messages.put(("sft_error", str(exc)))
+        return
+    # the ranks must end with one set of weights (same batches, summed gradients, same kernels); a rank that
+    # drifted would mean a bug, not noise
+    mine = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    low, high = mine.clone(), mine.clone()
+    tdist.all_reduce(low, op=tdist.ReduceOp.MIN)
+    tdist.all_reduce(high, op=tdist.ReduceOp.MAX)
+    if not (torch.equal(low, mine) and torch.equal(high, mine)):
+        raise RuntimeError("the SFT ranks ended with different weights")
+    if rank == 0:
+        torch.save(model.state_dict(), weights)
+        messages.put(("result", result))
+    # only here, not on an error: a failing rank keeps its connections until torch has written its traceback
+    # (at exit), so that the others' "connection closed" comes after it and first_failure finds the cause
+    tdist.destroy_process_group()
+
+
+def first_failure(error_files: list, index: int, message: str) -> tuple[int, str]:
+    """(rank, traceback) of the rank whose error caused the others': one rank's exception closes its connections,
+    and the others then fail in their collective; torch reports whichever it saw first. Prefers a traceback that
+    does not pass through torch.distributed, in rank order; else torch's own (`index`, `message`)."""
+    import pickle
+
+    traces = []
+    for rank, path in enumerate(error_files):
+        try:
+            with open(path, "rb") as fh:
+                traces.append((rank, pickle.load(fh)))
+        except (OSError, TypeError, EOFError, pickle.UnpicklingError):
+            continue
+    for rank, trace in traces:
+        if "torch/distributed/" not in trace:  # not a collective that failed because a peer had gone
+            return rank, trace
+    return index, message
