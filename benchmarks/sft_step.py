@@ -138,7 +138,8 @@ def run_plain(recipe, encoded, tokenizer, steps: int, warmup: int, masked: bool,
     from rlprm.experiments.sft import train_sft
 
     model = build_tiny_causal_lm(recipe.model.tiny, tokenizer, seed=recipe.run.seed)
-    cfg = recipe.sft.model_copy(update={"steps": warmup + steps, "logging_steps": 1})
+    # processes=1: this process, on its torch threads (the recipe's own sft.processes would spawn)
+    cfg = recipe.sft.model_copy(update={"steps": warmup + steps, "logging_steps": 1, "processes": 1})
     clock = TrackerClock()
     train_sft(WithMask(model, tokenizer.pad_token_id) if masked else model, encoded, cfg,
               tokenizer.pad_token_id, recipe.run.seed, tracker=clock, progress=False, groups=groups)

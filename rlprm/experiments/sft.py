@@ -182,13 +182,13 @@ def train_sft(model, encoded: Encoded, cfg, pad_id: int, seed: int, device: str 
     clean_steps = min(getattr(cfg, "clean_steps", 0), cfg.steps) if clean is not None else 0
     clean_table = Tables(*padded_table(clean, pad_id)) if clean_steps else None
     processes = getattr(cfg, "processes", 1)
+    torch.manual_seed(seed)  # here too with processes: what runs after training draws from the same state
     if processes > 1:
         if str(device) != "cpu":
             raise ValueError(f"sft.processes is {processes}, but processes split the work of CPU threads; "
                              f"on {device} set sft.processes: 1")
         return train_sft_processes(model, mixed, clean_table, clean_steps, cfg, seed, processes, tracker=tracker,
                                    progress=progress, desc=desc, groups=groups)
-    torch.manual_seed(seed)
     for table in (mixed, clean_table):
         if table is not None:
             table.ids, table.labels = table.ids.to(device), table.labels.to(device)
