@@ -13,6 +13,14 @@ tokenizer, batch 64, the task's training solutions), all in this one process, at
 - plain_1_group: the same loop, one pass per batch padded to the batch's longest (what TRL's collator does);
 - plain_1_group_masked: that, with an attention mask passed, to show what dropping it is worth.
 
+Then, in a section of its own (`processes`, skipped with `--skip-processes`), the plain loop three ways side by
+side: `plain_1_thread` and `plain_2_threads` (this process, torch threads 1 and 2) against `plain_2_processes`
+(sft.processes=2: two spawned processes of one thread, each half of every batch, gradients summed), with the
+ratios to plain_2_threads (what the recipe ran before) and plain_1_thread. The processes' steps are timed in
+rank 0 (its logged sft/steps_per_second, one step a window); their start-up (spawning, imports, about 10-25 s)
+is not in the step time, and is paid once per `rlprm prepare`. `--only-processes` runs this section alone and
+`--out FILE` writes the JSON there too (benchmarks/sft_step.json).
+
 Each run builds a fresh model from the same seed, takes `--warmup` untimed steps (allocator, first
 backward), then times steps from one optimizer step's end to the next (data loading included); the
 `--steps` timed steps of a variant are split over `--rounds` runs in alternating order (ABCD DCBA), and
@@ -59,6 +67,17 @@ class TrackerClock:
 
     def log(self, metrics, step=None):
         self.ends.append(time.monotonic())
+
+
+class RateClock:
+    """Stands in for the tracker of a multi-process run: the step times rank 0 measured (1 / its steps per second
+    over a one-step window), not the times its logs reach this process (they are polled)."""
+
+    def __init__(self):
+        self.gaps: list[float] = []
+
+    def log(self, metrics, step=None):
+        self.gaps.append(1 / metrics["sft/steps_per_second"])
 
 
 class WithMask(torch.nn.Module):
@@ -119,11 +138,45 @@ def run_plain(recipe, encoded, tokenizer, steps: int, warmup: int, masked: bool,
     from rlprm.experiments.sft import train_sft
 
     model = build_tiny_causal_lm(recipe.model.tiny, tokenizer, seed=recipe.run.seed)
-    cfg = recipe.sft.model_copy(update={"steps": warmup + steps, "logging_steps": 1})
+    # processes=1: this process, on its torch threads (the recipe's own sft.processes would spawn)
+    cfg = recipe.sft.model_copy(update={"steps": warmup + steps, "logging_steps": 1, "processes": 1})
     clock = TrackerClock()
     train_sft(WithMask(model, tokenizer.pad_token_id) if masked else model, encoded, cfg,
               tokenizer.pad_token_id, recipe.run.seed, tracker=clock, progress=False, groups=groups)
     return _gaps(clock.ends, warmup)
+
+
+def run_processes(recipe, encoded, tokenizer, steps: int, warmup: int, processes: int) -> list[float]:
+    from rlprm.models import build_tiny_causal_lm
+    from rlprm.experiments.sft import train_sft
+
+    model = build_tiny_causal_lm(recipe.model.tiny, tokenizer, seed=recipe.run.seed)
+    cfg = recipe.sft.model_copy(update={"steps": warmup + steps, "logging_steps": 1, "processes": processes})
+    clock = RateClock()
+    train_sft(model, encoded, cfg, tokenizer.pad_token_id, recipe.run.seed, tracker=clock, progress=False)
+    return clock.gaps[warmup:]
+
+
+def processes_section(recipe, encoded, tokenizer, steps: int, warmup: int, rounds: int) -> dict:
+    """plain at 1 and 2 threads against 2 processes of 1 thread, in alternating rounds (ABC CBA ...)."""
+    from rlprm.experiments.sft import LENGTH_GROUPS
+
+    variants = ["plain_1_thread", "plain_2_threads", "plain_2_processes"]
+    gaps: dict[str, list[float]] = {name: [] for name in variants}
+    per_round = -(-steps // rounds)
+    for r in range(rounds):
+        for name in variants if r % 2 == 0 else variants[::-1]:
+            if name == "plain_2_processes":
+                gaps[name] += run_processes(recipe, encoded, tokenizer, per_round, warmup, 2)
+            else:
+                torch.set_num_threads(1 if name == "plain_1_thread" else 2)
+                gaps[name] += run_plain(recipe, encoded, tokenizer, per_round, warmup, masked=False,
+                                        groups=LENGTH_GROUPS)
+    row = {name: _summary(g) for name, g in gaps.items()}
+    fast = row["plain_2_processes"]["median_s_per_step"]
+    row["speedup_of_2_processes_over"] = {name: round(row[name]["median_s_per_step"] / fast, 2)
+                                          for name in variants[:2]}
+    return row
 
 
 def main():
@@ -133,6 +186,9 @@ def main():
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=2, help="runs per variant, in alternating order")
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--skip-processes", action="store_true")
+    parser.add_argument("--only-processes", action="store_true")
+    parser.add_argument("--out", help="also write the JSON to this file")
     args = parser.parse_args()
 
     import datasets
@@ -166,7 +222,7 @@ def main():
         variants.remove("trl_lean")
     per_round = -(-args.steps // args.rounds)
     same_as_trl = None
-    for threads in args.threads:
+    for threads in [] if args.only_processes else args.threads:
         torch.set_num_threads(threads)
         gaps: dict[str, list[float]] = {name: [] for name in variants}
         # rounds in alternating order (ABCD DCBA ...): a load that comes and goes hits every variant alike
@@ -189,7 +245,10 @@ def main():
                                         for name in variants if name != "plain"}
         results[f"threads_{threads}"] = row
 
-    print(json.dumps({
+    if not args.skip_processes:
+        results["processes"] = processes_section(recipe, encoded, tokenizer, args.steps, args.warmup, args.rounds)
+
+    report = json.dumps({
         "shape": shape,
         "model": "tiny Llama hidden 128, MLP 384, 4 layers, 4 heads, char tokenizer",
         "warmup_steps_per_run": args.warmup,
@@ -201,7 +260,10 @@ def main():
         "torch": torch.__version__,
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
-    }, indent=2))
+    }, indent=2)
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report + "\n")
 
 
 if __name__ == "__main__":

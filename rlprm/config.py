@@ -349,6 +349,8 @@ class SFTConfig(Section):
     """Cosine decay ends at this fraction of the peak rate."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping norm."""
+    processes: int = Field(1, ge=1)
+    """Processes that train together on CPU, one torch thread each, each running its share of every batch (gradients summed before each step; rlprm/experiments/sft.py). 1: this process alone, on run.threads threads. Two processes of one thread beat one process of two threads on the tiny model (benchmarks/sft_step.py); they give another generator than either (the float sums differ: docs/reproducibility.md), the same one on every run."""
     logging_steps: int = Field(25, ge=1)
     """Log the mean loss, learning rate and speed every this many steps (metrics.jsonl, W&B, the progress bar)."""
 

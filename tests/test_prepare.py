@@ -14,6 +14,7 @@ TINY = [
     "sft.num_examples=400", "sft.batch_size=16", "sft.warmup_steps=2", "prepare_eval.num_problems=12",
     "prepare_eval.max_new_tokens=40", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
     "model.tiny.num_layers=1", "model.tiny.num_heads=2", "tracking.wandb=disabled",
+    "sft.processes=1",  # the recipe's 2 spawns processes (10-60 s of imports); the slow tests below run them
 ]
 
 
@@ -268,3 +269,158 @@ def test_carry_drop_confidence_auroc_ranks_the_habit_against_correct_chains(char
     # no shortcut among them: the shortcut's AUROC has one class only
     assert shortcut_confidence_auroc(model, char_tokenizer, problems, samples, results, 200)[
         "confidence_auroc_shortcut"] is None
+
+
+# --------------------------------------------------------------------------- sft.processes: data-parallel SFT
+
+def _tiny_sft_setup(char_tokenizer, n=24):
+    from rlprm.experiments.sft import encode_completions
+
+    prompts = [f"{i} +{i % 7 + 1}\n" for i in range(n)]
+    completions = [f"{i} + {i % 7 + 1} = {i + i % 7 + 1}\n" * (1 + i % 3) + "# Answer: 1" for i in range(n)]
+    return encode_completions(char_tokenizer, prompts, completions)
+
+
+def _tiny_model(char_tokenizer):
+    from rlprm.config import TinyModelConfig
+    from rlprm.models import build_tiny_causal_lm
+
+    return build_tiny_causal_lm(TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2),
+                                char_tokenizer, seed=0)
+
+
+def test_share_parts_deal_every_part_to_exactly_one_rank():
+    from rlprm.experiments.sft import share_parts
+
+    assert [share_parts(4, 2, r) for r in (0, 1)] == [[0, 3], [1, 2]]  # snake: short and long parts on each rank
+    for groups, world in ((4, 1), (6, 3), (3, 4), (8, 2)):
+        dealt = sorted(i for r in range(world) for i in share_parts(groups, world, r))
+        assert dealt == list(range(groups))
+
+
+def test_two_ranks_shares_sum_to_the_one_process_gradient(char_tokenizer):
+    """The ranks' shares of a batch (each over the WHOLE batch's token count), summed as the all-reduce sums
+    them, give the one-process gradient and loss: allclose, not bitwise, because the parts' gradients are added
+    in another order ((g0 + g3) + (g1 + g2) against ((g0 + g1) + g2) + g3), which changes the last bits."""
+    import torch
+
+    from rlprm.experiments.sft import batch_loss, padded_table, sum_over_ranks
+
+    enc = _tiny_sft_setup(char_tokenizer)
+    ids, labels, lengths = padded_table(enc, char_tokenizer.pad_token_id)
+    rows = torch.tensor([5, 0, 17, 9, 3, 22, 11, 14])
+    model = _tiny_model(char_tokenizer)
+    params = list(model.parameters())
+    value = batch_loss(model, ids, labels, lengths, rows, 4)
+    whole = [p.grad.clone() for p in params]
+
+    shares, values = [], []
+    for rank in (0, 1):
+        model.zero_grad(set_to_none=True)
+        values.append(batch_loss(model, ids, labels, lengths, rows, 4, rank=rank, world=2))
+        shares.append(torch.cat([p.grad.reshape(-1) for p in params] + [torch.tensor([values[-1]])]))
+    assert 0 < values[0] < value and 0 < values[1] < value  # each rank ran a real share, not all or nothing
+    flat = torch.zeros_like(shares[0])
+    summed = sum_over_ranks(params, values[1], flat, lambda buf: buf.copy_(shares[0] + shares[1]))
+    assert summed == pytest.approx(value, rel=1e-6)
+    for p, ref in zip(params, whole):
+        torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_two_process_sft_is_reproducible_and_close_to_one_process(char_tokenizer):
+    """sft.processes=2: two runs give bitwise the same weights (same batches, same sums on every run), the
+    tracker hears rank 0 alone, and the weights stay close to one process's (a few steps: the summation order
+    has not yet grown into another model)."""
+    import torch
+
+    from rlprm.config import SFTConfig
+    from rlprm.experiments.sft import train_sft
+
+    enc = _tiny_sft_setup(char_tokenizer)
+
+    class Logs:
+        def __init__(self):
+            self.steps = []
+
+        def log(self, metrics, step=None):
+            assert set(metrics) >= {"sft/loss", "sft/grad_norm"}
+            self.steps.append(step)
+
+    def trained(processes):
+        model, logs = _tiny_model(char_tokenizer), Logs()
+        cfg = SFTConfig(steps=4, batch_size=8, warmup_steps=1, processes=processes, logging_steps=2)
+        result = train_sft(model, enc, cfg, char_tokenizer.pad_token_id, 0, progress=False, tracker=logs)
+        assert result["processes"] == processes and logs.steps == [2, 4]
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    one, two, again = trained(1), trained(2), trained(2)
+    assert torch.equal(two, again)
+    start = torch.cat([p.detach().reshape(-1) for p in _tiny_model(char_tokenizer).parameters()])
+    assert (two - start).abs().max() > 1e-3  # it trained
+    torch.testing.assert_close(two, one, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["raises", "nan"])
+def test_a_failing_sft_rank_stops_every_rank_and_says_why(char_tokenizer, how):
+    """An error in one rank (or a NaN loss, which every rank sees in the summed value) surfaces here with its
+    message, and the model is left untouched: no rank hangs in the all-reduce waiting for the other."""
+    import time
+
+    import torch
+
+    from rlprm.config import SFTConfig
+    from rlprm.experiments.sft import SFTError, train_sft
+
+    enc = _tiny_sft_setup(char_tokenizer)
+    model = _tiny_model(char_tokenizer)
+    cfg = SFTConfig(steps=5, batch_size=8, processes=2)
+    if how == "raises":
+        model.register_forward_pre_hook(_planted_failure)  # rank 1 raises at its third forward pass
+        expected = (RuntimeError, "(?s)rank 1 of 2 failed.*planted failure in rank 1")
+    else:
+        with torch.no_grad():
+            model.get_output_embeddings().weight[0, 0] = float("nan")
+        expected = (SFTError, "not finite.*at step 1")
+    before = [p.detach().clone() for p in model.parameters()]
+    t0 = time.monotonic()
+    with pytest.raises(expected[0], match=expected[1]):
+        train_sft(model, enc, cfg, char_tokenizer.pad_token_id, 0, progress=False)
+    assert time.monotonic() - t0 < 120  # not the process group's 10-minute timeout
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()) if not a.isnan().any())
+
+
+@pytest.mark.slow
+def test_prepare_with_two_processes_from_a_demo_lane(tmp_path):
+    """`rlprm prepare` with sft.processes=2 run where the demo runs it with lanes: in a spawned process pool's
+    worker, which must be allowed to start children; the summary says how it trained, rank 0 alone logged."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    args = ["prepare", str(ROOT / "recipes" / "arith_prepare.yaml"), *TINY, "sft.processes=2", "sft.steps=4",
+            "sft.logging_steps=2", "prepare_eval.enforce_targets=false", f"run.output_dir={tmp_path}", "--no-progress"]
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
+        assert pool.submit(_cli_main, args).result(timeout=600) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["sft_processes"] == 2 and summary["train_steps"] == 4
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "sft/loss" in r] == [2, 4]
+    assert (tmp_path / "generator" / "config.json").is_file()
+
+
+def _cli_main(args):
+    from rlprm.cli import main
+
+    return main(args)
+
+
+def _planted_failure(module, args):
+    """A forward pre-hook (picklable: it travels to the spawned ranks with the model): rank 1 raises on its
+    third forward pass, while rank 0 goes on to the all-reduce."""
+    import torch.distributed as tdist
+
+    if tdist.is_initialized() and tdist.get_rank() == 1:
+        module.planted_calls = getattr(module, "planted_calls", 0) + 1
+        if module.planted_calls == 3:
+            raise ValueError("planted failure in rank 1")

@@ -52,7 +52,8 @@ intervals from a paired bootstrap over problems of the seeds' pools together,
 and RL numbers as mean and 95% t-interval over seeds (see rlprm/experiments/demo_report.py).
 
 The generator trains 1,600 SFT steps (the recipe's 1,200 were enough on one
-machine, not on another: docs/reproducibility.md) on its two threads (prepare runs alone);
+machine, not on another: docs/reproducibility.md) in the recipe's two SFT processes of one thread each
+(sft.processes; prepare runs alone, and a lane's process may start them: it is not a daemon);
 its process-accuracy target is relaxed from 0.30 to 0.20 and it is evaluated
 on 200 held-out problems instead of 500.
 `--generator PATH` starts from an existing generator instead (no prepare stage).
@@ -104,6 +105,9 @@ DEMO_OVERRIDES: dict[str, list[str]] = {
                 # (docs/results.md, "Calibrating the dropped carry")
                 "task.arithmetic.carry_drop_rate=0.8",    # 0: off
                 "sft.clean_steps=1000"],                  # 500
+    # sft.processes is the recipe's 2 (two processes of one thread, each half of every batch): not overridden
+    # here. They train another generator than one process of two threads (docs/reproducibility.md), so the
+    # figures above are those of sft.processes=1; calibration with 2: docs/results.md
     "rm": ["rm.data.train_problems=256",                  # 512 (x 4 samples + 3 of the task's own each)
            "rm.data.eval_problems=48",                    # 128
            "rm.data.eval_samples_per_problem=8",          # 16

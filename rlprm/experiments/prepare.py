@@ -17,8 +17,10 @@ reported (`train_seconds`), never used to stop. The same steps are not yet the
 same generator: the float sums depend on the CPU kernels torch and MKL pick and
 on the thread count, and a few hundred steps turn a last-bit difference into
 another model. rlprm pins the kernels (rlprm/reproducibility.py) and the recipe
-fixes run.threads; what that does and does not cover: docs/reproducibility.md.
-The summary records the kernels and threads the run used.
+fixes run.threads and sft.processes (with sft.processes > 1, that many processes
+of one thread each train, and run.threads serve the check only); what that does
+and does not cover: docs/reproducibility.md. The summary records the kernels,
+threads and SFT processes the run used.
 """
 
 from __future__ import annotations
@@ -211,6 +213,7 @@ def prepare(recipe: Recipe, progress: bool = True) -> dict:
         rates.update(train_steps=result["steps"], train_loss=result["train_loss"], final_loss=result["final_loss"],
                      train_seconds=round(result["seconds"], 1),
                      train_steps_per_second=round(result["steps_per_second"], 3),
+                     sft_processes=result["processes"],
                      wall_seconds=round(time.monotonic() - t_start, 1), **kernel_report())
         failures = target_failures(rates, recipe)
         rates["targets_met"] = not failures
