@@ -103,8 +103,9 @@ class Rollout:
 
 
 def _generate(sampler, tokenizer, prompts: list[str], n: int, temperature: float, max_new_tokens: int) -> Rollout:
-    """n samples per prompt from `sampler` (rlprm/rollout.py: HF `generate` on the policy, or a vLLM engine),
-    keeping EOS and the token ids (rlprm.sampling strips both, which RL cannot use)."""
+    """n samples per prompt from `sampler` (rlprm/rollout.py: our KV-cache loop on the policy, HF `generate` where
+    the loop cannot run, or a vLLM engine), keeping EOS and the token ids (rlprm.sampling strips both, which RL
+    cannot use)."""
     from rlprm.rollout import sampler_logprob_tensor
 
     g = sampler.generate(prompts, n, temperature, max_new_tokens)
