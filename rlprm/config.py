@@ -347,12 +347,21 @@ class SFTConfig(Section):
     """Linear warm-up steps."""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     """Cosine decay ends at this fraction of the peak rate."""
+    decay_start: int = Field(0, ge=0)
+    """The step at which the cosine decay starts; until then (after warm-up) the rate holds at its peak. 0: cosine from the end of warm-up. Setting it to clean_steps keeps the peak rate through the clean steps, where the arithmetic must click: with plain cosine over 1,000 steps (600 clean) the demo's generator never learned it (docs/results.md, "A shorter prepare")."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping norm."""
     processes: int = Field(1, ge=1)
     """Processes that train together on CPU, one torch thread each, each running its share of every batch (gradients summed before each step; rlprm/experiments/sft.py). 1: this process alone, on run.threads threads. Two processes of one thread beat one process of two threads on the tiny model (benchmarks/sft_step.py); they give another generator than either (the float sums differ: docs/reproducibility.md), the same one on every run."""
     logging_steps: int = Field(25, ge=1)
     """Log the mean loss, learning rate and speed every this many steps (metrics.jsonl, W&B, the progress bar)."""
+
+    @model_validator(mode="after")
+    def _decay_within_steps(self) -> "SFTConfig":
+        if self.decay_start >= self.steps:
+            raise ValueError(f"decay_start ({self.decay_start}) must be below steps ({self.steps}): the rate would "
+                             "never decay; lower decay_start (e.g. to clean_steps) or set it to 0 for plain cosine")
+        return self
 
 
 class PrepareEvalConfig(Section):
@@ -483,6 +492,8 @@ class RLBase(Section):
     """Best-of-N between epochs: samples per held-out problem (N at most this, as eval.n_max; 0 skips the evaluation)."""
     eval_num_problems: int = Field(32, ge=1)
     """Best-of-N between epochs: held-out problems (as eval.num_problems)."""
+    eval_every: int = Field(1, ge=1)
+    """Best-of-N between epochs after every this many epochs; the start (epoch 0) and the last epoch are always evaluated. A value of rl.epochs or more evaluates the start and the end only (the demo, where each evaluation of 256 x 4 samples cost about as much as three updates); the per-update rates of the rollouts (rl/*) are logged either way."""
     rollout: Literal["hf", "vllm"] = "hf"
     """Who samples the rollouts (rlprm/rollout.py): `hf`, Hugging Face `generate` on the policy itself; `vllm`, a colocated vLLM engine on the same GPU (`pip install -e ".[vllm]"`), whose weights are refreshed from the policy after every update (LoRA adapters merged into a copy first). PPO recomputes every log-prob of its ratio with the policy (never the sampler's) and logs the gap as rollout/logprob_gap; GRPO uses TRL's own `use_vllm` in colocate mode. The between-epoch best-of-N samples with the same engine (GRPO: with `generate`)."""
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, lt=1)
@@ -662,7 +673,7 @@ class EvalConfig(Section):
     log_samples: int = Field(64, ge=0)
     """Sampled solutions, with their per-step scores, logged as a W&B table."""
     rollout: Literal["hf", "vllm"] = "hf"
-    """Who samples the pool (rlprm/rollout.py): `hf`, Hugging Face `generate`; `vllm`, a vLLM engine loaded from model.generator (`pip install -e ".[vllm]"`). The confidence and likelihood baselines are always read by the HF model's teacher-forced pass."""
+    """Who samples the pool (rlprm/rollout.py): `hf`, Hugging Face `generate`; `vllm`, a vLLM engine loaded from model.generator (`pip install -e ".[vllm]"`). The confidence and likelihood baselines are read by the HF model's teacher-forced pass under vllm; under hf the sampling loop reads them off its own logits."""
     vllm_gpu_memory_utilization: float = Field(0.5, gt=0, lt=1)
     """(eval.rollout vllm) Share of the GPU's memory the vLLM engine takes; the HF model (for the baselines) and the reward models share the rest."""
     differences: list[str] = []

@@ -113,15 +113,25 @@ def next_tokens(logits, temperature: float, greedy: bool):
 
 
 def sample_continuations(model, input_ids, attention_mask, n: int, temperature: float, max_new_tokens: int,
-                         eos_token_id: int | None, greedy: bool = False, compact_at: float = 0.25) -> list[list[int]]:
+                         eos_token_id: int | None, greedy: bool = False, compact_at: float = 0.25,
+                         logprobs: list | None = None) -> list[list[int]]:
     """`n` continuations of each left-padded prompt (prompt-major), up to `max_new_tokens` tokens each; a row ends
     at EOS, which is kept as its last token. CacheUnsupported (after the prefill, having drawn nothing) where the
-    model's cache is not a plain growing one."""
+    model's cache is not a plain growing one.
+
+    logprobs: a list that, when given, receives one list per continuation of log p(token) under the raw logits
+    (temperature 1, whatever `temperature` drew it), one value per token returned: the model's own belief,
+    what a teacher-forced pass over the same tokens gives (evaluate.response_logprobs), read off the logits the
+    loop computes anyway (tests/test_decoding.py compares the two)."""
     import torch
     from transformers.cache_utils import DynamicCache
 
     total = input_ids.shape[0] * n
     ids: list[list[int]] = [[] for _ in range(total)]
+    lps: list[list[float]] | None = None
+    if logprobs is not None:
+        lps = [[] for _ in range(total)]
+        logprobs.extend(lps)
     if max_new_tokens <= 0 or total == 0:
         return ids
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -143,7 +153,10 @@ def sample_continuations(model, input_ids, attention_mask, n: int, temperature: 
     key = cache_kwarg(model)
     for step in range(max_new_tokens):
         tokens = next_tokens(logits, temperature, greedy)
-        state.take(tokens.tolist(), ids, eos_token_id)
+        taken = None
+        if lps is not None:
+            taken = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(1).tolist()
+        state.take(tokens.tolist(), ids, eos_token_id, taken, lps)
         if step == max_new_tokens - 1 or not state.rows_live():
             break
         tokens = state.compact(cache, tokens, room, compact_at)
@@ -164,11 +177,15 @@ class _Batch:
         self.rows, self.mask, self.lengths = rows, mask, lengths
         self.ended = [False] * len(rows)
 
-    def take(self, tokens: list[int], ids: list[list[int]], eos: int | None) -> None:
-        """Append each live row's token to its sample; EOS ends the row."""
+    def take(self, tokens: list[int], ids: list[list[int]], eos: int | None, values: list[float] | None = None,
+             per_sample: list[list[float]] | None = None) -> None:
+        """Append each live row's token to its sample (and its value to `per_sample`, where given); EOS ends the
+        row."""
         for i, (a, t) in enumerate(zip(self.rows, tokens)):
             if not self.ended[i]:
                 ids[a].append(t)
+                if per_sample is not None:
+                    per_sample[a].append(values[i])
                 self.ended[i] = t == eos
 
     def rows_live(self) -> int:

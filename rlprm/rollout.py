@@ -202,13 +202,16 @@ class HFSampler:
         return Generated(enc["input_ids"], enc["attention_mask"], completions)
 
     def sample(self, prompts: list[str], n: int = 1, temperature: float = 1.0, max_new_tokens: int = 96,
-               batch_size: int = 256, seed: int = 0, progress: bool = False, desc: str = "sampling"):
-        """`sampling.sample` on the policy (looked up when called, so a test's stand-in takes its place)."""
+               batch_size: int = 256, seed: int = 0, progress: bool = False, desc: str = "sampling",
+               logprobs: bool = False):
+        """`sampling.sample` on the policy (looked up when called, so a test's stand-in takes its place);
+        `logprobs`: with each token's log-prob at T=1 where the KV loop sampled (Samples.token_logprobs)."""
         import rlprm.sampling as sampling
 
+        kwargs = {"logprobs": True} if logprobs else {}
         return sampling.sample(self.policy, self.tokenizer, prompts, n=n, temperature=temperature,
                                max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, progress=progress,
-                               desc=desc, via_generate=self.via_generate)
+                               desc=desc, via_generate=self.via_generate, **kwargs)
 
     def refresh(self) -> None:
         """Nothing to do: the sampler is the policy."""

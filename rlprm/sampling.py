@@ -28,6 +28,10 @@ class Samples:
     """texts[i][j]: the j-th completion of prompt i, special tokens removed."""
     token_ids: list[list[list[int]]]
     """The generated ids of each completion, padding and EOS removed."""
+    token_logprobs: list[list[list[float]]] | None = None
+    """With `sample(logprobs=True)` through the KV loop: log p of each generated token under the raw logits
+    (temperature 1), the EOS token's last where it was drawn (so one more value than token_ids then). None where
+    HF `generate` sampled a batch (it gives no such values) or when not asked."""
 
 
 def generation_kwargs(temperature: float, max_new_tokens: int, n: int, pad_token_id, eos_token_id) -> dict:
@@ -68,10 +72,12 @@ def own_generation_config(model):
 
 
 def generate_ids(model, enc, n: int, temperature: float, max_new_tokens: int, pad_token_id, eos_token_id,
-                 via_generate: bool = False) -> list[list[int]]:
+                 via_generate: bool = False, logprobs: list | None = None) -> list[list[int]]:
     """`n` sampled continuations of each prompt of the left-padded batch `enc` (prompt-major), EOS kept where drawn;
     after it a row may hold padding (`generate`'s rows are padded to the batch's longest). The model must be in
-    eval mode. Through the KV loop, or HF `generate` when `via_generate` or when the loop cannot serve the model."""
+    eval mode. Through the KV loop, or HF `generate` when `via_generate` or when the loop cannot serve the model.
+    logprobs: a list that receives the loop's per-token log-probs at T=1 (decoding.sample_continuations); left
+    empty when `generate` sampled."""
     import torch
 
     from rlprm.decoding import CacheUnsupported, sample_continuations
@@ -79,7 +85,7 @@ def generate_ids(model, enc, n: int, temperature: float, max_new_tokens: int, pa
     if not via_generate:
         try:
             return sample_continuations(model, enc["input_ids"], enc["attention_mask"], n, temperature,
-                                        max_new_tokens, eos_token_id)
+                                        max_new_tokens, eos_token_id, logprobs=logprobs)
         except CacheUnsupported:
             pass
     with torch.no_grad(), own_generation_config(model):
@@ -99,9 +105,11 @@ def sample(
     progress: bool = False,
     desc: str = "sampling",
     via_generate: bool = False,
+    logprobs: bool = False,
 ) -> Samples:
     """`n` completions for each prompt, generated `batch_size` sequences at a time (`via_generate`: through HF
-    `generate` rather than the KV loop, e.g. to compare the two)."""
+    `generate` rather than the KV loop, e.g. to compare the two). `logprobs`: also return each token's log-prob
+    at T=1 where the KV loop sampled every batch (Samples.token_logprobs)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -110,6 +118,7 @@ def sample(
     per_batch = max(1, batch_size // n)
     texts: list[list[str]] = []
     ids_out: list[list[list[int]]] = []
+    lps_out: list[list[list[float]]] | None = [] if logprobs else None
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     was_training = model.training
     model.eval()
@@ -121,19 +130,29 @@ def sample(
             enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
             # each batch gets its own seed from one stream: results do not depend on batch boundaries' RNG use
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            new = generate_ids(model, enc, n, temperature, max_new_tokens, pad, eos, via_generate)
+            lps: list | None = [] if lps_out is not None else None
+            new = generate_ids(model, enc, n, temperature, max_new_tokens, pad, eos, via_generate, logprobs=lps)
+            if lps is not None and not lps:
+                lps_out = None  # `generate` sampled this batch: no log-probs for the call
             for i in range(len(chunk)):
-                row_ids, row_texts = [], []
-                for seq in new[i * n:(i + 1) * n]:
-                    if eos in seq:
-                        seq = seq[: seq.index(eos)]
-                    seq = [t for t in seq if t != pad]
+                row_ids, row_texts, row_lps = [], [], []
+                for k, seq in enumerate(new[i * n:(i + 1) * n]):
+                    values = lps[i * n + k] if lps_out is not None else [0.0] * len(seq)
+                    ended = eos in seq
+                    if ended:
+                        cut = seq.index(eos)
+                        seq, values, last = seq[:cut], values[:cut], values[cut]
+                    kept = [(t, v) for t, v in zip(seq, values) if t != pad]
+                    seq = [t for t, _ in kept]
                     row_ids.append(seq)
+                    row_lps.append([v for _, v in kept] + ([last] if ended else []))
                     row_texts.append(tokenizer.decode(seq, skip_special_tokens=True, clean_up_tokenization_spaces=False))
                 ids_out.append(row_ids)
                 texts.append(row_texts)
+                if lps_out is not None:
+                    lps_out.append(row_lps)
             bar.update(len(chunk) * n)
     finally:
         bar.close()
         model.train(was_training)
-    return Samples(texts, ids_out)
+    return Samples(texts, ids_out, lps_out)

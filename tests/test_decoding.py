@@ -203,3 +203,43 @@ def test_a_peft_policy_samples_through_the_loop_as_generate_does(char_tokenizer,
     got = sample_continuations(model, enc["input_ids"], enc["attention_mask"], 1, 1.0, 30, tok.eos_token_id,
                                greedy=True)
     assert got == ref
+
+
+def test_the_loops_logprobs_are_a_teacher_forced_passes_and_pools_use_them(char_tokenizer, fitted, monkeypatch):
+    """At T = 0.7, 4 per prompt, rows leaving at EOS: the log-probs at T = 1 the loop reads off its own logits equal
+    `response_logprobs`' teacher-forced pass over the same tokens (EOS included, float rounding apart); a pool's
+    confidence and likelihood come from them without that pass, and equal the pass's; through `generate`
+    (no log-probs) the pool falls back to the pass."""
+    import numpy as np
+
+    import rlprm.evaluation.evaluate as evaluate
+    from rlprm.sampling import sample
+
+    model, problems = fitted
+    tok = char_tokenizer
+    prompts = [p.prompt for p in problems]
+    got = sample(model, tok, prompts, n=4, temperature=0.7, max_new_tokens=30, batch_size=12, seed=4, logprobs=True)
+    assert got.token_ids == sample(model, tok, prompts, n=4, temperature=0.7, max_new_tokens=30, batch_size=12,
+                                   seed=4).token_ids  # asking for log-probs draws nothing more
+    eos = tok.eos_token_id
+    ids = [c + ([eos] if len(c) < 30 else []) for row in got.token_ids for c in row]
+    assert any(len(c) < 30 for row in got.token_ids for c in row)
+    teacher = evaluate.response_logprobs(model, tok, [p for p in prompts for _ in range(4)], ids)
+    read = [np.asarray(lp) for row in got.token_logprobs for lp in row]
+    assert [len(x) for x in read] == [len(x) for x in teacher]
+    assert max(float(np.abs(a - b).max()) for a, b in zip(read, teacher) if len(a)) < 1e-4
+    assert min(float(a.min()) for a in read if len(a)) < -0.5  # not all near 0: the check can fail
+
+    real, passes = evaluate.response_logprobs, []
+    monkeypatch.setattr(evaluate, "response_logprobs", lambda *a, **k: passes.append(1) or real(*a, **k))
+    pool = evaluate.sample_pool(model, tok, problems, 4, temperature=0.7, max_new_tokens=30, seed=4, progress=False)
+    assert not passes  # the loop's values: no teacher-forced pass
+    flat = real(model, tok, [p for p in prompts for _ in range(4)], [c for row in pool.response_ids for c in row])
+    for key, of in (("confidence", np.min), ("likelihood", np.sum)):
+        want = [[float(of(x)) for x in flat[i * 4:(i + 1) * 4]] for i in range(len(prompts))]
+        assert np.allclose(pool.sample_scores[key], want, atol=1e-4), key
+    from rlprm.rollout import HFSampler
+
+    evaluate.sample_pool(model, tok, problems, 4, temperature=0.7, max_new_tokens=30, seed=4, progress=False,
+                         sampler=HFSampler(model, tok, via_generate=True))
+    assert passes  # `generate` gives no log-probs: the teacher-forced pass ran

@@ -13,19 +13,24 @@ import yaml
 from rlprm.experiments import demo
 
 
-def lane_job(out_dir, name, seconds=0.0, fail=False):
-    """A stage's work in a lane (module level: a spawned child imports it): times, pid, then out.txt."""
+def lane_job(out_dir, name, seconds=0.0, fail=False, partner=None):
+    """A stage's work in a lane (module level: a spawned child imports it): times, pid, then out.txt. With a
+    partner stage, it marks its start and waits (up to `seconds`) for the partner's, then 0.3 s more: side by side
+    they overlap however long a lane takes to start (one lane: the wait runs out)."""
     t0 = time.time()
-    time.sleep(seconds)
+    (out_dir / "started").write_text(name)
+    while partner is not None and not (out_dir.parent / partner / "started").exists() and time.time() < t0 + seconds:
+        time.sleep(0.05)
+    time.sleep(0.3 if partner is not None else seconds)
     if fail:
         raise RuntimeError(f"boom in {name}")
     (out_dir / "times.json").write_text(json.dumps({"start": t0, "end": time.time(), "pid": os.getpid()}))
     (out_dir / "out.txt").write_text(name)
 
 
-def lane_stage(root, name, deps=(), seconds=0.0, fail=False, parallel=True):
+def lane_stage(root, name, deps=(), seconds=0.0, fail=False, parallel=True, partner=None):
     out = root / name
-    call = (lane_job, (out, name, seconds, fail))
+    call = (lane_job, (out, name, seconds, fail, partner))
     return demo.Stage(name, out, lambda: lane_job(*call[1]), "k", list(deps), ["out.txt"], call=call,
                       parallel=parallel)
 
@@ -211,7 +216,8 @@ def test_the_task_group_sets_the_problems_of_every_stage(tmp_path):
 @pytest.mark.slow
 def test_demo_end_to_end_tiny_budgets(tmp_path):
     """The real pipeline at toy budgets (about 75 s on 2 cores), then a re-run that skips everything."""
-    sets = ["prepare:sft.steps=40", "prepare:prepare_eval.num_problems=32",
+    sets = ["prepare:sft.steps=40", "prepare:sft.clean_steps=20", "prepare:sft.decay_start=20",
+            "prepare:prepare_eval.num_problems=32",
             "prepare:prepare_eval.enforce_targets=false", "rm:rm.data.train_problems=32", "rm:rm.data.eval_problems=8",
             "rm:rm.max_steps=5", "rl:rl.epochs=1", "rl:rl.problems_per_epoch=8", "rl:rl.prompts_per_iteration=8",
             "rl:rl.eval_num_problems=8", "bon:eval.num_problems=8", "bon:eval.n_max=4"]
@@ -251,9 +257,10 @@ def test_an_outside_generator_changed_in_place_changes_the_keys(tmp_path):
 
 
 def lane_pipeline(root, fail=()):
-    """a; then b, c, d side by side (b and c 0.6 s each); e after b; f must run alone."""
-    return [lane_stage(root, "a"), lane_stage(root, "b", ["a"], 0.6, "b" in fail),
-            lane_stage(root, "c", ["a"], 0.6), lane_stage(root, "d", ["a"]), lane_stage(root, "e", ["b"]),
+    """a; then b, c, d side by side (b and c each waiting up to 5 s for the other to start); e after b; f must
+    run alone."""
+    return [lane_stage(root, "a"), lane_stage(root, "b", ["a"], 5.0, "b" in fail, partner="c"),
+            lane_stage(root, "c", ["a"], 5.0, partner="b"), lane_stage(root, "d", ["a"]), lane_stage(root, "e", ["b"]),
             lane_stage(root, "f", ["c"], parallel=False)]
 
 
@@ -262,7 +269,7 @@ def test_lanes_run_stages_side_by_side_in_child_processes(tmp_path):
     assert sorted(r["stage"] for r in records) == list("abcdef") and {r["status"] for r in records} == {"ran"}
     times = {n: json.loads((tmp_path / n / "times.json").read_text()) for n in "abcdef"}
     assert all(t["pid"] != os.getpid() for t in times.values())           # each in a child process
-    assert len({t["pid"] for t in times.values()}) == 6                    # a fresh one per stage
+    assert len({t["pid"] for t in times.values()}) <= 2                    # the two lanes' processes, reused
     assert times["b"]["start"] < times["c"]["end"] and times["c"]["start"] < times["b"]["end"]  # b, c together
     assert times["e"]["start"] >= times["b"]["end"] and times["b"]["start"] >= times["a"]["end"]  # inputs first
     others = [t for n, t in times.items() if n != "f"]

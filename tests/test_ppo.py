@@ -401,6 +401,17 @@ def test_each_update_logs_the_habits_in_its_own_samples(generator_dir, tmp_path,
     assert final["rl/shortcut_rate"] == 0.0
 
 
+def test_eval_every_evaluates_the_start_every_nth_epoch_and_the_last(generator_dir, tmp_path):
+    from rlprm.rl import train
+
+    recipe = make_recipe(tmp_path, generator_dir, "every", epochs=3)
+    recipe.rl.eval_every = 2
+    train(recipe, progress=False)
+    records = read_metrics(tmp_path / "every" / "metrics.jsonl")
+    assert [r["epoch"] for r in records if "eval/answer_accuracy" in r] == [0, 2, 3]
+    assert len([r for r in records if "rl/reward" in r]) == 3  # every epoch still updates and logs
+
+
 @pytest.mark.parametrize("mode, form", [("dense", "min_form"), ("dense", "log_prob"), ("sparse", "log_prob")])
 def test_exact_rewards_are_the_checker_as_an_oracle_prm(mode, form, generator_dir, tmp_path, monkeypatch):
     import rlprm.reward.tokens as rewards_module

@@ -1,6 +1,7 @@
 """`rlprm prepare` end to end on a tiny budget (the full run is the slow test), and its SFT loop."""
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -103,6 +104,27 @@ def test_schedule_warms_up_then_decays_to_min_ratio_at_the_last_step():
     assert factors[30] == pytest.approx(1.0, abs=1e-4) and factors[-1] == pytest.approx(0.1)
     assert all(x >= y for x, y in zip(factors[29:], factors[30:]))  # monotone after the warm-up
     assert lr_factor(1, 5, 3, 0.1) == pytest.approx(2 / 5)             # fewer steps than warm-up: warm-up only
+
+
+def test_schedule_holds_the_peak_until_decay_start_then_decays_over_the_rest():
+    from rlprm.experiments.sft import lr_factor
+
+    # warm-up 2, peak through step 5, then cosine over steps 6..9 (4 steps): 0.1 + 0.9 * (1 + cos(pi * k / 4)) / 2
+    got = [lr_factor(s, 2, 10, 0.1, decay_start=6) for s in range(10)]
+    want = [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.1 + 0.45 * (1 + math.cos(math.pi / 4)), 0.55,
+            0.1 + 0.45 * (1 - math.cos(math.pi / 4)), 0.1]
+    assert got == pytest.approx(want)
+    # a decay_start inside the warm-up is the plain schedule
+    assert [lr_factor(s, 3, 20, 0.1, 2) for s in range(20)] == [lr_factor(s, 3, 20, 0.1) for s in range(20)]
+
+
+def test_decay_start_at_or_past_the_last_step_is_refused_with_the_fix():
+    from pydantic import ValidationError
+
+    from rlprm.config import SFTConfig
+
+    with pytest.raises(ValidationError, match="decay_start .1600. must be below steps .1600.*clean_steps"):
+        SFTConfig(steps=1600, decay_start=1600)
 
 
 def test_labels_cover_the_completion_and_end_token_only(char_tokenizer):

@@ -288,7 +288,7 @@ def _first_last(run: RunData, key: str) -> tuple[float | None, float | None]:
 
 def rl_section(groups: dict[str, list[RunData]]) -> list[str]:
     lines = ["## RL runs", "",
-             "Held-out evaluation after each RL epoch (epoch 0 is the starting generator). "
+             "Held-out evaluation before RL (epoch 0, the starting generator), every rl.eval_every epochs and after the last. "
              "Process accuracy: share of sampled solutions with every step right; "
              "right answer, wrong step: share whose answer is right although a step is wrong. "
              "Trace error: of the right-answer samples, the share with a wrong step; shortcut rate: share of "

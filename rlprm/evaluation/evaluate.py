@@ -153,28 +153,38 @@ def sample_pool(model, tokenizer, problems: list[TaskProblem], n: int, temperatu
 
     sampler: who samples (rlprm/rollout.py; None: HF `generate` on `model`); `model` reads the baselines.
 
-    With `baselines`, one batched teacher-forced pass of the sampling model also stores, per sample,
-    `confidence` (its lowest token log-probability) and `likelihood` (the sum of its token log-probabilities)
-    over the response tokens, the EOS token included when it was generated, under the raw logits (temperature
-    1, whatever `temperature` sampled the pool). A completion shorter than `max_new_tokens` ended on EOS (the
-    sampler strips it); an empty response without EOS scores 0 on both.
+    With `baselines`, it also stores per sample `confidence` (its lowest token log-probability) and `likelihood`
+    (the sum of its token log-probabilities) over the response tokens, the EOS token included when it was
+    generated, under the raw logits (temperature 1, whatever `temperature` sampled the pool). Where `model`
+    itself sampled through the KV loop, those log-probs are the ones the loop read off its own logits while
+    sampling (up to float rounding, a teacher-forced pass's: tests/test_decoding.py); otherwise (vLLM, HF
+    `generate`) one batched teacher-forced pass of `model` computes them (response_logprobs), which cost about
+    as much as the sampling. A completion shorter than `max_new_tokens` ended on EOS (the sampler strips it); an
+    empty response without EOS scores 0 on both.
     """
     from rlprm.data.problems import grade_samples
     from rlprm.rollout import HFSampler
 
     sampler = sampler or HFSampler(model, tokenizer)
+    own = baselines and isinstance(sampler, HFSampler) and sampler.policy is model
     out = sampler.sample([p.prompt for p in problems], n=n, temperature=temperature, max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, seed=seed, progress=progress, desc=f"sampling {n} per problem")
+                         batch_size=batch_size, seed=seed, progress=progress, desc=f"sampling {n} per problem",
+                         **({"logprobs": True} if own else {}))
     eos = tokenizer.eos_token_id
     # the sampler strips EOS: a completion shorter than max_new_tokens ended on it
     response_ids = [[list(ids) + ([eos] if eos is not None and len(ids) < max_new_tokens else []) for ids in row]
                     for row in out.token_ids]
     pool = Pool(problems, out.texts, grade_samples(problems, out.texts, sep), response_ids=response_ids)
     if baselines:
-        prompts = [problem.prompt for problem, row in zip(problems, response_ids) for _ in row]
-        completions = [ids for row in response_ids for ids in row]
-        logps = iter(response_logprobs(model, tokenizer, prompts, completions, batch_size=batch_size))
-        rows = [[next(logps) for _ in row] for row in out.token_ids]
+        read = getattr(out, "token_logprobs", None)
+        if read is not None and all(len(lp) == len(ids) for lps, row in zip(read, response_ids)
+                                    for lp, ids in zip(lps, row)):
+            rows = [[np.asarray(lp, dtype=np.float64) for lp in lps] for lps in read]
+        else:
+            prompts = [problem.prompt for problem, row in zip(problems, response_ids) for _ in row]
+            completions = [ids for row in response_ids for ids in row]
+            logps = iter(response_logprobs(model, tokenizer, prompts, completions, batch_size=batch_size))
+            rows = [[next(logps) for _ in row] for row in out.token_ids]
         pool.sample_scores[CONFIDENCE] = [[float(lp.min()) if lp.size else 0.0 for lp in row] for row in rows]
         pool.sample_scores[LIKELIHOOD] = [[float(lp.sum()) for lp in row] for row in rows]
     return pool

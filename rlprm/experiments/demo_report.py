@@ -64,7 +64,7 @@ RL_PAIRS = [("exact_dense", "outcome_gt"), ("prm_dense", "orm_sparse"), ("prm_de
             ("orm_sparse", "confidence_dense"), ("outcome_gt", "confidence_dense"), ("exact_dense", "prm_dense")]
 BON_RESAMPLES = 1000
 # read per update from each update's own samples (rl/METRIC): how many updates each reward takes to remove a habit;
-# the held-out evaluation (RL_METRICS) runs only once per epoch
+# the held-out evaluation (RL_METRICS) runs only every rl.eval_every epochs (the demo: before and after RL)
 UPDATE_METRICS = ["carry_drop_rate", "shortcut_rate", "answer_accuracy"]
 
 
@@ -450,7 +450,7 @@ def _band(ax, xs, points, label):
 
 
 def plot_rl_metrics(runs_by_arm: dict[str, dict], path: Path) -> None:
-    """One panel per RL_METRICS entry, a line per arm: mean over seeds per epoch with its 95% t band."""
+    """One panel per RL_METRICS entry, a line per arm: mean over seeds per evaluated epoch with its 95% t band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -575,7 +575,7 @@ def _verdict(p: dict) -> str:
 def rl_markdown(summary: dict, diffs: dict, seeds: int) -> list[str]:
     names = RL_NAMES
     lines = ["## RL: start -> end", "",
-             f"Held-out samples at T=1 after each RL epoch (epoch 0: the starting generator), {seeds} seed(s): "
+             f"Held-out samples at T=1 before RL (the starting generator) and after it, {seeds} seed(s): "
              "mean [95% t-interval over seeds] in %; with one seed the value, n=1. Trace error: of the samples "
              "with the right answer, the share with a wrong step.", "",
              "| arm | " + " | ".join(f"{names[m]} start | {names[m]} end" for m in RL_METRICS) + " |",

@@ -15,7 +15,7 @@
 What it does is what the TRL set-up did: loss on the completion and the end
 token only, random batches (grouping by length makes each batch one kind of
 problem and the arithmetic never clicks), AdamW, gradient clipping, linear
-warm-up then cosine decay. Each batch is padded to its own longest sequence.
+warm-up, then the peak rate until sft.decay_start, then cosine decay. Each batch is padded to its own longest sequence.
 """
 
 from __future__ import annotations
@@ -67,12 +67,18 @@ def encode_completions(tokenizer, prompts: list[str], completions: list[str]) ->
     return Encoded(ids, starts)
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Multiplier of the peak rate at optimizer step `step` (0-based): linear warm-up, then cosine to `min_ratio` at the last step."""
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float, decay_start: int = 0) -> float:
+    """Multiplier of the peak rate at optimizer step `step` (0-based): linear warm-up, the peak rate held until
+    step `decay_start`, then cosine to `min_ratio` at the last step. decay_start at or below warm-up's end is the
+    plain warm-up-then-cosine schedule. (Holding the peak before decaying is the warm-up-stable-decay idea of
+    Hu et al., 2024, MiniCPM: here it keeps the rate high until the arithmetic clicks.)"""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    start = max(warmup_steps, decay_start)
+    if step < start:
+        return 1.0
     # max(1, ...): the scheduler also asks for the step after the last one, where warm-up may fill the budget
-    done = (step - warmup_steps + 1) / max(1, total_steps - warmup_steps)
+    done = (step - start + 1) / max(1, total_steps - start)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
 
@@ -216,7 +222,7 @@ def sft_loop(model, mixed: Tables, clean: Tables | None, clean_steps: int, cfg, 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, getattr(cfg, "decay_start", 0)))
     flat = torch.zeros(sum(p.numel() for p in params) + 1) if world > 1 else None
     clean_batches = batch_order(len(clean.ids), cfg.batch_size, clean_steps, seed + 1) if clean_steps else None
     mixed_batches = batch_order(len(mixed.ids), cfg.batch_size, cfg.steps - clean_steps, seed)

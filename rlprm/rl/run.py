@@ -416,8 +416,9 @@ def run_algorithm(recipe: Recipe, algorithm: Algorithm, resume: bool = False, pr
             problems = epoch_problems(recipe, epoch, run.exclude)
             # 2. the algorithm's update (one record per iteration, logged as it goes)
             algorithm.train_epoch(run, epoch, problems)
-            # 3. best-of-N on held-out problems
-            run.evaluate(epoch + 1)
+            # 3. best-of-N on held-out problems, every rl.eval_every epochs and after the last
+            if (epoch + 1) % recipe.rl.eval_every == 0 or epoch + 1 == recipe.rl.epochs:
+                run.evaluate(epoch + 1)
             # 4. checkpoint
             run.checkpoint(epoch + 1, algorithm)
         return cleanup(run, algorithm)
