@@ -145,9 +145,9 @@ def test_build_stages_validates_every_recipe_with_demo_budgets(tmp_path):
         assert {f"rl-{a}-s{seed}" for a in arms} | {f"bon-{a}-s{seed}" for a in arms} <= set(names)
         assert {f"bon-start-s{seed}", f"bon-start-t07-s{seed}", f"bon-ood-s{seed}"} <= set(names)
     recipes = {s.name: yaml.safe_load(s.key) for s in stages}
-    assert recipes["prepare"]["prepare_eval"]["min_process_accuracy"] == 0.15
-    sft = recipes["prepare"]["sft"]  # the 1,000-step prepare: the peak rate through the clean steps
-    assert (sft["steps"], sft["clean_steps"], sft["decay_start"]) == (1000, 700, 700)
+    assert recipes["prepare"]["prepare_eval"]["min_process_accuracy"] == 0.20
+    sft = recipes["prepare"]["sft"]  # the 1,300-step prepare: the cosine from step 230
+    assert (sft["steps"], sft["clean_steps"], sft["decay_start"]) == (1300, 900, 230)
     assert recipes["rl-prm-dense-s0"]["rl"]["eval_every"] == 3  # the arms are evaluated before and after RL only
     assert recipes["rm-prm"]["rm"]["max_steps"] == 48 and recipes["rm-prm"]["rm"]["scorer"] == "lm"
     # the PRM and the ORM sample the same seeded solutions, each into its own folder, side by side
