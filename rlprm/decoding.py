@@ -128,17 +128,19 @@ def sample_continuations(model, input_ids, attention_mask, n: int, temperature: 
 
     total = input_ids.shape[0] * n
     ids: list[list[int]] = [[] for _ in range(total)]
-    lps: list[list[float]] | None = None
-    if logprobs is not None:
-        lps = [[] for _ in range(total)]
-        logprobs.extend(lps)
+    # handed to the caller only once the loop can serve the model: after CacheUnsupported `logprobs` stays empty
+    lps: list[list[float]] | None = [[] for _ in range(total)] if logprobs is not None else None
     if max_new_tokens <= 0 or total == 0:
+        if lps is not None:
+            logprobs.extend(lps)
         return ids
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                     **last_logits_kwargs(model))
     layers = plain_layers(cache_of(out))
+    if lps is not None:
+        logprobs.extend(lps)
     logits = out.logits[:, -1, :].float()
     del out
     room = input_ids.shape[1] + max_new_tokens

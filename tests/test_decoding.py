@@ -171,6 +171,8 @@ def test_a_model_the_loop_cannot_serve_samples_through_generate(char_tokenizer, 
 
     monkeypatch.setattr(rlprm.decoding, "plain_layers", unsupported)
     assert sample(model, char_tokenizer, prompts, **kw).token_ids == direct.token_ids
+    fell = sample(model, char_tokenizer, prompts, **kw, logprobs=True)  # asked for, but `generate` gives none
+    assert fell.token_ids == direct.token_ids and fell.token_logprobs is None
     torch.manual_seed(3)
     fell_back = HFSampler(model, char_tokenizer).generate(prompts, 2, 1.0, 20).completions
     torch.manual_seed(3)
