@@ -348,7 +348,7 @@ class SFTConfig(Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     """Cosine decay ends at this fraction of the peak rate."""
     decay_start: int = Field(0, ge=0)
-    """The step at which the cosine decay starts; until then (after warm-up) the rate holds at its peak. 0: cosine from the end of warm-up. Setting it to clean_steps keeps the peak rate through the clean steps, where the arithmetic must click: with plain cosine over 1,000 steps (600 clean) the demo's generator never learned it (docs/results.md, "A shorter prepare")."""
+    """The step at which the cosine decay starts; until then (after warm-up) the rate holds at its peak. 0: cosine from the end of warm-up. The demo's 1,300-step prepare decays from step 230, so that the rate at the step where the arithmetic clicks (~650) and at the switch to the mix is the 1,600-step schedule's; held at the peak through the clean steps, the arithmetic clicked but did not settle (docs/results.md, "A shorter prepare")."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping norm."""
     processes: int = Field(1, ge=1)
@@ -360,7 +360,7 @@ class SFTConfig(Section):
     def _decay_within_steps(self) -> "SFTConfig":
         if self.decay_start >= self.steps:
             raise ValueError(f"decay_start ({self.decay_start}) must be below steps ({self.steps}): the rate would "
-                             "never decay; lower decay_start (e.g. to clean_steps) or set it to 0 for plain cosine")
+                             "never decay; lower decay_start or set it to 0 for plain cosine")
         return self
 
 

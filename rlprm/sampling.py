@@ -137,15 +137,13 @@ def sample(
             for i in range(len(chunk)):
                 row_ids, row_texts, row_lps = [], [], []
                 for k, seq in enumerate(new[i * n:(i + 1) * n]):
-                    values = lps[i * n + k] if lps_out is not None else [0.0] * len(seq)
-                    ended = eos in seq
-                    if ended:
-                        cut = seq.index(eos)
-                        seq, values, last = seq[:cut], values[:cut], values[cut]
-                    kept = [(t, v) for t, v in zip(seq, values) if t != pad]
-                    seq = [t for t, _ in kept]
+                    cut = seq.index(eos) if eos in seq else len(seq)
+                    kept = [j for j in range(cut) if seq[j] != pad]
+                    if lps_out is not None:  # the EOS token's log-prob stays, last
+                        values = lps[i * n + k]
+                        row_lps.append([values[j] for j in kept] + values[cut:cut + 1])
+                    seq = [seq[j] for j in kept]
                     row_ids.append(seq)
-                    row_lps.append([v for _, v in kept] + ([last] if ended else []))
                     row_texts.append(tokenizer.decode(seq, skip_special_tokens=True, clean_up_tokenization_spaces=False))
                 ids_out.append(row_ids)
                 texts.append(row_texts)

@@ -123,7 +123,7 @@ def test_decay_start_at_or_past_the_last_step_is_refused_with_the_fix():
 
     from rlprm.config import SFTConfig
 
-    with pytest.raises(ValidationError, match="decay_start .1600. must be below steps .1600.*clean_steps"):
+    with pytest.raises(ValidationError, match="decay_start .1600. must be below steps .1600.*set it to 0 for plain cosine"):
         SFTConfig(steps=1600, decay_start=1600)
 
 
